@@ -1,0 +1,2 @@
+//! Sans-IO core: plain functions and state machines over caller-owned byte slices.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Drivers: the loops that move packet batches between the kernel (`sys`) and the `core`.

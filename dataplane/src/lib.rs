@@ -1,0 +1,14 @@
+//! The Tabbify mesh data plane: a TUN device and userspace WireGuard to every visible peer.
+//!
+//! Layout (one concept per file):
+//! * [`core`] — sans-IO: packet views, the route/peer table, the packet filter, per-peer
+//!   WireGuard state around `boringtun::noise::Tunn`, drop counters. No sockets, no clock
+//!   reads, no threads; `#![forbid(unsafe_code)]`.
+//! * [`sys`] — the kernel surface: TUN with `IFF_VNET_HDR`/offloads, UDP sockets with
+//!   GSO/GRO, interface addresses and routes. Where `unsafe` lives.
+//! * [`driver`] — thin loops that move batches between `sys` and `core`: the io_uring
+//!   thread-per-core driver and the portable epoll driver.
+
+pub mod core;
+pub mod driver;
+pub mod sys;

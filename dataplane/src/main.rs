@@ -1,0 +1,5 @@
+//! `tabbify-mesh`: the joiner.
+
+fn main() {
+    println!("tabbify-mesh");
+}

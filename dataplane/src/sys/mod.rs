@@ -1,0 +1,1 @@
+//! The kernel surface: TUN, UDP sockets, offloads, addresses and routes.

@@ -1,0 +1,2 @@
+//! `tabbify-node`: the public edge into app ULAs.
+#![forbid(unsafe_code)]

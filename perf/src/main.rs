@@ -1,0 +1,5 @@
+//! The perf suite runner.
+
+fn main() {
+    eprintln!("perf: not built yet");
+}
