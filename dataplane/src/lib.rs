@@ -8,7 +8,11 @@
 //!   GSO/GRO, interface addresses and routes. Where `unsafe` lives.
 //! * [`driver`] — thin loops that move batches between `sys` and `core`: the io_uring
 //!   thread-per-core driver and the portable epoll driver.
+//! * [`config`] — the wg-quick configuration file; [`uapi`] — WireGuard's cross-platform
+//!   UAPI, so stock `wg` can show and set the device.
 
+pub mod config;
 pub mod core;
 pub mod driver;
 pub mod sys;
+pub mod uapi;

@@ -1,0 +1,1 @@
+//! wg-quick configuration files (being written).

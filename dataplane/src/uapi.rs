@@ -1,0 +1,1 @@
+//! WireGuard cross-platform UAPI (being written).
