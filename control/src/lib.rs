@@ -2,4 +2,5 @@
 //! and the edge share with them (API types, address derivation).
 #![forbid(unsafe_code)]
 
+pub mod ca;
 pub mod ula;
