@@ -1,1 +1,3 @@
+//! Scale benchmark (placeholder until the coordinator exists).
+
 fn main() {}

@@ -41,3 +41,78 @@ pub fn is_app_ula(addr: &Ipv6Addr) -> bool {
 pub fn is_peer_ula(addr: &Ipv6Addr) -> bool {
     addr.octets()[..4] == PEER_PREFIX
 }
+
+/// The peer id of the node whose WireGuard public key is `public_key`: 16 lowercase hex
+/// digits, bytes 0..8 of blake3(public key). Derived like the ULA, so it survives a
+/// coordinator restart; its first 12 digits are the ULA's interface bits.
+pub fn peer_id(public_key: &[u8; 32]) -> String {
+    let digest = blake3::hash(public_key);
+    let mut out = String::with_capacity(16);
+    for b in &digest.as_bytes()[..8] {
+        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Vectors computed outside this crate, with the Python `blake3` package
+    // (`blake3.blake3(data).digest()[:6]`), not with the Rust implementation under test.
+    #[test]
+    fn peer_ula_matches_independent_vectors() {
+        let cases: [([u8; 32], &str); 3] = [
+            ([0u8; 32], "fd5a:1f00:2ada:83c1:819a::1"),
+            (
+                core::array::from_fn(|i| i as u8),
+                "fd5a:1f00:e528:e957:9803::1",
+            ),
+            ([0xff; 32], "fd5a:1f00:9b34:f060:fbc0::1"),
+        ];
+        for (key, want) in cases {
+            let got = peer_ula(&key);
+            assert_eq!(got, want.parse::<Ipv6Addr>().unwrap(), "key {key:?}");
+            assert!(is_peer_ula(&got));
+            assert!(!is_app_ula(&got));
+        }
+    }
+
+    #[test]
+    fn app_ula_matches_independent_vectors() {
+        let cases = [
+            (
+                "00000000-0000-0000-0000-000000000000",
+                "fd5a:1f02:e572:dff8:2304::1",
+            ),
+            (
+                "67e55044-10b1-426f-9247-bb680e5fe0c8",
+                "fd5a:1f02:b8ab:49d9:7aa2::1",
+            ),
+        ];
+        for (app, want) in cases {
+            let got = app_ula(&uuid::Uuid::parse_str(app).unwrap());
+            assert_eq!(got, want.parse::<Ipv6Addr>().unwrap(), "app {app}");
+            assert!(is_app_ula(&got));
+            assert!(!is_peer_ula(&got));
+        }
+    }
+
+    #[test]
+    fn peer_id_extends_the_ula_bits() {
+        assert_eq!(peer_id(&[0u8; 32]).len(), 16);
+        assert!(peer_id(&[0u8; 32]).starts_with("2ada83c1819a"));
+        assert!(peer_id(&[0xff; 32]).starts_with("9b34f060fbc0"));
+    }
+
+    #[test]
+    fn range_checks_look_only_at_the_prefix() {
+        assert!(is_app_ula(&"fd5a:1f02::".parse().unwrap()));
+        assert!(!is_app_ula(&"fd5a:1f03::1".parse().unwrap()));
+        assert!(!is_app_ula(&"::1".parse().unwrap()));
+        assert!(is_peer_ula(
+            &"fd5a:1f00:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap()
+        ));
+    }
+}
