@@ -172,7 +172,7 @@ impl PortRange {
 /// is allowed in that direction. Ports are TCP/UDP destination ports; a list equal to
 /// `[PortRange::ALL]` means all traffic including ICMP. Traffic to an app ULA the peer
 /// hosts is subject to the same rules as traffic to the peer's own ULA.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortRules {
     /// Destination ports on this peer that the viewer may open.
     pub outbound: Vec<PortRange>,

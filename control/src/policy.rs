@@ -1,0 +1,436 @@
+//! The tag ACL: compiles a [`PolicyDocument`] into rules that can be matched against a
+//! peer's identity and tags, and answers "which ports may A open on B".
+//!
+//! Semantics (default deny): traffic from A to B on a port is allowed when some allow
+//! rule has A in `src` and B (with that port) in `dst`, and no deny rule does. A peer sees
+//! another when traffic is allowed in either direction. Which peers may host apps is a
+//! separate selector list. Compilation rejects unknown tags and groups, groups inside
+//! groups, malformed selectors and port specs, so a compiled [`Policy`] is always
+//! consistent. Per-pair answers for many peers come from [`crate::visibility`].
+
+use std::collections::{HashMap, HashSet};
+
+use crate::api::PolicyDocument;
+use crate::ca::validate_name;
+use crate::ports::PortSet;
+
+/// Why a policy document was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid policy: {0}")]
+pub struct PolicyError(pub String);
+
+/// Index of a tag in the policy's tag list.
+pub type TagId = u16;
+
+/// Who a selector names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// Everyone (`*`).
+    Any,
+    /// Peers carrying this tag.
+    Tag(TagId),
+    /// The peer with this identity.
+    Peer(String),
+}
+
+/// A compiled rule: senders, and receivers each with the ports the rule covers.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// Who sends.
+    pub src: Vec<Selector>,
+    /// Who receives, and on which ports.
+    pub dst: Vec<(Selector, PortSet)>,
+}
+
+/// A peer as the policy sees it: its identity and its tags.
+#[derive(Debug, Clone, Copy)]
+pub struct Principal<'a> {
+    /// Identity (certificate CN).
+    pub identity: &'a str,
+    /// Tag ids, from [`Policy::tag_ids`].
+    pub tags: &'a [TagId],
+}
+
+/// A validated, compiled policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    doc: PolicyDocument,
+    tags: HashMap<String, TagId>,
+    named_peers: HashSet<String>,
+    allow: Vec<Rule>,
+    deny: Vec<Rule>,
+    app_hosts: Vec<Selector>,
+}
+
+/// The most tags a policy may define.
+pub const MAX_TAGS: usize = 4096;
+/// The most rules (allow + deny) a policy may hold.
+pub const MAX_RULES: usize = 10_000;
+
+impl Policy {
+    /// Validates and compiles `doc`.
+    pub fn compile(doc: PolicyDocument) -> Result<Self, PolicyError> {
+        if doc.tags.len() > MAX_TAGS {
+            return Err(PolicyError(format!("more than {MAX_TAGS} tags")));
+        }
+        if doc.allow.len() + doc.deny.len() > MAX_RULES {
+            return Err(PolicyError(format!("more than {MAX_RULES} rules")));
+        }
+        let mut tags = HashMap::new();
+        for (i, t) in doc.tags.iter().enumerate() {
+            validate_name(t).map_err(|_| PolicyError(format!("bad tag name {t:?}")))?;
+            // MAX_TAGS keeps every index within TagId.
+            let id = TagId::try_from(i).map_err(|_| PolicyError("too many tags".into()))?;
+            if tags.insert(t.clone(), id).is_some() {
+                return Err(PolicyError(format!("tag {t:?} listed twice")));
+            }
+        }
+        let mut c = Compiler {
+            tags: &tags,
+            groups: &doc.groups,
+            named_peers: HashSet::new(),
+        };
+        for (name, members) in &doc.groups {
+            validate_name(name).map_err(|_| PolicyError(format!("bad group name {name:?}")))?;
+            for m in members {
+                if m.starts_with("group:") {
+                    return Err(PolicyError(format!(
+                        "group {name:?} contains {m:?}: groups hold tags, peers or *, not groups"
+                    )));
+                }
+                c.selector(m)?;
+            }
+        }
+        let mut compile_rules = |rules: &[crate::api::PolicyRule], kind: &str| {
+            rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    c.rule(r)
+                        .map_err(|e| PolicyError(format!("{kind} rule {i}: {}", e.0)))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let allow = compile_rules(&doc.allow, "allow")?;
+        let deny = compile_rules(&doc.deny, "deny")?;
+        let mut app_hosts = Vec::new();
+        for s in &doc.app_hosts {
+            app_hosts.extend(c.selector(s)?);
+        }
+        let named_peers = c.named_peers;
+        Ok(Self {
+            doc,
+            tags,
+            named_peers,
+            allow,
+            deny,
+            app_hosts,
+        })
+    }
+
+    /// The document this policy was compiled from.
+    pub fn document(&self) -> &PolicyDocument {
+        &self.doc
+    }
+
+    /// The ids of `tags`, or an error naming the first tag the policy does not define.
+    pub fn tag_ids(&self, tags: &[String]) -> Result<Vec<TagId>, PolicyError> {
+        let mut ids = tags
+            .iter()
+            .map(|t| {
+                self.tags
+                    .get(t)
+                    .copied()
+                    .ok_or_else(|| PolicyError(format!("unknown tag {t:?}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The ids of `tags`, skipping tags the policy does not define (used when a new
+    /// policy drops a tag that registered peers still carry: they lose its rights).
+    pub fn known_tag_ids(&self, tags: &[String]) -> Vec<TagId> {
+        let mut ids: Vec<TagId> = tags
+            .iter()
+            .filter_map(|t| self.tags.get(t).copied())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Whether some `peer:` selector names `identity` (then it matters for classes).
+    pub fn names_peer(&self, identity: &str) -> bool {
+        self.named_peers.contains(identity)
+    }
+
+    /// The allow rules.
+    pub fn allow_rules(&self) -> &[Rule] {
+        &self.allow
+    }
+
+    /// The deny rules.
+    pub fn deny_rules(&self) -> &[Rule] {
+        &self.deny
+    }
+
+    /// Whether `p` may host apps.
+    pub fn may_host_apps(&self, p: Principal<'_>) -> bool {
+        self.app_hosts.iter().any(|s| matches(s, p))
+    }
+
+    /// The ports `a` may open on `b` (allow minus deny); empty when none.
+    pub fn allowed_ports(&self, a: Principal<'_>, b: Principal<'_>) -> PortSet {
+        let mut allowed = collect(&self.allow, a, b);
+        if !allowed.is_empty() {
+            allowed.subtract(&collect(&self.deny, a, b));
+        }
+        allowed
+    }
+}
+
+/// Whether selector `s` names principal `p`.
+pub fn matches(s: &Selector, p: Principal<'_>) -> bool {
+    match s {
+        Selector::Any => true,
+        Selector::Tag(t) => p.tags.binary_search(t).is_ok(),
+        Selector::Peer(name) => p.identity == name,
+    }
+}
+
+fn collect(rules: &[Rule], a: Principal<'_>, b: Principal<'_>) -> PortSet {
+    let mut set = PortSet::empty();
+    for r in rules {
+        if r.src.iter().any(|s| matches(s, a)) {
+            for (s, ports) in &r.dst {
+                if matches(s, b) {
+                    set.union_with(ports);
+                }
+            }
+        }
+    }
+    set
+}
+
+struct Compiler<'a> {
+    tags: &'a HashMap<String, TagId>,
+    groups: &'a std::collections::BTreeMap<String, Vec<String>>,
+    named_peers: HashSet<String>,
+}
+
+impl Compiler<'_> {
+    fn rule(&mut self, r: &crate::api::PolicyRule) -> Result<Rule, PolicyError> {
+        if r.src.is_empty() || r.dst.is_empty() {
+            return Err(PolicyError("src and dst must not be empty".into()));
+        }
+        let mut src = Vec::new();
+        for s in &r.src {
+            src.extend(self.selector(s)?);
+        }
+        let mut dst = Vec::new();
+        for d in &r.dst {
+            let (sel, ports) = split_ports(d)?;
+            for s in self.selector(sel)? {
+                dst.push((s, ports.clone()));
+            }
+        }
+        Ok(Rule { src, dst })
+    }
+
+    /// Resolves one selector (a group expands to its members).
+    fn selector(&mut self, s: &str) -> Result<Vec<Selector>, PolicyError> {
+        if s == "*" {
+            return Ok(vec![Selector::Any]);
+        }
+        if let Some(t) = s.strip_prefix("tag:") {
+            return match self.tags.get(t) {
+                Some(id) => Ok(vec![Selector::Tag(*id)]),
+                None => Err(PolicyError(format!(
+                    "unknown tag {t:?} (add it to \"tags\")"
+                ))),
+            };
+        }
+        if let Some(name) = s.strip_prefix("peer:") {
+            validate_name(name).map_err(|_| PolicyError(format!("bad peer name {name:?}")))?;
+            self.named_peers.insert(name.to_owned());
+            return Ok(vec![Selector::Peer(name.to_owned())]);
+        }
+        if let Some(g) = s.strip_prefix("group:") {
+            let members = self
+                .groups
+                .get(g)
+                .ok_or_else(|| PolicyError(format!("unknown group {g:?}")))?;
+            let mut out = Vec::new();
+            for m in members {
+                if m.starts_with("group:") {
+                    return Err(PolicyError(format!("group {g:?} contains a group")));
+                }
+                out.extend(self.selector(m)?);
+            }
+            return Ok(out);
+        }
+        Err(PolicyError(format!(
+            "bad selector {s:?}: use tag:NAME, group:NAME, peer:NAME or *"
+        )))
+    }
+}
+
+/// Splits `tag:x:80,443` into (`tag:x`, ports); no suffix means every port.
+fn split_ports(d: &str) -> Result<(&str, PortSet), PolicyError> {
+    let bad = |e: String| PolicyError(format!("destination {d:?}: {e}"));
+    if d == "*" {
+        return Ok((d, PortSet::all()));
+    }
+    if let Some(rest) = d.strip_prefix("*:") {
+        return Ok(("*", PortSet::parse(rest).map_err(bad)?));
+    }
+    // kind:name[:ports]
+    let mut parts = d.splitn(3, ':');
+    let kind = parts.next().unwrap_or_default();
+    let name = parts.next().ok_or_else(|| bad("missing name".into()))?;
+    match parts.next() {
+        None => Ok((d, PortSet::all())),
+        Some(ports) => Ok((
+            &d[..kind.len() + 1 + name.len()],
+            PortSet::parse(ports).map_err(bad)?,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::PolicyRule;
+
+    fn rule(src: &[&str], dst: &[&str]) -> PolicyRule {
+        PolicyRule {
+            src: src.iter().map(|s| s.to_string()).collect(),
+            dst: dst.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn doc() -> PolicyDocument {
+        PolicyDocument {
+            tags: ["node", "supervisor", "worker", "ops"]
+                .map(String::from)
+                .to_vec(),
+            groups: [(
+                "servers".to_string(),
+                vec!["tag:supervisor".to_string(), "tag:worker".to_string()],
+            )]
+            .into(),
+            app_hosts: vec!["tag:supervisor".into()],
+            allow: vec![
+                rule(&["tag:node"], &["tag:supervisor:8730"]),
+                rule(&["tag:ops"], &["group:servers"]),
+                rule(&["peer:boss"], &["*:22"]),
+            ],
+            deny: vec![rule(&["tag:ops"], &["tag:worker:22"])],
+        }
+    }
+
+    #[test]
+    fn allow_deny_and_ports() {
+        let p = Policy::compile(doc()).unwrap();
+        let t = |names: &[&str]| {
+            p.tag_ids(&names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let (node, sup, work, ops) = (
+            t(&["node"]),
+            t(&["supervisor"]),
+            t(&["worker"]),
+            t(&["ops"]),
+        );
+        let pr = |identity, tags| Principal { identity, tags };
+        let a = p.allowed_ports(pr("n", &node), pr("s", &sup));
+        assert_eq!(a, PortSet::parse("8730").unwrap());
+        assert!(p.allowed_ports(pr("s", &sup), pr("n", &node)).is_empty());
+        assert!(p.allowed_ports(pr("n", &node), pr("w", &work)).is_empty());
+        // Explicit deny carves 22 out of "every port".
+        let o = p.allowed_ports(pr("o", &ops), pr("w", &work));
+        assert!(!o.contains(22) && o.contains(21) && o.contains(23));
+        assert_eq!(
+            p.allowed_ports(pr("o", &ops), pr("s", &sup)),
+            PortSet::all()
+        );
+        // peer: selectors match identities only.
+        assert_eq!(
+            p.allowed_ports(pr("boss", &[]), pr("x", &node)),
+            PortSet::parse("22").unwrap()
+        );
+        assert!(p.allowed_ports(pr("boss2", &[]), pr("x", &node)).is_empty());
+        assert!(p.names_peer("boss"));
+        assert!(p.may_host_apps(pr("s", &sup)));
+        assert!(!p.may_host_apps(pr("n", &node)));
+    }
+
+    #[test]
+    fn bad_documents_are_rejected_with_a_reason() {
+        let cases: Vec<(PolicyDocument, &str)> = vec![
+            (
+                PolicyDocument {
+                    allow: vec![rule(&["tag:nope"], &["*"])],
+                    ..doc()
+                },
+                "unknown tag",
+            ),
+            (
+                PolicyDocument {
+                    allow: vec![rule(&["group:nope"], &["*"])],
+                    ..doc()
+                },
+                "unknown group",
+            ),
+            (
+                PolicyDocument {
+                    allow: vec![rule(&["tag:node"], &["tag:node:99999"])],
+                    ..doc()
+                },
+                "not a port",
+            ),
+            (
+                PolicyDocument {
+                    allow: vec![rule(&["node"], &["*"])],
+                    ..doc()
+                },
+                "bad selector",
+            ),
+            (
+                PolicyDocument {
+                    allow: vec![rule(&[], &["*"])],
+                    ..doc()
+                },
+                "must not be empty",
+            ),
+            (
+                PolicyDocument {
+                    tags: vec!["a".into(), "a".into()],
+                    ..Default::default()
+                },
+                "twice",
+            ),
+            (
+                PolicyDocument {
+                    groups: [("g".to_string(), vec!["group:servers".to_string()])].into(),
+                    ..doc()
+                },
+                "not groups",
+            ),
+        ];
+        for (d, want) in cases {
+            let e = Policy::compile(d).unwrap_err();
+            assert!(e.0.contains(want), "{e} lacks {want}");
+        }
+    }
+
+    #[test]
+    fn unknown_tags_are_reported() {
+        let p = Policy::compile(doc()).unwrap();
+        let e = p.tag_ids(&["node".into(), "bogus".into()]).unwrap_err();
+        assert!(e.0.contains("bogus"));
+        assert_eq!(p.known_tag_ids(&["node".into(), "bogus".into()]).len(), 1);
+    }
+}

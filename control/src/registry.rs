@@ -1,0 +1,602 @@
+//! The live roster: registered peers, their visibility classes under the policy in force,
+//! and the events their changes produce.
+//!
+//! Sans-IO: every method takes the time (`now_ms`) as an argument and nothing here
+//! touches a socket, a file or the clock. Each change produces exactly one [`Dispatch`]
+//! with the next event id, sent on the broadcast channel and kept in a bounded ring for
+//! `Last-Event-ID` resumption. Payloads are serialized once per distinct
+//! (viewer class → port rules) answer, never once per subscriber.
+//!
+//! Invariants: `by_identity` and `members` always agree with `peers`; every peer's
+//! `class` is a class of the current `vis` table; event ids strictly increase.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use tokio::sync::broadcast;
+
+use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, Snapshot, SseEvent};
+use crate::policy::Policy;
+use crate::sse::{Dispatch, Payload, SubjectAction};
+use crate::visibility::{ClassId, RulesId, Visibility};
+
+/// A registered peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRecord {
+    /// Derived id.
+    pub id: String,
+    /// WireGuard public key.
+    pub key: [u8; 32],
+    /// The key, standard base64.
+    pub key_b64: String,
+    /// Derived ULA.
+    pub ula: Ipv6Addr,
+    /// Identity (certificate CN).
+    pub identity: String,
+    /// Display name.
+    pub display_name: String,
+    /// Tags (from the join token).
+    pub tags: Vec<String>,
+    /// Reported local endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Registered WireGuard listen port.
+    pub wg_listen_port: u16,
+    /// Observed source IP + `wg_listen_port`.
+    pub reflexive: SocketAddr,
+    /// Announced app ULAs.
+    pub hosted_app_ulas: Vec<Ipv6Addr>,
+    /// Last register or heartbeat, ms since the epoch.
+    pub last_seen_ms: u64,
+    /// Visibility class under the current policy.
+    pub class: ClassId,
+}
+
+impl PeerRecord {
+    /// Whether the peer looks NATed: its reflexive IP is none of its local endpoints' IPs.
+    pub fn looks_nated(&self) -> bool {
+        !self.endpoints.iter().any(|e| e.ip() == self.reflexive.ip())
+    }
+}
+
+/// What the caller supplies to add or replace a peer.
+#[derive(Debug, Clone)]
+pub struct NewPeer {
+    /// WireGuard public key.
+    pub key: [u8; 32],
+    /// Identity (certificate CN).
+    pub identity: String,
+    /// Display name.
+    pub display_name: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Local endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// WireGuard listen port.
+    pub wg_listen_port: u16,
+    /// Observed reflexive endpoint.
+    pub reflexive: SocketAddr,
+}
+
+/// Bounded history of dispatches plus the broadcast channel they go out on.
+#[derive(Debug)]
+struct EventLog {
+    next_id: u64,
+    ring: VecDeque<Arc<Dispatch>>,
+    ring_cap: usize,
+    /// Id of the last policy dispatch: resuming from before it needs a snapshot.
+    epoch_start: u64,
+    tx: broadcast::Sender<Arc<Dispatch>>,
+}
+
+/// Sizes of the event buffers.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Dispatches kept for `Last-Event-ID` resumption.
+    pub ring: usize,
+    /// Dispatches a subscriber may fall behind before it is resynced with a snapshot.
+    pub broadcast: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            ring: 4096,
+            broadcast: 1024,
+        }
+    }
+}
+
+/// The live roster.
+#[derive(Debug)]
+pub struct Registry {
+    vis: Visibility,
+    revision: u64,
+    peers: HashMap<String, PeerRecord>,
+    by_identity: HashMap<String, String>,
+    members: Vec<BTreeSet<String>>,
+    log: EventLog,
+}
+
+impl Registry {
+    /// An empty roster under `policy` (at `revision`).
+    pub fn new(policy: Arc<Policy>, revision: u64, limits: Limits) -> Self {
+        let (tx, _) = broadcast::channel(limits.broadcast.max(1));
+        Self {
+            vis: Visibility::new(policy),
+            revision,
+            peers: HashMap::new(),
+            by_identity: HashMap::new(),
+            members: Vec::new(),
+            log: EventLog {
+                next_id: 1,
+                ring: VecDeque::new(),
+                ring_cap: limits.ring.max(1),
+                epoch_start: 0,
+                tx,
+            },
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Arc<Policy> {
+        self.vis.policy()
+    }
+
+    /// The policy revision in force.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The visibility table.
+    pub fn visibility(&self) -> &Visibility {
+        &self.vis
+    }
+
+    /// Number of registered peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer is registered.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// A peer by id.
+    pub fn peer(&self, id: &str) -> Option<&PeerRecord> {
+        self.peers.get(id)
+    }
+
+    /// The peer registered under `identity`.
+    pub fn peer_by_identity(&self, identity: &str) -> Option<&PeerRecord> {
+        self.by_identity
+            .get(identity)
+            .and_then(|id| self.peers.get(id))
+    }
+
+    /// A receiver of every future dispatch.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Dispatch>> {
+        self.log.tx.subscribe()
+    }
+
+    /// Number of live receivers.
+    pub fn subscribers(&self) -> usize {
+        self.log.tx.receiver_count()
+    }
+
+    /// Id of the newest event (0 before the first).
+    pub fn last_event_id(&self) -> u64 {
+        self.log.next_id - 1
+    }
+
+    /// Every dispatch after `last`, if the ring still holds all of them and no policy
+    /// change happened since; `None` means the client needs a snapshot.
+    pub fn replay_since(&self, last: u64) -> Option<Vec<Arc<Dispatch>>> {
+        if last >= self.log.next_id || last < self.log.epoch_start {
+            return None;
+        }
+        let oldest = self.log.ring.front().map_or(self.log.next_id, |d| d.id);
+        if last + 1 < oldest {
+            return None;
+        }
+        Some(
+            self.log
+                .ring
+                .iter()
+                .filter(|d| d.id > last)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// The roster `viewer` sees, sorted by peer id.
+    pub fn roster(&self, viewer: &str) -> Vec<RosterEntry> {
+        let Some(v) = self.peers.get(viewer) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for target in self.vis.visible_from(v.class) {
+            let Some(rules) = self.vis.port_rules(v.class, target) else {
+                continue;
+            };
+            let Some(ids) = self.members.get(target as usize) else {
+                continue;
+            };
+            for id in ids {
+                if id == viewer {
+                    continue;
+                }
+                if let Some(p) = self.peers.get(id) {
+                    out.push(entry(p, rules.clone()));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        out
+    }
+
+    /// `viewer`'s snapshot as a whole SSE frame with the newest event id.
+    pub fn snapshot_frame(&self, viewer: &str) -> Bytes {
+        let snap = SseEvent::Snapshot(Snapshot {
+            policy_revision: self.revision,
+            peers: self.roster(viewer),
+        });
+        Bytes::from(snap.to_frame(self.last_event_id()))
+    }
+
+    /// Adds or replaces a peer (by key; a different key under the same identity replaces
+    /// the old peer) and announces it. Returns the new record.
+    pub fn upsert(&mut self, new: NewPeer, now_ms: u64) -> &PeerRecord {
+        let id = crate::ula::peer_id(&new.key);
+        if let Some(old_id) = self.by_identity.get(&new.identity).cloned() {
+            if old_id != id {
+                self.remove(&old_id, "replaced");
+            }
+        }
+        let class = self.vis.class_of(&new.identity, &new.tags);
+        let old = self.peers.get(&id).cloned();
+        let rec = PeerRecord {
+            id: id.clone(),
+            key: new.key,
+            key_b64: base64::engine::general_purpose::STANDARD.encode(new.key),
+            ula: crate::ula::peer_ula(&new.key),
+            identity: new.identity,
+            display_name: new.display_name,
+            tags: new.tags,
+            endpoints: new.endpoints,
+            wg_listen_port: new.wg_listen_port,
+            reflexive: new.reflexive,
+            hosted_app_ulas: old
+                .as_ref()
+                .filter(|o| o.class == class)
+                .map(|o| o.hosted_app_ulas.clone())
+                .unwrap_or_default(),
+            last_seen_ms: now_ms,
+            class,
+        };
+        let class_changed = old.as_ref().is_some_and(|o| o.class != class);
+        if let Some(o) = &old {
+            if o.identity != rec.identity {
+                self.by_identity.remove(&o.identity);
+            }
+            if class_changed {
+                // Peers that saw it under the old class but not the new one must drop it.
+                let leaving: Vec<ClassId> = self
+                    .vis
+                    .viewers_of(o.class)
+                    .filter(|v| !self.vis.visible(*v, class))
+                    .collect();
+                if let Some(m) = self.members.get_mut(o.class as usize) {
+                    m.remove(&id);
+                }
+                self.emit_remove(&id, "policy", &leaving, SubjectAction::Skip);
+            }
+        }
+        self.by_identity.insert(rec.identity.clone(), id.clone());
+        self.member_set(class).insert(id.clone());
+        let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
+        let unchanged = old.as_ref()
+            == Some(&PeerRecord {
+                last_seen_ms: old.as_ref().map_or(0, |o| o.last_seen_ms),
+                ..rec.clone()
+            });
+        self.peers.insert(id.clone(), rec);
+        if !unchanged {
+            let action = if class_changed {
+                SubjectAction::Resync
+            } else {
+                SubjectAction::Skip
+            };
+            self.emit_upsert(&id, action);
+        }
+        if reflexive_changed {
+            self.hole_punch(&id);
+        }
+        &self.peers[&id]
+    }
+
+    /// Records a heartbeat; announces the peer if its endpoints, apps or reflexive
+    /// endpoint changed. The caller validated the inputs.
+    pub fn heartbeat(
+        &mut self,
+        id: &str,
+        endpoints: Vec<SocketAddr>,
+        hosted_app_ulas: Vec<Ipv6Addr>,
+        reflexive_ip: std::net::IpAddr,
+        now_ms: u64,
+    ) -> Option<SocketAddr> {
+        let p = self.peers.get_mut(id)?;
+        p.last_seen_ms = now_ms;
+        let reflexive = SocketAddr::new(reflexive_ip, p.wg_listen_port);
+        let reflexive_changed = p.reflexive != reflexive;
+        let changed =
+            p.endpoints != endpoints || p.hosted_app_ulas != hosted_app_ulas || reflexive_changed;
+        p.endpoints = endpoints;
+        p.hosted_app_ulas = hosted_app_ulas;
+        p.reflexive = reflexive;
+        if changed {
+            self.emit_upsert(id, SubjectAction::Skip);
+        }
+        if reflexive_changed {
+            self.hole_punch(id);
+        }
+        Some(reflexive)
+    }
+
+    /// Removes a peer and tells everyone who saw it (its own streams close).
+    pub fn remove(&mut self, id: &str, reason: &str) -> Option<PeerRecord> {
+        let rec = self.peers.remove(id)?;
+        if self.by_identity.get(&rec.identity).map(String::as_str) == Some(id) {
+            self.by_identity.remove(&rec.identity);
+        }
+        if let Some(m) = self.members.get_mut(rec.class as usize) {
+            m.remove(id);
+        }
+        let viewers: Vec<ClassId> = self.vis.viewers_of(rec.class).collect();
+        self.emit_remove(id, reason, &viewers, SubjectAction::Close);
+        Some(rec)
+    }
+
+    /// Removes every peer not seen for `timeout_ms`; returns their ids.
+    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<String> {
+        let dead: Vec<String> = self
+            .peers
+            .values()
+            .filter(|p| now_ms.saturating_sub(p.last_seen_ms) > timeout_ms)
+            .map(|p| p.id.clone())
+            .collect();
+        for id in &dead {
+            self.remove(id, "expired");
+        }
+        dead
+    }
+
+    /// Puts a new policy in force: reclassifies every peer and resyncs every stream with
+    /// one `policy` event carrying each class's new roster.
+    pub fn set_policy(&mut self, policy: Arc<Policy>, revision: u64) {
+        self.vis = Visibility::new(policy);
+        self.revision = revision;
+        self.members.clear();
+        let mut classes = HashMap::with_capacity(self.peers.len());
+        let ids: Vec<String> = self.peers.keys().cloned().collect();
+        for id in ids {
+            let Some(p) = self.peers.get(&id) else {
+                continue;
+            };
+            let class = self.vis.class_of(&p.identity, &p.tags);
+            let may_host = self.vis.may_host_apps(class);
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.class = class;
+                if !may_host {
+                    p.hosted_app_ulas.clear();
+                }
+            }
+            self.member_set(class).insert(id.clone());
+            classes.insert(id, class);
+        }
+        let id = self.log.next_id;
+        let mut frames = vec![None; self.vis.len()];
+        for (c, slot) in frames.iter_mut().enumerate() {
+            let Some(rep) = self.members.get(c).and_then(|m| m.first()) else {
+                continue;
+            };
+            // Every member of a class sees the same roster except for itself, so build it
+            // once for a representative (plus the representative as its classmates see
+            // it) and let each stream drop its own entry.
+            let mut peers = self.roster(rep);
+            if let Some(me) = self.peers.get(rep) {
+                if let Some(rules) = self.vis.port_rules(me.class, me.class) {
+                    peers.push(entry(me, rules.clone()));
+                    peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                }
+            }
+            let entries = peers
+                .iter()
+                .map(|e| {
+                    let json = serde_json::to_string(e).unwrap_or_default();
+                    (e.peer_id.clone(), json)
+                })
+                .collect();
+            *slot = Some(Arc::new(PolicyFrame {
+                id,
+                revision,
+                entries,
+            }));
+        }
+        self.log.epoch_start = id;
+        self.push(Payload::Policy {
+            frames,
+            classes: Arc::new(classes),
+        });
+    }
+
+    fn member_set(&mut self, class: ClassId) -> &mut BTreeSet<String> {
+        let i = class as usize;
+        if self.members.len() <= i {
+            self.members.resize_with(i + 1, BTreeSet::new);
+        }
+        &mut self.members[i]
+    }
+
+    fn emit_upsert(&mut self, id: &str, action: SubjectAction) {
+        let Some(p) = self.peers.get(id) else {
+            return;
+        };
+        let event_id = self.log.next_id;
+        let mut frames: Vec<Option<Bytes>> = vec![None; self.vis.len()];
+        let mut by_rules: HashMap<RulesId, Bytes> = HashMap::new();
+        for viewer in self.vis.viewers_of(p.class) {
+            let rid = self.vis.rules_id(viewer, p.class);
+            let frame = by_rules.entry(rid).or_insert_with(|| {
+                let rules = self
+                    .vis
+                    .port_rules(viewer, p.class)
+                    .cloned()
+                    .unwrap_or_default();
+                Bytes::from(SseEvent::PeerUpsert(entry(p, rules)).to_frame(event_id))
+            });
+            frames[viewer as usize] = Some(frame.clone());
+        }
+        self.push(Payload::ByClass {
+            subject: id.to_owned(),
+            frames,
+            action,
+        });
+    }
+
+    fn emit_remove(&mut self, id: &str, reason: &str, viewers: &[ClassId], action: SubjectAction) {
+        let frame = Bytes::from(
+            SseEvent::PeerRemove(PeerRemove {
+                peer_id: id.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .to_frame(self.log.next_id),
+        );
+        let mut frames: Vec<Option<Bytes>> = vec![None; self.vis.len()];
+        for v in viewers {
+            if let Some(slot) = frames.get_mut(*v as usize) {
+                *slot = Some(frame.clone());
+            }
+        }
+        self.push(Payload::ByClass {
+            subject: id.to_owned(),
+            frames,
+            action,
+        });
+    }
+
+    /// When `id` looks NATed, sends it and every NATed peer it sees a `hole_punch` with
+    /// the other's reflexive endpoint, all in one dispatch (so at the same moment).
+    fn hole_punch(&mut self, id: &str) {
+        let Some(p) = self.peers.get(id) else {
+            return;
+        };
+        if !p.looks_nated() {
+            return;
+        }
+        let event_id = self.log.next_id;
+        let mut targets = Vec::new();
+        let frame = |to: &PeerRecord| {
+            Bytes::from(
+                SseEvent::HolePunch(HolePunch {
+                    peer_id: to.id.clone(),
+                    public_key: to.key_b64.clone(),
+                    endpoint: to.reflexive,
+                })
+                .to_frame(event_id),
+            )
+        };
+        for class in self.vis.visible_from(p.class) {
+            let Some(ids) = self.members.get(class as usize) else {
+                continue;
+            };
+            for qid in ids {
+                if qid == id {
+                    continue;
+                }
+                let Some(q) = self.peers.get(qid) else {
+                    continue;
+                };
+                if q.looks_nated() {
+                    targets.push((p.id.clone(), frame(q)));
+                    targets.push((q.id.clone(), frame(p)));
+                }
+            }
+        }
+        if !targets.is_empty() {
+            self.push(Payload::Targeted(targets));
+        }
+    }
+
+    fn push(&mut self, payload: Payload) {
+        let d = Arc::new(Dispatch {
+            id: self.log.next_id,
+            revision: self.revision,
+            payload,
+        });
+        self.log.next_id += 1;
+        if self.log.ring.len() == self.log.ring_cap {
+            self.log.ring.pop_front();
+        }
+        self.log.ring.push_back(d.clone());
+        // No receivers is fine: nobody is streaming.
+        let _ = self.log.tx.send(d);
+    }
+}
+
+/// A class's roster after a policy change, including the members of the class itself,
+/// with each entry serialized once; each stream leaves out its own entry.
+#[derive(Debug)]
+pub struct PolicyFrame {
+    /// Event id.
+    pub id: u64,
+    /// Policy revision.
+    pub revision: u64,
+    /// (peer id, entry JSON), sorted by peer id.
+    pub entries: Vec<(String, String)>,
+}
+
+impl PolicyFrame {
+    /// The `policy` frame for the stream of peer `me`.
+    pub fn frame_for(&self, me: &str) -> Bytes {
+        let len: usize = self.entries.iter().map(|(_, j)| j.len() + 1).sum();
+        let mut out = String::with_capacity(len + 96);
+        out.push_str(&format!(
+            "id: {}\nevent: {}\ndata: {{\"policy_revision\":{},\"peers\":[",
+            self.id,
+            SseEvent::POLICY,
+            self.revision
+        ));
+        let mut first = true;
+        for (pid, json) in &self.entries {
+            if pid == me {
+                continue;
+            }
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            out.push_str(json);
+        }
+        out.push_str("]}\n\n");
+        Bytes::from(out)
+    }
+}
+
+/// The roster entry for `p` with the viewer-relative `rules`.
+pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
+    RosterEntry {
+        peer_id: p.id.clone(),
+        ula: p.ula,
+        display_name: p.display_name.clone(),
+        tags: p.tags.clone(),
+        public_key: p.key_b64.clone(),
+        endpoints: p.endpoints.clone(),
+        reflexive_endpoint: p.reflexive,
+        hosted_app_ulas: p.hosted_app_ulas.clone(),
+        ports: rules,
+    }
+}
