@@ -1,5 +1,510 @@
-//! The perf suite runner.
+//! `tabbify-perf`: iperf3 and ping between two network namespaces over a veth, through our
+//! data plane (io_uring and epoll drivers), boringtun-cli (`--threads 1` and its default),
+//! Debian's wireguard-go, and the bare veth.
+//!
+//! The namespaces and the veth (RPS on) are built once. Every round runs every
+//! implementation once, round-robin, starting one place later each round so no
+//! implementation always runs first. Each turn brings up a fresh tunnel (the same
+//! implementation on both ends, IPv4 inner and outer, MTU 1420), runs TCP 1 stream, TCP 4
+//! streams, UDP unlimited and ping, and tears the tunnel down. A failing implementation
+//! is recorded with its error and shown as FAILED in the table, never dropped.
+//!
+//! Output: a table of medians and ratios on stdout, one JSON file per run and a PNG plot
+//! (via `perf/plot.py`) in the output directory, optionally the table and plot in a
+//! README section between `<!-- perf-results:begin -->` and `<!-- perf-results:end -->`.
+//! All traffic stays between the two namespaces.
 
-fn main() {
-    eprintln!("perf: not built yet");
+mod iperf;
+mod report;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tabbify_tests::prereq::{require, Tool};
+use tabbify_tests::process::{set_log_dump, LogDump};
+use tabbify_tests::tunnel::MTU;
+use tabbify_tests::wg::{Driver, Implementation, OursOptions};
+use tabbify_tests::{Inner, Netns, Tunnel, TunnelSpec, VethOptions, VethPair};
+
+use crate::iperf::{measure, Metric, Server};
+use crate::report::{ImplResult, Kind, RoundResult, Run};
+
+/// Command-line options.
+#[derive(Debug, Parser)]
+#[command(about = "iperf3/ping through ours and stock WireGuard between two namespaces")]
+struct Args {
+    /// Rounds; each runs every implementation once.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Seconds per iperf3 test.
+    #[arg(long, default_value_t = 10)]
+    duration: u32,
+    /// Our binary (a release build); ours is reported FAILED if it is missing.
+    #[arg(long, env = "TABBIFY_MESH_BIN")]
+    mesh_bin: Option<PathBuf>,
+    /// `--threads` for ours (its default when absent).
+    #[arg(long)]
+    ours_threads: Option<u32>,
+    /// `--offloads` for ours (its default when absent).
+    #[arg(long, value_parser = ["on", "off"])]
+    offloads: Option<String>,
+    /// Only these implementations (comma-separated names; see --list).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// List implementation names and exit.
+    #[arg(long)]
+    list: bool,
+    /// Directory for the JSON file and the plot.
+    #[arg(long, default_value = "perf/results")]
+    out: PathBuf,
+    /// Replace the results section of this README with the table and plot.
+    #[arg(long)]
+    update_readme: Option<PathBuf>,
+    /// Python interpreter with matplotlib for the plot.
+    #[arg(long, env = "PERF_PYTHON")]
+    python: Option<PathBuf>,
+}
+
+/// One implementation as the suite runs it.
+struct Contender {
+    name: &'static str,
+    kind: Kind,
+    /// `None` for the bare veth.
+    implementation: Option<Implementation>,
+    /// Why it cannot run at all (e.g. our binary is missing).
+    unavailable: Option<String>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let contenders = contenders(&args)?;
+    if args.list {
+        for contender in &contenders {
+            println!("{}", contender.name);
+        }
+        return Ok(());
+    }
+    require(&[
+        Tool::Iproute2,
+        Tool::Wg,
+        Tool::WireguardGo,
+        Tool::BoringtunCli,
+        Tool::Iperf3,
+        Tool::Ping,
+    ])?;
+    if args.rounds == 0 || args.duration == 0 {
+        bail!("--rounds and --duration must be at least 1");
+    }
+    set_log_dump(LogDump::Never);
+
+    let timestamp = utc_now()?;
+    let load_before = load_average();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if load_before.is_some_and(|load| load > cores as f64 / 2.0) {
+        eprintln!(
+            "perf: warning: load average {:.1} on {cores} CPUs: other work will skew the figures",
+            load_before.unwrap_or_default()
+        );
+    }
+    let left = Netns::new()?;
+    let right = Netns::new()?;
+    let veth = VethPair::connect(&left, &right, &VethOptions::default())?;
+
+    let mut results: Vec<ImplResult> = contenders.iter().map(|c| new_result(c, &args)).collect();
+    for round in 1..=args.rounds {
+        let offset = (round as usize - 1) % contenders.len();
+        for position in 0..contenders.len() {
+            let index = (offset + position) % contenders.len();
+            let contender = &contenders[index];
+            eprintln!("perf: round {round}/{}: {}", args.rounds, contender.name);
+            let (mut result, startup_log) = run_turn(contender, &veth, args.duration);
+            result.round = round;
+            result.position = position;
+            for (key, error) in &result.errors {
+                eprintln!(
+                    "perf:   {} {key} failed: {}",
+                    contender.name,
+                    error.lines().next().unwrap_or("")
+                );
+            }
+            if results[index].startup_log.is_empty() {
+                results[index].startup_log = startup_log;
+            }
+            results[index].rounds.push(result);
+        }
+    }
+    for result in &mut results {
+        result.summarize(args.duration);
+    }
+
+    let run = Run {
+        timestamp: timestamp.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        kernel: command_output("uname", &["-r"]).unwrap_or_default(),
+        cpu_model: cpu_model(),
+        cores,
+        mtu: MTU,
+        udp_payload: iperf::UDP_PAYLOAD.parse().unwrap_or(0),
+        rounds: args.rounds,
+        duration_s: args.duration,
+        veth_rps: true,
+        load_average: [load_before, load_average()],
+        ratios: report::ratios(&results),
+        implementations: results,
+    };
+    let table = report::markdown(&run);
+    println!(
+        "\n{} · kernel {} · {} × {} · MTU {} · {} rounds × {} s · load average {} → {}\n",
+        run.timestamp,
+        run.kernel,
+        run.cores,
+        run.cpu_model,
+        run.mtu,
+        run.rounds,
+        run.duration_s,
+        fmt_load(run.load_average[0]),
+        fmt_load(run.load_average[1])
+    );
+    println!("{table}");
+
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let stem = timestamp.replace(':', "-");
+    let json_path = args.out.join(format!("{stem}.json"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&run)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    println!("wrote {}", json_path.display());
+    let png_path = args.out.join(format!("{stem}.png"));
+    let plotted = match plot(&args, &json_path, &png_path) {
+        Ok(()) => {
+            println!("wrote {}", png_path.display());
+            true
+        }
+        Err(error) => {
+            eprintln!("perf: no plot: {error:#}");
+            false
+        }
+    };
+    if let Some(readme) = &args.update_readme {
+        update_readme(readme, &run, &table, plotted.then_some(png_path.as_path()))?;
+        println!("updated {}", readme.display());
+    }
+    Ok(())
+}
+
+fn contenders(args: &Args) -> Result<Vec<Contender>> {
+    let mesh_bin = args
+        .mesh_bin
+        .clone()
+        .or_else(|| tabbify_tests::bins::tabbify_mesh().ok());
+    let unavailable = match &mesh_bin {
+        Some(path) if path.is_file() => None,
+        Some(path) => Some(format!(
+            "{} not found (build: cargo build --release -p tabbify-dataplane)",
+            path.display()
+        )),
+        None => Some(
+            "tabbify-mesh not found (build: cargo build --release -p tabbify-dataplane)".to_owned(),
+        ),
+    };
+    let ours = |driver| {
+        Some(Implementation::Ours(OursOptions {
+            driver: Some(driver),
+            offloads: args.offloads.as_deref().map(|o| o == "on"),
+            threads: args.ours_threads,
+            binary: mesh_bin.clone(),
+        }))
+    };
+    let all = vec![
+        Contender {
+            name: "ours-uring",
+            kind: Kind::Ours,
+            implementation: ours(Driver::Uring),
+            unavailable: unavailable.clone(),
+        },
+        Contender {
+            name: "ours-epoll",
+            kind: Kind::Ours,
+            implementation: ours(Driver::Epoll),
+            unavailable,
+        },
+        Contender {
+            name: "boringtun-t1",
+            kind: Kind::Stock,
+            implementation: Some(Implementation::Boringtun { threads: Some(1) }),
+            unavailable: None,
+        },
+        Contender {
+            name: "boringtun-default",
+            kind: Kind::Stock,
+            implementation: Some(Implementation::Boringtun { threads: None }),
+            unavailable: None,
+        },
+        Contender {
+            name: "wireguard-go",
+            kind: Kind::Stock,
+            implementation: Some(Implementation::WireguardGo),
+            unavailable: None,
+        },
+        Contender {
+            name: "veth",
+            kind: Kind::Veth,
+            implementation: None,
+            unavailable: None,
+        },
+    ];
+    for name in &args.only {
+        if !all.iter().any(|c| c.name == name) {
+            bail!("unknown implementation {name:?} (see --list)");
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|c| args.only.is_empty() || args.only.iter().any(|n| n == c.name))
+        .collect())
+}
+
+fn new_result(contender: &Contender, args: &Args) -> ImplResult {
+    let (driver, threads, offloads, binary) = match &contender.implementation {
+        Some(Implementation::Ours(options)) => (
+            options.driver.map(|d| d.as_arg().to_owned()),
+            Some(
+                options
+                    .threads
+                    .map_or_else(|| "default".to_owned(), |t| t.to_string()),
+            ),
+            Some(
+                args.offloads
+                    .clone()
+                    .unwrap_or_else(|| "default".to_owned()),
+            ),
+            options.binary.as_ref().map(|p| p.display().to_string()),
+        ),
+        Some(Implementation::Boringtun { threads }) => (
+            None,
+            Some(threads.map_or_else(|| "default".to_owned(), |t| t.to_string())),
+            None,
+            None,
+        ),
+        Some(Implementation::WireguardGo) => (None, Some("default".to_owned()), None, None),
+        None => (None, None, None, None),
+    };
+    let label = match &contender.implementation {
+        Some(implementation) => implementation.label(),
+        None => "plain veth (no tunnel)".to_owned(),
+    };
+    ImplResult {
+        name: contender.name.to_owned(),
+        label,
+        kind: contender.kind,
+        driver,
+        threads,
+        offloads,
+        binary,
+        startup_log: Vec::new(),
+        rounds: Vec::new(),
+        median: BTreeMap::new(),
+        median_cpu_cores: BTreeMap::new(),
+    }
+}
+
+/// One implementation's turn in a round. Never fails: errors are recorded in the result.
+fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResult, Vec<String>) {
+    let mut result = RoundResult::default();
+    let mut startup_log = Vec::new();
+    if let Some(reason) = &contender.unavailable {
+        result.errors.insert("setup".to_owned(), reason.clone());
+        for metric in Metric::ALL {
+            result.values.insert(metric.key().to_owned(), None);
+        }
+        return (result, startup_log);
+    }
+    let tunnel = match &contender.implementation {
+        None => None,
+        Some(implementation) => match start_tunnel(implementation, veth) {
+            Ok(tunnel) => {
+                if contender.kind == Kind::Ours {
+                    startup_log = tunnel
+                        .left
+                        .logs()
+                        .lines()
+                        .filter(|line| line.contains("driver") || line.contains("offload"))
+                        .map(str::to_owned)
+                        .collect();
+                }
+                Some(tunnel)
+            }
+            Err(error) => {
+                result
+                    .errors
+                    .insert("setup".to_owned(), format!("{error:#}"));
+                for metric in Metric::ALL {
+                    result.values.insert(metric.key().to_owned(), None);
+                }
+                return (result, startup_log);
+            }
+        },
+    };
+    let server_addr: IpAddr = match &tunnel {
+        Some(tunnel) => tunnel.right_inner[0],
+        None => veth.b.addr(false),
+    };
+    let mut server = match Server::start(&veth.b.netns) {
+        Ok(server) => server,
+        Err(error) => {
+            result
+                .errors
+                .insert("setup".to_owned(), format!("iperf3 server: {error:#}"));
+            return (result, startup_log);
+        }
+    };
+    for metric in Metric::ALL {
+        let key = metric.key().to_owned();
+        let cpu_before = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
+        let outcome = measure(&veth.a.netns, server_addr, metric, duration);
+        let cpu_after = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
+        match outcome {
+            Ok(sample) => {
+                result.values.insert(key.clone(), Some(sample.value));
+                result.lost.insert(key.clone(), sample.lost);
+            }
+            Err(error) => {
+                result.values.insert(key.clone(), None);
+                result.errors.insert(key.clone(), format!("{error:#}"));
+            }
+        }
+        if metric != Metric::Ping {
+            let cpu = match (cpu_before, cpu_after) {
+                (Some(before), Some(after)) => Some((after - before).as_secs_f64()),
+                _ => None,
+            };
+            result.cpu_s.insert(key, cpu);
+        }
+        if let Err(error) = server.ensure_running() {
+            result
+                .errors
+                .insert("iperf3_server".to_owned(), format!("{error:#}"));
+            break;
+        }
+    }
+    drop(server);
+    if let Some(tunnel) = tunnel {
+        if let Err(error) = tunnel.stop() {
+            result
+                .errors
+                .insert("teardown".to_owned(), format!("{error:#}"));
+        }
+    }
+    (result, startup_log)
+}
+
+fn start_tunnel(implementation: &Implementation, veth: &VethPair) -> Result<Tunnel> {
+    let mut spec = TunnelSpec::new(implementation.clone(), implementation.clone());
+    spec.inner = Inner::V4;
+    spec.outer_v6 = false;
+    let tunnel = Tunnel::start_on(&spec, veth)?;
+    tunnel.wait_ready(Duration::from_secs(20))?;
+    Ok(tunnel)
+}
+
+/// CPU time used so far by both daemons of the tunnel.
+fn daemon_cpu(tunnel: &Tunnel) -> Result<Duration> {
+    Ok(tunnel.left.cpu_time()? + tunnel.right.cpu_time()?)
+}
+
+fn plot(args: &Args, json: &Path, png: &Path) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("plot.py");
+    let python = match &args.python {
+        Some(python) => python.clone(),
+        // Debian's python3-matplotlib lives with the system interpreter, which a pyenv
+        // shim earlier on PATH would hide.
+        None if Path::new("/usr/bin/python3").exists() => PathBuf::from("/usr/bin/python3"),
+        None => PathBuf::from("python3"),
+    };
+    let output = Command::new(&python)
+        .arg(&script)
+        .arg(json)
+        .arg(png)
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !output.status.success() {
+        bail!(
+            "{} {} failed: {} (install python3-matplotlib)",
+            python.display(),
+            script.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+const BEGIN: &str = "<!-- perf-results:begin -->";
+const END: &str = "<!-- perf-results:end -->";
+
+fn update_readme(readme: &Path, run: &Run, table: &str, png: Option<&Path>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
+    let (Some(start), Some(end)) = (text.find(BEGIN), text.find(END)) else {
+        bail!("{} has no {BEGIN} … {END} section", readme.display());
+    };
+    let mut section = format!(
+        "{BEGIN}\nLatest run: {} · kernel {} · {} × {} · tunnel MTU {} · {} rounds × {} s per test · \
+         load average {} → {} · `{}`\n\n{table}",
+        run.timestamp, run.kernel, run.cores, run.cpu_model, run.mtu, run.rounds, run.duration_s, fmt_load(run.load_average[0]), fmt_load(run.load_average[1]), run.command
+    );
+    if let Some(png) = png {
+        let dir = readme.parent().unwrap_or(Path::new("."));
+        let latest = dir.join("results").join("latest.png");
+        std::fs::copy(png, &latest)
+            .with_context(|| format!("copying the plot to {}", latest.display()))?;
+        section.push_str("\n![latest results](results/latest.png)\n");
+    }
+    section.push_str(END);
+    let updated = format!("{}{section}{}", &text[..start], &text[end + END.len()..]);
+    std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
+}
+
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn fmt_load(load: Option<f64>) -> String {
+    load.map_or_else(|| "?".to_owned(), |l| format!("{l:.2}"))
+}
+
+fn utc_now() -> Result<String> {
+    command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+}
+
+fn command_output(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!("{program} failed: {}", output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -68,7 +68,9 @@ impl Process {
     /// Spawns `command` (already wrapped in `ip netns exec`) with stdout and stderr going
     /// to a log file in the namespace's work directory.
     pub fn spawn(netns: Netns, label: &str, mut command: Command) -> Result<Process> {
-        let log_path = netns.workdir().join(format!("{label}.log"));
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let log_path = netns.workdir().join(format!("{label}.{serial}.log"));
         let log = File::create(&log_path)
             .with_context(|| format!("creating log file {}", log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;

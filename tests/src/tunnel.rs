@@ -103,6 +103,15 @@ impl Tunnel {
         veth: &VethOptions,
     ) -> Result<Tunnel> {
         let veth = VethPair::connect(left_ns, right_ns, veth)?;
+        Tunnel::start_on(spec, &veth)
+    }
+
+    /// Like [`Tunnel::start`] over an existing link: the left endpoint runs in
+    /// `veth.a`'s namespace, the right one in `veth.b`'s. Several tunnels may use one
+    /// link one after another (interface names are unique).
+    pub fn start_on(spec: &TunnelSpec, veth: &VethPair) -> Result<Tunnel> {
+        let veth = veth.clone();
+        let (left_ns, right_ns) = (&veth.a.netns.clone(), &veth.b.netns.clone());
         if let Some(percent) = spec.loss_percent {
             veth.set_loss(percent)?;
         }

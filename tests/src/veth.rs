@@ -54,8 +54,9 @@ impl VethEnd {
     }
 }
 
-/// A veth pair between namespaces `a` and `b`, with addresses on both ends.
-#[derive(Debug)]
+/// A veth pair between namespaces `a` and `b`, with addresses on both ends. Clones refer
+/// to the same link, which lives as long as its namespaces.
+#[derive(Debug, Clone)]
 pub struct VethPair {
     /// The end in the first namespace.
     pub a: VethEnd,

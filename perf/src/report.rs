@@ -1,0 +1,414 @@
+//! Results of a run: the JSON document written per run, medians, the ratio of ours to the
+//! best stock implementation, and the text/markdown tables.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::iperf::Metric;
+
+/// One run of the suite, as written to `perf/results/<timestamp>.json`.
+#[derive(Debug, Serialize)]
+pub struct Run {
+    /// UTC start time, RFC 3339.
+    pub timestamp: String,
+    /// The command line that produced it.
+    pub command: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPU model from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// CPUs available to the run.
+    pub cores: usize,
+    /// Tunnel MTU.
+    pub mtu: u16,
+    /// iperf3 UDP payload size in bytes.
+    pub udp_payload: u32,
+    /// Rounds (each round runs every implementation once, in rotating order).
+    pub rounds: u32,
+    /// Seconds per iperf3 test.
+    pub duration_s: u32,
+    /// Whether RPS spreads veth receive work over all CPUs.
+    pub veth_rps: bool,
+    /// 1-minute load average before and after the run (`/proc/loadavg`): other work on
+    /// the machine skews every figure, so a high value flags a run not to trust.
+    pub load_average: [Option<f64>; 2],
+    /// Per implementation: its settings, raw per-round figures and medians.
+    pub implementations: Vec<ImplResult>,
+    /// `ours … / best stock` per ours implementation and metric (for ping: best stock RTT
+    /// divided by ours, so above 1 is better everywhere), and TCP 1 stream as a fraction
+    /// of plain veth.
+    pub ratios: BTreeMap<String, BTreeMap<String, Option<f64>>>,
+}
+
+/// Which family an implementation belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Our data plane.
+    Ours,
+    /// A stock WireGuard implementation.
+    Stock,
+    /// No tunnel: the veth alone.
+    Veth,
+}
+
+/// Everything measured for one implementation.
+#[derive(Debug, Serialize)]
+pub struct ImplResult {
+    /// Short name (`ours-uring`, `boringtun-t1`, …).
+    pub name: String,
+    /// Human-readable description of how it was run.
+    pub label: String,
+    /// Ours, stock or veth.
+    pub kind: Kind,
+    /// I/O driver requested (ours only).
+    pub driver: Option<String>,
+    /// Worker threads requested (`default` when the implementation picks).
+    pub threads: Option<String>,
+    /// Offloads requested (ours only; `default` when not given).
+    pub offloads: Option<String>,
+    /// The binary run (ours only).
+    pub binary: Option<String>,
+    /// Log lines of ours that name the driver and offloads, from the first round.
+    pub startup_log: Vec<String>,
+    /// Raw figures per round.
+    pub rounds: Vec<RoundResult>,
+    /// Median over rounds per metric (`None` when no round succeeded).
+    pub median: BTreeMap<String, Option<f64>>,
+    /// Median CPU use of both daemons together during each iperf3 test, in cores
+    /// (CPU seconds / test seconds).
+    pub median_cpu_cores: BTreeMap<String, Option<f64>>,
+}
+
+/// One implementation's figures in one round.
+#[derive(Debug, Default, Serialize)]
+pub struct RoundResult {
+    /// 1-based round number.
+    pub round: u32,
+    /// Position within the round (0 = ran first).
+    pub position: usize,
+    /// Measured value per metric (`None` when it failed).
+    pub values: BTreeMap<String, Option<f64>>,
+    /// TCP retransmits, lost UDP datagrams or lost pings per metric.
+    pub lost: BTreeMap<String, Option<u64>>,
+    /// CPU seconds used by both daemons during each iperf3 test.
+    pub cpu_s: BTreeMap<String, Option<f64>>,
+    /// Failures, per metric or `setup`/`teardown`.
+    pub errors: BTreeMap<String, String>,
+}
+
+/// The median of the values present; `None` when there are none.
+pub fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f64> {
+    let mut values: Vec<f64> = values.into_iter().flatten().collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
+}
+
+impl ImplResult {
+    /// Fills `median` and `median_cpu_cores` from the rounds.
+    pub fn summarize(&mut self, duration_s: u32) {
+        for metric in Metric::ALL {
+            let key = metric.key();
+            self.median.insert(
+                key.to_owned(),
+                median(
+                    self.rounds
+                        .iter()
+                        .map(|r| r.values.get(key).copied().flatten()),
+                ),
+            );
+            if metric != Metric::Ping {
+                self.median_cpu_cores.insert(
+                    key.to_owned(),
+                    median(self.rounds.iter().map(|r| {
+                        r.cpu_s
+                            .get(key)
+                            .copied()
+                            .flatten()
+                            .map(|s| s / f64::from(duration_s))
+                    })),
+                );
+            }
+        }
+    }
+
+    fn successes(&self, key: &str) -> usize {
+        self.rounds
+            .iter()
+            .filter(|r| r.values.get(key).copied().flatten().is_some())
+            .count()
+    }
+}
+
+/// Computes [`Run::ratios`].
+pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
+    let best_stock = |metric: Metric| -> Option<f64> {
+        let values = implementations
+            .iter()
+            .filter(|i| i.kind == Kind::Stock)
+            .filter_map(|i| i.median.get(metric.key()).copied().flatten());
+        if metric.higher_is_better() {
+            values.reduce(f64::max)
+        } else {
+            values.reduce(f64::min)
+        }
+    };
+    let veth_tcp1 = implementations
+        .iter()
+        .find(|i| i.kind == Kind::Veth)
+        .and_then(|i| i.median.get(Metric::Tcp1.key()).copied().flatten());
+    let mut out = BTreeMap::new();
+    for ours in implementations.iter().filter(|i| i.kind == Kind::Ours) {
+        let mut row = BTreeMap::new();
+        for metric in Metric::ALL {
+            let value = ours.median.get(metric.key()).copied().flatten();
+            let ratio = match (value, best_stock(metric)) {
+                (Some(v), Some(b)) if v > 0.0 && b > 0.0 => Some(if metric.higher_is_better() {
+                    v / b
+                } else {
+                    b / v
+                }),
+                _ => None,
+            };
+            row.insert(format!("{}_vs_best_stock", metric.key()), ratio);
+        }
+        let of_veth = match (
+            ours.median.get(Metric::Tcp1.key()).copied().flatten(),
+            veth_tcp1,
+        ) {
+            (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+            _ => None,
+        };
+        row.insert("tcp1_fraction_of_veth".to_owned(), of_veth);
+        out.insert(ours.name.clone(), row);
+    }
+    out
+}
+
+/// The results as a markdown table (medians; CPU in cores for TCP 1 stream), followed by
+/// the ratio lines.
+pub fn markdown(run: &Run) -> String {
+    let mut out = String::new();
+    let _ = write!(out, "| implementation |");
+    for metric in Metric::ALL {
+        let _ = write!(out, " {} |", metric.title());
+    }
+    let _ = writeln!(out, " CPU during TCP 1 (cores) |");
+    let _ = writeln!(out, "|---|{}---|", "---|".repeat(Metric::ALL.len()));
+    for implementation in &run.implementations {
+        let _ = write!(out, "| {} |", implementation.label);
+        for metric in Metric::ALL {
+            let key = metric.key();
+            let cell = match implementation.median.get(key).copied().flatten() {
+                Some(value) => {
+                    let ok = implementation.successes(key);
+                    let partial = if ok < implementation.rounds.len() {
+                        format!(" ({ok}/{} rounds)", implementation.rounds.len())
+                    } else {
+                        String::new()
+                    };
+                    if metric == Metric::Ping {
+                        format!("{value:.3}{partial}")
+                    } else {
+                        format!("{value:.2}{partial}")
+                    }
+                }
+                None => "FAILED (below)".to_owned(),
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        let cpu = implementation
+            .median_cpu_cores
+            .get(Metric::Tcp1.key())
+            .copied()
+            .flatten()
+            .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
+        let _ = writeln!(out, " {cpu} |");
+    }
+    let mut failures = String::new();
+    for implementation in &run.implementations {
+        for round in &implementation.rounds {
+            for (what, error) in &round.errors {
+                let _ = writeln!(
+                    failures,
+                    "- {} round {} {what}: {}",
+                    implementation.label,
+                    round.round,
+                    shorten(error)
+                );
+            }
+        }
+    }
+    if !failures.is_empty() {
+        let _ = write!(out, "\nFailures:\n{failures}");
+    }
+    for (name, row) in &run.ratios {
+        let _ = write!(out, "\n**{name} / best stock:**");
+        for metric in Metric::ALL {
+            let key = format!("{}_vs_best_stock", metric.key());
+            let cell = row
+                .get(&key)
+                .copied()
+                .flatten()
+                .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}×"));
+            let _ = write!(out, " {} {cell};", metric.title());
+        }
+        let veth = row
+            .get("tcp1_fraction_of_veth")
+            .copied()
+            .flatten()
+            .map_or_else(|| "n/a".to_owned(), |r| format!("{:.0}%", r * 100.0));
+        let _ = writeln!(out, " TCP 1 stream = {veth} of plain veth.");
+    }
+    if !run.ratios.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n(Ratios are medians of ours over the best stock median per metric; for ping the \
+             best stock RTT over ours, so above 1× is better everywhere.)"
+        );
+    }
+    out
+}
+
+/// One line of an error, at most 200 characters.
+fn shorten(error: &str) -> String {
+    let line = error.lines().next().unwrap_or("").replace('|', "/");
+    if line.chars().count() > 200 {
+        format!("{}…", line.chars().take(199).collect::<String>())
+    } else {
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn implementation(
+        name: &str,
+        kind: Kind,
+        tcp1: &[Option<f64>],
+        ping: &[Option<f64>],
+    ) -> ImplResult {
+        let mut result = ImplResult {
+            name: name.into(),
+            label: name.into(),
+            kind,
+            driver: None,
+            threads: None,
+            offloads: None,
+            binary: None,
+            startup_log: Vec::new(),
+            rounds: Vec::new(),
+            median: BTreeMap::new(),
+            median_cpu_cores: BTreeMap::new(),
+        };
+        for (i, (t, p)) in tcp1.iter().zip(ping).enumerate() {
+            let mut round = RoundResult {
+                round: i as u32 + 1,
+                ..RoundResult::default()
+            };
+            round.values.insert(Metric::Tcp1.key().into(), *t);
+            round.values.insert(Metric::Ping.key().into(), *p);
+            if t.is_none() {
+                round
+                    .errors
+                    .insert(Metric::Tcp1.key().into(), "iperf3: boom\nmore".into());
+            }
+            result.rounds.push(round);
+        }
+        result.summarize(10);
+        result
+    }
+
+    #[test]
+    fn medians_skip_failures() {
+        assert_eq!(median([Some(3.0), None, Some(1.0), Some(2.0)]), Some(2.0));
+        assert_eq!(median([Some(4.0), Some(1.0)]), Some(2.5));
+        assert_eq!(median([None, None]), None);
+    }
+
+    #[test]
+    fn ratios_against_best_stock_and_veth() {
+        let impls = vec![
+            implementation(
+                "ours",
+                Kind::Ours,
+                &[Some(3.0), Some(4.0), Some(5.0)],
+                &[Some(0.1); 3],
+            ),
+            implementation(
+                "bt",
+                Kind::Stock,
+                &[Some(1.0), Some(1.0), Some(1.0)],
+                &[Some(0.3); 3],
+            ),
+            implementation(
+                "wg-go",
+                Kind::Stock,
+                &[Some(0.5), Some(0.5), Some(0.5)],
+                &[Some(0.2); 3],
+            ),
+            implementation(
+                "veth",
+                Kind::Veth,
+                &[Some(10.0), Some(10.0), Some(10.0)],
+                &[Some(0.05); 3],
+            ),
+        ];
+        let r = &ratios(&impls)["ours"];
+        assert!((r["tcp1_gbps_vs_best_stock"].unwrap() - 4.0).abs() < 1e-9);
+        assert!((r["ping_avg_ms_vs_best_stock"].unwrap() - 2.0).abs() < 1e-9);
+        assert!((r["tcp1_fraction_of_veth"].unwrap() - 0.4).abs() < 1e-9);
+        assert_eq!(r["tcp4_gbps_vs_best_stock"], None);
+    }
+
+    #[test]
+    fn table_reports_failures_instead_of_skipping() {
+        let impls = vec![
+            implementation("ours", Kind::Ours, &[None, None], &[None, None]),
+            implementation(
+                "bt",
+                Kind::Stock,
+                &[Some(1.0), None],
+                &[Some(0.3), Some(0.3)],
+            ),
+        ];
+        let run = Run {
+            timestamp: String::new(),
+            command: String::new(),
+            kernel: String::new(),
+            cpu_model: String::new(),
+            cores: 2,
+            mtu: 1420,
+            udp_payload: 1392,
+            rounds: 2,
+            duration_s: 10,
+            veth_rps: true,
+            load_average: [None, None],
+            ratios: ratios(&impls),
+            implementations: impls,
+        };
+        let table = markdown(&run);
+        assert!(table.contains("| ours | FAILED (below) |"), "{table}");
+        assert!(
+            table.contains("- ours round 1 tcp1_gbps: iperf3: boom\n"),
+            "{table}"
+        );
+        assert!(table.contains("1.00 (1/2 rounds)"), "{table}");
+        assert!(
+            table.contains("**ours / best stock:** TCP 1 stream (Gbit/s) n/a;"),
+            "{table}"
+        );
+    }
+}
