@@ -8,12 +8,13 @@
 //! behind NAT would.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use rand::Rng;
 
-use crate::traffic::wait_ping;
+use crate::traffic::{tcp_transfer, wait_ping};
 use crate::veth::{VethOptions, VethPair};
 use crate::wg::{generate_psk, Implementation, InterfaceConfig, Keypair, PeerConfig, WgPeer};
 use crate::Netns;
@@ -162,6 +163,60 @@ impl Tunnel {
         wait_ping(self.left.netns(), self.right_inner[0], timeout)?;
         self.left.wait_handshake(self.right.public_key(), timeout)?;
         self.right.wait_handshake(self.left.public_key(), timeout)?;
+        Ok(())
+    }
+
+    /// The standard workout: ping every inner address in both directions, send `bytes`
+    /// over TCP each way on the first inner address (1 MiB on any other) checked by
+    /// SHA-256, then check that `wg show` on both sides lists the peer with a handshake,
+    /// an endpoint and at least `bytes` transferred each way. Each transfer must finish
+    /// within `timeout`.
+    pub fn exercise(&self, xfer: &Path, bytes: u64, timeout: Duration) -> Result<()> {
+        self.wait_ready(Duration::from_secs(30))?;
+        let sides = [
+            (&self.left, &self.right, &self.right_inner),
+            (&self.right, &self.left, &self.left_inner),
+        ];
+        for (from, to, addresses) in sides {
+            for (index, &addr) in addresses.iter().enumerate() {
+                wait_ping(from.netns(), addr, Duration::from_secs(30))
+                    .with_context(|| format!("{} → {}", from.ifname(), to.ifname()))?;
+                let size = if index == 0 { bytes } else { 1 << 20 };
+                tcp_transfer(xfer, from.netns(), to.netns(), addr, size, timeout).with_context(
+                    || {
+                        format!(
+                            "TCP {} → {addr} ({} → {})",
+                            from.ifname(),
+                            from.implementation().label(),
+                            to.implementation().label()
+                        )
+                    },
+                )?;
+            }
+        }
+        for (side, other) in [(&self.left, &self.right), (&self.right, &self.left)] {
+            let dump = side.dump()?;
+            let peer = dump
+                .peer(other.public_key())
+                .with_context(|| format!("{} does not list its peer: {dump:?}", side.ifname()))?;
+            ensure!(
+                peer.latest_handshake > 0,
+                "{}: no handshake in wg show: {peer:?}",
+                side.ifname()
+            );
+            ensure!(
+                peer.rx_bytes >= bytes && peer.tx_bytes >= bytes,
+                "{}: wg show counts rx {} / tx {} bytes after {bytes} each way",
+                side.ifname(),
+                peer.rx_bytes,
+                peer.tx_bytes
+            );
+            ensure!(
+                peer.endpoint.is_some(),
+                "{}: no endpoint for the peer: {peer:?}",
+                side.ifname()
+            );
+        }
         Ok(())
     }
 

@@ -1,7 +1,6 @@
 //! The harness itself, and stock WireGuard implementations against each other: these
 //! prove the tooling works before any test of ours relies on it.
 
-use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -145,52 +144,6 @@ fn tcp_transfer_is_verified_end_to_end_over_plain_veth() -> Result<()> {
     Ok(())
 }
 
-/// Ping both ways on every inner address, verified transfers both ways, `wg show` counters.
-fn exercise(tunnel: &Tunnel, bytes: u64, timeout: Duration) -> Result<()> {
-    tunnel.wait_ready(Duration::from_secs(30))?;
-    for (from, to) in [
-        (tunnel.left.netns(), &tunnel.right_inner),
-        (tunnel.right.netns(), &tunnel.left_inner),
-    ] {
-        for &addr in to.iter() {
-            wait_ping(from, addr, Duration::from_secs(30))?;
-        }
-    }
-    let (left_addr, right_addr): (IpAddr, IpAddr) = (tunnel.left_inner[0], tunnel.right_inner[0]);
-    tcp_transfer(
-        &xfer(),
-        tunnel.left.netns(),
-        tunnel.right.netns(),
-        right_addr,
-        bytes,
-        timeout,
-    )?;
-    tcp_transfer(
-        &xfer(),
-        tunnel.right.netns(),
-        tunnel.left.netns(),
-        left_addr,
-        bytes,
-        timeout,
-    )?;
-    for (side, other) in [(&tunnel.left, &tunnel.right), (&tunnel.right, &tunnel.left)] {
-        let dump = side.dump()?;
-        let peer = dump.peer(other.public_key()).expect("peer listed");
-        assert!(peer.latest_handshake > 0, "{}: {peer:?}", side.ifname());
-        assert!(
-            peer.rx_bytes >= bytes && peer.tx_bytes >= bytes,
-            "{}: {peer:?}",
-            side.ifname()
-        );
-        assert!(
-            peer.endpoint.is_some(),
-            "{} knows its peer's endpoint: {peer:?}",
-            side.ifname()
-        );
-    }
-    Ok(())
-}
-
 #[test]
 fn wireguard_go_and_boringtun_ipv6_inner_ipv4_outer() -> Result<()> {
     require(&[
@@ -207,7 +160,7 @@ fn wireguard_go_and_boringtun_ipv6_inner_ipv4_outer() -> Result<()> {
     spec.inner = Inner::V6;
     spec.psk = true;
     let tunnel = Tunnel::start(&spec)?;
-    exercise(&tunnel, 32 * MB, Duration::from_secs(120))?;
+    tunnel.exercise(&xfer(), 32 * MB, Duration::from_secs(120))?;
     tunnel.stop()
 }
 
@@ -228,7 +181,7 @@ fn boringtun_and_wireguard_go_dual_inner_ipv6_outer() -> Result<()> {
     spec.outer_v6 = true;
     spec.keepalive = Some(1);
     let tunnel = Tunnel::start(&spec)?;
-    exercise(&tunnel, 16 * MB, Duration::from_secs(120))?;
+    tunnel.exercise(&xfer(), 16 * MB, Duration::from_secs(120))?;
     tunnel.stop()
 }
 
@@ -246,7 +199,7 @@ fn wireguard_go_pair_ipv4_inner_ipv6_outer_under_10pct_loss() -> Result<()> {
     spec.outer_v6 = true;
     spec.loss_percent = Some(10);
     let tunnel = Tunnel::start(&spec)?;
-    exercise(&tunnel, 8 * MB, Duration::from_secs(120))?;
+    tunnel.exercise(&xfer(), 8 * MB, Duration::from_secs(120))?;
     let drops = tunnel.veth.loss_drops()?;
     assert!(
         drops > 100,
