@@ -8,14 +8,19 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod ca;
 pub mod clock;
 pub mod error;
+pub mod metrics;
+pub mod openapi;
 pub mod policy;
 pub mod ports;
 pub mod registry;
+pub mod server;
 pub mod sse;
 pub mod store;
+pub mod tls;
 pub mod tokens;
 pub mod ula;
 pub mod visibility;

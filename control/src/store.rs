@@ -228,6 +228,16 @@ impl Store {
         })
     }
 
+    /// The admitted key (base64) whose derived peer id is `peer_id`.
+    pub fn admitted_key_of(&self, peer_id: &str) -> Option<String> {
+        use base64::Engine;
+        self.admitted.keys().find_map(|k| {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(k).ok()?;
+            let key = <[u8; 32]>::try_from(bytes.as_slice()).ok()?;
+            (crate::ula::peer_id(&key) == peer_id).then(|| k.clone())
+        })
+    }
+
     /// Whether `key` (base64) is revoked.
     pub fn is_revoked(&self, key: &str) -> bool {
         self.revoked.contains_key(key)

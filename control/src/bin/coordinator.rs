@@ -1,6 +1,134 @@
 //! `tabbify-mesh-coordinator`: the control plane service.
+//!
+//! ```text
+//! tabbify-mesh-coordinator --bind ADDR --tls-cert F --tls-key F --tls-ca F --policy-file F
+//!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
+//!     [--heartbeat-secs N] [--insecure-no-mtls]
+//! ```
+//!
+//! Prints `listening on ADDR` on stdout once it accepts connections.
 
-fn main() {
-    eprintln!("tabbify-mesh-coordinator: not built yet");
-    std::process::exit(2);
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use tabbify_control::api::PolicyDocument;
+use tabbify_control::auth::AuthClient;
+use tabbify_control::clock::SystemClock;
+use tabbify_control::server::{self, Config, Coordinator, ALLOW_INSECURE_ENV};
+use tabbify_control::tls;
+
+#[derive(Parser)]
+#[command(
+    name = "tabbify-mesh-coordinator",
+    about = "The Tabbify mesh control plane"
+)]
+struct Cli {
+    /// Address to listen on, e.g. 0.0.0.0:8443 or 127.0.0.1:0.
+    #[arg(long)]
+    bind: SocketAddr,
+    /// Server certificate (PEM), from `tabbify-mesh-ca issue-coordinator`.
+    #[arg(long, required_unless_present = "insecure_no_mtls")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, required_unless_present = "insecure_no_mtls")]
+    tls_key: Option<PathBuf>,
+    /// The mesh CA (PEM): clients must present a certificate it signed.
+    #[arg(long, required_unless_present = "insecure_no_mtls")]
+    tls_ca: Option<PathBuf>,
+    /// The ACL policy (JSON; see the README).
+    #[arg(long)]
+    policy_file: PathBuf,
+    /// Validate join tokens with POST {URL}/v1/join-tokens/validate.
+    #[arg(long)]
+    auth_url: Option<String>,
+    /// CA (PEM) for an https --auth-url (default: --tls-ca).
+    #[arg(long)]
+    auth_ca: Option<PathBuf>,
+    /// Client certificate CN allowed to use the admin routes (repeatable).
+    #[arg(long = "admin")]
+    admins: Vec<String>,
+    /// Directory for tokens, admissions, revocations and the policy in force.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Heartbeat interval handed to peers; three missed ones expire a peer.
+    #[arg(long, default_value_t = 10)]
+    heartbeat_secs: u64,
+    /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
+    #[arg(long)]
+    insecure_no_mtls: bool,
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if cli.heartbeat_secs == 0 {
+        bail!("--heartbeat-secs must be at least 1");
+    }
+    let policy_bytes = std::fs::read(&cli.policy_file)
+        .with_context(|| format!("reading {}", cli.policy_file.display()))?;
+    let policy: PolicyDocument = serde_json::from_slice(&policy_bytes)
+        .with_context(|| format!("parsing policy file {}", cli.policy_file.display()))?;
+    let mut config = Config::new(policy, blake3::hash(&policy_bytes).to_hex().to_string());
+    config.admins = cli.admins.iter().cloned().collect();
+    config.state_dir = cli.state_dir.clone();
+    config.heartbeat_interval = Duration::from_secs(cli.heartbeat_secs);
+
+    let tls_config = if cli.insecure_no_mtls {
+        server::check_insecure(cli.bind, std::env::var(ALLOW_INSECURE_ENV).ok().as_deref())?;
+        config.insecure = true;
+        eprintln!(
+            "WARNING: serving plaintext without client authentication (loopback development only)"
+        );
+        None
+    } else {
+        let (Some(cert), Some(key), Some(ca)) = (&cli.tls_cert, &cli.tls_key, &cli.tls_ca) else {
+            bail!("--tls-cert, --tls-key and --tls-ca are required (or --insecure-no-mtls)");
+        };
+        Some(tls::server_config(&read(cert)?, &read(key)?, &read(ca)?).context("TLS set-up")?)
+    };
+    if let Some(url) = &cli.auth_url {
+        let ca = cli.auth_ca.as_ref().or(cli.tls_ca.as_ref());
+        let client_tls = match ca {
+            Some(ca) => Some(tls::client_config(&read(ca)?, None)?),
+            None => None,
+        };
+        config.auth = Some(AuthClient::new(url, client_tls).map_err(anyhow::Error::msg)?);
+    }
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+    runtime.block_on(async move {
+        let coordinator = Coordinator::new(config, Arc::new(SystemClock::new()))?;
+        let listener = tokio::net::TcpListener::bind(cli.bind)
+            .await
+            .with_context(|| format!("binding {}", cli.bind))?;
+        let local = listener.local_addr()?;
+        println!("listening on {local}");
+        std::io::stdout().flush()?;
+        tracing::info!(%local, mtls = tls_config.is_some(), "coordinator started");
+        let _sweeper = coordinator.spawn_sweeper();
+        let acceptor = tls_config.map(server::acceptor);
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = server::serve(coordinator, listener, acceptor) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("coordinator stopping");
+        anyhow::Ok(())
+    })
 }

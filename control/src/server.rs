@@ -1,0 +1,1030 @@
+//! The coordinator service: configuration, shared state, the HTTP routes, and the
+//! accept loop (plain TCP or mTLS, HTTP/1.1 via hyper).
+//!
+//! Request pipeline: accept → TLS handshake (client certificate verified against the mesh
+//! CA; its CN becomes the connection's identity) → hyper HTTP/1.1 with a header read
+//! timeout → [`Coordinator::handle`] routes, reads at most
+//! [`MAX_BODY_BYTES`](crate::api::MAX_BODY_BYTES) of JSON within a timeout, and maps every
+//! failure through [`ApiError`] once.
+//!
+//! Locking: one `RwLock` over the registry and the store, never held across an await.
+//! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
+//! update, at most a few fsyncs of the state log, and one broadcast send, which keeps the
+//! event order equal to the id order.
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Body;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::api::*;
+use crate::auth::AuthClient;
+use crate::clock::Clock;
+use crate::error::ApiError;
+use crate::metrics::{Gauges, Metrics};
+use crate::policy::Policy;
+use crate::registry::{Limits, NewPeer, Registry};
+use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
+use crate::store::{Admission, Store, StoredPolicy, TokenRecord};
+use crate::{tokens, ula};
+
+/// Header that names the caller when mTLS is off (loopback development only).
+pub const INSECURE_IDENTITY_HEADER: &str = "x-tabbify-identity";
+/// Environment variable that must be `1` for `--insecure-no-mtls`.
+pub const ALLOW_INSECURE_ENV: &str = "TABBIFY_ALLOW_INSECURE";
+/// Most endpoints a peer may report.
+pub const MAX_ENDPOINTS: usize = 64;
+/// Most app ULAs a peer may announce.
+pub const MAX_HOSTED_APPS: usize = 1024;
+/// Most tags in a request.
+pub const MAX_TAGS_PER_PEER: usize = 64;
+
+/// Tags and name a join token grants, and the hash of a local token to spend.
+type Claims = (Vec<String>, Option<String>, Option<String>);
+
+/// The response body type of every route.
+pub type ResponseBody = BoxBody<Bytes, Infallible>;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state store could not be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The policy is invalid.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The `--auth-url` is unusable.
+    #[error("--auth-url: {0}")]
+    AuthUrl(String),
+    /// Plaintext was requested where it is not allowed.
+    #[error("{0}")]
+    Insecure(String),
+}
+
+/// Coordinator settings, validated once by the binary (or a test).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Identities (certificate CNs) allowed to use the admin routes.
+    pub admins: BTreeSet<String>,
+    /// Directory of the state log; `None` keeps state in memory.
+    pub state_dir: Option<PathBuf>,
+    /// The policy from `--policy-file`.
+    pub policy: PolicyDocument,
+    /// blake3 (hex) of the policy file's bytes.
+    pub policy_file_hash: String,
+    /// The `--auth-url` client, if any.
+    pub auth: Option<AuthClient>,
+    /// How often peers must send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// SSE keepalive and slow-client limits.
+    pub stream: StreamConfig,
+    /// Event buffer sizes.
+    pub limits: Limits,
+    /// Whether mTLS is off (then identities come from [`INSECURE_IDENTITY_HEADER`]).
+    pub insecure: bool,
+    /// How long a client may take to send a request body (and headers).
+    pub request_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults around a policy: 10 s heartbeats, 15 s keepalives, 30 s write timeout.
+    pub fn new(policy: PolicyDocument, policy_file_hash: String) -> Self {
+        Self {
+            admins: BTreeSet::new(),
+            state_dir: None,
+            policy,
+            policy_file_hash,
+            auth: None,
+            heartbeat_interval: Duration::from_secs(10),
+            stream: StreamConfig {
+                keepalive: Duration::from_secs(15),
+                write_timeout: Duration::from_secs(30),
+            },
+            limits: Limits::default(),
+            insecure: false,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Refuses plaintext unless it was asked for explicitly, allowed by the environment, and
+/// bound to loopback.
+pub fn check_insecure(bind: SocketAddr, allow_env: Option<&str>) -> Result<(), StartError> {
+    if allow_env != Some("1") {
+        return Err(StartError::Insecure(format!(
+            "--insecure-no-mtls needs the environment variable {ALLOW_INSECURE_ENV}=1"
+        )));
+    }
+    if !bind.ip().is_loopback() {
+        return Err(StartError::Insecure(format!(
+            "--insecure-no-mtls only binds loopback addresses, not {bind}"
+        )));
+    }
+    Ok(())
+}
+
+/// What the accept loop knows about a connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address (its IP is the reflexive IP).
+    pub remote: SocketAddr,
+    /// The verified client certificate's CN (mTLS).
+    pub identity: Option<String>,
+}
+
+struct Core {
+    registry: Registry,
+    store: Store,
+}
+
+/// The coordinator: shared state plus the route handlers.
+pub struct Coordinator {
+    core: RwLock<Core>,
+    config: Config,
+    clock: Arc<dyn Clock>,
+    metrics: Metrics,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").finish_non_exhaustive()
+    }
+}
+
+impl Coordinator {
+    /// Opens the store, settles the policy (the stored one unless the policy file changed
+    /// since it was recorded) and builds an empty roster.
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StartError> {
+        let mut store = match &config.state_dir {
+            Some(dir) => Store::open(dir)?,
+            None => Store::in_memory(),
+        };
+        store.prune_tokens(clock.now_ms() / 1000);
+        let (revision, doc) = match store.policy() {
+            Some(p) if p.file_hash == config.policy_file_hash => (p.revision, p.document.clone()),
+            stored => {
+                let revision = stored.map_or(1, |p| p.revision + 1);
+                Policy::compile(config.policy.clone())?;
+                store.set_policy(StoredPolicy {
+                    revision,
+                    file_hash: config.policy_file_hash.clone(),
+                    document: config.policy.clone(),
+                })?;
+                (revision, config.policy.clone())
+            }
+        };
+        let policy = Arc::new(Policy::compile(doc)?);
+        tracing::info!(revision, "policy in force");
+        let registry = Registry::new(policy, revision, config.limits);
+        Ok(Arc::new(Self {
+            core: RwLock::new(Core { registry, store }),
+            config,
+            clock,
+            metrics: Metrics::default(),
+        }))
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Core> {
+        // A panic while holding the lock leaves consistent data (every update is applied
+        // before the next await point), so a poisoned lock is still usable.
+        self.core.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Core> {
+        self.core.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Number of registered peers.
+    pub fn peer_count(&self) -> usize {
+        self.read().registry.len()
+    }
+
+    /// Removes peers that missed three heartbeats; returns their ids.
+    pub fn sweep(&self) -> Vec<String> {
+        let timeout = self.config.heartbeat_interval.as_millis() as u64
+            * u64::from(MISSED_HEARTBEATS_TO_EXPIRE);
+        let dead = self.write().registry.expire(self.clock.now_ms(), timeout);
+        for _ in &dead {
+            Metrics::inc(&self.metrics.expirations);
+        }
+        dead
+    }
+
+    /// Runs [`Self::sweep`] every half heartbeat interval until the coordinator is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let period = self.config.heartbeat_interval / 2;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                let dead = c.sweep();
+                if !dead.is_empty() {
+                    tracing::info!(count = dead.len(), "peers expired");
+                }
+            }
+        })
+    }
+
+    /// Handles one request.
+    pub async fn handle<B>(
+        self: &Arc<Self>,
+        conn: &ConnInfo,
+        req: Request<B>,
+    ) -> Response<ResponseBody>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let resp = match self.route(conn, req).await {
+            Ok(r) => r,
+            Err(e) => {
+                if e.status().is_server_error() {
+                    tracing::warn!(error = %e, "request failed");
+                }
+                json_response(e.status(), &e.body())
+            }
+        };
+        let s = resp.status();
+        Metrics::inc(if s.is_server_error() {
+            &self.metrics.responses_5xx
+        } else if s.is_client_error() {
+            &self.metrics.responses_4xx
+        } else {
+            &self.metrics.responses_ok
+        });
+        resp
+    }
+
+    async fn route<B>(
+        self: &Arc<Self>,
+        conn: &ConnInfo,
+        req: Request<B>,
+    ) -> Result<Response<ResponseBody>, ApiError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let identity = self.identity(conn, req.headers());
+        let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
+        match (method.clone(), path.as_str()) {
+            (Method::GET, "/health") => {
+                let core = self.read();
+                ok(&Health {
+                    status: "ok".into(),
+                    peers: core.registry.len() as u64,
+                    policy_revision: core.registry.revision(),
+                })
+            }
+            (Method::GET, "/metrics") => {
+                let text = {
+                    let core = self.read();
+                    self.metrics.render(Gauges {
+                        peers: core.registry.len() as u64,
+                        classes: core.registry.visibility().len() as u64,
+                        last_event_id: core.registry.last_event_id(),
+                        policy_revision: core.registry.revision(),
+                    })
+                };
+                Ok(text_response("text/plain; version=0.0.4", text))
+            }
+            (Method::GET, "/openapi.json") => {
+                Ok(json_response(StatusCode::OK, &crate::openapi::document()))
+            }
+            (Method::POST, PATH_REGISTER) => {
+                let body: RegisterRequest = self.read_json(req).await?;
+                ok(&self.register(conn, identity, body).await?)
+            }
+            (Method::POST, PATH_HEARTBEAT) => {
+                let body: HeartbeatRequest = self.read_json(req).await?;
+                ok(&self.heartbeat(conn, identity, body)?)
+            }
+            (Method::GET, PATH_PEERS) => {
+                let core = self.read();
+                let id = resolve_peer(
+                    &core.registry,
+                    identity.as_deref(),
+                    query_peer_id(req.uri()),
+                )?;
+                ok(&PeersResponse {
+                    event_id: core.registry.last_event_id(),
+                    peers: core.registry.roster(&id),
+                })
+            }
+            (Method::GET, PATH_PEERS_STREAM) => self.stream(identity, req),
+            (Method::GET, PATH_POLICY) => {
+                self.admin(identity.as_deref())?;
+                let core = self.read();
+                ok(&PolicyResponse {
+                    revision: core.registry.revision(),
+                    policy: core.registry.policy().document().clone(),
+                })
+            }
+            (Method::PUT, PATH_POLICY) => {
+                self.admin(identity.as_deref())?;
+                let doc: PolicyDocument = self.read_json(req).await?;
+                ok(&self.put_policy(doc)?)
+            }
+            (Method::POST, PATH_TOKENS) => {
+                self.admin(identity.as_deref())?;
+                let body: TokenRequest = self.read_json(req).await?;
+                ok(&self.mint_token(body)?)
+            }
+            (Method::GET, PATH_REVOCATIONS) => {
+                self.admin(identity.as_deref())?;
+                let core = self.read();
+                let list: Vec<Revocation> = core
+                    .store
+                    .revocations()
+                    .iter()
+                    .map(|(k, r)| Revocation {
+                        peer_id: r.peer_id.clone(),
+                        public_key: k.clone(),
+                        revoked_at: r.at,
+                    })
+                    .collect();
+                ok(&list)
+            }
+            (Method::DELETE, p) if p.starts_with("/v1/mesh/peers/") && p != PATH_PEERS_STREAM => {
+                self.admin(identity.as_deref())?;
+                ok(&self.revoke(&p["/v1/mesh/peers/".len()..])?)
+            }
+            (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
+                self.admin(identity.as_deref())?;
+                ok(&self.readmit(&p["/v1/revocations/".len()..])?)
+            }
+            (_, p) if known_path(p) => Err(ApiError::MethodNotAllowed),
+            (_, p) => Err(ApiError::NotFound(format!("no route {p}"))),
+        }
+    }
+
+    fn identity(&self, conn: &ConnInfo, headers: &HeaderMap) -> Option<String> {
+        if self.config.insecure {
+            headers
+                .get(INSECURE_IDENTITY_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        } else {
+            conn.identity.clone()
+        }
+    }
+
+    fn admin(&self, identity: Option<&str>) -> Result<(), ApiError> {
+        match identity {
+            None => Err(ApiError::Unauthorized("no client identity".into())),
+            Some(i) if self.config.admins.contains(i) => Ok(()),
+            Some(i) => Err(ApiError::Forbidden(format!("{i:?} is not an admin"))),
+        }
+    }
+
+    async fn read_json<T: DeserializeOwned, B>(&self, req: Request<B>) -> Result<T, ApiError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ct = ct.to_str().unwrap_or_default().to_ascii_lowercase();
+            if !ct.starts_with("application/json") {
+                return Err(ApiError::UnsupportedMediaType);
+            }
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+            return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+        }
+        let body = Limited::new(req.into_body(), MAX_BODY_BYTES);
+        let bytes = match tokio::time::timeout(self.config.request_timeout, body.collect()).await {
+            Err(_) => return Err(ApiError::Timeout),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return Err(ApiError::PayloadTooLarge(MAX_BODY_BYTES));
+                }
+                return Err(ApiError::BadRequest(format!("reading body: {e}")));
+            }
+            Ok(Ok(c)) => c.to_bytes(),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+    }
+
+    async fn register(
+        &self,
+        conn: &ConnInfo,
+        identity: Option<String>,
+        req: RegisterRequest,
+    ) -> Result<RegisterResponse, ApiError> {
+        let key = decode_key(&req.public_key)?;
+        let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        crate::ca::validate_name(&req.name).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "invalid name {:?}: use 1-64 characters from A-Z a-z 0-9 . _ -",
+                req.name
+            ))
+        })?;
+        if req.wg_listen_port == 0 {
+            return Err(ApiError::BadRequest("wg_listen_port must not be 0".into()));
+        }
+        check_endpoints(&req.endpoints)?;
+        if req.tags.len() > MAX_TAGS_PER_PEER {
+            return Err(ApiError::BadRequest(format!(
+                "more than {MAX_TAGS_PER_PEER} tags"
+            )));
+        }
+        let identity = match identity {
+            Some(i) => i,
+            None if self.config.insecure => req.name.clone(),
+            None => return Err(ApiError::Unauthorized("no client identity".into())),
+        };
+        {
+            let core = self.read();
+            core.registry
+                .policy()
+                .tag_ids(&req.tags)
+                .map_err(|e| ApiError::BadRequest(e.0))?;
+            if core.store.is_revoked(&key_b64) {
+                return Err(ApiError::Revoked);
+            }
+        }
+        // An external validation happens before taking the lock (it is a network call).
+        let external = match (&self.config.auth, &req.join_token) {
+            (Some(auth), Some(token)) => Some(
+                auth.validate(&AuthValidateRequest {
+                    token: token.clone(),
+                    identity: identity.clone(),
+                    requested_name: req.name.clone(),
+                    requested_tags: req.tags.clone(),
+                    public_key: key_b64.clone(),
+                })
+                .await,
+            ),
+            _ => None,
+        };
+        let now_ms = self.clock.now_ms();
+        let mut guard = self.write();
+        let core = &mut *guard;
+        if core.store.is_revoked(&key_b64) {
+            return Err(ApiError::Revoked);
+        }
+        let admission = core
+            .store
+            .admission(&key_b64)
+            .filter(|a| a.identity == identity)
+            .cloned();
+        // The token decides the tags; an admitted key may come back without a usable one.
+        let claims: Result<Claims, ApiError> = match (external, &req.join_token) {
+            (Some(result), _) => result.map(|(t, n)| (t, n, None)),
+            (None, Some(token)) => {
+                let hash = tokens::hash(token);
+                match core.store.token(&hash) {
+                    None => Err(ApiError::TokenInvalid),
+                    Some(rec) => tokens::check(rec, now_ms / 1000)
+                        .map(|()| (rec.tags.clone(), rec.name.clone(), Some(hash))),
+                }
+            }
+            (None, None) => Err(ApiError::Unauthorized(
+                "a join token is required for a key that was not admitted before".into(),
+            )),
+        };
+        let (tags, name, spend) = match (claims, admission) {
+            (Ok(c), _) => c,
+            (Err(_), Some(a)) => (a.tags, Some(a.display_name), None),
+            (Err(e), None) => return Err(e),
+        };
+        core.registry.policy().tag_ids(&tags).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "the join token grants a tag the policy lacks: {}",
+                e.0
+            ))
+        })?;
+        let display_name = name.unwrap_or_else(|| identity.clone());
+        let ula = ula::peer_ula(&key);
+        let id = ula::peer_id(&key);
+        if let Some(other) = core
+            .registry
+            .peer_by_identity(&identity)
+            .filter(|p| p.id != id && p.ula == ula)
+        {
+            return Err(ApiError::Conflict(format!(
+                "ULA {} already taken by peer {}",
+                ula, other.id
+            )));
+        }
+        let internal = |e: crate::store::StoreError| ApiError::Internal(e.to_string());
+        if let Some(hash) = spend {
+            core.store.use_token(&hash).map_err(internal)?;
+        }
+        core.store
+            .admit(
+                &key_b64,
+                Admission {
+                    identity: identity.clone(),
+                    display_name: display_name.clone(),
+                    tags: tags.clone(),
+                },
+            )
+            .map_err(internal)?;
+        let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
+        let rec = core.registry.upsert(
+            NewPeer {
+                key,
+                identity,
+                display_name: display_name.clone(),
+                tags: tags.clone(),
+                endpoints: req.endpoints,
+                wg_listen_port: req.wg_listen_port,
+                reflexive,
+            },
+            now_ms,
+        );
+        let class = rec.class;
+        let roster = core.registry.roster(&id);
+        Metrics::inc(&self.metrics.registrations);
+        Ok(RegisterResponse {
+            peer_id: id,
+            ula,
+            display_name,
+            tags,
+            may_host_apps: core.registry.visibility().may_host_apps(class),
+            reflexive_endpoint: reflexive,
+            heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
+            roster,
+        })
+    }
+
+    fn heartbeat(
+        &self,
+        conn: &ConnInfo,
+        identity: Option<String>,
+        req: HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ApiError> {
+        check_endpoints(&req.endpoints)?;
+        if req.hosted_app_ulas.len() > MAX_HOSTED_APPS {
+            return Err(ApiError::BadRequest(format!(
+                "more than {MAX_HOSTED_APPS} hosted apps"
+            )));
+        }
+        if let Some(bad) = req.hosted_app_ulas.iter().find(|a| !ula::is_app_ula(a)) {
+            return Err(ApiError::BadRequest(format!(
+                "{bad} is not an app ULA (fd5a:1f02::/32)"
+            )));
+        }
+        let mut apps: Vec<Ipv6Addr> = req.hosted_app_ulas;
+        apps.sort_unstable();
+        apps.dedup();
+        let now_ms = self.clock.now_ms();
+        let mut core = self.write();
+        let id = resolve_peer(&core.registry, identity.as_deref(), Some(&req.peer_id))?;
+        let class = core
+            .registry
+            .peer(&id)
+            .map(|p| p.class)
+            .ok_or(ApiError::NotRegistered)?;
+        if !apps.is_empty() && !core.registry.visibility().may_host_apps(class) {
+            return Err(ApiError::Forbidden(
+                "the policy does not let this peer host apps".into(),
+            ));
+        }
+        let reflexive = core
+            .registry
+            .heartbeat(
+                &id,
+                req.endpoints,
+                apps,
+                canonical_ip(conn.remote.ip()),
+                now_ms,
+            )
+            .ok_or(ApiError::NotRegistered)?;
+        Metrics::inc(&self.metrics.heartbeats);
+        Ok(HeartbeatResponse {
+            heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
+            reflexive_endpoint: reflexive,
+        })
+    }
+
+    fn stream<B>(
+        self: &Arc<Self>,
+        identity: Option<String>,
+        req: Request<B>,
+    ) -> Result<Response<ResponseBody>, ApiError> {
+        let last_event_id = req
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let (sub, initial, rx) = {
+            let core = self.read();
+            let reg = &core.registry;
+            let id = resolve_peer(reg, identity.as_deref(), query_peer_id(req.uri()))?;
+            let class = reg
+                .peer(&id)
+                .map(|p| p.class)
+                .ok_or(ApiError::NotRegistered)?;
+            let rx = reg.subscribe();
+            let mut sub = Subscriber {
+                peer_id: id.clone(),
+                class,
+                last_id: 0,
+            };
+            let resumed = last_event_id.and_then(|last| {
+                let replay = reg.replay_since(last)?;
+                let mut probe = Subscriber {
+                    last_id: last,
+                    ..sub.clone()
+                };
+                let mut frames = vec![Bytes::from_static(b": resumed\n\n")];
+                for d in &replay {
+                    match probe.step(d) {
+                        sse::Step::Send(b) => frames.push(b),
+                        sse::Step::Skip => {}
+                        // The peer itself changed meanwhile: start over with a snapshot.
+                        sse::Step::Resync | sse::Step::Close => return None,
+                    }
+                }
+                probe.last_id = reg.last_event_id();
+                Some((probe, frames))
+            });
+            let initial = match resumed {
+                Some((probe, frames)) => {
+                    sub = probe;
+                    frames
+                }
+                None => {
+                    sub.last_id = reg.last_event_id();
+                    vec![reg.snapshot_frame(&id)]
+                }
+            };
+            (sub, initial, rx)
+        };
+        let (tx, body_rx) = mpsc::channel(64);
+        let weak = Arc::downgrade(self);
+        let resync: Arc<Resync> = Arc::new(move |peer: &str| {
+            let c = weak.upgrade()?;
+            let core = c.read();
+            let class = core.registry.peer(peer)?.class;
+            Some((
+                core.registry.snapshot_frame(peer),
+                core.registry.last_event_id(),
+                class,
+            ))
+        });
+        let cfg = self.config.stream;
+        let me = self.clone();
+        Metrics::inc(&self.metrics.streams_open);
+        tokio::spawn(async move {
+            sse::run_stream(sub, initial, rx, tx, cfg, resync).await;
+            me.metrics
+                .streams_open
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(ChannelBody::new(body_rx).boxed())
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn put_policy(&self, doc: PolicyDocument) -> Result<PolicyResponse, ApiError> {
+        let policy =
+            Policy::compile(doc.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut core = self.write();
+        let revision = core.registry.revision() + 1;
+        let file_hash = core
+            .store
+            .policy()
+            .map(|p| p.file_hash.clone())
+            .unwrap_or_else(|| self.config.policy_file_hash.clone());
+        core.store
+            .set_policy(StoredPolicy {
+                revision,
+                file_hash,
+                document: doc.clone(),
+            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        core.registry.set_policy(Arc::new(policy), revision);
+        Metrics::inc(&self.metrics.policy_changes);
+        tracing::info!(revision, "policy replaced");
+        Ok(PolicyResponse {
+            revision,
+            policy: doc,
+        })
+    }
+
+    fn mint_token(&self, req: TokenRequest) -> Result<TokenResponse, ApiError> {
+        if req.ttl_secs == 0 || req.ttl_secs > tokens::MAX_TTL_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "ttl_secs must be 1..={}",
+                tokens::MAX_TTL_SECS
+            )));
+        }
+        if req.tags.len() > MAX_TAGS_PER_PEER {
+            return Err(ApiError::BadRequest(format!(
+                "more than {MAX_TAGS_PER_PEER} tags"
+            )));
+        }
+        if let Some(n) = &req.name {
+            crate::ca::validate_name(n).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        }
+        let mut core = self.write();
+        core.registry
+            .policy()
+            .tag_ids(&req.tags)
+            .map_err(|e| ApiError::BadRequest(e.0))?;
+        let (token, hash) = tokens::generate();
+        let expires_at = self.clock.now_ms() / 1000 + req.ttl_secs;
+        let mut tags = req.tags;
+        tags.sort();
+        tags.dedup();
+        core.store
+            .put_token(
+                hash.clone(),
+                TokenRecord {
+                    tags: tags.clone(),
+                    name: req.name.clone(),
+                    expires_at,
+                    max_uses: req.max_uses,
+                    uses: 0,
+                },
+            )
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Metrics::inc(&self.metrics.tokens_minted);
+        Ok(TokenResponse {
+            token,
+            token_id: tokens::id_of(&hash),
+            tags,
+            name: req.name,
+            expires_at,
+            max_uses: req.max_uses,
+        })
+    }
+
+    fn revoke(&self, peer_id: &str) -> Result<RevokeResponse, ApiError> {
+        let mut core = self.write();
+        let key = match core.registry.peer(peer_id) {
+            Some(p) => Some(p.key_b64.clone()),
+            None => core.store.admitted_key_of(peer_id),
+        };
+        let key = key.ok_or_else(|| ApiError::NotFound(format!("no peer {peer_id:?}")))?;
+        let at = self.clock.now_ms() / 1000;
+        core.store
+            .revoke(&key, peer_id, at)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        core.registry.remove(peer_id, "revoked");
+        Metrics::inc(&self.metrics.revocations);
+        tracing::info!(peer_id, "peer revoked");
+        Ok(RevokeResponse {
+            peer_id: peer_id.to_owned(),
+            revoked: true,
+        })
+    }
+
+    fn readmit(&self, peer_id: &str) -> Result<RevokeResponse, ApiError> {
+        let mut core = self.write();
+        let key = core
+            .store
+            .revocations()
+            .iter()
+            .find(|(_, r)| r.peer_id == peer_id)
+            .map(|(k, _)| k.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("peer {peer_id:?} is not revoked")))?;
+        core.store
+            .unrevoke(&key)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(RevokeResponse {
+            peer_id: peer_id.to_owned(),
+            revoked: false,
+        })
+    }
+}
+
+/// Accepts connections until the listener fails; each connection is served on its own
+/// task. With `tls`, a client that does not complete the mTLS handshake is dropped.
+pub async fn serve(
+    coord: Arc<Coordinator>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let coord = coord.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                Some(acceptor) => {
+                    let timeout = coord.config.request_timeout;
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            Metrics::inc(&coord.metrics.tls_failures);
+                            tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            Metrics::inc(&coord.metrics.tls_failures);
+                            return;
+                        }
+                    };
+                    let identity = crate::tls::common_name(stream.get_ref().1.peer_certificates());
+                    serve_conn(coord, TokioIo::new(stream), ConnInfo { remote, identity }).await;
+                }
+                None => {
+                    serve_conn(
+                        coord,
+                        TokioIo::new(tcp),
+                        ConnInfo {
+                            remote,
+                            identity: None,
+                        },
+                    )
+                    .await
+                }
+            }
+        });
+    }
+}
+
+async fn serve_conn<I>(coord: Arc<Coordinator>, io: I, conn: ConnInfo)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = Arc::new(conn);
+    let timeout = coord.config.request_timeout;
+    let service = service_fn(move |req| {
+        let coord = coord.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(coord.handle(&conn, req).await) }
+    });
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+fn known_path(p: &str) -> bool {
+    matches!(
+        p,
+        "/health"
+            | "/metrics"
+            | "/openapi.json"
+            | PATH_REGISTER
+            | PATH_HEARTBEAT
+            | PATH_PEERS
+            | PATH_PEERS_STREAM
+            | PATH_POLICY
+            | PATH_TOKENS
+            | PATH_REVOCATIONS
+    ) || p.starts_with("/v1/mesh/peers/")
+        || p.starts_with("/v1/revocations/")
+}
+
+fn query_peer_id(uri: &http::Uri) -> Option<&str> {
+    uri.query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("peer_id="))
+}
+
+/// The caller's peer id: by identity when there is one (and `claimed` must agree), else
+/// (mTLS off, no identity header) the claimed id.
+fn resolve_peer(
+    reg: &Registry,
+    identity: Option<&str>,
+    claimed: Option<&str>,
+) -> Result<String, ApiError> {
+    match identity {
+        Some(i) => {
+            let p = reg.peer_by_identity(i).ok_or(ApiError::NotRegistered)?;
+            match claimed {
+                Some(c) if c != p.id => Err(ApiError::Forbidden(format!(
+                    "peer {c:?} does not belong to identity {i:?}"
+                ))),
+                _ => Ok(p.id.clone()),
+            }
+        }
+        None => match claimed {
+            Some(c) if reg.peer(c).is_some() => Ok(c.to_owned()),
+            Some(_) => Err(ApiError::NotRegistered),
+            None => Err(ApiError::Unauthorized("no client identity".into())),
+        },
+    }
+}
+
+fn decode_key(b64: &str) -> Result<[u8; 32], ApiError> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::BadRequest(format!("public_key is not base64: {e}")))?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        ApiError::BadRequest(format!("public_key must be 32 bytes, got {}", bytes.len()))
+    })
+}
+
+fn check_endpoints(eps: &[SocketAddr]) -> Result<(), ApiError> {
+    if eps.len() > MAX_ENDPOINTS {
+        return Err(ApiError::BadRequest(format!(
+            "more than {MAX_ENDPOINTS} endpoints"
+        )));
+    }
+    if let Some(bad) = eps
+        .iter()
+        .find(|e| e.port() == 0 || e.ip().is_unspecified() || e.ip().is_multicast())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "endpoint {bad} is not usable"
+        )));
+    }
+    Ok(())
+}
+
+/// IPv4-mapped IPv6 source addresses (dual-stack listeners) as plain IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn json_response<T: Serialize + ?Sized>(status: StatusCode, v: &T) -> Response<ResponseBody> {
+    let body = serde_json::to_vec(v).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(body)).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn text_response(content_type: &'static str, text: String) -> Response<ResponseBody> {
+    let mut r = Response::new(Full::new(Bytes::from(text)).boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// Lets `route` hand any serializable answer to one `ok` helper.
+mod erased {
+    use super::*;
+
+    pub(super) trait Json {
+        fn respond(&self, status: StatusCode) -> Response<ResponseBody>;
+    }
+
+    impl<T: Serialize> Json for T {
+        fn respond(&self, status: StatusCode) -> Response<ResponseBody> {
+            json_response(status, self)
+        }
+    }
+}
+
+/// Re-export for the binary: the ALPN-configured acceptor for a server config.
+pub fn acceptor(cfg: Arc<rustls::ServerConfig>) -> tokio_rustls::TlsAcceptor {
+    tokio_rustls::TlsAcceptor::from(cfg)
+}
