@@ -292,4 +292,75 @@ mod tests {
         assert_eq!(s.step(&t), Step::Send(Bytes::from_static(b"13")));
         assert_eq!(s.last_id, 9);
     }
+
+    fn cfg(write_ms: u64) -> StreamConfig {
+        StreamConfig {
+            keepalive: Duration::from_secs(3600),
+            write_timeout: Duration::from_millis(write_ms),
+        }
+    }
+
+    fn resync_to(frame: &'static [u8], id: u64) -> Arc<Resync> {
+        Arc::new(move |_: &str| Some((Bytes::from_static(frame), id, 0)))
+    }
+
+    #[tokio::test]
+    async fn a_lagging_stream_is_resynced_with_a_snapshot() {
+        let (btx, brx) = broadcast::channel(2);
+        for id in 1..=10 {
+            btx.send(Arc::new(by_class(id, "x", vec![Some("ev")])))
+                .unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let sub = Subscriber {
+            peer_id: "me".into(),
+            class: 0,
+            last_id: 0,
+        };
+        let task = tokio::spawn(run_stream(
+            sub,
+            vec![],
+            brx,
+            tx,
+            cfg(1000),
+            resync_to(b"snapshot", 10),
+        ));
+        // The receiver lost events 1..=8: it gets a snapshot at id 10, and the still
+        // buffered events 9 and 10 are already covered by it.
+        assert_eq!(rx.recv().await.unwrap(), Bytes::from_static(b"snapshot"));
+        btx.send(Arc::new(by_class(11, "x", vec![Some("new")])))
+            .unwrap();
+        assert_eq!(rx.recv().await.unwrap(), Bytes::from_static(b"new"));
+        drop(btx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_disconnected() {
+        let (btx, brx) = broadcast::channel(64);
+        let (tx, rx) = mpsc::channel(1);
+        let sub = Subscriber {
+            peer_id: "me".into(),
+            class: 0,
+            last_id: 0,
+        };
+        let task = tokio::spawn(run_stream(
+            sub,
+            vec![Bytes::from_static(b"snapshot")],
+            brx,
+            tx,
+            cfg(50),
+            resync_to(b"snapshot", 0),
+        ));
+        for id in 1..=3 {
+            btx.send(Arc::new(by_class(id, "x", vec![Some("ev")])))
+                .unwrap();
+        }
+        // Nobody reads `rx`: the stream gives up after the write timeout, on its own.
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stream task did not end")
+            .unwrap();
+        drop(rx);
+    }
 }
