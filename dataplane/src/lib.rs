@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod core;
+pub mod device;
 pub mod driver;
 pub mod sys;
 pub mod uapi;

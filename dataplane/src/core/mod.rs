@@ -1,10 +1,18 @@
 //! Sans-IO core: plain functions and state machines over caller-owned byte slices.
 //!
-//! Nothing here opens a socket, spawns a thread or reads the clock: callers pass `now`
-//! and buffers in, and get back what to send or write.
+//! Nothing here opens a socket, spawns a thread or reads the clock: callers pass buffers
+//! in, and get back what to send or write. (boringtun's `Tunn` reads the clock inside
+//! `update_timers`; only the timer thread calls it.)
 #![forbid(unsafe_code)]
 
+pub mod batch;
+pub mod counters;
 pub mod gso;
 pub mod net;
+pub mod peer;
+pub mod pipeline;
 pub mod route;
+pub mod rxsink;
+pub mod table;
+pub mod tunbatch;
 pub mod wire;

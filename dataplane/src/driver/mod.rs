@@ -1,1 +1,206 @@
 //! Drivers: the loops that move packet batches between the kernel (`sys`) and the `core`.
+//!
+//! [`start`] spawns one worker thread per queue, pinned to its own core, each owning one
+//! TUN queue fd and one `SO_REUSEPORT` UDP socket, plus the timer thread. Workers run the
+//! io_uring driver ([`uring`]) unless it is unavailable or `--driver epoll` asks for the
+//! portable one ([`epoll`]); both run the same [`crate::core::pipeline::Pipeline`].
+
+pub mod epoll;
+pub mod timers;
+pub mod uring;
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crate::core::counters::DropCounters;
+use crate::core::table::Table;
+use crate::sys::tun::{Offloads, Tun};
+use crate::sys::udp::{self, UdpFeatures};
+
+/// Which loop drives the workers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DriverKind {
+    /// io_uring: batched submissions, one ring per worker.
+    Uring,
+    /// epoll via mio: the portable fallback.
+    Epoll,
+}
+
+impl fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Uring => "io_uring",
+            Self::Epoll => "epoll",
+        })
+    }
+}
+
+/// What every worker of a device shares (all read-only or atomic).
+#[derive(Clone)]
+pub struct Shared {
+    /// The peer/route table.
+    pub table: Arc<Table>,
+    /// Drop counters.
+    pub counters: Arc<DropCounters>,
+    /// Set to stop every thread.
+    pub stop: Arc<AtomicBool>,
+    /// TUN reads/writes carry a virtio header.
+    pub vnet: bool,
+    /// UDP features in force.
+    pub udp: UdpFeatures,
+}
+
+/// One worker's own fds and core.
+pub struct WorkerSpec {
+    /// Worker number.
+    pub id: usize,
+    /// Its TUN queue.
+    pub tun: OwnedFd,
+    /// Its UDP socket.
+    pub udp: OwnedFd,
+    /// The core to pin to.
+    pub core: Option<core_affinity::CoreId>,
+}
+
+/// How to start the engine.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Interface name.
+    pub interface: String,
+    /// Worker threads (0 = one per available core).
+    pub threads: usize,
+    /// Forced driver, or `None` to try io_uring first.
+    pub driver: Option<DriverKind>,
+    /// Ask for TUN and UDP offloads.
+    pub offloads: bool,
+    /// UDP listen port (0 = pick one).
+    pub listen_port: u16,
+}
+
+/// What the engine ended up with.
+#[derive(Clone, Debug)]
+pub struct EngineInfo {
+    /// Driver in use.
+    pub driver: DriverKind,
+    /// Worker threads.
+    pub threads: usize,
+    /// TUN offloads accepted.
+    pub tun: Offloads,
+    /// UDP features.
+    pub udp: UdpFeatures,
+    /// Bound UDP port.
+    pub listen_port: u16,
+}
+
+/// A running engine: worker threads and the timer thread.
+pub struct Engine {
+    /// What is in force.
+    pub info: EngineInfo,
+    /// Shared state (table, counters, stop flag).
+    pub shared: Shared,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Opens the TUN and sockets and starts every thread.
+    pub fn start(opts: &EngineOptions, table: Arc<Table>) -> io::Result<Self> {
+        // Read the affinity mask before any pinning: it is the calling thread's own.
+        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let threads = if opts.threads == 0 {
+            cores.len().max(1)
+        } else {
+            opts.threads
+        };
+        let tun = Tun::open(&opts.interface, threads, opts.offloads)?;
+        let tun_offloads = tun.offloads();
+        let (socks, port, udp_features) =
+            udp::open_reuseport(opts.listen_port, threads, opts.offloads)?;
+        table.set_listen_port(port);
+        let driver = match opts.driver {
+            Some(d) => d,
+            None => {
+                if uring::available() {
+                    DriverKind::Uring
+                } else {
+                    DriverKind::Epoll
+                }
+            }
+        };
+        if driver == DriverKind::Uring && !uring::available() {
+            return Err(io::Error::other(
+                "io_uring is not available here (seccomp or kernel.io_uring_disabled); use --driver epoll",
+            ));
+        }
+        let shared = Shared {
+            table: table.clone(),
+            counters: Arc::new(DropCounters::default()),
+            stop: Arc::new(AtomicBool::new(false)),
+            vnet: tun_offloads.vnet_hdr,
+            udp: udp_features,
+        };
+        let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
+        let mut handles = Vec::new();
+        for (id, (tunq, sock)) in tun.into_queues().into_iter().zip(socks).enumerate() {
+            let spec = WorkerSpec {
+                id,
+                tun: tunq,
+                udp: sock,
+                core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+            };
+            let sh = shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("tabbify-w{id}"))
+                .spawn(move || {
+                    if let Some(c) = spec.core {
+                        core_affinity::set_for_current(c);
+                    }
+                    let id = spec.id;
+                    let r = match driver {
+                        DriverKind::Uring => uring::run(spec, sh.clone()),
+                        DriverKind::Epoll => epoll::run(spec, sh.clone()),
+                    };
+                    if let Err(e) = r {
+                        tracing::error!(worker = id, error = %e, "worker stopped");
+                        sh.stop.store(true, Ordering::Relaxed);
+                    }
+                })?;
+            handles.push(h);
+        }
+        let sh = shared.clone();
+        handles.push(
+            std::thread::Builder::new()
+                .name("tabbify-timers".into())
+                .spawn(move || {
+                    timers::run(sh.table, timer_sock, sh.udp.ipv6, sh.counters, sh.stop)
+                })?,
+        );
+        Ok(Self {
+            info: EngineInfo {
+                driver,
+                threads,
+                tun: tun_offloads,
+                udp: udp_features,
+                listen_port: port,
+            },
+            shared,
+            threads: handles,
+        })
+    }
+
+    /// Whether a worker stopped on its own (a fatal error).
+    pub fn failed(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
+    }
+
+    /// Stops every thread and waits for them; the TUN goes away with the last queue fd.
+    pub fn stop(self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for h in self.threads {
+            let _ = h.join();
+        }
+    }
+}

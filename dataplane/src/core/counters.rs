@@ -1,0 +1,147 @@
+//! Drop counters by reason: every packet the data plane refuses is counted here, never
+//! panicked on. Device-wide relaxed atomics: drops are the rare path, and a counter is
+//! touched only when a packet is dropped.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use boringtun::noise::errors::WireGuardError;
+
+/// Why a packet was dropped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// A TUN read that is not a valid IPv4/IPv6 packet (or a bad virtio header).
+    MalformedInner,
+    /// No peer's AllowedIPs cover the inner destination.
+    NoRoute,
+    /// The peer has no endpoint yet.
+    NoEndpoint,
+    /// A datagram that is not a well-formed WireGuard message.
+    MalformedOuter,
+    /// A receiver index that names no peer of ours.
+    UnknownIndex,
+    /// A handshake initiation from a key we do not know.
+    UnknownKey,
+    /// Authentication failed (AEAD tag, MAC, wrong key or timestamp).
+    Auth,
+    /// A replayed or too-old counter.
+    Replay,
+    /// Under load and without a valid cookie.
+    RateLimited,
+    /// Any other protocol state error (no session, unexpected message, expired).
+    Protocol,
+    /// Decrypted inner source is outside the sending peer's AllowedIPs.
+    SourceNotAllowed,
+    /// The decrypted payload is not a valid IP packet.
+    MalformedDecrypted,
+    /// The kernel refused a send or a TUN write.
+    Io,
+    /// A batch buffer ran out of room.
+    NoBuffer,
+    /// The packet filter refused the packet.
+    Filtered,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 15] = [
+        Self::MalformedInner,
+        Self::NoRoute,
+        Self::NoEndpoint,
+        Self::MalformedOuter,
+        Self::UnknownIndex,
+        Self::UnknownKey,
+        Self::Auth,
+        Self::Replay,
+        Self::RateLimited,
+        Self::Protocol,
+        Self::SourceNotAllowed,
+        Self::MalformedDecrypted,
+        Self::Io,
+        Self::NoBuffer,
+        Self::Filtered,
+    ];
+
+    /// A stable snake_case name for logs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MalformedInner => "malformed_inner",
+            Self::NoRoute => "no_route",
+            Self::NoEndpoint => "no_endpoint",
+            Self::MalformedOuter => "malformed_outer",
+            Self::UnknownIndex => "unknown_index",
+            Self::UnknownKey => "unknown_key",
+            Self::Auth => "auth",
+            Self::Replay => "replay",
+            Self::RateLimited => "rate_limited",
+            Self::Protocol => "protocol",
+            Self::SourceNotAllowed => "source_not_allowed",
+            Self::MalformedDecrypted => "malformed_decrypted",
+            Self::Io => "io",
+            Self::NoBuffer => "no_buffer",
+            Self::Filtered => "filtered",
+        }
+    }
+
+    /// The reason a boringtun error stands for.
+    pub fn from_wg(e: &WireGuardError) -> Self {
+        use WireGuardError as E;
+        match e {
+            E::InvalidAeadTag | E::InvalidMac | E::WrongKey | E::InvalidTai64nTimestamp => {
+                Self::Auth
+            }
+            E::WrongTai64nTimestamp | E::DuplicateCounter | E::InvalidCounter => Self::Replay,
+            E::UnderLoad => Self::RateLimited,
+            E::WrongIndex => Self::UnknownIndex,
+            E::IncorrectPacketLength | E::InvalidPacket | E::WrongPacketType => {
+                Self::MalformedOuter
+            }
+            _ => Self::Protocol,
+        }
+    }
+}
+
+/// Device-wide drop counters.
+#[derive(Debug, Default)]
+pub struct DropCounters {
+    counts: [AtomicU64; 15],
+}
+
+impl DropCounters {
+    /// Counts one drop.
+    #[inline]
+    pub fn add(&self, reason: DropReason) {
+        self.counts[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count for one reason.
+    pub fn get(&self, reason: DropReason) -> u64 {
+        self.counts[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every non-zero (reason, count), for logs and metrics.
+    pub fn nonzero(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.get(*r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
+    /// Sum over every reason.
+    pub fn total(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_is_in_counter_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+}

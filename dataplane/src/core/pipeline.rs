@@ -1,0 +1,409 @@
+//! The per-worker packet pipeline: what happens to one batch of TUN reads and UDP receives.
+//!
+//! ```text
+//! outbound: TUN read ─▶ [virtio hdr: split TSO/USO super-packet, complete checksums]
+//!           ─▶ route lookup (inner dst → peer, once per super-packet) ─▶ lock peer once
+//!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
+//!           ─▶ driver: one GSO sendmsg per slot
+//! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
+//!           receiver index (lock peer once per run of datagrams) ─▶ Tunn::decapsulate
+//!           ─▶ allowed-source check ─▶ TUN sink (GRO coalescer or plain batch)
+//!           ─▶ driver: one TUN write per (coalesced) packet
+//! ```
+//!
+//! Ownership: a `Pipeline` belongs to one worker thread; its scratch buffers are
+//! preallocated. It reads the table through a snapshot the driver loads once per batch.
+//! Nothing here allocates per packet except boringtun's own queue of packets waiting for a
+//! handshake.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, MutexGuard};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+
+use crate::core::batch::{Full, TxBatch};
+use crate::core::counters::{DropCounters, DropReason};
+use crate::core::peer::{Peer, PeerState};
+use crate::core::table::Snapshot;
+use crate::core::{gso, wire};
+
+/// Where decrypted inner packets go (the GRO coalescer or a plain batch).
+pub trait TunSink {
+    /// Takes one decrypted IP packet; false if there is no room (the packet is dropped).
+    fn push(&mut self, pkt: &[u8]) -> bool;
+}
+
+/// Room every encapsulation gets: the packet plus WireGuard's 32 bytes, at least a
+/// handshake initiation (boringtun panics on less).
+#[inline]
+fn need(len: usize) -> usize {
+    (len + 32).max(148)
+}
+
+/// One worker's pipeline state.
+pub struct Pipeline {
+    counters: Arc<DropCounters>,
+    /// Encrypted datagrams waiting to be sent.
+    pub tx: TxBatch,
+    vnet: bool,
+    seg: Box<[u8]>,
+    dec: Box<[u8]>,
+}
+
+impl Pipeline {
+    /// A pipeline whose TUN reads carry a virtio header iff `vnet`, sending with GSO iff `gso`.
+    pub fn new(counters: Arc<DropCounters>, vnet: bool, gso: bool, tx_slots: usize) -> Self {
+        Self {
+            counters,
+            tx: TxBatch::new(tx_slots, gso),
+            vnet,
+            seg: vec![0u8; 65_536].into_boxed_slice(),
+            dec: vec![0u8; 65_536].into_boxed_slice(),
+        }
+    }
+
+    /// The shared drop counters.
+    pub fn counters(&self) -> &DropCounters {
+        &self.counters
+    }
+
+    #[inline]
+    fn drop(&self, r: DropReason) {
+        self.counters.add(r);
+    }
+
+    /// Handles one TUN read (with its virtio header when the TUN has one). The buffer is
+    /// mutable because checksums are completed in place.
+    pub fn on_tun(&mut self, snap: &Snapshot, buf: &mut [u8]) -> Result<(), Full> {
+        let (hdr, pkt) = if self.vnet {
+            if buf.len() < gso::VNET_HDR_LEN {
+                self.drop(DropReason::MalformedInner);
+                return Ok(());
+            }
+            let (h, p) = buf.split_at_mut(gso::VNET_HDR_LEN);
+            match gso::VirtioNetHdr::parse(h) {
+                Ok(h) => (Some(h), p),
+                Err(_) => {
+                    self.drop(DropReason::MalformedInner);
+                    return Ok(());
+                }
+            }
+        } else {
+            (None, buf)
+        };
+        let Some(dst) = wire::peek_dst(pkt) else {
+            self.drop(DropReason::MalformedInner);
+            return Ok(());
+        };
+        let Some(peer) = snap.route(dst) else {
+            self.drop(DropReason::NoRoute);
+            return Ok(());
+        };
+        let mut st = peer.lock();
+        let Some(endpoint) = st.endpoint else {
+            drop(st);
+            self.drop(DropReason::NoEndpoint);
+            return Ok(());
+        };
+        let mut sent = 0usize;
+        let counters = &self.counters;
+        let tx = &mut self.tx;
+        let result = match hdr {
+            Some(h) if h.is_gso() => {
+                let mut full = false;
+                let r = gso::split(&h, pkt, &mut self.seg, |seg| {
+                    match encapsulate(&mut st.tunn, seg, endpoint, tx, counters) {
+                        Ok(n) => {
+                            sent += n;
+                            std::ops::ControlFlow::Continue(())
+                        }
+                        Err(Full) => {
+                            full = true;
+                            std::ops::ControlFlow::Break(())
+                        }
+                    }
+                });
+                if r.is_err() {
+                    counters.add(DropReason::MalformedInner);
+                }
+                if full {
+                    Err(Full)
+                } else {
+                    Ok(())
+                }
+            }
+            Some(h) => {
+                if h.flags & gso::flags::NEEDS_CSUM != 0 && gso::complete_checksum(&h, pkt).is_err()
+                {
+                    counters.add(DropReason::MalformedInner);
+                    return Ok(());
+                }
+                encapsulate(&mut st.tunn, pkt, endpoint, tx, counters).map(|n| sent += n)
+            }
+            None => encapsulate(&mut st.tunn, pkt, endpoint, tx, counters).map(|n| sent += n),
+        };
+        drop(st);
+        peer.stats.add_tx(sent);
+        result
+    }
+
+    /// Handles one UDP receive: `buf` holds one datagram, or with GRO several datagrams of
+    /// `segment` bytes each (the last may be shorter).
+    pub fn on_udp(
+        &mut self,
+        snap: &Snapshot,
+        src: SocketAddr,
+        buf: &[u8],
+        segment: Option<u16>,
+        sink: &mut impl TunSink,
+    ) -> Result<(), Full> {
+        let seg = match segment {
+            Some(s) if s > 0 => usize::from(s),
+            _ => buf.len().max(1),
+        };
+        // Consecutive data datagrams for one peer share one lock acquisition.
+        let mut cur: Option<(&Peer, MutexGuard<'_, PeerState>)> = None;
+        let mut rx = 0usize;
+        let mut result = Ok(());
+        for d in buf.chunks(seg) {
+            let Some(msg) = wire::WgMessage::new_checked(d).ok() else {
+                self.drop(DropReason::MalformedOuter);
+                continue;
+            };
+            if msg.message_type() != wire::MessageType::Data {
+                if let Some((p, g)) = cur.take() {
+                    drop(g);
+                    p.stats.add_rx(std::mem::take(&mut rx));
+                }
+                if let Err(e) = self.on_handshake(snap, src, d, msg.message_type()) {
+                    result = Err(e);
+                }
+                continue;
+            }
+            let Some(ridx) = msg.receiver_index() else {
+                self.drop(DropReason::MalformedOuter);
+                continue;
+            };
+            let same = matches!(&cur, Some((p, _)) if p.index == ridx >> 8);
+            if !same {
+                if let Some((p, g)) = cur.take() {
+                    drop(g);
+                    p.stats.add_rx(std::mem::take(&mut rx));
+                }
+                let Some(p) = snap.by_receiver(ridx) else {
+                    self.drop(DropReason::UnknownIndex);
+                    continue;
+                };
+                cur = Some((p, p.lock()));
+            }
+            let Some((peer, st)) = cur.as_mut() else {
+                continue;
+            };
+            match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+                TunnResult::WriteToTunnelV4(p, a) => {
+                    let ok = deliver(snap, peer, IpAddr::V4(a), p, sink, &self.counters);
+                    if ok {
+                        rx += d.len();
+                        if st.endpoint != Some(src) {
+                            st.endpoint = Some(src);
+                        }
+                    }
+                }
+                TunnResult::WriteToTunnelV6(p, a) => {
+                    let ok = deliver(snap, peer, IpAddr::V6(a), p, sink, &self.counters);
+                    if ok {
+                        rx += d.len();
+                        if st.endpoint != Some(src) {
+                            st.endpoint = Some(src);
+                        }
+                    }
+                }
+                TunnResult::Done => {
+                    // A keepalive: authenticated, so it also updates the endpoint.
+                    rx += d.len();
+                    st.endpoint = Some(src);
+                }
+                TunnResult::WriteToNetwork(p) => {
+                    let n = p.len();
+                    if push_copy(&mut self.tx, src, p).is_err() {
+                        result = Err(Full);
+                    }
+                    let _ = n;
+                }
+                TunnResult::Err(e) => self.counters.add(DropReason::from_wg(&e)),
+            }
+        }
+        if let Some((p, g)) = cur.take() {
+            drop(g);
+            p.stats.add_rx(rx);
+        }
+        result
+    }
+
+    /// Handshake initiation, response or cookie reply.
+    fn on_handshake(
+        &mut self,
+        snap: &Snapshot,
+        src: SocketAddr,
+        d: &[u8],
+        ty: wire::MessageType,
+    ) -> Result<(), Full> {
+        use wire::MessageType as T;
+        let peer = match ty {
+            T::HandshakeInit => {
+                // MAC1 and load check before the expensive Diffie-Hellman (whitepaper §5.3).
+                let mut cookie = [0u8; 64];
+                let packet = match snap.limiter.verify_packet(Some(src.ip()), d, &mut cookie) {
+                    Ok(p) => p,
+                    Err(TunnResult::WriteToNetwork(c)) => {
+                        self.drop(DropReason::RateLimited);
+                        return push_copy(&mut self.tx, src, c);
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        self.drop(DropReason::from_wg(&e));
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        self.drop(DropReason::Protocol);
+                        return Ok(());
+                    }
+                };
+                let Packet::HandshakeInit(init) = packet else {
+                    self.drop(DropReason::MalformedOuter);
+                    return Ok(());
+                };
+                let half = match parse_handshake_anon(&snap.private_key, &snap.public_key, &init) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        self.drop(DropReason::from_wg(&e));
+                        return Ok(());
+                    }
+                };
+                match snap.by_key(&half.peer_static_public) {
+                    Some(p) => p,
+                    None => {
+                        self.drop(DropReason::UnknownKey);
+                        return Ok(());
+                    }
+                }
+            }
+            T::HandshakeResp | T::CookieReply => {
+                let idx = match wire::WgMessage::new_checked(d) {
+                    Ok(m) => m.receiver_index().unwrap_or(0),
+                    Err(_) => {
+                        self.drop(DropReason::MalformedOuter);
+                        return Ok(());
+                    }
+                };
+                match snap.by_receiver(idx) {
+                    Some(p) => p,
+                    None => {
+                        self.drop(DropReason::UnknownIndex);
+                        return Ok(());
+                    }
+                }
+            }
+            T::Data => return Ok(()),
+        };
+        let mut st = peer.lock();
+        let mut result = Ok(());
+        match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+            TunnResult::WriteToNetwork(p) => {
+                st.endpoint = Some(src);
+                result = push_copy(&mut self.tx, src, p);
+            }
+            TunnResult::Done if ty != T::CookieReply => st.endpoint = Some(src),
+            TunnResult::Done => {}
+            TunnResult::Err(e) => {
+                self.drop(DropReason::from_wg(&e));
+                return Ok(());
+            }
+            _ => {}
+        }
+        peer.stats.add_rx(d.len());
+        // A completed handshake releases packets boringtun queued while it had no session.
+        let endpoint = st.endpoint.unwrap_or(src);
+        loop {
+            let tx = &mut self.tx;
+            let counters = &self.counters;
+            let mut again = false;
+            let r = tx.push(endpoint, 65_536 - 1, |buf| {
+                match st.tunn.decapsulate(None, &[], buf) {
+                    TunnResult::WriteToNetwork(p) => {
+                        again = true;
+                        p.len()
+                    }
+                    TunnResult::Err(e) => {
+                        counters.add(DropReason::from_wg(&e));
+                        0
+                    }
+                    _ => 0,
+                }
+            });
+            if r.is_err() {
+                result = Err(Full);
+                break;
+            }
+            if !again {
+                break;
+            }
+        }
+        result
+    }
+}
+
+/// Encrypts one inner packet for `endpoint` into the batch; returns ciphertext bytes queued.
+#[inline]
+fn encapsulate(
+    tunn: &mut Tunn,
+    pkt: &[u8],
+    endpoint: SocketAddr,
+    tx: &mut TxBatch,
+    counters: &DropCounters,
+) -> Result<usize, Full> {
+    let mut n = 0;
+    tx.push(endpoint, need(pkt.len()), |buf| {
+        match tunn.encapsulate(pkt, buf) {
+            TunnResult::WriteToNetwork(p) => {
+                n = p.len();
+                n
+            }
+            TunnResult::Err(e) => {
+                counters.add(DropReason::from_wg(&e));
+                0
+            }
+            _ => 0,
+        }
+    })?;
+    Ok(n)
+}
+
+fn push_copy(tx: &mut TxBatch, dst: SocketAddr, p: &[u8]) -> Result<(), Full> {
+    let n = p.len();
+    tx.push(dst, need(n), |buf| {
+        buf[..n].copy_from_slice(p);
+        n
+    })
+}
+
+/// Cryptokey routing on receive: the inner source must be one of the sending peer's
+/// AllowedIPs (boringtun does not check this).
+#[inline]
+fn deliver(
+    snap: &Snapshot,
+    peer: &Peer,
+    src: IpAddr,
+    pkt: &[u8],
+    sink: &mut impl TunSink,
+    counters: &DropCounters,
+) -> bool {
+    if !snap.allows_source(peer, src) {
+        counters.add(DropReason::SourceNotAllowed);
+        return false;
+    }
+    if !sink.push(pkt) {
+        counters.add(DropReason::NoBuffer);
+    }
+    true
+}

@@ -1,0 +1,313 @@
+//! The peer/route table: what the hot path looks up, published as immutable snapshots.
+//!
+//! Readers (workers) load the current [`Snapshot`] with one atomic pointer load
+//! (`arc-swap`) and never take a lock. Writers (the control side: config at start, UAPI
+//! `wg set`, the coordinator roster) serialize among themselves on a writer mutex, build a
+//! new snapshot from the old one and publish it (RCU style); workers pick it up at their
+//! next batch. Peers are `Arc`s shared between snapshots, so a change to one peer never
+//! resets another peer's session.
+//!
+//! Lookups a snapshot answers:
+//! * inner destination → peer (longest-prefix match over every peer's AllowedIPs),
+//! * WireGuard receiver index → peer (`receiver_index >> 8` is the peer's 24-bit index),
+//! * public key → peer (handshake initiations, after `parse_handshake_anon`),
+//! * allowed-source check after decrypt: the source must route back to the same peer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::x25519::{PublicKey, StaticSecret};
+
+use crate::core::net::IpNet;
+use crate::core::peer::{Peer, PeerConfig};
+use crate::core::route::RouteTable;
+
+/// Handshake messages per second before the device answers with cookies (WireGuard §5.3).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// A peer in a snapshot, with the prefixes routed to it.
+#[derive(Clone, Debug)]
+pub struct PeerEntry {
+    /// The shared peer (its session survives snapshots).
+    pub peer: Arc<Peer>,
+    /// The peer's AllowedIPs, normalized, in configuration order.
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// One immutable view of the device: keys, peers and routes.
+pub struct Snapshot {
+    /// Our static private key.
+    pub private_key: StaticSecret,
+    /// Its public key.
+    pub public_key: PublicKey,
+    /// Device-wide handshake rate limiter (reset about once a second by the timer thread).
+    pub limiter: Arc<RateLimiter>,
+    /// The UDP listen port.
+    pub listen_port: u16,
+    /// Peers; positions are what `routes` maps to.
+    pub peers: Vec<PeerEntry>,
+    routes: RouteTable<u32>,
+    by_index: Vec<(u32, u32)>,
+    by_key: HashMap<[u8; 32], u32>,
+}
+
+impl Snapshot {
+    /// The peer that `dst` routes to.
+    #[inline]
+    pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        let pos = self.routes.lookup(dst)?;
+        self.peers.get(pos as usize).map(|e| &e.peer)
+    }
+
+    /// The peer whose session index matches a received `receiver_index`.
+    #[inline]
+    pub fn by_receiver(&self, receiver_index: u32) -> Option<&Arc<Peer>> {
+        let idx = receiver_index >> 8;
+        let i = self.by_index.binary_search_by_key(&idx, |(k, _)| *k).ok()?;
+        self.peers.get(self.by_index[i].1 as usize).map(|e| &e.peer)
+    }
+
+    /// The peer with this public key.
+    pub fn by_key(&self, key: &[u8; 32]) -> Option<&Arc<Peer>> {
+        let pos = *self.by_key.get(key)?;
+        self.peers.get(pos as usize).map(|e| &e.peer)
+    }
+
+    /// Cryptokey routing's source check: does `src` route back to `peer`?
+    #[inline]
+    pub fn allows_source(&self, peer: &Peer, src: IpAddr) -> bool {
+        match self.route(src) {
+            Some(p) => p.index == peer.index,
+            None => false,
+        }
+    }
+
+    /// Every (prefix, peer position) route, for `wg show` and tests.
+    pub fn routes(&self) -> &RouteTable<u32> {
+        &self.routes
+    }
+}
+
+/// The published table plus what writers need to build the next snapshot.
+pub struct Table {
+    current: ArcSwap<Snapshot>,
+    writer: Mutex<()>,
+    next_index: AtomicU32,
+}
+
+/// What a writer asks of the table.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    /// The 24-bit session index space is exhausted.
+    #[error("no free peer index")]
+    NoIndex,
+}
+
+impl Table {
+    /// A table with our key, listen port and no peers.
+    pub fn new(private_key: StaticSecret, listen_port: u16) -> Self {
+        let public_key = PublicKey::from(&private_key);
+        let limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
+        let snap = Snapshot {
+            private_key,
+            public_key,
+            limiter,
+            listen_port,
+            peers: Vec::new(),
+            routes: RouteTable::new(),
+            by_index: Vec::new(),
+            by_key: HashMap::new(),
+        };
+        Self {
+            current: ArcSwap::from_pointee(snap),
+            writer: Mutex::new(()),
+            // Random start so indexes differ across restarts (stale packets miss).
+            next_index: AtomicU32::new(rand_start()),
+        }
+    }
+
+    /// The current snapshot (lock-free).
+    #[inline]
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.current.load()
+    }
+
+    /// The current snapshot as an owned `Arc` (for longer holds off the hot path).
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    fn write<R>(&self, f: impl FnOnce(&Snapshot) -> (Option<Snapshot>, R)) -> R {
+        let _w = match self.writer.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let cur = self.current.load_full();
+        let (next, r) = f(&cur);
+        if let Some(next) = next {
+            self.current.store(Arc::new(next));
+        }
+        r
+    }
+
+    fn alloc_index(&self, taken: &[(u32, u32)]) -> Result<u32, TableError> {
+        for _ in 0..(1 << 24) {
+            let i = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+            if taken.binary_search_by_key(&i, |(k, _)| *k).is_err() {
+                return Ok(i);
+            }
+        }
+        Err(TableError::NoIndex)
+    }
+
+    /// Adds a peer or updates the one with the same public key. An existing peer keeps
+    /// its session when only its endpoint or AllowedIPs change; a new pre-shared key or
+    /// keepalive makes a fresh session.
+    pub fn upsert_peer(&self, cfg: PeerConfig) -> Result<Arc<Peer>, TableError> {
+        self.write(|cur| {
+            let mut peers = cur.peers.clone();
+            let allowed: Vec<IpNet> = cfg.allowed_ips.iter().map(|n| n.network()).collect();
+            let existing = cur.by_key.get(&cfg.public_key).map(|p| *p as usize);
+            let peer = match existing {
+                Some(pos)
+                    if peers[pos].peer.config.preshared_key == cfg.preshared_key
+                        && peers[pos].peer.config.persistent_keepalive
+                            == cfg.persistent_keepalive =>
+                {
+                    let p = peers[pos].peer.clone();
+                    if let Some(ep) = cfg.endpoint {
+                        p.lock().endpoint = Some(ep);
+                    }
+                    peers[pos].allowed_ips = allowed;
+                    p
+                }
+                _ => {
+                    let index = match self.alloc_index(&cur.by_index) {
+                        Ok(i) => i,
+                        Err(e) => return (None, Err(e)),
+                    };
+                    let p = Peer::new(&cur.private_key, cfg, index, cur.limiter.clone());
+                    let entry = PeerEntry {
+                        peer: p.clone(),
+                        allowed_ips: allowed,
+                    };
+                    match existing {
+                        Some(pos) => peers[pos] = entry,
+                        None => peers.push(entry),
+                    }
+                    p
+                }
+            };
+            (Some(rebuild(cur, peers)), Ok(peer))
+        })
+    }
+
+    /// Replaces a peer's AllowedIPs (`replace`) or adds to them.
+    pub fn set_allowed_ips(&self, key: &[u8; 32], ips: &[IpNet], replace: bool) -> bool {
+        self.write(|cur| {
+            let Some(&pos) = cur.by_key.get(key) else {
+                return (None, false);
+            };
+            let mut peers = cur.peers.clone();
+            let entry = &mut peers[pos as usize];
+            if replace {
+                entry.allowed_ips.clear();
+            }
+            for n in ips {
+                let n = n.network();
+                if !entry.allowed_ips.contains(&n) {
+                    entry.allowed_ips.push(n);
+                }
+            }
+            (Some(rebuild(cur, peers)), true)
+        })
+    }
+
+    /// Removes a peer; returns whether it existed.
+    pub fn remove_peer(&self, key: &[u8; 32]) -> bool {
+        self.write(|cur| {
+            let Some(&pos) = cur.by_key.get(key) else {
+                return (None, false);
+            };
+            let mut peers = cur.peers.clone();
+            peers.remove(pos as usize);
+            (Some(rebuild(cur, peers)), true)
+        })
+    }
+
+    /// Removes every peer.
+    pub fn clear_peers(&self) {
+        self.write(|cur| (Some(rebuild(cur, Vec::new())), ()))
+    }
+
+    /// Sets the listen port recorded in snapshots (the sockets are the driver's business).
+    pub fn set_listen_port(&self, port: u16) {
+        self.write(|cur| {
+            let mut next = rebuild(cur, cur.peers.clone());
+            next.listen_port = port;
+            (Some(next), ())
+        })
+    }
+
+    /// Changes our private key; every session restarts under the new key.
+    pub fn set_private_key(&self, private_key: StaticSecret) {
+        self.write(|cur| {
+            let public_key = PublicKey::from(&private_key);
+            let limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
+            for e in &cur.peers {
+                e.peer.lock().tunn.set_static_private(
+                    private_key.clone(),
+                    public_key,
+                    Some(limiter.clone()),
+                );
+            }
+            let mut next = rebuild(cur, cur.peers.clone());
+            next.private_key = private_key;
+            next.public_key = public_key;
+            next.limiter = limiter;
+            (Some(next), ())
+        })
+    }
+}
+
+fn rebuild(cur: &Snapshot, peers: Vec<PeerEntry>) -> Snapshot {
+    let mut routes = RouteTable::new();
+    let mut by_index = Vec::with_capacity(peers.len());
+    let mut by_key = HashMap::with_capacity(peers.len());
+    for (pos, e) in peers.iter().enumerate() {
+        let pos = pos as u32;
+        for n in &e.allowed_ips {
+            // WireGuard semantics: a prefix belongs to the last peer that claimed it.
+            routes.insert(*n, pos);
+        }
+        by_index.push((e.peer.index, pos));
+        by_key.insert(e.peer.public_key, pos);
+    }
+    // A prefix moved to a later peer must leave the earlier one's list too.
+    let mut peers = peers;
+    for (pos, e) in peers.iter_mut().enumerate() {
+        e.allowed_ips
+            .retain(|n| routes.lookup_exact(n) == Some(pos as u32));
+    }
+    by_index.sort_unstable();
+    Snapshot {
+        private_key: cur.private_key.clone(),
+        public_key: cur.public_key,
+        limiter: cur.limiter.clone(),
+        listen_port: cur.listen_port,
+        peers,
+        routes,
+        by_index,
+        by_key,
+    }
+}
+
+fn rand_start() -> u32 {
+    let mut b = [0u8; 4];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    u32::from_le_bytes(b) & 0x00ff_ffff
+}

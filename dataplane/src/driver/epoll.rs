@@ -1,0 +1,124 @@
+//! The portable driver: one `mio` (epoll) loop per worker over the same TUN queue and UDP
+//! socket the io_uring driver would use, running the same [`Pipeline`]. Chosen with
+//! `--driver epoll`, or automatically when io_uring cannot be set up (seccomp,
+//! `kernel.io_uring_disabled`).
+//!
+//! mio is edge-triggered: a readable fd is drained to `EAGAIN`. Reads are taken in batches
+//! of [`BATCH`]; after each batch the encrypted datagrams go out as GSO `sendmsg` calls and
+//! decrypted packets as TUN `write` calls, synchronously, so every buffer is free again
+//! before the next batch.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::core::counters::DropReason;
+use crate::core::pipeline::Pipeline;
+use crate::core::rxsink::RxSink;
+use crate::driver::{Shared, WorkerSpec};
+use crate::sys::{fd, udp};
+
+/// Reads handled before the results are flushed.
+pub const BATCH: usize = 64;
+
+const TUN: Token = Token(0);
+const UDP: Token = Token(1);
+
+/// Runs one worker until the device stops.
+pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
+    let WorkerSpec { tun, udp: sock, .. } = spec;
+    let mut poll = Poll::new()?;
+    let tun_fd = tun.as_raw_fd();
+    let udp_fd = sock.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
+    poll.registry()
+        .register(&mut SourceFd(&udp_fd), UDP, Interest::READABLE)?;
+    let mut pipe = Pipeline::new(
+        shared.counters.clone(),
+        shared.vnet,
+        shared.udp.gso,
+        BATCH + 4,
+    );
+    let mut out = RxSink::new(shared.vnet, 32, 1 << 21);
+    let mut events = Events::with_capacity(8);
+    let mut rbuf = vec![0u8; 65_536 + 16];
+    let mut tun_ready = true;
+    let mut udp_ready = true;
+    while !shared.stop.load(Ordering::Relaxed) {
+        if !tun_ready && !udp_ready {
+            poll.poll(&mut events, Some(Duration::from_millis(500)))?;
+            for ev in events.iter() {
+                match ev.token() {
+                    TUN => tun_ready = true,
+                    UDP => udp_ready = true,
+                    _ => {}
+                }
+            }
+        }
+        let snap = shared.table.load();
+        if tun_ready {
+            for _ in 0..BATCH {
+                match fd::read(tun_fd, &mut rbuf) {
+                    Ok(n) => {
+                        if pipe.on_tun(&snap, &mut rbuf[..n]).is_err() {
+                            flush_tx(&mut pipe, udp_fd, &shared);
+                            let _ = pipe.on_tun(&snap, &mut rbuf[..n]);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        tun_ready = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            flush_tx(&mut pipe, udp_fd, &shared);
+        }
+        if udp_ready {
+            for _ in 0..BATCH {
+                match udp::recv(udp_fd, &mut rbuf) {
+                    Ok((n, Some(src), seg)) => {
+                        if pipe.on_udp(&snap, src, &rbuf[..n], seg, &mut out).is_err() {
+                            flush_tx(&mut pipe, udp_fd, &shared);
+                        }
+                    }
+                    Ok((_, None, _)) => shared.counters.add(DropReason::MalformedOuter),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        udp_ready = false;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // ICMP errors surface on the next receive (ECONNREFUSED …): not fatal.
+                    Err(_) => shared.counters.add(DropReason::Io),
+                }
+            }
+            flush_tx(&mut pipe, udp_fd, &shared);
+            let counters = &shared.counters;
+            out.for_each(|b| {
+                if fd::write(tun_fd, b).is_err() {
+                    counters.add(DropReason::Io);
+                }
+            });
+            out.clear();
+        }
+    }
+    Ok(())
+}
+
+fn flush_tx(pipe: &mut Pipeline, udp_fd: i32, shared: &Shared) {
+    let counters = &shared.counters;
+    let gso = shared.udp.gso;
+    let ipv6 = shared.udp.ipv6;
+    pipe.tx.send_all(|slot| {
+        let seg = (gso && slot.segments > 1).then_some(slot.segment as u16);
+        if udp::send(udp_fd, &slot.buf[..slot.len], slot.dst, seg, ipv6).is_err() {
+            counters.add(DropReason::Io);
+        }
+    });
+}

@@ -1,0 +1,69 @@
+//! Interface configuration: MTU, link state, addresses and routes, through iproute2's `ip`
+//! (as wg-quick does), plus the per-interface IPv6 sysctls that keep a fresh TUN quiet.
+//!
+//! Every call names the interface explicitly; nothing here touches other interfaces.
+
+use std::io;
+use std::process::Command;
+
+use crate::core::net::IpNet;
+
+fn ip(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("ip").args(args).output().map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("running `ip` failed ({e}); install iproute2"),
+        )
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Sets the MTU and brings the link up. Router solicitations and autoconf are turned off
+/// first (best effort: the sysctls are absent when IPv6 is disabled).
+pub fn up(name: &str, mtu: u32) -> io::Result<()> {
+    for (key, value) in [
+        ("accept_ra", "0"),
+        ("autoconf", "0"),
+        ("router_solicitations", "0"),
+    ] {
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/{key}"), value);
+    }
+    ip(&["link", "set", "dev", name, "mtu", &mtu.to_string(), "up"])
+}
+
+/// Adds an interface address (IPv6 without duplicate address detection, usable at once).
+pub fn add_address(name: &str, addr: &IpNet) -> io::Result<()> {
+    let a = addr.to_string();
+    if addr.addr().is_ipv6() {
+        ip(&["-6", "addr", "replace", &a, "dev", name, "nodad"])
+    } else {
+        ip(&["-4", "addr", "replace", &a, "dev", name])
+    }
+}
+
+/// Removes an interface address.
+pub fn del_address(name: &str, addr: &IpNet) -> io::Result<()> {
+    ip(&["addr", "del", &addr.to_string(), "dev", name])
+}
+
+/// Routes `net` into the interface (replacing an existing route for the same prefix).
+pub fn add_route(name: &str, net: &IpNet) -> io::Result<()> {
+    let n = net.network().to_string();
+    let fam = if net.addr().is_ipv6() { "-6" } else { "-4" };
+    ip(&[fam, "route", "replace", &n, "dev", name])
+}
+
+/// Withdraws the route for `net` from the interface.
+pub fn del_route(name: &str, net: &IpNet) -> io::Result<()> {
+    let n = net.network().to_string();
+    let fam = if net.addr().is_ipv6() { "-6" } else { "-4" };
+    ip(&[fam, "route", "del", &n, "dev", name])
+}

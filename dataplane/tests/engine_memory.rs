@@ -1,0 +1,363 @@
+//! Two engines' pipelines talking to each other in memory: handshake, data both ways,
+//! TSO super-packets split, sent as GSO batches and coalesced again on receive, and
+//! hostile input (garbage, truncation, unknown indexes, replays, spoofed inner sources)
+//! dropped and counted. No sockets: datagrams are handed from one pipeline to the other.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use boringtun::x25519::{PublicKey, StaticSecret};
+use tabbify_dataplane::core::counters::{DropCounters, DropReason};
+use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
+use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::peer::PeerConfig;
+use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
+use tabbify_dataplane::core::rxsink::RxSink;
+use tabbify_dataplane::core::table::Table;
+use tabbify_dataplane::core::wire::checksum;
+
+/// Addresses used only as labels inside this process (never on a socket).
+const EP_A: &str = "192.0.2.1:51820";
+const EP_B: &str = "192.0.2.2:51820";
+
+#[derive(Default)]
+struct Collect(Vec<Vec<u8>>);
+
+impl TunSink for Collect {
+    fn push(&mut self, pkt: &[u8]) -> bool {
+        self.0.push(pkt.to_vec());
+        true
+    }
+}
+
+struct Node {
+    table: Arc<Table>,
+    pipe: Pipeline,
+    counters: Arc<DropCounters>,
+    ep: SocketAddr,
+}
+
+fn node(
+    secret: &StaticSecret,
+    peer: &StaticSecret,
+    peer_ep: &str,
+    allowed: &str,
+    vnet: bool,
+    ep: &str,
+) -> Node {
+    let table = Arc::new(Table::new(secret.clone(), 51820));
+    table
+        .upsert_peer(PeerConfig {
+            public_key: PublicKey::from(peer).to_bytes(),
+            preshared_key: None,
+            endpoint: Some(peer_ep.parse().unwrap()),
+            allowed_ips: vec![allowed.parse::<IpNet>().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    let counters = Arc::new(DropCounters::default());
+    Node {
+        table,
+        pipe: Pipeline::new(counters.clone(), vnet, true, 16),
+        counters,
+        ep: ep.parse().unwrap(),
+    }
+}
+
+fn pair(vnet: bool) -> (Node, Node) {
+    let ka = StaticSecret::from([1u8; 32]);
+    let kb = StaticSecret::from([2u8; 32]);
+    let a = node(&ka, &kb, EP_B, "10.0.0.2/32", vnet, EP_A);
+    let b = node(&kb, &ka, EP_A, "10.0.0.1/32", vnet, EP_B);
+    (a, b)
+}
+
+/// Every datagram `from` has queued, as (dst, bytes, segment size).
+fn take(from: &mut Node) -> Vec<(SocketAddr, Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut done = Vec::new();
+    from.pipe.tx.drain(|i, s| {
+        out.push((s.dst, s.buf[..s.len].to_vec(), s.segment));
+        done.push(i);
+    });
+    for i in done {
+        from.pipe.tx.complete(i);
+    }
+    out
+}
+
+/// Delivers everything `from` queued to `to`, as GRO receives; returns what reached `to`'s TUN.
+fn deliver(from: &mut Node, to: &mut Node, sink: &mut impl TunSink) -> usize {
+    let mut n = 0;
+    for (dst, bytes, seg) in take(from) {
+        assert_eq!(dst, to.ep, "sent to the peer's endpoint");
+        let snap = to.table.load_full();
+        to.pipe
+            .on_udp(&snap, from.ep, &bytes, Some(seg as u16), sink)
+            .unwrap();
+        n += 1;
+    }
+    n
+}
+
+fn ipv4_udp(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let c = checksum::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5000u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    p
+}
+
+fn handshake(a: &mut Node, b: &mut Node, first: &[u8]) -> Collect {
+    let mut pkt = first.to_vec();
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut pkt).unwrap();
+    let mut sink_b = Collect::default();
+    let mut sink_a = Collect::default();
+    assert_eq!(deliver(a, b, &mut sink_b), 1, "initiation");
+    assert_eq!(deliver(b, a, &mut sink_a), 1, "response");
+    assert!(
+        deliver(a, b, &mut sink_b) >= 1,
+        "queued data after the handshake"
+    );
+    sink_b
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let (mut a, mut b) = pair(false);
+    let p1 = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"hello through the tunnel");
+    let got = handshake(&mut a, &mut b, &p1);
+    assert_eq!(got.0, vec![p1.clone()]);
+
+    let p2 = ipv4_udp([10, 0, 0, 2], [10, 0, 0, 1], b"and back");
+    let snap = b.table.load_full();
+    b.pipe.on_tun(&snap, &mut p2.clone()).unwrap();
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![p2]);
+    assert_eq!(a.counters.total() + b.counters.total(), 0);
+
+    let snap = a.table.load_full();
+    let peer = snap
+        .by_key(&PublicKey::from(&StaticSecret::from([2u8; 32])).to_bytes())
+        .unwrap();
+    assert!(
+        peer.stats
+            .tx_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert!(
+        peer.stats
+            .rx_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+}
+
+#[test]
+fn no_route_and_no_endpoint_are_counted() {
+    let (mut a, _b) = pair(false);
+    let snap = a.table.load_full();
+    let mut p = ipv4_udp([10, 0, 0, 1], [10, 9, 9, 9], b"x");
+    a.pipe.on_tun(&snap, &mut p).unwrap();
+    assert_eq!(a.counters.get(DropReason::NoRoute), 1);
+    let mut junk = vec![0x45u8, 0, 0];
+    a.pipe.on_tun(&snap, &mut junk).unwrap();
+    assert_eq!(a.counters.get(DropReason::MalformedInner), 1);
+    assert!(take(&mut a).is_empty());
+}
+
+#[test]
+fn hostile_datagrams_are_dropped_and_counted() {
+    let (mut a, mut b) = pair(false);
+    let p1 = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"first");
+    handshake(&mut a, &mut b, &p1);
+
+    // Capture one real data datagram to replay and mangle.
+    let snap = a.table.load_full();
+    a.pipe
+        .on_tun(&snap, &mut ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"again"))
+        .unwrap();
+    let sent = take(&mut a);
+    let data = sent[0].1.clone();
+    let snap_b = b.table.load_full();
+    let mut sink = Collect::default();
+    b.pipe
+        .on_udp(&snap_b, a.ep, &data, None, &mut sink)
+        .unwrap();
+    assert_eq!(sink.0.len(), 1);
+
+    // Replay.
+    b.pipe
+        .on_udp(&snap_b, a.ep, &data, None, &mut sink)
+        .unwrap();
+    assert_eq!(b.counters.get(DropReason::Replay), 1);
+    // Wrong receiver index.
+    let mut wrong = data.clone();
+    wrong[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+    b.pipe
+        .on_udp(&snap_b, a.ep, &wrong, None, &mut sink)
+        .unwrap();
+    assert_eq!(b.counters.get(DropReason::UnknownIndex), 1);
+    // Flipped ciphertext bit.
+    let mut flipped = data.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    flipped[8] = flipped[8].wrapping_add(1); // fresh counter so it is not a replay
+    b.pipe
+        .on_udp(&snap_b, a.ep, &flipped, None, &mut sink)
+        .unwrap();
+    assert!(b.counters.get(DropReason::Auth) + b.counters.get(DropReason::Replay) >= 2);
+    // Truncations of every length and random bytes.
+    let mut rng = 0x1234_5678_9abc_def0u64;
+    for len in 0..data.len() {
+        b.pipe
+            .on_udp(&snap_b, a.ep, &data[..len], None, &mut sink)
+            .unwrap();
+    }
+    for _ in 0..2000 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = (rng % 200) as usize;
+        let mut d: Vec<u8> = (0..len).map(|i| (rng >> (i % 56)) as u8).collect();
+        if len > 0 {
+            d[0] = (rng % 6) as u8;
+        }
+        b.pipe
+            .on_udp(&snap_b, a.ep, &d, Some(17), &mut sink)
+            .unwrap();
+    }
+    assert_eq!(sink.0.len(), 1, "nothing hostile reached the TUN");
+    assert!(b.counters.get(DropReason::MalformedOuter) > 0);
+}
+
+#[test]
+fn inner_source_outside_allowed_ips_is_dropped() {
+    let (mut a, mut b) = pair(false);
+    handshake(
+        &mut a,
+        &mut b,
+        &ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"ok"),
+    );
+    // A sends a packet whose inner source is not in B's AllowedIPs for A (10.0.0.1/32).
+    let snap = a.table.load_full();
+    a.pipe
+        .on_tun(
+            &snap,
+            &mut ipv4_udp([10, 0, 0, 66], [10, 0, 0, 2], b"spoof"),
+        )
+        .unwrap();
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert!(sink.0.is_empty());
+    assert_eq!(b.counters.get(DropReason::SourceNotAllowed), 1);
+}
+
+fn tcp_super_packet(payload_len: usize, mss: u16) -> (Vec<u8>, Vec<u8>) {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 % 251) as u8).collect();
+    let total = 20 + 20 + payload_len;
+    let mut p = vec![0u8; gso::VNET_HDR_LEN + total];
+    let hdr = VirtioNetHdr {
+        flags: gso::flags::NEEDS_CSUM,
+        gso_type: gso::gso_type::TCPV4,
+        hdr_len: 40,
+        gso_size: mss,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    hdr.emit(&mut p[..gso::VNET_HDR_LEN]).unwrap();
+    let ip = &mut p[gso::VNET_HDR_LEN..];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total.min(65535) as u16).to_be_bytes());
+    ip[6] = 0x40;
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+    let c = checksum::checksum(&ip[..20]);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    ip[22..24].copy_from_slice(&5201u16.to_be_bytes());
+    ip[24..28].copy_from_slice(&1000u32.to_be_bytes());
+    ip[28..32].copy_from_slice(&1u32.to_be_bytes());
+    ip[32] = 5 << 4;
+    ip[33] = 0x10;
+    ip[34..36].copy_from_slice(&512u16.to_be_bytes());
+    ip[40..].copy_from_slice(&payload);
+    (p, payload)
+}
+
+#[test]
+fn tso_super_packet_is_split_sent_as_gso_and_coalesced_again() {
+    let (mut a, mut b) = pair(true);
+    // Handshake with a small plain packet behind a zero virtio header.
+    let mut first = vec![0u8; gso::VNET_HDR_LEN];
+    first.extend(ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"hi"));
+    let mut sink = RxSink::new(true, 8, 1 << 20);
+    {
+        let snap = a.table.load_full();
+        a.pipe.on_tun(&snap, &mut first).unwrap();
+        deliver(&mut a, &mut b, &mut sink);
+        let mut sa = RxSink::new(true, 8, 1 << 20);
+        deliver(&mut b, &mut a, &mut sa);
+        deliver(&mut a, &mut b, &mut sink);
+        sink.clear();
+    }
+    let (mut sp, payload) = tcp_super_packet(40 * 1368, 1368);
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut sp).unwrap();
+    let sent = take(&mut a);
+    // 40 segments of 1408 bytes + 32 overhead fit one GSO send.
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].2, 20 + 20 + 1368 + 32);
+    assert_eq!(sent[0].1.len(), 40 * (20 + 20 + 1368 + 32));
+    let snap_b = b.table.load_full();
+    b.pipe
+        .on_udp(&snap_b, a.ep, &sent[0].1, Some(sent[0].2 as u16), &mut sink)
+        .unwrap();
+    let mut outs = Vec::new();
+    sink.for_each(|buf| outs.push(buf.to_vec()));
+    assert_eq!(outs.len(), 1, "one coalesced super-packet");
+    let out = &outs[0];
+    let h = VirtioNetHdr::parse(&out[..gso::VNET_HDR_LEN]).unwrap();
+    assert_eq!(h.gso_type, gso::gso_type::TCPV4);
+    assert_eq!(h.gso_size, 1368);
+    assert_eq!(&out[gso::VNET_HDR_LEN + 40..], &payload[..]);
+    assert_eq!(b.counters.total(), 0);
+}
+
+#[test]
+fn allowed_ip_moves_between_peers() {
+    let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+    let k1 = [1u8; 32];
+    let k2 = [2u8; 32];
+    for k in [k1, k2] {
+        t.upsert_peer(PeerConfig {
+            public_key: k,
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec!["10.1.0.0/16".parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    }
+    let s = t.load_full();
+    let dst = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+    assert_eq!(s.route(dst).unwrap().public_key, k2, "last claim wins");
+    assert!(s.peers[0].allowed_ips.is_empty());
+    assert!(t.remove_peer(&k2));
+    assert!(t.load().route(dst).is_none());
+}
