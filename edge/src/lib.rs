@@ -1,2 +1,41 @@
 //! `tabbify-node`: the public edge into app ULAs.
+//!
+//! The only component of the mesh with a public listener. It accepts HTTP/1.1 on one
+//! address and proxies `/app/{uuid}` and `/app/{uuid}/{*rest}` (and hostnames from a routes
+//! file) to the app's runner at `[app_ula]:8730`, where `app_ula` is derived locally from the
+//! UUID with [`tabbify_control::ula::app_ula`]: there is no per-request lookup.
+//!
+//! Layout, in request order:
+//! * [`server`] accepts connections, applies limits and timeouts, dispatches by path and
+//!   hostname, writes the access log;
+//! * [`auth`] checks the bearer key on `/v1/*` and `/app/*`;
+//! * [`routes`] holds the hostname table and reloads it when its file changes;
+//! * [`proxy`] forwards one request to the [`upstream`] address, streaming both bodies and
+//!   splicing upgraded (WebSocket) connections; [`headers`] strips hop-by-hop headers;
+//! * [`error`] is the one mapping from failure to status and JSON body;
+//! * [`metrics`] renders Prometheus text; [`openapi`] serves the API description and an
+//!   offline Swagger UI.
+//!
+//! Invariants: bodies are never collected in memory (every body is forwarded frame by frame,
+//! so memory per request is bounded by hyper's buffers, not by body size); error responses
+//! carry only fixed strings, never upstream addresses or OS error text.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod metrics;
+pub mod openapi;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod upstream;
+
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
+pub use config::{EdgeConfig, Limits};
+pub use server::{Edge, RunningEdge};
+pub use upstream::Upstream;

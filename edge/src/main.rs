@@ -1,6 +1,159 @@
-//! `tabbify-node`: the public edge.
+//! `tabbify-node`: the public edge. Parses flags and `TABBIFY_NODE_KEY`, starts the edge,
+//! stops gracefully on SIGINT/SIGTERM.
+#![forbid(unsafe_code)]
 
-fn main() {
-    eprintln!("tabbify-node: not built yet");
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tabbify_edge::auth::NodeKey;
+use tabbify_edge::{Edge, EdgeConfig, Limits, Upstream};
+
+/// The public edge of the Tabbify mesh: proxies /app/{uuid}/... to [app_ula]:8730.
+///
+/// The bearer key is read from the environment variable TABBIFY_NODE_KEY (at least 16
+/// printable characters); the edge refuses to start without it.
+#[derive(Parser, Debug)]
+#[command(name = "tabbify-node", version)]
+struct Args {
+    /// Listen address.
+    #[arg(long, default_value = "0.0.0.0:8090")]
+    bind: SocketAddr,
+    /// Hostname routes file (`host [path-prefix] app-uuid` per line), re-read when it changes.
+    #[arg(long)]
+    routes: Option<PathBuf>,
+    /// How often to check the routes file for changes.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    routes_poll: Duration,
+    /// Time to connect to an app before answering 504.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Time an app has to send response headers (while the request body is not moving)
+    /// before answering 504.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+    /// Time a client has to send a request head; also the idle keep-alive limit.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Largest request head in bytes (at least 8192); larger gets 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_header_bytes: usize,
+    /// Most request headers; more gets 431.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// Most client connections open at once.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_connections: usize,
+    /// Idle pooled connections to apps are closed after this long.
+    #[arg(long, default_value = "90s", value_parser = parse_duration)]
+    pool_idle_timeout: Duration,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Log format.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Time to let open requests finish on shutdown.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+    /// For benchmarks and tests only: send every app's traffic to HOST:PORT instead of its
+    /// ULA. Never use in production.
+    #[arg(long, hide = true)]
+    upstream_override: Option<SocketAddr>,
+}
+
+/// `250ms`, `5s`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 5s or 2m"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("`{s}`: unit must be ms, s or m")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format);
+    let key = match std::env::var("TABBIFY_NODE_KEY") {
+        Ok(k) if !k.is_empty() => NodeKey::new(&k).context("TABBIFY_NODE_KEY")?,
+        _ => bail!("TABBIFY_NODE_KEY is not set: the edge has no default key and will not start without one"),
+    };
+    let mut config = EdgeConfig::new(args.bind, key);
+    config.routes_file = args.routes.clone();
+    config.limits = Limits {
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        header_read_timeout: args.header_read_timeout,
+        connect_timeout: args.connect_timeout,
+        upstream_timeout: args.upstream_timeout,
+        pool_idle_timeout: args.pool_idle_timeout,
+        max_connections: args.max_connections,
+        routes_poll: args.routes_poll,
+    };
+    if let Some(addr) = args.upstream_override {
+        tracing::warn!(%addr, "--upstream-override: every app is sent to one address (benchmarks and tests only)");
+        config.upstream = Upstream::Fixed(addr);
+    }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = args.workers {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.build().context("starting the tokio runtime")?;
+    runtime.block_on(run(config, args.shutdown_grace))
+}
+
+async fn run(config: EdgeConfig, grace: Duration) -> Result<()> {
+    let edge = Edge::new(config).context("configuring the edge")?;
+    let running = edge.start().await.context("starting the edge")?;
+    tracing::info!(addr = %running.local_addr(), "tabbify-node listening");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.shutdown(grace).await;
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
 }

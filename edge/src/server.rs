@@ -1,0 +1,405 @@
+//! The listener: accepting connections, limits, dispatch by hostname and path, access log.
+//!
+//! Dispatch order for each request:
+//! 1. a hostname route from the routes file (open: routed hostnames are public sites);
+//! 2. `/health`, `/metrics`, `/openapi.json`, `/swagger-ui` (open);
+//! 3. `/app/{uuid}[/{rest}]` and `/v1/*` (bearer key);
+//! 4. anything else: 404.
+//!
+//! Each accepted connection is served by hyper's HTTP/1.1 server with upgrades enabled, a
+//! header-read timeout (which also bounds idle keep-alive time) and a bounded read buffer
+//! (which bounds the request head). A semaphore caps open connections; shutdown stops
+//! accepting and lets in-flight requests finish.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HOST;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use uuid::Uuid;
+
+use crate::auth::NodeKey;
+use crate::body::{full, json, EdgeBody};
+use crate::config::{EdgeConfig, Limits};
+use crate::error::EdgeError;
+use crate::metrics::{Metrics, RouteKind};
+use crate::proxy::{Proxy, Target};
+use crate::routes::{self, RouteError, RouteTable, Routes};
+
+/// Why an edge could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The routes file is unreadable or invalid.
+    #[error("routes file: {0}")]
+    Routes(#[from] RouteError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// State shared by every connection of one edge.
+struct Shared {
+    key: NodeKey,
+    routes: Arc<Routes>,
+    proxy: Proxy,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+    openapi: Bytes,
+}
+
+/// A configured edge, not yet listening.
+pub struct Edge {
+    shared: Arc<Shared>,
+    config: EdgeConfig,
+}
+
+impl Edge {
+    /// Validates `config` and loads the routes file, if any.
+    pub fn new(config: EdgeConfig) -> Result<Self, StartError> {
+        let metrics = Arc::new(Metrics::default());
+        let table = match &config.routes_file {
+            Some(path) => {
+                let table = RouteTable::load(path)?;
+                metrics.routes_loaded(table.len());
+                table
+            }
+            None => RouteTable::default(),
+        };
+        let shared = Shared {
+            key: config.key.clone(),
+            routes: Arc::new(Routes::new(table)),
+            proxy: Proxy::new(
+                config.upstream.clone(),
+                config.limits.clone(),
+                metrics.clone(),
+            ),
+            metrics,
+            limits: config.limits.clone(),
+            openapi: Bytes::from(crate::openapi::document().to_string()),
+        };
+        Ok(Edge {
+            shared: Arc::new(shared),
+            config,
+        })
+    }
+
+    /// The edge's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Binds the listen address and starts serving (and watching the routes file) in
+    /// background tasks on the current tokio runtime.
+    pub async fn start(self) -> Result<RunningEdge, StartError> {
+        let addr = self.config.bind;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = self.config.routes_file.clone().map(|path| {
+            tokio::spawn(routes::watch(
+                path,
+                self.shared.routes.clone(),
+                self.shared.metrics.clone(),
+                self.shared.limits.routes_poll,
+            ))
+        });
+        let task = tokio::spawn(accept_loop(listener, self.shared.clone(), stop_rx));
+        Ok(RunningEdge {
+            local_addr,
+            stop: stop_tx,
+            task,
+            watcher,
+            metrics: self.shared.metrics.clone(),
+        })
+    }
+}
+
+/// A listening edge.
+pub struct RunningEdge {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Duration>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RunningEdge {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The edge's counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Stops accepting, waits up to `grace` for open connections to finish their requests,
+    /// then drops the rest.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(w) = &self.watcher {
+            w.abort();
+        }
+        // The accept loop returns once every connection has closed (each finishes its
+        // in-flight request and then closes, as told by the stop signal).
+        let _ = tokio::time::timeout(grace, &mut self.task).await;
+        self.task.abort();
+    }
+}
+
+impl Drop for RunningEdge {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+        if let Some(w) = &self.watcher {
+            w.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Duration {
+    let started = Instant::now();
+    let max_connections = shared
+        .limits
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS);
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .max_headers(shared.limits.max_headers)
+        .keep_alive(true);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    // Out of file descriptors or a connection aborted before accept: back off
+                    // briefly instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn_shared = shared.clone();
+        let service = service_fn(move |req| handle(conn_shared.clone(), req, peer));
+        let conn = http
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let metrics = shared.metrics.clone();
+        metrics.connection_opened();
+        let mut conn_stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { conn_stop.wait_for(|stopped| *stopped).await.map(|_| ()) } => {
+                    // Finish the request in flight (if any), then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(%peer, error = %err, "client connection ended with an error");
+            }
+            metrics.connection_closed();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every connection holds a permit until it is closed: owning them all means all closed.
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = permits.acquire_many(all).await;
+    started.elapsed()
+}
+
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<EdgeBody>, Infallible> {
+    let started = Instant::now();
+    let log = tracing::enabled!(target: "tabbify_edge::access", tracing::Level::INFO);
+    let logged = log.then(|| (req.method().clone(), req.uri().path().to_owned()));
+    let (kind, resp) = dispatch(&shared, req, peer).await;
+    let status = resp.status();
+    shared.metrics.request(kind, status.as_u16());
+    if let Some((method, path)) = logged {
+        tracing::info!(
+            target: "tabbify_edge::access",
+            %peer,
+            %method,
+            path,
+            status = status.as_u16(),
+            route = kind.label(),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+    Ok(resp)
+}
+
+async fn dispatch(
+    shared: &Shared,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> (RouteKind, Response<EdgeBody>) {
+    if let Some(app) = host_route(shared, &req) {
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let target = Target {
+            app,
+            path_and_query,
+            client: peer,
+            strip_authorization: false,
+        };
+        return (RouteKind::Host, proxy(shared, req, target).await);
+    }
+    let path = req.uri().path();
+    if path == "/app" || path.starts_with("/app/") {
+        if !shared
+            .key
+            .authorizes(req.headers().get(http::header::AUTHORIZATION))
+        {
+            return (RouteKind::App, EdgeError::Unauthorized.response());
+        }
+        let target = match app_target(&req, peer) {
+            Ok(t) => t,
+            Err(err) => return (RouteKind::App, err.response()),
+        };
+        return (RouteKind::App, proxy(shared, req, target).await);
+    }
+    (RouteKind::Builtin, builtin(shared, &req))
+}
+
+async fn proxy(shared: &Shared, req: Request<Incoming>, target: Target) -> Response<EdgeBody> {
+    let app = target.app;
+    match shared.proxy.forward(req, target).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::warn!(%app, error = %err, "request to app failed");
+            err.response()
+        }
+    }
+}
+
+/// The app of a hostname route matching this request, if any.
+fn host_route(shared: &Shared, req: &Request<Incoming>) -> Option<Uuid> {
+    let table = shared.routes.current();
+    if table.is_empty() {
+        return None;
+    }
+    let host = match req.headers().get(HOST) {
+        Some(h) => h.to_str().ok()?,
+        None => req.uri().host()?,
+    };
+    table.lookup(host, req.uri().path())
+}
+
+/// Parses `/app/{uuid}[/{rest}][?query]` into the forwarding target.
+fn app_target(req: &Request<Incoming>, peer: SocketAddr) -> Result<Target, EdgeError> {
+    let path = req.uri().path();
+    if path == "/app" {
+        return Err(EdgeError::NotFound);
+    }
+    let after = &path["/app/".len()..];
+    let (id, rest) = match after.find('/') {
+        Some(i) => (&after[..i], &after[i..]),
+        None => (after, "/"),
+    };
+    let app = Uuid::try_parse(id).map_err(|_| EdgeError::BadAppId)?;
+    let path_and_query = match req.uri().query() {
+        Some(q) => PathAndQuery::try_from(format!("{rest}?{q}")),
+        None => PathAndQuery::try_from(rest),
+    }
+    .map_err(|_| EdgeError::NotFound)?;
+    Ok(Target {
+        app,
+        path_and_query,
+        client: peer,
+        strip_authorization: true,
+    })
+}
+
+/// The edge's own endpoints.
+fn builtin(shared: &Shared, req: &Request<Incoming>) -> Response<EdgeBody> {
+    let path = req.uri().path();
+    let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    let open = match path {
+        "/health" => Some(json(StatusCode::OK, r#"{"status":"ok"}"#)),
+        "/metrics" => Some(full(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            shared.metrics.render(),
+        )),
+        "/openapi.json" => Some(json(StatusCode::OK, shared.openapi.clone())),
+        p if p == "/swagger-ui" || p.starts_with("/swagger-ui/") => {
+            Some(crate::openapi::swagger_ui(p).unwrap_or_else(|| EdgeError::NotFound.response()))
+        }
+        _ => None,
+    };
+    if let Some(resp) = open {
+        return if readable {
+            resp
+        } else {
+            EdgeError::MethodNotAllowed.response()
+        };
+    }
+    if path == "/v1" || path.starts_with("/v1/") {
+        if !shared
+            .key
+            .authorizes(req.headers().get(http::header::AUTHORIZATION))
+        {
+            return EdgeError::Unauthorized.response();
+        }
+        return match path {
+            "/v1/routes" if readable => {
+                let routes = shared.routes.current().routes();
+                json(
+                    StatusCode::OK,
+                    serde_json::json!({ "routes": routes }).to_string(),
+                )
+            }
+            "/v1/routes" => EdgeError::MethodNotAllowed.response(),
+            _ => EdgeError::NotFound.response(),
+        };
+    }
+    EdgeError::NotFound.response()
+}
