@@ -177,6 +177,12 @@ fn up(
         "engine started"
     );
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
+    if mtu < 1280 || mtu as usize > tabbify_dataplane::core::pipeline::MAX_MTU {
+        bail!(
+            "MTU {mtu} is out of range: 1280 (the IPv6 minimum) to {}",
+            tabbify_dataplane::core::pipeline::MAX_MTU
+        );
+    }
     link::up(&name, mtu)?;
     for a in &cfg.interface.addresses {
         link::add_address(&name, a)?;

@@ -63,7 +63,7 @@ impl TxBatch {
     /// `slots` slots; `gso` false limits each slot to one datagram.
     pub fn new(slots: usize, gso: bool) -> Self {
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-        let bytes = if gso { SLOT_BYTES } else { 2048 };
+        let bytes = if gso { SLOT_BYTES } else { 9216 };
         Self {
             slots: (0..slots)
                 .map(|_| TxSlot {

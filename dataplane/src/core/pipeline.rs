@@ -34,6 +34,10 @@ pub trait TunSink {
     fn push(&mut self, pkt: &[u8]) -> bool;
 }
 
+/// The largest tunnel MTU the engine accepts (jumbo frames): bounds the size of any inner
+/// packet boringtun can have queued, and so the room a queue flush needs.
+pub const MAX_MTU: usize = 9000;
+
 /// Room every encapsulation gets: the packet plus WireGuard's 32 bytes, at least a
 /// handshake initiation (boringtun panics on less).
 #[inline]
@@ -328,7 +332,7 @@ impl Pipeline {
             let tx = &mut self.tx;
             let counters = &self.counters;
             let mut again = false;
-            let r = tx.push(endpoint, 65_536 - 1, |buf| {
+            let r = tx.push(endpoint, need(MAX_MTU), |buf| {
                 match st.tunn.decapsulate(None, &[], buf) {
                     TunnResult::WriteToNetwork(p) => {
                         again = true;
