@@ -119,7 +119,6 @@ fn check_startup_log(ours: &WgPeer, driver: Option<Driver>) -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_pair_uring_offloads_on() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Uring, true), ours(Driver::Uring, true));
     spec.inner = Inner::V6;
@@ -128,7 +127,6 @@ fn ours_pair_uring_offloads_on() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_pair_epoll_offloads_off() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Epoll, false), ours(Driver::Epoll, false));
     spec.inner = Inner::V4;
@@ -138,7 +136,6 @@ fn ours_pair_epoll_offloads_off() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_mixed_drivers_and_offloads_dual_stack() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Uring, false), ours(Driver::Epoll, true));
     spec.inner = Inner::Dual;
@@ -148,7 +145,6 @@ fn ours_mixed_drivers_and_offloads_dual_stack() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_uring_initiates_to_wireguard_go() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Uring, true), wireguard_go());
     spec.inner = Inner::Dual;
@@ -158,7 +154,6 @@ fn ours_uring_initiates_to_wireguard_go() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn wireguard_go_initiates_to_ours_epoll() -> Result<()> {
     let mut spec = TunnelSpec::new(wireguard_go(), ours(Driver::Epoll, true));
     spec.inner = Inner::V4;
@@ -167,7 +162,6 @@ fn wireguard_go_initiates_to_ours_epoll() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_uring_initiates_to_boringtun() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Uring, true), boringtun(Some(1)));
     spec.inner = Inner::V6;
@@ -177,7 +171,6 @@ fn ours_uring_initiates_to_boringtun() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn boringtun_initiates_to_ours_epoll_offloads_off() -> Result<()> {
     let mut spec = TunnelSpec::new(boringtun(None), ours(Driver::Epoll, false));
     spec.inner = Inner::V4;
@@ -187,7 +180,6 @@ fn boringtun_initiates_to_ours_epoll_offloads_off() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_pair_uring_under_loss() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Uring, true), ours(Driver::Uring, true));
     spec.inner = Inner::V6;
@@ -197,7 +189,6 @@ fn ours_pair_uring_under_loss() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn ours_epoll_offloads_off_and_wireguard_go_under_loss() -> Result<()> {
     let mut spec = TunnelSpec::new(ours(Driver::Epoll, false), wireguard_go());
     spec.inner = Inner::V4;
@@ -207,7 +198,6 @@ fn ours_epoll_offloads_off_and_wireguard_go_under_loss() -> Result<()> {
 }
 
 #[test]
-#[ignore = "needs the tabbify-mesh engine"]
 fn boringtun_and_ours_uring_offloads_off_under_loss() -> Result<()> {
     let mut spec = TunnelSpec::new(boringtun(Some(1)), ours(Driver::Uring, false));
     spec.inner = Inner::V6;
