@@ -44,7 +44,9 @@ struct Args {
     /// Seconds per iperf3 test.
     #[arg(long, default_value_t = 10)]
     duration: u32,
-    /// Our binary (a release build); ours is reported FAILED if it is missing.
+    /// Our binary (a release build; default: `release/tabbify-mesh` under
+    /// `CARGO_TARGET_DIR` or the workspace's `target`); ours is reported FAILED if it is
+    /// missing.
     #[arg(long, env = "TABBIFY_MESH_BIN")]
     mesh_bin: Option<PathBuf>,
     /// `--threads` for ours (its default when absent).
@@ -198,10 +200,17 @@ fn main() -> Result<()> {
 }
 
 fn contenders(args: &Args) -> Result<Vec<Contender>> {
-    let mesh_bin = args
-        .mesh_bin
-        .clone()
-        .or_else(|| tabbify_tests::bins::tabbify_mesh().ok());
+    // Only a release build is worth measuring: without --mesh-bin, look in the release
+    // directories and nowhere else.
+    let mesh_bin = args.mesh_bin.clone().or_else(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain([workspace.join("target")])
+            .map(|target| target.join("release").join("tabbify-mesh"))
+            .find(|path| path.is_file())
+    });
     let unavailable = match &mesh_bin {
         Some(path) if path.is_file() => None,
         Some(path) => Some(format!(
