@@ -4,13 +4,13 @@
 //! A class is a (sorted tag set, identity if a `peer:` selector names it) pair. For each
 //! class the table keeps which rules it matches as a sender (a bitset) and as a receiver
 //! (rule index → ports); a pair of classes then costs a walk over the receiver's few
-//! matching rules. The result for every ordered pair is an index into a table of distinct
-//! [`PortRules`], so roster entries and SSE payloads can be serialized once per distinct
-//! answer. Classes are only ever added while a policy is in force (their ids stay valid
-//! for that policy); a new policy builds a new table.
-//!
-//! Cost: O(C² · r) for C classes and r rules matching a class, C usually being the
-//! number of distinct tag sets in the mesh, not the number of peers.
+//! matching rules. Each allow rule also lists the classes on its two sides, so a new class
+//! is only paired with classes that share an allow rule with it: the work is proportional
+//! to the number of visible class pairs, not to C². Rows are sparse (visible classes only)
+//! and symmetric, since visibility holds in either direction. Each visible pair maps to an
+//! index into a table of distinct [`PortRules`], so roster entries and SSE payloads can be
+//! serialized once per distinct answer. Classes are only ever added while a policy is in
+//! force (their ids stay valid for that policy); a new policy builds a new table.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -40,14 +40,21 @@ struct Class {
     may_host_apps: bool,
 }
 
-/// The per-policy class table and the class × class visibility matrix.
+/// The per-policy class table and the sparse class × class visibility rows.
 #[derive(Debug)]
 pub struct Visibility {
     policy: Arc<Policy>,
     keys: HashMap<ClassKey, ClassId>,
     classes: Vec<Class>,
-    /// `matrix[viewer][target]`: 0 = not visible, else 1 + index into `rules`.
-    matrix: Vec<Vec<RulesId>>,
+    /// `rows[viewer]`: (target, 1 + index into `rules`) for every visible target,
+    /// sorted by target. `t` is in `rows[v]` exactly when `v` is in `rows[t]`.
+    rows: Vec<Vec<(ClassId, RulesId)>>,
+    /// Per allow rule: classes matching its `src`, and classes matching its `dst`.
+    allow_src: Vec<Vec<ClassId>>,
+    allow_dst: Vec<Vec<ClassId>>,
+    /// Scratch marks for candidate deduplication (`stamp` = "seen this round").
+    marks: Vec<u32>,
+    stamp: u32,
     rules: Vec<PortRules>,
     rules_index: HashMap<PortRules, RulesId>,
 }
@@ -55,11 +62,16 @@ pub struct Visibility {
 impl Visibility {
     /// An empty table for `policy`.
     pub fn new(policy: Arc<Policy>) -> Self {
+        let n_allow = policy.allow_rules().len();
         Self {
             policy,
             keys: HashMap::new(),
             classes: Vec::new(),
-            matrix: Vec::new(),
+            rows: Vec::new(),
+            allow_src: vec![Vec::new(); n_allow],
+            allow_dst: vec![Vec::new(); n_allow],
+            marks: Vec::new(),
+            stamp: 0,
             rules: Vec::new(),
             rules_index: HashMap::new(),
         }
@@ -81,7 +93,7 @@ impl Visibility {
     }
 
     /// The class of a peer with `identity` and `tags` (tag names the policy does not
-    /// define are ignored), creating it and its matrix row and column if new.
+    /// define are ignored), creating it and its visibility row if new.
     pub fn class_of(&mut self, identity: &str, tags: &[String]) -> ClassId {
         let key = ClassKey {
             tags: self.policy.known_tag_ids(tags),
@@ -101,7 +113,7 @@ impl Visibility {
         let id = ClassId::try_from(self.classes.len()).unwrap_or(ClassId::MAX);
         self.classes.push(class);
         self.keys.insert(key, id);
-        self.extend_matrix(id);
+        self.extend_rows(id);
         id
     }
 
@@ -112,11 +124,13 @@ impl Visibility {
 
     /// The pair's rules id (0 = not visible); equal ids mean equal [`PortRules`].
     pub fn rules_id(&self, viewer: ClassId, target: ClassId) -> RulesId {
-        self.matrix
-            .get(viewer as usize)
-            .and_then(|row| row.get(target as usize))
-            .copied()
-            .unwrap_or(0)
+        let Some(row) = self.rows.get(viewer as usize) else {
+            return 0;
+        };
+        match row.binary_search_by_key(&target, |(t, _)| *t) {
+            Ok(i) => row[i].1,
+            Err(_) => 0,
+        }
     }
 
     /// The port rules a `viewer` peer gets for a `target` peer, if visible.
@@ -134,23 +148,17 @@ impl Visibility {
             .is_some_and(|c| c.may_host_apps)
     }
 
-    /// Every class that sees `target`.
+    /// Every class that sees `target` (the same as those `target` sees).
     pub fn viewers_of(&self, target: ClassId) -> impl Iterator<Item = ClassId> + '_ {
-        self.matrix
-            .iter()
-            .enumerate()
-            .filter(move |(_, row)| row.get(target as usize).is_some_and(|r| *r != 0))
-            .map(|(v, _)| v as ClassId)
+        self.visible_from(target)
     }
 
     /// Every class `viewer` sees.
     pub fn visible_from(&self, viewer: ClassId) -> impl Iterator<Item = ClassId> + '_ {
-        self.matrix
+        self.rows
             .get(viewer as usize)
             .into_iter()
-            .flat_map(|row| row.iter().enumerate())
-            .filter(|(_, r)| **r != 0)
-            .map(|(t, _)| t as ClassId)
+            .flat_map(|row| row.iter().map(|(t, _)| *t))
     }
 
     fn build_class(&self, p: Principal<'_>) -> Class {
@@ -227,17 +235,57 @@ impl Visibility {
         id
     }
 
-    fn extend_matrix(&mut self, new: ClassId) {
-        let n = self.classes.len();
-        let mut row = Vec::with_capacity(n);
-        for t in 0..n as ClassId {
-            row.push(self.pair(new, t));
+    fn extend_rows(&mut self, new: ClassId) {
+        let c = new as usize;
+        // Register the class on the sides of the allow rules it matches.
+        let (src_rules, dst_rules): (Vec<u32>, Vec<u32>) = {
+            let class = &self.classes[c];
+            let src = (0..self.allow_src.len() as u32)
+                .filter(|i| class.src_allow[(*i / 64) as usize] & (1 << (*i % 64)) != 0)
+                .collect();
+            let dst = class.dst_allow.iter().map(|(i, _)| *i).collect();
+            (src, dst)
+        };
+        for r in &src_rules {
+            self.allow_src[*r as usize].push(new);
         }
-        for v in 0..(n - 1) as ClassId {
-            let id = self.pair(v, new);
-            self.matrix[v as usize].push(id);
+        for r in &dst_rules {
+            self.allow_dst[*r as usize].push(new);
         }
-        self.matrix.push(row);
+        // Candidates: classes across an allow rule from the new one (itself included).
+        self.marks.resize(self.classes.len(), 0);
+        self.stamp = self.stamp.wrapping_add(1);
+        if self.stamp == 0 {
+            self.marks.iter_mut().for_each(|m| *m = 0);
+            self.stamp = 1;
+        }
+        let mut candidates = Vec::new();
+        for (rules, sides) in [(&src_rules, &self.allow_dst), (&dst_rules, &self.allow_src)] {
+            for r in rules.iter() {
+                for t in &sides[*r as usize] {
+                    if self.marks[*t as usize] != self.stamp {
+                        self.marks[*t as usize] = self.stamp;
+                        candidates.push(*t);
+                    }
+                }
+            }
+        }
+        candidates.sort_unstable();
+        let mut row = Vec::new();
+        self.rows.push(Vec::new());
+        for t in candidates {
+            let id = self.pair(new, t);
+            if id == 0 {
+                continue;
+            }
+            row.push((t, id));
+            if t != new {
+                // `new` is the largest id so far: pushing keeps the other row sorted.
+                let back = self.pair(t, new);
+                self.rows[t as usize].push((new, back));
+            }
+        }
+        self.rows[c] = row;
     }
 }
 
@@ -327,7 +375,7 @@ mod tests {
     }
 
     #[test]
-    fn matrix_agrees_with_direct_policy_evaluation() {
+    fn rows_agree_with_direct_policy_evaluation() {
         let p = policy(
             &[
                 ("tag:a", "tag:b:1-100"),
@@ -366,6 +414,98 @@ mod tests {
                         assert_eq!(r.outbound, out.ranges());
                         assert_eq!(r.inbound, inb.ranges());
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_policies_agree_with_direct_evaluation() {
+        let seed = std::cell::Cell::new(0x1234_5678_9abc_def1u64);
+        let rnd = |n: u64| {
+            let mut x = seed.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            seed.set(x);
+            x % n
+        };
+        let names = ["a", "b", "c", "d", "e", "f"];
+        for _ in 0..40 {
+            let sel = |with_ports: bool| -> String {
+                let base = match rnd(8) {
+                    0 => "*".to_string(),
+                    1 => "peer:n3".to_string(),
+                    _ => format!("tag:{}", names[rnd(6) as usize]),
+                };
+                if with_ports && rnd(2) == 0 {
+                    let p = rnd(50) as u16;
+                    let suffix = format!("{}-{}", p, p + rnd(20) as u16);
+                    if base == "*" {
+                        format!("*:{suffix}")
+                    } else {
+                        format!("{base}:{suffix}")
+                    }
+                } else {
+                    base
+                }
+            };
+            let rules = |n: u64| -> Vec<PolicyRule> {
+                (0..n)
+                    .map(|_| PolicyRule {
+                        src: vec![sel(false)],
+                        dst: vec![sel(true), sel(true)],
+                    })
+                    .collect()
+            };
+            let allow = rules(rnd(6) + 1);
+            let deny = rules(rnd(3));
+            let p = Arc::new(
+                Policy::compile(PolicyDocument {
+                    tags: names.map(String::from).to_vec(),
+                    allow,
+                    deny,
+                    ..Default::default()
+                })
+                .unwrap(),
+            );
+            let mut v = Visibility::new(p.clone());
+            let peers: Vec<(String, Vec<String>)> = (0..12)
+                .map(|i| {
+                    let tags = names
+                        .iter()
+                        .filter(|_| rnd(3) == 0)
+                        .map(|t| t.to_string())
+                        .collect();
+                    (format!("n{i}"), tags)
+                })
+                .collect();
+            let classes: Vec<ClassId> = peers.iter().map(|(n, t)| v.class_of(n, t)).collect();
+            for (i, (ni, ti)) in peers.iter().enumerate() {
+                for (j, (nj, tj)) in peers.iter().enumerate() {
+                    let (ki, kj) = (p.known_tag_ids(ti), p.known_tag_ids(tj));
+                    let pi = Principal {
+                        identity: ni,
+                        tags: &ki,
+                    };
+                    let pj = Principal {
+                        identity: nj,
+                        tags: &kj,
+                    };
+                    let out = p.allowed_ports(pi, pj);
+                    let inb = p.allowed_ports(pj, pi);
+                    let got = v.port_rules(classes[i], classes[j]);
+                    match got {
+                        None => assert!(out.is_empty() && inb.is_empty()),
+                        Some(r) => {
+                            assert_eq!(r.outbound, out.ranges());
+                            assert_eq!(r.inbound, inb.ranges());
+                        }
+                    }
+                    assert_eq!(
+                        v.viewers_of(classes[j]).any(|c| c == classes[i]),
+                        got.is_some()
+                    );
                 }
             }
         }
