@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Bounded fuzz runs of every cargo-fuzz target in dataplane/fuzz: build once, then run each
+# target for FUZZ_SECONDS (default 20) starting from its committed seed corpus. Fails on the
+# first crash, leak or timeout (libFuzzer exits non-zero and leaves the input under
+# dataplane/fuzz/artifacts/<target>/). New inputs go to a temporary directory, so the
+# committed corpora stay as they are.
+#
+# Needs a nightly toolchain (`rustup toolchain install nightly`) and cargo-fuzz
+# (`cargo install cargo-fuzz --locked`; scripts/setup.sh does it with TABBIFY_SETUP_FUZZ=1).
+set -euo pipefail
+cd "$(dirname "$0")/../dataplane/fuzz"
+
+seconds="${FUZZ_SECONDS:-20}"
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "test-fuzz: FAIL: no nightly Rust toolchain; install it with: rustup toolchain install nightly" >&2
+  exit 1
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "test-fuzz: FAIL: cargo-fuzz is missing; install it with: cargo install cargo-fuzz --locked" >&2
+  exit 1
+fi
+
+targets=$(cargo +nightly fuzz list)
+if [ -z "$targets" ]; then
+  echo "test-fuzz: FAIL: cargo fuzz list found no targets" >&2
+  exit 1
+fi
+
+echo "test-fuzz: building $(echo "$targets" | wc -w) targets"
+cargo +nightly fuzz build
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+for t in $targets; do
+  seeds="corpus/$t"
+  mkdir -p "$work/$t"
+  args=("$work/$t")
+  [ -d "$seeds" ] && args+=("$seeds")
+  echo "test-fuzz: $t for ${seconds}s"
+  # -max_len: room for a 64 KiB super-packet plus its vnet header.
+  if ! cargo +nightly fuzz run "$t" "${args[@]}" -- \
+      -max_total_time="$seconds" -max_len=65600 -timeout=10 -rss_limit_mb=2048 \
+      -print_final_stats=1 >"$work/$t.log" 2>&1; then
+    tail -n 60 "$work/$t.log" >&2
+    echo "test-fuzz: FAIL: target $t crashed; reproducer under dataplane/fuzz/artifacts/$t/" >&2
+    exit 1
+  fi
+  grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$work/$t.log" | sed "s/^/test-fuzz: $t /" || true
+done
+echo "test-fuzz: all targets ran ${seconds}s without a crash"
