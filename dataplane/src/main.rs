@@ -50,6 +50,8 @@ enum Cmd {
     Genkey,
     /// Read a private key on stdin, print its public key.
     Pubkey,
+    /// Read a public key on stdin, print the peer ULA the mesh derives from it.
+    Ula,
     /// Bring up an interface from a wg-quick file and run in the foreground.
     Up {
         /// The wg-quick configuration file.
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
         Cmd::Pubkey => pubkey(),
+        Cmd::Ula => ula(),
         Cmd::Up {
             config,
             interface,
@@ -105,6 +108,16 @@ fn pubkey() -> anyhow::Result<()> {
     let key = Key::from_base64(s.trim()).context("private key on stdin")?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", config::public_key(&key).to_base64())?;
+    Ok(())
+}
+
+fn ula() -> anyhow::Result<()> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading the public key from stdin")?;
+    let key = Key::from_base64(s.trim()).context("public key on stdin")?;
+    println!("{}", tabbify_control::ula::peer_ula(&key.0));
     Ok(())
 }
 
