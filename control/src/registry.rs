@@ -7,7 +7,7 @@
 //! `Last-Event-ID` resumption. Payloads are serialized once per distinct
 //! (viewer class → port rules) answer, never once per subscriber.
 //!
-//! Invariants: `by_identity` and `members` always agree with `peers`; every peer's
+//! Invariants: `by_identity`, `by_ula` and `members` always agree with `peers`; every peer's
 //! `class` is a class of the current `vis` table; event ids strictly increase.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -116,6 +116,7 @@ pub struct Registry {
     revision: u64,
     peers: HashMap<String, PeerRecord>,
     by_identity: HashMap<String, String>,
+    by_ula: HashMap<Ipv6Addr, String>,
     members: Vec<BTreeSet<String>>,
     log: EventLog,
 }
@@ -129,6 +130,7 @@ impl Registry {
             revision,
             peers: HashMap::new(),
             by_identity: HashMap::new(),
+            by_ula: HashMap::new(),
             members: Vec::new(),
             log: EventLog {
                 next_id: 1,
@@ -175,6 +177,11 @@ impl Registry {
         self.by_identity
             .get(identity)
             .and_then(|id| self.peers.get(id))
+    }
+
+    /// The peer whose ULA is `ula`.
+    pub fn peer_by_ula(&self, ula: &Ipv6Addr) -> Option<&PeerRecord> {
+        self.by_ula.get(ula).and_then(|id| self.peers.get(id))
     }
 
     /// A receiver of every future dispatch.
@@ -296,6 +303,7 @@ impl Registry {
             }
         }
         self.by_identity.insert(rec.identity.clone(), id.clone());
+        self.by_ula.insert(rec.ula, id.clone());
         self.member_set(class).insert(id.clone());
         let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
         let unchanged = old.as_ref()
@@ -351,6 +359,9 @@ impl Registry {
         let rec = self.peers.remove(id)?;
         if self.by_identity.get(&rec.identity).map(String::as_str) == Some(id) {
             self.by_identity.remove(&rec.identity);
+        }
+        if self.by_ula.get(&rec.ula).map(String::as_str) == Some(id) {
+            self.by_ula.remove(&rec.ula);
         }
         if let Some(m) = self.members.get_mut(rec.class as usize) {
             m.remove(id);

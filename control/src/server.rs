@@ -533,14 +533,17 @@ impl Coordinator {
         let display_name = name.unwrap_or_else(|| identity.clone());
         let ula = ula::peer_ula(&key);
         let id = ula::peer_id(&key);
-        if let Some(other) = core
-            .registry
-            .peer_by_identity(&identity)
-            .filter(|p| p.id != id && p.ula == ula)
-        {
+        // Ids and ULAs are truncated hashes: refuse a key whose id or ULA another key holds.
+        if let Some(other) = core.registry.peer(&id).filter(|p| p.key != key) {
             return Err(ApiError::Conflict(format!(
-                "ULA {} already taken by peer {}",
-                ula, other.id
+                "peer id {} is taken by another key",
+                other.id
+            )));
+        }
+        if let Some(other) = core.registry.peer_by_ula(&ula).filter(|p| p.key != key) {
+            return Err(ApiError::Conflict(format!(
+                "ULA {ula} is taken by peer {}",
+                other.id
             )));
         }
         let internal = |e: crate::store::StoreError| ApiError::Internal(e.to_string());
