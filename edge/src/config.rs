@@ -14,7 +14,6 @@ use crate::upstream::Upstream;
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// Largest request head (request line plus headers) in bytes; larger heads get 431.
-    /// hyper needs at least 8192.
     pub max_header_bytes: usize,
     /// Most request headers; more get 431.
     pub max_headers: usize,

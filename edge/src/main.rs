@@ -37,7 +37,7 @@ struct Args {
     /// Time a client has to send a request head; also the idle keep-alive limit.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     header_read_timeout: Duration,
-    /// Largest request head in bytes (at least 8192); larger gets 431.
+    /// Largest request head in bytes; larger gets 431.
     #[arg(long, default_value_t = 16 * 1024)]
     max_header_bytes: usize,
     /// Most request headers; more gets 431.
@@ -49,7 +49,7 @@ struct Args {
     /// Idle pooled connections to apps are closed after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pool_idle_timeout: Duration,
-    /// Worker threads (default: one per core).
+    /// Worker threads (default: one per core; 1 runs a single-threaded runtime).
     #[arg(long)]
     workers: Option<usize>,
     /// Log format.
@@ -106,12 +106,21 @@ fn main() -> Result<()> {
         tracing::warn!(%addr, "--upstream-override: every app is sent to one address (benchmarks and tests only)");
         config.upstream = Upstream::Fixed(addr);
     }
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
-    if let Some(n) = args.workers {
-        runtime.worker_threads(n.max(1));
-    }
-    let runtime = runtime.build().context("starting the tokio runtime")?;
+    // One worker runs on a current-thread runtime: no work-stealing scheduler, no cross-thread
+    // wake-ups, the same shape as one nginx worker process.
+    let mut runtime = match args.workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     runtime.block_on(run(config, args.shutdown_grace))
 }
 

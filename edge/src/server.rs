@@ -7,9 +7,9 @@
 //! 4. anything else: 404.
 //!
 //! Each accepted connection is served by hyper's HTTP/1.1 server with upgrades enabled, a
-//! header-read timeout (which also bounds idle keep-alive time) and a bounded read buffer
-//! (which bounds the request head). A semaphore caps open connections; shutdown stops
-//! accepting and lets in-flight requests finish.
+//! header-read timeout (which also bounds idle keep-alive time: hyper arms it whenever it
+//! waits for a request head) and limits on the head's size and header count. A semaphore
+//! caps open connections; shutdown stops accepting and lets in-flight requests finish.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -191,7 +191,7 @@ async fn accept_loop(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
-        .max_buf_size(shared.limits.max_header_bytes.max(8192))
+        .max_header_size(shared.limits.max_header_bytes)
         .max_headers(shared.limits.max_headers)
         .keep_alive(true);
     loop {

@@ -501,3 +501,42 @@ async fn oversized_request_heads_are_refused() {
     .unwrap();
     assert_eq!(resp.status, 431);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_clients_are_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = TestApp::start_local("a").await.unwrap();
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let edge = start_edge(Upstream::Fixed(upstream.addr()), None, limits)
+        .await
+        .unwrap();
+    // Idle after one keep-alive request.
+    let mut s = tokio::net::TcpStream::connect(edge.local_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: e\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "idle connection was kept open"
+    );
+    // A request head that never completes.
+    let mut s = tokio::net::TcpStream::connect(edge.local_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: e\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "slow request head was kept open");
+    assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
+}
