@@ -3,6 +3,8 @@
 //! hostile input (garbage, truncation, unknown indexes, replays, spoofed inner sources)
 //! dropped and counted. No sockets: datagrams are handed from one pipeline to the other.
 
+#![allow(clippy::unwrap_used)] // test helpers fail loudly by design
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
