@@ -280,11 +280,18 @@ pub fn markdown(run: &Run) -> String {
     out
 }
 
-/// One line of an error, at most 200 characters.
+/// The first line of an error plus the first later line that reports an error (such as
+/// the ERROR line of a daemon log attached to it), at most 300 characters.
 fn shorten(error: &str) -> String {
-    let line = error.lines().next().unwrap_or("").replace('|', "/");
-    if line.chars().count() > 200 {
-        format!("{}…", line.chars().take(199).collect::<String>())
+    let mut lines = error.lines();
+    let mut line = lines.next().unwrap_or("").to_owned();
+    if let Some(cause) = lines.find(|l| l.contains("ERROR") || l.contains("error")) {
+        line.push_str(" … ");
+        line.push_str(cause.trim());
+    }
+    let line = line.replace('|', "/");
+    if line.chars().count() > 300 {
+        format!("{}…", line.chars().take(299).collect::<String>())
     } else {
         line
     }

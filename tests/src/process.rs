@@ -75,6 +75,7 @@ impl Process {
             .with_context(|| format!("creating log file {}", log_path.display()))?;
         let log_err = log.try_clone().context("duplicating the log file handle")?;
         let child = command
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)
@@ -105,10 +106,11 @@ impl Process {
         &self.netns
     }
 
-    /// Everything the process has written to stdout and stderr so far.
+    /// Everything the process has written to stdout and stderr so far, without ANSI
+    /// colour sequences.
     pub fn logs(&self) -> String {
         std::fs::read(&self.log_path)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .map(|bytes| strip_ansi(&String::from_utf8_lossy(&bytes)))
             .unwrap_or_else(|error| {
                 format!("<log {} unreadable: {error}>", self.log_path.display())
             })
@@ -220,6 +222,26 @@ impl Drop for Process {
     }
 }
 
+/// `text` without ANSI CSI sequences (`ESC [ … final-byte`), which loggers emit even
+/// into files.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Sends `signal` to `pid`, ignoring errors (the process may be gone already).
 pub(crate) fn kill(pid: u32, signal: i32) {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
@@ -268,6 +290,14 @@ fn clock_ticks_per_second() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strips_colour_codes() {
+        let coloured =
+            "\u{1b}[2m2026\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m driver\u{1b}[2m=\u{1b}[0mepoll";
+        assert_eq!(strip_ansi(coloured), "2026  INFO driver=epoll");
+        assert_eq!(strip_ansi("plain [text]"), "plain [text]");
+    }
 
     #[test]
     fn reads_own_cpu_time() {
