@@ -176,7 +176,7 @@ impl Process {
             if self.logs().contains(needle) {
                 return Ok(Some(()));
             }
-            self.ensure_running()?;
+            self.ensure_running().map_err(wait::fatal)?;
             Ok(None)
         })
     }
@@ -301,12 +301,16 @@ mod tests {
 
     #[test]
     fn reads_own_cpu_time() {
-        let start = std::time::Instant::now();
+        // Spin until the kernel has charged at least one clock tick to this process.
         let mut x = 0u64;
-        while start.elapsed() < Duration::from_millis(50) {
-            x = x.wrapping_add(std::hint::black_box(1));
-        }
-        assert!(x > 0);
-        assert!(cpu_time(std::process::id()).unwrap() > Duration::ZERO);
+        let used = crate::wait::until("CPU time to be charged", Duration::from_secs(60), || {
+            for _ in 0..1_000_000 {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+            Ok(Some(cpu_time(std::process::id())?).filter(|t| *t > Duration::ZERO))
+        })
+        .unwrap();
+        assert!(used > Duration::ZERO && x > 0);
+        assert!(cpu_time(u32::MAX).is_err(), "no such process");
     }
 }

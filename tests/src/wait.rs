@@ -10,7 +10,8 @@ use anyhow::{anyhow, Result};
 /// Polls `probe` until it returns `Ok(Some(value))`, for at most `timeout`.
 ///
 /// `Ok(None)` means "not yet"; `Err` also means "not yet", and is kept as the reason shown
-/// if the deadline passes. `what` names the condition in that error.
+/// if the deadline passes, unless it was made with [`fatal`]: that ends the wait at once
+/// (e.g. the process being waited for has exited). `what` names the condition.
 pub fn until<T>(
     what: &str,
     timeout: Duration,
@@ -23,6 +24,9 @@ pub fn until<T>(
         match probe() {
             Ok(Some(value)) => return Ok(value),
             Ok(None) => {}
+            Err(error) if error.is::<Fatal>() => {
+                return Err(error.context(format!("while waiting for {what}")));
+            }
             Err(error) => last_error = Some(error),
         }
         let now = Instant::now();
@@ -37,6 +41,23 @@ pub fn until<T>(
         std::thread::sleep(pause.min(deadline - now));
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+}
+
+/// An error that ends a wait at once instead of being retried.
+#[derive(Debug)]
+pub struct Fatal(anyhow::Error);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// Marks `error` as [`Fatal`] for [`until`].
+pub fn fatal(error: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Fatal(error))
 }
 
 /// Polls `condition` until it is true, for at most `timeout`.
@@ -61,6 +82,18 @@ mod tests {
         })
         .unwrap();
         assert_eq!(value, 3);
+    }
+
+    #[test]
+    fn stops_at_once_on_a_fatal_error() {
+        let mut tries = 0;
+        let error = until::<()>("anything", Duration::from_secs(60), || {
+            tries += 1;
+            Err(fatal(anyhow!("process exited")))
+        })
+        .unwrap_err();
+        assert_eq!(tries, 1);
+        assert!(format!("{error:#}").contains("process exited"));
     }
 
     #[test]

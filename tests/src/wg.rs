@@ -272,7 +272,7 @@ impl WgPeer {
             &format!("{label} to create {ifname} and {}", socket.display()),
             START_TIMEOUT,
             || {
-                process.ensure_running()?;
+                process.ensure_running().map_err(wait::fatal)?;
                 Ok((netns.has_link(&ifname) && socket.exists()).then_some(()))
             },
         )?;
