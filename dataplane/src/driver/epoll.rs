@@ -51,7 +51,12 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
     let mut udp_ready = true;
     while !shared.stop.load(Ordering::Relaxed) {
         if !tun_ready && !udp_ready {
-            poll.poll(&mut events, Some(Duration::from_millis(500)))?;
+            match poll.poll(&mut events, Some(Duration::from_millis(500))) {
+                Ok(()) => {}
+                // A signal (SIGTERM on the way, a profiler) interrupts the wait: not an error.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
             for ev in events.iter() {
                 match ev.token() {
                     TUN => tun_ready = true,
