@@ -4,7 +4,7 @@
 //! * `up --config FILE` — a TUN and the WireGuard engine from a wg-quick file, in the
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
@@ -127,6 +127,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .init();
 }
 
