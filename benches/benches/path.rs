@@ -1,0 +1,546 @@
+//! The data plane's per-packet paths against bare boringtun.
+//!
+//! * `encap`: bare `Tunn::encapsulate` on an established session vs our `Pipeline::on_tun`
+//!   (route lookup + peer lock + encapsulate + `TxBatch` assembly), 44 packets per
+//!   iteration (one GSO send) at 1420- and 64-byte inner packets, the batch drained and
+//!   completed after every 44 so slots recycle as they do in the driver; and `on_tun` with a
+//!   64 KB TSO super-packet (split + checksum + encrypt), reported per segment.
+//! * `decap`: bare `Tunn::decapsulate` vs `Pipeline::on_udp` over one GRO buffer of 44
+//!   datagrams, into a counting sink and into the real coalescing `RxSink`. Every iteration
+//!   gets freshly encrypted datagrams (made in the untimed setup, counters increasing), so
+//!   nothing measured is a replay reject; delivery is asserted outside the timed loops.
+//! * After the groups, a manual `Instant` loop of 200k 1420-byte packets (median of 5)
+//!   prints the per-packet overhead of `on_tun` over bare `Tunn::encapsulate`.
+//!
+//! Both sides use the same boringtun session: the bare benches lock the pipeline's own peer
+//! state and call its `Tunn` directly. No sockets; endpoints are labels only.
+
+use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::TunnResult;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use tabbify_dataplane::core::batch::TxBatch;
+use tabbify_dataplane::core::counters::DropCounters;
+use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
+use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::peer::{Peer, PeerConfig};
+use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
+use tabbify_dataplane::core::rxsink::RxSink;
+use tabbify_dataplane::core::table::{Snapshot, Table};
+use tabbify_dataplane::core::wire::{checksum, protocol, Ipv4Repr};
+
+/// Datagrams per GSO send / GRO receive.
+const BATCH: usize = 44;
+/// TCP payload per segment at tunnel MTU 1420 (IPv4 + TCP with timestamps).
+const MSS: usize = 1368;
+const TCP_HDR: usize = 32;
+/// Segments in the 64 KB super-packet: 47 × 1368 = 64,296 payload bytes.
+const TSO_SEGMENTS: usize = 47;
+/// Send slots, as the io_uring driver has.
+const TX_SLOTS: usize = 64;
+/// WireGuard data-message overhead.
+const WG_OVERHEAD: usize = 32;
+
+const EP_A: &str = "192.0.2.1:51820";
+const EP_B: &str = "192.0.2.2:51820";
+const KEY_A: [u8; 32] = [1; 32];
+const KEY_B: [u8; 32] = [2; 32];
+
+/// One engine: its table, its pipeline, its drop counters.
+struct Node {
+    table: Arc<Table>,
+    pipe: Pipeline,
+    counters: Arc<DropCounters>,
+    ep: SocketAddr,
+}
+
+fn node(me: [u8; 32], peer: [u8; 32], peer_ep: &str, allowed: &str, vnet: bool, ep: &str) -> Node {
+    let table = Arc::new(Table::new(StaticSecret::from(me), 51820));
+    table
+        .upsert_peer(PeerConfig {
+            public_key: PublicKey::from(&StaticSecret::from(peer)).to_bytes(),
+            preshared_key: None,
+            endpoint: Some(peer_ep.parse().expect("endpoint")),
+            allowed_ips: vec![allowed.parse::<IpNet>().expect("prefix")],
+            persistent_keepalive: None,
+        })
+        .expect("peer");
+    let counters = Arc::new(DropCounters::default());
+    Node {
+        table,
+        pipe: Pipeline::new(counters.clone(), vnet, true, TX_SLOTS),
+        counters,
+        ep: ep.parse().expect("endpoint"),
+    }
+}
+
+/// The peer entry `n` holds for the other node.
+fn peer_of(snap: &Snapshot, other: [u8; 32]) -> &Arc<Peer> {
+    snap.by_key(&PublicKey::from(&StaticSecret::from(other)).to_bytes())
+        .expect("peer configured")
+}
+
+/// A sink that only counts.
+#[derive(Default)]
+struct Count {
+    pkts: usize,
+    bytes: usize,
+}
+
+impl TunSink for Count {
+    fn push(&mut self, pkt: &[u8]) -> bool {
+        self.pkts += 1;
+        self.bytes += black_box(pkt).len();
+        true
+    }
+}
+
+/// Hands every queued GSO slot of `from` to `to` as a GRO receive, completing the slots.
+fn deliver(from: &mut Node, to: &mut Node, sink: &mut impl TunSink) {
+    let mut out = Vec::new();
+    let mut done = Vec::new();
+    from.pipe.tx.drain(|i, s| {
+        out.push((s.buf[..s.len].to_vec(), s.segment));
+        done.push(i);
+    });
+    for i in done {
+        from.pipe.tx.complete(i);
+    }
+    let snap = to.table.load_full();
+    for (bytes, seg) in out {
+        to.pipe
+            .on_udp(&snap, from.ep, &bytes, Some(seg as u16), sink)
+            .expect("room in the send batch");
+    }
+}
+
+/// Drains and completes every slot at once (what the driver does after one send round).
+fn recycle(tx: &mut TxBatch) -> usize {
+    let mut done = [0usize; TX_SLOTS];
+    let mut n = 0;
+    let mut bytes = 0;
+    tx.drain(|i, s| {
+        done[n] = i;
+        n += 1;
+        bytes += s.len;
+    });
+    for &i in &done[..n] {
+        tx.complete(i);
+    }
+    black_box(bytes)
+}
+
+/// A plain IPv4/UDP packet of `total` bytes from `src` to `dst`.
+fn ipv4_udp(src: [u8; 4], dst: [u8; 4], total: usize) -> Vec<u8> {
+    let mut p = vec![0u8; total];
+    Ipv4Repr {
+        src: src.into(),
+        dst: dst.into(),
+        protocol: protocol::UDP,
+        payload_len: total - 20,
+        ttl: 64,
+        tos: 0,
+        ident: 7,
+        dont_frag: true,
+    }
+    .emit(&mut p)
+    .expect("header fits");
+    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&5000u16.to_be_bytes());
+    p[24..26].copy_from_slice(&((total - 20) as u16).to_be_bytes());
+    for (i, b) in p[28..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    p
+}
+
+/// A TSO TCP/IPv4 super-packet of `segments` × MSS from 10.0.0.1 to 10.0.0.2, as the kernel
+/// hands it to a TUN reader: virtio header, full lengths, pseudo-header sum, `NEEDS_CSUM`.
+fn tso_super_packet(segments: usize) -> (VirtioNetHdr, Vec<u8>) {
+    let total = 20 + TCP_HDR + segments * MSS;
+    let mut p = vec![0u8; total];
+    Ipv4Repr {
+        src: [10, 0, 0, 1].into(),
+        dst: [10, 0, 0, 2].into(),
+        protocol: protocol::TCP,
+        payload_len: total - 20,
+        ttl: 64,
+        tos: 0,
+        ident: 1,
+        dont_frag: true,
+    }
+    .emit(&mut p)
+    .expect("header fits");
+    let t = &mut p[20..];
+    t[0..4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
+    t[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
+    t[8..12].copy_from_slice(&2_000_000u32.to_be_bytes());
+    t[12] = ((TCP_HDR / 4) as u8) << 4;
+    t[13] = 0x10;
+    t[14..16].copy_from_slice(&502u16.to_be_bytes());
+    t[20..32].copy_from_slice(&[1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
+    for (i, b) in t[TCP_HDR..].iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    let pseudo = checksum::pseudo_header_v4(
+        [10, 0, 0, 1].into(),
+        [10, 0, 0, 2].into(),
+        protocol::TCP,
+        (total - 20) as u32,
+    );
+    p[36..38].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
+    let hdr = VirtioNetHdr {
+        flags: gso::flags::NEEDS_CSUM,
+        gso_type: gso::gso_type::TCPV4,
+        hdr_len: (20 + TCP_HDR) as u16,
+        gso_size: MSS as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    (hdr, p)
+}
+
+/// Two nodes (A = 10.0.0.1, B = 10.0.0.2) with an established session.
+fn pair(vnet: bool) -> (Node, Node) {
+    let mut a = node(KEY_A, KEY_B, EP_B, "10.0.0.2/32", vnet, EP_A);
+    let mut b = node(KEY_B, KEY_A, EP_A, "10.0.0.1/32", vnet, EP_B);
+    let mut first = if vnet {
+        vec![0u8; gso::VNET_HDR_LEN]
+    } else {
+        Vec::new()
+    };
+    first.extend(ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], 64));
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut first).expect("room");
+    let mut sb = Count::default();
+    let mut sa = Count::default();
+    deliver(&mut a, &mut b, &mut sb); // initiation
+    deliver(&mut b, &mut a, &mut sa); // response
+    deliver(&mut a, &mut b, &mut sb); // the queued first packet
+    assert_eq!(
+        sb.pkts, 1,
+        "handshake completed and the first packet arrived"
+    );
+    assert_eq!(a.counters.total() + b.counters.total(), 0);
+    (a, b)
+}
+
+fn encap(c: &mut Criterion) {
+    let mut g = c.benchmark_group("encap");
+    let (mut a, _b) = pair(false);
+    let snap = a.table.load_full();
+    let peer = peer_of(&snap, KEY_B).clone();
+    let mut slot = vec![0u8; 65_536];
+    for size in [1420usize, 64] {
+        let pkt = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], size);
+        let room = (size + WG_OVERHEAD).max(148);
+        for (unit, tp) in [
+            ("bytes", Throughput::Bytes((BATCH * size) as u64)),
+            ("packets", Throughput::Elements(BATCH as u64)),
+        ] {
+            g.throughput(tp);
+            g.bench_function(BenchmarkId::new(format!("bare_tunn/{size}"), unit), |bch| {
+                let mut st = peer.lock();
+                bch.iter(|| {
+                    let mut off = 0;
+                    for _ in 0..BATCH {
+                        match st
+                            .tunn
+                            .encapsulate(black_box(&pkt), &mut slot[off..off + room])
+                        {
+                            TunnResult::WriteToNetwork(p) => off += p.len(),
+                            _ => panic!("established session encrypts"),
+                        }
+                    }
+                    black_box(&slot[..off]);
+                })
+            });
+            g.bench_function(BenchmarkId::new(format!("on_tun/{size}"), unit), |bch| {
+                let mut buf = pkt.clone();
+                bch.iter(|| {
+                    for _ in 0..BATCH {
+                        a.pipe
+                            .on_tun(&snap, black_box(&mut buf))
+                            .expect("slots recycled");
+                    }
+                    recycle(&mut a.pipe.tx)
+                })
+            });
+        }
+    }
+    assert_eq!(a.counters.total(), 0, "every on_tun packet was encrypted");
+
+    // TSO super-packet: split + checksum + encrypt each segment, all into GSO slots.
+    let (mut v, _vb) = pair(true);
+    let vsnap = v.table.load_full();
+    let vpeer = peer_of(&vsnap, KEY_B).clone();
+    let (hdr, sp) = tso_super_packet(TSO_SEGMENTS);
+    let mut with_hdr = hdr.to_bytes().to_vec();
+    with_hdr.extend_from_slice(&sp);
+    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    // Untimed check: one super-packet becomes TSO_SEGMENTS datagrams of MTU-sized packets.
+    v.pipe.on_tun(&vsnap, &mut with_hdr.clone()).expect("room");
+    let mut segs = 0;
+    let mut seg_len = 0;
+    v.pipe.tx.send_all(|s| {
+        segs += s.segments;
+        seg_len = seg_len.max(s.segment);
+    });
+    assert_eq!(
+        (segs, seg_len),
+        (TSO_SEGMENTS, 20 + TCP_HDR + MSS + WG_OVERHEAD)
+    );
+    for (unit, tp) in [
+        ("bytes", Throughput::Bytes((TSO_SEGMENTS * MSS) as u64)),
+        ("segments", Throughput::Elements(TSO_SEGMENTS as u64)),
+    ] {
+        g.throughput(tp);
+        g.bench_function(BenchmarkId::new("tso64k_split_bare_tunn", unit), |bch| {
+            let mut st = vpeer.lock();
+            bch.iter(|| {
+                let mut off = 0;
+                let n = gso::split(&hdr, black_box(&sp), &mut scratch, |seg| {
+                    let room = seg.len() + WG_OVERHEAD;
+                    if off + room > slot.len() {
+                        off = 0;
+                    }
+                    match st.tunn.encapsulate(seg, &mut slot[off..off + room]) {
+                        TunnResult::WriteToNetwork(p) => off += p.len(),
+                        _ => panic!("established session encrypts"),
+                    }
+                    ControlFlow::Continue(())
+                });
+                assert_eq!(n, Ok(TSO_SEGMENTS));
+            })
+        });
+        g.bench_function(BenchmarkId::new("tso64k_on_tun", unit), |bch| {
+            let mut buf = with_hdr.clone();
+            bch.iter(|| {
+                v.pipe
+                    .on_tun(&vsnap, black_box(&mut buf))
+                    .expect("slots recycled");
+                recycle(&mut v.pipe.tx)
+            })
+        });
+    }
+    assert_eq!(v.counters.total(), 0, "every segment was encrypted");
+    g.finish();
+}
+
+/// The 44 TCP segments (1420 bytes each) of one flow, as A's TUN would hand them over.
+fn tcp_segments() -> Vec<Vec<u8>> {
+    let (hdr, sp) = tso_super_packet(BATCH);
+    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut segs = Vec::with_capacity(BATCH);
+    gso::split(&hdr, &sp, &mut scratch, |s| {
+        segs.push(s.to_vec());
+        ControlFlow::Continue(())
+    })
+    .expect("valid super-packet");
+    assert!(segs.iter().all(|s| s.len() == 20 + TCP_HDR + MSS));
+    segs
+}
+
+/// One GRO buffer: `segs` freshly encrypted by A's session (next counters), back to back.
+fn encrypt_batch(a: &Arc<Peer>, segs: &[Vec<u8>]) -> Vec<u8> {
+    let dlen = segs[0].len() + WG_OVERHEAD;
+    let mut buf = vec![0u8; segs.len() * dlen];
+    let mut st = a.lock();
+    for (s, out) in segs.iter().zip(buf.chunks_mut(dlen)) {
+        match st.tunn.encapsulate(s, out) {
+            TunnResult::WriteToNetwork(p) => assert_eq!(p.len(), dlen),
+            _ => panic!("established session encrypts"),
+        }
+    }
+    buf
+}
+
+fn decap(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decap");
+    let (a, mut b) = pair(true);
+    let a_snap = a.table.load_full();
+    let a_peer = peer_of(&a_snap, KEY_B).clone();
+    let b_snap = b.table.load_full();
+    let b_peer = peer_of(&b_snap, KEY_A).clone();
+    let segs = tcp_segments();
+    let dlen = segs[0].len() + WG_OVERHEAD;
+    let src_ip: IpAddr = a.ep.ip();
+    let mut dec = vec![0u8; 65_536];
+    let mut rx = RxSink::new(true, 32, 1 << 21);
+
+    // Untimed checks: a fresh GRO buffer is delivered whole, and coalesces to one write.
+    let mut count = Count::default();
+    let d = encrypt_batch(&a_peer, &segs);
+    b.pipe
+        .on_udp(&b_snap, a.ep, &d, Some(dlen as u16), &mut count)
+        .expect("room");
+    assert_eq!(count.pkts, BATCH, "every datagram reached the sink");
+    let d = encrypt_batch(&a_peer, &segs);
+    b.pipe
+        .on_udp(&b_snap, a.ep, &d, Some(dlen as u16), &mut rx)
+        .expect("room");
+    let mut writes = Vec::new();
+    rx.for_each(|w| writes.push(w.len()));
+    rx.clear();
+    assert_eq!(
+        writes,
+        vec![gso::VNET_HDR_LEN + 20 + TCP_HDR + BATCH * MSS],
+        "one coalesced super-packet"
+    );
+    assert_eq!(b.counters.total(), 0);
+
+    let mut delivered = 0usize;
+    let mut bare_ok = 0usize;
+    let mut bare_total = 0usize;
+    for (unit, tp) in [
+        ("bytes", Throughput::Bytes((BATCH * segs[0].len()) as u64)),
+        ("packets", Throughput::Elements(BATCH as u64)),
+    ] {
+        g.throughput(tp);
+        g.bench_function(BenchmarkId::new("bare_tunn", unit), |bch| {
+            bch.iter_batched_ref(
+                || encrypt_batch(&a_peer, &segs),
+                |d| {
+                    let mut st = b_peer.lock();
+                    for dg in d.chunks(dlen) {
+                        bare_total += 1;
+                        if let TunnResult::WriteToTunnelV4(p, _) =
+                            st.tunn.decapsulate(Some(src_ip), dg, &mut dec)
+                        {
+                            black_box(p);
+                            bare_ok += 1;
+                        }
+                    }
+                },
+                BatchSize::NumIterations(16),
+            )
+        });
+        g.bench_function(BenchmarkId::new("on_udp_count_sink", unit), |bch| {
+            let mut sink = Count::default();
+            bch.iter_batched_ref(
+                || encrypt_batch(&a_peer, &segs),
+                |d| {
+                    b.pipe
+                        .on_udp(&b_snap, a.ep, black_box(d), Some(dlen as u16), &mut sink)
+                        .expect("room");
+                },
+                BatchSize::NumIterations(16),
+            );
+            delivered += sink.pkts;
+        });
+        g.bench_function(BenchmarkId::new("on_udp_rxsink_gro", unit), |bch| {
+            bch.iter_batched_ref(
+                || encrypt_batch(&a_peer, &segs),
+                |d| {
+                    b.pipe
+                        .on_udp(&b_snap, a.ep, black_box(d), Some(dlen as u16), &mut rx)
+                        .expect("room");
+                    rx.for_each(|w| {
+                        black_box(w);
+                    });
+                    rx.clear();
+                },
+                BatchSize::NumIterations(16),
+            )
+        });
+    }
+    g.finish();
+    assert_eq!(bare_ok, bare_total, "bare decapsulate never rejected");
+    assert!(delivered > 0);
+    assert_eq!(
+        b.counters.total(),
+        0,
+        "no replay or other drop during the decap benches"
+    );
+}
+
+/// Nanoseconds per packet of `run(n)` processing `n` packets.
+fn ns_per_packet(packets: usize, mut run: impl FnMut(usize)) -> f64 {
+    let t = Instant::now();
+    run(packets);
+    t.elapsed().as_nanos() as f64 / packets as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The per-packet overhead of `on_tun` over bare `Tunn::encapsulate`, at 1420 and 64 bytes:
+/// median of 5 alternating rounds of 200k packets each (a token run outside `cargo bench`).
+fn overhead(_c: &mut Criterion) {
+    let packets = if std::env::args().any(|a| a == "--bench") {
+        200_000
+    } else {
+        BATCH * 4
+    };
+    let (mut a, _b) = pair(false);
+    let snap = a.table.load_full();
+    let peer = peer_of(&snap, KEY_B).clone();
+    let mut slot = vec![0u8; 65_536];
+    for size in [1420usize, 64] {
+        let pkt = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], size);
+        let room = (size + WG_OVERHEAD).max(148);
+        let mut buf = pkt.clone();
+        let mut bare = |n: usize| {
+            let mut st = peer.lock();
+            let mut off = 0;
+            for i in 0..n {
+                if i % BATCH == 0 {
+                    off = 0;
+                }
+                if let TunnResult::WriteToNetwork(p) = st
+                    .tunn
+                    .encapsulate(black_box(&pkt), &mut slot[off..off + room])
+                {
+                    off += p.len();
+                }
+            }
+            black_box(&slot);
+        };
+        let mut ours = |n: usize| {
+            for i in 0..n {
+                a.pipe
+                    .on_tun(&snap, black_box(&mut buf))
+                    .expect("slots recycled");
+                if i % BATCH == BATCH - 1 {
+                    recycle(&mut a.pipe.tx);
+                }
+            }
+            recycle(&mut a.pipe.tx);
+        };
+        // Warm both, then alternate rounds so drift hits both equally.
+        bare(packets / 10);
+        ours(packets / 10);
+        let mut b_ns = Vec::new();
+        let mut o_ns = Vec::new();
+        for _ in 0..5 {
+            b_ns.push(ns_per_packet(packets, &mut bare));
+            o_ns.push(ns_per_packet(packets, &mut ours));
+        }
+        let (bn, on) = (median(b_ns), median(o_ns));
+        println!(
+            "encap {size} B: bare Tunn::encapsulate {bn:.1} ns/pkt, Pipeline::on_tun {on:.1} ns/pkt"
+        );
+        println!(
+            "encap path overhead vs bare Tunn ({size} B): {:.1}%",
+            (on / bn - 1.0) * 100.0
+        );
+    }
+    assert_eq!(a.counters.total(), 0);
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = encap, overhead, decap
+}
+
+criterion_main!(benches);
