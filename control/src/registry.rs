@@ -409,28 +409,36 @@ impl Registry {
             classes.insert(id, class);
         }
         let id = self.log.next_id;
+        // An entry's JSON depends only on the peer and the pair's port rules, so it is
+        // serialized once per (peer, rules) and shared by every class roster holding it.
+        let mut json: HashMap<(&str, RulesId), (Arc<str>, Arc<str>)> = HashMap::new();
         let mut frames = vec![None; self.vis.len()];
         for (c, slot) in frames.iter_mut().enumerate() {
-            let Some(rep) = self.members.get(c).and_then(|m| m.first()) else {
+            let c = c as ClassId;
+            if self.members.get(c as usize).is_none_or(|m| m.is_empty()) {
                 continue;
-            };
-            // Every member of a class sees the same roster except for itself, so build it
-            // once for a representative (plus the representative as its classmates see
-            // it) and let each stream drop its own entry.
-            let mut peers = self.roster(rep);
-            if let Some(me) = self.peers.get(rep) {
-                if let Some(rules) = self.vis.port_rules(me.class, me.class) {
-                    peers.push(entry(me, rules.clone()));
-                    peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+            }
+            // The class's members see the same roster, each minus itself (dropped when
+            // the frame is written for a stream).
+            let mut entries = Vec::new();
+            for target in self.vis.visible_from(c) {
+                let rid = self.vis.rules_id(c, target);
+                let Some(ids) = self.members.get(target as usize) else {
+                    continue;
+                };
+                for pid in ids {
+                    let Some(p) = self.peers.get(pid) else {
+                        continue;
+                    };
+                    let e = json.entry((pid.as_str(), rid)).or_insert_with(|| {
+                        let rules = self.vis.port_rules(c, target).cloned().unwrap_or_default();
+                        let text = serde_json::to_string(&entry(p, rules)).unwrap_or_default();
+                        (Arc::from(pid.as_str()), Arc::from(text))
+                    });
+                    entries.push(e.clone());
                 }
             }
-            let entries = peers
-                .iter()
-                .map(|e| {
-                    let json = serde_json::to_string(e).unwrap_or_default();
-                    (e.peer_id.clone(), json)
-                })
-                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
             *slot = Some(Arc::new(PolicyFrame {
                 id,
                 revision,
@@ -567,7 +575,7 @@ pub struct PolicyFrame {
     /// Policy revision.
     pub revision: u64,
     /// (peer id, entry JSON), sorted by peer id.
-    pub entries: Vec<(String, String)>,
+    pub entries: Vec<(Arc<str>, Arc<str>)>,
 }
 
 impl PolicyFrame {
@@ -583,7 +591,7 @@ impl PolicyFrame {
         ));
         let mut first = true;
         for (pid, json) in &self.entries {
-            if pid == me {
+            if &**pid == me {
                 continue;
             }
             if !first {
