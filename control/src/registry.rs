@@ -411,7 +411,7 @@ impl Registry {
         let id = self.log.next_id;
         // An entry's JSON depends only on the peer and the pair's port rules, so it is
         // serialized once per (peer, rules) and shared by every class roster holding it.
-        let mut json: HashMap<(&str, RulesId), (Arc<str>, Arc<str>)> = HashMap::new();
+        let mut json: HashMap<(&str, RulesId), SharedEntry> = HashMap::new();
         let mut frames = vec![None; self.vis.len()];
         for (c, slot) in frames.iter_mut().enumerate() {
             let c = c as ClassId;
@@ -566,6 +566,9 @@ impl Registry {
     }
 }
 
+/// (peer id, serialized roster entry), shared between class rosters.
+pub type SharedEntry = (Arc<str>, Arc<str>);
+
 /// A class's roster after a policy change, including the members of the class itself,
 /// with each entry serialized once; each stream leaves out its own entry.
 #[derive(Debug)]
@@ -575,7 +578,7 @@ pub struct PolicyFrame {
     /// Policy revision.
     pub revision: u64,
     /// (peer id, entry JSON), sorted by peer id.
-    pub entries: Vec<(Arc<str>, Arc<str>)>,
+    pub entries: Vec<SharedEntry>,
 }
 
 impl PolicyFrame {
