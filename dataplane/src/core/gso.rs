@@ -260,7 +260,7 @@ pub fn split(
             let c = checksum::checksum(&out[..plan.l3]);
             put16(out, 10, c);
         }
-        let pseudo = plan.pseudo + u64::from(l4_len as u32);
+        let pseudo = checksum::add(plan.pseudo, u64::from(l4_len as u32));
         let l4 = &mut out[plan.l3..];
         if plan.tcp {
             let seq = seq0.wrapping_add((i * gso) as u32);

@@ -106,8 +106,8 @@ pub fn pseudo_header_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, l4_len: u32)
 /// upper-layer length, three zero bytes and the next header.
 #[inline]
 pub fn pseudo_header_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, l4_len: u32) -> u64 {
-    let s = sum(0, &src.octets());
-    let s = sum(s, &dst.octets());
+    // Folded first, so the result stays far below 2^64 and callers may add to it.
+    let s = u64::from(fold(sum(sum(0, &src.octets()), &dst.octets())));
     s + u64::from(next_header) + u64::from(l4_len >> 16) + u64::from(l4_len & 0xffff)
 }
 
@@ -160,6 +160,16 @@ mod tests {
         zeroed[10] = 0;
         zeroed[11] = 0;
         assert_eq!(checksum(&zeroed), 0xb861);
+    }
+
+    #[test]
+    fn pseudo_header_sums_do_not_overflow() {
+        // All-ones addresses drive the unfolded sum close to 2^64.
+        let a = Ipv6Addr::from([0xff; 16]);
+        let s = pseudo_header_v6(a, a, 17, u32::MAX);
+        assert_eq!(fold(add(s, u64::MAX - 1)), fold(add(s, 0xffff_fffe)));
+        let b = Ipv4Addr::from([0xff; 4]);
+        let _ = add(pseudo_header_v4(b, b, 255, u32::MAX), u64::MAX);
     }
 
     #[test]
