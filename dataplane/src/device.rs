@@ -84,6 +84,10 @@ impl UapiHandler for Device {
             }
         }
         if let Some(k) = u.private_key {
+            // An all-zero key means "remove the private key"; a running engine keeps one.
+            if k.is_zero() {
+                return Err(UapiErrno::Invalid);
+            }
             self.table
                 .set_private_key(boringtun::x25519::StaticSecret::from(k.0));
         }

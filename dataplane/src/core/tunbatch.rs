@@ -23,7 +23,8 @@ impl TunBatch {
         Self {
             arena: vec![0u8; bytes].into_boxed_slice(),
             used: 0,
-            ranges: Vec::with_capacity(bytes / 64),
+            // The smallest IP packet is 20 bytes: that bounds how many fit.
+            ranges: Vec::with_capacity(bytes / 20 + 1),
             vnet,
         }
     }
