@@ -229,11 +229,9 @@ impl Pipeline {
                     st.endpoint = Some(src);
                 }
                 TunnResult::WriteToNetwork(p) => {
-                    let n = p.len();
                     if push_copy(&mut self.tx, src, p).is_err() {
                         result = Err(Full);
                     }
-                    let _ = n;
                 }
                 TunnResult::Err(e) => self.counters.add(DropReason::from_wg(&e)),
             }
