@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use boringtun::noise::errors::WireGuardError;
 
+/// How many [`DropReason`]s there are.
+const REASONS: usize = 16;
+
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(usize)]
@@ -38,13 +41,15 @@ pub enum DropReason {
     Io,
     /// A batch buffer ran out of room.
     NoBuffer,
-    /// The packet filter refused the packet.
-    Filtered,
+    /// The packet filter refused a packet we were about to send to a peer.
+    FilteredOut,
+    /// The packet filter refused a decrypted packet from a peer.
+    FilteredIn,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; REASONS] = [
         Self::MalformedInner,
         Self::NoRoute,
         Self::NoEndpoint,
@@ -59,7 +64,8 @@ impl DropReason {
         Self::MalformedDecrypted,
         Self::Io,
         Self::NoBuffer,
-        Self::Filtered,
+        Self::FilteredOut,
+        Self::FilteredIn,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -79,7 +85,8 @@ impl DropReason {
             Self::MalformedDecrypted => "malformed_decrypted",
             Self::Io => "io",
             Self::NoBuffer => "no_buffer",
-            Self::Filtered => "filtered",
+            Self::FilteredOut => "filtered_out",
+            Self::FilteredIn => "filtered_in",
         }
     }
 
@@ -104,7 +111,7 @@ impl DropReason {
 /// Device-wide drop counters.
 #[derive(Debug, Default)]
 pub struct DropCounters {
-    counts: [AtomicU64; 15],
+    counts: [AtomicU64; REASONS],
 }
 
 impl DropCounters {

@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod counters;
+pub mod filter;
 pub mod gso;
 pub mod net;
 pub mod peer;

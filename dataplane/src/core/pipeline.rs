@@ -2,12 +2,14 @@
 //!
 //! ```text
 //! outbound: TUN read ─▶ [virtio hdr: split TSO/USO super-packet, complete checksums]
-//!           ─▶ route lookup (inner dst → peer, once per super-packet) ─▶ lock peer once
+//!           ─▶ route lookup (inner dst → peer + filter, once per super-packet)
+//!           ─▶ packet filter (port rules, first segment's headers) ─▶ lock peer once
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
 //!           receiver index (lock peer once per run of datagrams) ─▶ Tunn::decapsulate
-//!           ─▶ allowed-source check ─▶ TUN sink (GRO coalescer or plain batch)
+//!           ─▶ allowed-source check ─▶ packet filter (per decrypted packet)
+//!           ─▶ TUN sink (GRO coalescer or plain batch)
 //!           ─▶ driver: one TUN write per (coalesced) packet
 //! ```
 //!
@@ -100,10 +102,18 @@ impl Pipeline {
             self.drop(DropReason::MalformedInner);
             return Ok(());
         };
-        let Some(peer) = snap.route(dst) else {
+        let Some(entry) = snap.route_entry(dst) else {
             self.drop(DropReason::NoRoute);
             return Ok(());
         };
+        // Once per super-packet: every segment shares the first one's ports.
+        if let Some(f) = &entry.filter {
+            if !f.allows_out(pkt) {
+                self.drop(DropReason::FilteredOut);
+                return Ok(());
+            }
+        }
+        let peer = &entry.peer;
         let mut st = peer.lock();
         let Some(endpoint) = st.endpoint else {
             drop(st);
@@ -390,7 +400,9 @@ fn push_copy(tx: &mut TxBatch, dst: SocketAddr, p: &[u8]) -> Result<(), Full> {
 }
 
 /// Cryptokey routing on receive: the inner source must be one of the sending peer's
-/// AllowedIPs (boringtun does not check this).
+/// AllowedIPs (boringtun does not check this); then the peer's packet filter. Returns
+/// whether the packet came from the peer's allowed sources (a filtered packet did: it
+/// still counts as received and may move the endpoint).
 #[inline]
 fn deliver(
     snap: &Snapshot,
@@ -400,9 +412,15 @@ fn deliver(
     sink: &mut impl TunSink,
     counters: &DropCounters,
 ) -> bool {
-    if !snap.allows_source(peer, src) {
+    let Some(entry) = snap.source_entry(peer, src) else {
         counters.add(DropReason::SourceNotAllowed);
         return false;
+    };
+    if let Some(f) = &entry.filter {
+        if !f.allows_in(pkt) {
+            counters.add(DropReason::FilteredIn);
+            return true;
+        }
     }
     if !sink.push(pkt) {
         counters.add(DropReason::NoBuffer);

@@ -12,6 +12,11 @@
 //! * WireGuard receiver index → peer (`receiver_index >> 8` is the peer's 24-bit index),
 //! * public key → peer (handshake initiations, after `parse_handshake_anon`),
 //! * allowed-source check after decrypt: the source must route back to the same peer.
+//!
+//! A peer's packet filter ([`PortFilter`]) lives in its snapshot entry, not in the shared
+//! [`Peer`]: a route lookup hands the pipeline the peer and its filter together, and a
+//! writer can change a peer's AllowedIPs and port rules in one published snapshot, so no
+//! snapshot ever shows a coordinator peer without its rules.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -22,6 +27,7 @@ use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::core::filter::PortFilter;
 use crate::core::net::IpNet;
 use crate::core::peer::{Peer, PeerConfig};
 use crate::core::route::RouteTable;
@@ -36,6 +42,8 @@ pub struct PeerEntry {
     pub peer: Arc<Peer>,
     /// The peer's AllowedIPs, normalized, in configuration order.
     pub allowed_ips: Vec<IpNet>,
+    /// The port rules enforced on traffic to and from the peer; `None` passes everything.
+    pub filter: Option<Arc<PortFilter>>,
 }
 
 /// One immutable view of the device: keys, peers and routes.
@@ -59,8 +67,14 @@ impl Snapshot {
     /// The peer that `dst` routes to.
     #[inline]
     pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.route_entry(dst).map(|e| &e.peer)
+    }
+
+    /// The entry (peer and filter) that `dst` routes to: one lookup for the hot path.
+    #[inline]
+    pub fn route_entry(&self, dst: IpAddr) -> Option<&PeerEntry> {
         let pos = self.routes.lookup(dst)?;
-        self.peers.get(pos as usize).map(|e| &e.peer)
+        self.peers.get(pos as usize)
     }
 
     /// The peer whose session index matches a received `receiver_index`.
@@ -80,10 +94,14 @@ impl Snapshot {
     /// Cryptokey routing's source check: does `src` route back to `peer`?
     #[inline]
     pub fn allows_source(&self, peer: &Peer, src: IpAddr) -> bool {
-        match self.route(src) {
-            Some(p) => p.index == peer.index,
-            None => false,
-        }
+        self.source_entry(peer, src).is_some()
+    }
+
+    /// The source check that also hands back `peer`'s entry (for its filter): the entry
+    /// `src` routes to, if that is `peer`'s.
+    #[inline]
+    pub fn source_entry(&self, peer: &Peer, src: IpAddr) -> Option<&PeerEntry> {
+        self.route_entry(src).filter(|e| e.peer.index == peer.index)
     }
 
     /// Every (prefix, peer position) route, for `wg show` and tests.
@@ -166,8 +184,30 @@ impl Table {
 
     /// Adds a peer or updates the one with the same public key. An existing peer keeps
     /// its session when only its endpoint or AllowedIPs change; a new pre-shared key or
-    /// keepalive makes a fresh session.
+    /// keepalive makes a fresh session. An existing peer keeps its packet filter; a new
+    /// peer has none.
     pub fn upsert_peer(&self, cfg: PeerConfig) -> Result<Arc<Peer>, TableError> {
+        self.upsert(cfg, None)
+    }
+
+    /// [`Table::upsert_peer`] that also sets the peer's packet filter (`None` removes it),
+    /// in the same published snapshot: readers see the old peer or the new peer with its
+    /// rules, never the new peer without them. The session is kept exactly as
+    /// `upsert_peer` keeps it.
+    pub fn upsert_peer_with_filter(
+        &self,
+        cfg: PeerConfig,
+        filter: Option<PortFilter>,
+    ) -> Result<Arc<Peer>, TableError> {
+        self.upsert(cfg, Some(filter.map(Arc::new)))
+    }
+
+    /// `filter`: `None` keeps an existing peer's filter, `Some(f)` sets it.
+    fn upsert(
+        &self,
+        cfg: PeerConfig,
+        filter: Option<Option<Arc<PortFilter>>>,
+    ) -> Result<Arc<Peer>, TableError> {
         self.write(|cur| {
             let mut peers = cur.peers.clone();
             let allowed: Vec<IpNet> = cfg.allowed_ips.iter().map(|n| n.network()).collect();
@@ -183,6 +223,9 @@ impl Table {
                         p.lock().endpoint = Some(ep);
                     }
                     peers[pos].allowed_ips = allowed;
+                    if let Some(f) = filter {
+                        peers[pos].filter = f;
+                    }
                     p
                 }
                 _ => {
@@ -191,9 +234,14 @@ impl Table {
                         Err(e) => return (None, Err(e)),
                     };
                     let p = Peer::new(&cur.private_key, cfg, index, cur.limiter.clone());
+                    let filter = match filter {
+                        Some(f) => f,
+                        None => existing.and_then(|pos| peers[pos].filter.clone()),
+                    };
                     let entry = PeerEntry {
                         peer: p.clone(),
                         allowed_ips: allowed,
+                        filter,
                     };
                     match existing {
                         Some(pos) => peers[pos] = entry,
