@@ -1,7 +1,8 @@
 //! Two engines' pipelines talking to each other in memory: handshake, data both ways,
 //! TSO super-packets split, sent as GSO batches and coalesced again on receive, and
 //! hostile input (garbage, truncation, unknown indexes, replays, spoofed inner sources)
-//! dropped and counted. No sockets: datagrams are handed from one pipeline to the other.
+//! dropped and counted, and the per-peer port filter enforced at the sender and at the
+//! receiver. No sockets: datagrams are handed from one pipeline to the other.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_dataplane::core::counters::{DropCounters, DropReason};
+use tabbify_dataplane::core::filter::PortFilter;
 use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
 use tabbify_dataplane::core::net::IpNet;
 use tabbify_dataplane::core::peer::PeerConfig;
@@ -103,21 +105,84 @@ fn deliver(from: &mut Node, to: &mut Node, sink: &mut impl TunSink) -> usize {
 }
 
 fn ipv4_udp(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
-    let total = 20 + 8 + payload.len();
+    udp4(src, dst, 4000, 5000, payload)
+}
+
+/// An IPv4 header with a valid checksum around `l4` (protocol `proto`).
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> Vec<u8> {
+    let total = 20 + l4.len();
     let mut p = vec![0u8; total];
     p[0] = 0x45;
     p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     p[8] = 64;
-    p[9] = 17;
+    p[9] = proto;
     p[12..16].copy_from_slice(&src);
     p[16..20].copy_from_slice(&dst);
     let c = checksum::checksum(&p[..20]);
     p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20..22].copy_from_slice(&4000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&5000u16.to_be_bytes());
-    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    p[28..].copy_from_slice(payload);
+    p[20..].copy_from_slice(l4);
     p
+}
+
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = vec![0u8; 8 + payload.len()];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u[8..].copy_from_slice(payload);
+    ipv4(src, dst, 17, &u)
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    ipv4(src, dst, 6, &t)
+}
+
+fn ping4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    ipv4(
+        src,
+        dst,
+        1,
+        &[8, 0, 0, 0, 0, 1, 0, 1, b'p', b'i', b'n', b'g'],
+    )
+}
+
+const SYN: u8 = 0x02;
+const IP_A: [u8; 4] = [10, 0, 0, 1];
+const IP_B: [u8; 4] = [10, 0, 0, 2];
+
+/// Gives `node`'s peer (the other node of [`pair`]) port rules, keeping its session.
+fn set_filter(node: &Node, peer: u8, filter: Option<PortFilter>) {
+    let (ep, allowed) = if peer == 2 {
+        (EP_B, "10.0.0.2/32")
+    } else {
+        (EP_A, "10.0.0.1/32")
+    };
+    node.table
+        .upsert_peer_with_filter(
+            PeerConfig {
+                public_key: PublicKey::from(&StaticSecret::from([peer; 32])).to_bytes(),
+                preshared_key: None,
+                endpoint: Some(ep.parse().unwrap()),
+                allowed_ips: vec![allowed.parse::<IpNet>().unwrap()],
+                persistent_keepalive: None,
+            },
+            filter,
+        )
+        .unwrap();
+}
+
+/// Runs each packet through `node`'s TUN side.
+fn send_all(node: &mut Node, pkts: &[Vec<u8>]) {
+    let snap = node.table.load_full();
+    for p in pkts {
+        node.pipe.on_tun(&snap, &mut p.clone()).unwrap();
+    }
 }
 
 fn handshake(a: &mut Node, b: &mut Node, first: &[u8]) -> Collect {
@@ -362,4 +427,136 @@ fn allowed_ip_moves_between_peers() {
     assert!(s.peers[0].allowed_ips.is_empty());
     assert!(t.remove_peer(&k2));
     assert!(t.load().route(dst).is_none());
+}
+
+#[test]
+fn port_filter_refuses_at_the_sender() {
+    let (mut a, mut b) = pair(false);
+    // A may open port 5000 on B; B may open nothing on A. B holds the mirror image.
+    set_filter(&a, 2, Some(PortFilter::from_ranges(&[(5000, 5000)], &[])));
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[(5000, 5000)])));
+    let ok = udp4(IP_A, IP_B, 4000, 5000, b"allowed");
+    let got = handshake(&mut a, &mut b, &ok);
+    assert_eq!(got.0, vec![ok]);
+
+    // Another port, a ping, a SYN elsewhere: refused before encryption, nothing sent.
+    send_all(
+        &mut a,
+        &[
+            udp4(IP_A, IP_B, 4000, 5001, b"no"),
+            ping4(IP_A, IP_B),
+            tcp4(IP_A, IP_B, 40000, 22, SYN),
+        ],
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 3);
+    assert!(take(&mut a).is_empty());
+    // ... while the allowed port still passes on the same session.
+    let ok2 = tcp4(IP_A, IP_B, 40000, 5000, SYN);
+    send_all(&mut a, std::slice::from_ref(&ok2));
+    let mut sink_b = Collect::default();
+    assert_eq!(deliver(&mut a, &mut b, &mut sink_b), 1);
+    assert_eq!(sink_b.0, vec![ok2]);
+
+    // B's replies from the service port pass both ends; B opening anything on A does not.
+    let reply = udp4(IP_B, IP_A, 5000, 4000, b"reply");
+    send_all(
+        &mut b,
+        &[
+            reply.clone(),
+            udp4(IP_B, IP_A, 5001, 4000, b"not from the service"),
+            tcp4(IP_B, IP_A, 5000, 4000, SYN),
+            ping4(IP_B, IP_A),
+        ],
+    );
+    assert_eq!(b.counters.get(DropReason::FilteredOut), 3);
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![reply]);
+    assert_eq!(a.counters.get(DropReason::FilteredIn), 0);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 0);
+}
+
+#[test]
+fn port_filter_refuses_at_the_receiver() {
+    let (mut a, mut b) = pair(false);
+    // A has no rules for B (sends anything); B accepts only port 5000 from A.
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[(5000, 5000)])));
+    let ok = udp4(IP_A, IP_B, 4000, 5000, b"allowed");
+    assert_eq!(handshake(&mut a, &mut b, &ok).0, vec![ok]);
+
+    // Six equal-size datagrams, alternately allowed and not: one GSO send, one GRO receive
+    // on B, filtered packet by packet.
+    let batch: Vec<Vec<u8>> = (0..6u16)
+        .map(|i| udp4(IP_A, IP_B, 4000, 5000 + i % 2, &[i as u8; 100]))
+        .collect();
+    send_all(&mut a, &batch);
+    let sent = take(&mut a);
+    assert_eq!(sent.len(), 1, "one GSO send");
+    assert_eq!(sent[0].1.len() / sent[0].2, 6, "of six datagrams");
+    let mut sink = Collect::default();
+    let snap_b = b.table.load_full();
+    b.pipe
+        .on_udp(&snap_b, a.ep, &sent[0].1, Some(sent[0].2 as u16), &mut sink)
+        .unwrap();
+    let want: Vec<Vec<u8>> = batch.iter().step_by(2).cloned().collect();
+    assert_eq!(sink.0, want);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
+
+    // A ping and a SYN to another port are dropped after decryption; a SYN to 5000 is not.
+    let syn_ok = tcp4(IP_A, IP_B, 40000, 5000, SYN);
+    send_all(
+        &mut a,
+        &[
+            ping4(IP_A, IP_B),
+            tcp4(IP_A, IP_B, 40000, 22, SYN),
+            syn_ok.clone(),
+        ],
+    );
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert_eq!(sink.0, vec![syn_ok]);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 5);
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 0);
+    // The refused packets were authenticated: nothing else was counted against them.
+    assert_eq!(b.counters.total(), 5);
+
+    // Removing the rules lets everything through again, on the same session.
+    set_filter(&b, 1, None);
+    let ping = ping4(IP_A, IP_B);
+    send_all(&mut a, std::slice::from_ref(&ping));
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert_eq!(sink.0, vec![ping]);
+}
+
+#[test]
+fn tso_super_packet_is_filtered_once_by_its_first_segment() {
+    let (mut a, mut b) = pair(true);
+    let mut first = vec![0u8; gso::VNET_HDR_LEN];
+    first.extend(ipv4_udp(IP_A, IP_B, b"hi"));
+    let mut sink = Collect::default();
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut first).unwrap();
+    deliver(&mut a, &mut b, &mut sink);
+    deliver(&mut b, &mut a, &mut Collect::default());
+    deliver(&mut a, &mut b, &mut sink);
+    assert_eq!(sink.0.len(), 1);
+
+    // 40 segments to port 5201: refused as one super-packet when only port 80 is allowed.
+    set_filter(&a, 2, Some(PortFilter::from_ranges(&[(80, 80)], &[])));
+    let (mut sp, _) = tcp_super_packet(40 * 1368, 1368);
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut sp).unwrap();
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 1);
+    assert!(take(&mut a).is_empty());
+
+    // Allowed: all 40 segments go out in one GSO send.
+    set_filter(&a, 2, Some(PortFilter::from_ranges(&[(5201, 5201)], &[])));
+    let (mut sp, _) = tcp_super_packet(40 * 1368, 1368);
+    let snap = a.table.load_full();
+    a.pipe.on_tun(&snap, &mut sp).unwrap();
+    let sent = take(&mut a);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1.len() / sent[0].2, 40);
+    assert_eq!(a.counters.total(), 1);
 }

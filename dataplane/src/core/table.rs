@@ -359,3 +359,136 @@ fn rand_start() -> u32 {
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
     u32::from_le_bytes(b) & 0x00ff_ffff
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    fn cfg(key: u8, net: &str) -> PeerConfig {
+        PeerConfig {
+            public_key: [key; 32],
+            preshared_key: None,
+            endpoint: None,
+            allowed_ips: vec![net.parse().unwrap()],
+            persistent_keepalive: None,
+        }
+    }
+
+    fn web() -> PortFilter {
+        PortFilter::from_ranges(&[(443, 443)], &[(8730, 8730)])
+    }
+
+    fn filter_of(t: &Table, dst: &str) -> Option<Arc<PortFilter>> {
+        t.load()
+            .route_entry(dst.parse().unwrap())
+            .unwrap()
+            .filter
+            .clone()
+    }
+
+    #[test]
+    fn filter_is_set_kept_and_cleared() {
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        // A new peer through upsert_peer has none.
+        t.upsert_peer(cfg(1, "10.0.0.1/32")).unwrap();
+        assert!(filter_of(&t, "10.0.0.1").is_none());
+
+        let p = t
+            .upsert_peer_with_filter(cfg(2, "10.0.0.2/32"), Some(web()))
+            .unwrap();
+        assert_eq!(filter_of(&t, "10.0.0.2").as_deref(), Some(&web()));
+        let snap = t.load();
+        let e = snap.route_entry("10.0.0.2".parse().unwrap()).unwrap();
+        assert!(Arc::ptr_eq(&e.peer, &p));
+        assert!(Arc::ptr_eq(
+            snap.route("10.0.0.2".parse().unwrap()).unwrap(),
+            &p
+        ));
+        drop(snap);
+
+        // Plain upsert (new AllowedIPs) keeps both the session and the filter.
+        let same = t.upsert_peer(cfg(2, "10.0.1.0/24")).unwrap();
+        assert!(Arc::ptr_eq(&same, &p), "session kept");
+        assert_eq!(filter_of(&t, "10.0.1.7").as_deref(), Some(&web()));
+        assert!(t.load().route_entry("10.0.0.2".parse().unwrap()).is_none());
+
+        // New rules on the same session.
+        let other = PortFilter::from_ranges(&[(0, 65535)], &[]);
+        let same = t
+            .upsert_peer_with_filter(cfg(2, "10.0.1.0/24"), Some(other.clone()))
+            .unwrap();
+        assert!(Arc::ptr_eq(&same, &p), "session kept");
+        assert_eq!(filter_of(&t, "10.0.1.7").as_deref(), Some(&other));
+
+        // A new pre-shared key makes a fresh session; upsert_peer still keeps the filter.
+        let mut psk = cfg(2, "10.0.1.0/24");
+        psk.preshared_key = Some([7u8; 32]);
+        let fresh = t.upsert_peer(psk.clone()).unwrap();
+        assert!(!Arc::ptr_eq(&fresh, &p));
+        assert_eq!(filter_of(&t, "10.0.1.7").as_deref(), Some(&other));
+
+        // Other writers keep it too.
+        assert!(t.set_allowed_ips(&[2; 32], &["10.0.2.0/24".parse().unwrap()], false));
+        assert_eq!(filter_of(&t, "10.0.2.1").as_deref(), Some(&other));
+        t.set_listen_port(2);
+        assert_eq!(filter_of(&t, "10.0.2.1").as_deref(), Some(&other));
+
+        // `None` removes it, and the untouched peer never had one.
+        let same = t.upsert_peer_with_filter(psk, None).unwrap();
+        assert!(Arc::ptr_eq(&same, &fresh));
+        assert!(filter_of(&t, "10.0.1.7").is_none());
+        assert!(filter_of(&t, "10.0.0.1").is_none());
+    }
+
+    #[test]
+    fn source_entry_is_the_senders_own() {
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        let a = t
+            .upsert_peer_with_filter(cfg(1, "10.0.0.1/32"), Some(web()))
+            .unwrap();
+        let b = t.upsert_peer(cfg(2, "10.0.0.2/32")).unwrap();
+        let snap = t.load();
+        let e = snap.source_entry(&a, "10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(e.filter.as_deref(), Some(&web()));
+        assert!(snap.source_entry(&b, "10.0.0.1".parse().unwrap()).is_none());
+        assert!(snap.source_entry(&a, "10.9.9.9".parse().unwrap()).is_none());
+        assert!(snap.allows_source(&b, "10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn readers_never_see_a_filtered_peer_without_its_filter() {
+        let t = Arc::new(Table::new(StaticSecret::from([9u8; 32]), 1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(AtomicU32::new(0));
+        let reader = {
+            let (t, stop, seen) = (t.clone(), stop.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let dst: IpAddr = "10.0.0.2".parse().unwrap();
+                let mut bad = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(e) = t.load().route_entry(dst) {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                        bad += u32::from(e.filter.is_none());
+                    }
+                }
+                bad
+            })
+        };
+        for _ in 0..2000 {
+            t.upsert_peer_with_filter(cfg(2, "10.0.0.2/32"), Some(web()))
+                .unwrap();
+            assert!(t.remove_peer(&[2; 32]));
+        }
+        // End with the peer present until the reader has looked at it at least once.
+        t.upsert_peer_with_filter(cfg(2, "10.0.0.2/32"), Some(web()))
+            .unwrap();
+        while seen.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let bad = reader.join().unwrap();
+        assert_eq!(bad, 0, "snapshots with the peer but without its filter");
+    }
+}
