@@ -53,6 +53,43 @@ pub fn tabbify_xfer() -> Result<PathBuf> {
     )
 }
 
+/// `tabbify-mesh-ca`, the CA helper (`TABBIFY_MESH_CA_BIN` overrides).
+pub fn tabbify_mesh_ca() -> Result<PathBuf> {
+    locate(
+        "tabbify-mesh-ca",
+        "TABBIFY_MESH_CA_BIN",
+        "cargo build -p tabbify-control --bin tabbify-mesh-ca",
+    )
+}
+
+/// `tabbify-mesh-coordinator`, the control plane (`TABBIFY_MESH_COORDINATOR_BIN` overrides).
+pub fn tabbify_mesh_coordinator() -> Result<PathBuf> {
+    locate(
+        "tabbify-mesh-coordinator",
+        "TABBIFY_MESH_COORDINATOR_BIN",
+        "cargo build -p tabbify-control --bin tabbify-mesh-coordinator",
+    )
+}
+
+/// `tabbify-node`, the public edge (`TABBIFY_NODE_BIN` overrides).
+pub fn tabbify_node() -> Result<PathBuf> {
+    locate(
+        "tabbify-node",
+        "TABBIFY_NODE_BIN",
+        "cargo build -p tabbify-edge --bin tabbify-node",
+    )
+}
+
+/// `tabbify-testapp`, the app runner stand-in of this package (`TABBIFY_TESTAPP_BIN`
+/// overrides).
+pub fn tabbify_testapp() -> Result<PathBuf> {
+    locate(
+        "tabbify-testapp",
+        "TABBIFY_TESTAPP_BIN",
+        "cargo build -p tabbify-tests --bin tabbify-testapp",
+    )
+}
+
 fn candidates(name: &str) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Ok(exe) = std::env::current_exe() {

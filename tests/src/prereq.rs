@@ -27,6 +27,8 @@ pub enum Tool {
     Nft,
     /// `ethtool` (Debian `ethtool`).
     Ethtool,
+    /// `curl` (Debian `curl`).
+    Curl,
 }
 
 impl Tool {
@@ -41,6 +43,7 @@ impl Tool {
             Tool::Iperf3 => &["iperf3"],
             Tool::Nft => &["nft"],
             Tool::Ethtool => &["ethtool"],
+            Tool::Curl => &["curl"],
         }
     }
 
@@ -55,6 +58,7 @@ impl Tool {
             Tool::Iperf3 => "apt-get install --no-install-recommends iperf3",
             Tool::Nft => "apt-get install --no-install-recommends nftables",
             Tool::Ethtool => "apt-get install --no-install-recommends ethtool",
+            Tool::Curl => "apt-get install --no-install-recommends curl",
         }
     }
 }

@@ -71,27 +71,7 @@ impl VethPair {
         let index = COUNTER.fetch_add(1, Ordering::Relaxed);
         let subnet = u8::try_from(index % 250).unwrap_or(0);
         let (if_a, if_b) = (format!("veth{index}a"), format!("veth{index}b"));
-        run_checked(std::process::Command::new("ip").args([
-            "link",
-            "add",
-            &if_a,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &if_b,
-            "netns",
-            b.name(),
-        ]))
-        .with_context(|| {
-            format!(
-                "creating veth {if_a}/{if_b} between {} and {}",
-                a.name(),
-                b.name()
-            )
-        })?;
+        create_pair(a, &if_a, b, &if_b)?;
 
         let end = |netns: &Netns, ifname: String, host: u8| VethEnd {
             netns: netns.clone(),
@@ -251,6 +231,34 @@ impl VethPair {
         }
         Ok(())
     }
+}
+
+/// Creates a veth link with end `a_if` in namespace `a` and end `b_if` in `b`, both down
+/// and without addresses. Names need only be unique inside their own namespace: the link
+/// is created directly in its namespaces, never in the caller's.
+pub(crate) fn create_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    run_checked(std::process::Command::new("ip").args([
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]))
+    .map(drop)
+    .with_context(|| {
+        format!(
+            "creating veth {a_if}/{b_if} between {} and {}",
+            a.name(),
+            b.name()
+        )
+    })
 }
 
 /// How [`VethPair::set_loss`] impairs the link.

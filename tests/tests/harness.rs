@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::traffic::{ping, tcp_transfer, wait_ping};
 use tabbify_tests::wg::Implementation;
@@ -206,4 +206,221 @@ fn wireguard_go_pair_ipv4_inner_ipv6_outer_under_10pct_loss() -> Result<()> {
         "the transfers went through a lossy link ({drops} packets dropped)"
     );
     tunnel.stop()
+}
+
+/// A UDP socket bound to `port` on every address, created inside `netns`.
+fn udp_in(netns: &Netns, port: u16) -> Result<std::net::UdpSocket> {
+    tabbify_tests::inside::block_on(netns, || async move {
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", port))?;
+        socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+        Ok(socket)
+    })
+}
+
+/// Waits for one datagram on `socket`; returns its payload and source.
+fn recv_from(socket: &std::net::UdpSocket) -> Option<(Vec<u8>, std::net::SocketAddr)> {
+    let mut buf = [0u8; 64];
+    socket
+        .recv_from(&mut buf)
+        .ok()
+        .map(|(n, from)| (buf[..n].to_vec(), from))
+}
+
+#[test]
+fn code_inside_runs_in_the_namespace_and_sockets_stay_there() -> Result<()> {
+    require(&[Tool::Iproute2])?;
+    let ns = Netns::new()?;
+    let here = tabbify_tests::inside::current_netns_id()?;
+    let there = tabbify_tests::inside::block_on(&ns, || async {
+        tabbify_tests::inside::current_netns_id()
+    })?;
+    assert_ne!(here, there, "the closure ran in another namespace");
+    assert_eq!(
+        tabbify_tests::inside::current_netns_id()?,
+        here,
+        "the calling thread stays where it was"
+    );
+    // A socket made inside belongs to the namespace for good, even when used from here.
+    let listener = tabbify_tests::inside::block_on(&ns, || async {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?)
+    })?;
+    let port = listener.local_addr()?.port();
+    let listening = ns.run("ss", &["-Hltn"])?;
+    assert!(
+        listening.contains(&format!("127.0.0.1:{port}")),
+        "port {port} listens inside: {listening}"
+    );
+    let connected = tabbify_tests::inside::block_on(&ns, || async move {
+        Ok(tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await?
+            .peer_addr()?)
+    })?;
+    assert_eq!(connected.port(), port);
+    let (_, from) = listener.accept()?;
+    assert!(from.ip().is_loopback());
+    let panicked = std::panic::catch_unwind(|| {
+        let _ = tabbify_tests::inside::block_on::<(), _>(&ns, || async {
+            panic!("deliberate panic inside");
+        });
+    });
+    assert!(panicked.is_err(), "a panic inside reaches the caller");
+    Ok(())
+}
+
+#[test]
+fn lan_hosts_reach_each_other_and_the_bridge() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping])?;
+    let lan = tabbify_tests::Lan::new()?;
+    let (a, b) = (Netns::new()?, Netns::new()?);
+    let port_a = lan.attach(&a)?;
+    let port_b = lan.attach(&b)?;
+    assert_ne!(port_a.addr, port_b.addr);
+    let stats = ping(&a, port_b.addr.into(), 3, "0.05")?;
+    assert_eq!(stats.received, 3, "{stats:?}");
+    let stats = ping(lan.netns(), port_a.addr.into(), 2, "0.05")?;
+    assert_eq!(stats.received, 2, "{stats:?}");
+    let name = lan.netns().name().to_owned();
+    drop(lan);
+    drop((a, b));
+    assert!(!namespace_exists(&name)?, "LAN namespace {name} deleted");
+    Ok(())
+}
+
+/// The NAT topology the hole-punching test relies on, checked with plain UDP sockets: the
+/// host's port is kept behind the NAT, unsolicited traffic does not get in, and two hosts
+/// behind two NATs reach each other once both have sent (the first packet, which arrives
+/// before the other side's mapping exists, is dropped without spoiling that mapping).
+#[test]
+fn two_nats_masquerade_and_let_a_udp_hole_punch_through() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping, Tool::Nft])?;
+    let lan = tabbify_tests::Lan::new()?;
+    let (a, b, outside) = (Netns::new()?, Netns::new()?, Netns::new()?);
+    let nat_a = tabbify_tests::NatRouter::new(&lan, &a)?;
+    let nat_b = tabbify_tests::NatRouter::new(&lan, &b)?;
+    let outside_port = lan.attach(&outside)?;
+    assert_ne!(nat_a.host_addr, nat_b.host_addr);
+    const PORT: u16 = 51820;
+    let (sock_a, sock_b) = (udp_in(&a, PORT)?, udp_in(&b, PORT)?);
+    let sock_out = udp_in(&outside, PORT)?;
+
+    // Masquerade: the outside host sees the NAT's public address and the host's own port.
+    sock_a.send_to(b"hello", (outside_port.addr, PORT))?;
+    let (payload, from) = recv_from(&sock_out).expect("datagram from behind the NAT");
+    assert_eq!(payload, b"hello");
+    assert_eq!(
+        from,
+        (nat_a.public_addr(), PORT).into(),
+        "port-preserving masquerade"
+    );
+    // Replies come back through the mapping.
+    sock_out.send_to(b"reply", from)?;
+    assert_eq!(recv_from(&sock_a).map(|(p, _)| p), Some(b"reply".to_vec()));
+    // Unsolicited traffic to B's NAT does not reach B.
+    sock_out.send_to(b"intruder", (nat_b.public_addr(), PORT))?;
+    assert!(
+        recv_from(&sock_b).is_none(),
+        "unsolicited datagram got through"
+    );
+
+    // Hole punch: A first (dropped at B's NAT), then B (passes A's NAT, which has A's
+    // mapping), then A again (passes B's NAT, which now has B's mapping).
+    sock_a.send_to(b"punch-a1", (nat_b.public_addr(), PORT))?;
+    assert!(recv_from(&sock_b).is_none());
+    sock_b.send_to(b"punch-b", (nat_a.public_addr(), PORT))?;
+    let (payload, from) = recv_from(&sock_a).with_context(|| {
+        format!(
+            "B's punch did not reach A\n{}\n{}",
+            nat_a.describe(),
+            nat_b.describe()
+        )
+    })?;
+    assert_eq!(payload, b"punch-b");
+    assert_eq!(
+        from,
+        (nat_b.public_addr(), PORT).into(),
+        "B's mapping kept its port"
+    );
+    sock_a.send_to(b"punch-a2", from)?;
+    let (payload, from) = recv_from(&sock_b).context("A's second punch did not reach B")?;
+    assert_eq!(payload, b"punch-a2");
+    assert_eq!(from, (nat_a.public_addr(), PORT).into());
+    Ok(())
+}
+
+#[test]
+fn pki_coordinator_and_admin_client_work_together() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping, Tool::Curl])?;
+    let policy = serde_json::json!({
+        "tags": ["node", "supervisor"],
+        "app_hosts": ["tag:supervisor"],
+        "allow": [{"src": ["tag:node"], "dst": ["tag:supervisor:8730"]}]
+    });
+    let mut bed = tabbify_tests::Testbed::start(policy.clone(), 5)?;
+    let token = bed.admin.create_token(&["node"], None, 1)?;
+    assert!(token.starts_with("tmj_"), "{token}");
+    let current = bed.admin.expect_ok("GET", "/v1/policy", None)?;
+    assert_eq!(current["policy"]["tags"], policy["tags"], "{current}");
+    let mut changed = policy.clone();
+    changed["allow"] = serde_json::json!([]);
+    bed.admin.put_policy(&changed)?;
+    let bad = bed
+        .admin
+        .request("PUT", "/v1/policy", Some(&serde_json::json!({"tags": 5})))?;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+
+    // A certificate whose CN is not an admin is refused the admin routes.
+    let peer = bed.pki.issue_peer("node-x")?;
+    let stranger = tabbify_tests::Admin::new(bed.lan.netns(), &bed.coordinator.url(), peer);
+    assert_eq!(stranger.request("GET", "/v1/policy", None)?.status, 403);
+
+    // Killed and restarted on the same state: the changed policy is still in force.
+    let pid = bed.coordinator.pid().expect("running");
+    bed.coordinator.kill()?;
+    assert!(!process_alive(pid));
+    assert!(
+        bed.admin.request("GET", "/health", None).is_err(),
+        "nothing listens"
+    );
+    bed.coordinator.restart()?;
+    let current = bed.admin.expect_ok("GET", "/v1/policy", None)?;
+    assert_eq!(
+        current["policy"]["allow"],
+        serde_json::json!([]),
+        "{current}"
+    );
+    Ok(())
+}
+
+#[test]
+fn test_app_and_edge_processes_serve_inside_a_namespace() -> Result<()> {
+    require(&[Tool::Iproute2])?;
+    let ns = Netns::new()?;
+    let app_addr: std::net::SocketAddr = "127.0.0.1:8730".parse()?;
+    let _app = tabbify_tests::AppProcess::start(
+        &ns,
+        Path::new(env!("CARGO_BIN_EXE_tabbify-testapp")),
+        app_addr,
+        "harness-app",
+    )?;
+    let key = "harness-edge-key-0123456789";
+    let edge = tabbify_tests::EdgeNode::start(
+        &ns,
+        "127.0.0.1:8090".parse()?,
+        key,
+        &["--upstream-override", "127.0.0.1:8730"],
+    )?;
+    let bearer = edge.bearer();
+    let addr = edge.addr();
+    let body = tabbify_tests::inside::block_on(&ns, || async move {
+        let head = format!(
+            "GET /app/5b6d0f2e-4c1a-4e8b-9f3d-2a7c6e1b0d94/echo HTTP/1.1\r\nHost: e\r\n\
+             Authorization: {bearer}\r\nConnection: close\r\n\r\n"
+        );
+        let resp = tabbify_edge::testkit::raw_request(addr, &head, b"").await?;
+        anyhow::ensure!(resp.status == 200, "status {}", resp.status);
+        Ok(resp.body)
+    })?;
+    let echo: serde_json::Value = serde_json::from_slice(&body)?;
+    assert_eq!(echo["name"], "harness-app");
+    Ok(())
 }
