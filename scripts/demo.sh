@@ -1,101 +1,182 @@
 #!/usr/bin/env bash
-# The main job: a working WireGuard mesh on this one machine.
+# The main job: a whole working mesh on this one machine.
 #
-#   scripts/demo.sh up     build, then bring up two hosts (network namespaces tabbify-demo-a
-#                          and tabbify-demo-b over a veth) each running `tabbify-mesh up`,
-#                          with peer ULAs derived from their keys; ping across; print what
-#                          to try next.
-#   scripts/demo.sh down   stop the joiners (by their recorded PIDs) and remove the namespaces.
+#   scripts/demo.sh up     set up (scripts/setup.sh), build, then start in network namespaces:
+#                            tabbify-demo-pub   a "public" LAN (bridge 10.99.0.0/24) and the
+#                                               coordinator with mTLS on 10.99.0.1:8443
+#                            tabbify-demo-sup1  joiner tagged supervisor, hosting the demo app
+#                                               on its app ULA port 8730
+#                            tabbify-demo-sup2  joiner tagged supervisor
+#                            tabbify-demo-node  joiner tagged node + the edge (tabbify-node) on
+#                                               10.99.0.21:8090
+#                          The host reaches the LAN through veth tdemo-host (10.99.0.254), so
+#                          `curl http://10.99.0.21:8090/...` works from here. Certificates come
+#                          from tabbify-mesh-ca, join tokens from the coordinator's API.
+#                          Prints what to try next.
+#   scripts/demo.sh down   stop everything it started (by recorded PIDs) and remove the
+#                          namespaces, the host veth and the state in /run/tabbify-demo.
 #
-# Needs root (namespaces, TUN). Traffic stays inside the two namespaces.
+# Needs root (namespaces, TUN). Traffic stays inside these namespaces and the host veth.
+# DEMO_PROFILE=release builds optimized binaries (slower to build; default: dev).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STATE=/run/tabbify-demo
-NS_A=tabbify-demo-a
-NS_B=tabbify-demo-b
+PREFIX=tabbify-demo
+HOSTS=(sup1 sup2 node)
+declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21)
+declare -A TAG=([sup1]=supervisor [sup2]=supervisor [node]=node)
+COORD=10.99.0.1
+APP_UUID=7d3f6a52-1c4e-4b8a-9e21-5a0c3f9d8b17
+
+stop_pid() {
+  local f=$1 pid
+  [ -e "$f" ] || return 0
+  pid=$(cat "$f")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$f"
+}
 
 down() {
-  for f in "$STATE"/*.pid; do
-    [ -e "$f" ] || continue
-    pid=$(cat "$f")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    rm -f "$f"
-  done
-  ip netns del "$NS_A" 2>/dev/null || true
-  ip netns del "$NS_B" 2>/dev/null || true
+  # Edge and app first, then joiners (they remove their interfaces), then the coordinator.
+  for f in "$STATE"/edge.pid "$STATE"/app.pid; do stop_pid "$f"; done
+  for h in "${HOSTS[@]}"; do stop_pid "$STATE/$h.pid"; done
+  stop_pid "$STATE/coordinator.pid"
+  for ns in pub "${HOSTS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
+  ip link del tdemo-host 2>/dev/null || true
+  rm -rf "$STATE"
   echo "demo: down"
+}
+
+wait_for() { # what, tries, command...
+  local what=$1 tries=$2; shift 2
+  for _ in $(seq "$tries"); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.2
+  done
+  echo "demo: timed out waiting for $what" >&2
+  return 1
 }
 
 up() {
   [ "$(id -u)" = 0 ] || { echo "demo: run as root (namespaces and TUN need it)"; exit 1; }
   scripts/setup.sh
-  cargo build --release -p tabbify-dataplane --bin tabbify-mesh
-  BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/tabbify-mesh
+  local profile=${DEMO_PROFILE:-dev} dir
+  if [ "$profile" = release ]; then
+    cargo build --release -p tabbify-dataplane -p tabbify-control -p tabbify-edge -p tabbify-tests --bins
+    dir=release
+  else
+    cargo build -p tabbify-dataplane -p tabbify-control -p tabbify-edge -p tabbify-tests --bins
+    dir=debug
+  fi
+  local target
+  target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+  BIN=$target/$dir
   down >/dev/null 2>&1 || true
   mkdir -p "$STATE"; chmod 700 "$STATE"
-  ip netns add "$NS_A"; ip netns add "$NS_B"
-  ip link add tdemo-a type veth peer name tdemo-b
-  ip link set tdemo-a netns "$NS_A"; ip link set tdemo-b netns "$NS_B"
-  ip -n "$NS_A" addr add 192.168.240.1/30 dev tdemo-a
-  ip -n "$NS_B" addr add 192.168.240.2/30 dev tdemo-b
-  for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set lo up; done
-  ip -n "$NS_A" link set tdemo-a up; ip -n "$NS_B" link set tdemo-b up
-  KA=$("$BIN" genkey); KB=$("$BIN" genkey)
-  PA=$(echo "$KA" | "$BIN" pubkey); PB=$(echo "$KB" | "$BIN" pubkey)
-  UA=$(echo "$PA" | "$BIN" ula); UB=$(echo "$PB" | "$BIN" ula)
   umask 077
-  cat > "$STATE/mesh-a.conf" <<CONF
-[Interface]
-PrivateKey = $KA
-ListenPort = 51820
-Address = $UA/128
-MTU = 1420
 
-[Peer]
-PublicKey = $PB
-AllowedIPs = $UB/128
-Endpoint = 192.168.240.2:51820
-PersistentKeepalive = 25
-CONF
-  cat > "$STATE/mesh-b.conf" <<CONF
-[Interface]
-PrivateKey = $KB
-ListenPort = 51820
-Address = $UB/128
-MTU = 1420
-
-[Peer]
-PublicKey = $PA
-AllowedIPs = $UA/128
-Endpoint = 192.168.240.1:51820
-PersistentKeepalive = 25
-CONF
-  ip netns exec "$NS_A" nohup "$BIN" up --config "$STATE/mesh-a.conf" >"$STATE/mesh-a.log" 2>&1 &
-  echo $! > "$STATE/mesh-a.pid"
-  ip netns exec "$NS_B" nohup "$BIN" up --config "$STATE/mesh-b.conf" >"$STATE/mesh-b.log" 2>&1 &
-  echo $! > "$STATE/mesh-b.pid"
-  for _ in $(seq 50); do
-    [ -S /var/run/wireguard/mesh-a.sock ] && [ -S /var/run/wireguard/mesh-b.sock ] && break
-    sleep 0.1
+  # The LAN: a bridge in the public namespace, one veth per host, one for this machine.
+  ip netns add "$PREFIX-pub"
+  ip -n "$PREFIX-pub" link set lo up
+  ip -n "$PREFIX-pub" link add tdemo-br type bridge
+  ip -n "$PREFIX-pub" addr add "$COORD/24" dev tdemo-br
+  ip -n "$PREFIX-pub" link set tdemo-br up
+  for h in "${HOSTS[@]}"; do
+    ip netns add "$PREFIX-$h"
+    ip -n "$PREFIX-$h" link set lo up
+    ip link add "tdemo-$h" type veth peer name "tdemo-$h-br"
+    ip link set "tdemo-$h" netns "$PREFIX-$h"
+    ip link set "tdemo-$h-br" netns "$PREFIX-pub"
+    ip -n "$PREFIX-pub" link set "tdemo-$h-br" master tdemo-br up
+    ip -n "$PREFIX-$h" addr add "${ADDR[$h]}/24" dev "tdemo-$h"
+    ip -n "$PREFIX-$h" link set "tdemo-$h" up
   done
-  ip netns exec "$NS_A" ping -c 3 -i 0.2 -W 2 "$UB"
-  cat <<TXT
+  ip link add tdemo-host type veth peer name tdemo-host-br
+  ip link set tdemo-host-br netns "$PREFIX-pub"
+  ip -n "$PREFIX-pub" link set tdemo-host-br master tdemo-br up
+  ip addr add 10.99.0.254/24 dev tdemo-host
+  ip link set tdemo-host up
 
-demo: up. Two hosts, each with a tabbify-mesh joiner:
-  $NS_A  interface mesh-a  ULA $UA   (underlay 192.168.240.1)
-  $NS_B  interface mesh-b  ULA $UB   (underlay 192.168.240.2)
-Try:
-  ip netns exec $NS_A ping $UB
-  ip netns exec $NS_A wg show mesh-a
-  ip netns exec $NS_B iperf3 -s -D && ip netns exec $NS_A iperf3 -c $UB
-  tail $STATE/mesh-a.log
-Stop everything with: scripts/demo.sh down
-TXT
+  # PKI: the mesh CA, the coordinator's server certificate, a client certificate per host.
+  "$BIN/tabbify-mesh-ca" init --out "$STATE/ca" >/dev/null
+  "$BIN/tabbify-mesh-ca" issue-coordinator --name coordinator --san "$COORD" --ca-dir "$STATE/ca" --out "$STATE/coordinator" >/dev/null
+  for n in admin "${HOSTS[@]}"; do
+    "$BIN/tabbify-mesh-ca" issue-peer --name "$n" --ca-dir "$STATE/ca" --out "$STATE/$n" >/dev/null
+  done
+  cat > "$STATE/policy.json" <<'JSON'
+{
+  "tags": ["supervisor", "node"],
+  "app_hosts": ["tag:supervisor"],
+  "allow": [
+    {"src": ["tag:supervisor"], "dst": ["tag:supervisor"]},
+    {"src": ["tag:node"], "dst": ["tag:supervisor:8730"]}
+  ]
+}
+JSON
+  ip netns exec "$PREFIX-pub" "$BIN/tabbify-mesh-coordinator" --bind "$COORD:8443" \
+    --tls-cert "$STATE/coordinator/cert.pem" --tls-key "$STATE/coordinator/key.pem" \
+    --tls-ca "$STATE/ca/ca.pem" --policy-file "$STATE/policy.json" --admin admin \
+    --state-dir "$STATE/coordinator-state" >"$STATE/coordinator.log" 2>&1 &
+  echo $! > "$STATE/coordinator.pid"
+  wait_for "the coordinator" 50 grep -q "listening on" "$STATE/coordinator.log"
+
+  admin() {
+    curl -sS --fail-with-body --cert "$STATE/admin/cert.pem" --key "$STATE/admin/key.pem" \
+      --cacert "$STATE/ca/ca.pem" "$@"
+  }
+  for h in "${HOSTS[@]}"; do
+    local token
+    token=$(admin -X POST "https://$COORD:8443/v1/tokens" -H 'content-type: application/json' \
+      -d "{\"tags\": [\"${TAG[$h]}\"], \"name\": \"$h\", \"ttl_secs\": 600, \"max_uses\": 1}" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    MESH_JOIN_TOKEN=$token ip netns exec "$PREFIX-$h" "$BIN/tabbify-mesh" join \
+      --name "$h" --tag "${TAG[$h]}" --coordinator "https://$COORD:8443" \
+      --tls-cert "$STATE/$h/cert.pem" --tls-key "$STATE/$h/key.pem" --tls-ca "$STATE/ca/ca.pem" \
+      --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 >"$STATE/$h.log" 2>&1 &
+    echo $! > "$STATE/$h.pid"
+  done
+  for h in "${HOSTS[@]}"; do
+    wait_for "$h to register" 100 sh -c \
+      "ip netns exec $PREFIX-$h $BIN/tabbify-mesh status -i tmd-$h --json | grep -q '\"registered\": true'"
+  done
+
+  # The demo app on supervisor 1's app ULA, and the edge on the node.
+  local app_ula
+  app_ula=$(ip netns exec "$PREFIX-sup1" "$BIN/tabbify-mesh" app add "$APP_UUID" -i tmd-sup1)
+  ip netns exec "$PREFIX-sup1" "$BIN/tabbify-testapp" "[$app_ula]:8730" demo-app >"$STATE/app.log" 2>&1 &
+  echo $! > "$STATE/app.pid"
+  wait_for "the demo app" 50 grep -q listening "$STATE/app.log"
+  local key
+  key=$(head -c 24 /dev/urandom | base64 | tr -d '/+=')
+  echo "$key" > "$STATE/edge.key"
+  TABBIFY_NODE_KEY=$key ip netns exec "$PREFIX-node" "$BIN/tabbify-node" --bind "${ADDR[node]}:8090" \
+    >"$STATE/edge.log" 2>&1 &
+  echo $! > "$STATE/edge.pid"
+  wait_for "the edge" 50 curl -sf "http://${ADDR[node]}:8090/health"
+  wait_for "the app route on the node" 50 sh -c "ip -n $PREFIX-node -6 route show dev tmd-node | grep -q '^$app_ula'"
+
+  local ula1 ula2
+  ula1=$(ip netns exec "$PREFIX-sup1" "$BIN/tabbify-mesh" status -i tmd-sup1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
+  ula2=$(ip netns exec "$PREFIX-sup2" "$BIN/tabbify-mesh" status -i tmd-sup2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
+  echo
+  echo "demo: up. A coordinator, two supervisors and a node, an app on $app_ula, the edge on ${ADDR[node]}:8090."
+  echo
+  echo "Through the edge to the app (from this machine):"
+  echo "  curl -H 'Authorization: Bearer $key' http://${ADDR[node]}:8090/app/$APP_UUID/echo"
+  echo "  curl -H 'Authorization: Bearer $key' http://${ADDR[node]}:8090/app/$APP_UUID/bytes/1000000 | wc -c"
+  echo "The mesh (supervisors may reach each other on every port; the node only supervisors' port 8730):"
+  echo "  ip netns exec $PREFIX-sup1 ping -c3 $ula2"
+  echo "  ip netns exec $PREFIX-node ping -c1 -W1 $ula1        # refused by the data-plane filter"
+  echo "  ip netns exec $PREFIX-node curl http://[$app_ula]:8730/echo"
+  echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh status -i tmd-sup1"
+  echo "  ip netns exec $PREFIX-sup1 wg show tmd-sup1"
+  echo "Logs: $STATE/*.log.  Tear down: scripts/demo.sh down"
 }
 
-case "${1:-up}" in
+case "${1:-}" in
   up) up ;;
   down) down ;;
-  *) echo "usage: $0 [up|down]"; exit 2 ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

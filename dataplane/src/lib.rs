@@ -15,5 +15,6 @@ pub mod config;
 pub mod core;
 pub mod device;
 pub mod driver;
+pub mod join;
 pub mod sys;
 pub mod uapi;

@@ -3,6 +3,8 @@
 //! * `genkey` / `pubkey` — keys as `wg` prints them (base64).
 //! * `up --config FILE` — a TUN and the WireGuard engine from a wg-quick file, in the
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
+//! * `join` — the same engine driven by the coordinator's live roster.
+//! * `status` / `peers` / `app add|remove` — ask the running joiner over its local socket.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -19,6 +21,8 @@ use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::table::Table;
 use tabbify_dataplane::device;
 use tabbify_dataplane::driver::{DriverKind, Engine, EngineOptions};
+use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
+use tabbify_dataplane::join::{JoinOptions, TlsFiles};
 use tabbify_dataplane::sys::link;
 
 #[derive(Parser)]
@@ -70,6 +74,121 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "on")]
         offloads: OnOff,
     },
+    /// Join the mesh: register with the coordinator and follow its live roster.
+    Join(Box<JoinArgs>),
+    /// Show the running joiner: self, coordinator, hosted apps, peers.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the running joiner's peers.
+    Peers {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Host apps on this node (a supervisor): their ULAs go on the TUN and are advertised.
+    App {
+        #[command(subcommand)]
+        cmd: AppCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AppCmd {
+    /// Host an app: print its ULA; its runner then binds `[ULA]:8730`.
+    Add {
+        /// The app's UUID.
+        uuid: uuid::Uuid,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop hosting an app.
+    Remove {
+        /// The app's UUID.
+        uuid: uuid::Uuid,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+/// Which running joiner to ask.
+#[derive(clap::Args)]
+struct Target {
+    /// The joiner's interface.
+    #[arg(long, short, default_value = "tabbify0")]
+    interface: String,
+    /// The control socket (default: /run/tabbify-mesh/<interface>.sock).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| control::default_path(&self.interface))
+    }
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The display name to ask for.
+    #[arg(long)]
+    name: String,
+    /// A tag to ask for (repeat, or comma-separate). The join token decides the tags granted.
+    #[arg(long = "tag", value_delimiter = ',')]
+    tags: Vec<String>,
+    /// The coordinator, https://HOST:PORT (there is no default).
+    #[arg(long, env = "TABBIFY_MESH_COORDINATOR")]
+    coordinator: Option<String>,
+    /// This node's client certificate (from `tabbify-mesh-ca issue-peer`).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// The mesh CA certificate (the only root trusted).
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The join token (needed until this node key has been admitted).
+    #[arg(long, env = "MESH_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+    /// TUN interface name.
+    #[arg(long, short, default_value = "tabbify0")]
+    interface: String,
+    /// WireGuard UDP listen port.
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// Where the node key and the hosted apps are kept.
+    #[arg(long, default_value = "/var/lib/tabbify-mesh")]
+    state_dir: PathBuf,
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Force a driver (default: io_uring, epoll when io_uring is unavailable).
+    #[arg(long, value_enum)]
+    driver: Option<DriverArg>,
+    /// TUN segmentation offloads and UDP GSO/GRO.
+    #[arg(long, value_enum, default_value = "on")]
+    offloads: OnOff,
+    /// TUN MTU.
+    #[arg(long, default_value_t = 1420)]
+    mtu: u32,
+    /// An endpoint to report, IP:PORT (repeat; default: every non-loopback address).
+    #[arg(long = "endpoint")]
+    endpoints: Vec<std::net::SocketAddr>,
+    /// The local control socket (default: /run/tabbify-mesh/<interface>.sock).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Plaintext HTTP to a loopback coordinator (development only; needs TABBIFY_ALLOW_INSECURE=1).
+    #[arg(long)]
+    insecure_no_mtls: bool,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +204,10 @@ fn main() -> ExitCode {
             driver,
             offloads,
         } => up(config, interface, threads, driver, offloads == OnOff::On),
+        Cmd::Join(args) => join(*args),
+        Cmd::Status { target, json } => status(&target, json),
+        Cmd::Peers { target, json } => peers(&target, json),
+        Cmd::App { cmd } => app(cmd),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -170,10 +293,7 @@ fn up(
     let opts = EngineOptions {
         interface: name.clone(),
         threads,
-        driver: driver.map(|d| match d {
-            DriverArg::Uring => DriverKind::Uring,
-            DriverArg::Epoll => DriverKind::Epoll,
-        }),
+        driver: driver_kind(driver),
         offloads,
         listen_port: cfg.interface.listen_port.unwrap_or(0),
     };
@@ -230,5 +350,170 @@ fn up(
         bail!("a worker failed; see the log above");
     }
     tracing::info!(interface = %name, "interface removed");
+    Ok(())
+}
+
+fn driver_kind(d: Option<DriverArg>) -> Option<DriverKind> {
+    d.map(|d| match d {
+        DriverArg::Uring => DriverKind::Uring,
+        DriverArg::Epoll => DriverKind::Epoll,
+    })
+}
+
+fn join(a: JoinArgs) -> anyhow::Result<()> {
+    let Some(coordinator) = a.coordinator else {
+        bail!(
+            "no coordinator given: pass --coordinator https://HOST:PORT or set TABBIFY_MESH_COORDINATOR (there is no built-in address)"
+        );
+    };
+    if a.tags.iter().any(|t| t.trim().is_empty()) {
+        bail!("--tag: empty tag");
+    }
+    if a.interface.is_empty() || a.interface.len() > 15 {
+        bail!("--interface `{}` must be 1-15 bytes", a.interface);
+    }
+    if a.mtu < 1280 || a.mtu as usize > tabbify_dataplane::core::pipeline::MAX_MTU {
+        bail!(
+            "--mtu {} is out of range: 1280 (the IPv6 minimum) to {}",
+            a.mtu,
+            tabbify_dataplane::core::pipeline::MAX_MTU
+        );
+    }
+    let tls = if a.insecure_no_mtls {
+        if std::env::var("TABBIFY_ALLOW_INSECURE").as_deref() != Ok("1") {
+            bail!("--insecure-no-mtls is for loopback development only and needs TABBIFY_ALLOW_INSECURE=1");
+        }
+        None
+    } else {
+        match (a.tls_cert, a.tls_key, a.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(TlsFiles { cert, key, ca }),
+            _ => bail!(
+                "mTLS needs --tls-cert, --tls-key and --tls-ca (make them with `tabbify-mesh-ca issue-peer`)"
+            ),
+        }
+    };
+    init_tracing();
+    let control_socket = a
+        .control_socket
+        .unwrap_or_else(|| control::default_path(&a.interface));
+    tabbify_dataplane::join::run(JoinOptions {
+        name: a.name,
+        tags: a.tags.into_iter().map(|t| t.trim().to_owned()).collect(),
+        coordinator,
+        tls,
+        join_token: a.join_token.filter(|t| !t.is_empty()),
+        interface: a.interface,
+        listen_port: a.listen_port,
+        mtu: a.mtu,
+        state_dir: a.state_dir,
+        threads: a.threads,
+        driver: driver_kind(a.driver),
+        offloads: a.offloads == OnOff::On,
+        endpoints: a.endpoints,
+        control_socket,
+    })
+}
+
+fn status(t: &Target, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&t.path(), &Request::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let s: Status = serde_json::from_value(v).context("the joiner's status")?;
+    println!(
+        "interface:   {} ({}, port {})",
+        s.interface, s.driver, s.listen_port
+    );
+    println!("name:        {} [{}]", s.name, s.tags.join(", "));
+    println!("peer id:     {}", s.peer_id);
+    println!("ula:         {}", s.ula);
+    println!("public key:  {}", s.public_key);
+    println!(
+        "coordinator: {} ({}{})",
+        s.coordinator.url,
+        if s.registered {
+            "registered"
+        } else {
+            "not registered"
+        },
+        match s.reflexive_endpoint {
+            Some(r) => format!(", seen as {r}"),
+            None => String::new(),
+        }
+    );
+    if !s.hosted_apps.is_empty() {
+        println!("apps:");
+        for a in &s.hosted_apps {
+            println!("  {}  {}", a.uuid, a.ula);
+        }
+    }
+    println!();
+    print_peers(&s.peers);
+    Ok(())
+}
+
+fn peers(t: &Target, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&t.path(), &Request::Peers)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let p: Vec<PeerStatus> = serde_json::from_value(v).context("the joiner's peers")?;
+    print_peers(&p);
+    Ok(())
+}
+
+fn print_peers(peers: &[PeerStatus]) {
+    if peers.is_empty() {
+        println!("no peers");
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    println!(
+        "{:<20} {:<28} {:<24} {:>10} {:>12} {:>12}  path",
+        "name", "ula", "endpoint", "handshake", "rx", "tx"
+    );
+    for p in peers {
+        let hs = match p.latest_handshake {
+            Some(t) => format!("{}s ago", now.saturating_sub(t)),
+            None => "never".into(),
+        };
+        let ep = p
+            .endpoint
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<28} {:<24} {:>10} {:>12} {:>12}  {}",
+            p.name,
+            p.ula.to_string(),
+            ep,
+            hs,
+            p.rx_bytes,
+            p.tx_bytes,
+            if p.direct { "direct" } else { "no session" }
+        );
+        for a in &p.app_ulas {
+            println!("  app {a}");
+        }
+    }
+}
+
+fn app(cmd: AppCmd) -> anyhow::Result<()> {
+    match cmd {
+        AppCmd::Add { uuid, target } => {
+            let v = control::call(&target.path(), &Request::AppAdd { uuid })?;
+            println!(
+                "{}",
+                v.get("ula").and_then(|u| u.as_str()).unwrap_or_default()
+            );
+        }
+        AppCmd::Remove { uuid, target } => {
+            control::call(&target.path(), &Request::AppRemove { uuid })?;
+        }
+    }
     Ok(())
 }

@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use boringtun::noise::TunnResult;
+
 use crate::core::counters::DropCounters;
+use crate::core::peer::Peer;
 use crate::core::table::Table;
 use crate::sys::tun::{Offloads, Tun};
 use crate::sys::udp::{self, UdpFeatures};
@@ -103,6 +106,7 @@ pub struct Engine {
     /// Shared state (table, counters, stop flag).
     pub shared: Shared,
     threads: Vec<JoinHandle<()>>,
+    handshaker: Handshaker,
 }
 
 impl Engine {
@@ -143,6 +147,7 @@ impl Engine {
             udp: udp_features,
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
+        let ctl_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
         let mut handles = Vec::new();
         for (id, (tunq, sock)) in tun.into_queues().into_iter().zip(socks).enumerate() {
             let spec = WorkerSpec {
@@ -188,7 +193,16 @@ impl Engine {
             },
             shared,
             threads: handles,
+            handshaker: Handshaker {
+                sock: ctl_sock,
+                ipv6: udp_features.ipv6,
+            },
         })
+    }
+
+    /// Sends handshake initiations on behalf of the control side.
+    pub fn handshaker(&self) -> &Handshaker {
+        &self.handshaker
     }
 
     /// Whether a worker stopped on its own (a fatal error).
@@ -202,5 +216,40 @@ impl Engine {
         for h in self.threads {
             let _ = h.join();
         }
+    }
+}
+
+/// Sends handshake initiations from the listen port outside the workers (hole punching,
+/// proactive handshakes with new peers). Owns a dup of a worker's socket.
+pub struct Handshaker {
+    sock: OwnedFd,
+    ipv6: bool,
+}
+
+impl Handshaker {
+    /// Another handle on the same socket (for a task that outlives a borrow).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            sock: crate::sys::tun::dup(self.sock.as_raw_fd())?,
+            ipv6: self.ipv6,
+        })
+    }
+
+    /// Sends a fresh handshake initiation to `peer` at its current endpoint. Returns false
+    /// when the peer has no endpoint or the session had nothing to send.
+    pub fn initiate(&self, peer: &Peer) -> io::Result<bool> {
+        let mut buf = [0u8; 256];
+        let mut st = peer.lock();
+        let Some(endpoint) = st.endpoint else {
+            return Ok(false);
+        };
+        let n = match st.tunn.format_handshake_initiation(&mut buf, true) {
+            TunnResult::WriteToNetwork(p) => p.len(),
+            _ => return Ok(false),
+        };
+        drop(st);
+        udp::send(self.sock.as_raw_fd(), &buf[..n], endpoint, None, self.ipv6)?;
+        peer.stats.add_tx(n);
+        Ok(true)
     }
 }

@@ -67,3 +67,49 @@ pub fn del_route(name: &str, net: &IpNet) -> io::Result<()> {
     let fam = if net.addr().is_ipv6() { "-6" } else { "-4" };
     ip(&[fam, "route", "del", &n, "dev", name])
 }
+
+/// Adds and withdraws many routes on the interface with one `ip -batch` process (a roster
+/// change can touch hundreds). Every line is tried; the error lists the lines that failed.
+/// Withdrawing a route that is already gone is not an error.
+pub fn sync_routes(name: &str, add: &[IpNet], del: &[IpNet]) -> io::Result<()> {
+    use std::io::Write as _;
+    if add.is_empty() && del.is_empty() {
+        return Ok(());
+    }
+    let mut script = String::new();
+    for n in add {
+        script.push_str(&format!("route replace {} dev {name}\n", n.network()));
+    }
+    for n in del {
+        script.push_str(&format!("route del {} dev {name}\n", n.network()));
+    }
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("running `ip` failed ({e}); install iproute2"),
+            )
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    let errors: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.contains("No such process") && !l.contains("Command failed"))
+        .map(str::to_owned)
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "route changes on {name} failed: {}",
+            errors.join("; ")
+        )))
+    }
+}

@@ -4,6 +4,7 @@
 //! `// SAFETY:` comment.
 
 pub mod fd;
+pub mod ifaddrs;
 pub mod link;
 pub mod tun;
 pub mod udp;

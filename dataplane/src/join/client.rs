@@ -1,0 +1,394 @@
+//! The joiner's HTTPS client for the coordinator: JSON requests and the SSE roster stream.
+//!
+//! One TCP (+TLS) connection per request: the joiner sends a heartbeat every few seconds
+//! and keeps one long-lived SSE stream, so connection reuse buys nothing and a fresh
+//! connection never carries a half-dead socket across a coordinator restart. mTLS by
+//! default: the server must chain to the mesh CA (never system roots) and the joiner
+//! presents its peer certificate. Plaintext `http://` is for loopback development only and
+//! names the caller with the `x-tabbify-identity` header, as the coordinator expects.
+//!
+//! Errors are split into what retrying can fix ([`ClientError::Transport`], 5xx, 408) and
+//! what it cannot (every other 4xx, with the coordinator's `code` and reason), so the
+//! control loop knows whether to back off or to give up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tabbify_control::api::{SseDecoder, SseEvent};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// How long a connect (TCP + TLS) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a JSON request may take, end to end.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// An SSE stream that delivers nothing (not even the coordinator's 15 s keepalive comment)
+/// for this long is considered dead.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// What went wrong talking to the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The coordinator could not be reached or the connection broke (retry later).
+    #[error("coordinator unreachable: {0}")]
+    Transport(String),
+    /// The coordinator answered with an error status.
+    #[error("coordinator refused ({status}, {code}): {message}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// The `code` of the JSON error body (`token_invalid`, `revoked`, …).
+        code: String,
+        /// The `error` of the JSON error body.
+        message: String,
+    },
+    /// A success answer whose body is not what the API defines.
+    #[error("unexpected answer from the coordinator: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// Whether retrying later may succeed (network trouble, 5xx, 408, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Transport(_) | ClientError::Protocol(_) => true,
+            ClientError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+
+    /// The coordinator's error code, if it answered with one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Status { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// Where the coordinator is and how to talk to it.
+#[derive(Clone)]
+pub struct Client {
+    host: String,
+    port: u16,
+    authority: String,
+    tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
+    identity: Option<String>,
+    url: String,
+}
+
+/// A coordinator URL that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("coordinator URL {url:?}: {reason}")]
+pub struct UrlError {
+    url: String,
+    reason: String,
+}
+
+impl Client {
+    /// A client for `url` (`https://HOST[:PORT]`). `tls` is the rustls config (mesh CA +
+    /// client certificate); `None` means plaintext `http://`, where `identity` names us.
+    pub fn new(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        identity: Option<String>,
+    ) -> Result<Self, UrlError> {
+        let bad = |reason: &str| UrlError {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = url
+            .trim_end_matches('/')
+            .parse()
+            .map_err(|_| bad("not a URL"))?;
+        let scheme = uri
+            .scheme_str()
+            .ok_or_else(|| bad("no scheme (https://…)"))?;
+        if uri.path() != "/" && !uri.path().is_empty() {
+            return Err(bad("must not have a path"));
+        }
+        let https = match scheme {
+            "https" => true,
+            "http" => false,
+            _ => {
+                return Err(bad(
+                    "scheme must be https (or http with --insecure-no-mtls)",
+                ))
+            }
+        };
+        if https != tls.is_some() {
+            return Err(bad(if https {
+                "https needs the TLS files"
+            } else {
+                "http:// is only for --insecure-no-mtls; use https://"
+            }));
+        }
+        let host = uri.host().ok_or_else(|| bad("no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let authority = match uri.authority() {
+            Some(a) => a.as_str().to_owned(),
+            None => return Err(bad("no host")),
+        };
+        let tls = match tls {
+            Some(cfg) => {
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|_| bad("host is not a valid TLS server name"))?;
+                Some((TlsConnector::from(cfg), name))
+            }
+            None => None,
+        };
+        Ok(Self {
+            host,
+            port,
+            authority,
+            tls,
+            identity,
+            url: url.to_owned(),
+        })
+    }
+
+    /// The URL as given.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn send(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>, ClientError> {
+        let t = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
+        let connect = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(|e| t(&e))?;
+            let _ = tcp.set_nodelay(true);
+            match &self.tls {
+                Some((conn, name)) => {
+                    let tls = conn
+                        .connect(name.clone(), tcp)
+                        .await
+                        .map_err(|e| t(&format!("TLS: {e}")))?;
+                    handshake(tls).await
+                }
+                None => handshake(tcp).await,
+            }
+        };
+        let mut sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| t(&"connect timed out"))??;
+        sender.send_request(req).await.map_err(|e| t(&e))
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ClientError> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(
+                http::header::USER_AGENT,
+                concat!("tabbify-mesh/", env!("CARGO_PKG_VERSION")),
+            );
+        if !body.is_empty() {
+            b = b.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(id) = &self.identity {
+            b = b.header("x-tabbify-identity", id);
+        }
+        b.body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// POSTs `body` as JSON to `path` and decodes the JSON answer.
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        let json = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let req = self.request(Method::POST, path, Bytes::from(json))?;
+        tokio::time::timeout(REQUEST_TIMEOUT, async {
+            let resp = self.send(req).await?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Transport(e.to_string()))?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(status_error(status, &bytes));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        })
+        .await
+        .map_err(|_| ClientError::Transport("request timed out".into()))?
+    }
+
+    /// Opens the SSE roster stream at `path`.
+    pub async fn stream(&self, path: &str) -> Result<EventStream, ClientError> {
+        let mut req = self.request(Method::GET, path, Bytes::new())?;
+        req.headers_mut().insert(
+            http::header::ACCEPT,
+            http::HeaderValue::from_static("text/event-stream"),
+        );
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
+            .await
+            .map_err(|_| ClientError::Transport("stream request timed out".into()))??;
+        let status = resp.status();
+        if !status.is_success() {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(status_error(status, &bytes));
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            decoder: SseDecoder::new(),
+            pending: std::collections::VecDeque::new(),
+        })
+    }
+}
+
+async fn handshake<S>(
+    io: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| ClientError::Transport(e.to_string()))?;
+    tokio::spawn(async move {
+        // The connection ends with its response (or the stream): nothing to report.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
+    #[derive(serde::Deserialize)]
+    struct ErrBody {
+        error: String,
+        #[serde(default)]
+        code: String,
+    }
+    match serde_json::from_slice::<ErrBody>(body) {
+        Ok(e) => ClientError::Status {
+            status,
+            code: e.code,
+            message: e.error,
+        },
+        Err(_) => ClientError::Status {
+            status,
+            code: String::new(),
+            message: String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+        },
+    }
+}
+
+/// An open SSE stream: typed events with their ids, in order.
+pub struct EventStream {
+    body: Incoming,
+    decoder: SseDecoder,
+    pending: std::collections::VecDeque<(Option<u64>, SseEvent)>,
+}
+
+impl EventStream {
+    /// The next event; `Ok(None)` when the coordinator closed the stream. Unknown event
+    /// names (a newer coordinator) are skipped with a log line; undecodable data of a known
+    /// event is an error, because applying a partial roster would be worse than reconnecting.
+    pub async fn next(&mut self) -> Result<Option<(Option<u64>, SseEvent)>, ClientError> {
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Ok(Some(e));
+            }
+            let frame = match tokio::time::timeout(STREAM_IDLE_TIMEOUT, self.body.frame()).await {
+                Err(_) => return Err(ClientError::Transport("stream idle for 40 s".into())),
+                Ok(None) => return Ok(None),
+                Ok(Some(Err(e))) => return Err(ClientError::Transport(e.to_string())),
+                Ok(Some(Ok(f))) => f,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            for f in self.decoder.feed(&data) {
+                match SseEvent::parse(&f.event, &f.data) {
+                    Ok(ev) => {
+                        let id = f.id.as_deref().and_then(|s| s.parse().ok());
+                        self.pending.push_back((id, ev));
+                    }
+                    Err(tabbify_control::api::SseParseError::UnknownEvent(name)) => {
+                        tracing::debug!(event = %name, "unknown SSE event skipped");
+                    }
+                    Err(e) => return Err(ClientError::Protocol(e.to_string())),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert!(Client::new("http://127.0.0.1:8443", None, Some("x".into())).is_ok());
+        let e = Client::new("https://127.0.0.1:8443", None, None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("TLS files"));
+        let e = Client::new("ftp://h", None, None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("scheme"));
+        let e = Client::new("127.0.0.1:8443", None, None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some());
+        let e = Client::new("http://h:1/v1", None, None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("path"));
+        let c = Client::new("http://[::1]:9/", None, None).ok();
+        assert_eq!(c.map(|c| (c.host, c.port)), Some(("::1".to_owned(), 9)));
+    }
+
+    #[test]
+    fn transient_or_not() {
+        let s = |status, code: &str| ClientError::Status {
+            status,
+            code: code.into(),
+            message: String::new(),
+        };
+        assert!(s(StatusCode::BAD_GATEWAY, "auth_service").is_transient());
+        assert!(!s(StatusCode::UNAUTHORIZED, "token_invalid").is_transient());
+        assert!(!s(StatusCode::FORBIDDEN, "revoked").is_transient());
+        assert!(ClientError::Transport("x".into()).is_transient());
+        assert_eq!(
+            status_error(StatusCode::FORBIDDEN, br#"{"error":"no","code":"revoked"}"#).code(),
+            Some("revoked")
+        );
+    }
+}

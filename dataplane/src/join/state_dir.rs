@@ -1,0 +1,164 @@
+//! The joiner's state directory: the node key and the apps this node hosts.
+//!
+//! * `node.key` — the WireGuard private key, base64, created once with mode 0600 (the
+//!   directory 0700) and never sent anywhere. A key file that others can read is refused,
+//!   as ssh refuses a loose private key.
+//! * `apps.json` — the app UUIDs hosted here, so a restart advertises them again. Written
+//!   to a temporary file, synced and renamed, so a crash leaves the old or the new list.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use uuid::Uuid;
+
+use crate::config::{self, Key};
+
+/// The state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating it 0700 if missing) the directory.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating the state directory {}", dir.display()))?;
+        }
+        if !dir.is_dir() {
+            bail!("state directory {} is not a directory", dir.display());
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The node's private key: read, or generated and stored on first use.
+    pub fn node_key(&self) -> anyhow::Result<Key> {
+        let path = self.dir.join("node.key");
+        match fs::metadata(&path) {
+            Ok(meta) => {
+                let mode = meta.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    bail!(
+                        "{} is readable by others (mode {mode:o}); run `chmod 600 {}`",
+                        path.display(),
+                        path.display()
+                    );
+                }
+                let text = fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                Key::from_base64(text.trim())
+                    .with_context(|| format!("node key in {}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = config::generate_private_key();
+                let mut f = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .with_context(|| format!("creating {}", path.display()))?;
+                writeln!(f, "{}", key.to_base64())?;
+                f.sync_all()?;
+                tracing::info!(path = %path.display(), "generated the node key");
+                Ok(key)
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The hosted apps recorded here (empty if none).
+    pub fn apps(&self) -> anyhow::Result<Vec<Uuid>> {
+        let path = self.dir.join("apps.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{} is not a JSON list of app UUIDs", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Records the hosted apps (atomically).
+    pub fn set_apps(&self, apps: &[Uuid]) -> anyhow::Result<()> {
+        let path = self.dir.join("apps.json");
+        let tmp = self.dir.join("apps.json.tmp");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec(apps)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_made_once_and_kept_private() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(&d.path().join("state")).unwrap();
+        let k1 = s.node_key().unwrap();
+        let k2 = s.node_key().unwrap();
+        assert_eq!(k1.0, k2.0);
+        let path = d.path().join("state/node.key");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            fs::metadata(d.path().join("state"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o700
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = s.node_key().unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn bad_key_file_says_where() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let path = d.path().join("node.key");
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap()
+            .write_all(b"nope\n")
+            .unwrap();
+        let e = format!("{:#}", s.node_key().unwrap_err());
+        assert!(e.contains("node.key"), "{e}");
+    }
+
+    #[test]
+    fn apps_round_trip() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        assert!(s.apps().unwrap().is_empty());
+        let a = vec![Uuid::new_v4(), Uuid::new_v4()];
+        s.set_apps(&a).unwrap();
+        assert_eq!(s.apps().unwrap(), a);
+        fs::write(d.path().join("apps.json"), b"{").unwrap();
+        assert!(s.apps().is_err());
+    }
+}
