@@ -8,7 +8,7 @@
 //! `--interface`, i.e. through the default control socket path.
 //!
 //! Invariants: [`Joiner::start`] returns once the joiner reports `registered: true`, or
-//! fails with its log; every wait polls `status --json` until a condition holds or a
+//! fails with its log ([`Joiner::spawn`] does not wait); every wait polls `status --json` until a condition holds or a
 //! deadline passes, and the error then carries the last status seen.
 
 use std::net::Ipv6Addr;
@@ -27,6 +27,9 @@ use crate::wg::Driver;
 
 /// How long a joiner gets to register after it starts.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an exited joiner's interface and control socket may take to disappear.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How to run a joiner.
 #[derive(Debug, Clone)]
@@ -77,6 +80,22 @@ impl Joiner {
         cert: &Issued,
         spec: JoinSpec,
     ) -> Result<Joiner> {
+        let mut joiner = Joiner::spawn(netns, coordinator_url, cert, spec)?;
+        joiner
+            .wait_status("to register", REGISTER_TIMEOUT, |status| status.registered)
+            .with_context(|| format!("starting joiner {}", joiner.spec.name))?;
+        Ok(joiner)
+    }
+
+    /// Starts `tabbify-mesh join` like [`Joiner::start`] without waiting for anything.
+    /// The state directory is `<namespace work dir>/state-<name>`, so a joiner started
+    /// again under the same name in the same namespace finds its node key.
+    pub fn spawn(
+        netns: &Netns,
+        coordinator_url: &str,
+        cert: &Issued,
+        spec: JoinSpec,
+    ) -> Result<Joiner> {
         let binary = crate::bins::tabbify_mesh()?;
         let ifname = format!("tm{:08x}", rand::thread_rng().gen::<u32>());
         let state_dir = netns.workdir().join(format!("state-{}", spec.name));
@@ -111,17 +130,13 @@ impl Joiner {
             &format!("join-{}-{ifname}", spec.name),
             command,
         )?;
-        let mut joiner = Joiner {
+        Ok(Joiner {
             spec,
             ifname,
             state_dir,
             binary,
             process,
-        };
-        joiner
-            .wait_status("to register", REGISTER_TIMEOUT, |status| status.registered)
-            .with_context(|| format!("starting joiner {}", joiner.spec.name))?;
-        Ok(joiner)
+        })
     }
 
     /// The display name asked for.
@@ -254,17 +269,52 @@ impl Joiner {
             self.spec.name,
             tail(&self.logs())
         );
-        if self.netns().has_link(&self.ifname) {
-            bail!("{} left interface {} behind", self.spec.name, self.ifname);
-        }
-        let socket = PathBuf::from(format!("/run/tabbify-mesh/{}.sock", self.ifname));
+        self.check_cleaned_up()
+    }
+
+    /// Waits up to `timeout` for the joiner to exit by itself with a non-zero status and a
+    /// log mentioning `reason` (a permanent refusal), then checks that it removed its
+    /// interface and control socket.
+    pub fn expect_refused_exit(&mut self, reason: &str, timeout: Duration) -> Result<()> {
+        let status = self
+            .process
+            .wait_exit(timeout)
+            .with_context(|| format!("log of {}:\n{}", self.spec.name, tail(&self.logs())))?;
         ensure!(
-            !socket.exists(),
-            "{} left its control socket {} behind",
-            self.spec.name,
-            socket.display()
+            !status.success(),
+            "{} exited with {status}, want a failure",
+            self.spec.name
         );
-        Ok(())
+        let log = self.logs();
+        ensure!(
+            log.contains(reason),
+            "{} exited ({status}) without saying {reason:?}:\n{}",
+            self.spec.name,
+            tail(&log)
+        );
+        self.check_cleaned_up()
+    }
+
+    /// The interface and the control socket are gone (after the joiner exited).
+    ///
+    /// Polled briefly: when a process exits without removing its TUN, the kernel deletes
+    /// the device once the last file reference closes, and references held by an io_uring
+    /// instance are dropped by the ring's deferred teardown, after the exit is reported.
+    fn check_cleaned_up(&self) -> Result<()> {
+        let socket = PathBuf::from(format!("/run/tabbify-mesh/{}.sock", self.ifname));
+        wait::until(
+            &format!("{} to be cleaned up", self.spec.name),
+            CLEANUP_TIMEOUT,
+            || {
+                if self.netns().has_link(&self.ifname) {
+                    bail!("interface {} is still there", self.ifname);
+                }
+                if socket.exists() {
+                    bail!("control socket {} is still there", socket.display());
+                }
+                Ok(Some(()))
+            },
+        )
     }
 }
 

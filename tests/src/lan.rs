@@ -6,7 +6,8 @@
 //! coordinator) is reachable from every attached host. [`Lan::attach`] adds a veth whose
 //! host end gets the next free address of the /24 and whose other end is a bridge port.
 //!
-//! Invariants: the LAN is IPv4 only; addresses are handed out once per [`Lan`]; interface
+//! Invariants: the bridge's MAC address is fixed, so attaching a host never changes it;
+//! the LAN is IPv4 only; addresses are handed out once per [`Lan`]; interface
 //! names are unique within each namespace they live in (the bridge ports count up, the
 //! host end is `lan<N>`), and every link and the bridge go away with their namespaces,
 //! which are deleted when the last handle drops, also when a test panics (see
@@ -23,6 +24,9 @@ use crate::veth::create_pair;
 
 /// Name of the bridge inside the LAN namespace.
 const BRIDGE: &str = "br0";
+
+/// The bridge's own MAC address (locally administered).
+const BRIDGE_MAC: &str = "02:00:0a:c8:00:01";
 
 /// A bridged IPv4 /24 in its own namespace.
 #[derive(Clone)]
@@ -50,11 +54,16 @@ impl Lan {
     /// Creates the namespace and the bridge, with [`Lan::addr`] on the bridge.
     pub fn new() -> Result<Lan> {
         let netns = Netns::new()?;
+        // A fixed address: a bridge without one takes the lowest address among its ports,
+        // so plugging in a host could change it under hosts that already cached the old one
+        // in their ARP tables, and their frames would be dropped until the entries expire.
         netns
             .ip(&[
                 "link",
                 "add",
                 BRIDGE,
+                "address",
+                BRIDGE_MAC,
                 "type",
                 "bridge",
                 "forward_delay",

@@ -19,6 +19,9 @@ use crate::netns::Netns;
 use crate::process::Process;
 use crate::wait;
 
+/// A reply this recent before a change shows that traffic was flowing when it happened.
+const FLOWING: Duration = Duration::from_millis(500);
+
 /// A background ping.
 pub struct Pinger {
     process: Process,
@@ -89,14 +92,18 @@ impl Pinger {
         })
     }
 
-    /// Checks that traffic stopped within `bound` of `since` (Unix seconds): waits until
-    /// `observe` has passed after `since + bound` with ping still running, then fails if
-    /// any reply arrived later than `since + bound`. Returns when the last reply arrived,
+    /// Checks that traffic stopped within `bound` of `since` (Unix seconds): fails unless a
+    /// reply arrived in the half second before `since` (so traffic was flowing); waits
+    /// until `observe` has passed after `since + bound` with ping still running, then fails
+    /// if any reply arrived later than `since + bound`. Returns when the last reply arrived,
     /// relative to `since` (negative if none came after it).
     pub fn check_cut(&mut self, since: f64, bound: Duration, observe: Duration) -> Result<f64> {
         ensure!(
-            self.replies().iter().any(|&at| at <= since),
-            "no ping reply from {} before the change: traffic was not flowing; log:\n{}",
+            self.replies()
+                .iter()
+                .any(|&at| at <= since && since - at <= FLOWING.as_secs_f64()),
+            "no ping reply from {} in the {FLOWING:?} before the change: traffic was not \
+             flowing; log:\n{}",
             self.addr,
             self.process.logs()
         );

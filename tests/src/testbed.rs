@@ -78,13 +78,16 @@ impl Testbed {
     pub fn join(&self, netns: &Netns, mut spec: JoinSpec) -> Result<Joiner> {
         let cert = self.pki.issue_peer(&spec.name)?;
         if spec.join_token.is_none() {
-            let tags: Vec<&str> = spec.tags.iter().map(String::as_str).collect();
-            spec.join_token = Some(
-                self.admin
-                    .create_token(&tags, None, 1)
-                    .with_context(|| format!("a join token for {}", spec.name))?,
-            );
+            spec.join_token = Some(self.token_for(&spec)?);
         }
         Joiner::start(netns, &self.coordinator.url(), &cert, spec)
+    }
+
+    /// A single-use join token granting `spec.tags`.
+    pub fn token_for(&self, spec: &JoinSpec) -> Result<String> {
+        let tags: Vec<&str> = spec.tags.iter().map(String::as_str).collect();
+        self.admin
+            .create_token(&tags, None, 1)
+            .with_context(|| format!("a join token for {}", spec.name))
     }
 }

@@ -275,6 +275,9 @@ fn lan_hosts_reach_each_other_and_the_bridge() -> Result<()> {
     let port_a = lan.attach(&a)?;
     let port_b = lan.attach(&b)?;
     assert_ne!(port_a.addr, port_b.addr);
+    // Plugging hosts in does not change the bridge's MAC address (ARP caches stay valid).
+    let bridge = lan.netns().ip(&["-br", "link", "show", "dev", "br0"])?;
+    assert!(bridge.contains("02:00:0a:c8:00:01"), "{bridge}");
     let stats = ping(&a, port_b.addr.into(), 3, "0.05")?;
     assert_eq!(stats.received, 3, "{stats:?}");
     let stats = ping(lan.netns(), port_a.addr.into(), 2, "0.05")?;
