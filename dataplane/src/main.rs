@@ -123,7 +123,7 @@ struct Target {
     /// The joiner's interface.
     #[arg(long, short, default_value = "tabbify0")]
     interface: String,
-    /// The control socket (default: /run/tabbify-mesh/<interface>.sock).
+    /// The control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
 }
@@ -183,7 +183,7 @@ struct JoinArgs {
     /// An endpoint to report, IP:PORT (repeat; default: every non-loopback address).
     #[arg(long = "endpoint")]
     endpoints: Vec<std::net::SocketAddr>,
-    /// The local control socket (default: /run/tabbify-mesh/<interface>.sock).
+    /// The local control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
     /// Plaintext HTTP to a loopback coordinator (development only; needs TABBIFY_ALLOW_INSECURE=1).

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Invariants:
-//! * the table only changes through [`Joiner::reconcile`], which diffs the desired peers
+//! * the table only changes through `Joiner::reconcile`, which diffs the desired peers
 //!   against what it applied last and touches only peers that changed, so a roster event
 //!   never resets another peer's session;
 //! * a coordinator outage never touches the table: established tunnels keep working, and
