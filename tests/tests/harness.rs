@@ -427,3 +427,41 @@ fn test_app_and_edge_processes_serve_inside_a_namespace() -> Result<()> {
     assert_eq!(echo["name"], "harness-app");
     Ok(())
 }
+
+/// The background pinger's checks can fail: a cut that never happens is reported, a real
+/// one is timed by the requests' send times, and lost requests break "uninterrupted".
+#[test]
+fn pinger_tells_whether_and_when_traffic_stopped() -> Result<()> {
+    use tabbify_tests::pinger::unix_now;
+    require(&[Tool::Iproute2, Tool::Ping])?;
+    let lan = tabbify_tests::Lan::new()?;
+    let (a, b) = (Netns::new()?, Netns::new()?);
+    lan.attach(&a)?;
+    let port_b = lan.attach(&b)?;
+    let mut pinger = tabbify_tests::Pinger::start(&a, port_b.addr.into(), "0.05")?;
+    pinger.wait_reply_after(unix_now(), Duration::from_secs(10))?;
+
+    let since = unix_now();
+    let never_cut = pinger.check_cut(
+        since,
+        Duration::from_millis(300),
+        Duration::from_millis(500),
+    );
+    assert!(never_cut.is_err(), "traffic that goes on is not a cut");
+    pinger.check_uninterrupted(since, Duration::from_secs(1))?;
+
+    let since = unix_now();
+    b.ip(&["link", "set", "dev", &port_b.ifname, "down"])?;
+    let last = pinger.check_cut(
+        since,
+        Duration::from_millis(300),
+        Duration::from_millis(500),
+    )?;
+    assert!(
+        last <= 0.3,
+        "last answered request sent {last} s after the cut"
+    );
+    let lost = pinger.check_uninterrupted(since, Duration::from_secs(1));
+    assert!(lost.is_err(), "requests into a dead link are lost");
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //! | outage | SIGKILL the coordinator | joiners report `registered: false`; sup1→sup2 and node→sup1 pings lose nothing for 3 s; HTTP still works |
 //! | restart | the coordinator again on the same state dir | every joiner `registered: true`, the same rosters, traffic flows |
 //! | policy | PUT a policy without node→supervisor | node→sup1 traffic stops within 1 s; sup1↔sup2 is not disturbed; rosters shrink |
+//! | app remove | `app remove` on supervisor-01 | supervisor-02 withdraws its app ULA route within 1 s; the address leaves supervisor-01's interface |
 //! | revoke | DELETE supervisor-02 | sup1↔sup2 traffic stops within 1 s; sup1's roster empties; sup2 exits non-zero naming the revocation, interface and control socket removed |
 //! | stop | SIGTERM the other joiners | exit 0, interface and control socket removed |
 //!
@@ -56,7 +57,8 @@ const APP: &str = "3f2a7c1e-0b6d-4d8e-9a51-7b0c2d4e6f80";
 /// scheduling margin (see the module documentation).
 const CUT_BOUND: Duration = Duration::from_millis(1_500);
 
-/// The bound for a remote app ULA's route to appear (1 s), plus the same margin.
+/// The bound for a remote app ULA's route to appear or go (1 s), plus the same
+/// margin.
 const ROUTE_BOUND: Duration = Duration::from_millis(1_500);
 
 /// How long traffic is watched after it should have stopped, or while it must go on.
@@ -389,6 +391,30 @@ fn live_mesh_follows_the_acl_policy_changes_revocation_and_outages() -> Result<(
     ensure!(
         !has_route(&node_ns, app_ula, node.ifname()),
         "node-01 still routes the app ULA"
+    );
+
+    // --- app remove: supervisor-02 withdraws its route to the app ULA
+    ensure!(
+        has_route(&sup2_ns, app_ula, sup2.ifname()),
+        "supervisor-02 does not route the app ULA"
+    );
+    let before_remove = Instant::now();
+    sup1.app_remove(&app)?;
+    tabbify_tests::wait::until_true(
+        "supervisor-02 to withdraw its route to the app ULA",
+        ROUTE_BOUND.saturating_sub(before_remove.elapsed()),
+        || !has_route(&sup2_ns, app_ula, sup2.ifname()),
+    )?;
+    eprintln!(
+        "app ULA route withdrawn on supervisor-02 after {:?}",
+        before_remove.elapsed()
+    );
+    let s1 = sup1.status()?;
+    ensure!(s1.hosted_apps.is_empty(), "{}", s1.summary());
+    let addresses = sup1_ns.ip(&["-6", "addr", "show", "dev", sup1.ifname()])?;
+    ensure!(
+        !addresses.contains(&app_ula.to_string()),
+        "the app ULA is still on supervisor-01's interface: {addresses}"
     );
 
     // --- revocation of supervisor-02
