@@ -288,7 +288,7 @@ fn live_mesh_follows_the_acl_policy_changes_revocation_and_outages() -> Result<(
         wait_ping(from.netns(), IpAddr::V6(to), SETTLE)
             .with_context(|| format!("{} → {to_name} must be allowed", from.name()))?;
     }
-    // The tunnels to node-01 exist now (node-01 opened them), so silence is the filter.
+    // node-01 has opened its tunnels to both supervisors, so silence here is the filter.
     expect_no_reply(&sup1, "node-01", node_ula)?;
     expect_no_reply(&sup2, "node-01", node_ula)?;
     let direct = sup1.wait_peer("node-01", "to show the handshake", SETTLE, |peer| {
