@@ -80,7 +80,9 @@ up() {
   # The LAN: a bridge in the public namespace, one veth per host, one for this machine.
   ip netns add "$PREFIX-pub"
   ip -n "$PREFIX-pub" link set lo up
-  ip -n "$PREFIX-pub" link add tdemo-br type bridge
+  # A fixed MAC: a bridge otherwise takes its lowest port MAC, which changes as ports join
+  # and leaves stale entries in the hosts' ARP caches.
+  ip -n "$PREFIX-pub" link add tdemo-br address 02:74:64:00:00:01 type bridge
   ip -n "$PREFIX-pub" addr add "$COORD/24" dev tdemo-br
   ip -n "$PREFIX-pub" link set tdemo-br up
   for h in "${HOSTS[@]}"; do

@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use base64::Engine as _;
 use tabbify_control::api::{
-    self, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse,
+    self, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -116,6 +116,12 @@ struct Inner {
     tags: Vec<String>,
     apps: Vec<Uuid>,
     heartbeat: Duration,
+    /// After a re-registration, peers missing from the fresh roster are kept until then:
+    /// they may not have re-registered yet (a coordinator restart), and dropping them
+    /// would reset working sessions. Explicit removals and policy changes act at once.
+    grace_until: Option<tokio::time::Instant>,
+    /// Peers removed by an explicit `peer_remove` during the grace period.
+    removed: BTreeSet<String>,
 }
 
 /// The running joiner.
@@ -219,6 +225,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             tags: opts.tags.clone(),
             apps,
             heartbeat: Duration::from_secs(10),
+            grace_until: None,
+            removed: BTreeSet::new(),
         }),
         opts,
         engine,
@@ -373,6 +381,14 @@ impl Joiner {
         }
         {
             let mut g = self.lock();
+            if g.ever_registered {
+                // Peers re-register at their own pace after a coordinator restart; the
+                // coordinator expires a silent peer after this many heartbeats anyway.
+                let window = Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 3600))
+                    * api::MISSED_HEARTBEATS_TO_EXPIRE;
+                g.grace_until = Some(tokio::time::Instant::now() + window);
+                g.removed.clear();
+            }
             g.ever_registered = true;
             g.may_host_apps = Some(resp.may_host_apps);
             g.display_name = resp.display_name.clone();
@@ -404,14 +420,27 @@ impl Joiner {
             tokio::select! {
                 ev = stream.next() => {
                     let Some((id, ev)) = ev? else { return Ok(()) };
-                    let applied = self.lock().roster.apply(id, ev);
+                    let applied = {
+                        let mut g = self.lock();
+                        match &ev {
+                            SseEvent::PeerRemove(r) => {
+                                g.removed.insert(r.peer_id.clone());
+                            }
+                            SseEvent::Policy(_) => g.grace_until = None,
+                            _ => {}
+                        }
+                        g.roster.apply(id, ev)
+                    };
                     match applied {
                         Applied::Changed => self.reconcile(),
                         Applied::Unchanged => {}
                         Applied::HolePunch { public_key, endpoint } => self.hole_punch(&public_key, endpoint),
                     }
                 }
-                _ = tick.tick() => self.heartbeat_or_reregister().await?,
+                _ = tick.tick() => {
+                    self.end_grace_if_over();
+                    self.heartbeat_or_reregister().await?;
+                }
                 _ = self.heartbeat_now.notified() => self.heartbeat_or_reregister().await?,
             }
         }
@@ -462,10 +491,31 @@ impl Joiner {
         Ok(())
     }
 
+    fn end_grace_if_over(&self) {
+        let over = {
+            let mut g = self.lock();
+            let over = g
+                .grace_until
+                .is_some_and(|t| tokio::time::Instant::now() >= t);
+            if over {
+                g.grace_until = None;
+                g.removed.clear();
+            }
+            over
+        };
+        if over {
+            self.reconcile();
+        }
+    }
+
     /// Makes the table and the kernel routes match the roster; touches only what changed.
     fn reconcile(&self) {
         let mut g = self.lock();
         let desired = g.roster.desired(&g.me);
+        let grace = g
+            .grace_until
+            .is_some_and(|t| tokio::time::Instant::now() < t);
+        let mut next = desired.clone();
         let mut fresh = Vec::new();
         for (key, d) in &desired {
             let before = g.applied.get(key);
@@ -496,11 +546,15 @@ impl Joiner {
         }
         for (key, d) in &g.applied {
             if !desired.contains_key(key) {
+                if grace && !g.removed.contains(&d.peer_id) {
+                    next.insert(*key, d.clone());
+                    continue;
+                }
                 self.table.remove_peer(key);
                 tracing::info!(peer = %d.name, peer_id = %d.peer_id, "peer removed");
             }
         }
-        let wanted: BTreeSet<IpNet> = desired
+        let wanted: BTreeSet<IpNet> = next
             .values()
             .flat_map(|d| d.allowed_ips.iter().copied())
             .collect();
@@ -510,7 +564,7 @@ impl Joiner {
             tracing::error!(error = %e, "routes");
         }
         g.routes = wanted;
-        g.applied = desired;
+        g.applied = next;
         drop(g);
         // Start sessions with new peers now: the first packet then finds a live session,
         // and NAT mappings open from both sides.
