@@ -49,6 +49,10 @@ struct Args {
     /// missing.
     #[arg(long, env = "TABBIFY_MESH_BIN")]
     mesh_bin: Option<PathBuf>,
+    /// A second build of ours to compare against in the same run (A/B): adds
+    /// `base-uring` and `base-epoll`, which run this binary with the same options.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
     /// `--threads` for ours (its default when absent).
     #[arg(long)]
     ours_threads: Option<u32>,
@@ -221,15 +225,16 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             "tabbify-mesh not found (build: cargo build --release -p tabbify-dataplane)".to_owned(),
         ),
     };
-    let ours = |driver| {
+    let build = |driver, binary: &Option<PathBuf>| {
         Some(Implementation::Ours(OursOptions {
             driver: Some(driver),
             offloads: args.offloads.as_deref().map(|o| o == "on"),
             threads: args.ours_threads,
-            binary: mesh_bin.clone(),
+            binary: binary.clone(),
         }))
     };
-    let all = vec![
+    let ours = |driver| build(driver, &mesh_bin);
+    let mut all = vec![
         Contender {
             name: "ours-uring",
             kind: Kind::Ours,
@@ -267,6 +272,29 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             unavailable: None,
         },
     ];
+    if let Some(base) = &args.baseline_bin {
+        let unavailable =
+            (!base.is_file()).then(|| format!("{} not found (--baseline-bin)", base.display()));
+        let binary = Some(base.clone());
+        all.insert(
+            2,
+            Contender {
+                name: "base-epoll",
+                kind: Kind::Ours,
+                implementation: build(Driver::Epoll, &binary),
+                unavailable: unavailable.clone(),
+            },
+        );
+        all.insert(
+            2,
+            Contender {
+                name: "base-uring",
+                kind: Kind::Ours,
+                implementation: build(Driver::Uring, &binary),
+                unavailable,
+            },
+        );
+    }
     for name in &args.only {
         if !all.iter().any(|c| c.name == name) {
             bail!("unknown implementation {name:?} (see --list)");

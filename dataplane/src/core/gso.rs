@@ -464,6 +464,7 @@ pub struct Coalescer {
     arena: Box<[u8]>,
     slots: Box<[Slot]>,
     used: usize,
+    verify_l4: bool,
 }
 
 impl std::fmt::Debug for Coalescer {
@@ -479,8 +480,21 @@ impl Coalescer {
     /// A coalescer with `capacity` slots (heads or passthrough packets per batch), each
     /// [`BUF_LEN`] bytes, allocated now. A capacity of 0 is raised to 1.
     pub fn new(capacity: usize) -> Self {
+        Self::build(capacity, true)
+    }
+
+    /// A coalescer for packets whose integrity a cipher's authentication tag already
+    /// proved (decrypted WireGuard data): it skips the pass over each segment that checks
+    /// its TCP checksum, as kernel WireGuard marks decrypted packets checksum-verified.
+    /// Everything else is as [`Coalescer::new`].
+    pub fn authenticated(capacity: usize) -> Self {
+        Self::build(capacity, false)
+    }
+
+    fn build(capacity: usize, verify_l4: bool) -> Self {
         let capacity = capacity.max(1);
         Self {
+            verify_l4,
             arena: vec![0u8; capacity * BUF_LEN].into_boxed_slice(),
             slots: vec![
                 Slot {
@@ -514,7 +528,7 @@ impl Coalescer {
         if pkt.len() > MAX_PACKET {
             return Err(CoalesceError::TooLarge);
         }
-        let Some((cand, key_ok)) = candidate(pkt) else {
+        let Some((cand, key_ok)) = candidate(pkt, self.verify_l4) else {
             return self.new_slot(pkt, None);
         };
         if let Some(i) = self.find_open_head(pkt, cand.v6) {
@@ -718,8 +732,9 @@ impl Coalescer {
 }
 
 /// Classifies a packet: `None` for anything that is not a TCP/IP packet (passthrough);
-/// otherwise the candidate and whether it may start or join a head.
-fn candidate(pkt: &[u8]) -> Option<(Candidate, bool)> {
+/// otherwise the candidate and whether it may start or join a head. `verify_l4` checks
+/// the TCP checksum too.
+fn candidate(pkt: &[u8], verify_l4: bool) -> Option<(Candidate, bool)> {
     let (v6, l3, l4_bytes, pseudo, ip_ok) = match pkt.first()? >> 4 {
         4 => {
             let ip = Ipv4Packet::new_checked(pkt).ok()?;
@@ -762,7 +777,7 @@ fn candidate(pkt: &[u8]) -> Option<(Candidate, bool)> {
         && f & !(tcp::ACK | tcp::PSH) == 0
         && f & tcp::ACK != 0
         && !t.payload().is_empty()
-        && t.verify_checksum(pseudo);
+        && (!verify_l4 || t.verify_checksum(pseudo));
     Some((
         Candidate {
             v6,
@@ -1323,6 +1338,22 @@ mod tests {
         assert_no_join(|p| p[20 + 27] ^= 1); // timestamp option
         assert_no_join(|p| p[20 + 13] |= tcp::URG); // flags beyond ACK/PSH
         assert_no_join(|p| p[20 + 7] ^= 1); // sequence number
+    }
+
+    #[test]
+    fn authenticated_coalescer_skips_only_the_tcp_checksum_check() {
+        let (hdr, sup) = tcp_super(false, &payload_bytes(5000, 6), 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        let mut c = Coalescer::authenticated(16);
+        let mut bad_tcp = s[1].clone();
+        bad_tcp[60] ^= 0xff;
+        assert_eq!(c.push(&s[0]).unwrap(), Pushed::Head);
+        assert_eq!(c.push(&bad_tcp).unwrap(), Pushed::Coalesced);
+        // A bad IPv4 header checksum still passes through and closes the head.
+        let mut bad_ip = s[2].clone();
+        bad_ip[10] ^= 0xff;
+        assert_eq!(c.push(&bad_ip).unwrap(), Pushed::Passthrough);
+        assert_eq!(c.push(&s[3]).unwrap(), Pushed::Head);
     }
 
     #[test]

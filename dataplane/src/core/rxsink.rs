@@ -6,7 +6,9 @@
 //! packed into a compact [`TunBatch`] behind a zero virtio header. Writing order is the
 //! coalescer's buffers first, then the batch: a flow's data therefore precedes its later
 //! FIN or overflow segments, and nothing is written out of order within what TCP cares about.
-//! Without a virtio header, every packet goes to the batch as is.
+//! Without a virtio header, every packet goes to the batch as is. Only decrypted packets
+//! come here, so the coalescer does not re-check TCP checksums the AEAD tag already covers
+//! ([`Coalescer::authenticated`]).
 //!
 //! Ownership: [`RxSink::for_each`] yields every buffer for writing; [`RxSink::clear`] only
 //! after all those writes completed.
@@ -30,7 +32,8 @@ impl RxSink {
     /// (64 KiB each) and a `bytes` arena for everything else.
     pub fn new(vnet: bool, heads: usize, bytes: usize) -> Self {
         Self {
-            gro: (vnet && heads > 0).then(|| Coalescer::new(heads)),
+            // Only decrypted packets arrive here: the AEAD tag vouches for their bytes.
+            gro: (vnet && heads > 0).then(|| Coalescer::authenticated(heads)),
             plain: TunBatch::new(bytes, vnet),
         }
     }

@@ -108,6 +108,19 @@ impl RawAddr {
         }
     }
 
+    /// Copies an address the kernel wrote into a receive buffer (a multishot receive puts
+    /// it there); bytes past the storage are ignored, missing ones read as zero.
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let mut raw = Self::default();
+        let n = bytes.len().min(mem::size_of::<Self>());
+        // SAFETY: `raw` is plain old data of at least `n` bytes, and every byte pattern is a
+        // valid value of it; the source and destination do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut raw as *mut Self).cast::<u8>(), n);
+        }
+        raw
+    }
+
     /// Size of the storage, for `msg_namelen` on receive.
     pub const fn capacity() -> libc::socklen_t {
         mem::size_of::<Self>() as libc::socklen_t
@@ -385,6 +398,21 @@ mod tests {
             assert_eq!(back, want);
         }
         assert!(RawAddr::new("[fd00::1]:7".parse().unwrap(), false).is_none());
+    }
+
+    #[test]
+    fn raw_addr_from_received_bytes() {
+        let sa: SocketAddr = "[fd00::9]:4242".parse().unwrap();
+        let (raw, len) = RawAddr::new(sa, true).unwrap();
+        // SAFETY (test): viewing plain old data as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw as *const RawAddr).cast::<u8>(), len as usize)
+        };
+        assert_eq!(RawAddr::from_bytes(bytes).to_socket_addr(), Some(sa));
+        assert_eq!(RawAddr::from_bytes(&[]).to_socket_addr(), None);
+        let mut long = bytes.to_vec();
+        long.extend_from_slice(&[0xff; 64]);
+        assert_eq!(RawAddr::from_bytes(&long).to_socket_addr(), Some(sa));
     }
 
     #[test]
