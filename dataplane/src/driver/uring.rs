@@ -5,7 +5,8 @@
 //! `RECVMSG` on its UDP socket, each drawing buffers from its own provided-buffer ring
 //! ([`BufRing`]), so a packet costs one completion and no re-arm, and only one poll waiter
 //! sits on each fd (several single-shot reads in flight would all be woken for every
-//! packet). Both fds are registered files. Each turn's results are submitted together, in
+//! packet). Both fds are registered files (the multishot TUN read alone uses the plain fd:
+//! the kernel answers EBADFD for it on a registered TUN file). Each turn's results are submitted together, in
 //! the same `io_uring_enter` that waits for the next turn: one GSO `SENDMSG` per send slot,
 //! one `WRITE` per (coalesced) TUN packet.
 //!
