@@ -332,6 +332,10 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         None => (None, None, None, None),
     };
     let label = match &contender.implementation {
+        // The baseline build of ours reads as such in the table.
+        Some(implementation) if contender.name.starts_with("base-") => {
+            format!("baseline {}", implementation.label())
+        }
         Some(implementation) => implementation.label(),
         None => "plain veth (no tunnel)".to_owned(),
     };
