@@ -9,9 +9,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== build release binaries used by end-to-end tests"
-cargo build --workspace --bins
 echo "== tests"
+# Building the workspace's tests also builds every package's binaries (each package with
+# integration tests gets its bins), which the end-to-end tests run from target/debug.
 cargo nextest run --workspace --no-fail-fast
 for extra in scripts/test-*.sh; do
   [ -e "$extra" ] || continue

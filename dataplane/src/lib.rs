@@ -15,6 +15,7 @@ pub mod config;
 pub mod core;
 pub mod device;
 pub mod driver;
+#[cfg(feature = "join")]
 pub mod join;
 pub mod sys;
 pub mod uapi;
