@@ -64,15 +64,8 @@ enum Cmd {
         /// Interface name (default: the file name without `.conf`).
         #[arg(long, short)]
         interface: Option<String>,
-        /// Worker threads (default: one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
-        /// Force a driver (default: io_uring, epoll when io_uring is unavailable).
-        #[arg(long, value_enum)]
-        driver: Option<DriverArg>,
-        /// TUN segmentation offloads and UDP GSO/GRO.
-        #[arg(long, value_enum, default_value = "on")]
-        offloads: OnOff,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Join the mesh: register with the coordinator and follow its live roster.
     Join(Box<JoinArgs>),
@@ -115,6 +108,42 @@ enum AppCmd {
         #[command(flatten)]
         target: Target,
     },
+}
+
+/// Engine options shared by `up` and `join`.
+#[derive(clap::Args)]
+struct EngineArgs {
+    /// Worker threads (default: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Force a driver (default: io_uring, epoll when io_uring is unavailable).
+    #[arg(long, value_enum)]
+    driver: Option<DriverArg>,
+    /// TUN segmentation offloads and UDP GSO/GRO.
+    #[arg(long, value_enum, default_value = "on")]
+    offloads: OnOff,
+}
+
+impl EngineArgs {
+    fn driver(&self) -> Option<DriverKind> {
+        self.driver.map(|d| match d {
+            DriverArg::Uring => DriverKind::Uring,
+            DriverArg::Epoll => DriverKind::Epoll,
+        })
+    }
+
+    fn offloads(&self) -> bool {
+        self.offloads == OnOff::On
+    }
+}
+
+/// Refuses an MTU the engine cannot carry (`what` names the source in the message).
+fn check_mtu(what: &str, mtu: u32) -> anyhow::Result<()> {
+    let max = tabbify_dataplane::core::pipeline::MAX_MTU;
+    if mtu < 1280 || mtu as usize > max {
+        bail!("{what} {mtu} is out of range: 1280 (the IPv6 minimum) to {max}");
+    }
+    Ok(())
 }
 
 /// Which running joiner to ask.
@@ -168,15 +197,8 @@ struct JoinArgs {
     /// Where the node key and the hosted apps are kept.
     #[arg(long, default_value = "/var/lib/tabbify-mesh")]
     state_dir: PathBuf,
-    /// Worker threads (default: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
-    /// Force a driver (default: io_uring, epoll when io_uring is unavailable).
-    #[arg(long, value_enum)]
-    driver: Option<DriverArg>,
-    /// TUN segmentation offloads and UDP GSO/GRO.
-    #[arg(long, value_enum, default_value = "on")]
-    offloads: OnOff,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// TUN MTU.
     #[arg(long, default_value_t = 1420)]
     mtu: u32,
@@ -200,10 +222,8 @@ fn main() -> ExitCode {
         Cmd::Up {
             config,
             interface,
-            threads,
-            driver,
-            offloads,
-        } => up(config, interface, threads, driver, offloads == OnOff::On),
+            engine,
+        } => up(config, interface, &engine),
         Cmd::Join(args) => join(*args),
         Cmd::Status { target, json } => status(&target, json),
         Cmd::Peers { target, json } => peers(&target, json),
@@ -254,13 +274,7 @@ fn init_tracing() {
         .init();
 }
 
-fn up(
-    path: PathBuf,
-    interface: Option<String>,
-    threads: usize,
-    driver: Option<DriverArg>,
-    offloads: bool,
-) -> anyhow::Result<()> {
+fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::Result<()> {
     init_tracing();
     let cfg = Config::load(&path)?;
     for ig in &cfg.ignored {
@@ -292,31 +306,16 @@ fn up(
     }
     let opts = EngineOptions {
         interface: name.clone(),
-        threads,
-        driver: driver_kind(driver),
-        offloads,
+        threads: engine.threads,
+        driver: engine.driver(),
+        offloads: engine.offloads(),
         listen_port: cfg.interface.listen_port.unwrap_or(0),
     };
     let engine = Engine::start(&opts, table.clone())
         .with_context(|| format!("starting the engine on {name}"))?;
-    let info = engine.info.clone();
-    tracing::info!(
-        interface = %name,
-        driver = %info.driver,
-        threads = info.threads,
-        tun_offloads = %info.tun,
-        udp_gso = info.udp.gso,
-        udp_gro = info.udp.gro,
-        listen_port = info.listen_port,
-        "engine started"
-    );
+    engine.info.log(&name);
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
-    if mtu < 1280 || mtu as usize > tabbify_dataplane::core::pipeline::MAX_MTU {
-        bail!(
-            "MTU {mtu} is out of range: 1280 (the IPv6 minimum) to {}",
-            tabbify_dataplane::core::pipeline::MAX_MTU
-        );
-    }
+    check_mtu("MTU", mtu)?;
     link::up(&name, mtu)?;
     for a in &cfg.interface.addresses {
         link::add_address(&name, a)?;
@@ -353,13 +352,6 @@ fn up(
     Ok(())
 }
 
-fn driver_kind(d: Option<DriverArg>) -> Option<DriverKind> {
-    d.map(|d| match d {
-        DriverArg::Uring => DriverKind::Uring,
-        DriverArg::Epoll => DriverKind::Epoll,
-    })
-}
-
 fn join(a: JoinArgs) -> anyhow::Result<()> {
     let Some(coordinator) = a.coordinator else {
         bail!(
@@ -372,13 +364,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
     if a.interface.is_empty() || a.interface.len() > 15 {
         bail!("--interface `{}` must be 1-15 bytes", a.interface);
     }
-    if a.mtu < 1280 || a.mtu as usize > tabbify_dataplane::core::pipeline::MAX_MTU {
-        bail!(
-            "--mtu {} is out of range: 1280 (the IPv6 minimum) to {}",
-            a.mtu,
-            tabbify_dataplane::core::pipeline::MAX_MTU
-        );
-    }
+    check_mtu("--mtu", a.mtu)?;
     let tls = if a.insecure_no_mtls {
         if std::env::var("TABBIFY_ALLOW_INSECURE").as_deref() != Ok("1") {
             bail!("--insecure-no-mtls is for loopback development only and needs TABBIFY_ALLOW_INSECURE=1");
@@ -406,9 +392,9 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         listen_port: a.listen_port,
         mtu: a.mtu,
         state_dir: a.state_dir,
-        threads: a.threads,
-        driver: driver_kind(a.driver),
-        offloads: a.offloads == OnOff::On,
+        threads: a.engine.threads,
+        driver: a.engine.driver(),
+        offloads: a.engine.offloads(),
         endpoints: a.endpoints,
         control_socket,
     })

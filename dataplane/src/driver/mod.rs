@@ -99,6 +99,22 @@ pub struct EngineInfo {
     pub listen_port: u16,
 }
 
+impl EngineInfo {
+    /// Logs what is in force (the driver and offloads the kernel accepted), once at start.
+    pub fn log(&self, interface: &str) {
+        tracing::info!(
+            interface,
+            driver = %self.driver,
+            threads = self.threads,
+            tun_offloads = %self.tun,
+            udp_gso = self.udp.gso,
+            udp_gro = self.udp.gro,
+            listen_port = self.listen_port,
+            "engine started"
+        );
+    }
+}
+
 /// A running engine: worker threads and the timer thread.
 pub struct Engine {
     /// What is in force.

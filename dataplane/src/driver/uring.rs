@@ -87,6 +87,19 @@ pub fn available() -> bool {
 
 /// Completion errors of a receive that mean it can never work on this fd: the worker stops
 /// (re-arming would spin).
+/// A failed multishot receive: ends that only need a re-arm are ignored, fatal errors stop
+/// the worker, anything else is counted.
+fn receive_error(shared: &Shared, res: i32) -> io::Result<()> {
+    match -res {
+        libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ECANCELED => Ok(()),
+        e if fatal(e) => Err(io::Error::from_raw_os_error(e)),
+        _ => {
+            shared.counters.add(DropReason::Io);
+            Ok(())
+        }
+    }
+}
+
 fn fatal(errno: i32) -> bool {
     matches!(
         errno,
@@ -426,12 +439,7 @@ impl Worker {
         flags: u32,
     ) -> io::Result<()> {
         if res < 0 {
-            match -res {
-                libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ECANCELED => {}
-                e if fatal(e) => return Err(io::Error::from_raw_os_error(e)),
-                _ => shared.counters.add(DropReason::Io),
-            }
-            return Ok(());
+            return receive_error(shared, res);
         }
         let Some(bid) = cqueue::buffer_select(flags) else {
             return Ok(());
@@ -463,12 +471,7 @@ impl Worker {
         sink: &mut RxSink,
     ) -> io::Result<()> {
         if res < 0 {
-            match -res {
-                libc::ENOBUFS | libc::EAGAIN | libc::EINTR | libc::ECANCELED => {}
-                e if fatal(e) => return Err(io::Error::from_raw_os_error(e)),
-                _ => shared.counters.add(DropReason::Io),
-            }
-            return Ok(());
+            return receive_error(shared, res);
         }
         let Some(bid) = cqueue::buffer_select(flags) else {
             return Ok(());

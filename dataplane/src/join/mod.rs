@@ -188,17 +188,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         table.clone(),
     )
     .with_context(|| format!("starting the engine on {}", opts.interface))?;
-    let info = engine.info.clone();
-    tracing::info!(
-        interface = %opts.interface,
-        driver = %info.driver,
-        threads = info.threads,
-        tun_offloads = %info.tun,
-        udp_gso = info.udp.gso,
-        udp_gro = info.udp.gro,
-        listen_port = info.listen_port,
-        "engine started"
-    );
+    engine.info.log(&opts.interface);
     link::up(&opts.interface, opts.mtu)?;
     link::add_address(&opts.interface, &IpNet::host(IpAddr::V6(ula)))?;
     for a in &apps {
