@@ -122,9 +122,26 @@ struct EngineArgs {
     /// TUN segmentation offloads and UDP GSO/GRO.
     #[arg(long, value_enum, default_value = "on")]
     offloads: OnOff,
+    /// Worker placement: `cores` pins worker i to the i-th core the process may run on
+    /// (restrict with taskset or systemd's CPUAffinity=); `none` leaves it to the scheduler.
+    #[arg(long, value_enum, default_value = "cores")]
+    pin: Pin,
+}
+
+/// Worker placement.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Pin {
+    /// One core per worker.
+    Cores,
+    /// No pinning.
+    None,
 }
 
 impl EngineArgs {
+    fn pin(&self) -> bool {
+        self.pin == Pin::Cores
+    }
+
     fn driver(&self) -> Option<DriverKind> {
         self.driver.map(|d| match d {
             DriverArg::Uring => DriverKind::Uring,
@@ -310,6 +327,7 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
         driver: engine.driver(),
         offloads: engine.offloads(),
         listen_port: cfg.interface.listen_port.unwrap_or(0),
+        pin: engine.pin(),
     };
     let engine = Engine::start(&opts, table.clone())
         .with_context(|| format!("starting the engine on {name}"))?;
@@ -395,6 +413,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         threads: a.engine.threads,
         driver: a.engine.driver(),
         offloads: a.engine.offloads(),
+        pin: a.engine.pin(),
         endpoints: a.endpoints,
         control_socket,
     })

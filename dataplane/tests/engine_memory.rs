@@ -373,12 +373,12 @@ fn tso_super_packet_is_split_sent_as_gso_and_coalesced_again() {
     // Handshake with a small plain packet behind a zero virtio header.
     let mut first = vec![0u8; gso::VNET_HDR_LEN];
     first.extend(ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"hi"));
-    let mut sink = RxSink::new(true, 8, 1 << 20);
+    let mut sink = RxSink::new(true, true, 8, 8, 1 << 20);
     {
         let snap = a.table.load_full();
         a.pipe.on_tun(&snap, &mut first).unwrap();
         deliver(&mut a, &mut b, &mut sink);
-        let mut sa = RxSink::new(true, 8, 1 << 20);
+        let mut sa = RxSink::new(true, true, 8, 8, 1 << 20);
         deliver(&mut b, &mut a, &mut sa);
         deliver(&mut a, &mut b, &mut sink);
         sink.clear();

@@ -56,6 +56,12 @@ struct Args {
     /// `--threads` for ours (its default when absent).
     #[arg(long)]
     ours_threads: Option<u32>,
+    /// `--pin` for ours. The default `none` because this suite runs both tunnel ends on
+    /// one machine: pinned, the two daemons' workers that carry one peer's traffic land on
+    /// the same core whenever the kernel's flow hashes pick the same worker index on both
+    /// ends (for a whole boot), and the stock implementations are not pinned either.
+    #[arg(long, value_parser = ["cores", "none"], default_value = "none")]
+    ours_pin: String,
     /// `--offloads` for ours (its default when absent).
     #[arg(long, value_parser = ["on", "off"])]
     offloads: Option<String>,
@@ -230,6 +236,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             driver: Some(driver),
             offloads: args.offloads.as_deref().map(|o| o == "on"),
             threads: args.ours_threads,
+            pin: Some(args.ours_pin == "cores"),
             binary: binary.clone(),
         }))
     };

@@ -1,4 +1,5 @@
-//! Traffic between namespaces: ping, and a TCP transfer verified by SHA-256 on both ends.
+//! Traffic between namespaces: ping, a TCP transfer verified by SHA-256 on both ends, and
+//! numbered UDP datagrams each checked for its size and bytes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -184,6 +185,70 @@ pub fn tcp_transfer(
         sha256: sent_hash,
         elapsed,
     })
+}
+
+/// What the UDP receiver saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpReport {
+    /// Datagrams that arrived with their exact size and bytes, once each.
+    pub good: u32,
+    /// Datagrams that arrived altered (wrong size, wrong bytes, unknown number).
+    pub bad: u32,
+    /// Datagrams that arrived more than once.
+    pub dup: u32,
+}
+
+/// Sends `count` numbered datagrams (`tabbify-xfer udp-send`, bursts of 64) from `from`
+/// to `to_addr` in `to` and returns what the receiver saw.
+pub fn udp_transfer(
+    xfer: &Path,
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    count: u32,
+) -> Result<UdpReport> {
+    let port: u16 = rand::thread_rng().gen_range(20_000..60_000);
+    let mut receiver = Process::spawn(to.clone(), &format!("udp-recv-{port}"), {
+        let mut command = to.command(xfer);
+        command.args(["udp-recv", &port.to_string(), &count.to_string()]);
+        command
+    })?;
+    receiver.wait_for_log("LISTENING", Duration::from_secs(10))?;
+    let mut sender = Process::spawn(from.clone(), &format!("udp-send-{port}"), {
+        let mut command = from.command(xfer);
+        command.args([
+            "udp-send",
+            &SocketAddr::new(to_addr, port).to_string(),
+            &count.to_string(),
+        ]);
+        command
+    })?;
+    let sent = sender.wait_exit(Duration::from_secs(60))?;
+    ensure!(
+        sent.success(),
+        "UDP sender failed ({sent}):\n{}",
+        sender.logs()
+    );
+    let received = receiver.wait_exit(Duration::from_secs(30))?;
+    ensure!(
+        received.success(),
+        "UDP receiver failed ({received}):\n{}",
+        receiver.logs()
+    );
+    let log = receiver.logs();
+    let line = log
+        .lines()
+        .find_map(|l| l.strip_prefix("UDP-RECEIVED "))
+        .with_context(|| format!("no UDP-RECEIVED line in:\n{log}"))?;
+    let n: Vec<u32> = line
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("bad UDP-RECEIVED line {line:?}"))?;
+    let [good, bad, dup] = n[..] else {
+        bail!("bad UDP-RECEIVED line {line:?}");
+    };
+    Ok(UdpReport { good, bad, dup })
 }
 
 fn parse_report(log: &str, tag: &str) -> Result<(u64, String)> {

@@ -107,6 +107,8 @@ pub struct OursOptions {
     pub offloads: Option<bool>,
     /// `--threads`.
     pub threads: Option<u32>,
+    /// `--pin cores` (true) or `--pin none` (false).
+    pub pin: Option<bool>,
     /// The binary; found with [`crate::bins::tabbify_mesh`] when `None`.
     pub binary: Option<PathBuf>,
 }
@@ -148,6 +150,9 @@ impl Implementation {
                 }
                 if let Some(threads) = options.threads {
                     parts.push(format!("{threads} threads"));
+                }
+                if let Some(pin) = options.pin {
+                    parts.push(if pin { "pinned" } else { "unpinned" }.to_owned());
                 }
                 format!("ours({})", parts.join(", "))
             }
@@ -248,6 +253,9 @@ impl WgPeer {
                 }
                 if let Some(offloads) = options.offloads {
                     command.args(["--offloads", if offloads { "on" } else { "off" }]);
+                }
+                if let Some(pin) = options.pin {
+                    command.args(["--pin", if pin { "cores" } else { "none" }]);
                 }
                 Process::spawn(netns.clone(), &label, command)?
             }

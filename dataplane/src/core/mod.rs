@@ -16,4 +16,5 @@ pub mod route;
 pub mod rxsink;
 pub mod table;
 pub mod tunbatch;
+pub mod udpgro;
 pub mod wire;

@@ -6,6 +6,9 @@
 //! packed into a compact [`TunBatch`] behind a zero virtio header. Writing order is the
 //! coalescer's buffers first, then the batch: a flow's data therefore precedes its later
 //! FIN or overflow segments, and nothing is written out of order within what TCP cares about.
+//! With USO accepted too, UDP datagrams go to the [`UdpCoalescer`], which merges a flow's
+//! consecutive datagrams into one `GSO_UDP_L4` super-datagram; its buffers are written after
+//! the TCP coalescer's and before the batch.
 //! Without a virtio header, every packet goes to the batch as is. Only decrypted packets
 //! come here, so the coalescer does not re-check TCP checksums the AEAD tag already covers
 //! ([`Coalescer::authenticated`]).
@@ -16,6 +19,7 @@
 use crate::core::gso::{CoalesceError, Coalescer};
 use crate::core::pipeline::TunSink;
 use crate::core::tunbatch::TunBatch;
+use crate::core::udpgro::{UdpCoalescer, UdpPush};
 use crate::core::wire::protocol;
 
 /// TCP flags that may be coalesced (ACK, PSH).
@@ -24,29 +28,39 @@ const COALESCABLE_FLAGS: u8 = 0x10 | 0x08;
 /// Decrypted packets waiting for TUN writes.
 pub struct RxSink {
     gro: Option<Coalescer>,
+    udp: Option<UdpCoalescer>,
     plain: TunBatch,
 }
 
 impl RxSink {
-    /// A sink for a TUN with (`vnet`) or without a virtio header; `heads` coalescer heads
-    /// (64 KiB each) and a `bytes` arena for everything else.
-    pub fn new(vnet: bool, heads: usize, bytes: usize) -> Self {
+    /// A sink for a TUN with (`vnet`) or without a virtio header, which takes USO
+    /// super-datagrams on writes (`uso`) or not; `heads` TCP coalescer heads and
+    /// `udp_heads` UDP ones (64 KiB each), and a `bytes` arena for everything else.
+    pub fn new(vnet: bool, uso: bool, heads: usize, udp_heads: usize, bytes: usize) -> Self {
         Self {
             // Only decrypted packets arrive here: the AEAD tag vouches for their bytes.
             gro: (vnet && heads > 0).then(|| Coalescer::authenticated(heads)),
+            udp: (vnet && uso && udp_heads > 0).then(|| UdpCoalescer::new(udp_heads)),
             plain: TunBatch::new(bytes, vnet),
         }
     }
 
     /// Whether nothing is waiting.
     pub fn is_empty(&self) -> bool {
-        self.plain.is_empty() && self.gro.as_ref().is_none_or(|g| g.is_empty())
+        self.plain.is_empty()
+            && self.gro.as_ref().is_none_or(|g| g.is_empty())
+            && self.udp.as_ref().is_none_or(|u| u.is_empty())
     }
 
     /// Yields every buffer to write, coalesced super-packets first.
     pub fn for_each(&mut self, mut write: impl FnMut(&[u8])) {
         if let Some(g) = self.gro.as_mut() {
             for b in g.finish() {
+                write(b);
+            }
+        }
+        if let Some(u) = self.udp.as_mut() {
+            for b in u.finish() {
                 write(b);
             }
         }
@@ -59,6 +73,9 @@ impl RxSink {
     pub fn clear(&mut self) {
         if let Some(g) = self.gro.as_mut() {
             g.clear();
+        }
+        if let Some(u) = self.udp.as_mut() {
+            u.clear();
         }
         self.plain.clear();
     }
@@ -88,6 +105,16 @@ fn is_tcp_data(pkt: &[u8]) -> bool {
     flags & !COALESCABLE_FLAGS == 0 && flags & 0x10 != 0 && total > l3 + doff
 }
 
+/// Whether `pkt` claims to be UDP (IPv4 protocol or IPv6 next header): a cheap byte peek;
+/// the UDP coalescer validates fully.
+fn is_udp(pkt: &[u8]) -> bool {
+    match pkt.first().map(|b| b >> 4) {
+        Some(4) => pkt.get(9) == Some(&protocol::UDP),
+        Some(6) => pkt.get(6) == Some(&protocol::UDP),
+        _ => false,
+    }
+}
+
 impl TunSink for RxSink {
     fn push(&mut self, pkt: &[u8]) -> bool {
         if let Some(g) = self.gro.as_mut() {
@@ -95,6 +122,14 @@ impl TunSink for RxSink {
                 match g.push(pkt) {
                     Ok(_) => return true,
                     Err(CoalesceError::Full) | Err(CoalesceError::TooLarge) => {}
+                }
+            }
+        }
+        if let Some(u) = self.udp.as_mut() {
+            if is_udp(pkt) {
+                match u.push(pkt) {
+                    Ok(UdpPush::Coalesced | UdpPush::Head) => return true,
+                    Ok(UdpPush::NotCandidate) | Err(_) => {}
                 }
             }
         }
@@ -131,9 +166,38 @@ mod tests {
         assert!(!is_tcp_data(&[]));
     }
 
+    fn udp4(payload: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 28 + payload];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((28 + payload) as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = protocol::UDP;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let c = crate::core::wire::checksum::checksum(&p[..20]);
+        p[10..12].copy_from_slice(&c.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn udp_datagrams_coalesce_only_when_the_tun_takes_uso() {
+        for (uso, writes) in [(true, 1), (false, 6)] {
+            let mut s = RxSink::new(true, uso, 2, 2, 1 << 16);
+            for _ in 0..6 {
+                assert!(s.push(&udp4(500)));
+            }
+            let mut n = 0;
+            s.for_each(|_| n += 1);
+            assert_eq!(n, writes, "uso={uso}");
+            s.clear();
+            assert!(s.is_empty());
+        }
+    }
+
     #[test]
     fn bare_packets_go_to_the_compact_batch() {
-        let mut s = RxSink::new(true, 2, 4096);
+        let mut s = RxSink::new(true, false, 2, 0, 4096);
         for _ in 0..10 {
             assert!(s.push(&tcp4(0x10, 0)));
         }

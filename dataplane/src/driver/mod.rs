@@ -53,6 +53,8 @@ pub struct Shared {
     pub stop: Arc<AtomicBool>,
     /// TUN reads/writes carry a virtio header.
     pub vnet: bool,
+    /// The TUN takes USO super-datagrams (`GSO_UDP_L4`) on writes.
+    pub uso: bool,
     /// UDP features in force.
     pub udp: UdpFeatures,
 }
@@ -82,6 +84,9 @@ pub struct EngineOptions {
     pub offloads: bool,
     /// UDP listen port (0 = pick one).
     pub listen_port: u16,
+    /// Pin worker `i` to the `i`-th core of the process's affinity mask (otherwise the
+    /// scheduler places workers).
+    pub pin: bool,
 }
 
 /// What the engine ended up with.
@@ -97,6 +102,8 @@ pub struct EngineInfo {
     pub udp: UdpFeatures,
     /// Bound UDP port.
     pub listen_port: u16,
+    /// Workers pinned to cores.
+    pub pinned: bool,
 }
 
 impl EngineInfo {
@@ -110,6 +117,7 @@ impl EngineInfo {
             udp_gso = self.udp.gso,
             udp_gro = self.udp.gro,
             listen_port = self.listen_port,
+            pinned = self.pinned,
             "engine started"
         );
     }
@@ -160,6 +168,7 @@ impl Engine {
             counters: Arc::new(DropCounters::default()),
             stop: Arc::new(AtomicBool::new(false)),
             vnet: tun_offloads.vnet_hdr,
+            uso: tun_offloads.vnet_hdr && tun_offloads.uso,
             udp: udp_features,
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
@@ -170,7 +179,7 @@ impl Engine {
                 id,
                 tun: tunq,
                 udp: sock,
-                core: (!cores.is_empty()).then(|| cores[id % cores.len()]),
+                core: (opts.pin && !cores.is_empty()).then(|| cores[id % cores.len()]),
             };
             let sh = shared.clone();
             let h = std::thread::Builder::new()
@@ -206,6 +215,7 @@ impl Engine {
                 tun: tun_offloads,
                 udp: udp_features,
                 listen_port: port,
+                pinned: opts.pin && !cores.is_empty(),
             },
             shared,
             threads: handles,

@@ -90,6 +90,8 @@ pub struct JoinOptions {
     pub driver: Option<DriverKind>,
     /// Offloads on.
     pub offloads: bool,
+    /// Pin workers to cores.
+    pub pin: bool,
     /// Endpoints to report (empty = every non-loopback address + the listen port).
     pub endpoints: Vec<SocketAddr>,
     /// Control socket path.
@@ -184,6 +186,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             driver: opts.driver,
             offloads: opts.offloads,
             listen_port: opts.listen_port,
+            pin: opts.pin,
         },
         table.clone(),
     )

@@ -10,6 +10,18 @@
 //!                                        # close, print "SENT <bytes> <sha256>"
 //! ```
 //! `recv` prints "LISTENING <port>" once it accepts connections.
+//!
+//! UDP, to prove datagrams keep their boundaries and bytes through a tunnel:
+//! ```text
+//! tabbify-xfer udp-recv PORT COUNT       # bind [::]:PORT with an 8 MiB receive buffer,
+//!                                        # receive until COUNT datagrams or 3 s of
+//!                                        # silence; print "UDP-RECEIVED <good> <bad> <dup>"
+//! tabbify-xfer udp-send ADDR:PORT COUNT  # send COUNT numbered datagrams in bursts of 64
+//!                                        # (2 ms apart), sizes mostly 1372 bytes with
+//!                                        # every 7th shorter; print "UDP-SENT <count>"
+//! ```
+//! Every datagram's size and content follow from its number, so the receiver checks each
+//! one alone.
 
 use std::io::{Read, Write};
 use std::net::{Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -36,7 +48,18 @@ fn main() -> Result<()> {
                 .with_context(|| format!("bad byte count {bytes:?}"))?,
             seed.parse().with_context(|| format!("bad seed {seed:?}"))?,
         ),
-        _ => bail!("usage: tabbify-xfer recv PORT | tabbify-xfer send ADDR:PORT BYTES SEED"),
+        ["udp-recv", port, count] => udp_receive(
+            port.parse().with_context(|| format!("bad port {port:?}"))?,
+            count.parse().with_context(|| format!("bad count {count:?}"))?,
+        ),
+        ["udp-send", addr, count] => udp_send(
+            addr.parse()
+                .with_context(|| format!("bad address {addr:?}"))?,
+            count.parse().with_context(|| format!("bad count {count:?}"))?,
+        ),
+        _ => bail!(
+            "usage: tabbify-xfer recv PORT | send ADDR:PORT BYTES SEED | udp-recv PORT COUNT | udp-send ADDR:PORT COUNT"
+        ),
     }
 }
 
@@ -94,5 +117,117 @@ fn send(addr: SocketAddr, bytes: u64, seed: u64) -> Result<()> {
         .context("waiting for the receiver to close")?;
     println!("SENT {bytes} {}", hex::encode(hasher.finalize()));
     std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// Size of datagram `seq`: 1372 bytes (fills a 1420 MTU over IPv6), every 7th shorter.
+fn udp_size(seq: u32) -> usize {
+    if seq % 7 == 6 {
+        8 + (seq as usize * 37) % 1000
+    } else {
+        1372
+    }
+}
+
+/// Datagram `seq`: its number, then bytes derived from it.
+fn udp_datagram(seq: u32, buf: &mut [u8]) -> usize {
+    let n = udp_size(seq);
+    buf[..4].copy_from_slice(&seq.to_be_bytes());
+    for (i, b) in buf[4..n].iter_mut().enumerate() {
+        *b = (seq as usize).wrapping_mul(131).wrapping_add(i) as u8;
+    }
+    n
+}
+
+fn udp_receive(port: u16, count: u32) -> Result<()> {
+    let sock = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+        .with_context(|| format!("binding [::]:{port}"))?;
+    let size: libc::c_int = 8 << 20;
+    // SAFETY: `size` outlives the call and its length is passed with it; the fd is open.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    println!("LISTENING {port}");
+    std::io::stdout().flush()?;
+    let mut seen = vec![false; count as usize];
+    let (mut good, mut bad, mut dup) = (0u32, 0u32, 0u32);
+    let mut buf = vec![0u8; 65536];
+    let mut want = vec![0u8; 65536];
+    // The first datagram may take a while (handshake); silence counts only after it.
+    let mut started = false;
+    while good < count {
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if started {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e).context("receiving"),
+        };
+        started = true;
+        let seq = buf
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        match seq {
+            Some(seq)
+                if seq < count && udp_datagram(seq, &mut want) == n && buf[..n] == want[..n] =>
+            {
+                if std::mem::replace(&mut seen[seq as usize], true) {
+                    dup += 1;
+                } else {
+                    good += 1;
+                }
+            }
+            _ => bad += 1,
+        }
+    }
+    println!("UDP-RECEIVED {good} {bad} {dup}");
+    Ok(())
+}
+
+fn udp_send(addr: SocketAddr, count: u32) -> Result<()> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(bind)?;
+    sock.connect(addr)
+        .with_context(|| format!("connecting to {addr}"))?;
+    let mut buf = vec![0u8; 2048];
+    for seq in 0..count {
+        let n = udp_datagram(seq, &mut buf);
+        loop {
+            match sock.send(&buf[..n]) {
+                Ok(_) => break,
+                // A full TUN queue or a not-yet-resolved route: try again shortly.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOBUFS)
+                        || e.kind() == std::io::ErrorKind::WouldBlock =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => return Err(e).context(format!("sending datagram {seq}")),
+            }
+        }
+        if seq % 64 == 63 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    println!("UDP-SENT {count}");
     Ok(())
 }
