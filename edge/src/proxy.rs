@@ -5,8 +5,9 @@
 //! 2. strip hop-by-hop headers, set `Host` to the app's address and the `X-Forwarded-*`
 //!    headers from the client connection (client-sent `X-Forwarded-*` are replaced: this is
 //!    the first hop);
-//! 3. send it over a pooled keep-alive connection (hyper-util's client); the request body is
-//!    hyper's `Incoming`, handed over frame by frame, so nothing is collected;
+//! 3. a request without a body (the common GET) is written on a pooled keep-alive connection
+//!    in this task ([`crate::fetch`]); one with a body goes through hyper-util's pooled client,
+//!    the body being hyper's `Incoming`, handed over frame by frame, so nothing is collected;
 //! 4. wait for response headers with the upstream timeout, restarted while the request body
 //!    is still moving (a slow 1 GiB upload is not a dead app);
 //! 5. strip hop-by-hop headers from the response and return it with the app's `Incoming`
@@ -23,11 +24,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -38,9 +38,12 @@ use uuid::Uuid;
 use crate::body::EdgeBody;
 use crate::config::Limits;
 use crate::error::EdgeError;
+use crate::fetch::Fetcher;
 use crate::headers::{restore_upgrade, strip_hop_by_hop};
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::pool::ConnPool;
+use crate::upstream::{host_header, Upstream};
+use crate::wire;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -53,22 +56,33 @@ pub struct Target {
     pub app: Uuid,
     /// Path and query as the app receives them.
     pub path_and_query: PathAndQuery,
-    /// The client's address, for `X-Forwarded-For`.
-    pub client: SocketAddr,
+    /// The client's address as `X-Forwarded-For` carries it (see [`forwarded_for`]; computed
+    /// once per client connection).
+    pub forwarded_for: Option<HeaderValue>,
     /// Remove `Authorization` (it carried the edge's own key, which apps must not see).
     pub strip_authorization: bool,
+}
+
+/// The `X-Forwarded-For` value for a client at `client`: its IP, IPv4-mapped IPv6 shown as
+/// IPv4.
+pub fn forwarded_for(client: SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&client.ip().to_canonical().to_string()).ok()
 }
 
 /// Forwards requests to apps. One per edge, shared by every connection.
 pub struct Proxy {
     client: Client<HttpConnector, ProgressBody>,
+    fetcher: Fetcher,
+    pool: Arc<ConnPool>,
     upstream: Upstream,
+    /// `Host` for the one address of [`Upstream::Fixed`], rendered once.
+    fixed_host: Option<(SocketAddr, HeaderValue)>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy with an empty connection pool.
+    /// A proxy with empty connection pools.
     pub fn new(upstream: Upstream, limits: Limits, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -79,12 +93,25 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
+        let pool = Arc::new(ConnPool::new(limits.pool_idle_timeout));
+        let fixed_host = match &upstream {
+            Upstream::Fixed(addr) => Some((*addr, host_header(*addr))),
+            _ => None,
+        };
         Proxy {
             client,
+            fetcher: Fetcher::new(pool.clone(), limits.connect_timeout),
+            pool,
             upstream,
+            fixed_host,
             limits,
             metrics,
         }
+    }
+
+    /// The pool of idle connections used for bodyless requests (the edge reaps it).
+    pub fn pool(&self) -> Arc<ConnPool> {
+        self.pool.clone()
     }
 
     /// Forwards `req` to `target.app` and returns the app's response (or the error to answer).
@@ -109,6 +136,10 @@ impl Proxy {
             .upstream
             .resolve(&target.app)
             .ok_or(EdgeError::Unreachable)?;
+        let host = match &self.fixed_host {
+            Some((fixed, host)) if *fixed == addr => host.clone(),
+            _ => host_header(addr),
+        };
         let (mut parts, body) = req.into_parts();
         let original_host = parts.headers.get(HOST).cloned().or_else(|| {
             parts
@@ -120,12 +151,17 @@ impl Proxy {
         if target.strip_authorization {
             parts.headers.remove(AUTHORIZATION);
         }
-        set_forwarded(&mut parts.headers, target.client, original_host);
-        let authority =
-            Authority::try_from(addr.to_string()).map_err(|_| EdgeError::Unreachable)?;
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(HOST, host);
+        set_forwarded(&mut parts.headers, target.forwarded_for, original_host);
+
+        if upgrade.is_none() && body.is_end_stream() {
+            return self
+                .fetch(addr, &parts, &host, target.path_and_query.as_str())
+                .await;
         }
+
+        parts.headers.insert(HOST, host.clone());
+        let authority = Authority::from_maybe_shared(Bytes::copy_from_slice(host.as_bytes()))
+            .map_err(|_| EdgeError::Unreachable)?;
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(authority);
@@ -165,7 +201,32 @@ impl Proxy {
         self.metrics.upstream_latency(started.elapsed());
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(parts, EdgeBody::Incoming(body)))
+    }
+
+    /// Sends a request without a body over a pooled connection, in this task (see
+    /// [`crate::fetch`]); the upstream timeout covers connecting, sending and the response
+    /// head.
+    async fn fetch(
+        &self,
+        addr: SocketAddr,
+        parts: &http::request::Parts,
+        host: &HeaderValue,
+        target: &str,
+    ) -> Result<Response<EdgeBody>, EdgeError> {
+        let mut head = BytesMut::new();
+        wire::encode_request(&mut head, &parts.method, target, host, &parts.headers);
+        let started = Instant::now();
+        let resp = tokio::time::timeout(
+            self.limits.upstream_timeout,
+            self.fetcher.send(addr, &parts.method, &head),
+        )
+        .await
+        .map_err(|_| EdgeError::Timeout)??;
+        self.metrics.upstream_latency(started.elapsed());
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, EdgeBody::Fetched(body)))
     }
 
     /// Sends an upgrade request on its own connection; on `101`, splices the two upgraded
@@ -203,7 +264,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         let protocol = strip_hop_by_hop(&mut parts.headers);
         let (Some(app_upgrade), Some(client_upgrade)) = (app_upgrade, client_upgrade) else {
-            return Ok(Response::from_parts(parts, Either::Left(body)));
+            return Ok(Response::from_parts(parts, EdgeBody::Incoming(body)));
         };
         let Some(protocol) = protocol else {
             // A 101 without `Connection: upgrade` + `Upgrade` is not a protocol switch we can relay.
@@ -212,10 +273,7 @@ impl Proxy {
         restore_upgrade(&mut parts.headers, protocol);
         self.metrics.upgrade();
         tokio::spawn(splice(client_upgrade, app_upgrade));
-        Ok(Response::from_parts(
-            parts,
-            Either::Right(Full::new(Bytes::new())),
-        ))
+        Ok(Response::from_parts(parts, crate::body::empty()))
     }
 }
 
@@ -239,9 +297,18 @@ async fn splice(client: OnUpgrade, app: hyper::upgrade::OnUpgrade) {
 }
 
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`, replacing whatever the client sent.
-fn set_forwarded(headers: &mut http::HeaderMap, client: SocketAddr, host: Option<HeaderValue>) {
-    if let Ok(v) = HeaderValue::from_str(&client.ip().to_canonical().to_string()) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+fn set_forwarded(
+    headers: &mut http::HeaderMap,
+    forwarded_for: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+) {
+    match forwarded_for {
+        Some(v) => {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        None => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     match host {
@@ -342,11 +409,15 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-host", HeaderValue::from_static("spoof"));
         let client: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
-        set_forwarded(&mut h, client, None);
+        set_forwarded(&mut h, forwarded_for(client), None);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert!(h.get("x-forwarded-host").is_none());
-        set_forwarded(&mut h, client, Some(HeaderValue::from_static("a.test")));
+        set_forwarded(
+            &mut h,
+            forwarded_for(client),
+            Some(HeaderValue::from_static("a.test")),
+        );
         assert_eq!(h.get("x-forwarded-host").unwrap(), "a.test");
     }
 
