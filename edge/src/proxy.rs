@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, HOST};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -39,7 +39,7 @@ use crate::body::EdgeBody;
 use crate::config::Limits;
 use crate::error::EdgeError;
 use crate::fetch::Fetcher;
-use crate::headers::{restore_upgrade, strip_hop_by_hop};
+use crate::headers::{is_fixed_hop_by_hop, is_upgrade, restore_upgrade, strip_hop_by_hop};
 use crate::metrics::Metrics;
 use crate::pool::ConnPool;
 use crate::upstream::{host_header, Upstream};
@@ -48,6 +48,7 @@ use crate::wire;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED_PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// What to forward: the app, the path and query the app sees, and where the request came from.
 #[derive(Debug)]
@@ -141,23 +142,15 @@ impl Proxy {
             _ => host_header(addr),
         };
         let (mut parts, body) = req.into_parts();
-        let original_host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        if body.is_end_stream() && !is_upgrade(&parts.headers) {
+            return self.fetch(addr, parts, &host, target).await;
+        }
+        let original_host = original_host(&parts);
         let upgrade = strip_hop_by_hop(&mut parts.headers);
         if target.strip_authorization {
             parts.headers.remove(AUTHORIZATION);
         }
         set_forwarded(&mut parts.headers, target.forwarded_for, original_host);
-
-        if upgrade.is_none() && body.is_end_stream() {
-            return self
-                .fetch(addr, &parts, &host, target.path_and_query.as_str())
-                .await;
-        }
 
         parts.headers.insert(HOST, host.clone());
         let authority = Authority::from_maybe_shared(Bytes::copy_from_slice(host.as_bytes()))
@@ -206,23 +199,50 @@ impl Proxy {
 
     /// Sends a request without a body over a pooled connection, in this task (see
     /// [`crate::fetch`]); the upstream timeout covers connecting, sending and the response
-    /// head.
+    /// head. The head is written in one pass over the client's fields, skipping what
+    /// [`set_forwarded`] and [`strip_hop_by_hop`] would replace or remove, so the request's
+    /// header map is not edited.
     async fn fetch(
         &self,
         addr: SocketAddr,
-        parts: &http::request::Parts,
+        mut parts: http::request::Parts,
         host: &HeaderValue,
-        target: &str,
+        target: Target,
     ) -> Result<Response<EdgeBody>, EdgeError> {
+        let original_host = original_host(&parts);
+        if parts.headers.contains_key(CONNECTION) {
+            // Removes the fields `Connection` names, too.
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        let strip_authorization = target.strip_authorization;
+        let fields = parts.headers.iter().filter(|(name, _)| {
+            !(is_fixed_hop_by_hop(name)
+                || *name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST
+                || (strip_authorization && *name == AUTHORIZATION))
+        });
+        let forwarded = [
+            (&X_FORWARDED_FOR, target.forwarded_for.as_ref()),
+            (&X_FORWARDED_PROTO, Some(&FORWARDED_PROTO_HTTP)),
+            (&X_FORWARDED_HOST, original_host.as_ref()),
+        ];
+        let forwarded = forwarded
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)));
         let mut head = BytesMut::new();
-        wire::encode_request(&mut head, &parts.method, target, host, &parts.headers);
+        wire::encode_request(
+            &mut head,
+            &parts.method,
+            target.path_and_query.as_str(),
+            host,
+            fields.chain(forwarded),
+        );
         let started = Instant::now();
-        let resp = tokio::time::timeout(
-            self.limits.upstream_timeout,
-            self.fetcher.send(addr, &parts.method, &head),
-        )
-        .await
-        .map_err(|_| EdgeError::Timeout)??;
+        let deadline = tokio::time::Instant::from_std(started) + self.limits.upstream_timeout;
+        let resp = tokio::time::timeout_at(deadline, self.fetcher.send(addr, &parts.method, &head))
+            .await
+            .map_err(|_| EdgeError::Timeout)??;
         self.metrics.upstream_latency(started.elapsed());
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -296,6 +316,16 @@ async fn splice(client: OnUpgrade, app: hyper::upgrade::OnUpgrade) {
     }
 }
 
+/// The client's `Host` (or the authority of an absolute-form target), for `X-Forwarded-Host`.
+fn original_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`, replacing whatever the client sent.
 fn set_forwarded(
     headers: &mut http::HeaderMap,
@@ -310,7 +340,7 @@ fn set_forwarded(
             headers.remove(&X_FORWARDED_FOR);
         }
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), FORWARDED_PROTO_HTTP.clone());
     match host {
         Some(h) => {
             headers.insert(X_FORWARDED_HOST.clone(), h);

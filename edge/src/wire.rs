@@ -53,27 +53,29 @@ pub enum WireError {
     Truncated,
 }
 
-/// Appends the head of a bodyless request: request line, `Host`, then every field of
-/// `headers` except `Host`, then `Content-Length: 0` for methods that usually carry a body
-/// (when `headers` has none), so the app never waits for one.
-pub fn encode_request(
+/// Appends the head of a bodyless request: request line, `Host`, then `fields` in order
+/// (a `Host` among them is skipped), then `Content-Length: 0` for methods that usually carry a
+/// body (when `fields` has none), so the app never waits for one.
+pub fn encode_request<'a>(
     buf: &mut BytesMut,
     method: &Method,
     target: &str,
     host: &HeaderValue,
-    headers: &HeaderMap,
+    fields: impl IntoIterator<Item = (&'a HeaderName, &'a HeaderValue)>,
 ) {
-    buf.reserve(64 + target.len() + host.len() + 48 * headers.len());
+    buf.reserve(512 + target.len());
     buf.extend_from_slice(method.as_str().as_bytes());
     buf.extend_from_slice(b" ");
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     buf.extend_from_slice(host.as_bytes());
     buf.extend_from_slice(b"\r\n");
-    for (name, value) in headers {
+    let mut has_length = false;
+    for (name, value) in fields {
         if name == HOST {
             continue;
         }
+        has_length |= name == CONTENT_LENGTH;
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
@@ -83,7 +85,7 @@ pub fn encode_request(
         *method,
         Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
     );
-    if !bodyless_method && !headers.contains_key(CONTENT_LENGTH) {
+    if !bodyless_method && !has_length {
         buf.extend_from_slice(b"content-length: 0\r\n");
     }
     buf.extend_from_slice(b"\r\n");
