@@ -56,12 +56,36 @@ pub struct Target {
     /// The app.
     pub app: Uuid,
     /// Path and query as the app receives them.
-    pub path_and_query: PathAndQuery,
+    pub path: AppPath,
     /// The client's address as `X-Forwarded-For` carries it (see [`forwarded_for`]; computed
     /// once per client connection).
     pub forwarded_for: Option<HeaderValue>,
     /// Remove `Authorization` (it carried the edge's own key, which apps must not see).
     pub strip_authorization: bool,
+}
+
+/// The path and query an app receives, usually a tail of the client's (no copy).
+#[derive(Debug, Clone)]
+pub enum AppPath {
+    /// The client's path and query from this byte offset on; it starts with `/` (an offset
+    /// past the end, or a request without a path, reads as `/`).
+    Tail(usize),
+    /// A path and query of its own.
+    Own(PathAndQuery),
+}
+
+impl AppPath {
+    /// The path and query for a request whose target is `uri`.
+    pub fn resolve<'a>(&'a self, uri: &'a Uri) -> &'a str {
+        match self {
+            AppPath::Tail(from) => uri
+                .path_and_query()
+                .and_then(|pq| pq.as_str().get(*from..))
+                .filter(|tail| tail.starts_with('/'))
+                .unwrap_or("/"),
+            AppPath::Own(pq) => pq.as_str(),
+        }
+    }
 }
 
 /// The `X-Forwarded-For` value for a client at `client`: its IP, IPv4-mapped IPv6 shown as
@@ -158,7 +182,8 @@ impl Proxy {
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(authority);
-        uri.path_and_query = Some(target.path_and_query);
+        let path = target.path.resolve(&parts.uri);
+        uri.path_and_query = Some(PathAndQuery::try_from(path).map_err(|_| EdgeError::NotFound)?);
         parts.uri = Uri::from_parts(uri).map_err(|_| EdgeError::NotFound)?;
         parts.version = http::Version::HTTP_11;
 
@@ -234,7 +259,7 @@ impl Proxy {
         wire::encode_request(
             &mut head,
             &parts.method,
-            target.path_and_query.as_str(),
+            target.path.resolve(&parts.uri),
             host,
             fields.chain(forwarded),
         );

@@ -33,7 +33,7 @@ use crate::body::{full, json, EdgeBody};
 use crate::config::{EdgeConfig, Limits};
 use crate::error::EdgeError;
 use crate::metrics::{Metrics, RouteKind};
-use crate::proxy::{Proxy, Target};
+use crate::proxy::{AppPath, Proxy, Target};
 use crate::routes::{self, RouteError, RouteTable, Routes};
 
 /// Why an edge could not start.
@@ -296,14 +296,9 @@ async fn dispatch(
     forwarded_for: Option<HeaderValue>,
 ) -> (RouteKind, Response<EdgeBody>) {
     if let Some(app) = host_route(shared, &req) {
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let target = Target {
             app,
-            path_and_query,
+            path: AppPath::Tail(0),
             forwarded_for,
             strip_authorization: false,
         };
@@ -362,23 +357,23 @@ fn app_target(
     let after = &path["/app/".len()..];
     let (id, rest) = match after.find('/') {
         Some(i) => (&after[..i], &after[i..]),
-        None => (after, "/"),
+        None => (after, ""),
     };
     let app = Uuid::try_parse(id).map_err(|_| EdgeError::BadAppId)?;
-    let path_and_query = match req.uri().query() {
-        Some(q) => {
-            let mut s = String::with_capacity(rest.len() + 1 + q.len());
-            s.push_str(rest);
-            s.push('?');
-            s.push_str(q);
-            PathAndQuery::try_from(s)
-        }
-        None => PathAndQuery::try_from(rest),
-    }
-    .map_err(|_| EdgeError::NotFound)?;
+    let path = if rest.is_empty() {
+        // `/app/{uuid}` and `/app/{uuid}?q`: the app sees `/` and `/?q`.
+        let own = match req.uri().query() {
+            Some(q) => PathAndQuery::try_from(format!("/?{q}")),
+            None => Ok(PathAndQuery::from_static("/")),
+        };
+        AppPath::Own(own.map_err(|_| EdgeError::NotFound)?)
+    } else {
+        // `rest` and the query after it are the tail of the client's path and query.
+        AppPath::Tail(path.len() - rest.len())
+    };
     Ok(Target {
         app,
-        path_and_query,
+        path,
         forwarded_for,
         strip_authorization: true,
     })
