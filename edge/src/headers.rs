@@ -36,9 +36,19 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
 
+/// Whether `name` is hop-by-hop whatever `Connection` says.
+pub fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
+    fixed_hop_by_hop().into_iter().any(|h| h == name)
+}
+
 /// Removes every hop-by-hop header. Returns the `Upgrade` value when the message was an
 /// upgrade (see [`is_upgrade`]), so the caller can restore it with [`restore_upgrade`].
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most messages carry none: one pass over the names instead of a lookup per name.
+    // (Headers named by `Connection` matter only when `Connection` itself is present.)
+    if !headers.keys().any(is_fixed_hop_by_hop) {
+        return None;
+    }
     let upgrade = if is_upgrade(headers) {
         headers.get(UPGRADE).cloned()
     } else {

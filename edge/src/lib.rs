@@ -12,6 +12,8 @@
 //! * [`routes`] holds the hostname table and reloads it when its file changes;
 //! * [`proxy`] forwards one request to the [`upstream`] address, streaming both bodies and
 //!   splicing upgraded (WebSocket) connections; [`headers`] strips hop-by-hop headers;
+//!   bodyless requests go through [`fetch`] (the [`wire`] codec over [`pool`]ed connections,
+//!   in the client's task), the rest through hyper's client;
 //! * [`error`] is the one mapping from failure to status and JSON body;
 //! * [`metrics`] renders Prometheus text; [`openapi`] serves the API description and an
 //!   offline Swagger UI.
@@ -25,13 +27,16 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod fetch;
 pub mod headers;
 pub mod metrics;
 pub mod openapi;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod upstream;
+pub mod wire;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

@@ -5,8 +5,9 @@
 //! 2. strip hop-by-hop headers, set `Host` to the app's address and the `X-Forwarded-*`
 //!    headers from the client connection (client-sent `X-Forwarded-*` are replaced: this is
 //!    the first hop);
-//! 3. send it over a pooled keep-alive connection (hyper-util's client); the request body is
-//!    hyper's `Incoming`, handed over frame by frame, so nothing is collected;
+//! 3. a request without a body (the common GET) is written on a pooled keep-alive connection
+//!    in this task ([`crate::fetch`]); one with a body goes through hyper-util's pooled client,
+//!    the body being hyper's `Incoming`, handed over frame by frame, so nothing is collected;
 //! 4. wait for response headers with the upstream timeout, restarted while the request body
 //!    is still moving (a slow 1 GiB upload is not a dead app);
 //! 5. strip hop-by-hop headers from the response and return it with the app's `Incoming`
@@ -23,11 +24,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, AUTHORIZATION, HOST};
+use bytes::{Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -38,13 +38,17 @@ use uuid::Uuid;
 use crate::body::EdgeBody;
 use crate::config::Limits;
 use crate::error::EdgeError;
-use crate::headers::{restore_upgrade, strip_hop_by_hop};
+use crate::fetch::Fetcher;
+use crate::headers::{is_fixed_hop_by_hop, is_upgrade, restore_upgrade, strip_hop_by_hop};
 use crate::metrics::Metrics;
-use crate::upstream::Upstream;
+use crate::pool::ConnPool;
+use crate::upstream::{host_header, Upstream};
+use crate::wire;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED_PROTO_HTTP: HeaderValue = HeaderValue::from_static("http");
 
 /// What to forward: the app, the path and query the app sees, and where the request came from.
 #[derive(Debug)]
@@ -52,23 +56,58 @@ pub struct Target {
     /// The app.
     pub app: Uuid,
     /// Path and query as the app receives them.
-    pub path_and_query: PathAndQuery,
-    /// The client's address, for `X-Forwarded-For`.
-    pub client: SocketAddr,
+    pub path: AppPath,
+    /// The client's address as `X-Forwarded-For` carries it (see [`forwarded_for`]; computed
+    /// once per client connection).
+    pub forwarded_for: Option<HeaderValue>,
     /// Remove `Authorization` (it carried the edge's own key, which apps must not see).
     pub strip_authorization: bool,
+}
+
+/// The path and query an app receives, usually a tail of the client's (no copy).
+#[derive(Debug, Clone)]
+pub enum AppPath {
+    /// The client's path and query from this byte offset on; it starts with `/` (an offset
+    /// past the end, or a request without a path, reads as `/`).
+    Tail(usize),
+    /// A path and query of its own.
+    Own(PathAndQuery),
+}
+
+impl AppPath {
+    /// The path and query for a request whose target is `uri`.
+    pub fn resolve<'a>(&'a self, uri: &'a Uri) -> &'a str {
+        match self {
+            AppPath::Tail(from) => uri
+                .path_and_query()
+                .and_then(|pq| pq.as_str().get(*from..))
+                .filter(|tail| tail.starts_with('/'))
+                .unwrap_or("/"),
+            AppPath::Own(pq) => pq.as_str(),
+        }
+    }
+}
+
+/// The `X-Forwarded-For` value for a client at `client`: its IP, IPv4-mapped IPv6 shown as
+/// IPv4.
+pub fn forwarded_for(client: SocketAddr) -> Option<HeaderValue> {
+    HeaderValue::from_str(&client.ip().to_canonical().to_string()).ok()
 }
 
 /// Forwards requests to apps. One per edge, shared by every connection.
 pub struct Proxy {
     client: Client<HttpConnector, ProgressBody>,
+    fetcher: Fetcher,
+    pool: Arc<ConnPool>,
     upstream: Upstream,
+    /// `Host` for the one address of [`Upstream::Fixed`], rendered once.
+    fixed_host: Option<(SocketAddr, HeaderValue)>,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
 
 impl Proxy {
-    /// A proxy with an empty connection pool.
+    /// A proxy with empty connection pools.
     pub fn new(upstream: Upstream, limits: Limits, metrics: Arc<Metrics>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -79,12 +118,25 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
+        let pool = Arc::new(ConnPool::new(limits.pool_idle_timeout));
+        let fixed_host = match &upstream {
+            Upstream::Fixed(addr) => Some((*addr, host_header(*addr))),
+            _ => None,
+        };
         Proxy {
             client,
+            fetcher: Fetcher::new(pool.clone(), limits.connect_timeout),
+            pool,
             upstream,
+            fixed_host,
             limits,
             metrics,
         }
+    }
+
+    /// The pool of idle connections used for bodyless requests (the edge reaps it).
+    pub fn pool(&self) -> Arc<ConnPool> {
+        self.pool.clone()
     }
 
     /// Forwards `req` to `target.app` and returns the app's response (or the error to answer).
@@ -109,27 +161,29 @@ impl Proxy {
             .upstream
             .resolve(&target.app)
             .ok_or(EdgeError::Unreachable)?;
+        let host = match &self.fixed_host {
+            Some((fixed, host)) if *fixed == addr => host.clone(),
+            _ => host_header(addr),
+        };
         let (mut parts, body) = req.into_parts();
-        let original_host = parts.headers.get(HOST).cloned().or_else(|| {
-            parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        if body.is_end_stream() && !is_upgrade(&parts.headers) {
+            return self.fetch(addr, parts, &host, target).await;
+        }
+        let original_host = original_host(&parts);
         let upgrade = strip_hop_by_hop(&mut parts.headers);
         if target.strip_authorization {
             parts.headers.remove(AUTHORIZATION);
         }
-        set_forwarded(&mut parts.headers, target.client, original_host);
-        let authority =
-            Authority::try_from(addr.to_string()).map_err(|_| EdgeError::Unreachable)?;
-        if let Ok(host) = HeaderValue::from_str(authority.as_str()) {
-            parts.headers.insert(HOST, host);
-        }
+        set_forwarded(&mut parts.headers, target.forwarded_for, original_host);
+
+        parts.headers.insert(HOST, host.clone());
+        let authority = Authority::from_maybe_shared(Bytes::copy_from_slice(host.as_bytes()))
+            .map_err(|_| EdgeError::Unreachable)?;
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(Scheme::HTTP);
         uri.authority = Some(authority);
-        uri.path_and_query = Some(target.path_and_query);
+        let path = target.path.resolve(&parts.uri);
+        uri.path_and_query = Some(PathAndQuery::try_from(path).map_err(|_| EdgeError::NotFound)?);
         parts.uri = Uri::from_parts(uri).map_err(|_| EdgeError::NotFound)?;
         parts.version = http::Version::HTTP_11;
 
@@ -165,7 +219,59 @@ impl Proxy {
         self.metrics.upstream_latency(started.elapsed());
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Either::Left(body)))
+        Ok(Response::from_parts(parts, EdgeBody::Incoming(body)))
+    }
+
+    /// Sends a request without a body over a pooled connection, in this task (see
+    /// [`crate::fetch`]); the upstream timeout covers connecting, sending and the response
+    /// head. The head is written in one pass over the client's fields, skipping what
+    /// [`set_forwarded`] and [`strip_hop_by_hop`] would replace or remove, so the request's
+    /// header map is not edited.
+    async fn fetch(
+        &self,
+        addr: SocketAddr,
+        mut parts: http::request::Parts,
+        host: &HeaderValue,
+        target: Target,
+    ) -> Result<Response<EdgeBody>, EdgeError> {
+        let original_host = original_host(&parts);
+        if parts.headers.contains_key(CONNECTION) {
+            // Removes the fields `Connection` names, too.
+            strip_hop_by_hop(&mut parts.headers);
+        }
+        let strip_authorization = target.strip_authorization;
+        let fields = parts.headers.iter().filter(|(name, _)| {
+            !(is_fixed_hop_by_hop(name)
+                || *name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST
+                || (strip_authorization && *name == AUTHORIZATION))
+        });
+        let forwarded = [
+            (&X_FORWARDED_FOR, target.forwarded_for.as_ref()),
+            (&X_FORWARDED_PROTO, Some(&FORWARDED_PROTO_HTTP)),
+            (&X_FORWARDED_HOST, original_host.as_ref()),
+        ];
+        let forwarded = forwarded
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value?)));
+        let mut head = BytesMut::new();
+        wire::encode_request(
+            &mut head,
+            &parts.method,
+            target.path.resolve(&parts.uri),
+            host,
+            fields.chain(forwarded),
+        );
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::from_std(started) + self.limits.upstream_timeout;
+        let resp = tokio::time::timeout_at(deadline, self.fetcher.send(addr, &parts.method, &head))
+            .await
+            .map_err(|_| EdgeError::Timeout)??;
+        self.metrics.upstream_latency(started.elapsed());
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, EdgeBody::Fetched(body)))
     }
 
     /// Sends an upgrade request on its own connection; on `101`, splices the two upgraded
@@ -203,7 +309,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         let protocol = strip_hop_by_hop(&mut parts.headers);
         let (Some(app_upgrade), Some(client_upgrade)) = (app_upgrade, client_upgrade) else {
-            return Ok(Response::from_parts(parts, Either::Left(body)));
+            return Ok(Response::from_parts(parts, EdgeBody::Incoming(body)));
         };
         let Some(protocol) = protocol else {
             // A 101 without `Connection: upgrade` + `Upgrade` is not a protocol switch we can relay.
@@ -212,10 +318,7 @@ impl Proxy {
         restore_upgrade(&mut parts.headers, protocol);
         self.metrics.upgrade();
         tokio::spawn(splice(client_upgrade, app_upgrade));
-        Ok(Response::from_parts(
-            parts,
-            Either::Right(Full::new(Bytes::new())),
-        ))
+        Ok(Response::from_parts(parts, crate::body::empty()))
     }
 }
 
@@ -238,12 +341,31 @@ async fn splice(client: OnUpgrade, app: hyper::upgrade::OnUpgrade) {
     }
 }
 
+/// The client's `Host` (or the authority of an absolute-form target), for `X-Forwarded-Host`.
+fn original_host(parts: &http::request::Parts) -> Option<HeaderValue> {
+    parts.headers.get(HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
 /// Sets `X-Forwarded-For`, `-Proto` and `-Host`, replacing whatever the client sent.
-fn set_forwarded(headers: &mut http::HeaderMap, client: SocketAddr, host: Option<HeaderValue>) {
-    if let Ok(v) = HeaderValue::from_str(&client.ip().to_canonical().to_string()) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+fn set_forwarded(
+    headers: &mut http::HeaderMap,
+    forwarded_for: Option<HeaderValue>,
+    host: Option<HeaderValue>,
+) {
+    match forwarded_for {
+        Some(v) => {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        None => {
+            headers.remove(&X_FORWARDED_FOR);
+        }
     }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO.clone(), FORWARDED_PROTO_HTTP.clone());
     match host {
         Some(h) => {
             headers.insert(X_FORWARDED_HOST.clone(), h);
@@ -342,11 +464,15 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("x-forwarded-host", HeaderValue::from_static("spoof"));
         let client: SocketAddr = "[::ffff:192.0.2.7]:5000".parse().unwrap();
-        set_forwarded(&mut h, client, None);
+        set_forwarded(&mut h, forwarded_for(client), None);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
         assert!(h.get("x-forwarded-host").is_none());
-        set_forwarded(&mut h, client, Some(HeaderValue::from_static("a.test")));
+        set_forwarded(
+            &mut h,
+            forwarded_for(client),
+            Some(HeaderValue::from_static("a.test")),
+        );
         assert_eq!(h.get("x-forwarded-host").unwrap(), "a.test");
     }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
+use http::header::{HeaderValue, HOST};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -33,7 +33,7 @@ use crate::body::{full, json, EdgeBody};
 use crate::config::{EdgeConfig, Limits};
 use crate::error::EdgeError;
 use crate::metrics::{Metrics, RouteKind};
-use crate::proxy::{Proxy, Target};
+use crate::proxy::{AppPath, Proxy, Target};
 use crate::routes::{self, RouteError, RouteTable, Routes};
 
 /// Why an edge could not start.
@@ -122,12 +122,16 @@ impl Edge {
                 self.shared.limits.routes_poll,
             ))
         });
+        let reap_period = (self.shared.limits.pool_idle_timeout / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let reaper = tokio::spawn(self.shared.proxy.pool().reap_every(reap_period));
         let task = tokio::spawn(accept_loop(listener, self.shared.clone(), stop_rx));
         Ok(RunningEdge {
             local_addr,
             stop: stop_tx,
             task,
             watcher,
+            reaper,
             metrics: self.shared.metrics.clone(),
         })
     }
@@ -139,6 +143,8 @@ pub struct RunningEdge {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Duration>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// Closes idle app connections past their idle timeout.
+    reaper: tokio::task::JoinHandle<()>,
     metrics: Arc<Metrics>,
 }
 
@@ -160,6 +166,7 @@ impl RunningEdge {
         if let Some(w) = &self.watcher {
             w.abort();
         }
+        self.reaper.abort();
         // The accept loop returns once every connection has closed (each finishes its
         // in-flight request and then closes, as told by the stop signal).
         let _ = tokio::time::timeout(grace, &mut self.task).await;
@@ -171,6 +178,7 @@ impl Drop for RunningEdge {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
         self.task.abort();
+        self.reaper.abort();
         if let Some(w) = &self.watcher {
             w.abort();
         }
@@ -217,7 +225,10 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let conn_shared = shared.clone();
-        let service = service_fn(move |req| handle(conn_shared.clone(), req, peer));
+        // Rendered once per connection: every request on it comes from the same address.
+        let forwarded_for = crate::proxy::forwarded_for(peer);
+        let service =
+            service_fn(move |req| handle(conn_shared.clone(), req, peer, forwarded_for.clone()));
         let conn = http
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
@@ -252,14 +263,20 @@ async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     peer: SocketAddr,
+    forwarded_for: Option<HeaderValue>,
 ) -> Result<Response<EdgeBody>, Infallible> {
-    let started = Instant::now();
     let log = tracing::enabled!(target: "tabbify_edge::access", tracing::Level::INFO);
-    let logged = log.then(|| (req.method().clone(), req.uri().path().to_owned()));
-    let (kind, resp) = dispatch(&shared, req, peer).await;
+    let logged = log.then(|| {
+        (
+            Instant::now(),
+            req.method().clone(),
+            req.uri().path().to_owned(),
+        )
+    });
+    let (kind, resp) = dispatch(&shared, req, forwarded_for).await;
     let status = resp.status();
     shared.metrics.request(kind, status.as_u16());
-    if let Some((method, path)) = logged {
+    if let Some((started, method, path)) = logged {
         tracing::info!(
             target: "tabbify_edge::access",
             %peer,
@@ -276,18 +293,13 @@ async fn handle(
 async fn dispatch(
     shared: &Shared,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    forwarded_for: Option<HeaderValue>,
 ) -> (RouteKind, Response<EdgeBody>) {
     if let Some(app) = host_route(shared, &req) {
-        let path_and_query = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let target = Target {
             app,
-            path_and_query,
-            client: peer,
+            path: AppPath::Tail(0),
+            forwarded_for,
             strip_authorization: false,
         };
         return (RouteKind::Host, proxy(shared, req, target).await);
@@ -300,7 +312,7 @@ async fn dispatch(
         {
             return (RouteKind::App, EdgeError::Unauthorized.response());
         }
-        let target = match app_target(&req, peer) {
+        let target = match app_target(&req, forwarded_for) {
             Ok(t) => t,
             Err(err) => return (RouteKind::App, err.response()),
         };
@@ -334,7 +346,10 @@ fn host_route(shared: &Shared, req: &Request<Incoming>) -> Option<Uuid> {
 }
 
 /// Parses `/app/{uuid}[/{rest}][?query]` into the forwarding target.
-fn app_target(req: &Request<Incoming>, peer: SocketAddr) -> Result<Target, EdgeError> {
+fn app_target(
+    req: &Request<Incoming>,
+    forwarded_for: Option<HeaderValue>,
+) -> Result<Target, EdgeError> {
     let path = req.uri().path();
     if path == "/app" {
         return Err(EdgeError::NotFound);
@@ -342,18 +357,24 @@ fn app_target(req: &Request<Incoming>, peer: SocketAddr) -> Result<Target, EdgeE
     let after = &path["/app/".len()..];
     let (id, rest) = match after.find('/') {
         Some(i) => (&after[..i], &after[i..]),
-        None => (after, "/"),
+        None => (after, ""),
     };
     let app = Uuid::try_parse(id).map_err(|_| EdgeError::BadAppId)?;
-    let path_and_query = match req.uri().query() {
-        Some(q) => PathAndQuery::try_from(format!("{rest}?{q}")),
-        None => PathAndQuery::try_from(rest),
-    }
-    .map_err(|_| EdgeError::NotFound)?;
+    let path = if rest.is_empty() {
+        // `/app/{uuid}` and `/app/{uuid}?q`: the app sees `/` and `/?q`.
+        let own = match req.uri().query() {
+            Some(q) => PathAndQuery::try_from(format!("/?{q}")),
+            None => Ok(PathAndQuery::from_static("/")),
+        };
+        AppPath::Own(own.map_err(|_| EdgeError::NotFound)?)
+    } else {
+        // `rest` and the query after it are the tail of the client's path and query.
+        AppPath::Tail(path.len() - rest.len())
+    };
     Ok(Target {
         app,
-        path_and_query,
-        client: peer,
+        path,
+        forwarded_for,
         strip_authorization: true,
     })
 }

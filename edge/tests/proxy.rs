@@ -540,3 +540,131 @@ async fn idle_and_slow_clients_are_disconnected() {
     assert!(closed.is_ok(), "slow request head was kept open");
     assert!(!String::from_utf8_lossy(&rest).contains("200 OK"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodyless_requests_strip_hop_by_hop_and_replace_forwarding_headers() {
+    let upstream = TestApp::start_local("a").await.unwrap();
+    let edge = edge_for(upstream.addr()).await;
+    let addr = edge.local_addr();
+
+    let head = format!(
+        "GET /app/{APP}/echo?x=1 HTTP/1.1\r\nHost: site.test\r\nAuthorization: {}\r\n\
+         Connection: close, X-Client-Secret\r\nX-Client-Secret: s\r\nKeep-Alive: timeout=9\r\n\
+         TE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nUpgrade: h2c\r\n\
+         Proxy-Connection: keep-alive\r\nX-Forwarded-For: 203.0.113.9\r\n\
+         X-Forwarded-Proto: https\r\nX-Forwarded-Host: spoof\r\nX-End-To-End: kept\r\n\
+         X-End-To-End: twice\r\n\r\n",
+        bearer()
+    );
+    let resp = raw_request(addr, &head, b"").await.unwrap();
+    assert_eq!(resp.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/echo?x=1");
+    let h = v["headers"].as_object().unwrap();
+    for gone in [
+        "x-client-secret",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "upgrade",
+        "proxy-connection",
+        "authorization",
+        "connection",
+    ] {
+        assert!(!h.contains_key(gone), "{gone} reached the app: {h:?}");
+    }
+    assert_eq!(h["x-end-to-end"], serde_json::json!(["kept", "twice"]));
+    assert_eq!(h["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
+    assert_eq!(h["x-forwarded-proto"], serde_json::json!(["http"]));
+    assert_eq!(h["x-forwarded-host"], serde_json::json!(["site.test"]));
+    assert_eq!(h["host"], serde_json::json!([upstream.addr().to_string()]));
+}
+
+/// A hand-written app on loopback: `/chunked` answers chunked, `/close` without a length
+/// (read until close), `/once` with a length and then closes the connection without saying
+/// so (as an app whose keep-alive timer fired would). Counts accepted connections.
+async fn raw_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    let n = match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    buf.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                    let reply: &[u8] = match path.as_str() {
+                        "/chunked" => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+                        "/close" => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nuntil close",
+                        "/once" => b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nonce",
+                        _ => b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+                    };
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                    if path == "/close" || path == "/once" {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_are_reused_and_stale_ones_retried() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (app_addr, accepted) = raw_app().await;
+    let edge = edge_for(app_addr).await;
+    let addr = edge.local_addr();
+    let get = |path: &str| {
+        format!(
+            "GET /app/{APP}{path} HTTP/1.1\r\nHost: e\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+            bearer()
+        )
+    };
+
+    for _ in 0..3 {
+        let resp = raw_request(addr, &get("/chunked"), b"").await.unwrap();
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.body, b"hello world");
+    }
+    assert_eq!(
+        accepted.load(SeqCst),
+        1,
+        "one keep-alive connection serves all"
+    );
+
+    let resp = raw_request(addr, &get("/close"), b"").await.unwrap();
+    assert_eq!((resp.status, &resp.body[..]), (200, &b"until close"[..]));
+
+    // `/once` leaves a pooled connection the app then closes; the next request must not fail.
+    for _ in 0..3 {
+        let resp = raw_request(addr, &get("/once"), b"").await.unwrap();
+        assert_eq!((resp.status, &resp.body[..]), (200, &b"once"[..]));
+        let resp = raw_request(addr, &get("/chunked"), b"").await.unwrap();
+        assert_eq!((resp.status, &resp.body[..]), (200, &b"hello world"[..]));
+    }
+    let metrics = edge.metrics().render();
+    assert!(
+        metrics.contains("tabbify_edge_requests_total{route=\"app\",code=\"2xx\"} 10\n"),
+        "{metrics}"
+    );
+}
