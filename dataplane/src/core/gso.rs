@@ -375,8 +375,37 @@ fn tcp_seq(pkt: &[u8], plan: Plan) -> u32 {
     }
 }
 
-fn put16(buf: &mut [u8], at: usize, v: u16) {
+pub(crate) fn put16(buf: &mut [u8], at: usize, v: u16) {
     buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Rewrites the headers of a coalesced super-packet `ip` (IP header of `l3` bytes, then the
+/// L4 header of protocol `proto` with its checksum at `csum_offset`) for a TUN write with
+/// `NEEDS_CSUM`: the IP length field(s) for the whole packet, a fresh IPv4 header checksum,
+/// and in the L4 checksum field the folded pseudo-header sum over the whole L4 length,
+/// uncomplemented (`CHECKSUM_PARTIAL`): the kernel adjusts the length in it per segment and
+/// adds each segment's bytes as it segments or delivers. Callers fix any L4 length field
+/// themselves (UDP's) and pass a packet whose header bytes they validated.
+pub(crate) fn super_headers(ip: &mut [u8], v6: bool, l3: usize, proto: u8, csum_offset: usize) {
+    let len = ip.len();
+    let l4_len = len - l3;
+    let pseudo = if v6 {
+        put16(ip, 4, l4_len as u16);
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src.copy_from_slice(&ip[8..24]);
+        dst.copy_from_slice(&ip[24..40]);
+        checksum::pseudo_header_v6(src.into(), dst.into(), proto, l4_len as u32)
+    } else {
+        put16(ip, 2, len as u16);
+        put16(ip, 10, 0);
+        let c = checksum::checksum(&ip[..l3]);
+        put16(ip, 10, c);
+        let src = [ip[12], ip[13], ip[14], ip[15]];
+        let dst = [ip[16], ip[17], ip[18], ip[19]];
+        checksum::pseudo_header_v4(src.into(), dst.into(), proto, l4_len as u32)
+    };
+    put16(ip, l3 + csum_offset, checksum::fold(pseudo));
 }
 
 /// What [`Coalescer::push`] did with a packet.
@@ -692,7 +721,6 @@ impl Coalescer {
             // A lone segment goes out unchanged with a zero vnet header.
             return;
         }
-        let len = slot.len - VNET_HDR_LEN;
         let b = &mut self.buf_mut(i)[..slot.len];
         let hdr = VirtioNetHdr {
             flags: flags::NEEDS_CSUM,
@@ -707,27 +735,13 @@ impl Coalescer {
             csum_offset: tcp::CHECKSUM_OFFSET as u16,
         };
         b[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
-        let ip = &mut b[VNET_HDR_LEN..];
-        let l4_len = len - h.l3;
-        let pseudo = if h.v6 {
-            put16(ip, 4, l4_len as u16);
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&ip[8..24]);
-            dst.copy_from_slice(&ip[24..40]);
-            checksum::pseudo_header_v6(src.into(), dst.into(), protocol::TCP, l4_len as u32)
-        } else {
-            put16(ip, 2, len as u16);
-            put16(ip, 10, 0);
-            let c = checksum::checksum(&ip[..h.l3]);
-            put16(ip, 10, c);
-            let src = [ip[12], ip[13], ip[14], ip[15]];
-            let dst = [ip[16], ip[17], ip[18], ip[19]];
-            checksum::pseudo_header_v4(src.into(), dst.into(), protocol::TCP, l4_len as u32)
-        };
-        // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, uncomplemented;
-        // the kernel adds the segment bytes when it segments or delivers the packet.
-        put16(ip, h.l3 + tcp::CHECKSUM_OFFSET, checksum::fold(pseudo));
+        super_headers(
+            &mut b[VNET_HDR_LEN..],
+            h.v6,
+            h.l3,
+            protocol::TCP,
+            tcp::CHECKSUM_OFFSET,
+        );
     }
 }
 

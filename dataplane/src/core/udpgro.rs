@@ -26,8 +26,11 @@
 //!
 //! Nothing here allocates after construction, and no input can make it panic.
 
-use super::gso::{flags, gso_type, CoalesceError, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
-use super::wire::{checksum, ipv4, ipv6, protocol, udp, Ipv4Packet, Ipv6Packet, UdpPacket};
+use super::gso::{
+    flags, gso_type, put16, super_headers, CoalesceError, VirtioNetHdr, BUF_LEN, MAX_PACKET,
+    VNET_HDR_LEN,
+};
+use super::wire::{ipv4, ipv6, protocol, udp, Ipv4Packet, Ipv6Packet, UdpPacket};
 
 /// The most datagrams one head carries (the kernel's `UDP_MAX_SEGMENTS`).
 pub const MAX_SEGMENTS: usize = 64;
@@ -242,33 +245,10 @@ impl UdpCoalescer {
         };
         b[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
         let ip = &mut b[VNET_HDR_LEN..];
-        let len = ip.len();
-        let l4_len = len - h.l3;
-        let pseudo = if h.v6 {
-            put16(ip, 4, l4_len as u16);
-            let mut src = [0u8; 16];
-            let mut dst = [0u8; 16];
-            src.copy_from_slice(&ip[8..24]);
-            dst.copy_from_slice(&ip[24..40]);
-            checksum::pseudo_header_v6(src.into(), dst.into(), protocol::UDP, l4_len as u32)
-        } else {
-            put16(ip, 2, len as u16);
-            put16(ip, 10, 0);
-            let c = checksum::checksum(&ip[..h.l3]);
-            put16(ip, 10, c);
-            let src = [ip[12], ip[13], ip[14], ip[15]];
-            let dst = [ip[16], ip[17], ip[18], ip[19]];
-            checksum::pseudo_header_v4(src.into(), dst.into(), protocol::UDP, l4_len as u32)
-        };
+        let l4_len = ip.len() - h.l3;
         put16(ip, h.l3 + 4, l4_len as u16);
-        // CHECKSUM_PARTIAL: the folded pseudo-header sum, uncomplemented; the kernel adjusts
-        // the length in it per datagram and adds each datagram's bytes as it splits.
-        put16(ip, h.l3 + udp::CHECKSUM_OFFSET, checksum::fold(pseudo));
+        super_headers(ip, h.v6, h.l3, protocol::UDP, udp::CHECKSUM_OFFSET);
     }
-}
-
-fn put16(buf: &mut [u8], at: usize, v: u16) {
-    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
 }
 
 /// The candidate view of `pkt`, or `None` when it is not a UDP datagram this coalescer
@@ -311,6 +291,7 @@ fn candidate(pkt: &[u8]) -> Option<Candidate> {
 mod tests {
     use super::*;
     use crate::core::gso::{split, VirtioNetHdr};
+    use crate::core::wire::checksum;
 
     const SRC4: [u8; 4] = [10, 7, 0, 1];
     const DST4: [u8; 4] = [10, 7, 0, 2];
