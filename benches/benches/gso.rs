@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::ops::ControlFlow;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tabbify_dataplane::core::gso::{self, split, Coalescer, VirtioNetHdr};
+use tabbify_dataplane::core::offload::{self, split, Coalescer, VirtioNetHdr};
 use tabbify_dataplane::core::wire::{checksum, protocol, Ipv4Repr, Ipv6Repr};
 
 const MSS: usize = 1368;
@@ -78,11 +78,11 @@ fn super_packet(v6: bool, payload_len: usize) -> (VirtioNetHdr, Vec<u8>) {
     };
     p[l3 + 16..l3 + 18].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
     let hdr = VirtioNetHdr {
-        flags: gso::flags::NEEDS_CSUM,
+        flags: offload::flags::NEEDS_CSUM,
         gso_type: if v6 {
-            gso::gso_type::TCPV6
+            offload::gso_type::TCPV6
         } else {
-            gso::gso_type::TCPV4
+            offload::gso_type::TCPV4
         },
         hdr_len: (l3 + TCP_HDR) as u16,
         gso_size: MSS as u16,
@@ -94,7 +94,7 @@ fn super_packet(v6: bool, payload_len: usize) -> (VirtioNetHdr, Vec<u8>) {
 
 fn tso_split(c: &mut Criterion) {
     let mut g = c.benchmark_group("tso_split_64k_mss1368");
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     for v6 in [false, true] {
         let name = if v6 { "tcpv6" } else { "tcpv4" };
         let (hdr, pkt) = super_packet(v6, SEGMENTS * MSS);
@@ -120,7 +120,7 @@ fn tso_split(c: &mut Criterion) {
 fn gro_coalesce(c: &mut Criterion) {
     const N: usize = 44;
     let mut g = c.benchmark_group("gro_coalesce_44x1368");
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     for v6 in [false, true] {
         let name = if v6 { "tcpv6" } else { "tcpv4" };
         let (hdr, pkt) = super_packet(v6, N * MSS);
@@ -146,7 +146,7 @@ fn gro_coalesce(c: &mut Criterion) {
                         out += black_box(buf).len();
                     }
                     co.clear();
-                    assert_eq!(out, gso::VNET_HDR_LEN + pkt.len());
+                    assert_eq!(out, offload::VNET_HDR_LEN + pkt.len());
                 })
             });
         }

@@ -26,8 +26,8 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tabbify_dataplane::core::batch::TxBatch;
 use tabbify_dataplane::core::counters::DropCounters;
-use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
 use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::offload::{self, VirtioNetHdr};
 use tabbify_dataplane::core::peer::{Peer, PeerConfig};
 use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
 use tabbify_dataplane::core::rxsink::RxSink;
@@ -195,8 +195,8 @@ fn tso_super_packet(segments: usize) -> (VirtioNetHdr, Vec<u8>) {
     );
     p[36..38].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
     let hdr = VirtioNetHdr {
-        flags: gso::flags::NEEDS_CSUM,
-        gso_type: gso::gso_type::TCPV4,
+        flags: offload::flags::NEEDS_CSUM,
+        gso_type: offload::gso_type::TCPV4,
         hdr_len: (20 + TCP_HDR) as u16,
         gso_size: MSS as u16,
         csum_start: 20,
@@ -210,7 +210,7 @@ fn pair(vnet: bool) -> (Node, Node) {
     let mut a = node(KEY_A, KEY_B, EP_B, "10.0.0.2/32", vnet, EP_A);
     let mut b = node(KEY_B, KEY_A, EP_A, "10.0.0.1/32", vnet, EP_B);
     let mut first = if vnet {
-        vec![0u8; gso::VNET_HDR_LEN]
+        vec![0u8; offload::VNET_HDR_LEN]
     } else {
         Vec::new()
     };
@@ -282,7 +282,7 @@ fn encap(c: &mut Criterion) {
     let (hdr, sp) = tso_super_packet(TSO_SEGMENTS);
     let mut with_hdr = hdr.to_bytes().to_vec();
     with_hdr.extend_from_slice(&sp);
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     // Untimed check: one super-packet becomes TSO_SEGMENTS datagrams of MTU-sized packets.
     v.pipe.on_tun(&vsnap, &mut with_hdr.clone()).expect("room");
     let mut segs = 0;
@@ -304,7 +304,7 @@ fn encap(c: &mut Criterion) {
             let mut st = vpeer.lock();
             bch.iter(|| {
                 let mut off = 0;
-                let n = gso::split(&hdr, black_box(&sp), &mut scratch, |seg| {
+                let n = offload::split(&hdr, black_box(&sp), &mut scratch, |seg| {
                     let room = seg.len() + WG_OVERHEAD;
                     if off + room > slot.len() {
                         off = 0;
@@ -335,9 +335,9 @@ fn encap(c: &mut Criterion) {
 /// The 44 TCP segments (1420 bytes each) of one flow, as A's TUN would hand them over.
 fn tcp_segments() -> Vec<Vec<u8>> {
     let (hdr, sp) = tso_super_packet(BATCH);
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     let mut segs = Vec::with_capacity(BATCH);
-    gso::split(&hdr, &sp, &mut scratch, |s| {
+    offload::split(&hdr, &sp, &mut scratch, |s| {
         segs.push(s.to_vec());
         ControlFlow::Continue(())
     })
@@ -389,7 +389,7 @@ fn decap(c: &mut Criterion) {
     rx.clear();
     assert_eq!(
         writes,
-        vec![gso::VNET_HDR_LEN + 20 + TCP_HDR + BATCH * MSS],
+        vec![offload::VNET_HDR_LEN + 20 + TCP_HDR + BATCH * MSS],
         "one coalesced super-packet"
     );
     assert_eq!(b.counters.total(), 0);

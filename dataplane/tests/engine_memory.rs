@@ -12,8 +12,8 @@ use std::sync::Arc;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_dataplane::core::counters::{DropCounters, DropReason};
 use tabbify_dataplane::core::filter::PortFilter;
-use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
 use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::offload::{self, VirtioNetHdr};
 use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
 use tabbify_dataplane::core::rxsink::RxSink;
@@ -336,17 +336,17 @@ fn inner_source_outside_allowed_ips_is_dropped() {
 fn tcp_super_packet(payload_len: usize, mss: u16) -> (Vec<u8>, Vec<u8>) {
     let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 % 251) as u8).collect();
     let total = 20 + 20 + payload_len;
-    let mut p = vec![0u8; gso::VNET_HDR_LEN + total];
+    let mut p = vec![0u8; offload::VNET_HDR_LEN + total];
     let hdr = VirtioNetHdr {
-        flags: gso::flags::NEEDS_CSUM,
-        gso_type: gso::gso_type::TCPV4,
+        flags: offload::flags::NEEDS_CSUM,
+        gso_type: offload::gso_type::TCPV4,
         hdr_len: 40,
         gso_size: mss,
         csum_start: 20,
         csum_offset: 16,
     };
-    hdr.emit(&mut p[..gso::VNET_HDR_LEN]).unwrap();
-    let ip = &mut p[gso::VNET_HDR_LEN..];
+    hdr.emit(&mut p[..offload::VNET_HDR_LEN]).unwrap();
+    let ip = &mut p[offload::VNET_HDR_LEN..];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&(total.min(65535) as u16).to_be_bytes());
     ip[6] = 0x40;
@@ -371,7 +371,7 @@ fn tcp_super_packet(payload_len: usize, mss: u16) -> (Vec<u8>, Vec<u8>) {
 fn tso_super_packet_is_split_sent_as_gso_and_coalesced_again() {
     let (mut a, mut b) = pair(true);
     // Handshake with a small plain packet behind a zero virtio header.
-    let mut first = vec![0u8; gso::VNET_HDR_LEN];
+    let mut first = vec![0u8; offload::VNET_HDR_LEN];
     first.extend(ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"hi"));
     let mut sink = RxSink::new(true, true, 8, 8, 1 << 20);
     {
@@ -399,10 +399,10 @@ fn tso_super_packet_is_split_sent_as_gso_and_coalesced_again() {
     sink.for_each(|buf| outs.push(buf.to_vec()));
     assert_eq!(outs.len(), 1, "one coalesced super-packet");
     let out = &outs[0];
-    let h = VirtioNetHdr::parse(&out[..gso::VNET_HDR_LEN]).unwrap();
-    assert_eq!(h.gso_type, gso::gso_type::TCPV4);
+    let h = VirtioNetHdr::parse(&out[..offload::VNET_HDR_LEN]).unwrap();
+    assert_eq!(h.gso_type, offload::gso_type::TCPV4);
     assert_eq!(h.gso_size, 1368);
-    assert_eq!(&out[gso::VNET_HDR_LEN + 40..], &payload[..]);
+    assert_eq!(&out[offload::VNET_HDR_LEN + 40..], &payload[..]);
     assert_eq!(b.counters.total(), 0);
 }
 
@@ -532,7 +532,7 @@ fn port_filter_refuses_at_the_receiver() {
 #[test]
 fn tso_super_packet_is_filtered_once_by_its_first_segment() {
     let (mut a, mut b) = pair(true);
-    let mut first = vec![0u8; gso::VNET_HDR_LEN];
+    let mut first = vec![0u8; offload::VNET_HDR_LEN];
     first.extend(ipv4_udp(IP_A, IP_B, b"hi"));
     let mut sink = Collect::default();
     let snap = a.table.load_full();

@@ -6,12 +6,12 @@
 use std::ops::ControlFlow;
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::gso::{self, split, CoalesceError, Coalescer, VirtioNetHdr};
+use tabbify_dataplane::core::offload::{self, split, CoalesceError, Coalescer, VirtioNetHdr};
 use tabbify_dataplane::core::wire::{checksum, IpPacket};
 
 fuzz_target!(|data: &[u8]| {
     let mut c = Coalescer::new(4);
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     let mut rest = data;
     let mut pushed = 0usize;
     while rest.len() >= 2 {
@@ -44,7 +44,7 @@ fn check(c: &mut Coalescer, scratch: &mut [u8]) {
             assert_eq!(hdr, VirtioNetHdr::default());
             continue;
         }
-        let res = split(&hdr, &buf[gso::VNET_HDR_LEN..], scratch, |seg| {
+        let res = split(&hdr, &buf[offload::VNET_HDR_LEN..], scratch, |seg| {
             let ip = IpPacket::new_checked(seg).expect("segments are valid IP");
             let l4 = ip.payload();
             let sum = checksum::sum(ip.pseudo_header_sum(l4.len() as u32), l4);

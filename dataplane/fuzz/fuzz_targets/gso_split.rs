@@ -6,17 +6,17 @@
 use std::ops::ControlFlow;
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::gso::{self, split, VirtioNetHdr};
+use tabbify_dataplane::core::offload::{self, split, VirtioNetHdr};
 use tabbify_dataplane::core::wire::{checksum, IpPacket};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(hdr) = VirtioNetHdr::parse(data) else {
         return;
     };
-    let pkt = &data[gso::VNET_HDR_LEN..];
+    let pkt = &data[offload::VNET_HDR_LEN..];
     // A scratch sized by the input exercises the too-small path too.
     let cap = usize::from(data.first().copied().unwrap_or(0)) * 300;
-    let mut scratch = vec![0u8; cap.min(gso::MAX_PACKET)];
+    let mut scratch = vec![0u8; cap.min(offload::MAX_PACKET)];
     let mut seen = 0usize;
     let res = split(&hdr, pkt, &mut scratch, |seg| {
         seen += 1;

@@ -6,13 +6,13 @@
 use std::ops::ControlFlow;
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::gso::{self, split, CoalesceError, VirtioNetHdr};
-use tabbify_dataplane::core::udpgro::{UdpCoalescer, UdpPush};
+use tabbify_dataplane::core::offload::{self, split, CoalesceError, VirtioNetHdr};
+use tabbify_dataplane::core::offload::{UdpCoalescer, UdpPush};
 use tabbify_dataplane::core::wire::{checksum, IpPacket};
 
 fuzz_target!(|data: &[u8]| {
     let mut c = UdpCoalescer::new(4);
-    let mut scratch = vec![0u8; gso::MAX_PACKET];
+    let mut scratch = vec![0u8; offload::MAX_PACKET];
     let mut rest = data;
     while rest.len() >= 2 {
         let n = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
@@ -43,10 +43,10 @@ fn check(c: &mut UdpCoalescer, scratch: &mut [u8]) {
             assert_eq!(hdr, VirtioNetHdr::default());
             continue;
         }
-        let ip_len = buf.len() - gso::VNET_HDR_LEN;
+        let ip_len = buf.len() - offload::VNET_HDR_LEN;
         let hlen = usize::from(hdr.hdr_len);
         let mut payload = 0;
-        let res = split(&hdr, &buf[gso::VNET_HDR_LEN..], scratch, |seg| {
+        let res = split(&hdr, &buf[offload::VNET_HDR_LEN..], scratch, |seg| {
             let ip = IpPacket::new_checked(seg).expect("datagrams are valid IP");
             let l4 = ip.payload();
             payload += l4.len() - 8;

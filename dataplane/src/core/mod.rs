@@ -8,13 +8,12 @@
 pub mod batch;
 pub mod counters;
 pub mod filter;
-pub mod gso;
 pub mod net;
+pub mod offload;
 pub mod peer;
 pub mod pipeline;
 pub mod route;
 pub mod rxsink;
 pub mod table;
 pub mod tunbatch;
-pub mod udpgro;
 pub mod wire;

@@ -28,7 +28,7 @@ use crate::core::batch::{Full, TxBatch};
 use crate::core::counters::{DropCounters, DropReason};
 use crate::core::peer::{Peer, PeerState};
 use crate::core::table::Snapshot;
-use crate::core::{gso, wire};
+use crate::core::{offload, wire};
 
 /// Where decrypted inner packets go (the GRO coalescer or a plain batch).
 pub trait TunSink {
@@ -83,12 +83,12 @@ impl Pipeline {
     /// mutable because checksums are completed in place.
     pub fn on_tun(&mut self, snap: &Snapshot, buf: &mut [u8]) -> Result<(), Full> {
         let (hdr, pkt) = if self.vnet {
-            if buf.len() < gso::VNET_HDR_LEN {
+            if buf.len() < offload::VNET_HDR_LEN {
                 self.drop(DropReason::MalformedInner);
                 return Ok(());
             }
-            let (h, p) = buf.split_at_mut(gso::VNET_HDR_LEN);
-            match gso::VirtioNetHdr::parse(h) {
+            let (h, p) = buf.split_at_mut(offload::VNET_HDR_LEN);
+            match offload::VirtioNetHdr::parse(h) {
                 Ok(h) => (Some(h), p),
                 Err(_) => {
                     self.drop(DropReason::MalformedInner);
@@ -126,7 +126,7 @@ impl Pipeline {
         let result = match hdr {
             Some(h) if h.is_gso() => {
                 let mut full = false;
-                let r = gso::split(&h, pkt, &mut self.seg, |seg| {
+                let r = offload::split(&h, pkt, &mut self.seg, |seg| {
                     match encapsulate(&mut st.tunn, seg, endpoint, tx, counters) {
                         Ok(n) => {
                             sent += n;
@@ -148,7 +148,8 @@ impl Pipeline {
                 }
             }
             Some(h) => {
-                if h.flags & gso::flags::NEEDS_CSUM != 0 && gso::complete_checksum(&h, pkt).is_err()
+                if h.flags & offload::flags::NEEDS_CSUM != 0
+                    && offload::complete_checksum(&h, pkt).is_err()
                 {
                     counters.add(DropReason::MalformedInner);
                     return Ok(());

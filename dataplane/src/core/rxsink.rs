@@ -16,10 +16,10 @@
 //! Ownership: [`RxSink::for_each`] yields every buffer for writing; [`RxSink::clear`] only
 //! after all those writes completed.
 
-use crate::core::gso::{CoalesceError, Coalescer};
+use crate::core::offload::{CoalesceError, Coalescer};
+use crate::core::offload::{UdpCoalescer, UdpPush};
 use crate::core::pipeline::TunSink;
 use crate::core::tunbatch::TunBatch;
-use crate::core::udpgro::{UdpCoalescer, UdpPush};
 use crate::core::wire::protocol;
 
 /// TCP flags that may be coalesced (ACK, PSH).

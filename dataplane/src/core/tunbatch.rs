@@ -5,7 +5,7 @@
 //! Ownership: the driver writes every packet of the batch to the TUN and calls
 //! [`TunBatch::clear`] only after all those writes completed.
 
-use crate::core::gso::VNET_HDR_LEN;
+use crate::core::offload::VNET_HDR_LEN;
 use crate::core::pipeline::TunSink;
 
 /// Packets waiting to be written to the TUN.

@@ -20,17 +20,15 @@
 //! written with `NEEDS_CSUM`, so the kernel computes each datagram's checksum as it splits.
 //! A lone datagram is written unchanged.
 //!
-//! Buffer ownership: as for [`crate::core::gso::Coalescer`]: the arena is allocated once;
+//! Buffer ownership: as for [`crate::core::offload::Coalescer`]: the arena is allocated once;
 //! the slices [`UdpCoalescer::finish`] yields stay valid until the next `&mut` call, and
 //! [`UdpCoalescer::clear`] comes only after every write of them completed.
 //!
 //! Nothing here allocates after construction, and no input can make it panic.
 
-use super::gso::{
-    flags, gso_type, put16, super_headers, CoalesceError, VirtioNetHdr, BUF_LEN, MAX_PACKET,
-    VNET_HDR_LEN,
-};
-use super::wire::{ipv4, ipv6, protocol, udp, Ipv4Packet, Ipv6Packet, UdpPacket};
+use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
+use super::{put16, super_headers, CoalesceError};
+use crate::core::wire::{ipv4, ipv6, protocol, udp, Ipv4Packet, Ipv6Packet, UdpPacket};
 
 /// The most datagrams one head carries (the kernel's `UDP_MAX_SEGMENTS`).
 pub const MAX_SEGMENTS: usize = 64;
@@ -290,7 +288,7 @@ fn candidate(pkt: &[u8]) -> Option<Candidate> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::gso::{split, VirtioNetHdr};
+    use crate::core::offload::{split, VirtioNetHdr};
     use crate::core::wire::checksum;
 
     const SRC4: [u8; 4] = [10, 7, 0, 1];

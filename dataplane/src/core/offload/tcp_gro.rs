@@ -1,0 +1,719 @@
+//! TCP GRO on the receive path: the [`Coalescer`] appends consecutive in-order TCP segments
+//! of a flow to one head and yields each head as one super-packet (`GSO_TCPV4`/`GSO_TCPV6`
+//! behind a vnet header) for one TUN write; every other packet passes through in its own
+//! slot.
+//!
+//! Invariants: the arena is allocated once in [`Coalescer::new`]; the slices
+//! [`Coalescer::finish`] yields stay valid until the next `&mut` call, and
+//! [`Coalescer::clear`] comes only after every write of them completed; a flow's packets
+//! keep their order; nothing allocates after construction and no input can make it panic.
+
+use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
+use super::{super_headers, CoalesceError};
+use crate::core::wire::{ipv4, ipv6, protocol, tcp, Ipv4Packet, Ipv6Packet, TcpPacket};
+
+/// What [`Coalescer::push`] did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Appended to an existing head of the same flow.
+    Coalesced,
+    /// Started a new head that later segments may join.
+    Head,
+    /// Copied into its own slot as is (not a coalescable TCP segment).
+    Passthrough,
+}
+
+/// One slot of the arena: a passthrough packet or a (possibly growing) head.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Bytes used in the slot's buffer, vnet header included.
+    len: usize,
+    kind: SlotKind,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SlotKind {
+    Passthrough,
+    Head(Head),
+}
+
+/// A TCP head: the first segment's headers, followed by the payload of every segment.
+#[derive(Debug, Clone, Copy)]
+struct Head {
+    v6: bool,
+    /// IP header length.
+    l3: usize,
+    /// TCP header length.
+    l4: usize,
+    /// Payload bytes of the first segment: every segment but the last has this size.
+    gso_size: usize,
+    segs: usize,
+    next_seq: u32,
+    /// Whether another segment may still be appended.
+    open: bool,
+    /// Whether the headers were rewritten for the TUN write.
+    finished: bool,
+}
+
+/// A TCP segment that may start or join a head.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    v6: bool,
+    l3: usize,
+    l4: usize,
+    seq: u32,
+    payload_len: usize,
+    psh: bool,
+}
+
+/// GRO for the receive path: coalesces in-order TCP segments of a flow into super-packets
+/// for one TUN write each. See the module docs for buffer ownership.
+///
+/// Call order per batch: [`push`](Self::push) each decrypted inner packet (on
+/// [`CoalesceError::Full`], flush and push again), then [`finish`](Self::finish) and write
+/// every yielded buffer, then [`clear`](Self::clear) once those writes completed.
+///
+/// A segment joins the latest open head of its flow when it has the same addresses, ports,
+/// IPv4 TOS/TTL/DF or IPv6 traffic class/flow label/hop limit, TCP header length, ACK
+/// number, window and options bytes (so equal timestamps); flags ACK or ACK|PSH only; a
+/// sequence number equal to the head's next; at most the head's segment size of payload;
+/// and the result stays within 65535 bytes. A shorter segment or PSH closes the head. Any
+/// other TCP packet of the flow closes the flow's open head, so a flow's packets keep their
+/// order. IPv4 with options or fragments, bad IP or TCP checksums, flags other than
+/// ACK/PSH, empty payloads and non-TCP packets pass through unchanged.
+pub struct Coalescer {
+    arena: Box<[u8]>,
+    slots: Box<[Slot]>,
+    used: usize,
+    verify_l4: bool,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("capacity", &self.slots.len())
+            .field("used", &self.used)
+            .finish()
+    }
+}
+
+impl Coalescer {
+    /// A coalescer with `capacity` slots (heads or passthrough packets per batch), each
+    /// [`BUF_LEN`] bytes, allocated now. A capacity of 0 is raised to 1.
+    pub fn new(capacity: usize) -> Self {
+        Self::build(capacity, true)
+    }
+
+    /// A coalescer for packets whose integrity a cipher's authentication tag already
+    /// proved (decrypted WireGuard data): it skips the pass over each segment that checks
+    /// its TCP checksum, as kernel WireGuard marks decrypted packets checksum-verified.
+    /// Everything else is as [`Coalescer::new`].
+    pub fn authenticated(capacity: usize) -> Self {
+        Self::build(capacity, false)
+    }
+
+    fn build(capacity: usize, verify_l4: bool) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            verify_l4,
+            arena: vec![0u8; capacity * BUF_LEN].into_boxed_slice(),
+            slots: vec![
+                Slot {
+                    len: 0,
+                    kind: SlotKind::Passthrough
+                };
+                capacity
+            ]
+            .into_boxed_slice(),
+            used: 0,
+        }
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Number of slots in use (buffers [`finish`](Self::finish) would yield).
+    pub fn len(&self) -> usize {
+        self.used
+    }
+
+    /// Whether no packet was pushed since the last [`clear`](Self::clear).
+    pub fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+
+    /// Takes one inner IP packet (copied). See the type docs for when it coalesces.
+    pub fn push(&mut self, pkt: &[u8]) -> Result<Pushed, CoalesceError> {
+        if pkt.len() > MAX_PACKET {
+            return Err(CoalesceError::TooLarge);
+        }
+        let Some((cand, key_ok)) = candidate(pkt, self.verify_l4) else {
+            return self.new_slot(pkt, None);
+        };
+        if let Some(i) = self.find_open_head(pkt, cand.v6) {
+            if key_ok && self.try_append(i, pkt, &cand) {
+                return Ok(Pushed::Coalesced);
+            }
+            if let SlotKind::Head(h) = &mut self.slots[i].kind {
+                h.open = false;
+            }
+        }
+        self.new_slot(pkt, key_ok.then_some(cand))
+    }
+
+    /// Rewrites each head's headers for the TUN write (once) and yields every buffer,
+    /// `VirtioNetHdr` + IP packet, in the order their first packet arrived. Pushing after
+    /// `finish` starts new slots; finished heads take no more segments.
+    pub fn finish(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
+        for i in 0..self.used {
+            self.finish_slot(i);
+        }
+        let arena = &self.arena;
+        self.slots[..self.used]
+            .iter()
+            .enumerate()
+            .map(move |(i, s)| &arena[i * BUF_LEN..i * BUF_LEN + s.len])
+    }
+
+    /// Forgets every slot. Call only after the buffers from [`finish`](Self::finish) were
+    /// written out.
+    pub fn clear(&mut self) {
+        self.used = 0;
+    }
+
+    /// [`finish`](Self::finish), hand every buffer to `write`, then [`clear`](Self::clear):
+    /// for drivers whose writes complete before `write` returns.
+    pub fn drain(&mut self, mut write: impl FnMut(&[u8])) {
+        for b in self.finish() {
+            write(b);
+        }
+        self.clear();
+    }
+
+    fn buf(&self, i: usize) -> &[u8] {
+        &self.arena[i * BUF_LEN..(i + 1) * BUF_LEN]
+    }
+
+    fn buf_mut(&mut self, i: usize) -> &mut [u8] {
+        &mut self.arena[i * BUF_LEN..(i + 1) * BUF_LEN]
+    }
+
+    fn new_slot(&mut self, pkt: &[u8], cand: Option<Candidate>) -> Result<Pushed, CoalesceError> {
+        if self.used == self.slots.len() {
+            return Err(CoalesceError::Full);
+        }
+        let i = self.used;
+        self.used += 1;
+        let b = self.buf_mut(i);
+        b[..VNET_HDR_LEN].fill(0);
+        b[VNET_HDR_LEN..VNET_HDR_LEN + pkt.len()].copy_from_slice(pkt);
+        let (kind, pushed) = match cand {
+            Some(c) => (
+                SlotKind::Head(Head {
+                    v6: c.v6,
+                    l3: c.l3,
+                    l4: c.l4,
+                    gso_size: c.payload_len,
+                    segs: 1,
+                    next_seq: c.seq.wrapping_add(c.payload_len as u32),
+                    open: !c.psh,
+                    finished: false,
+                }),
+                Pushed::Head,
+            ),
+            None => (SlotKind::Passthrough, Pushed::Passthrough),
+        };
+        self.slots[i] = Slot {
+            len: VNET_HDR_LEN + pkt.len(),
+            kind,
+        };
+        Ok(pushed)
+    }
+
+    /// The latest open head with the same IP version, addresses and ports as `pkt`.
+    fn find_open_head(&self, pkt: &[u8], v6: bool) -> Option<usize> {
+        let (addr, ports) = flow_key_ranges(v6, pkt)?;
+        (0..self.used).rev().find(|&i| match self.slots[i].kind {
+            SlotKind::Head(h) if h.open && h.v6 == v6 => {
+                let b = &self.buf(i)[VNET_HDR_LEN..];
+                let hp = h.l3..h.l3 + 4;
+                b.get(hp) == pkt.get(ports.clone()) && b.get(addr.clone()) == pkt.get(addr.clone())
+            }
+            _ => false,
+        })
+    }
+
+    /// Appends `pkt`'s payload to head `i` when every GRO condition holds.
+    fn try_append(&mut self, i: usize, pkt: &[u8], c: &Candidate) -> bool {
+        let slot = self.slots[i];
+        let SlotKind::Head(mut h) = slot.kind else {
+            return false;
+        };
+        let head = &self.buf(i)[VNET_HDR_LEN..slot.len];
+        let ip_ok = if h.v6 {
+            // Version, traffic class, flow label; hop limit.
+            head.get(..4) == pkt.get(..4) && head.get(7) == pkt.get(7)
+        } else {
+            // TOS, TTL, DF (IHL is 5 for every candidate).
+            head.get(1) == pkt.get(1)
+                && head.get(8) == pkt.get(8)
+                && head.get(6).map(|b| b & 0x40) == pkt.get(6).map(|b| b & 0x40)
+        };
+        let (ht, pt) = (h.l3, c.l3);
+        let tcp_ok = h.l4 == c.l4
+            // ACK number, data offset, window; then the options.
+            && head.get(ht + 8..ht + 13) == pkt.get(pt + 8..pt + 13)
+            && head.get(ht + 14..ht + 16) == pkt.get(pt + 14..pt + 16)
+            && head.get(ht + tcp::HEADER_LEN..ht + h.l4) == pkt.get(pt + tcp::HEADER_LEN..pt + c.l4);
+        if !(ip_ok
+            && tcp_ok
+            && c.seq == h.next_seq
+            && c.payload_len <= h.gso_size
+            && slot.len - VNET_HDR_LEN + c.payload_len <= MAX_PACKET)
+        {
+            return false;
+        }
+        let Some(payload) = pkt.get(c.l3 + c.l4..c.l3 + c.l4 + c.payload_len) else {
+            return false;
+        };
+        let at = slot.len;
+        self.buf_mut(i)[at..at + payload.len()].copy_from_slice(payload);
+        h.segs += 1;
+        h.next_seq = h.next_seq.wrapping_add(c.payload_len as u32);
+        if c.payload_len < h.gso_size || c.psh {
+            h.open = false;
+        }
+        if c.psh {
+            // The super-packet carries PSH like the last segment did.
+            let b = self.buf_mut(i);
+            b[VNET_HDR_LEN + h.l3 + 13] |= tcp::PSH;
+        }
+        self.slots[i] = Slot {
+            len: at + payload.len(),
+            kind: SlotKind::Head(h),
+        };
+        true
+    }
+
+    /// Writes the vnet header and fixes lengths and checksums of a multi-segment head.
+    fn finish_slot(&mut self, i: usize) {
+        let slot = self.slots[i];
+        let SlotKind::Head(mut h) = slot.kind else {
+            return;
+        };
+        if h.finished {
+            return;
+        }
+        h.open = false;
+        h.finished = true;
+        self.slots[i].kind = SlotKind::Head(h);
+        if h.segs < 2 {
+            // A lone segment goes out unchanged with a zero vnet header.
+            return;
+        }
+        let b = &mut self.buf_mut(i)[..slot.len];
+        let hdr = VirtioNetHdr {
+            flags: flags::NEEDS_CSUM,
+            gso_type: if h.v6 {
+                gso_type::TCPV6
+            } else {
+                gso_type::TCPV4
+            },
+            hdr_len: (h.l3 + h.l4) as u16,
+            gso_size: h.gso_size as u16,
+            csum_start: h.l3 as u16,
+            csum_offset: tcp::CHECKSUM_OFFSET as u16,
+        };
+        b[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
+        super_headers(
+            &mut b[VNET_HDR_LEN..],
+            h.v6,
+            h.l3,
+            protocol::TCP,
+            tcp::CHECKSUM_OFFSET,
+        );
+    }
+}
+
+/// Classifies a packet: `None` for anything that is not a TCP/IP packet (passthrough);
+/// otherwise the candidate and whether it may start or join a head. `verify_l4` checks
+/// the TCP checksum too.
+fn candidate(pkt: &[u8], verify_l4: bool) -> Option<(Candidate, bool)> {
+    let (v6, l3, l4_bytes, pseudo, ip_ok) = match pkt.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(pkt).ok()?;
+            if ip.protocol() != protocol::TCP || ip.is_fragment() {
+                return None;
+            }
+            let ok = ip.header_len() == ipv4::HEADER_LEN
+                && ip.total_len() == pkt.len()
+                && ip.verify_checksum();
+            let l4 = &pkt[ip.header_len()..ip.total_len()];
+            (
+                false,
+                ip.header_len(),
+                l4,
+                ip.pseudo_header_sum(l4.len() as u32),
+                ok,
+            )
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(pkt).ok()?;
+            if ip.next_header() != protocol::TCP {
+                return None;
+            }
+            let l4 = &pkt[ipv6::HEADER_LEN..ip.total_len()];
+            let ok = ip.total_len() == pkt.len();
+            (
+                true,
+                ipv6::HEADER_LEN,
+                l4,
+                ip.pseudo_header_sum(l4.len() as u32),
+                ok,
+            )
+        }
+        _ => return None,
+    };
+    let t = TcpPacket::new_checked(l4_bytes).ok()?;
+    let f = t.flags();
+    let psh = f & tcp::PSH != 0;
+    let ok = ip_ok
+        && f & !(tcp::ACK | tcp::PSH) == 0
+        && f & tcp::ACK != 0
+        && !t.payload().is_empty()
+        && (!verify_l4 || t.verify_checksum(pseudo));
+    Some((
+        Candidate {
+            v6,
+            l3,
+            l4: t.header_len(),
+            seq: t.seq(),
+            payload_len: t.payload().len(),
+            psh,
+        },
+        ok,
+    ))
+}
+
+/// Byte ranges of the addresses and of the ports (L4 start..+4) in a TCP/IP packet.
+fn flow_key_ranges(
+    v6: bool,
+    pkt: &[u8],
+) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    if v6 {
+        Some((8..40, 40..44))
+    } else {
+        let l3 = usize::from(pkt.first()? & 0x0f) * 4;
+        Some((12..20, l3..l3 + 4))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests_common::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn coalesce_rebuilds_the_super_packet() {
+        for v6 in [false, true] {
+            let payload = payload_bytes(44 * 1368 + 100, 5);
+            let (hdr, sup) = tcp_super(v6, &payload, 1368, tcp::ACK | tcp::PSH);
+            let segs = split_all(&hdr, &sup).unwrap();
+            let mut c = Coalescer::new(8);
+            assert_eq!(c.push(&segs[0]).unwrap(), Pushed::Head);
+            assert_eq!(c.push(&segs[1]).unwrap(), Pushed::Coalesced);
+            for s in &segs[2..] {
+                c.push(s).unwrap();
+            }
+            let out: Vec<Vec<u8>> = c.finish().map(<[u8]>::to_vec).collect();
+            assert_eq!(out.len(), 1);
+            let got = VirtioNetHdr::parse(&out[0]).unwrap();
+            assert_eq!(got, hdr, "vnet header as the kernel would write it");
+            assert_eq!(
+                &out[0][VNET_HDR_LEN..],
+                &sup[..],
+                "byte-identical super-packet"
+            );
+            // finish() is idempotent until clear().
+            assert_eq!(c.finish().next().unwrap(), &out[0][..]);
+            c.clear();
+            assert!(c.is_empty());
+            let again = split_all(&got, &out[0][VNET_HDR_LEN..]).unwrap();
+            assert_eq!(again, segs);
+        }
+    }
+
+    #[test]
+    fn reordered_and_missing_segments_do_not_coalesce() {
+        let payload = payload_bytes(4 * 1000, 8);
+        let (hdr, sup) = tcp_super(false, &payload, 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        let mut c = Coalescer::new(8);
+        // 0, 2, 1: every segment alone, in arrival order, unchanged.
+        let out = coalesce_all(&mut c, &[s[0].clone(), s[2].clone(), s[1].clone()]);
+        assert_eq!(out.len(), 3);
+        for (o, want) in out.iter().zip([&s[0], &s[2], &s[1]]) {
+            assert_eq!(o[..VNET_HDR_LEN], [0u8; VNET_HDR_LEN]);
+            assert_eq!(&o[VNET_HDR_LEN..], &want[..]);
+        }
+        // 0, 2, 3 (1 lost): 0 alone, then 2+3 coalesced.
+        let out = coalesce_all(&mut c, &[s[0].clone(), s[2].clone(), s[3].clone()]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[0][VNET_HDR_LEN..], &s[0][..]);
+        let h = VirtioNetHdr::parse(&out[1]).unwrap();
+        assert_eq!(h.gso_size, 1000);
+        assert_eq!(
+            split_all(&h, &out[1][VNET_HDR_LEN..]).unwrap(),
+            vec![s[2].clone(), s[3].clone()]
+        );
+        // A duplicate does not join either.
+        let out = coalesce_all(&mut c, &[s[0].clone(), s[0].clone()]);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn interleaved_flows_get_their_own_heads() {
+        let (h1, a) = tcp_super(false, &payload_bytes(3000, 1), 1000, tcp::ACK);
+        let (_, mut b) = tcp_super(false, &payload_bytes(3000, 2), 1000, tcp::ACK);
+        b[15] = 99; // another source address
+        let b_ip = Ipv4Packet::new_checked(&mut b[..]).map(|mut p| p.fill_checksum());
+        assert!(b_ip.is_ok());
+        let sa = split_all(&h1, &a).unwrap();
+        let sb = split_all(&h1, &b).unwrap();
+        let mixed: Vec<Vec<u8>> = (0..3)
+            .flat_map(|i| [sa[i].clone(), sb[i].clone()])
+            .collect();
+        let mut c = Coalescer::new(8);
+        let out = coalesce_all(&mut c, &mixed);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            split_all(&VirtioNetHdr::parse(&out[0]).unwrap(), &out[0][10..]).unwrap(),
+            sa
+        );
+        assert_eq!(
+            split_all(&VirtioNetHdr::parse(&out[1]).unwrap(), &out[1][10..]).unwrap(),
+            sb
+        );
+    }
+
+    /// Pushes `first`, then `second` (a mutated next segment), expecting two buffers.
+    fn assert_no_join(mutate: impl Fn(&mut Vec<u8>)) {
+        let (hdr, sup) = tcp_super(false, &payload_bytes(2000, 4), 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        let mut second = s[1].clone();
+        mutate(&mut second);
+        // Keep the checksums right so only the mutated field differs.
+        Ipv4Packet::new_checked(&mut second[..])
+            .unwrap()
+            .fill_checksum();
+        let pseudo = Ipv4Packet::new_checked(&second[..])
+            .unwrap()
+            .pseudo_header_sum((second.len() - 20) as u32);
+        TcpPacket::new_checked(&mut second[20..])
+            .unwrap()
+            .fill_checksum(pseudo);
+        let mut c = Coalescer::new(4);
+        let out = coalesce_all(&mut c, &[s[0].clone(), second.clone()]);
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[1][VNET_HDR_LEN..], &second[..]);
+    }
+
+    #[test]
+    fn differing_headers_do_not_coalesce() {
+        assert_no_join(|p| p[8] = 63); // TTL
+        assert_no_join(|p| p[1] = 2); // TOS (ECN)
+        assert_no_join(|p| p[6] = 0); // DF cleared
+        assert_no_join(|p| p[20 + 11] ^= 1); // ACK number
+        assert_no_join(|p| p[20 + 15] ^= 1); // window
+        assert_no_join(|p| p[20 + 27] ^= 1); // timestamp option
+        assert_no_join(|p| p[20 + 13] |= tcp::URG); // flags beyond ACK/PSH
+        assert_no_join(|p| p[20 + 7] ^= 1); // sequence number
+    }
+
+    #[test]
+    fn authenticated_coalescer_skips_only_the_tcp_checksum_check() {
+        let (hdr, sup) = tcp_super(false, &payload_bytes(5000, 6), 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        let mut c = Coalescer::authenticated(16);
+        let mut bad_tcp = s[1].clone();
+        bad_tcp[60] ^= 0xff;
+        assert_eq!(c.push(&s[0]).unwrap(), Pushed::Head);
+        assert_eq!(c.push(&bad_tcp).unwrap(), Pushed::Coalesced);
+        // A bad IPv4 header checksum still passes through and closes the head.
+        let mut bad_ip = s[2].clone();
+        bad_ip[10] ^= 0xff;
+        assert_eq!(c.push(&bad_ip).unwrap(), Pushed::Passthrough);
+        assert_eq!(c.push(&s[3]).unwrap(), Pushed::Head);
+    }
+
+    #[test]
+    fn passthrough_and_head_closing_rules() {
+        let (hdr, sup) = tcp_super(false, &payload_bytes(5000, 6), 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        let mut c = Coalescer::new(16);
+        // A bad TCP checksum passes through and closes the flow's head.
+        let mut bad = s[1].clone();
+        bad[60] ^= 0xff;
+        assert_eq!(c.push(&s[0]).unwrap(), Pushed::Head);
+        assert_eq!(c.push(&bad).unwrap(), Pushed::Passthrough);
+        assert_eq!(c.push(&s[2]).unwrap(), Pushed::Head);
+        c.clear();
+        // UDP, a SYN, a pure ACK and a non-IP packet pass through.
+        let (_, udp) = udp_super(false, &payload_bytes(100, 1), 100);
+        assert_eq!(c.push(&udp).unwrap(), Pushed::Passthrough);
+        let (_, syn) = tcp_super(false, &[], 1000, tcp::SYN);
+        assert_eq!(c.push(&syn).unwrap(), Pushed::Passthrough);
+        assert_eq!(c.push(&[0x00, 1, 2]).unwrap(), Pushed::Passthrough);
+        assert_eq!(c.push(&[]).unwrap(), Pushed::Passthrough);
+        let (_, mut ack) = tcp_super(false, &[], 1000, tcp::ACK);
+        let pseudo = Ipv4Packet::new_checked(&ack[..])
+            .unwrap()
+            .pseudo_header_sum(32);
+        TcpPacket::new_checked(&mut ack[20..])
+            .unwrap()
+            .fill_checksum(pseudo);
+        assert_eq!(c.push(&ack).unwrap(), Pushed::Passthrough);
+        let mut out = Vec::new();
+        c.drain(|b| out.push(b.to_vec()));
+        assert_eq!(out.len(), 5);
+        assert!(out.iter().all(|b| b[..VNET_HDR_LEN] == [0u8; VNET_HDR_LEN]));
+        assert_eq!(&out[0][10..], &udp[..]);
+        // A short segment ends the run: the next full one starts a new head.
+        let (h2, sup2) = tcp_super(false, &payload_bytes(2500, 6), 1000, tcp::ACK);
+        let t = split_all(&h2, &sup2).unwrap(); // 1000, 1000, 500
+        let (_, sup3) = tcp_super(false, &payload_bytes(1000, 6), 1000, tcp::ACK);
+        let mut next = sup3.clone();
+        let seq = 0xffff_f000u32.wrapping_add(2500);
+        next[24..28].copy_from_slice(&seq.to_be_bytes());
+        let pseudo = Ipv4Packet::new_checked(&next[..])
+            .unwrap()
+            .pseudo_header_sum((next.len() - 20) as u32);
+        TcpPacket::new_checked(&mut next[20..])
+            .unwrap()
+            .fill_checksum(pseudo);
+        assert_eq!(c.push(&t[0]).unwrap(), Pushed::Head);
+        assert_eq!(c.push(&t[1]).unwrap(), Pushed::Coalesced);
+        assert_eq!(c.push(&t[2]).unwrap(), Pushed::Coalesced);
+        assert_eq!(c.push(&next).unwrap(), Pushed::Head);
+        c.clear();
+        // PSH ends the run too.
+        let (h3, sup4) = tcp_super(false, &payload_bytes(3000, 6), 1000, tcp::ACK | tcp::PSH);
+        let u = split_all(&h3, &sup4).unwrap();
+        let mut psh_mid = u[1].clone();
+        psh_mid[33] |= tcp::PSH;
+        let pseudo = Ipv4Packet::new_checked(&psh_mid[..])
+            .unwrap()
+            .pseudo_header_sum((psh_mid.len() - 20) as u32);
+        TcpPacket::new_checked(&mut psh_mid[20..])
+            .unwrap()
+            .fill_checksum(pseudo);
+        assert_eq!(c.push(&u[0]).unwrap(), Pushed::Head);
+        assert_eq!(c.push(&psh_mid).unwrap(), Pushed::Coalesced);
+        assert_eq!(c.push(&u[2]).unwrap(), Pushed::Head);
+        c.clear();
+        // IPv4 options pass through.
+        let mut opts = Vec::from(&s[0][..20]);
+        opts[0] = 0x46;
+        opts.extend_from_slice(&[1, 1, 1, 0]);
+        opts.extend_from_slice(&s[0][20..]);
+        let n = opts.len() as u16;
+        opts[2..4].copy_from_slice(&n.to_be_bytes());
+        Ipv4Packet::new_checked(&mut opts[..])
+            .unwrap()
+            .fill_checksum();
+        assert_eq!(c.push(&opts).unwrap(), Pushed::Passthrough);
+    }
+
+    #[test]
+    fn full_table_reports_instead_of_dropping() {
+        let mut c = Coalescer::new(2);
+        assert_eq!(c.capacity(), 2);
+        let (_, udp) = udp_super(false, &payload_bytes(10, 1), 100);
+        c.push(&udp).unwrap();
+        c.push(&udp).unwrap();
+        assert_eq!(c.push(&udp), Err(CoalesceError::Full));
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.finish().count(), 2);
+        c.clear();
+        c.push(&udp).unwrap();
+        assert_eq!(
+            c.push(&vec![0x45; MAX_PACKET + 1]),
+            Err(CoalesceError::TooLarge)
+        );
+        // Appending to a head needs no free slot.
+        let (hdr, sup) = tcp_super(false, &payload_bytes(3000, 1), 1000, tcp::ACK);
+        let s = split_all(&hdr, &sup).unwrap();
+        c.push(&s[0]).unwrap();
+        assert_eq!(c.push(&s[1]).unwrap(), Pushed::Coalesced);
+        assert_eq!(c.push(&s[2]).unwrap(), Pushed::Coalesced);
+    }
+
+    #[test]
+    fn head_stops_at_64k() {
+        let (hdr, sup) = tcp_super(true, &payload_bytes(7 * 9000, 1), 9000, tcp::ACK);
+        let mut pkts = split_all(&hdr, &sup).unwrap();
+        assert_eq!(pkts.len(), 7);
+        // An eighth in-order segment would take the packet past 65535 bytes.
+        let mut eighth = pkts[6].clone();
+        let seq = 0xffff_f000u32.wrapping_add(7 * 9000);
+        eighth[44..48].copy_from_slice(&seq.to_be_bytes());
+        let pseudo = Ipv6Packet::new_checked(&eighth[..])
+            .unwrap()
+            .pseudo_header_sum((eighth.len() - 40) as u32);
+        TcpPacket::new_checked(&mut eighth[40..])
+            .unwrap()
+            .fill_checksum(pseudo);
+        pkts.push(eighth.clone());
+        let mut c = Coalescer::new(4);
+        let out = coalesce_all(&mut c, &pkts);
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[0][VNET_HDR_LEN..], &sup[..]);
+        assert_eq!(&out[1][VNET_HDR_LEN..], &eighth[..]);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn split_coalesce_round_trip(
+            v6 in any::<bool>(),
+            mss in 1u16..=9000,
+            len in 0usize..=65_000,
+            psh in any::<bool>(),
+            seed in any::<u8>(),
+        ) {
+            let len = len.min(MAX_PACKET - 40 - 32);
+            let payload = payload_bytes(len, seed);
+            let flags = if psh { tcp::ACK | tcp::PSH } else { tcp::ACK };
+            let (hdr, sup) = tcp_super(v6, &payload, mss, flags);
+            let segs = split_all(&hdr, &sup).unwrap();
+            let mut joined = Vec::new();
+            let hl = if v6 { 72 } else { 52 };
+            for s in &segs {
+                assert_segment_checksums(s);
+                joined.extend_from_slice(&s[hl..]);
+            }
+            prop_assert_eq!(&joined, &payload);
+            let mut c = Coalescer::new(segs.len().max(1));
+            let out = coalesce_all(&mut c, &segs);
+            if payload.is_empty() {
+                // A pure ACK passes through.
+                prop_assert_eq!(out.len(), 1);
+                prop_assert_eq!(&out[0][VNET_HDR_LEN..], &segs[0][..]);
+            } else if segs.len() == 1 {
+                prop_assert_eq!(out.len(), 1);
+                prop_assert_eq!(&out[0][..VNET_HDR_LEN], &[0u8; VNET_HDR_LEN][..]);
+                prop_assert_eq!(&out[0][VNET_HDR_LEN..], &segs[0][..]);
+            } else {
+                prop_assert_eq!(out.len(), 1);
+                prop_assert_eq!(VirtioNetHdr::parse(&out[0]).unwrap(), hdr);
+                prop_assert_eq!(&out[0][VNET_HDR_LEN..], &sup[..]);
+                let again = split_all(&hdr, &out[0][VNET_HDR_LEN..]).unwrap();
+                prop_assert_eq!(again, segs);
+            }
+        }
+    }
+}
