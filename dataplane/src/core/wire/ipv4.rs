@@ -13,8 +13,9 @@
 //!
 //! Invariant of [`Ipv4Packet`] once [`Ipv4Packet::new_checked`] succeeded: the buffer holds
 //! at least 20 bytes, version is 4, `20 <= IHL*4 <= total length <= buffer length`. Every
-//! accessor relies on it and cannot panic; the only length setter,
-//! [`Ipv4Packet::set_total_len`], clamps its argument to keep the invariant.
+//! accessor relies on it and cannot panic; the length setter [`Ipv4Packet::set_total_len`]
+//! clamps its argument to keep the invariant, and [`Ipv4Packet::new_resized`] (for packets
+//! built in place) makes the length field the buffer's.
 
 use std::net::Ipv4Addr;
 
@@ -207,6 +208,33 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    /// Validates version and header length like [`new_checked`](Self::new_checked), then
+    /// stores the buffer length in the total length field instead of checking it: for a
+    /// packet built in place behind a copied, already validated header (a segment of a
+    /// super-packet, a coalesced head). Checksum not updated. A buffer longer than 65535
+    /// bytes is [`WireError::BadLength`].
+    pub fn new_resized(mut buf: T) -> Result<Self, WireError> {
+        let b = buf.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[field::VER_IHL] >> 4 != 4 {
+            return Err(WireError::BadVersion);
+        }
+        let header_len = usize::from(b[field::VER_IHL] & 0x0f) * 4;
+        if header_len < HEADER_LEN || header_len > b.len() {
+            return Err(WireError::BadHeaderLen);
+        }
+        let total_len = b.len();
+        let v = u16::try_from(total_len).map_err(|_| WireError::BadLength)?;
+        buf.as_mut()[field::LENGTH..field::LENGTH + 2].copy_from_slice(&v.to_be_bytes());
+        Ok(Self {
+            buf,
+            header_len,
+            total_len,
+        })
+    }
+
     fn bm(&mut self) -> &mut [u8] {
         self.buf.as_mut()
     }
@@ -396,5 +424,40 @@ mod tests {
         p.fill_checksum();
         assert!(p.verify_checksum());
         assert_eq!(p.payload_mut().len(), 0);
+    }
+
+    #[test]
+    fn resized_takes_the_buffer_length() {
+        // The header of a 64 KiB super-packet copied in front of 44 payload bytes.
+        let mut buf = ping();
+        buf[2..4].copy_from_slice(&0xffffu16.to_be_bytes());
+        let mut p = Ipv4Packet::new_resized(&mut buf[..64]).unwrap();
+        assert_eq!(p.total_len(), 64);
+        assert_eq!(p.payload().len(), 44);
+        p.fill_checksum();
+        assert!(p.verify_checksum());
+        assert_eq!(buf[2..4], [0, 64]);
+        assert_eq!(Ipv4Packet::new_checked(&buf[..64]).unwrap().total_len(), 64);
+        assert_eq!(
+            Ipv4Packet::new_resized(&mut buf[..19]).unwrap_err(),
+            WireError::Truncated
+        );
+        let mut b = ping();
+        b[0] = 0x65;
+        assert_eq!(
+            Ipv4Packet::new_resized(&mut b[..]).unwrap_err(),
+            WireError::BadVersion
+        );
+        b[0] = 0x4f;
+        assert_eq!(
+            Ipv4Packet::new_resized(&mut b[..40]).unwrap_err(),
+            WireError::BadHeaderLen
+        );
+        let mut big = ping();
+        big.resize(65536, 0);
+        assert_eq!(
+            Ipv4Packet::new_resized(&mut big[..]).unwrap_err(),
+            WireError::BadLength
+        );
     }
 }

@@ -9,8 +9,8 @@
 //!
 //! Extension headers are not walked: a next header other than TCP, UDP or ICMPv6 is opaque
 //! payload to the data plane. Invariant of [`Ipv6Packet`] once
-//! [`Ipv6Packet::new_checked`] succeeded: version is 6 and `40 + payload length <= buffer
-//! length`; no accessor can panic.
+//! [`Ipv6Packet::new_checked`] (or [`Ipv6Packet::new_resized`], for packets built in place)
+//! succeeded: version is 6 and `40 + payload length <= buffer length`; no accessor can panic.
 
 use std::net::Ipv6Addr;
 
@@ -128,6 +128,25 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
+    /// Validates the version like [`new_checked`](Self::new_checked), then stores the
+    /// buffer length minus the fixed header in the payload length field instead of checking
+    /// it: for a packet built in place behind a copied, already validated header (a segment
+    /// of a super-packet, a coalesced head). A payload longer than 65535 bytes is
+    /// [`WireError::BadLength`].
+    pub fn new_resized(mut buf: T) -> Result<Self, WireError> {
+        let b = buf.as_ref();
+        if b.len() < HEADER_LEN {
+            return Err(WireError::Truncated);
+        }
+        if b[0] >> 4 != 6 {
+            return Err(WireError::BadVersion);
+        }
+        let payload_len = b.len() - HEADER_LEN;
+        let v = u16::try_from(payload_len).map_err(|_| WireError::BadLength)?;
+        buf.as_mut()[field::LENGTH..field::LENGTH + 2].copy_from_slice(&v.to_be_bytes());
+        Ok(Self { buf, payload_len })
+    }
+
     /// Sets the payload length, clamped to what the buffer holds. Returns the stored value.
     pub fn set_payload_len(&mut self, len: usize) -> usize {
         let max = (self.b().len() - HEADER_LEN).min(usize::from(u16::MAX));
@@ -264,5 +283,31 @@ mod tests {
         assert_eq!(p.set_payload_len(100), 8);
         assert_eq!(p.set_payload_len(4), 4);
         assert_eq!(p.payload_mut().len(), 4);
+    }
+
+    #[test]
+    fn resized_takes_the_buffer_length() {
+        let mut buf = rs();
+        buf[4..6].copy_from_slice(&0xffffu16.to_be_bytes());
+        let p = Ipv6Packet::new_resized(&mut buf[..44]).unwrap();
+        assert_eq!(p.payload_len(), 4);
+        assert_eq!(p.total_len(), 44);
+        assert_eq!(buf[4..6], [0, 4]);
+        assert_eq!(
+            Ipv6Packet::new_resized(&mut buf[..39]).unwrap_err(),
+            WireError::Truncated
+        );
+        let mut b = rs();
+        b[0] = 0x40;
+        assert_eq!(
+            Ipv6Packet::new_resized(&mut b[..]).unwrap_err(),
+            WireError::BadVersion
+        );
+        let mut big = rs();
+        big.resize(40 + 65536, 0);
+        assert_eq!(
+            Ipv6Packet::new_resized(&mut big[..]).unwrap_err(),
+            WireError::BadLength
+        );
     }
 }

@@ -22,8 +22,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub use ipv4::{Ipv4Packet, Ipv4Repr};
 pub use ipv6::{Ipv6Packet, Ipv6Repr};
-pub use tcp::TcpPacket;
-pub use udp::UdpPacket;
+pub use tcp::{TcpPacket, TcpRepr};
+pub use udp::{UdpPacket, UdpRepr};
 pub use wireguard::{MessageType, WgMessage};
 
 /// IP protocol / IPv6 next-header numbers the data plane looks at.

@@ -18,8 +18,10 @@ use super::{checksum, WireError};
 
 /// Length of a TCP header without options.
 pub const HEADER_LEN: usize = 20;
+/// The longest TCP header: data offset 15 × 4 bytes.
+pub const MAX_HEADER_LEN: usize = 60;
 /// Offset of the checksum field inside the TCP header.
-pub const CHECKSUM_OFFSET: usize = 16;
+pub const CHECKSUM_OFFSET: usize = field::CHECKSUM;
 
 /// FIN flag.
 pub const FIN: u8 = 0x01;
@@ -115,6 +117,12 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         self.header_len
     }
 
+    /// The four bits between the data offset and the flags: reserved (RFC 9293), the lowest
+    /// being the historic NS / AccECN AE bit. GRO compares them like the rest of the header.
+    pub fn reserved(&self) -> u8 {
+        self.b()[field::OFFSET] & 0x0f
+    }
+
     /// The flag byte (CWR..FIN; see the constants in this module).
     pub fn flags(&self) -> u8 {
         self.b()[field::FLAGS]
@@ -185,6 +193,67 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
     }
 }
 
+/// TCP header fields, for building segments (tests, tools): [`TcpRepr::emit`] lays out the
+/// header with the data offset its options need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRepr<'a> {
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+    /// Sequence number.
+    pub seq: u32,
+    /// Acknowledgment number.
+    pub ack: u32,
+    /// The flag byte.
+    pub flags: u8,
+    /// Receive window.
+    pub window: u16,
+    /// Options bytes: a multiple of 4, at most [`MAX_HEADER_LEN`] − 20.
+    pub options: &'a [u8],
+}
+
+impl<'a> TcpRepr<'a> {
+    /// Reads the fields of a checked segment (the options borrow from it).
+    pub fn parse<T: AsRef<[u8]>>(p: &'a TcpPacket<T>) -> Self {
+        Self {
+            src_port: p.src_port(),
+            dst_port: p.dst_port(),
+            seq: p.seq(),
+            ack: p.ack(),
+            flags: p.flags(),
+            window: p.window(),
+            options: p.options(),
+        }
+    }
+
+    /// Header length in bytes: 20 plus the options.
+    pub fn header_len(&self) -> usize {
+        HEADER_LEN + self.options.len()
+    }
+
+    /// Writes the header into `buf[..header_len()]`: reserved bits, checksum and urgent
+    /// pointer zero (fill the checksum once the payload is in place).
+    pub fn emit(&self, buf: &mut [u8]) -> Result<(), WireError> {
+        let hl = self.header_len();
+        if self.options.len() % 4 != 0 || hl > MAX_HEADER_LEN {
+            return Err(WireError::BadHeaderLen);
+        }
+        let hdr = buf.get_mut(..hl).ok_or(WireError::Truncated)?;
+        hdr[field::SRC_PORT..field::SRC_PORT + 2].copy_from_slice(&self.src_port.to_be_bytes());
+        hdr[field::DST_PORT..field::DST_PORT + 2].copy_from_slice(&self.dst_port.to_be_bytes());
+        hdr[field::SEQ..field::SEQ + 4].copy_from_slice(&self.seq.to_be_bytes());
+        hdr[field::ACK..field::ACK + 4].copy_from_slice(&self.ack.to_be_bytes());
+        // `hl <= 60`, so `hl / 4` fits the 4-bit data offset.
+        hdr[field::OFFSET] = ((hl / 4) as u8) << 4;
+        hdr[field::FLAGS] = self.flags;
+        hdr[field::WINDOW..field::WINDOW + 2].copy_from_slice(&self.window.to_be_bytes());
+        hdr[field::CHECKSUM..field::URGENT + 2].fill(0);
+        hdr[HEADER_LEN..].copy_from_slice(self.options);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,5 +312,50 @@ mod tests {
             TcpPacket::new_checked(&b[..]).unwrap_err(),
             WireError::BadHeaderLen
         );
+    }
+
+    #[test]
+    fn repr_round_trips_the_syn_header() {
+        let buf = syn();
+        let seg = &buf[20..];
+        let t = TcpPacket::new_checked(seg).unwrap();
+        assert_eq!(t.reserved(), 0);
+        let r = TcpRepr::parse(&t);
+        assert_eq!(r.header_len(), 40);
+        let mut out = [0xffu8; 40];
+        r.emit(&mut out).unwrap();
+        // The SYN's checksum and urgent pointer are zero, as emit writes them.
+        assert_eq!(&out[..], seg);
+        assert_eq!(r.emit(&mut out[..39]).unwrap_err(), WireError::Truncated);
+        let odd = TcpRepr {
+            options: &[1, 1, 1],
+            ..r
+        };
+        assert_eq!(odd.emit(&mut out).unwrap_err(), WireError::BadHeaderLen);
+        let long = TcpRepr {
+            options: &[1; 44],
+            ..r
+        };
+        let mut big = [0u8; 64];
+        assert_eq!(long.emit(&mut big).unwrap_err(), WireError::BadHeaderLen);
+        let mut b = seg.to_vec();
+        b[12] |= 0x01;
+        assert_eq!(TcpPacket::new_checked(&b[..]).unwrap().reserved(), 1);
+    }
+
+    #[test]
+    fn setters_write_their_fields() {
+        let mut buf = syn();
+        let mut t = TcpPacket::new_checked(&mut buf[20..]).unwrap();
+        t.set_seq(0x0102_0304);
+        t.set_flags(ACK | PSH);
+        t.set_checksum(0xbeef);
+        assert_eq!(
+            (t.seq(), t.flags(), t.checksum()),
+            (0x0102_0304, ACK | PSH, 0xbeef)
+        );
+        assert_eq!(buf[24..28], [1, 2, 3, 4]);
+        assert_eq!(buf[33], ACK | PSH);
+        assert_eq!(buf[36..38], [0xbe, 0xef]);
     }
 }
