@@ -38,7 +38,9 @@ pub use tcp_gro::{Coalescer, Pushed};
 pub use udp_gro::{UdpCoalescer, UdpPush};
 pub use vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
 
-use super::wire::{checksum, WireError};
+use std::net::IpAddr;
+
+use super::wire::{checksum, ipv6, Ipv4Packet, Ipv6Packet, WireError};
 
 /// Why a TUN read could not be segmented.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -78,37 +80,93 @@ impl From<WireError> for GsoError {
     }
 }
 
-pub(crate) fn put16(buf: &mut [u8], at: usize, v: u16) {
-    buf[at..at + 2].copy_from_slice(&v.to_be_bytes());
+/// Rewrites the IP header of a coalesced super-packet `ip` for a TUN write with
+/// `NEEDS_CSUM`: the IP length field for the whole buffer and, for IPv4, a fresh header
+/// checksum. Returns the L4 bytes and the folded pseudo-header sum over their length,
+/// uncomplemented (`CHECKSUM_PARTIAL`), for the caller to store in the L4 checksum field
+/// (after fixing any L4 length field, UDP's): the kernel adjusts the length in it per
+/// segment and adds each segment's bytes as it segments or delivers.
+///
+/// `ip` is a head whose first packet the coalescer validated, grown only by payload, so this
+/// does not fail in practice; an error leaves the L4 header untouched.
+pub(crate) fn super_headers(ip: &mut [u8], v6: bool) -> Result<(&mut [u8], u16), WireError> {
+    let (l3, pseudo) = if v6 {
+        let p = Ipv6Packet::new_resized(&mut *ip)?;
+        (
+            ipv6::HEADER_LEN,
+            p.pseudo_header_sum(p.payload_len() as u32),
+        )
+    } else {
+        let mut p = Ipv4Packet::new_resized(&mut *ip)?;
+        p.fill_checksum();
+        let l4_len = p.total_len() - p.header_len();
+        (p.header_len(), p.pseudo_header_sum(l4_len as u32))
+    };
+    Ok((&mut ip[l3..], checksum::fold(pseudo)))
 }
 
-/// Rewrites the headers of a coalesced super-packet `ip` (IP header of `l3` bytes, then the
-/// L4 header of protocol `proto` with its checksum at `csum_offset`) for a TUN write with
-/// `NEEDS_CSUM`: the IP length field(s) for the whole packet, a fresh IPv4 header checksum,
-/// and in the L4 checksum field the folded pseudo-header sum over the whole L4 length,
-/// uncomplemented (`CHECKSUM_PARTIAL`): the kernel adjusts the length in it per segment and
-/// adds each segment's bytes as it segments or delivers. Callers fix any L4 length field
-/// themselves (UDP's) and pass a packet whose header bytes they validated.
-pub(crate) fn super_headers(ip: &mut [u8], v6: bool, l3: usize, proto: u8, csum_offset: usize) {
-    let len = ip.len();
-    let l4_len = len - l3;
-    let pseudo = if v6 {
-        put16(ip, 4, l4_len as u16);
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src.copy_from_slice(&ip[8..24]);
-        dst.copy_from_slice(&ip[24..40]);
-        checksum::pseudo_header_v6(src.into(), dst.into(), proto, l4_len as u32)
-    } else {
-        put16(ip, 2, len as u16);
-        put16(ip, 10, 0);
-        let c = checksum::checksum(&ip[..l3]);
-        put16(ip, 10, c);
-        let src = [ip[12], ip[13], ip[14], ip[15]];
-        let dst = [ip[16], ip[17], ip[18], ip[19]];
-        checksum::pseudo_header_v4(src.into(), dst.into(), proto, l4_len as u32)
+/// The addresses and ports of a TCP or UDP packet (so also its IP version): segments join
+/// only a head of their own flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flow {
+    pub(crate) src: IpAddr,
+    pub(crate) dst: IpAddr,
+    pub(crate) src_port: u16,
+    pub(crate) dst_port: u16,
+}
+
+impl Flow {
+    /// The placeholder of an unused slot.
+    pub(crate) const UNSPECIFIED: Self = Self {
+        src: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        dst: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        src_port: 0,
+        dst_port: 0,
     };
-    put16(ip, l3 + csum_offset, checksum::fold(pseudo));
+
+    /// Whether the flow is over IPv6.
+    pub(crate) fn is_v6(&self) -> bool {
+        self.src.is_ipv6()
+    }
+}
+
+/// The IP header fields every segment of a head must share with its first one: IPv4 TOS,
+/// TTL and DF; IPv6 traffic class, flow label and hop limit (as the kernel's GRO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IpFields {
+    /// IPv4.
+    V4 { tos: u8, ttl: u8, dont_frag: bool },
+    /// IPv6.
+    V6 {
+        traffic_class: u8,
+        flow_label: u32,
+        hop_limit: u8,
+    },
+}
+
+impl IpFields {
+    /// The placeholder of an unused slot.
+    pub(crate) const UNSPECIFIED: Self = Self::V4 {
+        tos: 0,
+        ttl: 0,
+        dont_frag: false,
+    };
+
+    pub(crate) fn v4<T: AsRef<[u8]>>(ip: &Ipv4Packet<T>) -> Self {
+        Self::V4 {
+            tos: ip.tos(),
+            ttl: ip.ttl(),
+            dont_frag: ip.dont_frag(),
+        }
+    }
+
+    pub(crate) fn v6<T: AsRef<[u8]>>(ip: &Ipv6Packet<T>) -> Self {
+        Self::V6 {
+            traffic_class: ip.traffic_class(),
+            flow_label: ip.flow_label(),
+            hop_limit: ip.hop_limit(),
+        }
+    }
 }
 
 /// Why [`Coalescer::push`] did not take a packet.

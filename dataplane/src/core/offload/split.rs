@@ -10,9 +10,9 @@
 use std::ops::ControlFlow;
 
 use super::vnet::{flags, gso_type, VirtioNetHdr};
-use super::{put16, GsoError};
+use super::GsoError;
 use crate::core::wire::{
-    checksum, ipv6, protocol, tcp, udp, Ipv4Packet, Ipv6Packet, TcpPacket, WireError,
+    checksum, ipv6, protocol, tcp, udp, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket, WireError,
 };
 
 /// Completes the partial checksum of a non-GSO packet in place: sums from `csum_start` to
@@ -48,6 +48,11 @@ struct Plan {
     end: usize,
     /// Pseudo-header sum without the length.
     pseudo: u64,
+    /// IPv4 identification of the super-packet (0 for IPv6).
+    ident: u16,
+    /// TCP sequence number and flags of the super-packet (0 for UDP).
+    seq: u32,
+    tcp_flags: u8,
 }
 
 /// Splits one TUN read (`hdr` + `pkt`, the IP packet after the vnet header) into the
@@ -93,11 +98,6 @@ pub fn split(
         return Err(GsoError::ScratchTooSmall);
     }
     let nseg = payload.len().div_ceil(gso).max(1);
-    let (ident0, seq0, flags0) = (
-        u16::from_be_bytes([pkt[4], pkt[5]]),
-        tcp_seq(pkt, plan),
-        pkt.get(plan.l3 + 13).copied().unwrap_or(0),
-    );
     for i in 0..nseg {
         let chunk = payload.get(i * gso..).unwrap_or(&[]);
         let chunk = &chunk[..chunk.len().min(gso)];
@@ -105,43 +105,9 @@ pub fn split(
         let out = &mut scratch[..n];
         out[..plan.hlen].copy_from_slice(&pkt[..plan.hlen]);
         out[plan.hlen..].copy_from_slice(chunk);
-        let l4_len = n - plan.l3;
-        if plan.v6 {
-            put16(out, 4, (l4_len) as u16);
-        } else {
-            put16(out, 2, n as u16);
-            // Per RFC 6864 the kernel's TSO increments the ID per segment unless the
-            // sender asked for a fixed ID; ours never does.
-            put16(out, 4, ident0.wrapping_add(i as u16));
-            put16(out, 10, 0);
-            let c = checksum::checksum(&out[..plan.l3]);
-            put16(out, 10, c);
-        }
-        let pseudo = checksum::add(plan.pseudo, u64::from(l4_len as u32));
-        let l4 = &mut out[plan.l3..];
-        if plan.tcp {
-            let seq = seq0.wrapping_add((i * gso) as u32);
-            l4[4..8].copy_from_slice(&seq.to_be_bytes());
-            let mut f = flags0;
-            if i + 1 < nseg {
-                f &= !(tcp::FIN | tcp::PSH);
-            }
-            if i > 0 {
-                f &= !tcp::CWR;
-            }
-            l4[13] = f;
-            put16(l4, tcp::CHECKSUM_OFFSET, 0);
-            let c = checksum::finish(checksum::sum(pseudo, l4));
-            put16(l4, tcp::CHECKSUM_OFFSET, c);
-        } else {
-            put16(l4, 4, l4_len as u16);
-            put16(l4, udp::CHECKSUM_OFFSET, 0);
-            let c = match checksum::finish(checksum::sum(pseudo, l4)) {
-                0 => 0xffff,
-                c => c,
-            };
-            put16(l4, udp::CHECKSUM_OFFSET, c);
-        }
+        // The views below cannot fail: the headers were copied from `pkt`, which `plan`
+        // validated, and a segment is no longer than `pkt`.
+        segment_headers(out, plan, i, nseg, gso)?;
         if emit(out).is_break() {
             return Ok(i + 1);
         }
@@ -165,7 +131,7 @@ fn plan(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<Plan, GsoError> {
         return Err(GsoError::BadHdrLen);
     }
     let proto = if tcp { protocol::TCP } else { protocol::UDP };
-    let (v6, l3, end, pseudo) = match pkt.first().map(|b| b >> 4) {
+    let (v6, l3, end, pseudo, ident) = match pkt.first().map(|b| b >> 4) {
         Some(4) if want_v6 != Some(true) => {
             let ip = Ipv4Packet::new_checked(pkt)?;
             if ip.is_fragment() {
@@ -179,6 +145,7 @@ fn plan(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<Plan, GsoError> {
                 ip.header_len(),
                 ip.total_len(),
                 ip.pseudo_header_sum(0),
+                ip.ident(),
             )
         }
         Some(6) if want_v6 != Some(false) => {
@@ -191,6 +158,7 @@ fn plan(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<Plan, GsoError> {
                 ipv6::HEADER_LEN,
                 ip.total_len(),
                 ip.pseudo_header_sum(0),
+                0,
             )
         }
         Some(4 | 6) => return Err(GsoError::WrongProtocol),
@@ -198,12 +166,13 @@ fn plan(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<Plan, GsoError> {
         None => return Err(GsoError::Truncated),
     };
     let l4 = &pkt[l3..end];
-    let l4h = if tcp {
-        TcpPacket::new_checked(l4)?.header_len()
+    let (l4h, seq, tcp_flags) = if tcp {
+        let t = TcpPacket::new_checked(l4)?;
+        (t.header_len(), t.seq(), t.flags())
     } else if l4.len() < udp::HEADER_LEN {
         return Err(GsoError::Header(WireError::Truncated));
     } else {
-        udp::HEADER_LEN
+        (udp::HEADER_LEN, 0, 0)
     };
     if hdr.flags & flags::NEEDS_CSUM != 0 {
         let off = if tcp {
@@ -222,14 +191,51 @@ fn plan(hdr: &VirtioNetHdr, pkt: &[u8]) -> Result<Plan, GsoError> {
         hlen: l3 + l4h,
         end,
         pseudo,
+        ident,
+        seq,
+        tcp_flags,
     })
 }
 
-fn tcp_seq(pkt: &[u8], plan: Plan) -> u32 {
-    match pkt.get(plan.l3 + 4..plan.l3 + 8) {
-        Some(&[a, b, c, d]) if plan.tcp => u32::from_be_bytes([a, b, c, d]),
-        _ => 0,
+/// Rewrites the headers copied from the super-packet for segment `i` of `nseg` (`seg`
+/// holds the headers and the segment's payload): the IPv4 total length, identification and
+/// header checksum or the IPv6 payload length; then the TCP sequence number, flags and
+/// checksum, or the UDP length and checksum.
+fn segment_headers(
+    seg: &mut [u8],
+    plan: Plan,
+    i: usize,
+    nseg: usize,
+    gso: usize,
+) -> Result<(), WireError> {
+    let l4_len = seg.len() - plan.l3;
+    if plan.v6 {
+        Ipv6Packet::new_resized(&mut *seg)?;
+    } else {
+        let mut ip = Ipv4Packet::new_resized(&mut *seg)?;
+        // Per RFC 6864 the kernel's TSO increments the ID per segment unless the
+        // sender asked for a fixed ID; ours never does.
+        ip.set_ident(plan.ident.wrapping_add(i as u16));
+        ip.fill_checksum();
     }
+    let pseudo = checksum::add(plan.pseudo, u64::from(l4_len as u32));
+    let l4 = &mut seg[plan.l3..];
+    if plan.tcp {
+        let mut t = TcpPacket::new_checked(l4)?;
+        t.set_seq(plan.seq.wrapping_add((i * gso) as u32));
+        let mut f = plan.tcp_flags;
+        if i + 1 < nseg {
+            f &= !(tcp::FIN | tcp::PSH);
+        }
+        if i > 0 {
+            f &= !tcp::CWR;
+        }
+        t.set_flags(f);
+        t.fill_checksum(pseudo);
+    } else {
+        UdpPacket::new_resized(l4)?.fill_checksum(pseudo);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

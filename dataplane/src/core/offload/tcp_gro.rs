@@ -9,8 +9,8 @@
 //! keep their order; nothing allocates after construction and no input can make it panic.
 
 use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
-use super::{super_headers, CoalesceError};
-use crate::core::wire::{ipv4, ipv6, protocol, tcp, Ipv4Packet, Ipv6Packet, TcpPacket};
+use super::{super_headers, CoalesceError, Flow, IpFields};
+use crate::core::wire::{ipv4, protocol, tcp, IpPacket, TcpPacket};
 
 /// What [`Coalescer::push`] did with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,11 @@ enum SlotKind {
 /// A TCP head: the first segment's headers, followed by the payload of every segment.
 #[derive(Debug, Clone, Copy)]
 struct Head {
-    v6: bool,
+    flow: Flow,
+    /// IP fields every segment must share.
+    ip: IpFields,
+    /// TCP fields every segment must share.
+    tcp: TcpFields,
     /// IP header length.
     l3: usize,
     /// TCP header length.
@@ -55,10 +59,21 @@ struct Head {
     finished: bool,
 }
 
-/// A TCP segment that may start or join a head.
+/// The TCP header fields every segment of a head shares with its first one, besides the
+/// header length and the options bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TcpFields {
+    ack: u32,
+    reserved: u8,
+    window: u16,
+}
+
+/// A TCP segment that may start or join a head, as read through the views.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
-    v6: bool,
+    flow: Flow,
+    ip: IpFields,
+    tcp: TcpFields,
     l3: usize,
     l4: usize,
     seq: u32,
@@ -152,7 +167,7 @@ impl Coalescer {
         let Some((cand, key_ok)) = candidate(pkt, self.verify_l4) else {
             return self.new_slot(pkt, None);
         };
-        if let Some(i) = self.find_open_head(pkt, cand.v6) {
+        if let Some(i) = self.find_open_head(&cand.flow) {
             if key_ok && self.try_append(i, pkt, &cand) {
                 return Ok(Pushed::Coalesced);
             }
@@ -212,7 +227,9 @@ impl Coalescer {
         let (kind, pushed) = match cand {
             Some(c) => (
                 SlotKind::Head(Head {
-                    v6: c.v6,
+                    flow: c.flow,
+                    ip: c.ip,
+                    tcp: c.tcp,
                     l3: c.l3,
                     l4: c.l4,
                     gso_size: c.payload_len,
@@ -232,17 +249,11 @@ impl Coalescer {
         Ok(pushed)
     }
 
-    /// The latest open head with the same IP version, addresses and ports as `pkt`.
-    fn find_open_head(&self, pkt: &[u8], v6: bool) -> Option<usize> {
-        let (addr, ports) = flow_key_ranges(v6, pkt)?;
-        (0..self.used).rev().find(|&i| match self.slots[i].kind {
-            SlotKind::Head(h) if h.open && h.v6 == v6 => {
-                let b = &self.buf(i)[VNET_HDR_LEN..];
-                let hp = h.l3..h.l3 + 4;
-                b.get(hp) == pkt.get(ports.clone()) && b.get(addr.clone()) == pkt.get(addr.clone())
-            }
-            _ => false,
-        })
+    /// The latest open head of `flow` (same IP version, addresses and ports).
+    fn find_open_head(&self, flow: &Flow) -> Option<usize> {
+        (0..self.used)
+            .rev()
+            .find(|&i| matches!(self.slots[i].kind, SlotKind::Head(h) if h.open && h.flow == *flow))
     }
 
     /// Appends `pkt`'s payload to head `i` when every GRO condition holds.
@@ -252,23 +263,10 @@ impl Coalescer {
             return false;
         };
         let head = &self.buf(i)[VNET_HDR_LEN..slot.len];
-        let ip_ok = if h.v6 {
-            // Version, traffic class, flow label; hop limit.
-            head.get(..4) == pkt.get(..4) && head.get(7) == pkt.get(7)
-        } else {
-            // TOS, TTL, DF (IHL is 5 for every candidate).
-            head.get(1) == pkt.get(1)
-                && head.get(8) == pkt.get(8)
-                && head.get(6).map(|b| b & 0x40) == pkt.get(6).map(|b| b & 0x40)
-        };
-        let (ht, pt) = (h.l3, c.l3);
-        let tcp_ok = h.l4 == c.l4
-            // ACK number, data offset, window; then the options.
-            && head.get(ht + 8..ht + 13) == pkt.get(pt + 8..pt + 13)
-            && head.get(ht + 14..ht + 16) == pkt.get(pt + 14..pt + 16)
-            && head.get(ht + tcp::HEADER_LEN..ht + h.l4) == pkt.get(pt + tcp::HEADER_LEN..pt + c.l4);
-        if !(ip_ok
-            && tcp_ok
+        if !(h.ip == c.ip
+            && h.l4 == c.l4
+            && h.tcp == c.tcp
+            && tcp_options(head, h.l3, h.l4) == tcp_options(pkt, c.l3, c.l4)
             && c.seq == h.next_seq
             && c.payload_len <= h.gso_size
             && slot.len - VNET_HDR_LEN + c.payload_len <= MAX_PACKET)
@@ -287,8 +285,11 @@ impl Coalescer {
         }
         if c.psh {
             // The super-packet carries PSH like the last segment did.
-            let b = self.buf_mut(i);
-            b[VNET_HDR_LEN + h.l3 + 13] |= tcp::PSH;
+            let th = VNET_HDR_LEN + h.l3..VNET_HDR_LEN + h.l3 + h.l4;
+            if let Ok(mut t) = TcpPacket::new_checked(&mut self.buf_mut(i)[th]) {
+                let f = t.flags();
+                t.set_flags(f | tcp::PSH);
+            }
         }
         self.slots[i] = Slot {
             len: at + payload.len(),
@@ -313,27 +314,28 @@ impl Coalescer {
             // A lone segment goes out unchanged with a zero vnet header.
             return;
         }
+        let v6 = h.flow.is_v6();
         let b = &mut self.buf_mut(i)[..slot.len];
         let hdr = VirtioNetHdr {
             flags: flags::NEEDS_CSUM,
-            gso_type: if h.v6 {
-                gso_type::TCPV6
-            } else {
-                gso_type::TCPV4
-            },
+            gso_type: if v6 { gso_type::TCPV6 } else { gso_type::TCPV4 },
             hdr_len: (h.l3 + h.l4) as u16,
             gso_size: h.gso_size as u16,
             csum_start: h.l3 as u16,
             csum_offset: tcp::CHECKSUM_OFFSET as u16,
         };
-        b[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
-        super_headers(
-            &mut b[VNET_HDR_LEN..],
-            h.v6,
-            h.l3,
-            protocol::TCP,
-            tcp::CHECKSUM_OFFSET,
+        let (vnet, ip) = b.split_at_mut(VNET_HDR_LEN);
+        let done = super_headers(ip, v6).and_then(|(l4, partial)| {
+            TcpPacket::new_checked(l4)?.set_checksum(partial);
+            Ok(())
+        });
+        debug_assert!(
+            done.is_ok(),
+            "a head's headers were validated when it was pushed"
         );
+        if done.is_ok() {
+            vnet.copy_from_slice(&hdr.to_bytes());
+        }
     }
 }
 
@@ -341,41 +343,25 @@ impl Coalescer {
 /// otherwise the candidate and whether it may start or join a head. `verify_l4` checks
 /// the TCP checksum too.
 fn candidate(pkt: &[u8], verify_l4: bool) -> Option<(Candidate, bool)> {
-    let (v6, l3, l4_bytes, pseudo, ip_ok) = match pkt.first()? >> 4 {
-        4 => {
-            let ip = Ipv4Packet::new_checked(pkt).ok()?;
-            if ip.protocol() != protocol::TCP || ip.is_fragment() {
+    let ip = IpPacket::new_checked(pkt).ok()?;
+    if ip.protocol() != protocol::TCP {
+        return None;
+    }
+    let (ip_ok, fields) = match &ip {
+        IpPacket::V4(p) => {
+            if p.is_fragment() {
                 return None;
             }
-            let ok = ip.header_len() == ipv4::HEADER_LEN
-                && ip.total_len() == pkt.len()
-                && ip.verify_checksum();
-            let l4 = &pkt[ip.header_len()..ip.total_len()];
-            (
-                false,
-                ip.header_len(),
-                l4,
-                ip.pseudo_header_sum(l4.len() as u32),
-                ok,
-            )
+            let ok = p.header_len() == ipv4::HEADER_LEN
+                && p.total_len() == pkt.len()
+                && p.verify_checksum();
+            (ok, IpFields::v4(p))
         }
-        6 => {
-            let ip = Ipv6Packet::new_checked(pkt).ok()?;
-            if ip.next_header() != protocol::TCP {
-                return None;
-            }
-            let l4 = &pkt[ipv6::HEADER_LEN..ip.total_len()];
-            let ok = ip.total_len() == pkt.len();
-            (
-                true,
-                ipv6::HEADER_LEN,
-                l4,
-                ip.pseudo_header_sum(l4.len() as u32),
-                ok,
-            )
-        }
-        _ => return None,
+        IpPacket::V6(p) => (p.total_len() == pkt.len(), IpFields::v6(p)),
     };
+    let l3 = ip.header_len();
+    let l4_bytes = ip.payload();
+    let pseudo = ip.pseudo_header_sum(l4_bytes.len() as u32);
     let t = TcpPacket::new_checked(l4_bytes).ok()?;
     let f = t.flags();
     let psh = f & tcp::PSH != 0;
@@ -386,7 +372,18 @@ fn candidate(pkt: &[u8], verify_l4: bool) -> Option<(Candidate, bool)> {
         && (!verify_l4 || t.verify_checksum(pseudo));
     Some((
         Candidate {
-            v6,
+            flow: Flow {
+                src: ip.src(),
+                dst: ip.dst(),
+                src_port: t.src_port(),
+                dst_port: t.dst_port(),
+            },
+            ip: fields,
+            tcp: TcpFields {
+                ack: t.ack(),
+                reserved: t.reserved(),
+                window: t.window(),
+            },
             l3,
             l4: t.header_len(),
             seq: t.seq(),
@@ -397,23 +394,18 @@ fn candidate(pkt: &[u8], verify_l4: bool) -> Option<(Candidate, bool)> {
     ))
 }
 
-/// Byte ranges of the addresses and of the ports (L4 start..+4) in a TCP/IP packet.
-fn flow_key_ranges(
-    v6: bool,
-    pkt: &[u8],
-) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
-    if v6 {
-        Some((8..40, 40..44))
-    } else {
-        let l3 = usize::from(pkt.first()? & 0x0f) * 4;
-        Some((12..20, l3..l3 + 4))
-    }
+/// The TCP options bytes of an IP packet whose IP header is `l3` bytes and TCP header `l4`
+/// bytes (as its views measured them): they follow the fixed TCP header. Equal options mean
+/// equal timestamps.
+fn tcp_options(pkt: &[u8], l3: usize, l4: usize) -> Option<&[u8]> {
+    pkt.get(l3 + tcp::HEADER_LEN..l3 + l4)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::tests_common::*;
     use super::*;
+    use crate::core::wire::{Ipv4Packet, Ipv6Packet};
     use proptest::prelude::*;
 
     #[test]

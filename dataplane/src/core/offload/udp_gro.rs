@@ -27,8 +27,8 @@
 //! Nothing here allocates after construction, and no input can make it panic.
 
 use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
-use super::{put16, super_headers, CoalesceError};
-use crate::core::wire::{ipv4, ipv6, protocol, udp, Ipv4Packet, Ipv6Packet, UdpPacket};
+use super::{super_headers, CoalesceError, Flow, IpFields};
+use crate::core::wire::{ipv4, protocol, udp, IpPacket, UdpPacket};
 
 /// The most datagrams one head carries (the kernel's `UDP_MAX_SEGMENTS`).
 pub const MAX_SEGMENTS: usize = 64;
@@ -45,11 +45,13 @@ pub enum UdpPush {
 }
 
 /// One head: the first datagram's headers followed by every datagram's payload.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Head {
     /// Bytes used in the slot, vnet header included.
     len: usize,
-    v6: bool,
+    flow: Flow,
+    /// IP fields every datagram must share.
+    ip: IpFields,
     /// IP header length (20 or 40).
     l3: usize,
     /// Payload bytes of the first datagram: every datagram but the last has this size.
@@ -57,6 +59,20 @@ struct Head {
     segs: usize,
     open: bool,
     finished: bool,
+}
+
+impl Head {
+    /// An unused slot.
+    const UNUSED: Self = Self {
+        len: 0,
+        flow: Flow::UNSPECIFIED,
+        ip: IpFields::UNSPECIFIED,
+        l3: 0,
+        gso_size: 0,
+        segs: 0,
+        open: false,
+        finished: false,
+    };
 }
 
 /// Coalesces UDP datagrams into USO super-datagrams; see the module docs.
@@ -79,10 +95,11 @@ impl std::fmt::Debug for UdpCoalescer {
     }
 }
 
-/// A datagram that may start or join a head.
+/// A datagram that may start or join a head, as read through the views.
 #[derive(Debug, Clone, Copy)]
 struct Candidate {
-    v6: bool,
+    flow: Flow,
+    ip: IpFields,
     l3: usize,
     payload_len: usize,
 }
@@ -94,7 +111,7 @@ impl UdpCoalescer {
         let capacity = capacity.max(1);
         Self {
             arena: vec![0u8; capacity * BUF_LEN].into_boxed_slice(),
-            heads: vec![Head::default(); capacity].into_boxed_slice(),
+            heads: vec![Head::UNUSED; capacity].into_boxed_slice(),
             used: 0,
         }
     }
@@ -117,7 +134,7 @@ impl UdpCoalescer {
         let Some(c) = candidate(pkt) else {
             return Ok(UdpPush::NotCandidate);
         };
-        if let Some(i) = self.find_open_head(pkt, &c) {
+        if let Some(i) = self.find_open_head(&c.flow) {
             if self.try_append(i, pkt, &c) {
                 return Ok(UdpPush::Coalesced);
             }
@@ -133,7 +150,8 @@ impl UdpCoalescer {
         b[VNET_HDR_LEN..VNET_HDR_LEN + pkt.len()].copy_from_slice(pkt);
         self.heads[i] = Head {
             len: VNET_HDR_LEN + pkt.len(),
-            v6: c.v6,
+            flow: c.flow,
+            ip: c.ip,
             l3: c.l3,
             gso_size: c.payload_len,
             segs: 1,
@@ -162,42 +180,18 @@ impl UdpCoalescer {
         self.used = 0;
     }
 
-    fn buf(&self, i: usize) -> &[u8] {
-        &self.arena[i * BUF_LEN..i * BUF_LEN + self.heads[i].len]
-    }
-
-    /// The latest open head of `pkt`'s flow (same version, addresses and ports).
-    fn find_open_head(&self, pkt: &[u8], c: &Candidate) -> Option<usize> {
-        let (addrs, ports) = if c.v6 {
-            (8..40, 40..44)
-        } else {
-            (12..20, 20..24)
-        };
+    /// The latest open head of `flow` (same version, addresses and ports).
+    fn find_open_head(&self, flow: &Flow) -> Option<usize> {
         (0..self.used).rev().find(|&i| {
             let h = &self.heads[i];
-            if !h.open || h.v6 != c.v6 {
-                return false;
-            }
-            let b = &self.buf(i)[VNET_HDR_LEN..];
-            b.get(addrs.clone()) == pkt.get(addrs.clone())
-                && b.get(ports.clone()) == pkt.get(ports.clone())
+            h.open && h.flow == *flow
         })
     }
 
     /// Appends `pkt`'s payload to head `i` when every GRO condition holds.
     fn try_append(&mut self, i: usize, pkt: &[u8], c: &Candidate) -> bool {
         let h = self.heads[i];
-        let head = &self.buf(i)[VNET_HDR_LEN..];
-        let ip_ok = if h.v6 {
-            // Version, traffic class, flow label; hop limit.
-            head.get(..4) == pkt.get(..4) && head.get(7) == pkt.get(7)
-        } else {
-            // TOS, TTL, DF.
-            head.get(1) == pkt.get(1)
-                && head.get(8) == pkt.get(8)
-                && head.get(6).map(|b| b & 0x40) == pkt.get(6).map(|b| b & 0x40)
-        };
-        if !(ip_ok
+        if !(h.ip == c.ip
             && h.segs < MAX_SEGMENTS
             && c.payload_len <= h.gso_size
             && h.len - VNET_HDR_LEN + c.payload_len <= MAX_PACKET)
@@ -241,45 +235,51 @@ impl UdpCoalescer {
             csum_start: h.l3 as u16,
             csum_offset: udp::CHECKSUM_OFFSET as u16,
         };
-        b[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
-        let ip = &mut b[VNET_HDR_LEN..];
-        let l4_len = ip.len() - h.l3;
-        put16(ip, h.l3 + 4, l4_len as u16);
-        super_headers(ip, h.v6, h.l3, protocol::UDP, udp::CHECKSUM_OFFSET);
+        let (vnet, ip) = b.split_at_mut(VNET_HDR_LEN);
+        let done = super_headers(ip, h.flow.is_v6()).and_then(|(l4, partial)| {
+            UdpPacket::new_resized(l4)?.set_checksum(partial);
+            Ok(())
+        });
+        debug_assert!(
+            done.is_ok(),
+            "a head's headers were validated when it was pushed"
+        );
+        if done.is_ok() {
+            vnet.copy_from_slice(&hdr.to_bytes());
+        }
     }
 }
 
 /// The candidate view of `pkt`, or `None` when it is not a UDP datagram this coalescer
 /// takes.
 fn candidate(pkt: &[u8]) -> Option<Candidate> {
-    let (v6, l3, l4) = match pkt.first()? >> 4 {
-        4 => {
-            let ip = Ipv4Packet::new_checked(pkt).ok()?;
-            if ip.protocol() != protocol::UDP
-                || ip.is_fragment()
-                || ip.header_len() != ipv4::HEADER_LEN
-                || ip.total_len() != pkt.len()
-                || !ip.verify_checksum()
-            {
+    let ip = IpPacket::new_checked(pkt).ok()?;
+    if ip.protocol() != protocol::UDP || ip.total_len() != pkt.len() {
+        return None;
+    }
+    let fields = match &ip {
+        IpPacket::V4(p) => {
+            if p.is_fragment() || p.header_len() != ipv4::HEADER_LEN || !p.verify_checksum() {
                 return None;
             }
-            (false, ipv4::HEADER_LEN, &pkt[ipv4::HEADER_LEN..])
+            IpFields::v4(p)
         }
-        6 => {
-            let ip = Ipv6Packet::new_checked(pkt).ok()?;
-            if ip.next_header() != protocol::UDP || ip.total_len() != pkt.len() {
-                return None;
-            }
-            (true, ipv6::HEADER_LEN, &pkt[ipv6::HEADER_LEN..])
-        }
-        _ => return None,
+        IpPacket::V6(p) => IpFields::v6(p),
     };
+    let l3 = ip.header_len();
+    let l4 = ip.payload();
     let u = UdpPacket::new_checked(l4).ok()?;
     if u.len() != l4.len() || u.is_empty() {
         return None;
     }
     Some(Candidate {
-        v6,
+        flow: Flow {
+            src: ip.src(),
+            dst: ip.dst(),
+            src_port: u.src_port(),
+            dst_port: u.dst_port(),
+        },
+        ip: fields,
         l3,
         payload_len: u.payload().len(),
     })
