@@ -24,21 +24,20 @@ use std::time::{Duration, Instant};
 use boringtun::noise::TunnResult;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use tabbify_benches::{MSS, TCP_HDR};
 use tabbify_dataplane::core::batch::TxBatch;
 use tabbify_dataplane::core::counters::DropCounters;
 use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::offload::testkit::SuperPacket;
 use tabbify_dataplane::core::offload::{self, VirtioNetHdr};
 use tabbify_dataplane::core::peer::{Peer, PeerConfig};
 use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
 use tabbify_dataplane::core::rxsink::RxSink;
 use tabbify_dataplane::core::table::{Snapshot, Table};
-use tabbify_dataplane::core::wire::{checksum, protocol, Ipv4Repr};
+use tabbify_dataplane::core::wire::{protocol, tcp, Ipv4Repr};
 
 /// Datagrams per GSO send / GRO receive.
 const BATCH: usize = 44;
-/// TCP payload per segment at tunnel MTU 1420 (IPv4 + TCP with timestamps).
-const MSS: usize = 1368;
-const TCP_HDR: usize = 32;
 /// Segments in the 64 KB super-packet: 47 × 1368 = 64,296 payload bytes.
 const TSO_SEGMENTS: usize = 47;
 /// Send slots, as the io_uring driver has.
@@ -162,47 +161,13 @@ fn ipv4_udp(src: [u8; 4], dst: [u8; 4], total: usize) -> Vec<u8> {
 /// A TSO TCP/IPv4 super-packet of `segments` × MSS from 10.0.0.1 to 10.0.0.2, as the kernel
 /// hands it to a TUN reader: virtio header, full lengths, pseudo-header sum, `NEEDS_CSUM`.
 fn tso_super_packet(segments: usize) -> (VirtioNetHdr, Vec<u8>) {
-    let total = 20 + TCP_HDR + segments * MSS;
-    let mut p = vec![0u8; total];
-    Ipv4Repr {
-        src: [10, 0, 0, 1].into(),
-        dst: [10, 0, 0, 2].into(),
-        protocol: protocol::TCP,
-        payload_len: total - 20,
-        ttl: 64,
-        tos: 0,
-        ident: 1,
-        dont_frag: true,
+    let payload: Vec<u8> = (0..segments * MSS).map(|i| (i * 7 % 251) as u8).collect();
+    SuperPacket {
+        src4: [10, 0, 0, 1].into(),
+        dst4: [10, 0, 0, 2].into(),
+        ..tabbify_benches::tso_super_packet(false, &payload, tcp::ACK)
     }
-    .emit(&mut p)
-    .expect("header fits");
-    let t = &mut p[20..];
-    t[0..4].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
-    t[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
-    t[8..12].copy_from_slice(&2_000_000u32.to_be_bytes());
-    t[12] = ((TCP_HDR / 4) as u8) << 4;
-    t[13] = 0x10;
-    t[14..16].copy_from_slice(&502u16.to_be_bytes());
-    t[20..32].copy_from_slice(&[1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8]);
-    for (i, b) in t[TCP_HDR..].iter_mut().enumerate() {
-        *b = (i * 7 % 251) as u8;
-    }
-    let pseudo = checksum::pseudo_header_v4(
-        [10, 0, 0, 1].into(),
-        [10, 0, 0, 2].into(),
-        protocol::TCP,
-        (total - 20) as u32,
-    );
-    p[36..38].copy_from_slice(&checksum::fold(pseudo).to_be_bytes());
-    let hdr = VirtioNetHdr {
-        flags: offload::flags::NEEDS_CSUM,
-        gso_type: offload::gso_type::TCPV4,
-        hdr_len: (20 + TCP_HDR) as u16,
-        gso_size: MSS as u16,
-        csum_start: 20,
-        csum_offset: 16,
-    };
-    (hdr, p)
+    .build()
 }
 
 /// Two nodes (A = 10.0.0.1, B = 10.0.0.2) with an established session.

@@ -13,12 +13,13 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_dataplane::core::counters::{DropCounters, DropReason};
 use tabbify_dataplane::core::filter::PortFilter;
 use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::core::offload::testkit::SuperPacket;
 use tabbify_dataplane::core::offload::{self, VirtioNetHdr};
 use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
 use tabbify_dataplane::core::rxsink::RxSink;
 use tabbify_dataplane::core::table::Table;
-use tabbify_dataplane::core::wire::checksum;
+use tabbify_dataplane::core::wire::{checksum, tcp};
 
 /// Addresses used only as labels inside this process (never on a socket).
 const EP_A: &str = "192.0.2.1:51820";
@@ -333,38 +334,18 @@ fn inner_source_outside_allowed_ips_is_dropped() {
     assert_eq!(b.counters.get(DropReason::SourceNotAllowed), 1);
 }
 
+/// One TUN read of a TSO super-packet 10.0.0.1:40000 → 10.0.0.2:5201 with a 20-byte TCP
+/// header, and its payload.
 fn tcp_super_packet(payload_len: usize, mss: u16) -> (Vec<u8>, Vec<u8>) {
     let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 % 251) as u8).collect();
-    let total = 20 + 20 + payload_len;
-    let mut p = vec![0u8; offload::VNET_HDR_LEN + total];
-    let hdr = VirtioNetHdr {
-        flags: offload::flags::NEEDS_CSUM,
-        gso_type: offload::gso_type::TCPV4,
-        hdr_len: 40,
-        gso_size: mss,
-        csum_start: 20,
-        csum_offset: 16,
-    };
-    hdr.emit(&mut p[..offload::VNET_HDR_LEN]).unwrap();
-    let ip = &mut p[offload::VNET_HDR_LEN..];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&(total.min(65535) as u16).to_be_bytes());
-    ip[6] = 0x40;
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
-    ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
-    let c = checksum::checksum(&ip[..20]);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    ip[22..24].copy_from_slice(&5201u16.to_be_bytes());
-    ip[24..28].copy_from_slice(&1000u32.to_be_bytes());
-    ip[28..32].copy_from_slice(&1u32.to_be_bytes());
-    ip[32] = 5 << 4;
-    ip[33] = 0x10;
-    ip[34..36].copy_from_slice(&512u16.to_be_bytes());
-    ip[40..].copy_from_slice(&payload);
-    (p, payload)
+    let read = SuperPacket {
+        src4: IP_A.into(),
+        dst4: IP_B.into(),
+        tcp_options: &[],
+        ..SuperPacket::tcp(false, &payload, mss, tcp::ACK)
+    }
+    .tun_read();
+    (read, payload)
 }
 
 #[test]

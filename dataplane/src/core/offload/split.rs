@@ -240,19 +240,20 @@ fn segment_headers(
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_common::*;
+    use super::super::testkit::*;
     use super::super::MAX_PACKET;
     use super::*;
     use proptest::prelude::*;
 
     fn check_tcp_split(v6: bool) {
         let payload = payload_bytes(44 * 1368 + 500, 3);
-        let (hdr, sup) = tcp_super(
+        let (hdr, sup) = SuperPacket::tcp(
             v6,
             &payload,
             1368,
             tcp::ACK | tcp::PSH | tcp::FIN | tcp::CWR,
-        );
+        )
+        .build();
         let segs = split_all(&hdr, &sup).unwrap();
         assert_eq!(segs.len(), 45);
         let l3 = if v6 { 40 } else { 20 };
@@ -298,7 +299,7 @@ mod tests {
     fn splits_udp_super_packets() {
         for v6 in [false, true] {
             let payload = payload_bytes(10 * 1392 + 1, 9);
-            let (hdr, sup) = udp_super(v6, &payload, 1392);
+            let (hdr, sup) = SuperPacket::udp(v6, &payload, 1392).build();
             let segs = split_all(&hdr, &sup).unwrap();
             assert_eq!(segs.len(), 11);
             let l3 = if v6 { 40 } else { 20 };
@@ -320,7 +321,7 @@ mod tests {
     #[test]
     fn completes_checksum_of_single_packet() {
         let payload = payload_bytes(300, 1);
-        let (mut hdr, sup) = tcp_super(false, &payload, 1368, tcp::ACK);
+        let (mut hdr, sup) = SuperPacket::tcp(false, &payload, 1368, tcp::ACK).build();
         hdr.gso_type = gso_type::NONE;
         let segs = split_all(&hdr, &sup).unwrap();
         assert_eq!(segs.len(), 1);
@@ -363,9 +364,9 @@ mod tests {
     #[test]
     fn rejects_inconsistent_super_packets() {
         let payload = payload_bytes(5000, 2);
-        let (hdr, sup) = tcp_super(false, &payload, 1368, tcp::ACK);
-        let (hdr6, sup6) = tcp_super(true, &payload, 1368, tcp::ACK);
-        let (uhdr, usup) = udp_super(false, &payload, 1000);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload, 1368, tcp::ACK).build();
+        let (hdr6, sup6) = SuperPacket::tcp(true, &payload, 1368, tcp::ACK).build();
+        let (uhdr, usup) = SuperPacket::udp(false, &payload, 1000).build();
         let mut scratch = vec![0u8; MAX_PACKET];
         let run = |h: &VirtioNetHdr, p: &[u8], scratch: &mut [u8]| {
             let mut n = 0;
@@ -453,7 +454,7 @@ mod tests {
         #[test]
         fn uso_split_preserves_payload(v6 in any::<bool>(), seg in 1u16..=2000, len in 0usize..=30_000) {
             let payload = payload_bytes(len, 1);
-            let (hdr, sup) = udp_super(v6, &payload, seg);
+            let (hdr, sup) = SuperPacket::udp(v6, &payload, seg).build();
             let segs = split_all(&hdr, &sup).unwrap();
             prop_assert_eq!(segs.len(), len.div_ceil(usize::from(seg)).max(1));
             let hl = if v6 { 48 } else { 28 };

@@ -403,16 +403,25 @@ fn tcp_options(pkt: &[u8], l3: usize, l4: usize) -> Option<&[u8]> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests_common::*;
+    use super::super::testkit::*;
     use super::*;
     use crate::core::wire::{Ipv4Packet, Ipv6Packet};
+
+    fn coalesce_all(c: &mut Coalescer, pkts: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        for p in pkts {
+            c.push(p).unwrap();
+        }
+        let mut out = Vec::new();
+        c.drain(|b| out.push(b.to_vec()));
+        out
+    }
     use proptest::prelude::*;
 
     #[test]
     fn coalesce_rebuilds_the_super_packet() {
         for v6 in [false, true] {
             let payload = payload_bytes(44 * 1368 + 100, 5);
-            let (hdr, sup) = tcp_super(v6, &payload, 1368, tcp::ACK | tcp::PSH);
+            let (hdr, sup) = SuperPacket::tcp(v6, &payload, 1368, tcp::ACK | tcp::PSH).build();
             let segs = split_all(&hdr, &sup).unwrap();
             let mut c = Coalescer::new(8);
             assert_eq!(c.push(&segs[0]).unwrap(), Pushed::Head);
@@ -441,7 +450,7 @@ mod tests {
     #[test]
     fn reordered_and_missing_segments_do_not_coalesce() {
         let payload = payload_bytes(4 * 1000, 8);
-        let (hdr, sup) = tcp_super(false, &payload, 1000, tcp::ACK);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload, 1000, tcp::ACK).build();
         let s = split_all(&hdr, &sup).unwrap();
         let mut c = Coalescer::new(8);
         // 0, 2, 1: every segment alone, in arrival order, unchanged.
@@ -468,8 +477,8 @@ mod tests {
 
     #[test]
     fn interleaved_flows_get_their_own_heads() {
-        let (h1, a) = tcp_super(false, &payload_bytes(3000, 1), 1000, tcp::ACK);
-        let (_, mut b) = tcp_super(false, &payload_bytes(3000, 2), 1000, tcp::ACK);
+        let (h1, a) = SuperPacket::tcp(false, &payload_bytes(3000, 1), 1000, tcp::ACK).build();
+        let (_, mut b) = SuperPacket::tcp(false, &payload_bytes(3000, 2), 1000, tcp::ACK).build();
         b[15] = 99; // another source address
         let b_ip = Ipv4Packet::new_checked(&mut b[..]).map(|mut p| p.fill_checksum());
         assert!(b_ip.is_ok());
@@ -493,7 +502,7 @@ mod tests {
 
     /// Pushes `first`, then `second` (a mutated next segment), expecting two buffers.
     fn assert_no_join(mutate: impl Fn(&mut Vec<u8>)) {
-        let (hdr, sup) = tcp_super(false, &payload_bytes(2000, 4), 1000, tcp::ACK);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload_bytes(2000, 4), 1000, tcp::ACK).build();
         let s = split_all(&hdr, &sup).unwrap();
         let mut second = s[1].clone();
         mutate(&mut second);
@@ -527,7 +536,7 @@ mod tests {
 
     #[test]
     fn authenticated_coalescer_skips_only_the_tcp_checksum_check() {
-        let (hdr, sup) = tcp_super(false, &payload_bytes(5000, 6), 1000, tcp::ACK);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload_bytes(5000, 6), 1000, tcp::ACK).build();
         let s = split_all(&hdr, &sup).unwrap();
         let mut c = Coalescer::authenticated(16);
         let mut bad_tcp = s[1].clone();
@@ -543,7 +552,7 @@ mod tests {
 
     #[test]
     fn passthrough_and_head_closing_rules() {
-        let (hdr, sup) = tcp_super(false, &payload_bytes(5000, 6), 1000, tcp::ACK);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload_bytes(5000, 6), 1000, tcp::ACK).build();
         let s = split_all(&hdr, &sup).unwrap();
         let mut c = Coalescer::new(16);
         // A bad TCP checksum passes through and closes the flow's head.
@@ -554,13 +563,13 @@ mod tests {
         assert_eq!(c.push(&s[2]).unwrap(), Pushed::Head);
         c.clear();
         // UDP, a SYN, a pure ACK and a non-IP packet pass through.
-        let (_, udp) = udp_super(false, &payload_bytes(100, 1), 100);
+        let (_, udp) = SuperPacket::udp(false, &payload_bytes(100, 1), 100).build();
         assert_eq!(c.push(&udp).unwrap(), Pushed::Passthrough);
-        let (_, syn) = tcp_super(false, &[], 1000, tcp::SYN);
+        let (_, syn) = SuperPacket::tcp(false, &[], 1000, tcp::SYN).build();
         assert_eq!(c.push(&syn).unwrap(), Pushed::Passthrough);
         assert_eq!(c.push(&[0x00, 1, 2]).unwrap(), Pushed::Passthrough);
         assert_eq!(c.push(&[]).unwrap(), Pushed::Passthrough);
-        let (_, mut ack) = tcp_super(false, &[], 1000, tcp::ACK);
+        let (_, mut ack) = SuperPacket::tcp(false, &[], 1000, tcp::ACK).build();
         let pseudo = Ipv4Packet::new_checked(&ack[..])
             .unwrap()
             .pseudo_header_sum(32);
@@ -574,9 +583,9 @@ mod tests {
         assert!(out.iter().all(|b| b[..VNET_HDR_LEN] == [0u8; VNET_HDR_LEN]));
         assert_eq!(&out[0][10..], &udp[..]);
         // A short segment ends the run: the next full one starts a new head.
-        let (h2, sup2) = tcp_super(false, &payload_bytes(2500, 6), 1000, tcp::ACK);
+        let (h2, sup2) = SuperPacket::tcp(false, &payload_bytes(2500, 6), 1000, tcp::ACK).build();
         let t = split_all(&h2, &sup2).unwrap(); // 1000, 1000, 500
-        let (_, sup3) = tcp_super(false, &payload_bytes(1000, 6), 1000, tcp::ACK);
+        let (_, sup3) = SuperPacket::tcp(false, &payload_bytes(1000, 6), 1000, tcp::ACK).build();
         let mut next = sup3.clone();
         let seq = 0xffff_f000u32.wrapping_add(2500);
         next[24..28].copy_from_slice(&seq.to_be_bytes());
@@ -592,7 +601,8 @@ mod tests {
         assert_eq!(c.push(&next).unwrap(), Pushed::Head);
         c.clear();
         // PSH ends the run too.
-        let (h3, sup4) = tcp_super(false, &payload_bytes(3000, 6), 1000, tcp::ACK | tcp::PSH);
+        let (h3, sup4) =
+            SuperPacket::tcp(false, &payload_bytes(3000, 6), 1000, tcp::ACK | tcp::PSH).build();
         let u = split_all(&h3, &sup4).unwrap();
         let mut psh_mid = u[1].clone();
         psh_mid[33] |= tcp::PSH;
@@ -623,7 +633,7 @@ mod tests {
     fn full_table_reports_instead_of_dropping() {
         let mut c = Coalescer::new(2);
         assert_eq!(c.capacity(), 2);
-        let (_, udp) = udp_super(false, &payload_bytes(10, 1), 100);
+        let (_, udp) = SuperPacket::udp(false, &payload_bytes(10, 1), 100).build();
         c.push(&udp).unwrap();
         c.push(&udp).unwrap();
         assert_eq!(c.push(&udp), Err(CoalesceError::Full));
@@ -636,7 +646,7 @@ mod tests {
             Err(CoalesceError::TooLarge)
         );
         // Appending to a head needs no free slot.
-        let (hdr, sup) = tcp_super(false, &payload_bytes(3000, 1), 1000, tcp::ACK);
+        let (hdr, sup) = SuperPacket::tcp(false, &payload_bytes(3000, 1), 1000, tcp::ACK).build();
         let s = split_all(&hdr, &sup).unwrap();
         c.push(&s[0]).unwrap();
         assert_eq!(c.push(&s[1]).unwrap(), Pushed::Coalesced);
@@ -645,7 +655,8 @@ mod tests {
 
     #[test]
     fn head_stops_at_64k() {
-        let (hdr, sup) = tcp_super(true, &payload_bytes(7 * 9000, 1), 9000, tcp::ACK);
+        let (hdr, sup) =
+            SuperPacket::tcp(true, &payload_bytes(7 * 9000, 1), 9000, tcp::ACK).build();
         let mut pkts = split_all(&hdr, &sup).unwrap();
         assert_eq!(pkts.len(), 7);
         // An eighth in-order segment would take the packet past 65535 bytes.
@@ -680,7 +691,7 @@ mod tests {
             let len = len.min(MAX_PACKET - 40 - 32);
             let payload = payload_bytes(len, seed);
             let flags = if psh { tcp::ACK | tcp::PSH } else { tcp::ACK };
-            let (hdr, sup) = tcp_super(v6, &payload, mss, flags);
+            let (hdr, sup) = SuperPacket::tcp(v6, &payload, mss, flags).build();
             let segs = split_all(&hdr, &sup).unwrap();
             let mut joined = Vec::new();
             let hl = if v6 { 72 } else { 52 };
