@@ -336,7 +336,7 @@ fn decap(c: &mut Criterion) {
     let dlen = segs[0].len() + WG_OVERHEAD;
     let src_ip: IpAddr = a.ep.ip();
     let mut dec = vec![0u8; 65_536];
-    let mut rx = RxSink::new(true, true, 32, 16, 1 << 21);
+    let mut rx = RxSink::with_default_sizes(true, true);
 
     // Untimed checks: a fresh GRO buffer is delivered whole, and coalesces to one write.
     let mut count = Count::default();

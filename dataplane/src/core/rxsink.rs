@@ -16,14 +16,24 @@
 //! Ownership: [`RxSink::for_each`] yields every buffer for writing; [`RxSink::clear`] only
 //! after all those writes completed.
 
-use crate::core::offload::{CoalesceError, Coalescer};
-use crate::core::offload::{UdpCoalescer, UdpPush};
+use crate::core::offload::{CoalesceError, Coalescer, UdpCoalescer, UdpPush};
 use crate::core::pipeline::TunSink;
 use crate::core::tunbatch::TunBatch;
-use crate::core::wire::protocol;
+use crate::core::wire::{protocol, tcp};
+
+/// TCP coalescer heads per sink: the TCP flows one batch of decrypted packets may coalesce
+/// before the rest pass through uncoalesced. Each head is a 64 KiB buffer
+/// ([`crate::core::offload::BUF_LEN`]), so this is 2 MiB per sink.
+pub const TCP_HEADS: usize = 32;
+/// UDP coalescer heads per sink (with USO on the TUN): the UDP flows one batch may coalesce;
+/// 64 KiB each, 1 MiB per sink.
+pub const UDP_HEADS: usize = 16;
+/// Bytes of the arena for packets written one by one (bare ACKs, ICMP, what the coalescers
+/// refuse or cannot fit), each behind its virtio header: 2 MiB per sink.
+pub const PLAIN_BYTES: usize = 2 << 20;
 
 /// TCP flags that may be coalesced (ACK, PSH).
-const COALESCABLE_FLAGS: u8 = 0x10 | 0x08;
+const COALESCABLE_FLAGS: u8 = tcp::ACK | tcp::PSH;
 
 /// Decrypted packets waiting for TUN writes.
 pub struct RxSink {
@@ -43,6 +53,12 @@ impl RxSink {
             udp: (vnet && uso && udp_heads > 0).then(|| UdpCoalescer::new(udp_heads)),
             plain: TunBatch::new(bytes, vnet),
         }
+    }
+
+    /// [`RxSink::new`] with the drivers' sizes: [`TCP_HEADS`], [`UDP_HEADS`] and
+    /// [`PLAIN_BYTES`].
+    pub fn with_default_sizes(vnet: bool, uso: bool) -> Self {
+        Self::new(vnet, uso, TCP_HEADS, UDP_HEADS, PLAIN_BYTES)
     }
 
     /// Whether nothing is waiting.
@@ -102,7 +118,7 @@ fn is_tcp_data(pkt: &[u8]) -> bool {
     }
     let doff = usize::from(pkt[l3 + 12] >> 4) * 4;
     let flags = pkt[l3 + 13];
-    flags & !COALESCABLE_FLAGS == 0 && flags & 0x10 != 0 && total > l3 + doff
+    flags & !COALESCABLE_FLAGS == 0 && flags & tcp::ACK != 0 && total > l3 + doff
 }
 
 /// Whether `pkt` claims to be UDP (IPv4 protocol or IPv6 next header): a cheap byte peek;

@@ -259,8 +259,8 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
     recv_msg.msg_controllen = UDP_CONTROL as _;
     // Two TUN write batches: one filling while the other's writes are in flight.
     let mut outs = [
-        RxSink::new(shared.vnet, shared.uso, 32, 16, 1 << 21),
-        RxSink::new(shared.vnet, shared.uso, 32, 16, 1 << 21),
+        RxSink::with_default_sizes(shared.vnet, shared.uso),
+        RxSink::with_default_sizes(shared.vnet, shared.uso),
     ];
     // Declared after every buffer it may use, so it is closed before they are freed.
     let ring = match IoUring::builder()
