@@ -5,8 +5,14 @@
 //!
 //! One concept per file: [`vnet`] (the header and the TUN buffer sizes), [`split`] (TSO/USO
 //! segmentation on the send side), [`tcp_gro`] and [`udp_gro`] (coalescing on the receive
-//! side). This file holds what they share: the error types and the header rewrite of a
-//! coalesced super-packet.
+//! side); `testkit` (feature `testkit`) builds super-packets for tests and benches. This
+//! file holds what the others share: the error types, the header rewrite of a coalesced
+//! super-packet, and the flow and IP fields both coalescers match segments on.
+//!
+//! IP, TCP and UDP header fields are read and written through the [`crate::core::wire`]
+//! views: each packet is validated once (`new_checked`, or `new_resized` for one built in
+//! place behind a copied, validated header), then accessed through accessors and setters
+//! that cannot panic.
 //!
 //! Send side: a TUN read is `VirtioNetHdr` + one IP packet. With TSO/USO on, that packet
 //! may be a super-packet of up to 64 KiB whose TCP/UDP checksum field holds only the
