@@ -10,8 +10,8 @@ use std::ops::ControlFlow;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tabbify_benches::{tso_super_packet, MSS};
-use tabbify_dataplane::core::offload::{self, split, Coalescer, VirtioNetHdr};
-use tabbify_dataplane::core::wire::tcp;
+use tabbify_engine::core::offload::{self, split, Coalescer, VirtioNetHdr};
+use tabbify_engine::core::wire::tcp;
 
 /// 47 × 1368 = 64,296 payload bytes: the largest multiple of the MSS in a 64 KB packet.
 const SEGMENTS: usize = 47;

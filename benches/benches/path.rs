@@ -25,16 +25,16 @@ use boringtun::noise::TunnResult;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tabbify_benches::{MSS, TCP_HDR};
-use tabbify_dataplane::core::batch::TxBatch;
-use tabbify_dataplane::core::counters::DropCounters;
-use tabbify_dataplane::core::net::IpNet;
-use tabbify_dataplane::core::offload::testkit::SuperPacket;
-use tabbify_dataplane::core::offload::{self, VirtioNetHdr};
-use tabbify_dataplane::core::peer::{Peer, PeerConfig};
-use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
-use tabbify_dataplane::core::rxsink::RxSink;
-use tabbify_dataplane::core::table::{Snapshot, Table};
-use tabbify_dataplane::core::wire::{protocol, tcp, Ipv4Repr};
+use tabbify_engine::core::batch::TxBatch;
+use tabbify_engine::core::counters::DropCounters;
+use tabbify_engine::core::net::IpNet;
+use tabbify_engine::core::offload::testkit::SuperPacket;
+use tabbify_engine::core::offload::{self, VirtioNetHdr};
+use tabbify_engine::core::peer::{Peer, PeerConfig};
+use tabbify_engine::core::pipeline::{Pipeline, TunSink};
+use tabbify_engine::core::rxsink::RxSink;
+use tabbify_engine::core::table::{Snapshot, Table};
+use tabbify_engine::core::wire::{protocol, tcp, Ipv4Repr};
 
 /// Datagrams per GSO send / GRO receive.
 const BATCH: usize = 44;

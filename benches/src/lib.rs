@@ -1,11 +1,11 @@
 //! Criterion benchmarks live in `benches/benches/`, one file per subject. This library holds
 //! the inputs several of them share: the TSO super-packet the `gso` and `path` benches feed
 //! the engine, built with the engine's shared test builder
-//! ([`tabbify_dataplane::core::offload::testkit`]).
+//! ([`tabbify_engine::core::offload::testkit`]).
 
 use std::net::Ipv6Addr;
 
-use tabbify_dataplane::core::offload::testkit::SuperPacket;
+use tabbify_engine::core::offload::testkit::SuperPacket;
 
 /// TCP payload per segment at tunnel MTU 1420 (IPv4 + TCP with timestamps).
 pub const MSS: usize = 1368;
