@@ -532,6 +532,7 @@ mod tests {
         assert_no_join(|p| p[20 + 27] ^= 1); // timestamp option
         assert_no_join(|p| p[20 + 13] |= tcp::URG); // flags beyond ACK/PSH
         assert_no_join(|p| p[20 + 7] ^= 1); // sequence number
+        assert_no_join(|p| p[20 + 12] |= 1); // reserved bits next to the data offset
     }
 
     #[test]
