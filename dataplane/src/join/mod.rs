@@ -22,7 +22,7 @@
 
 pub mod client;
 pub mod control;
-pub mod roster;
+pub mod logic;
 pub mod state_dir;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,7 +49,7 @@ use crate::sys::{ifaddrs, link};
 
 use client::{Client, ClientError};
 use control::{CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
-use roster::{Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
+use logic::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
 use state_dir::StateDir;
 
 /// The TLS files of the joiner's identity.
