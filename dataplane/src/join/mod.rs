@@ -1,24 +1,20 @@
-//! `tabbify-mesh join`: the control task that turns the coordinator's roster into the data
+//! `tabbify-mesh join`: a node of the live mesh. The coordinator's roster becomes the data
 //! plane's table.
 //!
-//! ```text
-//! start: node key (state dir) ─▶ engine (TUN + workers) ─▶ peer ULA + hosted app ULAs on the TUN
-//! session loop (tokio, one thread):
-//!   register ─▶ roster ─▶ reconcile ─▶ heartbeat (apps) ─▶ SSE stream ─┬▶ event ─▶ reconcile
-//!                                                                     ├▶ heartbeat tick / `app add`
-//!                                                                     └▶ stream ends ─▶ backoff ─▶ register again
-//! ```
+//! * [`logic`] — the decisions, sans IO: the roster and the peers it implies, the session
+//!   with the coordinator as one enum, and the state machine that takes every input with
+//!   `now` and returns the actions to apply. Unit-tested rule by rule.
+//! * [`shell`] — the I/O shell (tokio, one thread): bring-up, then feeds the machine and
+//!   applies its actions to the table, routes, handshaker and coordinator client.
+//! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
+//!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps).
 //!
 //! Invariants:
-//! * the table only changes through `Joiner::reconcile`, which diffs the desired peers
-//!   against what it applied last and touches only peers that changed, so a roster event
-//!   never resets another peer's session;
+//! * the table changes only by applying the machine's actions, and the machine touches
+//!   only peers that changed, so a roster event never resets another peer's session;
 //! * a coordinator outage never touches the table: established tunnels keep working, and
-//!   the loop re-registers with backoff (0.5 s doubling to the heartbeat interval);
+//!   the machine re-registers with backoff (0.5 s doubling to the heartbeat interval);
 //! * the node key never leaves the state directory; only its public half is sent.
-//!
-//! Files: [`client`] (HTTPS/SSE to the coordinator), [`roster`] (sans-IO roster and the
-//! desired peers), [`control`] (the local socket), [`state_dir`] (key, hosted apps).
 
 pub mod client;
 pub mod control;

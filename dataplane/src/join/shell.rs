@@ -1,11 +1,23 @@
-//! The control task of `tabbify-mesh join`: bring-up, the session loop, `status` and `app`.
+//! The joiner's I/O shell: it feeds the [`Machine`] coordinator answers, roster events,
+//! app changes and timer ticks, and applies what the machine returns to the table, the
+//! kernel routes, the handshaker and the coordinator client. It decides nothing itself.
+//!
+//! ```text
+//! start: node key (state dir) ─▶ engine (TUN + workers) ─▶ peer ULA + hosted app ULAs on the TUN
+//! drive (tokio, one thread):
+//!   machine.poll_action() ─▶ apply: Register / Heartbeat / OpenStream (await, answer back),
+//!                                   table and route writes, initiations, hole punches
+//!   then wait for: a roster event │ the stream's end │ machine.poll_timeout() │ `app add|remove`
+//! ```
+//!
+//! The machine lives behind a mutex shared with the control socket (`status`, `app`);
+//! critical sections are short and never span an await.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
@@ -15,46 +27,19 @@ use tabbify_control::api::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use crate::core::filter::PortFilter;
 use crate::core::net::IpNet;
-use crate::core::peer::PeerConfig;
 use crate::core::table::Table;
 use crate::driver::{Engine, EngineOptions};
 use crate::sys::{ifaddrs, link};
 
-use super::client::{Client, ClientError};
+use super::client::{Client, ClientError, EventStream};
 use super::control::{self, CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
-use super::logic::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
+use super::logic::{self, roster, Action, Machine};
 use super::state_dir::StateDir;
 use super::JoinOptions;
 
 /// A handshake that completed within this long means a live (direct) session.
 const LIVE_SESSION: Duration = Duration::from_secs(180);
-/// Initiations in a hole-punch burst, and the gap between them.
-const PUNCH_BURST: u32 = 8;
-const PUNCH_GAP: Duration = Duration::from_millis(125);
-
-/// The joiner's mutable control state (short critical sections, never held across await).
-struct Inner {
-    roster: Roster,
-    me: SelfView,
-    applied: BTreeMap<[u8; 32], Desired>,
-    routes: BTreeSet<IpNet>,
-    registered: bool,
-    connected: bool,
-    ever_registered: bool,
-    may_host_apps: Option<bool>,
-    display_name: String,
-    tags: Vec<String>,
-    apps: Vec<Uuid>,
-    heartbeat: Duration,
-    /// After a re-registration, peers missing from the fresh roster are kept until then:
-    /// they may not have re-registered yet (a coordinator restart), and dropping them
-    /// would reset working sessions. Explicit removals and policy changes act at once.
-    grace_until: Option<tokio::time::Instant>,
-    /// Peers removed by an explicit `peer_remove` during the grace period.
-    removed: BTreeSet<String>,
-}
 
 /// The running joiner.
 pub struct Joiner {
@@ -66,8 +51,9 @@ pub struct Joiner {
     public_key: [u8; 32],
     peer_id: String,
     ula: Ipv6Addr,
-    inner: Mutex<Inner>,
-    heartbeat_now: Notify,
+    machine: Mutex<Machine>,
+    /// Wakes [`Joiner::drive`] when the machine has new actions (an app change).
+    wake: Notify,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -131,26 +117,16 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let uapi = crate::device::serve_uapi(&opts.interface, table.clone(), engine.shared.clone())
         .with_context(|| format!("opening the UAPI socket for {}", opts.interface))?;
 
+    let machine = Machine::new(logic::Config {
+        peer_id: peer_id.clone(),
+        ula,
+        name: opts.name.clone(),
+        tags: opts.tags.clone(),
+        has_join_token: opts.join_token.is_some(),
+        apps,
+    });
     let joiner = Arc::new(Joiner {
-        inner: Mutex::new(Inner {
-            roster: Roster::new(&peer_id),
-            me: SelfView {
-                peer_id: peer_id.clone(),
-                reflexive: None,
-            },
-            applied: BTreeMap::new(),
-            routes: BTreeSet::new(),
-            registered: false,
-            connected: false,
-            ever_registered: false,
-            may_host_apps: None,
-            display_name: opts.name.clone(),
-            tags: opts.tags.clone(),
-            apps,
-            heartbeat: Duration::from_secs(10),
-            grace_until: None,
-            removed: BTreeSet::new(),
-        }),
+        machine: Mutex::new(machine),
         opts,
         engine,
         table,
@@ -159,14 +135,14 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         public_key,
         peer_id,
         ula,
-        heartbeat_now: Notify::new(),
+        wake: Notify::new(),
     });
     tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let serve = server.serve(joiner.clone());
-    let sessions = joiner.clone().sessions();
+    let drive = joiner.clone().drive();
     let failed = async {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -179,7 +155,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         _ = sigterm.recv() => Ok(()),
         _ = sigint.recv() => Ok(()),
         _ = serve => Ok(()),
-        r = sessions => r,
+        r = drive => r,
         _ = failed => Err(anyhow::anyhow!("a data-plane worker failed; see the log above")),
     };
     drop(server);
@@ -199,43 +175,123 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
 }
 
 impl Joiner {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.inner.lock() {
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        match self.machine.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
-    /// Register, stream, repeat, until a permanent refusal.
-    async fn sessions(self: Arc<Self>) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(500);
+    /// Applies the machine's actions and feeds it what happens, until it says to exit.
+    async fn drive(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut stream: Option<EventStream> = None;
         loop {
-            let r = self.session(&mut backoff).await;
-            {
-                let mut g = self.lock();
-                g.registered = false;
-                g.connected = false;
-            }
-            match r {
-                Ok(()) => tracing::warn!("coordinator closed the roster stream; reconnecting"),
-                Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "coordinator");
+            loop {
+                let action = self.lock().poll_action();
+                let Some(action) = action else { break };
+                if let Action::Exit(exit) = action {
+                    bail!("{exit}");
                 }
-                Err(e) => {
-                    let ever = self.lock().ever_registered;
-                    if e.code() == Some("revoked") {
-                        self.table.clear_peers();
-                        bail!("this node was revoked by the coordinator: {e}");
+                self.apply(action, &mut stream).await;
+            }
+            let deadline = self.lock().poll_timeout();
+            tokio::select! {
+                ev = next_event(&mut stream) => {
+                    let now = Instant::now();
+                    match ev {
+                        Ok(Some((id, ev))) => self.lock().handle_event(now, id, ev),
+                        Ok(None) => self.lock().handle_stream_closed(now, Ok(())),
+                        Err(e) => self.lock().handle_stream_closed(now, Err(e)),
                     }
-                    if !ever {
-                        bail!("registration refused: {e}");
+                }
+                _ = sleep_until(deadline) => self.lock().handle_timeout(Instant::now()),
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Does one thing the machine asked for; the answers of coordinator requests go back
+    /// into the machine.
+    async fn apply(&self, action: Action, stream: &mut Option<EventStream>) {
+        match action {
+            Action::Register { with_token } => {
+                let r = self.register(with_token).await;
+                self.lock().handle_registered(Instant::now(), r);
+            }
+            Action::Heartbeat { hosted_app_ulas } => {
+                let r = self.heartbeat(hosted_app_ulas).await;
+                self.lock().handle_heartbeat(Instant::now(), r);
+            }
+            Action::OpenStream => {
+                let r = self.client.stream(api::PATH_PEERS_STREAM).await;
+                let r = r.map(|s| *stream = Some(s));
+                self.lock().handle_stream_opened(Instant::now(), r);
+            }
+            Action::CloseStream => *stream = None,
+            Action::UpsertPeer {
+                config,
+                filter,
+                new,
+                label,
+            } => {
+                let endpoint = config.endpoint;
+                match self.table.upsert_peer_with_filter(config, Some(filter)) {
+                    Ok(_) if new => {
+                        tracing::info!(peer = %label.name, peer_id = %label.peer_id, ula = %label.ula, ?endpoint, "peer added");
                     }
-                    tracing::error!(error = %e, retry_in = ?backoff, "coordinator refused us; retrying");
+                    Ok(_) => {
+                        tracing::info!(peer = %label.name, peer_id = %label.peer_id, "peer updated");
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %label.peer_id, error = %e, "peer not added");
+                    }
                 }
             }
-            tokio::time::sleep(backoff).await;
-            let cap = self.lock().heartbeat.max(Duration::from_secs(1));
-            backoff = (backoff * 2).min(cap);
+            Action::RemovePeer { public_key, label } => {
+                self.table.remove_peer(&public_key);
+                tracing::info!(peer = %label.name, peer_id = %label.peer_id, "peer removed");
+            }
+            Action::Routes { add, del } => {
+                if let Err(e) = link::sync_routes(&self.opts.interface, &add, &del) {
+                    tracing::error!(error = %e, "routes");
+                }
+            }
+            Action::Initiate { public_key } => {
+                let snap = self.table.load_full();
+                if let Some(peer) = snap.by_key(&public_key) {
+                    if let Err(e) = self.engine.handshaker().initiate(peer) {
+                        tracing::debug!(error = %e, "handshake initiation not sent");
+                    }
+                }
+            }
+            Action::HolePunch {
+                public_key,
+                endpoint,
+            } => {
+                let snap = self.table.load_full();
+                if let Some(peer) = snap.by_key(&public_key) {
+                    let key = base64::engine::general_purpose::STANDARD.encode(public_key);
+                    tracing::info!(peer = %key, %endpoint, "hole punching");
+                    peer.lock().endpoint = Some(endpoint);
+                }
+            }
+            Action::PunchInitiation {
+                public_key,
+                burst_started,
+            } => {
+                let snap = self.table.load_full();
+                let Some(peer) = snap.by_key(&public_key) else {
+                    return;
+                };
+                // A handshake completed since the burst began: the hole is open.
+                if handshake_age(peer).is_some_and(|age| age < burst_started.elapsed()) {
+                    return;
+                }
+                let _ = self.engine.handshaker().initiate(peer);
+            }
+            Action::ClearPeers => self.table.clear_peers(),
+            // `drive` returns on it before applying anything.
+            Action::Exit(_) => {}
         }
     }
 
@@ -268,275 +324,42 @@ impl Joiner {
         out
     }
 
-    async fn register(&self) -> Result<RegisterResponse, ClientError> {
-        let ever = self.lock().ever_registered;
-        let mut req = RegisterRequest {
+    async fn register(&self, with_token: bool) -> Result<RegisterResponse, ClientError> {
+        let req = RegisterRequest {
             name: self.opts.name.clone(),
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
             tags: self.opts.tags.clone(),
             wg_listen_port: self.engine.info.listen_port,
             endpoints: self.endpoints(),
-            // A single-use token is spent by the first registration: later ones go
-            // without it (the key is admitted) and fall back to it only if refused.
-            join_token: if ever {
-                None
-            } else {
+            join_token: if with_token {
                 self.opts.join_token.clone()
+            } else {
+                None
             },
         };
-        match self.client.post(api::PATH_REGISTER, &req).await {
-            Err(ClientError::Status { status, .. })
-                if ever
-                    && status == http::StatusCode::UNAUTHORIZED
-                    && self.opts.join_token.is_some() =>
-            {
-                req.join_token = self.opts.join_token.clone();
-                self.client.post(api::PATH_REGISTER, &req).await
-            }
-            r => r,
-        }
+        self.client.post(api::PATH_REGISTER, &req).await
     }
 
-    async fn session(&self, backoff: &mut Duration) -> Result<(), ClientError> {
-        let resp = self.register().await?;
-        if resp.ula != self.ula {
-            tracing::warn!(ours = %self.ula, coordinator = %resp.ula, "the coordinator derives another ULA for our key");
-        }
-        {
-            let mut g = self.lock();
-            if g.ever_registered {
-                // Peers re-register at their own pace after a coordinator restart; the
-                // coordinator expires a silent peer after this many heartbeats anyway.
-                let window = Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 3600))
-                    * api::MISSED_HEARTBEATS_TO_EXPIRE;
-                g.grace_until = Some(tokio::time::Instant::now() + window);
-                g.removed.clear();
-            }
-            g.ever_registered = true;
-            g.may_host_apps = Some(resp.may_host_apps);
-            g.display_name = resp.display_name.clone();
-            g.tags = resp.tags.clone();
-            g.heartbeat = Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 3600));
-            g.me.reflexive = Some(resp.reflexive_endpoint);
-            g.roster.replace(resp.roster);
-            if !resp.may_host_apps && !g.apps.is_empty() {
-                tracing::warn!(
-                    apps = g.apps.len(),
-                    "the policy does not let this node host apps; hosted apps are not advertised"
-                );
-            }
-        }
-        tracing::info!(name = %resp.display_name, peer_id = %resp.peer_id, ula = %resp.ula, tags = ?resp.tags, reflexive = %resp.reflexive_endpoint, "registered");
-        self.reconcile();
-        self.heartbeat().await?;
-        let mut stream = self.client.stream(api::PATH_PEERS_STREAM).await?;
-        {
-            let mut g = self.lock();
-            g.registered = true;
-            g.connected = true;
-        }
-        *backoff = Duration::from_millis(500);
-        let period = self.lock().heartbeat;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                ev = stream.next() => {
-                    let Some((id, ev)) = ev? else { return Ok(()) };
-                    let applied = {
-                        let mut g = self.lock();
-                        match &ev {
-                            SseEvent::PeerRemove(r) => {
-                                g.removed.insert(r.peer_id.clone());
-                            }
-                            SseEvent::Policy(_) => g.grace_until = None,
-                            _ => {}
-                        }
-                        g.roster.apply(id, ev)
-                    };
-                    match applied {
-                        Applied::Changed => self.reconcile(),
-                        Applied::Unchanged => {}
-                        Applied::HolePunch { public_key, endpoint } => self.hole_punch(&public_key, endpoint),
-                    }
-                }
-                _ = tick.tick() => {
-                    self.end_grace_if_over();
-                    self.heartbeat_or_reregister().await?;
-                }
-                _ = self.heartbeat_now.notified() => self.heartbeat_or_reregister().await?,
-            }
-        }
-    }
-
-    async fn heartbeat_or_reregister(&self) -> Result<(), ClientError> {
-        match self.heartbeat().await {
-            // The coordinator forgot us (restart, expiry): register again right away.
-            Err(ClientError::Status { status, .. }) if status == http::StatusCode::NOT_FOUND => {
-                Err(ClientError::Transport(
-                    "the coordinator no longer knows us".into(),
-                ))
-            }
-            Err(e) if e.is_transient() => {
-                // The stream notices a dead coordinator; a lost heartbeat is not fatal.
-                tracing::warn!(error = %e, "heartbeat failed");
-                Ok(())
-            }
-            r => r,
-        }
-    }
-
-    async fn heartbeat(&self) -> Result<(), ClientError> {
-        let hosted: Vec<Ipv6Addr> = {
-            let g = self.lock();
-            if g.may_host_apps == Some(true) {
-                g.apps.iter().map(tabbify_control::ula::app_ula).collect()
-            } else {
-                Vec::new()
-            }
-        };
+    async fn heartbeat(
+        &self,
+        hosted_app_ulas: Vec<Ipv6Addr>,
+    ) -> Result<HeartbeatResponse, ClientError> {
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
-            hosted_app_ulas: hosted,
+            hosted_app_ulas,
         };
-        let resp: HeartbeatResponse = self.client.post(api::PATH_HEARTBEAT, &req).await?;
-        let changed = {
-            let mut g = self.lock();
-            g.heartbeat = Duration::from_secs(resp.heartbeat_interval_secs.clamp(1, 3600));
-            let changed = g.me.reflexive != Some(resp.reflexive_endpoint);
-            g.me.reflexive = Some(resp.reflexive_endpoint);
-            changed
-        };
-        if changed {
-            self.reconcile();
-        }
-        Ok(())
-    }
-
-    fn end_grace_if_over(&self) {
-        let over = {
-            let mut g = self.lock();
-            let over = g
-                .grace_until
-                .is_some_and(|t| tokio::time::Instant::now() >= t);
-            if over {
-                g.grace_until = None;
-                g.removed.clear();
-            }
-            over
-        };
-        if over {
-            self.reconcile();
-        }
-    }
-
-    /// Makes the table and the kernel routes match the roster; touches only what changed.
-    fn reconcile(&self) {
-        let mut g = self.lock();
-        let desired = g.roster.desired(&g.me);
-        let grace = g
-            .grace_until
-            .is_some_and(|t| tokio::time::Instant::now() < t);
-        let mut next = desired.clone();
-        let mut fresh = Vec::new();
-        for (key, d) in &desired {
-            let before = g.applied.get(key);
-            if before == Some(d) {
-                continue;
-            }
-            let endpoint_changed = before.map(|b| b.endpoint) != Some(d.endpoint);
-            let cfg = PeerConfig {
-                public_key: *key,
-                preshared_key: None,
-                // Keep an endpoint learned by roaming unless the roster's choice changed.
-                endpoint: if endpoint_changed { d.endpoint } else { None },
-                allowed_ips: d.allowed_ips.clone(),
-                persistent_keepalive: Some(KEEPALIVE_SECS),
-            };
-            let filter = PortFilter::from_ranges(&d.outbound, &d.inbound);
-            match self.table.upsert_peer_with_filter(cfg, Some(filter)) {
-                Ok(peer) => {
-                    if before.is_none() {
-                        fresh.push(peer);
-                        tracing::info!(peer = %d.name, peer_id = %d.peer_id, ula = %d.ula, endpoint = ?d.endpoint, "peer added");
-                    } else {
-                        tracing::info!(peer = %d.name, peer_id = %d.peer_id, "peer updated");
-                    }
-                }
-                Err(e) => tracing::error!(peer = %d.peer_id, error = %e, "peer not added"),
-            }
-        }
-        for (key, d) in &g.applied {
-            if !desired.contains_key(key) {
-                if grace && !g.removed.contains(&d.peer_id) {
-                    next.insert(*key, d.clone());
-                    continue;
-                }
-                self.table.remove_peer(key);
-                tracing::info!(peer = %d.name, peer_id = %d.peer_id, "peer removed");
-            }
-        }
-        let wanted: BTreeSet<IpNet> = next
-            .values()
-            .flat_map(|d| d.allowed_ips.iter().copied())
-            .collect();
-        let add: Vec<IpNet> = wanted.difference(&g.routes).copied().collect();
-        let del: Vec<IpNet> = g.routes.difference(&wanted).copied().collect();
-        if let Err(e) = link::sync_routes(&self.opts.interface, &add, &del) {
-            tracing::error!(error = %e, "routes");
-        }
-        g.routes = wanted;
-        g.applied = next;
-        drop(g);
-        // Start sessions with new peers now: the first packet then finds a live session,
-        // and NAT mappings open from both sides.
-        for p in fresh {
-            if let Err(e) = self.engine.handshaker().initiate(&p) {
-                tracing::debug!(error = %e, "handshake initiation not sent");
-            }
-        }
-    }
-
-    /// Sends a burst of handshake initiations to `endpoint` so that both NATs open.
-    fn hole_punch(&self, public_key: &str, endpoint: SocketAddr) {
-        let Some(key) = roster::decode_key(public_key) else {
-            return;
-        };
-        let snap = self.table.load_full();
-        let Some(peer) = snap.by_key(&key).cloned() else {
-            return;
-        };
-        tracing::info!(peer = %public_key, %endpoint, "hole punching");
-        peer.lock().endpoint = Some(endpoint);
-        let started = std::time::Instant::now();
-        let hs = match self.engine.handshaker().try_clone() {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "hole punch not sent");
-                return;
-            }
-        };
-        tokio::spawn(async move {
-            for _ in 0..PUNCH_BURST {
-                // Stop once a handshake completed after the burst began.
-                if handshake_age(&peer).is_some_and(|age| age < started.elapsed()) {
-                    break;
-                }
-                let _ = hs.initiate(&peer);
-                tokio::time::sleep(PUNCH_GAP).await;
-            }
-        });
+        self.client.post(api::PATH_HEARTBEAT, &req).await
     }
 
     fn status(&self) -> Status {
-        let g = self.lock();
+        let m = self.lock();
         let snap = self.table.load_full();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let mut peers = Vec::new();
-        for e in g.roster.entries() {
+        for e in m.roster().entries() {
             let key = roster::decode_key(&e.public_key);
             let p = key.and_then(|k| snap.by_key(&k));
             let (endpoint, hs, rx, tx) = match p {
@@ -566,25 +389,26 @@ impl Joiner {
                 ports: e.ports.clone(),
             });
         }
+        let connected = m.session().is_connected();
         Status {
             interface: self.opts.interface.clone(),
-            name: g.display_name.clone(),
+            name: m.display_name().to_owned(),
             peer_id: self.peer_id.clone(),
             ula: self.ula,
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
-            tags: g.tags.clone(),
+            tags: m.tags().to_vec(),
             listen_port: self.engine.info.listen_port,
             driver: self.engine.info.driver.to_string(),
-            registered: g.registered,
+            registered: connected,
             coordinator: CoordinatorStatus {
                 url: self.client.url().to_owned(),
-                connected: g.connected,
-                last_event_id: g.roster.last_event_id,
+                connected,
+                last_event_id: m.roster().last_event_id,
             },
-            reflexive_endpoint: g.me.reflexive,
-            may_host_apps: g.may_host_apps == Some(true),
-            hosted_apps: g
-                .apps
+            reflexive_endpoint: m.reflexive(),
+            may_host_apps: m.grant().is_some_and(|g| g.may_host_apps),
+            hosted_apps: m
+                .apps()
                 .iter()
                 .map(|u| HostedApp {
                     uuid: *u,
@@ -598,31 +422,42 @@ impl Joiner {
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
         let ula = tabbify_control::ula::app_ula(&uuid);
         let net = IpNet::host(IpAddr::V6(ula));
-        let mut g = self.lock();
+        let mut m = self.lock();
         if add {
-            match g.may_host_apps {
-                None => return Err("not registered with the coordinator yet; try again in a moment".into()),
-                Some(false) => return Err("the coordinator's policy does not let this node host apps (policy `app_hosts`)".into()),
-                Some(true) => {}
-            }
+            m.check_app_add()?;
             link::add_address(&self.opts.interface, &net).map_err(|e| e.to_string())?;
-            if !g.apps.contains(&uuid) {
-                g.apps.push(uuid);
-            }
+            m.handle_app_added(uuid);
         } else {
-            if !g.apps.contains(&uuid) {
-                return Err(format!("app {uuid} is not hosted here"));
-            }
-            g.apps.retain(|a| *a != uuid);
+            m.handle_app_removed(uuid)?;
             if let Err(e) = link::del_address(&self.opts.interface, &net) {
                 tracing::warn!(error = %e, "app address not removed");
             }
         }
-        self.state.set_apps(&g.apps).map_err(|e| format!("{e:#}"))?;
-        drop(g);
+        self.state
+            .set_apps(m.apps())
+            .map_err(|e| format!("{e:#}"))?;
+        drop(m);
         tracing::info!(app = %uuid, %ula, hosted = add, "hosted apps changed");
-        self.heartbeat_now.notify_one();
+        self.wake.notify_one();
         Ok(serde_json::json!({"uuid": uuid, "ula": ula}))
+    }
+}
+
+/// The stream's next event; never resolves without a stream.
+async fn next_event(
+    stream: &mut Option<EventStream>,
+) -> Result<Option<(Option<u64>, SseEvent)>, ClientError> {
+    match stream {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
     }
 }
 
