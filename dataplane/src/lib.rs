@@ -10,11 +10,13 @@
 //!   thread-per-core driver and the portable epoll driver.
 //! * [`config`] — the wg-quick configuration file; [`uapi`] — WireGuard's cross-platform
 //!   UAPI, so stock `wg` can show and set the device.
+//! * [`interface`] — the one bring-up and shutdown path of `up` and `join`.
 
 pub mod config;
 pub mod core;
 pub mod device;
 pub mod driver;
+pub mod interface;
 #[cfg(feature = "join")]
 pub mod join;
 pub mod sys;

@@ -3,7 +3,8 @@
 //! kernel routes, the handshaker and the coordinator client. It decides nothing itself.
 //!
 //! ```text
-//! start: node key (state dir) ─▶ engine (TUN + workers) ─▶ peer ULA + hosted app ULAs on the TUN
+//! start: node key (state dir) ─▶ control socket ─▶ crate::interface (engine, TUN, peer ULA
+//!        + hosted app ULAs, UAPI, SIGINT/SIGTERM) — the bring-up and shutdown `up` uses
 //! drive (tokio, one thread):
 //!   machine.poll_action() ─▶ apply: Register / Heartbeat / OpenStream (await, answer back),
 //!                                   table and route writes, initiations, hole punches
@@ -29,7 +30,8 @@ use uuid::Uuid;
 
 use crate::core::net::IpNet;
 use crate::core::table::Table;
-use crate::driver::{Engine, EngineOptions};
+use crate::driver::{EngineInfo, EngineOptions, Handshaker};
+use crate::interface::{Interface, InterfaceSpec};
 use crate::sys::{ifaddrs, link};
 
 use super::client::{Client, ClientError, EventStream};
@@ -44,7 +46,11 @@ const LIVE_SESSION: Duration = Duration::from_secs(180);
 /// The running joiner.
 pub struct Joiner {
     opts: JoinOptions,
-    engine: Engine,
+    /// What the engine runs with (listen port, driver).
+    info: EngineInfo,
+    /// The sockets speak IPv6.
+    ipv6: bool,
+    handshaker: Handshaker,
     table: Arc<Table>,
     client: Client,
     state: StateDir,
@@ -95,27 +101,29 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         boringtun::x25519::StaticSecret::from(key.0),
         opts.listen_port,
     ));
-    let engine = Engine::start(
-        &EngineOptions {
-            interface: opts.interface.clone(),
-            threads: opts.threads,
-            driver: opts.driver,
-            offloads: opts.offloads,
-            listen_port: opts.listen_port,
-            pin: opts.pin,
+    let addresses = std::iter::once(ula)
+        .chain(apps.iter().map(tabbify_control::ula::app_ula))
+        .map(|a| IpNet::host(IpAddr::V6(a)))
+        .collect();
+    let iface = Interface::start(
+        &InterfaceSpec {
+            engine: EngineOptions {
+                interface: opts.interface.clone(),
+                threads: opts.threads,
+                driver: opts.driver,
+                offloads: opts.offloads,
+                listen_port: opts.listen_port,
+                pin: opts.pin,
+            },
+            mtu: opts.mtu,
+            addresses,
+            routes: Vec::new(),
         },
         table.clone(),
-    )
-    .with_context(|| format!("starting the engine on {}", opts.interface))?;
-    engine.info.log(&opts.interface);
-    link::up(&opts.interface, opts.mtu)?;
-    link::add_address(&opts.interface, &IpNet::host(IpAddr::V6(ula)))?;
-    for a in &apps {
-        let app = tabbify_control::ula::app_ula(a);
-        link::add_address(&opts.interface, &IpNet::host(IpAddr::V6(app)))?;
-    }
-    let uapi = crate::device::serve_uapi(&opts.interface, table.clone(), engine.shared.clone())
-        .with_context(|| format!("opening the UAPI socket for {}", opts.interface))?;
+    )?;
+    let handshaker = iface
+        .handshaker()
+        .context("a handshake socket for the control task")?;
 
     let machine = Machine::new(logic::Config {
         peer_id: peer_id.clone(),
@@ -128,7 +136,9 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let joiner = Arc::new(Joiner {
         machine: Mutex::new(machine),
         opts,
-        engine,
+        info: iface.info().clone(),
+        ipv6: iface.ipv6(),
+        handshaker,
         table,
         client,
         state,
@@ -139,38 +149,23 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     });
     tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
-    let failed = async {
+    let stopped = async {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if joiner.engine.failed() {
-                return;
+            if let Some(stop) = iface.stop_reason() {
+                return stop;
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
     let result = tokio::select! {
-        _ = sigterm.recv() => Ok(()),
-        _ = sigint.recv() => Ok(()),
+        stop = stopped => stop.into_result(),
         _ = serve => Ok(()),
         r = drive => r,
-        _ = failed => Err(anyhow::anyhow!("a data-plane worker failed; see the log above")),
     };
     drop(server);
-    drop(uapi);
-    let Ok(joiner) = Arc::try_unwrap(joiner) else {
-        bail!("internal: the joiner is still shared at shutdown");
-    };
-    let drops = joiner.engine.shared.counters.nonzero();
-    joiner.engine.stop();
-    for (reason, n) in drops {
-        tracing::info!(reason = reason.name(), count = n, "dropped packets");
-    }
-    if result.is_ok() {
-        tracing::info!("interface removed; bye");
-    }
+    iface.shut_down();
     result
 }
 
@@ -259,7 +254,7 @@ impl Joiner {
             Action::Initiate { public_key } => {
                 let snap = self.table.load_full();
                 if let Some(peer) = snap.by_key(&public_key) {
-                    if let Err(e) = self.engine.handshaker().initiate(peer) {
+                    if let Err(e) = self.handshaker.initiate(peer) {
                         tracing::debug!(error = %e, "handshake initiation not sent");
                     }
                 }
@@ -287,7 +282,7 @@ impl Joiner {
                 if handshake_age(peer).is_some_and(|age| age < burst_started.elapsed()) {
                     return;
                 }
-                let _ = self.engine.handshaker().initiate(peer);
+                let _ = self.handshaker.initiate(peer);
             }
             Action::ClearPeers => self.table.clear_peers(),
             // `drive` returns on it before applying anything.
@@ -299,7 +294,7 @@ impl Joiner {
         if !self.opts.endpoints.is_empty() {
             return self.opts.endpoints.clone();
         }
-        let port = self.engine.info.listen_port;
+        let port = self.info.listen_port;
         let mut out = Vec::new();
         for a in ifaddrs::list().unwrap_or_default() {
             if a.interface == self.opts.interface || a.addr.is_loopback() {
@@ -314,7 +309,7 @@ impl Joiner {
                         && !tabbify_control::ula::is_app_ula(&v6)
                 }
             };
-            if keep && (self.engine.shared.udp.ipv6 || a.addr.is_ipv4()) {
+            if keep && (self.ipv6 || a.addr.is_ipv4()) {
                 let ep = SocketAddr::new(a.addr, port);
                 if !out.contains(&ep) {
                     out.push(ep);
@@ -329,7 +324,7 @@ impl Joiner {
             name: self.opts.name.clone(),
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
             tags: self.opts.tags.clone(),
-            wg_listen_port: self.engine.info.listen_port,
+            wg_listen_port: self.info.listen_port,
             endpoints: self.endpoints(),
             join_token: if with_token {
                 self.opts.join_token.clone()
@@ -397,8 +392,8 @@ impl Joiner {
             ula: self.ula,
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
             tags: m.tags().to_vec(),
-            listen_port: self.engine.info.listen_port,
-            driver: self.engine.info.driver.to_string(),
+            listen_port: self.info.listen_port,
+            driver: self.info.driver.to_string(),
             registered: connected,
             coordinator: CoordinatorStatus {
                 url: self.client.url().to_owned(),
