@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
-use tabbify_control::api::{
-    self, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
+use tabbify_api::{
+    self as api, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -80,10 +80,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             let cert = read(&f.cert, "--tls-cert")?;
             let key = read(&f.key, "--tls-key")?;
             let ca = read(&f.ca, "--tls-ca")?;
-            Some(
-                tabbify_control::tls::client_config(&ca, Some((&cert, &key)))
-                    .context("TLS files")?,
-            )
+            Some(tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?)
         }
         None => None,
     };
@@ -92,8 +89,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
-    let ula = tabbify_control::ula::peer_ula(&public_key);
-    let peer_id = tabbify_control::ula::peer_id(&public_key);
+    let ula = tabbify_api::ula::peer_ula(&public_key);
+    let peer_id = tabbify_api::ula::peer_id(&public_key);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -102,7 +99,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         opts.listen_port,
     ));
     let addresses = std::iter::once(ula)
-        .chain(apps.iter().map(tabbify_control::ula::app_ula))
+        .chain(apps.iter().map(tabbify_api::ula::app_ula))
         .map(|a| IpNet::host(IpAddr::V6(a)))
         .collect();
     let iface = Interface::start(
@@ -305,8 +302,8 @@ impl Joiner {
                 IpAddr::V6(v6) => {
                     // Link-local needs a scope; our own mesh addresses are not underlay.
                     (v6.segments()[0] & 0xffc0) != 0xfe80
-                        && !tabbify_control::ula::is_peer_ula(&v6)
-                        && !tabbify_control::ula::is_app_ula(&v6)
+                        && !tabbify_api::ula::is_peer_ula(&v6)
+                        && !tabbify_api::ula::is_app_ula(&v6)
                 }
             };
             if keep && (self.ipv6 || a.addr.is_ipv4()) {
@@ -407,7 +404,7 @@ impl Joiner {
                 .iter()
                 .map(|u| HostedApp {
                     uuid: *u,
-                    ula: tabbify_control::ula::app_ula(u),
+                    ula: tabbify_api::ula::app_ula(u),
                 })
                 .collect(),
             peers,
@@ -415,7 +412,7 @@ impl Joiner {
     }
 
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
-        let ula = tabbify_control::ula::app_ula(&uuid);
+        let ula = tabbify_api::ula::app_ula(&uuid);
         let net = IpNet::host(IpAddr::V6(ula));
         let mut m = self.lock();
         if add {

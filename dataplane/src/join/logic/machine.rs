@@ -30,7 +30,7 @@ use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use tabbify_control::api::{self, HeartbeatResponse, RegisterResponse, SseEvent};
+use tabbify_api::{self as api, HeartbeatResponse, RegisterResponse, SseEvent};
 use uuid::Uuid;
 
 use super::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
@@ -552,10 +552,7 @@ impl Machine {
 
     fn push_heartbeat(&mut self) {
         let hosted_app_ulas = if self.grant.as_ref().is_some_and(|g| g.may_host_apps) {
-            self.apps
-                .iter()
-                .map(tabbify_control::ula::app_ula)
-                .collect()
+            self.apps.iter().map(tabbify_api::ula::app_ula).collect()
         } else {
             Vec::new()
         };
@@ -668,9 +665,7 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use http::StatusCode;
-    use tabbify_control::api::{
-        HolePunch, PeerRemove, PortRange, PortRules, RosterEntry, Snapshot,
-    };
+    use tabbify_api::{HolePunch, PeerRemove, PortRange, PortRules, RosterEntry, Snapshot};
 
     const SEC: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
@@ -1400,7 +1395,7 @@ mod tests {
     fn hosted_apps_are_advertised_only_when_the_policy_allows() {
         let t = Instant::now();
         let app = Uuid::from_u128(7);
-        let ula = tabbify_control::ula::app_ula(&app);
+        let ula = tabbify_api::ula::app_ula(&app);
         let mut m = Machine::new(config(true, vec![app]));
         drain(&mut m);
         m.handle_registered(t, Ok(registered(vec![])));
@@ -1444,7 +1439,7 @@ mod tests {
     fn an_app_change_heartbeats_at_once_when_streaming_else_once_the_stream_opens() {
         let t = Instant::now();
         let app = Uuid::from_u128(7);
-        let ula = tabbify_control::ula::app_ula(&app);
+        let ula = tabbify_api::ula::app_ula(&app);
         let mut m = Machine::new(config(true, vec![]));
         connect(&mut m, t, vec![]);
         assert_eq!(m.check_app_add(), Ok(()));
