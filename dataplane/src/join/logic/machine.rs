@@ -23,7 +23,8 @@
 //! * losing the coordinator emits no table action: established tunnels keep working while
 //!   the machine re-registers with backoff (0.5 s doubling, capped at the heartbeat
 //!   interval, reset once a stream opens);
-//! * every input takes `now`; the machine never reads a clock and performs no I/O.
+//! * every input that depends on time takes `now`; the machine never reads a clock and
+//!   performs no I/O (it logs through `tracing`, as quinn-proto does).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;

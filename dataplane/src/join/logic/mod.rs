@@ -6,7 +6,9 @@
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
 //!   ticks in (each with `now`); table, route, handshake and coordinator requests out.
 //!
-//! The I/O shell ([`crate::join::shell`]) feeds it and applies what it returns.
+//! The I/O shell ([`crate::join::shell`]) feeds it and applies what it returns. The only
+//! thing taken from the shell's side is [`crate::join::client::ClientError`], as data: the
+//! rules that tell a transient failure from a refusal or a revocation live here.
 
 #![forbid(unsafe_code)]
 
