@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::ops::ControlFlow;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tabbify_dataplane::core::gso::{self, split, Coalescer, VirtioNetHdr};
-use tabbify_dataplane::core::wire::{checksum, protocol, Ipv4Repr, Ipv6Repr};
+use tabbify_engine::core::gso::{self, split, Coalescer, VirtioNetHdr};
+use tabbify_engine::core::wire::{checksum, protocol, Ipv4Repr, Ipv6Repr};
 
 const MSS: usize = 1368;
 /// 47 × 1368 = 64,296 payload bytes: the largest multiple of the MSS in a 64 KB packet.

@@ -24,15 +24,15 @@ use std::time::{Duration, Instant};
 use boringtun::noise::TunnResult;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
-use tabbify_dataplane::core::batch::TxBatch;
-use tabbify_dataplane::core::counters::DropCounters;
-use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
-use tabbify_dataplane::core::net::IpNet;
-use tabbify_dataplane::core::peer::{Peer, PeerConfig};
-use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
-use tabbify_dataplane::core::rxsink::RxSink;
-use tabbify_dataplane::core::table::{Snapshot, Table};
-use tabbify_dataplane::core::wire::{checksum, protocol, Ipv4Repr};
+use tabbify_engine::core::batch::TxBatch;
+use tabbify_engine::core::counters::DropCounters;
+use tabbify_engine::core::gso::{self, VirtioNetHdr};
+use tabbify_engine::core::net::IpNet;
+use tabbify_engine::core::peer::{Peer, PeerConfig};
+use tabbify_engine::core::pipeline::{Pipeline, TunSink};
+use tabbify_engine::core::rxsink::RxSink;
+use tabbify_engine::core::table::{Snapshot, Table};
+use tabbify_engine::core::wire::{checksum, protocol, Ipv4Repr};
 
 /// Datagrams per GSO send / GRO receive.
 const BATCH: usize = 44;

@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tabbify_dataplane::core::net::IpNet;
-use tabbify_dataplane::core::route::RouteTable;
+use tabbify_engine::core::net::IpNet;
+use tabbify_engine::core::route::RouteTable;
 
 const BATCH: usize = 4096;
 const SIZES: [usize; 3] = [10, 10_000, 1_000_000];
@@ -75,12 +75,12 @@ fn workload(v6: bool, n: usize, seed: u64) -> (RouteTable<u32>, Vec<IpAddr>) {
             match net.addr() {
                 IpAddr::V4(a) => {
                     let host =
-                        (r.next() as u32) & !tabbify_dataplane::core::net::mask32(net.prefix_len());
+                        (r.next() as u32) & !tabbify_engine::core::net::mask32(net.prefix_len());
                     IpAddr::V4(Ipv4Addr::from(u32::from(a) | host))
                 }
                 IpAddr::V6(a) => {
                     let rnd = u128::from(r.next()) << 64 | u128::from(r.next());
-                    let host = rnd & !tabbify_dataplane::core::net::mask128(net.prefix_len());
+                    let host = rnd & !tabbify_engine::core::net::mask128(net.prefix_len());
                     IpAddr::V6(Ipv6Addr::from(u128::from(a) | host))
                 }
             }

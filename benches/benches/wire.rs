@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use tabbify_dataplane::core::wire::{
+use tabbify_engine::core::wire::{
     checksum, peek_dst, protocol, IpPacket, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, WgMessage,
 };
 

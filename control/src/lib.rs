@@ -1,13 +1,13 @@
-//! The Tabbify mesh control plane: the coordinator, the CA helper, and what the joiner
-//! and the edge share with them (API types, address derivation).
+//! The Tabbify mesh control plane: the coordinator and the CA helper.
 //!
-//! The joiner and the edge need only [`api`] (wire types, SSE decoding) and [`ula`]
-//! (derived addresses); the rest is the coordinator: [`policy`] and [`visibility`] (the
+//! The wire types it shares with the joiner, the edge and the tests live in the
+//! `tabbify-api` crate (`control/api/`), re-exported here as [`api`] and [`ula`]; clients
+//! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
 //! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
 //! [`tokens`] (durable state), [`server`] (HTTP, TLS, routing), [`ca`] (certificates).
 #![forbid(unsafe_code)]
 
-pub mod api;
+pub use tabbify_api as api;
 pub mod auth;
 pub mod ca;
 pub mod clock;
@@ -22,5 +22,5 @@ pub mod sse;
 pub mod store;
 pub mod tls;
 pub mod tokens;
-pub mod ula;
+pub use tabbify_api::ula;
 pub mod visibility;

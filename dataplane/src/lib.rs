@@ -1,21 +1,8 @@
-//! The Tabbify mesh data plane: a TUN device and userspace WireGuard to every visible peer.
-//!
-//! Layout (one concept per file):
-//! * [`core`] — sans-IO: packet views, the route/peer table, the packet filter, per-peer
-//!   WireGuard state around `boringtun::noise::Tunn`, drop counters. No sockets, no clock
-//!   reads, no threads; `#![forbid(unsafe_code)]`.
-//! * [`sys`] — the kernel surface: TUN with `IFF_VNET_HDR`/offloads, UDP sockets with
-//!   GSO/GRO, interface addresses and routes. Where `unsafe` lives.
-//! * [`driver`] — thin loops that move batches between `sys` and `core`: the io_uring
-//!   thread-per-core driver and the portable epoll driver.
-//! * [`config`] — the wg-quick configuration file; [`uapi`] — WireGuard's cross-platform
-//!   UAPI, so stock `wg` can show and set the device.
+//! `tabbify-mesh`, the joiner: the command line, `up` over a wg-quick file, and `join` to
+//! the coordinator ([`join`]: control client, roster, status socket, hosted apps). The
+//! data plane it drives is the engine crate, `tabbify_engine`, re-exported here under its
+//! module names so the joiner reads `crate::core`, `crate::driver`, … as before.
 
-pub mod config;
-pub mod core;
-pub mod device;
-pub mod driver;
-#[cfg(feature = "join")]
+pub use tabbify_engine::{config, core, device, driver, sys, uapi};
+
 pub mod join;
-pub mod sys;
-pub mod uapi;

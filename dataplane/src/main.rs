@@ -277,7 +277,7 @@ fn ula() -> anyhow::Result<()> {
         .read_to_string(&mut s)
         .context("reading the public key from stdin")?;
     let key = Key::from_base64(s.trim()).context("public key on stdin")?;
-    println!("{}", tabbify_control::ula::peer_ula(&key.0));
+    println!("{}", tabbify_api::ula::peer_ula(&key.0));
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! The only component of the mesh with a public listener. It accepts HTTP/1.1 on one
 //! address and proxies `/app/{uuid}` and `/app/{uuid}/{*rest}` (and hostnames from a routes
 //! file) to the app's runner at `[app_ula]:8730`, where `app_ula` is derived locally from the
-//! UUID with [`tabbify_control::ula::app_ula`]: there is no per-request lookup.
+//! UUID with [`tabbify_api::ula::app_ula`]: there is no per-request lookup.
 //!
 //! Layout, in request order:
 //! * [`server`] accepts connections, applies limits and timeouts, dispatches by path and

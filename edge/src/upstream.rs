@@ -1,7 +1,7 @@
 //! Where a request for an app goes: the app's socket address.
 //!
 //! Production derives `[app_ula]:8730` from the app UUID with the shared function in
-//! `tabbify_control::ula`, so the edge and the supervisor agree with no lookup. Tests and the
+//! `tabbify_api::ula`, so the edge and the supervisor agree with no lookup. Tests and the
 //! benchmark replace it with loopback addresses; nothing else in the edge knows the difference.
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use http::HeaderValue;
-use tabbify_control::ula::{app_ula, APP_PORT};
+use tabbify_api::ula::{app_ula, APP_PORT};
 use uuid::Uuid;
 
 /// Resolves an app UUID to the address of its runner.
@@ -139,7 +139,7 @@ mod tests {
         let addr = Upstream::AppUla.resolve(&app).unwrap();
         assert_eq!(addr.port(), 8730);
         assert_eq!(addr.ip(), std::net::IpAddr::V6(app_ula(&app)));
-        assert!(tabbify_control::ula::is_app_ula(&app_ula(&app)));
+        assert!(tabbify_api::ula::is_app_ula(&app_ula(&app)));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Either, Full};
 use serde_json::{json, Value};
-use tabbify_control::ula;
+use tabbify_api::ula;
 use tabbify_edge::testkit::{body_sha256, client, pattern_sha256, raw_request, PatternBody};
 use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::traffic::ping;

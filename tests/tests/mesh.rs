@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use http_body_util::{BodyExt, Either, Full};
 use serde_json::{json, Value};
-use tabbify_control::ula;
+use tabbify_api::ula;
 use tabbify_tests::joiner::Joiner;
 use tabbify_tests::pinger::unix_now;
 use tabbify_tests::prereq::{require, Tool};

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tabbify_control::api::{SseDecoder, SseEvent};
+use tabbify_api::{SseDecoder, SseEvent};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -338,7 +338,7 @@ impl EventStream {
                         let id = f.id.as_deref().and_then(|s| s.parse().ok());
                         self.pending.push_back((id, ev));
                     }
-                    Err(tabbify_control::api::SseParseError::UnknownEvent(name)) => {
+                    Err(tabbify_api::SseParseError::UnknownEvent(name)) => {
                         tracing::debug!(event = %name, "unknown SSE event skipped");
                     }
                     Err(e) => return Err(ClientError::Protocol(e.to_string())),

@@ -12,16 +12,14 @@
 //! refused.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use tabbify_control::api::PortRules;
+pub use tabbify_api::local::{CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use uuid::Uuid;
 
 /// Where the control socket of `interface` lives by default.
 pub fn default_path(interface: &str) -> PathBuf {
@@ -31,26 +29,6 @@ pub fn default_path(interface: &str) -> PathBuf {
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
 
-/// A request.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// The whole status.
-    Status,
-    /// The peers only.
-    Peers,
-    /// Host an app here.
-    AppAdd {
-        /// The app.
-        uuid: Uuid,
-    },
-    /// Stop hosting an app.
-    AppRemove {
-        /// The app.
-        uuid: Uuid,
-    },
-}
-
 #[derive(Serialize, Deserialize)]
 struct Answer {
     ok: bool,
@@ -58,89 +36,6 @@ struct Answer {
     result: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<String>,
-}
-
-/// The coordinator connection as `status` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CoordinatorStatus {
-    /// The URL.
-    pub url: String,
-    /// The SSE stream is open.
-    pub connected: bool,
-    /// The id of the last roster event applied.
-    pub last_event_id: Option<u64>,
-}
-
-/// An app hosted here.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct HostedApp {
-    /// Its UUID.
-    pub uuid: Uuid,
-    /// Its ULA (on our TUN).
-    pub ula: Ipv6Addr,
-}
-
-/// One peer as `peers` shows it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PeerStatus {
-    /// The coordinator's peer id.
-    pub peer_id: String,
-    /// Display name.
-    pub name: String,
-    /// Its ULA.
-    pub ula: Ipv6Addr,
-    /// Its tags.
-    pub tags: Vec<String>,
-    /// Its public key (base64).
-    pub public_key: String,
-    /// Where we send to it now.
-    pub endpoint: Option<SocketAddr>,
-    /// Unix seconds of the last completed handshake.
-    pub latest_handshake: Option<u64>,
-    /// Bytes received from it.
-    pub rx_bytes: u64,
-    /// Bytes sent to it.
-    pub tx_bytes: u64,
-    /// A session with it is live (a handshake completed in the last 3 minutes). There is no
-    /// relay: a live session is always direct.
-    pub direct: bool,
-    /// App ULAs it hosts.
-    pub app_ulas: Vec<Ipv6Addr>,
-    /// The port rules the filter enforces with it.
-    pub ports: PortRules,
-}
-
-/// What `status` shows.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Status {
-    /// TUN name.
-    pub interface: String,
-    /// Display name (as the coordinator granted it, else as asked).
-    pub name: String,
-    /// Our peer id.
-    pub peer_id: String,
-    /// Our ULA.
-    pub ula: Ipv6Addr,
-    /// Our public key (base64).
-    pub public_key: String,
-    /// Tags (as granted, else as asked).
-    pub tags: Vec<String>,
-    /// UDP listen port.
-    pub listen_port: u16,
-    /// Data-plane driver.
-    pub driver: String,
-    /// Registered and streaming.
-    pub registered: bool,
-    /// The coordinator connection.
-    pub coordinator: CoordinatorStatus,
-    /// Our endpoint as the coordinator saw it.
-    pub reflexive_endpoint: Option<SocketAddr>,
-    /// The policy lets us host apps.
-    pub may_host_apps: bool,
-    /// Apps hosted here.
-    pub hosted_apps: Vec<HostedApp>,
-    /// Visible peers.
-    pub peers: Vec<PeerStatus>,
 }
 
 /// What answers requests (the joiner).

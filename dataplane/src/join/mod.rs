@@ -34,8 +34,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
-use tabbify_control::api::{
-    self, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
+use tabbify_api::{
+    self as api, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -158,10 +158,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             let cert = read(&f.cert, "--tls-cert")?;
             let key = read(&f.key, "--tls-key")?;
             let ca = read(&f.ca, "--tls-ca")?;
-            Some(
-                tabbify_control::tls::client_config(&ca, Some((&cert, &key)))
-                    .context("TLS files")?,
-            )
+            Some(tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?)
         }
         None => None,
     };
@@ -170,8 +167,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
-    let ula = tabbify_control::ula::peer_ula(&public_key);
-    let peer_id = tabbify_control::ula::peer_id(&public_key);
+    let ula = tabbify_api::ula::peer_ula(&public_key);
+    let peer_id = tabbify_api::ula::peer_id(&public_key);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -195,7 +192,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     link::up(&opts.interface, opts.mtu)?;
     link::add_address(&opts.interface, &IpNet::host(IpAddr::V6(ula)))?;
     for a in &apps {
-        let app = tabbify_control::ula::app_ula(a);
+        let app = tabbify_api::ula::app_ula(a);
         link::add_address(&opts.interface, &IpNet::host(IpAddr::V6(app)))?;
     }
     let uapi = crate::device::serve_uapi(&opts.interface, table.clone(), engine.shared.clone())
@@ -324,8 +321,8 @@ impl Joiner {
                 IpAddr::V6(v6) => {
                     // Link-local needs a scope; our own mesh addresses are not underlay.
                     (v6.segments()[0] & 0xffc0) != 0xfe80
-                        && !tabbify_control::ula::is_peer_ula(&v6)
-                        && !tabbify_control::ula::is_app_ula(&v6)
+                        && !tabbify_api::ula::is_peer_ula(&v6)
+                        && !tabbify_api::ula::is_app_ula(&v6)
                 }
             };
             if keep && (self.engine.shared.udp.ipv6 || a.addr.is_ipv4()) {
@@ -460,7 +457,7 @@ impl Joiner {
         let hosted: Vec<Ipv6Addr> = {
             let g = self.lock();
             if g.may_host_apps == Some(true) {
-                g.apps.iter().map(tabbify_control::ula::app_ula).collect()
+                g.apps.iter().map(tabbify_api::ula::app_ula).collect()
             } else {
                 Vec::new()
             }
@@ -658,7 +655,7 @@ impl Joiner {
                 .iter()
                 .map(|u| HostedApp {
                     uuid: *u,
-                    ula: tabbify_control::ula::app_ula(u),
+                    ula: tabbify_api::ula::app_ula(u),
                 })
                 .collect(),
             peers,
@@ -666,7 +663,7 @@ impl Joiner {
     }
 
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
-        let ula = tabbify_control::ula::app_ula(&uuid);
+        let ula = tabbify_api::ula::app_ula(&uuid);
         let net = IpNet::host(IpAddr::V6(ula));
         let mut g = self.lock();
         if add {

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use base64::Engine as _;
-use tabbify_control::api::{PortRange, RosterEntry, SseEvent};
+use tabbify_api::{PortRange, RosterEntry, SseEvent};
 
 use crate::core::net::IpNet;
 
@@ -204,7 +204,7 @@ pub fn choose_endpoint(e: &RosterEntry, me: &SelfView) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tabbify_control::api::{HolePunch, PeerRemove, PortRules, Snapshot};
+    use tabbify_api::{HolePunch, PeerRemove, PortRules, Snapshot};
 
     fn entry(id: &str, key: u8, refl: &str, eps: &[&str]) -> RosterEntry {
         RosterEntry {

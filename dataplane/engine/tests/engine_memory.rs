@@ -10,15 +10,15 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
-use tabbify_dataplane::core::counters::{DropCounters, DropReason};
-use tabbify_dataplane::core::filter::PortFilter;
-use tabbify_dataplane::core::gso::{self, VirtioNetHdr};
-use tabbify_dataplane::core::net::IpNet;
-use tabbify_dataplane::core::peer::PeerConfig;
-use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
-use tabbify_dataplane::core::rxsink::RxSink;
-use tabbify_dataplane::core::table::Table;
-use tabbify_dataplane::core::wire::checksum;
+use tabbify_engine::core::counters::{DropCounters, DropReason};
+use tabbify_engine::core::filter::PortFilter;
+use tabbify_engine::core::gso::{self, VirtioNetHdr};
+use tabbify_engine::core::net::IpNet;
+use tabbify_engine::core::peer::PeerConfig;
+use tabbify_engine::core::pipeline::{Pipeline, TunSink};
+use tabbify_engine::core::rxsink::RxSink;
+use tabbify_engine::core::table::Table;
+use tabbify_engine::core::wire::checksum;
 
 /// Addresses used only as labels inside this process (never on a socket).
 const EP_A: &str = "192.0.2.1:51820";

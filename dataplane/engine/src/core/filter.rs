@@ -2,7 +2,7 @@
 //! ends of a tunnel from the same table snapshot that routes the packet.
 //!
 //! A [`PortFilter`] holds two port sets for one peer, as the coordinator's roster entry
-//! gives them (`ports.outbound` / `ports.inbound`, see `tabbify_control::api::PortRules`):
+//! gives them (`ports.outbound` / `ports.inbound`, see `tabbify_api::PortRules`):
 //!
 //! * `outbound`: ports ON THE PEER that we may open,
 //! * `inbound`: ports ON US that the peer may open.

@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tabbify_dataplane::config::{public_key, Key};
-use tabbify_dataplane::uapi::{
+use tabbify_engine::config::{public_key, Key};
+use tabbify_engine::uapi::{
     DeviceStatus, DeviceUpdate, PeerStatus, UapiErrno, UapiHandler, UapiServer,
 };
 
@@ -274,7 +274,7 @@ fn wg_set_adds_changes_and_removes_peers() -> Result<()> {
 
     // `wg showconf` round-trips through our config parser.
     let conf = wg(&["showconf", &name])?;
-    let parsed = tabbify_dataplane::config::Config::parse(&conf)?;
+    let parsed = tabbify_engine::config::Config::parse(&conf)?;
     assert_eq!(parsed.interface.private_key, key(PRIV));
     assert_eq!(parsed.interface.listen_port, Some(51999));
     assert_eq!(parsed.peers.len(), 1);
