@@ -11,7 +11,7 @@
 //! that takes a `std::time::Instant` (the driver's [`Timers::tick`]) gets [`Clock::instant`],
 //! a fixed real instant plus the simulated time, so both clocks move together.
 //!
-//! [`Timers::tick`]: tabbify_dataplane::driver::timers::Timers::tick
+//! [`Timers::tick`]: tabbify_engine::driver::timers::Timers::tick
 
 use std::time::{Duration, Instant};
 

@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use tabbify_dataplane::core::counters::DropReason;
+use tabbify_engine::core::counters::DropReason;
 
 use crate::net::NetDrop;
 

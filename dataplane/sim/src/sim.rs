@@ -21,12 +21,12 @@ use std::time::Duration;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tabbify_dataplane::core::counters::{DropCounters, DropReason};
-use tabbify_dataplane::core::net::IpNet;
-use tabbify_dataplane::core::peer::{Peer, PeerConfig};
-use tabbify_dataplane::core::pipeline::{Pipeline, TunSink};
-use tabbify_dataplane::core::table::Table;
-use tabbify_dataplane::driver::timers::{Timers, TICK};
+use tabbify_engine::core::counters::{DropCounters, DropReason};
+use tabbify_engine::core::net::IpNet;
+use tabbify_engine::core::peer::{Peer, PeerConfig};
+use tabbify_engine::core::pipeline::{Pipeline, TunSink};
+use tabbify_engine::core::table::Table;
+use tabbify_engine::driver::timers::{Timers, TICK};
 
 use crate::clock::Clock;
 use crate::ledger::{carries_packet, Ledger, Report, KEEPALIVE_LEN, MAGIC};

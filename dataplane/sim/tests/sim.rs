@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use mock_instant::MockClock;
-use tabbify_dataplane::core::counters::DropReason;
-use tabbify_dataplane::driver::timers::TICK;
+use tabbify_engine::core::counters::DropReason;
+use tabbify_engine::driver::timers::TICK;
 use tabbify_sim::sim::{seed, Sent};
 use tabbify_sim::{Block, Impairments, Kind, NodeOptions, Origin, Sim};
 
