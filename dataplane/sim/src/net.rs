@@ -23,6 +23,9 @@ pub enum Block {
     Nothing,
     /// Drop WireGuard handshake messages (initiation, response, cookie reply).
     Handshakes,
+    /// Drop handshake responses sent by this host (its answers are lost, its own
+    /// initiations get through).
+    ResponsesFrom(usize),
     /// Drop everything (a partition).
     Everything,
 }
@@ -219,6 +222,7 @@ impl Network {
         let blocked = match imp.block {
             Block::Nothing => false,
             Block::Handshakes => handshake,
+            Block::ResponsesFrom(h) => h == src_host && bytes.first() == Some(&2),
             Block::Everything => true,
         };
         if blocked {
