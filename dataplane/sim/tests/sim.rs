@@ -310,6 +310,36 @@ fn sim_persistent_keepalive_fires_at_interval() {
     sim.finish().check();
 }
 
+/// Passive keepalive: a peer that received data and has sent nothing back for
+/// KEEPALIVE_TIMEOUT sends one keepalive, so the sender learns the path still works.
+/// (boringtun measures the timeout from the receiver's last send, the whitepaper's §6.5
+/// from the receipt; either way the keepalive comes within KEEPALIVE_TIMEOUT of the data.)
+#[test]
+fn sim_passive_keepalive_after_keepalive_timeout() {
+    let seed = seed("sim_passive_keepalive_after_keepalive_timeout");
+    let (mut sim, a, b) = two_nodes(seed, Impairments::CLEAN);
+    sim.send(a, b, 100);
+    sim.advance(30 * SEC);
+    sim.send(b, a, 100);
+    sim.advance(SEC);
+    let at = sim.now();
+    let seq = sim.send(a, b, 100);
+    sim.advance(30 * SEC);
+    assert!(sim.delivered(a, seq));
+    let ka: Vec<Duration> = sends(&sim, b, Kind::Keepalive)
+        .filter(|s| s.at > at)
+        .map(|s| s.at)
+        .collect();
+    assert_eq!(ka.len(), 1, "B's keepalives after {at:?}: {ka:?}");
+    assert!(
+        ka[0] <= at + KEEPALIVE_TIMEOUT + 2 * TICK,
+        "keepalive at {:?} for data sent at {at:?}",
+        ka[0]
+    );
+    assert_eq!(sends(&sim, a, Kind::Init).count(), 1, "a second handshake");
+    sim.finish().check();
+}
+
 /// NAT rebinding: A, behind a NAT, gets a new public port mid-session. B follows A's
 /// first authenticated datagram from the new address (WireGuard roaming, whitepaper §2.1);
 /// B's datagrams to the old mapping are lost and counted until then. Twice: once while A
