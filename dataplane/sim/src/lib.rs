@@ -17,7 +17,9 @@
 //!   member (even as a dev-dependency) enabled `boringtun/mock-instant`, the
 //!   `tabbify-mesh` binary that `cargo nextest run --workspace` builds for the end-to-end
 //!   tests would run on a frozen clock. So this crate has its own `[workspace]` and
-//!   `Cargo.lock`, like `dataplane/fuzz`, and depends on the engine by path.
+//!   `Cargo.lock`, like `dataplane/fuzz`, and depends on the engine (`tabbify-engine`,
+//!   `dataplane/engine`) by path; `scripts/test-sim.sh` fails if `mock-instant` ever shows
+//!   up in the workspace's own feature graph.
 //!   `scripts/test-sim.sh` runs it with `cargo nextest run --manifest-path
 //!   dataplane/sim/Cargo.toml`, sharing the root `target/` directory: artifacts are keyed
 //!   by their features and dependency graph, so the mock-clock boringtun and engine build
@@ -32,7 +34,11 @@
 //!   (byte-identical, once) or to a counted loss.
 //!
 //! Tests live in `tests/sim.rs`; every one has `sim` in its name, so
-//! `cargo nextest run -E 'test(/sim/)'` selects them.
+//! `cargo nextest run --manifest-path dataplane/sim/Cargo.toml -E 'test(/sim/)'` selects
+//! them. Two are `#[ignore]`d reproducers of bugs the simulation found (run them with
+//! `--run-ignored only`): packets stranded in boringtun's queue after a session is
+//! confirmed to its responder, and boringtun 0.7.1 sending on an unconfirmed responder
+//! session whose ring slot aliases `Tunn::current`.
 
 pub mod clock;
 pub mod ledger;
