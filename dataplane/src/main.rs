@@ -5,6 +5,7 @@
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
 //! * `join` — the same engine driven by the coordinator's live roster.
 //! * `status` / `peers` / `app add|remove` — ask the running joiner over its local socket.
+#![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
