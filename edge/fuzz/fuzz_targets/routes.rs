@@ -1,17 +1,17 @@
-//! Fuzz the edge's routes file parser (`tabbify_edge::routes::RouteTable::parse`): any text
+//! Fuzz the edge's routes file parser (`tabbify_edge::routes::HostRoutes::parse`): any text
 //! either parses or is refused with an error that names a line inside the text; a table that
 //! parses holds one route per accepted line, rendering it back as a file parses to the same
 //! routes, and every route's own host and prefix look up to its app.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_edge::routes::{RouteError, RouteTable};
+use tabbify_edge::routes::{RouteError, HostRoutes};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let table = match RouteTable::parse(text) {
+    let table = match HostRoutes::parse(text) {
         Ok(table) => table,
         Err(RouteError::Invalid { line, .. }) => {
             assert!(line >= 1 && line <= text.lines().count().max(1), "line {line} out of range");
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         .iter()
         .map(|r| format!("{} {} {}\n", r.host, r.prefix, r.app))
         .collect();
-    let again = RouteTable::parse(&rendered).expect("a rendered table parses");
+    let again = HostRoutes::parse(&rendered).expect("a rendered table parses");
     assert_eq!(again.routes(), routes);
     for r in &routes {
         // The longest matching prefix may belong to another route of the same host only

@@ -666,7 +666,7 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use http::StatusCode;
-    use tabbify_api::{HolePunch, PeerRemove, PortRange, PortRules, RosterEntry, Snapshot};
+    use tabbify_api::{HolePunch, PeerRemove, PortRange, PortRules, RosterEntry, RosterSnapshot};
 
     const SEC: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
@@ -943,7 +943,7 @@ mod tests {
         let mut m = Machine::new(config(true, vec![]));
         connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
         m.handle_event(t, Some(1), SseEvent::PeerUpsert(entry("a", 1)));
-        let snap = Snapshot {
+        let snap = RosterSnapshot {
             policy_revision: 1,
             peers: vec![entry("b", 2), entry("a", 1)],
         };
@@ -959,7 +959,7 @@ mod tests {
         connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
         let mut b = entry("b", 2);
         b.hosted_app_ulas = vec!["fd5a:1f02::7".parse().unwrap()];
-        let snap = Snapshot {
+        let snap = RosterSnapshot {
             policy_revision: 1,
             peers: vec![entry("a", 1), b],
         };
@@ -1122,7 +1122,7 @@ mod tests {
         let mut m = Machine::new(config(true, vec![]));
         connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
         let (t1, _) = reconnect(&mut m, t + SEC, vec![entry("a", 1)]);
-        let policy = Snapshot {
+        let policy = RosterSnapshot {
             policy_revision: 2,
             peers: vec![entry("a", 1)],
         };
