@@ -18,7 +18,7 @@ use base64::Engine;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, Snapshot, SseEvent};
+use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, RosterSnapshot, SseEvent};
 use crate::policy::Policy;
 use crate::sse::{Dispatch, Payload, SubjectAction};
 use crate::visibility::{ClassId, RulesId, Visibility};
@@ -247,7 +247,7 @@ impl Registry {
 
     /// `viewer`'s snapshot as a whole SSE frame with the newest event id.
     pub fn snapshot_frame(&self, viewer: &str) -> Bytes {
-        let snap = SseEvent::Snapshot(Snapshot {
+        let snap = SseEvent::Snapshot(RosterSnapshot {
             policy_revision: self.revision,
             peers: self.roster(viewer),
         });

@@ -161,37 +161,44 @@ impl Store {
             source,
         };
         fs::create_dir_all(dir).map_err(io)?;
-        let mut store = Self::in_memory();
-        match File::open(&path) {
+        let mut store = match File::open(&path) {
             Ok(f) => {
                 let lines: Vec<String> = BufReader::new(f)
                     .lines()
                     .collect::<Result<_, _>>()
                     .map_err(io)?;
-                let n = lines.len();
-                for (i, line) in lines.iter().enumerate() {
-                    if line.trim().is_empty() {
-                        continue;
-                    }
-                    match serde_json::from_str::<Record>(line) {
-                        Ok(r) => store.apply(r),
-                        // A crash mid-append leaves a torn final line: drop it.
-                        Err(_) if i + 1 == n => break,
-                        Err(e) => {
-                            return Err(StoreError::Corrupt {
-                                path: path.clone(),
-                                line: i + 1,
-                                reason: e.to_string(),
-                            })
-                        }
-                    }
-                }
+                Self::replay(&lines).map_err(|(line, reason)| StoreError::Corrupt {
+                    path: path.clone(),
+                    line,
+                    reason,
+                })?
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::in_memory(),
             Err(e) => return Err(io(e)),
-        }
+        };
         store.path = Some(path);
         store.compact()?;
+        Ok(store)
+    }
+
+    /// The in-memory state that the log `lines` describe. Blank lines are skipped; a final
+    /// line that does not parse is a torn append (a crash mid-write) and is ignored; any other
+    /// line that does not parse is `Err((1-based line number, reason))`.
+    pub fn replay<S: AsRef<str>>(lines: &[S]) -> Result<Self, (usize, String)> {
+        let mut store = Self::in_memory();
+        let n = lines.len();
+        for (i, line) in lines.iter().enumerate() {
+            let line = line.as_ref();
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<Record>(line) {
+                Ok(r) => store.apply(r),
+                // A crash mid-append leaves a torn final line: drop it.
+                Err(_) if i + 1 == n => break,
+                Err(e) => return Err((i + 1, e.to_string())),
+            }
+        }
         Ok(store)
     }
 

@@ -5,11 +5,11 @@
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
 //! * `join` — the same engine driven by the coordinator's live roster.
 //! * `status` / `peers` / `app add|remove` — ask the running joiner over its local socket.
+#![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,11 +19,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tabbify_dataplane::config::{self, Config, Key};
 use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::table::Table;
-use tabbify_dataplane::device;
-use tabbify_dataplane::driver::{DriverKind, Engine, EngineOptions};
+use tabbify_dataplane::driver::{DriverKind, EngineOptions};
+use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::{JoinOptions, TlsFiles};
-use tabbify_dataplane::sys::link;
 
 #[derive(Parser)]
 #[command(
@@ -308,6 +307,8 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     if name.is_empty() || name.len() > 15 {
         bail!("interface name `{name}` must be 1-15 bytes");
     }
+    let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
+    check_mtu("MTU", mtu)?;
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(cfg.interface.private_key.0),
         cfg.interface.listen_port.unwrap_or(0),
@@ -321,53 +322,33 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
             persistent_keepalive: p.persistent_keepalive,
         })?;
     }
-    let opts = EngineOptions {
-        interface: name.clone(),
-        threads: engine.threads,
-        driver: engine.driver(),
-        offloads: engine.offloads(),
-        listen_port: cfg.interface.listen_port.unwrap_or(0),
-        pin: engine.pin(),
+    let spec = InterfaceSpec {
+        engine: EngineOptions {
+            interface: name.clone(),
+            threads: engine.threads,
+            driver: engine.driver(),
+            offloads: engine.offloads(),
+            listen_port: cfg.interface.listen_port.unwrap_or(0),
+            pin: engine.pin(),
+        },
+        mtu,
+        addresses: cfg.interface.addresses.clone(),
+        routes: cfg
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect(),
     };
-    let engine = Engine::start(&opts, table.clone())
-        .with_context(|| format!("starting the engine on {name}"))?;
-    engine.info.log(&name);
-    let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
-    check_mtu("MTU", mtu)?;
-    link::up(&name, mtu)?;
-    for a in &cfg.interface.addresses {
-        link::add_address(&name, a)?;
-    }
-    for p in &cfg.peers {
-        for n in &p.allowed_ips {
-            if let Err(e) = link::add_route(&name, n) {
-                tracing::warn!(prefix = %n, error = %e, "route not added");
-            }
-        }
-    }
-    let uapi = device::serve_uapi(&name, table.clone(), engine.shared.clone())
-        .with_context(|| format!("opening the UAPI socket for {name}"))?;
-
-    let term = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, term.clone()).context("installing signal handlers")?;
-    }
+    let iface = Interface::start(&spec, table)?;
     tracing::info!(interface = %name, "up; SIGINT or SIGTERM to stop");
-    while !term.load(Ordering::Relaxed) && !engine.failed() {
+    let stop = loop {
+        if let Some(stop) = iface.stop_reason() {
+            break stop;
+        }
         std::thread::sleep(Duration::from_millis(100));
-    }
-    let failed = engine.failed();
-    let drops = engine.shared.counters.nonzero();
-    drop(uapi);
-    engine.stop();
-    for (reason, n) in drops {
-        tracing::info!(reason = reason.name(), count = n, "dropped packets");
-    }
-    if failed {
-        bail!("a worker failed; see the log above");
-    }
-    tracing::info!(interface = %name, "interface removed");
-    Ok(())
+    };
+    iface.shut_down();
+    stop.into_result()
 }
 
 fn join(a: JoinArgs) -> anyhow::Result<()> {

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 
 use crate::error::EdgeError;
 use crate::pool::{Conn, ConnPool};
-use crate::wire::{self, Decoder, WireError};
+use crate::wire::{self, CodecError, Decoder};
 
 /// Bytes kept free in a connection's read buffer before each read.
 const READ_CHUNK: usize = 16 * 1024;
@@ -159,7 +159,7 @@ pub enum BodyError {
     Io(#[from] std::io::Error),
     /// The body's framing is invalid or it ended early.
     #[error("response body: {0}")]
-    Wire(#[from] WireError),
+    Wire(#[from] CodecError),
 }
 
 /// A response body read from the app's connection as it is polled.

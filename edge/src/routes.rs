@@ -63,13 +63,13 @@ pub struct Route {
 
 /// The hostname → (prefix → app) table.
 #[derive(Debug, Default)]
-pub struct RouteTable {
+pub struct HostRoutes {
     /// Per host, routes sorted by prefix length, longest first.
     hosts: HashMap<String, Vec<Route>>,
     len: usize,
 }
 
-impl RouteTable {
+impl HostRoutes {
     /// Parses the routes file format (see the module docs).
     pub fn parse(text: &str) -> Result<Self, RouteError> {
         let mut hosts: HashMap<String, Vec<Route>> = HashMap::new();
@@ -114,7 +114,7 @@ impl RouteTable {
         for routes in hosts.values_mut() {
             routes.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         }
-        Ok(RouteTable { hosts, len })
+        Ok(HostRoutes { hosts, len })
     }
 
     /// Reads and parses a routes file.
@@ -218,24 +218,24 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 /// The active routes table, shared by every connection.
 #[derive(Default)]
 pub struct Routes {
-    table: ArcSwap<RouteTable>,
+    table: ArcSwap<HostRoutes>,
 }
 
 impl Routes {
     /// A handle holding `table`.
-    pub fn new(table: RouteTable) -> Self {
+    pub fn new(table: HostRoutes) -> Self {
         Routes {
             table: ArcSwap::from_pointee(table),
         }
     }
 
     /// The current table (cheap; valid even if a reload happens meanwhile).
-    pub fn current(&self) -> arc_swap::Guard<Arc<RouteTable>> {
+    pub fn current(&self) -> arc_swap::Guard<Arc<HostRoutes>> {
         self.table.load()
     }
 
     /// Replaces the table; requests already routed are unaffected.
-    pub fn replace(&self, table: RouteTable) {
+    pub fn replace(&self, table: HostRoutes) {
         self.table.store(Arc::new(table));
     }
 }
@@ -283,7 +283,7 @@ pub async fn watch(path: PathBuf, routes: Arc<Routes>, metrics: Arc<Metrics>, in
             continue;
         }
         last = now;
-        match RouteTable::load(&path) {
+        match HostRoutes::load(&path) {
             Ok(table) => {
                 tracing::info!(path = %path.display(), routes = table.len(), "routes reloaded");
                 metrics.routes_loaded(table.len());
@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn longest_prefix_on_segment_boundary_wins() {
-        let t = RouteTable::parse(&format!(
+        let t = HostRoutes::parse(&format!(
             "# comment\n\nShop.Example.com {A}\nshop.example.com /api {B}  # trailing\nshop.example.com /api/v2/ {C}\n"
         ))
         .unwrap();
@@ -327,13 +327,13 @@ mod tests {
 
     #[test]
     fn host_without_root_route_misses_other_paths() {
-        let t = RouteTable::parse(&format!("a.test /only {A}\n")).unwrap();
+        let t = HostRoutes::parse(&format!("a.test /only {A}\n")).unwrap();
         assert_eq!(t.lookup("a.test", "/only/x"), Some(u(A)));
         assert_eq!(t.lookup("a.test", "/"), None);
     }
 
     fn err_of(text: &str) -> (usize, &'static str) {
-        match RouteTable::parse(text).unwrap_err() {
+        match HostRoutes::parse(text).unwrap_err() {
             RouteError::Invalid { line, field, .. } => (line, field),
             other => panic!("unexpected {other}"),
         }
@@ -357,7 +357,7 @@ mod tests {
 
     #[test]
     fn routes_lists_every_entry() {
-        let t = RouteTable::parse(&format!("b.test {A}\na.test /x {B}\na.test {C}\n")).unwrap();
+        let t = HostRoutes::parse(&format!("b.test {A}\na.test /x {B}\na.test {C}\n")).unwrap();
         let r = t.routes();
         assert_eq!(r.len(), 3);
         assert_eq!((r[0].host.as_str(), r[0].prefix.as_str()), ("a.test", "/x"));

@@ -34,7 +34,7 @@ use crate::config::{EdgeConfig, Limits};
 use crate::error::EdgeError;
 use crate::metrics::{Metrics, RouteKind};
 use crate::proxy::{AppPath, Proxy, Target};
-use crate::routes::{self, RouteError, RouteTable, Routes};
+use crate::routes::{self, HostRoutes, RouteError, Routes};
 
 /// Why an edge could not start.
 #[derive(Debug, Error)]
@@ -74,11 +74,11 @@ impl Edge {
         let metrics = Arc::new(Metrics::default());
         let table = match &config.routes_file {
             Some(path) => {
-                let table = RouteTable::load(path)?;
+                let table = HostRoutes::load(path)?;
                 metrics.routes_loaded(table.len());
                 table
             }
-            None => RouteTable::default(),
+            None => HostRoutes::default(),
         };
         let shared = Shared {
             key: config.key.clone(),

@@ -32,7 +32,7 @@ const MAX_TRAILERS: usize = 16 * 1024;
 
 /// Why an app's response cannot be relayed.
 #[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-pub enum WireError {
+pub enum CodecError {
     /// The head is not valid HTTP/1.x.
     #[error("invalid response head")]
     Head,
@@ -123,7 +123,7 @@ pub enum Framing {
 pub fn parse_response(
     buf: &mut BytesMut,
     head_request: bool,
-) -> Result<Option<ResponseHead>, WireError> {
+) -> Result<Option<ResponseHead>, CodecError> {
     loop {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
@@ -135,19 +135,19 @@ pub fn parse_response(
         let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
-                return Err(WireError::HeadTooLarge)
+                return Err(CodecError::HeadTooLarge)
             }
             Ok(httparse::Status::Partial) => return Ok(None),
-            Err(httparse::Error::TooManyHeaders) => return Err(WireError::HeadTooLarge),
-            Err(_) => return Err(WireError::Head),
+            Err(httparse::Error::TooManyHeaders) => return Err(CodecError::HeadTooLarge),
+            Err(_) => return Err(CodecError::Head),
         };
         if len > MAX_HEAD {
-            return Err(WireError::HeadTooLarge);
+            return Err(CodecError::HeadTooLarge);
         }
-        let code = resp.code.ok_or(WireError::Head)?;
-        let status = StatusCode::from_u16(code).map_err(|_| WireError::Head)?;
+        let code = resp.code.ok_or(CodecError::Head)?;
+        let status = StatusCode::from_u16(code).map_err(|_| CodecError::Head)?;
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(WireError::UnexpectedSwitch);
+            return Err(CodecError::UnexpectedSwitch);
         }
         if status.is_informational() {
             buf.advance(len);
@@ -174,9 +174,9 @@ pub fn parse_response(
             let (name, name_len) = (name as usize, name_len as usize);
             let (value, value_len) = (value as usize, value_len as usize);
             let name = HeaderName::from_bytes(&head[name..name + name_len])
-                .map_err(|_| WireError::Head)?;
+                .map_err(|_| CodecError::Head)?;
             let value = HeaderValue::from_maybe_shared(head.slice(value..value + value_len))
-                .map_err(|_| WireError::Head)?;
+                .map_err(|_| CodecError::Head)?;
             headers.append(name, value);
         }
         return finish_head(status, headers, http11, head_request).map(Some);
@@ -189,7 +189,7 @@ fn finish_head(
     mut headers: HeaderMap,
     http11: bool,
     head_request: bool,
-) -> Result<ResponseHead, WireError> {
+) -> Result<ResponseHead, CodecError> {
     let close = headers
         .get_all(CONNECTION)
         .iter()
@@ -241,13 +241,13 @@ fn last_transfer_coding(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The one `Content-Length` value (repeats must agree), or `None` when absent.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, WireError> {
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, CodecError> {
     let mut found = None;
     for value in headers.get_all(CONTENT_LENGTH) {
         for part in value.as_bytes().split(|b| *b == b',') {
-            let n = parse_decimal(trim_ows(part)).ok_or(WireError::ContentLength)?;
+            let n = parse_decimal(trim_ows(part)).ok_or(CodecError::ContentLength)?;
             if found.is_some_and(|f| f != n) {
-                return Err(WireError::ContentLength);
+                return Err(CodecError::ContentLength);
             }
             found = Some(n);
         }
@@ -332,7 +332,7 @@ impl Decoder {
 
     /// The next piece of body data from the front of `buf`, or `Ok(None)` when `buf` holds no
     /// more (or the body has ended: see [`Decoder::is_done`]).
-    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, WireError> {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, CodecError> {
         loop {
             match self {
                 Decoder::Done => return Ok(None),
@@ -384,7 +384,7 @@ impl Decoder {
                             return Ok(None);
                         }
                         if &buf[..2] != b"\r\n" {
-                            return Err(WireError::Chunked);
+                            return Err(CodecError::Chunked);
                         }
                         buf.advance(2);
                         *state = Chunk::Size;
@@ -406,13 +406,13 @@ impl Decoder {
 
     /// The app closed the connection: fine for a read-until-close body, an error for a body
     /// that has not reached its declared end.
-    pub fn eof(&mut self) -> Result<(), WireError> {
+    pub fn eof(&mut self) -> Result<(), CodecError> {
         match self {
             Decoder::UntilClose | Decoder::Done => {
                 *self = Decoder::Done;
                 Ok(())
             }
-            _ => Err(WireError::Truncated),
+            _ => Err(CodecError::Truncated),
         }
     }
 }
@@ -423,31 +423,31 @@ fn clamp_len(remaining: u64, available: usize) -> usize {
 
 /// Takes one CRLF-terminated line (without the CRLF) off the front of `buf`; `Ok(None)` when
 /// no complete line is there yet; an error past `limit` bytes or on a bare LF.
-fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, WireError> {
+fn take_line(buf: &mut BytesMut, limit: usize) -> Result<Option<BytesMut>, CodecError> {
     match buf.iter().position(|b| *b == b'\n') {
         Some(lf) if lf > 0 && buf[lf - 1] == b'\r' && lf < limit => {
             let mut line = buf.split_to(lf + 1);
             line.truncate(lf - 1);
             Ok(Some(line))
         }
-        Some(_) => Err(WireError::Chunked),
-        None if buf.len() >= limit => Err(WireError::Chunked),
+        Some(_) => Err(CodecError::Chunked),
+        None if buf.len() >= limit => Err(CodecError::Chunked),
         None => Ok(None),
     }
 }
 
 /// `1*HEXDIG [ BWS ";" extensions ]`: the size, extensions ignored.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
+fn parse_chunk_size(line: &[u8]) -> Result<u64, CodecError> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     if digits == 0 || digits > 16 {
-        return Err(WireError::Chunked);
+        return Err(CodecError::Chunked);
     }
     let rest = trim_ows(&line[digits..]);
     if !(rest.is_empty() || rest[0] == b';') {
-        return Err(WireError::Chunked);
+        return Err(CodecError::Chunked);
     }
     line[..digits].iter().try_fold(0u64, |acc, b| {
-        let digit = (*b as char).to_digit(16).ok_or(WireError::Chunked)?;
+        let digit = (*b as char).to_digit(16).ok_or(CodecError::Chunked)?;
         Ok((acc << 4) | u64::from(digit))
     })
 }
@@ -456,13 +456,13 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, WireError> {
 mod tests {
     use super::*;
 
-    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, WireError>, BytesMut) {
+    fn parse(raw: &[u8]) -> (Result<Option<ResponseHead>, CodecError>, BytesMut) {
         let mut buf = BytesMut::from(raw);
         let head = parse_response(&mut buf, false);
         (head, buf)
     }
 
-    fn decode_all(framing: Framing, raw: &[u8], step: usize) -> Result<Vec<u8>, WireError> {
+    fn decode_all(framing: Framing, raw: &[u8], step: usize) -> Result<Vec<u8>, CodecError> {
         let mut dec = Decoder::new(framing);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
@@ -521,16 +521,16 @@ mod tests {
         assert_eq!(rest.len(), 27, "nothing consumed");
         let mut big = b"HTTP/1.1 200 OK\r\nx: ".to_vec();
         big.resize(MAX_HEAD + 10, b'a');
-        assert_eq!(parse(&big).0.unwrap_err(), WireError::HeadTooLarge);
+        assert_eq!(parse(&big).0.unwrap_err(), CodecError::HeadTooLarge);
         assert_eq!(
             parse(b"HTTP/1.1 2000 OK\r\n\r\n").0.unwrap_err(),
-            WireError::Head
+            CodecError::Head
         );
         assert_eq!(
             parse(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
                 .0
                 .unwrap_err(),
-            WireError::UnexpectedSwitch
+            CodecError::UnexpectedSwitch
         );
     }
 
@@ -567,11 +567,11 @@ mod tests {
         );
         assert_eq!(
             framing(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n"),
-            Err(WireError::ContentLength)
+            Err(CodecError::ContentLength)
         );
         assert_eq!(
             framing(b"HTTP/1.1 200 OK\r\ncontent-length: +3\r\n\r\n"),
-            Err(WireError::ContentLength)
+            Err(CodecError::ContentLength)
         );
         let mut buf = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n"[..]);
         let head = parse_response(&mut buf, true).unwrap().unwrap();
@@ -595,27 +595,27 @@ mod tests {
     fn chunked_errors_and_truncation() {
         assert_eq!(
             decode_all(Framing::Chunked, b"zz\r\n", 64),
-            Err(WireError::Chunked)
+            Err(CodecError::Chunked)
         );
         assert_eq!(
             decode_all(Framing::Chunked, b"3\r\nabcX\r\n", 64),
-            Err(WireError::Chunked)
+            Err(CodecError::Chunked)
         );
         assert_eq!(
             decode_all(Framing::Chunked, b"3\nabc\r\n", 64),
-            Err(WireError::Chunked)
+            Err(CodecError::Chunked)
         );
         assert_eq!(
             decode_all(Framing::Chunked, b"11111111111111111\r\n", 64),
-            Err(WireError::Chunked)
+            Err(CodecError::Chunked)
         );
         assert_eq!(
             decode_all(Framing::Chunked, b"3\r\nab", 64),
-            Err(WireError::Truncated)
+            Err(CodecError::Truncated)
         );
         assert_eq!(
             decode_all(Framing::Length(4), b"abc", 64),
-            Err(WireError::Truncated)
+            Err(CodecError::Truncated)
         );
         assert_eq!(decode_all(Framing::UntilClose, b"abc", 2).unwrap(), b"abc");
     }

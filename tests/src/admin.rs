@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
+use tabbify_api as api;
 
 use crate::netns::{run_checked, Netns};
 use crate::pki::{path_str, Issued};
@@ -100,28 +101,35 @@ impl Admin {
 
     /// `PUT /v1/policy`; returns the new revision's answer.
     pub fn put_policy(&self, policy: &Value) -> Result<Value> {
-        self.expect_ok("PUT", "/v1/policy", Some(policy))
+        self.expect_ok("PUT", api::PATH_POLICY, Some(policy))
     }
 
     /// `POST /v1/tokens`: a join token granting `tags` (and the display name `name`),
     /// valid for ten minutes and `max_uses` registrations; returns the secret.
     pub fn create_token(&self, tags: &[&str], name: Option<&str>, max_uses: u32) -> Result<String> {
-        let mut request = serde_json::json!({"tags": tags, "ttl_secs": 600, "max_uses": max_uses});
-        if let Some(name) = name {
-            request["name"] = Value::String(name.to_owned());
-        }
-        let answer = self.expect_ok("POST", "/v1/tokens", Some(&request))?;
-        answer["token"]
-            .as_str()
-            .map(str::to_owned)
-            .with_context(|| format!("no token in {answer}"))
+        let request = api::TokenRequest {
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            name: name.map(str::to_owned),
+            ttl_secs: 600,
+            max_uses,
+        };
+        let answer = self.expect_ok(
+            "POST",
+            api::PATH_TOKENS,
+            Some(&serde_json::to_value(&request)?),
+        )?;
+        let token: api::TokenResponse = serde_json::from_value(answer.clone())
+            .with_context(|| format!("not a token answer: {answer}"))?;
+        Ok(token.token)
     }
 
     /// `DELETE /v1/mesh/peers/{id}`: revokes a peer.
     pub fn revoke(&self, peer_id: &str) -> Result<()> {
-        let answer = self.expect_ok("DELETE", &format!("/v1/mesh/peers/{peer_id}"), None)?;
+        let answer = self.expect_ok("DELETE", &format!("{}/{peer_id}", api::PATH_PEERS), None)?;
+        let revoked: api::RevokeResponse = serde_json::from_value(answer.clone())
+            .with_context(|| format!("not a revocation answer: {answer}"))?;
         ensure!(
-            answer["revoked"] == Value::Bool(true),
+            revoked.revoked,
             "revocation answer without revoked: true: {answer}"
         );
         Ok(())

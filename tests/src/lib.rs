@@ -63,4 +63,4 @@ pub use process::Process;
 pub use testbed::Testbed;
 pub use tunnel::{Inner, Tunnel, TunnelSpec};
 pub use veth::{VethOptions, VethPair};
-pub use wg::{Implementation, InterfaceConfig, Keypair, PeerConfig, WgPeer};
+pub use wg::{Implementation, InterfaceConfig, Keypair, WgPeer, WgPeerConfig};

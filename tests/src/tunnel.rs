@@ -16,7 +16,7 @@ use rand::Rng;
 
 use crate::traffic::{tcp_transfer, wait_ping};
 use crate::veth::{VethOptions, VethPair};
-use crate::wg::{generate_psk, Implementation, InterfaceConfig, Keypair, PeerConfig, WgPeer};
+use crate::wg::{generate_psk, Implementation, InterfaceConfig, Keypair, WgPeer, WgPeerConfig};
 use crate::Netns;
 
 /// Tunnel MTU used by every scenario (the mesh default).
@@ -126,7 +126,7 @@ impl Tunnel {
             left_ns,
             &spec.left,
             &interface(&left_key, &left_inner, spec.mtu),
-            &[PeerConfig {
+            &[WgPeerConfig {
                 public_key: right_key.public.clone(),
                 preshared_key: psk.clone(),
                 allowed_ips: host_prefixes(&right_inner),
@@ -139,7 +139,7 @@ impl Tunnel {
             right_ns,
             &spec.right,
             &interface(&right_key, &right_inner, spec.mtu),
-            &[PeerConfig {
+            &[WgPeerConfig {
                 public_key: left_key.public.clone(),
                 preshared_key: psk,
                 allowed_ips: host_prefixes(&left_inner),

@@ -193,7 +193,7 @@ pub struct InterfaceConfig {
 
 /// One `[Peer]` section.
 #[derive(Debug, Clone, Default)]
-pub struct PeerConfig {
+pub struct WgPeerConfig {
     /// The peer's public key.
     pub public_key: String,
     /// Optional preshared key.
@@ -221,7 +221,7 @@ impl WgPeer {
         netns: &Netns,
         implementation: &Implementation,
         interface: &InterfaceConfig,
-        peers: &[PeerConfig],
+        peers: &[WgPeerConfig],
     ) -> Result<WgPeer> {
         crate::prereq::require(&implementation.tools())?;
         let ifname = fresh_ifname();
@@ -333,7 +333,7 @@ impl WgPeer {
         &self,
         config_path: &Path,
         interface: &InterfaceConfig,
-        peers: &[PeerConfig],
+        peers: &[WgPeerConfig],
     ) -> Result<()> {
         let netns = self.netns();
         let config = config_path.to_str().context("non-UTF-8 config path")?;
@@ -410,7 +410,7 @@ impl WgPeer {
     }
 
     /// Waits until `wg show` reports a completed handshake with `peer_public_key`.
-    pub fn wait_handshake(&self, peer_public_key: &str, timeout: Duration) -> Result<PeerStatus> {
+    pub fn wait_handshake(&self, peer_public_key: &str, timeout: Duration) -> Result<WgPeerStatus> {
         wait::until(
             &format!(
                 "{} to complete a handshake with {peer_public_key}",
@@ -487,7 +487,7 @@ fn fresh_ifname() -> String {
 
 /// The configuration file: wg-quick format for ours (with Address and MTU), `wg setconf`
 /// format for the stock daemons (without them).
-fn render_config(interface: &InterfaceConfig, peers: &[PeerConfig], wg_quick: bool) -> String {
+fn render_config(interface: &InterfaceConfig, peers: &[WgPeerConfig], wg_quick: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[Interface]");
     let _ = writeln!(out, "PrivateKey = {}", interface.keypair.private);
@@ -525,12 +525,12 @@ pub struct WgDump {
     /// The listen port.
     pub listen_port: u16,
     /// One entry per peer.
-    pub peers: Vec<PeerStatus>,
+    pub peers: Vec<WgPeerStatus>,
 }
 
 /// One peer line of `wg show dump`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerStatus {
+pub struct WgPeerStatus {
     /// Its public key.
     pub public_key: String,
     /// Its current endpoint, if known.
@@ -570,7 +570,7 @@ impl WgDump {
                 f.len()
             );
             let none = |s: &str| (s != "(none)" && s != "off").then(|| s.to_owned());
-            peers.push(PeerStatus {
+            peers.push(WgPeerStatus {
                 public_key: f[0].to_owned(),
                 endpoint: none(f[2]),
                 allowed_ips: none(f[3])
@@ -601,7 +601,7 @@ impl WgDump {
     }
 
     /// The peer with this public key.
-    pub fn peer(&self, public_key: &str) -> Option<&PeerStatus> {
+    pub fn peer(&self, public_key: &str) -> Option<&WgPeerStatus> {
         self.peers.iter().find(|peer| peer.public_key == public_key)
     }
 }
@@ -665,7 +665,7 @@ mod tests {
             addresses: vec!["10.9.0.1/24".into(), "fd5a:1f00:1:2:3::1/128".into()],
             mtu: 1420,
         };
-        let peers = [PeerConfig {
+        let peers = [WgPeerConfig {
             public_key: "peer".into(),
             preshared_key: Some("psk".into()),
             allowed_ips: vec!["10.9.0.2/32".into()],

@@ -27,6 +27,7 @@
 //! Every error is a 4xx/5xx status with an [`ErrorBody`]: `{"error": "...", "code": "..."}`.
 //!
 //! The SSE stream's wire format and its decoder are in [`sse`].
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::{Ipv6Addr, SocketAddr};
@@ -210,7 +211,7 @@ pub struct PeersResponse {
 
 /// Data of the `snapshot` and `policy` SSE events: the whole visible roster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct RosterSnapshot {
     /// Revision of the policy this roster was computed under.
     pub policy_revision: u64,
     /// The peers, sorted by `peer_id`.

@@ -111,3 +111,53 @@ pub struct Status {
     /// Visible peers.
     pub peers: Vec<PeerStatus>,
 }
+
+impl Status {
+    /// The visible peer named `name`.
+    pub fn peer(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|peer| peer.name == name)
+    }
+
+    /// Visible peer names, sorted.
+    pub fn peer_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.peers.iter().map(|peer| peer.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    /// A one-line digest (for logs and failure messages): registration, connection and
+    /// each peer's endpoint, handshake, direct flag, app ULAs and outbound ports.
+    pub fn summary(&self) -> String {
+        let peers: Vec<String> = self
+            .peers
+            .iter()
+            .map(|peer| {
+                format!(
+                    "{} ({}) endpoint {} handshake {} direct {} apps {:?} out {:?}",
+                    peer.name,
+                    peer.ula,
+                    peer.endpoint
+                        .map_or_else(|| "none".to_owned(), |e| e.to_string()),
+                    peer.latest_handshake
+                        .map_or_else(|| "never".to_owned(), |t| t.to_string()),
+                    peer.direct,
+                    peer.app_ulas,
+                    peer.ports
+                        .outbound
+                        .iter()
+                        .map(|r| format!("{}-{}", r.first, r.last))
+                        .collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        format!(
+            "{} ({}) registered {} connected {} hosted {:?} peers [{}]",
+            self.name,
+            self.ula,
+            self.registered,
+            self.coordinator.connected,
+            self.hosted_apps.iter().map(|a| a.ula).collect::<Vec<_>>(),
+            peers.join("; ")
+        )
+    }
+}

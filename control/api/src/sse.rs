@@ -11,9 +11,9 @@
 //!
 //! * `id` is a coordinator-wide, strictly increasing event number. A stream skips the ids
 //!   of events it may not see, so ids have gaps.
-//! * The first event of every stream is `snapshot` ([`Snapshot`]): the caller's whole
+//! * The first event of every stream is `snapshot` ([`RosterSnapshot`]): the caller's whole
 //!   visible roster. Then, in id order: `peer_upsert` ([`RosterEntry`], add or replace by
-//!   `peer_id`), `peer_remove` ([`PeerRemove`]), `policy` ([`Snapshot`]: the policy changed;
+//!   `peer_id`), `peer_remove` ([`PeerRemove`]), `policy` ([`RosterSnapshot`]: the policy changed;
 //!   replace the whole roster with this one) and `hole_punch` ([`HolePunch`]).
 //! * A reconnecting client sends `Last-Event-ID: <id>`. If the coordinator still holds every
 //!   event after that id (and the policy has not changed since), the stream resumes with
@@ -26,19 +26,19 @@
 //! [`SseDecoder`] turns the byte stream back into [`SseFrame`]s and [`SseEvent::parse`]
 //! turns a frame into a typed event.
 
-use crate::{HolePunch, PeerRemove, RosterEntry, Snapshot};
+use crate::{HolePunch, PeerRemove, RosterEntry, RosterSnapshot};
 
 /// A typed SSE event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SseEvent {
     /// The whole visible roster (first event of a stream, or after falling behind).
-    Snapshot(Snapshot),
+    Snapshot(RosterSnapshot),
     /// A peer joined or changed.
     PeerUpsert(RosterEntry),
     /// A peer left.
     PeerRemove(PeerRemove),
     /// The policy changed: the whole roster as the new policy shows it.
-    Policy(Snapshot),
+    Policy(RosterSnapshot),
     /// Punch a hole towards another NATed peer now.
     HolePunch(HolePunch),
 }
@@ -220,7 +220,7 @@ mod tests {
     #[test]
     fn frames_round_trip_through_the_decoder() {
         let events = [
-            SseEvent::Snapshot(Snapshot {
+            SseEvent::Snapshot(RosterSnapshot {
                 policy_revision: 3,
                 peers: vec![entry()],
             }),

@@ -134,7 +134,7 @@ pub struct Config {
     /// The `[Interface]` section.
     pub interface: InterfaceConfig,
     /// The `[Peer]` sections, in file order; public keys are distinct.
-    pub peers: Vec<PeerConfig>,
+    pub peers: Vec<PeerSection>,
     /// wg-quick-only keys that were accepted but are not acted on, in file order.
     pub ignored: Vec<IgnoredKey>,
 }
@@ -169,7 +169,7 @@ impl fmt::Debug for InterfaceConfig {
 
 /// One `[Peer]` section.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PeerConfig {
+pub struct PeerSection {
     /// `PublicKey` (required, unique in the file).
     pub public_key: Key,
     /// `PresharedKey`.
@@ -182,9 +182,9 @@ pub struct PeerConfig {
     pub persistent_keepalive: Option<u16>,
 }
 
-impl fmt::Debug for PeerConfig {
+impl fmt::Debug for PeerSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PeerConfig")
+        f.debug_struct("PeerSection")
             .field("public_key", &self.public_key)
             .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
             .field("allowed_ips", &self.allowed_ips)
@@ -626,7 +626,7 @@ impl Parser {
                     ConfigErrorReason::DuplicatePeer(first),
                 ));
             }
-            peers.push(PeerConfig {
+            peers.push(PeerSection {
                 public_key,
                 preshared_key: p.preshared_key.map(|(_, k)| k),
                 allowed_ips: p.allowed_ips,

@@ -13,7 +13,7 @@ use crate::config::Key;
 use crate::core::peer::PeerConfig;
 use crate::core::table::Table;
 use crate::driver::Shared;
-use crate::uapi::{DeviceStatus, DeviceUpdate, PeerStatus, UapiErrno, UapiHandler, UapiServer};
+use crate::uapi::{DeviceStatus, DeviceUpdate, UapiErrno, UapiHandler, UapiPeerStatus, UapiServer};
 
 /// Serves `/var/run/wireguard/<name>.sock` until the returned server is dropped.
 pub fn serve_uapi(name: &str, table: Arc<Table>, shared: Shared) -> std::io::Result<UapiServer> {
@@ -49,7 +49,7 @@ impl UapiHandler for Device {
                 let last_handshake = since
                     .and_then(|d| now.checked_sub(d))
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-                PeerStatus {
+                UapiPeerStatus {
                     public_key: Key(e.peer.public_key),
                     preshared_key: e.peer.config.preshared_key.map(Key),
                     endpoint,

@@ -158,12 +158,12 @@ pub struct DeviceStatus {
     /// The firewall mark, if any.
     pub fwmark: Option<u32>,
     /// Every peer.
-    pub peers: Vec<PeerStatus>,
+    pub peers: Vec<UapiPeerStatus>,
 }
 
 /// One peer in a `get` response.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerStatus {
+pub struct UapiPeerStatus {
     /// The peer's public key.
     pub public_key: Key,
     /// The preshared key, if any.
@@ -182,7 +182,7 @@ pub struct PeerStatus {
     pub persistent_keepalive: Option<u16>,
 }
 
-impl PeerStatus {
+impl UapiPeerStatus {
     /// A peer with no endpoint, prefixes, handshake or traffic.
     pub fn new(public_key: Key) -> Self {
         Self {
@@ -386,7 +386,7 @@ pub fn parse_get(text: &str) -> Result<DeviceStatus, UapiError> {
         }
         if key == "public_key" {
             let k = Key::from_hex(value).map_err(|e| invalid(line, e))?;
-            d.peers.push(PeerStatus::new(k));
+            d.peers.push(UapiPeerStatus::new(k));
             continue;
         }
         let Some(p) = d.peers.last_mut() else {
@@ -576,7 +576,7 @@ mod tests {
             listen_port: 51820,
             fwmark: None,
             peers: vec![
-                PeerStatus {
+                UapiPeerStatus {
                     public_key: k(K2),
                     preshared_key: Some(k(PSK)),
                     endpoint: Some("[fd00::1]:51821".parse().unwrap()),
@@ -589,7 +589,7 @@ mod tests {
                     tx_bytes: 5678,
                     persistent_keepalive: Some(25),
                 },
-                PeerStatus::new(k(K3)),
+                UapiPeerStatus::new(k(K3)),
             ],
         }
     }

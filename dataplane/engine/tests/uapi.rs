@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use tabbify_engine::config::{public_key, Key};
 use tabbify_engine::uapi::{
-    DeviceStatus, DeviceUpdate, PeerStatus, UapiErrno, UapiHandler, UapiServer,
+    DeviceStatus, DeviceUpdate, UapiErrno, UapiHandler, UapiPeerStatus, UapiServer,
 };
 
 const PRIV: &str = "yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=";
@@ -66,7 +66,7 @@ impl UapiHandler for Device {
                 Some(i) => i,
                 None if p.update_only => continue,
                 None => {
-                    s.peers.push(PeerStatus::new(p.public_key));
+                    s.peers.push(UapiPeerStatus::new(p.public_key));
                     s.peers.len() - 1
                 }
             };
@@ -145,7 +145,7 @@ fn wg_show_dump_lists_device_and_peers() -> Result<()> {
         s.private_key = Some(key(PRIV));
         s.listen_port = 51820;
         s.fwmark = Some(0x42);
-        let mut a = PeerStatus::new(key(PEER_A));
+        let mut a = UapiPeerStatus::new(key(PEER_A));
         a.preshared_key = Some(key(PSK));
         a.endpoint = Some("192.0.2.7:51821".parse()?);
         a.allowed_ips = vec!["10.0.0.2/32".parse()?, "fd5a:1f00:1::/48".parse()?];
@@ -153,7 +153,7 @@ fn wg_show_dump_lists_device_and_peers() -> Result<()> {
         a.rx_bytes = 1111;
         a.tx_bytes = 2222;
         a.persistent_keepalive = Some(25);
-        let mut b = PeerStatus::new(key(PEER_B));
+        let mut b = UapiPeerStatus::new(key(PEER_B));
         b.endpoint = Some("[2001:db8::1]:4500".parse()?);
         s.peers = vec![a, b];
     }

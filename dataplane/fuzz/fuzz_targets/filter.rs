@@ -9,8 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::filter::PortFilter;
-use tabbify_dataplane::core::wire::IpPacket;
+use tabbify_engine::core::filter::PortFilter;
+use tabbify_engine::core::wire::IpPacket;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {

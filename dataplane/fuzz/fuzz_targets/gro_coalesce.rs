@@ -6,8 +6,8 @@
 use std::ops::ControlFlow;
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::offload::{self, split, CoalesceError, Coalescer, VirtioNetHdr};
-use tabbify_dataplane::core::wire::{checksum, IpPacket};
+use tabbify_engine::core::offload::{self, split, CoalesceError, Coalescer, VirtioNetHdr};
+use tabbify_engine::core::wire::{checksum, IpPacket};
 
 fuzz_target!(|data: &[u8]| {
     let mut c = Coalescer::new(4);

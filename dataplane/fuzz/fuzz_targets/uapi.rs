@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::uapi::{format_get, parse_get, SetParser};
+use tabbify_engine::uapi::{format_get, parse_get, SetParser};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

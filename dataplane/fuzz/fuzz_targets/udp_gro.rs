@@ -6,9 +6,9 @@
 use std::ops::ControlFlow;
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::offload::{self, split, CoalesceError, VirtioNetHdr};
-use tabbify_dataplane::core::offload::{UdpCoalescer, UdpPush};
-use tabbify_dataplane::core::wire::{checksum, IpPacket};
+use tabbify_engine::core::offload::{self, split, CoalesceError, VirtioNetHdr};
+use tabbify_engine::core::offload::{UdpCoalescer, UdpPush};
+use tabbify_engine::core::wire::{checksum, IpPacket};
 
 fuzz_target!(|data: &[u8]| {
     let mut c = UdpCoalescer::new(4);

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::wire::{
+use tabbify_engine::core::wire::{
     checksum, peek_dst, peek_src, IpPacket, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket,
     UdpPacket,
 };

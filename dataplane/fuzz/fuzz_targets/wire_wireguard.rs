@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tabbify_dataplane::core::wire::wireguard::{peek_receiver_index, MessageType, WgMessage};
+use tabbify_engine::core::wire::wireguard::{peek_receiver_index, MessageType, WgMessage};
 
 fuzz_target!(|data: &[u8]| {
     match WgMessage::new_checked(data) {

@@ -7,6 +7,7 @@
 
 pub mod epoll;
 pub mod timers;
+#[allow(unsafe_code)]
 pub mod uring;
 
 use std::fmt;

@@ -59,15 +59,58 @@ const UDP_GROUP: u16 = 1;
 const TUN_FILE: Fixed = Fixed(0);
 const UDP_FILE: Fixed = Fixed(1);
 
-const KIND_TUN_READ: u64 = 1;
-const KIND_UDP_RECV: u64 = 2;
-const KIND_UDP_SEND: u64 = 3;
-const KIND_TUN_WRITE: u64 = 4;
-const KIND_CANCEL: u64 = 5;
+/// What a submission is, carried in its 64-bit user data: the kind in the top byte, the
+/// slot (send slot, or write index and batch) in the 56 bits below. Every completion is
+/// decoded through [`Op::decode`]; nothing else reads the bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    /// The multishot READ on the TUN.
+    TunRead,
+    /// The multishot RECVMSG on the UDP socket.
+    UdpRecv,
+    /// A SENDMSG (or its stand-in NOP) of send slot `slot`.
+    UdpSend {
+        /// The [`TxBatch`] slot it sends.
+        slot: usize,
+    },
+    /// A TUN WRITE of one packet of write batch `batch` (0 or 1).
+    TunWrite {
+        /// Which of the two alternating write batches.
+        batch: usize,
+    },
+    /// The cancel-everything request at shutdown.
+    Cancel,
+}
 
-#[inline]
-fn ud(kind: u64, i: usize) -> u64 {
-    (kind << 56) | i as u64
+impl Op {
+    const KIND_SHIFT: u32 = 56;
+    const SLOT_MASK: u64 = (1 << Self::KIND_SHIFT) - 1;
+
+    /// The user data for this op. A TUN write also carries its packet's index `k`, so
+    /// that no two in-flight writes share user data (useful when tracing).
+    fn encode(self, k: usize) -> u64 {
+        let (kind, slot) = match self {
+            Op::TunRead => (1, 0),
+            Op::UdpRecv => (2, 0),
+            Op::UdpSend { slot } => (3, slot as u64),
+            Op::TunWrite { batch } => (4, ((k as u64) << 1) | (batch as u64 & 1)),
+            Op::Cancel => (5, 0),
+        };
+        (kind << Self::KIND_SHIFT) | (slot & Self::SLOT_MASK)
+    }
+
+    /// The op a completion belongs to; `None` for user data this driver never submits.
+    fn decode(data: u64) -> Option<Op> {
+        let slot = (data & Self::SLOT_MASK) as usize;
+        Some(match data >> Self::KIND_SHIFT {
+            1 => Op::TunRead,
+            2 => Op::UdpRecv,
+            3 => Op::UdpSend { slot },
+            4 => Op::TunWrite { batch: slot & 1 },
+            5 => Op::Cancel,
+            _ => return None,
+        })
+    }
 }
 
 /// Whether an io_uring with what this driver needs can be created here: seccomp and
@@ -349,20 +392,18 @@ impl Worker {
             }
             // Send and write completions first: they free slots this turn's reads may need.
             for &(data, res, _) in &cqes {
-                let i = (data & 0x00ff_ffff_ffff_ffff) as usize;
-                match data >> 56 {
-                    KIND_UDP_SEND => {
+                match Op::decode(data) {
+                    Some(Op::UdpSend { slot }) => {
                         if res < 0 {
                             shared.counters.add(DropReason::Io);
                         }
                         self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                        pipe.tx.complete(i);
+                        pipe.tx.complete(slot);
                     }
-                    KIND_TUN_WRITE => {
+                    Some(Op::TunWrite { batch: b }) => {
                         if res < 0 {
                             shared.counters.add(DropReason::Io);
                         }
-                        let b = i & 1;
                         self.writes_in_flight[b] = self.writes_in_flight[b].saturating_sub(1);
                         if self.writes_in_flight[b] == 0 && b != fill {
                             outs[b].clear();
@@ -373,14 +414,14 @@ impl Worker {
             }
             let snap = shared.table.load();
             for &(data, res, flags) in &cqes {
-                match data >> 56 {
-                    KIND_TUN_READ => {
+                match Op::decode(data) {
+                    Some(Op::TunRead) => {
                         if !cqueue::more(flags) {
                             self.tun_armed = false;
                         }
                         self.on_tun_read(shared, pipe, sends, &snap, res, flags)?;
                     }
-                    KIND_UDP_RECV => {
+                    Some(Op::UdpRecv) => {
                         if !cqueue::more(flags) {
                             self.udp_armed = false;
                         }
@@ -411,7 +452,7 @@ impl Worker {
             // (EBADFD, "not pollable").
             let e = opcode::ReadMulti::new(types::Fd(self.tun_fd), 0, TUN_GROUP)
                 .build()
-                .user_data(ud(KIND_TUN_READ, 0));
+                .user_data(Op::TunRead.encode(0));
             // SAFETY: the read writes only into provided buffers of `tun_ring`, which
             // outlives every operation (module docs).
             unsafe { push(&mut self.ring, &e) }?;
@@ -420,7 +461,7 @@ impl Worker {
         if !self.udp_armed {
             let e = opcode::RecvMsgMulti::new(UDP_FILE, &*self.recv_msg, UDP_GROUP)
                 .build()
-                .user_data(ud(KIND_UDP_RECV, 0));
+                .user_data(Op::UdpRecv.encode(0));
             // SAFETY: `recv_msg` is boxed and lives as long as the worker; the receive
             // writes only into provided buffers of `udp_ring`.
             unsafe { push(&mut self.ring, &e) }?;
@@ -515,7 +556,9 @@ impl Worker {
             let m = &mut sends[i];
             let Some((addr, alen)) = RawAddr::new(slot.dst, ipv6) else {
                 // Not sent: its slot must still come back, so complete it with a no-op.
-                let e = opcode::Nop::new().build().user_data(ud(KIND_UDP_SEND, i));
+                let e = opcode::Nop::new()
+                    .build()
+                    .user_data(Op::UdpSend { slot: i }.encode(0));
                 // SAFETY: a no-op references no memory.
                 match unsafe { push(ring, &e) } {
                     Ok(()) => *in_flight += 1,
@@ -540,7 +583,7 @@ impl Worker {
             }
             let e = opcode::SendMsg::new(UDP_FILE, &m.msg)
                 .build()
-                .user_data(ud(KIND_UDP_SEND, i));
+                .user_data(Op::UdpSend { slot: i }.encode(0));
             // SAFETY: the entry points at `sends[i]` and `slot.buf`, both heap storage that
             // stays put; slot `i` is InFlight until its completion calls `complete(i)`.
             match unsafe { push(ring, &e) } {
@@ -573,12 +616,12 @@ impl Worker {
         // Send completions free their slots now; anything else waits for the next turn.
         for c in self.ring.completion() {
             let (data, res, flags) = (c.user_data(), c.result(), c.flags());
-            if data >> 56 == KIND_UDP_SEND {
+            if let Some(Op::UdpSend { slot }) = Op::decode(data) {
                 if res < 0 {
                     shared.counters.add(DropReason::Io);
                 }
                 self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                pipe.tx.complete((data & 0x00ff_ffff_ffff_ffff) as usize);
+                pipe.tx.complete(slot);
             } else {
                 self.deferred.push((data, res, flags));
             }
@@ -595,7 +638,7 @@ impl Worker {
         out.for_each(|pkt| {
             let e = opcode::Write::new(TUN_FILE, pkt.as_ptr(), pkt.len() as u32)
                 .build()
-                .user_data(ud(KIND_TUN_WRITE, (k << 1) | b));
+                .user_data(Op::TunWrite { batch: b }.encode(k));
             k += 1;
             // SAFETY: `pkt` lives in `out`'s arenas, which are not cleared or refilled
             // until `writes_in_flight[b]` returns to zero.
@@ -615,7 +658,7 @@ impl Worker {
     fn shutdown(&mut self, pipe: &mut Pipeline) -> bool {
         let e = opcode::AsyncCancel2::new(CancelBuilder::any())
             .build()
-            .user_data(ud(KIND_CANCEL, 0));
+            .user_data(Op::Cancel.encode(0));
         // SAFETY: a cancel request references no memory of ours.
         if unsafe { push(&mut self.ring, &e) }.is_err() {
             return false;
@@ -644,16 +687,14 @@ impl Worker {
                 Err(_) => return false,
             }
             for c in self.ring.completion() {
-                let i = (c.user_data() & 0x00ff_ffff_ffff_ffff) as usize;
-                match c.user_data() >> 56 {
-                    KIND_TUN_READ if !cqueue::more(c.flags()) => self.tun_armed = false,
-                    KIND_UDP_RECV if !cqueue::more(c.flags()) => self.udp_armed = false,
-                    KIND_UDP_SEND => {
+                match Op::decode(c.user_data()) {
+                    Some(Op::TunRead) if !cqueue::more(c.flags()) => self.tun_armed = false,
+                    Some(Op::UdpRecv) if !cqueue::more(c.flags()) => self.udp_armed = false,
+                    Some(Op::UdpSend { slot }) => {
                         self.sends_in_flight = self.sends_in_flight.saturating_sub(1);
-                        pipe.tx.complete(i);
+                        pipe.tx.complete(slot);
                     }
-                    KIND_TUN_WRITE => {
-                        let b = i & 1;
+                    Some(Op::TunWrite { batch: b }) => {
                         self.writes_in_flight[b] = self.writes_in_flight[b].saturating_sub(1);
                     }
                     _ => {}
@@ -676,4 +717,28 @@ unsafe fn push(ring: &mut IoUring, e: &io_uring::squeue::Entry) -> io::Result<()
             .map_err(|_| io::Error::other("io_uring submission queue full"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Op;
+
+    #[test]
+    fn user_data_round_trips_every_op() {
+        for op in [
+            Op::TunRead,
+            Op::UdpRecv,
+            Op::UdpSend { slot: 0 },
+            Op::UdpSend { slot: 63 },
+            Op::TunWrite { batch: 0 },
+            Op::TunWrite { batch: 1 },
+            Op::Cancel,
+        ] {
+            for k in [0, 1, 4095] {
+                assert_eq!(Op::decode(op.encode(k)), Some(op), "{op:?} k={k}");
+            }
+        }
+        assert_eq!(Op::decode(0), None);
+        assert_eq!(Op::decode(9 << 56), None);
+    }
 }

@@ -6,18 +6,18 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use tabbify_edge::wire::{parse_response, Decoder, WireError};
+use tabbify_edge::wire::{parse_response, Decoder, CodecError};
 
 /// What one feeding produced.
 #[derive(Debug, PartialEq, Eq)]
 enum Outcome {
     NeedMore,
-    Error(WireError),
+    Error(CodecError),
     Response {
         status: u16,
         keep_alive: bool,
         body: Vec<u8>,
-        end: Result<(), WireError>,
+        end: Result<(), CodecError>,
     },
 }
 

@@ -204,7 +204,7 @@ pub fn choose_endpoint(e: &RosterEntry, me: &SelfView) -> Option<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tabbify_api::{HolePunch, PeerRemove, PortRules, Snapshot};
+    use tabbify_api::{HolePunch, PeerRemove, PortRules, RosterSnapshot};
 
     fn entry(id: &str, key: u8, refl: &str, eps: &[&str]) -> RosterEntry {
         RosterEntry {
@@ -231,7 +231,7 @@ mod tests {
         let mut r = Roster::new("me");
         let a = entry("a", 1, "10.0.0.1:51820", &["10.0.0.1:51820"]);
         let me = entry("me", 9, "10.0.0.9:51820", &[]);
-        let snap = Snapshot {
+        let snap = RosterSnapshot {
             policy_revision: 1,
             peers: vec![a.clone(), me],
         };

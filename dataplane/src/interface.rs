@@ -1,0 +1,137 @@
+//! One bring-up and shutdown path for `tabbify-mesh up` and `tabbify-mesh join`.
+//!
+//! ```text
+//! start:  SIGINT/SIGTERM flags ─▶ engine (TUN + workers) on the table ─▶ link up, MTU
+//!         ─▶ addresses (fatal on error) ─▶ routes (logged on error) ─▶ UAPI socket
+//! run:    the caller's loop, until `stop_reason()` says a signal came or a worker failed
+//! stop:   UAPI socket removed ─▶ workers joined, TUN gone with its last queue ─▶ drops logged
+//! ```
+//!
+//! The signals only set a flag (nothing else runs in a handler); both commands poll it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::core::net::IpNet;
+use crate::core::table::Table;
+use crate::driver::{Engine, EngineInfo, EngineOptions, Handshaker};
+use crate::sys::link;
+use crate::uapi::UapiServer;
+
+/// What to bring up.
+#[derive(Clone, Debug)]
+pub struct InterfaceSpec {
+    /// The engine (the interface name is `engine.interface`).
+    pub engine: EngineOptions,
+    /// TUN MTU.
+    pub mtu: u32,
+    /// Addresses to put on the TUN.
+    pub addresses: Vec<IpNet>,
+    /// Prefixes to route into the TUN.
+    pub routes: Vec<IpNet>,
+}
+
+/// Why a running interface should stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// A data-plane worker stopped on its own.
+    WorkerFailed,
+}
+
+/// A running interface: the engine, its TUN and its UAPI socket.
+pub struct Interface {
+    name: String,
+    engine: Engine,
+    uapi: UapiServer,
+    signalled: Arc<AtomicBool>,
+}
+
+impl Interface {
+    /// Installs the stop signals, starts the engine on `table` and configures the link.
+    pub fn start(spec: &InterfaceSpec, table: Arc<Table>) -> anyhow::Result<Self> {
+        let name = spec.engine.interface.clone();
+        let signalled = Arc::new(AtomicBool::new(false));
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register(sig, signalled.clone())
+                .context("installing signal handlers")?;
+        }
+        let engine = Engine::start(&spec.engine, table.clone())
+            .with_context(|| format!("starting the engine on {name}"))?;
+        engine.info.log(&name);
+        link::up(&name, spec.mtu)?;
+        for a in &spec.addresses {
+            link::add_address(&name, a)?;
+        }
+        for n in &spec.routes {
+            if let Err(e) = link::add_route(&name, n) {
+                tracing::warn!(prefix = %n, error = %e, "route not added");
+            }
+        }
+        let uapi = crate::device::serve_uapi(&name, table, engine.shared.clone())
+            .with_context(|| format!("opening the UAPI socket for {name}"))?;
+        Ok(Self {
+            name,
+            engine,
+            uapi,
+            signalled,
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the engine runs with.
+    pub fn info(&self) -> &EngineInfo {
+        &self.engine.info
+    }
+
+    /// Whether the sockets speak IPv6 (dual-stack).
+    pub fn ipv6(&self) -> bool {
+        self.engine.shared.udp.ipv6
+    }
+
+    /// A handshaker of its own for the control side (initiations to new peers, hole punches).
+    pub fn handshaker(&self) -> std::io::Result<Handshaker> {
+        self.engine.handshaker().try_clone()
+    }
+
+    /// Why to stop, once there is a reason (a failed worker wins over a signal).
+    pub fn stop_reason(&self) -> Option<Stop> {
+        if self.engine.failed() {
+            Some(Stop::WorkerFailed)
+        } else if self.signalled.load(Ordering::Relaxed) {
+            Some(Stop::Signal)
+        } else {
+            None
+        }
+    }
+
+    /// Removes the UAPI socket and the TUN and logs the packets dropped, by reason.
+    pub fn shut_down(self) {
+        let drops = self.engine.shared.counters.nonzero();
+        drop(self.uapi);
+        self.engine.stop();
+        for (reason, n) in drops {
+            tracing::info!(reason = reason.name(), count = n, "dropped packets");
+        }
+        tracing::info!(interface = %self.name, "interface removed");
+    }
+}
+
+impl Stop {
+    /// The error a command exits with, if any.
+    pub fn into_result(self) -> anyhow::Result<()> {
+        match self {
+            Stop::Signal => Ok(()),
+            Stop::WorkerFailed => Err(anyhow::anyhow!(
+                "a data-plane worker failed; see the log above"
+            )),
+        }
+    }
+}

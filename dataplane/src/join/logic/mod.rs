@@ -1,0 +1,20 @@
+//! The joiner's decisions, sans IO: no sockets, no clock reads, no files, no tokio.
+//!
+//! * [`roster`] — the coordinator's roster as SSE events build it, and the data plane's
+//!   peers it implies (endpoint choice, AllowedIPs, port rules).
+//! * [`session`] — where the joiner stands with the coordinator: one enum.
+//! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
+//!   ticks in (each with `now`); table, route, handshake and coordinator requests out.
+//!
+//! The I/O shell ([`crate::join::shell`]) feeds it and applies what it returns. The only
+//! thing taken from the shell's side is [`crate::join::client::ClientError`], as data: the
+//! rules that tell a transient failure from a refusal or a revocation live here.
+
+#![forbid(unsafe_code)]
+
+pub mod machine;
+pub mod roster;
+pub mod session;
+
+pub use machine::{Action, Config, Exit, Machine};
+pub use session::{Grace, Session};

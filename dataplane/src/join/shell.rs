@@ -1,0 +1,471 @@
+//! The joiner's I/O shell: it feeds the [`Machine`] coordinator answers, roster events,
+//! app changes and timer ticks, and applies what the machine returns to the table, the
+//! kernel routes, the handshaker and the coordinator client. It decides nothing itself.
+//!
+//! ```text
+//! start: node key (state dir) ─▶ control socket ─▶ crate::interface (engine, TUN, peer ULA
+//!        + hosted app ULAs, UAPI, SIGINT/SIGTERM) — the bring-up and shutdown `up` uses
+//! drive (tokio, one thread):
+//!   machine.poll_action() ─▶ apply: Register / Heartbeat / OpenStream (await, answer back),
+//!                                   table and route writes, initiations, hole punches
+//!   then wait for: a roster event │ the stream's end │ machine.poll_timeout() │ `app add|remove`
+//! ```
+//!
+//! The machine lives behind a mutex shared with the control socket (`status`, `app`);
+//! critical sections are short and never span an await.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use base64::Engine as _;
+use tabbify_api::{
+    self as api, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
+};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::core::net::IpNet;
+use crate::core::table::Table;
+use crate::driver::{EngineInfo, EngineOptions, Handshaker};
+use crate::interface::{Interface, InterfaceSpec};
+use crate::sys::{ifaddrs, link};
+
+use super::client::{Client, ClientError, EventStream};
+use super::control::{self, CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
+use super::logic::{self, roster, Action, Machine};
+use super::state_dir::StateDir;
+use super::JoinOptions;
+
+/// A handshake that completed within this long means a live (direct) session.
+const LIVE_SESSION: Duration = Duration::from_secs(180);
+
+/// The running joiner.
+pub struct Joiner {
+    opts: JoinOptions,
+    /// What the engine runs with (listen port, driver).
+    info: EngineInfo,
+    /// The sockets speak IPv6.
+    ipv6: bool,
+    handshaker: Handshaker,
+    table: Arc<Table>,
+    client: Client,
+    state: StateDir,
+    public_key: [u8; 32],
+    peer_id: String,
+    ula: Ipv6Addr,
+    machine: Mutex<Machine>,
+    /// Wakes [`Joiner::drive`] when the machine has new actions (an app change).
+    wake: Notify,
+}
+
+/// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
+pub fn run(opts: JoinOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    rt.block_on(run_async(opts))
+}
+
+async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
+    let tls = match &opts.tls {
+        Some(f) => {
+            let read = |p: &PathBuf, what: &str| {
+                std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
+            };
+            let cert = read(&f.cert, "--tls-cert")?;
+            let key = read(&f.key, "--tls-key")?;
+            let ca = read(&f.ca, "--tls-ca")?;
+            Some(tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?)
+        }
+        None => None,
+    };
+    let identity = opts.tls.is_none().then(|| opts.name.clone());
+    let client = Client::new(&opts.coordinator, tls, identity)?;
+    let state = StateDir::open(&opts.state_dir)?;
+    let key = state.node_key()?;
+    let public_key = crate::config::public_key(&key).0;
+    let ula = tabbify_api::ula::peer_ula(&public_key);
+    let peer_id = tabbify_api::ula::peer_id(&public_key);
+    let apps = state.apps()?;
+    let server = control::Server::bind(&opts.control_socket)?;
+
+    let table = Arc::new(Table::new(
+        boringtun::x25519::StaticSecret::from(key.0),
+        opts.listen_port,
+    ));
+    let addresses = std::iter::once(ula)
+        .chain(apps.iter().map(tabbify_api::ula::app_ula))
+        .map(|a| IpNet::host(IpAddr::V6(a)))
+        .collect();
+    let iface = Interface::start(
+        &InterfaceSpec {
+            engine: EngineOptions {
+                interface: opts.interface.clone(),
+                threads: opts.threads,
+                driver: opts.driver,
+                offloads: opts.offloads,
+                listen_port: opts.listen_port,
+                pin: opts.pin,
+            },
+            mtu: opts.mtu,
+            addresses,
+            routes: Vec::new(),
+        },
+        table.clone(),
+    )?;
+    let handshaker = iface
+        .handshaker()
+        .context("a handshake socket for the control task")?;
+
+    let machine = Machine::new(logic::Config {
+        peer_id: peer_id.clone(),
+        ula,
+        name: opts.name.clone(),
+        tags: opts.tags.clone(),
+        has_join_token: opts.join_token.is_some(),
+        apps,
+    });
+    let joiner = Arc::new(Joiner {
+        machine: Mutex::new(machine),
+        opts,
+        info: iface.info().clone(),
+        ipv6: iface.ipv6(),
+        handshaker,
+        table,
+        client,
+        state,
+        public_key,
+        peer_id,
+        ula,
+        wake: Notify::new(),
+    });
+    tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
+
+    let serve = server.serve(joiner.clone());
+    let drive = joiner.clone().drive();
+    let stopped = async {
+        loop {
+            if let Some(stop) = iface.stop_reason() {
+                return stop;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let result = tokio::select! {
+        stop = stopped => stop.into_result(),
+        _ = serve => Ok(()),
+        r = drive => r,
+    };
+    drop(server);
+    iface.shut_down();
+    result
+}
+
+impl Joiner {
+    fn lock(&self) -> MutexGuard<'_, Machine> {
+        match self.machine.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Applies the machine's actions and feeds it what happens, until it says to exit.
+    async fn drive(self: Arc<Self>) -> anyhow::Result<()> {
+        let mut stream: Option<EventStream> = None;
+        loop {
+            loop {
+                let action = self.lock().poll_action();
+                let Some(action) = action else { break };
+                if let Action::Exit(exit) = action {
+                    bail!("{exit}");
+                }
+                self.apply(action, &mut stream).await;
+            }
+            let deadline = self.lock().poll_timeout();
+            tokio::select! {
+                ev = next_event(&mut stream) => {
+                    let now = Instant::now();
+                    match ev {
+                        Ok(Some((id, ev))) => self.lock().handle_event(now, id, ev),
+                        Ok(None) => self.lock().handle_stream_closed(now, Ok(())),
+                        Err(e) => self.lock().handle_stream_closed(now, Err(e)),
+                    }
+                }
+                _ = sleep_until(deadline) => self.lock().handle_timeout(Instant::now()),
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Does one thing the machine asked for; the answers of coordinator requests go back
+    /// into the machine.
+    async fn apply(&self, action: Action, stream: &mut Option<EventStream>) {
+        match action {
+            Action::Register { with_token } => {
+                let r = self.register(with_token).await;
+                self.lock().handle_registered(Instant::now(), r);
+            }
+            Action::Heartbeat { hosted_app_ulas } => {
+                let r = self.heartbeat(hosted_app_ulas).await;
+                self.lock().handle_heartbeat(Instant::now(), r);
+            }
+            Action::OpenStream => {
+                let r = self.client.stream(api::PATH_PEERS_STREAM).await;
+                let r = r.map(|s| *stream = Some(s));
+                self.lock().handle_stream_opened(Instant::now(), r);
+            }
+            Action::CloseStream => *stream = None,
+            Action::UpsertPeer {
+                config,
+                filter,
+                new,
+                label,
+            } => {
+                let endpoint = config.endpoint;
+                match self.table.upsert_peer_with_filter(config, Some(filter)) {
+                    Ok(_) if new => {
+                        tracing::info!(peer = %label.name, peer_id = %label.peer_id, ula = %label.ula, ?endpoint, "peer added");
+                    }
+                    Ok(_) => {
+                        tracing::info!(peer = %label.name, peer_id = %label.peer_id, "peer updated");
+                    }
+                    Err(e) => {
+                        tracing::error!(peer = %label.peer_id, error = %e, "peer not added");
+                    }
+                }
+            }
+            Action::RemovePeer { public_key, label } => {
+                self.table.remove_peer(&public_key);
+                tracing::info!(peer = %label.name, peer_id = %label.peer_id, "peer removed");
+            }
+            Action::Routes { add, del } => {
+                if let Err(e) = link::sync_routes(&self.opts.interface, &add, &del) {
+                    tracing::error!(error = %e, "routes");
+                }
+            }
+            Action::Initiate { public_key } => {
+                let snap = self.table.load_full();
+                if let Some(peer) = snap.by_key(&public_key) {
+                    if let Err(e) = self.handshaker.initiate(peer) {
+                        tracing::debug!(error = %e, "handshake initiation not sent");
+                    }
+                }
+            }
+            Action::HolePunch {
+                public_key,
+                endpoint,
+            } => {
+                let snap = self.table.load_full();
+                if let Some(peer) = snap.by_key(&public_key) {
+                    let key = base64::engine::general_purpose::STANDARD.encode(public_key);
+                    tracing::info!(peer = %key, %endpoint, "hole punching");
+                    peer.lock().endpoint = Some(endpoint);
+                }
+            }
+            Action::PunchInitiation {
+                public_key,
+                burst_started,
+            } => {
+                let snap = self.table.load_full();
+                let Some(peer) = snap.by_key(&public_key) else {
+                    return;
+                };
+                // A handshake completed since the burst began: the hole is open.
+                if handshake_age(peer).is_some_and(|age| age < burst_started.elapsed()) {
+                    return;
+                }
+                let _ = self.handshaker.initiate(peer);
+            }
+            Action::ClearPeers => self.table.clear_peers(),
+            // `drive` returns on it before applying anything.
+            Action::Exit(_) => {}
+        }
+    }
+
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        if !self.opts.endpoints.is_empty() {
+            return self.opts.endpoints.clone();
+        }
+        let port = self.info.listen_port;
+        let mut out = Vec::new();
+        for a in ifaddrs::list().unwrap_or_default() {
+            if a.interface == self.opts.interface || a.addr.is_loopback() {
+                continue;
+            }
+            let keep = match a.addr {
+                IpAddr::V4(v4) => !v4.is_link_local(),
+                IpAddr::V6(v6) => {
+                    // Link-local needs a scope; our own mesh addresses are not underlay.
+                    (v6.segments()[0] & 0xffc0) != 0xfe80
+                        && !tabbify_api::ula::is_peer_ula(&v6)
+                        && !tabbify_api::ula::is_app_ula(&v6)
+                }
+            };
+            if keep && (self.ipv6 || a.addr.is_ipv4()) {
+                let ep = SocketAddr::new(a.addr, port);
+                if !out.contains(&ep) {
+                    out.push(ep);
+                }
+            }
+        }
+        out
+    }
+
+    async fn register(&self, with_token: bool) -> Result<RegisterResponse, ClientError> {
+        let req = RegisterRequest {
+            name: self.opts.name.clone(),
+            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
+            tags: self.opts.tags.clone(),
+            wg_listen_port: self.info.listen_port,
+            endpoints: self.endpoints(),
+            join_token: if with_token {
+                self.opts.join_token.clone()
+            } else {
+                None
+            },
+        };
+        self.client.post(api::PATH_REGISTER, &req).await
+    }
+
+    async fn heartbeat(
+        &self,
+        hosted_app_ulas: Vec<Ipv6Addr>,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        let req = HeartbeatRequest {
+            peer_id: self.peer_id.clone(),
+            endpoints: self.endpoints(),
+            hosted_app_ulas,
+        };
+        self.client.post(api::PATH_HEARTBEAT, &req).await
+    }
+
+    fn status(&self) -> Status {
+        let m = self.lock();
+        let snap = self.table.load_full();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut peers = Vec::new();
+        for e in m.roster().entries() {
+            let key = roster::decode_key(&e.public_key);
+            let p = key.and_then(|k| snap.by_key(&k));
+            let (endpoint, hs, rx, tx) = match p {
+                Some(p) => {
+                    let age = handshake_age(p);
+                    (
+                        p.lock().endpoint,
+                        age.map(|a| now.saturating_sub(a)),
+                        p.stats.rx_bytes.load(Ordering::Relaxed),
+                        p.stats.tx_bytes.load(Ordering::Relaxed),
+                    )
+                }
+                None => (None, None, 0, 0),
+            };
+            peers.push(PeerStatus {
+                peer_id: e.peer_id.clone(),
+                name: e.display_name.clone(),
+                ula: e.ula,
+                tags: e.tags.clone(),
+                public_key: e.public_key.clone(),
+                endpoint,
+                latest_handshake: hs.map(|d| d.as_secs()),
+                rx_bytes: rx,
+                tx_bytes: tx,
+                direct: hs.is_some_and(|d| now.saturating_sub(d) < LIVE_SESSION),
+                app_ulas: e.hosted_app_ulas.clone(),
+                ports: e.ports.clone(),
+            });
+        }
+        let connected = m.session().is_connected();
+        Status {
+            interface: self.opts.interface.clone(),
+            name: m.display_name().to_owned(),
+            peer_id: self.peer_id.clone(),
+            ula: self.ula,
+            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
+            tags: m.tags().to_vec(),
+            listen_port: self.info.listen_port,
+            driver: self.info.driver.to_string(),
+            registered: connected,
+            coordinator: CoordinatorStatus {
+                url: self.client.url().to_owned(),
+                connected,
+                last_event_id: m.roster().last_event_id,
+            },
+            reflexive_endpoint: m.reflexive(),
+            may_host_apps: m.grant().is_some_and(|g| g.may_host_apps),
+            hosted_apps: m
+                .apps()
+                .iter()
+                .map(|u| HostedApp {
+                    uuid: *u,
+                    ula: tabbify_api::ula::app_ula(u),
+                })
+                .collect(),
+            peers,
+        }
+    }
+
+    fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
+        let ula = tabbify_api::ula::app_ula(&uuid);
+        let net = IpNet::host(IpAddr::V6(ula));
+        let mut m = self.lock();
+        if add {
+            m.check_app_add()?;
+            link::add_address(&self.opts.interface, &net).map_err(|e| e.to_string())?;
+            m.handle_app_added(uuid);
+        } else {
+            m.handle_app_removed(uuid)?;
+            if let Err(e) = link::del_address(&self.opts.interface, &net) {
+                tracing::warn!(error = %e, "app address not removed");
+            }
+        }
+        self.state
+            .set_apps(m.apps())
+            .map_err(|e| format!("{e:#}"))?;
+        drop(m);
+        tracing::info!(app = %uuid, %ula, hosted = add, "hosted apps changed");
+        self.wake.notify_one();
+        Ok(serde_json::json!({"uuid": uuid, "ula": ula}))
+    }
+}
+
+/// The stream's next event; never resolves without a stream.
+async fn next_event(
+    stream: &mut Option<EventStream>,
+) -> Result<Option<(Option<u64>, SseEvent)>, ClientError> {
+    match stream {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; never resolves without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Time since the peer's last completed handshake.
+fn handshake_age(peer: &crate::core::peer::Peer) -> Option<Duration> {
+    peer.lock().tunn.time_since_last_handshake()
+}
+
+impl control::Handler for Joiner {
+    async fn handle(&self, req: Request) -> Result<serde_json::Value, String> {
+        let json = |r: serde_json::Result<serde_json::Value>| r.map_err(|e| e.to_string());
+        match req {
+            Request::Status => json(serde_json::to_value(self.status())),
+            Request::Peers => json(serde_json::to_value(self.status().peers)),
+            Request::AppAdd { uuid } => self.app_change(uuid, true),
+            Request::AppRemove { uuid } => self.app_change(uuid, false),
+        }
+    }
+}
