@@ -10,8 +10,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== tests"
-# Building the workspace's tests also builds every package's binaries (each package with
-# integration tests gets its bins), which the end-to-end tests run from target/debug.
+# The end-to-end tests run the workspace's binaries from target/debug: build them all first
+# (a test build makes a package's bins only when that package has integration tests).
+cargo build --workspace --bins
 cargo nextest run --workspace --no-fail-fast
 for extra in scripts/test-*.sh; do
   [ -e "$extra" ] || continue

@@ -1,0 +1,65 @@
+//! The `tabbify-mesh` command line without a network: keys and the derived ULA, as a user
+//! pipes them (`genkey | pubkey | ula`), agree with `wg`'s key format and with the address
+//! derivation the coordinator and the edge use (`tabbify_api::ula`); bad input is refused
+//! with a message, not a panic.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine as _;
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tabbify-mesh"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tabbify-mesh runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(stdin)
+        .expect("stdin takes the input");
+    child.wait_with_output().expect("tabbify-mesh exits")
+}
+
+fn stdout_line(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone())
+        .expect("utf-8 output")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn genkey_pubkey_ula_agree_with_the_shared_derivation() {
+    let private = stdout_line(&run(&["genkey"], b""));
+    let b64 = base64::engine::general_purpose::STANDARD;
+    assert_eq!(b64.decode(&private).expect("base64 key").len(), 32);
+
+    let public = stdout_line(&run(&["pubkey"], private.as_bytes()));
+    let raw: [u8; 32] = b64
+        .decode(&public)
+        .expect("base64 public key")
+        .try_into()
+        .expect("32 bytes");
+    assert_ne!(public, private);
+
+    let ula = stdout_line(&run(&["ula"], public.as_bytes()));
+    assert_eq!(ula, tabbify_api::ula::peer_ula(&raw).to_string());
+}
+
+#[test]
+fn a_malformed_key_is_refused_with_a_message() {
+    let out = run(&["pubkey"], b"not a key\n");
+    assert!(!out.status.success());
+    assert!(!out.stderr.is_empty(), "no message on stderr");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("panicked"), "{text}");
+}
