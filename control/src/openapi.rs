@@ -52,10 +52,11 @@ pub fn document() -> Value {
     });
     let roster_entry = json!({
         "type": "object",
-        "required": ["peer_id", "ula", "display_name", "tags", "public_key", "endpoints",
-                     "reflexive_endpoint", "hosted_app_ulas", "ports"],
+        "required": ["peer_id", "identity", "ula", "display_name", "tags", "public_key",
+                     "endpoints", "reflexive_endpoint", "hosted_app_ulas", "ports"],
         "properties": {
             "peer_id": {"type": "string"},
+            "identity": {"type": "string"},
             "ula": {"type": "string"},
             "display_name": {"type": "string"},
             "tags": strings,

@@ -612,6 +612,7 @@ impl PolicyFrame {
 pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
     RosterEntry {
         peer_id: p.id.clone(),
+        identity: p.identity.clone(),
         ula: p.ula,
         display_name: p.display_name.clone(),
         tags: p.tags.clone(),

@@ -180,9 +180,12 @@ impl PortRules {
 /// One peer as another peer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RosterEntry {
-    /// The peer's id.
+    /// The peer's id (`ula::identity_peer_id(identity)`).
     pub peer_id: String,
-    /// The peer's ULA.
+    /// The peer's identity: the CN of its mesh certificate. Its ULA and peer id are derived
+    /// from it, so joiners can check them.
+    pub identity: String,
+    /// The peer's ULA (`ula::identity_ula(identity)`).
     pub ula: Ipv6Addr,
     /// The peer's display name.
     pub display_name: String,
@@ -417,6 +420,7 @@ pub(crate) mod tests {
     pub(crate) fn entry() -> RosterEntry {
         RosterEntry {
             peer_id: "00aa".into(),
+            identity: "n1".into(),
             ula: "fd5a:1f00:1:2:3::1".parse().unwrap(),
             display_name: "n1".into(),
             tags: vec!["node".into()],

@@ -684,6 +684,7 @@ mod tests {
         let ep: SocketAddr = format!("198.51.100.{n}:51820").parse().unwrap();
         RosterEntry {
             peer_id: id.into(),
+            identity: id.into(),
             ula: format!("fd5a:1f00::{n}").parse().unwrap(),
             display_name: id.into(),
             tags: vec!["supervisor".into()],

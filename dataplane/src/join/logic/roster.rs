@@ -209,6 +209,7 @@ mod tests {
     fn entry(id: &str, key: u8, refl: &str, eps: &[&str]) -> RosterEntry {
         RosterEntry {
             peer_id: id.into(),
+            identity: id.into(),
             ula: format!("fd5a:1f00::{key}").parse().unwrap(),
             display_name: id.into(),
             tags: vec!["t".into()],
