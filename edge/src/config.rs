@@ -27,8 +27,26 @@ pub struct Limits {
     pub upstream_timeout: Duration,
     /// Idle upstream connections kept in the pool this long.
     pub pool_idle_timeout: Duration,
-    /// Most client connections open at once; further connections wait in the accept queue.
+    /// Most client connections open at once; further connections are answered 503.
     pub max_connections: usize,
+    /// Most client connections open at once from one address (IPv6: one /64); further
+    /// connections from it are answered 429.
+    pub max_connections_per_ip: usize,
+    /// Head and body of one request must have arrived within this from the head's first
+    /// byte, or the request is answered 408 (or the connection closed, mid-body). `None`:
+    /// no deadline.
+    pub request_timeout: Option<Duration>,
+    /// Minimum request body rate in bytes per second, measured over [`Limits::body_rate_window`]
+    /// of time spent waiting on the client, after [`Limits::body_rate_grace`]; slower bodies
+    /// are cut (408 or closed). 0: no minimum.
+    pub min_body_rate: u64,
+    /// The window the body rate is measured over.
+    pub body_rate_window: Duration,
+    /// Waiting time at the start of a body before its rate is checked.
+    pub body_rate_grace: Duration,
+    /// A spliced (WebSocket) connection on which neither side sent anything for this long is
+    /// closed.
+    pub ws_idle_timeout: Duration,
     /// How often the routes file is checked for changes.
     pub routes_poll: Duration,
 }
@@ -43,10 +61,34 @@ impl Default for Limits {
             upstream_timeout: Duration::from_secs(60),
             pool_idle_timeout: Duration::from_secs(90),
             max_connections: 16 * 1024,
+            max_connections_per_ip: 64,
+            request_timeout: Some(Duration::from_secs(600)),
+            min_body_rate: 1024,
+            body_rate_window: Duration::from_secs(10),
+            body_rate_grace: Duration::from_secs(10),
+            ws_idle_timeout: Duration::from_secs(300),
             routes_poll: Duration::from_secs(1),
         }
     }
 }
+
+impl Limits {
+    /// What [`crate::inbound::Inbound`] enforces on each client connection.
+    pub fn inbound(&self) -> crate::inbound::InboundLimits {
+        crate::inbound::InboundLimits {
+            max_head: self.max_header_bytes,
+            max_headers: self.max_headers,
+            request_timeout: self.request_timeout,
+            min_body_rate: self.min_body_rate,
+            rate_window: self.body_rate_window,
+            rate_grace: self.body_rate_grace,
+        }
+    }
+}
+
+/// Default address of the metrics listener.
+pub const DEFAULT_METRICS_BIND: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9588);
 
 /// Everything one edge needs to run.
 #[derive(Clone, Debug)]
@@ -61,6 +103,11 @@ pub struct EdgeConfig {
     pub upstream: Upstream,
     /// Limits and timeouts.
     pub limits: Limits,
+    /// Where `/metrics` is served on its own listener (`None`: no metrics listener).
+    pub metrics_bind: Option<SocketAddr>,
+    /// With a key, `/metrics` is also served on the public listener to `Authorization:
+    /// Bearer <key>`; without, the public listener answers 404 for it.
+    pub metrics_key: Option<NodeKey>,
 }
 
 impl EdgeConfig {
@@ -72,6 +119,8 @@ impl EdgeConfig {
             routes_file: None,
             upstream: Upstream::AppUla,
             limits: Limits::default(),
+            metrics_bind: Some(DEFAULT_METRICS_BIND),
+            metrics_key: None,
         }
     }
 }

@@ -23,6 +23,18 @@ pub enum EdgeError {
     /// The endpoint exists but not for this method.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request is not strict HTTP/1.1 (a bare LF, a body that cannot be framed).
+    #[error("the request is not valid HTTP/1.1 (lines must end in CRLF)")]
+    BadRequest,
+    /// The request head and body did not arrive in time or fast enough.
+    #[error("the request did not arrive in time")]
+    RequestTimeout,
+    /// The client's address has too many connections open.
+    #[error("too many connections from this address")]
+    TooManyConnections,
+    /// The edge has as many connections open as it accepts.
+    #[error("the edge is at its connection limit")]
+    Overloaded,
     /// The app could not be reached: refused, no route to it, reset, or unknown to the resolver.
     #[error("the app is unreachable")]
     Unreachable,
@@ -38,7 +50,10 @@ impl EdgeError {
     /// The HTTP status for this error.
     pub fn status(self) -> StatusCode {
         match self {
-            EdgeError::BadAppId => StatusCode::BAD_REQUEST,
+            EdgeError::BadAppId | EdgeError::BadRequest => StatusCode::BAD_REQUEST,
+            EdgeError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            EdgeError::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
+            EdgeError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             EdgeError::Unauthorized => StatusCode::UNAUTHORIZED,
             EdgeError::NotFound => StatusCode::NOT_FOUND,
             EdgeError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -51,6 +66,10 @@ impl EdgeError {
     pub fn code(self) -> &'static str {
         match self {
             EdgeError::BadAppId => "bad_app_id",
+            EdgeError::BadRequest => "bad_request",
+            EdgeError::RequestTimeout => "request_timeout",
+            EdgeError::TooManyConnections => "too_many_connections",
+            EdgeError::Overloaded => "overloaded",
             EdgeError::Unauthorized => "unauthorized",
             EdgeError::NotFound => "not_found",
             EdgeError::MethodNotAllowed => "method_not_allowed",
@@ -70,6 +89,22 @@ impl EdgeError {
         }
         resp
     }
+
+    /// The whole HTTP/1.1 response for this error, with `Connection: close`, for a client
+    /// refused before any request of its was read (no HTTP server is running on it yet).
+    pub fn raw_response(self) -> Vec<u8> {
+        let body =
+            serde_json::json!({ "error": self.code(), "message": self.to_string() }).to_string();
+        let status = self.status();
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len(),
+            body
+        )
+        .into_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -81,6 +116,10 @@ mod tests {
     async fn bodies_are_json_with_code_and_message() {
         for err in [
             EdgeError::BadAppId,
+            EdgeError::BadRequest,
+            EdgeError::RequestTimeout,
+            EdgeError::TooManyConnections,
+            EdgeError::Overloaded,
             EdgeError::Unauthorized,
             EdgeError::NotFound,
             EdgeError::MethodNotAllowed,

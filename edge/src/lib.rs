@@ -7,7 +7,10 @@
 //!
 //! Layout, in request order:
 //! * [`server`] accepts connections, applies limits and timeouts, dispatches by path and
-//!   hostname, writes the access log;
+//!   hostname, writes the access log, and serves `/metrics` on its own listener;
+//! * [`conn`] caps connections per source and overall and puts each client stream through
+//!   [`inbound`] (strict CRLF, request framing, request deadline, minimum body rate) before
+//!   hyper parses it;
 //! * [`auth`] checks the bearer key on `/v1/*` and `/app/*`;
 //! * [`routes`] holds the hostname table and reloads it when its file changes;
 //! * [`proxy`] forwards one request to the [`upstream`] address, streaming both bodies and
@@ -26,9 +29,11 @@
 pub mod auth;
 pub mod body;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod fetch;
 pub mod headers;
+pub mod inbound;
 pub mod metrics;
 pub mod openapi;
 pub mod pool;

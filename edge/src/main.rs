@@ -43,9 +43,36 @@ struct Args {
     /// Most request headers; more gets 431.
     #[arg(long, default_value_t = 100)]
     max_headers: usize,
-    /// Most client connections open at once.
+    /// Most client connections open at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 16 * 1024)]
     max_connections: usize,
+    /// Most client connections open at once from one IP address (IPv6: one /64); more are
+    /// answered 429 and closed.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_ip: usize,
+    /// Head and body of a request must arrive within this (0: no deadline); else 408.
+    #[arg(long, default_value = "600s", value_parser = parse_duration)]
+    request_timeout: Duration,
+    /// Minimum request body rate in bytes per second (0: none); slower bodies are cut (408).
+    #[arg(long, default_value_t = 1024)]
+    min_body_rate: u64,
+    /// Window (of time spent waiting on the client) over which the body rate is measured.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    body_rate_window: Duration,
+    /// Waiting time at the start of a body before its rate is checked.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    body_rate_grace: Duration,
+    /// A spliced WebSocket connection idle in both directions this long is closed.
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    ws_idle_timeout: Duration,
+    /// Listen address of the metrics listener (`/metrics`, `/health`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9588", value_parser = parse_metrics_bind)]
+    metrics_bind: MetricsBind,
+    /// File holding a key (>= 16 printable characters) that also opens `/metrics` on the
+    /// public listener to `Authorization: Bearer <key>`. Without it the public listener
+    /// answers 404 for `/metrics`.
+    #[arg(long)]
+    metrics_key_file: Option<PathBuf>,
     /// Idle pooled connections to apps are closed after this long.
     #[arg(long, default_value = "90s", value_parser = parse_duration)]
     pool_idle_timeout: Duration,
@@ -62,6 +89,19 @@ struct Args {
     /// ULA. Never use in production.
     #[arg(long, hide = true)]
     upstream_override: Option<SocketAddr>,
+}
+
+/// The `--metrics-bind` value: an address or `off`.
+#[derive(Clone, Copy, Debug)]
+struct MetricsBind(Option<SocketAddr>);
+
+fn parse_metrics_bind(s: &str) -> Result<MetricsBind, String> {
+    if s == "off" || s == "none" {
+        return Ok(MetricsBind(None));
+    }
+    s.parse()
+        .map(|a| MetricsBind(Some(a)))
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:9588, or `off`"))
 }
 
 /// `250ms`, `5s`, `2m`, or a bare number of seconds.
@@ -100,8 +140,26 @@ fn main() -> Result<()> {
         upstream_timeout: args.upstream_timeout,
         pool_idle_timeout: args.pool_idle_timeout,
         max_connections: args.max_connections,
+        max_connections_per_ip: args.max_connections_per_ip,
+        request_timeout: (!args.request_timeout.is_zero()).then_some(args.request_timeout),
+        min_body_rate: args.min_body_rate,
+        body_rate_window: args.body_rate_window,
+        body_rate_grace: args.body_rate_grace,
+        ws_idle_timeout: args.ws_idle_timeout,
         routes_poll: args.routes_poll,
     };
+    if args.ws_idle_timeout.is_zero() || args.body_rate_window.is_zero() {
+        bail!("--ws-idle-timeout and --body-rate-window must be longer than 0");
+    }
+    config.metrics_bind = args.metrics_bind.0;
+    if let Some(path) = &args.metrics_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --metrics-key-file {}", path.display()))?;
+        config.metrics_key = Some(
+            NodeKey::new(text.trim())
+                .with_context(|| format!("--metrics-key-file {}", path.display()))?,
+        );
+    }
     if let Some(addr) = args.upstream_override {
         tracing::warn!(%addr, "--upstream-override: every app is sent to one address (benchmarks and tests only)");
         config.upstream = Upstream::Fixed(addr);
@@ -127,7 +185,7 @@ fn main() -> Result<()> {
 async fn run(config: EdgeConfig, grace: Duration) -> Result<()> {
     let edge = Edge::new(config).context("configuring the edge")?;
     let running = edge.start().await.context("starting the edge")?;
-    tracing::info!(addr = %running.local_addr(), "tabbify-node listening");
+    tracing::info!(addr = %running.local_addr(), metrics = ?running.metrics_addr(), "tabbify-node listening");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {

@@ -38,6 +38,68 @@ const UPSTREAM_ERRORS: [EdgeError; 3] = [
     EdgeError::BadGateway,
     EdgeError::Timeout,
 ];
+/// Why the edge refused or cut a client (each has its own series of
+/// `tabbify_edge_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// A request line or header line ended in a bare LF (or held a bare CR): 400.
+    BareLf,
+    /// A request head the edge cannot frame (bad `Content-Length`, unknown transfer coding,
+    /// malformed chunked body, invalid head): 400, or the connection closed mid-body.
+    BadFraming,
+    /// The request (head and body) took longer than `--request-timeout`: 408 or closed.
+    RequestDeadline,
+    /// The request body arrived slower than `--min-body-rate`: 408 or closed.
+    BodyTooSlow,
+    /// The client's address (IPv6: its /64) already had `--max-connections-per-ip` open: 429.
+    PerIpCap,
+    /// `--max-connections` were already open: 503.
+    ConnectionCap,
+    /// `/metrics` asked on the public listener without a metrics key configured: 404.
+    MetricsPublic,
+    /// `/metrics` asked on the public listener without the right metrics key: 404.
+    MetricsUnauthorized,
+}
+
+impl Refusal {
+    /// Every reason, in the order they are rendered.
+    pub const ALL: [Refusal; 8] = [
+        Refusal::BareLf,
+        Refusal::BadFraming,
+        Refusal::RequestDeadline,
+        Refusal::BodyTooSlow,
+        Refusal::PerIpCap,
+        Refusal::ConnectionCap,
+        Refusal::MetricsPublic,
+        Refusal::MetricsUnauthorized,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::BareLf => "bare_lf",
+            Refusal::BadFraming => "bad_framing",
+            Refusal::RequestDeadline => "request_deadline",
+            Refusal::BodyTooSlow => "body_too_slow",
+            Refusal::PerIpCap => "per_ip_cap",
+            Refusal::ConnectionCap => "connection_cap",
+            Refusal::MetricsPublic => "metrics_public",
+            Refusal::MetricsUnauthorized => "metrics_unauthorized",
+        }
+    }
+
+    /// The error a client is answered with, when an answer is still possible.
+    pub fn error(self) -> EdgeError {
+        match self {
+            Refusal::BareLf | Refusal::BadFraming => EdgeError::BadRequest,
+            Refusal::RequestDeadline | Refusal::BodyTooSlow => EdgeError::RequestTimeout,
+            Refusal::PerIpCap => EdgeError::TooManyConnections,
+            Refusal::ConnectionCap => EdgeError::Overloaded,
+            Refusal::MetricsPublic | Refusal::MetricsUnauthorized => EdgeError::NotFound,
+        }
+    }
+}
+
 /// Upper bounds (seconds) of the time-to-response-headers histogram.
 const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -51,6 +113,8 @@ pub struct Metrics {
     requests: [[AtomicU64; 5]; 3],
     upstream_errors: [AtomicU64; 3],
     upgrades: AtomicU64,
+    upgrades_idle_closed: AtomicU64,
+    refused: [AtomicU64; Refusal::ALL.len()],
     routes_reload_ok: AtomicU64,
     routes_reload_failed: AtomicU64,
     routes_entries: AtomicU64,
@@ -99,6 +163,32 @@ impl Metrics {
     /// A protocol upgrade (WebSocket) was spliced.
     pub fn upgrade(&self) {
         self.upgrades.fetch_add(1, Relaxed);
+    }
+
+    /// A spliced (WebSocket) connection was closed because neither side sent anything for
+    /// the idle timeout.
+    pub fn upgrade_idle_closed(&self) {
+        self.upgrades_idle_closed.fetch_add(1, Relaxed);
+    }
+
+    /// A client was refused or cut for `reason`.
+    pub fn refused(&self, reason: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|r| *r == reason) {
+            self.refused[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// How many clients were refused or cut for `reason`.
+    pub fn refused_count(&self, reason: Refusal) -> u64 {
+        Refusal::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |i| self.refused[i].load(Relaxed))
+    }
+
+    /// How many spliced connections were closed as idle.
+    pub fn upgrades_idle_closed_count(&self) -> u64 {
+        self.upgrades_idle_closed.load(Relaxed)
     }
 
     /// The routes file was (re)loaded with `entries` routes.
@@ -156,6 +246,21 @@ impl Metrics {
             "tabbify_edge_upgrades_total {}",
             self.upgrades.load(Relaxed)
         );
+        let _ = writeln!(out, "# HELP tabbify_edge_upgrades_idle_closed_total Spliced connections closed because both directions were idle for --ws-idle-timeout.\n# TYPE tabbify_edge_upgrades_idle_closed_total counter");
+        let _ = writeln!(
+            out,
+            "tabbify_edge_upgrades_idle_closed_total {}",
+            self.upgrades_idle_closed.load(Relaxed)
+        );
+        let _ = writeln!(out, "# HELP tabbify_edge_refused_total Clients refused or cut by the edge's limits, by reason.\n# TYPE tabbify_edge_refused_total counter");
+        for (i, reason) in Refusal::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tabbify_edge_refused_total{{reason=\"{}\"}} {}",
+                reason.label(),
+                self.refused[i].load(Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP tabbify_edge_routes_reloads_total Routes file loads, by result.\n# TYPE tabbify_edge_routes_reloads_total counter");
         let _ = writeln!(
             out,
@@ -208,7 +313,12 @@ mod tests {
         m.upstream_error(EdgeError::NotFound);
         m.upstream_latency(Duration::from_millis(3));
         m.connection_opened();
+        m.refused(Refusal::PerIpCap);
+        m.upgrade_idle_closed();
         let text = m.render();
+        assert!(text.contains("tabbify_edge_refused_total{reason=\"per_ip_cap\"} 1\n"));
+        assert!(text.contains("tabbify_edge_refused_total{reason=\"bare_lf\"} 0\n"));
+        assert!(text.contains("tabbify_edge_upgrades_idle_closed_total 1\n"));
         assert!(text.contains("tabbify_edge_requests_total{route=\"app\",code=\"2xx\"} 2\n"));
         assert!(text.contains("tabbify_edge_requests_total{route=\"builtin\",code=\"4xx\"} 1\n"));
         assert!(text.contains("tabbify_edge_upstream_errors_total{kind=\"app_timeout\"} 1\n"));

@@ -15,14 +15,14 @@
 //!
 //! A protocol upgrade (WebSocket) takes a dedicated connection instead of the pool: after the
 //! app's `101 Switching Protocols`, the two upgraded streams are spliced byte for byte until
-//! either side closes.
+//! both sides close, or until neither has sent anything for the idle timeout.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, HOST};
@@ -33,6 +33,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::body::EdgeBody;
@@ -317,14 +318,21 @@ impl Proxy {
         };
         restore_upgrade(&mut parts.headers, protocol);
         self.metrics.upgrade();
-        tokio::spawn(splice(client_upgrade, app_upgrade));
+        tokio::spawn(splice(
+            client_upgrade,
+            app_upgrade,
+            self.limits.ws_idle_timeout,
+            self.metrics.clone(),
+        ));
         Ok(Response::from_parts(parts, crate::body::empty()))
     }
 }
 
 /// Copies bytes both ways between the client's and the app's upgraded connections until
-/// both directions are closed.
-async fn splice(client: OnUpgrade, app: hyper::upgrade::OnUpgrade) {
+/// both directions are closed, or until neither side has sent anything for `idle` (then both
+/// are closed and it is counted). A write that cannot progress for `idle` (a peer that does
+/// not read) also ends it.
+async fn splice(client: OnUpgrade, app: OnUpgrade, idle: Duration, metrics: Arc<Metrics>) {
     let (client, app) = tokio::join!(client, app);
     let (client, app) = match (client, app) {
         (Ok(c), Ok(a)) => (c, a),
@@ -335,10 +343,86 @@ async fn splice(client: OnUpgrade, app: hyper::upgrade::OnUpgrade) {
     };
     let mut client = TokioIo::new(client);
     let mut app = TokioIo::new(app);
-    match tokio::io::copy_bidirectional(&mut client, &mut app).await {
-        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+    match splice_with_idle(&mut client, &mut app, idle).await {
+        Ok(SpliceEnd::Closed { up, down }) => {
+            tracing::debug!(up, down, "upgraded connection closed");
+        }
+        Ok(SpliceEnd::Idle) => {
+            metrics.upgrade_idle_closed();
+            tracing::debug!("upgraded connection closed after being idle");
+        }
         Err(err) => tracing::debug!(error = %err, "upgraded connection ended with an error"),
     }
+}
+
+/// How a splice ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SpliceEnd {
+    /// Both sides closed their direction; bytes copied client→app and app→client.
+    Closed {
+        /// Client to app.
+        up: u64,
+        /// App to client.
+        down: u64,
+    },
+    /// Nothing moved either way for the idle timeout.
+    Idle,
+}
+
+/// Copies bytes both ways between `a` (the client) and `b` (the app): a side that closes
+/// its direction has the other side's write half shut down; ends when both directions are
+/// closed, or with [`SpliceEnd::Idle`] when no byte moved either way for `idle`.
+pub async fn splice_with_idle<A, B>(
+    a: &mut A,
+    b: &mut B,
+    idle: Duration,
+) -> std::io::Result<SpliceEnd>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut abuf = vec![0u8; 16 * 1024];
+    let mut bbuf = vec![0u8; 16 * 1024];
+    let (mut a_open, mut b_open) = (true, true);
+    let (mut up, mut down) = (0u64, 0u64);
+    let idle_end = |last: tokio::time::Instant| last + idle;
+    let mut last = tokio::time::Instant::now();
+    while a_open || b_open {
+        tokio::select! {
+            r = a.read(&mut abuf), if a_open => {
+                let n = r?;
+                if n == 0 {
+                    a_open = false;
+                    let _ = b.shutdown().await;
+                } else {
+                    tokio::time::timeout(idle, b.write_all(&abuf[..n]))
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "app does not read"))??;
+                    up += n as u64;
+                }
+                last = tokio::time::Instant::now();
+            }
+            r = b.read(&mut bbuf), if b_open => {
+                let n = r?;
+                if n == 0 {
+                    b_open = false;
+                    let _ = a.shutdown().await;
+                } else {
+                    tokio::time::timeout(idle, a.write_all(&bbuf[..n]))
+                        .await
+                        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "client does not read"))??;
+                    down += n as u64;
+                }
+                last = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(idle_end(last)) => {
+                let _ = a.shutdown().await;
+                let _ = b.shutdown().await;
+                return Ok(SpliceEnd::Idle);
+            }
+        }
+    }
+    Ok(SpliceEnd::Closed { up, down })
 }
 
 /// The client's `Host` (or the authority of an absolute-form target), for `X-Forwarded-Host`.

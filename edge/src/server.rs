@@ -6,10 +6,16 @@
 //! 3. `/app/{uuid}[/{rest}]` and `/v1/*` (bearer key);
 //! 4. anything else: 404.
 //!
-//! Each accepted connection is served by hyper's HTTP/1.1 server with upgrades enabled, a
-//! header-read timeout (which also bounds idle keep-alive time: hyper arms it whenever it
-//! waits for a request head) and limits on the head's size and header count. A semaphore
-//! caps open connections; shutdown stops accepting and lets in-flight requests finish.
+//! Each accepted connection is counted per source address and overall ([`ConnLimiter`]);
+//! over either cap it gets a JSON 429 or 503 and is closed. Otherwise it is served by hyper's
+//! HTTP/1.1 server with upgrades enabled, a header-read timeout (which also bounds idle
+//! keep-alive time: hyper arms it whenever it waits for a request head) and limits on the
+//! head's size and header count, reading through [`GuardedIo`] (strict CRLF, request
+//! deadline, minimum body rate; see [`crate::conn`] for how its refusals are answered).
+//! Shutdown stops accepting and lets in-flight requests finish.
+//!
+//! `/metrics` is served on its own listener (`metrics_bind`, loopback by default); on the
+//! public listener only to a bearer of the metrics key, else 404.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,14 +31,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use uuid::Uuid;
 
 use crate::auth::NodeKey;
 use crate::body::{full, json, EdgeBody};
 use crate::config::{EdgeConfig, Limits};
+use crate::conn::{ConnLimiter, ConnState, GuardedIo};
 use crate::error::EdgeError;
-use crate::metrics::{Metrics, RouteKind};
+use crate::metrics::{Metrics, Refusal, RouteKind};
 use crate::proxy::{AppPath, Proxy, Target};
 use crate::routes::{self, HostRoutes, RouteError, Routes};
 
@@ -60,7 +67,12 @@ struct Shared {
     metrics: Arc<Metrics>,
     limits: Limits,
     openapi: Bytes,
+    metrics_key: Option<NodeKey>,
+    limiter: Arc<ConnLimiter>,
 }
+
+/// Most refused connections being answered at once; past it they are closed unanswered.
+const MAX_REFUSING: usize = 256;
 
 /// A configured edge, not yet listening.
 pub struct Edge {
@@ -91,6 +103,11 @@ impl Edge {
             metrics,
             limits: config.limits.clone(),
             openapi: Bytes::from(crate::openapi::document().to_string()),
+            metrics_key: config.metrics_key.clone(),
+            limiter: ConnLimiter::new(
+                config.limits.max_connections,
+                config.limits.max_connections_per_ip,
+            ),
         };
         Ok(Edge {
             shared: Arc::new(shared),
@@ -113,6 +130,25 @@ impl Edge {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
+        let metrics_listener = match self.config.metrics_bind {
+            Some(maddr) => {
+                let l = TcpListener::bind(maddr)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: maddr,
+                        source,
+                    })?;
+                let bound = l.local_addr().map_err(|source| StartError::Bind {
+                    addr: maddr,
+                    source,
+                })?;
+                Some((l, bound))
+            }
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
+        let metrics_task =
+            metrics_listener.map(|(l, _)| tokio::spawn(serve_metrics(l, self.shared.clone())));
         let (stop_tx, stop_rx) = watch::channel(false);
         let watcher = self.config.routes_file.clone().map(|path| {
             tokio::spawn(routes::watch(
@@ -132,6 +168,8 @@ impl Edge {
             task,
             watcher,
             reaper,
+            metrics_task,
+            metrics_addr,
             metrics: self.shared.metrics.clone(),
         })
     }
@@ -145,6 +183,9 @@ pub struct RunningEdge {
     watcher: Option<tokio::task::JoinHandle<()>>,
     /// Closes idle app connections past their idle timeout.
     reaper: tokio::task::JoinHandle<()>,
+    /// The metrics listener, if any.
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    metrics_addr: Option<SocketAddr>,
     metrics: Arc<Metrics>,
 }
 
@@ -159,6 +200,11 @@ impl RunningEdge {
         self.metrics.clone()
     }
 
+    /// The bound address of the metrics listener, if there is one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Stops accepting, waits up to `grace` for open connections to finish their requests,
     /// then drops the rest.
     pub async fn shutdown(mut self, grace: Duration) {
@@ -167,6 +213,9 @@ impl RunningEdge {
             w.abort();
         }
         self.reaper.abort();
+        if let Some(m) = &self.metrics_task {
+            m.abort();
+        }
         // The accept loop returns once every connection has closed (each finishes its
         // in-flight request and then closes, as told by the stop signal).
         let _ = tokio::time::timeout(grace, &mut self.task).await;
@@ -182,7 +231,20 @@ impl Drop for RunningEdge {
         if let Some(w) = &self.watcher {
             w.abort();
         }
+        if let Some(m) = &self.metrics_task {
+            m.abort();
+        }
     }
+}
+
+fn http_builder(limits: &Limits) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    http
 }
 
 async fn accept_loop(
@@ -191,25 +253,12 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) -> Duration {
     let started = Instant::now();
-    let max_connections = shared
-        .limits
-        .max_connections
-        .clamp(1, Semaphore::MAX_PERMITS);
-    let permits = Arc::new(Semaphore::new(max_connections));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(shared.limits.header_read_timeout)
-        .max_header_size(shared.limits.max_header_bytes)
-        .max_headers(shared.limits.max_headers)
-        .keep_alive(true);
+    let http = http_builder(&shared.limits);
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    // Every connection task holds a clone; `recv` returns `None` once all are gone.
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    let inbound_limits = shared.limits.inbound();
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = stop.changed() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -223,18 +272,47 @@ async fn accept_loop(
             },
             _ = stop.changed() => break,
         };
+        let permit = match shared.limiter.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(reason) => {
+                shared.metrics.refused(reason);
+                tracing::debug!(%peer, reason = reason.label(), "connection refused");
+                if let Ok(slot) = refusing.clone().try_acquire_owned() {
+                    tokio::spawn(async move {
+                        crate::conn::refuse(stream, reason.error()).await;
+                        drop(slot);
+                    });
+                }
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let conn_shared = shared.clone();
+        let state = Arc::new(ConnState::default());
+        let io = GuardedIo::new(
+            stream,
+            inbound_limits,
+            state.clone(),
+            shared.metrics.clone(),
+        );
         // Rendered once per connection: every request on it comes from the same address.
         let forwarded_for = crate::proxy::forwarded_for(peer);
-        let service =
-            service_fn(move |req| handle(conn_shared.clone(), req, peer, forwarded_for.clone()));
+        let service = service_fn(move |req| {
+            handle(
+                conn_shared.clone(),
+                state.clone(),
+                req,
+                peer,
+                forwarded_for.clone(),
+            )
+        });
         let conn = http
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(TokioIo::new(io), service)
             .with_upgrades();
         let metrics = shared.metrics.clone();
         metrics.connection_opened();
         let mut conn_stop = stop.clone();
+        let alive = alive.clone();
         tokio::spawn(async move {
             tokio::pin!(conn);
             let result = tokio::select! {
@@ -250,17 +328,60 @@ async fn accept_loop(
             }
             metrics.connection_closed();
             drop(permit);
+            drop(alive);
         });
     }
     drop(listener);
-    // Every connection holds a permit until it is closed: owning them all means all closed.
-    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
+    drop(alive);
+    let _ = all_closed.recv().await;
     started.elapsed()
+}
+
+/// Serves `/metrics` (and `/health`) on the metrics listener; everything else is 404.
+async fn serve_metrics(listener: TcpListener, shared: Arc<Shared>) {
+    let http = http_builder(&shared.limits);
+    let open = Arc::new(Semaphore::new(64));
+    loop {
+        let Ok(permit) = open.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let shared = shared.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let shared = shared.clone();
+            async move {
+                let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+                let resp = match req.uri().path() {
+                    "/metrics" if readable => metrics_response(&shared),
+                    "/health" if readable => json(StatusCode::OK, r#"{"status":"ok"}"#),
+                    "/metrics" | "/health" => EdgeError::MethodNotAllowed.response(),
+                    _ => EdgeError::NotFound.response(),
+                };
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+}
+
+fn metrics_response(shared: &Shared) -> Response<EdgeBody> {
+    full(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        shared.metrics.render(),
+    )
 }
 
 async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<ConnState>,
     req: Request<Incoming>,
     peer: SocketAddr,
     forwarded_for: Option<HeaderValue>,
@@ -273,7 +394,26 @@ async fn handle(
             req.uri().path().to_owned(),
         )
     });
-    let (kind, resp) = dispatch(&shared, req, forwarded_for).await;
+    let index = conn.next_request();
+    let (kind, resp) = match conn.stand_in(index) {
+        // Not a request of the client's: the stand-in for a head the edge refused.
+        Some(reason) => (RouteKind::Builtin, closing(reason.error().response())),
+        None => {
+            let upgrade = crate::headers::is_upgrade(req.headers());
+            let (kind, resp) = dispatch(&shared, &conn, index, req, forwarded_for).await;
+            // An upgrade that was not granted closes the connection: the bytes after it were
+            // not inspected as requests (see `crate::inbound`).
+            let granted = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            (
+                kind,
+                if upgrade && !granted {
+                    closing(resp)
+                } else {
+                    resp
+                },
+            )
+        }
+    };
     let status = resp.status();
     shared.metrics.request(kind, status.as_u16());
     if let Some((started, method, path)) = logged {
@@ -290,8 +430,17 @@ async fn handle(
     Ok(resp)
 }
 
+/// `resp` with `Connection: close`: hyper closes the connection after sending it.
+fn closing(mut resp: Response<EdgeBody>) -> Response<EdgeBody> {
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 async fn dispatch(
     shared: &Shared,
+    conn: &ConnState,
+    index: u64,
     req: Request<Incoming>,
     forwarded_for: Option<HeaderValue>,
 ) -> (RouteKind, Response<EdgeBody>) {
@@ -302,7 +451,10 @@ async fn dispatch(
             forwarded_for,
             strip_authorization: false,
         };
-        return (RouteKind::Host, proxy(shared, req, target).await);
+        return (
+            RouteKind::Host,
+            proxy(shared, conn, index, req, target).await,
+        );
     }
     let path = req.uri().path();
     if path == "/app" || path.starts_with("/app/") {
@@ -316,15 +468,29 @@ async fn dispatch(
             Ok(t) => t,
             Err(err) => return (RouteKind::App, err.response()),
         };
-        return (RouteKind::App, proxy(shared, req, target).await);
+        return (
+            RouteKind::App,
+            proxy(shared, conn, index, req, target).await,
+        );
     }
     (RouteKind::Builtin, builtin(shared, &req))
 }
 
-async fn proxy(shared: &Shared, req: Request<Incoming>, target: Target) -> Response<EdgeBody> {
+async fn proxy(
+    shared: &Shared,
+    conn: &ConnState,
+    index: u64,
+    req: Request<Incoming>,
+    target: Target,
+) -> Response<EdgeBody> {
     let app = target.app;
     match shared.proxy.forward(req, target).await {
         Ok(resp) => resp,
+        Err(_) if conn.cut(index).is_some() => {
+            // The client's body was cut by the edge's limits (already counted), not the app's
+            // fault: say so, if the connection can still carry it.
+            closing(EdgeError::RequestTimeout.response())
+        }
         Err(err) => {
             tracing::warn!(%app, error = %err, "request to app failed");
             err.response()
@@ -383,13 +549,25 @@ fn app_target(
 fn builtin(shared: &Shared, req: &Request<Incoming>) -> Response<EdgeBody> {
     let path = req.uri().path();
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
+    if path == "/metrics" {
+        // Not on the public listener unless the metrics key is configured and presented;
+        // a refusal looks like any unknown path.
+        let reason = match &shared.metrics_key {
+            Some(key) if key.authorizes(req.headers().get(http::header::AUTHORIZATION)) => {
+                return if readable {
+                    metrics_response(shared)
+                } else {
+                    EdgeError::MethodNotAllowed.response()
+                };
+            }
+            Some(_) => Refusal::MetricsUnauthorized,
+            None => Refusal::MetricsPublic,
+        };
+        shared.metrics.refused(reason);
+        return EdgeError::NotFound.response();
+    }
     let open = match path {
         "/health" => Some(json(StatusCode::OK, r#"{"status":"ok"}"#)),
-        "/metrics" => Some(full(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        )),
         "/openapi.json" => Some(json(StatusCode::OK, shared.openapi.clone())),
         p if p == "/swagger-ui" || p.starts_with("/swagger-ui/") => {
             Some(crate::openapi::swagger_ui(p).unwrap_or_else(|| EdgeError::NotFound.response()))

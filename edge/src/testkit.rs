@@ -389,11 +389,22 @@ pub async fn refused_addr() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Starts an edge on an ephemeral loopback port with [`TEST_KEY`].
+/// Starts an edge on an ephemeral loopback port with [`TEST_KEY`] (its metrics listener on
+/// another ephemeral loopback port).
 pub async fn start_edge(
     upstream: Upstream,
     routes_file: Option<std::path::PathBuf>,
     limits: Limits,
+) -> Result<RunningEdge> {
+    start_edge_with(upstream, routes_file, limits, |_| {}).await
+}
+
+/// [`start_edge`], with `adjust` applied to the configuration before it starts.
+pub async fn start_edge_with(
+    upstream: Upstream,
+    routes_file: Option<std::path::PathBuf>,
+    limits: Limits,
+    adjust: impl FnOnce(&mut EdgeConfig),
 ) -> Result<RunningEdge> {
     let mut config = EdgeConfig::new(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -402,6 +413,8 @@ pub async fn start_edge(
     config.upstream = upstream;
     config.routes_file = routes_file;
     config.limits = limits;
+    config.metrics_bind = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    adjust(&mut config);
     Ok(Edge::new(config)?.start().await?)
 }
 
