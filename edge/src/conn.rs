@@ -121,26 +121,13 @@ impl Drop for ConnPermit {
 /// time), half-close, then drain what the client sent for a moment so the close does not
 /// turn into a reset that destroys the answer.
 pub async fn refuse(mut stream: TcpStream, err: EdgeError) {
-    let limit = Duration::from_secs(1);
     let response = err.raw_response();
-    if tokio::time::timeout(limit, stream.write_all(&response))
+    if tokio::time::timeout(Duration::from_secs(1), stream.write_all(&response))
         .await
-        .is_err()
+        .is_ok()
     {
-        return;
+        linger(stream).await;
     }
-    let _ = stream.shutdown().await;
-    let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(limit, async {
-        let mut left: usize = 64 * 1024;
-        while left > 0 {
-            match stream.read(&mut sink).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => left = left.saturating_sub(n),
-            }
-        }
-    })
-    .await;
 }
 
 /// What the request handler learns from [`GuardedIo`] about one connection.
@@ -187,11 +174,11 @@ impl ConnState {
 
 /// A client stream seen through [`Inbound`]: what hyper reads has passed its checks.
 pub struct GuardedIo {
-    inner: TcpStream,
+    inner: Option<TcpStream>,
     inbound: Inbound,
     /// Checked bytes waiting to be read by hyper (completed heads, the stand-in).
     out: BytesMut,
-    /// After `out` drains: end of stream (after a stand-in) or an error (after a body cut).
+    /// After `out` drains: nothing more (after a stand-in) or an error (after a body cut).
     after: After,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     state: Arc<ConnState>,
@@ -201,7 +188,9 @@ pub struct GuardedIo {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum After {
     Read,
-    Eof,
+    /// Nothing more, ever: not even end of stream, which would make hyper drop the stand-in
+    /// unanswered. The stand-in asks for `Connection: close`, so hyper closes after answering.
+    Hold,
     Fail,
 }
 
@@ -214,7 +203,7 @@ impl GuardedIo {
         metrics: Arc<Metrics>,
     ) -> Self {
         GuardedIo {
-            inner,
+            inner: Some(inner),
             inbound: Inbound::new(limits),
             out: BytesMut::new(),
             after: After::Read,
@@ -232,7 +221,7 @@ impl GuardedIo {
         if holding {
             self.state.stand_in.store(heads + 1, Relaxed);
             self.out.extend_from_slice(STAND_IN);
-            self.after = After::Eof;
+            self.after = After::Hold;
         } else {
             // The body of the last head handed on was cut.
             self.state.cut.store(heads, Relaxed);
@@ -258,7 +247,7 @@ impl AsyncRead for GuardedIo {
             }
             match this.after {
                 After::Read => {}
-                After::Eof => return Poll::Ready(Ok(())),
+                After::Hold => return Poll::Pending,
                 After::Fail => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
@@ -267,7 +256,10 @@ impl AsyncRead for GuardedIo {
                 }
             }
             let start = buf.filled().len();
-            match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match Pin::new(inner).poll_read(cx, buf) {
                 Poll::Pending => {
                     let now = Instant::now();
                     this.inbound.waiting(now);
@@ -338,13 +330,20 @@ impl AsyncRead for GuardedIo {
     }
 }
 
+fn closed() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection already closed")
+}
+
 impl AsyncWrite for GuardedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write(cx, data),
+            None => Poll::Ready(Err(closed())),
+        }
     }
 
     fn poll_write_vectored(
@@ -352,20 +351,60 @@ impl AsyncWrite for GuardedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(closed())),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
+}
+
+impl Drop for GuardedIo {
+    fn drop(&mut self) {
+        // A cut connection usually has unread client bytes (the rest of a refused head, a
+        // trickled body): closing with them unread makes the kernel send a reset, which can
+        // destroy the refusal the client has not read yet. Drain briefly first.
+        if self.after == After::Read {
+            return;
+        }
+        if let (Some(stream), Ok(rt)) = (self.inner.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(linger(stream));
+        }
+    }
+}
+
+/// Half-closes `stream` and reads (and drops) what the client still sends, for at most one
+/// second and 64 KiB, then closes it.
+async fn linger(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -249,7 +249,7 @@ async fn auth_guards_app_and_v1_but_not_the_open_endpoints() {
     assert_eq!(js.status, 200);
     assert!(js.body.len() > 100_000);
     let metrics = raw_request(
-        addr,
+        edge.metrics_addr().unwrap(),
         "GET /metrics HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n",
         b"",
     )
