@@ -454,117 +454,143 @@ impl Inbound {
             });
             return Ok(Scan::Pass(take));
         }
-        // Framing bytes: checked one by one until data starts or the body ends.
+        // Framing bytes: checked one by one until data starts or the body ends. Bytes before
+        // a bad one are handed on first, so the outcome does not depend on how reads split.
         for (i, &b) in data.iter().enumerate() {
-            chunk = match chunk {
-                Chunk::Data(_) => {
+            match chunk_step(chunk, b) {
+                Ok(Step::Next(next)) => chunk = next,
+                Ok(Step::Data) => {
                     self.state = State::Chunked(chunk);
                     self.count_body(i);
                     return Ok(Scan::Pass(i));
                 }
-                Chunk::DataCr if b == b'\r' => Chunk::DataLf,
-                Chunk::DataLf if b == b'\n' => Chunk::Size {
-                    len: 0,
-                    size: 0,
-                    digits: 0,
-                    in_digits: true,
-                    cr: false,
-                },
-                Chunk::DataCr | Chunk::DataLf => return Err(self.cut_framing(b)),
-                Chunk::Size {
-                    len,
-                    size,
-                    digits,
-                    in_digits,
-                    cr,
-                } => match b {
-                    b'\n' if cr && digits > 0 => {
-                        if size == 0 {
-                            Chunk::Trailers {
-                                total: 0,
-                                line: 0,
-                                cr: false,
-                            }
-                        } else {
-                            Chunk::Data(size)
-                        }
-                    }
-                    b'\n' if !cr => return Err(self.cut_with(Refusal::BareLf)),
-                    _ if cr => return Err(self.cut_with(Refusal::BadFraming)),
-                    b'\r' => Chunk::Size {
-                        len,
-                        size,
-                        digits,
-                        in_digits: false,
-                        cr: true,
-                    },
-                    _ if len + 1 > MAX_CHUNK_LINE => return Err(self.cut_with(Refusal::BadFraming)),
-                    _ if in_digits && b.is_ascii_hexdigit() => {
-                        if digits >= 16 {
-                            return Err(self.cut_with(Refusal::BadFraming));
-                        }
-                        let d = u64::from((b as char).to_digit(16).unwrap_or(0));
-                        Chunk::Size {
-                            len: len + 1,
-                            size: (size << 4) | d,
-                            digits: digits + 1,
-                            in_digits,
-                            cr,
-                        }
-                    }
-                    b' ' | b'\t' | b';' if digits > 0 => Chunk::Size {
-                        len: len + 1,
-                        size,
-                        digits,
-                        in_digits: false,
-                        cr,
-                    },
-                    _ if !in_digits && b != 0x7f && (b >= 0x20 || b == b'\t') => Chunk::Size {
-                        len: len + 1,
-                        size,
-                        digits,
-                        in_digits,
-                        cr,
-                    },
-                    _ => return Err(self.cut_with(Refusal::BadFraming)),
-                },
-                Chunk::Trailers { total, line, cr } => match b {
-                    b'\n' if cr && line == 0 => {
-                        self.request_done();
-                        return Ok(Scan::Pass(i + 1));
-                    }
-                    b'\n' if cr => Chunk::Trailers {
-                        total,
-                        line: 0,
-                        cr: false,
-                    },
-                    b'\n' => return Err(self.cut_with(Refusal::BareLf)),
-                    _ if cr => return Err(self.cut_framing(b)),
-                    _ if total + 1 > MAX_TRAILERS => return Err(self.cut_with(Refusal::BadFraming)),
-                    b'\r' => Chunk::Trailers {
-                        total: total + 1,
-                        line,
-                        cr: true,
-                    },
-                    _ => Chunk::Trailers {
-                        total: total + 1,
-                        line: line + 1,
-                        cr,
-                    },
-                },
-            };
+                Ok(Step::End) => {
+                    self.count_body(i + 1);
+                    self.request_done();
+                    return Ok(Scan::Pass(i + 1));
+                }
+                Err(_) if i > 0 => {
+                    self.state = State::Chunked(chunk);
+                    self.count_body(i);
+                    return Ok(Scan::Pass(i));
+                }
+                Err(reason) => return Err(self.cut_with(reason)),
+            }
         }
+        self.count_body(data.len());
         self.state = State::Chunked(chunk);
         Ok(Scan::Pass(data.len()))
     }
+}
 
-    fn cut_framing(&mut self, b: u8) -> Refusal {
-        let reason = if b == b'\n' {
-            Refusal::BareLf
-        } else {
-            Refusal::BadFraming
-        };
-        self.cut_with(reason)
+/// What one framing byte of a chunked body does.
+enum Step {
+    /// The framing continues in this state.
+    Next(Chunk),
+    /// Chunk data starts at this byte (not consumed).
+    Data,
+    /// This byte ended the body.
+    End,
+}
+
+fn chunk_step(chunk: Chunk, b: u8) -> Result<Step, Refusal> {
+    Ok(Step::Next(match chunk {
+        Chunk::Data(_) => return Ok(Step::Data),
+        Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+        Chunk::DataLf if b == b'\n' => Chunk::Size {
+            len: 0,
+            size: 0,
+            digits: 0,
+            in_digits: true,
+            cr: false,
+        },
+        Chunk::DataCr | Chunk::DataLf => return Err(framing_refusal(b)),
+        Chunk::Size {
+            len,
+            size,
+            digits,
+            in_digits,
+            cr,
+        } => match b {
+            b'\n' if cr && digits > 0 => {
+                if size == 0 {
+                    Chunk::Trailers {
+                        total: 0,
+                        line: 0,
+                        cr: false,
+                    }
+                } else {
+                    Chunk::Data(size)
+                }
+            }
+            b'\n' if !cr => return Err(Refusal::BareLf),
+            _ if cr => return Err(Refusal::BadFraming),
+            b'\r' => Chunk::Size {
+                len,
+                size,
+                digits,
+                in_digits: false,
+                cr: true,
+            },
+            _ if len + 1 > MAX_CHUNK_LINE => return Err(Refusal::BadFraming),
+            _ if in_digits && b.is_ascii_hexdigit() => {
+                if digits >= 16 {
+                    return Err(Refusal::BadFraming);
+                }
+                let d = u64::from((b as char).to_digit(16).unwrap_or(0));
+                Chunk::Size {
+                    len: len + 1,
+                    size: (size << 4) | d,
+                    digits: digits + 1,
+                    in_digits,
+                    cr,
+                }
+            }
+            b' ' | b'\t' | b';' if digits > 0 => Chunk::Size {
+                len: len + 1,
+                size,
+                digits,
+                in_digits: false,
+                cr,
+            },
+            _ if !in_digits && b != 0x7f && (b >= 0x20 || b == b'\t') => Chunk::Size {
+                len: len + 1,
+                size,
+                digits,
+                in_digits,
+                cr,
+            },
+            _ => return Err(Refusal::BadFraming),
+        },
+        Chunk::Trailers { total, line, cr } => match b {
+            b'\n' if cr && line == 0 => return Ok(Step::End),
+            b'\n' if cr => Chunk::Trailers {
+                total,
+                line: 0,
+                cr: false,
+            },
+            b'\n' => return Err(Refusal::BareLf),
+            _ if cr => return Err(framing_refusal(b)),
+            _ if total + 1 > MAX_TRAILERS => return Err(Refusal::BadFraming),
+            b'\r' => Chunk::Trailers {
+                total: total + 1,
+                line,
+                cr: true,
+            },
+            _ => Chunk::Trailers {
+                total: total + 1,
+                line: line + 1,
+                cr,
+            },
+        },
+    }))
+}
+
+fn framing_refusal(b: u8) -> Refusal {
+    if b == b'\n' {
+        Refusal::BareLf
+    } else {
+        Refusal::BadFraming
     }
 }
 
