@@ -68,7 +68,7 @@ pub fn document() -> serde_json::Value {
             "parameters": [{"name": "app", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
             "responses": {
                 "default": {"description": "The app's response"},
-                "400": error, "401": error, "502": error, "504": error
+                "400": error, "401": error, "408": error, "429": error, "502": error, "503": error, "504": error
             }
         })
     };
@@ -85,10 +85,13 @@ pub fn document() -> serde_json::Value {
             "description": "The public edge of the Tabbify mesh: proxies /app/{uuid}/... to app ULAs. Hostnames listed in the routes file are proxied without the key."
         },
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "TABBIFY_NODE_KEY"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "TABBIFY_NODE_KEY"},
+                "metricsKey": {"type": "http", "scheme": "bearer", "description": "The key in --metrics-key-file"}
+            },
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"], "properties": {
-                    "error": {"type": "string", "enum": ["bad_app_id", "unauthorized", "not_found", "method_not_allowed", "app_unreachable", "bad_gateway", "app_timeout"]},
+                    "error": {"type": "string", "enum": ["bad_app_id", "bad_request", "request_timeout", "too_many_connections", "overloaded", "unauthorized", "not_found", "method_not_allowed", "app_unreachable", "bad_gateway", "app_timeout"]},
                     "message": {"type": "string"}
                 }},
                 "Route": {"type": "object", "properties": {
@@ -98,7 +101,12 @@ pub fn document() -> serde_json::Value {
         },
         "paths": {
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics",
+                "description": "Served on the separate metrics listener (--metrics-bind, loopback by default). On this public listener only when --metrics-key-file is set and its key is presented as a bearer token; otherwise 404, like an unknown path.",
+                "security": [{"metricsKey": []}],
+                "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}, "404": error}
+            }},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.0"}}}},
             "/swagger-ui": {"get": {"summary": "Interactive API explorer (offline)", "responses": {"200": {"description": "HTML"}}}},
             "/v1/routes": {"get": {
@@ -140,6 +148,19 @@ mod tests {
                 .len(),
             2
         );
+        assert!(doc["paths"]["/metrics"]["get"]["responses"]["404"].is_object());
+        let codes = doc["components"]["schemas"]["Error"]["properties"]["error"]["enum"].clone();
+        for code in [
+            "bad_request",
+            "request_timeout",
+            "too_many_connections",
+            "overloaded",
+        ] {
+            assert!(
+                codes.as_array().unwrap().iter().any(|c| c == code),
+                "{code}"
+            );
+        }
     }
 
     #[test]
