@@ -183,6 +183,10 @@ pub struct GuardedIo {
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     state: Arc<ConnState>,
     metrics: Arc<Metrics>,
+    /// The connection's place under the caps, held until the socket is closed (also while a
+    /// cut connection lingers), so refused clients cannot exceed the caps by being cut.
+    #[allow(dead_code)] // Held for its `Drop`; only moved, never read.
+    permit: Option<ConnPermit>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -196,11 +200,13 @@ enum After {
 
 impl GuardedIo {
     /// Guards `inner` with `limits`; refusals are counted in `metrics` and reported in `state`.
+    /// `permit` is released when the socket is closed.
     pub fn new(
         inner: TcpStream,
         limits: InboundLimits,
         state: Arc<ConnState>,
         metrics: Arc<Metrics>,
+        permit: ConnPermit,
     ) -> Self {
         GuardedIo {
             inner: Some(inner),
@@ -210,6 +216,7 @@ impl GuardedIo {
             timer: None,
             state,
             metrics,
+            permit: Some(permit),
         }
     }
 

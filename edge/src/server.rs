@@ -294,6 +294,7 @@ async fn accept_loop(
             inbound_limits,
             state.clone(),
             shared.metrics.clone(),
+            permit,
         );
         // Rendered once per connection: every request on it comes from the same address.
         let forwarded_for = crate::proxy::forwarded_for(peer);
@@ -327,7 +328,6 @@ async fn accept_loop(
                 tracing::debug!(%peer, error = %err, "client connection ended with an error");
             }
             metrics.connection_closed();
-            drop(permit);
             drop(alive);
         });
     }
