@@ -341,8 +341,8 @@ impl Inbound {
                     } else if lines > 0 {
                         // The blank line: the head is complete.
                         self.head.extend_from_slice(&data[..=i]);
-                        self.heads += 1;
                         self.head_complete()?;
+                        self.heads += 1;
                         return Ok(Scan::Head(i + 1));
                     }
                 }
@@ -700,6 +700,14 @@ GET /d HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\n\nraw\rbyt
         // Bytes after a body that look like a bad head are a bad head.
         let (_, cut) = run(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nabGET / HTTP/1.1\n\n");
         assert_eq!(cut, Some(Refusal::BareLf));
+        let mut ib = Inbound::new(limits());
+        let (_, cut) = feed_all(
+            &mut ib,
+            Instant::now(),
+            b"GET / HTTP/1.1\r\n\r\nPOST / HTTP/1.1\r\nContent-Length: 1, 2\r\n\r\n",
+        );
+        assert_eq!(cut, Some(Refusal::BadFraming));
+        assert_eq!(ib.heads(), 1, "a refused head is not counted as handed on");
         for bad in [
             &b"POST / HTTP/1.1\r\nContent-Length: 2, 3\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n",

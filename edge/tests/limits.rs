@@ -330,6 +330,39 @@ async fn bare_lf_request_and_header_lines_are_refused_with_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unframeable_heads_and_bad_chunk_lines_are_refused() {
+    let (_app, edge) = edge(Limits::default()).await;
+    let addr = edge.local_addr();
+    // Disagreeing lengths (a smuggling attempt): 400 with a JSON body, never forwarded.
+    let resp = raw_request(
+        addr,
+        &format!("POST /app/{APP}/sha256 HTTP/1.1\r\nHost: e\r\nAuthorization: Bearer {TEST_KEY}\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"),
+        b"abcd",
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status, 400);
+    let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap();
+    assert_eq!(v["error"], "bad_request");
+    assert_eq!(edge.metrics().refused_count(Refusal::BadFraming), 1);
+    // A chunk-size line ending in a bare LF mid-body: the request never completes (the app
+    // does not get a body the edge did not check), and it is counted.
+    let resp = raw_request(
+        addr,
+        &format!("POST /app/{APP}/sha256 HTTP/1.1\r\nHost: e\r\nAuthorization: Bearer {TEST_KEY}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"),
+        b"3\r\nabc\r\n3\ndef\r\n0\r\n\r\n",
+    )
+    .await;
+    if let Ok(resp) = resp {
+        assert_ne!(
+            resp.status, 200,
+            "a body with a bare LF was forwarded whole"
+        );
+    }
+    assert_eq!(edge.metrics().refused_count(Refusal::BareLf), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upgrade_closes_the_connection() {
     let (_app, edge) = edge(Limits::default()).await;
     // An upgrade request to an endpoint that does not switch, then a bare-LF request the
