@@ -13,6 +13,10 @@
 //!   handler of that request answers 408 if it has not answered yet, else the connection is
 //!   just closed.
 //!
+//! A cut or refused connection is half-closed and drained (at most 1 s, 64 KiB) before it is
+//! closed, so unread client bytes do not turn the close into a reset that destroys the answer;
+//! a cut connection keeps its place under the caps until then.
+//!
 //! Invariants: every refusal is counted once in [`Metrics`]; a stand-in request can only come
 //! from [`GuardedIo`] (the handler matches it by request index, which a client cannot forge).
 
