@@ -215,6 +215,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn metrics_bind_is_an_address_or_off() {
+        assert_eq!(
+            parse_metrics_bind("127.0.0.1:9588").unwrap().0,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9588)))
+        );
+        assert_eq!(parse_metrics_bind("off").unwrap().0, None);
+        assert!(parse_metrics_bind("everywhere").is_err());
+    }
+
+    #[test]
+    fn new_limit_flags_have_their_documented_defaults() {
+        let args = Args::try_parse_from(["tabbify-node"]).unwrap();
+        assert_eq!(args.max_connections_per_ip, 64);
+        assert_eq!(args.request_timeout, Duration::from_secs(600));
+        assert_eq!(args.min_body_rate, 1024);
+        assert_eq!(args.ws_idle_timeout, Duration::from_secs(300));
+        assert_eq!(
+            args.metrics_bind.0,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9588)))
+        );
+        assert!(args.metrics_key_file.is_none());
+    }
+
+    #[test]
     fn durations_parse_with_units() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
