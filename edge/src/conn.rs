@@ -323,8 +323,7 @@ impl AsyncRead for GuardedIo {
                     }
                     Ok(Scan::Head(n)) => {
                         direct = false;
-                        let head = this.inbound.take_head();
-                        this.out.extend_from_slice(&head);
+                        this.inbound.move_head_into(&mut this.out);
                         i += n;
                     }
                     Err(reason) => {

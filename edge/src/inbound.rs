@@ -178,6 +178,17 @@ impl Inbound {
         std::mem::take(&mut self.head)
     }
 
+    /// Appends the completed head to `out` (after [`Scan::Head`]), keeping the buffer for the
+    /// next head.
+    pub fn move_head_into(&mut self, out: &mut bytes::BytesMut) {
+        out.extend_from_slice(&self.head);
+        self.head.clear();
+        if self.head.capacity() > 4096 {
+            // Do not keep a large head's buffer for an idle keep-alive connection.
+            self.head = Vec::new();
+        }
+    }
+
     /// The edge starts waiting for bytes from the client at `now` (a read found none).
     pub fn waiting(&mut self, now: Instant) {
         if self.waiting_since.is_none() {
