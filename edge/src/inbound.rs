@@ -368,16 +368,20 @@ impl Inbound {
 
     /// Works out the framing of the held, complete head.
     fn head_complete(&mut self) -> Result<(), Refusal> {
-        let mut fields = vec![
-            MaybeUninit::<httparse::Header<'_>>::uninit();
-            self.limits.max_headers.clamp(1, 1024)
-        ];
+        // The fields on the stack for the usual limit (no allocation per request).
+        const ON_STACK: usize = 128;
+        let n = self.limits.max_headers.clamp(1, 1024);
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; ON_STACK];
+        let mut heap;
+        let fields: &mut [MaybeUninit<httparse::Header<'_>>] = if n <= ON_STACK {
+            &mut stack[..n]
+        } else {
+            heap = vec![MaybeUninit::uninit(); n];
+            &mut heap
+        };
         let mut req = httparse::Request::new(&mut []);
-        let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
-            &mut req,
-            &self.head,
-            &mut fields,
-        );
+        let parsed = httparse::ParserConfig::default()
+            .parse_request_with_uninit_headers(&mut req, &self.head, fields);
         match parsed {
             Ok(httparse::Status::Complete(_)) => {}
             Err(httparse::Error::TooManyHeaders) => {
