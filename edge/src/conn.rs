@@ -38,9 +38,11 @@ use crate::error::EdgeError;
 use crate::inbound::{Inbound, InboundLimits, Scan};
 use crate::metrics::{Metrics, Refusal};
 
-/// The request hyper is handed in place of a refused head.
+/// The request hyper is handed in place of a refused head. Should it ever be dispatched as a
+/// request, it reaches nothing: its host (`_` is not a hostname character) can match no route
+/// of the routes file, and `/` is no endpoint (404).
 const STAND_IN: &[u8] =
-    b"GET / HTTP/1.1\r\nhost: tabbify-edge\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+    b"GET / HTTP/1.1\r\nhost: _stand-in_\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// The address a connection is counted under: the IP, IPv4-mapped IPv6 as IPv4, and other
 /// IPv6 addresses by their /64 (one host usually holds a whole /64).
