@@ -53,7 +53,8 @@ enum Cmd {
     Genkey,
     /// Read a private key on stdin, print its public key.
     Pubkey,
-    /// Read a public key on stdin, print the peer ULA the mesh derives from it.
+    /// Read an identity (a member certificate's CN) on stdin, print the peer ULA the mesh
+    /// derives from it (stable across key rotations).
     Ula,
     /// Bring up an interface from a wg-quick file and run in the foreground.
     Up {
@@ -274,9 +275,12 @@ fn ula() -> anyhow::Result<()> {
     let mut s = String::new();
     std::io::stdin()
         .read_to_string(&mut s)
-        .context("reading the public key from stdin")?;
-    let key = Key::from_base64(s.trim()).context("public key on stdin")?;
-    println!("{}", tabbify_api::ula::peer_ula(&key.0));
+        .context("reading the identity from stdin")?;
+    let identity = s.trim();
+    if identity.is_empty() {
+        anyhow::bail!("no identity on stdin (the CN of the member's certificate)");
+    }
+    println!("{}", tabbify_api::ula::identity_ula(identity));
     Ok(())
 }
 

@@ -72,7 +72,9 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<()> {
 }
 
 async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
-    let tls = match &opts.tls {
+    // The member's identity is its certificate's CN (the coordinator reads the same CN);
+    // without mTLS (loopback development) it is the name it registers with.
+    let (tls, member) = match &opts.tls {
         Some(f) => {
             let read = |p: &PathBuf, what: &str| {
                 std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
@@ -80,17 +82,22 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             let cert = read(&f.cert, "--tls-cert")?;
             let key = read(&f.key, "--tls-key")?;
             let ca = read(&f.ca, "--tls-ca")?;
-            Some(tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?)
+            let cn = certificate_cn(&cert)
+                .with_context(|| format!("--tls-cert {}", f.cert.display()))?;
+            let cfg =
+                tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+            (Some(cfg), cn)
         }
-        None => None,
+        None => (None, opts.name.clone()),
     };
     let identity = opts.tls.is_none().then(|| opts.name.clone());
     let client = Client::new(&opts.coordinator, tls, identity)?;
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
-    let ula = tabbify_api::ula::peer_ula(&public_key);
-    let peer_id = tabbify_api::ula::peer_id(&public_key);
+    // Derived from the identity, not the key: a key rotation keeps both.
+    let ula = tabbify_api::ula::identity_ula(&member);
+    let peer_id = tabbify_api::ula::identity_peer_id(&member);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -468,4 +475,23 @@ impl control::Handler for Joiner {
             Request::AppRemove { uuid } => self.app_change(uuid, false),
         }
     }
+}
+
+/// The CN of the first certificate in `pem`: the member's identity.
+fn certificate_cn(pem: &str) -> anyhow::Result<String> {
+    let der = tabbify_api::tls::certs(pem, "client certificate")?
+        .into_iter()
+        .next()
+        .context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no CN")?;
+    Ok(cn
+        .as_str()
+        .map_err(|e| anyhow::anyhow!("the certificate's CN is not text: {e}"))?
+        .to_owned())
 }
