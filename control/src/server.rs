@@ -1048,7 +1048,7 @@ impl Coordinator {
             .put_identity(cn, record.clone())
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         core.registry
-            .remove(&ula::identity_peer_id(cn), "key cleared");
+            .remove(&ula::identity_peer_id(cn), "key_cleared");
         audit(who, "identity.clear_key", cn);
         Ok(identity_response(cn, &record))
     }
