@@ -910,6 +910,7 @@ impl Coordinator {
 
     /// Rotates the caller's WireGuard key: `old_public_key` must be the key admitted for
     /// the caller's identity and `new_public_key` a key never admitted for any identity.
+    /// Idempotent: repeating an applied rotation answers the same.
     fn rotate_key(
         &self,
         identity: Option<String>,
@@ -927,12 +928,23 @@ impl Coordinator {
         let now_ms = self.clock.now_ms();
         let mut guard = self.write();
         let core = &mut *guard;
-        let id = resolve_peer(&core.registry, identity.as_deref(), Some(&req.peer_id))?;
-        let cn = core
-            .registry
-            .peer(&id)
-            .map(|p| p.identity.clone())
-            .ok_or(ApiError::NotRegistered)?;
+        // The identity is the certificate's (with mTLS); the peer need not be registered
+        // right now, so a joiner can finish a rotation it started before a restart.
+        let cn = match identity {
+            Some(cn) => cn,
+            None => core
+                .registry
+                .peer(&resolve_peer(&core.registry, None, Some(&req.peer_id))?)
+                .map(|p| p.identity.clone())
+                .ok_or(ApiError::NotRegistered)?,
+        };
+        let id = ula::identity_peer_id(&cn);
+        if req.peer_id != id {
+            return Err(ApiError::Forbidden(format!(
+                "peer {:?} does not belong to identity {cn:?}",
+                req.peer_id
+            )));
+        }
         let mut record = core
             .store
             .identity(&cn)
@@ -940,6 +952,15 @@ impl Coordinator {
             .ok_or(ApiError::NotRegistered)?;
         if record.revoked_at.is_some() || core.store.is_key_revoked(&new_b64) {
             return Err(ApiError::Revoked);
+        }
+        // A retry of a rotation that was applied (the answer was lost): the same answer.
+        if record.key.as_deref() == Some(new_b64.as_str()) && record.past_keys.contains(&old_b64) {
+            return Ok(RotateKeyResponse {
+                peer_id: id,
+                ula: ula::identity_ula(&cn),
+                public_key: new_b64,
+                key_since: record.key_since,
+            });
         }
         if record.key.as_deref() != Some(old_b64.as_str()) {
             return Err(ApiError::Conflict(
@@ -961,11 +982,10 @@ impl Coordinator {
             crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
             e => ApiError::Internal(e.to_string()),
         })?;
-        let rec = core
-            .registry
-            .rotate_key(&id, new, now_ms)
-            .ok_or(ApiError::NotRegistered)?;
-        let ula = rec.ula;
+        // Registered: one upsert with the new key. Not registered: the next registration
+        // brings the new key.
+        core.registry.rotate_key(&id, new, now_ms);
+        let ula = ula::identity_ula(&cn);
         Metrics::inc(&self.metrics.key_rotations);
         tracing::info!(identity = %cn, peer_id = %id, "key rotated");
         Ok(RotateKeyResponse {

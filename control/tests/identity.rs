@@ -178,6 +178,13 @@ async fn rotation_keeps_identity_address_tags_and_apps() {
     assert_eq!(v["peer_id"], json!(s.id));
     assert_eq!(v["ula"], s.registration["ula"]);
     assert_eq!(v["public_key"], json!(b64(&new)));
+    // A retry (the joiner lost the answer) gets the same answer and changes nothing.
+    let (st, again) = s
+        .client
+        .post("/v1/mesh/rotate-key", rotate(&s.key, &new))
+        .await;
+    assert_eq!(st, 200, "{again}");
+    assert_eq!(again, v);
 
     // Exactly one upsert with the new key; everything else as before.
     let (_, ev) = stream.next_event().await;
