@@ -164,14 +164,6 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         wake: Notify::new(),
     });
     tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
-    // A rotation that a crash or a lost answer left unsettled: settle it before
-    // registering, so that the key registered is the one the coordinator admitted.
-    if joiner.state.next_key()?.is_some() {
-        match joiner.rotate().await {
-            Ok(_) => tracing::info!("finished the key rotation left pending"),
-            Err(e) => tracing::warn!(error = %e, "the pending key rotation is not settled yet"),
-        }
-    }
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
@@ -413,6 +405,14 @@ impl Joiner {
     }
 
     async fn register(&self, with_token: bool) -> Result<RegisterResponse, ClientError> {
+        // A rotation that a crash or a lost answer left unsettled is settled first, so the
+        // key registered is the one the coordinator admitted.
+        if matches!(self.state.next_key(), Ok(Some(_))) {
+            match self.rotate().await {
+                Ok(_) => tracing::info!("finished the key rotation left pending"),
+                Err(e) => tracing::warn!(error = %e, "the pending key rotation is not settled yet"),
+            }
+        }
         let req = RegisterRequest {
             name: self.opts.name.clone(),
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key()),
