@@ -231,6 +231,33 @@ impl Coordinator {
         self.read().registry.len()
     }
 
+    /// Checks the one-identity-one-key invariants (for tests and fuzzing): every registered
+    /// peer's key is the key its identity has admitted, and its id and ULA derive from its
+    /// identity. (The store itself never binds a key to two identities.) `Err` names the
+    /// first violation.
+    pub fn check_identity_invariants(&self) -> Result<(), String> {
+        let core = self.read();
+        for cn in core.store.identities().keys() {
+            let Some(p) = core.registry.peer_by_identity(cn) else {
+                continue;
+            };
+            let admitted = core.store.identity(cn).and_then(|r| r.key.clone());
+            if admitted.as_deref() != Some(p.key_b64.as_str()) {
+                return Err(format!(
+                    "peer {} of {cn:?} uses key {} but {admitted:?} is admitted",
+                    p.id, p.key_b64
+                ));
+            }
+            if p.id != ula::identity_peer_id(cn) || p.ula != ula::identity_ula(cn) {
+                return Err(format!("peer {} of {cn:?} has a foreign id or ULA", p.id));
+            }
+            if core.store.owner_of_key(&p.key_b64) != Some(cn.as_str()) {
+                return Err(format!("key {} of {cn:?} is owned elsewhere", p.key_b64));
+            }
+        }
+        Ok(())
+    }
+
     /// Removes peers that missed three heartbeats; returns their ids.
     pub fn sweep(&self) -> Vec<String> {
         let timeout = self.config.heartbeat_interval.as_millis() as u64

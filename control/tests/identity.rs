@@ -114,6 +114,7 @@ async fn key_takeover_is_refused_and_the_owner_is_undisturbed() {
             .contains("tabbify_coordinator_key_refusals_total 1"),
         "{metrics}"
     );
+    h.coord.check_identity_invariants().unwrap();
 }
 
 #[tokio::test]
@@ -214,6 +215,7 @@ async fn rotation_keeps_identity_address_tags_and_apps() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["ula"], s.registration["ula"]);
     assert_eq!(v["tags"], json!(["supervisor"]));
+    h.coord.check_identity_invariants().unwrap();
 }
 
 #[tokio::test]
@@ -270,6 +272,7 @@ async fn a_revoked_identity_cannot_come_back_with_a_new_key_and_a_valid_token() 
     assert_eq!(v["peer_id"], json!(s.id));
     let (st, _) = h.admin().post("/v1/identities/s1/readmit", json!({})).await;
     assert_eq!(st, 404, "not revoked any more");
+    h.coord.check_identity_invariants().unwrap();
 }
 
 #[tokio::test]
