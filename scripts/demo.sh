@@ -104,7 +104,9 @@ up() {
   # PKI: the mesh CA, the coordinator's server certificate, a client certificate per host.
   "$BIN/tabbify-mesh-ca" init --out "$STATE/ca" >/dev/null
   "$BIN/tabbify-mesh-ca" issue-coordinator --name coordinator --san "$COORD" --ca-dir "$STATE/ca" --out "$STATE/coordinator" >/dev/null
-  for n in admin "${HOSTS[@]}"; do
+  # The admin's certificate carries the admin role (a peer certificate never does).
+  "$BIN/tabbify-mesh-ca" issue-admin --name admin --ca-dir "$STATE/ca" --out "$STATE/admin" >/dev/null
+  for n in "${HOSTS[@]}"; do
     "$BIN/tabbify-mesh-ca" issue-peer --name "$n" --ca-dir "$STATE/ca" --out "$STATE/$n" >/dev/null
   done
   cat > "$STATE/policy.json" <<'JSON'
@@ -119,7 +121,7 @@ up() {
 JSON
   ip netns exec "$PREFIX-pub" "$BIN/tabbify-mesh-coordinator" --bind "$COORD:8443" \
     --tls-cert "$STATE/coordinator/cert.pem" --tls-key "$STATE/coordinator/key.pem" \
-    --tls-ca "$STATE/ca/ca.pem" --policy-file "$STATE/policy.json" --admin admin \
+    --tls-ca "$STATE/ca/ca.pem" --policy-file "$STATE/policy.json" \
     --state-dir "$STATE/coordinator-state" >"$STATE/coordinator.log" 2>&1 &
   echo $! > "$STATE/coordinator.pid"
   wait_for "the coordinator" 50 grep -q "listening on" "$STATE/coordinator.log"

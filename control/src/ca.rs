@@ -1,5 +1,6 @@
-//! The mesh certificate authority: mints the CA, peer client certificates (CN = peer name)
-//! and coordinator server certificates, and writes them to disk.
+//! The mesh certificate authority: mints the CA, peer client certificates (CN = peer name),
+//! admin client certificates (CN = admin name plus the admin role SAN) and coordinator
+//! server certificates, and writes them to disk.
 //!
 //! Invariants: every key is ECDSA P-256; every private key file is created with mode 0600
 //! and no file is ever overwritten unless the caller passes `force`. Files in a directory
@@ -156,6 +157,18 @@ impl Ca {
         validate_name(name)?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(name, params, validity)
+    }
+
+    /// Issues an admin client certificate for `name`: CN = `name`, client-auth usage,
+    /// and the admin role as the URI SAN [`ADMIN_ROLE_URI`](tabbify_api::ADMIN_ROLE_URI).
+    /// The role is in the certificate, not the name: [`Ca::issue_peer`] never writes a
+    /// SAN, so no peer certificate is an admin, whatever it is called.
+    pub fn issue_admin(&self, name: &str, validity: Validity) -> Result<Issued, CaError> {
+        validate_name(name)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.subject_alt_names = vec![SanType::URI(tabbify_api::ADMIN_ROLE_URI.try_into()?)];
         self.issue(name, params, validity)
     }
 
@@ -339,6 +352,20 @@ mod tests {
         assert!(verifier
             .verify_client_cert(&foreign_der.into(), &[], now)
             .is_err());
+    }
+
+    #[test]
+    fn only_issue_admin_grants_the_admin_role() {
+        let ca = Ca::generate("mesh-ca", Validity::days_from_now(10)).unwrap();
+        let admin = ca.issue_admin("ops-1", Validity::days_from_now(1)).unwrap();
+        let der = parse(&admin.cert_pem);
+        assert!(crate::tls::has_admin_role(Some(&[der.into()])));
+        for name in ["admin", "ops-1", "urn.tabbify.role.admin"] {
+            let peer = ca.issue_peer(name, Validity::days_from_now(1)).unwrap();
+            let der = parse(&peer.cert_pem);
+            assert!(!crate::tls::has_admin_role(Some(&[der.into()])), "{name}");
+        }
+        assert!(!crate::tls::has_admin_role(None));
     }
 
     #[test]

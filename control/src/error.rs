@@ -36,9 +36,25 @@ pub enum ApiError {
     /// The caller is known but not allowed to do this (403).
     #[error("{0}")]
     Forbidden(String),
-    /// The key was revoked by an admin (403).
-    #[error("this key has been revoked; an admin must re-admit it")]
+    /// The join token is bound to another identity (403).
+    #[error("join token is bound to another identity")]
+    TokenIdentity,
+    /// The caller's identity (or, from a pre-identity log, the key) was revoked by an
+    /// admin (403).
+    #[error("this identity has been revoked; an admin must re-admit it")]
     Revoked,
+    /// The public key is bound to another identity (409); nothing changed.
+    #[error("public key is bound to another identity")]
+    KeyTaken,
+    /// The identity has another key admitted (409): rotate with `tabbify-mesh rotate-key`
+    /// (`POST /v1/mesh/rotate-key`), or, if the node lost its key, an admin clears it with
+    /// `DELETE /v1/identities/{cn}/key` and the node joins again with a new token.
+    #[error(
+        "identity {0:?} has another key admitted: rotate it (tabbify-mesh rotate-key), or if \
+         the node lost its key an admin clears it (DELETE /v1/identities/{0}/key) and the node \
+         joins again with a new token"
+    )]
+    KeyMismatch(String),
     /// The caller is not a registered peer (404); register (again) first.
     #[error("not registered: register first")]
     NotRegistered,
@@ -72,12 +88,15 @@ impl ApiError {
             ApiError::Unauthorized(_) | ApiError::TokenInvalid | ApiError::TokenExpired => {
                 StatusCode::UNAUTHORIZED
             }
-            ApiError::TokenUsed | ApiError::Forbidden(_) | ApiError::Revoked => {
-                StatusCode::FORBIDDEN
-            }
+            ApiError::TokenUsed
+            | ApiError::TokenIdentity
+            | ApiError::Forbidden(_)
+            | ApiError::Revoked => StatusCode::FORBIDDEN,
             ApiError::NotRegistered | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::KeyTaken | ApiError::KeyMismatch(_) => {
+                StatusCode::CONFLICT
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::AuthService(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -96,7 +115,10 @@ impl ApiError {
             ApiError::TokenExpired => "token_expired",
             ApiError::TokenUsed => "token_used",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::TokenIdentity => "token_identity",
             ApiError::Revoked => "revoked",
+            ApiError::KeyTaken => "key_taken",
+            ApiError::KeyMismatch(_) => "key_mismatch",
             ApiError::NotRegistered => "not_registered",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",

@@ -19,6 +19,11 @@ pub struct Metrics {
     pub policy_changes: AtomicU64,
     /// Join tokens minted.
     pub tokens_minted: AtomicU64,
+    /// WireGuard keys rotated.
+    pub key_rotations: AtomicU64,
+    /// Registrations refused because the key belongs to another identity (`key_taken`)
+    /// or the identity has another key admitted (`key_mismatch`).
+    pub key_refusals: AtomicU64,
     /// Requests answered with a 4xx status.
     pub responses_4xx: AtomicU64,
     /// Requests answered with a 5xx status.
@@ -119,6 +124,18 @@ impl Metrics {
             "counter",
             "Join tokens minted.",
             c(&self.tokens_minted),
+        );
+        line(
+            "key_rotations_total",
+            "counter",
+            "WireGuard keys rotated.",
+            c(&self.key_rotations),
+        );
+        line(
+            "key_refusals_total",
+            "counter",
+            "Requests refused with key_taken or key_mismatch.",
+            c(&self.key_refusals),
         );
         line(
             "responses_ok_total",

@@ -30,6 +30,12 @@ fn body(schema: &str) -> Value {
     })
 }
 
+fn cn_param() -> Value {
+    json!({"name": "cn", "in": "path", "required": true,
+           "description": "an identity: the CN of a member certificate",
+           "schema": {"type": "string"}})
+}
+
 fn peer_id_param() -> Value {
     json!({"name": "id", "in": "path", "required": true, "schema": {"type": "string"}})
 }
@@ -88,7 +94,7 @@ pub fn document() -> Value {
         "info": {
             "title": "tabbify-mesh-coordinator",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); admin routes need an admin CN. Without mTLS (loopback development) the x-tabbify-identity header names the caller."
+            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names."
         },
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": ok("Health")}},
@@ -110,20 +116,43 @@ pub fn document() -> Value {
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                     "default": error_responses()["default"].clone()
                 }}},
+            "/v1/mesh/rotate-key": {"post": {"operationId": "rotateKey",
+                "requestBody": body("RotateKeyRequest"), "responses": ok("RotateKeyResponse")}},
             "/v1/mesh/peers/{id}": {"delete": {"operationId": "revokePeer",
+                "description": "Revokes the peer's identity (as DELETE /v1/identities/{cn}).",
                 "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}},
+            "/v1/identities/{cn}": {"delete": {"operationId": "revokeIdentity",
+                "description": "Revokes the identity: its peer leaves every roster now and no key or token registers it until it is re-admitted.",
+                "parameters": [cn_param()], "responses": ok("IdentityResponse")}},
+            "/v1/identities/{cn}/readmit": {"post": {"operationId": "readmitIdentity",
+                "description": "Lifts the revocation; the identity's key is cleared, so the node joins again with a new token.",
+                "parameters": [cn_param()], "responses": ok("IdentityResponse")}},
+            "/v1/identities/{cn}/key": {"delete": {"operationId": "clearIdentityKey",
+                "description": "Forgets the key admitted for the identity (the node lost it): the node may join again with a new key and a new token. The old key stays bound to the identity.",
+                "parameters": [cn_param()], "responses": ok("IdentityResponse")}},
             "/v1/policy": {
                 "get": {"operationId": "getPolicy", "responses": ok("PolicyResponse")},
                 "put": {"operationId": "putPolicy", "requestBody": body("PolicyDocument"), "responses": ok("PolicyResponse")}
             },
-            "/v1/tokens": {"post": {"operationId": "mintToken",
-                "requestBody": body("TokenRequest"), "responses": ok("TokenResponse")}},
+            "/v1/tokens": {
+                "post": {"operationId": "mintToken",
+                    "requestBody": body("TokenRequest"), "responses": ok("TokenResponse")},
+                "get": {"operationId": "listTokens", "responses": {
+                    "200": {"description": "OK (no secrets)", "content": {"application/json": {"schema": {
+                        "type": "array", "items": {"$ref": "#/components/schemas/TokenInfo"}}}}},
+                    "default": error_responses()["default"].clone()
+                }}
+            },
+            "/v1/tokens/{token_id}": {"delete": {"operationId": "deleteToken",
+                "parameters": [{"name": "token_id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": ok("TokenInfo")}},
             "/v1/revocations": {"get": {"operationId": "revocations", "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": {
                     "type": "array", "items": {"$ref": "#/components/schemas/Revocation"}}}}},
                 "default": error_responses()["default"].clone()
             }}},
             "/v1/revocations/{id}": {"delete": {"operationId": "readmitPeer",
+                "description": "Re-admits the revoked identity with this peer id.",
                 "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}}
         },
         "components": {"schemas": {
@@ -168,16 +197,36 @@ pub fn document() -> Value {
             "TokenRequest": {"type": "object",
                 "properties": {"tags": strings, "name": {"type": "string"},
                                "ttl_secs": {"type": "integer", "minimum": 1, "maximum": 2_592_000},
-                               "max_uses": {"type": "integer", "minimum": 0, "maximum": 4_294_967_295u64}}},
+                               "max_uses": {"type": "integer", "minimum": 0, "maximum": 4_294_967_295u64,
+                                            "description": "0 = unlimited, only with unlimited: true"},
+                               "unlimited": {"type": "boolean"},
+                               "identity": {"type": "string", "description": "bind the token to this certificate CN"}}},
             "TokenResponse": {"type": "object", "required": ["token", "token_id", "tags", "expires_at", "max_uses"],
                 "properties": {"token": {"type": "string"}, "token_id": {"type": "string"}, "tags": strings,
                                "name": {"type": "string"}, "expires_at": {"type": "integer"},
-                               "max_uses": {"type": "integer"}}},
+                               "max_uses": {"type": "integer"}, "identity": {"type": "string"}}},
+            "TokenInfo": {"type": "object",
+                "required": ["token_id", "tags", "created_at", "expires_at", "max_uses", "uses"],
+                "properties": {"token_id": {"type": "string"}, "tags": strings,
+                               "name": {"type": "string"}, "identity": {"type": "string"},
+                               "created_at": {"type": "integer"}, "expires_at": {"type": "integer"},
+                               "max_uses": {"type": "integer"}, "uses": {"type": "integer"}}},
+            "RotateKeyRequest": {"type": "object", "required": ["peer_id", "old_public_key", "new_public_key"],
+                "properties": {"peer_id": {"type": "string"},
+                               "old_public_key": {"type": "string", "description": "base64 of 32 bytes"},
+                               "new_public_key": {"type": "string", "description": "base64 of 32 bytes"}}},
+            "RotateKeyResponse": {"type": "object", "required": ["peer_id", "ula", "public_key", "key_since"],
+                "properties": {"peer_id": {"type": "string"}, "ula": {"type": "string"},
+                               "public_key": {"type": "string"}, "key_since": {"type": "integer"}}},
+            "IdentityResponse": {"type": "object", "required": ["identity", "peer_id", "ula", "revoked"],
+                "properties": {"identity": {"type": "string"}, "peer_id": {"type": "string"},
+                               "ula": {"type": "string"}, "revoked": {"type": "boolean"},
+                               "public_key": {"type": "string"}}},
             "RevokeResponse": {"type": "object", "required": ["peer_id", "revoked"],
                 "properties": {"peer_id": {"type": "string"}, "revoked": {"type": "boolean"}}},
             "Revocation": {"type": "object", "required": ["peer_id", "public_key", "revoked_at"],
-                "properties": {"peer_id": {"type": "string"}, "public_key": {"type": "string"},
-                               "revoked_at": {"type": "integer"}}}
+                "properties": {"peer_id": {"type": "string"}, "identity": {"type": "string"},
+                               "public_key": {"type": "string"}, "revoked_at": {"type": "integer"}}}
         }}
     })
 }

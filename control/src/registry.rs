@@ -26,13 +26,13 @@ use crate::visibility::{ClassId, RulesId, Visibility};
 /// A registered peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRecord {
-    /// Derived id.
+    /// Id derived from the identity.
     pub id: String,
     /// WireGuard public key.
     pub key: [u8; 32],
     /// The key, standard base64.
     pub key_b64: String,
-    /// Derived ULA.
+    /// ULA derived from the identity (stable across key rotations).
     pub ula: Ipv6Addr,
     /// Identity (certificate CN).
     pub identity: String,
@@ -254,22 +254,18 @@ impl Registry {
         Bytes::from(snap.to_frame(self.last_event_id()))
     }
 
-    /// Adds or replaces a peer (by key; a different key under the same identity replaces
-    /// the old peer) and announces it. Returns the new record.
+    /// Adds or replaces the peer of `new.identity` (its id and ULA derive from the
+    /// identity, so a new key replaces the peer in place, one upsert event) and announces
+    /// it. Returns the new record. The caller checked that the key is the identity's.
     pub fn upsert(&mut self, new: NewPeer, now_ms: u64) -> &PeerRecord {
-        let id = crate::ula::peer_id(&new.key);
-        if let Some(old_id) = self.by_identity.get(&new.identity).cloned() {
-            if old_id != id {
-                self.remove(&old_id, "replaced");
-            }
-        }
+        let id = crate::ula::identity_peer_id(&new.identity);
         let class = self.vis.class_of(&new.identity, &new.tags);
         let old = self.peers.get(&id).cloned();
         let rec = PeerRecord {
             id: id.clone(),
             key: new.key,
             key_b64: base64::engine::general_purpose::STANDARD.encode(new.key),
-            ula: crate::ula::peer_ula(&new.key),
+            ula: crate::ula::identity_ula(&new.identity),
             identity: new.identity,
             display_name: new.display_name,
             tags: new.tags,
@@ -324,6 +320,17 @@ impl Registry {
             self.hole_punch(&id);
         }
         &self.peers[&id]
+    }
+
+    /// Replaces the WireGuard key of peer `id` (a rotation), keeping everything else, and
+    /// announces it with one upsert event. `None` if `id` is not registered.
+    pub fn rotate_key(&mut self, id: &str, key: [u8; 32], now_ms: u64) -> Option<&PeerRecord> {
+        let p = self.peers.get_mut(id)?;
+        p.key = key;
+        p.key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        p.last_seen_ms = now_ms;
+        self.emit_upsert(id, SubjectAction::Skip);
+        self.peers.get(id)
     }
 
     /// Records a heartbeat; announces the peer if its endpoints, apps or reflexive

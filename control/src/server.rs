@@ -40,7 +40,7 @@ use crate::metrics::{Gauges, Metrics};
 use crate::policy::Policy;
 use crate::registry::{Limits, NewPeer, Registry};
 use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
-use crate::store::{Admission, Store, StoredPolicy, TokenRecord};
+use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
 use crate::{tokens, ula};
 
 /// Header that names the caller when mTLS is off (loopback development only).
@@ -80,7 +80,10 @@ pub enum StartError {
 /// Coordinator settings, validated once by the binary (or a test).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Identities (certificate CNs) allowed to use the admin routes.
+    /// Legacy `--admin CN` list. With mTLS an admin is a certificate carrying the admin
+    /// role (`tabbify-mesh-ca issue-admin`); when this list is not empty its CN must also
+    /// be in it (a narrowing, never a grant). Without mTLS (loopback development) the
+    /// identity header must name an entry of this list.
     pub admins: BTreeSet<String>,
     /// Directory of the state log; `None` keeps state in memory.
     pub state_dir: Option<PathBuf>,
@@ -146,6 +149,9 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     /// The verified client certificate's CN (mTLS).
     pub identity: Option<String>,
+    /// Whether the verified client certificate carries the admin role
+    /// ([`ADMIN_ROLE_URI`](crate::api::ADMIN_ROLE_URI)).
+    pub admin_role: bool,
 }
 
 struct Core {
@@ -225,6 +231,33 @@ impl Coordinator {
         self.read().registry.len()
     }
 
+    /// Checks the one-identity-one-key invariants (for tests and fuzzing): every registered
+    /// peer's key is the key its identity has admitted, and its id and ULA derive from its
+    /// identity. (The store itself never binds a key to two identities.) `Err` names the
+    /// first violation.
+    pub fn check_identity_invariants(&self) -> Result<(), String> {
+        let core = self.read();
+        for cn in core.store.identities().keys() {
+            let Some(p) = core.registry.peer_by_identity(cn) else {
+                continue;
+            };
+            let admitted = core.store.identity(cn).and_then(|r| r.key.clone());
+            if admitted.as_deref() != Some(p.key_b64.as_str()) {
+                return Err(format!(
+                    "peer {} of {cn:?} uses key {} but {admitted:?} is admitted",
+                    p.id, p.key_b64
+                ));
+            }
+            if p.id != ula::identity_peer_id(cn) || p.ula != ula::identity_ula(cn) {
+                return Err(format!("peer {} of {cn:?} has a foreign id or ULA", p.id));
+            }
+            if core.store.owner_of_key(&p.key_b64) != Some(cn.as_str()) {
+                return Err(format!("key {} of {cn:?} is owned elsewhere", p.key_b64));
+            }
+        }
+        Ok(())
+    }
+
     /// Removes peers that missed three heartbeats; returns their ids.
     pub fn sweep(&self) -> Vec<String> {
         let timeout = self.config.heartbeat_interval.as_millis() as u64
@@ -266,6 +299,9 @@ impl Coordinator {
         let resp = match self.route(conn, req).await {
             Ok(r) => r,
             Err(e) => {
+                if matches!(e, ApiError::KeyTaken | ApiError::KeyMismatch(_)) {
+                    Metrics::inc(&self.metrics.key_refusals);
+                }
                 if e.status().is_server_error() {
                     tracing::warn!(error = %e, "request failed");
                 }
@@ -341,8 +377,12 @@ impl Coordinator {
                 })
             }
             (Method::GET, PATH_PEERS_STREAM) => self.stream(identity, req),
+            (Method::POST, PATH_ROTATE_KEY) => {
+                let body: RotateKeyRequest = self.read_json(req).await?;
+                ok(&self.rotate_key(identity, body)?)
+            }
             (Method::GET, PATH_POLICY) => {
-                self.admin(identity.as_deref())?;
+                self.admin(conn, identity.as_deref())?;
                 let core = self.read();
                 ok(&PolicyResponse {
                     revision: core.registry.revision(),
@@ -350,37 +390,51 @@ impl Coordinator {
                 })
             }
             (Method::PUT, PATH_POLICY) => {
-                self.admin(identity.as_deref())?;
+                let who = self.admin(conn, identity.as_deref())?;
                 let doc: PolicyDocument = self.read_json(req).await?;
-                ok(&self.put_policy(doc)?)
+                ok(&self.put_policy(&who, doc)?)
             }
             (Method::POST, PATH_TOKENS) => {
-                self.admin(identity.as_deref())?;
+                let who = self.admin(conn, identity.as_deref())?;
                 let body: TokenRequest = self.read_json(req).await?;
-                ok(&self.mint_token(body)?)
+                ok(&self.mint_token(&who, body)?)
+            }
+            (Method::GET, PATH_TOKENS) => {
+                self.admin(conn, identity.as_deref())?;
+                ok(&self.list_tokens())
+            }
+            (Method::DELETE, p) if p.starts_with("/v1/tokens/") => {
+                let who = self.admin(conn, identity.as_deref())?;
+                ok(&self.delete_token(&who, &p["/v1/tokens/".len()..])?)
             }
             (Method::GET, PATH_REVOCATIONS) => {
-                self.admin(identity.as_deref())?;
-                let core = self.read();
-                let list: Vec<Revocation> = core
-                    .store
-                    .revocations()
-                    .iter()
-                    .map(|(k, r)| Revocation {
-                        peer_id: r.peer_id.clone(),
-                        public_key: k.clone(),
-                        revoked_at: r.at,
-                    })
-                    .collect();
-                ok(&list)
+                self.admin(conn, identity.as_deref())?;
+                ok(&self.revocations())
+            }
+            (method, p) if p.starts_with(PATH_IDENTITIES_PREFIX) => {
+                let who = self.admin(conn, identity.as_deref())?;
+                let rest = &p[PATH_IDENTITIES_PREFIX.len()..];
+                match (method, rest.split_once('/')) {
+                    (Method::DELETE, None) => ok(&self.revoke_identity(&who, rest)?),
+                    (Method::POST, Some((cn, "readmit"))) => ok(&self.readmit_identity(&who, cn)?),
+                    (Method::DELETE, Some((cn, "key"))) => ok(&self.clear_key(&who, cn)?),
+                    (_, None | Some((_, "readmit" | "key"))) => Err(ApiError::MethodNotAllowed),
+                    _ => Err(ApiError::NotFound(format!("no route {p}"))),
+                }
             }
             (Method::DELETE, p) if p.starts_with("/v1/mesh/peers/") && p != PATH_PEERS_STREAM => {
-                self.admin(identity.as_deref())?;
-                ok(&self.revoke(&p["/v1/mesh/peers/".len()..])?)
+                let who = self.admin(conn, identity.as_deref())?;
+                let peer_id = &p["/v1/mesh/peers/".len()..];
+                let cn = self.identity_of_peer(peer_id)?;
+                self.revoke_identity(&who, &cn)?;
+                ok(&RevokeResponse {
+                    peer_id: peer_id.to_owned(),
+                    revoked: true,
+                })
             }
             (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
-                self.admin(identity.as_deref())?;
-                ok(&self.readmit(&p["/v1/revocations/".len()..])?)
+                let who = self.admin(conn, identity.as_deref())?;
+                ok(&self.readmit_peer(&who, &p["/v1/revocations/".len()..])?)
             }
             (_, p) if known_path(p) => Err(ApiError::MethodNotAllowed),
             (_, p) => Err(ApiError::NotFound(format!("no route {p}"))),
@@ -398,11 +452,28 @@ impl Coordinator {
         }
     }
 
-    fn admin(&self, identity: Option<&str>) -> Result<(), ApiError> {
-        match identity {
-            None => Err(ApiError::Unauthorized("no client identity".into())),
-            Some(i) if self.config.admins.contains(i) => Ok(()),
-            Some(i) => Err(ApiError::Forbidden(format!("{i:?} is not an admin"))),
+    /// The admin's identity if the caller may use the admin routes: a certificate with
+    /// the admin role (and, if `--admin` lists CNs, one of them); without mTLS, an identity
+    /// header naming an `--admin` entry.
+    fn admin(&self, conn: &ConnInfo, identity: Option<&str>) -> Result<String, ApiError> {
+        let Some(i) = identity else {
+            return Err(ApiError::Unauthorized("no client identity".into()));
+        };
+        let listed = self.config.admins.contains(i);
+        let ok = if self.config.insecure {
+            listed
+        } else {
+            conn.admin_role && (self.config.admins.is_empty() || listed)
+        };
+        if ok {
+            Ok(i.to_owned())
+        } else if !self.config.insecure && !conn.admin_role {
+            Err(ApiError::Forbidden(format!(
+                "{i:?} is not an admin: its certificate lacks the admin role \
+                 (tabbify-mesh-ca issue-admin)"
+            )))
+        } else {
+            Err(ApiError::Forbidden(format!("{i:?} is not an admin")))
         }
     }
 
@@ -475,9 +546,7 @@ impl Coordinator {
                 .policy()
                 .tag_ids(&req.tags)
                 .map_err(|e| ApiError::BadRequest(e.0))?;
-            if core.store.is_revoked(&key_b64) {
-                return Err(ApiError::Revoked);
-            }
+            check_key(&core.store, &identity, &key_b64)?;
         }
         // An external validation happens before taking the lock (it is a network call).
         let external = match (&self.config.auth, &req.join_token) {
@@ -496,21 +565,21 @@ impl Coordinator {
         let now_ms = self.clock.now_ms();
         let mut guard = self.write();
         let core = &mut *guard;
-        if core.store.is_revoked(&key_b64) {
-            return Err(ApiError::Revoked);
-        }
-        let admission = core
-            .store
-            .admission(&key_b64)
-            .filter(|a| a.identity == identity)
-            .cloned();
-        // The token decides the tags; an admitted key may come back without a usable one.
+        // Checked again under the lock: the state may have changed during the auth call.
+        let record = check_key(&core.store, &identity, &key_b64)?;
+        let admitted = record
+            .as_ref()
+            .filter(|r| r.key.as_deref() == Some(key_b64.as_str()));
+        // The token decides the tags; the admitted key may come back without a usable one.
         let claims: Result<Claims, ApiError> = match (external, &req.join_token) {
             (Some(result), _) => result.map(|(t, n)| (t, n, None)),
             (None, Some(token)) => {
                 let hash = tokens::hash(token);
                 match core.store.token(&hash) {
                     None => Err(ApiError::TokenInvalid),
+                    Some(rec) if rec.identity.as_ref().is_some_and(|b| *b != identity) => {
+                        Err(ApiError::TokenIdentity)
+                    }
                     Some(rec) => tokens::check(rec, now_ms / 1000)
                         .map(|()| (rec.tags.clone(), rec.name.clone(), Some(hash))),
                 }
@@ -519,9 +588,9 @@ impl Coordinator {
                 "a join token is required for a key that was not admitted before".into(),
             )),
         };
-        let (tags, name, spend) = match (claims, admission) {
+        let (tags, name, spend) = match (claims, admitted) {
             (Ok(c), _) => c,
-            (Err(_), Some(a)) => (a.tags, Some(a.display_name), None),
+            (Err(_), Some(a)) => (a.tags.clone(), Some(a.display_name.clone()), None),
             (Err(e), None) => return Err(e),
         };
         core.registry.policy().tag_ids(&tags).map_err(|e| {
@@ -531,35 +600,36 @@ impl Coordinator {
             ))
         })?;
         let display_name = name.unwrap_or_else(|| identity.clone());
-        let ula = ula::peer_ula(&key);
-        let id = ula::peer_id(&key);
-        // Ids and ULAs are truncated hashes: refuse a key whose id or ULA another key holds.
-        if let Some(other) = core.registry.peer(&id).filter(|p| p.key != key) {
+        let ula = ula::identity_ula(&identity);
+        let id = ula::identity_peer_id(&identity);
+        // Ids and ULAs are truncated hashes: refuse an identity whose id or ULA another holds.
+        if let Some(other) = core
+            .registry
+            .peer(&id)
+            .or_else(|| core.registry.peer_by_ula(&ula))
+            .filter(|p| p.identity != identity)
+        {
             return Err(ApiError::Conflict(format!(
-                "peer id {} is taken by another key",
-                other.id
+                "peer id {id} or ULA {ula} is taken by identity {:?}",
+                other.identity
             )));
         }
-        if let Some(other) = core.registry.peer_by_ula(&ula).filter(|p| p.key != key) {
-            return Err(ApiError::Conflict(format!(
-                "ULA {ula} is taken by peer {}",
-                other.id
-            )));
+        let internal = |e: crate::store::StoreError| match e {
+            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
+            e => ApiError::Internal(e.to_string()),
+        };
+        let mut updated = record.clone().unwrap_or_default();
+        if updated.key.as_deref() != Some(key_b64.as_str()) {
+            updated.set_key(Some(key_b64.clone()), now_ms / 1000);
         }
-        let internal = |e: crate::store::StoreError| ApiError::Internal(e.to_string());
+        updated.display_name = display_name.clone();
+        updated.tags = tags.clone();
+        core.store
+            .put_identity(&identity, updated)
+            .map_err(internal)?;
         if let Some(hash) = spend {
             core.store.use_token(&hash).map_err(internal)?;
         }
-        core.store
-            .admit(
-                &key_b64,
-                Admission {
-                    identity: identity.clone(),
-                    display_name: display_name.clone(),
-                    tags: tags.clone(),
-                },
-            )
-            .map_err(internal)?;
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
         let rec = core.registry.upsert(
             NewPeer {
@@ -721,7 +791,7 @@ impl Coordinator {
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
-    fn put_policy(&self, doc: PolicyDocument) -> Result<PolicyResponse, ApiError> {
+    fn put_policy(&self, who: &str, doc: PolicyDocument) -> Result<PolicyResponse, ApiError> {
         let policy =
             Policy::compile(doc.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut core = self.write();
@@ -740,26 +810,36 @@ impl Coordinator {
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         core.registry.set_policy(Arc::new(policy), revision);
         Metrics::inc(&self.metrics.policy_changes);
-        tracing::info!(revision, "policy replaced");
+        audit(who, "policy.replace", &format!("revision {revision}"));
         Ok(PolicyResponse {
             revision,
             policy: doc,
         })
     }
 
-    fn mint_token(&self, req: TokenRequest) -> Result<TokenResponse, ApiError> {
+    fn mint_token(&self, who: &str, req: TokenRequest) -> Result<TokenResponse, ApiError> {
         if req.ttl_secs == 0 || req.ttl_secs > tokens::MAX_TTL_SECS {
             return Err(ApiError::BadRequest(format!(
                 "ttl_secs must be 1..={}",
                 tokens::MAX_TTL_SECS
             )));
         }
+        if req.max_uses == 0 && !req.unlimited {
+            return Err(ApiError::BadRequest(
+                "max_uses 0 makes an unlimited-use token: also pass \"unlimited\": true".into(),
+            ));
+        }
+        if req.max_uses != 0 && req.unlimited {
+            return Err(ApiError::BadRequest(
+                "\"unlimited\": true needs max_uses 0".into(),
+            ));
+        }
         if req.tags.len() > MAX_TAGS_PER_PEER {
             return Err(ApiError::BadRequest(format!(
                 "more than {MAX_TAGS_PER_PEER} tags"
             )));
         }
-        if let Some(n) = &req.name {
+        for n in req.name.iter().chain(&req.identity) {
             crate::ca::validate_name(n).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         }
         let mut core = self.write();
@@ -768,7 +848,8 @@ impl Coordinator {
             .tag_ids(&req.tags)
             .map_err(|e| ApiError::BadRequest(e.0))?;
         let (token, hash) = tokens::generate();
-        let expires_at = self.clock.now_ms() / 1000 + req.ttl_secs;
+        let now_secs = self.clock.now_ms() / 1000;
+        let expires_at = now_secs + req.ttl_secs;
         let mut tags = req.tags;
         tags.sort();
         tags.dedup();
@@ -781,56 +862,313 @@ impl Coordinator {
                     expires_at,
                     max_uses: req.max_uses,
                     uses: 0,
+                    identity: req.identity.clone(),
+                    created_at: now_secs,
                 },
             )
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         Metrics::inc(&self.metrics.tokens_minted);
+        let token_id = tokens::id_of(&hash);
+        audit(who, "token.mint", &format!("token {token_id}"));
         Ok(TokenResponse {
             token,
-            token_id: tokens::id_of(&hash),
+            token_id,
             tags,
             name: req.name,
             expires_at,
             max_uses: req.max_uses,
+            identity: req.identity,
         })
     }
 
-    fn revoke(&self, peer_id: &str) -> Result<RevokeResponse, ApiError> {
-        let mut core = self.write();
-        let key = match core.registry.peer(peer_id) {
-            Some(p) => Some(p.key_b64.clone()),
-            None => core.store.admitted_key_of(peer_id),
-        };
-        let key = key.ok_or_else(|| ApiError::NotFound(format!("no peer {peer_id:?}")))?;
-        let at = self.clock.now_ms() / 1000;
-        core.store
-            .revoke(&key, peer_id, at)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-        core.registry.remove(peer_id, "revoked");
-        Metrics::inc(&self.metrics.revocations);
-        tracing::info!(peer_id, "peer revoked");
-        Ok(RevokeResponse {
-            peer_id: peer_id.to_owned(),
-            revoked: true,
-        })
-    }
-
-    fn readmit(&self, peer_id: &str) -> Result<RevokeResponse, ApiError> {
-        let mut core = self.write();
-        let key = core
+    fn list_tokens(&self) -> Vec<TokenInfo> {
+        let core = self.read();
+        let mut list: Vec<TokenInfo> = core
             .store
-            .revocations()
-            .iter()
-            .find(|(_, r)| r.peer_id == peer_id)
-            .map(|(k, _)| k.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("peer {peer_id:?} is not revoked")))?;
+            .tokens()
+            .map(|(hash, t)| token_info(hash, t))
+            .collect();
+        list.sort_by(|a, b| (a.created_at, &a.token_id).cmp(&(b.created_at, &b.token_id)));
+        list
+    }
+
+    fn delete_token(&self, who: &str, token_id: &str) -> Result<TokenInfo, ApiError> {
+        let mut core = self.write();
+        let matches: Vec<(String, TokenInfo)> = core
+            .store
+            .tokens()
+            .filter(|(hash, _)| tokens::id_of(hash) == token_id)
+            .map(|(hash, t)| (hash.clone(), token_info(hash, t)))
+            .collect();
+        let (hash, info) = match matches.as_slice() {
+            [one] => one.clone(),
+            [] => return Err(ApiError::NotFound(format!("no token {token_id:?}"))),
+            _ => {
+                return Err(ApiError::Conflict(format!(
+                    "token id {token_id:?} is ambiguous"
+                )))
+            }
+        };
         core.store
-            .unrevoke(&key)
+            .delete_token(&hash)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
+        audit(who, "token.delete", &format!("token {token_id}"));
+        Ok(info)
+    }
+
+    fn revocations(&self) -> Vec<Revocation> {
+        let core = self.read();
+        let by_identity = core.store.identities().iter().filter_map(|(cn, r)| {
+            Some(Revocation {
+                peer_id: ula::identity_peer_id(cn),
+                identity: cn.clone(),
+                public_key: r.key.clone().unwrap_or_default(),
+                revoked_at: r.revoked_at?,
+            })
+        });
+        let by_key = core.store.revoked_keys().iter().map(|(k, r)| Revocation {
+            peer_id: r.peer_id.clone(),
+            identity: String::new(),
+            public_key: k.clone(),
+            revoked_at: r.at,
+        });
+        by_identity.chain(by_key).collect()
+    }
+
+    /// Rotates the caller's WireGuard key: `old_public_key` must be the key admitted for
+    /// the caller's identity and `new_public_key` a key never admitted for any identity.
+    /// Idempotent: repeating an applied rotation answers the same.
+    fn rotate_key(
+        &self,
+        identity: Option<String>,
+        req: RotateKeyRequest,
+    ) -> Result<RotateKeyResponse, ApiError> {
+        let old = decode_key(&req.old_public_key)?;
+        let new = decode_key(&req.new_public_key)?;
+        let old_b64 = base64::engine::general_purpose::STANDARD.encode(old);
+        let new_b64 = base64::engine::general_purpose::STANDARD.encode(new);
+        if old == new {
+            return Err(ApiError::BadRequest(
+                "new_public_key equals old_public_key".into(),
+            ));
+        }
+        let now_ms = self.clock.now_ms();
+        let mut guard = self.write();
+        let core = &mut *guard;
+        // The identity is the certificate's (with mTLS); the peer need not be registered
+        // right now, so a joiner can finish a rotation it started before a restart.
+        let cn = match identity {
+            Some(cn) => cn,
+            None => core
+                .registry
+                .peer(&resolve_peer(&core.registry, None, Some(&req.peer_id))?)
+                .map(|p| p.identity.clone())
+                .ok_or(ApiError::NotRegistered)?,
+        };
+        let id = ula::identity_peer_id(&cn);
+        if req.peer_id != id {
+            return Err(ApiError::Forbidden(format!(
+                "peer {:?} does not belong to identity {cn:?}",
+                req.peer_id
+            )));
+        }
+        let mut record = core
+            .store
+            .identity(&cn)
+            .cloned()
+            .ok_or(ApiError::NotRegistered)?;
+        if record.revoked_at.is_some() || core.store.is_key_revoked(&new_b64) {
+            return Err(ApiError::Revoked);
+        }
+        // A retry of a rotation that was applied (the answer was lost): the same answer.
+        if record.key.as_deref() == Some(new_b64.as_str()) && record.past_keys.contains(&old_b64) {
+            return Ok(RotateKeyResponse {
+                peer_id: id,
+                ula: ula::identity_ula(&cn),
+                public_key: new_b64,
+                key_since: record.key_since,
+            });
+        }
+        if record.key.as_deref() != Some(old_b64.as_str()) {
+            return Err(ApiError::Conflict(
+                "old_public_key is not the key admitted for this identity".into(),
+            ));
+        }
+        match core.store.owner_of_key(&new_b64) {
+            Some(o) if o == cn => {
+                return Err(ApiError::BadRequest(
+                    "new_public_key was used before by this identity; generate a fresh key".into(),
+                ))
+            }
+            Some(_) => return Err(ApiError::KeyTaken),
+            None => {}
+        }
+        let key_since = now_ms / 1000;
+        record.set_key(Some(new_b64.clone()), key_since);
+        core.store.put_identity(&cn, record).map_err(|e| match e {
+            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
+            e => ApiError::Internal(e.to_string()),
+        })?;
+        // Registered: one upsert with the new key. Not registered: the next registration
+        // brings the new key.
+        core.registry.rotate_key(&id, new, now_ms);
+        let ula = ula::identity_ula(&cn);
+        Metrics::inc(&self.metrics.key_rotations);
+        tracing::info!(identity = %cn, peer_id = %id, "key rotated");
+        Ok(RotateKeyResponse {
+            peer_id: id,
+            ula,
+            public_key: new_b64,
+            key_since,
+        })
+    }
+
+    /// The identity of `peer_id`: the registered peer's, else the stored identity whose
+    /// derived id it is.
+    fn identity_of_peer(&self, peer_id: &str) -> Result<String, ApiError> {
+        let core = self.read();
+        if let Some(p) = core.registry.peer(peer_id) {
+            return Ok(p.identity.clone());
+        }
+        core.store
+            .identities()
+            .keys()
+            .find(|cn| ula::identity_peer_id(cn) == peer_id)
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no peer {peer_id:?}")))
+    }
+
+    /// Revokes `cn`: removes its peer from every roster now and refuses every future
+    /// registration, whatever key or token, until an admin re-admits it. An identity that
+    /// never joined can be revoked ahead.
+    fn revoke_identity(&self, who: &str, cn: &str) -> Result<IdentityResponse, ApiError> {
+        crate::ca::validate_name(cn).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let at = self.clock.now_ms() / 1000;
+        let mut core = self.write();
+        let mut record = core.store.identity(cn).cloned().unwrap_or_default();
+        if record.revoked_at.is_none() {
+            record.revoked_at = Some(at);
+            core.store
+                .put_identity(cn, record.clone())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Metrics::inc(&self.metrics.revocations);
+        }
+        let id = ula::identity_peer_id(cn);
+        core.registry.remove(&id, "revoked");
+        audit(who, "identity.revoke", cn);
+        Ok(identity_response(cn, &record))
+    }
+
+    /// Lifts the revocation of `cn`. Its key is cleared too: the node comes back with a
+    /// new join token (its old key, still bound to it, or a new one).
+    fn readmit_identity(&self, who: &str, cn: &str) -> Result<IdentityResponse, ApiError> {
+        let mut core = self.write();
+        let mut record = core
+            .store
+            .identity(cn)
+            .filter(|r| r.revoked_at.is_some())
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("identity {cn:?} is not revoked")))?;
+        record.revoked_at = None;
+        let since = record.key_since;
+        record.set_key(None, since);
+        core.store
+            .put_identity(cn, record.clone())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        audit(who, "identity.readmit", cn);
+        Ok(identity_response(cn, &record))
+    }
+
+    /// Forgets the key admitted for `cn` (the node lost it): the peer leaves the rosters
+    /// and may register a new key with a new join token. The old key stays bound to `cn`.
+    fn clear_key(&self, who: &str, cn: &str) -> Result<IdentityResponse, ApiError> {
+        let mut core = self.write();
+        let mut record = core
+            .store
+            .identity(cn)
+            .filter(|r| r.key.is_some())
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("identity {cn:?} has no key admitted")))?;
+        let since = record.key_since;
+        record.set_key(None, since);
+        core.store
+            .put_identity(cn, record.clone())
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        core.registry
+            .remove(&ula::identity_peer_id(cn), "key_cleared");
+        audit(who, "identity.clear_key", cn);
+        Ok(identity_response(cn, &record))
+    }
+
+    /// `DELETE /v1/revocations/{peer_id}`: re-admits the revoked identity with that peer
+    /// id, or lifts a key revocation of a pre-identity log.
+    fn readmit_peer(&self, who: &str, peer_id: &str) -> Result<RevokeResponse, ApiError> {
+        let (cn, legacy_key) = {
+            let core = self.read();
+            let cn = core
+                .store
+                .identities()
+                .iter()
+                .find(|(cn, r)| r.revoked_at.is_some() && ula::identity_peer_id(cn) == peer_id)
+                .map(|(cn, _)| cn.clone());
+            let key = core
+                .store
+                .revoked_keys()
+                .iter()
+                .find(|(_, r)| r.peer_id == peer_id)
+                .map(|(k, _)| k.clone());
+            (cn, key)
+        };
+        match (cn, legacy_key) {
+            (Some(cn), _) => {
+                self.readmit_identity(who, &cn)?;
+            }
+            (None, Some(key)) => {
+                self.write()
+                    .store
+                    .unrevoke_key(&key)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                audit(who, "key.readmit", &key);
+            }
+            (None, None) => {
+                return Err(ApiError::NotFound(format!(
+                    "peer {peer_id:?} is not revoked"
+                )))
+            }
+        }
         Ok(RevokeResponse {
             peer_id: peer_id.to_owned(),
             revoked: false,
         })
+    }
+}
+
+/// Writes the audit line of an admin action: who (the admin's certificate CN), what, and
+/// on which object, on the tracing target `audit`.
+fn audit(admin: &str, action: &str, object: &str) {
+    tracing::info!(target: "audit", admin, action, object, "admin action");
+}
+
+fn token_info(hash: &str, t: &TokenRecord) -> TokenInfo {
+    TokenInfo {
+        token_id: tokens::id_of(hash),
+        tags: t.tags.clone(),
+        name: t.name.clone(),
+        identity: t.identity.clone(),
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        max_uses: t.max_uses,
+        uses: t.uses,
+    }
+}
+
+fn identity_response(cn: &str, r: &IdentityRecord) -> IdentityResponse {
+    IdentityResponse {
+        identity: cn.to_owned(),
+        peer_id: ula::identity_peer_id(cn),
+        ula: ula::identity_ula(cn),
+        revoked: r.revoked_at.is_some(),
+        public_key: r.key.clone(),
     }
 }
 
@@ -870,8 +1208,13 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let identity = crate::tls::common_name(stream.get_ref().1.peer_certificates());
-                    serve_conn(coord, TokioIo::new(stream), ConnInfo { remote, identity }).await;
+                    let chain = stream.get_ref().1.peer_certificates();
+                    let conn = ConnInfo {
+                        remote,
+                        identity: crate::tls::common_name(chain),
+                        admin_role: crate::tls::has_admin_role(chain),
+                    };
+                    serve_conn(coord, TokioIo::new(stream), conn).await;
                 }
                 None => {
                     serve_conn(
@@ -880,6 +1223,7 @@ pub async fn serve(
                         ConnInfo {
                             remote,
                             identity: None,
+                            admin_role: false,
                         },
                     )
                     .await
@@ -923,8 +1267,10 @@ fn known_path(p: &str) -> bool {
             | PATH_POLICY
             | PATH_TOKENS
             | PATH_REVOCATIONS
+            | PATH_ROTATE_KEY
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")
+        || p.starts_with("/v1/tokens/")
 }
 
 fn query_peer_id(uri: &http::Uri) -> Option<&str> {
@@ -956,6 +1302,29 @@ fn resolve_peer(
             None => Err(ApiError::Unauthorized("no client identity".into())),
         },
     }
+}
+
+/// Whether `identity` may present `key_b64`: not revoked, the key bound to no other
+/// identity, and no other key admitted for it. Returns the identity's record.
+fn check_key(
+    store: &Store,
+    identity: &str,
+    key_b64: &str,
+) -> Result<Option<IdentityRecord>, ApiError> {
+    let record = store.identity(identity);
+    if record.is_some_and(|r| r.revoked_at.is_some()) || store.is_key_revoked(key_b64) {
+        return Err(ApiError::Revoked);
+    }
+    if store.owner_of_key(key_b64).is_some_and(|o| o != identity) {
+        return Err(ApiError::KeyTaken);
+    }
+    if record
+        .and_then(|r| r.key.as_deref())
+        .is_some_and(|k| k != key_b64)
+    {
+        return Err(ApiError::KeyMismatch(identity.to_owned()));
+    }
+    Ok(record.cloned())
 }
 
 fn decode_key(b64: &str) -> Result<[u8; 32], ApiError> {

@@ -1,6 +1,17 @@
-//! The durable state under `--state-dir`: join tokens (hashes only), admitted keys,
-//! revocations and the current policy. Rosters are not stored: addresses are derived and
-//! peers re-register after a restart.
+//! The durable state under `--state-dir`: join tokens (hashes only), one record per
+//! identity (its admitted WireGuard key, retired keys, granted tags and name, revocation)
+//! and the current policy. Rosters are not stored: addresses are derived from identities
+//! and peers re-register after a restart.
+//!
+//! Invariant: a WireGuard key belongs to at most one identity, for good: once admitted
+//! for an identity, a key stays bound to it (as its current key or a retired one) even
+//! after rotation, clearing or revocation.
+//!
+//! Migration: logs written when admissions were per key (`admit`/`unadmit`/`revoke`/
+//! `unrevoke` records keyed by the WireGuard key) replay into identity records: an
+//! admission becomes its identity's current key, a revocation revokes the identity that
+//! held the key (a revoked key whose identity the log no longer names stays refused on
+//! its own). The first compaction rewrites the log in the identity form.
 //!
 //! Format: `state.log`, one JSON record per line, appended and `fdatasync`ed before a
 //! change is acknowledged. On open the log is replayed and rewritten compactly (temp
@@ -36,6 +47,14 @@ pub enum StoreError {
         /// The error.
         source: std::io::Error,
     },
+    /// A record would bind a key that another identity holds.
+    #[error("key {key} is bound to identity {identity:?}")]
+    KeyBound {
+        /// The key (base64).
+        key: String,
+        /// The identity holding it.
+        identity: String,
+    },
     /// A record in the middle of the log does not parse.
     #[error("state store {path}: line {line} is corrupt: {reason}")]
     Corrupt {
@@ -57,21 +76,70 @@ pub struct TokenRecord {
     pub name: Option<String>,
     /// Expiry, Unix seconds.
     pub expires_at: u64,
-    /// Allowed admissions (0 = unlimited).
+    /// Allowed admissions (0 = unlimited, minted only with an explicit `unlimited`).
     pub max_uses: u32,
     /// Admissions so far.
     pub uses: u32,
+    /// If set, only this identity (certificate CN) may use the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// When it was minted, Unix seconds (0 in logs that did not record it).
+    #[serde(default)]
+    pub created_at: u64,
 }
 
-/// A key that was admitted with a valid token: it may re-register without one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Admission {
-    /// The identity (certificate CN) it was admitted under.
-    pub identity: String,
+/// What the coordinator knows durably about one identity (certificate CN): the one
+/// WireGuard key admitted for it, what its join token granted, and whether it is revoked.
+///
+/// Invariant (kept by [`Store`]): a key appears as `key` or in `past_keys` of at most one
+/// identity, so a key admitted once stays bound to that identity for good.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    /// The admitted key (base64); `None` before the first admission, or after an admin
+    /// cleared it (`DELETE /v1/identities/{cn}/key`) so a node that lost its key can
+    /// register a new one with a new token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// When `key` was admitted or rotated in, Unix seconds (0 when imported from a log
+    /// that did not record it).
+    #[serde(default)]
+    pub key_since: u64,
     /// The display name granted.
     pub display_name: String,
     /// The tags granted.
     pub tags: Vec<String>,
+    /// Keys this identity held before (rotated out or cleared), oldest first; they stay
+    /// bound to it so no other identity can ever register them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub past_keys: Vec<String>,
+    /// When an admin revoked the identity, Unix seconds; a revoked identity cannot
+    /// register, whatever key or token it presents, until an admin re-admits it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<u64>,
+}
+
+impl IdentityRecord {
+    /// Replaces the current key with `key` (admitted at `now_secs`), retiring the old one.
+    pub fn set_key(&mut self, key: Option<String>, now_secs: u64) {
+        if let Some(old) = self.key.take() {
+            if Some(&old) != key.as_ref() && !self.past_keys.contains(&old) {
+                self.past_keys.push(old);
+            }
+        }
+        if let Some(k) = &key {
+            self.past_keys.retain(|p| p != k);
+        }
+        self.key = key;
+        self.key_since = now_secs;
+    }
+}
+
+/// The pre-identity admission record (one per key), read from old logs and converted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct LegacyAdmission {
+    identity: String,
+    display_name: String,
+    tags: Vec<String>,
 }
 
 /// The policy in force, with the hash of the policy file it was last reconciled with.
@@ -98,13 +166,21 @@ enum Record {
     TokenDelete {
         hash: String,
     },
+    Identity {
+        identity: String,
+        record: IdentityRecord,
+    },
+    /// Legacy (per-key admission): imported as the identity's key.
     Admit {
         key: String,
-        admission: Admission,
+        admission: LegacyAdmission,
     },
+    /// Legacy: the key's admission ended (it stays bound to its identity).
     Unadmit {
         key: String,
     },
+    /// Legacy (per-key revocation): revokes the identity holding the key; a key no
+    /// identity holds stays refused on its own.
     Revoke {
         key: String,
         peer_id: String,
@@ -118,10 +194,11 @@ enum Record {
     },
 }
 
-/// A revocation as stored.
+/// A key revoked by a log written before revocation was per identity, whose identity
+/// the log does not name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RevocationRecord {
-    /// The revoked peer id.
+pub struct RevokedKey {
+    /// The peer id it had.
     pub peer_id: String,
     /// When, Unix seconds.
     pub at: u64,
@@ -134,8 +211,10 @@ pub struct Store {
     file: Option<File>,
     lines: usize,
     tokens: HashMap<String, TokenRecord>,
-    admitted: HashMap<String, Admission>,
-    revoked: BTreeMap<String, RevocationRecord>,
+    identities: BTreeMap<String, IdentityRecord>,
+    /// Every key any identity holds or held → that identity.
+    key_owner: HashMap<String, String>,
+    revoked_keys: BTreeMap<String, RevokedKey>,
     policy: Option<StoredPolicy>,
 }
 
@@ -147,8 +226,9 @@ impl Store {
             file: None,
             lines: 0,
             tokens: HashMap::new(),
-            admitted: HashMap::new(),
-            revoked: BTreeMap::new(),
+            identities: BTreeMap::new(),
+            key_owner: HashMap::new(),
+            revoked_keys: BTreeMap::new(),
             policy: None,
         }
     }
@@ -219,56 +299,72 @@ impl Store {
         })
     }
 
-    /// The admission of `key` (base64), if any.
-    pub fn admission(&self, key: &str) -> Option<&Admission> {
-        self.admitted.get(key)
+    /// Every token, by hash.
+    pub fn tokens(&self) -> impl Iterator<Item = (&String, &TokenRecord)> {
+        self.tokens.iter()
     }
 
-    /// Records that `key` was admitted.
-    pub fn admit(&mut self, key: &str, admission: Admission) -> Result<(), StoreError> {
-        if self.admitted.get(key) == Some(&admission) {
+    /// Deletes a token (it can no longer be used).
+    pub fn delete_token(&mut self, hash: &str) -> Result<(), StoreError> {
+        self.append(Record::TokenDelete {
+            hash: hash.to_owned(),
+        })
+    }
+
+    /// The record of `identity`, if it was ever admitted or revoked.
+    pub fn identity(&self, identity: &str) -> Option<&IdentityRecord> {
+        self.identities.get(identity)
+    }
+
+    /// Every identity record, by identity.
+    pub fn identities(&self) -> &BTreeMap<String, IdentityRecord> {
+        &self.identities
+    }
+
+    /// The identity that holds or held `key` (base64), if any.
+    pub fn owner_of_key(&self, key: &str) -> Option<&str> {
+        self.key_owner.get(key).map(String::as_str)
+    }
+
+    /// Replaces the record of `identity`. Refuses (without writing) a record whose keys
+    /// another identity holds, which would break the one-key-one-identity invariant.
+    pub fn put_identity(
+        &mut self,
+        identity: &str,
+        record: IdentityRecord,
+    ) -> Result<(), StoreError> {
+        if self.identities.get(identity) == Some(&record) {
             return Ok(());
         }
-        self.append(Record::Admit {
-            key: key.to_owned(),
-            admission,
+        let foreign = record
+            .key
+            .iter()
+            .chain(&record.past_keys)
+            .find(|k| self.owner_of_key(k).is_some_and(|o| o != identity));
+        if let Some(k) = foreign {
+            return Err(StoreError::KeyBound {
+                key: k.clone(),
+                identity: self.key_owner[k].clone(),
+            });
+        }
+        self.append(Record::Identity {
+            identity: identity.to_owned(),
+            record,
         })
     }
 
-    /// The admitted key (base64) whose derived peer id is `peer_id`.
-    pub fn admitted_key_of(&self, peer_id: &str) -> Option<String> {
-        use base64::Engine;
-        self.admitted.keys().find_map(|k| {
-            let bytes = base64::engine::general_purpose::STANDARD.decode(k).ok()?;
-            let key = <[u8; 32]>::try_from(bytes.as_slice()).ok()?;
-            (crate::ula::peer_id(&key) == peer_id).then(|| k.clone())
-        })
+    /// Whether `key` (base64) was revoked by a pre-identity log without a known identity.
+    pub fn is_key_revoked(&self, key: &str) -> bool {
+        self.revoked_keys.contains_key(key)
     }
 
-    /// Whether `key` (base64) is revoked.
-    pub fn is_revoked(&self, key: &str) -> bool {
-        self.revoked.contains_key(key)
+    /// Keys revoked by a pre-identity log without a known identity.
+    pub fn revoked_keys(&self) -> &BTreeMap<String, RevokedKey> {
+        &self.revoked_keys
     }
 
-    /// Revocations by key.
-    pub fn revocations(&self) -> &BTreeMap<String, RevocationRecord> {
-        &self.revoked
-    }
-
-    /// Revokes `key` and forgets its admission.
-    pub fn revoke(&mut self, key: &str, peer_id: &str, at: u64) -> Result<(), StoreError> {
-        self.append(Record::Unadmit {
-            key: key.to_owned(),
-        })?;
-        self.append(Record::Revoke {
-            key: key.to_owned(),
-            peer_id: peer_id.to_owned(),
-            at,
-        })
-    }
-
-    /// Lifts the revocation of `key`; it needs a new join token to come back.
-    pub fn unrevoke(&mut self, key: &str) -> Result<(), StoreError> {
+    /// Lifts the revocation of a key from a pre-identity log.
+    pub fn unrevoke_key(&mut self, key: &str) -> Result<(), StoreError> {
         self.append(Record::Unrevoke {
             key: key.to_owned(),
         })
@@ -302,24 +398,69 @@ impl Store {
             Record::TokenDelete { hash } => {
                 self.tokens.remove(&hash);
             }
+            Record::Identity { identity, record } => self.apply_identity(identity, record),
             Record::Admit { key, admission } => {
-                self.admitted.insert(key, admission);
+                let mut rec = self.identities.get(&admission.identity).cloned();
+                let rec = rec.get_or_insert_with(IdentityRecord::default);
+                rec.display_name = admission.display_name;
+                rec.tags = admission.tags;
+                if rec.key.as_ref() != Some(&key) {
+                    rec.set_key(Some(key), 0);
+                }
+                let rec = rec.clone();
+                self.apply_identity(admission.identity, rec);
             }
             Record::Unadmit { key } => {
-                self.admitted.remove(&key);
+                if let Some(owner) = self.key_owner.get(&key).cloned() {
+                    if let Some(mut rec) = self.identities.get(&owner).cloned() {
+                        if rec.key.as_ref() == Some(&key) {
+                            rec.set_key(None, rec.key_since);
+                            self.apply_identity(owner, rec);
+                        }
+                    }
+                }
             }
-            Record::Revoke { key, peer_id, at } => {
-                self.revoked.insert(key, RevocationRecord { peer_id, at });
-            }
+            Record::Revoke { key, peer_id, at } => match self.key_owner.get(&key).cloned() {
+                Some(owner) => {
+                    if let Some(mut rec) = self.identities.get(&owner).cloned() {
+                        rec.revoked_at = Some(at);
+                        self.apply_identity(owner, rec);
+                    }
+                }
+                None => {
+                    self.revoked_keys.insert(key, RevokedKey { peer_id, at });
+                }
+            },
             Record::Unrevoke { key } => {
-                self.revoked.remove(&key);
+                self.revoked_keys.remove(&key);
+                if let Some(owner) = self.key_owner.get(&key).cloned() {
+                    if let Some(mut rec) = self.identities.get(&owner).cloned() {
+                        rec.revoked_at = None;
+                        self.apply_identity(owner, rec);
+                    }
+                }
             }
             Record::Policy { policy } => self.policy = Some(policy),
         }
     }
 
+    /// Installs `record`, keeping the key index in step. A key another identity holds
+    /// is not moved (replaying a log written by a buggy or tampered coordinator must not
+    /// hand a key over); `put_identity` refuses such records before they are written.
+    fn apply_identity(&mut self, identity: String, mut record: IdentityRecord) {
+        let foreign = |k: &String| self.key_owner.get(k).is_some_and(|o| o != &identity);
+        if record.key.as_ref().is_some_and(foreign) {
+            record.key = None;
+        }
+        record.past_keys.retain(|k| !foreign(k));
+        for k in record.key.iter().chain(&record.past_keys) {
+            self.key_owner.insert(k.clone(), identity.clone());
+        }
+        self.identities.insert(identity, record);
+    }
+
     fn live_records(&self) -> usize {
-        self.tokens.len() + self.admitted.len() + self.revoked.len() + 1
+        self.tokens.len() + self.identities.len() + self.revoked_keys.len() + 1
     }
 
     fn append(&mut self, r: Record) -> Result<(), StoreError> {
@@ -363,13 +504,13 @@ impl Store {
                 token: token.clone(),
             });
         }
-        for (key, admission) in &self.admitted {
-            records.push(Record::Admit {
-                key: key.clone(),
-                admission: admission.clone(),
+        for (identity, record) in &self.identities {
+            records.push(Record::Identity {
+                identity: identity.clone(),
+                record: record.clone(),
             });
         }
-        for (key, r) in &self.revoked {
+        for (key, r) in &self.revoked_keys {
             records.push(Record::Revoke {
                 key: key.clone(),
                 peer_id: r.peer_id.clone(),
@@ -420,6 +561,18 @@ mod tests {
             expires_at: 100,
             max_uses: 1,
             uses: 0,
+            identity: None,
+            created_at: 0,
+        }
+    }
+
+    fn ident(key: &str) -> IdentityRecord {
+        IdentityRecord {
+            key: Some(key.into()),
+            key_since: 5,
+            display_name: "n".into(),
+            tags: vec!["node".into()],
+            ..IdentityRecord::default()
         }
     }
 
@@ -430,7 +583,10 @@ mod tests {
             let mut s = Store::open(dir.path()).unwrap();
             s.put_token("h1".into(), token()).unwrap();
             s.use_token("h1").unwrap();
-            s.revoke("KEY", "pid", 5).unwrap();
+            let mut rec = ident("K1");
+            rec.set_key(Some("K2".into()), 9);
+            rec.revoked_at = Some(11);
+            s.put_identity("n1", rec).unwrap();
             s.set_policy(StoredPolicy {
                 revision: 7,
                 file_hash: "f".into(),
@@ -440,8 +596,78 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.token("h1").unwrap().uses, 1);
-        assert!(s.is_revoked("KEY"));
+        let rec = s.identity("n1").unwrap();
+        assert_eq!(rec.key.as_deref(), Some("K2"));
+        assert_eq!(rec.past_keys, vec!["K1".to_string()]);
+        assert_eq!(rec.revoked_at, Some(11));
+        assert_eq!(s.owner_of_key("K1"), Some("n1"));
         assert_eq!(s.policy().unwrap().revision, 7);
+    }
+
+    #[test]
+    fn a_key_is_never_bound_to_a_second_identity() {
+        let mut s = Store::in_memory();
+        s.put_identity("owner", ident("K")).unwrap();
+        assert!(matches!(
+            s.put_identity("mallory", ident("K")),
+            Err(StoreError::KeyBound { .. })
+        ));
+        let mut retired = ident("K2");
+        retired.past_keys = vec!["K".into()];
+        assert!(s.put_identity("mallory", retired).is_err());
+        assert!(s.identity("mallory").is_none());
+        // Even a log that says otherwise (tampered, or written by a buggy coordinator)
+        // does not move the key.
+        let lines = [
+            r#"{"t":"identity","identity":"owner","record":{"key":"K","display_name":"o","tags":[]}}"#,
+            r#"{"t":"identity","identity":"mallory","record":{"key":"K","display_name":"m","tags":[]}}"#,
+        ];
+        let s = Store::replay(&lines).unwrap();
+        assert_eq!(s.owner_of_key("K"), Some("owner"));
+        assert_eq!(s.identity("mallory").unwrap().key, None);
+    }
+
+    #[test]
+    fn per_key_logs_migrate_to_identity_records() {
+        // A log written when admissions and revocations were per WireGuard key.
+        let lines = [
+            r#"{"t":"admit","key":"KA","admission":{"identity":"a","display_name":"A","tags":["node"]}}"#,
+            r#"{"t":"admit","key":"KB","admission":{"identity":"b","display_name":"b","tags":[]}}"#,
+            r#"{"t":"admit","key":"KB2","admission":{"identity":"b","display_name":"b","tags":["ops"]}}"#,
+            r#"{"t":"admit","key":"KC","admission":{"identity":"c","display_name":"c","tags":[]}}"#,
+            r#"{"t":"unadmit","key":"KC"}"#,
+            r#"{"t":"revoke","key":"KC","peer_id":"pc","at":7}"#,
+            r#"{"t":"revoke","key":"KX","peer_id":"px","at":8}"#,
+            r#"{"t":"token","hash":"h","token":{"tags":[],"name":null,"expires_at":100,"max_uses":0,"uses":0}}"#,
+        ];
+        let s = Store::replay(&lines).unwrap();
+        let a = s.identity("a").unwrap();
+        assert_eq!((a.key.as_deref(), a.key_since), (Some("KA"), 0));
+        assert_eq!(
+            (a.display_name.as_str(), &a.tags[..]),
+            ("A", &["node".to_string()][..])
+        );
+        let b = s.identity("b").unwrap();
+        assert_eq!(b.key.as_deref(), Some("KB2"));
+        assert_eq!(b.past_keys, vec!["KB".to_string()]);
+        assert_eq!(b.tags, vec!["ops".to_string()]);
+        // c's key was revoked: the identity is revoked, and the key stays c's.
+        let c = s.identity("c").unwrap();
+        assert_eq!((c.key.as_deref(), c.revoked_at), (None, Some(7)));
+        assert_eq!(s.owner_of_key("KC"), Some("c"));
+        // A revoked key whose identity the log no longer knows stays refused on its own.
+        assert!(s.is_key_revoked("KX"));
+        assert!(s.token("h").unwrap().identity.is_none());
+
+        // After a compaction the log is in the identity form and replays the same.
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(LOG_FILE), lines.join("\n")).unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let text = fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+        assert!(!text.contains("\"admit\""), "{text}");
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(again.identities(), s.identities());
+        assert!(again.is_key_revoked("KX"));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The coordinator's side of the mesh's TLS: its mTLS server config and reading the
-//! identity (certificate CN) of a verified client. The client config and the PEM readers
+//! identity (certificate CN) and role (the [`ADMIN_ROLE_URI`] SAN) of a verified client. The client config and the PEM readers
 //! are shared with the joiner in [`tabbify_api::tls`].
 
 use std::sync::Arc;
@@ -8,6 +8,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 pub use tabbify_api::tls::{certs, client_config, key, provider, roots, TlsError};
+pub use tabbify_api::ADMIN_ROLE_URI;
 
 /// The coordinator's server config: serves `cert_pem`/`key_pem` and requires a client
 /// certificate signed by `ca_pem`.
@@ -34,4 +35,23 @@ pub fn common_name(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// Whether the first certificate of a verified chain carries the admin role: a URI
+/// subject alternative name equal to [`ADMIN_ROLE_URI`]. Only the CA's `issue-admin`
+/// writes it, so a peer certificate cannot claim the role by its name.
+pub fn has_admin_role(chain: Option<&[CertificateDer<'_>]>) -> bool {
+    let Some(der) = chain.and_then(|c| c.first()) else {
+        return false;
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return false;
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return false;
+    };
+    san.value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == ADMIN_ROLE_URI))
 }

@@ -1,6 +1,8 @@
 //! Join tokens minted by the coordinator: 32 random bytes shown once as
 //! `tmj_<base64url>`, stored only as their SHA-256 (hex). A token carries the tags (and
-//! optionally the name) a joiner gets, an expiry, and a use count; single-use by default.
+//! optionally the name) a joiner gets, an expiry, and a use count; single-use by default,
+//! unlimited (`max_uses` 0) only when minted with an explicit `unlimited` flag, and
+//! optionally bound to one identity (checked at registration).
 //!
 //! The secret has 256 bits of entropy, so a plain hash is enough: there is nothing to
 //! brute-force, and lookup by hash needs no constant-time comparison.
@@ -74,6 +76,8 @@ mod tests {
             expires_at: 10,
             max_uses: 2,
             uses: 0,
+            identity: None,
+            created_at: 0,
         };
         assert!(check(&r, 9).is_ok());
         assert_eq!(check(&r, 10), Err(ApiError::TokenExpired));

@@ -63,7 +63,8 @@ async fn acl_matrix_with_deny_and_ports() {
     );
     assert_eq!(e.display_name, "s1");
     assert_eq!(e.tags, vec!["supervisor"]);
-    assert_eq!(e.ula, tabbify_control::ula::peer_ula(&s.key));
+    assert_eq!(e.ula, tabbify_control::ula::identity_ula("s1"));
+    assert_eq!(e.identity, "s1");
     assert_eq!(e.public_key, b64(&s.key));
 
     // ops → worker: every port but the explicitly denied 22.
@@ -87,10 +88,13 @@ async fn register_returns_identity_roster_and_reflexive_endpoint() {
     let s = h.join("s1", &["supervisor"]).await;
     let n = h.join("n1", &["node"]).await;
     let v = &n.registration;
-    assert_eq!(v["peer_id"], json!(tabbify_control::ula::peer_id(&n.key)));
+    assert_eq!(
+        v["peer_id"],
+        json!(tabbify_control::ula::identity_peer_id("n1"))
+    );
     assert_eq!(
         v["ula"],
-        json!(tabbify_control::ula::peer_ula(&n.key).to_string())
+        json!(tabbify_control::ula::identity_ula("n1").to_string())
     );
     assert_eq!(v["display_name"], "n1");
     assert_eq!(v["tags"], json!(["node"]));
@@ -338,15 +342,21 @@ async fn revocation_removes_at_once_and_refuses_the_key_until_readmitted() {
 }
 
 #[tokio::test]
-async fn admin_routes_need_an_admin_cn() {
+async fn admin_routes_need_the_admin_role() {
     let h = Harness::start().await;
-    let n = h.client("n1");
+    // A peer certificate named "admin" is still a peer: the role is in the certificate.
+    let n = h.client("admin");
     for (method, path) in [
         ("GET", "/v1/policy"),
         ("PUT", "/v1/policy"),
         ("POST", "/v1/tokens"),
+        ("GET", "/v1/tokens"),
+        ("DELETE", "/v1/tokens/abc"),
         ("GET", "/v1/revocations"),
         ("DELETE", "/v1/mesh/peers/abc"),
+        ("DELETE", "/v1/identities/n1"),
+        ("POST", "/v1/identities/n1/readmit"),
+        ("DELETE", "/v1/identities/n1/key"),
     ] {
         let body = (method != "GET" && method != "DELETE").then(|| Bytes::from("{}"));
         let (st, v) = n.call(method, path, body).await.unwrap();
@@ -574,8 +584,8 @@ async fn nated_peers_get_hole_punch_events_at_the_same_moment() {
     assert_eq!(a.post("/v1/mesh/register", nat("a", &token_a)).await.0, 200);
     assert_eq!(b.post("/v1/mesh/register", nat("b", &token_b)).await.0, 200);
     let (id_a, id_b) = (
-        tabbify_control::ula::peer_id(&key_for("a")),
-        tabbify_control::ula::peer_id(&key_for("b")),
+        tabbify_control::ula::identity_peer_id("a"),
+        tabbify_control::ula::identity_peer_id("b"),
     );
     let mut sa = a.stream(None).await;
     let mut sb = b.stream(None).await;

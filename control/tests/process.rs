@@ -101,16 +101,12 @@ impl Setup {
             "--out",
             &p("coord"),
         ]);
-        for name in ["admin", "n1", "s1"] {
-            ca_ok(&[
-                "issue-peer",
-                "--name",
-                name,
-                "--ca-dir",
-                &p("ca"),
-                "--out",
-                &p(name),
-            ]);
+        for (cmd, name) in [
+            ("issue-admin", "admin"),
+            ("issue-peer", "n1"),
+            ("issue-peer", "s1"),
+        ] {
+            ca_ok(&[cmd, "--name", name, "--ca-dir", &p("ca"), "--out", &p(name)]);
         }
         std::fs::write(
             root.join("policy.json"),

@@ -53,7 +53,8 @@ enum Cmd {
     Genkey,
     /// Read a private key on stdin, print its public key.
     Pubkey,
-    /// Read a public key on stdin, print the peer ULA the mesh derives from it.
+    /// Read an identity (a member certificate's CN) on stdin, print the peer ULA the mesh
+    /// derives from it (stable across key rotations).
     Ula,
     /// Bring up an interface from a wg-quick file and run in the foreground.
     Up {
@@ -88,6 +89,15 @@ enum Cmd {
     App {
         #[command(subcommand)]
         cmd: AppCmd,
+    },
+    /// Rotate the running joiner's WireGuard key now (the coordinator must accept it; the
+    /// node keeps its identity, address, tags and apps, and its peers re-handshake).
+    RotateKey {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -224,6 +234,10 @@ struct JoinArgs {
     /// The local control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
+    /// Rotate the node key automatically once it is this old: N followed by d, h, m or s
+    /// (the key's age is kept in the state directory).
+    #[arg(long, default_value = "90d", value_parser = parse_age)]
+    key_max_age: Duration,
     /// Plaintext HTTP to a loopback coordinator (development only; needs TABBIFY_ALLOW_INSECURE=1).
     #[arg(long)]
     insecure_no_mtls: bool,
@@ -244,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Status { target, json } => status(&target, json),
         Cmd::Peers { target, json } => peers(&target, json),
         Cmd::App { cmd } => app(cmd),
+        Cmd::RotateKey { target, json } => rotate_key(&target, json),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -274,9 +289,12 @@ fn ula() -> anyhow::Result<()> {
     let mut s = String::new();
     std::io::stdin()
         .read_to_string(&mut s)
-        .context("reading the public key from stdin")?;
-    let key = Key::from_base64(s.trim()).context("public key on stdin")?;
-    println!("{}", tabbify_api::ula::peer_ula(&key.0));
+        .context("reading the identity from stdin")?;
+    let identity = s.trim();
+    if identity.is_empty() {
+        anyhow::bail!("no identity on stdin (the CN of the member's certificate)");
+    }
+    println!("{}", tabbify_api::ula::identity_ula(identity));
     Ok(())
 }
 
@@ -397,7 +415,41 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         pin: a.engine.pin(),
         endpoints: a.endpoints,
         control_socket,
+        key_max_age: a.key_max_age,
     })
+}
+
+/// `90d`, `12h`, `30m` or `45s` (at least one minute, at most ten years).
+fn parse_age(s: &str) -> Result<Duration, String> {
+    let (n, unit) = s.split_at(s.trim_end_matches(|c: char| c.is_ascii_alphabetic()).len());
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: expected N followed by d, h, m or s, e.g. 90d"))?;
+    let secs = match unit {
+        "d" => n.checked_mul(86_400),
+        "h" => n.checked_mul(3_600),
+        "m" => n.checked_mul(60),
+        "s" => Some(n),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{s:?}: expected N followed by d, h, m or s, e.g. 90d"))?;
+    if !(60..=10 * 365 * 86_400).contains(&secs) {
+        return Err(format!("{s:?}: must be between 1m and 3650d"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn rotate_key(t: &Target, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&t.path(), &Request::RotateKey)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let r: tabbify_api::local::KeyRotated =
+        serde_json::from_value(v).context("the joiner's answer")?;
+    println!("rotated: {} -> {}", r.old_public_key, r.public_key);
+    println!("peer id and ULA unchanged: {} {}", r.peer_id, r.ula);
+    Ok(())
 }
 
 fn status(t: &Target, json: bool) -> anyhow::Result<()> {

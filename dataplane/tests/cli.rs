@@ -38,7 +38,7 @@ fn stdout_line(out: &Output) -> String {
 }
 
 #[test]
-fn genkey_pubkey_ula_agree_with_the_shared_derivation() {
+fn genkey_pubkey_and_ula_agree_with_the_shared_derivation() {
     let private = stdout_line(&run(&["genkey"], b""));
     let b64 = base64::engine::general_purpose::STANDARD;
     assert_eq!(b64.decode(&private).expect("base64 key").len(), 32);
@@ -51,8 +51,10 @@ fn genkey_pubkey_ula_agree_with_the_shared_derivation() {
         .expect("32 bytes");
     assert_ne!(public, private);
 
-    let ula = stdout_line(&run(&["ula"], public.as_bytes()));
-    assert_eq!(ula, tabbify_api::ula::peer_ula(&raw).to_string());
+    assert_eq!(raw.len(), 32);
+    let ula = stdout_line(&run(&["ula"], b"node-1\n"));
+    assert_eq!(ula, tabbify_api::ula::identity_ula("node-1").to_string());
+    assert!(!run(&["ula"], b"\n").status.success());
 }
 
 #[test]

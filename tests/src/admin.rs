@@ -24,7 +24,7 @@ use crate::pki::{path_str, Issued};
 /// Seconds curl may take for one request, connection included.
 const MAX_TIME: &str = "10";
 
-/// An admin client: a certificate whose CN the coordinator lists with `--admin`.
+/// An admin client: a certificate with the admin role (`tabbify-mesh-ca issue-admin`).
 #[derive(Debug, Clone)]
 pub struct Admin {
     netns: Netns,
@@ -105,13 +105,16 @@ impl Admin {
     }
 
     /// `POST /v1/tokens`: a join token granting `tags` (and the display name `name`),
-    /// valid for ten minutes and `max_uses` registrations; returns the secret.
+    /// valid for ten minutes and `max_uses` registrations (0: unlimited, asked for
+    /// explicitly); returns the secret.
     pub fn create_token(&self, tags: &[&str], name: Option<&str>, max_uses: u32) -> Result<String> {
         let request = api::TokenRequest {
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             name: name.map(str::to_owned),
             ttl_secs: 600,
             max_uses,
+            unlimited: max_uses == 0,
+            identity: None,
         };
         let answer = self.expect_ok(
             "POST",

@@ -103,6 +103,28 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// `tabbify-mesh-ca issue-admin --name NAME`: a client certificate with CN `name`
+    /// carrying the admin role.
+    pub fn issue_admin(&self, name: &str) -> Result<Issued> {
+        let out = self.dir.path().join("admins").join(name);
+        let ca_dir = self.dir.path().join("ca");
+        run(
+            &self.binary,
+            &[
+                "issue-admin",
+                "--name",
+                name,
+                "--ca-dir",
+                path_str(&ca_dir)?,
+                "--out",
+                path_str(&out)?,
+            ],
+        )?;
+        Issued::at(name, &out)
+    }
+}
+
 impl Issued {
     /// The files `tabbify-mesh-ca` wrote to `dir`, checked to exist, key mode 0600.
     fn at(name: &str, dir: &Path) -> Result<Issued> {

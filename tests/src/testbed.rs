@@ -56,7 +56,7 @@ impl Testbed {
                 heartbeat_secs,
             },
         )?;
-        let admin_cert = pki.issue_peer(ADMIN)?;
+        let admin_cert = pki.issue_admin(ADMIN)?;
         let admin = Admin::new(lan.netns(), &coordinator.url(), admin_cert);
         Ok(Testbed {
             lan,

@@ -16,10 +16,16 @@
 //! | `GET /v1/mesh/peers/stream` | → `text/event-stream` of [`SseEvent`]s, see below |
 //! | `GET /v1/policy` (admin) | → [`PolicyResponse`] |
 //! | `PUT /v1/policy` (admin) | [`PolicyDocument`] → [`PolicyResponse`] |
-//! | `DELETE /v1/mesh/peers/{id}` (admin) | → [`RevokeResponse`] |
+//! | `POST /v1/mesh/rotate-key` | [`RotateKeyRequest`] → [`RotateKeyResponse`] |
+//! | `DELETE /v1/identities/{cn}` (admin) | → [`IdentityResponse`] (revokes the identity) |
+//! | `POST /v1/identities/{cn}/readmit` (admin) | → [`IdentityResponse`] |
+//! | `DELETE /v1/identities/{cn}/key` (admin) | → [`IdentityResponse`] (forgets a lost key) |
+//! | `DELETE /v1/mesh/peers/{id}` (admin) | → [`RevokeResponse`] (revokes the peer's identity) |
 //! | `GET /v1/revocations` (admin) | → `Vec<`[`Revocation`]`>` |
-//! | `DELETE /v1/revocations/{id}` (admin) | → [`RevokeResponse`] (re-admits the key) |
+//! | `DELETE /v1/revocations/{id}` (admin) | → [`RevokeResponse`] (re-admits the identity) |
 //! | `POST /v1/tokens` (admin) | [`TokenRequest`] → [`TokenResponse`] |
+//! | `GET /v1/tokens` (admin) | → `Vec<`[`TokenInfo`]`>` (no secrets) |
+//! | `DELETE /v1/tokens/{token_id}` (admin) | → [`TokenInfo`] (the deleted token) |
 //! | `GET /health` | → [`Health`] |
 //! | `GET /metrics` | → Prometheus text |
 //! | `GET /openapi.json` | → OpenAPI 3 document |
@@ -56,6 +62,14 @@ pub const PATH_POLICY: &str = "/v1/policy";
 pub const PATH_TOKENS: &str = "/v1/tokens";
 /// Route listing revocations (admin); `DELETE {PATH_REVOCATIONS}/{peer_id}` re-admits.
 pub const PATH_REVOCATIONS: &str = "/v1/revocations";
+/// Route of [`RotateKeyRequest`].
+pub const PATH_ROTATE_KEY: &str = "/v1/mesh/rotate-key";
+/// Prefix of the identity lifecycle routes (admin): `DELETE {prefix}{cn}`,
+/// `POST {prefix}{cn}/readmit`, `DELETE {prefix}{cn}/key`.
+pub const PATH_IDENTITIES_PREFIX: &str = "/v1/identities/";
+/// The URI subject alternative name that gives a mesh certificate the admin role.
+/// `tabbify-mesh-ca issue-admin` puts it in; peer certificates never carry it.
+pub const ADMIN_ROLE_URI: &str = "urn:tabbify:role:admin";
 /// Path the coordinator calls on `--auth-url` to validate a join token.
 pub const PATH_AUTH_VALIDATE: &str = "/v1/join-tokens/validate";
 /// The largest request body the coordinator accepts, in bytes.
@@ -81,7 +95,8 @@ pub struct RegisterRequest {
     /// The node's local endpoints (`ip:port`), as the node sees them.
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
-    /// The join token. May be omitted when the key was admitted before (re-registration).
+    /// The join token. May be omitted when this key is the one admitted for the caller's
+    /// identity (re-registration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token: Option<String>,
 }
@@ -89,9 +104,9 @@ pub struct RegisterRequest {
 /// The answer to [`RegisterRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterResponse {
-    /// The peer's id (derived from its public key).
+    /// The peer's id (`ula::identity_peer_id(identity)`).
     pub peer_id: String,
-    /// The peer's ULA (derived from its public key).
+    /// The peer's ULA (`ula::identity_ula(identity)`), stable across key rotations.
     pub ula: Ipv6Addr,
     /// The display name the coordinator recorded.
     pub display_name: String,
@@ -310,9 +325,16 @@ pub struct TokenRequest {
     /// Lifetime in seconds (default one hour, at most 30 days).
     #[serde(default = "default_token_ttl")]
     pub ttl_secs: u64,
-    /// How many registrations it admits (default 1; 0 = unlimited until it expires).
+    /// How many registrations it admits (default 1). 0 means unlimited until it expires
+    /// and is refused unless `unlimited` is also `true`.
     #[serde(default = "default_token_uses")]
     pub max_uses: u32,
+    /// Must be `true` for `max_uses: 0` (an unlimited-use token).
+    #[serde(default)]
+    pub unlimited: bool,
+    /// If set, only the member whose certificate CN is this identity may use the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn default_token_ttl() -> u64 {
@@ -340,6 +362,74 @@ pub struct TokenResponse {
     pub expires_at: u64,
     /// Admissions allowed (0 = unlimited).
     pub max_uses: u32,
+    /// The identity the token is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// One entry of `GET /v1/tokens`: a token without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The non-secret id (`DELETE /v1/tokens/{token_id}`).
+    pub token_id: String,
+    /// Granted tags.
+    pub tags: Vec<String>,
+    /// Granted name, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The identity it is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// When it was minted, Unix seconds (0 if unknown).
+    pub created_at: u64,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+    /// Admissions allowed (0 = unlimited).
+    pub max_uses: u32,
+    /// Admissions so far.
+    pub uses: u32,
+}
+
+/// `POST /v1/mesh/rotate-key`: replace the caller's WireGuard key. Authenticated by the
+/// caller's mTLS identity; `old_public_key` must be the key admitted for it. Identity,
+/// peer id, ULA, tags, name and hosted apps stay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyRequest {
+    /// The caller's peer id.
+    pub peer_id: String,
+    /// The key admitted now, standard base64.
+    pub old_public_key: String,
+    /// The new key, standard base64; it must never have been admitted for any identity.
+    pub new_public_key: String,
+}
+
+/// The answer to [`RotateKeyRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotateKeyResponse {
+    /// The peer id (unchanged).
+    pub peer_id: String,
+    /// The ULA (unchanged).
+    pub ula: Ipv6Addr,
+    /// The key now admitted.
+    pub public_key: String,
+    /// When it was admitted, Unix seconds.
+    pub key_since: u64,
+}
+
+/// The answer of the identity lifecycle routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityResponse {
+    /// The identity (certificate CN).
+    pub identity: String,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its ULA.
+    pub ula: Ipv6Addr,
+    /// Whether it is revoked.
+    pub revoked: bool,
+    /// The key admitted for it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
 }
 
 /// `POST {auth_url}/v1/join-tokens/validate` request (see the README for the contract).
@@ -378,7 +468,7 @@ pub struct AuthValidateResponse {
 pub struct RevokeResponse {
     /// The peer id concerned.
     pub peer_id: String,
-    /// `true` when the key is now revoked, `false` when it was re-admitted.
+    /// `true` when the peer's identity is now revoked, `false` when it was re-admitted.
     pub revoked: bool,
 }
 
@@ -387,7 +477,11 @@ pub struct RevokeResponse {
 pub struct Revocation {
     /// The revoked peer's id.
     pub peer_id: String,
-    /// Its public key, base64.
+    /// The revoked identity; empty for a key revoked before revocation was per identity
+    /// whose identity is unknown.
+    #[serde(default)]
+    pub identity: String,
+    /// Its last admitted public key, base64 (empty if none).
     pub public_key: String,
     /// When, Unix seconds.
     pub revoked_at: u64,

@@ -1,5 +1,5 @@
 //! The joiner's local control socket, as typed values: the requests `tabbify-mesh
-//! status|peers|app ...` send and the status they get back (`status --json`,
+//! status|peers|app ...|rotate-key` send and the status they get back (`status --json`,
 //! `peers --json`). The joiner serves them; the CLI and the tests read them.
 
 use std::net::{Ipv6Addr, SocketAddr};
@@ -27,6 +27,22 @@ pub enum Request {
         /// The app.
         uuid: Uuid,
     },
+    /// Rotate the node's WireGuard key now; answered with [`KeyRotated`] once the
+    /// coordinator accepted the new key and the data plane uses it.
+    RotateKey,
+}
+
+/// The answer to [`Request::RotateKey`].
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyRotated {
+    /// The previous public key (base64).
+    pub old_public_key: String,
+    /// The public key now in use (base64).
+    pub public_key: String,
+    /// Our peer id (unchanged).
+    pub peer_id: String,
+    /// Our ULA (unchanged).
+    pub ula: Ipv6Addr,
 }
 
 /// The coordinator connection as `status` shows it.

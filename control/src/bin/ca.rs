@@ -3,6 +3,7 @@
 //! ```text
 //! tabbify-mesh-ca init --out DIR [--name NAME] [--days N] [--force]
 //! tabbify-mesh-ca issue-peer --name NAME --ca-dir DIR --out DIR [--days N] [--force]
+//! tabbify-mesh-ca issue-admin --name NAME --ca-dir DIR --out DIR [--days N] [--force]
 //! tabbify-mesh-ca issue-coordinator --name HOST [--san NAME_OR_IP]... --ca-dir DIR --out DIR [--days N] [--force]
 //! ```
 
@@ -42,6 +43,25 @@ enum Command {
     /// Issue a peer client certificate (CN = NAME): OUT/cert.pem, OUT/key.pem, OUT/ca.pem.
     IssuePeer {
         /// The peer's name; it becomes the certificate's CN and the peer's identity.
+        #[arg(long)]
+        name: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Directory to write into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = LEAF_VALIDITY_DAYS)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an admin client certificate (CN = NAME, carrying the admin role
+    /// urn:tabbify:role:admin): OUT/cert.pem, OUT/key.pem, OUT/ca.pem.
+    IssueAdmin {
+        /// The admin's name; it becomes the certificate's CN (named in audit lines).
         #[arg(long)]
         name: String,
         /// Directory holding ca.pem and ca.key.
@@ -104,6 +124,19 @@ fn main() -> anyhow::Result<()> {
             let issued = ca.issue_peer(&name, Validity::days_from_now(days))?;
             ca.write_issued(&issued, &out, force)?;
             println!("peer certificate for {name} written to {}", out.display());
+        }
+        Command::IssueAdmin {
+            name,
+            ca_dir,
+            out,
+            days,
+            force,
+        } => {
+            let ca = Ca::load(&ca_dir)
+                .with_context(|| format!("loading CA from {}", ca_dir.display()))?;
+            let issued = ca.issue_admin(&name, Validity::days_from_now(days))?;
+            ca.write_issued(&issued, &out, force)?;
+            println!("admin certificate for {name} written to {}", out.display());
         }
         Command::IssueCoordinator {
             name,

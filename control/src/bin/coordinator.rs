@@ -49,7 +49,10 @@ struct Cli {
     /// CA (PEM) for an https --auth-url (default: --tls-ca).
     #[arg(long)]
     auth_ca: Option<PathBuf>,
-    /// Client certificate CN allowed to use the admin routes (repeatable).
+    /// Legacy narrowing of the admin role (repeatable): with mTLS an admin is a certificate
+    /// from `tabbify-mesh-ca issue-admin`; if any --admin is given, its CN must also be
+    /// listed. Never makes a peer certificate an admin. Without mTLS: the identity header
+    /// values allowed on the admin routes.
     #[arg(long = "admin")]
     admins: Vec<String>,
     /// Directory for tokens, admissions, revocations and the policy in force.

@@ -52,6 +52,15 @@ impl Pki {
         self.client_with(Some(&issued))
     }
 
+    /// A client whose certificate has the admin role (`issue-admin`).
+    pub fn admin_client(&self, name: &str) -> Client {
+        let issued = self
+            .ca
+            .issue_admin(name, Validity::days_from_now(1))
+            .unwrap();
+        self.client_with(Some(&issued))
+    }
+
     pub fn client_with(&self, cert: Option<&Issued>) -> Client {
         let cfg = tls::client_config(
             self.ca.cert_pem(),
@@ -108,7 +117,6 @@ impl Harness {
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let pki = Pki::new();
         let mut config = Config::new(policy(), "test".into());
-        config.admins = ["admin".to_string()].into();
         tweak(&mut config);
         let clock = ManualClock::new(1_700_000_000_000);
         let coord = Coordinator::new(config, Arc::new(clock.clone())).unwrap();
@@ -134,8 +142,9 @@ impl Harness {
         self.pki.client(name).at(self.addr)
     }
 
+    /// A client with an admin-role certificate named `admin`.
     pub fn admin(&self) -> Client {
-        self.client("admin")
+        self.pki.admin_client("admin").at(self.addr)
     }
 
     /// Mints a token with `tags` as the admin.

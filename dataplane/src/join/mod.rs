@@ -73,4 +73,6 @@ pub struct JoinOptions {
     pub endpoints: Vec<SocketAddr>,
     /// Control socket path.
     pub control_socket: PathBuf,
+    /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).
+    pub key_max_age: std::time::Duration,
 }

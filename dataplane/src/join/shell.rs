@@ -22,8 +22,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use base64::Engine as _;
+use tabbify_api::local::KeyRotated;
 use tabbify_api::{
-    self as api, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, SseEvent,
+    self as api, HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse,
+    RotateKeyRequest, RotateKeyResponse, SseEvent,
 };
 use tokio::sync::Notify;
 use uuid::Uuid;
@@ -54,7 +56,8 @@ pub struct Joiner {
     table: Arc<Table>,
     client: Client,
     state: StateDir,
-    public_key: [u8; 32],
+    /// The node's public key in use (replaced by a rotation).
+    public_key: Mutex<[u8; 32]>,
     peer_id: String,
     ula: Ipv6Addr,
     machine: Mutex<Machine>,
@@ -72,7 +75,9 @@ pub fn run(opts: JoinOptions) -> anyhow::Result<()> {
 }
 
 async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
-    let tls = match &opts.tls {
+    // The member's identity is its certificate's CN (the coordinator reads the same CN);
+    // without mTLS (loopback development) it is the name it registers with.
+    let (tls, member) = match &opts.tls {
         Some(f) => {
             let read = |p: &PathBuf, what: &str| {
                 std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
@@ -80,17 +85,29 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             let cert = read(&f.cert, "--tls-cert")?;
             let key = read(&f.key, "--tls-key")?;
             let ca = read(&f.ca, "--tls-ca")?;
-            Some(tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?)
+            let cn = certificate_cn(&cert)
+                .with_context(|| format!("--tls-cert {}", f.cert.display()))?;
+            let cfg =
+                tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+            (Some(cfg), cn)
         }
-        None => None,
+        None => (None, opts.name.clone()),
     };
     let identity = opts.tls.is_none().then(|| opts.name.clone());
     let client = Client::new(&opts.coordinator, tls, identity)?;
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
-    let ula = tabbify_api::ula::peer_ula(&public_key);
-    let peer_id = tabbify_api::ula::peer_id(&public_key);
+    let key_age = Duration::from_secs(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .saturating_sub(state.key_since()?),
+    );
+    // Derived from the identity, not the key: a key rotation keeps both.
+    let ula = tabbify_api::ula::identity_ula(&member);
+    let peer_id = tabbify_api::ula::identity_peer_id(&member);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -129,6 +146,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         tags: opts.tags.clone(),
         has_join_token: opts.join_token.is_some(),
         apps,
+        key_max_age: opts.key_max_age,
+        rotate_at: Instant::now() + opts.key_max_age.saturating_sub(key_age),
     });
     let joiner = Arc::new(Joiner {
         machine: Mutex::new(machine),
@@ -139,7 +158,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         table,
         client,
         state,
-        public_key,
+        public_key: Mutex::new(public_key),
         peer_id,
         ula,
         wake: Notify::new(),
@@ -281,10 +300,79 @@ impl Joiner {
                 }
                 let _ = self.handshaker.initiate(peer);
             }
+            Action::RotateKey => {
+                let r = self.rotate().await.map(|_| ());
+                self.lock().handle_rotated(Instant::now(), r);
+            }
             Action::ClearPeers => self.table.clear_peers(),
             // `drive` returns on it before applying anything.
             Action::Exit(_) => {}
         }
+    }
+
+    fn public_key(&self) -> [u8; 32] {
+        *self.public_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rotates the node key: the pending key from the state directory (or a new one,
+    /// recorded there first), offered to the coordinator; once accepted it becomes
+    /// `node.key`, the data plane switches to it and every peer re-handshakes. A transient
+    /// failure keeps the pending key for the next attempt; a refusal drops it.
+    async fn rotate(&self) -> Result<KeyRotated, String> {
+        let next = self.state.begin_rotation().map_err(|e| format!("{e:#}"))?;
+        let new_public = crate::config::public_key(&next).0;
+        let old_public = self.public_key();
+        let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+        let req = RotateKeyRequest {
+            peer_id: self.peer_id.clone(),
+            old_public_key: b64(&old_public),
+            new_public_key: b64(&new_public),
+        };
+        match self
+            .client
+            .post::<_, RotateKeyResponse>(api::PATH_ROTATE_KEY, &req)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.is_transient() => return Err(e.to_string()),
+            Err(e) => {
+                if let Err(d) = self.state.abandon_rotation() {
+                    tracing::warn!(error = %format!("{d:#}"), "pending key not removed");
+                }
+                return Err(e.to_string());
+            }
+        }
+        // Accepted. If persisting fails the pending file still holds the accepted key and
+        // the next start settles it (the coordinator answers the retry the same way).
+        self.state
+            .finish_rotation(&next)
+            .map_err(|e| format!("{e:#}"))?;
+        self.table
+            .set_private_key(boringtun::x25519::StaticSecret::from(next.0));
+        *self.public_key.lock().unwrap_or_else(|p| p.into_inner()) = new_public;
+        let snap = self.table.load_full();
+        for e in &snap.peers {
+            if let Err(err) = self.handshaker.initiate(&e.peer) {
+                tracing::debug!(error = %err, "handshake initiation not sent");
+            }
+        }
+        tracing::info!(old = %b64(&old_public), new = %b64(&new_public), "node key rotated");
+        Ok(KeyRotated {
+            old_public_key: b64(&old_public),
+            public_key: b64(&new_public),
+            peer_id: self.peer_id.clone(),
+            ula: self.ula,
+        })
+    }
+
+    /// `tabbify-mesh rotate-key`: a rotation now, unless one is in flight.
+    async fn rotate_now(&self) -> Result<serde_json::Value, String> {
+        self.lock().begin_rotation()?;
+        let r = self.rotate().await;
+        self.lock()
+            .handle_rotated(Instant::now(), r.as_ref().map(|_| ()).map_err(Clone::clone));
+        self.wake.notify_one();
+        serde_json::to_value(r?).map_err(|e| e.to_string())
     }
 
     fn endpoints(&self) -> Vec<SocketAddr> {
@@ -317,9 +405,17 @@ impl Joiner {
     }
 
     async fn register(&self, with_token: bool) -> Result<RegisterResponse, ClientError> {
+        // A rotation that a crash or a lost answer left unsettled is settled first, so the
+        // key registered is the one the coordinator admitted.
+        if matches!(self.state.next_key(), Ok(Some(_))) {
+            match self.rotate().await {
+                Ok(_) => tracing::info!("finished the key rotation left pending"),
+                Err(e) => tracing::warn!(error = %e, "the pending key rotation is not settled yet"),
+            }
+        }
         let req = RegisterRequest {
             name: self.opts.name.clone(),
-            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
+            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key()),
             tags: self.opts.tags.clone(),
             wg_listen_port: self.info.listen_port,
             endpoints: self.endpoints(),
@@ -387,7 +483,7 @@ impl Joiner {
             name: m.display_name().to_owned(),
             peer_id: self.peer_id.clone(),
             ula: self.ula,
-            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key),
+            public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key()),
             tags: m.tags().to_vec(),
             listen_port: self.info.listen_port,
             driver: self.info.driver.to_string(),
@@ -466,6 +562,26 @@ impl control::Handler for Joiner {
             Request::Peers => json(serde_json::to_value(self.status().peers)),
             Request::AppAdd { uuid } => self.app_change(uuid, true),
             Request::AppRemove { uuid } => self.app_change(uuid, false),
+            Request::RotateKey => self.rotate_now().await,
         }
     }
+}
+
+/// The CN of the first certificate in `pem`: the member's identity.
+fn certificate_cn(pem: &str) -> anyhow::Result<String> {
+    let der = tabbify_api::tls::certs(pem, "client certificate")?
+        .into_iter()
+        .next()
+        .context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no CN")?;
+    Ok(cn
+        .as_str()
+        .map_err(|e| anyhow::anyhow!("the certificate's CN is not text: {e}"))?
+        .to_owned())
 }

@@ -3,6 +3,15 @@
 //! * `node.key` — the WireGuard private key, base64, created once with mode 0600 (the
 //!   directory 0700) and never sent anywhere. A key file that others can read is refused,
 //!   as ssh refuses a loose private key.
+//! * `node.key.next` — during a key rotation, the new private key, written (temp file 0600,
+//!   fsync, rename, directory fsync) *before* the coordinator is asked to accept it, and
+//!   promoted to `node.key` (same atomic replace) only after it did. A crash at any point
+//!   leaves the accepted key on disk: before the answer, both keys are kept and the next
+//!   rotation attempt (at start or later) repeats the same request with the same new key,
+//!   which the coordinator answers idempotently. `node.key.next` is deleted only when the
+//!   coordinator refused it for good or after promotion.
+//! * `node.key.since` — Unix seconds when `node.key` was created or rotated in (the key's
+//!   age for `--key-max-age`); a missing file means the key file's modification time.
 //! * `apps.json` — the app UUIDs hosted here, so a restart advertises them again. Written
 //!   to a temporary file, synced and renamed, so a crash leaves the old or the new list.
 
@@ -60,19 +69,104 @@ impl StateDir {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = config::generate_private_key();
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .with_context(|| format!("creating {}", path.display()))?;
-                writeln!(f, "{}", key.to_base64())?;
-                f.sync_all()?;
+                // Written whole to a temporary file and renamed: a crash never leaves an
+                // empty or partial node.key.
+                self.write_atomic("node.key", format!("{}\n", key.to_base64()).as_bytes())?;
+                self.write_atomic("node.key.since", unix_now().to_string().as_bytes())?;
                 tracing::info!(path = %path.display(), "generated the node key");
                 Ok(key)
             }
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
+    }
+
+    /// When `node.key` was created or rotated in, Unix seconds.
+    pub fn key_since(&self) -> anyhow::Result<u64> {
+        let path = self.dir.join("node.key.since");
+        match fs::read_to_string(&path) {
+            Ok(t) => t
+                .trim()
+                .parse()
+                .with_context(|| format!("{} is not a Unix time", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = self.dir.join("node.key");
+                let modified = fs::metadata(&key)
+                    .and_then(|m| m.modified())
+                    .with_context(|| format!("reading {}", key.display()))?;
+                Ok(modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()))
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The pending rotation's new key, if a rotation was started and not settled.
+    pub fn next_key(&self) -> anyhow::Result<Option<Key>> {
+        let path = self.dir.join("node.key.next");
+        match fs::read_to_string(&path) {
+            Ok(t) => Key::from_base64(t.trim())
+                .map(Some)
+                .with_context(|| format!("rotation key in {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// The pending rotation's key, or a fresh one recorded durably as pending.
+    pub fn begin_rotation(&self) -> anyhow::Result<Key> {
+        if let Some(k) = self.next_key()? {
+            return Ok(k);
+        }
+        let key = config::generate_private_key();
+        self.write_atomic("node.key.next", format!("{}\n", key.to_base64()).as_bytes())?;
+        Ok(key)
+    }
+
+    /// The coordinator accepted the pending key: it becomes `node.key`.
+    pub fn finish_rotation(&self, key: &Key) -> anyhow::Result<()> {
+        self.write_atomic("node.key", format!("{}\n", key.to_base64()).as_bytes())?;
+        self.write_atomic("node.key.since", unix_now().to_string().as_bytes())?;
+        self.remove("node.key.next")
+    }
+
+    /// The coordinator refused the pending key for good: forget it.
+    pub fn abandon_rotation(&self) -> anyhow::Result<()> {
+        self.remove("node.key.next")
+    }
+
+    fn remove(&self, name: &str) -> anyhow::Result<()> {
+        let path = self.dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+
+    /// Writes `name` whole or not at all: a 0600 temporary file, fsync, rename, fsync of
+    /// the directory.
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> anyhow::Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        self.sync_dir()
+    }
+
+    fn sync_dir(&self) -> anyhow::Result<()> {
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", self.dir.display()))
     }
 
     /// The hosted apps recorded here (empty if none).
@@ -102,6 +196,12 @@ impl StateDir {
         fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
         Ok(())
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -148,6 +248,40 @@ mod tests {
             .unwrap();
         let e = format!("{:#}", s.node_key().unwrap_err());
         assert!(e.contains("node.key"), "{e}");
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_pending_key_until_it_is_settled() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let old = s.node_key().unwrap();
+        assert!(s.key_since().unwrap() > 0);
+        assert!(s.next_key().unwrap().is_none());
+        let next = s.begin_rotation().unwrap();
+        // A crash now: the old key is still node.key, the new one is kept and reused.
+        let s = StateDir::open(d.path()).unwrap();
+        assert_eq!(s.node_key().unwrap().0, old.0);
+        assert_eq!(s.begin_rotation().unwrap().0, next.0);
+        let mode = fs::metadata(d.path().join("node.key.next"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.finish_rotation(&next).unwrap();
+        assert_eq!(s.node_key().unwrap().0, next.0);
+        assert!(s.next_key().unwrap().is_none());
+        // A refused rotation forgets the pending key and keeps node.key.
+        let other = s.begin_rotation().unwrap();
+        assert_ne!(other.0, next.0);
+        s.abandon_rotation().unwrap();
+        assert!(s.next_key().unwrap().is_none());
+        assert_eq!(s.node_key().unwrap().0, next.0);
+        let leftovers: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //!   the machine re-registers with backoff (0.5 s doubling, capped at the heartbeat
 //!   interval, reset once a stream opens);
 //! * every input that depends on time takes `now`; the machine never reads a clock and
-//!   performs no I/O (it logs through `tracing`, as quinn-proto does).
+//!   performs no I/O (it logs through `tracing`, as quinn-proto does);
+//! * at most one key rotation is in flight: [`Action::RotateKey`] (when the node key
+//!   reaches `--key-max-age` while connected) or [`Machine::begin_rotation`] (asked for on
+//!   the control socket), each settled by [`Machine::handle_rotated`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -49,13 +52,15 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 pub const PUNCH_BURST: u32 = 8;
 /// The gap between two initiations of a hole-punch burst.
 pub const PUNCH_GAP: Duration = Duration::from_millis(125);
+/// The delay before an automatic key rotation that failed is tried again.
+pub const ROTATION_RETRY: Duration = Duration::from_secs(3600);
 
 /// What the machine is told once, at start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Our peer id (derived from the node key).
+    /// Our peer id (derived from our identity).
     pub peer_id: String,
-    /// Our peer ULA (derived from the node key).
+    /// Our peer ULA (derived from our identity).
     pub ula: Ipv6Addr,
     /// The display name asked for.
     pub name: String,
@@ -65,6 +70,10 @@ pub struct Config {
     pub has_join_token: bool,
     /// The apps hosted here (from the state directory).
     pub apps: Vec<Uuid>,
+    /// Rotate the node key after it has been in use this long (`--key-max-age`).
+    pub key_max_age: Duration,
+    /// When the node key reaches `key_max_age` (from its age in the state directory).
+    pub rotate_at: Instant,
 }
 
 /// What the coordinator granted at the last registration.
@@ -182,6 +191,9 @@ pub enum Action {
         /// When the burst began.
         burst_started: Instant,
     },
+    /// Rotate the node key (`POST /v1/mesh/rotate-key` with a new key kept durably as
+    /// pending until the answer); answer with [`Machine::handle_rotated`].
+    RotateKey,
     /// Remove every table peer (revocation).
     ClearPeers,
     /// Stop the joiner with this reason (the last action).
@@ -218,6 +230,10 @@ pub struct Machine {
     /// The hosted apps changed while no stream was open: heartbeat once one is.
     heartbeat_pending: bool,
     punches: Vec<Punch>,
+    /// When the next automatic key rotation is due.
+    rotate_at: Instant,
+    /// A key rotation is in flight.
+    rotating: bool,
     actions: VecDeque<Action>,
 }
 
@@ -231,6 +247,7 @@ impl Machine {
                 reflexive: None,
             },
             apps: config.apps.clone(),
+            rotate_at: config.rotate_at,
             config,
             session: Session::Registering { with_token: true },
             grant: None,
@@ -240,6 +257,7 @@ impl Machine {
             backoff: INITIAL_BACKOFF,
             heartbeat_pending: false,
             punches: Vec::new(),
+            rotating: false,
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -260,7 +278,13 @@ impl Machine {
             Session::Connected { next_heartbeat, .. } => Some(next_heartbeat),
             _ => None,
         };
-        self.punches.iter().map(|p| p.next_at).chain(session).min()
+        let rotation = (self.session.is_connected() && !self.rotating).then_some(self.rotate_at);
+        self.punches
+            .iter()
+            .map(|p| p.next_at)
+            .chain(session)
+            .chain(rotation)
+            .min()
     }
 
     // ----- inputs -----
@@ -435,7 +459,41 @@ impl Machine {
         if heartbeat {
             self.push_heartbeat();
         }
+        if self.session.is_connected() && !self.rotating && now >= self.rotate_at {
+            tracing::info!(
+                max_age_secs = self.config.key_max_age.as_secs(),
+                "the node key reached its maximum age: rotating it"
+            );
+            self.rotating = true;
+            self.actions.push_back(Action::RotateKey);
+        }
         self.fire_punches(now);
+    }
+
+    /// A rotation asked for now (`tabbify-mesh rotate-key`): `Err` is the message for the
+    /// user. On `Ok` the caller rotates and reports with [`Machine::handle_rotated`].
+    pub fn begin_rotation(&mut self) -> Result<(), String> {
+        if self.rotating {
+            return Err("a key rotation is already in progress".into());
+        }
+        if !self.session.is_connected() {
+            return Err("not connected to the coordinator; try again in a moment".into());
+        }
+        self.rotating = true;
+        Ok(())
+    }
+
+    /// How a rotation ended: the next automatic one is due `key_max_age` after a success,
+    /// or [`ROTATION_RETRY`] after a failure (the old key stays in use).
+    pub fn handle_rotated(&mut self, now: Instant, r: Result<(), String>) {
+        self.rotating = false;
+        match r {
+            Ok(()) => self.rotate_at = now + self.config.key_max_age,
+            Err(e) => {
+                tracing::warn!(error = %e, "key rotation failed; the current key stays in use");
+                self.rotate_at = now + ROTATION_RETRY.min(self.config.key_max_age);
+            }
+        }
     }
 
     /// Whether an app may be added now: `Err` is the message for the user.
@@ -710,6 +768,8 @@ mod tests {
             tags: vec!["asked".into()],
             has_join_token,
             apps,
+            key_max_age: Duration::from_secs(90 * 86_400),
+            rotate_at: Instant::now() + Duration::from_secs(90 * 86_400),
         }
     }
 
@@ -821,6 +881,44 @@ mod tests {
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: true }]);
         assert_eq!(m.session(), &Session::Registering { with_token: true });
         assert_eq!(m.poll_timeout(), None);
+    }
+
+    #[test]
+    fn the_key_is_rotated_when_it_reaches_its_maximum_age_and_once_at_a_time() {
+        let t = Instant::now();
+        let day = Duration::from_secs(86_400);
+        let mut cfg = config(true, vec![]);
+        cfg.key_max_age = 90 * day;
+        cfg.rotate_at = t + 2 * day;
+        let mut m = Machine::new(cfg);
+        // Not connected: no rotation is scheduled.
+        drain(&mut m);
+        assert_eq!(m.poll_timeout(), None);
+        connect(&mut m, t, vec![]);
+        drain(&mut m);
+        m.handle_timeout(t + day);
+        assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_timeout(t + 2 * day);
+        assert!(drain(&mut m).contains(&Action::RotateKey));
+        // In flight: neither the timer nor the control socket starts another one.
+        m.handle_timeout(t + 2 * day + SEC);
+        assert!(!drain(&mut m).contains(&Action::RotateKey));
+        assert!(m.begin_rotation().is_err());
+        // A failure retries an hour later with the old key; a success waits a full age.
+        m.handle_rotated(t + 2 * day, Err("unreachable".into()));
+        m.handle_timeout(t + 2 * day + 1800 * SEC);
+        assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_timeout(t + 2 * day + ROTATION_RETRY);
+        assert!(drain(&mut m).contains(&Action::RotateKey));
+        m.handle_rotated(t + 3 * day, Ok(()));
+        m.handle_timeout(t + 92 * day);
+        assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_timeout(t + 93 * day);
+        assert!(drain(&mut m).contains(&Action::RotateKey));
+        m.handle_rotated(t + 93 * day, Ok(()));
+        // Asked for by hand while connected.
+        assert!(m.begin_rotation().is_ok());
+        assert!(m.begin_rotation().is_err());
     }
 
     #[test]
