@@ -84,13 +84,24 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let identity = opts.tls.is_none().then(|| opts.name.clone());
-    let client = Client::new(&opts.coordinator, tls, identity)?;
+    // Our identity: the CN of our certificate (what the coordinator sees), or the name
+    // with plaintext development (what the identity header says). Our ULA and peer id
+    // derive from it, so a registration answer naming others is refused.
+    let identity = match &opts.tls {
+        Some(f) => {
+            let pem = std::fs::read_to_string(&f.cert)
+                .with_context(|| format!("--tls-cert {}", f.cert.display()))?;
+            certificate_cn(&pem).with_context(|| format!("--tls-cert {}", f.cert.display()))?
+        }
+        None => opts.name.clone(),
+    };
+    let header_identity = opts.tls.is_none().then(|| opts.name.clone());
+    let client = Client::new(&opts.coordinator, tls, header_identity)?;
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
-    let ula = tabbify_api::ula::peer_ula(&public_key);
-    let peer_id = tabbify_api::ula::peer_id(&public_key);
+    let ula = tabbify_api::ula::identity_ula(&identity);
+    let peer_id = tabbify_api::ula::identity_peer_id(&identity);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -144,7 +155,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         ula,
         wake: Notify::new(),
     });
-    tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
+    tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
@@ -408,6 +419,7 @@ impl Joiner {
                 })
                 .collect(),
             peers,
+            roster_refused: m.refused(),
         }
     }
 
@@ -433,6 +445,23 @@ impl Joiner {
         self.wake.notify_one();
         Ok(serde_json::json!({"uuid": uuid, "ula": ula}))
     }
+}
+
+/// The CN of the first certificate in `pem`: the identity the coordinator sees.
+fn certificate_cn(pem: &str) -> anyhow::Result<String> {
+    let certs = tabbify_api::tls::certs(pem, "certificate")?;
+    let der = certs.first().context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no common name (CN)")?;
+    let cn = cn
+        .as_str()
+        .context("the certificate's CN is not a string")?;
+    Ok(cn.to_owned())
 }
 
 /// The stream's next event; never resolves without a stream.
