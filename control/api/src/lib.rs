@@ -409,7 +409,10 @@ pub struct Health {
 pub struct ErrorBody {
     /// Human-readable reason.
     pub error: String,
-    /// Machine-readable kind, e.g. `bad_request`, `unauthorized`, `token_used`.
+    /// Machine-readable kind, e.g. `bad_request`, `unauthorized`, `token_used`. Our
+    /// services always send it; a body without it (an external auth service) reads as `""`,
+    /// so its `error` is not lost.
+    #[serde(default)]
     pub code: String,
 }
 
