@@ -40,7 +40,7 @@ pub mod sse;
 pub mod tls;
 pub mod ula;
 
-pub use sse::{SseDecoder, SseEvent, SseFrame, SseParseError};
+pub use sse::{SseDecoder, SseEvent, SseFrame, SseParseError, SseTooLarge, MAX_EVENT_BYTES};
 
 /// Route of [`RegisterRequest`].
 pub const PATH_REGISTER: &str = "/v1/mesh/register";
