@@ -696,6 +696,34 @@ mod tests {
         assert_eq!(r.refused().bad_public_key, 2);
     }
 
+    /// A coordinator repeating 100 forgeries in every snapshot: each counts once while it
+    /// stands (and the log says so in at most MAX_REFUSAL_LOGS + 1 lines); once gone and
+    /// back, it counts again.
+    #[test]
+    fn standing_refusals_count_once() {
+        let mut r = Roster::new(&pid("me"));
+        let forged: Vec<RosterEntry> = (0..100)
+            .map(|n| {
+                let mut e = entry(&format!("p{n}"), 1, "10.0.0.1:1", &[]);
+                e.ula = "fd5a:1f00::dead".parse().unwrap();
+                e
+            })
+            .collect();
+        let snap = |peers: Vec<RosterEntry>| {
+            SseEvent::Snapshot(RosterSnapshot {
+                policy_revision: 1,
+                peers,
+            })
+        };
+        r.apply(None, snap(forged.clone()));
+        r.apply(None, snap(forged.clone()));
+        assert_eq!(r.refused().bad_ula, 100);
+        assert_eq!(r.entries().count(), 0);
+        r.apply(None, snap(vec![]));
+        r.apply(None, snap(forged[..1].to_vec()));
+        assert_eq!(r.refused().bad_ula, 101);
+    }
+
     #[test]
     fn endpoint_choice() {
         let me = SelfView {
