@@ -617,6 +617,42 @@ impl Machine {
                 });
             }
         }
+        // A peer that gives up some prefixes and takes others (two apps trading hosts)
+        // first drops what it gives up, so no order of the growing upserts below can make
+        // two peers claim one prefix.
+        for (key, d) in &desired {
+            let Some(before) = self.applied.get(key) else {
+                continue;
+            };
+            let gives_up = before
+                .allowed_ips
+                .iter()
+                .any(|n| !d.allowed_ips.contains(n));
+            let takes = d
+                .allowed_ips
+                .iter()
+                .any(|n| !before.allowed_ips.contains(n));
+            if gives_up && takes {
+                let kept = before
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| d.allowed_ips.contains(n))
+                    .copied()
+                    .collect();
+                self.actions.push_back(Action::UpsertPeer {
+                    config: PeerConfig {
+                        public_key: *key,
+                        preshared_key: None,
+                        endpoint: None,
+                        allowed_ips: kept,
+                        persistent_keepalive: Some(KEEPALIVE_SECS),
+                    },
+                    filter: PortFilter::from_ranges(&before.outbound, &before.inbound),
+                    new: false,
+                    label: PeerLabel::of(before),
+                });
+            }
+        }
         let claims_more = |d: &Desired, before: Option<&Desired>| {
             d.allowed_ips
                 .iter()
@@ -1775,17 +1811,22 @@ mod forged_roster_tests {
         );
         // The engine peer is the key's: it stays, now with b's addresses.
         let a = drain(&mut m);
-        let Some(Action::UpsertPeer { config, label, .. }) = a.first() else {
+        let Some(Action::UpsertPeer { config, label, .. }) = a
+            .iter()
+            .rev()
+            .find(|a| matches!(a, Action::UpsertPeer { .. }))
+        else {
             panic!("{a:?}")
         };
         assert_eq!(config.public_key, key(1));
         assert_eq!(label.peer_id, pid("b"));
-        assert_eq!(
-            a[1],
-            Action::Routes {
+        assert_eq!(config.allowed_ips, vec![ula_host("b")]);
+        assert!(
+            a.contains(&Action::Routes {
                 add: vec![ula_host("b")],
                 del: vec![ula_host("a")]
-            }
+            }),
+            "{a:?}"
         );
     }
 
@@ -1847,6 +1888,39 @@ mod forged_roster_tests {
             0,
             "the route stays, only its peer changes"
         );
+    }
+
+    /// Found by the roster fuzz target: two peers trading apps in one snapshot (a gives X
+    /// and takes Y, b gives Y and takes X) must never both hold one prefix in the table,
+    /// whatever the upsert order, or the engine's last-claimant rule drops a prefix.
+    #[test]
+    fn two_peers_trading_apps_never_share_a_prefix_in_the_table() {
+        let t = Instant::now();
+        let (x, y): (Ipv6Addr, Ipv6Addr) = (
+            "fd5a:1f02::1".parse().unwrap(),
+            "fd5a:1f02::2".parse().unwrap(),
+        );
+        let mut m = Machine::new(config(true, vec![]));
+        let (mut a, mut b) = (entry("a", 1), entry("b", 2));
+        a.hosted_app_ulas = vec![x];
+        b.hosted_app_ulas = vec![y];
+        connect(&mut m, t, vec![a.clone(), b.clone()]);
+        a.hosted_app_ulas = vec![y];
+        b.hosted_app_ulas = vec![x];
+        m.handle_event(t, None, snapshot(vec![a, b]));
+        let mut table: BTreeMap<[u8; 32], Vec<IpNet>> = BTreeMap::new();
+        table.insert(key(1), vec![ula_host("a"), IpNet::host(x.into())]);
+        table.insert(key(2), vec![ula_host("b"), IpNet::host(y.into())]);
+        for act in drain(&mut m) {
+            if let Action::UpsertPeer { config, .. } = act {
+                table.insert(config.public_key, config.allowed_ips);
+                let all: Vec<&IpNet> = table.values().flatten().collect();
+                let unique: BTreeSet<&IpNet> = all.iter().copied().collect();
+                assert_eq!(all.len(), unique.len(), "{table:?}");
+            }
+        }
+        assert_eq!(table[&key(1)], vec![ula_host("a"), IpNet::host(y.into())]);
+        assert_eq!(table[&key(2)], vec![ula_host("b"), IpNet::host(x.into())]);
     }
 
     #[test]
