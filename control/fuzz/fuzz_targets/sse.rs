@@ -44,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let (Ok(whole), Ok(pieces)) = (whole, pieces) else {
         return;
     };
+    assert_eq!(whole, pieces, "piecewise feeding changed the frames");
     for frame in &whole {
         let Ok(event) = SseEvent::parse(&frame.event, &frame.data) else {
             continue;
