@@ -53,7 +53,8 @@ enum Cmd {
     Genkey,
     /// Read a private key on stdin, print its public key.
     Pubkey,
-    /// Read a public key on stdin, print the peer ULA the mesh derives from it.
+    /// Read a public key on stdin, print the ULA the earlier key-derived scheme gives it
+    /// (members' ULAs derive from their identity, the certificate CN; see `status`).
     Ula,
     /// Bring up an interface from a wg-quick file and run in the foreground.
     Up {
