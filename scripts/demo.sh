@@ -135,8 +135,10 @@ JSON
     token=$(admin -X POST "https://$COORD:8443/v1/tokens" -H 'content-type: application/json' \
       -d "{\"tags\": [\"${TAG[$h]}\"], \"name\": \"$h\", \"ttl_secs\": 600, \"max_uses\": 1}" |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-    MESH_JOIN_TOKEN=$token ip netns exec "$PREFIX-$h" "$BIN/tabbify-mesh" join \
+    (umask 077 && printf '%s\n' "$token" >"$STATE/$h/token")
+    ip netns exec "$PREFIX-$h" "$BIN/tabbify-mesh" join \
       --name "$h" --tag "${TAG[$h]}" --coordinator "https://$COORD:8443" \
+      --join-token-file "$STATE/$h/token" \
       --tls-cert "$STATE/$h/cert.pem" --tls-key "$STATE/$h/key.pem" --tls-ca "$STATE/ca/ca.pem" \
       --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 >"$STATE/$h.log" 2>&1 &
     echo $! > "$STATE/$h.pid"

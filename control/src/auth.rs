@@ -4,7 +4,8 @@
 //! Contract: `POST {auth_url}/v1/join-tokens/validate` with an
 //! [`AuthValidateRequest`] JSON body. `200` with an [`AuthValidateResponse`] whose `valid`
 //! is `true` admits the joiner with the returned tags (and name, if any); `200` with
-//! `valid: false`, `401` or `403` refuses it (the `reason` or `error` field is passed on);
+//! `valid: false`, `401` or `403` refuses it (the `reason` or `error` field, or a plain-text
+//! body, is passed on; `code` is optional);
 //! any other answer, a timeout or an unreachable service is a `502` for the joiner.
 //! `http://` and `https://` URLs are supported; for `https` the service's certificate
 //! must chain to the CA given to the coordinator (`--auth-ca`, default `--tls-ca`).
@@ -144,9 +145,7 @@ impl AuthClient {
                 }
             }
             401 | 403 => {
-                let reason = serde_json::from_slice::<ErrorBody>(&bytes)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| "no reason given".into());
+                let reason = refusal_reason(&bytes);
                 let msg = format!("join token refused by the auth service: {reason}");
                 Err(if status.as_u16() == 401 {
                     ApiError::Unauthorized(msg)
@@ -156,6 +155,38 @@ impl AuthClient {
             }
             other => Err(ApiError::AuthService(format!("answered HTTP {other}"))),
         }
+    }
+}
+
+/// Most characters of an auth service's reason passed on to the joiner.
+const MAX_REASON: usize = 200;
+
+/// The reason of a `401`/`403` from the auth service: the `error` of a JSON error body
+/// (with or without `code`), else its `reason`, else the body as text; "no reason given"
+/// only when there is none. Capped at [`MAX_REASON`] characters, control characters
+/// replaced, since it goes into the joiner's error message and our log.
+fn refusal_reason(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Reason {
+        reason: String,
+    }
+    let text = if let Ok(e) = serde_json::from_slice::<ErrorBody>(body) {
+        e.error
+    } else if let Ok(r) = serde_json::from_slice::<Reason>(body) {
+        r.reason
+    } else {
+        String::from_utf8_lossy(body).into_owned()
+    };
+    let clean: String = text
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REASON)
+        .collect();
+    if clean.is_empty() {
+        "no reason given".into()
+    } else {
+        clean
     }
 }
 
@@ -184,6 +215,60 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An auth service on loopback that answers every request with `status` and `body`.
+    async fn auth_service(status: &'static str, body: &'static str) -> AuthClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 16 * 1024];
+                let _ = s.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            }
+        });
+        AuthClient::new(&format!("http://127.0.0.1:{port}"), None).unwrap()
+    }
+
+    fn request() -> AuthValidateRequest {
+        AuthValidateRequest {
+            token: "t".into(),
+            identity: "node-1".into(),
+            requested_name: "node-1".into(),
+            requested_tags: vec![],
+            public_key: "k".into(),
+        }
+    }
+
+    /// Issue 11, "the auth service's 403 reason is lost": a body without `code` used to
+    /// fail to parse and read "no reason given".
+    #[tokio::test]
+    async fn auth_service_403_reason_without_code_is_passed_on() {
+        let c = auth_service("403 Forbidden", r#"{"error":"token revoked by HR"}"#).await;
+        let e = c.validate(&request()).await.unwrap_err();
+        assert!(matches!(e, ApiError::Forbidden(_)), "{e:?}");
+        assert!(e.to_string().contains("token revoked by HR"), "{e}");
+        let c = auth_service("401 Unauthorized", r#"{"error":"expired","code":"x"}"#).await;
+        let e = c.validate(&request()).await.unwrap_err();
+        assert!(matches!(e, ApiError::Unauthorized(_)), "{e:?}");
+        assert!(e.to_string().contains("expired"), "{e}");
+    }
+
+    #[test]
+    fn refusal_reasons_are_read_from_any_body_and_capped() {
+        assert_eq!(refusal_reason(br#"{"error":"a"}"#), "a");
+        assert_eq!(refusal_reason(br#"{"error":"a","code":"b"}"#), "a");
+        assert_eq!(refusal_reason(br#"{"reason":"r"}"#), "r");
+        assert_eq!(refusal_reason(b"plain\ntext"), "plain text");
+        assert_eq!(refusal_reason(b""), "no reason given");
+        assert_eq!(refusal_reason(br#"{"error":""}"#), "no reason given");
+        assert_eq!(refusal_reason(&[b'x'; 5000]).len(), MAX_REASON);
+    }
 
     #[test]
     fn parses_urls() {

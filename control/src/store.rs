@@ -17,7 +17,11 @@
 //! change is acknowledged. On open the log is replayed and rewritten compactly (temp
 //! file, fsync, rename, fsync of the directory), and it is compacted the same way when
 //! it grows well past its live size. A torn last line (a crash mid-append) is ignored; a
-//! corrupt line elsewhere refuses to open. Why not an embedded database: this state is
+//! corrupt line elsewhere refuses to open. An append that fails (a short write, a full
+//! disk, a failed fsync) is cut back to the log's last good length and the change is
+//! refused, so a torn record never sits mid-log; if even that cut fails, the store refuses
+//! every further change until a restart (whose open drops the torn last line). Open stays
+//! strict: a bad line followed by good ones is not provably the residue of a failed write. Why not an embedded database: this state is
 //! small (kilobytes to a few megabytes), written rarely, and a line log is crash-safe with
 //! one fsync per change, readable with `cat`, and adds no dependency.
 //!
@@ -464,18 +468,30 @@ impl Store {
     }
 
     fn append(&mut self, r: Record) -> Result<(), StoreError> {
-        if let (Some(path), Some(file)) = (&self.path, &mut self.file) {
-            let mut line = serde_json::to_vec(&r).map_err(|e| StoreError::Io {
-                path: path.clone(),
-                source: e.into(),
-            })?;
-            line.push(b'\n');
+        if let Some(path) = &self.path {
             let io = |source| StoreError::Io {
                 path: path.clone(),
                 source,
             };
-            file.write_all(&line).map_err(io)?;
-            file.sync_data().map_err(io)?;
+            // None after a failed write whose undo failed too: the log's end is unknown.
+            let Some(file) = self.file.as_mut() else {
+                return Err(io(std::io::Error::other(
+                    "the log could not be repaired after a failed write; restart the coordinator",
+                )));
+            };
+            let mut line = serde_json::to_vec(&r).map_err(|e| io(e.into()))?;
+            line.push(b'\n');
+            let good = file.metadata().map_err(io)?.len();
+            if let Err(e) = write_line(file, &line) {
+                // A partial record would glue onto the next one and leave a corrupt line
+                // mid-log: cut the file back to its last good length. The change is not
+                // acknowledged either way.
+                if let Err(undo) = file.set_len(good).and_then(|()| file.sync_data()) {
+                    tracing::error!(path = %path.display(), error = %undo, "state log: a failed append could not be undone; refusing further changes");
+                    self.file = None;
+                }
+                return Err(io(e));
+            }
             self.lines += 1;
         }
         self.apply(r);
@@ -550,9 +566,49 @@ impl Store {
     }
 }
 
+/// Writes one record line and makes it durable.
+fn write_line(file: &mut File, line: &[u8]) -> std::io::Result<()> {
+    #[cfg(test)]
+    if let Some(n) = tests::FAIL_WRITE_AFTER.with(|f| f.take()) {
+        // Fault injection: a short write, as a full disk or an I/O error leaves it.
+        file.write_all(&line[..n.min(line.len())])?;
+        return Err(std::io::Error::other("injected write failure"));
+    }
+    file.write_all(line)?;
+    file.sync_data()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes the next append write this many bytes and fail.
+        pub(super) static FAIL_WRITE_AFTER: std::cell::Cell<Option<usize>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// Issue 11, "a failed append leaves a torn line mid-log and the coordinator then
+    /// refuses to start": the partial record is cut off, later appends land on a clean
+    /// line, and the store opens again with every acknowledged change and nothing else.
+    #[test]
+    fn a_failed_append_leaves_no_torn_line_and_the_store_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir.path()).unwrap();
+            s.put_token("h1".into(), token()).unwrap();
+            FAIL_WRITE_AFTER.with(|f| f.set(Some(17)));
+            assert!(s.put_token("h2".into(), token()).is_err());
+            assert!(s.token("h2").is_none(), "a failed change is not applied");
+            s.put_token("h3".into(), token()).unwrap();
+        }
+        let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
+        assert!(!text.contains("h2"), "{text}");
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.token("h1").is_some());
+        assert!(s.token("h2").is_none());
+        assert!(s.token("h3").is_some());
+    }
 
     fn token() -> TokenRecord {
         TokenRecord {

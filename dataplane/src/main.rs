@@ -211,9 +211,13 @@ struct JoinArgs {
     /// The mesh CA certificate (the only root trusted).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// The join token (needed until this node key has been admitted).
+    /// The join token (needed until this node key has been admitted). Prefer
+    /// --join-token-file: a token on the command line shows in `ps`.
     #[arg(long, env = "MESH_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// A file holding the join token (one line; keep it 0600). Not shown in `ps`.
+    #[arg(long, env = "TABBIFY_JOIN_TOKEN_FILE", conflicts_with = "join_token")]
+    join_token_file: Option<PathBuf>,
     /// TUN interface name.
     #[arg(long, short, default_value = "tabbify0")]
     interface: String,
@@ -395,6 +399,10 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
             ),
         }
     };
+    let join_token = match &a.join_token_file {
+        Some(path) => Some(tabbify_dataplane::join::read_join_token_file(path)?),
+        None => a.join_token.filter(|t| !t.is_empty()),
+    };
     init_tracing();
     let control_socket = a
         .control_socket
@@ -404,7 +412,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         tags: a.tags.into_iter().map(|t| t.trim().to_owned()).collect(),
         coordinator,
         tls,
-        join_token: a.join_token.filter(|t| !t.is_empty()),
+        join_token,
         interface: a.interface,
         listen_port: a.listen_port,
         mtu: a.mtu,

@@ -65,3 +65,35 @@ fn a_malformed_key_is_refused_with_a_message() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// Issue 11, "the join token on argv shows in `ps`": `--join-token-file` exists, excludes
+/// `--join-token`, and a missing file is refused with a message naming it (before anything
+/// is brought up).
+#[test]
+fn join_token_file_is_accepted_and_excludes_the_argv_token() {
+    let base = [
+        "join",
+        "--name",
+        "n",
+        "--coordinator",
+        "https://127.0.0.1:1",
+        "--tls-cert",
+        "/nonexistent/c",
+        "--tls-key",
+        "/nonexistent/k",
+        "--tls-ca",
+        "/nonexistent/ca",
+    ];
+    let mut both = base.to_vec();
+    both.extend(["--join-token", "t", "--join-token-file", "/nonexistent/tok"]);
+    let out = run(&both, b"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+    let mut file = base.to_vec();
+    file.extend(["--join-token-file", "/nonexistent/tok"]);
+    let out = run(&file, b"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--join-token-file /nonexistent/tok"), "{err}");
+}

@@ -38,7 +38,7 @@ pub struct JoinSpec {
     pub name: String,
     /// `--tag` values.
     pub tags: Vec<String>,
-    /// `--join-token`; `None` for a key admitted before.
+    /// The join token (passed with `--join-token-file`); `None` for a key admitted before.
     pub join_token: Option<String>,
     /// `--driver`; the joiner's default when `None`.
     pub driver: Option<Driver>,
@@ -113,7 +113,13 @@ impl Joiner {
             command.args(["--tag", tag]);
         }
         if let Some(token) = &spec.join_token {
-            command.args(["--join-token", token]);
+            // In a file, as the README advises: a token on argv shows in `ps`.
+            let token_file = netns
+                .workdir()
+                .join(format!("token-{}-{ifname}", spec.name));
+            std::fs::write(&token_file, format!("{token}\n"))
+                .with_context(|| format!("writing {}", token_file.display()))?;
+            command.args(["--join-token-file", path_str(&token_file)?]);
         }
         if let Some(driver) = spec.driver {
             command.args(["--driver", driver.as_arg()]);

@@ -46,7 +46,7 @@ pub mod sse;
 pub mod tls;
 pub mod ula;
 
-pub use sse::{SseDecoder, SseEvent, SseFrame, SseParseError};
+pub use sse::{SseDecoder, SseEvent, SseFrame, SseParseError, SseTooLarge, MAX_EVENT_BYTES};
 
 /// Route of [`RegisterRequest`].
 pub const PATH_REGISTER: &str = "/v1/mesh/register";
@@ -503,7 +503,10 @@ pub struct Health {
 pub struct ErrorBody {
     /// Human-readable reason.
     pub error: String,
-    /// Machine-readable kind, e.g. `bad_request`, `unauthorized`, `token_used`.
+    /// Machine-readable kind, e.g. `bad_request`, `unauthorized`, `token_used`. Our
+    /// services always send it; a body without it (an external auth service) reads as `""`,
+    /// so its `error` is not lost.
+    #[serde(default)]
     pub code: String,
 }
 

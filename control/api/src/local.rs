@@ -126,6 +126,54 @@ pub struct Status {
     pub hosted_apps: Vec<HostedApp>,
     /// Visible peers.
     pub peers: Vec<PeerStatus>,
+    /// Roster entries and events the joiner refused (a coordinator that forged or
+    /// contradicted the design), counted by reason since start.
+    #[serde(default)]
+    pub roster_refused: RosterRefusals,
+}
+
+/// Counts of what the joiner refused from the coordinator's roster, by reason. Each
+/// standing refusal counts once when it appears (a forged entry repeated in every
+/// snapshot counts once until it goes away and comes back).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RosterRefusals {
+    /// The peer id is not `identity_peer_id(identity)`.
+    pub bad_peer_id: u64,
+    /// The ULA is not `identity_ula(identity)`.
+    pub bad_ula: u64,
+    /// The public key is not 32 bytes of standard base64.
+    pub bad_public_key: u64,
+    /// A hosted app ULA outside `fd5a:1f02::/32`.
+    pub bad_app_ula: u64,
+    /// An endpoint or reflexive endpoint that is not a usable unicast address.
+    pub bad_endpoint: u64,
+    /// A second peer claiming a ULA (or peer id) another peer holds.
+    pub duplicate_ula: u64,
+    /// A second peer claiming a public key another peer holds.
+    pub duplicate_public_key: u64,
+    /// A second peer claiming an app ULA another peer holds (only that app is refused).
+    pub duplicate_app: u64,
+    /// A hole punch towards an address that is not a usable unicast address.
+    pub bad_hole_punch: u64,
+    /// A registration answer whose ULA or peer id is not the one derived from our identity.
+    pub bad_registration: u64,
+}
+
+impl RosterRefusals {
+    /// Every refusal, all reasons together.
+    pub fn total(&self) -> u64 {
+        self.bad_peer_id
+            + self.bad_ula
+            + self.bad_public_key
+            + self.bad_app_ula
+            + self.bad_endpoint
+            + self.duplicate_ula
+            + self.duplicate_public_key
+            + self.duplicate_app
+            + self.bad_hole_punch
+            + self.bad_registration
+    }
 }
 
 impl Status {

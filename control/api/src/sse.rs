@@ -131,32 +131,85 @@ pub struct SseFrame {
     pub data: String,
 }
 
+/// The largest event [`SseDecoder`] accepts by default: its raw lines (field names and
+/// values, line ends excluded). A 10k-peer snapshot is about 3 MiB.
+pub const MAX_EVENT_BYTES: usize = 64 << 20;
+
+/// An event grew past the decoder's limit; the decoder dropped it and everything buffered,
+/// and the stream should be reconnected (a fresh snapshot follows).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("SSE event larger than {limit} bytes")]
+pub struct SseTooLarge {
+    /// The limit that was passed.
+    pub limit: usize,
+}
+
 /// Incremental `text/event-stream` decoder: feed it bytes as they arrive, take frames out.
 /// Comment lines (keepalives) are skipped; `\n`, `\r\n` and `\r` line ends are accepted.
-#[derive(Debug, Default)]
+///
+/// Linear: every byte is examined once (a `\r` that ends a chunk twice), however the
+/// stream is cut into chunks: the scan resumes where the last chunk's scan stopped.
+/// Bounded: an event whose raw lines (plus any partial line) exceed the limit is an
+/// [`SseTooLarge`] error, checked after every line and at the end of every feed, so a
+/// coordinator (or anyone in the path) cannot make the joiner buffer without end.
+#[derive(Debug)]
 pub struct SseDecoder {
     buf: Vec<u8>,
+    /// `buf[..scan]` holds no line end (only a held-back final `\r` is rescanned).
+    scan: usize,
     current: SseFrame,
     has_data: bool,
+    /// Raw bytes of the current event's complete lines.
+    event_bytes: usize,
+    limit: usize,
+    scanned: u64,
+}
+
+impl Default for SseDecoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_EVENT_BYTES)
+    }
 }
 
 impl SseDecoder {
-    /// A decoder with nothing buffered.
+    /// A decoder with nothing buffered and the default limit [`MAX_EVENT_BYTES`].
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Consumes `bytes` and returns every frame completed by them.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<SseFrame> {
+    /// A decoder that refuses events larger than `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            buf: Vec::new(),
+            scan: 0,
+            current: SseFrame::default(),
+            has_data: false,
+            event_bytes: 0,
+            limit,
+            scanned: 0,
+        }
+    }
+
+    /// Bytes examined so far (work done, for tests that check the decoder is linear).
+    pub fn bytes_scanned(&self) -> u64 {
+        self.scanned
+    }
+
+    /// Consumes `bytes` and returns every frame completed by them; `Err` when an event
+    /// outgrows the limit (the decoder is then empty and ready for a new stream).
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Vec<SseFrame>, SseTooLarge> {
         self.buf.extend_from_slice(bytes);
         let mut frames = Vec::new();
         let mut start = 0;
-        let mut i = 0;
+        let mut i = self.scan;
+        let mut held_cr = false;
         while i < self.buf.len() {
+            self.scanned += 1;
             let b = self.buf[i];
             if b == b'\n' || b == b'\r' {
                 // A lone `\r` at the end of the buffer may be the first half of `\r\n`.
                 if b == b'\r' && i + 1 == self.buf.len() {
+                    held_cr = true;
                     break;
                 }
                 let line = String::from_utf8_lossy(&self.buf[start..i]).into_owned();
@@ -165,6 +218,10 @@ impl SseDecoder {
                 }
                 i += 1;
                 start = i;
+                self.event_bytes += line.len();
+                if self.event_bytes > self.limit {
+                    return Err(self.overflow());
+                }
                 if let Some(frame) = self.line(&line) {
                     frames.push(frame);
                 }
@@ -173,11 +230,25 @@ impl SseDecoder {
             }
         }
         self.buf.drain(..start);
-        frames
+        self.scan = i - start;
+        let pending = self.buf.len() - usize::from(held_cr);
+        if self.event_bytes + pending > self.limit {
+            return Err(self.overflow());
+        }
+        Ok(frames)
+    }
+
+    fn overflow(&mut self) -> SseTooLarge {
+        let limit = self.limit;
+        let scanned = self.scanned;
+        *self = Self::with_limit(limit);
+        self.scanned = scanned;
+        SseTooLarge { limit }
     }
 
     fn line(&mut self, line: &str) -> Option<SseFrame> {
         if line.is_empty() {
+            self.event_bytes = 0;
             let frame = std::mem::take(&mut self.current);
             let had = std::mem::replace(&mut self.has_data, false);
             return had.then(|| SseFrame {
@@ -245,7 +316,7 @@ mod tests {
         let mut dec = SseDecoder::new();
         let mut frames = Vec::new();
         for chunk in wire.as_bytes().chunks(7) {
-            frames.extend(dec.feed(chunk));
+            frames.extend(dec.feed(chunk).unwrap());
         }
         assert_eq!(frames.len(), events.len());
         for (i, (f, e)) in frames.iter().zip(&events).enumerate() {
@@ -256,12 +327,73 @@ mod tests {
     #[test]
     fn decoder_joins_multi_line_data_and_splits_cr_lf_across_feeds() {
         let mut dec = SseDecoder::new();
-        assert!(dec.feed(b"data: a\r").is_empty());
-        let frames = dec.feed(b"\ndata: b\r\n\r\n");
+        assert!(dec.feed(b"data: a\r").unwrap().is_empty());
+        let frames = dec.feed(b"\ndata: b\r\n\r\n").unwrap();
         assert_eq!(frames.len(), 1);
         assert_eq!(frames[0].data, "a\nb");
         assert_eq!(frames[0].event, "message");
     }
+    /// Issue 11, "the joiner's SSE decoder rescans its buffer from the start on every chunk":
+    /// a 10k-peer snapshot fed in 64-byte chunks is scanned once, not once per chunk.
+    #[test]
+    fn sse_decoder_scans_a_10k_peer_snapshot_in_small_chunks_linearly() {
+        let peers: Vec<RosterEntry> = (0..10_000)
+            .map(|n| {
+                let mut e = entry();
+                e.peer_id = format!("{n:016x}");
+                e
+            })
+            .collect();
+        let snap = SseEvent::Snapshot(RosterSnapshot {
+            policy_revision: 1,
+            peers,
+        });
+        let wire = format!(": hi\n\n{}", snap.to_frame(1)).replace('\n', "\r\n");
+        assert!(wire.len() > 3 << 20, "a realistic size: {}", wire.len());
+        let mut dec = SseDecoder::new();
+        let mut frames = Vec::new();
+        let chunks = wire.as_bytes().chunks(64);
+        let n_chunks = chunks.len() as u64;
+        for chunk in chunks {
+            frames.extend(dec.feed(chunk).unwrap());
+        }
+        assert_eq!(frames.len(), 1);
+        assert_eq!(
+            SseEvent::parse(&frames[0].event, &frames[0].data).unwrap(),
+            snap
+        );
+        // Each byte once, plus a `\r` held back at the end of a chunk.
+        let len = wire.len() as u64;
+        assert!(
+            dec.bytes_scanned() <= len + n_chunks,
+            "scanned {} bytes of {len}",
+            dec.bytes_scanned()
+        );
+    }
+
+    #[test]
+    fn an_event_over_the_limit_is_an_error_and_the_decoder_starts_afresh() {
+        let mut dec = SseDecoder::with_limit(100);
+        // One endless line, fed in pieces: refused once it passes the limit.
+        assert_eq!(dec.feed(&[b'x'; 60]).unwrap(), vec![]);
+        assert_eq!(dec.feed(&[b'x'; 60]), Err(SseTooLarge { limit: 100 }));
+        // Many small data lines of one event: refused too.
+        let mut dec = SseDecoder::with_limit(100);
+        let lines = "data: 0123456789\n".repeat(10);
+        assert!(dec.feed(lines.as_bytes()).is_err());
+        // After the error the decoder takes a new stream.
+        let ok = SseEvent::PeerRemove(PeerRemove {
+            peer_id: "x".into(),
+            reason: "r".into(),
+        });
+        let frames = dec.feed(ok.to_frame(3).as_bytes()).unwrap();
+        assert_eq!(frames.len(), 1);
+        // Events under the limit pass, however many.
+        let mut dec = SseDecoder::with_limit(100);
+        let wire = ok.to_frame(3).repeat(50);
+        assert_eq!(dec.feed(wire.as_bytes()).unwrap().len(), 50);
+    }
+
     #[test]
     fn unknown_events_and_bad_data_are_errors() {
         assert!(matches!(

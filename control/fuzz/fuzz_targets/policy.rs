@@ -23,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(r.first <= r.last, "backwards range {r:?}");
         }
         for w in ranges.windows(2) {
-            assert!(u32::from(w[0].last) + 1 < u32::from(w[1].first), "not normalized: {ranges:?}");
+            assert!(
+                u32::from(w[0].last) + 1 < u32::from(w[1].first),
+                "not normalized: {ranges:?}"
+            );
         }
         // Every port a part of the text names is in the set.
         for part in text.split(',') {

@@ -15,9 +15,15 @@ fuzz_target!(|data: &[u8]| {
     match Store::replay(&lines) {
         Ok(_) => {
             lines.pop();
-            assert!(Store::replay(&lines).is_ok(), "a prefix of a good log was refused");
+            assert!(
+                Store::replay(&lines).is_ok(),
+                "a prefix of a good log was refused"
+            );
             lines.push("{\"t\":\"tok");
-            assert!(Store::replay(&lines).is_ok(), "a torn final record refused the log");
+            assert!(
+                Store::replay(&lines).is_ok(),
+                "a torn final record refused the log"
+            );
         }
         Err((line, _)) => assert!(line >= 1 && line <= lines.len(), "line {line} out of range"),
     }

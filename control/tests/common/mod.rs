@@ -411,7 +411,11 @@ impl EventStream {
                 if data.starts_with(b":") {
                     self.comments += 1;
                 }
-                self.pending.extend(self.decoder.feed(&data));
+                self.pending.extend(
+                    self.decoder
+                        .feed(&data)
+                        .expect("SSE event within the limit"),
+                );
             }
         }
     }

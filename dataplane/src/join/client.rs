@@ -332,7 +332,13 @@ impl EventStream {
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            for f in self.decoder.feed(&data) {
+            // An oversized event ends the stream; the machine reconnects and a fresh
+            // snapshot follows.
+            let frames = self
+                .decoder
+                .feed(&data)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            for f in frames {
                 match SseEvent::parse(&f.event, &f.data) {
                     Ok(ev) => {
                         let id = f.id.as_deref().and_then(|s| s.parse().ok());

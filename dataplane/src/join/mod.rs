@@ -23,7 +23,10 @@ pub mod shell;
 pub mod state_dir;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
 
 use crate::driver::DriverKind;
 
@@ -75,4 +78,61 @@ pub struct JoinOptions {
     pub control_socket: PathBuf,
     /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).
     pub key_max_age: std::time::Duration,
+}
+
+/// Longest join token file read (a token is a few dozen characters).
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The join token in `path` (`--join-token-file`): its first line, trimmed. An empty file
+/// or an oversized one is refused with a message naming it; a file others can read is
+/// used, with a warning (the token is a secret until spent).
+pub fn read_join_token_file(path: &Path) -> anyhow::Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("--join-token-file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("--join-token-file {} is not a file", path.display());
+    }
+    if meta.len() > MAX_TOKEN_FILE {
+        bail!(
+            "--join-token-file {} is {} bytes; a join token is one short line",
+            path.display(),
+            meta.len()
+        );
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--join-token-file {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        bail!("--join-token-file {} is empty", path.display());
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "the join token file is readable by others; chmod 600 it");
+    }
+    Ok(token.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 11, "the join token on argv shows in `ps`": the token can come from a file.
+    #[test]
+    fn join_token_file_is_read_and_bad_files_are_refused_naming_them() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("token");
+        std::fs::write(&path, "  tok-123  \nignored\n").unwrap();
+        assert_eq!(read_join_token_file(&path).unwrap(), "tok-123");
+        std::fs::write(&path, "\n").unwrap();
+        let e = format!("{:#}", read_join_token_file(&path).unwrap_err());
+        assert!(e.contains("is empty") && e.contains("token"), "{e}");
+        std::fs::write(&path, vec![b'x'; 5000]).unwrap();
+        let e = format!("{:#}", read_join_token_file(&path).unwrap_err());
+        assert!(e.contains("one short line"), "{e}");
+        let missing = d.path().join("missing");
+        let e = format!("{:#}", read_join_token_file(&missing).unwrap_err());
+        assert!(e.contains("missing"), "{e}");
+        let e = format!("{:#}", read_join_token_file(d.path()).unwrap_err());
+        assert!(e.contains("not a file"), "{e}");
+    }
 }

@@ -93,8 +93,11 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         }
         None => (None, opts.name.clone()),
     };
-    let identity = opts.tls.is_none().then(|| opts.name.clone());
-    let client = Client::new(&opts.coordinator, tls, identity)?;
+    // Our ULA and peer id derive from the identity, so a registration answer naming
+    // others is refused.
+    let identity = member;
+    let header_identity = opts.tls.is_none().then(|| opts.name.clone());
+    let client = Client::new(&opts.coordinator, tls, header_identity)?;
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
@@ -106,8 +109,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             .saturating_sub(state.key_since()?),
     );
     // Derived from the identity, not the key: a key rotation keeps both.
-    let ula = tabbify_api::ula::identity_ula(&member);
-    let peer_id = tabbify_api::ula::identity_peer_id(&member);
+    let ula = tabbify_api::ula::identity_ula(&identity);
+    let peer_id = tabbify_api::ula::identity_peer_id(&identity);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
 
@@ -163,7 +166,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         ula,
         wake: Notify::new(),
     });
-    tracing::info!(peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
+    tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
@@ -504,6 +507,7 @@ impl Joiner {
                 })
                 .collect(),
             peers,
+            roster_refused: m.refused(),
         }
     }
 
@@ -529,6 +533,23 @@ impl Joiner {
         self.wake.notify_one();
         Ok(serde_json::json!({"uuid": uuid, "ula": ula}))
     }
+}
+
+/// The CN of the first certificate in `pem`: the identity the coordinator sees.
+fn certificate_cn(pem: &str) -> anyhow::Result<String> {
+    let certs = tabbify_api::tls::certs(pem, "certificate")?;
+    let der = certs.first().context("no certificate")?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("the certificate has no common name (CN)")?;
+    let cn = cn
+        .as_str()
+        .context("the certificate's CN is not a string")?;
+    Ok(cn.to_owned())
 }
 
 /// The stream's next event; never resolves without a stream.
@@ -565,23 +586,4 @@ impl control::Handler for Joiner {
             Request::RotateKey => self.rotate_now().await,
         }
     }
-}
-
-/// The CN of the first certificate in `pem`: the member's identity.
-fn certificate_cn(pem: &str) -> anyhow::Result<String> {
-    let der = tabbify_api::tls::certs(pem, "client certificate")?
-        .into_iter()
-        .next()
-        .context("no certificate")?;
-    let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| anyhow::anyhow!("not an X.509 certificate: {e}"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .context("the certificate has no CN")?;
-    Ok(cn
-        .as_str()
-        .map_err(|e| anyhow::anyhow!("the certificate's CN is not text: {e}"))?
-        .to_owned())
 }

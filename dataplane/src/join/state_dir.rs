@@ -2,7 +2,11 @@
 //!
 //! * `node.key` — the WireGuard private key, base64, created once with mode 0600 (the
 //!   directory 0700) and never sent anywhere. A key file that others can read is refused,
-//!   as ssh refuses a loose private key.
+//!   as ssh refuses a loose private key. It is written to a temporary file, fsynced,
+//!   hard-linked into place (never replacing an existing key) and the directory fsynced,
+//!   so a crash leaves no key or a whole one; an empty or partial key (left by an older
+//!   version's crash) is refused with a message naming the file. A key rotation replaces
+//!   it atomically (temp file, fsync, rename, directory fsync).
 //! * `node.key.next` — during a key rotation, the new private key, written (temp file 0600,
 //!   fsync, rename, directory fsync) *before* the coordinator is asked to accept it, and
 //!   promoted to `node.key` (same atomic replace) only after it did. A crash at any point
@@ -64,14 +68,28 @@ impl StateDir {
                 }
                 let text = fs::read_to_string(&path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                Key::from_base64(text.trim())
-                    .with_context(|| format!("node key in {}", path.display()))
+                if text.trim().is_empty() {
+                    bail!(
+                        "node key file {} is empty (an interrupted first start of an older \
+                         version leaves it so); remove it to generate a new key",
+                        path.display()
+                    );
+                }
+                Key::from_base64(text.trim()).with_context(|| {
+                    format!(
+                        "node key file {} does not hold a complete base64 WireGuard key; \
+                         restore it, or remove it to generate a new key",
+                        path.display()
+                    )
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = config::generate_private_key();
-                // Written whole to a temporary file and renamed: a crash never leaves an
-                // empty or partial node.key.
-                self.write_atomic("node.key", format!("{}\n", key.to_base64()).as_bytes())?;
+                let text = format!("{}\n", key.to_base64());
+                if !self.create_once(&path, text.as_bytes())? {
+                    // Another joiner on this state directory made it first: use its key.
+                    return self.node_key();
+                }
                 self.write_atomic("node.key.since", unix_now().to_string().as_bytes())?;
                 tracing::info!(path = %path.display(), "generated the node key");
                 Ok(key)
@@ -163,6 +181,36 @@ impl StateDir {
         self.sync_dir()
     }
 
+    /// Creates `path` holding `bytes`, mode 0600, never visible partly written: a temporary
+    /// file is written and fsynced, then hard-linked to `path` (which fails if `path`
+    /// exists, so a key is never replaced), then the directory is fsynced. `false` when
+    /// `path` already existed.
+    fn create_once(&self, path: &Path, bytes: &[u8]) -> anyhow::Result<bool> {
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let written = (|| -> anyhow::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(bytes)
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("writing {}", tmp.display()))
+        })();
+        let linked = written.and_then(|()| match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+        });
+        let _ = fs::remove_file(&tmp);
+        let created = linked?;
+        self.sync_dir()?;
+        Ok(created)
+    }
+
+    /// Makes renames and links in the directory durable.
     fn sync_dir(&self) -> anyhow::Result<()> {
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
@@ -194,7 +242,7 @@ impl StateDir {
         f.write_all(&serde_json::to_vec(apps)?)?;
         f.sync_all()?;
         fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
-        Ok(())
+        self.sync_dir()
     }
 }
 
@@ -248,6 +296,35 @@ mod tests {
             .unwrap();
         let e = format!("{:#}", s.node_key().unwrap_err());
         assert!(e.contains("node.key"), "{e}");
+    }
+
+    /// Issue 11, "`node.key` is created empty and then written": a key file left empty or
+    /// partial by a crash is refused with a message naming the file, and a fresh key is
+    /// never visible half written (no temporary file is left behind either).
+    #[test]
+    fn node_key_empty_or_partial_from_a_crash_is_refused_naming_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let path = d.path().join("node.key");
+        let key = s.node_key().unwrap();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let mut names = names;
+        names.sort();
+        assert_eq!(
+            names,
+            vec!["node.key".to_owned(), "node.key.since".to_owned()]
+        );
+        let whole = fs::read_to_string(&path).unwrap();
+        assert_eq!(whole.trim(), key.to_base64());
+        for (content, says) in [("", "is empty"), (&whole[..20], "complete base64")] {
+            fs::write(&path, content).unwrap();
+            let e = format!("{:#}", s.node_key().unwrap_err());
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

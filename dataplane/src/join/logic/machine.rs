@@ -58,9 +58,10 @@ pub const ROTATION_RETRY: Duration = Duration::from_secs(3600);
 /// What the machine is told once, at start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Our peer id (derived from our identity).
+    /// Our peer id (`identity_peer_id` of our identity, the CN of our certificate).
     pub peer_id: String,
-    /// Our peer ULA (derived from our identity).
+    /// Our peer ULA (`identity_ula` of our identity); a registration answer naming another
+    /// ULA or peer id is refused.
     pub ula: Ipv6Addr,
     /// The display name asked for.
     pub name: String,
@@ -311,8 +312,8 @@ impl Machine {
             }
             Err(e) => return self.lose_session(now, Err(e)),
         };
-        if resp.ula != self.config.ula {
-            tracing::warn!(ours = %self.config.ula, coordinator = %resp.ula, "the coordinator derives another ULA for our key");
+        if resp.ula != self.config.ula || resp.peer_id != self.config.peer_id {
+            return self.refuse_registration(now, &resp);
         }
         let interval = interval(resp.heartbeat_interval_secs);
         // Peers re-register at their own pace after a coordinator restart; the
@@ -534,6 +535,11 @@ impl Machine {
         &self.session
     }
 
+    /// What the joiner refused from the coordinator, by reason.
+    pub fn refused(&self) -> tabbify_api::local::RosterRefusals {
+        self.roster.refused()
+    }
+
     /// The visible roster.
     pub fn roster(&self) -> &Roster {
         &self.roster
@@ -601,6 +607,30 @@ impl Machine {
         self.backoff = (self.backoff * 2).min(cap);
     }
 
+    /// A registration answer that names another ULA or peer id than our identity derives:
+    /// nothing of it is applied (a coordinator must not move us, nor route our address
+    /// elsewhere). Before any admission the joiner stops with the reason; an admitted node
+    /// keeps its table and tries again after the backoff.
+    fn refuse_registration(&mut self, now: Instant, resp: &RegisterResponse) {
+        self.roster.count_bad_registration();
+        let reason = format!(
+            "the coordinator assigned ULA {} and peer id {}, but our identity derives ULA {} and peer id {}",
+            resp.ula, resp.peer_id, self.config.ula, self.config.peer_id
+        );
+        self.actions.push_back(Action::CloseStream);
+        if self.grant.is_none() {
+            self.session = Session::Ended;
+            self.actions.push_back(Action::Exit(Exit::Refused(reason)));
+            return;
+        }
+        tracing::error!(%reason, retry_in = ?self.backoff, "registration answer refused; retrying");
+        self.session = Session::Disconnected {
+            retry_at: now + self.backoff,
+        };
+        let cap = self.heartbeat.max(Duration::from_secs(1));
+        self.backoff = (self.backoff * 2).min(cap);
+    }
+
     fn apps_changed(&mut self) {
         if self.session.is_connected() {
             self.push_heartbeat();
@@ -625,7 +655,70 @@ impl Machine {
         let grace = self.session.grace();
         let mut next = desired.clone();
         let mut fresh = Vec::new();
+        // Removals first, then upserts that claim no address they did not have, then the
+        // rest: a prefix is released before another peer claims it (the table gives a
+        // prefix to the last peer that claims it and takes it from the others), so a key
+        // rotation or an app moving between peers never leaves a prefix with nobody.
+        let claimed: BTreeSet<&IpNet> = desired.values().flat_map(|d| &d.allowed_ips).collect();
+        for (key, d) in &self.applied {
+            if !desired.contains_key(key) {
+                // Grace keeps a peer the fresh roster lacks, not one whose addresses the
+                // roster gives to someone else (or to itself under a rotated key).
+                let superseded = d.allowed_ips.iter().any(|n| claimed.contains(n));
+                if !superseded && grace.is_some_and(|g| g.keeps(&d.peer_id, now)) {
+                    next.insert(*key, d.clone());
+                    continue;
+                }
+                self.actions.push_back(Action::RemovePeer {
+                    public_key: *key,
+                    label: PeerLabel::of(d),
+                });
+            }
+        }
+        // A peer that gives up some prefixes and takes others (two apps trading hosts)
+        // first drops what it gives up, so no order of the growing upserts below can make
+        // two peers claim one prefix.
         for (key, d) in &desired {
+            let Some(before) = self.applied.get(key) else {
+                continue;
+            };
+            let gives_up = before
+                .allowed_ips
+                .iter()
+                .any(|n| !d.allowed_ips.contains(n));
+            let takes = d
+                .allowed_ips
+                .iter()
+                .any(|n| !before.allowed_ips.contains(n));
+            if gives_up && takes {
+                let kept = before
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| d.allowed_ips.contains(n))
+                    .copied()
+                    .collect();
+                self.actions.push_back(Action::UpsertPeer {
+                    config: PeerConfig {
+                        public_key: *key,
+                        preshared_key: None,
+                        endpoint: None,
+                        allowed_ips: kept,
+                        persistent_keepalive: Some(KEEPALIVE_SECS),
+                    },
+                    filter: PortFilter::from_ranges(&before.outbound, &before.inbound),
+                    new: false,
+                    label: PeerLabel::of(before),
+                });
+            }
+        }
+        let claims_more = |d: &Desired, before: Option<&Desired>| {
+            d.allowed_ips
+                .iter()
+                .any(|n| !before.is_some_and(|b| b.allowed_ips.contains(n)))
+        };
+        let mut order: Vec<(&[u8; 32], &Desired)> = desired.iter().collect();
+        order.sort_by_key(|(k, d)| (claims_more(d, self.applied.get(*k)), **k));
+        for (key, d) in order {
             let before = self.applied.get(key);
             if before == Some(d) {
                 continue;
@@ -647,18 +740,6 @@ impl Machine {
             });
             if before.is_none() {
                 fresh.push(*key);
-            }
-        }
-        for (key, d) in &self.applied {
-            if !desired.contains_key(key) {
-                if grace.is_some_and(|g| g.keeps(&d.peer_id, now)) {
-                    next.insert(*key, d.clone());
-                    continue;
-                }
-                self.actions.push_back(Action::RemovePeer {
-                    public_key: *key,
-                    label: PeerLabel::of(d),
-                });
             }
         }
         let wanted: BTreeSet<IpNet> = next
@@ -726,24 +807,56 @@ mod tests {
     use http::StatusCode;
     use tabbify_api::{HolePunch, PeerRemove, PortRange, PortRules, RosterEntry, RosterSnapshot};
 
-    const SEC: Duration = Duration::from_secs(1);
-    const MS: Duration = Duration::from_millis(1);
+    pub(super) const SEC: Duration = Duration::from_secs(1);
+    pub(super) const MS: Duration = Duration::from_millis(1);
 
-    fn key(n: u8) -> [u8; 32] {
+    pub(super) fn key(n: u8) -> [u8; 32] {
         [n; 32]
     }
 
-    fn host(ip: &str) -> IpNet {
+    pub(super) fn host(ip: &str) -> IpNet {
         IpNet::host(ip.parse().unwrap())
     }
 
+    /// The peer id derived from the identity `name`.
+    pub(super) fn pid(name: &str) -> String {
+        tabbify_api::ula::identity_peer_id(name)
+    }
+
+    /// The ULA derived from the identity `name`.
+    pub(super) fn ula_of(name: &str) -> Ipv6Addr {
+        tabbify_api::ula::identity_ula(name)
+    }
+
+    /// The host route of the ULA derived from the identity `name`.
+    pub(super) fn ula_host(name: &str) -> IpNet {
+        IpNet::host(std::net::IpAddr::V6(ula_of(name)))
+    }
+
+    pub(super) fn b64(k: [u8; 32]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(k)
+    }
+
+    /// Every route added by `actions`, sorted.
+    pub(super) fn all_routes(actions: &[Action]) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = actions
+            .iter()
+            .flat_map(|a| match a {
+                Action::Routes { add, .. } => add.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// A public peer (its reflexive endpoint is its own address).
-    fn entry(id: &str, n: u8) -> RosterEntry {
+    pub(super) fn entry(id: &str, n: u8) -> RosterEntry {
         let ep: SocketAddr = format!("198.51.100.{n}:51820").parse().unwrap();
         RosterEntry {
-            peer_id: id.into(),
+            peer_id: pid(id),
             identity: id.into(),
-            ula: format!("fd5a:1f00::{n}").parse().unwrap(),
+            ula: ula_of(id),
             display_name: id.into(),
             tags: vec!["supervisor".into()],
             public_key: base64::engine::general_purpose::STANDARD.encode(key(n)),
@@ -760,10 +873,10 @@ mod tests {
         }
     }
 
-    fn config(has_join_token: bool, apps: Vec<Uuid>) -> Config {
+    pub(super) fn config(has_join_token: bool, apps: Vec<Uuid>) -> Config {
         Config {
-            peer_id: "me".into(),
-            ula: "fd5a:1f00::99".parse().unwrap(),
+            peer_id: pid("me"),
+            ula: ula_of("me"),
             name: "asked".into(),
             tags: vec!["asked".into()],
             has_join_token,
@@ -773,10 +886,10 @@ mod tests {
         }
     }
 
-    fn registered(roster: Vec<RosterEntry>) -> RegisterResponse {
+    pub(super) fn registered(roster: Vec<RosterEntry>) -> RegisterResponse {
         RegisterResponse {
-            peer_id: "me".into(),
-            ula: "fd5a:1f00::99".parse().unwrap(),
+            peer_id: pid("me"),
+            ula: ula_of("me"),
             display_name: "granted".into(),
             tags: vec!["supervisor".into()],
             may_host_apps: true,
@@ -786,14 +899,14 @@ mod tests {
         }
     }
 
-    fn beat(reflexive: &str) -> HeartbeatResponse {
+    pub(super) fn beat(reflexive: &str) -> HeartbeatResponse {
         HeartbeatResponse {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive.parse().unwrap(),
         }
     }
 
-    fn refused(status: StatusCode, code: &str) -> ClientError {
+    pub(super) fn refused(status: StatusCode, code: &str) -> ClientError {
         ClientError::Status {
             status,
             code: code.into(),
@@ -801,16 +914,16 @@ mod tests {
         }
     }
 
-    fn unreachable() -> ClientError {
+    pub(super) fn unreachable() -> ClientError {
         ClientError::Transport("connection refused".into())
     }
 
-    fn drain(m: &mut Machine) -> Vec<Action> {
+    pub(super) fn drain(m: &mut Machine) -> Vec<Action> {
         std::iter::from_fn(|| m.poll_action()).collect()
     }
 
     /// Register (answered with `roster`), heartbeat and open the stream, all at `t`.
-    fn connect(m: &mut Machine, t: Instant, roster: Vec<RosterEntry>) -> Vec<Action> {
+    pub(super) fn connect(m: &mut Machine, t: Instant, roster: Vec<RosterEntry>) -> Vec<Action> {
         let mut out = drain(m);
         m.handle_registered(t, Ok(registered(roster)));
         out.extend(drain(m));
@@ -823,7 +936,7 @@ mod tests {
 
     /// Loses the stream at `lost`, registers again when the backoff says (answered with
     /// `again`) and opens the stream. Returns when that was and its actions.
-    fn reconnect(
+    pub(super) fn reconnect(
         m: &mut Machine,
         lost: Instant,
         again: Vec<RosterEntry>,
@@ -835,7 +948,7 @@ mod tests {
         (t1, connect(m, t1, again))
     }
 
-    fn upserts(actions: &[Action]) -> Vec<([u8; 32], bool)> {
+    pub(super) fn upserts(actions: &[Action]) -> Vec<([u8; 32], bool)> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -845,7 +958,7 @@ mod tests {
             .collect()
     }
 
-    fn removals(actions: &[Action]) -> Vec<[u8; 32]> {
+    pub(super) fn removals(actions: &[Action]) -> Vec<[u8; 32]> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -855,7 +968,7 @@ mod tests {
             .collect()
     }
 
-    fn initiations(actions: &[Action]) -> Vec<[u8; 32]> {
+    pub(super) fn initiations(actions: &[Action]) -> Vec<[u8; 32]> {
         actions
             .iter()
             .filter_map(|a| match a {
@@ -865,7 +978,7 @@ mod tests {
             .collect()
     }
 
-    fn is_table_action(a: &Action) -> bool {
+    pub(super) fn is_table_action(a: &Action) -> bool {
         matches!(
             a,
             Action::UpsertPeer { .. }
@@ -976,7 +1089,7 @@ mod tests {
             a[1..],
             [
                 Action::Routes {
-                    add: vec![host("fd5a:1f00::1")],
+                    add: vec![ula_host("a")],
                     del: vec![]
                 },
                 Action::Initiate { public_key: key(1) },
@@ -1126,7 +1239,7 @@ mod tests {
                 public_key: key(1),
                 preshared_key: None,
                 endpoint: Some("198.51.100.1:51820".parse().unwrap()),
-                allowed_ips: vec![host("fd5a:1f00::1"), host("fd5a:1f02::7")],
+                allowed_ips: vec![ula_host("a"), host("fd5a:1f02::7")],
                 persistent_keepalive: Some(25),
             }
         );
@@ -1134,7 +1247,7 @@ mod tests {
             filter,
             &PortFilter::from_ranges(&[(0, 65535)], &[(8730, 8730)])
         );
-        assert_eq!(label.peer_id, "a");
+        assert_eq!(label.peer_id, pid("a"));
     }
 
     #[test]
@@ -1143,7 +1256,7 @@ mod tests {
         let mut m = Machine::new(config(true, vec![]));
         connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
         let rm = PeerRemove {
-            peer_id: "b".into(),
+            peer_id: pid("b"),
             reason: "revoked".into(),
         };
         m.handle_event(t, Some(3), SseEvent::PeerRemove(rm));
@@ -1153,7 +1266,7 @@ mod tests {
             a[1],
             Action::Routes {
                 add: vec![],
-                del: vec![host("fd5a:1f00::2")]
+                del: vec![ula_host("b")]
             }
         );
     }
@@ -1199,7 +1312,7 @@ mod tests {
         let (t1, _) = reconnect(&mut m, t + SEC, vec![entry("a", 1), entry("b", 2)]);
         let rm = |id: &str| {
             SseEvent::PeerRemove(PeerRemove {
-                peer_id: id.into(),
+                peer_id: pid(id),
                 reason: "revoked".into(),
             })
         };
@@ -1575,7 +1688,7 @@ mod tests {
         connect(&mut m, t, vec![entry("a", 1)]);
         let endpoint: SocketAddr = "192.0.2.7:40000".parse().unwrap();
         let punch = HolePunch {
-            peer_id: "a".into(),
+            peer_id: pid("a"),
             public_key: base64::engine::general_purpose::STANDARD.encode(key(1)),
             endpoint,
         };
@@ -1636,5 +1749,420 @@ mod tests {
         let mut m = Machine::new(config(true, vec![]));
         let a = connect(&mut m, t, vec![entry("me", 9), entry("a", 1)]);
         assert_eq!(upserts(&a), vec![(key(1), true)]);
+    }
+}
+
+/// A malicious coordinator, played through the machine: every forgery the design refuses is
+/// refused, counted, and never reaches the table or the kernel routes.
+#[cfg(test)]
+mod forged_roster_tests {
+    use super::tests::*;
+    use super::*;
+    use tabbify_api::{HolePunch, PeerRemove, RosterSnapshot};
+
+    fn snapshot(peers: Vec<api::RosterEntry>) -> SseEvent {
+        SseEvent::Snapshot(RosterSnapshot {
+            policy_revision: 1,
+            peers,
+        })
+    }
+
+    #[test]
+    fn a_peer_ula_not_derived_from_the_identity_is_refused_and_never_routed() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut forged = entry("b", 2);
+        forged.ula = "fd5a:1f00::dead".parse().unwrap();
+        let a = connect(&mut m, t, vec![entry("a", 1), forged]);
+        assert_eq!(upserts(&a), vec![(key(1), true)]);
+        assert_eq!(all_routes(&a), vec![ula_host("a")]);
+        assert_eq!(m.refused().bad_ula, 1);
+        assert_eq!(m.roster().entries().count(), 1);
+    }
+
+    #[test]
+    fn a_peer_id_not_derived_from_the_identity_is_refused() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut forged = entry("b", 2);
+        forged.peer_id = pid("a");
+        let a = connect(&mut m, t, vec![forged]);
+        assert!(!a.iter().any(is_table_action), "{a:?}");
+        assert_eq!(m.refused().bad_peer_id, 1);
+    }
+
+    #[test]
+    fn an_app_ula_outside_the_app_prefix_refuses_the_entry() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        for outside in [
+            "2001:db8::1",
+            "fd5a:1f00::7",
+            "::ffff:10.0.0.1",
+            "fd5a:1f01::1",
+        ] {
+            let mut forged = entry("a", 1);
+            forged.hosted_app_ulas =
+                vec!["fd5a:1f02::7".parse().unwrap(), outside.parse().unwrap()];
+            m.handle_event(t, None, SseEvent::PeerUpsert(forged));
+            assert_eq!(
+                drain(&mut m),
+                vec![],
+                "{outside}: the upsert is not applied"
+            );
+        }
+        assert_eq!(m.refused().bad_app_ula, 4);
+        // The peer keeps its last good entry.
+        assert_eq!(m.roster().entries().count(), 1);
+        // A good upsert after the forgeries applies.
+        let mut good = entry("a", 1);
+        good.hosted_app_ulas = vec!["fd5a:1f02::7".parse().unwrap()];
+        m.handle_event(t, None, SseEvent::PeerUpsert(good));
+        assert_eq!(all_routes(&drain(&mut m)), vec![host("fd5a:1f02::7")]);
+    }
+
+    #[test]
+    fn unusable_endpoints_refuse_the_entry_and_loopback_and_private_ones_do_not() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![]);
+        let bad = [
+            "0.0.0.0:51820",
+            "224.0.0.1:51820",
+            "255.255.255.255:51820",
+            "198.51.100.1:0",
+            "[::]:51820",
+            "[ff02::1]:51820",
+            "[::ffff:0.0.0.0]:51820",
+            "[fd5a:1f00::1]:51820",
+            "[fd5a:1f02::1]:51820",
+        ];
+        for (i, ep) in bad.iter().enumerate() {
+            let ep: SocketAddr = ep.parse().unwrap();
+            let mut reported = entry("b", 2);
+            reported.endpoints = vec!["198.51.100.2:51820".parse().unwrap(), ep];
+            let mut reflexive = entry("c", 3);
+            reflexive.reflexive_endpoint = ep;
+            m.handle_event(t, None, snapshot(vec![reported, reflexive]));
+            assert_eq!(drain(&mut m), vec![], "{ep}");
+            assert_eq!(m.refused().bad_endpoint, 2 * (i as u64 + 1), "{ep}");
+            // Clear the standing refusals, so the next round counts again.
+            m.handle_event(t, None, snapshot(vec![]));
+        }
+        let mut local = entry("b", 2);
+        local.endpoints = vec![
+            "127.0.0.1:51820".parse().unwrap(),
+            "[::1]:51820".parse().unwrap(),
+        ];
+        local.reflexive_endpoint = "10.1.2.3:51820".parse().unwrap();
+        m.handle_event(t, None, snapshot(vec![local]));
+        assert_eq!(upserts(&drain(&mut m)), vec![(key(2), true)]);
+    }
+
+    #[test]
+    fn a_hole_punch_towards_an_unusable_address_is_refused() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        for endpoint in ["0.0.0.0:4000", "239.1.1.1:4000", "192.0.2.7:0"] {
+            let punch = HolePunch {
+                peer_id: pid("a"),
+                public_key: b64(key(1)),
+                endpoint: endpoint.parse().unwrap(),
+            };
+            m.handle_event(t, None, SseEvent::HolePunch(punch));
+            assert_eq!(drain(&mut m), vec![], "{endpoint}");
+        }
+        assert_eq!(m.refused().bad_hole_punch, 3);
+    }
+
+    #[test]
+    fn two_peers_with_one_public_key_keep_the_first_seen() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        // b takes over a's key: refused whole, a undisturbed.
+        let mut thief = entry("b", 2);
+        thief.public_key = b64(key(1));
+        m.handle_event(t, None, SseEvent::PeerUpsert(thief.clone()));
+        assert_eq!(drain(&mut m), vec![]);
+        // Listed first in a snapshot (b sorts before nobody: order is the coordinator's):
+        // still refused, a was seen first.
+        m.handle_event(t, None, snapshot(vec![thief.clone(), entry("a", 1)]));
+        assert_eq!(drain(&mut m), vec![]);
+        assert_eq!(
+            m.refused().duplicate_public_key,
+            1,
+            "counted once while it stands"
+        );
+        let ids: Vec<_> = m.roster().entries().map(|e| e.peer_id.clone()).collect();
+        assert_eq!(ids, vec![pid("a")]);
+        // a leaves: b's claim is the only one and is accepted.
+        m.handle_event(
+            t,
+            None,
+            SseEvent::PeerRemove(PeerRemove {
+                peer_id: pid("a"),
+                reason: "deregistered".into(),
+            }),
+        );
+        // The engine peer is the key's: it stays, now with b's addresses.
+        let a = drain(&mut m);
+        let Some(Action::UpsertPeer { config, label, .. }) = a
+            .iter()
+            .rev()
+            .find(|a| matches!(a, Action::UpsertPeer { .. }))
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(config.public_key, key(1));
+        assert_eq!(label.peer_id, pid("b"));
+        assert_eq!(config.allowed_ips, vec![ula_host("b")]);
+        assert!(
+            a.contains(&Action::Routes {
+                add: vec![ula_host("b")],
+                del: vec![ula_host("a")]
+            }),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_peer_id_in_one_snapshot_keeps_the_first() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut second = entry("a", 1);
+        second.public_key = b64(key(7));
+        let a = connect(&mut m, t, vec![entry("a", 1), second]);
+        assert_eq!(upserts(&a), vec![(key(1), true)]);
+        assert_eq!(m.refused().duplicate_ula, 1);
+    }
+
+    #[test]
+    fn an_upsert_claiming_an_app_another_peer_holds_is_refused_for_that_app() {
+        let t = Instant::now();
+        let held: Ipv6Addr = "fd5a:1f02::7".parse().unwrap();
+        let free: Ipv6Addr = "fd5a:1f02::8".parse().unwrap();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut a = entry("a", 1);
+        a.hosted_app_ulas = vec![held];
+        connect(&mut m, t, vec![a.clone(), entry("b", 2)]);
+        let mut b = entry("b", 2);
+        b.hosted_app_ulas = vec![held, free];
+        m.handle_event(t, None, SseEvent::PeerUpsert(b.clone()));
+        let acts = drain(&mut m);
+        let Some(Action::UpsertPeer { config, .. }) = acts.first() else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(config.public_key, key(2));
+        assert_eq!(
+            config.allowed_ips,
+            vec![ula_host("b"), IpNet::host(std::net::IpAddr::V6(free))],
+            "b gets the free app only"
+        );
+        assert_eq!(
+            all_routes(&acts),
+            vec![IpNet::host(std::net::IpAddr::V6(free))]
+        );
+        assert_eq!(m.refused().duplicate_app, 1);
+        // A snapshot that lists b first does not hand it the app either.
+        m.handle_event(t, None, snapshot(vec![b.clone(), a.clone()]));
+        assert_eq!(drain(&mut m), vec![]);
+        assert_eq!(
+            m.refused().duplicate_app,
+            1,
+            "still the same standing refusal"
+        );
+        // a releases the app: b's standing claim takes it; a shrinks before b grows.
+        a.hosted_app_ulas = vec![];
+        m.handle_event(t, None, SseEvent::PeerUpsert(a));
+        let acts = drain(&mut m);
+        assert_eq!(upserts(&acts), vec![(key(1), false), (key(2), false)]);
+        assert_eq!(
+            acts.iter()
+                .filter(|a| matches!(a, Action::Routes { .. }))
+                .count(),
+            0,
+            "the route stays, only its peer changes"
+        );
+    }
+
+    /// Found by the roster fuzz target: two peers trading apps in one snapshot (a gives X
+    /// and takes Y, b gives Y and takes X) must never both hold one prefix in the table,
+    /// whatever the upsert order, or the engine's last-claimant rule drops a prefix.
+    #[test]
+    fn two_peers_trading_apps_never_share_a_prefix_in_the_table() {
+        let t = Instant::now();
+        let (x, y): (Ipv6Addr, Ipv6Addr) = (
+            "fd5a:1f02::1".parse().unwrap(),
+            "fd5a:1f02::2".parse().unwrap(),
+        );
+        let mut m = Machine::new(config(true, vec![]));
+        let (mut a, mut b) = (entry("a", 1), entry("b", 2));
+        a.hosted_app_ulas = vec![x];
+        b.hosted_app_ulas = vec![y];
+        connect(&mut m, t, vec![a.clone(), b.clone()]);
+        a.hosted_app_ulas = vec![y];
+        b.hosted_app_ulas = vec![x];
+        m.handle_event(t, None, snapshot(vec![a, b]));
+        let mut table: BTreeMap<[u8; 32], Vec<IpNet>> = BTreeMap::new();
+        table.insert(key(1), vec![ula_host("a"), IpNet::host(x.into())]);
+        table.insert(key(2), vec![ula_host("b"), IpNet::host(y.into())]);
+        for act in drain(&mut m) {
+            if let Action::UpsertPeer { config, .. } = act {
+                table.insert(config.public_key, config.allowed_ips);
+                let all: Vec<&IpNet> = table.values().flatten().collect();
+                let unique: BTreeSet<&IpNet> = all.iter().copied().collect();
+                assert_eq!(all.len(), unique.len(), "{table:?}");
+            }
+        }
+        assert_eq!(table[&key(1)], vec![ula_host("a"), IpNet::host(y.into())]);
+        assert_eq!(table[&key(2)], vec![ula_host("b"), IpNet::host(x.into())]);
+    }
+
+    #[test]
+    fn a_contested_app_goes_to_the_first_claim_not_to_the_lowest_key() {
+        let t = Instant::now();
+        let app: Ipv6Addr = "fd5a:1f02::7".parse().unwrap();
+        let mut m = Machine::new(config(true, vec![]));
+        // The incumbent has the highest key; the claimant ground the lowest one.
+        let mut holder = entry("holder", 200);
+        holder.hosted_app_ulas = vec![app];
+        let mut grinder = entry("grinder", 0);
+        grinder.hosted_app_ulas = vec![app];
+        connect(&mut m, t, vec![holder.clone()]);
+        m.handle_event(t, None, snapshot(vec![grinder, holder]));
+        let d = m.roster().desired(&SelfView::default());
+        assert!(d[&key(200)].app_ulas.contains(&app));
+        assert!(d[&key(0)].app_ulas.is_empty());
+    }
+
+    #[test]
+    fn a_key_rotation_replaces_the_engine_peer_keeping_its_ula_and_apps() {
+        let t = Instant::now();
+        let app: Ipv6Addr = "fd5a:1f02::7".parse().unwrap();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut a = entry("a", 1);
+        a.hosted_app_ulas = vec![app];
+        connect(&mut m, t, vec![a.clone()]);
+        a.public_key = b64(key(11));
+        m.handle_event(t, None, SseEvent::PeerUpsert(a));
+        let acts = drain(&mut m);
+        assert!(
+            matches!(&acts[0], Action::RemovePeer { public_key, .. } if *public_key == key(1)),
+            "the old key goes first: {acts:?}"
+        );
+        let Some(Action::UpsertPeer { config, new, .. }) = acts.get(1) else {
+            panic!("{acts:?}")
+        };
+        assert!(*new);
+        assert_eq!(config.public_key, key(11));
+        assert_eq!(
+            config.allowed_ips,
+            vec![ula_host("a"), IpNet::host(std::net::IpAddr::V6(app))]
+        );
+        assert_eq!(
+            acts[2],
+            Action::Initiate {
+                public_key: key(11)
+            }
+        );
+        assert_eq!(acts.len(), 3, "no route changes: {acts:?}");
+        assert_eq!(m.refused().total(), 0);
+    }
+
+    #[test]
+    fn a_key_rotation_during_grace_does_not_keep_the_old_key() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        let mut rotated = entry("a", 1);
+        rotated.public_key = b64(key(11));
+        let (_, acts) = reconnect(&mut m, t + SEC, vec![rotated]);
+        assert_eq!(removals(&acts), vec![key(1)]);
+        assert_eq!(upserts(&acts), vec![(key(11), true)]);
+    }
+
+    #[test]
+    fn a_registration_answer_with_another_ula_stops_a_new_joiner() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        drain(&mut m);
+        let mut r = registered(vec![entry("a", 1)]);
+        r.ula = "fd5a:1f00::dead".parse().unwrap();
+        m.handle_registered(t, Ok(r));
+        let a = drain(&mut m);
+        assert!(!a.iter().any(is_table_action), "{a:?}");
+        let Some(Action::Exit(Exit::Refused(why))) = a.last() else {
+            panic!("{a:?}")
+        };
+        assert!(why.contains("fd5a:1f00::dead"), "{why}");
+        assert_eq!(m.refused().bad_registration, 1);
+    }
+
+    #[test]
+    fn a_registration_answer_with_another_peer_id_after_admission_is_retried() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        m.handle_stream_closed(t, Err(unreachable()));
+        drain(&mut m);
+        m.handle_timeout(m.poll_timeout().unwrap());
+        drain(&mut m);
+        let mut r = registered(vec![]);
+        r.peer_id = pid("someone-else");
+        m.handle_registered(t + SEC, Ok(r));
+        let a = drain(&mut m);
+        assert_eq!(a, vec![Action::CloseStream], "the table is left alone");
+        assert!(matches!(m.session(), Session::Disconnected { .. }));
+        assert_eq!(m.roster().entries().count(), 1);
+    }
+
+    #[test]
+    fn a_forged_roster_routes_nothing_outside_the_mesh_prefixes() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        let mut not_derived = entry("b", 2);
+        not_derived.ula = "fd5a:1f00::dead".parse().unwrap();
+        let mut doc_app = entry("c", 3);
+        doc_app.hosted_app_ulas = vec!["2001:db8::1".parse().unwrap()];
+        let mut v4_app = entry("d", 4);
+        v4_app.hosted_app_ulas = vec!["::ffff:192.0.2.1".parse().unwrap()];
+        let mut dup_app_1 = entry("e", 5);
+        dup_app_1.hosted_app_ulas = vec!["fd5a:1f02::5".parse().unwrap()];
+        let mut dup_app_2 = entry("f", 6);
+        dup_app_2.hosted_app_ulas = vec!["fd5a:1f02::5".parse().unwrap()];
+        let acts = connect(
+            &mut m,
+            t,
+            vec![
+                not_derived,
+                doc_app,
+                v4_app,
+                dup_app_1,
+                dup_app_2,
+                entry("me", 9),
+            ],
+        );
+        let routes = all_routes(&acts);
+        assert!(
+            routes.iter().all(|n| match n.addr() {
+                std::net::IpAddr::V6(a) =>
+                    tabbify_api::ula::is_peer_ula(&a) || tabbify_api::ula::is_app_ula(&a),
+                std::net::IpAddr::V4(_) => false,
+            }),
+            "{routes:?}"
+        );
+        assert_eq!(
+            routes,
+            vec![ula_host("e"), ula_host("f"), host("fd5a:1f02::5")]
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        let r = m.refused();
+        assert_eq!((r.bad_ula, r.bad_app_ula, r.duplicate_app), (1, 2, 1));
     }
 }

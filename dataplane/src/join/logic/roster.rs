@@ -1,24 +1,63 @@
 //! The joiner's view of the mesh, sans IO: the coordinator's roster as SSE events build it,
-//! and what it means for the data plane (which WireGuard peers, where to send, which inner
-//! addresses each may use, which ports the filter opens).
+//! checked against what the design lets a coordinator say, and what it means for the data
+//! plane (which WireGuard peers, where to send, which inner addresses each may use, which
+//! ports the filter opens).
+//!
+//! The coordinator is trusted to say *who* is in the mesh and *what* the policy allows, not
+//! to point arbitrary addresses into the tunnel. An entry is refused when
+//! * its peer id or ULA is not the one derived from its identity
+//!   ([`tabbify_api::ula::identity_peer_id`], [`tabbify_api::ula::identity_ula`]),
+//! * its public key is not 32 bytes of standard base64,
+//! * a hosted app ULA lies outside `fd5a:1f02::/32`,
+//! * an endpoint or its reflexive endpoint is not a usable unicast address
+//!   ([`usable_endpoint`]: unspecified, multicast, broadcast, port 0 and the mesh's own
+//!   prefixes are refused; loopback and private addresses are allowed).
+//!
+//! A refused upsert is not applied (the peer keeps its last good entry); a refused entry of a
+//! snapshot is left out. Hole punches towards an unusable address are dropped.
+//!
+//! **Conflicts** are resolved by first claim, never by key order: every peer and every
+//! (app, peer) claim gets a sequence number when the joiner first sees it (in event order,
+//! then in the order of a snapshot's list), and
+//! * of two peers with one ULA or one public key, the one seen first keeps it and the other
+//!   is refused whole;
+//! * of two peers claiming one app ULA, the claim seen first keeps it; the other peer is
+//!   accepted without that app, and gets it if the holder releases it.
+//!
+//! A peer keeps its sequence number across upserts and key rotations (same peer id), so an
+//! incumbent keeps what it holds while it still claims it.
+//!
+//! Every refusal is counted ([`RosterRefusals`], shown by `status --json`) and logged at
+//! `warn` once when it appears, at most [`MAX_REFUSAL_LOGS`] lines per event (then one
+//! summary line), so a coordinator that repeats a forgery in every snapshot neither floods
+//! the log nor inflates the counters.
 //!
 //! Invariants:
 //! * the roster never contains ourselves (an entry with our peer id is ignored);
+//! * every accepted entry passed the checks above, and no two accepted entries share a ULA,
+//!   a public key or an app ULA: every address [`Roster::desired`] routes lies in
+//!   `fd5a:1f00::/32` or `fd5a:1f02::/32` and belongs to exactly one peer;
 //! * `snapshot` and `policy` events replace the whole roster; `peer_upsert` replaces one
 //!   entry; `peer_remove` removes one; `hole_punch` changes nothing here (the caller acts);
 //! * [`Roster::desired`] is a pure function of the roster and [`SelfView`], keyed by
 //!   public key, so the caller diffs two results to touch only the peers that changed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use base64::Engine as _;
+use tabbify_api::local::RosterRefusals;
+use tabbify_api::ula;
 use tabbify_api::{PortRange, RosterEntry, SseEvent};
 
 use crate::core::net::IpNet;
 
 /// Keepalive for every mesh peer: holds NAT mappings open (WireGuard's usual 25 s).
 pub const KEEPALIVE_SECS: u16 = 25;
+
+/// Most refusal lines one event logs; the rest are summed up in one line.
+pub const MAX_REFUSAL_LOGS: usize = 8;
 
 /// What we know about ourselves that decides how to reach others.
 #[derive(Clone, Debug, Default)]
@@ -68,10 +107,117 @@ pub enum Applied {
     },
 }
 
+/// Why an entry (or part of one) was refused.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    /// The peer id is not the one derived from the identity.
+    PeerId {
+        /// The derived one.
+        derived: String,
+    },
+    /// The ULA is not the one derived from the identity.
+    Ula {
+        /// The ULA claimed.
+        claimed: Ipv6Addr,
+        /// The derived one.
+        derived: Ipv6Addr,
+    },
+    /// The public key is not 32 bytes of standard base64.
+    PublicKey,
+    /// A hosted app ULA outside `fd5a:1f02::/32`.
+    AppUla(Ipv6Addr),
+    /// An endpoint (reported or reflexive) that is not a usable unicast address.
+    Endpoint(SocketAddr),
+    /// The ULA (or peer id) is held by the peer seen first.
+    DuplicateUla {
+        /// The ULA.
+        ula: Ipv6Addr,
+        /// The holder's peer id.
+        holder: String,
+    },
+    /// The public key is held by the peer seen first.
+    DuplicatePublicKey {
+        /// The holder's peer id.
+        holder: String,
+    },
+    /// The app ULA is held by the claim seen first; only this app is refused.
+    DuplicateApp {
+        /// The app ULA.
+        app: Ipv6Addr,
+        /// The holder's peer id.
+        holder: String,
+    },
+}
+
+impl Refusal {
+    fn count(&self, c: &mut RosterRefusals) {
+        let n = match self {
+            Refusal::PeerId { .. } => &mut c.bad_peer_id,
+            Refusal::Ula { .. } => &mut c.bad_ula,
+            Refusal::PublicKey => &mut c.bad_public_key,
+            Refusal::AppUla(_) => &mut c.bad_app_ula,
+            Refusal::Endpoint(_) => &mut c.bad_endpoint,
+            Refusal::DuplicateUla { .. } => &mut c.duplicate_ula,
+            Refusal::DuplicatePublicKey { .. } => &mut c.duplicate_public_key,
+            Refusal::DuplicateApp { .. } => &mut c.duplicate_app,
+        };
+        *n += 1;
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::PeerId { derived } => {
+                write!(
+                    f,
+                    "peer id is not the one derived from its identity ({derived})"
+                )
+            }
+            Refusal::Ula { claimed, derived } => write!(
+                f,
+                "ULA {claimed} is not the one derived from its identity ({derived})"
+            ),
+            Refusal::PublicKey => write!(f, "public key is not 32 bytes of base64"),
+            Refusal::AppUla(a) => write!(f, "app ULA {a} lies outside fd5a:1f02::/32"),
+            Refusal::Endpoint(e) => write!(f, "endpoint {e} is not a usable unicast address"),
+            Refusal::DuplicateUla { ula, holder } => {
+                write!(f, "ULA {ula} is held by peer {holder}")
+            }
+            Refusal::DuplicatePublicKey { holder } => {
+                write!(f, "public key is held by peer {holder}")
+            }
+            Refusal::DuplicateApp { app, holder } => {
+                write!(f, "app ULA {app} is held by peer {holder}")
+            }
+        }
+    }
+}
+
+/// An entry that passed the per-entry checks, and when its peer was first seen.
+#[derive(Clone, Debug)]
+struct Claim {
+    entry: RosterEntry,
+    key: [u8; 32],
+    seen: u64,
+}
+
 /// The visible roster.
 #[derive(Debug, Default)]
 pub struct Roster {
-    peers: BTreeMap<String, RosterEntry>,
+    /// Entries that passed [`check_entry`], by peer id.
+    claims: BTreeMap<String, Claim>,
+    /// When each (app ULA, peer id) claim was first seen.
+    app_claims: BTreeMap<(Ipv6Addr, String), u64>,
+    /// The next sequence number.
+    seq: u64,
+    /// Refusals of the per-entry checks that stand, by peer id (the last refused version).
+    invalid: BTreeMap<String, Refusal>,
+    /// The resolved roster (conflicts removed): what the data plane gets.
+    accepted: BTreeMap<String, RosterEntry>,
+    /// Every refusal standing after the last event, to count and log only new ones.
+    standing: BTreeSet<(String, Refusal)>,
+    refused: RosterRefusals,
     /// The id of the last event applied.
     pub last_event_id: Option<u64>,
     me: String,
@@ -86,13 +232,42 @@ impl Roster {
         }
     }
 
-    /// Replaces everything (registration answer, snapshot, policy change).
+    /// Replaces everything (registration answer, snapshot, policy change). Entries that fail
+    /// the checks are left out; of two entries with one peer id the first is kept.
     pub fn replace(&mut self, peers: Vec<RosterEntry>) {
-        self.peers = peers
-            .into_iter()
-            .filter(|p| p.peer_id != self.me)
-            .map(|p| (p.peer_id.clone(), p))
-            .collect();
+        let mut claims = BTreeMap::new();
+        let mut invalid = BTreeMap::new();
+        let mut dup_ids = Vec::new();
+        for p in peers {
+            if p.peer_id == self.me {
+                continue;
+            }
+            if claims.contains_key(&p.peer_id) || invalid.contains_key(&p.peer_id) {
+                dup_ids.push(p.peer_id);
+                continue;
+            }
+            match check_entry(&p) {
+                Ok(key) => {
+                    let seen = self.claims.get(&p.peer_id).map(|c| c.seen);
+                    let seen = seen.unwrap_or_else(|| self.next_seq());
+                    claims.insert(
+                        p.peer_id.clone(),
+                        Claim {
+                            entry: p,
+                            key,
+                            seen,
+                        },
+                    );
+                }
+                Err(r) => {
+                    invalid.insert(p.peer_id, r);
+                }
+            }
+        }
+        self.claims = claims;
+        self.invalid = invalid;
+        self.note_app_claims(None);
+        self.resolve(&dup_ids);
     }
 
     /// Applies one SSE event.
@@ -103,41 +278,85 @@ impl Roster {
         match ev {
             SseEvent::Snapshot(s) | SseEvent::Policy(s) => {
                 self.replace(s.peers);
+                // Always: a policy change ends a grace period even when the roster is
+                // the same.
                 Applied::Changed
             }
             SseEvent::PeerUpsert(e) => {
-                if e.peer_id == self.me || self.peers.get(&e.peer_id) == Some(&e) {
+                if e.peer_id == self.me {
                     return Applied::Unchanged;
                 }
-                self.peers.insert(e.peer_id.clone(), e);
-                Applied::Changed
+                match check_entry(&e) {
+                    Ok(key) => {
+                        if self.claims.get(&e.peer_id).map(|c| &c.entry) == Some(&e)
+                            && !self.invalid.contains_key(&e.peer_id)
+                        {
+                            return Applied::Unchanged;
+                        }
+                        self.invalid.remove(&e.peer_id);
+                        let seen = self.claims.get(&e.peer_id).map(|c| c.seen);
+                        let seen = seen.unwrap_or_else(|| self.next_seq());
+                        let id = e.peer_id.clone();
+                        self.claims.insert(
+                            id.clone(),
+                            Claim {
+                                entry: e,
+                                key,
+                                seen,
+                            },
+                        );
+                        self.note_app_claims(Some(&id));
+                    }
+                    // Not applied: the peer keeps its last good entry.
+                    Err(r) => {
+                        self.invalid.insert(e.peer_id, r);
+                    }
+                }
+                self.resolve(&[])
             }
             SseEvent::PeerRemove(r) => {
-                if self.peers.remove(&r.peer_id).is_some() {
-                    Applied::Changed
-                } else {
-                    Applied::Unchanged
+                self.invalid.remove(&r.peer_id);
+                if self.claims.remove(&r.peer_id).is_some() {
+                    self.note_app_claims(Some(&r.peer_id));
+                }
+                self.resolve(&[])
+            }
+            SseEvent::HolePunch(h) => {
+                if !usable_endpoint(&h.endpoint) {
+                    self.refused.bad_hole_punch += 1;
+                    tracing::warn!(peer = %h.peer_id, endpoint = %h.endpoint, "hole punch towards an unusable address refused");
+                    return Applied::Unchanged;
+                }
+                Applied::HolePunch {
+                    public_key: h.public_key,
+                    endpoint: h.endpoint,
                 }
             }
-            SseEvent::HolePunch(h) => Applied::HolePunch {
-                public_key: h.public_key,
-                endpoint: h.endpoint,
-            },
         }
     }
 
-    /// The entries, by peer id.
+    /// The accepted entries, by peer id (refused apps left out).
     pub fn entries(&self) -> impl Iterator<Item = &RosterEntry> {
-        self.peers.values()
+        self.accepted.values()
     }
 
-    /// The data plane's peers, by public key. Entries with an undecodable key are skipped
-    /// with a log line (a coordinator bug must not take the joiner down).
+    /// What was refused since start, by reason.
+    pub fn refused(&self) -> RosterRefusals {
+        self.refused
+    }
+
+    /// Counts a registration answer refused by the caller.
+    pub fn count_bad_registration(&mut self) {
+        self.refused.bad_registration += 1;
+    }
+
+    /// The data plane's peers, by public key.
     pub fn desired(&self, me: &SelfView) -> BTreeMap<[u8; 32], Desired> {
         let mut out = BTreeMap::new();
-        for e in self.peers.values() {
+        for e in self.accepted.values() {
             let Some(public_key) = decode_key(&e.public_key) else {
-                tracing::warn!(peer = %e.peer_id, "roster entry with a bad public key skipped");
+                // check_entry decoded it; unreachable, but a coordinator bug must not
+                // take the joiner down.
                 continue;
             };
             let mut allowed_ips = vec![IpNet::host(IpAddr::V6(e.ula))];
@@ -163,6 +382,191 @@ impl Roster {
             );
         }
         out
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Brings the (app, peer) claims in step with the claims: new ones get a sequence
+    /// number (in the entry's order), withdrawn ones are forgotten. `only`: just this peer.
+    fn note_app_claims(&mut self, only: Option<&str>) {
+        let claims = &self.claims;
+        self.app_claims.retain(|(app, peer), _| {
+            if only.is_some_and(|o| o != peer) {
+                return true;
+            }
+            claims
+                .get(peer)
+                .is_some_and(|c| c.entry.hosted_app_ulas.contains(app))
+        });
+        let mut by_seen: Vec<&Claim> = match only {
+            Some(o) => self.claims.get(o).into_iter().collect(),
+            None => self.claims.values().collect(),
+        };
+        by_seen.sort_by_key(|c| c.seen);
+        let mut new = Vec::new();
+        for c in by_seen {
+            for app in &c.entry.hosted_app_ulas {
+                let k = (*app, c.entry.peer_id.clone());
+                if !self.app_claims.contains_key(&k) && !new.contains(&k) {
+                    new.push(k);
+                }
+            }
+        }
+        for k in new {
+            let seq = self.next_seq();
+            self.app_claims.insert(k, seq);
+        }
+    }
+
+    /// Recomputes the accepted roster from the claims (first claim wins), then counts and
+    /// logs the refusals that are new. Returns whether the accepted roster changed.
+    fn resolve(&mut self, dup_ids: &[String]) -> Applied {
+        let mut standing: BTreeSet<(String, Refusal)> = self
+            .invalid
+            .iter()
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        let mut order: Vec<&Claim> = self.claims.values().collect();
+        order.sort_by_key(|c| c.seen);
+        let mut by_ula: BTreeMap<Ipv6Addr, &str> = BTreeMap::new();
+        let mut by_key: BTreeMap<[u8; 32], &str> = BTreeMap::new();
+        let mut accepted: BTreeMap<String, RosterEntry> = BTreeMap::new();
+        for id in dup_ids {
+            if let Some(c) = self.claims.get(id) {
+                let r = Refusal::DuplicateUla {
+                    ula: c.entry.ula,
+                    holder: id.clone(),
+                };
+                standing.insert((id.clone(), r));
+            }
+        }
+        for c in order {
+            let id = c.entry.peer_id.as_str();
+            if let Some(holder) = by_ula.get(&c.entry.ula) {
+                let r = Refusal::DuplicateUla {
+                    ula: c.entry.ula,
+                    holder: (*holder).to_owned(),
+                };
+                standing.insert((id.to_owned(), r));
+                continue;
+            }
+            if let Some(holder) = by_key.get(&c.key) {
+                let r = Refusal::DuplicatePublicKey {
+                    holder: (*holder).to_owned(),
+                };
+                standing.insert((id.to_owned(), r));
+                continue;
+            }
+            by_ula.insert(c.entry.ula, id);
+            by_key.insert(c.key, id);
+            accepted.insert(id.to_owned(), c.entry.clone());
+        }
+        let mut app_order: Vec<(u64, Ipv6Addr, &str)> = self
+            .app_claims
+            .iter()
+            .filter(|((_, peer), _)| accepted.contains_key(peer))
+            .map(|((app, peer), seen)| (*seen, *app, peer.as_str()))
+            .collect();
+        app_order.sort();
+        let mut holders: BTreeMap<Ipv6Addr, &str> = BTreeMap::new();
+        for (_, app, peer) in app_order {
+            match holders.get(&app) {
+                Some(holder) => {
+                    let r = Refusal::DuplicateApp {
+                        app,
+                        holder: (*holder).to_owned(),
+                    };
+                    standing.insert((peer.to_owned(), r));
+                }
+                None => {
+                    holders.insert(app, peer);
+                }
+            }
+        }
+        for (id, e) in accepted.iter_mut() {
+            let mut apps = Vec::new();
+            for a in &e.hosted_app_ulas {
+                if holders.get(a) == Some(&id.as_str()) && !apps.contains(a) {
+                    apps.push(*a);
+                }
+            }
+            e.hosted_app_ulas = apps;
+        }
+        let fresh: Vec<&(String, Refusal)> = standing.difference(&self.standing).collect();
+        for (_, r) in &fresh {
+            r.count(&mut self.refused);
+        }
+        for (peer, r) in fresh.iter().take(MAX_REFUSAL_LOGS) {
+            tracing::warn!(peer = %peer, reason = %r, "roster entry refused");
+        }
+        if fresh.len() > MAX_REFUSAL_LOGS {
+            tracing::warn!(
+                more = fresh.len() - MAX_REFUSAL_LOGS,
+                total = ?self.refused,
+                "more roster entries refused"
+            );
+        }
+        self.standing = standing;
+        if accepted == self.accepted {
+            Applied::Unchanged
+        } else {
+            self.accepted = accepted;
+            Applied::Changed
+        }
+    }
+}
+
+/// The per-entry checks: the peer id and ULA derived from the identity, a 32-byte key, app
+/// ULAs in the app prefix, usable endpoints. Returns the decoded key.
+pub fn check_entry(e: &RosterEntry) -> Result<[u8; 32], Refusal> {
+    let derived = ula::identity_peer_id(&e.identity);
+    if e.peer_id != derived {
+        return Err(Refusal::PeerId { derived });
+    }
+    let derived = ula::identity_ula(&e.identity);
+    if e.ula != derived {
+        return Err(Refusal::Ula {
+            claimed: e.ula,
+            derived,
+        });
+    }
+    let key = decode_key(&e.public_key).ok_or(Refusal::PublicKey)?;
+    if let Some(a) = e.hosted_app_ulas.iter().find(|a| !ula::is_app_ula(a)) {
+        return Err(Refusal::AppUla(*a));
+    }
+    let eps = e
+        .endpoints
+        .iter()
+        .chain(std::iter::once(&e.reflexive_endpoint));
+    if let Some(bad) = eps.into_iter().find(|ep| !usable_endpoint(ep)) {
+        return Err(Refusal::Endpoint(*bad));
+    }
+    Ok(key)
+}
+
+/// Whether WireGuard may send to `ep`: a unicast address with a port. Unspecified,
+/// multicast, broadcast, port 0 and the mesh's own prefixes (a tunnel inside the tunnel)
+/// are not; loopback and private addresses are (tests run on one machine, LANs are real).
+/// IPv4-mapped IPv6 addresses are judged as IPv4.
+pub fn usable_endpoint(ep: &SocketAddr) -> bool {
+    if ep.port() == 0 {
+        return false;
+    }
+    let ip = match ep.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => {
+            !(v6.is_unspecified()
+                || v6.is_multicast()
+                || ula::is_peer_ula(&v6)
+                || ula::is_app_ula(&v6))
+        }
     }
 }
 
@@ -206,11 +610,16 @@ mod tests {
     use super::*;
     use tabbify_api::{HolePunch, PeerRemove, PortRules, RosterSnapshot};
 
+    fn pid(name: &str) -> String {
+        ula::identity_peer_id(name)
+    }
+
+    /// An entry with the peer id and ULA derived from the identity `id`.
     fn entry(id: &str, key: u8, refl: &str, eps: &[&str]) -> RosterEntry {
         RosterEntry {
-            peer_id: id.into(),
+            peer_id: pid(id),
             identity: id.into(),
-            ula: format!("fd5a:1f00::{key}").parse().unwrap(),
+            ula: ula::identity_ula(id),
             display_name: id.into(),
             tags: vec!["t".into()],
             public_key: base64::engine::general_purpose::STANDARD.encode([key; 32]),
@@ -229,7 +638,7 @@ mod tests {
 
     #[test]
     fn events_build_the_roster() {
-        let mut r = Roster::new("me");
+        let mut r = Roster::new(&pid("me"));
         let a = entry("a", 1, "10.0.0.1:51820", &["10.0.0.1:51820"]);
         let me = entry("me", 9, "10.0.0.9:51820", &[]);
         let snap = RosterSnapshot {
@@ -251,7 +660,7 @@ mod tests {
         assert_eq!(got.outbound, vec![(8730, 8730)]);
         assert_eq!(got.inbound, vec![(0, 65535)]);
         let rm = PeerRemove {
-            peer_id: "a".into(),
+            peer_id: pid("a"),
             reason: "revoked".into(),
         };
         assert_eq!(
@@ -276,12 +685,43 @@ mod tests {
     }
 
     #[test]
-    fn bad_keys_are_skipped() {
-        let mut r = Roster::new("me");
+    fn bad_keys_are_refused_and_counted() {
+        let mut r = Roster::new(&pid("me"));
         let mut a = entry("a", 1, "10.0.0.1:1", &[]);
         a.public_key = "not base64!".into();
-        r.replace(vec![a, entry("b", 2, "10.0.0.2:1", &[])]);
+        let mut c = entry("c", 3, "10.0.0.3:1", &[]);
+        c.public_key = base64::engine::general_purpose::STANDARD.encode([3u8; 31]);
+        r.replace(vec![a, entry("b", 2, "10.0.0.2:1", &[]), c]);
         assert_eq!(r.desired(&SelfView::default()).len(), 1);
+        assert_eq!(r.refused().bad_public_key, 2);
+    }
+
+    /// A coordinator repeating 100 forgeries in every snapshot: each counts once while it
+    /// stands (and the log says so in at most MAX_REFUSAL_LOGS + 1 lines); once gone and
+    /// back, it counts again.
+    #[test]
+    fn standing_refusals_count_once() {
+        let mut r = Roster::new(&pid("me"));
+        let forged: Vec<RosterEntry> = (0..100)
+            .map(|n| {
+                let mut e = entry(&format!("p{n}"), 1, "10.0.0.1:1", &[]);
+                e.ula = "fd5a:1f00::dead".parse().unwrap();
+                e
+            })
+            .collect();
+        let snap = |peers: Vec<RosterEntry>| {
+            SseEvent::Snapshot(RosterSnapshot {
+                policy_revision: 1,
+                peers,
+            })
+        };
+        r.apply(None, snap(forged.clone()));
+        r.apply(None, snap(forged.clone()));
+        assert_eq!(r.refused().bad_ula, 100);
+        assert_eq!(r.entries().count(), 0);
+        r.apply(None, snap(vec![]));
+        r.apply(None, snap(forged[..1].to_vec()));
+        assert_eq!(r.refused().bad_ula, 101);
     }
 
     #[test]

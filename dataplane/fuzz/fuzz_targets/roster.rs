@@ -1,0 +1,242 @@
+//! Fuzz the joiner's roster handling (`Roster::apply` through the joiner's `Machine`) as a
+//! malicious coordinator would drive it: random sequences of snapshots, upserts, removals
+//! and hole punches built from a small vocabulary of identities, keys, ULAs (derived or
+//! forged), app ULAs (in and out of the app prefix, contested) and endpoints (usable or
+//! not), or raw SSE bytes decoded and parsed as the stream would. After every event:
+//! * no route outside `fd5a:1f00::/32` and `fd5a:1f02::/32` was ever added;
+//! * the table the actions build (a model: public key → AllowedIPs) gives every prefix to
+//!   at most one peer, and the kernel routes are exactly the union of its AllowedIPs;
+//! * every accepted roster entry passes the per-entry checks, and no two share a ULA, a key
+//!   or an app ULA.
+#![no_main]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Instant;
+
+use libfuzzer_sys::fuzz_target;
+use tabbify_api::{
+    ula, HeartbeatResponse, HolePunch, PeerRemove, PortRange, PortRules, RegisterResponse,
+    RosterEntry, RosterSnapshot, SseDecoder, SseEvent,
+};
+use tabbify_dataplane::core::net::IpNet;
+use tabbify_dataplane::join::logic::{roster, Action, Config, Machine};
+
+const IDS: [&str; 6] = ["me", "a", "b", "c", "d", "e"];
+const APPS: [&str; 6] = [
+    "fd5a:1f02::1",
+    "fd5a:1f02::2",
+    "fd5a:1f02::3",
+    "2001:db8::1",
+    "fd5a:1f00::1",
+    "::ffff:10.0.0.1",
+];
+const ENDPOINTS: [&str; 8] = [
+    "198.51.100.1:51820",
+    "127.0.0.1:51821",
+    "[2001:db8::2]:51820",
+    "10.0.0.2:4000",
+    "0.0.0.0:51820",
+    "224.0.0.1:51820",
+    "198.51.100.1:0",
+    "[fd5a:1f00::1]:51820",
+];
+
+struct Bytes<'a>(&'a [u8]);
+
+impl Bytes<'_> {
+    fn next(&mut self) -> Option<u8> {
+        let (&b, rest) = self.0.split_first()?;
+        self.0 = rest;
+        Some(b)
+    }
+}
+
+fn b64(k: u8) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode([k; 32])
+}
+
+fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
+    let id = IDS[usize::from(b.next()?) % IDS.len()];
+    let flags = b.next()?;
+    let key = b.next()? % 5;
+    let mut e = RosterEntry {
+        peer_id: ula::identity_peer_id(id),
+        identity: id.into(),
+        ula: ula::identity_ula(id),
+        display_name: id.into(),
+        tags: vec![],
+        public_key: b64(key),
+        endpoints: vec![ENDPOINTS[usize::from(flags & 7) % ENDPOINTS.len()].parse().ok()?],
+        reflexive_endpoint: ENDPOINTS[usize::from(flags >> 5) % ENDPOINTS.len()].parse().ok()?,
+        hosted_app_ulas: Vec::new(),
+        ports: PortRules {
+            outbound: vec![PortRange::ALL],
+            inbound: vec![PortRange::ALL],
+        },
+    };
+    let apps = b.next()?;
+    for (i, a) in APPS.iter().enumerate() {
+        if apps & (1 << i) != 0 {
+            e.hosted_app_ulas.push(a.parse().ok()?);
+        }
+    }
+    match flags & 0x18 {
+        0x08 => e.ula = Ipv6Addr::new(0xfd5a, 0x1f00, 0, 0, 0, 0, 0, 0xdead),
+        0x10 => e.peer_id = ula::identity_peer_id("someone-else"),
+        0x18 if apps & 0x80 != 0 => e.public_key = "not a key".into(),
+        _ => {}
+    }
+    Some(e)
+}
+
+fn event(b: &mut Bytes<'_>) -> Option<SseEvent> {
+    Some(match b.next()? % 4 {
+        0 => {
+            let n = b.next()? % 6;
+            let mut peers = Vec::new();
+            for _ in 0..n {
+                peers.push(entry(b)?);
+            }
+            SseEvent::Snapshot(RosterSnapshot {
+                policy_revision: 1,
+                peers,
+            })
+        }
+        1 => SseEvent::PeerUpsert(entry(b)?),
+        2 => SseEvent::PeerRemove(PeerRemove {
+            peer_id: ula::identity_peer_id(IDS[usize::from(b.next()?) % IDS.len()]),
+            reason: "gone".into(),
+        }),
+        _ => SseEvent::HolePunch(HolePunch {
+            peer_id: String::new(),
+            public_key: b64(b.next()? % 5),
+            endpoint: ENDPOINTS[usize::from(b.next()?) % ENDPOINTS.len()].parse().ok()?,
+        }),
+    })
+}
+
+fn in_mesh(n: &IpNet) -> bool {
+    match n.addr() {
+        IpAddr::V6(a) => ula::is_peer_ula(&a) || ula::is_app_ula(&a),
+        IpAddr::V4(_) => false,
+    }
+}
+
+/// The table and routes as the actions build them.
+#[derive(Default)]
+struct Model {
+    table: BTreeMap<[u8; 32], Vec<IpNet>>,
+    routes: BTreeSet<IpNet>,
+}
+
+impl Model {
+    fn apply(&mut self, m: &mut Machine) {
+        while let Some(a) = m.poll_action() {
+            match a {
+                Action::UpsertPeer { config, .. } => {
+                    self.table.insert(config.public_key, config.allowed_ips);
+                }
+                Action::RemovePeer { public_key, .. } => {
+                    self.table.remove(&public_key);
+                }
+                Action::ClearPeers => self.table.clear(),
+                Action::Routes { add, del } => {
+                    for n in &add {
+                        assert!(in_mesh(n), "route outside the mesh prefixes: {n:?}");
+                    }
+                    for n in del {
+                        self.routes.remove(&n);
+                    }
+                    self.routes.extend(add);
+                }
+                _ => {}
+            }
+            // Each table write leaves every prefix with at most one peer.
+            let mut owner: BTreeMap<IpNet, [u8; 32]> = BTreeMap::new();
+            for (k, ips) in &self.table {
+                for n in ips {
+                    if let Some(other) = owner.insert(*n, *k) {
+                        panic!("{n:?} held by two peers ({other:?}, {k:?})");
+                    }
+                }
+            }
+        }
+    }
+
+    fn check(&self, m: &Machine) {
+        let union: BTreeSet<IpNet> = self.table.values().flatten().copied().collect();
+        assert_eq!(union, self.routes, "kernel routes differ from the table");
+        let (mut ulas, mut keys, mut apps) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        for e in m.roster().entries() {
+            let key = roster::check_entry(e).expect("accepted entries pass the checks");
+            assert!(ulas.insert(e.ula), "two peers with {}", e.ula);
+            assert!(keys.insert(key), "two peers with one key");
+            for a in &e.hosted_app_ulas {
+                assert!(apps.insert(*a), "two peers with {a}");
+            }
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let t = Instant::now();
+    let mut m = Machine::new(Config {
+        peer_id: ula::identity_peer_id("me"),
+        ula: ula::identity_ula("me"),
+        name: "me".into(),
+        tags: vec![],
+        has_join_token: true,
+        apps: vec![],
+    });
+    let mut model = Model::default();
+    model.apply(&mut m);
+    let reflexive: SocketAddr = "203.0.113.9:51820".parse().unwrap();
+    m.handle_registered(
+        t,
+        Ok(RegisterResponse {
+            peer_id: ula::identity_peer_id("me"),
+            ula: ula::identity_ula("me"),
+            display_name: "me".into(),
+            tags: vec![],
+            may_host_apps: true,
+            reflexive_endpoint: reflexive,
+            heartbeat_interval_secs: 10,
+            roster: vec![],
+        }),
+    );
+    model.apply(&mut m);
+    m.handle_heartbeat(
+        t,
+        Ok(HeartbeatResponse {
+            heartbeat_interval_secs: 10,
+            reflexive_endpoint: reflexive,
+        }),
+    );
+    m.handle_stream_opened(t, Ok(()));
+    model.apply(&mut m);
+    if mode & 1 == 0 {
+        let mut b = Bytes(rest);
+        while let Some(ev) = event(&mut b) {
+            m.handle_event(t, None, ev);
+            model.apply(&mut m);
+            model.check(&m);
+        }
+    } else {
+        let mut dec = SseDecoder::with_limit(1 << 16);
+        let Ok(frames) = dec.feed(rest) else {
+            return;
+        };
+        for f in frames {
+            if let Ok(ev) = SseEvent::parse(&f.event, &f.data) {
+                m.handle_event(t, f.id.and_then(|s| s.parse().ok()), ev);
+                model.apply(&mut m);
+                model.check(&m);
+            }
+        }
+    }
+});
