@@ -49,6 +49,10 @@ pub enum Payload {
     },
     /// Frames for particular peers (`hole_punch`).
     Targeted(Vec<(String, Bytes)>),
+    /// Changes to several peers that take effect together (an app handover: its old
+    /// holder's upsert, then its new holder's), each shaped like [`Payload::ByClass`]; a
+    /// stream gets the frames it may see concatenated, in order, under one event id.
+    Batch(Vec<Payload>),
     /// A policy change: each peer's new class and each class's roster.
     Policy {
         /// Roster per class.
@@ -100,7 +104,11 @@ impl Subscriber {
             return Step::Skip;
         }
         self.last_id = d.id;
-        match &d.payload {
+        self.pick(&d.payload)
+    }
+
+    fn pick(&mut self, payload: &Payload) -> Step {
+        match payload {
             Payload::ByClass {
                 subject,
                 frames,
@@ -131,6 +139,21 @@ impl Subscriber {
                         v.extend_from_slice(b);
                         v
                     }))),
+                }
+            }
+            Payload::Batch(parts) => {
+                let mut out = Vec::new();
+                for part in parts {
+                    match self.pick(part) {
+                        Step::Send(b) => out.extend_from_slice(&b),
+                        Step::Skip => {}
+                        other => return other,
+                    }
+                }
+                if out.is_empty() {
+                    Step::Skip
+                } else {
+                    Step::Send(Bytes::from(out))
                 }
             }
             Payload::Policy { frames, classes } => match classes.get(&self.peer_id) {

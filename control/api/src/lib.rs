@@ -20,6 +20,7 @@
 //! | `GET /v1/revocations` (admin) | → `Vec<`[`Revocation`]`>` |
 //! | `DELETE /v1/revocations/{id}` (admin) | → [`RevokeResponse`] (re-admits the key) |
 //! | `POST /v1/tokens` (admin) | [`TokenRequest`] → [`TokenResponse`] |
+//! | `POST /v1/apps/{uuid}/move` (admin) | [`MoveAppRequest`] → [`MoveAppResponse`] |
 //! | `GET /health` | → [`Health`] |
 //! | `GET /metrics` | → Prometheus text |
 //! | `GET /openapi.json` | → OpenAPI 3 document |
@@ -56,6 +57,8 @@ pub const PATH_POLICY: &str = "/v1/policy";
 pub const PATH_TOKENS: &str = "/v1/tokens";
 /// Route listing revocations (admin); `DELETE {PATH_REVOCATIONS}/{peer_id}` re-admits.
 pub const PATH_REVOCATIONS: &str = "/v1/revocations";
+/// Prefix of the admin app handover route: `POST {PATH_APPS}/{uuid}/move` with [`MoveAppRequest`].
+pub const PATH_APPS: &str = "/v1/apps";
 /// Path the coordinator calls on `--auth-url` to validate a join token.
 pub const PATH_AUTH_VALIDATE: &str = "/v1/join-tokens/validate";
 /// The largest request body the coordinator accepts, in bytes.
@@ -201,6 +204,11 @@ pub struct RosterEntry {
     pub hosted_app_ulas: Vec<Ipv6Addr>,
     /// The ACL between the viewer and this peer, for the data-plane filter.
     pub ports: PortRules,
+    /// The peer missed its heartbeats: the coordinator lost contact with it, but its
+    /// tunnels and apps stay (the data path may be fine). A heartbeat makes it fresh again;
+    /// it is removed (`expired`) only after the coordinator's `--stale-after`.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// `GET /v1/mesh/peers`: the caller's visible roster.
@@ -393,6 +401,27 @@ pub struct Revocation {
     pub revoked_at: u64,
 }
 
+/// `POST /v1/apps/{uuid}/move` (admin): hand an app over to another peer in one roster
+/// change (the app's ULA moves from its holder to `to`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveAppRequest {
+    /// The peer id that hosts the app from now on.
+    pub to: String,
+}
+
+/// The answer to [`MoveAppRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveAppResponse {
+    /// The app's ULA.
+    pub app_ula: Ipv6Addr,
+    /// The peer that held it before, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The peer that holds it now.
+    pub to: String,
+}
+
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -435,6 +464,7 @@ pub(crate) mod tests {
                     last: 8730,
                 }],
             },
+            stale: false,
         }
     }
 

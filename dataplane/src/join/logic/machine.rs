@@ -699,6 +699,7 @@ mod tests {
                     last: 8730,
                 }],
             },
+            stale: false,
         }
     }
 

@@ -224,6 +224,7 @@ mod tests {
                 }],
                 inbound: vec![PortRange::ALL],
             },
+            stale: false,
         }
     }
 
