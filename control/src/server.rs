@@ -265,6 +265,11 @@ impl Coordinator {
         self.core.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Open client connections (those holding a slot under the connection caps).
+    pub fn connections_open(&self) -> usize {
+        self.conns.open()
+    }
+
     /// Number of registered peers.
     pub fn peer_count(&self) -> usize {
         self.read().registry.len()
