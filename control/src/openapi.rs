@@ -64,6 +64,8 @@ pub fn document() -> Value {
             "endpoints": addrs,
             "reflexive_endpoint": {"type": "string"},
             "hosted_app_ulas": ulas,
+            "stale": {"type": "boolean", "default": false,
+                      "description": "missed its heartbeats; kept (with its apps) until --stale-after"},
             "ports": {
                 "type": "object", "required": ["outbound", "inbound"],
                 "properties": {
@@ -88,7 +90,7 @@ pub fn document() -> Value {
         "info": {
             "title": "tabbify-mesh-coordinator",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); admin routes need an admin CN. Without mTLS (loopback development) the x-tabbify-identity header names the caller."
+            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); admin routes need an admin CN. Without mTLS (loopback development) the x-tabbify-identity header names the caller. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken."
         },
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": ok("Health")}},
@@ -124,7 +126,12 @@ pub fn document() -> Value {
                 "default": error_responses()["default"].clone()
             }}},
             "/v1/revocations/{id}": {"delete": {"operationId": "readmitPeer",
-                "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}}
+                "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}},
+            "/v1/apps/{uuid}/move": {"post": {"operationId": "moveApp",
+                "description": "Admin: hand the app over to peer `to` in one roster event.",
+                "parameters": [{"name": "uuid", "in": "path", "required": true,
+                                "schema": {"type": "string", "format": "uuid"}}],
+                "requestBody": body("MoveAppRequest"), "responses": ok("MoveAppResponse")}}
         },
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
@@ -173,6 +180,11 @@ pub fn document() -> Value {
                 "properties": {"token": {"type": "string"}, "token_id": {"type": "string"}, "tags": strings,
                                "name": {"type": "string"}, "expires_at": {"type": "integer"},
                                "max_uses": {"type": "integer"}}},
+            "MoveAppRequest": {"type": "object", "required": ["to"], "additionalProperties": false,
+                "properties": {"to": {"type": "string", "description": "peer id"}}},
+            "MoveAppResponse": {"type": "object", "required": ["app_ula", "to"],
+                "properties": {"app_ula": {"type": "string"}, "from": {"type": "string"},
+                               "to": {"type": "string"}}},
             "RevokeResponse": {"type": "object", "required": ["peer_id", "revoked"],
                 "properties": {"peer_id": {"type": "string"}, "revoked": {"type": "boolean"}}},
             "Revocation": {"type": "object", "required": ["peer_id", "public_key", "revoked_at"],

@@ -547,7 +547,7 @@ impl Coordinator {
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+        parse_json(&bytes)
     }
 
     async fn register(
@@ -1200,6 +1200,11 @@ fn resolve_peer(
             None => Err(ApiError::Unauthorized("no client identity".into())),
         },
     }
+}
+
+/// Parses a request body as the routes do: any JSON error is a 400 `invalid_json`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 fn decode_key(b64: &str) -> Result<[u8; 32], ApiError> {
