@@ -11,7 +11,7 @@ pub struct Metrics {
     pub registrations: AtomicU64,
     /// Successful heartbeats.
     pub heartbeats: AtomicU64,
-    /// Peers removed for missing heartbeats.
+    /// Peers removed after being stale for `--stale-after`.
     pub expirations: AtomicU64,
     /// Peers revoked by an admin.
     pub revocations: AtomicU64,
@@ -128,7 +128,7 @@ impl Metrics {
         line(
             "expirations_total",
             "counter",
-            "Peers expired after missed heartbeats.",
+            "Peers removed after being stale for --stale-after.",
             c(&self.expirations),
         );
         line(
