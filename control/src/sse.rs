@@ -314,6 +314,27 @@ mod tests {
         };
         assert_eq!(s.step(&t), Step::Send(Bytes::from_static(b"13")));
         assert_eq!(s.last_id, 9);
+        // A batch (an app move): the parts this stream may see, in order, under one id;
+        // its own part is skipped.
+        let part = |subject: &str, f: &'static str| Payload::ByClass {
+            subject: subject.into(),
+            frames: vec![None, Some(Bytes::from_static(f.as_bytes()))],
+            action: SubjectAction::Skip,
+        };
+        let batch = |id, parts| Dispatch {
+            id,
+            revision: 1,
+            payload: Payload::Batch(parts),
+        };
+        assert_eq!(
+            s.step(&batch(10, vec![part("a", "old"), part("b", "new")])),
+            Step::Send(Bytes::from_static(b"oldnew"))
+        );
+        assert_eq!(
+            s.step(&batch(11, vec![part("me", "mine"), part("b", "new")])),
+            Step::Send(Bytes::from_static(b"new"))
+        );
+        assert_eq!(s.step(&batch(12, vec![part("me", "mine")])), Step::Skip);
     }
 
     fn cfg(write_ms: u64) -> StreamConfig {
