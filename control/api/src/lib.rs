@@ -63,7 +63,8 @@ pub const PATH_APPS: &str = "/v1/apps";
 pub const PATH_AUTH_VALIDATE: &str = "/v1/join-tokens/validate";
 /// The largest request body the coordinator accepts, in bytes.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
-/// How many heartbeat intervals a peer may miss before it expires.
+/// How many heartbeat intervals a peer may miss before it is marked stale (it is removed,
+/// `expired`, only after the coordinator's `--stale-after` more).
 pub const MISSED_HEARTBEATS_TO_EXPIRE: u32 = 3;
 
 /// `POST /v1/mesh/register`: join the mesh (or rejoin, e.g. after a coordinator restart).
@@ -104,7 +105,7 @@ pub struct RegisterResponse {
     pub may_host_apps: bool,
     /// Source IP of the registration request + `wg_listen_port`.
     pub reflexive_endpoint: SocketAddr,
-    /// Send a heartbeat this often; three missed heartbeats expire the peer.
+    /// Send a heartbeat this often; three missed heartbeats make the peer stale.
     pub heartbeat_interval_secs: u64,
     /// The peers this peer may see, ACL-filtered.
     pub roster: Vec<RosterEntry>,
@@ -234,7 +235,8 @@ pub struct RosterSnapshot {
 pub struct PeerRemove {
     /// The peer that left the roster.
     pub peer_id: String,
-    /// Why: `expired`, `revoked`, `replaced` (same identity, new key), `policy`.
+    /// Why: `expired` (stale for the coordinator's `--stale-after`), `revoked`, `replaced`
+    /// (same identity, new key), `policy`.
     pub reason: String,
 }
 
@@ -427,7 +429,7 @@ pub struct MoveAppResponse {
 pub struct Health {
     /// Always `ok` when the service answers.
     pub status: String,
-    /// Registered, unexpired peers.
+    /// Registered peers, stale ones included.
     pub peers: u64,
     /// Policy revision in force.
     pub policy_revision: u64,

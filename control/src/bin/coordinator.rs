@@ -57,7 +57,7 @@ struct Cli {
     /// Directory for tokens, admissions, revocations and the policy in force.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Heartbeat interval handed to peers; three missed ones expire a peer.
+    /// Heartbeat interval handed to peers; three missed ones make a peer stale.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
     /// Seconds a peer that missed its heartbeats stays in rosters (marked stale) before it
