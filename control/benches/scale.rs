@@ -122,7 +122,11 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
             "--admin",
             "admin",
         ])
-        .args(["--heartbeat-secs", "3600", "--policy-file"])
+        .args(["--heartbeat-secs", "3600"])
+        // Every simulated peer connects from 127.0.0.1: lift the per-IP and overall caps.
+        .args(["--max-connections", "1000000"])
+        .args(["--max-connections-per-ip", "1000000"])
+        .arg("--policy-file")
         .arg(&policy_path)
         .env("TABBIFY_ALLOW_INSECURE", "1")
         .env("RUST_LOG", "error")

@@ -67,6 +67,21 @@ pub enum ApiError {
     /// The request conflicts with current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The app is hosted by another peer (409); the message names the holder.
+    #[error("{0}")]
+    AppTaken(String),
+    /// The identity holds its maximum of open SSE streams (429).
+    #[error("{0}")]
+    TooManyStreams(String),
+    /// The identity sends requests faster than its rate limit (429).
+    #[error("{0}")]
+    RateLimited(String),
+    /// The source address holds its maximum of open connections (429).
+    #[error("{0}")]
+    TooManyConnections(String),
+    /// The coordinator holds its maximum of open connections (503).
+    #[error("{0}")]
+    Overloaded(String),
     /// The body is not JSON (415).
     #[error("content-type must be application/json")]
     UnsupportedMediaType,
@@ -94,9 +109,14 @@ impl ApiError {
             | ApiError::Revoked => StatusCode::FORBIDDEN,
             ApiError::NotRegistered | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) | ApiError::KeyTaken | ApiError::KeyMismatch(_) => {
-                StatusCode::CONFLICT
-            }
+            ApiError::Conflict(_)
+            | ApiError::KeyTaken
+            | ApiError::KeyMismatch(_)
+            | ApiError::AppTaken(_) => StatusCode::CONFLICT,
+            ApiError::TooManyStreams(_)
+            | ApiError::RateLimited(_)
+            | ApiError::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::AuthService(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -123,6 +143,11 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::Conflict(_) => "conflict",
+            ApiError::AppTaken(_) => "app_taken",
+            ApiError::TooManyStreams(_) => "too_many_streams",
+            ApiError::RateLimited(_) => "rate_limited",
+            ApiError::TooManyConnections(_) => "too_many_connections",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::AuthService(_) => "auth_service",
             ApiError::Internal(_) => "internal",

@@ -4,7 +4,8 @@
 //! `tabbify-api` crate (`control/api/`), re-exported here as [`api`] and [`ula`]; clients
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
 //! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
-//! [`tokens`] (durable state), [`server`] (HTTP, TLS, routing), [`ca`] (certificates).
+//! [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
+//! [`server`] (HTTP, TLS, routing), [`ca`] (certificates).
 #![forbid(unsafe_code)]
 
 pub use tabbify_api as api;
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod ca;
 pub mod clock;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;

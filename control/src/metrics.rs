@@ -11,7 +11,7 @@ pub struct Metrics {
     pub registrations: AtomicU64,
     /// Successful heartbeats.
     pub heartbeats: AtomicU64,
-    /// Peers removed for missing heartbeats.
+    /// Peers removed after being stale for `--stale-after`.
     pub expirations: AtomicU64,
     /// Peers revoked by an admin.
     pub revocations: AtomicU64,
@@ -34,6 +34,24 @@ pub struct Metrics {
     pub tls_failures: AtomicU64,
     /// SSE streams open right now.
     pub streams_open: AtomicU64,
+    /// Peers marked stale after missing their heartbeats.
+    pub stale_marks: AtomicU64,
+    /// Heartbeats refused because they claimed an app another peer holds.
+    pub app_claims_refused: AtomicU64,
+    /// App handovers by an admin.
+    pub app_moves: AtomicU64,
+    /// SSE streams refused: the identity held its maximum.
+    pub streams_refused: AtomicU64,
+    /// Heartbeats and registrations refused by the per-identity rate limit.
+    pub rate_limited: AtomicU64,
+    /// Connections refused: the coordinator held its maximum.
+    pub conns_refused_overall: AtomicU64,
+    /// Connections refused: the source IP held its maximum.
+    pub conns_refused_per_ip: AtomicU64,
+    /// Refused connections closed without an answer (too many refusals in flight).
+    pub conns_dropped: AtomicU64,
+    /// TLS handshakes not completed within the handshake timeout.
+    pub tls_handshake_timeouts: AtomicU64,
 }
 
 /// Gauges read from the live state at render time.
@@ -47,6 +65,10 @@ pub struct Gauges {
     pub last_event_id: u64,
     /// Policy revision.
     pub policy_revision: u64,
+    /// Stale peers.
+    pub stale_peers: u64,
+    /// Open connections.
+    pub connections: u64,
 }
 
 impl Metrics {
@@ -83,6 +105,13 @@ impl Metrics {
             "Policy revision in force.",
             g.policy_revision,
         );
+        line("stale_peers", "gauge", "Peers marked stale.", g.stale_peers);
+        line(
+            "connections_open",
+            "gauge",
+            "Open client connections.",
+            g.connections,
+        );
         line(
             "streams_open",
             "gauge",
@@ -104,7 +133,7 @@ impl Metrics {
         line(
             "expirations_total",
             "counter",
-            "Peers expired after missed heartbeats.",
+            "Peers removed after being stale for --stale-after.",
             c(&self.expirations),
         );
         line(
@@ -160,6 +189,60 @@ impl Metrics {
             "counter",
             "Failed TLS handshakes.",
             c(&self.tls_failures),
+        );
+        line(
+            "tls_handshake_timeouts_total",
+            "counter",
+            "TLS handshakes cut for not completing in time.",
+            c(&self.tls_handshake_timeouts),
+        );
+        line(
+            "stale_marks_total",
+            "counter",
+            "Peers marked stale after missed heartbeats.",
+            c(&self.stale_marks),
+        );
+        line(
+            "app_claims_refused_total",
+            "counter",
+            "Heartbeats refused for claiming an app another peer holds.",
+            c(&self.app_claims_refused),
+        );
+        line(
+            "app_moves_total",
+            "counter",
+            "App handovers by an admin.",
+            c(&self.app_moves),
+        );
+        line(
+            "streams_refused_total",
+            "counter",
+            "SSE streams refused: the identity held its maximum.",
+            c(&self.streams_refused),
+        );
+        line(
+            "rate_limited_total",
+            "counter",
+            "Heartbeats and registrations refused by the per-identity rate limit.",
+            c(&self.rate_limited),
+        );
+        line(
+            "connections_refused_overall_total",
+            "counter",
+            "Connections refused: the coordinator held its maximum.",
+            c(&self.conns_refused_overall),
+        );
+        line(
+            "connections_refused_per_ip_total",
+            "counter",
+            "Connections refused: the source IP held its maximum.",
+            c(&self.conns_refused_per_ip),
+        );
+        line(
+            "connections_dropped_total",
+            "counter",
+            "Refused connections closed without an answer.",
+            c(&self.conns_dropped),
         );
         out
     }

@@ -70,6 +70,8 @@ pub fn document() -> Value {
             "endpoints": addrs,
             "reflexive_endpoint": {"type": "string"},
             "hosted_app_ulas": ulas,
+            "stale": {"type": "boolean", "default": false,
+                      "description": "missed its heartbeats; kept (with its apps) until --stale-after"},
             "ports": {
                 "type": "object", "required": ["outbound", "inbound"],
                 "properties": {
@@ -94,7 +96,7 @@ pub fn document() -> Value {
         "info": {
             "title": "tabbify-mesh-coordinator",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names."
+            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken."
         },
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": ok("Health")}},
@@ -153,7 +155,12 @@ pub fn document() -> Value {
             }}},
             "/v1/revocations/{id}": {"delete": {"operationId": "readmitPeer",
                 "description": "Re-admits the revoked identity with this peer id.",
-                "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}}
+                "parameters": [peer_id_param()], "responses": ok("RevokeResponse")}},
+            "/v1/apps/{uuid}/move": {"post": {"operationId": "moveApp",
+                "description": "Admin: hand the app over to peer `to` in one roster event.",
+                "parameters": [{"name": "uuid", "in": "path", "required": true,
+                                "schema": {"type": "string", "format": "uuid"}}],
+                "requestBody": body("MoveAppRequest"), "responses": ok("MoveAppResponse")}}
         },
         "components": {"schemas": {
             "Error": {"type": "object", "required": ["error", "code"],
@@ -222,6 +229,11 @@ pub fn document() -> Value {
                 "properties": {"identity": {"type": "string"}, "peer_id": {"type": "string"},
                                "ula": {"type": "string"}, "revoked": {"type": "boolean"},
                                "public_key": {"type": "string"}}},
+            "MoveAppRequest": {"type": "object", "required": ["to"], "additionalProperties": false,
+                "properties": {"to": {"type": "string", "description": "peer id"}}},
+            "MoveAppResponse": {"type": "object", "required": ["app_ula", "to"],
+                "properties": {"app_ula": {"type": "string"}, "from": {"type": "string"},
+                               "to": {"type": "string"}}},
             "RevokeResponse": {"type": "object", "required": ["peer_id", "revoked"],
                 "properties": {"peer_id": {"type": "string"}, "revoked": {"type": "boolean"}}},
             "Revocation": {"type": "object", "required": ["peer_id", "public_key", "revoked_at"],

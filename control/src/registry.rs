@@ -7,8 +7,23 @@
 //! `Last-Event-ID` resumption. Payloads are serialized once per distinct
 //! (viewer class → port rules) answer, never once per subscriber.
 //!
-//! Invariants: `by_identity`, `by_ula` and `members` always agree with `peers`; every peer's
-//! `class` is a class of the current `vis` table; event ids strictly increase.
+//! Liveness: a peer that misses its heartbeats is marked stale (one upsert) and stays in
+//! every roster, with its apps, until it is revoked, replaced, or stale for the
+//! `stale_after` given to [`Registry::expire`]; a heartbeat makes it fresh again.
+//!
+//! Apps: an app ULA is held by at most one peer. A heartbeat claiming an app another peer
+//! holds is refused whole ([`HeartbeatError::AppTaken`]; it still refreshes the caller's
+//! liveness). The holder releases an app by leaving it out of a heartbeat, by being removed,
+//! or by losing the right to host apps; [`Registry::move_app`] hands one over in one event.
+//!
+//! Coalescing: heartbeat-driven upserts of one peer go out at most once per
+//! [`EVENT_WINDOW_MS`]; a change inside the window is applied at once (reads see it) and
+//! announced once when the window ends, by [`Registry::flush`] driven by the caller's clock.
+//!
+//! Invariants: `by_identity`, `by_ula`, `members` and `apps` always agree with `peers` (an
+//! app is in `apps` exactly when one peer's `hosted_app_ulas` lists it, under that peer's
+//! id); every peer's `class` is a class of the current `vis` table; event ids strictly
+//! increase.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv6Addr, SocketAddr};
@@ -50,6 +65,8 @@ pub struct PeerRecord {
     pub hosted_app_ulas: Vec<Ipv6Addr>,
     /// Last register or heartbeat, ms since the epoch.
     pub last_seen_ms: u64,
+    /// Missed its heartbeats; kept in rosters (with its apps) until `stale_after`.
+    pub stale: bool,
     /// Visibility class under the current policy.
     pub class: ClassId,
 }
@@ -109,6 +126,56 @@ impl Default for Limits {
     }
 }
 
+/// Shortest time between two heartbeat-driven upserts of one peer, in ms.
+pub const EVENT_WINDOW_MS: u64 = 1000;
+
+/// Why a heartbeat was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeartbeatError {
+    /// No such peer.
+    NotRegistered,
+    /// Another peer holds this app; nothing changed but the caller's liveness.
+    AppTaken {
+        /// The contested app ULA.
+        app: Ipv6Addr,
+        /// Its holder's peer id.
+        holder_id: String,
+        /// Its holder's display name.
+        holder_name: String,
+    },
+}
+
+/// Why an app handover was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveError {
+    /// No such target peer.
+    NoPeer,
+    /// The policy does not let the target host apps.
+    MayNotHost,
+    /// The target announces its maximum of apps already.
+    TooManyApps,
+}
+
+/// What one expiry sweep did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Expiry {
+    /// Peers that just went stale.
+    pub stale: Vec<String>,
+    /// Peers removed after being stale for too long.
+    pub removed: Vec<String>,
+}
+
+/// Per-peer coalescing state.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    /// When the peer's last upsert went out.
+    last_emit_ms: u64,
+    /// A change waits for the end of the window.
+    pending: bool,
+    /// The pending change includes a new reflexive endpoint (send `hole_punch` too).
+    punch: bool,
+}
+
 /// The live roster.
 #[derive(Debug)]
 pub struct Registry {
@@ -118,6 +185,9 @@ pub struct Registry {
     by_identity: HashMap<String, String>,
     by_ula: HashMap<Ipv6Addr, String>,
     members: Vec<BTreeSet<String>>,
+    apps: HashMap<Ipv6Addr, String>,
+    windows: HashMap<String, Window>,
+    due: BTreeSet<(u64, String)>,
     log: EventLog,
 }
 
@@ -132,6 +202,9 @@ impl Registry {
             by_identity: HashMap::new(),
             by_ula: HashMap::new(),
             members: Vec::new(),
+            apps: HashMap::new(),
+            windows: HashMap::new(),
+            due: BTreeSet::new(),
             log: EventLog {
                 next_id: 1,
                 ring: VecDeque::new(),
@@ -182,6 +255,16 @@ impl Registry {
     /// The peer whose ULA is `ula`.
     pub fn peer_by_ula(&self, ula: &Ipv6Addr) -> Option<&PeerRecord> {
         self.by_ula.get(ula).and_then(|id| self.peers.get(id))
+    }
+
+    /// The peer holding app `app`.
+    pub fn app_holder(&self, app: &Ipv6Addr) -> Option<&PeerRecord> {
+        self.apps.get(app).and_then(|id| self.peers.get(id))
+    }
+
+    /// Number of stale peers.
+    pub fn stale_count(&self) -> usize {
+        self.peers.values().filter(|p| p.stale).count()
     }
 
     /// A receiver of every future dispatch.
@@ -261,6 +344,16 @@ impl Registry {
         let id = crate::ula::identity_peer_id(&new.identity);
         let class = self.vis.class_of(&new.identity, &new.tags);
         let old = self.peers.get(&id).cloned();
+        let kept_apps: Vec<Ipv6Addr> = old
+            .as_ref()
+            .filter(|o| o.class == class)
+            .map(|o| o.hosted_app_ulas.clone())
+            .unwrap_or_default();
+        if let Some(o) = &old {
+            for a in o.hosted_app_ulas.iter().filter(|a| !kept_apps.contains(a)) {
+                self.release_app(a, &id);
+            }
+        }
         let rec = PeerRecord {
             id: id.clone(),
             key: new.key,
@@ -272,12 +365,9 @@ impl Registry {
             endpoints: new.endpoints,
             wg_listen_port: new.wg_listen_port,
             reflexive: new.reflexive,
-            hosted_app_ulas: old
-                .as_ref()
-                .filter(|o| o.class == class)
-                .map(|o| o.hosted_app_ulas.clone())
-                .unwrap_or_default(),
+            hosted_app_ulas: kept_apps,
             last_seen_ms: now_ms,
+            stale: false,
             class,
         };
         let class_changed = old.as_ref().is_some_and(|o| o.class != class);
@@ -315,6 +405,7 @@ impl Registry {
                 SubjectAction::Skip
             };
             self.emit_upsert(&id, action);
+            self.emitted(&id, now_ms);
         }
         if reflexive_changed {
             self.hole_punch(&id);
@@ -329,12 +420,18 @@ impl Registry {
         p.key = key;
         p.key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
         p.last_seen_ms = now_ms;
+        // The caller is alive: a rotation makes a stale peer fresh, like a heartbeat.
+        p.stale = false;
         self.emit_upsert(id, SubjectAction::Skip);
+        self.emitted(id, now_ms);
         self.peers.get(id)
     }
 
-    /// Records a heartbeat; announces the peer if its endpoints, apps or reflexive
-    /// endpoint changed. The caller validated the inputs.
+    /// Records a heartbeat: the peer is alive (fresh again if it was stale) and its
+    /// endpoints and hosted apps are replaced; a change is announced subject to the
+    /// per-peer event window. A claim on an app another peer holds refuses the whole
+    /// heartbeat except the liveness refresh. The caller validated the inputs
+    /// (`hosted_app_ulas` sorted and deduplicated).
     pub fn heartbeat(
         &mut self,
         id: &str,
@@ -342,23 +439,162 @@ impl Registry {
         hosted_app_ulas: Vec<Ipv6Addr>,
         reflexive_ip: std::net::IpAddr,
         now_ms: u64,
-    ) -> Option<SocketAddr> {
-        let p = self.peers.get_mut(id)?;
+    ) -> Result<SocketAddr, HeartbeatError> {
+        let p = self
+            .peers
+            .get_mut(id)
+            .ok_or(HeartbeatError::NotRegistered)?;
         p.last_seen_ms = now_ms;
+        let was_stale = std::mem::take(&mut p.stale);
+        let taken = hosted_app_ulas.iter().find_map(|a| {
+            let holder = self.apps.get(a).filter(|h| h.as_str() != id)?;
+            let h = self.peers.get(holder)?;
+            Some(HeartbeatError::AppTaken {
+                app: *a,
+                holder_id: h.id.clone(),
+                holder_name: h.display_name.clone(),
+            })
+        });
+        if let Some(e) = taken {
+            if was_stale {
+                self.announce(id, false, now_ms);
+            }
+            return Err(e);
+        }
+        let Some(p) = self.peers.get_mut(id) else {
+            return Err(HeartbeatError::NotRegistered);
+        };
         let reflexive = SocketAddr::new(reflexive_ip, p.wg_listen_port);
         let reflexive_changed = p.reflexive != reflexive;
-        let changed =
-            p.endpoints != endpoints || p.hosted_app_ulas != hosted_app_ulas || reflexive_changed;
+        let changed = was_stale
+            || p.endpoints != endpoints
+            || p.hosted_app_ulas != hosted_app_ulas
+            || reflexive_changed;
+        let old_apps = std::mem::replace(&mut p.hosted_app_ulas, hosted_app_ulas.clone());
         p.endpoints = endpoints;
-        p.hosted_app_ulas = hosted_app_ulas;
         p.reflexive = reflexive;
+        for a in old_apps.iter().filter(|a| !hosted_app_ulas.contains(a)) {
+            self.release_app(a, id);
+        }
+        for a in hosted_app_ulas {
+            self.apps.insert(a, id.to_owned());
+        }
         if changed {
+            self.announce(id, reflexive_changed, now_ms);
+        }
+        Ok(reflexive)
+    }
+
+    /// Hands app `app` to peer `to` (releasing it from its holder, if any) in one
+    /// dispatch: the old holder's upsert, then the new holder's. Returns the old holder.
+    pub fn move_app(
+        &mut self,
+        app: Ipv6Addr,
+        to: &str,
+        max_apps: usize,
+        now_ms: u64,
+    ) -> Result<Option<String>, MoveError> {
+        let target = self.peers.get(to).ok_or(MoveError::NoPeer)?;
+        if !self.vis.may_host_apps(target.class) {
+            return Err(MoveError::MayNotHost);
+        }
+        let from = self.apps.get(&app).cloned();
+        if from.as_deref() == Some(to) {
+            return Ok(from);
+        }
+        if target.hosted_app_ulas.len() >= max_apps {
+            return Err(MoveError::TooManyApps);
+        }
+        let mut parts = Vec::new();
+        if let Some(f) = &from {
+            if let Some(p) = self.peers.get_mut(f) {
+                p.hosted_app_ulas.retain(|a| *a != app);
+            }
+            if let Some(part) = self.upsert_payload(f, SubjectAction::Skip) {
+                parts.push(part);
+            }
+        }
+        if let Some(p) = self.peers.get_mut(to) {
+            if let Err(i) = p.hosted_app_ulas.binary_search(&app) {
+                p.hosted_app_ulas.insert(i, app);
+            }
+        }
+        self.apps.insert(app, to.to_owned());
+        if let Some(part) = self.upsert_payload(to, SubjectAction::Skip) {
+            parts.push(part);
+        }
+        self.push(Payload::Batch(parts));
+        for id in from.iter().map(String::as_str).chain([to]) {
+            self.emitted(id, now_ms);
+        }
+        Ok(from)
+    }
+
+    /// Whether a coalesced change waits for its window to end.
+    pub fn has_pending(&self) -> bool {
+        !self.due.is_empty()
+    }
+
+    /// Announces every coalesced change whose window has ended by `now_ms`.
+    pub fn flush(&mut self, now_ms: u64) {
+        while let Some((due, id)) = self.due.first().cloned() {
+            if due > now_ms {
+                break;
+            }
+            self.due.pop_first();
+            let Some(w) = self.windows.get(&id).copied() else {
+                continue;
+            };
+            if !w.pending || !self.peers.contains_key(&id) {
+                continue;
+            }
+            self.emit_upsert(&id, SubjectAction::Skip);
+            self.emitted(&id, now_ms);
+            if w.punch {
+                self.hole_punch(&id);
+            }
+        }
+    }
+
+    /// A heartbeat-driven change of `id`: announced now if its window allows, else once
+    /// when the window ends.
+    fn announce(&mut self, id: &str, punch: bool, now_ms: u64) {
+        let w = self.windows.entry(id.to_owned()).or_default();
+        let open = w.last_emit_ms == 0 || now_ms >= w.last_emit_ms + EVENT_WINDOW_MS;
+        if open && !w.pending {
             self.emit_upsert(id, SubjectAction::Skip);
+            self.emitted(id, now_ms);
+            if punch {
+                self.hole_punch(id);
+            }
+        } else {
+            w.punch |= punch;
+            if !w.pending {
+                w.pending = true;
+                self.due
+                    .insert((w.last_emit_ms + EVENT_WINDOW_MS, id.to_owned()));
+            }
         }
-        if reflexive_changed {
-            self.hole_punch(id);
+    }
+
+    /// Records that `id`'s current state went out at `now_ms` (nothing waits any more).
+    fn emitted(&mut self, id: &str, now_ms: u64) {
+        let w = self.windows.entry(id.to_owned()).or_default();
+        if w.pending {
+            self.due
+                .remove(&(w.last_emit_ms + EVENT_WINDOW_MS, id.to_owned()));
         }
-        Some(reflexive)
+        *w = Window {
+            last_emit_ms: now_ms.max(1),
+            pending: false,
+            punch: false,
+        };
+    }
+
+    fn release_app(&mut self, app: &Ipv6Addr, holder: &str) {
+        if self.apps.get(app).map(String::as_str) == Some(holder) {
+            self.apps.remove(app);
+        }
     }
 
     /// Removes a peer and tells everyone who saw it (its own streams close).
@@ -373,23 +609,43 @@ impl Registry {
         if let Some(m) = self.members.get_mut(rec.class as usize) {
             m.remove(id);
         }
+        for a in &rec.hosted_app_ulas {
+            self.release_app(a, id);
+        }
+        if let Some(w) = self.windows.remove(id) {
+            self.due
+                .remove(&(w.last_emit_ms + EVENT_WINDOW_MS, id.to_owned()));
+        }
         let viewers: Vec<ClassId> = self.vis.viewers_of(rec.class).collect();
         self.emit_remove(id, reason, &viewers, SubjectAction::Close);
         Some(rec)
     }
 
-    /// Removes every peer not seen for `timeout_ms`; returns their ids.
-    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<String> {
-        let dead: Vec<String> = self
-            .peers
-            .values()
-            .filter(|p| now_ms.saturating_sub(p.last_seen_ms) > timeout_ms)
-            .map(|p| p.id.clone())
-            .collect();
-        for id in &dead {
+    /// Marks stale every peer not seen for `timeout_ms` (one upsert each, at once) and
+    /// removes (reason `expired`) every peer not seen for `timeout_ms + stale_after_ms`.
+    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64, stale_after_ms: u64) -> Expiry {
+        let mut out = Expiry::default();
+        for p in self.peers.values() {
+            let age = now_ms.saturating_sub(p.last_seen_ms);
+            if age > timeout_ms.saturating_add(stale_after_ms) {
+                out.removed.push(p.id.clone());
+            } else if age > timeout_ms && !p.stale {
+                out.stale.push(p.id.clone());
+            }
+        }
+        out.stale.sort();
+        out.removed.sort();
+        for id in &out.removed {
             self.remove(id, "expired");
         }
-        dead
+        for id in &out.stale {
+            if let Some(p) = self.peers.get_mut(id) {
+                p.stale = true;
+            }
+            self.emit_upsert(id, SubjectAction::Skip);
+            self.emitted(id, now_ms);
+        }
+        out
     }
 
     /// Puts a new policy in force: reclassifies every peer and resyncs every stream with
@@ -409,7 +665,11 @@ impl Registry {
             if let Some(p) = self.peers.get_mut(&id) {
                 p.class = class;
                 if !may_host {
-                    p.hosted_app_ulas.clear();
+                    for a in std::mem::take(&mut p.hosted_app_ulas) {
+                        if self.apps.get(&a) == Some(&id) {
+                            self.apps.remove(&a);
+                        }
+                    }
                 }
             }
             self.member_set(class).insert(id.clone());
@@ -468,9 +728,13 @@ impl Registry {
     }
 
     fn emit_upsert(&mut self, id: &str, action: SubjectAction) {
-        let Some(p) = self.peers.get(id) else {
-            return;
-        };
+        if let Some(payload) = self.upsert_payload(id, action) {
+            self.push(payload);
+        }
+    }
+
+    fn upsert_payload(&self, id: &str, action: SubjectAction) -> Option<Payload> {
+        let p = self.peers.get(id)?;
         let event_id = self.log.next_id;
         let mut frames: Vec<Option<Bytes>> = vec![None; self.vis.len()];
         let mut by_rules: HashMap<RulesId, Bytes> = HashMap::new();
@@ -486,11 +750,11 @@ impl Registry {
             });
             frames[viewer as usize] = Some(frame.clone());
         }
-        self.push(Payload::ByClass {
+        Some(Payload::ByClass {
             subject: id.to_owned(),
             frames,
             action,
-        });
+        })
     }
 
     fn emit_remove(&mut self, id: &str, reason: &str, viewers: &[ClassId], action: SubjectAction) {
@@ -628,5 +892,6 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         reflexive_endpoint: p.reflexive,
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
+        stale: p.stale,
     }
 }

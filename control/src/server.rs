@@ -1,11 +1,19 @@
 //! The coordinator service: configuration, shared state, the HTTP routes, and the
 //! accept loop (plain TCP or mTLS, HTTP/1.1 via hyper).
 //!
-//! Request pipeline: accept → TLS handshake (client certificate verified against the mesh
+//! Request pipeline: accept → connection caps (overall and per source IP) → TLS handshake
+//! within [`Config::tls_handshake_timeout`] (client certificate verified against the mesh
 //! CA; its CN becomes the connection's identity) → hyper HTTP/1.1 with a header read
 //! timeout → [`Coordinator::handle`] routes, reads at most
 //! [`MAX_BODY_BYTES`](crate::api::MAX_BODY_BYTES) of JSON within a timeout, and maps every
 //! failure through [`ApiError`] once.
+//!
+//! Caps (see [`crate::limits`]): a connection over a cap is not served. Up to
+//! [`MAX_REFUSALS_IN_FLIGHT`] such connections at a time get their first request answered
+//! with the refusal (503 `overloaded` or 429 `too_many_connections`, JSON) and are then
+//! closed; beyond that they are closed at once. Both are counted. SSE streams per identity
+//! (429 `too_many_streams`) and heartbeats/registrations per identity (token bucket, 429
+//! `rate_limited`) are checked per request.
 //!
 //! Locking: one `RwLock` over the registry and the store, never held across an await.
 //! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
@@ -36,13 +44,16 @@ use crate::api::*;
 use crate::auth::AuthClient;
 use crate::clock::Clock;
 use crate::error::ApiError;
+use crate::limits::{ConnLimits, ConnRefusal, RateConfig, RateLimiter, StreamLimits};
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::Policy;
-use crate::registry::{Limits, NewPeer, Registry};
+use crate::registry::{HeartbeatError, Limits, MoveError, NewPeer, Registry};
 use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
 use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
 use crate::{tokens, ula};
 
+/// How often coalesced roster changes are checked for the end of their window.
+pub const FLUSH_PERIOD: Duration = Duration::from_millis(100);
 /// Header that names the caller when mTLS is off (loopback development only).
 pub const INSECURE_IDENTITY_HEADER: &str = "x-tabbify-identity";
 /// Environment variable that must be `1` for `--insecure-no-mtls`.
@@ -53,6 +64,9 @@ pub const MAX_ENDPOINTS: usize = 64;
 pub const MAX_HOSTED_APPS: usize = 1024;
 /// Most tags in a request.
 pub const MAX_TAGS_PER_PEER: usize = 64;
+/// Connections over a cap that are answered with the refusal at the same time; more are
+/// closed without an answer.
+pub const MAX_REFUSALS_IN_FLIGHT: usize = 64;
 
 /// Tags and name a join token grants, and the hash of a local token to spend.
 type Claims = (Vec<String>, Option<String>, Option<String>);
@@ -103,10 +117,24 @@ pub struct Config {
     pub insecure: bool,
     /// How long a client may take to send a request body (and headers).
     pub request_timeout: Duration,
+    /// How long a stale peer stays in rosters before it is removed (`expired`).
+    pub stale_after: Duration,
+    /// How long a client may take to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Most SSE streams one identity may hold open.
+    pub max_streams_per_identity: usize,
+    /// Most open connections overall.
+    pub max_connections: usize,
+    /// Most open connections from one source IP.
+    pub max_connections_per_ip: usize,
+    /// Heartbeats and registrations per identity (token bucket).
+    pub heartbeat_rate: RateConfig,
 }
 
 impl Config {
-    /// Defaults around a policy: 10 s heartbeats, 15 s keepalives, 30 s write timeout.
+    /// Defaults around a policy: 10 s heartbeats, 15 s keepalives, 30 s write timeout,
+    /// stale peers kept 1 h, 3 s TLS handshakes, 4 streams per identity, 20,000
+    /// connections (512 per source IP), heartbeats in bursts of 10 refilled at 1/s.
     pub fn new(policy: PolicyDocument, policy_file_hash: String) -> Self {
         Self {
             admins: BTreeSet::new(),
@@ -122,6 +150,15 @@ impl Config {
             limits: Limits::default(),
             insecure: false,
             request_timeout: Duration::from_secs(10),
+            stale_after: Duration::from_secs(3600),
+            tls_handshake_timeout: Duration::from_secs(3),
+            max_streams_per_identity: 4,
+            max_connections: 20_000,
+            max_connections_per_ip: 512,
+            heartbeat_rate: RateConfig {
+                burst: 10,
+                per_sec: 1.0,
+            },
         }
     }
 }
@@ -165,6 +202,10 @@ pub struct Coordinator {
     config: Config,
     clock: Arc<dyn Clock>,
     metrics: Metrics,
+    rate: std::sync::Mutex<RateLimiter>,
+    conns: ConnLimits,
+    streams: StreamLimits,
+    refusals: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -200,6 +241,10 @@ impl Coordinator {
         let registry = Registry::new(policy, revision, config.limits);
         Ok(Arc::new(Self {
             core: RwLock::new(Core { registry, store }),
+            rate: std::sync::Mutex::new(RateLimiter::new(config.heartbeat_rate)),
+            conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
+            streams: StreamLimits::new(config.max_streams_per_identity),
+            refusals: Arc::default(),
             config,
             clock,
             metrics: Metrics::default(),
@@ -224,6 +269,11 @@ impl Coordinator {
 
     fn write(&self) -> RwLockWriteGuard<'_, Core> {
         self.core.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Open client connections (those holding a slot under the connection caps).
+    pub fn connections_open(&self) -> usize {
+        self.conns.open()
     }
 
     /// Number of registered peers.
@@ -258,32 +308,79 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Removes peers that missed three heartbeats; returns their ids.
-    pub fn sweep(&self) -> Vec<String> {
+    /// Marks stale the peers that missed three heartbeats and removes those stale for
+    /// longer than `stale_after`; forgets full rate-limit buckets.
+    pub fn sweep(&self) -> crate::registry::Expiry {
         let timeout = self.config.heartbeat_interval.as_millis() as u64
             * u64::from(MISSED_HEARTBEATS_TO_EXPIRE);
-        let dead = self.write().registry.expire(self.clock.now_ms(), timeout);
-        for _ in &dead {
+        let now = self.clock.now_ms();
+        let out =
+            self.write()
+                .registry
+                .expire(now, timeout, self.config.stale_after.as_millis() as u64);
+        for _ in &out.stale {
+            Metrics::inc(&self.metrics.stale_marks);
+        }
+        for _ in &out.removed {
             Metrics::inc(&self.metrics.expirations);
         }
-        dead
+        self.rate().prune(now);
+        out
     }
 
-    /// Runs [`Self::sweep`] every half heartbeat interval until the coordinator is dropped.
+    /// Announces the coalesced roster changes whose window has ended.
+    pub fn flush(&self) {
+        if self.read().registry.has_pending() {
+            let now = self.clock.now_ms();
+            self.write().registry.flush(now);
+        }
+    }
+
+    /// Runs [`Self::sweep`] every half heartbeat interval and [`Self::flush`] every
+    /// [`FLUSH_PERIOD`] until the coordinator is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let weak = Arc::downgrade(self);
         let period = self.config.heartbeat_interval / 2;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
+            let mut flush = tokio::time::interval(FLUSH_PERIOD);
             loop {
-                tick.tick().await;
-                let Some(c) = weak.upgrade() else { return };
-                let dead = c.sweep();
-                if !dead.is_empty() {
-                    tracing::info!(count = dead.len(), "peers expired");
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let Some(c) = weak.upgrade() else { return };
+                        let out = c.sweep();
+                        if !out.stale.is_empty() || !out.removed.is_empty() {
+                            tracing::info!(
+                                stale = out.stale.len(),
+                                expired = out.removed.len(),
+                                "peers missed their heartbeats"
+                            );
+                        }
+                    }
+                    _ = flush.tick() => {
+                        let Some(c) = weak.upgrade() else { return };
+                        c.flush();
+                    }
                 }
             }
         })
+    }
+
+    fn rate(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
+        self.rate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a token from `key`'s heartbeat bucket or refuses with 429.
+    fn check_rate(&self, key: &str) -> Result<(), ApiError> {
+        if self.rate().allow(key, self.clock.now_ms()) {
+            Ok(())
+        } else {
+            Metrics::inc(&self.metrics.rate_limited);
+            Err(ApiError::RateLimited(format!(
+                "too many heartbeats/registrations from {key:?}: at most {} at once, {} per second",
+                self.config.heartbeat_rate.burst, self.config.heartbeat_rate.per_sec
+            )))
+        }
     }
 
     /// Handles one request.
@@ -349,6 +446,8 @@ impl Coordinator {
                         classes: core.registry.visibility().len() as u64,
                         last_event_id: core.registry.last_event_id(),
                         policy_revision: core.registry.revision(),
+                        stale_peers: core.registry.stale_count() as u64,
+                        connections: self.conns.open() as u64,
                     })
                 };
                 Ok(text_response("text/plain; version=0.0.4", text))
@@ -432,6 +531,16 @@ impl Coordinator {
                     revoked: true,
                 })
             }
+            (Method::POST, p) if p.starts_with("/v1/apps/") => {
+                let who = self.admin(conn, identity.as_deref())?;
+                let uuid = p["/v1/apps/".len()..]
+                    .strip_suffix("/move")
+                    .ok_or_else(|| ApiError::NotFound(format!("no route {p}")))?;
+                let uuid = uuid::Uuid::parse_str(uuid)
+                    .map_err(|e| ApiError::BadRequest(format!("bad app uuid {uuid:?}: {e}")))?;
+                let body: MoveAppRequest = self.read_json(req).await?;
+                ok(&self.move_app(&who, uuid, body)?)
+            }
             (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
                 let who = self.admin(conn, identity.as_deref())?;
                 ok(&self.readmit_peer(&who, &p["/v1/revocations/".len()..])?)
@@ -509,7 +618,7 @@ impl Coordinator {
             }
             Ok(Ok(c)) => c.to_bytes(),
         };
-        serde_json::from_slice(&bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
+        parse_json(&bytes)
     }
 
     async fn register(
@@ -540,6 +649,7 @@ impl Coordinator {
             None if self.config.insecure => req.name.clone(),
             None => return Err(ApiError::Unauthorized("no client identity".into())),
         };
+        self.check_rate(&identity)?;
         {
             let core = self.read();
             core.registry
@@ -664,6 +774,10 @@ impl Coordinator {
         identity: Option<String>,
         req: HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ApiError> {
+        match &identity {
+            Some(i) => self.check_rate(i)?,
+            None => self.check_rate(&format!("peer:{}", req.peer_id))?,
+        }
         check_endpoints(&req.endpoints)?;
         if req.hosted_app_ulas.len() > MAX_HOSTED_APPS {
             return Err(ApiError::BadRequest(format!(
@@ -691,16 +805,28 @@ impl Coordinator {
                 "the policy does not let this peer host apps".into(),
             ));
         }
-        let reflexive = core
-            .registry
-            .heartbeat(
-                &id,
-                req.endpoints,
-                apps,
-                canonical_ip(conn.remote.ip()),
-                now_ms,
-            )
-            .ok_or(ApiError::NotRegistered)?;
+        let reflexive = match core.registry.heartbeat(
+            &id,
+            req.endpoints,
+            apps,
+            canonical_ip(conn.remote.ip()),
+            now_ms,
+        ) {
+            Ok(r) => r,
+            Err(HeartbeatError::NotRegistered) => return Err(ApiError::NotRegistered),
+            Err(HeartbeatError::AppTaken {
+                app,
+                holder_id,
+                holder_name,
+            }) => {
+                Metrics::inc(&self.metrics.app_claims_refused);
+                return Err(ApiError::AppTaken(format!(
+                    "app {app} is hosted by peer {holder_id} ({holder_name}); it must release it \
+                     or an admin must move it (POST /v1/apps/{{uuid}}/move); nothing but this \
+                     peer's liveness was updated"
+                )));
+            }
+        };
         Metrics::inc(&self.metrics.heartbeats);
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
@@ -718,7 +844,7 @@ impl Coordinator {
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let (sub, initial, rx) = {
+        let (sub, initial, rx, permit) = {
             let core = self.read();
             let reg = &core.registry;
             let id = resolve_peer(reg, identity.as_deref(), query_peer_id(req.uri()))?;
@@ -726,6 +852,17 @@ impl Coordinator {
                 .peer(&id)
                 .map(|p| p.class)
                 .ok_or(ApiError::NotRegistered)?;
+            let identity = reg
+                .peer(&id)
+                .map(|p| p.identity.clone())
+                .unwrap_or_default();
+            let permit = self.streams.acquire(&identity).ok_or_else(|| {
+                Metrics::inc(&self.metrics.streams_refused);
+                ApiError::TooManyStreams(format!(
+                    "identity {identity:?} holds {} SSE streams already (the maximum)",
+                    self.streams.max()
+                ))
+            })?;
             let rx = reg.subscribe();
             let mut sub = Subscriber {
                 peer_id: id.clone(),
@@ -760,7 +897,7 @@ impl Coordinator {
                     vec![reg.snapshot_frame(&id)]
                 }
             };
-            (sub, initial, rx)
+            (sub, initial, rx, permit)
         };
         let (tx, body_rx) = mpsc::channel(64);
         let weak = Arc::downgrade(self);
@@ -779,6 +916,7 @@ impl Coordinator {
         Metrics::inc(&self.metrics.streams_open);
         tokio::spawn(async move {
             sse::run_stream(sub, initial, rx, tx, cfg, resync).await;
+            drop(permit);
             me.metrics
                 .streams_open
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -878,6 +1016,39 @@ impl Coordinator {
             expires_at,
             max_uses: req.max_uses,
             identity: req.identity,
+        })
+    }
+
+    fn move_app(
+        &self,
+        admin: &str,
+        app: uuid::Uuid,
+        req: MoveAppRequest,
+    ) -> Result<MoveAppResponse, ApiError> {
+        let app_ula = ula::app_ula(&app);
+        let now = self.clock.now_ms();
+        let from = self
+            .write()
+            .registry
+            .move_app(app_ula, &req.to, MAX_HOSTED_APPS, now)
+            .map_err(|e| match e {
+                MoveError::NoPeer => ApiError::NotFound(format!("no peer {:?}", req.to)),
+                MoveError::MayNotHost => ApiError::Forbidden(format!(
+                    "the policy does not let peer {:?} host apps",
+                    req.to
+                )),
+                MoveError::TooManyApps => ApiError::Conflict(format!(
+                    "peer {:?} hosts {MAX_HOSTED_APPS} apps already",
+                    req.to
+                )),
+            })?;
+        Metrics::inc(&self.metrics.app_moves);
+        tracing::info!(%app, %app_ula, from = ?from, to = %req.to, admin, "app moved");
+        audit(admin, "app.move", &format!("app {app} to {}", req.to));
+        Ok(MoveAppResponse {
+            app_ula,
+            from,
+            to: req.to,
         })
     }
 
@@ -1173,7 +1344,10 @@ fn identity_response(cn: &str, r: &IdentityRecord) -> IdentityResponse {
 }
 
 /// Accepts connections until the listener fails; each connection is served on its own
-/// task. With `tls`, a client that does not complete the mTLS handshake is dropped.
+/// task. With `tls`, a client that does not complete the mTLS handshake within
+/// [`Config::tls_handshake_timeout`] is dropped (and counted). A connection over a cap is
+/// answered with the refusal on its first request and closed, or closed at once when
+/// [`MAX_REFUSALS_IN_FLIGHT`] refusals are being answered already.
 pub async fn serve(
     coord: Arc<Coordinator>,
     listener: TcpListener,
@@ -1190,63 +1364,126 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let (permit, refusal) = match coord.conns.acquire(canonical_ip(remote.ip())) {
+            Ok(p) => (Some(p), None),
+            Err(r) => {
+                let (counter, err) = match r {
+                    ConnRefusal::Overall => (
+                        &coord.metrics.conns_refused_overall,
+                        ApiError::Overloaded(format!(
+                            "the coordinator holds its maximum of {} connections; retry later",
+                            coord.config.max_connections
+                        )),
+                    ),
+                    ConnRefusal::PerIp => (
+                        &coord.metrics.conns_refused_per_ip,
+                        ApiError::TooManyConnections(format!(
+                            "{} holds its maximum of {} connections",
+                            canonical_ip(remote.ip()),
+                            coord.config.max_connections_per_ip
+                        )),
+                    ),
+                };
+                Metrics::inc(counter);
+                let slots = coord.refusals.clone();
+                if slots.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_REFUSALS_IN_FLIGHT
+                {
+                    slots.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    Metrics::inc(&coord.metrics.conns_dropped);
+                    drop(tcp);
+                    continue;
+                }
+                (None, Some(err))
+            }
+        };
         let coord = coord.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
+            let refusing = refusal.is_some();
             match tls {
                 Some(acceptor) => {
-                    let timeout = coord.config.request_timeout;
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => s,
+                    let timeout = coord.config.tls_handshake_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let chain = stream.get_ref().1.peer_certificates();
+                            let conn = ConnInfo {
+                                remote,
+                                identity: crate::tls::common_name(chain),
+                                admin_role: crate::tls::has_admin_role(chain),
+                            };
+                            serve_conn(coord.clone(), TokioIo::new(stream), conn, refusal).await;
+                        }
                         Ok(Err(e)) => {
                             Metrics::inc(&coord.metrics.tls_failures);
                             tracing::debug!(%remote, error = %e, "TLS handshake failed");
-                            return;
                         }
                         Err(_) => {
                             Metrics::inc(&coord.metrics.tls_failures);
-                            return;
+                            Metrics::inc(&coord.metrics.tls_handshake_timeouts);
+                            tracing::debug!(%remote, "TLS handshake not completed in time");
                         }
-                    };
-                    let chain = stream.get_ref().1.peer_certificates();
-                    let conn = ConnInfo {
-                        remote,
-                        identity: crate::tls::common_name(chain),
-                        admin_role: crate::tls::has_admin_role(chain),
-                    };
-                    serve_conn(coord, TokioIo::new(stream), conn).await;
+                    }
                 }
                 None => {
                     serve_conn(
-                        coord,
+                        coord.clone(),
                         TokioIo::new(tcp),
                         ConnInfo {
                             remote,
                             identity: None,
                             admin_role: false,
                         },
+                        refusal,
                     )
                     .await
                 }
             }
+            if refusing {
+                coord
+                    .refusals
+                    .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            drop(permit);
         });
     }
 }
 
-async fn serve_conn<I>(coord: Arc<Coordinator>, io: I, conn: ConnInfo)
+/// Serves one connection; with `refusal`, every request gets that error and the
+/// connection closes after the first answer.
+async fn serve_conn<I>(coord: Arc<Coordinator>, io: I, conn: ConnInfo, refusal: Option<ApiError>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
     let timeout = coord.config.request_timeout;
+    let refusing = refusal.is_some();
     let service = service_fn(move |req| {
         let coord = coord.clone();
         let conn = conn.clone();
-        async move { Ok::<_, Infallible>(coord.handle(&conn, req).await) }
+        let refusal = refusal.clone();
+        async move {
+            Ok::<_, Infallible>(match refusal {
+                Some(e) => {
+                    Metrics::inc(if e.status().is_server_error() {
+                        &coord.metrics.responses_5xx
+                    } else {
+                        &coord.metrics.responses_4xx
+                    });
+                    let mut r = json_response(e.status(), &e.body());
+                    r.headers_mut().insert(
+                        header::CONNECTION,
+                        header::HeaderValue::from_static("close"),
+                    );
+                    r
+                }
+                None => coord.handle(&conn, req).await,
+            })
+        }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(timeout)
+        .keep_alive(!refusing)
         .serve_connection(io, service)
         .await;
     if let Err(e) = result {
@@ -1271,6 +1508,7 @@ fn known_path(p: &str) -> bool {
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")
         || p.starts_with("/v1/tokens/")
+        || p.starts_with("/v1/apps/")
 }
 
 fn query_peer_id(uri: &http::Uri) -> Option<&str> {
@@ -1325,6 +1563,11 @@ fn check_key(
         return Err(ApiError::KeyMismatch(identity.to_owned()));
     }
     Ok(record.cloned())
+}
+
+/// Parses a request body as the routes do: any JSON error is a 400 `invalid_json`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidJson(e.to_string()))
 }
 
 fn decode_key(b64: &str) -> Result<[u8; 32], ApiError> {

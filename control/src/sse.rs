@@ -49,6 +49,10 @@ pub enum Payload {
     },
     /// Frames for particular peers (`hole_punch`).
     Targeted(Vec<(String, Bytes)>),
+    /// Changes to several peers that take effect together (an app handover: its old
+    /// holder's upsert, then its new holder's), each shaped like [`Payload::ByClass`]; a
+    /// stream gets the frames it may see concatenated, in order, under one event id.
+    Batch(Vec<Payload>),
     /// A policy change: each peer's new class and each class's roster.
     Policy {
         /// Roster per class.
@@ -100,7 +104,11 @@ impl Subscriber {
             return Step::Skip;
         }
         self.last_id = d.id;
-        match &d.payload {
+        self.pick(&d.payload)
+    }
+
+    fn pick(&mut self, payload: &Payload) -> Step {
+        match payload {
             Payload::ByClass {
                 subject,
                 frames,
@@ -131,6 +139,21 @@ impl Subscriber {
                         v.extend_from_slice(b);
                         v
                     }))),
+                }
+            }
+            Payload::Batch(parts) => {
+                let mut out = Vec::new();
+                for part in parts {
+                    match self.pick(part) {
+                        Step::Send(b) => out.extend_from_slice(&b),
+                        Step::Skip => {}
+                        other => return other,
+                    }
+                }
+                if out.is_empty() {
+                    Step::Skip
+                } else {
+                    Step::Send(Bytes::from(out))
                 }
             }
             Payload::Policy { frames, classes } => match classes.get(&self.peer_id) {
@@ -291,6 +314,27 @@ mod tests {
         };
         assert_eq!(s.step(&t), Step::Send(Bytes::from_static(b"13")));
         assert_eq!(s.last_id, 9);
+        // A batch (an app move): the parts this stream may see, in order, under one id;
+        // its own part is skipped.
+        let part = |subject: &str, f: &'static str| Payload::ByClass {
+            subject: subject.into(),
+            frames: vec![None, Some(Bytes::from_static(f.as_bytes()))],
+            action: SubjectAction::Skip,
+        };
+        let batch = |id, parts| Dispatch {
+            id,
+            revision: 1,
+            payload: Payload::Batch(parts),
+        };
+        assert_eq!(
+            s.step(&batch(10, vec![part("a", "old"), part("b", "new")])),
+            Step::Send(Bytes::from_static(b"oldnew"))
+        );
+        assert_eq!(
+            s.step(&batch(11, vec![part("me", "mine"), part("b", "new")])),
+            Step::Send(Bytes::from_static(b"new"))
+        );
+        assert_eq!(s.step(&batch(12, vec![part("me", "mine")])), Step::Skip);
     }
 
     fn cfg(write_ms: u64) -> StreamConfig {

@@ -133,31 +133,81 @@ async fn heartbeat_updates_endpoints_and_hosted_apps() {
     assert_eq!(st, 403);
 }
 
+fn stale_of(roster: &Value, id: &str) -> Option<bool> {
+    entry(roster, id).map(|e| e.stale)
+}
+
+/// Issue 11 (cascade teardown): a peer that loses its control connection is marked stale
+/// and stays in every roster with its apps; it is removed only after `stale_after`.
 #[tokio::test]
-async fn missed_heartbeats_expire_a_peer_everywhere() {
-    let h = Harness::start().await;
+async fn missed_heartbeats_mark_a_peer_stale_then_expire_it() {
+    let h = Harness::start_with(|c| c.stale_after = Duration::from_secs(60)).await;
     let s = h.join("s1", &["supervisor"]).await;
+    let s2 = h.join("s2", &["supervisor"]).await;
     let n = h.join("n1", &["node"]).await;
+    let app = tabbify_control::ula::app_ula(&uuid::Uuid::from_u128(11));
+    let same = json!({"endpoints": ["127.0.0.1:51820"]});
+    assert_eq!(s.heartbeat(json!({"hosted_app_ulas": [app]})).await.0, 200);
     let mut stream = n.client.stream(None).await;
     let (_, first) = stream.next_event().await;
-    assert!(matches!(first, SseEvent::Snapshot(ref snap) if snap.peers.len() == 1));
+    assert!(matches!(first, SseEvent::Snapshot(ref snap) if snap.peers.len() == 2));
 
     // Two intervals and a bit: still alive.
     h.clock.advance_ms(25_000);
-    assert_eq!(n.heartbeat(json!({})).await.0, 200);
-    assert!(h.coord.sweep().is_empty());
-    // s1 has now missed three heartbeats; n1 sent one 5 s ago.
+    assert_eq!(n.heartbeat(same.clone()).await.0, 200);
+    assert_eq!(s2.heartbeat(same.clone()).await.0, 200);
+    assert_eq!(h.coord.sweep(), Default::default());
+    // s1 has now missed three heartbeats: stale, one upsert, still in the roster.
     h.clock.advance_ms(6_000);
-    assert_eq!(h.coord.sweep(), vec![s.id.clone()]);
-    assert!(n.roster_ids().await.is_empty());
-    let (_, ev) = stream.next_event().await;
-    match ev {
-        SseEvent::PeerRemove(r) => {
-            assert_eq!(r.peer_id, s.id);
-            assert_eq!(r.reason, "expired");
-        }
-        other => panic!("expected peer_remove, got {other:?}"),
+    let out = h.coord.sweep();
+    assert_eq!((out.stale, out.removed), (vec![s.id.clone()], vec![]));
+    let (_, roster) = n.client.get("/v1/mesh/peers").await;
+    assert_eq!(stale_of(&roster["peers"], &s.id), Some(true));
+    assert_eq!(
+        entry(&roster["peers"], &s.id).unwrap().hosted_app_ulas,
+        vec![app]
+    );
+    match stream.next_event().await.1 {
+        SseEvent::PeerUpsert(e) => assert!(e.peer_id == s.id && e.stale, "{e:?}"),
+        other => panic!("expected peer_upsert, got {other:?}"),
     }
+    assert_eq!(h.coord.sweep(), Default::default(), "marked once");
+    // Its app stays held while it is stale.
+    let (st, v) = s2.heartbeat(json!({"hosted_app_ulas": [app]})).await;
+    assert_eq!((st, v["code"].as_str()), (409, Some("app_taken")), "{v}");
+
+    // A heartbeat makes it fresh again: one upsert, once its event window has passed.
+    assert_eq!(s.heartbeat(json!({"hosted_app_ulas": [app]})).await.0, 200);
+    let (_, roster) = n.client.get("/v1/mesh/peers").await;
+    assert_eq!(stale_of(&roster["peers"], &s.id), Some(false));
+    h.clock.advance_ms(1_000);
+    h.coord.flush();
+    match stream.next_event().await.1 {
+        SseEvent::PeerUpsert(e) => assert!(e.peer_id == s.id && !e.stale, "{e:?}"),
+        other => panic!("expected peer_upsert, got {other:?}"),
+    }
+
+    // Silent again, past the expiry and then `stale_after`: removed, its app released.
+    h.clock.advance_ms(31_000);
+    assert_eq!(n.heartbeat(json!({})).await.0, 200);
+    let mut both = vec![s.id.clone(), s2.id.clone()];
+    both.sort();
+    assert_eq!(h.coord.sweep().stale, both);
+    for _ in 0..2 {
+        assert!(matches!(stream.next_event().await.1, SseEvent::PeerUpsert(e) if e.stale));
+    }
+    h.clock.advance_ms(61_000);
+    assert_eq!(n.heartbeat(json!({})).await.0, 200);
+    assert_eq!(h.coord.sweep().removed, both);
+    assert!(n.roster_ids().await.is_empty());
+    let mut reasons = Vec::new();
+    for _ in 0..2 {
+        match stream.next_event().await.1 {
+            SseEvent::PeerRemove(r) => reasons.push(r.reason),
+            other => panic!("expected peer_remove, got {other:?}"),
+        }
+    }
+    assert_eq!(reasons, vec!["expired", "expired"]);
     let (st, v) = s.heartbeat(json!({})).await;
     assert_eq!((st, v["code"].as_str()), (404, Some("not_registered")));
 
@@ -592,7 +642,8 @@ async fn nated_peers_get_hole_punch_events_at_the_same_moment() {
     sa.next_event().await;
     sb.next_event().await;
 
-    // b's mapping changes (it now appears from 127.0.0.2).
+    // b's mapping changes (it now appears from 127.0.0.2), past b's event window.
+    h.clock.advance_ms(1_000);
     let b2 = b.clone().with_source_ip("127.0.0.2");
     let (st, v) = b2
         .post(

@@ -24,6 +24,8 @@ async fn events_arrive_in_order_and_only_what_the_acl_shows() {
     let s1 = h.join("s1", &["supervisor"]).await;
     let _w = h.join("w1", &["worker"]).await; // invisible to a node
     let _i = h.join("i1", &["isolated"]).await; // invisible to everyone
+                                                // Past the per-peer event window, so the heartbeat's change goes out at once.
+    h.clock.advance_ms(1_000);
     assert_eq!(
         s1.heartbeat(json!({"endpoints": ["127.0.0.1:4000"]}))
             .await
@@ -72,6 +74,8 @@ async fn last_event_id_resumes_or_falls_back_to_a_snapshot() {
 
     // Far more events than the ring holds: the resume falls back to a snapshot.
     for i in 0..20 {
+        // One second apart: within the rate limit, each change its own event.
+        h.clock.advance_ms(1_000);
         s1.heartbeat(json!({"endpoints": [format!("127.0.0.1:{}", 1000 + i)]}))
             .await;
     }
@@ -138,6 +142,7 @@ async fn a_policy_change_resyncs_every_stream_at_once() {
         other => panic!("expected a snapshot, got {other:?}"),
     }
     // Later changes follow the new policy.
+    h.clock.advance_ms(1_000);
     assert_eq!(
         w.heartbeat(json!({"endpoints": ["127.0.0.1:7"]})).await.0,
         200
@@ -182,6 +187,7 @@ async fn a_stalled_client_does_not_hold_up_the_others() {
     for round in 0..200u16 {
         let mut eps = big.clone();
         eps[0] = format!("127.0.0.1:{}", 20_000 + round);
+        h.clock.advance_ms(1_000);
         assert_eq!(s.heartbeat(json!({"endpoints": eps})).await.0, 200);
         // The reader keeps up with every change.
         let (_, e) = live.next_event().await;

@@ -491,7 +491,10 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
     if !s.hosted_apps.is_empty() {
         println!("apps:");
         for a in &s.hosted_apps {
-            println!("  {}  {}", a.uuid, a.ula);
+            match &a.contested {
+                Some(why) => println!("  {}  {}  CONTESTED: {why}", a.uuid, a.ula),
+                None => println!("  {}  {}", a.uuid, a.ula),
+            }
         }
     }
     println!();
@@ -540,7 +543,12 @@ fn print_peers(peers: &[PeerStatus]) {
             hs,
             p.rx_bytes,
             p.tx_bytes,
-            if p.direct { "direct" } else { "no session" }
+            match (p.direct, p.stale) {
+                (true, false) => "direct",
+                (false, false) => "no session",
+                (true, true) => "direct (stale at coordinator)",
+                (false, true) => "no session (stale at coordinator)",
+            }
         );
         for a in &p.app_ulas {
             println!("  app {a}");

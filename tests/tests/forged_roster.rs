@@ -57,6 +57,7 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
             outbound: vec![PortRange::ALL],
             inbound: vec![PortRange::ALL],
         },
+        stale: false,
     }
 }
 

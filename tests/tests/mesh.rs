@@ -34,6 +34,18 @@
 //! ULA and tags; the state dir holds the new key (0600) and no pending one; pings over the
 //! ULAs flow again both ways (a re-handshake under the new key).
 //!
+//! `a_joiner_cut_from_the_coordinator_keeps_its_tunnels_and_comes_back_fresh` (issue 11,
+//! cascade teardown): with 1 s heartbeats (expiry after 3 s), nftables in supervisor-01's
+//! namespace drops its packets to the coordinator for 8 s; the coordinator marks it stale,
+//! supervisor-02 keeps it (`peers --json` shows `stale: true`) and pings to it over the
+//! tunnel lose nothing; once the rule goes, its heartbeats make it fresh again.
+//!
+//! `a_second_claim_on_an_app_leaves_its_traffic_with_the_holder` (issue 11, app capture):
+//! supervisor-02 adds supervisor-01's app and serves an impostor on its ULA; the coordinator
+//! refuses the claim, supervisor-02 shows it contested (naming supervisor-01) and stays
+//! registered, and node-01's HTTP to the app keeps reaching supervisor-01's app; once
+//! supervisor-01 removes the app, supervisor-02's next heartbeat claims it.
+//!
 //! "Within 1 s" is the bound the issue states; the checks use 1 s plus a 0.5 s margin for
 //! scheduling on a shared 2-core machine (process start-up of the admin's curl included),
 //! measured from just before the admin request is sent, with a background ping every 50 ms
@@ -662,6 +674,138 @@ fn refusals_restarts_and_an_unreachable_coordinator() -> Result<()> {
         |status| status.registered,
     )?;
     waiting.stop()
+}
+
+#[test]
+fn a_second_claim_on_an_app_leaves_its_traffic_with_the_holder() -> Result<()> {
+    prerequisites(&[])?;
+    let bed = Testbed::start(policy(true), 1)?;
+    let (ns1, _) = bed.host()?;
+    let (ns2, _) = bed.host()?;
+    let (ns3, _) = bed.host()?;
+    let mut sup1 = bed.join(&ns1, JoinSpec::new("supervisor-01", &["supervisor"], None))?;
+    let mut sup2 = bed.join(&ns2, JoinSpec::new("supervisor-02", &["supervisor"], None))?;
+    let mut node = bed.join(&ns3, JoinSpec::new("node-01", &["node"], None))?;
+    sup1.wait_peer_names(&["node-01", "supervisor-02"], SETTLE)?;
+    sup2.wait_peer_names(&["node-01", "supervisor-01"], SETTLE)?;
+    node.wait_peer_names(&["supervisor-01", "supervisor-02"], SETTLE)?;
+
+    let app: uuid::Uuid = APP.parse()?;
+    let app_ula = sup1.app_add(&app)?;
+    let app_addr = SocketAddr::new(app_ula.into(), tabbify_tests::app::APP_PORT);
+    let _real = AppProcess::start(&ns1, testapp(), app_addr, "app-01")?;
+    let app_url = format!("http://[{app_ula}]:8730/echo");
+    let ifname = node.ifname().to_owned();
+    tabbify_tests::wait::until_true("node-01 to route the app ULA", SETTLE, || {
+        has_route(&ns3, app_ula, &ifname)
+    })?;
+    let (status, body) = http_get(&ns3, &app_url, SETTLE)?;
+    ensure!(status == 200 && body["name"] == "app-01", "{status} {body}");
+
+    // The attack: supervisor-02 claims the same app and serves an impostor on its ULA.
+    sup2.app_add(&app)?;
+    let _impostor = AppProcess::start(&ns2, testapp(), app_addr, "impostor")?;
+    let s2 = sup2.wait_status("to show the app contested", SETTLE, |status| {
+        status.hosted_apps.iter().any(|a| {
+            a.ula == app_ula
+                && a.contested
+                    .as_deref()
+                    .is_some_and(|why| why.contains("supervisor-01"))
+        })
+    })?;
+    ensure!(
+        s2.registered,
+        "the refused claim cost supervisor-02 its session: {}",
+        s2.summary()
+    );
+    // Several heartbeats later, the app's traffic still goes to its holder.
+    for _ in 0..5 {
+        let (status, body) = http_get(&ns3, &app_url, Duration::from_secs(5))?;
+        ensure!(
+            status == 200 && body["name"] == "app-01",
+            "node-01 → app reached {body} ({status})"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let peers = node.peers()?;
+    let apps_of = |name: &str| {
+        peers
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.app_ulas.clone())
+            .unwrap_or_default()
+    };
+    ensure!(
+        apps_of("supervisor-01") == vec![app_ula] && apps_of("supervisor-02").is_empty(),
+        "node-01's roster: {peers:?}"
+    );
+
+    // The holder lets it go: the contested claim, retried with every heartbeat, succeeds.
+    sup1.app_remove(&app)?;
+    node.wait_peer("supervisor-02", "to host the app", SETTLE, |p| {
+        p.app_ulas == vec![app_ula]
+    })?;
+    sup2.wait_status("to hold the app", SETTLE, |status| {
+        status.hosted_apps.iter().all(|a| a.contested.is_none())
+    })?;
+    node.stop()?;
+    sup1.stop()?;
+    sup2.stop()
+}
+
+/// How long the cut test keeps a joiner from its coordinator: well past the expiry
+/// (three missed 1 s heartbeats).
+const CONTROL_CUT: Duration = Duration::from_secs(8);
+
+#[test]
+fn a_joiner_cut_from_the_coordinator_keeps_its_tunnels_and_comes_back_fresh() -> Result<()> {
+    prerequisites(&[Tool::Nft])?;
+    let bed = Testbed::start(policy(true), 1)?;
+    let (ns1, _) = bed.host()?;
+    let (ns2, _) = bed.host()?;
+    let mut sup1 = bed.join(&ns1, JoinSpec::new("supervisor-01", &["supervisor"], None))?;
+    let mut sup2 = bed.join(&ns2, JoinSpec::new("supervisor-02", &["supervisor"], None))?;
+    let s1 = sup1.wait_peer_names(&["supervisor-02"], SETTLE)?;
+    sup2.wait_peer_names(&["supervisor-01"], SETTLE)?;
+    wait_ping(&ns2, IpAddr::V6(s1.ula), SETTLE)?;
+    let mut pinger = Pinger::start(&ns2, IpAddr::V6(s1.ula), "0.1")?;
+
+    // Cut supervisor-01 from the coordinator: every packet it sends there is dropped.
+    let coordinator = bed.coordinator.addr();
+    let rules = ns1.workdir().join("cut.nft");
+    std::fs::write(
+        &rules,
+        format!(
+            "table inet tbt_cut {{\n  chain out {{\n    type filter hook output priority 0;\n    \
+             ip daddr {} tcp dport {} drop\n  }}\n}}\n",
+            coordinator.ip(),
+            coordinator.port()
+        ),
+    )?;
+    ns1.run("nft", &["-f", path(&rules)?])?;
+    let cut_at = unix_now();
+    // Three missed heartbeats: the coordinator marks it stale; supervisor-02 keeps it.
+    sup2.wait_peer("supervisor-01", "to be marked stale", SETTLE, |p| p.stale)?;
+    // For the whole cut, well past the expiry, the tunnel carries every ping.
+    pinger.check_uninterrupted(cut_at, CONTROL_CUT)?;
+    let peers = sup2.peers()?;
+    ensure!(
+        peers.iter().any(|p| p.name == "supervisor-01" && p.stale),
+        "supervisor-01 left supervisor-02's roster during the cut: {peers:?}"
+    );
+    let logs = bed.coordinator.logs();
+    ensure!(
+        !logs.contains("expired=1"),
+        "the coordinator expired a peer during the cut:\n{logs}"
+    );
+
+    // Reconnected: its heartbeats make it fresh again, without disturbing traffic.
+    ns1.run("nft", &["delete", "table", "inet", "tbt_cut"])?;
+    let back_at = unix_now();
+    sup2.wait_peer("supervisor-01", "to be fresh again", SETTLE, |p| !p.stale)?;
+    pinger.check_uninterrupted(back_at, Duration::from_secs(2))?;
+    sup1.stop()?;
+    sup2.stop()
 }
 
 fn path(path: &Path) -> Result<&str> {

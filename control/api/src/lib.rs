@@ -26,6 +26,7 @@
 //! | `POST /v1/tokens` (admin) | [`TokenRequest`] → [`TokenResponse`] |
 //! | `GET /v1/tokens` (admin) | → `Vec<`[`TokenInfo`]`>` (no secrets) |
 //! | `DELETE /v1/tokens/{token_id}` (admin) | → [`TokenInfo`] (the deleted token) |
+//! | `POST /v1/apps/{uuid}/move` (admin) | [`MoveAppRequest`] → [`MoveAppResponse`] |
 //! | `GET /health` | → [`Health`] |
 //! | `GET /metrics` | → Prometheus text |
 //! | `GET /openapi.json` | → OpenAPI 3 document |
@@ -70,11 +71,14 @@ pub const PATH_IDENTITIES_PREFIX: &str = "/v1/identities/";
 /// The URI subject alternative name that gives a mesh certificate the admin role.
 /// `tabbify-mesh-ca issue-admin` puts it in; peer certificates never carry it.
 pub const ADMIN_ROLE_URI: &str = "urn:tabbify:role:admin";
+/// Prefix of the admin app handover route: `POST {PATH_APPS}/{uuid}/move` with [`MoveAppRequest`].
+pub const PATH_APPS: &str = "/v1/apps";
 /// Path the coordinator calls on `--auth-url` to validate a join token.
 pub const PATH_AUTH_VALIDATE: &str = "/v1/join-tokens/validate";
 /// The largest request body the coordinator accepts, in bytes.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
-/// How many heartbeat intervals a peer may miss before it expires.
+/// How many heartbeat intervals a peer may miss before it is marked stale (it is removed,
+/// `expired`, only after the coordinator's `--stale-after` more).
 pub const MISSED_HEARTBEATS_TO_EXPIRE: u32 = 3;
 
 /// `POST /v1/mesh/register`: join the mesh (or rejoin, e.g. after a coordinator restart).
@@ -116,7 +120,7 @@ pub struct RegisterResponse {
     pub may_host_apps: bool,
     /// Source IP of the registration request + `wg_listen_port`.
     pub reflexive_endpoint: SocketAddr,
-    /// Send a heartbeat this often; three missed heartbeats expire the peer.
+    /// Send a heartbeat this often; three missed heartbeats make the peer stale.
     pub heartbeat_interval_secs: u64,
     /// The peers this peer may see, ACL-filtered.
     pub roster: Vec<RosterEntry>,
@@ -216,6 +220,11 @@ pub struct RosterEntry {
     pub hosted_app_ulas: Vec<Ipv6Addr>,
     /// The ACL between the viewer and this peer, for the data-plane filter.
     pub ports: PortRules,
+    /// The peer missed its heartbeats: the coordinator lost contact with it, but its
+    /// tunnels and apps stay (the data path may be fine). A heartbeat makes it fresh again;
+    /// it is removed (`expired`) only after the coordinator's `--stale-after`.
+    #[serde(default)]
+    pub stale: bool,
 }
 
 /// `GET /v1/mesh/peers`: the caller's visible roster.
@@ -241,7 +250,8 @@ pub struct RosterSnapshot {
 pub struct PeerRemove {
     /// The peer that left the roster.
     pub peer_id: String,
-    /// Why: `expired`, `revoked`, `replaced` (same identity, new key), `policy`.
+    /// Why: `expired` (stale for the coordinator's `--stale-after`), `revoked`, `replaced`
+    /// (same identity, new key), `policy`.
     pub reason: String,
 }
 
@@ -487,12 +497,33 @@ pub struct Revocation {
     pub revoked_at: u64,
 }
 
+/// `POST /v1/apps/{uuid}/move` (admin): hand an app over to another peer in one roster
+/// change (the app's ULA moves from its holder to `to`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveAppRequest {
+    /// The peer id that hosts the app from now on.
+    pub to: String,
+}
+
+/// The answer to [`MoveAppRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveAppResponse {
+    /// The app's ULA.
+    pub app_ula: Ipv6Addr,
+    /// The peer that held it before, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The peer that holds it now.
+    pub to: String,
+}
+
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// Always `ok` when the service answers.
     pub status: String,
-    /// Registered, unexpired peers.
+    /// Registered peers, stale ones included.
     pub peers: u64,
     /// Policy revision in force.
     pub policy_revision: u64,
@@ -532,6 +563,7 @@ pub(crate) mod tests {
                     last: 8730,
                 }],
             },
+            stale: false,
         }
     }
 

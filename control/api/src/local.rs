@@ -63,6 +63,10 @@ pub struct HostedApp {
     pub uuid: Uuid,
     /// Its ULA (on our TUN).
     pub ula: Ipv6Addr,
+    /// Another peer holds it at the coordinator (its 409 `app_taken` message); the joiner
+    /// keeps claiming it with every heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contested: Option<String>,
 }
 
 /// One peer as `peers` shows it.
@@ -91,6 +95,9 @@ pub struct PeerStatus {
     pub direct: bool,
     /// App ULAs it hosts.
     pub app_ulas: Vec<Ipv6Addr>,
+    /// The coordinator lost contact with it (missed heartbeats); its tunnel stays.
+    #[serde(default)]
+    pub stale: bool,
     /// The port rules the filter enforces with it.
     pub ports: PortRules,
 }

@@ -3,7 +3,9 @@
 //! ```text
 //! tabbify-mesh-coordinator --bind ADDR --tls-cert F --tls-key F --tls-ca F --policy-file F
 //!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
-//!     [--heartbeat-secs N] [--insecure-no-mtls]
+//!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
+//!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
+//!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--insecure-no-mtls]
 //! ```
 //!
 //! Prints `listening on ADDR` on stdout once it accepts connections.
@@ -58,9 +60,31 @@ struct Cli {
     /// Directory for tokens, admissions, revocations and the policy in force.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Heartbeat interval handed to peers; three missed ones expire a peer.
+    /// Heartbeat interval handed to peers; three missed ones make a peer stale.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
+    /// Seconds a peer that missed its heartbeats stays in rosters (marked stale) before it
+    /// is removed.
+    #[arg(long, default_value_t = 3600)]
+    stale_after: u64,
+    /// Most SSE streams one identity may hold open (more: 429).
+    #[arg(long, default_value_t = 4)]
+    max_streams_per_identity: usize,
+    /// Most open connections overall (more: 503, or closed).
+    #[arg(long, default_value_t = 20_000)]
+    max_connections: usize,
+    /// Most open connections from one source IP (more: 429, or closed).
+    #[arg(long, default_value_t = 512)]
+    max_connections_per_ip: usize,
+    /// Heartbeats and registrations one identity may send at once (token bucket size).
+    #[arg(long, default_value_t = 10)]
+    heartbeat_burst: u32,
+    /// Heartbeats and registrations per second one identity may sustain (bucket refill).
+    #[arg(long, default_value_t = 1.0)]
+    heartbeat_per_sec: f64,
+    /// Seconds a client has to complete the TLS handshake.
+    #[arg(long, default_value_t = 3)]
+    tls_handshake_secs: u64,
     /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
     #[arg(long)]
     insecure_no_mtls: bool,
@@ -90,6 +114,26 @@ fn main() -> anyhow::Result<()> {
     config.admins = cli.admins.iter().cloned().collect();
     config.state_dir = cli.state_dir.clone();
     config.heartbeat_interval = Duration::from_secs(cli.heartbeat_secs);
+    if cli.max_streams_per_identity == 0
+        || cli.max_connections == 0
+        || cli.max_connections_per_ip == 0
+        || cli.heartbeat_burst == 0
+        || cli.tls_handshake_secs == 0
+    {
+        bail!("--max-streams-per-identity, --max-connections, --max-connections-per-ip, --heartbeat-burst and --tls-handshake-secs must be at least 1");
+    }
+    if !(cli.heartbeat_per_sec.is_finite() && cli.heartbeat_per_sec > 0.0) {
+        bail!("--heartbeat-per-sec must be a positive number");
+    }
+    config.stale_after = Duration::from_secs(cli.stale_after);
+    config.max_streams_per_identity = cli.max_streams_per_identity;
+    config.max_connections = cli.max_connections;
+    config.max_connections_per_ip = cli.max_connections_per_ip;
+    config.heartbeat_rate = tabbify_control::limits::RateConfig {
+        burst: cli.heartbeat_burst,
+        per_sec: cli.heartbeat_per_sec,
+    };
+    config.tls_handshake_timeout = Duration::from_secs(cli.tls_handshake_secs);
 
     let tls_config = if cli.insecure_no_mtls {
         server::check_insecure(cli.bind, std::env::var(ALLOW_INSECURE_ENV).ok().as_deref())?;

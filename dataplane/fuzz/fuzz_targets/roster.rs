@@ -75,8 +75,10 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
             outbound: vec![PortRange::ALL],
             inbound: vec![PortRange::ALL],
         },
+        stale: false,
     };
     let apps = b.next()?;
+    e.stale = apps & 0x40 != 0;
     for (i, a) in APPS.iter().enumerate() {
         if apps & (1 << i) != 0 {
             e.hosted_app_ulas.push(a.parse().ok()?);

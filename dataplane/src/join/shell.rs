@@ -478,6 +478,7 @@ impl Joiner {
                 direct: hs.is_some_and(|d| now.saturating_sub(d) < LIVE_SESSION),
                 app_ulas: e.hosted_app_ulas.clone(),
                 ports: e.ports.clone(),
+                stale: e.stale,
             });
         }
         let connected = m.session().is_connected();
@@ -504,6 +505,9 @@ impl Joiner {
                 .map(|u| HostedApp {
                     uuid: *u,
                     ula: tabbify_api::ula::app_ula(u),
+                    contested: m
+                        .contested(&tabbify_api::ula::app_ula(u))
+                        .map(str::to_owned),
                 })
                 .collect(),
             peers,

@@ -230,6 +230,10 @@ pub struct Machine {
     backoff: Duration,
     /// The hosted apps changed while no stream was open: heartbeat once one is.
     heartbeat_pending: bool,
+    /// App ULAs another peer holds at the coordinator (409 `app_taken`), with its message.
+    contested: BTreeMap<Ipv6Addr, String>,
+    /// The app ULAs the last heartbeat claimed.
+    claimed: Vec<Ipv6Addr>,
     punches: Vec<Punch>,
     /// When the next automatic key rotation is due.
     rotate_at: Instant,
@@ -257,6 +261,8 @@ impl Machine {
             heartbeat: DEFAULT_HEARTBEAT,
             backoff: INITIAL_BACKOFF,
             heartbeat_pending: false,
+            contested: BTreeMap::new(),
+            claimed: Vec::new(),
             punches: Vec::new(),
             rotating: false,
             actions: VecDeque::new(),
@@ -351,6 +357,33 @@ impl Machine {
         };
         let resp = match r {
             Ok(resp) => resp,
+            // Another peer holds one of our apps: nothing of this heartbeat was applied
+            // (but it counted as alive). Send it again without the contested apps; every
+            // later heartbeat claims them again, so the claim succeeds once they are free.
+            Err(ClientError::Status { code, message, .. }) if code == "app_taken" => {
+                let app = contested_app(&message);
+                tracing::warn!(app = ?app, reason = %message, "an app we host is held by another peer");
+                match app.filter(|a| self.claimed.contains(a)) {
+                    Some(a) => {
+                        self.contested.insert(a, message);
+                    }
+                    None => {
+                        for a in &self.claimed {
+                            self.contested.insert(*a, message.clone());
+                        }
+                    }
+                }
+                let hosted_app_ulas: Vec<Ipv6Addr> = self
+                    .claimed
+                    .iter()
+                    .filter(|a| !self.contested.contains_key(a))
+                    .copied()
+                    .collect();
+                self.claimed = hosted_app_ulas.clone();
+                self.actions
+                    .push_back(Action::Heartbeat { hosted_app_ulas });
+                return;
+            }
             // Before the stream is open, any failure ends the attempt.
             Err(e) if opening => return self.lose_session(now, Err(e)),
             // The coordinator forgot us (restart, expiry): register again.
@@ -369,6 +402,8 @@ impl Machine {
             }
             Err(e) => return self.lose_session(now, Err(e)),
         };
+        let claimed = &self.claimed;
+        self.contested.retain(|a, _| !claimed.contains(a));
         self.heartbeat = interval(resp.heartbeat_interval_secs);
         let changed = self.me.reflexive != Some(resp.reflexive_endpoint);
         self.me.reflexive = Some(resp.reflexive_endpoint);
@@ -572,6 +607,11 @@ impl Machine {
         &self.apps
     }
 
+    /// Why the coordinator refused our claim on app `ula`, while another peer holds it.
+    pub fn contested(&self, ula: &Ipv6Addr) -> Option<&str> {
+        self.contested.get(ula).map(String::as_str)
+    }
+
     // ----- rules -----
 
     /// Ends the session: the table is left alone; revocation and a refusal before any
@@ -640,11 +680,15 @@ impl Machine {
     }
 
     fn push_heartbeat(&mut self) {
-        let hosted_app_ulas = if self.grant.as_ref().is_some_and(|g| g.may_host_apps) {
+        let hosted_app_ulas: Vec<Ipv6Addr> = if self.grant.as_ref().is_some_and(|g| g.may_host_apps)
+        {
             self.apps.iter().map(tabbify_api::ula::app_ula).collect()
         } else {
             Vec::new()
         };
+        let apps = &hosted_app_ulas;
+        self.contested.retain(|a, _| apps.contains(a));
+        self.claimed = hosted_app_ulas.clone();
         self.actions
             .push_back(Action::Heartbeat { hosted_app_ulas });
     }
@@ -800,6 +844,16 @@ fn interval(secs: u64) -> Duration {
     Duration::from_secs(secs.clamp(1, 3600))
 }
 
+/// The app a 409 `app_taken` names: the coordinator's message starts `app <ULA> is hosted by`.
+fn contested_app(message: &str) -> Option<Ipv6Addr> {
+    message
+        .strip_prefix("app ")?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -870,6 +924,7 @@ mod tests {
                     last: 8730,
                 }],
             },
+            stale: false,
         }
     }
 
@@ -1630,6 +1685,68 @@ mod tests {
             }]
         );
         assert_eq!(m.apps(), [app], "kept, only not advertised");
+    }
+
+    /// Issue 11 (one host per app): a 409 `app_taken` on a heartbeat is not a lost session:
+    /// the joiner resends without the contested app, shows it, and claims it again with the
+    /// next heartbeat; a successful claim clears it.
+    #[test]
+    fn a_contested_app_is_retried_without_losing_the_session() {
+        let t = Instant::now();
+        let (a, b) = (Uuid::from_u128(7), Uuid::from_u128(8));
+        let (ua, ub) = (tabbify_api::ula::app_ula(&a), tabbify_api::ula::app_ula(&b));
+        let mut m = Machine::new(config(true, vec![a, b]));
+        drain(&mut m);
+        m.handle_registered(t, Ok(registered(vec![])));
+        let first = drain(&mut m);
+        let Action::Heartbeat { hosted_app_ulas } = &first[0] else {
+            panic!("{first:?}")
+        };
+        assert_eq!(hosted_app_ulas.len(), 2);
+        let taken = ClientError::Status {
+            status: StatusCode::CONFLICT,
+            code: "app_taken".into(),
+            message: format!("app {ub} is hosted by peer 00ff (other); ..."),
+        };
+        m.handle_heartbeat(t, Err(taken));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Heartbeat {
+                hosted_app_ulas: vec![ua]
+            }],
+            "resent without the contested app, session kept"
+        );
+        assert!(m.contested(&ub).unwrap().contains("00ff"));
+        assert_eq!(m.contested(&ua), None);
+        m.handle_heartbeat(t, Ok(beat("203.0.113.9:51820")));
+        assert_eq!(drain(&mut m), vec![Action::OpenStream]);
+        m.handle_stream_opened(t, Ok(()));
+        assert!(m.contested(&ub).is_some(), "still held elsewhere");
+        // The next heartbeat claims both again; this time the claim succeeds.
+        m.handle_timeout(t + 10 * SEC);
+        let Action::Heartbeat { hosted_app_ulas } = &drain(&mut m)[0] else {
+            panic!()
+        };
+        assert_eq!(hosted_app_ulas.len(), 2);
+        m.handle_heartbeat(t + 10 * SEC, Ok(beat("203.0.113.9:51820")));
+        assert_eq!(m.contested(&ub), None);
+        assert!(m.session().is_connected());
+        // A message that names no app: every claimed app is held back for this round.
+        m.handle_timeout(t + 20 * SEC);
+        drain(&mut m);
+        let vague = ClientError::Status {
+            status: StatusCode::CONFLICT,
+            code: "app_taken".into(),
+            message: "taken".into(),
+        };
+        m.handle_heartbeat(t + 20 * SEC, Err(vague));
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Heartbeat {
+                hosted_app_ulas: vec![]
+            }]
+        );
+        assert!(m.session().is_connected());
     }
 
     #[test]

@@ -633,6 +633,7 @@ mod tests {
                 }],
                 inbound: vec![PortRange::ALL],
             },
+            stale: false,
         }
     }
 
