@@ -333,6 +333,8 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
         },
         mtu,
         addresses: cfg.interface.addresses.clone(),
+        covering_routes: Vec::new(),
+        routed: Vec::new(),
         routes: cfg
             .peers
             .iter()
