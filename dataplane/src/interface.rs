@@ -116,6 +116,11 @@ impl Interface {
         &self.engine.info
     }
 
+    /// The engine's drop counters.
+    pub fn counters(&self) -> Arc<crate::core::counters::DropCounters> {
+        self.engine.shared.counters.clone()
+    }
+
     /// Whether the sockets speak IPv6 (dual-stack).
     pub fn ipv6(&self) -> bool {
         self.engine.shared.udp.ipv6
@@ -140,10 +145,17 @@ impl Interface {
     /// Removes the UAPI socket and the TUN and logs the packets dropped, by reason.
     pub fn shut_down(self) {
         let drops = self.engine.shared.counters.nonzero();
+        let answered = self.engine.shared.counters.unreachable_sent();
         drop(self.uapi);
         self.engine.stop();
         for (reason, n) in drops {
             tracing::info!(reason = reason.name(), count = n, "dropped packets");
+        }
+        if answered > 0 {
+            tracing::info!(
+                count = answered,
+                "ICMP unreachable answers written to the TUN"
+            );
         }
         tracing::info!(interface = %self.name, "interface removed");
     }

@@ -28,6 +28,7 @@ use tabbify_api::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::core::counters::DropCounters;
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
@@ -53,6 +54,8 @@ pub struct Joiner {
     ipv6: bool,
     handshaker: Handshaker,
     table: Arc<Table>,
+    /// The engine's drop counters (for `status`).
+    counters: Arc<DropCounters>,
     client: Client,
     state: StateDir,
     public_key: [u8; 32],
@@ -142,6 +145,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         ipv6: iface.ipv6(),
         handshaker,
         table,
+        counters: iface.counters(),
         client,
         state,
         public_key,
@@ -413,6 +417,13 @@ impl Joiner {
                 })
                 .collect(),
             peers,
+            drops: self
+                .counters
+                .nonzero()
+                .into_iter()
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
+            unreachable_sent: self.counters.unreachable_sent(),
         }
     }
 
