@@ -17,7 +17,7 @@
 //!
 //! The TUN→peer path answers what it cannot route: a packet for an address no peer covers
 //! (a removed peer, an unknown app) is dropped and a destination-unreachable answer goes
-//! into [`Pipeline::replies`], which the driver writes back to the TUN after the batch
+//! into the pipeline's reply batch, which the driver writes back to the TUN after the batch
 //! ([`Pipeline::drain_replies`]); the answers are rate limited by a token bucket the driver
 //! refills with [`Pipeline::tick`] (see `core::icmp`). The peer→TUN path writes a decrypted
 //! packet only if its destination is this node's (see `core::local`).
