@@ -313,15 +313,6 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
         boringtun::x25519::StaticSecret::from(cfg.interface.private_key.0),
         cfg.interface.listen_port.unwrap_or(0),
     ));
-    for p in &cfg.peers {
-        table.upsert_peer(PeerConfig {
-            public_key: p.public_key.0,
-            preshared_key: p.preshared_key.map(|k| k.0),
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips.clone(),
-            persistent_keepalive: p.persistent_keepalive,
-        })?;
-    }
     let spec = InterfaceSpec {
         engine: EngineOptions {
             interface: name.clone(),
@@ -341,7 +332,19 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect(),
     };
-    let iface = Interface::start(&spec, table)?;
+    // Fail closed: the TUN, its addresses and every AllowedIPs route exist before any peer
+    // does, so from the first packet on, traffic for those prefixes goes into the engine
+    // (which answers "unreachable" while no peer covers it), never out of another interface.
+    let iface = Interface::start(&spec, table.clone())?;
+    for p in &cfg.peers {
+        table.upsert_peer(PeerConfig {
+            public_key: p.public_key.0,
+            preshared_key: p.preshared_key.map(|k| k.0),
+            endpoint: p.endpoint,
+            allowed_ips: p.allowed_ips.clone(),
+            persistent_keepalive: p.persistent_keepalive,
+        })?;
+    }
     tracing::info!(interface = %name, "up; SIGINT or SIGTERM to stop");
     let stop = loop {
         if let Some(stop) = iface.stop_reason() {

@@ -3,7 +3,7 @@
 //!
 //! | test | attacker | must hold |
 //! |---|---|---|
-//! | `a_peer_cannot_route_through_a_forwarding_node_to_its_lan` | a peer with a valid key (`up`) sends, through the tunnel, packets whose inner destination is a LAN host behind a node with forwarding on (IPv4 and IPv6) | nothing arrives on the LAN veth (nftables counter at the LAN host's ingress); the node counts `destination_not_local`; the node's own addresses still answer both ways |
+//! | `a_peer_cannot_route_through_a_forwarding_node_to_its_lan` | a peer with a valid key (`up`) sends, through the tunnel, packets whose inner destination is a LAN host behind a node with forwarding on (IPv4 and IPv6) | nothing arrives on the LAN veth (nftables counter at the LAN host's ingress); the node counts `destination_not_local`; the node's own addresses still answer both ways; after `wg set … remove` of the peer, pings to its addresses (IPv4 and IPv6) fail at once with unreachable and nothing for them leaves by the node's default routes |
 //! | `removed_peers_and_unknown_apps_get_unreachable_not_cleartext` | a joiner's application sends to an unknown app ULA and, after revocation, to a removed peer's ULA, on a host whose default IPv6 route leads to the LAN | nothing for the mesh prefixes leaves by the LAN interface (nftables counter on the host's postrouting for any interface but the TUN); ping fails at once with "Destination unreachable", not a timeout; `status --json` counts the answers |
 //!
 //! Each test builds its own namespaces (unique names from the harness) and removes them on
@@ -175,6 +175,37 @@ fn a_peer_cannot_route_through_a_forwarding_node_to_its_lan() -> Result<()> {
     );
     // The node's own addresses still answer after the attempt.
     wait_ping(&attacker_ns, IpAddr::from([10, 99, 0, 2]), SETTLE)?;
+
+    // `up` reconfigured at run time: once the node removes the peer, the peer's addresses
+    // still route into the engine, which answers "unreachable" at once; nothing for them
+    // leaves by the node's default routes (to the LAN).
+    node_ns.ip(&["route", "add", "default", "via", &lan.b.v4.to_string()])?;
+    node_ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &lan.b.v6.to_string(),
+    ])?;
+    count_packets(
+        &node_ns,
+        "inet",
+        "type filter hook postrouting priority 0;",
+        &[
+            format!("oifname != \"{}\" ip daddr 10.99.0.1", node.ifname()),
+            format!("oifname != \"{}\" ip6 daddr {attacker_ula}", node.ifname()),
+        ],
+    )?;
+    node.set(&["peer", &ka.public, "remove"])?;
+    expect_unreachable(&node_ns, IpAddr::from([10, 99, 0, 1]))?;
+    expect_unreachable(&node_ns, IpAddr::V6(attacker_ula))?;
+    let leaked = counted(&node_ns, "inet")?;
+    ensure!(
+        leaked == 0,
+        "{leaked} packets for the removed peer left by another interface than the TUN"
+    );
+
     let (_, logs) = node.stop_with_logs()?;
     let refused = logged_drops(&logs, "destination_not_local");
     ensure!(
@@ -274,8 +305,10 @@ fn wait_no_host_route(netns: &Netns, addr: Ipv6Addr) -> Result<()> {
     })
 }
 
-/// One ping to `addr` from `netns` fails at once with "Destination unreachable".
-fn expect_unreachable(netns: &Netns, addr: Ipv6Addr) -> Result<()> {
+/// One ping to `addr` from `netns` fails at once with "Destination unreachable" (IPv6) or
+/// "Destination Host Unreachable" (IPv4).
+fn expect_unreachable(netns: &Netns, addr: impl Into<IpAddr>) -> Result<()> {
+    let addr: IpAddr = addr.into();
     let started = Instant::now();
     let out = netns
         .command("ping")
@@ -290,7 +323,7 @@ fn expect_unreachable(netns: &Netns, addr: Ipv6Addr) -> Result<()> {
     );
     ensure!(!out.status.success(), "ping {addr} succeeded: {text}");
     ensure!(
-        text.contains("Destination unreachable"),
+        text.to_lowercase().contains("destination") && text.to_lowercase().contains("unreachable"),
         "ping {addr} did not report Destination unreachable: {text}"
     );
     ensure!(
