@@ -307,6 +307,13 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     if name.is_empty() || name.len() > 15 {
         bail!("interface name `{name}` must be 1-15 bytes");
     }
+    for n in cfg.peers.iter().flat_map(|p| &p.allowed_ips) {
+        if n.prefix_len() == 0 {
+            // wg-quick would add fwmark policy rules here; `up` routes the prefix onto the
+            // TUN like any other, which also captures the underlay's own default route.
+            tracing::warn!(prefix = %n, "default route in AllowedIPs: `up` has no fwmark policy routing; the peers' endpoints need more specific routes outside the tunnel");
+        }
+    }
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
     check_mtu("MTU", mtu)?;
     let table = Arc::new(Table::new(
