@@ -27,6 +27,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use tabbify_benches::{MSS, TCP_HDR};
 use tabbify_engine::core::batch::TxBatch;
 use tabbify_engine::core::counters::DropCounters;
+use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::offload::testkit::SuperPacket;
 use tabbify_engine::core::offload::{self, VirtioNetHdr};
@@ -58,8 +59,21 @@ struct Node {
     ep: SocketAddr,
 }
 
-fn node(me: [u8; 32], peer: [u8; 32], peer_ep: &str, allowed: &str, vnet: bool, ep: &str) -> Node {
+fn node(
+    me: [u8; 32],
+    peer: [u8; 32],
+    peer_ep: &str,
+    allowed: &str,
+    own: &str,
+    vnet: bool,
+    ep: &str,
+) -> Node {
     let table = Arc::new(Table::new(StaticSecret::from(me), 51820));
+    // The receive path delivers only packets for the node's own address.
+    table.set_local(LocalNets::new(
+        [own.parse::<IpAddr>().expect("address")],
+        [],
+    ));
     table
         .upsert_peer(PeerConfig {
             public_key: PublicKey::from(&StaticSecret::from(peer)).to_bytes(),
@@ -172,8 +186,8 @@ fn tso_super_packet(segments: usize) -> (VirtioNetHdr, Vec<u8>) {
 
 /// Two nodes (A = 10.0.0.1, B = 10.0.0.2) with an established session.
 fn pair(vnet: bool) -> (Node, Node) {
-    let mut a = node(KEY_A, KEY_B, EP_B, "10.0.0.2/32", vnet, EP_A);
-    let mut b = node(KEY_B, KEY_A, EP_A, "10.0.0.1/32", vnet, EP_B);
+    let mut a = node(KEY_A, KEY_B, EP_B, "10.0.0.2/32", "10.0.0.1", vnet, EP_A);
+    let mut b = node(KEY_B, KEY_A, EP_A, "10.0.0.1/32", "10.0.0.2", vnet, EP_B);
     let mut first = if vnet {
         vec![0u8; offload::VNET_HDR_LEN]
     } else {

@@ -1,19 +1,30 @@
 //! One bring-up and shutdown path for `tabbify-mesh up` and `tabbify-mesh join`.
 //!
 //! ```text
-//! start:  SIGINT/SIGTERM flags ─▶ engine (TUN + workers) on the table ─▶ link up, MTU
-//!         ─▶ addresses (fatal on error) ─▶ routes (logged on error) ─▶ UAPI socket
+//! start:  local destinations into the table (addresses + routed prefixes) ─▶ SIGINT/SIGTERM
+//!         flags ─▶ engine (TUN + workers) on the table ─▶ link up, MTU ─▶ addresses (fatal
+//!         on error) ─▶ covering routes (fatal on error) ─▶ routes (logged on error)
+//!         ─▶ UAPI socket
 //! run:    the caller's loop, until `stop_reason()` says a signal came or a worker failed
 //! stop:   UAPI socket removed ─▶ workers joined, TUN gone with its last queue ─▶ drops logged
 //! ```
 //!
 //! The signals only set a flag (nothing else runs in a handler); both commands poll it.
+//!
+//! Failing closed: the table learns this node's addresses before the engine starts, so a
+//! decrypted packet for any other destination is dropped from the first packet on
+//! (`core::local`). Every route is installed onto the TUN before the UAPI socket exists, so
+//! no `wg set` can run before the routes are in place, and the routes stay on the TUN for
+//! the interface's life: a prefix whose peer goes away keeps routing into the engine, which
+//! drops the packet and answers with an ICMP unreachable (`core::icmp`), instead of falling
+//! back to another route in cleartext.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
 use crate::driver::{Engine, EngineInfo, EngineOptions, Handshaker};
@@ -29,8 +40,14 @@ pub struct InterfaceSpec {
     pub mtu: u32,
     /// Addresses to put on the TUN.
     pub addresses: Vec<IpNet>,
-    /// Prefixes to route into the TUN.
+    /// Prefixes that must route into the TUN: starting fails if one cannot be installed
+    /// (the joiner's mesh prefixes).
+    pub covering_routes: Vec<IpNet>,
+    /// Prefixes to route into the TUN (a failure is logged).
     pub routes: Vec<IpNet>,
+    /// Prefixes this node routes for its peers on purpose (a subnet router): decrypted
+    /// packets for them are delivered besides those for `addresses`. Empty by default.
+    pub routed: Vec<IpNet>,
 }
 
 /// Why a running interface should stop.
@@ -59,12 +76,20 @@ impl Interface {
             signal_hook::flag::register(sig, signalled.clone())
                 .context("installing signal handlers")?;
         }
+        table.set_local(LocalNets::new(
+            spec.addresses.iter().map(|a| a.addr()),
+            spec.routed.iter().copied(),
+        ));
         let engine = Engine::start(&spec.engine, table.clone())
             .with_context(|| format!("starting the engine on {name}"))?;
         engine.info.log(&name);
         link::up(&name, spec.mtu)?;
         for a in &spec.addresses {
             link::add_address(&name, a)?;
+        }
+        for n in &spec.covering_routes {
+            link::add_route(&name, n)
+                .with_context(|| format!("routing {n} into {name} (fail-closed route)"))?;
         }
         for n in &spec.routes {
             if let Err(e) = link::add_route(&name, n) {
@@ -91,6 +116,11 @@ impl Interface {
         &self.engine.info
     }
 
+    /// The engine's drop counters.
+    pub fn counters(&self) -> Arc<crate::core::counters::DropCounters> {
+        self.engine.shared.counters.clone()
+    }
+
     /// Whether the sockets speak IPv6 (dual-stack).
     pub fn ipv6(&self) -> bool {
         self.engine.shared.udp.ipv6
@@ -115,10 +145,17 @@ impl Interface {
     /// Removes the UAPI socket and the TUN and logs the packets dropped, by reason.
     pub fn shut_down(self) {
         let drops = self.engine.shared.counters.nonzero();
+        let answered = self.engine.shared.counters.unreachable_sent();
         drop(self.uapi);
         self.engine.stop();
         for (reason, n) in drops {
             tracing::info!(reason = reason.name(), count = n, "dropped packets");
+        }
+        if answered > 0 {
+            tracing::info!(
+                count = answered,
+                "ICMP unreachable answers written to the TUN"
+            );
         }
         tracing::info!(interface = %self.name, "interface removed");
     }

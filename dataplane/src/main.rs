@@ -329,21 +329,19 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     if name.is_empty() || name.len() > 15 {
         bail!("interface name `{name}` must be 1-15 bytes");
     }
+    for n in cfg.peers.iter().flat_map(|p| &p.allowed_ips) {
+        if n.prefix_len() == 0 {
+            // wg-quick would add fwmark policy rules here; `up` routes the prefix onto the
+            // TUN like any other, which also captures the underlay's own default route.
+            tracing::warn!(prefix = %n, "default route in AllowedIPs: `up` has no fwmark policy routing; the peers' endpoints need more specific routes outside the tunnel");
+        }
+    }
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
     check_mtu("MTU", mtu)?;
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(cfg.interface.private_key.0),
         cfg.interface.listen_port.unwrap_or(0),
     ));
-    for p in &cfg.peers {
-        table.upsert_peer(PeerConfig {
-            public_key: p.public_key.0,
-            preshared_key: p.preshared_key.map(|k| k.0),
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips.clone(),
-            persistent_keepalive: p.persistent_keepalive,
-        })?;
-    }
     let spec = InterfaceSpec {
         engine: EngineOptions {
             interface: name.clone(),
@@ -355,13 +353,27 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
         },
         mtu,
         addresses: cfg.interface.addresses.clone(),
+        covering_routes: Vec::new(),
+        routed: Vec::new(),
         routes: cfg
             .peers
             .iter()
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect(),
     };
-    let iface = Interface::start(&spec, table)?;
+    // Fail closed: the TUN, its addresses and every AllowedIPs route exist before any peer
+    // does, so from the first packet on, traffic for those prefixes goes into the engine
+    // (which answers "unreachable" while no peer covers it), never out of another interface.
+    let iface = Interface::start(&spec, table.clone())?;
+    for p in &cfg.peers {
+        table.upsert_peer(PeerConfig {
+            public_key: p.public_key.0,
+            preshared_key: p.preshared_key.map(|k| k.0),
+            endpoint: p.endpoint,
+            allowed_ips: p.allowed_ips.clone(),
+            persistent_keepalive: p.persistent_keepalive,
+        })?;
+    }
     tracing::info!(interface = %name, "up; SIGINT or SIGTERM to stop");
     let stop = loop {
         if let Some(stop) = iface.stop_reason() {

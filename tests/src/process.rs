@@ -106,6 +106,11 @@ impl Process {
         &self.netns
     }
 
+    /// The log file (stdout and stderr); it stays until the namespace is dropped.
+    pub fn log_path(&self) -> &std::path::Path {
+        &self.log_path
+    }
+
     /// Everything the process has written to stdout and stderr so far, without ANSI
     /// colour sequences.
     pub fn logs(&self) -> String {

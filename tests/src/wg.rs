@@ -437,6 +437,18 @@ impl WgPeer {
         self.process.ensure_running()
     }
 
+    /// [`WgPeer::stop`] that also returns the daemon's whole log (ours logs its drop
+    /// counters on the way out).
+    pub fn stop_with_logs(self) -> Result<(ExitStatus, String)> {
+        // The log file lives in the namespace's work directory, which outlives the daemon.
+        let path = self.process.log_path().to_owned();
+        let status = self.stop()?;
+        let logs = std::fs::read(&path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok((status, logs))
+    }
+
     /// Sends SIGTERM and waits for the exit. For ours this also checks the contract of
     /// `tabbify-mesh up`: exit status 0, the interface and its UAPI socket gone.
     pub fn stop(mut self) -> Result<ExitStatus> {

@@ -137,6 +137,14 @@ pub struct Status {
     /// contradicted the design), counted by reason since start.
     #[serde(default)]
     pub roster_refused: RosterRefusals,
+    /// Packets the data plane dropped, by reason (the engine's snake_case reason names,
+    /// e.g. `destination_not_local`, `no_route`); reasons with no drops are left out.
+    #[serde(default)]
+    pub drops: std::collections::BTreeMap<String, u64>,
+    /// ICMP unreachable answers the data plane wrote back to the TUN for packets to mesh
+    /// addresses no peer holds.
+    #[serde(default)]
+    pub unreachable_sent: u64,
 }
 
 /// Counts of what the joiner refused from the coordinator's roster, by reason. Each

@@ -2,7 +2,9 @@
 //! TSO super-packets split, sent as GSO batches and coalesced again on receive, and
 //! hostile input (garbage, truncation, unknown indexes, replays, spoofed inner sources)
 //! dropped and counted, and the per-peer port filter enforced at the sender and at the
-//! receiver. No sockets: datagrams are handed from one pipeline to the other.
+//! receiver. A peer routing through the receiver (an inner destination that is not the
+//! receiver's) is refused, and a TUN read no peer covers is answered with an ICMP
+//! unreachable. No sockets: datagrams are handed from one pipeline to the other.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly by design
 
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_engine::core::counters::{DropCounters, DropReason};
 use tabbify_engine::core::filter::PortFilter;
+use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::offload::testkit::SuperPacket;
 use tabbify_engine::core::offload::{self, VirtioNetHdr};
@@ -47,10 +50,12 @@ fn node(
     peer: &StaticSecret,
     peer_ep: &str,
     allowed: &str,
+    own: &str,
     vnet: bool,
     ep: &str,
 ) -> Node {
     let table = Arc::new(Table::new(secret.clone(), 51820));
+    table.set_local(LocalNets::new([own.parse::<IpAddr>().unwrap()], []));
     table
         .upsert_peer(PeerConfig {
             public_key: PublicKey::from(peer).to_bytes(),
@@ -72,8 +77,8 @@ fn node(
 fn pair(vnet: bool) -> (Node, Node) {
     let ka = StaticSecret::from([1u8; 32]);
     let kb = StaticSecret::from([2u8; 32]);
-    let a = node(&ka, &kb, EP_B, "10.0.0.2/32", vnet, EP_A);
-    let b = node(&kb, &ka, EP_A, "10.0.0.1/32", vnet, EP_B);
+    let a = node(&ka, &kb, EP_B, "10.0.0.2/32", "10.0.0.1", vnet, EP_A);
+    let b = node(&kb, &ka, EP_A, "10.0.0.1/32", "10.0.0.2", vnet, EP_B);
     (a, b)
 }
 
@@ -245,6 +250,117 @@ fn no_route_and_no_endpoint_are_counted() {
     a.pipe.on_tun(&snap, &mut junk).unwrap();
     assert_eq!(a.counters.get(DropReason::MalformedInner), 1);
     assert!(take(&mut a).is_empty());
+}
+
+/// Issue 12: a member with a valid session sends packets whose inner source is its own
+/// (allowed) address but whose destination is a LAN address behind the receiver, another
+/// peer's ULA, or multicast: none reaches the receiver's TUN, each is counted.
+#[test]
+fn a_peer_cannot_route_through_the_receiver() {
+    let (mut a, mut b) = pair(false);
+    handshake(
+        &mut a,
+        &mut b,
+        &ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"ok"),
+    );
+    // The attacker's side routes the foreign destinations to B (its own table is its own).
+    let kb = PublicKey::from(&StaticSecret::from([2u8; 32])).to_bytes();
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: kb,
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec!["0.0.0.0/0".parse().unwrap()],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    let snap = a.table.load_full();
+    let foreign: [[u8; 4]; 4] = [
+        [192, 168, 1, 10],
+        [10, 0, 0, 3],
+        [224, 0, 0, 1],
+        [10, 0, 0, 255],
+    ];
+    for dst in foreign {
+        a.pipe
+            .on_tun(&snap, &mut ipv4_udp([10, 0, 0, 1], dst, b"through"))
+            .unwrap();
+    }
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert!(
+        sink.0.is_empty(),
+        "nothing for another host reached B's TUN"
+    );
+    assert_eq!(b.counters.get(DropReason::DestinationNotLocal), 4);
+    // B's own address still gets through, on the same session.
+    a.pipe
+        .on_tun(&snap, &mut ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"mine"))
+        .unwrap();
+    deliver(&mut a, &mut b, &mut sink);
+    assert_eq!(sink.0.len(), 1);
+    assert_eq!(b.counters.total(), 4);
+}
+
+/// A table nobody gave its addresses delivers nothing (fails closed).
+#[test]
+fn a_receiver_without_local_addresses_delivers_nothing() {
+    let (mut a, mut b) = pair(false);
+    handshake(
+        &mut a,
+        &mut b,
+        &ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"ok"),
+    );
+    b.table.set_local(LocalNets::default());
+    let snap = a.table.load_full();
+    a.pipe
+        .on_tun(&snap, &mut ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"x"))
+        .unwrap();
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert!(sink.0.is_empty());
+    assert_eq!(b.counters.get(DropReason::DestinationNotLocal), 1);
+}
+
+/// A TUN read for an address no peer covers (a removed peer) is answered at once with an
+/// ICMP unreachable to the local sender, rate limited, and nothing goes to the network.
+#[test]
+fn no_route_is_answered_with_icmp_unreachable_rate_limited() {
+    let (mut a, _b) = pair(false);
+    let t0 = std::time::Instant::now();
+    a.pipe.tick(t0);
+    let snap = a.table.load_full();
+    let mut p = ipv4_udp([10, 0, 0, 1], [10, 9, 9, 9], b"to a removed peer");
+    a.pipe.on_tun(&snap, &mut p.clone()).unwrap();
+    assert!(take(&mut a).is_empty(), "nothing sent to any peer");
+    let mut sink = Collect::default();
+    a.pipe.drain_replies(&mut sink);
+    assert_eq!(sink.0.len(), 1);
+    let ans = &sink.0[0];
+    assert_eq!(&ans[12..16], &[10, 9, 9, 9], "from the unreachable address");
+    assert_eq!(&ans[16..20], &[10, 0, 0, 1], "to the sender");
+    assert_eq!((ans[20], ans[21]), (3, 1), "ICMP host unreachable");
+    assert_eq!(&ans[28..], &p[..], "quotes the packet");
+    assert_eq!(a.counters.unreachable_sent(), 1);
+    // A flood gets the burst, then nothing until time passes.
+    for _ in 0..200 {
+        a.pipe.on_tun(&snap, &mut p).unwrap();
+    }
+    let mut sink = Collect::default();
+    a.pipe.drain_replies(&mut sink);
+    let burst = tabbify_engine::core::icmp::DEFAULT_BURST as usize;
+    assert_eq!(sink.0.len(), burst - 1);
+    assert_eq!(
+        a.counters.get(DropReason::UnreachableLimited),
+        200 - (burst as u64 - 1)
+    );
+    a.pipe.tick(t0 + std::time::Duration::from_secs(1));
+    a.pipe.on_tun(&snap, &mut p).unwrap();
+    let mut sink = Collect::default();
+    a.pipe.drain_replies(&mut sink);
+    assert_eq!(sink.0.len(), 1, "refilled");
+    assert!(!a.pipe.has_replies());
+    assert_eq!(a.counters.get(DropReason::NoRoute), 202);
 }
 
 #[test]

@@ -25,6 +25,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tabbify_engine::core::counters::{DropCounters, DropReason};
+use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::peer::{Peer, PeerConfig};
 use tabbify_engine::core::pipeline::{Pipeline, TunSink};
@@ -190,6 +191,8 @@ impl Sim {
             0,
             u16::try_from(id + 1).unwrap_or(0),
         );
+        // The node's ULA is its own address: decrypted packets for it are delivered.
+        table.set_local(LocalNets::new([IpAddr::V6(ula)], []));
         // Timer phases differ per node, as real timer threads started at different times.
         let phase = TICK.mul_f64(self.rng.gen::<f64>());
         self.nodes.push(Node {

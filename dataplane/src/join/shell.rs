@@ -30,6 +30,8 @@ use tabbify_api::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::core::counters::DropCounters;
+use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
 use crate::driver::{EngineInfo, EngineOptions, Handshaker};
@@ -54,6 +56,8 @@ pub struct Joiner {
     ipv6: bool,
     handshaker: Handshaker,
     table: Arc<Table>,
+    /// The engine's drop counters (for `status`).
+    counters: Arc<DropCounters>,
     client: Client,
     state: StateDir,
     /// The node's public key in use (replaced by a rotation).
@@ -134,7 +138,11 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             },
             mtu: opts.mtu,
             addresses,
+            // The whole mesh routes into the engine: a removed peer or an unknown app gets
+            // an ICMP unreachable from the engine, never a cleartext packet on the LAN.
+            covering_routes: mesh_prefixes(),
             routes: Vec::new(),
+            routed: Vec::new(),
         },
         table.clone(),
     )?;
@@ -159,6 +167,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         ipv6: iface.ipv6(),
         handshaker,
         table,
+        counters: iface.counters(),
         client,
         state,
         public_key: Mutex::new(public_key),
@@ -512,6 +521,13 @@ impl Joiner {
                 .collect(),
             peers,
             roster_refused: m.refused(),
+            drops: self
+                .counters
+                .nonzero()
+                .into_iter()
+                .map(|(r, n)| (r.name().to_owned(), n))
+                .collect(),
+            unreachable_sent: self.counters.unreachable_sent(),
         }
     }
 
@@ -529,6 +545,8 @@ impl Joiner {
                 tracing::warn!(error = %e, "app address not removed");
             }
         }
+        // Decrypted packets are delivered only to our ULA and the apps hosted now.
+        self.table.set_local(local_nets(self.ula, m.apps()));
         self.state
             .set_apps(m.apps())
             .map_err(|e| format!("{e:#}"))?;
@@ -554,6 +572,23 @@ fn certificate_cn(pem: &str) -> anyhow::Result<String> {
         .as_str()
         .context("the certificate's CN is not a string")?;
     Ok(cn.to_owned())
+}
+
+/// The mesh prefixes (peer ULAs, app ULAs), routed into the TUN for the joiner's life.
+pub fn mesh_prefixes() -> Vec<IpNet> {
+    [
+        Ipv6Addr::new(0xfd5a, 0x1f00, 0, 0, 0, 0, 0, 0),
+        Ipv6Addr::new(0xfd5a, 0x1f02, 0, 0, 0, 0, 0, 0),
+    ]
+    .into_iter()
+    .filter_map(|a| IpNet::new(IpAddr::V6(a), 32))
+    .collect()
+}
+
+/// The destinations this joiner accepts from peers: its ULA and its hosted apps' ULAs.
+fn local_nets(ula: Ipv6Addr, apps: &[Uuid]) -> LocalNets {
+    let addrs = std::iter::once(ula).chain(apps.iter().map(tabbify_api::ula::app_ula));
+    LocalNets::new(addrs.map(IpAddr::V6), [])
 }
 
 /// The stream's next event; never resolves without a stream.
@@ -589,5 +624,37 @@ impl control::Handler for Joiner {
             Request::AppRemove { uuid } => self.app_change(uuid, false),
             Request::RotateKey => self.rotate_now().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_prefixes_cover_every_peer_and_app_ula() {
+        let p = mesh_prefixes();
+        assert_eq!(
+            p.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            ["fd5a:1f00::/32", "fd5a:1f02::/32"]
+        );
+        let peer = tabbify_api::ula::peer_ula(&[7u8; 32]);
+        let app = tabbify_api::ula::app_ula(&Uuid::from_u128(42));
+        assert!(p.iter().any(|n| n.contains(IpAddr::V6(peer))));
+        assert!(p.iter().any(|n| n.contains(IpAddr::V6(app))));
+    }
+
+    #[test]
+    fn a_joiner_accepts_only_its_ula_and_its_apps() {
+        let me = tabbify_api::ula::peer_ula(&[1u8; 32]);
+        let other = tabbify_api::ula::peer_ula(&[2u8; 32]);
+        let mine = Uuid::from_u128(1);
+        let theirs = Uuid::from_u128(2);
+        let l = local_nets(me, &[mine]);
+        assert!(l.contains(IpAddr::V6(me)));
+        assert!(l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&mine))));
+        assert!(!l.contains(IpAddr::V6(other)));
+        assert!(!l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&theirs))));
+        assert!(!l.contains("192.168.1.1".parse().unwrap()));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 16;
+const REASONS: usize = 18;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,7 +15,8 @@ const REASONS: usize = 16;
 pub enum DropReason {
     /// A TUN read that is not a valid IPv4/IPv6 packet (or a bad virtio header).
     MalformedInner,
-    /// No peer's AllowedIPs cover the inner destination.
+    /// No peer's AllowedIPs cover the inner destination (answered with an ICMP
+    /// unreachable where the rules of `core::icmp` allow).
     NoRoute,
     /// The peer has no endpoint yet.
     NoEndpoint,
@@ -45,6 +46,12 @@ pub enum DropReason {
     FilteredOut,
     /// The packet filter refused a decrypted packet from a peer.
     FilteredIn,
+    /// A decrypted packet (from an allowed source) for an address that is neither this
+    /// node's nor a prefix it routes: a peer trying to route through us (see `core::local`).
+    DestinationNotLocal,
+    /// A TUN read for a destination no peer covers (counted as [`DropReason::NoRoute`])
+    /// whose ICMP unreachable answer the rate limit held back (see `core::icmp`).
+    UnreachableLimited,
 }
 
 impl DropReason {
@@ -66,6 +73,8 @@ impl DropReason {
         Self::NoBuffer,
         Self::FilteredOut,
         Self::FilteredIn,
+        Self::DestinationNotLocal,
+        Self::UnreachableLimited,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -87,6 +96,8 @@ impl DropReason {
             Self::NoBuffer => "no_buffer",
             Self::FilteredOut => "filtered_out",
             Self::FilteredIn => "filtered_in",
+            Self::DestinationNotLocal => "destination_not_local",
+            Self::UnreachableLimited => "unreachable_rate_limited",
         }
     }
 
@@ -108,10 +119,12 @@ impl DropReason {
     }
 }
 
-/// Device-wide drop counters.
+/// Device-wide drop counters, plus the count of ICMP unreachable answers written back to
+/// the TUN for dropped packets.
 #[derive(Debug, Default)]
 pub struct DropCounters {
     counts: [AtomicU64; REASONS],
+    unreachable_sent: AtomicU64,
 }
 
 impl DropCounters {
@@ -133,6 +146,17 @@ impl DropCounters {
             .map(|r| (*r, self.get(*r)))
             .filter(|(_, n)| *n > 0)
             .collect()
+    }
+
+    /// Counts one ICMP unreachable answer written back to the TUN.
+    #[inline]
+    pub fn add_unreachable_sent(&self) {
+        self.unreachable_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// ICMP unreachable answers written back to the TUN.
+    pub fn unreachable_sent(&self) -> u64 {
+        self.unreachable_sent.load(Ordering::Relaxed)
     }
 
     /// Sum over every reason.

@@ -8,6 +8,8 @@
 pub mod batch;
 pub mod counters;
 pub mod filter;
+pub mod icmp;
+pub mod local;
 pub mod net;
 pub mod offload;
 pub mod peer;

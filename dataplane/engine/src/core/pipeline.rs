@@ -2,16 +2,25 @@
 //!
 //! ```text
 //! outbound: TUN read ─▶ [virtio hdr: split TSO/USO super-packet, complete checksums]
-//!           ─▶ route lookup (inner dst → peer + filter, once per super-packet)
+//!           ─▶ route lookup (inner dst → peer + filter, once per super-packet;
+//!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
 //!           ─▶ packet filter (port rules, first segment's headers) ─▶ lock peer once
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
 //!           receiver index (lock peer once per run of datagrams) ─▶ Tunn::decapsulate
-//!           ─▶ allowed-source check ─▶ packet filter (per decrypted packet)
+//!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
+//!              (per decrypted packet)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
 //!           ─▶ driver: one TUN write per (coalesced) packet
 //! ```
+//!
+//! The TUN→peer path answers what it cannot route: a packet for an address no peer covers
+//! (a removed peer, an unknown app) is dropped and a destination-unreachable answer goes
+//! into the pipeline's reply batch, which the driver writes back to the TUN after the batch
+//! ([`Pipeline::drain_replies`]); the answers are rate limited by a token bucket the driver
+//! refills with [`Pipeline::tick`] (see `core::icmp`). The peer→TUN path writes a decrypted
+//! packet only if its destination is this node's (see `core::local`).
 //!
 //! Ownership: a `Pipeline` belongs to one worker thread; its scratch buffers are
 //! preallocated. It reads the table through a snapshot the driver loads once per batch.
@@ -20,14 +29,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, MutexGuard};
+use std::time::Instant;
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use crate::core::batch::{Full, TxBatch};
 use crate::core::counters::{DropCounters, DropReason};
+use crate::core::icmp::{self, IcmpLimiter};
 use crate::core::peer::{Peer, PeerState};
 use crate::core::table::Snapshot;
+use crate::core::tunbatch::TunBatch;
 use crate::core::{offload, wire};
 
 /// Where decrypted inner packets go (the GRO coalescer or a plain batch).
@@ -55,7 +67,16 @@ pub struct Pipeline {
     vnet: bool,
     seg: Box<[u8]>,
     dec: Box<[u8]>,
+    /// ICMP unreachable answers waiting to be written back to the TUN (no virtio header:
+    /// the driver's sink adds it).
+    replies: TunBatch,
+    icmp: IcmpLimiter,
+    icmp_buf: Box<[u8]>,
 }
+
+/// Bytes of answers one batch can hold: the rate limiter's whole burst of full-size
+/// IPv6 answers.
+const REPLY_BYTES: usize = icmp::DEFAULT_BURST as usize * icmp::V6_MAX;
 
 impl Pipeline {
     /// A pipeline whose TUN reads carry a virtio header iff `vnet`, sending with GSO iff `gso`.
@@ -66,6 +87,48 @@ impl Pipeline {
             vnet,
             seg: vec![0u8; 65_536].into_boxed_slice(),
             dec: vec![0u8; 65_536].into_boxed_slice(),
+            replies: TunBatch::new(REPLY_BYTES, false),
+            icmp: IcmpLimiter::default(),
+            icmp_buf: vec![0u8; icmp::V6_MAX].into_boxed_slice(),
+        }
+    }
+
+    /// Refills the ICMP answer rate limiter; the driver calls it once per loop turn.
+    pub fn tick(&mut self, now: Instant) {
+        self.icmp.refill(now);
+    }
+
+    /// Whether answers are waiting for [`Pipeline::drain_replies`].
+    pub fn has_replies(&self) -> bool {
+        !self.replies.is_empty()
+    }
+
+    /// Moves every waiting ICMP answer into `sink` (the driver's TUN write batch); an
+    /// answer the sink has no room for is dropped and counted.
+    pub fn drain_replies(&mut self, sink: &mut impl TunSink) {
+        for i in 0..self.replies.len() {
+            if !sink.push(self.replies.get(i)) {
+                self.counters.add(DropReason::NoBuffer);
+            }
+        }
+        self.replies.clear();
+    }
+
+    /// Drops a TUN read no peer covers and queues the ICMP answer to its sender.
+    #[cold]
+    fn no_route(&mut self, pkt: &[u8]) {
+        self.drop(DropReason::NoRoute);
+        let Some(n) = icmp::unreachable(pkt, &mut self.icmp_buf) else {
+            return;
+        };
+        if !self.icmp.take() {
+            self.drop(DropReason::UnreachableLimited);
+            return;
+        }
+        if self.replies.push(&self.icmp_buf[..n]) {
+            self.counters.add_unreachable_sent();
+        } else {
+            self.drop(DropReason::NoBuffer);
         }
     }
 
@@ -103,7 +166,7 @@ impl Pipeline {
             return Ok(());
         };
         let Some(entry) = snap.route_entry(dst) else {
-            self.drop(DropReason::NoRoute);
+            self.no_route(pkt);
             return Ok(());
         };
         // Once per super-packet: every segment shares the first one's ports.
@@ -401,9 +464,10 @@ fn push_copy(tx: &mut TxBatch, dst: SocketAddr, p: &[u8]) -> Result<(), Full> {
 }
 
 /// Cryptokey routing on receive: the inner source must be one of the sending peer's
-/// AllowedIPs (boringtun does not check this); then the peer's packet filter. Returns
-/// whether the packet came from the peer's allowed sources (a filtered packet did: it
-/// still counts as received and may move the endpoint).
+/// AllowedIPs (boringtun does not check this); the inner destination must be this node's
+/// (`core::local`: a peer may not route through us); then the peer's packet filter. Returns
+/// whether the packet came from the peer's allowed sources (a packet refused for its
+/// destination or by the filter did: it still counts as received and may move the endpoint).
 #[inline]
 fn deliver(
     snap: &Snapshot,
@@ -417,6 +481,17 @@ fn deliver(
         counters.add(DropReason::SourceNotAllowed);
         return false;
     };
+    match wire::peek_dst(pkt) {
+        Some(dst) if snap.is_local(dst) => {}
+        Some(_) => {
+            counters.add(DropReason::DestinationNotLocal);
+            return true;
+        }
+        None => {
+            counters.add(DropReason::MalformedDecrypted);
+            return true;
+        }
+    }
     if let Some(f) = &entry.filter {
         if !f.allows_in(pkt) {
             counters.add(DropReason::FilteredIn);

@@ -11,7 +11,10 @@
 //! * inner destination → peer (longest-prefix match over every peer's AllowedIPs),
 //! * WireGuard receiver index → peer (`receiver_index >> 8` is the peer's 24-bit index),
 //! * public key → peer (handshake initiations, after `parse_handshake_anon`),
-//! * allowed-source check after decrypt: the source must route back to the same peer.
+//! * allowed-source check after decrypt: the source must route back to the same peer;
+//! * local-destination check after decrypt: the destination must be one of this node's
+//!   addresses or a prefix it routes ([`LocalNets`]; empty, and so refusing everything,
+//!   until a writer sets it with [`Table::set_local`]).
 //!
 //! A peer's packet filter ([`PortFilter`]) lives in its snapshot entry, not in the shared
 //! [`Peer`]: a route lookup hands the pipeline the peer and its filter together, and a
@@ -28,6 +31,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::core::filter::PortFilter;
+use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::peer::{Peer, PeerConfig};
 use crate::core::route::RouteTable;
@@ -58,6 +62,8 @@ pub struct Snapshot {
     pub listen_port: u16,
     /// Peers; positions are what `routes` maps to.
     pub peers: Vec<PeerEntry>,
+    /// The destinations decrypted packets may have (this node's addresses, routed prefixes).
+    pub local: Arc<LocalNets>,
     routes: RouteTable<u32>,
     by_index: Vec<(u32, u32)>,
     by_key: HashMap<[u8; 32], u32>,
@@ -104,6 +110,13 @@ impl Snapshot {
         self.route_entry(src).filter(|e| e.peer.index == peer.index)
     }
 
+    /// The receive side's destination check: may a decrypted packet for `dst` be written
+    /// to the TUN?
+    #[inline]
+    pub fn is_local(&self, dst: IpAddr) -> bool {
+        self.local.contains(dst)
+    }
+
     /// Every (prefix, peer position) route, for `wg show` and tests.
     pub fn routes(&self) -> &RouteTable<u32> {
         &self.routes
@@ -136,6 +149,7 @@ impl Table {
             limiter,
             listen_port,
             peers: Vec::new(),
+            local: Arc::new(LocalNets::default()),
             routes: RouteTable::new(),
             by_index: Vec::new(),
             by_key: HashMap::new(),
@@ -292,6 +306,17 @@ impl Table {
         self.write(|cur| (Some(rebuild(cur, Vec::new())), ()))
     }
 
+    /// Sets the destinations decrypted packets may have (this node's addresses and the
+    /// prefixes it routes), replacing the previous set.
+    pub fn set_local(&self, local: LocalNets) {
+        let local = Arc::new(local);
+        self.write(|cur| {
+            let mut next = rebuild(cur, cur.peers.clone());
+            next.local = local;
+            (Some(next), ())
+        })
+    }
+
     /// Sets the listen port recorded in snapshots (the sockets are the driver's business).
     pub fn set_listen_port(&self, port: u16) {
         self.write(|cur| {
@@ -348,6 +373,7 @@ fn rebuild(cur: &Snapshot, peers: Vec<PeerEntry>) -> Snapshot {
         limiter: cur.limiter.clone(),
         listen_port: cur.listen_port,
         peers,
+        local: cur.local.clone(),
         routes,
         by_index,
         by_key,
@@ -455,6 +481,20 @@ mod tests {
         assert!(snap.source_entry(&b, "10.0.0.1".parse().unwrap()).is_none());
         assert!(snap.source_entry(&a, "10.9.9.9".parse().unwrap()).is_none());
         assert!(snap.allows_source(&b, "10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn local_set_fails_closed_and_survives_peer_changes() {
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        let me: IpAddr = "fd5a:1f00:1:2:3::1".parse().unwrap();
+        assert!(!t.load().is_local(me), "empty until set");
+        t.set_local(LocalNets::new([me], []));
+        t.upsert_peer(cfg(1, "fd5a:1f00:9:9:9::1/128")).unwrap();
+        t.set_listen_port(7);
+        assert!(t.remove_peer(&[1; 32]));
+        let snap = t.load();
+        assert!(snap.is_local(me));
+        assert!(!snap.is_local("fd5a:1f00:9:9:9::1".parse().unwrap()));
     }
 
     #[test]

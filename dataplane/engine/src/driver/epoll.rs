@@ -5,13 +5,13 @@
 //!
 //! mio is edge-triggered: a readable fd is drained to `EAGAIN`. Reads are taken in batches
 //! of [`BATCH`]; after each batch the encrypted datagrams go out as GSO `sendmsg` calls and
-//! decrypted packets as TUN `write` calls, synchronously, so every buffer is free again
-//! before the next batch.
+//! decrypted packets (and the ICMP answers to TUN reads no peer covers) as TUN `write`
+//! calls, synchronously, so every buffer is free again before the next batch.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -66,6 +66,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
             }
         }
         let snap = shared.table.load();
+        pipe.tick(Instant::now());
         if tun_ready {
             for _ in 0..BATCH {
                 match fd::read(tun_fd, &mut rbuf) {
@@ -104,6 +105,11 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
                 }
             }
             flush_tx(&mut pipe, udp_fd, &shared);
+        }
+        if pipe.has_replies() {
+            pipe.drain_replies(&mut out);
+        }
+        if !out.is_empty() {
             let counters = &shared.counters;
             out.for_each(|b| {
                 if fd::write(tun_fd, b).is_err() {

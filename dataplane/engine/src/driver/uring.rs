@@ -413,6 +413,7 @@ impl Worker {
                 }
             }
             let snap = shared.table.load();
+            pipe.tick(Instant::now());
             for &(data, res, flags) in &cqes {
                 match Op::decode(data) {
                     Some(Op::TunRead) => {
@@ -433,6 +434,10 @@ impl Worker {
             self.tun_ring.publish();
             self.udp_ring.publish();
             self.push_sends(shared, pipe, sends)?;
+            // ICMP answers to TUN reads no peer covers go out with this turn's TUN writes.
+            if pipe.has_replies() {
+                pipe.drain_replies(&mut outs[fill]);
+            }
             // This turn's TUN writes go out once the other batch has drained.
             let other = fill ^ 1;
             if !outs[fill].is_empty() && self.writes_in_flight[other] == 0 {
