@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 16;
+const REASONS: usize = 19;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,10 +41,18 @@ pub enum DropReason {
     Io,
     /// A batch buffer ran out of room.
     NoBuffer,
-    /// The packet filter refused a packet we were about to send to a peer.
+    /// The port rules refused a packet we were about to send to a peer (it may not open a
+    /// flow and belongs to none).
     FilteredOut,
-    /// The packet filter refused a decrypted packet from a peer.
+    /// The port rules refused a decrypted packet from a peer.
     FilteredIn,
+    /// The rules allowed a new flow but the peer's flow table was full (either direction).
+    CtFull,
+    /// A packet that fits no flow state: a non-SYN TCP segment, echo reply or similar
+    /// without a tracked flow, or a segment its flow's TCP state does not accept.
+    CtInvalid,
+    /// An ICMP error quoting a packet of no tracked flow.
+    IcmpUnrelated,
 }
 
 impl DropReason {
@@ -66,6 +74,9 @@ impl DropReason {
         Self::NoBuffer,
         Self::FilteredOut,
         Self::FilteredIn,
+        Self::CtFull,
+        Self::CtInvalid,
+        Self::IcmpUnrelated,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -87,6 +98,9 @@ impl DropReason {
             Self::NoBuffer => "no_buffer",
             Self::FilteredOut => "filtered_out",
             Self::FilteredIn => "filtered_in",
+            Self::CtFull => "ct_full",
+            Self::CtInvalid => "ct_invalid_state",
+            Self::IcmpUnrelated => "icmp_unrelated",
         }
     }
 
