@@ -583,7 +583,7 @@ impl Machine {
             };
             self.actions.push_back(Action::UpsertPeer {
                 config,
-                filter: PortFilter::from_ranges(&d.outbound, &d.inbound),
+                filter: PortFilter::from_rules(&d.outbound, &d.inbound),
                 new: before.is_none(),
                 label: PeerLabel::of(d),
             });
@@ -698,6 +698,7 @@ mod tests {
                     first: 8730,
                     last: 8730,
                 }],
+                ..Default::default()
             },
         }
     }
