@@ -285,7 +285,8 @@ pub struct HolePunch {
 ///
 /// Selectors: `tag:NAME`, `group:NAME`, `peer:NAME` (a peer's identity) and `*` (everyone).
 /// In `dst`, a selector may end with `:PORTS` where PORTS is `*`, a port, a range `A-B`, or
-/// a comma-separated list of those; no suffix means every port. Traffic from A to B on a
+/// a comma-separated list of those, each optionally prefixed `tcp:` or `udp:` (that protocol
+/// only; unprefixed = both): `tag:x:tcp:8730,udp:53`. No suffix means all traffic. Traffic from A to B on a
 /// port is allowed if an allow rule matches and no deny rule does; everything else is
 /// denied. Groups hold selectors (not other groups).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
