@@ -560,3 +560,49 @@ fn tso_super_packet_is_filtered_once_by_its_first_segment() {
     assert_eq!(sent[0].1.len() / sent[0].2, 40);
     assert_eq!(a.counters.total(), 2);
 }
+
+/// A malicious peer without a filter of its own (B) tries the source-port tricks against A,
+/// whose rules let A open B's 5000 and nothing else: A's receive side drops each one and
+/// counts it by reason, while A's own flow to 5000 gets its replies.
+#[test]
+fn receiver_drops_source_port_tricks_of_an_unfiltered_peer() {
+    let (mut a, mut b) = pair(false);
+    set_filter(&a, 2, Some(PortFilter::from_ranges(&[(5000, 5000)], &[])));
+    // A opens UDP 4000 → B:5000 (and the handshake happens on the way).
+    let hello = udp4(IP_A, IP_B, 4000, 5000, b"hello");
+    assert_eq!(handshake(&mut a, &mut b, &hello).0, vec![hello]);
+
+    let reply = udp4(IP_B, IP_A, 5000, 4000, b"reply");
+    let tricks = [
+        // UDP from B's service port to another port of A.
+        udp4(IP_B, IP_A, 5000, 7000, b"from-src-port-5000"),
+        // Non-SYN TCP from the service port: ACK injection, RST.
+        tcp4(IP_B, IP_A, 5000, 22, ACK),
+        tcp4(IP_B, IP_A, 5000, 22, 0x04),
+        // An ICMP port unreachable quoting a UDP packet A never sent (4001 → 5000).
+        ipv4(IP_B, IP_A, 1, &{
+            let mut m = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(&udp4(IP_A, IP_B, 4001, 5000, b"x")[..28]);
+            m
+        }),
+    ];
+    let related = ipv4(IP_B, IP_A, 1, &{
+        let mut m = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&udp4(IP_A, IP_B, 4000, 5000, b"x")[..28]);
+        m
+    });
+    let mut all = vec![reply.clone()];
+    all.extend(tricks.iter().cloned());
+    all.push(related.clone());
+    send_all(&mut b, &all);
+    let mut sink = Collect::default();
+    deliver(&mut b, &mut a, &mut sink);
+    assert_eq!(
+        sink.0,
+        vec![reply, related],
+        "only the reply and the related error"
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredIn), 1);
+    assert_eq!(a.counters.get(DropReason::CtInvalid), 2);
+    assert_eq!(a.counters.get(DropReason::IcmpUnrelated), 1);
+}
