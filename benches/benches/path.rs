@@ -9,6 +9,10 @@
 //!   datagrams, into a counting sink and into the real coalescing `RxSink`. Every iteration
 //!   gets freshly encrypted datagrams (made in the untimed setup, counters increasing), so
 //!   nothing measured is a replay reject; delivery is asserted outside the timed loops.
+//! * `tracked`: the same `on_tun` (1420-byte UDP, 44 per iteration) and `on_udp` (44-datagram
+//!   GRO buffer of TCP segments, counting sink) paths without a packet filter (`untracked`)
+//!   and with port rules plus connection tracking on an established flow (`tracked`), in
+//!   one run, so the cost of the filter and the flow-table lookup reads off directly.
 //! * After the groups, a manual `Instant` loop of 200k 1420-byte packets (median of 5)
 //!   prints the per-packet overhead of `on_tun` over bare `Tunn::encapsulate`.
 //!
@@ -26,7 +30,9 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tabbify_benches::{MSS, TCP_HDR};
 use tabbify_engine::core::batch::TxBatch;
+use tabbify_engine::core::conntrack::Dir;
 use tabbify_engine::core::counters::DropCounters;
+use tabbify_engine::core::filter::PortFilter;
 use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::offload::testkit::SuperPacket;
@@ -438,6 +444,111 @@ fn decap(c: &mut Criterion) {
     );
 }
 
+/// Gives `n`'s peer `other` a packet filter, keeping its session.
+fn set_filter(n: &Node, other: [u8; 32], f: PortFilter) {
+    let snap = n.table.load_full();
+    let cfg = peer_of(&snap, other).config.clone();
+    n.table.upsert_peer_with_filter(cfg, Some(f)).expect("peer");
+}
+
+/// `seg` turned into a bare header of the same flow with `flags` (and no payload), going the
+/// same way (`back` = false) or the other way.
+fn tcp_control(seg: &[u8], flags: u8, back: bool) -> Vec<u8> {
+    let mut p = seg[..20 + TCP_HDR].to_vec();
+    p[2..4].copy_from_slice(&((20 + TCP_HDR) as u16).to_be_bytes());
+    p[20 + 13] = flags;
+    if back {
+        let (s, d) = (p[12..16].to_vec(), p[16..20].to_vec());
+        p[12..16].copy_from_slice(&d);
+        p[16..20].copy_from_slice(&s);
+        let (s, d) = (p[20..22].to_vec(), p[22..24].to_vec());
+        p[20..22].copy_from_slice(&d);
+        p[22..24].copy_from_slice(&s);
+    }
+    p
+}
+
+fn tracked(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tracked");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    // Encap: A sends 1420-byte UDP 4000 → 5000; the tracked pair may open B's 5000.
+    let pkt = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], 1420);
+    let (mut plain, _pb) = pair(false);
+    let (mut filt, _fb) = pair(false);
+    set_filter(&filt, KEY_B, PortFilter::from_ranges(&[(5000, 5000)], &[]));
+    for (name, n) in [("untracked", &mut plain), ("tracked", &mut filt)] {
+        let snap = n.table.load_full();
+        g.bench_function(BenchmarkId::new("on_tun/1420", name), |bch| {
+            let mut buf = pkt.clone();
+            bch.iter(|| {
+                for _ in 0..BATCH {
+                    n.pipe
+                        .on_tun(&snap, black_box(&mut buf))
+                        .expect("slots recycled");
+                }
+                recycle(&mut n.pipe.tx)
+            })
+        });
+        assert_eq!(n.counters.total(), 0, "{name}: every packet was encrypted");
+    }
+    let snap = filt.table.load_full();
+    assert_eq!(
+        peer_of(&snap, KEY_B).lock().flows.len(),
+        1,
+        "one tracked flow"
+    );
+
+    // Decap: B receives A's TCP segments; the tracked B lets A open the segments' port and
+    // has seen the handshake.
+    let segs = tcp_segments();
+    let dlen = segs[0].len() + WG_OVERHEAD;
+    let dport = u16::from_be_bytes([segs[0][22], segs[0][23]]);
+    for tracked in [false, true] {
+        let (a, mut b) = pair(true);
+        let a_snap = a.table.load_full();
+        let a_peer = peer_of(&a_snap, KEY_B).clone();
+        if tracked {
+            let f = PortFilter::from_ranges(&[], &[(dport, dport)]);
+            let mut flows = tabbify_engine::core::conntrack::FlowTable::new(64, 1);
+            std::mem::swap(
+                &mut flows,
+                &mut peer_of(&b.table.load_full(), KEY_A).lock().flows,
+            );
+            for (p, dir) in [
+                (tcp_control(&segs[0], tcp::SYN, false), Dir::In),
+                (tcp_control(&segs[0], tcp::SYN | tcp::ACK, true), Dir::Out),
+                (tcp_control(&segs[0], tcp::ACK, false), Dir::In),
+            ] {
+                f.check(dir, &p, &mut flows, 0).expect("handshake tracked");
+            }
+            std::mem::swap(
+                &mut flows,
+                &mut peer_of(&b.table.load_full(), KEY_A).lock().flows,
+            );
+            set_filter(&b, KEY_A, f);
+        }
+        let b_snap = b.table.load_full();
+        let name = if tracked { "tracked" } else { "untracked" };
+        let mut delivered = 0;
+        g.bench_function(BenchmarkId::new("on_udp_count_sink", name), |bch| {
+            let mut sink = Count::default();
+            bch.iter_batched_ref(
+                || encrypt_batch(&a_peer, &segs),
+                |d| {
+                    b.pipe
+                        .on_udp(&b_snap, a.ep, black_box(d), Some(dlen as u16), &mut sink)
+                        .expect("room");
+                },
+                BatchSize::NumIterations(16),
+            );
+            delivered += sink.pkts;
+        });
+        assert!(delivered > 0);
+        assert_eq!(b.counters.total(), 0, "{name}: nothing dropped");
+    }
+    g.finish();
+}
+
 /// Nanoseconds per packet of `run(n)` processing `n` packets.
 fn ns_per_packet(packets: usize, mut run: impl FnMut(usize)) -> f64 {
     let t = Instant::now();
@@ -519,7 +630,7 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = encap, overhead, decap
+    targets = encap, overhead, decap, tracked
 }
 
 criterion_main!(benches);

@@ -75,8 +75,18 @@ pub fn document() -> Value {
             "ports": {
                 "type": "object", "required": ["outbound", "inbound"],
                 "properties": {
-                    "outbound": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"}},
-                    "inbound": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"}}
+                    "outbound": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "ports on this peer the viewer may open, TCP and UDP"},
+                    "inbound": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "ports on the viewer this peer may open, TCP and UDP"},
+                    "outbound_tcp": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "TCP only; absent when empty"},
+                    "outbound_udp": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "UDP only; absent when empty"},
+                    "inbound_tcp": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "TCP only; absent when empty"},
+                    "inbound_udp": {"type": "array", "items": {"$ref": "#/components/schemas/PortRange"},
+                        "description": "UDP only; absent when empty"}
                 }
             }
         }

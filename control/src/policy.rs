@@ -2,7 +2,9 @@
 //! peer's identity and tags, and answers "which ports may A open on B".
 //!
 //! Semantics (default deny): traffic from A to B on a port is allowed when some allow
-//! rule has A in `src` and B (with that port) in `dst`, and no deny rule does. A peer sees
+//! rule has A in `src` and B (with that port) in `dst`, and no deny rule does. Ports carry
+//! their protocol (`tcp:8730`, `udp:53`; a bare port or range is both), and allow and deny
+//! are computed per protocol. A peer sees
 //! another when traffic is allowed in either direction. Which peers may host apps is a
 //! separate selector list. Compilation rejects unknown tags and groups, groups inside
 //! groups, malformed selectors and port specs, so a compiled [`Policy`] is always
@@ -12,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::api::PolicyDocument;
 use crate::ca::validate_name;
-use crate::ports::PortSet;
+use crate::ports::ProtoPorts;
 
 /// Why a policy document was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -39,7 +41,7 @@ pub struct Rule {
     /// Who sends.
     pub src: Vec<Selector>,
     /// Who receives, and on which ports.
-    pub dst: Vec<(Selector, PortSet)>,
+    pub dst: Vec<(Selector, ProtoPorts)>,
 }
 
 /// A peer as the policy sees it: its identity and its tags.
@@ -182,7 +184,7 @@ impl Policy {
     }
 
     /// The ports `a` may open on `b` (allow minus deny); empty when none.
-    pub fn allowed_ports(&self, a: Principal<'_>, b: Principal<'_>) -> PortSet {
+    pub fn allowed_ports(&self, a: Principal<'_>, b: Principal<'_>) -> ProtoPorts {
         let mut allowed = collect(&self.allow, a, b);
         if !allowed.is_empty() {
             allowed.subtract(&collect(&self.deny, a, b));
@@ -200,8 +202,8 @@ pub fn matches(s: &Selector, p: Principal<'_>) -> bool {
     }
 }
 
-fn collect(rules: &[Rule], a: Principal<'_>, b: Principal<'_>) -> PortSet {
-    let mut set = PortSet::empty();
+fn collect(rules: &[Rule], a: Principal<'_>, b: Principal<'_>) -> ProtoPorts {
+    let mut set = ProtoPorts::empty();
     for r in rules {
         if r.src.iter().any(|s| matches(s, a)) {
             for (s, ports) in &r.dst {
@@ -277,24 +279,25 @@ impl Compiler<'_> {
     }
 }
 
-/// Splits `tag:x:80,443` into (`tag:x`, ports); no suffix means every port.
-fn split_ports(d: &str) -> Result<(&str, PortSet), PolicyError> {
+/// Splits `tag:x:80,443` (or `tag:x:tcp:22,udp:53`) into (`tag:x`, ports); no suffix means
+/// every port of both protocols.
+fn split_ports(d: &str) -> Result<(&str, ProtoPorts), PolicyError> {
     let bad = |e: String| PolicyError(format!("destination {d:?}: {e}"));
     if d == "*" {
-        return Ok((d, PortSet::all()));
+        return Ok((d, ProtoPorts::all()));
     }
     if let Some(rest) = d.strip_prefix("*:") {
-        return Ok(("*", PortSet::parse(rest).map_err(bad)?));
+        return Ok(("*", ProtoPorts::parse(rest).map_err(bad)?));
     }
     // kind:name[:ports]
     let mut parts = d.splitn(3, ':');
     let kind = parts.next().unwrap_or_default();
     let name = parts.next().ok_or_else(|| bad("missing name".into()))?;
     match parts.next() {
-        None => Ok((d, PortSet::all())),
+        None => Ok((d, ProtoPorts::all())),
         Some(ports) => Ok((
             &d[..kind.len() + 1 + name.len()],
-            PortSet::parse(ports).map_err(bad)?,
+            ProtoPorts::parse(ports).map_err(bad)?,
         )),
     }
 }
@@ -346,25 +349,57 @@ mod tests {
         );
         let pr = |identity, tags| Principal { identity, tags };
         let a = p.allowed_ports(pr("n", &node), pr("s", &sup));
-        assert_eq!(a, PortSet::parse("8730").unwrap());
+        assert_eq!(a, ProtoPorts::parse("8730").unwrap());
         assert!(p.allowed_ports(pr("s", &sup), pr("n", &node)).is_empty());
         assert!(p.allowed_ports(pr("n", &node), pr("w", &work)).is_empty());
         // Explicit deny carves 22 out of "every port".
         let o = p.allowed_ports(pr("o", &ops), pr("w", &work));
-        assert!(!o.contains(22) && o.contains(21) && o.contains(23));
+        assert!(!o.tcp.contains(22) && o.tcp.contains(21) && o.tcp.contains(23));
         assert_eq!(
             p.allowed_ports(pr("o", &ops), pr("s", &sup)),
-            PortSet::all()
+            ProtoPorts::all()
         );
         // peer: selectors match identities only.
         assert_eq!(
             p.allowed_ports(pr("boss", &[]), pr("x", &node)),
-            PortSet::parse("22").unwrap()
+            ProtoPorts::parse("22").unwrap()
         );
         assert!(p.allowed_ports(pr("boss2", &[]), pr("x", &node)).is_empty());
         assert!(p.names_peer("boss"));
         assert!(p.may_host_apps(pr("s", &sup)));
         assert!(!p.may_host_apps(pr("n", &node)));
+    }
+
+    #[test]
+    fn protocol_ports_allow_and_deny_per_protocol() {
+        let mut d = doc();
+        d.allow = vec![
+            rule(&["tag:node"], &["tag:supervisor:tcp:8730,udp:53"]),
+            rule(&["tag:ops"], &["tag:worker:1000-2000"]),
+        ];
+        d.deny = vec![rule(&["tag:ops"], &["tag:worker:udp:1500"])];
+        let p = Policy::compile(d).unwrap();
+        let t = |names: &[&str]| {
+            p.tag_ids(&names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let (node, sup, work, ops) = (
+            t(&["node"]),
+            t(&["supervisor"]),
+            t(&["worker"]),
+            t(&["ops"]),
+        );
+        let pr = |identity, tags| Principal { identity, tags };
+        let a = p.allowed_ports(pr("n", &node), pr("s", &sup));
+        assert!(a.tcp.contains(8730) && !a.udp.contains(8730));
+        assert!(a.udp.contains(53) && !a.tcp.contains(53));
+        let o = p.allowed_ports(pr("o", &ops), pr("w", &work));
+        assert!(o.tcp.contains(1500) && !o.udp.contains(1500) && o.udp.contains(1501));
+        // A bad protocol is refused with the reason.
+        let mut d = doc();
+        d.allow = vec![rule(&["tag:node"], &["tag:supervisor:icmp:1"])];
+        let e = Policy::compile(d).unwrap_err();
+        assert!(e.0.contains("icmp:1"), "{e}");
     }
 
     #[test]

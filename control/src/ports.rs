@@ -1,10 +1,127 @@
 //! Port sets: normalized lists of inclusive ranges, with union, difference and parsing of
-//! the policy's `:PORTS` suffix.
+//! the policy's `:PORTS` suffix; [`ProtoPorts`] pairs a TCP and a UDP set (the policy's
+//! `tcp:N` / `udp:N` items; a bare item is both).
 //!
 //! Invariant: the ranges of a [`PortSet`] are sorted, disjoint and non-adjacent, so two
 //! sets are equal exactly when they hold the same ports.
 
-use crate::api::PortRange;
+use crate::api::{PortRange, PortRules};
+
+/// The TCP and the UDP ports a rule covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct ProtoPorts {
+    /// TCP destination ports.
+    pub tcp: PortSet,
+    /// UDP destination ports.
+    pub udp: PortSet,
+}
+
+impl ProtoPorts {
+    /// No ports.
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Every port of both protocols: all traffic.
+    pub fn all() -> Self {
+        Self {
+            tcp: PortSet::all(),
+            udp: PortSet::all(),
+        }
+    }
+
+    /// The same ports for both protocols.
+    pub fn both(p: PortSet) -> Self {
+        Self {
+            tcp: p.clone(),
+            udp: p,
+        }
+    }
+
+    /// Whether no port of either protocol is in.
+    pub fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.udp.is_empty()
+    }
+
+    /// Adds every port of `other`, protocol by protocol.
+    pub fn union_with(&mut self, other: &ProtoPorts) {
+        self.tcp.union_with(&other.tcp);
+        self.udp.union_with(&other.udp);
+    }
+
+    /// Removes every port of `other`, protocol by protocol.
+    pub fn subtract(&mut self, other: &ProtoPorts) {
+        self.tcp.subtract(&other.tcp);
+        self.udp.subtract(&other.udp);
+    }
+
+    /// Parses a comma-separated list of items, each `*`, `N` or `A-B`, optionally prefixed
+    /// with `tcp:` or `udp:` (that protocol only; unprefixed = both): `tcp:22,udp:53,80`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut out = ProtoPorts::empty();
+        for part in spec.split(',') {
+            let part = part.trim();
+            let (tcp, udp, ports) = if let Some(p) = part.strip_prefix("tcp:") {
+                (true, false, p)
+            } else if let Some(p) = part.strip_prefix("udp:") {
+                (false, true, p)
+            } else {
+                (true, true, part)
+            };
+            let set = PortSet::parse(ports)?;
+            if tcp {
+                out.tcp.union_with(&set);
+            }
+            if udp {
+                out.udp.union_with(&set);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The roster's form: (ports open to both, TCP only, UDP only).
+    pub fn split(&self) -> (PortSet, PortSet, PortSet) {
+        let mut both = self.tcp.clone();
+        both.subtract(&self.udp_complement());
+        let mut tcp_only = self.tcp.clone();
+        tcp_only.subtract(&self.udp);
+        let mut udp_only = self.udp.clone();
+        udp_only.subtract(&self.tcp);
+        (both, tcp_only, udp_only)
+    }
+
+    fn udp_complement(&self) -> PortSet {
+        let mut c = PortSet::all();
+        c.subtract(&self.udp);
+        c
+    }
+
+    /// Back from the roster's form (the inverse of [`ProtoPorts::split`]).
+    pub fn from_lists(both: &[PortRange], tcp: &[PortRange], udp: &[PortRange]) -> Self {
+        let b = PortSet(both.to_vec());
+        let mut out = ProtoPorts::both(PortSet::empty());
+        out.tcp.union_with(&b);
+        out.tcp.union_with(&PortSet(tcp.to_vec()));
+        out.udp.union_with(&b);
+        out.udp.union_with(&PortSet(udp.to_vec()));
+        out
+    }
+}
+
+/// The roster entry's rules from what the viewer may open on the peer (`outbound`) and
+/// what the peer may open on the viewer (`inbound`).
+pub fn port_rules(outbound: &ProtoPorts, inbound: &ProtoPorts) -> PortRules {
+    let (ob, ot, ou) = outbound.split();
+    let (ib, it, iu) = inbound.split();
+    PortRules {
+        outbound: ob.0,
+        inbound: ib.0,
+        outbound_tcp: ot.0,
+        outbound_udp: ou.0,
+        inbound_tcp: it.0,
+        inbound_udp: iu.0,
+    }
+}
 
 /// A set of ports.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -136,6 +253,31 @@ mod tests {
         for bad in ["", "x", "70000", "9-1", "1-", "-1"] {
             assert!(PortSet::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn protocol_items_parse_and_split() {
+        let p = ProtoPorts::parse("tcp:8730,udp:53,80-90, tcp:85-100").unwrap();
+        assert_eq!(p.tcp, PortSet::parse("80-100,8730").unwrap());
+        assert_eq!(p.udp, PortSet::parse("53,80-90").unwrap());
+        let (both, t, u) = p.split();
+        assert_eq!(both.ranges(), &[r(80, 90)]);
+        assert_eq!(t.ranges(), &[r(91, 100), r(8730, 8730)]);
+        assert_eq!(u.ranges(), &[r(53, 53)]);
+        assert_eq!(
+            ProtoPorts::from_lists(both.ranges(), t.ranges(), u.ranges()),
+            p
+        );
+        assert_eq!(ProtoPorts::parse("*").unwrap(), ProtoPorts::all());
+        assert_eq!(ProtoPorts::parse("tcp:*").unwrap().udp, PortSet::empty());
+        for bad in ["tcp:", "udp:x", "icmp:1", "tcp:udp:1", ""] {
+            assert!(ProtoPorts::parse(bad).is_err(), "{bad}");
+        }
+        // Bare ports mean both protocols: old policies keep their meaning.
+        let old = ProtoPorts::parse("8730").unwrap();
+        let rules = port_rules(&old, &ProtoPorts::empty());
+        assert_eq!(rules.outbound, vec![r(8730, 8730)]);
+        assert!(rules.outbound_tcp.is_empty() && rules.outbound_udp.is_empty());
     }
 
     #[test]

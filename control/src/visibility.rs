@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::api::PortRules;
 use crate::policy::{matches, Policy, Principal, TagId};
-use crate::ports::PortSet;
+use crate::ports::{port_rules, ProtoPorts};
 
 /// Index of a class in a [`Visibility`] table.
 pub type ClassId = u32;
@@ -35,8 +35,8 @@ struct ClassKey {
 struct Class {
     src_allow: Vec<u64>,
     src_deny: Vec<u64>,
-    dst_allow: Vec<(u32, PortSet)>,
-    dst_deny: Vec<(u32, PortSet)>,
+    dst_allow: Vec<(u32, ProtoPorts)>,
+    dst_deny: Vec<(u32, ProtoPorts)>,
     may_host_apps: bool,
 }
 
@@ -174,7 +174,7 @@ impl Visibility {
         let dst = |rules: &[crate::policy::Rule]| {
             let mut v = Vec::new();
             for (i, r) in rules.iter().enumerate() {
-                let mut ports = PortSet::empty();
+                let mut ports = ProtoPorts::empty();
                 for (s, ps) in &r.dst {
                     if matches(s, p) {
                         ports.union_with(ps);
@@ -196,10 +196,10 @@ impl Visibility {
     }
 
     /// Ports `a` may open on `b`.
-    fn ports(&self, a: ClassId, b: ClassId) -> PortSet {
+    fn ports(&self, a: ClassId, b: ClassId) -> ProtoPorts {
         let (ca, cb) = (&self.classes[a as usize], &self.classes[b as usize]);
         let has = |bits: &[u64], i: u32| bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
-        let mut allowed = PortSet::empty();
+        let mut allowed = ProtoPorts::empty();
         for (i, ps) in &cb.dst_allow {
             if has(&ca.src_allow, *i) {
                 allowed.union_with(ps);
@@ -222,10 +222,7 @@ impl Visibility {
         if outbound.is_empty() && inbound.is_empty() {
             return 0;
         }
-        let rules = PortRules {
-            outbound: outbound.ranges().to_vec(),
-            inbound: inbound.ranges().to_vec(),
-        };
+        let rules = port_rules(&outbound, &inbound);
         if let Some(id) = self.rules_index.get(&rules) {
             return *id;
         }
@@ -411,8 +408,7 @@ mod tests {
                 match v.port_rules(ids[i], ids[j]) {
                     None => assert!(out.is_empty() && inb.is_empty()),
                     Some(r) => {
-                        assert_eq!(r.outbound, out.ranges());
-                        assert_eq!(r.inbound, inb.ranges());
+                        assert_eq!(r, &port_rules(&out, &inb));
                     }
                 }
             }
@@ -498,8 +494,7 @@ mod tests {
                     match got {
                         None => assert!(out.is_empty() && inb.is_empty()),
                         Some(r) => {
-                            assert_eq!(r.outbound, out.ranges());
-                            assert_eq!(r.inbound, inb.ranges());
+                            assert_eq!(r, &port_rules(&out, &inb));
                         }
                     }
                     assert_eq!(

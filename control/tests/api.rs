@@ -58,7 +58,8 @@ async fn acl_matrix_with_deny_and_ports() {
         e.ports,
         PortRules {
             outbound: vec![r(8730, 8730)],
-            inbound: vec![]
+            inbound: vec![],
+            ..Default::default()
         }
     );
     assert_eq!(e.display_name, "s1");

@@ -56,6 +56,7 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         ports: PortRules {
             outbound: vec![PortRange::ALL],
             inbound: vec![PortRange::ALL],
+            ..Default::default()
         },
         stale: false,
     }

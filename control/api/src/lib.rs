@@ -173,26 +173,55 @@ impl PortRange {
 
 /// What the ACL allows between the viewer (the peer that receives the roster) and one
 /// roster entry's peer. Lists are sorted, disjoint and non-adjacent; empty means nothing
-/// is allowed in that direction. Ports are TCP/UDP destination ports; a list equal to
-/// `[PortRange::ALL]` means all traffic including ICMP. Traffic to an app ULA the peer
-/// hosts is subject to the same rules as traffic to the peer's own ULA.
+/// is allowed in that direction. Ports are destination ports: `outbound`/`inbound` hold
+/// the ports open to both TCP and UDP, the `_tcp`/`_udp` lists the ports open to that
+/// protocol only (policy `tcp:8730`, `udp:53`; absent in older rosters, which therefore
+/// parse with the same meaning). A direction where both TCP and UDP cover every port
+/// (`outbound == [PortRange::ALL]`) means all traffic including ICMP. A port allows
+/// *opening* a connection or flow to it; the data plane tracks the flow and lets its replies
+/// through. Traffic to an app ULA the peer hosts is subject to the same rules as traffic to
+/// the peer's own ULA.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortRules {
-    /// Destination ports on this peer that the viewer may open.
+    /// Destination ports on this peer that the viewer may open (TCP and UDP).
     pub outbound: Vec<PortRange>,
-    /// Destination ports on the viewer that this peer may open.
+    /// Destination ports on the viewer that this peer may open (TCP and UDP).
     pub inbound: Vec<PortRange>,
+    /// Destination ports on this peer that the viewer may open over TCP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_tcp: Vec<PortRange>,
+    /// Destination ports on this peer that the viewer may open over UDP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound_udp: Vec<PortRange>,
+    /// Destination ports on the viewer that this peer may open over TCP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_tcp: Vec<PortRange>,
+    /// Destination ports on the viewer that this peer may open over UDP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inbound_udp: Vec<PortRange>,
 }
 
 impl PortRules {
-    /// Whether the viewer may send to `port` on this peer.
+    /// Whether the viewer may open `port` on this peer over TCP or UDP.
     pub fn allows_outbound(&self, port: u16) -> bool {
-        self.outbound.iter().any(|r| r.contains(port))
+        let has = |v: &[PortRange]| v.iter().any(|r| r.contains(port));
+        has(&self.outbound) || has(&self.outbound_tcp) || has(&self.outbound_udp)
     }
 
-    /// Whether this peer may send to `port` on the viewer.
+    /// Whether this peer may open `port` on the viewer over TCP or UDP.
     pub fn allows_inbound(&self, port: u16) -> bool {
-        self.inbound.iter().any(|r| r.contains(port))
+        let has = |v: &[PortRange]| v.iter().any(|r| r.contains(port));
+        has(&self.inbound) || has(&self.inbound_tcp) || has(&self.inbound_udp)
+    }
+
+    /// Whether nothing is allowed either way.
+    pub fn is_empty(&self) -> bool {
+        self.outbound.is_empty()
+            && self.inbound.is_empty()
+            && self.outbound_tcp.is_empty()
+            && self.outbound_udp.is_empty()
+            && self.inbound_tcp.is_empty()
+            && self.inbound_udp.is_empty()
     }
 }
 
@@ -281,7 +310,8 @@ pub struct HolePunch {
 ///
 /// Selectors: `tag:NAME`, `group:NAME`, `peer:NAME` (a peer's identity) and `*` (everyone).
 /// In `dst`, a selector may end with `:PORTS` where PORTS is `*`, a port, a range `A-B`, or
-/// a comma-separated list of those; no suffix means every port. Traffic from A to B on a
+/// a comma-separated list of those, each optionally prefixed `tcp:` or `udp:` (that protocol
+/// only; unprefixed = both): `tag:x:tcp:8730,udp:53`. No suffix means all traffic. Traffic from A to B on a
 /// port is allowed if an allow rule matches and no deny rule does; everything else is
 /// denied. Groups hold selectors (not other groups).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -562,6 +592,7 @@ pub(crate) mod tests {
                     first: 8730,
                     last: 8730,
                 }],
+                ..Default::default()
             },
             stale: false,
         }
@@ -586,6 +617,35 @@ pub(crate) mod tests {
         assert_eq!(v["ula"], "fd5a:1f00:1:2:3::1");
         assert_eq!(v["endpoints"][0], "192.168.1.2:51820");
         assert_eq!(v["ports"]["inbound"][0]["first"], 8730);
+    }
+
+    #[test]
+    fn port_rules_without_protocol_lists_parse_as_before() {
+        // A roster from a coordinator that predates protocol rules.
+        let old: PortRules =
+            serde_json::from_str(r#"{"outbound":[{"first":22,"last":22}],"inbound":[]}"#).unwrap();
+        assert_eq!(
+            old.outbound,
+            vec![PortRange {
+                first: 22,
+                last: 22
+            }]
+        );
+        assert!(old.outbound_tcp.is_empty() && old.inbound_udp.is_empty());
+        // Empty protocol lists are left out, so old joiners see the same JSON as before.
+        let v = serde_json::to_value(&old).unwrap();
+        assert!(v.get("outbound_tcp").is_none());
+        // A TCP-only port round-trips.
+        let tcp = PortRules {
+            outbound_tcp: vec![PortRange {
+                first: 8730,
+                last: 8730,
+            }],
+            ..PortRules::default()
+        };
+        let back: PortRules = serde_json::from_value(serde_json::to_value(&tcp).unwrap()).unwrap();
+        assert_eq!(back, tcp);
+        assert!(tcp.allows_outbound(8730) && !tcp.allows_inbound(8730));
     }
 
     #[test]

@@ -29,6 +29,10 @@
 use crate::{HolePunch, PeerRemove, RosterEntry, RosterSnapshot};
 
 /// A typed SSE event.
+// A roster entry (with its per-protocol port lists) is several times the size of the other
+// variants; events are built once per change and serialized at once, never stored in bulk,
+// so boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SseEvent {
     /// The whole visible roster (first event of a stream, or after falling behind).

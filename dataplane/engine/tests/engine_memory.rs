@@ -159,6 +159,7 @@ fn ping4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
 }
 
 const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
 const IP_A: [u8; 4] = [10, 0, 0, 1];
 const IP_B: [u8; 4] = [10, 0, 0, 2];
 
@@ -639,21 +640,85 @@ fn tso_super_packet_is_filtered_once_by_its_first_segment() {
     deliver(&mut a, &mut b, &mut sink);
     assert_eq!(sink.0.len(), 1);
 
-    // 40 segments to port 5201: refused as one super-packet when only port 80 is allowed.
+    // 40 segments to port 5201: refused as one super-packet when only port 80 is allowed
+    // (data of a connection that was never opened).
     set_filter(&a, 2, Some(PortFilter::from_ranges(&[(80, 80)], &[])));
     let (mut sp, _) = tcp_super_packet(40 * 1368, 1368);
     let snap = a.table.load_full();
     a.pipe.on_tun(&snap, &mut sp).unwrap();
-    assert_eq!(a.counters.get(DropReason::FilteredOut), 1);
+    assert_eq!(a.counters.get(DropReason::CtInvalid), 1);
     assert!(take(&mut a).is_empty());
 
-    // Allowed: all 40 segments go out in one GSO send.
+    // With 5201 allowed the data still needs its connection: refused until the handshake
+    // has been seen.
     set_filter(&a, 2, Some(PortFilter::from_ranges(&[(5201, 5201)], &[])));
     let (mut sp, _) = tcp_super_packet(40 * 1368, 1368);
     let snap = a.table.load_full();
     a.pipe.on_tun(&snap, &mut sp).unwrap();
+    assert_eq!(a.counters.get(DropReason::CtInvalid), 2);
+    let mut syn = vec![0u8; offload::VNET_HDR_LEN];
+    syn.extend(tcp4(IP_A, IP_B, 40000, 5201, SYN));
+    a.pipe.on_tun(&snap, &mut syn).unwrap();
+    deliver(&mut a, &mut b, &mut sink);
+    let mut synack = vec![0u8; offload::VNET_HDR_LEN];
+    synack.extend(tcp4(IP_B, IP_A, 5201, 40000, SYN | ACK));
+    let snap_b = b.table.load_full();
+    b.pipe.on_tun(&snap_b, &mut synack).unwrap();
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0.len(), 1, "the SYN-ACK of the connection A opened");
+
+    // Allowed: all 40 segments go out in one GSO send.
+    let (mut sp, _) = tcp_super_packet(40 * 1368, 1368);
+    a.pipe.on_tun(&snap, &mut sp).unwrap();
     let sent = take(&mut a);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].1.len() / sent[0].2, 40);
-    assert_eq!(a.counters.total(), 1);
+    assert_eq!(a.counters.total(), 2);
+}
+
+/// A malicious peer without a filter of its own (B) tries the source-port tricks against A,
+/// whose rules let A open B's 5000 and nothing else: A's receive side drops each one and
+/// counts it by reason, while A's own flow to 5000 gets its replies.
+#[test]
+fn receiver_drops_source_port_tricks_of_an_unfiltered_peer() {
+    let (mut a, mut b) = pair(false);
+    set_filter(&a, 2, Some(PortFilter::from_ranges(&[(5000, 5000)], &[])));
+    // A opens UDP 4000 → B:5000 (and the handshake happens on the way).
+    let hello = udp4(IP_A, IP_B, 4000, 5000, b"hello");
+    assert_eq!(handshake(&mut a, &mut b, &hello).0, vec![hello]);
+
+    let reply = udp4(IP_B, IP_A, 5000, 4000, b"reply");
+    let tricks = [
+        // UDP from B's service port to another port of A.
+        udp4(IP_B, IP_A, 5000, 7000, b"from-src-port-5000"),
+        // Non-SYN TCP from the service port: ACK injection, RST.
+        tcp4(IP_B, IP_A, 5000, 22, ACK),
+        tcp4(IP_B, IP_A, 5000, 22, 0x04),
+        // An ICMP port unreachable quoting a UDP packet A never sent (4001 → 5000).
+        ipv4(IP_B, IP_A, 1, &{
+            let mut m = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(&udp4(IP_A, IP_B, 4001, 5000, b"x")[..28]);
+            m
+        }),
+    ];
+    let related = ipv4(IP_B, IP_A, 1, &{
+        let mut m = vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+        m.extend_from_slice(&udp4(IP_A, IP_B, 4000, 5000, b"x")[..28]);
+        m
+    });
+    let mut all = vec![reply.clone()];
+    all.extend(tricks.iter().cloned());
+    all.push(related.clone());
+    send_all(&mut b, &all);
+    let mut sink = Collect::default();
+    deliver(&mut b, &mut a, &mut sink);
+    assert_eq!(
+        sink.0,
+        vec![reply, related],
+        "only the reply and the related error"
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredIn), 1);
+    assert_eq!(a.counters.get(DropReason::CtInvalid), 2);
+    assert_eq!(a.counters.get(DropReason::IcmpUnrelated), 1);
 }

@@ -74,6 +74,7 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         ports: PortRules {
             outbound: vec![PortRange::ALL],
             inbound: vec![PortRange::ALL],
+            ..Default::default()
         },
         stale: false,
     };

@@ -251,6 +251,7 @@ impl Sim {
         let before = counts(&node.counters);
         let snap = node.table.load_full();
         let mut buf = pkt.clone();
+        node.pipe.set_now(secs(self.clock.now()));
         if node.pipe.on_tun(&snap, &mut buf).is_err() {
             self.ledger
                 .violation(format!("node {from}: send batch full"));
@@ -399,6 +400,7 @@ impl Sim {
         let node = &mut self.nodes[at];
         let before = counts(&node.counters);
         let snap = node.table.load_full();
+        node.pipe.set_now(secs(self.clock.now()));
         if node
             .pipe
             .on_udp(&snap, from, bytes, None, &mut node.inbox)
@@ -499,4 +501,9 @@ fn delta(before: &[u64], after: &[u64]) -> Vec<(DropReason, u64)> {
         .filter(|(_, (b, a))| a > b)
         .map(|(r, (b, a))| (*r, a - b))
         .collect()
+}
+
+/// The engine clock the pipeline takes: whole seconds of the mock clock.
+fn secs(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 18;
+const REASONS: usize = 21;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,9 +42,10 @@ pub enum DropReason {
     Io,
     /// A batch buffer ran out of room.
     NoBuffer,
-    /// The packet filter refused a packet we were about to send to a peer.
+    /// The port rules refused a packet we were about to send to a peer (it may not open a
+    /// flow and belongs to none).
     FilteredOut,
-    /// The packet filter refused a decrypted packet from a peer.
+    /// The port rules refused a decrypted packet from a peer.
     FilteredIn,
     /// A decrypted packet (from an allowed source) for an address that is neither this
     /// node's nor a prefix it routes: a peer trying to route through us (see `core::local`).
@@ -52,6 +53,13 @@ pub enum DropReason {
     /// A TUN read for a destination no peer covers (counted as [`DropReason::NoRoute`])
     /// whose ICMP unreachable answer the rate limit held back (see `core::icmp`).
     UnreachableLimited,
+    /// The rules allowed a new flow but the peer's flow table was full (either direction).
+    CtFull,
+    /// A packet that fits no flow state: a non-SYN TCP segment, echo reply or similar
+    /// without a tracked flow, or a segment its flow's TCP state does not accept.
+    CtInvalid,
+    /// An ICMP error quoting a packet of no tracked flow.
+    IcmpUnrelated,
 }
 
 impl DropReason {
@@ -75,6 +83,9 @@ impl DropReason {
         Self::FilteredIn,
         Self::DestinationNotLocal,
         Self::UnreachableLimited,
+        Self::CtFull,
+        Self::CtInvalid,
+        Self::IcmpUnrelated,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -98,6 +109,9 @@ impl DropReason {
             Self::FilteredIn => "filtered_in",
             Self::DestinationNotLocal => "destination_not_local",
             Self::UnreachableLimited => "unreachable_rate_limited",
+            Self::CtFull => "ct_full",
+            Self::CtInvalid => "ct_invalid_state",
+            Self::IcmpUnrelated => "icmp_unrelated",
         }
     }
 

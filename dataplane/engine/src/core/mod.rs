@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod conntrack;
 pub mod counters;
 pub mod filter;
 pub mod icmp;

@@ -10,6 +10,10 @@
 //! only when two cores move the same peer's traffic at the same instant, and never blocks
 //! other peers. There is no global lock on the hot path.
 //!
+//! The endpoint and the peer's connection-tracking table live under the same lock (the
+//! filter reads and updates the table on every filtered packet, in both directions, while
+//! the lock is held anyway).
+//!
 //! The endpoint lives under the same lock (it is read on every send, which already holds
 //! the lock, and updated on roaming, i.e. an authenticated packet from a new address).
 
@@ -21,6 +25,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::Tunn;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::core::conntrack::{self, FlowTable};
 use crate::core::net::IpNet;
 
 /// The mutable per-peer state, guarded by [`Peer::lock`].
@@ -29,6 +34,9 @@ pub struct PeerState {
     pub tunn: Tunn,
     /// Where to send; learned from configuration or from the last authenticated packet.
     pub endpoint: Option<SocketAddr>,
+    /// Connection tracking for this peer's filtered traffic, both directions (allocated on
+    /// its first flow; unused while the peer has no filter).
+    pub flows: FlowTable,
 }
 
 /// Static description of a peer, as configured (file, UAPI or coordinator).
@@ -103,6 +111,10 @@ impl Peer {
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: config.endpoint,
+                flows: FlowTable::new(
+                    conntrack::DEFAULT_CAPACITY,
+                    rand_core::RngCore::next_u64(&mut rand_core::OsRng),
+                ),
             }),
             config,
             stats: PeerStats::default(),

@@ -4,13 +4,14 @@
 //! outbound: TUN read ─▶ [virtio hdr: split TSO/USO super-packet, complete checksums]
 //!           ─▶ route lookup (inner dst → peer + filter, once per super-packet;
 //!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
-//!           ─▶ packet filter (port rules, first segment's headers) ─▶ lock peer once
+//!           ─▶ lock peer once ─▶ packet filter (port rules + the peer's flow table,
+//!              first segment's headers)
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
 //!           receiver index (lock peer once per run of datagrams) ─▶ Tunn::decapsulate
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
-//!              (per decrypted packet)
+//!              (per decrypted packet, with the peer's flow table under the lock already held)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
 //!           ─▶ driver: one TUN write per (coalesced) packet
 //! ```
@@ -23,7 +24,8 @@
 //! packet only if its destination is this node's (see `core::local`).
 //!
 //! Ownership: a `Pipeline` belongs to one worker thread; its scratch buffers are
-//! preallocated. It reads the table through a snapshot the driver loads once per batch.
+//! preallocated. Time is an argument: the driver sets the engine clock ([`Pipeline::set_now`],
+//! whole seconds) once per batch, and connection tracking reads only that. It reads the table through a snapshot the driver loads once per batch.
 //! Nothing here allocates per packet except boringtun's own queue of packets waiting for a
 //! handshake.
 
@@ -35,7 +37,9 @@ use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 
 use crate::core::batch::{Full, TxBatch};
+use crate::core::conntrack::{Dir, FlowTable};
 use crate::core::counters::{DropCounters, DropReason};
+use crate::core::filter::Deny;
 use crate::core::icmp::{self, IcmpLimiter};
 use crate::core::peer::{Peer, PeerState};
 use crate::core::table::Snapshot;
@@ -72,6 +76,8 @@ pub struct Pipeline {
     replies: TunBatch,
     icmp: IcmpLimiter,
     icmp_buf: Box<[u8]>,
+    /// The engine clock in whole seconds (connection-tracking timeouts).
+    now: u32,
 }
 
 /// Bytes of answers one batch can hold: the rate limiter's whole burst of full-size
@@ -90,6 +96,7 @@ impl Pipeline {
             replies: TunBatch::new(REPLY_BYTES, false),
             icmp: IcmpLimiter::default(),
             icmp_buf: vec![0u8; icmp::V6_MAX].into_boxed_slice(),
+            now: 0,
         }
     }
 
@@ -132,6 +139,13 @@ impl Pipeline {
         }
     }
 
+    /// Sets the clock for the packets that follow: whole seconds on a monotonic clock
+    /// (any epoch, the same for every worker of the device).
+    #[inline]
+    pub fn set_now(&mut self, now: u32) {
+        self.now = now;
+    }
+
     /// The shared drop counters.
     pub fn counters(&self) -> &DropCounters {
         &self.counters
@@ -169,15 +183,16 @@ impl Pipeline {
             self.no_route(pkt);
             return Ok(());
         };
+        let peer = &entry.peer;
+        let mut st = peer.lock();
         // Once per super-packet: every segment shares the first one's ports.
         if let Some(f) = &entry.filter {
-            if !f.allows_out(pkt) {
-                self.drop(DropReason::FilteredOut);
+            if let Err(d) = f.check(Dir::Out, pkt, &mut st.flows, self.now) {
+                drop(st);
+                self.drop(deny_reason(d, Dir::Out));
                 return Ok(());
             }
         }
-        let peer = &entry.peer;
-        let mut st = peer.lock();
         let Some(endpoint) = st.endpoint else {
             drop(st);
             self.drop(DropReason::NoEndpoint);
@@ -244,6 +259,7 @@ impl Pipeline {
         let mut cur: Option<(&Peer, MutexGuard<'_, PeerState>)> = None;
         let mut rx = 0usize;
         let mut result = Ok(());
+        let now = self.now;
         for d in buf.chunks(seg) {
             let Some(msg) = wire::WgMessage::new_checked(d).ok() else {
                 self.drop(DropReason::MalformedOuter);
@@ -280,7 +296,15 @@ impl Pipeline {
             };
             match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
                 TunnResult::WriteToTunnelV4(p, a) => {
-                    let ok = deliver(snap, peer, IpAddr::V4(a), p, sink, &self.counters);
+                    let ok = deliver(
+                        snap,
+                        peer,
+                        IpAddr::V4(a),
+                        p,
+                        (&mut st.flows, now),
+                        sink,
+                        &self.counters,
+                    );
                     if ok {
                         rx += d.len();
                         if st.endpoint != Some(src) {
@@ -289,7 +313,15 @@ impl Pipeline {
                     }
                 }
                 TunnResult::WriteToTunnelV6(p, a) => {
-                    let ok = deliver(snap, peer, IpAddr::V6(a), p, sink, &self.counters);
+                    let ok = deliver(
+                        snap,
+                        peer,
+                        IpAddr::V6(a),
+                        p,
+                        (&mut st.flows, now),
+                        sink,
+                        &self.counters,
+                    );
                     if ok {
                         rx += d.len();
                         if st.endpoint != Some(src) {
@@ -465,15 +497,17 @@ fn push_copy(tx: &mut TxBatch, dst: SocketAddr, p: &[u8]) -> Result<(), Full> {
 
 /// Cryptokey routing on receive: the inner source must be one of the sending peer's
 /// AllowedIPs (boringtun does not check this); the inner destination must be this node's
-/// (`core::local`: a peer may not route through us); then the peer's packet filter. Returns
-/// whether the packet came from the peer's allowed sources (a packet refused for its
-/// destination or by the filter did: it still counts as received and may move the endpoint).
+/// (`core::local`: a peer may not route through us); then the peer's packet filter with its
+/// flow table (`flows`, and the clock). Returns whether the packet came from the peer's
+/// allowed sources (a packet refused for its destination or by the filter did: it still
+/// counts as received and may move the endpoint).
 #[inline]
 fn deliver(
     snap: &Snapshot,
     peer: &Peer,
     src: IpAddr,
     pkt: &[u8],
+    flows: (&mut FlowTable, u32),
     sink: &mut impl TunSink,
     counters: &DropCounters,
 ) -> bool {
@@ -493,8 +527,8 @@ fn deliver(
         }
     }
     if let Some(f) = &entry.filter {
-        if !f.allows_in(pkt) {
-            counters.add(DropReason::FilteredIn);
+        if let Err(d) = f.check(Dir::In, pkt, flows.0, flows.1) {
+            counters.add(deny_reason(d, Dir::In));
             return true;
         }
     }
@@ -502,4 +536,18 @@ fn deliver(
         counters.add(DropReason::NoBuffer);
     }
     true
+}
+
+/// The drop counter for a filter refusal.
+#[inline]
+fn deny_reason(d: Deny, dir: Dir) -> DropReason {
+    match (d, dir) {
+        (Deny::Malformed, Dir::Out) => DropReason::MalformedInner,
+        (Deny::Malformed, Dir::In) => DropReason::MalformedDecrypted,
+        (Deny::NotAllowed, Dir::Out) => DropReason::FilteredOut,
+        (Deny::NotAllowed, Dir::In) => DropReason::FilteredIn,
+        (Deny::CtFull, _) => DropReason::CtFull,
+        (Deny::InvalidState, _) => DropReason::CtInvalid,
+        (Deny::IcmpUnrelated, _) => DropReason::IcmpUnrelated,
+    }
 }

@@ -67,6 +67,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         }
         let snap = shared.table.load();
         pipe.tick(Instant::now());
+        pipe.set_now(shared.now_secs());
         if tun_ready {
             for _ in 0..BATCH {
                 match fd::read(tun_fd, &mut rbuf) {

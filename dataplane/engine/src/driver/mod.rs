@@ -16,6 +16,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
@@ -58,6 +59,17 @@ pub struct Shared {
     pub uso: bool,
     /// UDP features in force.
     pub udp: UdpFeatures,
+    /// The engine clock's epoch: [`Shared::now_secs`] counts from here.
+    pub epoch: Instant,
+}
+
+impl Shared {
+    /// The engine clock: whole seconds since the device started (monotonic). Workers hand
+    /// it to the sans-IO pipeline once per batch (connection-tracking timeouts).
+    #[inline]
+    pub fn now_secs(&self) -> u32 {
+        u32::try_from(self.epoch.elapsed().as_secs()).unwrap_or(u32::MAX)
+    }
 }
 
 /// One worker's own fds and core.
@@ -171,6 +183,7 @@ impl Engine {
             vnet: tun_offloads.vnet_hdr,
             uso: tun_offloads.vnet_hdr && tun_offloads.uso,
             udp: udp_features,
+            epoch: Instant::now(),
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
         let ctl_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;

@@ -414,6 +414,7 @@ impl Worker {
             }
             let snap = shared.table.load();
             pipe.tick(Instant::now());
+            pipe.set_now(shared.now_secs());
             for &(data, res, flags) in &cqes {
                 match Op::decode(data) {
                     Some(Op::TunRead) => {

@@ -749,7 +749,7 @@ impl Machine {
                         allowed_ips: kept,
                         persistent_keepalive: Some(KEEPALIVE_SECS),
                     },
-                    filter: PortFilter::from_ranges(&before.outbound, &before.inbound),
+                    filter: PortFilter::from_rules(&before.outbound, &before.inbound),
                     new: false,
                     label: PeerLabel::of(before),
                 });
@@ -778,7 +778,7 @@ impl Machine {
             };
             self.actions.push_back(Action::UpsertPeer {
                 config,
-                filter: PortFilter::from_ranges(&d.outbound, &d.inbound),
+                filter: PortFilter::from_rules(&d.outbound, &d.inbound),
                 new: before.is_none(),
                 label: PeerLabel::of(d),
             });
@@ -923,6 +923,7 @@ mod tests {
                     first: 8730,
                     last: 8730,
                 }],
+                ..Default::default()
             },
             stale: false,
         }

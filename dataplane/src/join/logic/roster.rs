@@ -51,6 +51,7 @@ use tabbify_api::local::RosterRefusals;
 use tabbify_api::ula;
 use tabbify_api::{PortRange, RosterEntry, SseEvent};
 
+use crate::core::filter::Proto;
 use crate::core::net::IpNet;
 
 /// Keepalive for every mesh peer: holds NAT mappings open (WireGuard's usual 25 s).
@@ -85,10 +86,10 @@ pub struct Desired {
     pub endpoint: Option<SocketAddr>,
     /// AllowedIPs: its ULA/128 and every hosted app ULA/128.
     pub allowed_ips: Vec<IpNet>,
-    /// Ports on the peer we may open, as (first, last).
-    pub outbound: Vec<(u16, u16)>,
+    /// Ports on the peer we may open, as (protocol, first, last).
+    pub outbound: Vec<(Proto, u16, u16)>,
     /// Ports on us the peer may open.
-    pub inbound: Vec<(u16, u16)>,
+    pub inbound: Vec<(Proto, u16, u16)>,
 }
 
 /// What an event did.
@@ -376,8 +377,12 @@ impl Roster {
                     app_ulas: e.hosted_app_ulas.clone(),
                     endpoint: choose_endpoint(e, me),
                     allowed_ips,
-                    outbound: ranges(&e.ports.outbound),
-                    inbound: ranges(&e.ports.inbound),
+                    outbound: rules(
+                        &e.ports.outbound,
+                        &e.ports.outbound_tcp,
+                        &e.ports.outbound_udp,
+                    ),
+                    inbound: rules(&e.ports.inbound, &e.ports.inbound_tcp, &e.ports.inbound_udp),
                 },
             );
         }
@@ -570,8 +575,17 @@ pub fn usable_endpoint(ep: &SocketAddr) -> bool {
     }
 }
 
-fn ranges(r: &[PortRange]) -> Vec<(u16, u16)> {
-    r.iter().map(|r| (r.first, r.last)).collect()
+/// The filter's rules from a roster direction: ports for both protocols, TCP only, UDP only.
+fn rules(both: &[PortRange], tcp: &[PortRange], udp: &[PortRange]) -> Vec<(Proto, u16, u16)> {
+    let tag = |p: Proto, v: &[PortRange]| {
+        v.iter()
+            .map(move |r| (p, r.first, r.last))
+            .collect::<Vec<_>>()
+    };
+    let mut out = tag(Proto::Both, both);
+    out.extend(tag(Proto::Tcp, tcp));
+    out.extend(tag(Proto::Udp, udp));
+    out
 }
 
 /// A base64 WireGuard key.
@@ -632,6 +646,7 @@ mod tests {
                     last: 8730,
                 }],
                 inbound: vec![PortRange::ALL],
+                ..Default::default()
             },
             stale: false,
         }
@@ -658,8 +673,8 @@ mod tests {
         let d = r.desired(&SelfView::default());
         let got = &d[&[1u8; 32]];
         assert_eq!(got.allowed_ips.len(), 2);
-        assert_eq!(got.outbound, vec![(8730, 8730)]);
-        assert_eq!(got.inbound, vec![(0, 65535)]);
+        assert_eq!(got.outbound, vec![(Proto::Both, 8730, 8730)]);
+        assert_eq!(got.inbound, vec![(Proto::Both, 0, 65535)]);
         let rm = PeerRemove {
             peer_id: pid("a"),
             reason: "revoked".into(),
@@ -683,6 +698,31 @@ mod tests {
             r.apply(Some(6), SseEvent::HolePunch(hp)),
             Applied::HolePunch { .. }
         ));
+    }
+
+    #[test]
+    fn protocol_lists_reach_the_filter_rules() {
+        let mut r = Roster::new(&pid("me"));
+        let mut a = entry("a", 1, "10.0.0.1:1", &[]);
+        a.ports = PortRules {
+            outbound_tcp: vec![PortRange {
+                first: 8730,
+                last: 8730,
+            }],
+            inbound_udp: vec![PortRange {
+                first: 53,
+                last: 53,
+            }],
+            ..Default::default()
+        };
+        r.replace(vec![a]);
+        let d = r.desired(&SelfView::default());
+        let got = &d[&[1u8; 32]];
+        assert_eq!(got.outbound, vec![(Proto::Tcp, 8730, 8730)]);
+        assert_eq!(got.inbound, vec![(Proto::Udp, 53, 53)]);
+        let f = crate::core::filter::PortFilter::from_rules(&got.outbound, &got.inbound);
+        assert_eq!(f.outbound(Proto::Tcp), vec![(8730, 8730)]);
+        assert!(f.outbound(Proto::Udp).is_empty());
     }
 
     #[test]
