@@ -97,6 +97,7 @@ async fn call(coord: &Arc<Coordinator>, identity: &str, path: &str, body: &[u8])
     let conn = ConnInfo {
         remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
         identity: None,
+        admin_role: false,
     };
     let req = http::Request::builder()
         .method("POST")

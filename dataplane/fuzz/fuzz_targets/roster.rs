@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use tabbify_api::{
@@ -195,6 +195,9 @@ fuzz_target!(|data: &[u8]| {
         tags: vec![],
         has_join_token: true,
         apps: vec![],
+        // No rotation falls due while the target runs: it drives the roster, not the key.
+        key_max_age: Duration::from_secs(90 * 86_400),
+        rotate_at: t + Duration::from_secs(90 * 86_400),
     });
     let mut model = Model::default();
     model.apply(&mut m);
