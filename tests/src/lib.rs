@@ -10,6 +10,9 @@
 //!   RPS on both receive queues, and optional `tc netem` impairment.
 //! * [`Lan`]: a bridged "public" LAN in its own namespace that hosts plug into;
 //!   [`NatRouter`]: a masquerading router between a private host and a [`Lan`].
+//! * [`NatLab`]: two members behind routers of chosen [`RouterKind`]s (none,
+//!   endpoint-independent, endpoint-dependent, double NAT, UDP blocked) on a benchmark-space
+//!   "internet" where the coordinator and relay run.
 //! * [`Process`]: a program running inside a namespace with its output in a log file, dumped
 //!   to stderr when the handle drops (the test harness shows it only when a test fails).
 //! * [`WgPeer`]: one WireGuard endpoint run by our `tabbify-mesh`, `wireguard-go` or
@@ -36,6 +39,7 @@ pub mod inside;
 pub mod joiner;
 pub mod lan;
 pub mod nat;
+pub mod natlab;
 pub mod netns;
 pub mod pinger;
 pub mod pki;
@@ -56,6 +60,7 @@ pub use edge::EdgeNode;
 pub use joiner::{JoinSpec, Joiner};
 pub use lan::Lan;
 pub use nat::NatRouter;
+pub use natlab::{NatLab, RouterKind, Side};
 pub use netns::Netns;
 pub use pinger::Pinger;
 pub use pki::Pki;

@@ -1,6 +1,7 @@
 //! Network namespaces owned by a test.
 //!
-//! Invariants: a [`Netns`] name is unique on the machine (`tbt-<pid>-<counter>-<random>`);
+//! Invariants: a [`Netns`] name is unique on the machine (`tbt-<pid>-<counter>-<random>`,
+//! or `tbt-<pid>-<counter>-<label>-<random>` from [`Netns::with_label`]);
 //! the namespace exists, with loopback up, for as long as any handle to it lives; when the
 //! last handle drops, every process spawned inside it is killed by PID and the namespace is
 //! deleted, also while unwinding from a panic. Namespaces left behind by a test process that
@@ -38,12 +39,29 @@ struct Inner {
 impl Netns {
     /// Creates a fresh namespace with loopback up.
     pub fn new() -> Result<Netns> {
+        Netns::with_label("")
+    }
+
+    /// Creates a fresh namespace with loopback up whose name also carries `label` (only
+    /// its ASCII letters, digits and `-` are kept, at most 24 of them), so that
+    /// `ip netns list` tells which test and role a namespace belongs to.
+    pub fn with_label(label: &str) -> Result<Netns> {
         static SWEEP: Once = Once::new();
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         SWEEP.call_once(sweep_stale);
 
+        let label: String = label
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(24)
+            .collect();
+        let label = if label.is_empty() {
+            String::new()
+        } else {
+            format!("{label}-")
+        };
         let name = format!(
-            "{PREFIX}{}-{}-{:06x}",
+            "{PREFIX}{}-{}-{label}{:06x}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed),
             rand::thread_rng().gen_range(0..0x100_0000u32)
