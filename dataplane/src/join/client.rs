@@ -7,6 +7,14 @@
 //! presents its peer certificate. Plaintext `http://` is for loopback development only and
 //! names the caller with the `x-tabbify-identity` header, as the coordinator expects.
 //!
+//! Every connection has TCP keepalive ([`TCP_KEEPALIVE_IDLE`], [`TCP_KEEPALIVE_INTERVAL`],
+//! [`TCP_KEEPALIVE_RETRIES`]): a path that dies without a FIN or RST (the underlay address
+//! changed, a middlebox dropped its state) fails the stream's read within
+//! `IDLE + INTERVAL × RETRIES` = 14 s of the last byte received, instead of never.
+//! The stream's idle deadline is kept by the machine
+//! ([`crate::join::logic::machine::STREAM_IDLE_TIMEOUT`]), fed by
+//! [`EventStream::take_activity`].
+//!
 //! Errors are split into what retrying can fix ([`ClientError::Transport`], 5xx, 408) and
 //! what it cannot (every other 4xx, with the coordinator's `code` and reason), so the
 //! control loop knows whether to back off or to give up.
@@ -28,9 +36,12 @@ use tokio_rustls::TlsConnector;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a JSON request may take, end to end.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// An SSE stream that delivers nothing (not even the coordinator's 15 s keepalive comment)
-/// for this long is considered dead.
-pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(40);
+/// Idle time before the first TCP keepalive probe on a control connection.
+pub const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(5);
+/// Time between unanswered TCP keepalive probes.
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(3);
+/// Unanswered probes after which the kernel declares the connection dead.
+pub const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// What went wrong talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +186,7 @@ impl Client {
                 .await
                 .map_err(|e| t(&e))?;
             let _ = tcp.set_nodelay(true);
+            set_keepalive(&tcp);
             match &self.tls {
                 Some((conn, name)) => {
                     let tls = conn
@@ -242,13 +254,23 @@ impl Client {
         .map_err(|_| ClientError::Transport("request timed out".into()))?
     }
 
-    /// Opens the SSE roster stream at `path`.
-    pub async fn stream(&self, path: &str) -> Result<EventStream, ClientError> {
+    /// Opens the SSE roster stream at `path`, resuming after event `last_event_id` when
+    /// given (`Last-Event-ID`: the coordinator replays what came after it, or sends a
+    /// snapshot when it no longer holds those events).
+    pub async fn stream(
+        &self,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> Result<EventStream, ClientError> {
         let mut req = self.request(Method::GET, path, Bytes::new())?;
         req.headers_mut().insert(
             http::header::ACCEPT,
             http::HeaderValue::from_static("text/event-stream"),
         );
+        if let Some(id) = last_event_id {
+            req.headers_mut()
+                .insert("last-event-id", http::HeaderValue::from(id));
+        }
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
             .map_err(|_| ClientError::Transport("stream request timed out".into()))??;
@@ -266,7 +288,20 @@ impl Client {
             body: resp.into_body(),
             decoder: SseDecoder::new(),
             pending: std::collections::VecDeque::new(),
+            activity: None,
         })
+    }
+}
+
+/// Turns on TCP keepalive with the constants above. A failure is logged, not fatal: the
+/// machine's stream idle deadline still bounds a dead stream.
+fn set_keepalive(tcp: &TcpStream) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(TCP_KEEPALIVE_IDLE)
+        .with_interval(TCP_KEEPALIVE_INTERVAL)
+        .with_retries(TCP_KEEPALIVE_RETRIES);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive) {
+        tracing::warn!(error = %e, "cannot enable TCP keepalive on the coordinator connection");
     }
 }
 
@@ -308,30 +343,41 @@ fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
 }
 
 /// An open SSE stream: typed events with their ids, in order.
+///
+/// It has no timeout of its own: [`EventStream::next`] is cancelled and called again
+/// whenever the shell wakes for something else, so a per-call timeout would restart on
+/// every wake-up. Instead it records when bytes last arrived ([`EventStream::take_activity`])
+/// and the machine keeps the idle deadline.
 pub struct EventStream {
     body: Incoming,
     decoder: SseDecoder,
     pending: std::collections::VecDeque<(Option<u64>, SseEvent)>,
+    /// When bytes last arrived and the machine has not been told yet.
+    activity: Option<std::time::Instant>,
 }
 
 impl EventStream {
     /// The next event; `Ok(None)` when the coordinator closed the stream. Unknown event
     /// names (a newer coordinator) are skipped with a log line; undecodable data of a known
     /// event is an error, because applying a partial roster would be worse than reconnecting.
+    /// Cancel-safe: a frame is decoded as soon as it is read, and complete events wait in
+    /// `pending` for the next call.
     pub async fn next(&mut self) -> Result<Option<(Option<u64>, SseEvent)>, ClientError> {
         loop {
             if let Some(e) = self.pending.pop_front() {
                 return Ok(Some(e));
             }
-            let frame = match tokio::time::timeout(STREAM_IDLE_TIMEOUT, self.body.frame()).await {
-                Err(_) => return Err(ClientError::Transport("stream idle for 40 s".into())),
-                Ok(None) => return Ok(None),
-                Ok(Some(Err(e))) => return Err(ClientError::Transport(e.to_string())),
-                Ok(Some(Ok(f))) => f,
+            let frame = match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(ClientError::Transport(e.to_string())),
+                Some(Ok(f)) => f,
             };
             let Ok(data) = frame.into_data() else {
                 continue;
             };
+            if !data.is_empty() {
+                self.activity = Some(std::time::Instant::now());
+            }
             // An oversized event ends the stream; the machine reconnects and a fresh
             // snapshot follows.
             let frames = self
@@ -351,6 +397,12 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// When bytes last arrived (an event or a keepalive comment), once: for
+    /// [`crate::join::logic::Machine::handle_stream_activity`].
+    pub fn take_activity(&mut self) -> Option<std::time::Instant> {
+        self.activity.take()
     }
 }
 

@@ -218,17 +218,26 @@ impl Joiner {
                 self.apply(action, &mut stream).await;
             }
             let deadline = self.lock().poll_timeout();
-            tokio::select! {
-                ev = next_event(&mut stream) => {
-                    let now = Instant::now();
-                    match ev {
-                        Ok(Some((id, ev))) => self.lock().handle_event(now, id, ev),
-                        Ok(None) => self.lock().handle_stream_closed(now, Ok(())),
-                        Err(e) => self.lock().handle_stream_closed(now, Err(e)),
-                    }
-                }
-                _ = sleep_until(deadline) => self.lock().handle_timeout(Instant::now()),
-                _ = self.wake.notified() => {}
+            let woke = tokio::select! {
+                ev = next_event(&mut stream) => Woke::Stream(Box::new(ev)),
+                _ = sleep_until(deadline) => Woke::Timer,
+                _ = self.wake.notified() => Woke::Notified,
+            };
+            // Bytes seen on the stream (keepalive comments included) go to the machine
+            // before anything else, so that its idle deadline never fires on a live stream.
+            if let Some(at) = stream.as_mut().and_then(EventStream::take_activity) {
+                self.lock().handle_stream_activity(at);
+            }
+            let now = Instant::now();
+            match woke {
+                Woke::Stream(ev) => match *ev {
+                    Ok(Some((id, ev))) => self.lock().handle_event(now, id, ev),
+                    Ok(None) => self.lock().handle_stream_closed(now, Ok(())),
+                    Err(e) => self.lock().handle_stream_closed(now, Err(e)),
+                },
+                Woke::Timer => self.lock().handle_timeout(now),
+                // The control socket queued work for the machine: poll its actions.
+                Woke::Notified => {}
             }
         }
     }
@@ -246,7 +255,13 @@ impl Joiner {
                 self.lock().handle_heartbeat(Instant::now(), r);
             }
             Action::OpenStream => {
-                let r = self.client.stream(api::PATH_PEERS_STREAM).await;
+                // Resume after the roster the machine holds (from the registration that
+                // preceded this, or the stream before it).
+                let last_event_id = self.lock().roster().last_event_id;
+                let r = self
+                    .client
+                    .stream(api::PATH_PEERS_STREAM, last_event_id)
+                    .await;
                 let r = r.map(|s| *stream = Some(s));
                 self.lock().handle_stream_opened(Instant::now(), r);
             }
@@ -591,10 +606,24 @@ fn local_nets(ula: Ipv6Addr, apps: &[Uuid]) -> LocalNets {
     LocalNets::new(addrs.map(IpAddr::V6), [])
 }
 
+/// What [`EventStream::next`] yields: an event with its id, the end, or a failure.
+type StreamItem = Result<Option<(Option<u64>, SseEvent)>, ClientError>;
+
+/// What ended one wait of [`Joiner::drive`].
+enum Woke {
+    /// The stream yielded an event, ended or broke (boxed: an event is large, and this
+    /// happens once per roster change).
+    Stream(Box<StreamItem>),
+    /// The machine's next deadline passed.
+    Timer,
+    /// The control socket changed something.
+    Notified,
+}
+
 /// The stream's next event; never resolves without a stream.
 async fn next_event(
     stream: &mut Option<EventStream>,
-) -> Result<Option<(Option<u64>, SseEvent)>, ClientError> {
+) -> StreamItem {
     match stream {
         Some(s) => s.next().await,
         None => std::future::pending().await,

@@ -54,6 +54,15 @@ pub const PUNCH_BURST: u32 = 8;
 pub const PUNCH_GAP: Duration = Duration::from_millis(125);
 /// The delay before an automatic key rotation that failed is tried again.
 pub const ROTATION_RETRY: Duration = Duration::from_secs(3600);
+/// The coordinator's SSE keepalive period: a `: keepalive` comment on an idle stream
+/// (tabbify-control `StreamConfig::keepalive`, 15 s).
+pub const COORDINATOR_KEEPALIVE: Duration = Duration::from_secs(15);
+/// A roster stream that delivers no bytes at all (no event, not even a keepalive comment)
+/// for this long is dead: two missed keepalives plus 5 s of slack. The deadline belongs to
+/// the machine, not to a read on the stream, so heartbeat ticks and other wake-ups cannot
+/// postpone it (issue 13: a per-read timeout restarted on every tick never fired).
+pub const STREAM_IDLE_TIMEOUT: Duration =
+    Duration::from_secs(2 * COORDINATOR_KEEPALIVE.as_secs() + 5);
 
 /// What the machine is told once, at start.
 #[derive(Clone, Debug)]
@@ -239,6 +248,9 @@ pub struct Machine {
     rotate_at: Instant,
     /// A key rotation is in flight.
     rotating: bool,
+    /// While the stream is open: when it counts as dead unless bytes arrive before
+    /// ([`Machine::handle_stream_activity`] moves it).
+    stream_idle_until: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -265,6 +277,7 @@ impl Machine {
             claimed: Vec::new(),
             punches: Vec::new(),
             rotating: false,
+            stream_idle_until: None,
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -286,11 +299,15 @@ impl Machine {
             _ => None,
         };
         let rotation = (self.session.is_connected() && !self.rotating).then_some(self.rotate_at);
+        let idle = self
+            .stream_idle_until
+            .filter(|_| self.session.is_connected());
         self.punches
             .iter()
             .map(|p| p.next_at)
             .chain(session)
             .chain(rotation)
+            .chain(idle)
             .min()
     }
 
@@ -429,6 +446,7 @@ impl Machine {
             period: self.heartbeat,
             next_heartbeat: now + self.heartbeat,
         };
+        self.stream_idle_until = Some(now + STREAM_IDLE_TIMEOUT);
         self.backoff = INITIAL_BACKOFF;
         if std::mem::take(&mut self.heartbeat_pending) {
             self.push_heartbeat();
@@ -458,6 +476,17 @@ impl Machine {
         }
     }
 
+    /// Bytes arrived on the roster stream at `at` (an event, part of one, or a keepalive
+    /// comment): it is alive, so its idle deadline moves to `at` + [`STREAM_IDLE_TIMEOUT`].
+    pub fn handle_stream_activity(&mut self, at: Instant) {
+        if self.session.is_connected() {
+            let until = at + STREAM_IDLE_TIMEOUT;
+            if self.stream_idle_until.is_none_or(|old| until > old) {
+                self.stream_idle_until = Some(until);
+            }
+        }
+    }
+
     /// The roster stream ended: `Ok` when the coordinator closed it, `Err` when it broke.
     pub fn handle_stream_closed(&mut self, now: Instant, r: Result<(), ClientError>) {
         if self.session.is_connected() {
@@ -465,8 +494,18 @@ impl Machine {
         }
     }
 
-    /// Time passed: register again, heartbeat, end a grace period, punch.
+    /// Time passed: drop a silent stream, register again, heartbeat, end a grace period,
+    /// punch.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.session.is_connected() && self.stream_idle_until.is_some_and(|t| now >= t) {
+            self.lose_session(
+                now,
+                Err(ClientError::Transport(format!(
+                    "the roster stream delivered nothing for {} s",
+                    STREAM_IDLE_TIMEOUT.as_secs()
+                ))),
+            );
+        }
         let (mut grace_over, mut heartbeat) = (false, false);
         match &mut self.session {
             Session::Disconnected { retry_at } if now >= *retry_at => {
@@ -618,6 +657,7 @@ impl Machine {
     /// admission end the joiner, anything else registers again after the backoff.
     fn lose_session(&mut self, now: Instant, r: Result<(), ClientError>) {
         self.actions.push_back(Action::CloseStream);
+        self.stream_idle_until = None;
         match r {
             Ok(()) => tracing::warn!("coordinator closed the roster stream; reconnecting"),
             Err(e) if e.is_transient() => {
@@ -1065,23 +1105,30 @@ mod tests {
         assert_eq!(m.poll_timeout(), None);
         connect(&mut m, t, vec![]);
         drain(&mut m);
+        m.handle_stream_activity(t + day);
         m.handle_timeout(t + day);
         assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_stream_activity(t + 2 * day);
         m.handle_timeout(t + 2 * day);
         assert!(drain(&mut m).contains(&Action::RotateKey));
         // In flight: neither the timer nor the control socket starts another one.
+        m.handle_stream_activity(t + 2 * day + SEC);
         m.handle_timeout(t + 2 * day + SEC);
         assert!(!drain(&mut m).contains(&Action::RotateKey));
         assert!(m.begin_rotation().is_err());
         // A failure retries an hour later with the old key; a success waits a full age.
         m.handle_rotated(t + 2 * day, Err("unreachable".into()));
+        m.handle_stream_activity(t + 2 * day + 1800 * SEC);
         m.handle_timeout(t + 2 * day + 1800 * SEC);
         assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_stream_activity(t + 2 * day + ROTATION_RETRY);
         m.handle_timeout(t + 2 * day + ROTATION_RETRY);
         assert!(drain(&mut m).contains(&Action::RotateKey));
         m.handle_rotated(t + 3 * day, Ok(()));
+        m.handle_stream_activity(t + 92 * day);
         m.handle_timeout(t + 92 * day);
         assert!(!drain(&mut m).contains(&Action::RotateKey));
+        m.handle_stream_activity(t + 93 * day);
         m.handle_timeout(t + 93 * day);
         assert!(drain(&mut m).contains(&Action::RotateKey));
         m.handle_rotated(t + 93 * day, Ok(()));
@@ -1644,6 +1691,66 @@ mod tests {
             "same roster, nothing to do: {a:?}"
         );
         assert!(m.session().is_connected());
+    }
+
+    /// Issue 13: heartbeat ticks (and any other wake-up) never postpone the stream's idle
+    /// deadline; only bytes on the stream do. A stream that goes silent without a FIN or RST
+    /// is dropped one idle timeout after its last byte, and the joiner registers again.
+    #[test]
+    fn a_silent_stream_is_dropped_although_heartbeats_tick() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![]);
+        m.handle_stream_activity(t + SEC);
+        let mut beats = 0;
+        let now = loop {
+            let now = m.poll_timeout().unwrap();
+            m.handle_timeout(now);
+            let a = drain(&mut m);
+            if a.contains(&Action::CloseStream) {
+                break now;
+            }
+            assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
+            m.handle_heartbeat(now, Ok(beat("203.0.113.9:51820")));
+            beats += 1;
+            assert!(m.session().is_connected());
+        };
+        assert_eq!(now, t + SEC + STREAM_IDLE_TIMEOUT);
+        assert_eq!(beats, 3, "heartbeats kept going until then");
+        assert!(!m.session().is_connected());
+        let t1 = m.poll_timeout().unwrap();
+        assert_eq!(t1, now + INITIAL_BACKOFF);
+        m.handle_timeout(t1);
+        assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
+    }
+
+    #[test]
+    fn keepalive_comments_keep_a_quiet_stream_open() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![]);
+        for k in 1..=20u32 {
+            let at = t + k * COORDINATOR_KEEPALIVE;
+            while let Some(due) = m.poll_timeout().filter(|due| *due <= at) {
+                m.handle_timeout(due);
+                for a in drain(&mut m) {
+                    assert!(matches!(a, Action::Heartbeat { .. }), "{a:?}");
+                    m.handle_heartbeat(due, Ok(beat("203.0.113.9:51820")));
+                }
+            }
+            m.handle_stream_activity(at);
+        }
+        assert!(m.session().is_connected());
+        // A stale report (bytes seen earlier, reported late) never pulls the deadline in.
+        let last = t + 20 * COORDINATOR_KEEPALIVE;
+        m.handle_stream_activity(t);
+        m.handle_timeout(last + STREAM_IDLE_TIMEOUT - SEC);
+        assert!(!drain(&mut m).contains(&Action::CloseStream));
+        m.handle_timeout(last + STREAM_IDLE_TIMEOUT);
+        assert!(drain(&mut m).contains(&Action::CloseStream));
+        // Activity after the session ended changes nothing.
+        m.handle_stream_activity(last + STREAM_IDLE_TIMEOUT + SEC);
+        assert!(!m.session().is_connected());
     }
 
     #[test]
