@@ -621,9 +621,7 @@ enum Woke {
 }
 
 /// The stream's next event; never resolves without a stream.
-async fn next_event(
-    stream: &mut Option<EventStream>,
-) -> StreamItem {
+async fn next_event(stream: &mut Option<EventStream>) -> StreamItem {
     match stream {
         Some(s) => s.next().await,
         None => std::future::pending().await,
