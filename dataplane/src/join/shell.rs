@@ -36,7 +36,7 @@ use crate::core::net::IpNet;
 use crate::core::table::Table;
 use crate::driver::{EngineInfo, EngineOptions, Handshaker};
 use crate::interface::{Interface, InterfaceSpec};
-use crate::sys::{ifaddrs, link};
+use crate::sys::{addr_watch, ifaddrs, link};
 
 use super::client::{Client, ClientError, EventStream};
 use super::control::{self, CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
@@ -208,6 +208,7 @@ impl Joiner {
     /// Applies the machine's actions and feeds it what happens, until it says to exit.
     async fn drive(self: Arc<Self>) -> anyhow::Result<()> {
         let mut stream: Option<EventStream> = None;
+        let mut underlay = UnderlayWatch::open(&self.opts.interface);
         loop {
             loop {
                 let action = self.lock().poll_action();
@@ -222,6 +223,7 @@ impl Joiner {
                 ev = next_event(&mut stream) => Woke::Stream(Box::new(ev)),
                 _ = sleep_until(deadline) => Woke::Timer,
                 _ = self.wake.notified() => Woke::Notified,
+                () = underlay_changed(&mut underlay) => Woke::Underlay,
             };
             // Bytes seen on the stream (keepalive comments included) go to the machine
             // before anything else, so that its idle deadline never fires on a live stream.
@@ -238,6 +240,7 @@ impl Joiner {
                 Woke::Timer => self.lock().handle_timeout(now),
                 // The control socket queued work for the machine: poll its actions.
                 Woke::Notified => {}
+                Woke::Underlay => self.lock().handle_underlay_changed(now),
             }
         }
     }
@@ -618,6 +621,94 @@ enum Woke {
     Timer,
     /// The control socket changed something.
     Notified,
+    /// An address of a non-TUN interface appeared or went.
+    Underlay,
+}
+
+/// The netlink address watch and the TUN's interface index (its own address changes, the
+/// hosted app ULAs, are not underlay changes).
+struct UnderlayWatch {
+    socket: tokio::io::unix::AsyncFd<addr_watch::AddrWatch>,
+    tun_index: u32,
+}
+
+impl UnderlayWatch {
+    /// `None` (logged) when the socket cannot be opened or the TUN's index read: the
+    /// joiner then learns of a move at its next heartbeat, or when its stream dies.
+    // `AsyncFd::new` is deprecated because a type could hand it a descriptor it does not
+    // own; `AddrWatch` owns its `OwnedFd` and always returns that same descriptor, which
+    // stays open until the `AsyncFd` (and the watch inside it) drops, so the condition of
+    // the unsafe `AsyncFd::register` holds, and this crate forbids unsafe code.
+    #[allow(deprecated)]
+    fn open(tun: &str) -> Option<UnderlayWatch> {
+        let path = format!("/sys/class/net/{tun}/ifindex");
+        let opened = std::fs::read_to_string(&path)
+            .map_err(|e| format!("{path}: {e}"))
+            .and_then(|text| {
+                text.trim()
+                    .parse::<u32>()
+                    .map_err(|e| format!("{path}: {e}"))
+            })
+            .and_then(|tun_index| {
+                let socket = addr_watch::AddrWatch::open()
+                    .and_then(tokio::io::unix::AsyncFd::new)
+                    .map_err(|e| format!("netlink: {e}"))?;
+                Ok(UnderlayWatch { socket, tun_index })
+            });
+        match opened {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch for underlay address changes");
+                None
+            }
+        }
+    }
+}
+
+/// Resolves when an address of an interface other than the TUN appeared or went; never
+/// without a watch (or after the watch failed, which is logged). Cancel-safe: datagrams
+/// are read only between awaits and a relevant one resolves at once.
+async fn underlay_changed(watch: &mut Option<UnderlayWatch>) {
+    let Some(w) = watch else {
+        return std::future::pending().await;
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let mut guard = match w.socket.readable().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                tracing::warn!(%error, "underlay address watch failed");
+                *watch = None;
+                return std::future::pending().await;
+            }
+        };
+        let mut relevant = false;
+        loop {
+            match guard.get_inner().recv(&mut buf) {
+                Ok(n) => {
+                    let parsed = addr_watch::parse(&buf[..n.min(buf.len())]);
+                    if parsed.malformed > 0 {
+                        tracing::debug!("malformed netlink address message skipped");
+                    }
+                    relevant |= parsed.changes.iter().any(|c| c.ifindex != w.tun_index);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    break;
+                }
+                // ENOBUFS (105): the kernel dropped notifications; something changed.
+                Err(e) if e.raw_os_error() == Some(105) => relevant = true,
+                Err(error) => {
+                    tracing::warn!(%error, "underlay address watch failed");
+                    *watch = None;
+                    return std::future::pending().await;
+                }
+            }
+        }
+        if relevant {
+            return;
+        }
+    }
 }
 
 /// The stream's next event; never resolves without a stream.

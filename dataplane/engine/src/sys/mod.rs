@@ -3,6 +3,7 @@
 //! Every `unsafe` block of the data plane outside the io_uring driver lives here, each with a
 //! `// SAFETY:` comment.
 
+pub mod addr_watch;
 pub mod fd;
 pub mod ifaddrs;
 pub mod link;

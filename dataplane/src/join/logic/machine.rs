@@ -487,6 +487,29 @@ impl Machine {
         }
     }
 
+    /// An address of a non-TUN interface appeared or went (netlink `RTM_NEWADDR` /
+    /// `RTM_DELADDR`): the node may have moved. While streaming: heartbeat at once (it
+    /// carries the current endpoints, and the coordinator sees the new source address) and
+    /// reopen the roster stream (the old connection may be bound to a vanished address, and
+    /// would only be noticed dead by keepalive or the idle deadline); the table is left
+    /// alone. While disconnected: register at once instead of at the end of the backoff.
+    pub fn handle_underlay_changed(&mut self, now: Instant) {
+        match &mut self.session {
+            Session::Connected { grace, .. } => {
+                let grace = grace.take();
+                tracing::info!(
+                    "underlay address changed: heartbeat and reopen the roster stream now"
+                );
+                self.actions.push_back(Action::CloseStream);
+                self.stream_idle_until = None;
+                self.session = Session::Opening { grace };
+                self.push_heartbeat();
+            }
+            Session::Disconnected { retry_at } => *retry_at = now,
+            _ => {}
+        }
+    }
+
     /// The roster stream ended: `Ok` when the coordinator closed it, `Err` when it broke.
     pub fn handle_stream_closed(&mut self, now: Instant, r: Result<(), ClientError>) {
         if self.session.is_connected() {
@@ -1722,6 +1745,47 @@ mod tests {
         assert_eq!(t1, now + INITIAL_BACKOFF);
         m.handle_timeout(t1);
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
+    }
+
+    /// Issue 13: a new underlay address heartbeats at once and reopens the stream,
+    /// without re-registering or touching the table; a disconnected node retries at once.
+    #[test]
+    fn an_underlay_change_heartbeats_and_reopens_the_stream_at_once() {
+        let t = Instant::now();
+        let mut m = Machine::new(config(true, vec![]));
+        connect(&mut m, t, vec![entry("a", 1)]);
+        m.handle_underlay_changed(t + 3 * SEC);
+        let a = drain(&mut m);
+        assert!(
+            matches!(a[..], [Action::CloseStream, Action::Heartbeat { .. }]),
+            "{a:?}"
+        );
+        assert!(!m.session().is_connected());
+        m.handle_heartbeat(t + 3 * SEC, Ok(beat("198.18.0.20:51820")));
+        assert_eq!(drain(&mut m), vec![Action::OpenStream]);
+        m.handle_stream_opened(t + 3 * SEC, Ok(()));
+        assert!(
+            drain(&mut m).is_empty(),
+            "same roster: the table is not touched"
+        );
+        assert!(m.session().is_connected());
+        assert_eq!(m.reflexive(), Some("198.18.0.20:51820".parse().unwrap()));
+        assert_eq!(
+            m.poll_timeout(),
+            Some(t + 13 * SEC),
+            "heartbeats restart from here"
+        );
+
+        // Disconnected, waiting out a backoff: register now.
+        m.handle_stream_closed(t + 4 * SEC, Err(unreachable()));
+        drain(&mut m);
+        m.handle_underlay_changed(t + 4 * SEC);
+        assert_eq!(m.poll_timeout(), Some(t + 4 * SEC));
+        m.handle_timeout(t + 4 * SEC);
+        assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
+        // Registering: nothing to do, the request carries the new endpoints.
+        m.handle_underlay_changed(t + 4 * SEC);
+        assert!(drain(&mut m).is_empty());
     }
 
     #[test]
