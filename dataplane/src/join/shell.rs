@@ -209,6 +209,9 @@ impl Joiner {
     async fn drive(self: Arc<Self>) -> anyhow::Result<()> {
         let mut stream: Option<EventStream> = None;
         let mut underlay = UnderlayWatch::open(&self.opts.interface);
+        // Netlink also reports address flag and lifetime updates (DAD completing, every
+        // router advertisement refreshing an IPv6 lifetime): only a changed set counts.
+        let mut underlay_addrs = self.underlay_addrs();
         loop {
             loop {
                 let action = self.lock().poll_action();
@@ -240,7 +243,14 @@ impl Joiner {
                 Woke::Timer => self.lock().handle_timeout(now),
                 // The control socket queued work for the machine: poll its actions.
                 Woke::Notified => {}
-                Woke::Underlay => self.lock().handle_underlay_changed(now),
+                Woke::Underlay => {
+                    let addrs = self.underlay_addrs();
+                    if addrs != underlay_addrs {
+                        tracing::info!(from = ?underlay_addrs, to = ?addrs, "underlay addresses changed");
+                        underlay_addrs = addrs;
+                        self.lock().handle_underlay_changed(now);
+                    }
+                }
             }
         }
     }
@@ -411,26 +421,37 @@ impl Joiner {
         }
         let port = self.info.listen_port;
         let mut out = Vec::new();
-        for a in ifaddrs::list().unwrap_or_default() {
-            if a.interface == self.opts.interface || a.addr.is_loopback() {
-                continue;
+        for addr in self.underlay_addrs() {
+            let ep = SocketAddr::new(addr, port);
+            if !out.contains(&ep) {
+                out.push(ep);
             }
-            let keep = match a.addr {
+        }
+        out
+    }
+
+    /// The addresses peers could reach us at, sorted: every address of a non-TUN
+    /// interface but loopback, link-local and our own mesh addresses (IPv4 only unless the
+    /// sockets speak IPv6).
+    fn underlay_addrs(&self) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = ifaddrs::list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|a| a.interface != self.opts.interface && !a.addr.is_loopback())
+            .map(|a| a.addr)
+            .filter(|addr| match addr {
                 IpAddr::V4(v4) => !v4.is_link_local(),
                 IpAddr::V6(v6) => {
                     // Link-local needs a scope; our own mesh addresses are not underlay.
                     (v6.segments()[0] & 0xffc0) != 0xfe80
-                        && !tabbify_api::ula::is_peer_ula(&v6)
-                        && !tabbify_api::ula::is_app_ula(&v6)
+                        && !tabbify_api::ula::is_peer_ula(v6)
+                        && !tabbify_api::ula::is_app_ula(v6)
                 }
-            };
-            if keep && (self.ipv6 || a.addr.is_ipv4()) {
-                let ep = SocketAddr::new(a.addr, port);
-                if !out.contains(&ep) {
-                    out.push(ep);
-                }
-            }
-        }
+            })
+            .filter(|addr| self.ipv6 || addr.is_ipv4())
+            .collect();
+        out.sort();
+        out.dedup();
         out
     }
 

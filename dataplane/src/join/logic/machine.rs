@@ -493,6 +493,7 @@ impl Machine {
     /// reopen the roster stream (the old connection may be bound to a vanished address, and
     /// would only be noticed dead by keepalive or the idle deadline); the table is left
     /// alone. While disconnected: register at once instead of at the end of the backoff.
+    /// While registering or opening: heartbeat again once the stream is open.
     pub fn handle_underlay_changed(&mut self, now: Instant) {
         match &mut self.session {
             Session::Connected { grace, .. } => {
@@ -506,7 +507,10 @@ impl Machine {
                 self.push_heartbeat();
             }
             Session::Disconnected { retry_at } => *retry_at = now,
-            _ => {}
+            // A request in flight may have left from the old address: heartbeat again
+            // once the stream is open.
+            Session::Registering { .. } | Session::Opening { .. } => self.heartbeat_pending = true,
+            Session::Ended => {}
         }
     }
 
@@ -1761,9 +1765,15 @@ mod tests {
             "{a:?}"
         );
         assert!(!m.session().is_connected());
+        // The old address goes while the heartbeat is out: one more once streaming.
+        m.handle_underlay_changed(t + 3 * SEC);
+        assert!(drain(&mut m).is_empty());
         m.handle_heartbeat(t + 3 * SEC, Ok(beat("198.18.0.20:51820")));
         assert_eq!(drain(&mut m), vec![Action::OpenStream]);
         m.handle_stream_opened(t + 3 * SEC, Ok(()));
+        let a = drain(&mut m);
+        assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
+        m.handle_heartbeat(t + 3 * SEC, Ok(beat("198.18.0.20:51820")));
         assert!(
             drain(&mut m).is_empty(),
             "same roster: the table is not touched"
@@ -1783,9 +1793,16 @@ mod tests {
         assert_eq!(m.poll_timeout(), Some(t + 4 * SEC));
         m.handle_timeout(t + 4 * SEC);
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
-        // Registering: nothing to do, the request carries the new endpoints.
+        // Registering: nothing now; a heartbeat follows once the stream is open.
         m.handle_underlay_changed(t + 4 * SEC);
         assert!(drain(&mut m).is_empty());
+        m.handle_registered(t + 4 * SEC, Ok(registered(vec![entry("a", 1)])));
+        drain(&mut m);
+        m.handle_heartbeat(t + 4 * SEC, Ok(beat("198.18.0.20:51820")));
+        drain(&mut m);
+        m.handle_stream_opened(t + 4 * SEC, Ok(()));
+        let a = drain(&mut m);
+        assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
     }
 
     #[test]

@@ -1,0 +1,92 @@
+//! Issue 13: a member whose underlay address changes tells the coordinator at once.
+//!
+//! `a_moved_member_reaches_the_roster_within_5_s`: a coordinator with 10 s heartbeats in
+//! the NAT lab's internet; `mover` and `watcher` with public addresses
+//! ([`RouterKind::None`]). [`NatLab::move_member`] gives `mover` a new address (added, then
+//! the old one deleted). `mover` notices through netlink, heartbeats from the new address
+//! and reopens its stream; `watcher`'s table must point at the new endpoint within 5 s,
+//! half a heartbeat interval (so the regular heartbeat alone would usually be too late),
+//! and `mover` must log the netlink trigger and be connected again.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use serde_json::json;
+use tabbify_tests::admin::Admin;
+use tabbify_tests::coordinator::{Coordinator, CoordinatorSpec};
+use tabbify_tests::natlab::HUB;
+use tabbify_tests::prereq::{require, Tool};
+use tabbify_tests::testbed::{ADMIN, COORDINATOR_PORT};
+use tabbify_tests::{JoinSpec, Joiner, NatLab, Pki, RouterKind, Side};
+
+/// The issue's bound for a moved member to recover.
+const BOUND: Duration = Duration::from_secs(5);
+
+/// Heartbeat interval: twice the bound, so that the regular heartbeat is not what passes.
+const HEARTBEAT_SECS: u64 = 10;
+
+#[test]
+fn a_moved_member_reaches_the_roster_within_5_s() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping, Tool::Curl, Tool::Nft])?;
+    tabbify_tests::bins::tabbify_mesh()?;
+    let mut lab = NatLab::new("underlay", RouterKind::None, RouterKind::None)?;
+    let pki = Pki::new(&[IpAddr::V4(HUB)])?;
+    let coordinator = Coordinator::start(
+        &lab.internet,
+        &pki,
+        CoordinatorSpec {
+            bind: SocketAddr::new(HUB.into(), COORDINATOR_PORT),
+            policy: json!({
+                "tags": ["supervisor"],
+                "allow": [{"src": ["tag:supervisor"], "dst": ["tag:supervisor"]}],
+            }),
+            admin: ADMIN.to_owned(),
+            heartbeat_secs: HEARTBEAT_SECS,
+        },
+    )?;
+    let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
+    let join = |netns: &tabbify_tests::Netns, name: &str| -> Result<Joiner> {
+        let token = admin.create_token(&["supervisor"], None, 1)?;
+        let spec = JoinSpec::new(name, &["supervisor"], Some(token));
+        Joiner::start(netns, &coordinator.url(), &pki.issue_peer(name)?, spec)
+    };
+    let mut mover = join(&lab.left.netns, "mover")?;
+    let mut watcher = join(&lab.right.netns, "watcher")?;
+    let old = SocketAddr::new(lab.left.addr.into(), 51820);
+    watcher.wait_peer(
+        "mover",
+        "at its first address",
+        Duration::from_secs(30),
+        |peer| peer.endpoint == Some(old),
+    )?;
+    mover.wait_status("to stream the roster", Duration::from_secs(30), |status| {
+        status.coordinator.connected && status.peer_names() == ["watcher"]
+    })?;
+
+    let moved_at = Instant::now();
+    let (addr, _) = lab.move_member(Side::Left)?;
+    let new = SocketAddr::new(addr.into(), 51820);
+    watcher.wait_peer(
+        "mover",
+        &format!("at its new address {new}"),
+        BOUND.saturating_sub(moved_at.elapsed()),
+        |peer| peer.endpoint == Some(new),
+    )?;
+    let took = moved_at.elapsed();
+    let log = mover.logs();
+    ensure!(
+        log.contains("underlay address changed"),
+        "mover did not react to the address change through netlink:\n{log}"
+    );
+    mover.wait_status("to stream again", BOUND, |status| {
+        status.coordinator.connected
+    })?;
+    println!(
+        "watcher saw mover's new endpoint {new} {:.2} s after the move (bound {} s, heartbeat {} s)",
+        took.as_secs_f64(),
+        BOUND.as_secs(),
+        HEARTBEAT_SECS
+    );
+    Ok(())
+}
