@@ -9,6 +9,9 @@
 //!   machine.poll_action() ─▶ apply: Register / Heartbeat / OpenStream (await, answer back),
 //!                                   table and route writes, initiations, hole punches
 //!   then wait for: a roster event │ the stream's end │ machine.poll_timeout() │ `app add|remove`
+//!                  │ a changed set of underlay addresses (netlink, see `UnderlayWatch`)
+//!   after each wake-up, first: the time bytes last arrived on the stream → the machine
+//!   (its idle deadline; the read itself has no timeout, being restarted every wake-up)
 //! ```
 //!
 //! The machine lives behind a mutex shared with the control socket (`status`, `app`);
