@@ -433,6 +433,59 @@ mod tests {
         assert_eq!(c.map(|c| (c.host, c.port)), Some(("::1".to_owned(), 9)));
     }
 
+    /// A test server: answers one request with an SSE head and a keepalive comment, then
+    /// holds the connection; hands back the request head it read.
+    async fn sse_server() -> (u16, tokio::sync::oneshot::Receiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                conn.read_exact(&mut byte).await.unwrap();
+                head.push(byte[0]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&head).to_lowercase());
+            conn.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                  transfer-encoding: chunked\r\n\r\nd\r\n: keepalive\n\n\r\n",
+            )
+            .await
+            .unwrap();
+            std::future::pending::<()>().await;
+        });
+        (port, rx)
+    }
+
+    /// Issue 13: a reopened stream resumes with `Last-Event-ID`, and a keepalive comment,
+    /// which is no event, still counts as activity for the machine's idle deadline.
+    #[tokio::test]
+    async fn the_stream_resumes_by_id_and_reports_comments_as_activity() {
+        for last in [Some(7u64), None] {
+            let (port, head) = sse_server().await;
+            let client =
+                Client::new(&format!("http://127.0.0.1:{port}"), None, Some("x".into())).unwrap();
+            let mut stream = client.stream("/v1/mesh/peers/stream", last).await.unwrap();
+            let head = head.await.unwrap();
+            match last {
+                Some(id) => assert!(head.contains(&format!("last-event-id: {id}\r\n")), "{head}"),
+                None => assert!(!head.contains("last-event-id"), "{head}"),
+            }
+            assert!(stream.take_activity().is_none());
+            let next = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+            assert!(
+                next.is_err(),
+                "a comment is not an event: {:?}",
+                next.ok().map(|r| r.map(|e| e.is_some()))
+            );
+            assert!(stream.take_activity().is_some(), "but it is activity");
+            assert!(stream.take_activity().is_none(), "reported once");
+        }
+    }
+
     #[test]
     fn transient_or_not() {
         let s = |status, code: &str| ClientError::Status {
