@@ -353,6 +353,10 @@ impl Machine {
         self.heartbeat = interval;
         self.me.reflexive = Some(resp.reflexive_endpoint);
         self.roster.replace(resp.roster);
+        // A registration's roster carries no event id, and the coordinator may have
+        // restarted and numbered its events afresh: the stream that follows must start
+        // with a snapshot, never resume from an id of an earlier stream.
+        self.roster.last_event_id = None;
         if !resp.may_host_apps && !self.apps.is_empty() {
             tracing::warn!(
                 apps = self.apps.len(),
@@ -1793,6 +1797,16 @@ mod tests {
         assert_eq!(m.poll_timeout(), Some(t + 4 * SEC));
         m.handle_timeout(t + 4 * SEC);
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
+        // A stream reopened without registering resumes after the last event seen.
+        m.handle_event(
+            t + 3 * SEC,
+            Some(9),
+            SseEvent::Snapshot(tabbify_api::RosterSnapshot {
+                policy_revision: 1,
+                peers: vec![entry("a", 1)],
+            }),
+        );
+        assert_eq!(m.roster().last_event_id, Some(9));
         // Registering: nothing now; a heartbeat follows once the stream is open.
         m.handle_underlay_changed(t + 4 * SEC);
         assert!(drain(&mut m).is_empty());
@@ -1803,6 +1817,8 @@ mod tests {
         m.handle_stream_opened(t + 4 * SEC, Ok(()));
         let a = drain(&mut m);
         assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
+        // After a registration, though, it starts over with a snapshot.
+        assert_eq!(m.roster().last_event_id, None);
     }
 
     #[test]
