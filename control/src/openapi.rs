@@ -198,12 +198,14 @@ pub fn document() -> Value {
                     "may_host_apps": {"type": "boolean"},
                     "reflexive_endpoint": {"type": "string"},
                     "heartbeat_interval_secs": {"type": "integer"},
-                    "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}}
+                    "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}},
+                    "stun_servers": addrs
                 }},
             "HeartbeatRequest": {"type": "object", "required": ["peer_id"],
                 "properties": {"peer_id": {"type": "string"}, "endpoints": addrs, "hosted_app_ulas": ulas}},
             "HeartbeatResponse": {"type": "object", "required": ["heartbeat_interval_secs", "reflexive_endpoint"],
-                "properties": {"heartbeat_interval_secs": {"type": "integer"}, "reflexive_endpoint": {"type": "string"}}},
+                "properties": {"heartbeat_interval_secs": {"type": "integer"}, "reflexive_endpoint": {"type": "string"},
+                               "stun_servers": addrs}},
             "PeersResponse": {"type": "object", "required": ["event_id", "peers"],
                 "properties": {"event_id": {"type": "integer"},
                                "peers": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}}}},

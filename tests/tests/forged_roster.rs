@@ -114,6 +114,7 @@ async fn serve(
                         reflexive_endpoint: peer,
                         heartbeat_interval_secs: 5,
                         roster: forged_roster(),
+                        stun_servers: vec![],
                     })
                     .expect("the answer serializes"),
                 ),
@@ -121,6 +122,7 @@ async fn serve(
                     serde_json::to_string(&HeartbeatResponse {
                         heartbeat_interval_secs: 5,
                         reflexive_endpoint: peer,
+                        stun_servers: vec![],
                     })
                     .expect("the answer serializes"),
                 ),

@@ -125,6 +125,11 @@ pub struct RegisterResponse {
     pub heartbeat_interval_secs: u64,
     /// The peers this peer may see, ACL-filtered.
     pub roster: Vec<RosterEntry>,
+    /// The coordinator's STUN servers (UDP `ip:port`, the IP this request reached): send
+    /// Binding requests there from the WireGuard socket to learn the mapped endpoint.
+    /// Empty when the coordinator runs none (`--stun-bind off`) or is older.
+    #[serde(default)]
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// `POST /v1/mesh/heartbeat`: liveness plus the current endpoints and hosted apps.
@@ -147,6 +152,9 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_secs: u64,
     /// Source IP of this request + the registered `wg_listen_port`.
     pub reflexive_endpoint: SocketAddr,
+    /// The coordinator's STUN servers, as in [`RegisterResponse::stun_servers`].
+    #[serde(default)]
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// A port range, both ends inclusive.

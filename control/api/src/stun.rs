@@ -666,9 +666,11 @@ mod tests {
     /// (0x802b, optional, skipped), SOFTWARE, FINGERPRINT.
     #[test]
     fn coturn_response_parses() {
-        let res = hex("010100442112a442070707070707070707070707002000080001e4a15e12a443\
+        let res = hex(
+            "010100442112a442070707070707070707070707002000080001e4a15e12a443\
             000100080001c5b37f000001802b0008000187dc7f00000180220014436f7475726e2d342e362e31\
-            2027476f7273742780280004e1db2de4");
+            2027476f7273742780280004e1db2de4",
+        );
         let m = parse(&res).unwrap();
         assert!(m.fingerprint);
         assert_eq!(

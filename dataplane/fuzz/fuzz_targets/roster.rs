@@ -213,6 +213,7 @@ fuzz_target!(|data: &[u8]| {
             reflexive_endpoint: reflexive,
             heartbeat_interval_secs: 10,
             roster: vec![],
+            stun_servers: vec![],
         }),
     );
     model.apply(&mut m);
@@ -221,6 +222,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive,
+            stun_servers: vec![],
         }),
     );
     m.handle_stream_opened(t, Ok(()));

@@ -952,6 +952,7 @@ mod tests {
             reflexive_endpoint: "203.0.113.9:51820".parse().unwrap(),
             heartbeat_interval_secs: 10,
             roster,
+            stun_servers: vec![],
         }
     }
 
@@ -959,6 +960,7 @@ mod tests {
         HeartbeatResponse {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive.parse().unwrap(),
+            stun_servers: vec![],
         }
     }
 
