@@ -131,6 +131,12 @@ impl Interface {
         self.engine.handshaker().try_clone()
     }
 
+    /// The queue of STUN and relay-control datagrams received on the WireGuard socket
+    /// (`core::demux`); answers to [`Handshaker::send_raw`] arrive here.
+    pub fn control_queue(&self) -> Arc<crate::core::demux::ControlQueue> {
+        self.engine.control_queue()
+    }
+
     /// Why to stop, once there is a reason (a failed worker wins over a signal).
     pub fn stop_reason(&self) -> Option<Stop> {
         if self.engine.failed() {
