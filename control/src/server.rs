@@ -813,10 +813,18 @@ impl Coordinator {
                 "the policy does not let this peer host apps".into(),
             ));
         }
+        check_mapped(
+            &core.registry,
+            &id,
+            &req.mapped_endpoints,
+            &req.endpoints,
+            canonical_ip(conn.remote.ip()),
+        )?;
         let reflexive = match core.registry.heartbeat(
             &id,
             req.endpoints,
             apps,
+            (req.mapped_endpoints, req.nat),
             canonical_ip(conn.remote.ip()),
             now_ms,
         ) {
@@ -1622,6 +1630,56 @@ fn check_endpoints(eps: &[SocketAddr]) -> Result<(), ApiError> {
         return Err(ApiError::BadRequest(format!(
             "endpoint {bad} is not usable"
         )));
+    }
+    Ok(())
+}
+
+/// A heartbeat's `mapped_endpoints`: at most [`MAX_MAPPED_ENDPOINTS`], each usable unicast
+/// with a port, outside the mesh's own prefixes, on the IP the heartbeat came from or one
+/// of the peer's own endpoint IPs (a NAT maps to its public address; without NAT the node's
+/// own), and none another peer's mapped endpoint already (a member cannot divert another's
+/// hole punches to itself, nor point peers at a third party's address).
+fn check_mapped(
+    registry: &Registry,
+    id: &str,
+    mapped: &[SocketAddr],
+    endpoints: &[SocketAddr],
+    source: IpAddr,
+) -> Result<(), ApiError> {
+    if mapped.len() > MAX_MAPPED_ENDPOINTS {
+        return Err(ApiError::BadRequest(format!(
+            "more than {MAX_MAPPED_ENDPOINTS} mapped endpoints"
+        )));
+    }
+    for m in mapped {
+        let ip = canonical_ip(m.ip());
+        let mesh = matches!(ip, IpAddr::V6(v6) if ula::is_peer_ula(&v6) || ula::is_app_ula(&v6));
+        if m.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+            || mesh
+        {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is not a usable unicast address"
+            )));
+        }
+        let own = ip == source || endpoints.iter().any(|e| canonical_ip(e.ip()) == ip);
+        if !own {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is neither the address this heartbeat came from \
+                 ({source}) nor one of the reported endpoints"
+            )));
+        }
+        if let Some(other) = registry
+            .peers()
+            .find(|p| p.id != id && p.mapped.contains(m))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is peer {}'s",
+                other.id
+            )));
+        }
     }
     Ok(())
 }

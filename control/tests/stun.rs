@@ -148,3 +148,133 @@ async fn junk_is_dropped_and_counted() {
         tokio::time::timeout(Duration::from_millis(300), attacker.recv_from(&mut buf)).await;
     assert!(answered.is_err(), "junk was answered: {answered:?}");
 }
+
+fn entry_of(roster: &serde_json::Value, id: &str) -> tabbify_control::api::RosterEntry {
+    let e = roster["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["peer_id"] == id)
+        .unwrap();
+    serde_json::from_value(e.clone()).unwrap()
+}
+
+/// A heartbeat's mapped endpoints and NAT class reach the others' rosters; an attacker
+/// (a member with a valid certificate) reporting another member's mapped endpoint, an
+/// address that is not its own, or garbage gets a 400 and changes nothing.
+#[tokio::test]
+async fn mapped_endpoints_and_nat_class_in_the_roster_and_attacks_refused() {
+    use tabbify_control::api::NatClass;
+    let (h, _) = start().await;
+    let s = h.join("s1", &["supervisor"]).await;
+    let n = h.join("n1", &["node"]).await;
+    let mapped = "127.0.0.1:40001";
+    let (st, v) = s
+        .heartbeat(json!({"mapped_endpoints": [mapped], "nat": "endpoint_independent"}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, roster) = n.client.get("/v1/mesh/peers").await;
+    let e = entry_of(&roster, &s.id);
+    assert_eq!(
+        e.mapped_endpoints,
+        vec![mapped.parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(e.nat, NatClass::EndpointIndependent);
+    // An old joiner's heartbeat (no fields) means: none known, class unknown.
+    let (st, v) = n.heartbeat(json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, roster) = s.client.get("/v1/mesh/peers").await;
+    let e = entry_of(&roster, &n.id);
+    assert!(e.mapped_endpoints.is_empty());
+    assert_eq!(e.nat, NatClass::Unknown);
+
+    let before = s.client.get("/v1/mesh/peers").await.1;
+    let too_many: Vec<String> = (1..=5)
+        .map(|p| format!("127.0.0.1:{}", 41000 + p))
+        .collect();
+    let mesh_ula = tabbify_control::ula::identity_ula("s1");
+    for (body, what) in [
+        (
+            json!({"mapped_endpoints": [mapped]}),
+            "another member's mapped endpoint",
+        ),
+        (
+            json!({"mapped_endpoints": ["203.0.113.7:40000"]}),
+            "an address not its own",
+        ),
+        (
+            json!({"mapped_endpoints": ["0.0.0.0:40000"]}),
+            "unspecified",
+        ),
+        (json!({"mapped_endpoints": ["127.0.0.1:0"]}), "port 0"),
+        (
+            json!({"mapped_endpoints": ["224.0.0.1:40000"]}),
+            "multicast",
+        ),
+        (
+            json!({"mapped_endpoints": [format!("[{mesh_ula}]:51820")]}),
+            "a mesh ULA",
+        ),
+        (json!({"mapped_endpoints": too_many}), "too many"),
+    ] {
+        let (st, v) = n.heartbeat(body).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (400, Some("bad_request")),
+            "{what}: {v}"
+        );
+    }
+    let (st, v) = n.heartbeat(json!({"nat": "wide_open"})).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = n.heartbeat(json!({"mapped_endpoints": "nonsense"})).await;
+    assert_eq!(st, 400, "{v}");
+    let after = s.client.get("/v1/mesh/peers").await.1;
+    assert_eq!(entry_of(&before, &n.id), entry_of(&after, &n.id));
+    let (_, roster) = n.client.get("/v1/mesh/peers").await;
+    assert_eq!(
+        entry_of(&roster, &s.id).mapped_endpoints,
+        vec![mapped.parse::<SocketAddr>().unwrap()],
+        "the victim's mapped endpoint is untouched"
+    );
+}
+
+/// `hole_punch` names the peer's mapped endpoint (where its NAT really maps the WireGuard
+/// socket), not its reflexive IP with the listen port.
+#[tokio::test]
+async fn hole_punch_uses_the_mapped_endpoint() {
+    use tabbify_control::api::SseEvent;
+    let (h, _) = start().await;
+    let token_a = h.token(&["supervisor"]).await;
+    let token_b = h.token(&["node"]).await;
+    let nat = |name: &str, token: &str| {
+        let mut b = register_body(name, &key_for(name), &[], token);
+        b["endpoints"] = json!(["10.0.0.5:51820"]);
+        b
+    };
+    let a = h.client("a");
+    let b = h.client("b");
+    assert_eq!(a.post("/v1/mesh/register", nat("a", &token_a)).await.0, 200);
+    assert_eq!(b.post("/v1/mesh/register", nat("b", &token_b)).await.0, 200);
+    let id_b = tabbify_control::ula::identity_peer_id("b");
+    let mut sa = a.stream(None).await;
+    sa.next_event().await;
+    h.clock.advance_ms(1_000);
+    let (st, v) = b
+        .post(
+            "/v1/mesh/heartbeat",
+            json!({"peer_id": id_b, "endpoints": ["10.0.0.5:51820"],
+                   "mapped_endpoints": ["127.0.0.1:61001"], "nat": "endpoint_independent"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let mut punch = None;
+    for _ in 0..3 {
+        if let (_, SseEvent::HolePunch(p)) = sa.next_event().await {
+            punch = Some(p);
+            break;
+        }
+    }
+    let p = punch.expect("a hole_punch for a");
+    assert_eq!(p.peer_id, id_b);
+    assert_eq!(p.endpoint, "127.0.0.1:61001".parse().unwrap());
+}

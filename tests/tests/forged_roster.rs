@@ -52,6 +52,8 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         public_key: key(n),
         endpoints: vec![ep],
         reflexive_endpoint: ep,
+        mapped_endpoints: vec![],
+        nat: Default::default(),
         hosted_app_ulas: vec![],
         ports: PortRules {
             outbound: vec![PortRange::ALL],

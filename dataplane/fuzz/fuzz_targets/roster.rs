@@ -70,6 +70,8 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         public_key: b64(key),
         endpoints: vec![ENDPOINTS[usize::from(flags & 7) % ENDPOINTS.len()].parse().ok()?],
         reflexive_endpoint: ENDPOINTS[usize::from(flags >> 5) % ENDPOINTS.len()].parse().ok()?,
+        mapped_endpoints: vec![],
+        nat: Default::default(),
         hosted_app_ulas: Vec::new(),
         ports: PortRules {
             outbound: vec![PortRange::ALL],

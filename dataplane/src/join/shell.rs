@@ -448,6 +448,8 @@ impl Joiner {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
             hosted_app_ulas,
+            mapped_endpoints: Vec::new(),
+            nat: api::NatClass::Unknown,
         };
         self.client.post(api::PATH_HEARTBEAT, &req).await
     }

@@ -916,6 +916,8 @@ mod tests {
             public_key: base64::engine::general_purpose::STANDARD.encode(key(n)),
             endpoints: vec![ep],
             reflexive_endpoint: ep,
+            mapped_endpoints: vec![],
+            nat: Default::default(),
             hosted_app_ulas: vec![],
             ports: PortRules {
                 outbound: vec![PortRange::ALL],
