@@ -235,6 +235,10 @@ struct JoinArgs {
     /// An endpoint to report, IP:PORT (repeat; default: every non-loopback address).
     #[arg(long = "endpoint")]
     endpoints: Vec<std::net::SocketAddr>,
+    /// A STUN server to probe from the WireGuard socket besides the coordinator's,
+    /// HOST:PORT (repeat; any standard RFC 5389/8489 server).
+    #[arg(long = "stun", value_name = "HOST:PORT")]
+    stun: Vec<String>,
     /// The local control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
@@ -434,6 +438,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         offloads: a.engine.offloads(),
         pin: a.engine.pin(),
         endpoints: a.endpoints,
+        stun: a.stun,
         control_socket,
         key_max_age: a.key_max_age,
     })
@@ -498,6 +503,16 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
         match s.reflexive_endpoint {
             Some(r) => format!(", seen as {r}"),
             None => String::new(),
+        }
+    );
+    println!(
+        "nat: {}{}",
+        s.nat.describe(),
+        if s.mapped_endpoints.is_empty() {
+            String::new()
+        } else {
+            let m: Vec<String> = s.mapped_endpoints.iter().map(|e| e.to_string()).collect();
+            format!(", mapped as {}", m.join(", "))
         }
     );
     if !s.hosted_apps.is_empty() {

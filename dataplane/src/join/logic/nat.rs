@@ -58,6 +58,7 @@ pub struct Probe {
     next_round: Option<Instant>,
     class: NatClass,
     mapped: Vec<SocketAddr>,
+    reflexive_ip: Option<std::net::IpAddr>,
 }
 
 impl Probe {
@@ -70,7 +71,23 @@ impl Probe {
             next_round: None,
             class: NatClass::Unknown,
             mapped: Vec::new(),
+            reflexive_ip: None,
         }
+    }
+
+    /// This node's own `ip:listen_port`s (a mapping equal to one means no NAT).
+    pub fn set_local(&mut self, local: Vec<SocketAddr>) {
+        self.local = local;
+    }
+
+    /// The reflexive IP the coordinator last reported (the shell re-probes when it moves).
+    pub fn last_reflexive_ip(&self) -> Option<std::net::IpAddr> {
+        self.reflexive_ip
+    }
+
+    /// Records the reflexive IP the coordinator reported.
+    pub fn set_reflexive_ip(&mut self, ip: std::net::IpAddr) {
+        self.reflexive_ip = Some(ip);
     }
 
     /// Replaces the server list (unusable addresses dropped, at most [`MAX_SERVERS`]); a
