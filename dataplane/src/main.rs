@@ -366,13 +366,22 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     // (which answers "unreachable" while no peer covers it), never out of another interface.
     let iface = Interface::start(&spec, table.clone())?;
     for p in &cfg.peers {
-        table.upsert_peer(PeerConfig {
-            public_key: p.public_key.0,
-            preshared_key: p.preshared_key.map(|k| k.0),
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips.clone(),
-            persistent_keepalive: p.persistent_keepalive,
-        })?;
+        // AllowedPortsOut/In (tabbify extension): the joiner's filter and connection
+        // tracking, set in the same snapshot as the peer so no packet sees it unfiltered.
+        let filter = p.port_filter();
+        if filter.is_some() {
+            tracing::info!(peer = %p.public_key, "port rules and connection tracking on");
+        }
+        table.upsert_peer_with_filter(
+            PeerConfig {
+                public_key: p.public_key.0,
+                preshared_key: p.preshared_key.map(|k| k.0),
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+            },
+            filter,
+        )?;
     }
     tracing::info!(interface = %name, "up; SIGINT or SIGTERM to stop");
     let stop = loop {
