@@ -23,6 +23,7 @@ use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::{JoinOptions, TlsFiles};
+use tabbify_dataplane::policy::{self, Family};
 
 #[derive(Parser)]
 #[command(
@@ -329,13 +330,20 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     if name.is_empty() || name.len() > 15 {
         bail!("interface name `{name}` must be 1-15 bytes");
     }
-    for n in cfg.peers.iter().flat_map(|p| &p.allowed_ips) {
-        if n.prefix_len() == 0 {
-            // wg-quick would add fwmark policy rules here; `up` routes the prefix onto the
-            // TUN like any other, which also captures the underlay's own default route.
-            tracing::warn!(prefix = %n, "default route in AllowedIPs: `up` has no fwmark policy routing; the peers' endpoints need more specific routes outside the tunnel");
-        }
-    }
+    // A default route in AllowedIPs goes through the tunnel as wg-quick does it: the
+    // sockets carry a fwmark, table MARK routes everything into the TUN, and policy rules
+    // keep the marked (encrypted) datagrams and the main table's specific routes outside.
+    let allowed = || cfg.peers.iter().flat_map(|p| p.allowed_ips.iter());
+    let default_route: Vec<Family> = [(true, Family::V4), (false, Family::V6)]
+        .into_iter()
+        .filter(|(v4, _)| allowed().any(|n| n.prefix_len() == 0 && n.addr().is_ipv4() == *v4))
+        .map(|(_, f)| f)
+        .collect();
+    let fwmark = match (cfg.interface.fwmark, default_route.is_empty()) {
+        (Some(m), _) => Some(m),
+        (None, false) => Some(policy::DEFAULT_MARK),
+        (None, true) => None,
+    };
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
     check_mtu("MTU", mtu)?;
     let table = Arc::new(Table::new(
@@ -350,16 +358,15 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
             offloads: engine.offloads(),
             listen_port: cfg.interface.listen_port.unwrap_or(0),
             pin: engine.pin(),
+            fwmark,
         },
         mtu,
         addresses: cfg.interface.addresses.clone(),
         covering_routes: Vec::new(),
         routed: Vec::new(),
-        routes: cfg
-            .peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect(),
+        // The default prefixes go into table MARK (policy routing), not the main table.
+        routes: allowed().filter(|n| n.prefix_len() != 0).copied().collect(),
+        default_route,
     };
     // Fail closed: the TUN, its addresses and every AllowedIPs route exist before any peer
     // does, so from the first packet on, traffic for those prefixes goes into the engine

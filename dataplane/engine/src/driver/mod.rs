@@ -61,6 +61,8 @@ pub struct Shared {
     pub udp: UdpFeatures,
     /// The engine clock's epoch: [`Shared::now_secs`] counts from here.
     pub epoch: Instant,
+    /// The firewall mark on the UDP sockets, if any.
+    pub fwmark: Option<u32>,
 }
 
 impl Shared {
@@ -100,6 +102,9 @@ pub struct EngineOptions {
     /// Pin worker `i` to the `i`-th core of the process's affinity mask (otherwise the
     /// scheduler places workers).
     pub pin: bool,
+    /// `SO_MARK` on every UDP socket (the encrypted datagrams carry this firewall mark, so
+    /// policy routing can keep them off the tunnel; needs CAP_NET_ADMIN). `None`: no mark.
+    pub fwmark: Option<u32>,
 }
 
 /// What the engine ended up with.
@@ -159,7 +164,7 @@ impl Engine {
         let tun = Tun::open(&opts.interface, threads, opts.offloads)?;
         let tun_offloads = tun.offloads();
         let (socks, port, udp_features) =
-            udp::open_reuseport(opts.listen_port, threads, opts.offloads)?;
+            udp::open_reuseport(opts.listen_port, threads, opts.offloads, opts.fwmark)?;
         table.set_listen_port(port);
         let driver = match opts.driver {
             Some(d) => d,
@@ -184,6 +189,7 @@ impl Engine {
             uso: tun_offloads.vnet_hdr && tun_offloads.uso,
             udp: udp_features,
             epoch: Instant::now(),
+            fwmark: opts.fwmark,
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
         let ctl_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
