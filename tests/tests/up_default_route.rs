@@ -9,7 +9,7 @@
 //!
 //! | step | checked |
 //! |---|---|
-//! | client `up` with a peer `AllowedIPs = 0.0.0.0/0, ::/0` | two rules of ours per family; `ip route get` an outside address: the TUN; the same with mark M: the veth |
+//! | client `up` with a peer `AllowedIPs = 0.0.0.0/0, ::/0`, whose endpoint (on the server's loopback) only the default route reaches | two rules of ours per family; `ip route get` an outside address or the endpoint: the TUN; the endpoint with mark M: the veth |
 //! | ping addresses outside the tunnel's peers (`203.0.113.77`, `2001:db8:77::1`, on the server's TUN) | they answer; the server's veth saw none of them in cleartext, but WireGuard datagrams (nftables counters) |
 //! | ping the server's underlay address | still answers (the connected route wins) |
 //! | the client is killed (SIGKILL), then started again | the stale rules are still there after the kill; after the restart exactly two per family (cleaned, not doubled) and the tunnel works |
@@ -34,6 +34,9 @@ const MARK: &str = "51820";
 const OUR_RULES: &str = "proto 201";
 const OUTSIDE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
 const OUTSIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
+/// The server's endpoint, on its loopback: the client reaches it only by its default route,
+/// so only the mark keeps the encrypted datagrams out of the tunnel (no routing loop).
+const ENDPOINT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 
 /// Lines of our rules per family.
 fn our_rules(ns: &Netns) -> Result<(usize, usize)> {
@@ -139,6 +142,7 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
          udp dport 51820 counter comment \"wireguard\"\n  }}\n}}\n",
         underlay.b.ifname
     );
+    server_ns.ip(&["addr", "add", &format!("{ENDPOINT}/32"), "dev", "lo"])?;
     let path = server_ns.workdir().join("up_dr.nft");
     std::fs::write(&path, script)?;
     server_ns.run("nft", &["-f", path.to_str().context("a UTF-8 path")?])?;
@@ -164,7 +168,7 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
             ..WgPeerConfig::default()
         }],
     )?;
-    let endpoint = SocketAddr::new(underlay.b.v4.into(), 51820);
+    let endpoint = SocketAddr::new(ENDPOINT.into(), 51820);
     let first = client(&client_ns, &kc, &ks, endpoint, client_v6)?;
     ensure!(
         our_rules(&client_ns)? == (2, 2),
@@ -174,14 +178,12 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
     );
     let via = client_ns.ip(&["-4", "route", "get", &OUTSIDE_V4.to_string()])?;
     ensure!(via.contains(first.ifname()), "not into the TUN: {via}");
-    let marked = client_ns.ip(&[
-        "-4",
-        "route",
-        "get",
-        &underlay.b.v4.to_string(),
-        "mark",
-        MARK,
-    ])?;
+    let unmarked = client_ns.ip(&["-4", "route", "get", &ENDPOINT.to_string()])?;
+    ensure!(
+        unmarked.contains(first.ifname()),
+        "the endpoint should be reached by the default route only: {unmarked}"
+    );
+    let marked = client_ns.ip(&["-4", "route", "get", &ENDPOINT.to_string(), "mark", MARK])?;
     ensure!(
         marked.contains(&underlay.a.ifname),
         "marked datagrams do not leave by the underlay: {marked}"
