@@ -100,11 +100,6 @@ fn is_our_mark_rule(rule: &serde_json::Value) -> bool {
     is_ours(rule) && rule.get("fwmark").is_some()
 }
 
-/// How many rules of ours `fam` holds (mark and suppress rules of any interface).
-pub fn installed(fam: Family) -> anyhow::Result<usize> {
-    Ok(rules(fam)?.iter().filter(|r| is_ours(r)).count())
-}
-
 /// Whether table `mark` holds any route in `fam` (a missing table holds none).
 fn table_in_use(fam: Family, mark: u32) -> bool {
     ip(&[fam.flag(), "route", "show", "table", &mark.to_string()])
@@ -227,5 +222,37 @@ impl PolicyRoutes {
 impl Drop for PolicyRoutes {
     fn drop(&mut self) {
         self.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_only_its_own_rules() {
+        // `ip -N -j rule show` with wg-quick's rules (no protocol), ours, and another
+        // daemon's rule with a protocol of its own.
+        let rules: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"priority":0,"src":"all","table":"255"},
+                {"priority":32762,"src":"all","table":"254","suppress_prefixlen":0},
+                {"priority":32763,"not":null,"src":"all","fwmark":"0xca6d","table":"51821"},
+                {"priority":32764,"src":"all","table":"254","suppress_prefixlen":0,"protocol":"201"},
+                {"priority":32765,"not":null,"src":"all","fwmark":"0xca6c","table":"51820","protocol":"201"},
+                {"priority":32766,"src":"all","table":"254","protocol":"99"}]"#,
+        )
+        .unwrap();
+        let ours: Vec<i64> = rules
+            .iter()
+            .filter(|r| is_ours(r))
+            .filter_map(|r| r["priority"].as_i64())
+            .collect();
+        assert_eq!(ours, [32764, 32765]);
+        let marks: Vec<i64> = rules
+            .iter()
+            .filter(|r| is_our_mark_rule(r))
+            .filter_map(|r| r["priority"].as_i64())
+            .collect();
+        assert_eq!(marks, [32765]);
     }
 }
