@@ -16,6 +16,14 @@
 //! so every packet without a more specific route enters the tunnel, while the datagrams
 //! carrying it (marked M) skip table M and leave by the underlay.
 //!
+//! Replies to those datagrams arrive unmarked, and a strict reverse-path filter
+//! (`rp_filter=1`) would look their source up in table M, find the TUN and drop them when
+//! the peer's address is reachable only by the default route (a server on the internet).
+//! As wg-quick does: `net.ipv4.conf.all.src_valid_mark=1`, and an nftables table
+//! `inet tabbify-M` copies the mark into the connection (postrouting, UDP with mark M) and
+//! back onto its incoming packets (prerouting), so the reverse-path check sees mark M. Without
+//! `nft` this part is skipped with a warning.
+//!
 //! Ownership and invariants: every rule this module adds carries the routing protocol
 //! [`RULE_PROTO`], which is how it finds its own rules and nobody else's. The rules exist
 //! while a [`PolicyRoutes`] does: it removes them when dropped (normal exit, a failed
@@ -91,6 +99,58 @@ fn rules(fam: Family) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(v.as_array().cloned().unwrap_or_default())
 }
 
+/// The nftables table that carries mark M across the connection (see the module docs).
+fn nft_table(mark: u32) -> String {
+    format!("tabbify-{mark}")
+}
+
+/// Runs `nft -f -` with `script`.
+fn nft(script: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running `nft` (install nftables)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "`nft` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the mark-carrying table of `mark`, if present (a stale one included).
+fn remove_connmark(mark: u32) {
+    let _ = nft(&format!("destroy table inet {}\n", nft_table(mark)))
+        .or_else(|_| nft(&format!("delete table inet {}\n", nft_table(mark))));
+}
+
+/// `src_valid_mark` and the connmark table (see the module docs); a failure is logged.
+fn install_connmark(mark: u32) {
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/conf/all/src_valid_mark", "1") {
+        tracing::warn!(error = %e, "net.ipv4.conf.all.src_valid_mark not set: a strict rp_filter may drop the peers' datagrams");
+    }
+    remove_connmark(mark);
+    let t = nft_table(mark);
+    let script = format!(
+        "table inet {t} {{\n\
+         \tchain premangle {{ type filter hook prerouting priority -150; meta l4proto udp meta mark set ct mark; }}\n\
+         \tchain postmangle {{ type filter hook postrouting priority -150; meta l4proto udp meta mark {mark} ct mark set meta mark; }}\n\
+         }}\n"
+    );
+    if let Err(e) = nft(&script) {
+        tracing::warn!(error = %e, "the fwmark is not carried to incoming datagrams: a strict rp_filter may drop them");
+    }
+}
+
 fn is_ours(rule: &serde_json::Value) -> bool {
     let proto = RULE_PROTO.to_string();
     rule.get("protocol").and_then(|p| p.as_str()) == Some(proto.as_str())
@@ -160,9 +220,15 @@ impl PolicyRoutes {
                     fam.flag()
                 );
             }
+        }
+        if !families.is_empty() {
+            install_connmark(mark);
+        }
+        for &fam in families {
+            // From here on, dropping `me` (an error below) removes what was added.
+            me.families.push(fam);
             remove_rules(fam, mark).context("removing stale policy rules")?;
             let f = fam.flag();
-            me.families.push(fam);
             ip(&[
                 f,
                 "route",
@@ -199,7 +265,11 @@ impl PolicyRoutes {
 
     /// Removes the rules and table-M routes (also done on drop). Errors are logged.
     pub fn remove(&mut self) {
-        for fam in std::mem::take(&mut self.families) {
+        let families = std::mem::take(&mut self.families);
+        if !families.is_empty() {
+            remove_connmark(self.mark);
+        }
+        for fam in families {
             let m = self.mark.to_string();
             // The route goes with the TUN anyway; remove it first so nothing new enters.
             let _ = ip(&[

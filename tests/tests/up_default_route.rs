@@ -9,11 +9,11 @@
 //!
 //! | step | checked |
 //! |---|---|
-//! | client `up` with a peer `AllowedIPs = 0.0.0.0/0, ::/0`, whose endpoint (on the server's loopback) only the default route reaches | two rules of ours per family; `ip route get` an outside address or the endpoint: the TUN; the endpoint with mark M: the veth |
+//! | client `up` (strict `rp_filter`) with a peer `AllowedIPs = 0.0.0.0/0, ::/0`, whose endpoint (on the server's loopback, also the source of its datagrams) only the default route reaches | two rules of ours per family; `ip route get` an outside address or the endpoint: the TUN; the endpoint with mark M: the veth |
 //! | ping addresses outside the tunnel's peers (`203.0.113.77`, `2001:db8:77::1`, on the server's TUN) | they answer; the server's veth saw none of them in cleartext, but WireGuard datagrams (nftables counters) |
 //! | ping the server's underlay address | still answers (the connected route wins) |
 //! | the client is killed (SIGKILL), then started again | the stale rules are still there after the kill; after the restart exactly two per family (cleaned, not doubled) and the tunnel works |
-//! | the client exits on SIGTERM | no rule of ours is left; the main default routes are untouched |
+//! | the client exits on SIGTERM | no rule of ours and no nftables table of ours is left; the main default routes are untouched |
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -118,6 +118,13 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
     tabbify_tests::bins::tabbify_mesh()?;
     let (client_ns, server_ns) = (Netns::new()?, Netns::new()?);
     let underlay = VethPair::connect(&client_ns, &server_ns, &VethOptions::default())?;
+    // A strict reverse-path filter on the client, as hardened hosts have: the server's
+    // datagrams come from its endpoint address, which only the default route reaches.
+    client_ns.write_sysfs("/proc/sys/net/ipv4/conf/all/rp_filter", "1")?;
+    client_ns.write_sysfs(
+        &format!("/proc/sys/net/ipv4/conf/{}/rp_filter", underlay.a.ifname),
+        "1",
+    )?;
     // The client's own default routes lead to the underlay, as on any host.
     client_ns.ip(&[
         "-4",
@@ -143,6 +150,23 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
         underlay.b.ifname
     );
     server_ns.ip(&["addr", "add", &format!("{ENDPOINT}/32"), "dev", "lo"])?;
+    // The server answers from its endpoint address, as a server on the internet does.
+    let connected = server_ns.ip(&["-4", "route", "show", "dev", &underlay.b.ifname])?;
+    let subnet = connected
+        .split_whitespace()
+        .next()
+        .context("the server's connected route")?
+        .to_owned();
+    server_ns.ip(&[
+        "-4",
+        "route",
+        "change",
+        &subnet,
+        "dev",
+        &underlay.b.ifname,
+        "src",
+        &ENDPOINT.to_string(),
+    ])?;
     let path = server_ns.workdir().join("up_dr.nft");
     std::fs::write(&path, script)?;
     server_ns.run("nft", &["-f", path.to_str().context("a UTF-8 path")?])?;
@@ -225,6 +249,11 @@ fn default_route_goes_through_the_tunnel_and_the_rules_go_with_the_daemon() -> R
         "rules left after exit:\n{}\n{}",
         client_ns.ip(&["-4", "rule", "show"])?,
         client_ns.ip(&["-6", "rule", "show"])?
+    );
+    let tables = client_ns.run("nft", &["list", "tables"])?;
+    ensure!(
+        !tables.contains("tabbify-"),
+        "the connmark table is left after exit: {tables}"
     );
     for fam in ["-4", "-6"] {
         let routes = client_ns.ip(&[fam, "route", "show", "default"])?;
