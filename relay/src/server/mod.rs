@@ -264,7 +264,9 @@ async fn write_http<S: AsyncWrite + Unpin>(
         body.len()
     );
     s.write_all(head.as_bytes()).await?;
-    s.flush().await
+    s.flush().await?;
+    // close_notify for TLS: the client sees a clean end of the response.
+    s.shutdown().await
 }
 
 fn json_error(error: &str, code: &str) -> String {
