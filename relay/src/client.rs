@@ -26,6 +26,10 @@ use crate::proto::{self, Control, Msg, COOKIE_LEN};
 pub use crate::proto::{classify, frame_to_wg, wg_to_frame, Kind};
 use crate::server::{read_head, read_record};
 
+/// How often the client sends KEEPALIVE on the stream (the relay's idle timeout is 60 s
+/// by default; UDP BINDs every 10 s keep a session alive too).
+pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(15);
+
 /// Connection failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -253,13 +257,28 @@ impl RelayClient {
         let pending: Pending = Arc::default();
         let writer = tokio::spawn(writer(wr, rx));
         let reader = tokio::spawn(reader(rd, etx, pending.clone()));
+        let keepalive = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut v = Vec::new();
+                if Msg::Keepalive.encode_record(&mut v).is_err() {
+                    return;
+                }
+                loop {
+                    tokio::time::sleep(KEEPALIVE_EVERY).await;
+                    if tx.send(v.clone()).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         RelayClient {
             handle,
             cookie,
             tx,
             events,
             pending,
-            tasks: vec![writer, reader],
+            tasks: vec![writer, reader, keepalive],
         }
     }
 
