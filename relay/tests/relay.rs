@@ -716,3 +716,39 @@ async fn a_session_over_its_rate_is_limited_without_hurting_another() {
         "carol was not limited"
     );
 }
+
+#[tokio::test]
+async fn an_idle_session_expires_and_the_others_learn_gone() {
+    let pki = pki();
+    let relay = start(
+        &pki,
+        Limits {
+            idle_timeout: Duration::from_secs(1),
+            ..Limits::default()
+        },
+    )
+    .await;
+    let mut a = member(&pki, &relay, "alice", true).await;
+    let mut b = member(&pki, &relay, "bob", true).await;
+    let hb = b.client.handle;
+    // a stays active; b says nothing and is ended by the relay.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no GONE for the idle session");
+        a.client.keepalive().await.unwrap();
+        match tokio::time::timeout(Duration::from_millis(200), a.client.recv()).await {
+            Ok(Some(Event::Gone(h))) if h == hb => break,
+            _ => {}
+        }
+    }
+    assert_eq!(a.client.lookup(&b.public).await.unwrap(), None);
+    // b's connection was closed: its event stream ends.
+    loop {
+        match tokio::time::timeout(WAIT, b.client.recv()).await {
+            Ok(None) => break,
+            Ok(Some(_)) => continue,
+            Err(_) => panic!("the idle session's connection stayed open"),
+        }
+    }
+    assert_eq!(relay.shared.sessions(), 1);
+}
