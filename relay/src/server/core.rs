@@ -9,7 +9,9 @@
 //!   counter wraps (16.7 M sessions later);
 //! * a public key has at most one live session (a newer proven session replaces the older);
 //! * a UDP address is bound to at most one session, and only by a BIND carrying that
-//!   session's cookie;
+//!   session's cookie; an address another session used within [`ADDR_HOLD`] is not taken
+//!   from it (so a member that can spoof source addresses cannot steal a live member's
+//!   binding with its own cookie);
 //! * a frame is forwarded only if its source is a live session (by bound address over UDP,
 //!   by its own stream otherwise), its destination handle is live, and the source's bucket
 //!   has room; the forwarded frame carries the *source's* handle. Everything else is a
@@ -20,6 +22,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::proto::{self, COOKIE_LEN, MAX_HANDLE};
+
+/// How long a session keeps its bound address against another session's BIND after it
+/// last sent from there (three missed 10-second BIND keepalives).
+pub const ADDR_HOLD: Duration = Duration::from_secs(30);
 
 /// Limits of one relay.
 #[derive(Clone, Copy, Debug)]
@@ -101,6 +107,8 @@ pub enum Drop {
     OverRate,
     /// A BIND with a wrong cookie or unknown handle.
     BadBind,
+    /// A BIND for an address another session used within [`ADDR_HOLD`].
+    AddrInUse,
     /// The destination's stream queue is full (or closed).
     QueueFull,
     /// A datagram none of our kinds (or a plain WireGuard message sent to the relay).
@@ -113,12 +121,13 @@ pub enum Drop {
 
 impl Drop {
     /// Every reason, for metrics.
-    pub const ALL: [Drop; 9] = [
+    pub const ALL: [Drop; 10] = [
         Drop::UnboundSource,
         Drop::UnknownHandle,
         Drop::Malformed,
         Drop::OverRate,
         Drop::BadBind,
+        Drop::AddrInUse,
         Drop::QueueFull,
         Drop::Junk,
         Drop::Stun,
@@ -133,6 +142,7 @@ impl Drop {
             Drop::Malformed => "malformed",
             Drop::OverRate => "over_rate",
             Drop::BadBind => "bad_bind",
+            Drop::AddrInUse => "addr_in_use",
             Drop::QueueFull => "queue_full",
             Drop::Junk => "junk",
             Drop::Stun => "stun_unanswered",
@@ -169,6 +179,8 @@ struct Session<S> {
     identity: String,
     cookie: [u8; COOKIE_LEN],
     udp: Option<SocketAddr>,
+    /// Last BIND or frame from `udp`.
+    udp_seen: Instant,
     stream_only: bool,
     bucket: TokenBucket,
     last_active: Instant,
@@ -272,6 +284,7 @@ impl<S: Clone> Registry<S> {
                 identity: identity.to_owned(),
                 cookie,
                 udp: None,
+                udp_seen: now,
                 stream_only,
                 bucket: TokenBucket::new(
                     self.limits.rate_bytes_per_sec,
@@ -345,7 +358,7 @@ impl<S: Clone> Registry<S> {
         cookie: &[u8; COOKIE_LEN],
         now: Instant,
     ) -> Result<(), Drop> {
-        let s = self.sessions.get_mut(&handle).ok_or(Drop::BadBind)?;
+        let s = self.sessions.get(&handle).ok_or(Drop::BadBind)?;
         let mut a = [0u8; 32];
         let mut b = [0u8; 32];
         a[..COOKIE_LEN].copy_from_slice(&s.cookie);
@@ -353,7 +366,17 @@ impl<S: Clone> Registry<S> {
         if !proto::mac_eq(&a, &b) {
             return Err(Drop::BadBind);
         }
+        if let Some(prev) = self.by_addr.get(&from).filter(|p| **p != handle) {
+            let held = self.sessions.get(prev).is_some_and(|p| {
+                p.udp == Some(from) && now.saturating_duration_since(p.udp_seen) < ADDR_HOLD
+            });
+            if held {
+                return Err(Drop::AddrInUse);
+            }
+        }
+        let s = self.sessions.get_mut(&handle).ok_or(Drop::BadBind)?;
         s.last_active = now;
+        s.udp_seen = now;
         let old = s.udp.replace(from);
         if let Some(o) = old.filter(|o| *o != from) {
             if self.by_addr.get(&o) == Some(&handle) {
@@ -395,6 +418,9 @@ impl<S: Clone> Registry<S> {
         now: Instant,
     ) -> Result<Deliver<S>, Drop> {
         let src = *self.by_addr.get(&from).ok_or(Drop::UnboundSource)?;
+        if let Some(s) = self.sessions.get_mut(&src) {
+            s.udp_seen = now;
+        }
         self.route(src, frame, now)
     }
 
@@ -570,9 +596,26 @@ mod tests {
             Err(Drop::UnboundSource)
         );
         assert!(r.forward_udp(addr(2), &mut f, now).is_ok());
-        // b takes over addr 2 (a NAT reused the mapping): a loses it.
-        r.bind(addr(2), b.handle, &[2; 16], now).unwrap();
+        // b (with its own valid cookie) cannot take addr 2 while a uses it: a member that
+        // spoofs a's source address cannot steal its binding.
+        assert_eq!(
+            r.bind(addr(2), b.handle, &[2; 16], now),
+            Err(Drop::AddrInUse)
+        );
+        let later = now + ADDR_HOLD - Duration::from_secs(1);
+        assert!(r.forward_udp(addr(2), &mut f, later).is_ok());
+        assert_eq!(
+            r.bind(addr(2), b.handle, &[2; 16], later + Duration::from_secs(2)),
+            Err(Drop::AddrInUse)
+        );
+        // a went silent there for ADDR_HOLD (it moved; the NAT reused the mapping): b
+        // takes addr 2 and a loses it.
+        let much_later = later + ADDR_HOLD;
+        r.bind(addr(2), b.handle, &[2; 16], much_later).unwrap();
         let mut f = [0xE1, 0, 0, a.handle as u8];
-        assert_eq!(r.forward_udp(addr(2), &mut f, now), Ok(Deliver::Stream(1)));
+        assert_eq!(
+            r.forward_udp(addr(2), &mut f, much_later),
+            Ok(Deliver::Stream(1))
+        );
     }
 }
