@@ -752,3 +752,49 @@ async fn an_idle_session_expires_and_the_others_learn_gone() {
     }
     assert_eq!(relay.shared.sessions(), 1);
 }
+
+#[tokio::test]
+async fn per_identity_limit_refuses_and_a_reconnect_replaces() {
+    let pki = pki();
+    let relay = start(
+        &pki,
+        Limits {
+            max_sessions_per_identity: 1,
+            ..Limits::default()
+        },
+    )
+    .await;
+    let mut watcher = member(&pki, &relay, "watcher", true).await;
+    let cfg = member_cfg(&pki, &relay, "greedy", true);
+    let (k1, _) = wg_key();
+    let (k2, _) = wg_key();
+    let mut first = RelayClient::connect(&cfg, &k1).await.unwrap();
+    // A second key under the same identity: over the per-identity limit.
+    match RelayClient::connect(&cfg, &k2).await {
+        Err(client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, proto::RefuseCode::IdentityLimit as u8)
+        }
+        Err(e) => panic!("wrong refusal: {e}"),
+        Ok(_) => panic!("a second session over the per-identity limit"),
+    }
+    // The same key again (a reconnect): replaces the first session.
+    let old = first.handle;
+    let second = RelayClient::connect(&cfg, &k1).await.unwrap();
+    assert_ne!(second.handle, old);
+    loop {
+        if recv_stream(&mut watcher.client).await == Event::Gone(old) {
+            break;
+        }
+    }
+    loop {
+        match tokio::time::timeout(WAIT, first.recv()).await {
+            Ok(None) => break,
+            Ok(Some(_)) => continue,
+            Err(_) => panic!("the replaced session's connection stayed open"),
+        }
+    }
+    assert_eq!(relay.shared.sessions(), 2);
+    assert!(metrics_text(&relay)
+        .await
+        .contains("tabbify_relay_sessions_refused_total{reason=\"identity_limit\"} 1"));
+}
