@@ -4,13 +4,15 @@
 # CPU per Gbit/s (utime+stime from /proc/PID/stat over the run). Three runs; prints each and
 # the medians. Holds /work/perf.lock (or $PERF_LOCK) around every run.
 #
-#   relay/measure.sh [SECONDS=10] [SIZE=1400]
+#   relay/measure.sh [SECONDS=10] [SIZE=1400] [udp|stream]
 #
 # Builds the release relay and the load example first (cargo build --release -p tabbify-relay).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-10}"
 size="${2:-1400}"
+transport="${3:-udp}"
+flag=""; [ "$transport" = stream ] && flag="--stream"
 lock="${PERF_LOCK:-/work/perf.lock}"
 # RELAY_PROFILE=dev: a quick check of this script with the debug build (not a measurement).
 profile="${RELAY_PROFILE:-release}"
@@ -42,13 +44,13 @@ for run in 1 2 3; do
     rp=$!
     trap "kill $rp 2>/dev/null || true" EXIT
     for i in $(seq 50); do grep -q "^listening" $work/relay.log && break; sleep 0.1; done
-    '"$load_bin"' recv --relay 127.0.0.1:$port --certs $work --name receiver --seconds '"$seconds"' >$work/recv.out &
+    '"$load_bin"' recv --relay 127.0.0.1:$port --certs $work --name receiver --seconds '"$seconds"' '"$flag"' >$work/recv.out &
     rcv=$!
     for i in $(seq 50); do grep -q "^key" $work/recv.out && break; sleep 0.1; done
     key=$(awk "/^key/ {print \$2}" $work/recv.out)
     read -r u0 s0 < <(awk "{print \$14, \$15}" /proc/$rp/stat)
     t0=$(date +%s.%N)
-    '"$load_bin"' send --relay 127.0.0.1:$port --certs $work --name sender --peer $key --seconds '"$seconds"' --size '"$size"' >/dev/null
+    '"$load_bin"' send --relay 127.0.0.1:$port --certs $work --name sender --peer $key --seconds '"$seconds"' --size '"$size"' '"$flag"' >/dev/null
     read -r u1 s1 < <(awk "{print \$14, \$15}" /proc/$rp/stat)
     t1=$(date +%s.%N)
     wait $rcv

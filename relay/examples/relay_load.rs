@@ -7,6 +7,9 @@
 //!     prints `key HEX` once bound, then `bytes B seconds S gbps G` at the end
 //! relay_load send --relay ADDR --certs DIR --name NAME --peer HEX --seconds N [--size 1400]
 //!
+//! `--stream` (on both): frames go over the TLS stream instead of UDP (the receiver's session
+//! is stream-only).
+//!
 //! DIR holds `ca.pem` and NAME/cert.pem, NAME/key.pem (as `tabbify-mesh-ca issue-peer` writes).
 
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -51,6 +54,7 @@ async fn main() -> Result<()> {
     let dir = std::path::PathBuf::from(need(&args, "--certs")?);
     let name = need(&args, "--name")?;
     let seconds: u64 = need(&args, "--seconds")?.parse()?;
+    let stream = args.iter().any(|a| a == "--stream");
     let ca = std::fs::read_to_string(dir.join("ca.pem"))?;
     let cert = std::fs::read_to_string(dir.join(&name).join("cert.pem"))?;
     let key = std::fs::read_to_string(dir.join(&name).join("key.pem"))?;
@@ -59,11 +63,11 @@ async fn main() -> Result<()> {
         server_name: relay.ip().to_string(),
         tls: tabbify_api::tls::client_config(&ca, Some((&cert, &key)))?,
         proxy: None,
-        stream_only: false,
+        stream_only: stream,
     };
     let secret = StaticSecret::random_from_rng(OsRng);
     let public = PublicKey::from(&secret).to_bytes();
-    let c = RelayClient::connect(&cfg, &secret.to_bytes()).await?;
+    let mut c = RelayClient::connect(&cfg, &secret.to_bytes()).await?;
     let (fds, _, feat) = sys::open_reuseport(0, 1, true)?;
     let fd = fds[0].as_raw_fd();
     let mut buf = vec![0u8; 65_536];
@@ -84,6 +88,59 @@ async fn main() -> Result<()> {
         bail!("no BIND_ACK from the relay");
     }
     match mode.as_str() {
+        "recv" if stream => {
+            println!("key {}", hex::encode(public));
+            std::io::stdout().flush()?;
+            let mut bytes = 0u64;
+            let mut first: Option<Instant> = None;
+            let mut last = Instant::now();
+            let wait = Duration::from_secs(seconds + 30);
+            while let Ok(Some(ev)) = tokio::time::timeout(
+                if first.is_some() {
+                    Duration::from_secs(2)
+                } else {
+                    wait
+                },
+                c.recv(),
+            )
+            .await
+            {
+                if let client::Event::Frame(f) = ev {
+                    bytes += f.len() as u64;
+                    last = Instant::now();
+                    first.get_or_insert(last);
+                }
+            }
+            let secs = first.map(|f| (last - f).as_secs_f64()).unwrap_or(0.0);
+            let gbps = if secs > 0.0 {
+                bytes as f64 * 8.0 / secs / 1e9
+            } else {
+                0.0
+            };
+            println!("bytes {bytes} seconds {secs:.3} gbps {gbps:.3}");
+        }
+        "send" if stream => {
+            let size: usize = arg(&args, "--size")
+                .map(|s| s.parse())
+                .transpose()?
+                .unwrap_or(1400);
+            let peer: [u8; 32] = hex::decode(need(&args, "--peer")?)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("--peer: 32 bytes hex"))?;
+            let dst = c.lookup(&peer).await?.context("peer has no session")?;
+            let mut frame = vec![4u8, 0, 0, 0];
+            frame.resize(size, 0xAB);
+            proto::wg_to_frame(&mut frame, dst)?;
+            let end = Instant::now() + Duration::from_secs(seconds);
+            let mut sent = 0u64;
+            while Instant::now() < end {
+                for _ in 0..64 {
+                    c.send_frame(&frame).await?;
+                }
+                sent += 64 * size as u64;
+            }
+            println!("sent {sent}");
+        }
         "recv" => {
             println!("key {}", hex::encode(public));
             std::io::stdout().flush()?;
