@@ -798,3 +798,42 @@ async fn per_identity_limit_refuses_and_a_reconnect_replaces() {
         .await
         .contains("tabbify_relay_sessions_refused_total{reason=\"identity_limit\"} 1"));
 }
+
+#[tokio::test]
+async fn stalled_handshakes_are_capped_and_the_slot_comes_back() {
+    let pki = pki();
+    let relay = start(
+        &pki,
+        Limits {
+            max_handshakes: 1,
+            ..Limits::default()
+        },
+    )
+    .await;
+    // An unauthenticated client opens TCP and says nothing: it holds the only slot.
+    let stall = TcpStream::connect(relay.addr).await.unwrap();
+    let cfg = member_cfg(&pki, &relay, "alice", true);
+    let (k, _) = wg_key();
+    assert!(
+        RelayClient::connect(&cfg, &k).await.is_err(),
+        "a handshake past the cap was served"
+    );
+    assert!(metrics_text(&relay)
+        .await
+        .contains("tabbify_relay_connections_refused_total{reason=\"handshakes_pending\"} 1"));
+    // Once the staller leaves, members get in again; a live session does not hold a slot.
+    drop(stall);
+    let deadline = Instant::now() + WAIT;
+    let a = loop {
+        if let Ok(c) = RelayClient::connect(&cfg, &k).await {
+            break c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the handshake slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let b = member(&pki, &relay, "bob", true).await;
+    assert_eq!(a.lookup(&b.public).await.unwrap(), Some(b.client.handle));
+}

@@ -46,6 +46,9 @@ struct Args {
     /// Sessions without traffic, BIND or keepalive for this long end.
     #[arg(long, default_value_t = 60)]
     idle_timeout_secs: u64,
+    /// Most connections at once still in TLS, upgrade or proof; more are closed at accept.
+    #[arg(long, default_value_t = 1024)]
+    max_handshakes: usize,
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<String> {
@@ -71,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
             rate_bytes_per_sec: a.rate_mbit.saturating_mul(125_000),
             burst_bytes: a.burst_kib.saturating_mul(1024),
             idle_timeout: Duration::from_secs(a.idle_timeout_secs.max(1)),
+            max_handshakes: a.max_handshakes,
         },
     })
     .await?;

@@ -40,6 +40,9 @@ pub struct Limits {
     pub burst_bytes: u64,
     /// A session with no traffic, BIND or keepalive for this long ends.
     pub idle_timeout: Duration,
+    /// Most connections at once that have not finished TLS, the upgrade and the proof;
+    /// more are closed at accept (a client without a certificate can open connections).
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -51,6 +54,7 @@ impl Default for Limits {
             rate_bytes_per_sec: 312_500_000,
             burst_bytes: 4 << 20,
             idle_timeout: Duration::from_secs(60),
+            max_handshakes: 1024,
         }
     }
 }
@@ -460,6 +464,7 @@ mod tests {
             rate_bytes_per_sec: 1000,
             burst_bytes: 100,
             idle_timeout: Duration::from_secs(30),
+            max_handshakes: 1,
         })
     }
 

@@ -25,6 +25,7 @@ pub struct Metrics {
     fwd_stream_bytes: AtomicU64,
     drops: [AtomicU64; Drop::ALL.len()],
     refused: [AtomicU64; 4],
+    busy: AtomicU64,
 }
 
 impl Metrics {
@@ -58,6 +59,11 @@ impl Metrics {
     pub fn refused(&self, code: RefuseCode) {
         let i = (code as usize).saturating_sub(1).min(3);
         self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closed at accept (too many handshakes pending).
+    pub fn busy(&self) {
+        self.busy.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Frames forwarded so far (udp, stream).
@@ -124,6 +130,13 @@ impl Metrics {
                 self.refused[i].load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(o, "# HELP tabbify_relay_connections_refused_total Connections closed at accept because too many handshakes were pending.");
+        let _ = writeln!(o, "# TYPE tabbify_relay_connections_refused_total counter");
+        let _ = writeln!(
+            o,
+            "tabbify_relay_connections_refused_total{{reason=\"handshakes_pending\"}} {}",
+            self.busy.load(Ordering::Relaxed)
+        );
         o
     }
 }

@@ -27,7 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::proto::{self, Msg, RefuseCode, COOKIE_LEN, NONCE_LEN};
@@ -167,6 +167,7 @@ impl Relay {
         };
         let mut tasks = Vec::new();
         let acceptor = TlsAcceptor::from(cfg.tls);
+        let pending = Arc::new(Semaphore::new(cfg.limits.max_handshakes.max(1)));
         {
             let shared = shared.clone();
             tasks.push(tokio::spawn(async move {
@@ -174,11 +175,16 @@ impl Relay {
                     let Ok((conn, peer)) = tcp.accept().await else {
                         continue;
                     };
+                    let Ok(permit) = pending.clone().try_acquire_owned() else {
+                        shared.metrics.busy();
+                        drop(conn);
+                        continue;
+                    };
                     let _ = conn.set_nodelay(true);
                     let shared = shared.clone();
                     let acceptor = acceptor.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = serve_conn(shared, acceptor, conn).await {
+                        if let Err(e) = serve_conn(shared, acceptor, conn, permit).await {
                             tracing::debug!(%peer, "relay connection: {e:#}");
                         }
                     });
@@ -343,6 +349,7 @@ async fn serve_conn(
     shared: Arc<Shared>,
     acceptor: TlsAcceptor,
     conn: TcpStream,
+    permit: OwnedSemaphorePermit,
 ) -> anyhow::Result<()> {
     let (mut tls, head, rest) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let mut tls = acceptor.accept(conn).await?;
@@ -403,7 +410,7 @@ async fn serve_conn(
     )
     .await?;
     tls.flush().await?;
-    session(shared, tls, identity, exporter).await
+    session(shared, tls, identity, exporter, permit).await
 }
 
 /// Reads one length-prefixed record into `buf` (reused).
@@ -437,6 +444,7 @@ async fn session<S>(
     mut tls: S,
     identity: String,
     exporter: [u8; 32],
+    permit: OwnedSemaphorePermit,
 ) -> anyhow::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -485,6 +493,8 @@ where
     })
     .await??;
     let (key, flags) = proven;
+    // The handshake is over: the slot is free for the next one.
+    drop(permit);
     let mut cookie = [0u8; COOKIE_LEN];
     OsRng.fill_bytes(&mut cookie);
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(STREAM_QUEUE);
