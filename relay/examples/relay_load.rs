@@ -68,7 +68,7 @@ async fn main() -> Result<()> {
     let secret = StaticSecret::random_from_rng(OsRng);
     let public = PublicKey::from(&secret).to_bytes();
     let mut c = RelayClient::connect(&cfg, &secret.to_bytes()).await?;
-    let (fds, _, feat) = sys::open_reuseport(0, 1, true)?;
+    let (fds, _, feat) = sys::open_reuseport(0, 1, true, None)?;
     let fd = fds[0].as_raw_fd();
     let mut buf = vec![0u8; 65_536];
     // BIND until BIND_ACK.
