@@ -153,7 +153,7 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         .request(
             "POST",
             "/v1/tokens",
-            Some(json!({"tags": ["hub"], "max_uses": 0})),
+            Some(json!({"tags": ["hub"], "max_uses": 0, "unlimited": true})),
         )
         .await?;
     if st != 200 {
@@ -166,7 +166,7 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
             .request(
                 "POST",
                 "/v1/tokens",
-                Some(json!({"tags": [format!("team-{i}")], "max_uses": 0})),
+                Some(json!({"tags": [format!("team-{i}")], "max_uses": 0, "unlimited": true})),
             )
             .await?;
         team_tokens.push(t["token"].as_str().unwrap_or_default().to_owned());

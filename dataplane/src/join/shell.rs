@@ -141,6 +141,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
                 offloads: opts.offloads,
                 listen_port: opts.listen_port,
                 pin: opts.pin,
+                fwmark: None,
             },
             mtu: opts.mtu,
             addresses,
@@ -149,6 +150,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             covering_routes: mesh_prefixes(),
             routes: Vec::new(),
             routed: Vec::new(),
+            default_route: Vec::new(),
         },
         table.clone(),
     )?;

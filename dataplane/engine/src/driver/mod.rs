@@ -65,6 +65,8 @@ pub struct Shared {
     pub epoch: Instant,
     /// STUN and relay-control datagrams for the control side (see `core::demux`).
     pub control: Arc<ControlQueue>,
+    /// The firewall mark on the UDP sockets, if any.
+    pub fwmark: Option<u32>,
 }
 
 impl Shared {
@@ -104,6 +106,9 @@ pub struct EngineOptions {
     /// Pin worker `i` to the `i`-th core of the process's affinity mask (otherwise the
     /// scheduler places workers).
     pub pin: bool,
+    /// `SO_MARK` on every UDP socket (the encrypted datagrams carry this firewall mark, so
+    /// policy routing can keep them off the tunnel; needs CAP_NET_ADMIN). `None`: no mark.
+    pub fwmark: Option<u32>,
 }
 
 /// What the engine ended up with.
@@ -163,7 +168,7 @@ impl Engine {
         let tun = Tun::open(&opts.interface, threads, opts.offloads)?;
         let tun_offloads = tun.offloads();
         let (socks, port, udp_features) =
-            udp::open_reuseport(opts.listen_port, threads, opts.offloads)?;
+            udp::open_reuseport(opts.listen_port, threads, opts.offloads, opts.fwmark)?;
         table.set_listen_port(port);
         let driver = match opts.driver {
             Some(d) => d,
@@ -189,6 +194,7 @@ impl Engine {
             udp: udp_features,
             epoch: Instant::now(),
             control: Arc::new(ControlQueue::default()),
+            fwmark: opts.fwmark,
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
         let ctl_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
