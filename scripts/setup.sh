@@ -16,6 +16,7 @@ have nginx         || need_apt+=(nginx-light)
 have wrk           || need_apt+=(wrk)
 have ethtool       || need_apt+=(ethtool)
 have curl          || need_apt+=(curl)
+have turnserver    || need_apt+=(coturn)   # a standard STUN server for the joiner's --stun test
 python3 -c 'import matplotlib' 2>/dev/null || need_apt+=(python3-matplotlib)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

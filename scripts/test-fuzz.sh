@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bounded fuzz runs of every cargo-fuzz target of every crate that owns parsers
 # (dataplane/fuzz: packets, offloads, filter, configs, the joiner's roster; control/fuzz: SSE,
-# policy, state log, control-socket requests, the coordinator's JSON request bodies and
-# identity routes; edge/fuzz: response codec, routes file): build each project once, then run
+# policy, state log, control-socket requests, STUN messages, the coordinator's JSON request
+# bodies and identity routes; edge/fuzz: response codec, routes file; relay/fuzz: the relay
+# protocol): build each project once, then run
 # each target for FUZZ_SECONDS (default 10) starting from its committed seed corpus.
 # Fails on the first panic, crash or timeout (libFuzzer exits non-zero and leaves the input
 # under <crate>/fuzz/artifacts/<target>/). New inputs go to a temporary directory, so the
@@ -14,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-projects=(dataplane/fuzz control/fuzz edge/fuzz)
+projects=(dataplane/fuzz control/fuzz edge/fuzz relay/fuzz)
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$root/target/fuzz}"
 
 seconds="${FUZZ_SECONDS:-10}"

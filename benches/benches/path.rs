@@ -647,7 +647,11 @@ fn overhead(_c: &mut Criterion) {
 fn tracked_overhead(_c: &mut Criterion) {
     const ROUNDS: usize = 11;
     let bench = std::env::args().any(|a| a == "--bench");
-    let (enc_pkts, dec_batches) = if bench { (200_000, 1_000) } else { (BATCH * 4, 4) };
+    let (enc_pkts, dec_batches) = if bench {
+        (200_000, 1_000)
+    } else {
+        (BATCH * 4, 4)
+    };
     let pkt = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], 1420);
     let (mut plain, _pb) = pair(false);
     let (mut filt, _fb) = pair(false);
@@ -690,7 +694,11 @@ fn tracked_overhead(_c: &mut Criterion) {
     let mut pairs = [receiving_pair(&segs, false), receiving_pair(&segs, true)];
     let (mut u, mut t) = (Vec::new(), Vec::new());
     for round in 0..=ROUNDS {
-        for tracked in if round % 2 == 1 { [true, false] } else { [false, true] } {
+        for tracked in if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
             let (a, b) = &mut pairs[usize::from(tracked)];
             let a_peer = peer_of(&a.table.load_full(), KEY_B).clone();
             let bufs: Vec<Vec<u8>> = (0..dec_batches)
@@ -705,14 +713,20 @@ fn tracked_overhead(_c: &mut Criterion) {
                         .expect("room");
                 }
             });
-            assert_eq!(sink.pkts, dec_batches * segs.len(), "every segment delivered");
+            assert_eq!(
+                sink.pkts,
+                dec_batches * segs.len(),
+                "every segment delivered"
+            );
             // Round 0 warms both.
             if round > 0 {
                 if tracked { &mut t } else { &mut u }.push(ns);
             }
         }
     }
-    assert!(pairs.iter().all(|(a, b)| a.counters.total() + b.counters.total() == 0));
+    assert!(pairs
+        .iter()
+        .all(|(a, b)| a.counters.total() + b.counters.total() == 0));
     let (un, tn) = (median(u), median(t));
     println!(
         "tracked decap {} B TCP: untracked {un:.1} ns/pkt, tracked {tn:.1} ns/pkt ({:+.1}%)",

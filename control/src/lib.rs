@@ -5,7 +5,8 @@
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
 //! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
 //! [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
-//! [`server`] (HTTP, TLS, routing), [`ca`] (certificates).
+//! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`ca`]
+//! (certificates).
 #![forbid(unsafe_code)]
 
 pub use tabbify_api as api;
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod server;
 pub mod sse;
 pub mod store;
+pub mod stun;
 pub mod tls;
 pub mod tokens;
 pub use tabbify_api::ula;

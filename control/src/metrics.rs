@@ -52,6 +52,12 @@ pub struct Metrics {
     pub conns_dropped: AtomicU64,
     /// TLS handshakes not completed within the handshake timeout.
     pub tls_handshake_timeouts: AtomicU64,
+    /// STUN requests answered (Binding successes and error responses).
+    pub stun_answered: AtomicU64,
+    /// Well-formed STUN datagrams that get no answer (indications, responses).
+    pub stun_ignored: AtomicU64,
+    /// Datagrams on a STUN port that are not STUN messages: dropped.
+    pub stun_malformed: AtomicU64,
 }
 
 /// Gauges read from the live state at render time.
@@ -243,6 +249,24 @@ impl Metrics {
             "counter",
             "Refused connections closed without an answer.",
             c(&self.conns_dropped),
+        );
+        line(
+            "stun_answered_total",
+            "counter",
+            "STUN requests answered (Binding successes and error responses).",
+            c(&self.stun_answered),
+        );
+        line(
+            "stun_ignored_total",
+            "counter",
+            "Well-formed STUN datagrams not answered (indications, responses).",
+            c(&self.stun_ignored),
+        );
+        line(
+            "stun_malformed_total",
+            "counter",
+            "Datagrams on a STUN port that are not STUN messages (dropped).",
+            c(&self.stun_malformed),
         );
         out
     }

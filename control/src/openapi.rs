@@ -52,6 +52,8 @@ pub fn document() -> Value {
     let strings = json!({"type": "array", "items": {"type": "string"}});
     let addrs = json!({"type": "array", "items": {"type": "string", "description": "ip:port"}});
     let ulas = json!({"type": "array", "items": {"type": "string", "description": "IPv6 address"}});
+    let nat_class = json!({"type": "string", "default": "unknown",
+        "enum": ["unknown", "none", "endpoint_independent", "endpoint_dependent", "udp_blocked"]});
     let rule = json!({
         "type": "object", "required": ["src", "dst"], "additionalProperties": false,
         "properties": {"src": strings, "dst": strings}
@@ -69,6 +71,8 @@ pub fn document() -> Value {
             "public_key": {"type": "string"},
             "endpoints": addrs,
             "reflexive_endpoint": {"type": "string"},
+            "mapped_endpoints": addrs,
+            "nat": nat_class,
             "hosted_app_ulas": ulas,
             "stale": {"type": "boolean", "default": false,
                       "description": "missed its heartbeats; kept (with its apps) until --stale-after"},
@@ -198,12 +202,15 @@ pub fn document() -> Value {
                     "may_host_apps": {"type": "boolean"},
                     "reflexive_endpoint": {"type": "string"},
                     "heartbeat_interval_secs": {"type": "integer"},
-                    "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}}
+                    "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}},
+                    "stun_servers": addrs
                 }},
             "HeartbeatRequest": {"type": "object", "required": ["peer_id"],
-                "properties": {"peer_id": {"type": "string"}, "endpoints": addrs, "hosted_app_ulas": ulas}},
+                "properties": {"peer_id": {"type": "string"}, "endpoints": addrs, "hosted_app_ulas": ulas,
+                               "mapped_endpoints": addrs, "nat": nat_class}},
             "HeartbeatResponse": {"type": "object", "required": ["heartbeat_interval_secs", "reflexive_endpoint"],
-                "properties": {"heartbeat_interval_secs": {"type": "integer"}, "reflexive_endpoint": {"type": "string"}}},
+                "properties": {"heartbeat_interval_secs": {"type": "integer"}, "reflexive_endpoint": {"type": "string"},
+                               "stun_servers": addrs}},
             "PeersResponse": {"type": "object", "required": ["event_id", "peers"],
                 "properties": {"event_id": {"type": "integer"},
                                "peers": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}}}},

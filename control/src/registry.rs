@@ -63,6 +63,10 @@ pub struct PeerRecord {
     pub reflexive: SocketAddr,
     /// Announced app ULAs.
     pub hosted_app_ulas: Vec<Ipv6Addr>,
+    /// Mapped endpoints from the peer's STUN probe (its last heartbeat).
+    pub mapped: Vec<SocketAddr>,
+    /// NAT class from the peer's STUN probe (its last heartbeat).
+    pub nat: crate::api::NatClass,
     /// Last register or heartbeat, ms since the epoch.
     pub last_seen_ms: u64,
     /// Missed its heartbeats; kept in rosters (with its apps) until `stale_after`.
@@ -75,6 +79,13 @@ impl PeerRecord {
     /// Whether the peer looks NATed: its reflexive IP is none of its local endpoints' IPs.
     pub fn looks_nated(&self) -> bool {
         !self.endpoints.iter().any(|e| e.ip() == self.reflexive.ip())
+    }
+
+    /// Where another peer should punch to: the first mapped endpoint the peer's STUN probe
+    /// learned, else its reflexive endpoint (source IP + listen port, right only when the
+    /// NAT keeps ports).
+    pub fn punch_endpoint(&self) -> SocketAddr {
+        self.mapped.first().copied().unwrap_or(self.reflexive)
     }
 }
 
@@ -240,6 +251,11 @@ impl Registry {
         self.peers.is_empty()
     }
 
+    /// Every peer, in no particular order.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerRecord> {
+        self.peers.values()
+    }
+
     /// A peer by id.
     pub fn peer(&self, id: &str) -> Option<&PeerRecord> {
         self.peers.get(id)
@@ -366,6 +382,8 @@ impl Registry {
             wg_listen_port: new.wg_listen_port,
             reflexive: new.reflexive,
             hosted_app_ulas: kept_apps,
+            mapped: Vec::new(),
+            nat: crate::api::NatClass::Unknown,
             last_seen_ms: now_ms,
             stale: false,
             class,
@@ -437,9 +455,11 @@ impl Registry {
         id: &str,
         endpoints: Vec<SocketAddr>,
         hosted_app_ulas: Vec<Ipv6Addr>,
+        stun: (Vec<SocketAddr>, crate::api::NatClass),
         reflexive_ip: std::net::IpAddr,
         now_ms: u64,
     ) -> Result<SocketAddr, HeartbeatError> {
+        let (mapped, nat) = stun;
         let p = self
             .peers
             .get_mut(id)
@@ -465,11 +485,15 @@ impl Registry {
             return Err(HeartbeatError::NotRegistered);
         };
         let reflexive = SocketAddr::new(reflexive_ip, p.wg_listen_port);
-        let reflexive_changed = p.reflexive != reflexive;
+        // A new mapped endpoint is a new place to punch to, like a new reflexive one.
+        let reflexive_changed = p.reflexive != reflexive || p.mapped != mapped;
         let changed = was_stale
             || p.endpoints != endpoints
             || p.hosted_app_ulas != hosted_app_ulas
+            || p.nat != nat
             || reflexive_changed;
+        p.mapped = mapped;
+        p.nat = nat;
         let old_apps = std::mem::replace(&mut p.hosted_app_ulas, hosted_app_ulas.clone());
         p.endpoints = endpoints;
         p.reflexive = reflexive;
@@ -794,7 +818,7 @@ impl Registry {
                 SseEvent::HolePunch(HolePunch {
                     peer_id: to.id.clone(),
                     public_key: to.key_b64.clone(),
-                    endpoint: to.reflexive,
+                    endpoint: to.punch_endpoint(),
                 })
                 .to_frame(event_id),
             )
@@ -890,6 +914,8 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         public_key: p.key_b64.clone(),
         endpoints: p.endpoints.clone(),
         reflexive_endpoint: p.reflexive,
+        mapped_endpoints: p.mapped.clone(),
+        nat: p.nat,
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,

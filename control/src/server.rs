@@ -129,6 +129,10 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// Heartbeats and registrations per identity (token bucket).
     pub heartbeat_rate: RateConfig,
+    /// The local addresses the STUN server answers on ([`crate::stun`]); register and
+    /// heartbeat responses list them as `stun_servers` (an unspecified IP replaced by the
+    /// one the client connected to). Empty: no STUN server.
+    pub stun_addrs: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -159,6 +163,7 @@ impl Config {
                 burst: 10,
                 per_sec: 1.0,
             },
+            stun_addrs: Vec::new(),
         }
     }
 }
@@ -184,6 +189,8 @@ pub fn check_insecure(bind: SocketAddr, allow_env: Option<&str>) -> Result<(), S
 pub struct ConnInfo {
     /// The client's address (its IP is the reflexive IP).
     pub remote: SocketAddr,
+    /// The address the client connected to (its IP goes into `stun_servers`), when known.
+    pub local: Option<SocketAddr>,
     /// The verified client certificate's CN (mTLS).
     pub identity: Option<String>,
     /// Whether the verified client certificate carries the admin role
@@ -765,6 +772,7 @@ impl Coordinator {
             reflexive_endpoint: reflexive,
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             roster,
+            stun_servers: self.stun_servers(conn),
         })
     }
 
@@ -805,10 +813,18 @@ impl Coordinator {
                 "the policy does not let this peer host apps".into(),
             ));
         }
+        check_mapped(
+            &core.registry,
+            &id,
+            &req.mapped_endpoints,
+            &req.endpoints,
+            canonical_ip(conn.remote.ip()),
+        )?;
         let reflexive = match core.registry.heartbeat(
             &id,
             req.endpoints,
             apps,
+            (req.mapped_endpoints, req.nat),
             canonical_ip(conn.remote.ip()),
             now_ms,
         ) {
@@ -831,7 +847,26 @@ impl Coordinator {
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             reflexive_endpoint: reflexive,
+            stun_servers: self.stun_servers(conn),
         })
+    }
+
+    /// The STUN servers to tell a client about: [`Config::stun_addrs`] with an unspecified
+    /// IP replaced by the one the client connected to (skipped when that is unknown or of
+    /// the other family).
+    fn stun_servers(&self, conn: &ConnInfo) -> Vec<SocketAddr> {
+        let local = conn.local.map(|l| canonical_ip(l.ip()));
+        self.config
+            .stun_addrs
+            .iter()
+            .filter_map(|a| {
+                if !a.ip().is_unspecified() {
+                    return Some(*a);
+                }
+                let ip = local?;
+                (ip.is_ipv4() == a.is_ipv4() || a.is_ipv6()).then(|| SocketAddr::new(ip, a.port()))
+            })
+            .collect()
     }
 
     fn stream<B>(
@@ -1364,6 +1399,7 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let local = tcp.local_addr().ok();
         let (permit, refusal) = match coord.conns.acquire(canonical_ip(remote.ip())) {
             Ok(p) => (Some(p), None),
             Err(r) => {
@@ -1408,6 +1444,7 @@ pub async fn serve(
                             let chain = stream.get_ref().1.peer_certificates();
                             let conn = ConnInfo {
                                 remote,
+                                local,
                                 identity: crate::tls::common_name(chain),
                                 admin_role: crate::tls::has_admin_role(chain),
                             };
@@ -1430,6 +1467,7 @@ pub async fn serve(
                         TokioIo::new(tcp),
                         ConnInfo {
                             remote,
+                            local,
                             identity: None,
                             admin_role: false,
                         },
@@ -1592,6 +1630,56 @@ fn check_endpoints(eps: &[SocketAddr]) -> Result<(), ApiError> {
         return Err(ApiError::BadRequest(format!(
             "endpoint {bad} is not usable"
         )));
+    }
+    Ok(())
+}
+
+/// A heartbeat's `mapped_endpoints`: at most [`MAX_MAPPED_ENDPOINTS`], each usable unicast
+/// with a port, outside the mesh's own prefixes, on the IP the heartbeat came from or one
+/// of the peer's own endpoint IPs (a NAT maps to its public address; without NAT the node's
+/// own), and none another peer's mapped endpoint already (a member cannot divert another's
+/// hole punches to itself, nor point peers at a third party's address).
+fn check_mapped(
+    registry: &Registry,
+    id: &str,
+    mapped: &[SocketAddr],
+    endpoints: &[SocketAddr],
+    source: IpAddr,
+) -> Result<(), ApiError> {
+    if mapped.len() > MAX_MAPPED_ENDPOINTS {
+        return Err(ApiError::BadRequest(format!(
+            "more than {MAX_MAPPED_ENDPOINTS} mapped endpoints"
+        )));
+    }
+    for m in mapped {
+        let ip = canonical_ip(m.ip());
+        let mesh = matches!(ip, IpAddr::V6(v6) if ula::is_peer_ula(&v6) || ula::is_app_ula(&v6));
+        if m.port() == 0
+            || ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+            || mesh
+        {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is not a usable unicast address"
+            )));
+        }
+        let own = ip == source || endpoints.iter().any(|e| canonical_ip(e.ip()) == ip);
+        if !own {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is neither the address this heartbeat came from \
+                 ({source}) nor one of the reported endpoints"
+            )));
+        }
+        if let Some(other) = registry
+            .peers()
+            .find(|p| p.id != id && p.mapped.contains(m))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "mapped endpoint {m} is peer {}'s",
+                other.id
+            )));
+        }
     }
     Ok(())
 }

@@ -359,3 +359,44 @@ async fn plaintext_needs_the_flag_the_environment_and_loopback() {
     let (st, _) = c.get("/openapi.json").await;
     assert_eq!(st, 200);
 }
+
+/// Sends a Binding request to `server` until it is answered; the mapped address.
+fn stun_mapped(server: SocketAddr) -> Option<SocketAddr> {
+    use tabbify_control::api::stun;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let txid = [0x42; 12];
+    let mut buf = [0u8; 1500];
+    for _ in 0..20 {
+        sock.send_to(&stun::binding_request(&txid), server).unwrap();
+        if let Ok((n, _)) = sock.recv_from(&mut buf) {
+            return stun::parse(&buf[..n]).ok()?.binding_success_for(&txid);
+        }
+    }
+    None
+}
+
+/// By default the binary answers STUN on its HTTP port number over UDP and on the next
+/// port, and lists both in the registration; `--stun-bind off` mixed with an address is
+/// refused at start.
+#[tokio::test]
+async fn the_binary_answers_stun_on_its_port_and_the_next() {
+    let s = Setup::new();
+    let coord = start(&s.mtls_args(), &[]).unwrap();
+    let addr = coord.addr;
+    let next = SocketAddr::new(addr.ip(), addr.port() + 1);
+    for server in [addr, next] {
+        let mapped = stun_mapped(server).unwrap_or_else(|| panic!("no STUN answer on {server}"));
+        assert_eq!(mapped.ip(), addr.ip());
+    }
+    let mut args = s.mtls_args();
+    args.extend([
+        "--stun-bind".into(),
+        "off".into(),
+        "--stun-bind".into(),
+        "127.0.0.1:0".into(),
+    ]);
+    let err = start(&args, &[]).err().unwrap();
+    assert!(err.contains("--stun-bind off"), "{err}");
+}

@@ -4,9 +4,10 @@
 //! start:  local destinations into the table (addresses + routed prefixes) ─▶ SIGINT/SIGTERM
 //!         flags ─▶ engine (TUN + workers) on the table ─▶ link up, MTU ─▶ addresses (fatal
 //!         on error) ─▶ covering routes (fatal on error) ─▶ routes (logged on error)
-//!         ─▶ UAPI socket
+//!         ─▶ default-route policy rules (fatal on error; `crate::policy`) ─▶ UAPI socket
 //! run:    the caller's loop, until `stop_reason()` says a signal came or a worker failed
-//! stop:   UAPI socket removed ─▶ workers joined, TUN gone with its last queue ─▶ drops logged
+//! stop:   UAPI socket removed ─▶ policy rules removed ─▶ workers joined, TUN gone with its
+//!         last queue ─▶ drops logged
 //! ```
 //!
 //! The signals only set a flag (nothing else runs in a handler); both commands poll it.
@@ -28,6 +29,7 @@ use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
 use crate::driver::{Engine, EngineInfo, EngineOptions, Handshaker};
+use crate::policy::{Family, PolicyRoutes};
 use crate::sys::link;
 use crate::uapi::UapiServer;
 
@@ -48,6 +50,10 @@ pub struct InterfaceSpec {
     /// Prefixes this node routes for its peers on purpose (a subnet router): decrypted
     /// packets for them are delivered besides those for `addresses`. Empty by default.
     pub routed: Vec<IpNet>,
+    /// Families whose default route goes through the tunnel by policy routing (wg-quick's
+    /// fwmark rules, `crate::policy`) with mark `engine.fwmark`; their `/0` prefixes must
+    /// not be in `routes`. Empty: no policy rules.
+    pub default_route: Vec<Family>,
 }
 
 /// Why a running interface should stop.
@@ -64,6 +70,7 @@ pub struct Interface {
     name: String,
     engine: Engine,
     uapi: UapiServer,
+    policy: Option<PolicyRoutes>,
     signalled: Arc<AtomicBool>,
 }
 
@@ -96,12 +103,22 @@ impl Interface {
                 tracing::warn!(prefix = %n, error = %e, "route not added");
             }
         }
+        let policy = if spec.default_route.is_empty() {
+            None
+        } else {
+            let mark = spec
+                .engine
+                .fwmark
+                .context("a default route through the tunnel needs a fwmark on the sockets")?;
+            Some(PolicyRoutes::install(&name, mark, &spec.default_route)?)
+        };
         let uapi = crate::device::serve_uapi(&name, table, engine.shared.clone())
             .with_context(|| format!("opening the UAPI socket for {name}"))?;
         Ok(Self {
             name,
             engine,
             uapi,
+            policy,
             signalled,
         })
     }
@@ -131,6 +148,12 @@ impl Interface {
         self.engine.handshaker().try_clone()
     }
 
+    /// The queue of STUN and relay-control datagrams received on the WireGuard socket
+    /// (`core::demux`); answers to [`Handshaker::send_raw`] arrive here.
+    pub fn control_queue(&self) -> Arc<crate::core::demux::ControlQueue> {
+        self.engine.control_queue()
+    }
+
     /// Why to stop, once there is a reason (a failed worker wins over a signal).
     pub fn stop_reason(&self) -> Option<Stop> {
         if self.engine.failed() {
@@ -147,6 +170,9 @@ impl Interface {
         let drops = self.engine.shared.counters.nonzero();
         let answered = self.engine.shared.counters.unreachable_sent();
         drop(self.uapi);
+        if let Some(mut p) = self.policy {
+            p.remove();
+        }
         self.engine.stop();
         for (reason, n) in drops {
             tracing::info!(reason = reason.name(), count = n, "dropped packets");

@@ -9,3 +9,4 @@ pub use tabbify_engine::{config, core, device, driver, sys, uapi};
 
 pub mod interface;
 pub mod join;
+pub mod policy;

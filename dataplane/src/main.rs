@@ -23,6 +23,7 @@ use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::{JoinOptions, TlsFiles};
+use tabbify_dataplane::policy::{self, Family};
 
 #[derive(Parser)]
 #[command(
@@ -235,6 +236,10 @@ struct JoinArgs {
     /// An endpoint to report, IP:PORT (repeat; default: every non-loopback address).
     #[arg(long = "endpoint")]
     endpoints: Vec<std::net::SocketAddr>,
+    /// A STUN server to probe from the WireGuard socket besides the coordinator's,
+    /// HOST:PORT (repeat; any standard RFC 5389/8489 server).
+    #[arg(long = "stun", value_name = "HOST:PORT")]
+    stun: Vec<String>,
     /// The local control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
@@ -329,13 +334,20 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
     if name.is_empty() || name.len() > 15 {
         bail!("interface name `{name}` must be 1-15 bytes");
     }
-    for n in cfg.peers.iter().flat_map(|p| &p.allowed_ips) {
-        if n.prefix_len() == 0 {
-            // wg-quick would add fwmark policy rules here; `up` routes the prefix onto the
-            // TUN like any other, which also captures the underlay's own default route.
-            tracing::warn!(prefix = %n, "default route in AllowedIPs: `up` has no fwmark policy routing; the peers' endpoints need more specific routes outside the tunnel");
-        }
-    }
+    // A default route in AllowedIPs goes through the tunnel as wg-quick does it: the
+    // sockets carry a fwmark, table MARK routes everything into the TUN, and policy rules
+    // keep the marked (encrypted) datagrams and the main table's specific routes outside.
+    let allowed = || cfg.peers.iter().flat_map(|p| p.allowed_ips.iter());
+    let default_route: Vec<Family> = [(true, Family::V4), (false, Family::V6)]
+        .into_iter()
+        .filter(|(v4, _)| allowed().any(|n| n.prefix_len() == 0 && n.addr().is_ipv4() == *v4))
+        .map(|(_, f)| f)
+        .collect();
+    let fwmark = match (cfg.interface.fwmark, default_route.is_empty()) {
+        (Some(m), _) => Some(m),
+        (None, false) => Some(policy::DEFAULT_MARK),
+        (None, true) => None,
+    };
     let mtu = u32::from(cfg.interface.mtu.unwrap_or(1420));
     check_mtu("MTU", mtu)?;
     let table = Arc::new(Table::new(
@@ -350,29 +362,37 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
             offloads: engine.offloads(),
             listen_port: cfg.interface.listen_port.unwrap_or(0),
             pin: engine.pin(),
+            fwmark,
         },
         mtu,
         addresses: cfg.interface.addresses.clone(),
         covering_routes: Vec::new(),
         routed: Vec::new(),
-        routes: cfg
-            .peers
-            .iter()
-            .flat_map(|p| p.allowed_ips.iter().copied())
-            .collect(),
+        // The default prefixes go into table MARK (policy routing), not the main table.
+        routes: allowed().filter(|n| n.prefix_len() != 0).copied().collect(),
+        default_route,
     };
     // Fail closed: the TUN, its addresses and every AllowedIPs route exist before any peer
     // does, so from the first packet on, traffic for those prefixes goes into the engine
     // (which answers "unreachable" while no peer covers it), never out of another interface.
     let iface = Interface::start(&spec, table.clone())?;
     for p in &cfg.peers {
-        table.upsert_peer(PeerConfig {
-            public_key: p.public_key.0,
-            preshared_key: p.preshared_key.map(|k| k.0),
-            endpoint: p.endpoint,
-            allowed_ips: p.allowed_ips.clone(),
-            persistent_keepalive: p.persistent_keepalive,
-        })?;
+        // AllowedPortsOut/In (tabbify extension): the joiner's filter and connection
+        // tracking, set in the same snapshot as the peer so no packet sees it unfiltered.
+        let filter = p.port_filter();
+        if filter.is_some() {
+            tracing::info!(peer = %p.public_key, "port rules and connection tracking on");
+        }
+        table.upsert_peer_with_filter(
+            PeerConfig {
+                public_key: p.public_key.0,
+                preshared_key: p.preshared_key.map(|k| k.0),
+                endpoint: p.endpoint,
+                allowed_ips: p.allowed_ips.clone(),
+                persistent_keepalive: p.persistent_keepalive,
+            },
+            filter,
+        )?;
     }
     tracing::info!(interface = %name, "up; SIGINT or SIGTERM to stop");
     let stop = loop {
@@ -434,6 +454,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         offloads: a.engine.offloads(),
         pin: a.engine.pin(),
         endpoints: a.endpoints,
+        stun: a.stun,
         control_socket,
         key_max_age: a.key_max_age,
     })
@@ -498,6 +519,16 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
         match s.reflexive_endpoint {
             Some(r) => format!(", seen as {r}"),
             None => String::new(),
+        }
+    );
+    println!(
+        "nat: {}{}",
+        s.nat.describe(),
+        if s.mapped_endpoints.is_empty() {
+            String::new()
+        } else {
+            let m: Vec<String> = s.mapped_endpoints.iter().map(|e| e.to_string()).collect();
+            format!(", mapped as {}", m.join(", "))
         }
     );
     if !s.hosted_apps.is_empty() {

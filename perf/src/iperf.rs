@@ -12,7 +12,7 @@ use tabbify_tests::traffic::ping;
 use tabbify_tests::{Netns, Process};
 
 /// The iperf3 port inside the right namespace.
-const PORT: &str = "5201";
+pub const PORT: &str = "5201";
 
 /// UDP payload that fits a 1420-byte tunnel MTU without fragmenting (1420 − 20 − 8).
 pub const UDP_PAYLOAD: &str = "1392";

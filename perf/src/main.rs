@@ -28,7 +28,7 @@ use clap::Parser;
 use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::process::{set_log_dump, LogDump};
 use tabbify_tests::tunnel::MTU;
-use tabbify_tests::wg::{Driver, Implementation, OursOptions};
+use tabbify_tests::wg::{Driver, Implementation, OursOptions, PortRules};
 use tabbify_tests::{Inner, Netns, Tunnel, TunnelSpec, VethOptions, VethPair};
 
 use crate::iperf::{measure, Metric, Server};
@@ -90,6 +90,9 @@ struct Contender {
     implementation: Option<Implementation>,
     /// Why it cannot run at all (e.g. our binary is missing).
     unavailable: Option<String>,
+    /// Port rules on both ends (`ours-uring-tracked`): every packet goes through the
+    /// packet filter and the flow table.
+    tracked: bool,
 }
 
 fn main() -> Result<()> {
@@ -247,36 +250,49 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             kind: Kind::Ours,
             implementation: ours(Driver::Uring),
             unavailable: unavailable.clone(),
+            tracked: false,
         },
         Contender {
             name: "ours-epoll",
             kind: Kind::Ours,
             implementation: ours(Driver::Epoll),
+            unavailable: unavailable.clone(),
+            tracked: false,
+        },
+        Contender {
+            name: "ours-uring-tracked",
+            kind: Kind::Ours,
+            implementation: ours(Driver::Uring),
             unavailable,
+            tracked: true,
         },
         Contender {
             name: "boringtun-t1",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: Some(1) }),
             unavailable: None,
+            tracked: false,
         },
         Contender {
             name: "boringtun-default",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: None }),
             unavailable: None,
+            tracked: false,
         },
         Contender {
             name: "wireguard-go",
             kind: Kind::Stock,
             implementation: Some(Implementation::WireguardGo),
             unavailable: None,
+            tracked: false,
         },
         Contender {
             name: "veth",
             kind: Kind::Veth,
             implementation: None,
             unavailable: None,
+            tracked: false,
         },
     ];
     if let Some(base) = &args.baseline_bin {
@@ -290,6 +306,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
                 kind: Kind::Ours,
                 implementation: build(Driver::Epoll, &binary),
                 unavailable: unavailable.clone(),
+                tracked: false,
             },
         );
         all.insert(
@@ -299,6 +316,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
                 kind: Kind::Ours,
                 implementation: build(Driver::Uring, &binary),
                 unavailable,
+                tracked: false,
             },
         );
     }
@@ -343,6 +361,9 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         Some(implementation) if contender.name.starts_with("base-") => {
             format!("baseline {}", implementation.label())
         }
+        Some(implementation) if contender.tracked => {
+            format!("{} + port rules, tracked", implementation.label())
+        }
         Some(implementation) => implementation.label(),
         None => "plain veth (no tunnel)".to_owned(),
     };
@@ -374,7 +395,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
     }
     let tunnel = match &contender.implementation {
         None => None,
-        Some(implementation) => match start_tunnel(implementation, veth) {
+        Some(implementation) => match start_tunnel(implementation, contender.tracked, veth) {
             Ok(tunnel) => {
                 if contender.kind == Kind::Ours {
                     startup_log = tunnel
@@ -451,10 +472,30 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
     (result, startup_log)
 }
 
-fn start_tunnel(implementation: &Implementation, veth: &VethPair) -> Result<Tunnel> {
+/// With `tracked`, both ends get port rules naming iperf3's port for TCP and UDP, so every
+/// packet of every test goes through the filter and its flow table on both ends. The rules
+/// restrict the direction the tests never open (the server side opening ports on the
+/// client): a direction that allows all traffic still tracks every TCP and UDP flow, and
+/// the client's pings (echo requests open a flow only where a direction allows all
+/// traffic) keep working, so the readiness check and the ping metric run as for
+/// `ours-uring`.
+fn start_tunnel(implementation: &Implementation, tracked: bool, veth: &VethPair) -> Result<Tunnel> {
     let mut spec = TunnelSpec::new(implementation.clone(), implementation.clone());
     spec.inner = Inner::V4;
     spec.outer_v6 = false;
+    if tracked {
+        let rules = Some(format!("tcp:{port}, udp:{port}", port = iperf::PORT));
+        // The client (left) lets the server open only iperf3's port on it; the server
+        // (right) opens only that port on the client.
+        spec.left_ports = PortRules {
+            outbound: None,
+            inbound: rules.clone(),
+        };
+        spec.right_ports = PortRules {
+            outbound: rules,
+            inbound: None,
+        };
+    }
     let tunnel = Tunnel::start_on(&spec, veth)?;
     tunnel.wait_ready(Duration::from_secs(20))?;
     Ok(tunnel)

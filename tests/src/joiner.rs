@@ -46,6 +46,8 @@ pub struct JoinSpec {
     pub threads: Option<u32>,
     /// `--listen-port`.
     pub listen_port: u16,
+    /// `--stun HOST:PORT` servers besides the coordinator's.
+    pub stun: Vec<String>,
 }
 
 impl JoinSpec {
@@ -58,6 +60,7 @@ impl JoinSpec {
             driver: None,
             threads: None,
             listen_port: 51820,
+            stun: Vec::new(),
         }
     }
 }
@@ -126,6 +129,9 @@ impl Joiner {
         }
         if let Some(threads) = spec.threads {
             command.args(["--threads", &threads.to_string()]);
+        }
+        for server in &spec.stun {
+            command.args(["--stun", server]);
         }
         // The token and coordinator come from flags only: nothing inherited may override.
         command

@@ -29,6 +29,8 @@ pub enum Tool {
     Ethtool,
     /// `curl` (Debian `curl`).
     Curl,
+    /// `turnserver`, a standard STUN server (Debian `coturn`).
+    Coturn,
 }
 
 impl Tool {
@@ -44,6 +46,7 @@ impl Tool {
             Tool::Nft => &["nft"],
             Tool::Ethtool => &["ethtool"],
             Tool::Curl => &["curl"],
+            Tool::Coturn => &["turnserver"],
         }
     }
 
@@ -59,6 +62,7 @@ impl Tool {
             Tool::Nft => "apt-get install --no-install-recommends nftables",
             Tool::Ethtool => "apt-get install --no-install-recommends ethtool",
             Tool::Curl => "apt-get install --no-install-recommends curl",
+            Tool::Coturn => "apt-get install --no-install-recommends coturn",
         }
     }
 }

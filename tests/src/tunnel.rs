@@ -16,7 +16,9 @@ use rand::Rng;
 
 use crate::traffic::{tcp_transfer, wait_ping};
 use crate::veth::{VethOptions, VethPair};
-use crate::wg::{generate_psk, Implementation, InterfaceConfig, Keypair, WgPeer, WgPeerConfig};
+use crate::wg::{
+    generate_psk, Implementation, InterfaceConfig, Keypair, PortRules, WgPeer, WgPeerConfig,
+};
 use crate::Netns;
 
 /// Tunnel MTU used by every scenario (the mesh default).
@@ -52,6 +54,10 @@ pub struct TunnelSpec {
     pub loss_percent: Option<u8>,
     /// Tunnel MTU.
     pub mtu: u16,
+    /// Port rules the left endpoint applies to the right (ours only).
+    pub left_ports: PortRules,
+    /// Port rules the right endpoint applies to the left (ours only).
+    pub right_ports: PortRules,
 }
 
 impl TunnelSpec {
@@ -66,6 +72,8 @@ impl TunnelSpec {
             keepalive: None,
             loss_percent: None,
             mtu: MTU,
+            left_ports: PortRules::default(),
+            right_ports: PortRules::default(),
         }
     }
 }
@@ -132,6 +140,7 @@ impl Tunnel {
                 allowed_ips: host_prefixes(&right_inner),
                 endpoint: Some(right_endpoint),
                 persistent_keepalive: spec.keepalive,
+                ports: spec.left_ports.clone(),
             }],
         )
         .context("starting the left endpoint")?;
@@ -145,6 +154,7 @@ impl Tunnel {
                 allowed_ips: host_prefixes(&left_inner),
                 endpoint: None,
                 persistent_keepalive: None,
+                ports: spec.right_ports.clone(),
             }],
         )
         .context("starting the right endpoint")?;

@@ -204,6 +204,25 @@ pub struct WgPeerConfig {
     pub endpoint: Option<SocketAddr>,
     /// PersistentKeepalive in seconds.
     pub persistent_keepalive: Option<u16>,
+    /// Port rules for this peer (ours only: `AllowedPortsOut` / `AllowedPortsIn`).
+    pub ports: PortRules,
+}
+
+/// A peer's `AllowedPortsOut` / `AllowedPortsIn` values as written in the file (ours only;
+/// a stock implementation given rules refuses to start). Both `None`: no filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortRules {
+    /// `AllowedPortsOut`: ports on the peer we may open, e.g. `tcp:5201, udp:5201`.
+    pub outbound: Option<String>,
+    /// `AllowedPortsIn`: ports on us the peer may open.
+    pub inbound: Option<String>,
+}
+
+impl PortRules {
+    /// Whether any rule is set.
+    pub fn is_set(&self) -> bool {
+        self.outbound.is_some() || self.inbound.is_some()
+    }
 }
 
 /// A running WireGuard endpoint inside a namespace.
@@ -224,6 +243,11 @@ impl WgPeer {
         peers: &[WgPeerConfig],
     ) -> Result<WgPeer> {
         crate::prereq::require(&implementation.tools())?;
+        ensure!(
+            implementation.is_ours() || !peers.iter().any(|p| p.ports.is_set()),
+            "{}: port rules (AllowedPortsOut/In) are a tabbify extension; only ours reads them",
+            implementation.label()
+        );
         let ifname = fresh_ifname();
         let config_path = netns.workdir().join(format!("{ifname}.conf"));
         let config = render_config(interface, peers, implementation.is_ours());
@@ -525,6 +549,14 @@ fn render_config(interface: &InterfaceConfig, peers: &[WgPeerConfig], wg_quick: 
         if let Some(keepalive) = peer.persistent_keepalive {
             let _ = writeln!(out, "PersistentKeepalive = {keepalive}");
         }
+        if wg_quick {
+            if let Some(rules) = &peer.ports.outbound {
+                let _ = writeln!(out, "AllowedPortsOut = {rules}");
+            }
+            if let Some(rules) = &peer.ports.inbound {
+                let _ = writeln!(out, "AllowedPortsIn = {rules}");
+            }
+        }
     }
     out
 }
@@ -683,6 +715,10 @@ mod tests {
             allowed_ips: vec!["10.9.0.2/32".into()],
             endpoint: Some("[fd77::2]:51821".parse().unwrap()),
             persistent_keepalive: Some(25),
+            ports: PortRules {
+                outbound: Some("tcp:8730".into()),
+                inbound: None,
+            },
         }];
         let quick = render_config(&interface, &peers, true);
         assert!(quick.contains("Address = 10.9.0.1/24, fd5a:1f00:1:2:3::1/128\n"));
@@ -692,5 +728,11 @@ mod tests {
         let setconf = render_config(&interface, &peers, false);
         assert!(!setconf.contains("Address") && !setconf.contains("MTU"));
         assert!(setconf.contains("PersistentKeepalive = 25\n"));
+        assert!(quick.contains("AllowedPortsOut = tcp:8730\n"));
+        assert!(!quick.contains("AllowedPortsIn"));
+        assert!(
+            !setconf.contains("AllowedPorts"),
+            "stock daemons do not read it"
+        );
     }
 }

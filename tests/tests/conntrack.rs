@@ -12,8 +12,9 @@
 //! | non-SYN TCP | a raw ACK segment with data from supervisor `:8730` to node-01 `:22` | node-01's raw TCP capture never sees it |
 //! | forged ICMP error | an ICMPv6 port-unreachable to node-01 quoting a UDP flow node-01 never had | node-01's raw ICMPv6 capture never sees it |
 //!
-//! The mesh carries IPv6 inside only (peer ULAs); the IPv4-inner cases of the same rules
-//! are in the engine's in-memory pipeline tests and the filter's unit tests.
+//! The mesh carries IPv6 inside only (peer ULAs); the same bypasses over IPv4 **and** IPv6
+//! inner, through two `tabbify-mesh up` ends whose attacker does not filter at all, are in
+//! `tests/up_ports.rs` (port rules from `AllowedPortsOut`/`AllowedPortsIn`).
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};

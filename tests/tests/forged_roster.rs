@@ -52,6 +52,8 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         public_key: key(n),
         endpoints: vec![ep],
         reflexive_endpoint: ep,
+        mapped_endpoints: vec![],
+        nat: Default::default(),
         hosted_app_ulas: vec![],
         ports: PortRules {
             outbound: vec![PortRange::ALL],
@@ -114,6 +116,7 @@ async fn serve(
                         reflexive_endpoint: peer,
                         heartbeat_interval_secs: 5,
                         roster: forged_roster(),
+                        stun_servers: vec![],
                     })
                     .expect("the answer serializes"),
                 ),
@@ -121,6 +124,7 @@ async fn serve(
                     serde_json::to_string(&HeartbeatResponse {
                         heartbeat_interval_secs: 5,
                         reflexive_endpoint: peer,
+                        stun_servers: vec![],
                     })
                     .expect("the answer serializes"),
                 ),

@@ -537,6 +537,23 @@ fn joiners_behind_two_nats_connect_directly_by_hole_punching() -> Result<()> {
     let mut b = bed.join(&b_ns, JoinSpec::new("supervisor-b", &["supervisor"], None))?;
     let sa = a.wait_peer_names(&["supervisor-b"], SETTLE)?;
     let sb = b.wait_peer_names(&["supervisor-a"], SETTLE)?;
+    // Both probe the coordinator's two STUN ports through their NAT (a masquerade that
+    // keeps the mapping per socket): endpoint-independent, mapped at the NAT's address.
+    for (joiner, own_nat) in [(&mut a, &nat_a), (&mut b, &nat_b)] {
+        let public = IpAddr::V4(own_nat.public_addr());
+        let st = joiner
+            .wait_status("to classify its NAT", SETTLE, |s| {
+                s.nat == tabbify_api::NatClass::EndpointIndependent
+                    && s.mapped_endpoints.iter().any(|m| m.ip() == public)
+            })
+            .with_context(nats)?;
+        eprintln!(
+            "{} nat {:?} mapped {:?}",
+            joiner.name(),
+            st.nat,
+            st.mapped_endpoints
+        );
+    }
 
     for (from, to) in [(&a, sb.ula), (&b, sa.ula)] {
         wait_ping(from.netns(), IpAddr::V6(to), SETTLE)

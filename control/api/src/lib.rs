@@ -1,7 +1,7 @@
 //! The mesh's wire types, shared by the coordinator, the joiner, the edge and the tests:
 //! every request, response, roster entry and SSE event of the coordinator's JSON API
 //! (this file and [`sse`]), the derived addresses ([`ula`]), the joiner's local control
-//! socket ([`local`]) and, with the `tls` feature, the client side of the mesh's TLS
+//! socket ([`local`]), the STUN codec ([`stun`]) and, with the `tls` feature, the client side of the mesh's TLS
 //! ([`tls`]).
 //!
 //! This crate holds no server, CA or certificate-parsing code: a client links only this.
@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod local;
 pub mod sse;
+pub mod stun;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod ula;
@@ -124,6 +125,11 @@ pub struct RegisterResponse {
     pub heartbeat_interval_secs: u64,
     /// The peers this peer may see, ACL-filtered.
     pub roster: Vec<RosterEntry>,
+    /// The coordinator's STUN servers (UDP `ip:port`, the IP this request reached): send
+    /// Binding requests there from the WireGuard socket to learn the mapped endpoint.
+    /// Empty when the coordinator runs none (`--stun-bind off`) or is older.
+    #[serde(default)]
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// `POST /v1/mesh/heartbeat`: liveness plus the current endpoints and hosted apps.
@@ -137,6 +143,48 @@ pub struct HeartbeatRequest {
     /// App ULAs (each in `fd5a:1f02::/32`) this node hosts; replaces the previous list.
     #[serde(default)]
     pub hosted_app_ulas: Vec<Ipv6Addr>,
+    /// The endpoints STUN servers saw this node's WireGuard socket as (its NAT's mappings),
+    /// at most [`MAX_MAPPED_ENDPOINTS`]; replaces the previous list. Empty: not probed.
+    #[serde(default)]
+    pub mapped_endpoints: Vec<SocketAddr>,
+    /// How this node's NAT maps its WireGuard socket, from its STUN probe.
+    #[serde(default)]
+    pub nat: NatClass,
+}
+
+/// The most mapped endpoints a heartbeat may report.
+pub const MAX_MAPPED_ENDPOINTS: usize = 4;
+
+/// How a node's NAT maps its WireGuard socket, as its STUN probe classified it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NatClass {
+    /// Not probed yet, or only one STUN server answered.
+    #[default]
+    Unknown,
+    /// No NAT: a STUN server saw one of the node's own addresses and its listen port.
+    None,
+    /// The same mapped endpoint towards every STUN server (port-preserving or not): a
+    /// peer can reach the node at its mapped endpoint after a hole punch.
+    EndpointIndependent,
+    /// A different mapped endpoint per destination (a symmetric NAT): direct paths need
+    /// the other side to be reachable; otherwise a relay.
+    EndpointDependent,
+    /// No STUN server answered: UDP out of the WireGuard socket seems blocked.
+    UdpBlocked,
+}
+
+impl NatClass {
+    /// The class in words, for `status`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown (not probed, or one STUN server only)",
+            Self::None => "no NAT",
+            Self::EndpointIndependent => "endpoint-independent NAT (hole punching works)",
+            Self::EndpointDependent => "endpoint-dependent (symmetric) NAT",
+            Self::UdpBlocked => "UDP blocked (no STUN server answered)",
+        }
+    }
 }
 
 /// The answer to [`HeartbeatRequest`].
@@ -146,6 +194,9 @@ pub struct HeartbeatResponse {
     pub heartbeat_interval_secs: u64,
     /// Source IP of this request + the registered `wg_listen_port`.
     pub reflexive_endpoint: SocketAddr,
+    /// The coordinator's STUN servers, as in [`RegisterResponse::stun_servers`].
+    #[serde(default)]
+    pub stun_servers: Vec<SocketAddr>,
 }
 
 /// A port range, both ends inclusive.
@@ -245,6 +296,13 @@ pub struct RosterEntry {
     pub endpoints: Vec<SocketAddr>,
     /// The endpoint the coordinator observed (source IP + `wg_listen_port`).
     pub reflexive_endpoint: SocketAddr,
+    /// The peer's NAT mappings as STUN servers saw them (its heartbeat's
+    /// `mapped_endpoints`); preferred over `reflexive_endpoint` when present.
+    #[serde(default)]
+    pub mapped_endpoints: Vec<SocketAddr>,
+    /// The peer's NAT class, from its heartbeat.
+    #[serde(default)]
+    pub nat: NatClass,
     /// App ULAs this peer hosts; route them to this peer.
     pub hosted_app_ulas: Vec<Ipv6Addr>,
     /// The ACL between the viewer and this peer, for the data-plane filter.
@@ -585,6 +643,8 @@ pub(crate) mod tests {
             public_key: "AAAA".into(),
             endpoints: vec!["192.168.1.2:51820".parse().unwrap()],
             reflexive_endpoint: "203.0.113.5:51820".parse().unwrap(),
+            mapped_endpoints: vec![],
+            nat: NatClass::Unknown,
             hosted_app_ulas: vec!["fd5a:1f02:1:2:3::1".parse().unwrap()],
             ports: PortRules {
                 outbound: vec![PortRange::ALL],

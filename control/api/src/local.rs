@@ -84,6 +84,12 @@ pub struct PeerStatus {
     pub public_key: String,
     /// Where we send to it now.
     pub endpoint: Option<SocketAddr>,
+    /// Its NAT class (from its heartbeat).
+    #[serde(default)]
+    pub nat: crate::NatClass,
+    /// Its NAT's mappings as STUN servers saw them (from its heartbeat).
+    #[serde(default)]
+    pub mapped_endpoints: Vec<SocketAddr>,
     /// Unix seconds of the last completed handshake.
     pub latest_handshake: Option<u64>,
     /// Bytes received from it.
@@ -127,6 +133,15 @@ pub struct Status {
     pub coordinator: CoordinatorStatus,
     /// Our endpoint as the coordinator saw it.
     pub reflexive_endpoint: Option<SocketAddr>,
+    /// Our NAT class, from the STUN probe.
+    #[serde(default)]
+    pub nat: crate::NatClass,
+    /// Where STUN servers saw our WireGuard socket (our NAT's mappings).
+    #[serde(default)]
+    pub mapped_endpoints: Vec<SocketAddr>,
+    /// The STUN servers the probe uses (the coordinator's and `--stun`).
+    #[serde(default)]
+    pub stun_servers: Vec<SocketAddr>,
     /// The policy lets us host apps.
     pub may_host_apps: bool,
     /// Apps hosted here.

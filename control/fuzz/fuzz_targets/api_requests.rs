@@ -96,6 +96,7 @@ fn world() -> &'static World {
 async fn call(coord: &Arc<Coordinator>, identity: &str, path: &str, body: &[u8]) -> (u16, Bytes) {
     let conn = ConnInfo {
         remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
+        local: None,
         identity: None,
         admin_role: false,
     };

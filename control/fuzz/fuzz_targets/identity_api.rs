@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
             let body = line.get(2..).unwrap_or_default().to_owned();
             let conn = ConnInfo {
                 remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
+                local: None,
                 identity: Some(caller.to_owned()),
                 admin_role: caller == "root",
             };

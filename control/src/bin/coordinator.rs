@@ -5,10 +5,12 @@
 //!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
-//!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--insecure-no-mtls]
+//!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
+//!     [--insecure-no-mtls]
 //! ```
 //!
-//! Prints `listening on ADDR` on stdout once it accepts connections.
+//! Prints `listening on ADDR` on stdout once it accepts connections (its STUN server, if
+//! any, answers by then).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -22,6 +24,7 @@ use tabbify_control::api::PolicyDocument;
 use tabbify_control::auth::AuthClient;
 use tabbify_control::clock::SystemClock;
 use tabbify_control::server::{self, Config, Coordinator, ALLOW_INSECURE_ENV};
+use tabbify_control::stun::StunBind;
 use tabbify_control::tls;
 
 #[derive(Parser)]
@@ -85,6 +88,11 @@ struct Cli {
     /// Seconds a client has to complete the TLS handshake.
     #[arg(long, default_value_t = 3)]
     tls_handshake_secs: u64,
+    /// UDP address for the STUN server (repeatable). Default: the --bind address's IP with
+    /// the port the HTTP listener got and that port + 1 (two server endpoints, so joiners
+    /// can classify their NAT); `off` runs no STUN server.
+    #[arg(long = "stun-bind", value_name = "ADDR|off")]
+    stun_bind: Vec<String>,
     /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
     #[arg(long)]
     insecure_no_mtls: bool,
@@ -134,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         per_sec: cli.heartbeat_per_sec,
     };
     config.tls_handshake_timeout = Duration::from_secs(cli.tls_handshake_secs);
+    let stun_bind = StunBind::from_args(&cli.stun_bind).map_err(anyhow::Error::msg)?;
 
     let tls_config = if cli.insecure_no_mtls {
         server::check_insecure(cli.bind, std::env::var(ALLOW_INSECURE_ENV).ok().as_deref())?;
@@ -159,14 +168,20 @@ fn main() -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
     runtime.block_on(async move {
-        let coordinator = Coordinator::new(config, Arc::new(SystemClock::new()))?;
+        let mut config = config;
         let listener = tokio::net::TcpListener::bind(cli.bind)
             .await
             .with_context(|| format!("binding {}", cli.bind))?;
         let local = listener.local_addr()?;
+        let stun_sockets = stun_bind
+            .bind(local)
+            .context("binding the STUN server (--stun-bind)")?;
+        config.stun_addrs = tabbify_control::stun::local_addrs(&stun_sockets)?;
+        let coordinator = Coordinator::new(config, Arc::new(SystemClock::new()))?;
+        tabbify_control::stun::spawn(&coordinator, stun_sockets)?;
         println!("listening on {local}");
         std::io::stdout().flush()?;
-        tracing::info!(%local, mtls = tls_config.is_some(), "coordinator started");
+        tracing::info!(%local, mtls = tls_config.is_some(), stun = ?coordinator.config().stun_addrs, "coordinator started");
         let _sweeper = coordinator.spawn_sweeper();
         let acceptor = tls_config.map(server::acceptor);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -15,6 +15,14 @@
 //! Addresses keep them (`10.0.0.1/24` is an address, not a network).
 //! `PersistentKeepalive = 0` and `= off` both mean disabled (`None`).
 //!
+//! Port rules (a tabbify extension, not read by `wg-quick`): `[Peer]` keys
+//! `AllowedPortsOut` (ports ON THE PEER that we may open) and `AllowedPortsIn` (ports ON US
+//! that the peer may open) take comma-separated items `tcp:N`, `udp:N`, `N` (both
+//! protocols), ranges `N-M` / `tcp:N-M` / `udp:N-M`, or the single word `none`; they may
+//! repeat. A peer with neither key has no filter (every packet passes, untracked, as with
+//! `wg-quick`); a peer with one of them gets a [`PortFilter`] with connection tracking, the
+//! absent direction allowing every port. See [`PeerSection::port_filter`].
+//!
 //! Endpoints must be IP literals (`192.0.2.1:51820`, `[2001:db8::1]:51820`): the data
 //! plane has no resolver policy, so a DNS name is rejected with an error that says so.
 
@@ -26,6 +34,7 @@ use std::str::FromStr;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
+use crate::core::filter::{PortFilter, Proto};
 use crate::core::net::IpNet;
 
 /// A 32-byte WireGuard key (private, public or preshared), printed as base64 like `wg`.
@@ -180,6 +189,107 @@ pub struct PeerSection {
     pub endpoint: Option<SocketAddr>,
     /// `PersistentKeepalive` in seconds; `None` when absent, `off` or 0.
     pub persistent_keepalive: Option<u16>,
+    /// `AllowedPortsOut` (tabbify extension): ports on the peer we may open, in file
+    /// order; `None` when absent, empty for `none`.
+    pub allowed_ports_out: Option<Vec<PortRule>>,
+    /// `AllowedPortsIn` (tabbify extension): ports on us the peer may open.
+    pub allowed_ports_in: Option<Vec<PortRule>>,
+}
+
+impl PeerSection {
+    /// The peer's packet filter: `None` (no filter, no tracking) when the section has
+    /// neither `AllowedPortsOut` nor `AllowedPortsIn`; otherwise the rules as the joiner
+    /// builds them from a roster ([`PortFilter::from_rules`]), a direction without its key
+    /// allowing all traffic.
+    pub fn port_filter(&self) -> Option<PortFilter> {
+        if self.allowed_ports_out.is_none() && self.allowed_ports_in.is_none() {
+            return None;
+        }
+        let all = [PortRule::ALL.tuple()];
+        let dir = |d: &Option<Vec<PortRule>>| match d {
+            Some(rules) => rules.iter().map(|r| r.tuple()).collect::<Vec<_>>(),
+            None => all.to_vec(),
+        };
+        Some(PortFilter::from_rules(
+            &dir(&self.allowed_ports_out),
+            &dir(&self.allowed_ports_in),
+        ))
+    }
+}
+
+/// One `AllowedPorts*` item: a protocol and an inclusive port range (`first <= last`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// TCP, UDP or both (no prefix).
+    pub proto: Proto,
+    /// First port.
+    pub first: u16,
+    /// Last port (inclusive, `>= first`).
+    pub last: u16,
+}
+
+impl PortRule {
+    /// Every port, both protocols.
+    pub const ALL: PortRule = PortRule {
+        proto: Proto::Both,
+        first: 0,
+        last: 65535,
+    };
+
+    /// The `(protocol, first, last)` form [`PortFilter::from_rules`] takes.
+    pub fn tuple(&self) -> (Proto, u16, u16) {
+        (self.proto, self.first, self.last)
+    }
+}
+
+impl fmt::Display for PortRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.proto {
+            Proto::Tcp => f.write_str("tcp:")?,
+            Proto::Udp => f.write_str("udp:")?,
+            Proto::Both => {}
+        }
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+impl FromStr for PortRule {
+    type Err = ConfigErrorReason;
+
+    /// `tcp:N`, `udp:N`, `N`, `N-M`, `tcp:N-M`, `udp:N-M` (prefix case-insensitive, ports
+    /// decimal 0..=65535, `N <= M`).
+    fn from_str(item: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigErrorReason::BadPortRule(item.to_string());
+        let (proto, rest) = match item.split_once(':') {
+            Some((p, rest)) if p.trim().eq_ignore_ascii_case("tcp") => (Proto::Tcp, rest),
+            Some((p, rest)) if p.trim().eq_ignore_ascii_case("udp") => (Proto::Udp, rest),
+            Some(_) => return Err(bad()),
+            None => (Proto::Both, item),
+        };
+        let port = |s: &str| {
+            let s = s.trim();
+            // Digits only: `u16::from_str` would also accept a leading `+`.
+            if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse::<u16>().ok()
+        };
+        let (first, last) = match rest.split_once('-') {
+            Some((a, b)) => (port(a).ok_or_else(bad)?, port(b).ok_or_else(bad)?),
+            None => {
+                let p = port(rest).ok_or_else(bad)?;
+                (p, p)
+            }
+        };
+        if first > last {
+            return Err(ConfigErrorReason::ReversedPortRange(item.to_string()));
+        }
+        Ok(PortRule { proto, first, last })
+    }
 }
 
 impl fmt::Debug for PeerSection {
@@ -190,6 +300,8 @@ impl fmt::Debug for PeerSection {
             .field("allowed_ips", &self.allowed_ips)
             .field("endpoint", &self.endpoint)
             .field("persistent_keepalive", &self.persistent_keepalive)
+            .field("allowed_ports_out", &self.allowed_ports_out)
+            .field("allowed_ports_in", &self.allowed_ports_in)
             .finish()
     }
 }
@@ -282,6 +394,15 @@ pub enum ConfigErrorReason {
     /// There is no `[Interface]` section.
     #[error("missing [Interface] section")]
     MissingInterface,
+    /// An `AllowedPorts*` item is not a port rule.
+    #[error("`{0}` is not a port rule (expected tcp:N, udp:N, N, or a range N-M with an optional tcp:/udp: prefix, ports 0-65535; or `none` alone)")]
+    BadPortRule(String),
+    /// An `AllowedPorts*` range ends before it starts.
+    #[error("`{0}`: the range ends before it starts")]
+    ReversedPortRange(String),
+    /// `none` mixed with port rules in one `AllowedPorts*` direction.
+    #[error("`none` cannot be combined with port rules")]
+    NoneWithRules,
     /// Two peers have the same public key.
     #[error("duplicate peer public key (first used on line {0})")]
     DuplicatePeer(usize),
@@ -385,6 +506,19 @@ impl fmt::Display for Config {
             if let Some(k) = p.persistent_keepalive {
                 writeln!(f, "PersistentKeepalive = {k}")?;
             }
+            for (key, rules) in [
+                ("AllowedPortsOut", &p.allowed_ports_out),
+                ("AllowedPortsIn", &p.allowed_ports_in),
+            ] {
+                match rules.as_deref() {
+                    None => {}
+                    Some([]) => writeln!(f, "{key} = none")?,
+                    Some(rules) => {
+                        let items: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+                        writeln!(f, "{key} = {}", items.join(", "))?;
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -415,6 +549,38 @@ struct PartialPeer {
     allowed_ips: Vec<IpNet>,
     endpoint: Option<(usize, SocketAddr)>,
     persistent_keepalive: Option<(usize, Option<u16>)>,
+    allowed_ports_out: Option<PartialPorts>,
+    allowed_ports_in: Option<PartialPorts>,
+}
+
+/// One direction's `AllowedPorts*` lines so far: the rules, and the line of a `none`.
+#[derive(Default)]
+struct PartialPorts {
+    rules: Vec<PortRule>,
+    none_line: Option<usize>,
+}
+
+impl PartialPorts {
+    /// Adds one line's value: `none` or comma-separated rules; `none` and rules exclude
+    /// each other across all lines of the direction.
+    fn add(&mut self, n: usize, field: &str, value: &str) -> Result<(), ConfigError> {
+        if value.eq_ignore_ascii_case("none") {
+            if !self.rules.is_empty() {
+                return Err(err(n, field, ConfigErrorReason::NoneWithRules));
+            }
+            self.none_line = Some(n);
+            return Ok(());
+        }
+        let items = list_items(n, field, value)?;
+        if self.none_line.is_some() || items.iter().any(|i| i.eq_ignore_ascii_case("none")) {
+            return Err(err(n, field, ConfigErrorReason::NoneWithRules));
+        }
+        for item in items {
+            self.rules
+                .push(item.parse::<PortRule>().map_err(|r| err(n, field, r))?);
+        }
+        Ok(())
+    }
 }
 
 struct Parser {
@@ -586,6 +752,14 @@ impl Parser {
                 .filter(|&k| k != 0)
             };
             set_once(&mut p.persistent_keepalive, n, "PersistentKeepalive", k)
+        } else if is("AllowedPortsOut") {
+            p.allowed_ports_out
+                .get_or_insert_with(PartialPorts::default)
+                .add(n, "AllowedPortsOut", value)
+        } else if is("AllowedPortsIn") {
+            p.allowed_ports_in
+                .get_or_insert_with(PartialPorts::default)
+                .add(n, "AllowedPortsIn", value)
         } else {
             Err(err(n, key, ConfigErrorReason::UnknownKey("Peer")))
         }
@@ -632,6 +806,8 @@ impl Parser {
                 allowed_ips: p.allowed_ips,
                 endpoint: p.endpoint.map(|(_, e)| e),
                 persistent_keepalive: p.persistent_keepalive.and_then(|(_, k)| k),
+                allowed_ports_out: p.allowed_ports_out.map(|d| d.rules),
+                allowed_ports_in: p.allowed_ports_in.map(|d| d.rules),
             });
         }
         Ok(Config {
@@ -1204,6 +1380,103 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "line 8: PublicKey: duplicate peer public key (first used on line 4)"
+        );
+    }
+
+    #[test]
+    fn allowed_ports_parse_into_the_joiners_filter() {
+        use crate::core::conntrack::Dir;
+        let text = format!(
+            "{}[Peer]\nPublicKey = {PUB_B}\nAllowedPortsOut = tcp:8730, UDP:53,1000-1001\n\
+             allowedportsout = udp:5000-5010\nAllowedPortsIn = none\n\
+             [Peer]\nPublicKey = {PUB_C}\nAllowedPortsIn = 22\n\
+             [Peer]\nPublicKey = {PUB_A}\n",
+            iface()
+        );
+        let c = Config::parse(&text).unwrap();
+        let rule = |proto, first, last| PortRule { proto, first, last };
+        assert_eq!(
+            c.peers[0].allowed_ports_out,
+            Some(vec![
+                rule(Proto::Tcp, 8730, 8730),
+                rule(Proto::Udp, 53, 53),
+                rule(Proto::Both, 1000, 1001),
+                rule(Proto::Udp, 5000, 5010),
+            ])
+        );
+        assert_eq!(c.peers[0].allowed_ports_in, Some(vec![]));
+        let f = c.peers[0].port_filter().expect("rules make a filter");
+        assert_eq!(f.outbound(Proto::Tcp), vec![(1000, 1001), (8730, 8730)]);
+        assert_eq!(
+            f.outbound(Proto::Udp),
+            vec![(53, 53), (1000, 1001), (5000, 5010)]
+        );
+        assert!(f.inbound(Proto::Tcp).is_empty() && f.inbound(Proto::Udp).is_empty());
+        // Only one direction given: the other allows all traffic.
+        let g = c.peers[1].port_filter().unwrap();
+        assert!(g.all_traffic(Dir::Out));
+        assert!(!g.all_traffic(Dir::In));
+        assert_eq!(g.inbound(Proto::Both), vec![(22, 22)]);
+        // Neither key: no filter, as with wg-quick.
+        assert_eq!(c.peers[2].port_filter(), None);
+        // Printed and parsed back equal (what the `config` fuzz target checks).
+        let again = Config::parse(&c.to_string()).unwrap();
+        assert_eq!(again.peers, c.peers);
+        assert!(c.to_string().contains("AllowedPortsIn = none"), "{c}");
+    }
+
+    #[test]
+    fn allowed_ports_errors_name_line_and_field() {
+        let peer = |line: &str| e(&format!("{}[Peer]\nPublicKey = {PUB_B}\n{line}\n", iface()));
+        assert_eq!(
+            peer("AllowedPortsOut = tcp:8730, sctp:9").to_string(),
+            "line 5: AllowedPortsOut: `sctp:9` is not a port rule (expected tcp:N, udp:N, N, or a range N-M with an optional tcp:/udp: prefix, ports 0-65535; or `none` alone)"
+        );
+        assert_eq!(
+            peer("AllowedPortsIn = 2000-1000").to_string(),
+            "line 5: AllowedPortsIn: `2000-1000`: the range ends before it starts"
+        );
+        for bad in [
+            "65536",
+            "+80",
+            "tcp:",
+            "1-",
+            "-1",
+            "1-2-3",
+            "tcp:udp:1",
+            "80 81",
+            "0x50",
+        ] {
+            let err = peer(&format!("AllowedPortsIn = {bad}"));
+            assert_eq!(err.line, 5, "{bad}");
+            assert_eq!(err.field, "AllowedPortsIn", "{bad}");
+            assert!(
+                matches!(err.reason, ConfigErrorReason::BadPortRule(_)),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(
+            peer("AllowedPortsOut = none, 22").to_string(),
+            "line 5: AllowedPortsOut: `none` cannot be combined with port rules"
+        );
+        let err = e(&format!(
+            "{}[Peer]\nPublicKey = {PUB_B}\nAllowedPortsOut = 22\nAllowedPortsOut = none\n",
+            iface()
+        ));
+        assert_eq!(err.line, 6);
+        assert!(matches!(err.reason, ConfigErrorReason::NoneWithRules));
+        assert_eq!(
+            peer("AllowedPortsOut = 1,,2").to_string(),
+            "line 5: AllowedPortsOut: empty list item"
+        );
+        assert_eq!(
+            peer("AllowedPortsOut =").to_string(),
+            "line 5: AllowedPortsOut: empty value"
+        );
+        let err = e(&format!("{}AllowedPortsIn = 22\n", iface()));
+        assert_eq!(
+            err.to_string(),
+            "line 3: AllowedPortsIn: unknown key in [Interface] section"
         );
     }
 

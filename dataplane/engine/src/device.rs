@@ -72,7 +72,7 @@ impl UapiHandler for Device {
         DeviceStatus {
             private_key: Some(Key(snap.private_key.to_bytes())),
             listen_port: snap.listen_port,
-            fwmark: None,
+            fwmark: self.shared.fwmark,
             peers,
         }
     }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_engine::core::counters::{DropCounters, DropReason};
+use tabbify_engine::core::demux::{ControlQueue, Kind};
 use tabbify_engine::core::filter::PortFilter;
 use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
@@ -427,6 +428,101 @@ fn hostile_datagrams_are_dropped_and_counted() {
     }
     assert_eq!(sink.0.len(), 1, "nothing hostile reached the TUN");
     assert!(b.counters.get(DropReason::MalformedOuter) > 0);
+}
+
+/// The WireGuard socket also carries STUN and relay control (`core::demux`): a STUN answer
+/// and a relay BIND_ACK reach the control queue with their sender, byte for byte; a flood
+/// of junk (and of STUN beyond the queue's room) is dropped and counted by reason, never
+/// delivered, and data between the peers flows on as before, interleaved in the same GRO
+/// receive.
+#[test]
+fn stun_goes_to_the_control_queue_and_junk_is_counted() {
+    let (mut a, mut b) = pair(false);
+    let queue = Arc::new(ControlQueue::with_capacity(4));
+    b.pipe.set_control(queue.clone());
+    handshake(
+        &mut a,
+        &mut b,
+        &ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"first"),
+    );
+    let snap_b = b.table.load_full();
+    let stun_server: SocketAddr = "198.51.100.1:3478".parse().unwrap();
+    // A Binding success response header (type 0x0101, length 0, magic cookie, txid).
+    let mut stun = vec![0x01, 0x01, 0, 0, 0x21, 0x12, 0xA4, 0x42];
+    stun.extend_from_slice(&[7; 12]);
+    let mut sink = Collect::default();
+    b.pipe
+        .on_udp(&snap_b, stun_server, &stun, None, &mut sink)
+        .unwrap();
+    b.pipe
+        .on_udp(&snap_b, stun_server, &[0xF1, 0, 0, 9], None, &mut sink)
+        .unwrap();
+    let d = queue.try_pop().unwrap();
+    assert_eq!(
+        (d.src, d.kind, d.bytes()),
+        (stun_server, Kind::Stun, &stun[..])
+    );
+    let d = queue.try_pop().unwrap();
+    assert_eq!(
+        (d.kind, d.bytes()),
+        (Kind::RelayControl, &[0xF1, 0, 0, 9][..])
+    );
+    assert!(sink.0.is_empty());
+
+    // Flood: junk of every first byte that is none of the kinds, unbound relay frames,
+    // and STUN beyond the queue's room; data datagrams from the peer in between.
+    let junk_before = b.counters.get(DropReason::Junk);
+    let mut junk = 0u64;
+    let mut delivered = 0usize;
+    for round in 0..50u8 {
+        for first in [0x00u8, 0x05, 0x45, 0x60, 0x80, 0xC0, 0xE0, 0xE2, 0xEF] {
+            let mut d = vec![round; 64];
+            d[0] = first;
+            b.pipe.on_udp(&snap_b, a.ep, &d, None, &mut sink).unwrap();
+            junk += 1;
+        }
+        b.pipe
+            .on_udp(&snap_b, stun_server, &stun, None, &mut sink)
+            .unwrap();
+        let snap_a = a.table.load_full();
+        a.pipe
+            .on_tun(
+                &snap_a,
+                &mut ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], &[round; 100]),
+            )
+            .unwrap();
+        delivered += deliver(&mut a, &mut b, &mut sink);
+    }
+    assert_eq!(b.counters.get(DropReason::Junk) - junk_before, junk);
+    assert_eq!(queue.len(), 4, "the queue holds its room, no more");
+    assert_eq!(b.counters.get(DropReason::ControlDropped), 50 - 4);
+    assert_eq!(delivered, 50);
+    assert_eq!(
+        sink.0.len(),
+        50,
+        "every data packet reached the TUN, nothing else"
+    );
+
+    // A GRO receive mixing a data datagram and a STUN one of the same size.
+    let snap_a = a.table.load_full();
+    a.pipe
+        .on_tun(
+            &snap_a,
+            &mut ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"mixed"),
+        )
+        .unwrap();
+    let (_, data, _) = take(&mut a).remove(0);
+    let mut stun_same = stun.clone();
+    stun_same.resize(data.len(), 0);
+    stun_same[3] = (data.len() - 20) as u8;
+    let mut gro = data.clone();
+    gro.extend_from_slice(&stun_same);
+    while queue.try_pop().is_some() {}
+    b.pipe
+        .on_udp(&snap_b, a.ep, &gro, Some(data.len() as u16), &mut sink)
+        .unwrap();
+    assert_eq!(sink.0.len(), 51);
+    assert_eq!(queue.try_pop().unwrap().bytes(), &stun_same[..]);
 }
 
 #[test]

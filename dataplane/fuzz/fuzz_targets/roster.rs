@@ -70,6 +70,8 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         public_key: b64(key),
         endpoints: vec![ENDPOINTS[usize::from(flags & 7) % ENDPOINTS.len()].parse().ok()?],
         reflexive_endpoint: ENDPOINTS[usize::from(flags >> 5) % ENDPOINTS.len()].parse().ok()?,
+        mapped_endpoints: vec![],
+        nat: Default::default(),
         hosted_app_ulas: Vec::new(),
         ports: PortRules {
             outbound: vec![PortRange::ALL],
@@ -213,6 +215,7 @@ fuzz_target!(|data: &[u8]| {
             reflexive_endpoint: reflexive,
             heartbeat_interval_secs: 10,
             roster: vec![],
+            stun_servers: vec![],
         }),
     );
     model.apply(&mut m);
@@ -221,6 +224,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive,
+            stun_servers: vec![],
         }),
     );
     m.handle_stream_opened(t, Ok(()));

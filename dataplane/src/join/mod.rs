@@ -74,6 +74,8 @@ pub struct JoinOptions {
     pub pin: bool,
     /// Endpoints to report (empty = every non-loopback address + the listen port).
     pub endpoints: Vec<SocketAddr>,
+    /// Extra STUN servers (`--stun HOST:PORT`), probed besides the coordinator's.
+    pub stun: Vec<String>,
     /// Control socket path.
     pub control_socket: PathBuf,
     /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).

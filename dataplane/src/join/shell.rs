@@ -70,6 +70,12 @@ pub struct Joiner {
     machine: Mutex<Machine>,
     /// Wakes [`Joiner::drive`] when the machine has new actions (an app change).
     wake: Notify,
+    /// The STUN probe (`logic::nat`), driven by [`Joiner::run_probe`].
+    probe: Mutex<logic::nat::Probe>,
+    /// Wakes [`Joiner::run_probe`] when the server list changed or a re-probe is due.
+    probe_wake: Notify,
+    /// `--stun` servers, resolved at start.
+    stun_extra: Vec<SocketAddr>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -138,6 +144,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
                 offloads: opts.offloads,
                 listen_port: opts.listen_port,
                 pin: opts.pin,
+                fwmark: None,
             },
             mtu: opts.mtu,
             addresses,
@@ -146,12 +153,24 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             covering_routes: mesh_prefixes(),
             routes: Vec::new(),
             routed: Vec::new(),
+            default_route: Vec::new(),
         },
         table.clone(),
     )?;
     let handshaker = iface
         .handshaker()
         .context("a handshake socket for the control task")?;
+
+    let mut stun_extra = Vec::new();
+    for server in &opts.stun {
+        let addrs = tokio::net::lookup_host(server.as_str())
+            .await
+            .with_context(|| format!("resolving --stun {server}"))?;
+        stun_extra.extend(addrs.filter(|a| iface.ipv6() || a.is_ipv4()));
+    }
+    let (stun_tx, stun_rx) = tokio::sync::mpsc::channel(64);
+    spawn_control_drain(iface.control_queue(), stun_tx)?;
+    let probe_sender = iface.handshaker().context("a socket for STUN requests")?;
 
     let machine = Machine::new(logic::Config {
         peer_id: peer_id.clone(),
@@ -177,11 +196,15 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         peer_id,
         ula,
         wake: Notify::new(),
+        probe: Mutex::new(logic::nat::Probe::new(Vec::new())),
+        probe_wake: Notify::new(),
+        stun_extra,
     });
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
+    let probe = joiner.clone().run_probe(stun_rx, probe_sender);
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -194,6 +217,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         stop = stopped => stop.into_result(),
         _ = serve => Ok(()),
         r = drive => r,
+        _ = probe => Ok(()),
     };
     drop(server);
     iface.shut_down();
@@ -264,10 +288,16 @@ impl Joiner {
         match action {
             Action::Register { with_token } => {
                 let r = self.register(with_token).await;
+                if let Ok(resp) = &r {
+                    self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
+                }
                 self.lock().handle_registered(Instant::now(), r);
             }
             Action::Heartbeat { hosted_app_ulas } => {
                 let r = self.heartbeat(hosted_app_ulas).await;
+                if let Ok(resp) = &r {
+                    self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
+                }
                 self.lock().handle_heartbeat(Instant::now(), r);
             }
             Action::OpenStream => {
@@ -418,6 +448,69 @@ impl Joiner {
         serde_json::to_value(r?).map_err(|e| e.to_string())
     }
 
+    fn probe(&self) -> MutexGuard<'_, logic::nat::Probe> {
+        match self.probe.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The coordinator's STUN servers (plus `--stun`) into the probe; a new reflexive IP
+    /// (the network changed) re-probes at once.
+    fn stun_servers(&self, coordinator: &[SocketAddr], reflexive: SocketAddr) {
+        let mut servers: Vec<SocketAddr> = coordinator
+            .iter()
+            .filter(|s| self.ipv6 || s.is_ipv4())
+            .copied()
+            .collect();
+        servers.extend(&self.stun_extra);
+        let now = Instant::now();
+        let mut p = self.probe();
+        p.set_local(self.endpoints());
+        p.set_servers(&servers, now);
+        if p.last_reflexive_ip() != Some(reflexive.ip()) {
+            p.set_reflexive_ip(reflexive.ip());
+            p.reprobe(now);
+        }
+        drop(p);
+        self.probe_wake.notify_one();
+    }
+
+    /// Sends the probe's Binding requests from the WireGuard port and feeds it the STUN
+    /// answers the engine queued, until the joiner stops.
+    async fn run_probe(
+        self: Arc<Self>,
+        mut answers: tokio::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+        sender: Handshaker,
+    ) {
+        loop {
+            let sends = self.probe().poll_transmit(Instant::now(), random_txid);
+            for (server, req) in sends {
+                if let Err(e) = sender.send_raw(server, &req) {
+                    tracing::debug!(%server, error = %e, "STUN request not sent");
+                }
+            }
+            let deadline = self.probe().poll_timeout();
+            tokio::select! {
+                a = answers.recv() => match a {
+                    Some((src, bytes)) => {
+                        let mut p = self.probe();
+                        let before = (p.class(), p.mapped_endpoints().to_vec());
+                        p.handle_datagram(src, &bytes, Instant::now());
+                        let after = (p.class(), p.mapped_endpoints().to_vec());
+                        drop(p);
+                        if before != after {
+                            tracing::info!(nat = ?after.0, mapped = ?after.1, "STUN probe result");
+                        }
+                    }
+                    None => return,
+                },
+                _ = sleep_until(deadline) => {}
+                _ = self.probe_wake.notified() => {}
+            }
+        }
+    }
+
     fn endpoints(&self) -> Vec<SocketAddr> {
         if !self.opts.endpoints.is_empty() {
             return self.opts.endpoints.clone();
@@ -486,10 +579,16 @@ impl Joiner {
         &self,
         hosted_app_ulas: Vec<Ipv6Addr>,
     ) -> Result<HeartbeatResponse, ClientError> {
+        let (mapped_endpoints, nat) = {
+            let p = self.probe();
+            (p.mapped_endpoints().to_vec(), p.class())
+        };
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
             hosted_app_ulas,
+            mapped_endpoints,
+            nat,
         };
         self.client.post(api::PATH_HEARTBEAT, &req).await
     }
@@ -523,6 +622,8 @@ impl Joiner {
                 tags: e.tags.clone(),
                 public_key: e.public_key.clone(),
                 endpoint,
+                nat: e.nat,
+                mapped_endpoints: e.mapped_endpoints.clone(),
                 latest_handshake: hs.map(|d| d.as_secs()),
                 rx_bytes: rx,
                 tx_bytes: tx,
@@ -533,6 +634,7 @@ impl Joiner {
             });
         }
         let connected = m.session().is_connected();
+        let probe = self.probe();
         Status {
             interface: self.opts.interface.clone(),
             name: m.display_name().to_owned(),
@@ -549,6 +651,9 @@ impl Joiner {
                 last_event_id: m.roster().last_event_id,
             },
             reflexive_endpoint: m.reflexive(),
+            nat: probe.class(),
+            mapped_endpoints: probe.mapped_endpoints().to_vec(),
+            stun_servers: probe.servers().to_vec(),
             may_host_apps: m.grant().is_some_and(|g| g.may_host_apps),
             hosted_apps: m
                 .apps()
@@ -744,6 +849,37 @@ async fn next_event(stream: &mut Option<EventStream>) -> StreamItem {
 }
 
 /// Sleeps until `deadline`; never resolves without one.
+/// A fresh random STUN transaction id (from a v4 UUID's random bytes).
+fn random_txid() -> api::stun::TransactionId {
+    let u = Uuid::new_v4();
+    let mut t = [0u8; 12];
+    t.copy_from_slice(&u.as_bytes()[4..]);
+    t
+}
+
+/// A thread that moves STUN datagrams from the engine's control queue (a blocking wait)
+/// to the probe task; it ends when the task is gone.
+fn spawn_control_drain(
+    queue: Arc<crate::core::demux::ControlQueue>,
+    tx: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
+) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("tabbify-control-rx".into())
+        .spawn(move || {
+            while !tx.is_closed() {
+                let Some(d) = queue.pop_wait(Duration::from_millis(500)) else {
+                    continue;
+                };
+                if d.kind == crate::core::demux::Kind::Stun {
+                    // Full: the probe is behind; a lost answer is retransmitted for.
+                    let _ = tx.try_send((d.src, d.bytes().to_vec()));
+                }
+            }
+        })
+        .context("starting the control-queue thread")?;
+    Ok(())
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,

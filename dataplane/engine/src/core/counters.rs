@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 21;
+const REASONS: usize = 23;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +60,12 @@ pub enum DropReason {
     CtInvalid,
     /// An ICMP error quoting a packet of no tracked flow.
     IcmpUnrelated,
+    /// A datagram on the WireGuard socket that is neither WireGuard, STUN nor relay
+    /// control (see `core::demux`), or a relay frame with no relay session to take it.
+    Junk,
+    /// A STUN or relay-control datagram the control side could not take (its queue full,
+    /// the datagram too large, or no control side).
+    ControlDropped,
 }
 
 impl DropReason {
@@ -86,6 +92,8 @@ impl DropReason {
         Self::CtFull,
         Self::CtInvalid,
         Self::IcmpUnrelated,
+        Self::Junk,
+        Self::ControlDropped,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -112,6 +120,8 @@ impl DropReason {
             Self::CtFull => "ct_full",
             Self::CtInvalid => "ct_invalid_state",
             Self::IcmpUnrelated => "icmp_unrelated",
+            Self::Junk => "junk",
+            Self::ControlDropped => "control_dropped",
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod conntrack;
 pub mod counters;
+pub mod demux;
 pub mod filter;
 pub mod icmp;
 pub mod local;

@@ -9,7 +9,9 @@
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
-//!           receiver index (lock peer once per run of datagrams) ─▶ Tunn::decapsulate
+//!           receiver index (lock peer once per run of datagrams; a datagram that is not
+//!           WireGuard: STUN and relay control to the control queue, see `core::demux`,
+//!           junk dropped) ─▶ Tunn::decapsulate
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
 //!              (per decrypted packet, with the peer's flow table under the lock already held)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
@@ -39,6 +41,7 @@ use boringtun::noise::{Packet, Tunn, TunnResult};
 use crate::core::batch::{Full, TxBatch};
 use crate::core::conntrack::{Dir, FlowTable};
 use crate::core::counters::{DropCounters, DropReason};
+use crate::core::demux::{self, ControlQueue};
 use crate::core::filter::Deny;
 use crate::core::icmp::{self, IcmpLimiter};
 use crate::core::peer::{Peer, PeerState};
@@ -78,6 +81,8 @@ pub struct Pipeline {
     icmp_buf: Box<[u8]>,
     /// The engine clock in whole seconds (connection-tracking timeouts).
     now: u32,
+    /// Where STUN and relay-control datagrams go (shared by every worker).
+    control: Option<Arc<ControlQueue>>,
 }
 
 /// Bytes of answers one batch can hold: the rate limiter's whole burst of full-size
@@ -97,7 +102,14 @@ impl Pipeline {
             icmp: IcmpLimiter::default(),
             icmp_buf: vec![0u8; icmp::V6_MAX].into_boxed_slice(),
             now: 0,
+            control: None,
         }
+    }
+
+    /// Hands STUN and relay-control datagrams to `queue` (without one they are dropped
+    /// and counted as [`DropReason::ControlDropped`]).
+    pub fn set_control(&mut self, queue: Arc<ControlQueue>) {
+        self.control = Some(queue);
     }
 
     /// Refills the ICMP answer rate limiter; the driver calls it once per loop turn.
@@ -262,7 +274,7 @@ impl Pipeline {
         let now = self.now;
         for d in buf.chunks(seg) {
             let Some(msg) = wire::WgMessage::new_checked(d).ok() else {
-                self.drop(DropReason::MalformedOuter);
+                self.not_wireguard(src, d);
                 continue;
             };
             if msg.message_type() != wire::MessageType::Data {
@@ -350,6 +362,23 @@ impl Pipeline {
     }
 
     /// Handshake initiation, response or cookie reply.
+    /// A datagram that failed the WireGuard check: to the control queue if it is STUN or
+    /// relay control, otherwise counted (see `core::demux`). Off the WireGuard fast path.
+    #[cold]
+    fn not_wireguard(&self, src: SocketAddr, d: &[u8]) {
+        match demux::classify(d) {
+            demux::Kind::WireGuard => self.drop(DropReason::MalformedOuter),
+            k @ (demux::Kind::Stun | demux::Kind::RelayControl) => {
+                let queued = self.control.as_ref().map(|q| q.push(src, k, d).is_ok());
+                if queued != Some(true) {
+                    self.drop(DropReason::ControlDropped);
+                }
+            }
+            // No relay client in the pipeline yet: a relay frame has no session to go to.
+            demux::Kind::RelayFrame | demux::Kind::Junk => self.drop(DropReason::Junk),
+        }
+    }
+
     fn on_handshake(
         &mut self,
         snap: &Snapshot,

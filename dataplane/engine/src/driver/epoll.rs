@@ -44,6 +44,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         shared.udp.gso,
         BATCH + 4,
     );
+    pipe.set_control(shared.control.clone());
     let mut out = RxSink::with_default_sizes(shared.vnet, shared.uso);
     let mut events = Events::with_capacity(8);
     let mut rbuf = vec![0u8; 65_536 + 16];

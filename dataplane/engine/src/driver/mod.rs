@@ -12,6 +12,7 @@ pub mod uring;
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use std::time::Instant;
 use boringtun::noise::TunnResult;
 
 use crate::core::counters::DropCounters;
+use crate::core::demux::ControlQueue;
 use crate::core::peer::Peer;
 use crate::core::table::Table;
 use crate::sys::tun::{Offloads, Tun};
@@ -61,6 +63,10 @@ pub struct Shared {
     pub udp: UdpFeatures,
     /// The engine clock's epoch: [`Shared::now_secs`] counts from here.
     pub epoch: Instant,
+    /// STUN and relay-control datagrams for the control side (see `core::demux`).
+    pub control: Arc<ControlQueue>,
+    /// The firewall mark on the UDP sockets, if any.
+    pub fwmark: Option<u32>,
 }
 
 impl Shared {
@@ -100,6 +106,9 @@ pub struct EngineOptions {
     /// Pin worker `i` to the `i`-th core of the process's affinity mask (otherwise the
     /// scheduler places workers).
     pub pin: bool,
+    /// `SO_MARK` on every UDP socket (the encrypted datagrams carry this firewall mark, so
+    /// policy routing can keep them off the tunnel; needs CAP_NET_ADMIN). `None`: no mark.
+    pub fwmark: Option<u32>,
 }
 
 /// What the engine ended up with.
@@ -159,7 +168,7 @@ impl Engine {
         let tun = Tun::open(&opts.interface, threads, opts.offloads)?;
         let tun_offloads = tun.offloads();
         let (socks, port, udp_features) =
-            udp::open_reuseport(opts.listen_port, threads, opts.offloads)?;
+            udp::open_reuseport(opts.listen_port, threads, opts.offloads, opts.fwmark)?;
         table.set_listen_port(port);
         let driver = match opts.driver {
             Some(d) => d,
@@ -184,6 +193,8 @@ impl Engine {
             uso: tun_offloads.vnet_hdr && tun_offloads.uso,
             udp: udp_features,
             epoch: Instant::now(),
+            control: Arc::new(ControlQueue::default()),
+            fwmark: opts.fwmark,
         };
         let timer_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
         let ctl_sock = crate::sys::tun::dup(socks[0].as_raw_fd())?;
@@ -245,6 +256,12 @@ impl Engine {
         &self.handshaker
     }
 
+    /// The queue of STUN and relay-control datagrams the workers received on the
+    /// WireGuard socket (see `core::demux`); the control side drains it.
+    pub fn control_queue(&self) -> Arc<ControlQueue> {
+        self.shared.control.clone()
+    }
+
     /// Whether a worker stopped on its own (a fatal error).
     pub fn failed(&self) -> bool {
         self.shared.stop.load(Ordering::Relaxed)
@@ -273,6 +290,14 @@ impl Handshaker {
             sock: crate::sys::tun::dup(self.sock.as_raw_fd())?,
             ipv6: self.ipv6,
         })
+    }
+
+    /// Sends `bytes` to `dst` from the WireGuard listen port (STUN Binding requests, relay
+    /// control): the answer comes back to the listen port, on any worker's socket, and
+    /// reaches the control side through [`Engine::control_queue`].
+    pub fn send_raw(&self, dst: SocketAddr, bytes: &[u8]) -> io::Result<()> {
+        udp::send(self.sock.as_raw_fd(), bytes, dst, None, self.ipv6)?;
+        Ok(())
     }
 
     /// Sends a fresh handshake initiation to `peer` at its current endpoint. Returns false

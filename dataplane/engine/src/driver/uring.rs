@@ -282,6 +282,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         shared.udp.gso,
         TX_SLOTS,
     );
+    pipe.set_control(shared.control.clone());
     // SAFETY: msghdr is a plain C struct; all-zero is a valid empty value.
     let zero_msg: libc::msghdr = unsafe { std::mem::zeroed() };
     let zero_iov = libc::iovec {

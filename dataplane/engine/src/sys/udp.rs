@@ -151,7 +151,7 @@ fn setsockopt_int(
 }
 
 /// Opens one socket bound to `port` with `SO_REUSEPORT`. `ipv6` picks a dual-stack socket.
-fn open_one(port: u16, ipv6: bool) -> io::Result<OwnedFd> {
+fn open_one(port: u16, ipv6: bool, fwmark: Option<u32>) -> io::Result<OwnedFd> {
     let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
     // SAFETY: plain socket(2) call; the result is checked before use.
     let fd = unsafe {
@@ -171,6 +171,15 @@ fn open_one(port: u16, ipv6: bool) -> io::Result<OwnedFd> {
         setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
     }
     setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    if let Some(mark) = fwmark {
+        // The mark is a u32 the kernel reads as an int of the same size.
+        setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("SO_MARK {mark:#x} (needs CAP_NET_ADMIN): {e}"),
+            )
+        })?;
+    }
     for (force, plain) in [
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
@@ -213,21 +222,26 @@ pub fn local_port(fd: RawFd) -> io::Result<u16> {
         .ok_or_else(|| io::Error::other("unknown address family"))
 }
 
-/// Opens `n` sockets sharing `port` (0 picks one) and enables the offloads asked for.
+/// Opens `n` sockets sharing `port` (0 picks one), marks them with `fwmark` (`SO_MARK`,
+/// before they are bound, so no datagram leaves unmarked) and enables the offloads asked
+/// for.
 pub fn open_reuseport(
     port: u16,
     n: usize,
     offloads: bool,
+    fwmark: Option<u32>,
 ) -> io::Result<(Vec<OwnedFd>, u16, UdpFeatures)> {
-    let (first, ipv6) = match open_one(port, true) {
+    let (first, ipv6) = match open_one(port, true, fwmark) {
         Ok(fd) => (fd, true),
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => (open_one(port, false)?, false),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            (open_one(port, false, fwmark)?, false)
+        }
         Err(e) => return Err(e),
     };
     let port = local_port(first.as_raw_fd())?;
     let mut fds = vec![first];
     for _ in 1..n.max(1) {
-        fds.push(open_one(port, ipv6)?);
+        fds.push(open_one(port, ipv6, fwmark)?);
     }
     let mut features = UdpFeatures {
         ipv6,
@@ -427,9 +441,51 @@ mod tests {
     }
 
     #[test]
+    fn every_socket_carries_the_fwmark() {
+        let (fds, _, _) = match open_reuseport(0, 3, false, Some(0xca6c)) {
+            Ok(v) => v,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                panic!("SO_MARK needs CAP_NET_ADMIN: run the tests as root ({e})")
+            }
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(fds.len(), 3);
+        for fd in &fds {
+            let mut v: libc::c_int = 0;
+            let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY (test): getsockopt writes at most `len` bytes into `v`.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MARK,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            assert_eq!(v, 0xca6c);
+        }
+        let (plain, _, _) = open_reuseport(0, 1, false, None).unwrap();
+        let mut v: libc::c_int = -1;
+        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY (test): as above.
+        let rc = unsafe {
+            libc::getsockopt(
+                plain[0].as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MARK,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!((rc, v), (0, 0), "no mark unless asked");
+    }
+
+    #[test]
     fn loopback_gso_gro() {
-        let (rx, port, feat) = open_reuseport(0, 1, true).unwrap();
-        let (tx, _, _) = open_reuseport(0, 1, true).unwrap();
+        let (rx, port, feat) = open_reuseport(0, 1, true, None).unwrap();
+        let (tx, _, _) = open_reuseport(0, 1, true, None).unwrap();
         let payload = vec![7u8; 3 * 100 + 40];
         let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let seg = feat.gso.then_some(100);

@@ -987,6 +987,8 @@ mod tests {
             public_key: base64::engine::general_purpose::STANDARD.encode(key(n)),
             endpoints: vec![ep],
             reflexive_endpoint: ep,
+            mapped_endpoints: vec![],
+            nat: Default::default(),
             hosted_app_ulas: vec![],
             ports: PortRules {
                 outbound: vec![PortRange::ALL],
@@ -1023,6 +1025,7 @@ mod tests {
             reflexive_endpoint: "203.0.113.9:51820".parse().unwrap(),
             heartbeat_interval_secs: 10,
             roster,
+            stun_servers: vec![],
         }
     }
 
@@ -1030,6 +1033,7 @@ mod tests {
         HeartbeatResponse {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive.parse().unwrap(),
+            stun_servers: vec![],
         }
     }
 

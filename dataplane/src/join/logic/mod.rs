@@ -2,6 +2,8 @@
 //!
 //! * [`roster`] — the coordinator's roster as SSE events build it, and the data plane's
 //!   peers it implies (endpoint choice, AllowedIPs, port rules).
+//! * [`nat`] — the STUN probe: Binding requests from the WireGuard socket, retransmissions,
+//!   the mapped endpoints and the NAT class.
 //! * [`session`] — where the joiner stands with the coordinator: one enum.
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
 //!   ticks in (each with `now`); table, route, handshake and coordinator requests out.
@@ -13,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod machine;
+pub mod nat;
 pub mod roster;
 pub mod session;
 

@@ -542,10 +542,14 @@ pub fn check_entry(e: &RosterEntry) -> Result<[u8; 32], Refusal> {
     if let Some(a) = e.hosted_app_ulas.iter().find(|a| !ula::is_app_ula(a)) {
         return Err(Refusal::AppUla(*a));
     }
+    if let Some(extra) = e.mapped_endpoints.get(tabbify_api::MAX_MAPPED_ENDPOINTS) {
+        return Err(Refusal::Endpoint(*extra));
+    }
     let eps = e
         .endpoints
         .iter()
-        .chain(std::iter::once(&e.reflexive_endpoint));
+        .chain(std::iter::once(&e.reflexive_endpoint))
+        .chain(e.mapped_endpoints.iter());
     if let Some(bad) = eps.into_iter().find(|ep| !usable_endpoint(ep)) {
         return Err(Refusal::Endpoint(*bad));
     }
@@ -597,8 +601,9 @@ pub fn decode_key(b64: &str) -> Option<[u8; 32]> {
 /// Where to send to a peer first (WireGuard roaming corrects it once the peer talks):
 /// * not behind NAT (its reflexive IP is one of its own addresses): the reflexive endpoint;
 /// * behind the same NAT as us (same reflexive IP): its first reported local endpoint;
-/// * otherwise its reflexive endpoint (the NAT mapping; the coordinator's `hole_punch`
-///   makes both sides open it at the same time).
+/// * otherwise its first mapped endpoint (where its NAT maps its WireGuard socket, as a
+///   STUN server saw it), else its reflexive endpoint (right only when the NAT keeps the
+///   port); the coordinator's `hole_punch` makes both sides open it at the same time.
 pub fn choose_endpoint(e: &RosterEntry, me: &SelfView) -> Option<SocketAddr> {
     let refl = e.reflexive_endpoint;
     let unspecified = refl.ip().is_unspecified() || refl.port() == 0;
@@ -611,6 +616,9 @@ pub fn choose_endpoint(e: &RosterEntry, me: &SelfView) -> Option<SocketAddr> {
                 return Some(*local);
             }
         }
+    }
+    if let Some(mapped) = e.mapped_endpoints.first() {
+        return Some(*mapped);
     }
     if unspecified {
         e.endpoints.first().copied()
@@ -639,6 +647,8 @@ mod tests {
             public_key: base64::engine::general_purpose::STANDARD.encode([key; 32]),
             endpoints: eps.iter().map(|s| s.parse().unwrap()).collect(),
             reflexive_endpoint: refl.parse().unwrap(),
+            mapped_endpoints: vec![],
+            nat: Default::default(),
             hosted_app_ulas: vec![],
             ports: PortRules {
                 outbound: vec![PortRange {
@@ -795,5 +805,50 @@ mod tests {
             choose_endpoint(&e, &me),
             Some("192.168.1.3:51821".parse().unwrap())
         );
+        // NATed peer elsewhere with a STUN-mapped endpoint: the mapping, not the listen
+        // port on the reflexive IP.
+        let mut e = entry("a", 1, "198.51.100.7:51820", &["192.168.1.2:51820"]);
+        e.mapped_endpoints = vec!["198.51.100.7:40123".parse().unwrap()];
+        assert_eq!(
+            choose_endpoint(&e, &me),
+            Some("198.51.100.7:40123".parse().unwrap())
+        );
+        // Behind our own NAT the LAN address still wins.
+        let mut e = entry("a", 1, "203.0.113.1:51821", &["192.168.1.3:51821"]);
+        e.mapped_endpoints = vec!["203.0.113.1:40000".parse().unwrap()];
+        assert_eq!(
+            choose_endpoint(&e, &me),
+            Some("192.168.1.3:51821".parse().unwrap())
+        );
+    }
+
+    /// A malicious coordinator's roster entry with a mapped endpoint that is no usable
+    /// unicast address (or too many of them) is refused, like a bad reported endpoint.
+    #[test]
+    fn bad_mapped_endpoints_are_refused() {
+        let mut e = entry("a", 1, "198.51.100.7:51820", &["192.168.1.2:51820"]);
+        e.mapped_endpoints = vec!["198.51.100.7:40123".parse().unwrap()];
+        assert!(check_entry(&e).is_ok());
+        let mesh = format!("[{}]:51820", ula::identity_ula("b"));
+        for bad in [
+            "0.0.0.0:1",
+            "198.51.100.7:0",
+            "224.0.0.5:9",
+            "255.255.255.255:9",
+            &mesh,
+        ] {
+            let mut e = e.clone();
+            e.mapped_endpoints = vec![bad.parse().unwrap()];
+            assert_eq!(
+                check_entry(&e),
+                Err(Refusal::Endpoint(bad.parse().unwrap())),
+                "{bad}"
+            );
+        }
+        let mut e = e.clone();
+        e.mapped_endpoints = (1..=5)
+            .map(|p| format!("198.51.100.7:{}", 40000 + p).parse().unwrap())
+            .collect();
+        assert!(matches!(check_entry(&e), Err(Refusal::Endpoint(_))));
     }
 }
