@@ -158,6 +158,10 @@ impl PortSet {
         if other.0.is_empty() {
             return;
         }
+        if self.0.is_empty() {
+            self.0.clone_from(&other.0);
+            return;
+        }
         let mut all: Vec<PortRange> = self.0.iter().chain(&other.0).copied().collect();
         all.sort();
         let mut out: Vec<PortRange> = Vec::with_capacity(all.len());

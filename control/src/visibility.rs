@@ -57,6 +57,9 @@ pub struct Visibility {
     stamp: u32,
     rules: Vec<PortRules>,
     rules_index: HashMap<PortRules, RulesId>,
+    /// The answer per (outbound, inbound) port sets, so a pair whose sets were seen before
+    /// skips building its roster form (`port_rules` splits and allocates per protocol).
+    ports_index: HashMap<(ProtoPorts, ProtoPorts), RulesId>,
 }
 
 impl Visibility {
@@ -74,6 +77,7 @@ impl Visibility {
             stamp: 0,
             rules: Vec::new(),
             rules_index: HashMap::new(),
+            ports_index: HashMap::new(),
         }
     }
 
@@ -222,13 +226,21 @@ impl Visibility {
         if outbound.is_empty() && inbound.is_empty() {
             return 0;
         }
-        let rules = port_rules(&outbound, &inbound);
-        if let Some(id) = self.rules_index.get(&rules) {
+        let key = (outbound, inbound);
+        if let Some(id) = self.ports_index.get(&key) {
             return *id;
         }
-        self.rules.push(rules.clone());
-        let id = RulesId::try_from(self.rules.len()).unwrap_or(RulesId::MAX);
-        self.rules_index.insert(rules, id);
+        let rules = port_rules(&key.0, &key.1);
+        let id = match self.rules_index.get(&rules) {
+            Some(id) => *id,
+            None => {
+                self.rules.push(rules.clone());
+                let id = RulesId::try_from(self.rules.len()).unwrap_or(RulesId::MAX);
+                self.rules_index.insert(rules, id);
+                id
+            }
+        };
+        self.ports_index.insert(key, id);
         id
     }
 
