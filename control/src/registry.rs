@@ -916,6 +916,7 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         reflexive_endpoint: p.reflexive,
         mapped_endpoints: p.mapped.clone(),
         nat: p.nat,
+        home_relay: None,
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,

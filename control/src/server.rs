@@ -773,6 +773,8 @@ impl Coordinator {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             roster,
             stun_servers: self.stun_servers(conn),
+            // Filled in by the relay integration (`--relay`, `--relay-url`).
+            relays: Vec::new(),
         })
     }
 
@@ -848,6 +850,7 @@ impl Coordinator {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             reflexive_endpoint: reflexive,
             stun_servers: self.stun_servers(conn),
+            relays: Vec::new(),
         })
     }
 

@@ -54,6 +54,7 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         reflexive_endpoint: ep,
         mapped_endpoints: vec![],
         nat: Default::default(),
+        home_relay: None,
         hosted_app_ulas: vec![],
         ports: PortRules {
             outbound: vec![PortRange::ALL],
@@ -117,6 +118,7 @@ async fn serve(
                         heartbeat_interval_secs: 5,
                         roster: forged_roster(),
                         stun_servers: vec![],
+                        relays: vec![],
                     })
                     .expect("the answer serializes"),
                 ),
@@ -125,6 +127,7 @@ async fn serve(
                         heartbeat_interval_secs: 5,
                         reflexive_endpoint: peer,
                         stun_servers: vec![],
+                        relays: vec![],
                     })
                     .expect("the answer serializes"),
                 ),

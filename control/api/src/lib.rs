@@ -130,6 +130,20 @@ pub struct RegisterResponse {
     /// Empty when the coordinator runs none (`--stun-bind off`) or is older.
     #[serde(default)]
     pub stun_servers: Vec<SocketAddr>,
+    /// The relays this mesh offers (the coordinator's own with `--relay`, then each
+    /// `--relay-url`). Empty when it runs none or is older.
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+}
+
+/// One relay a coordinator advertises.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// `https://HOST:PORT`: TLS over TCP (the stream transport, after `Upgrade:
+    /// tabbify-relay`) and UDP (the datagram transport) on the same port. `HOST` is the
+    /// TLS server name the relay's certificate carries. Also the relay's identity in
+    /// heartbeats and rosters (`home_relay`).
+    pub url: String,
 }
 
 /// `POST /v1/mesh/heartbeat`: liveness plus the current endpoints and hosted apps.
@@ -150,6 +164,23 @@ pub struct HeartbeatRequest {
     /// How this node's NAT maps its WireGuard socket, from its STUN probe.
     #[serde(default)]
     pub nat: NatClass,
+    /// The URL of this node's home relay (one of the advertised [`RelayInfo::url`]s, the
+    /// one with the lowest measured latency), where peers reach it when no direct path
+    /// works. `None`: no relay session (none advertised, or none reachable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<String>,
+    /// How many of this node's peers it reaches directly and how many through a relay.
+    #[serde(default)]
+    pub paths: PathCounts,
+}
+
+/// How many peers a node reaches by each path (from its heartbeat).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathCounts {
+    /// Peers whose traffic goes straight to a UDP endpoint of theirs.
+    pub direct: u32,
+    /// Peers whose traffic goes through a relay.
+    pub relay: u32,
 }
 
 /// The most mapped endpoints a heartbeat may report.
@@ -197,6 +228,9 @@ pub struct HeartbeatResponse {
     /// The coordinator's STUN servers, as in [`RegisterResponse::stun_servers`].
     #[serde(default)]
     pub stun_servers: Vec<SocketAddr>,
+    /// The relays, as in [`RegisterResponse::relays`].
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
 }
 
 /// A port range, both ends inclusive.
@@ -303,6 +337,10 @@ pub struct RosterEntry {
     /// The peer's NAT class, from its heartbeat.
     #[serde(default)]
     pub nat: NatClass,
+    /// The peer's home relay URL, from its heartbeat: reach it there (look up its public
+    /// key) when no direct path works.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<String>,
     /// App ULAs this peer hosts; route them to this peer.
     pub hosted_app_ulas: Vec<Ipv6Addr>,
     /// The ACL between the viewer and this peer, for the data-plane filter.
@@ -645,6 +683,7 @@ pub(crate) mod tests {
             reflexive_endpoint: "203.0.113.5:51820".parse().unwrap(),
             mapped_endpoints: vec![],
             nat: NatClass::Unknown,
+            home_relay: None,
             hosted_app_ulas: vec!["fd5a:1f02:1:2:3::1".parse().unwrap()],
             ports: PortRules {
                 outbound: vec![PortRange::ALL],

@@ -589,6 +589,9 @@ impl Joiner {
             hosted_app_ulas,
             mapped_endpoints,
             nat,
+            // Filled in by the joiner's relay sessions and path selection.
+            home_relay: None,
+            paths: api::PathCounts::default(),
         };
         self.client.post(api::PATH_HEARTBEAT, &req).await
     }

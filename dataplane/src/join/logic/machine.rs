@@ -989,6 +989,7 @@ mod tests {
             reflexive_endpoint: ep,
             mapped_endpoints: vec![],
             nat: Default::default(),
+            home_relay: None,
             hosted_app_ulas: vec![],
             ports: PortRules {
                 outbound: vec![PortRange::ALL],
@@ -1026,6 +1027,7 @@ mod tests {
             heartbeat_interval_secs: 10,
             roster,
             stun_servers: vec![],
+            relays: vec![],
         }
     }
 
@@ -1034,6 +1036,7 @@ mod tests {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive.parse().unwrap(),
             stun_servers: vec![],
+            relays: vec![],
         }
     }
 

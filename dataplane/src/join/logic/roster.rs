@@ -649,6 +649,7 @@ mod tests {
             reflexive_endpoint: refl.parse().unwrap(),
             mapped_endpoints: vec![],
             nat: Default::default(),
+            home_relay: None,
             hosted_app_ulas: vec![],
             ports: PortRules {
                 outbound: vec![PortRange {
