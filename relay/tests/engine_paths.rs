@@ -398,7 +398,16 @@ fn setup(ns: &Namespaces, tag: &str) -> Setup {
 fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
     let ns = namespaces("up");
     let s = setup(&ns, "up");
+    // The control side's handshake (`initiate`) follows the path: through the relay, and
+    // the answer comes back through it.
     let r0 = s.relayed_frames();
+    assert!(s.a.engine.handshaker().initiate(&s.ab).unwrap());
+    wait_for("initiation and response through the relay", || {
+        s.relayed_frames() >= r0 + 2
+    });
+    wait_for("B's relay receipt", || {
+        s.ba.stats.last_relay_rx_ns.load(Ordering::Relaxed) > 0
+    });
     ping(&s.sa, &s.sb, "a to b over the relay");
     ping(&s.sb, &s.sa, "b to a over the relay");
     assert!(
