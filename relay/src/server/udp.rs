@@ -239,11 +239,11 @@ fn handle(shared: &Shared, d: &mut [u8], src: SocketAddr, seg: Option<u16>, out:
     let mut reg = shared.reg();
     for dg in d.chunks_mut(seg) {
         match proto::classify(dg) {
-            Kind::Frame => match reg.forward_udp(src, dg, now) {
+            Kind::RelayFrame => match reg.forward_udp(src, dg, now) {
                 Ok(super::core::Deliver::Udp(a)) => out.push(a, dg),
                 other => deliver(shared, other, dg, false),
             },
-            Kind::Control => match Control::parse(dg) {
+            Kind::RelayControl => match Control::parse(dg) {
                 Ok(Control::Bind { handle, cookie }) => match reg.bind(src, handle, &cookie, now) {
                     Ok(()) => out.push(src, &Control::BindAck { handle }.encode()),
                     Err(e) => shared.metrics.drop(e, 1),
