@@ -1,7 +1,7 @@
 //! The mesh's wire types, shared by the coordinator, the joiner, the edge and the tests:
 //! every request, response, roster entry and SSE event of the coordinator's JSON API
 //! (this file and [`sse`]), the derived addresses ([`ula`]), the joiner's local control
-//! socket ([`local`]), the STUN codec ([`stun`]) and, with the `tls` feature, the client side of the mesh's TLS
+//! socket ([`local`]), the STUN codec ([`stun`]) and its per-source answer limit ([`stun_limit`]) and, with the `tls` feature, the client side of the mesh's TLS
 //! ([`tls`]).
 //!
 //! This crate holds no server, CA or certificate-parsing code: a client links only this.
@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 pub mod local;
 pub mod sse;
 pub mod stun;
+pub mod stun_limit;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod ula;
