@@ -61,6 +61,8 @@ pub struct Metrics {
     /// STUN requests not answered: their source was over its answer rate
     /// ([`tabbify_api::stun_limit`]).
     pub stun_rate_limited: AtomicU64,
+    /// Relay tokens minted.
+    pub relay_tokens: AtomicU64,
 }
 
 /// Gauges read from the live state at render time.
@@ -276,6 +278,12 @@ impl Metrics {
             "counter",
             "STUN requests not answered because their source was over its answer rate.",
             c(&self.stun_rate_limited),
+        );
+        line(
+            "relay_tokens_total",
+            "counter",
+            "Relay tokens minted (POST /v1/relay/token).",
+            c(&self.relay_tokens),
         );
         out
     }
