@@ -6,7 +6,8 @@
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
 //!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
-//!     [--relay [--relay-bind ADDR] [--relay-public-url URL]] [--relay-url URL]...
+//!     [--relay [--relay-bind ADDR] [--relay-public-url URL] [--relay-metrics-bind ADDR]]
+//!     [--relay-url URL]...
 //!     [--insecure-no-mtls]
 //! ```
 //!
@@ -113,6 +114,10 @@ struct Cli {
     /// coordinator, with the relay's port.
     #[arg(long, value_name = "URL", requires = "relay")]
     relay_public_url: Option<String>,
+    /// Where the in-process relay serves its own `/metrics` (plain HTTP; keep it on
+    /// loopback or a private network). Default: not served.
+    #[arg(long, value_name = "ADDR", requires = "relay")]
+    relay_metrics_bind: Option<SocketAddr>,
     /// Another relay to advertise (`https://HOST:PORT`, repeatable), after the own one.
     #[arg(long = "relay-url", value_name = "URL")]
     relay_urls: Vec<String>,
@@ -239,7 +244,7 @@ fn main() -> anyhow::Result<()> {
             let relay = tabbify_relay::server::Relay::start_with_token_key(
                 tabbify_relay::server::Config {
                     listen,
-                    metrics: None,
+                    metrics: cli.relay_metrics_bind,
                     tls,
                     limits: tabbify_relay::server::core::Limits::default(),
                 },
