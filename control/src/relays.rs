@@ -9,11 +9,12 @@
 //!
 //! The own relay's URL is `--relay-public-url` when given; otherwise it is derived per
 //! request from the HTTP `Host` the client used to reach the coordinator (its host part)
-//! and the relay's port: the coordinator's certificate already carries that name (the
-//! client verified it), and the in-process relay serves the same certificate. Invariants:
-//! a derived URL is built only from a syntactically valid host (DNS name or IP literal);
-//! a request without a usable `Host` gets no own relay in its answer (and cannot name it as
-//! `home_relay`).
+//! and the relay's port, when that host is one of the names of the coordinator's
+//! certificate (which the in-process relay also serves). Invariants: a derived URL is built
+//! only from a host among those names, so a member cannot make the coordinator advertise,
+//! or accept as its `home_relay`, a host of its choosing by sending a forged `Host` header
+//! (other members would then be told to connect there); a request without a usable `Host`
+//! gets no own relay in its answer (and cannot name it as `home_relay`).
 
 use std::net::IpAddr;
 
@@ -35,10 +36,14 @@ pub struct Relays {
 pub enum OwnRelay {
     /// `--relay-public-url`, normalised.
     Public(String),
-    /// The request's `Host` name with this port (the port the relay is bound to).
+    /// The request's `Host` name with this port (the port the relay is bound to), if the
+    /// name is one of `names`.
     FromHost {
         /// The relay's TCP/UDP port.
         port: u16,
+        /// The names the relay's certificate carries (normalised: lower-case DNS names, IP
+        /// addresses as Rust prints them); [`cert_names`].
+        names: Vec<String>,
     },
 }
 
@@ -49,7 +54,9 @@ impl Relays {
         let own = match &self.own {
             None => None,
             Some(OwnRelay::Public(u)) => Some(u.clone()),
-            Some(OwnRelay::FromHost { port }) => host_of(headers).map(|h| url(&h, *port)),
+            Some(OwnRelay::FromHost { port, names }) => host_of(headers)
+                .filter(|h| names.contains(h))
+                .map(|h| url(&h, *port)),
         };
         let mut out: Vec<RelayInfo> = Vec::new();
         for u in own.into_iter().chain(self.others.iter().cloned()) {
@@ -97,6 +104,38 @@ pub fn parse_url(flag: &str, s: &str) -> Result<String, String> {
         Some(h) => Ok(url(&h, port)),
         None => bad("the host must be a DNS name or an IP address"),
     }
+}
+
+/// The DNS and IP subject alternative names of the first certificate in `cert_pem`,
+/// normalised as [`OwnRelay::FromHost::names`] wants them (empty if it does not parse).
+pub fn cert_names(cert_pem: &str) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Some(Ok(der)) = rustls_pemfile::certs(&mut cert_pem.as_bytes()).next() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => valid_host(d),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b)
+                    .ok()
+                    .map(|a| IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b)
+                    .ok()
+                    .map(|a| IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// `https://HOST:PORT` with an IPv6 host in brackets.
@@ -177,7 +216,10 @@ mod tests {
     #[test]
     fn own_relay_first_from_the_host_header_then_the_others() {
         let r = Relays {
-            own: Some(OwnRelay::FromHost { port: 8445 }),
+            own: Some(OwnRelay::FromHost {
+                port: 8445,
+                names: vec!["coord.example".into(), "::1".into()],
+            }),
             others: vec![
                 "https://b.example:443".into(),
                 "https://b.example:443".into(),
@@ -192,9 +234,26 @@ mod tests {
         );
         h.insert(http::header::HOST, "[::1]:8443".parse().unwrap());
         assert_eq!(r.advertised(&h)[0].url, "https://[::1]:8445");
-        // No or a forged Host: the own relay is left out, the others stay.
-        h.insert(http::header::HOST, "evil/x:1".parse().unwrap());
-        assert_eq!(r.advertised(&h).len(), 1);
+        // No, a malformed or a foreign Host: the own relay is left out, the others stay.
+        for forged in ["evil/x:1", "evil.example:8443", "127.0.0.1:8443"] {
+            h.insert(http::header::HOST, forged.parse().unwrap());
+            assert_eq!(r.advertised(&h).len(), 1, "{forged}");
+        }
         assert_eq!(r.advertised(&HeaderMap::new()).len(), 1);
+    }
+
+    #[test]
+    fn certificate_names_are_read_and_normalised() {
+        let ca = crate::ca::Ca::generate("t", crate::ca::Validity::days_from_now(1)).unwrap();
+        let c = ca
+            .issue_coordinator(
+                "Coord.Example",
+                &["10.0.0.1".into(), "2001:db8::1".into()],
+                crate::ca::Validity::days_from_now(1),
+            )
+            .unwrap();
+        let names = cert_names(&c.cert_pem);
+        assert_eq!(names, ["coord.example", "10.0.0.1", "2001:db8::1"]);
+        assert!(cert_names("not a pem").is_empty());
     }
 }

@@ -57,7 +57,10 @@ fn urls(v: &Value) -> Vec<String> {
 
 fn relays() -> Relays {
     Relays {
-        own: Some(OwnRelay::FromHost { port: 8445 }),
+        own: Some(OwnRelay::FromHost {
+            port: 8445,
+            names: vec!["127.0.0.1".into()],
+        }),
         others: vec!["https://relay2.example:443".into()],
     }
 }

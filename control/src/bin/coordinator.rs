@@ -256,6 +256,7 @@ fn main() -> anyhow::Result<()> {
                 Some(u) => relays::OwnRelay::Public(u),
                 None => relays::OwnRelay::FromHost {
                     port: relay.addr.port(),
+                    names: relays::cert_names(&read(cert)?),
                 },
             });
             println!("relay on {}", relay.addr);
