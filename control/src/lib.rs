@@ -3,8 +3,8 @@
 //! The wire types it shares with the joiner, the edge and the tests live in the
 //! `tabbify-api` crate (`control/api/`), re-exported here as [`api`] and [`ula`]; clients
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
-//! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
-//! [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
+//! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`],
+//! [`storage`] (its SQLite and PostgreSQL engines) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
 //! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`ca`]
 //! (certificates).
 #![forbid(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod ports;
 pub mod registry;
 pub mod server;
 pub mod sse;
+pub mod storage;
 pub mod store;
 pub mod stun;
 pub mod tls;

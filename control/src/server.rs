@@ -17,8 +17,9 @@
 //!
 //! Locking: one `RwLock` over the registry and the store, never held across an await.
 //! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
-//! update, at most a few fsyncs of the state log, and one broadcast send, which keeps the
-//! event order equal to the id order.
+//! update, at most a few database commits (each durable before the request is answered;
+//! see [`crate::store`]), and one broadcast send, which keeps the event order equal to the
+//! id order.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -99,8 +100,11 @@ pub struct Config {
     /// be in it (a narrowing, never a grant). Without mTLS (loopback development) the
     /// identity header must name an entry of this list.
     pub admins: BTreeSet<String>,
-    /// Directory of the state log; `None` keeps state in memory.
+    /// Directory of the SQLite database `state.db` (and of a `state.log` to import);
+    /// `None` with no `database` keeps state in memory.
     pub state_dir: Option<PathBuf>,
+    /// The database, when not SQLite under `state_dir` (`--database postgres://…`).
+    pub database: Option<crate::storage::Database>,
     /// The policy from `--policy-file`.
     pub policy: PolicyDocument,
     /// blake3 (hex) of the policy file's bytes.
@@ -143,6 +147,7 @@ impl Config {
         Self {
             admins: BTreeSet::new(),
             state_dir: None,
+            database: None,
             policy,
             policy_file_hash,
             auth: None,
@@ -225,11 +230,14 @@ impl Coordinator {
     /// Opens the store, settles the policy (the stored one unless the policy file changed
     /// since it was recorded) and builds an empty roster.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StartError> {
-        let mut store = match &config.state_dir {
-            Some(dir) => Store::open(dir)?,
-            None => Store::in_memory(),
+        let now_secs = clock.now_ms() / 1000;
+        let mut store = match (&config.database, &config.state_dir) {
+            (Some(db), dir) => Store::open_database(db, dir.as_deref(), now_secs)?,
+            (None, Some(dir)) => Store::open(dir, now_secs)?,
+            (None, None) => Store::in_memory(),
         };
-        store.prune_tokens(clock.now_ms() / 1000);
+        tracing::info!(engine = store.engine_name(), "state store open");
+        store.prune_tokens(now_secs)?;
         let (revision, doc) = match store.policy() {
             Some(p) if p.file_hash == config.policy_file_hash => (p.revision, p.document.clone()),
             stored => {

@@ -427,3 +427,14 @@ impl EventStream {
         (id, SseEvent::parse(&f.event, &f.data).unwrap())
     }
 }
+
+/// Every file of a state directory (the database and its WAL), as lossy text: for checks
+/// of what reached the disk.
+pub fn state_text(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        out.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    out
+}
