@@ -750,11 +750,8 @@ impl Coordinator {
         updated.display_name = display_name.clone();
         updated.tags = tags.clone();
         core.store
-            .put_identity(&identity, updated)
+            .admit(&identity, updated, spend.as_deref())
             .map_err(internal)?;
-        if let Some(hash) = spend {
-            core.store.use_token(&hash).map_err(internal)?;
-        }
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
         let rec = core.registry.upsert(
             NewPeer {

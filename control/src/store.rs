@@ -353,12 +353,31 @@ impl Store {
 
     /// Counts one use of a token.
     pub fn use_token(&mut self, hash: &str) -> Result<(), StoreError> {
-        let Some(t) = self.tokens.get(hash) else {
-            return Ok(());
-        };
-        let mut t = t.clone();
+        let changes = self.token_use(hash).into_iter().collect();
+        self.commit(changes)
+    }
+
+    fn token_use(&self, hash: &str) -> Option<Change> {
+        let mut t = self.tokens.get(hash)?.clone();
         t.uses = t.uses.saturating_add(1);
-        self.commit(vec![Change::Token(hash.to_owned(), t)])
+        Some(Change::Token(hash.to_owned(), t))
+    }
+
+    /// An admission: replaces the record of `identity` (as [`Store::put_identity`]) and
+    /// counts one use of the token `spend`, in one transaction, so a crash never leaves an
+    /// admission whose token use was not counted.
+    pub fn admit(
+        &mut self,
+        identity: &str,
+        record: IdentityRecord,
+        spend: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut changes: Vec<Change> = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        changes.extend(spend.and_then(|h| self.token_use(h)));
+        self.commit(changes)
     }
 
     /// Every token, by hash.
@@ -393,8 +412,22 @@ impl Store {
         identity: &str,
         record: IdentityRecord,
     ) -> Result<(), StoreError> {
+        let changes = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        self.commit(changes)
+    }
+
+    /// The change that stores `record` for `identity` (`None`: it is stored already), or
+    /// the refusal of a record that would take another identity's key.
+    fn identity_change(
+        &self,
+        identity: &str,
+        record: IdentityRecord,
+    ) -> Result<Option<Change>, StoreError> {
         if self.identities.get(identity) == Some(&record) {
-            return Ok(());
+            return Ok(None);
         }
         let foreign = record
             .key
@@ -416,7 +449,7 @@ impl Store {
                 }
             }
         }
-        self.commit(vec![Change::Identity(identity.to_owned(), record)])
+        Ok(Some(Change::Identity(identity.to_owned(), record)))
     }
 
     /// Whether `key` (base64) was revoked by a pre-identity log without a known identity.
@@ -464,6 +497,9 @@ impl Store {
     /// Writes `changes` in one transaction, then applies them in memory; on a failed
     /// commit nothing changes.
     fn commit(&mut self, changes: Vec<Change>) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         if let Some(engine) = self.engine.as_mut() {
             storage::commit(engine.as_mut(), &changes)?;
         }
@@ -662,6 +698,7 @@ mod tests {
         assert!(s.put_token("h2".into(), token()).is_err());
         assert!(s.use_token("h1").is_err());
         assert!(s.put_identity("n", ident("K")).is_err());
+        assert!(s.admit("n", ident("K"), Some("h1")).is_err());
         assert!(s.token("h2").is_none());
         assert_eq!(s.token("h1").unwrap().uses, 0);
         assert!(s.identity("n").is_none() && s.owner_of_key("K").is_none());

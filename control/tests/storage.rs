@@ -98,6 +98,8 @@ fn store_semantics(open: &dyn Fn() -> Store) {
     let mut n2 = ident("B1", &[]);
     n2.set_key(None, 50);
     s.put_identity("n2", n2).unwrap();
+    // An admission and its token use: one transaction.
+    s.admit("n3", ident("C1", &["node"]), Some("t1")).unwrap();
     s.set_policy(StoredPolicy {
         revision: 1,
         file_hash: "h1".into(),
@@ -132,7 +134,8 @@ fn store_semantics(open: &dyn Fn() -> Store) {
     assert_eq!(sorted_tokens(&s), before_tokens);
     assert_eq!(s.identities(), &before_ids);
     let t1 = s.token("t1").unwrap();
-    assert_eq!((t1.uses, t1.identity.as_deref()), (2, Some("bound")));
+    assert_eq!((t1.uses, t1.identity.as_deref()), (3, Some("bound")));
+    assert_eq!(s.owner_of_key("C1"), Some("n3"));
     assert!(s.token("t2").is_none());
     let n1r = s.identity("n1").unwrap();
     assert_eq!(n1r.key.as_deref(), Some("A3"));
