@@ -4,7 +4,8 @@
 //! `tabbify-api` crate (`control/api/`), re-exported here as [`api`] and [`ula`]; clients
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
 //! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`],
-//! [`storage`] (its SQLite and PostgreSQL engines) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
+//! [`storage`] (its SQLite and PostgreSQL engines), [`follow`] (other coordinators'
+//! changes on a shared database) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
 //! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`ca`]
 //! (certificates).
 #![forbid(unsafe_code)]
@@ -14,6 +15,7 @@ pub mod auth;
 pub mod ca;
 pub mod clock;
 pub mod error;
+pub mod follow;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;

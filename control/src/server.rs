@@ -351,6 +351,60 @@ impl Coordinator {
         }
     }
 
+    /// Applies what other coordinators on the same database committed since the last
+    /// call (see [`crate::follow`]): their policy goes into force here (one `policy`
+    /// event on every stream), and a peer here whose identity they revoked, or whose key
+    /// they cleared or rotated, leaves the rosters. Returns how many changes were applied.
+    pub fn catch_up(&self) -> Result<usize, crate::store::StoreError> {
+        use crate::storage::Change;
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let changes = core.store.catch_up()?;
+        for c in &changes {
+            match c {
+                // Two coordinators changing the policy at once may both write the same
+                // revision; the later commit wins everywhere.
+                Change::Policy(p) if p.revision >= core.registry.revision() => {
+                    match Policy::compile(p.document.clone()) {
+                        Ok(policy) => {
+                            core.registry.set_policy(Arc::new(policy), p.revision);
+                            Metrics::inc(&self.metrics.policy_changes);
+                            tracing::info!(
+                                revision = p.revision,
+                                "policy changed by another coordinator"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(revision = p.revision, error = %e, "another coordinator stored a policy this one cannot compile; keeping the current one")
+                        }
+                    }
+                }
+                Change::Identity(cn, record) => {
+                    let id = ula::identity_peer_id(cn);
+                    let Some(key) = core.registry.peer(&id).map(|p| p.key_b64.clone()) else {
+                        continue;
+                    };
+                    if record.revoked_at.is_some() {
+                        core.registry.remove(&id, "revoked");
+                    } else if record.key.as_deref() != Some(key.as_str()) {
+                        core.registry.remove(&id, "key_cleared");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(changes.len())
+    }
+
+    /// Has the store call `on_change` when other coordinators may have committed
+    /// changes; `false` without a shared database.
+    pub fn watch_database(
+        &self,
+        on_change: Box<dyn Fn() + Send>,
+    ) -> Result<bool, crate::store::StoreError> {
+        self.read().store.watch(on_change)
+    }
+
     /// Runs [`Self::sweep`] every half heartbeat interval and [`Self::flush`] every
     /// [`FLUSH_PERIOD`] until the coordinator is dropped.
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -741,6 +795,13 @@ impl Coordinator {
         }
         let internal = |e: crate::store::StoreError| match e {
             crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
+            // Another coordinator on the same database spent the token or bound the key
+            // first; nothing was written. A retry sees its change.
+            crate::store::StoreError::Storage(crate::storage::StorageError::Conflict {
+                ..
+            }) => ApiError::Conflict(
+                "another coordinator changed this token or key at the same time; retry".into(),
+            ),
             e => ApiError::Internal(e.to_string()),
         };
         let mut updated = record.clone().unwrap_or_default();

@@ -221,7 +221,7 @@ enum Record {
 
 /// A key revoked by a log written before revocation was per identity, whose identity
 /// the log does not name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokedKey {
     /// The peer id it had.
     pub peer_id: String,
@@ -240,6 +240,8 @@ pub struct Store {
     key_owner: HashMap<String, String>,
     revoked_keys: BTreeMap<String, RevokedKey>,
     policy: Option<StoredPolicy>,
+    /// The newest change-log entry applied (engines with a change log).
+    last_change: i64,
 }
 
 impl Store {
@@ -252,6 +254,7 @@ impl Store {
             key_owner: HashMap::new(),
             revoked_keys: BTreeMap::new(),
             policy: None,
+            last_change: 0,
         }
     }
 
@@ -269,15 +272,67 @@ impl Store {
         now_secs: u64,
     ) -> Result<Self, StoreError> {
         let mut engine = database.open(now_secs)?;
+        // Read the change log's end before the tables: a change committed in between is
+        // then applied again by `catch_up`, which is harmless (every change is a whole row).
+        let mut last_change = storage::last_change_id(engine.as_mut())?;
         let mut snapshot = storage::load(engine.as_mut())?;
         if let Some(dir) = legacy_dir {
             if import_log(engine.as_mut(), &snapshot, dir, now_secs)? {
+                last_change = storage::last_change_id(engine.as_mut())?;
                 snapshot = storage::load(engine.as_mut())?;
             }
         }
         let mut store = Self::from_snapshot(snapshot);
         store.engine = Some(engine);
+        store.last_change = last_change;
         Ok(store)
+    }
+
+    /// Applies the change-log entries committed since the last call (or since open) and
+    /// returns those other coordinators made, oldest first, for the caller to act on
+    /// (rosters, policy). Without a change log (SQLite, memory): nothing. Call it under
+    /// the same lock as the writes, so no own write interleaves.
+    pub fn catch_up(&mut self) -> Result<Vec<Change>, StoreError> {
+        let Some(origin) = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.change_log_origin())
+            .map(str::to_owned)
+        else {
+            return Ok(Vec::new());
+        };
+        const BATCH: usize = 1000;
+        let mut applied = Vec::new();
+        while let Some(engine) = self.engine.as_mut() {
+            let entries = storage::changes_after(engine.as_mut(), self.last_change, BATCH)?;
+            let n = entries.len();
+            for (id, from, changes) in entries {
+                // Our own entries are applied again too (in log order that converges on
+                // the database's state, and covers a commit whose answer was lost), but
+                // only the others' are returned.
+                for c in changes {
+                    self.apply_change(c.clone());
+                    if from != origin {
+                        applied.push(c);
+                    }
+                }
+                self.last_change = id;
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Calls `on_change` (from another thread) when other coordinators may have committed
+    /// changes, and every few seconds; the caller then runs [`Store::catch_up`]. `false`
+    /// when the engine has no change log.
+    pub fn watch(&self, on_change: Box<dyn Fn() + Send>) -> Result<bool, StoreError> {
+        match &self.engine {
+            Some(e) => Ok(e.watch(on_change)?),
+            None => Ok(false),
+        }
     }
 
     /// The engine's name (`sqlite`, `postgres`), or `memory`.
@@ -360,7 +415,7 @@ impl Store {
     fn token_use(&self, hash: &str) -> Option<Change> {
         let mut t = self.tokens.get(hash)?.clone();
         t.uses = t.uses.saturating_add(1);
-        Some(Change::Token(hash.to_owned(), t))
+        Some(Change::SpendToken(hash.to_owned(), t))
     }
 
     /// An admission: replaces the record of `identity` (as [`Store::put_identity`]) and
@@ -511,7 +566,7 @@ impl Store {
 
     fn apply_change(&mut self, c: Change) {
         match c {
-            Change::Token(hash, t) => {
+            Change::Token(hash, t) | Change::SpendToken(hash, t) => {
                 self.tokens.insert(hash, t);
             }
             Change::DeleteToken(hash) => {

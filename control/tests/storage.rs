@@ -177,11 +177,13 @@ fn database_refuses_a_second_owner(db: &Database) {
     let mut engine = db.open(1).unwrap();
     let steal = [
         Statement {
+            must_change: false,
             sql: "INSERT INTO identities (identity, key_since, display_name, tags) \
                   VALUES ('mallory', 0, 'm', '[]')",
             params: vec![],
         },
         Statement {
+            must_change: false,
             sql: "INSERT INTO identity_keys (key, identity, seq) VALUES (?1, ?2, ?3)",
             params: vec![
                 Value::Text("KEY".into()),
@@ -192,6 +194,7 @@ fn database_refuses_a_second_owner(db: &Database) {
     ];
     assert!(engine.transaction(&steal).is_err());
     let second_policy = [Statement {
+        must_change: false,
         sql: "INSERT INTO policy (id, revision, file_hash, document) VALUES (2, 1, 'x', '{}')",
         params: vec![],
     }];
@@ -498,4 +501,193 @@ fn a_bad_or_unreachable_database_refuses_to_start() {
     assert!(!format!("{db:?}").contains("secret"));
     let err = Store::open_database(&db, None, 1).unwrap_err().to_string();
     assert!(!err.contains("secret"), "{err}");
+}
+
+/// Two coordinators on one PostgreSQL database (slice 2 of issue 14, store-level): what an
+/// admin changes on one — the policy, a revocation, a token — is in force on the other
+/// through the change log and LISTEN/NOTIFY, without a restart: the other's SSE streams
+/// get the `policy` event and the revoked peer's `peer_remove`, and a token minted on one
+/// admits a member on the other. A member of the mesh cannot use the other coordinator to
+/// get around a revocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_on_one_postgres_follow_each_others_changes() {
+    use common::{key_for, register_body, Harness, Pki};
+    use tabbify_control::api::SseEvent;
+    let pg = pg();
+    let url = pg.create_database("follow").unwrap();
+    let pki = Pki::new();
+    let db = Database::Postgres(url);
+    let a = Harness::start_with_pki(pki.clone(), |c| c.database = Some(db.clone())).await;
+    let b = Harness::start_with_pki(pki, |c| c.database = Some(db.clone())).await;
+    let _fa = tabbify_control::follow::spawn(&a.coord).unwrap().unwrap();
+    let _fb = tabbify_control::follow::spawn(&b.coord).unwrap().unwrap();
+
+    // A token minted on A admits a member on B (once B has caught up: within a second).
+    let token = a.token(&["node"]).await;
+    let n1 = b.client("n1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let (st, v) = n1
+            .post(
+                "/v1/mesh/register",
+                register_body("n1", &key_for("n1"), &["node"], &token),
+            )
+            .await;
+        if st == 200 {
+            break;
+        }
+        assert_eq!(st, 401, "{v}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token minted on A unknown to B after 1 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Its use is counted on both: the single-use token is spent for A too.
+    let n9 = a.client("n9");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let (st, v) = n9
+            .post(
+                "/v1/mesh/register",
+                register_body("n9", &key_for("n9"), &["node"], &token),
+            )
+            .await;
+        assert_ne!(
+            st, 200,
+            "a spent single-use token admitted a second member on A: {v}"
+        );
+        if v["code"] == "token_used" {
+            break;
+        }
+        // Before A caught up: the database's compare-and-set refused the second use.
+        assert!(
+            v["code"] == "token_invalid" || v["code"] == "conflict",
+            "{v}"
+        );
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // A supervisor on B streams; the policy changed on A reaches it.
+    let s1 = b.join("s1", &["supervisor"]).await;
+    let mut stream = s1.client.stream(None).await;
+    let (_, first) = stream.next_event().await;
+    assert!(matches!(first, SseEvent::Snapshot(_)), "{first:?}");
+    let mut doc = common::policy();
+    doc.tags.push("added-on-a".into());
+    let (st, v) = a
+        .admin()
+        .put("/v1/policy", serde_json::to_value(&doc).unwrap())
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let revision = v["revision"].as_u64().unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let (_, ev) = stream.next_event().await;
+        if let SseEvent::Policy(p) = ev {
+            assert_eq!(p.policy_revision, revision);
+            break;
+        }
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "policy reached B's stream after {:?}",
+        started.elapsed()
+    );
+    let (_, p) = b.admin().get("/v1/policy").await;
+    assert_eq!(p["revision"].as_u64(), Some(revision));
+    assert!(p["policy"]["tags"].to_string().contains("added-on-a"));
+
+    // n1 (registered on B) is revoked on A: it leaves B's rosters and B refuses it.
+    let (st, v) = a.admin().delete("/v1/identities/n1").await;
+    assert_eq!(st, 200, "{v}");
+    let n1_id = tabbify_control::ula::identity_peer_id("n1");
+    loop {
+        let (_, ev) = stream.next_event().await;
+        if let SseEvent::PeerRemove(r) = ev {
+            assert_eq!(
+                (r.peer_id.as_str(), r.reason.as_str()),
+                (n1_id.as_str(), "revoked")
+            );
+            break;
+        }
+    }
+    let (st, v) = n1
+        .post(
+            "/v1/mesh/register",
+            register_body("n1", &key_for("n1"), &["node"], ""),
+        )
+        .await;
+    assert_eq!((st, v["code"].as_str()), (403, Some("revoked")), "{v}");
+    // And a third coordinator started now reads all of it at start.
+    let c = Harness::start_with_pki(a.pki.clone(), |c| c.database = Some(db.clone())).await;
+    let (_, p) = c.admin().get("/v1/policy").await;
+    assert_eq!(p["revision"].as_u64(), Some(revision));
+    let (st, _) = c
+        .client("n1")
+        .post(
+            "/v1/mesh/register",
+            register_body("n1", &key_for("n1"), &["node"], ""),
+        )
+        .await;
+    assert_eq!(st, 403);
+}
+
+/// Two coordinators writing from stale views of one PostgreSQL database: the database's
+/// compare-and-set refuses the second spend of a single-use token, and a key admitted
+/// on one can neither be bound to another identity by the other nor dropped from its
+/// identity by a stale rewrite. The attacker here is a member racing two coordinators.
+#[test]
+fn stale_coordinators_cannot_double_spend_a_token_or_move_a_key() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("race2").unwrap());
+    let mut a = Store::open_database(&db, None, 1).unwrap();
+    a.put_token(
+        "single".into(),
+        TokenRecord {
+            max_uses: 1,
+            ..token(0)
+        },
+    )
+    .unwrap();
+    let mut b = Store::open_database(&db, None, 1).unwrap();
+    assert_eq!(b.token("single").unwrap().uses, 0);
+    a.admit("m1", ident("KA", &[]), Some("single")).unwrap();
+    // B has not caught up: it believes the token unused and the key free.
+    let err = b.admit("m2", ident("KB", &[]), Some("single")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Storage(storage::StorageError::Conflict { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        b.identity("m2").is_none(),
+        "a refused admission is not applied"
+    );
+    let err = b.put_identity("m2", ident("KA", &[])).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Storage(storage::StorageError::Conflict { .. })
+        ),
+        "{err}"
+    );
+    // A stale rewrite of m1 (B never saw KA) keeps KA bound to m1.
+    b.put_identity("m1", ident("KC", &[])).unwrap();
+    // After catching up, B sees A's changes and refuses locally too.
+    let seen = b.catch_up().unwrap();
+    assert!(!seen.is_empty());
+    assert_eq!(b.token("single").unwrap().uses, 1);
+    assert_eq!(b.owner_of_key("KA"), Some("m1"));
+    drop((a, b));
+    let fresh = Store::open_database(&db, None, 2).unwrap();
+    let m1 = fresh.identity("m1").unwrap();
+    assert_eq!(m1.key.as_deref(), Some("KC"));
+    assert!(m1.past_keys.contains(&"KA".to_string()), "{m1:?}");
+    assert_eq!(fresh.owner_of_key("KA"), Some("m1"));
+    assert!(fresh.identity("m2").is_none());
+    assert_eq!(fresh.token("single").unwrap().uses, 1);
 }

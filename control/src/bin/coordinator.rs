@@ -192,6 +192,7 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(%local, mtls = tls_config.is_some(), stun = ?coordinator.config().stun_addrs, "coordinator started");
         let _sweeper = coordinator.spawn_sweeper();
+        let _follower = tabbify_control::follow::spawn(&coordinator)?;
         let acceptor = tls_config.map(server::acceptor);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

@@ -1,6 +1,8 @@
 //! The schema, as numbered migrations applied in order, each in one transaction with
 //! its row in `schema_migrations`. The same SQL runs on SQLite and PostgreSQL (only
-//! `TEXT` and `BIGINT` columns, `ON CONFLICT` upserts).
+//! `TEXT` and `BIGINT` columns, `ON CONFLICT` upserts), except migrations marked for one
+//! engine (the change log, which only PostgreSQL's several coordinators need); the other
+//! engine records their version without running them, so versions mean the same on both.
 //!
 //! Invariants: a migration, once released, never changes (add a new one instead); a
 //! database whose newest applied version is above [`LATEST`] was written by a newer
@@ -17,16 +19,20 @@ pub struct Migration {
     pub version: i64,
     /// What it does.
     pub name: &'static str,
+    /// The only engine it runs on (`None`: both).
+    pub engine: Option<&'static str>,
     /// Its DDL, one statement each.
     pub statements: &'static [&'static str],
 }
 
 /// Every migration, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tokens, identities and their keys, revoked keys, policy, meta",
-    statements: &[
-        "CREATE TABLE tokens (
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tokens, identities and their keys, revoked keys, policy, meta",
+        engine: None,
+        statements: &[
+            "CREATE TABLE tokens (
             hash TEXT PRIMARY KEY,
             tags TEXT NOT NULL,
             name TEXT,
@@ -36,38 +42,50 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             identity TEXT,
             created_at BIGINT NOT NULL
         )",
-        "CREATE TABLE identities (
+            "CREATE TABLE identities (
             identity TEXT PRIMARY KEY,
             key_since BIGINT NOT NULL,
             display_name TEXT NOT NULL,
             tags TEXT NOT NULL,
             revoked_at BIGINT
         )",
-        // Every key an identity holds (seq NULL) or held (seq = retirement order). The
-        // primary key makes a key belong to one identity for good.
-        "CREATE TABLE identity_keys (
+            // Every key an identity holds (seq NULL) or held (seq = retirement order). The
+            // primary key makes a key belong to one identity for good.
+            "CREATE TABLE identity_keys (
             key TEXT PRIMARY KEY,
             identity TEXT NOT NULL REFERENCES identities (identity),
             seq BIGINT
         )",
-        "CREATE INDEX identity_keys_by_identity ON identity_keys (identity)",
-        "CREATE TABLE revoked_keys (
+            "CREATE INDEX identity_keys_by_identity ON identity_keys (identity)",
+            "CREATE TABLE revoked_keys (
             key TEXT PRIMARY KEY,
             peer_id TEXT NOT NULL,
             at BIGINT NOT NULL
         )",
-        "CREATE TABLE policy (
+            "CREATE TABLE policy (
             id BIGINT PRIMARY KEY CHECK (id = 1),
             revision BIGINT NOT NULL,
             file_hash TEXT NOT NULL,
             document TEXT NOT NULL
         )",
-        "CREATE TABLE meta (
+            "CREATE TABLE meta (
             name TEXT PRIMARY KEY,
             value TEXT NOT NULL
         )",
-    ],
-}];
+        ],
+    },
+    Migration {
+        version: 2,
+        name: "change log: every committed change, in commit order, for the other coordinators",
+        engine: Some("postgres"),
+        statements: &["CREATE TABLE change_log (
+            id BIGSERIAL PRIMARY KEY,
+            origin TEXT NOT NULL,
+            body TEXT NOT NULL,
+            at BIGINT NOT NULL
+        )"],
+    },
+];
 
 /// The newest schema version this coordinator knows.
 pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -76,6 +94,7 @@ pub const LATEST: i64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
 /// whatever lock keeps other coordinators out meanwhile.
 pub fn apply(engine: &mut dyn Engine, now_secs: u64) -> Result<usize, StorageError> {
     engine.transaction(&[Statement {
+        must_change: false,
         sql: "CREATE TABLE IF NOT EXISTS schema_migrations (
             version BIGINT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -102,15 +121,19 @@ pub fn apply(engine: &mut dyn Engine, now_secs: u64) -> Result<usize, StorageErr
     }
     let mut ran = 0;
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let runs_here = m.engine.is_none_or(|e| e == engine.name());
         let mut statements: Vec<Statement> = m
             .statements
             .iter()
+            .filter(|_| runs_here)
             .map(|sql| Statement {
+                must_change: false,
                 sql,
                 params: vec![],
             })
             .collect();
         statements.push(Statement {
+            must_change: false,
             sql: "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
             params: vec![
                 Value::Int(m.version),

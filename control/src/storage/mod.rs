@@ -106,6 +106,15 @@ pub enum StorageError {
         /// What is wrong.
         message: String,
     },
+    /// A compare-and-set lost: another coordinator changed the row first; nothing of the
+    /// transaction was applied.
+    #[error("{engine}: {message}")]
+    Conflict {
+        /// `sqlite` or `postgres`.
+        engine: &'static str,
+        /// What conflicted.
+        message: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -136,13 +145,21 @@ pub struct Statement {
     pub sql: &'static str,
     /// The parameters, in placeholder order.
     pub params: Vec<Value>,
+    /// The statement must change at least one row, else the transaction fails with
+    /// [`StorageError::Conflict`] (a compare-and-set that lost to another writer).
+    pub must_change: bool,
 }
 
-/// One durable fact to write; a batch of them is one transaction.
-#[derive(Debug, Clone, PartialEq)]
+/// One durable fact to write; a batch of them is one transaction (and, on PostgreSQL,
+/// one row of the change log, as JSON).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "t", content = "c", rename_all = "snake_case")]
 pub enum Change {
     /// Insert or replace a token.
     Token(String, TokenRecord),
+    /// Count one use of a token: the token as it is after the use, written only if the
+    /// stored count is one less (so two coordinators cannot spend the same last use).
+    SpendToken(String, TokenRecord),
     /// Delete a token.
     DeleteToken(String),
     /// Delete every token that expired at or before these Unix seconds.
@@ -185,16 +202,109 @@ pub trait Engine: Send + fmt::Debug {
     /// Runs a query without parameters and returns its rows; each column is read as the
     /// type `columns` names (`Value::Int`/`Value::Text`, NULL as `NullInt`/`NullText`).
     fn query(&mut self, sql: &str, columns: &[Value]) -> Result<Vec<Vec<Value>>, StorageError>;
+    /// This process's name in the change log, if the engine keeps one (PostgreSQL: several
+    /// coordinators share the database and follow each other's changes through it).
+    fn change_log_origin(&self) -> Option<&str> {
+        None
+    }
+    /// Calls `on_change` (from another thread) whenever another process may have
+    /// committed changes, and at least every few seconds; `false` if the engine has no
+    /// change log to watch.
+    fn watch(&self, on_change: Box<dyn Fn() + Send>) -> Result<bool, StorageError> {
+        drop(on_change);
+        Ok(false)
+    }
 }
 
-/// Writes `changes` in one transaction.
+/// The channel `LISTEN`ed to for change-log notifications.
+pub const CHANGE_CHANNEL: &str = "tabbify_changes";
+
+/// Writes `changes` in one transaction. With a change log, the same transaction appends
+/// them to it (under a transaction-level advisory lock, so log ids are assigned in commit
+/// order and a follower reading "after id N" never skips a later-committing lower id) and
+/// notifies [`CHANGE_CHANNEL`] at commit.
 pub fn commit(engine: &mut dyn Engine, changes: &[Change]) -> Result<(), StorageError> {
     let name = engine.name();
     let mut statements = Vec::new();
+    let origin = engine.change_log_origin().map(str::to_owned);
+    if origin.is_some() {
+        statements.push(Statement {
+            must_change: false,
+            sql: "SELECT pg_advisory_xact_lock(7521028161258875250)",
+            params: vec![],
+        });
+    }
     for c in changes {
         statements_for(name, c, &mut statements)?;
     }
+    if let Some(origin) = origin {
+        let body = serde_json::to_string(changes).map_err(|e| StorageError::Engine {
+            engine: name,
+            message: format!("change log entry: {e}"),
+        })?;
+        statements.push(Statement {
+            must_change: false,
+            sql: "INSERT INTO change_log (origin, body, at) \
+                  VALUES (?1, ?2, CAST(EXTRACT(EPOCH FROM now()) AS BIGINT))",
+            params: vec![Value::Text(origin), Value::Text(body)],
+        });
+        statements.push(Statement {
+            must_change: false,
+            sql: "SELECT pg_notify('tabbify_changes', '')",
+            params: vec![],
+        });
+    }
     engine.transaction(&statements)
+}
+
+/// The newest change-log id (0 when empty or without a change log).
+pub fn last_change_id(engine: &mut dyn Engine) -> Result<i64, StorageError> {
+    if engine.change_log_origin().is_none() {
+        return Ok(0);
+    }
+    let rows = engine.query(
+        "SELECT COALESCE(MAX(id), 0) FROM change_log",
+        &[Value::Int(0)],
+    )?;
+    Ok(match rows.first().and_then(|r| r.first()) {
+        Some(Value::Int(v)) => *v,
+        _ => 0,
+    })
+}
+
+/// Change-log entries after id `after`, oldest first, at most `limit`: `(id, origin,
+/// changes)`.
+pub fn changes_after(
+    engine: &mut dyn Engine,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, String, Vec<Change>)>, StorageError> {
+    let name = engine.name();
+    let rows = engine.query(
+        &format!(
+            "SELECT id, origin, body FROM change_log WHERE id > {after} ORDER BY id LIMIT {limit}"
+        ),
+        &[
+            Value::Int(0),
+            Value::Text(String::new()),
+            Value::Text(String::new()),
+        ],
+    )?;
+    rows.into_iter()
+        .map(|r| match &r[..] {
+            [Value::Int(id), Value::Text(origin), Value::Text(body)] => {
+                let changes = serde_json::from_str(body).map_err(|e| StorageError::Corrupt {
+                    engine: name,
+                    message: format!("change log entry {id}: {e}"),
+                })?;
+                Ok((*id, origin.clone(), changes))
+            }
+            _ => Err(StorageError::Corrupt {
+                engine: name,
+                message: "change log: unexpected row".into(),
+            }),
+        })
+        .collect()
 }
 
 /// Reads everything durable.
@@ -351,6 +461,7 @@ fn statements_for(
     let opt = |s: &Option<String>| s.clone().map_or(Value::NullText, Value::Text);
     match change {
         Change::Token(hash, t) => out.push(Statement {
+            must_change: false,
             sql: "INSERT INTO tokens (hash, tags, name, expires_at, max_uses, uses, identity, \
                   created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
                   ON CONFLICT (hash) DO UPDATE SET tags = excluded.tags, name = excluded.name, \
@@ -368,16 +479,29 @@ fn statements_for(
                 int(t.created_at)?,
             ],
         }),
+        Change::SpendToken(hash, t) => out.push(Statement {
+            must_change: true,
+            sql: "UPDATE tokens SET uses = ?2 WHERE hash = ?1 AND uses = ?3 \
+                  AND (max_uses = 0 OR uses < max_uses)",
+            params: vec![
+                Value::Text(hash.clone()),
+                Value::Int(t.uses.into()),
+                Value::Int(t.uses.saturating_sub(1).into()),
+            ],
+        }),
         Change::DeleteToken(hash) => out.push(Statement {
+            must_change: false,
             sql: "DELETE FROM tokens WHERE hash = ?1",
             params: vec![Value::Text(hash.clone())],
         }),
         Change::PruneTokens(now) => out.push(Statement {
+            must_change: false,
             sql: "DELETE FROM tokens WHERE expires_at <= ?1",
             params: vec![int(*now)?],
         }),
         Change::Identity(identity, r) => {
             out.push(Statement {
+                must_change: false,
                 sql: "INSERT INTO identities (identity, key_since, display_name, tags, \
                       revoked_at) VALUES (?1, ?2, ?3, ?4, ?5) \
                       ON CONFLICT (identity) DO UPDATE SET key_since = excluded.key_since, \
@@ -394,34 +518,34 @@ fn statements_for(
                     },
                 ],
             });
-            // Keys never leave their identity, so rewriting this identity's rows never
-            // frees a key for another one: the primary key on `key` catches any attempt.
+            // Keys never leave their identity: rows are only added or re-ordered, never
+            // deleted, so a record written from a stale view (another coordinator admitted
+            // a key meanwhile) keeps that key bound as a retired one. The current key is
+            // demoted first, then the record's keys are upserted; an upsert of a key that
+            // another identity holds changes no row and fails the transaction.
             out.push(Statement {
-                sql: "DELETE FROM identity_keys WHERE identity = ?1",
+                must_change: false,
+                sql: "UPDATE identity_keys SET seq = -1 WHERE identity = ?1 AND seq IS NULL",
                 params: vec![Value::Text(identity.clone())],
             });
-            for (seq, k) in r.past_keys.iter().enumerate() {
+            let keys = r
+                .past_keys
+                .iter()
+                .enumerate()
+                .map(|(seq, k)| (k, Value::Int(seq as i64)))
+                .chain(r.key.iter().map(|k| (k, Value::NullInt)));
+            for (k, seq) in keys {
                 out.push(Statement {
-                    sql: "INSERT INTO identity_keys (key, identity, seq) VALUES (?1, ?2, ?3)",
-                    params: vec![
-                        Value::Text(k.clone()),
-                        Value::Text(identity.clone()),
-                        Value::Int(seq as i64),
-                    ],
-                });
-            }
-            if let Some(k) = &r.key {
-                out.push(Statement {
-                    sql: "INSERT INTO identity_keys (key, identity, seq) VALUES (?1, ?2, ?3)",
-                    params: vec![
-                        Value::Text(k.clone()),
-                        Value::Text(identity.clone()),
-                        Value::NullInt,
-                    ],
+                    must_change: true,
+                    sql: "INSERT INTO identity_keys (key, identity, seq) VALUES (?1, ?2, ?3) \
+                          ON CONFLICT (key) DO UPDATE SET seq = excluded.seq \
+                          WHERE identity_keys.identity = excluded.identity",
+                    params: vec![Value::Text(k.clone()), Value::Text(identity.clone()), seq],
                 });
             }
         }
         Change::RevokedKey(key, r) => out.push(Statement {
+            must_change: false,
             sql: "INSERT INTO revoked_keys (key, peer_id, at) VALUES (?1, ?2, ?3) \
                   ON CONFLICT (key) DO UPDATE SET peer_id = excluded.peer_id, at = excluded.at",
             params: vec![
@@ -431,10 +555,12 @@ fn statements_for(
             ],
         }),
         Change::DeleteRevokedKey(key) => out.push(Statement {
+            must_change: false,
             sql: "DELETE FROM revoked_keys WHERE key = ?1",
             params: vec![Value::Text(key.clone())],
         }),
         Change::Policy(p) => out.push(Statement {
+            must_change: false,
             sql: "INSERT INTO policy (id, revision, file_hash, document) VALUES (1, ?1, ?2, ?3) \
                   ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, \
                   file_hash = excluded.file_hash, document = excluded.document",
@@ -450,6 +576,7 @@ fn statements_for(
             ],
         }),
         Change::Meta(name, value) => out.push(Statement {
+            must_change: false,
             sql: "INSERT INTO meta (name, value) VALUES (?1, ?2) \
                   ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             params: vec![Value::Text(name.clone()), Value::Text(value.clone())],

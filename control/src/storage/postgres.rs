@@ -19,11 +19,13 @@
 //! connect.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{ToSql, Type};
 use postgres::{Client, NoTls};
 
@@ -47,6 +49,11 @@ enum Request {
 pub struct Postgres {
     requests: Mutex<Option<Sender<Request>>>,
     thread: Option<JoinHandle<()>>,
+    config: postgres::Config,
+    /// This process's name in the change log.
+    origin: String,
+    /// Set when dropped: the watch thread stops.
+    stop: Arc<AtomicBool>,
 }
 
 fn err(e: &postgres::Error) -> StorageError {
@@ -84,6 +91,7 @@ impl Postgres {
         config.keepalives_idle(Duration::from_secs(30));
         let (tx, rx) = mpsc::channel();
         let (ready, started) = mpsc::sync_channel(1);
+        let kept = config.clone();
         // Connecting runs the client's own runtime: on the connection thread too, since
         // the caller may be inside the coordinator's.
         let thread = std::thread::Builder::new()
@@ -109,6 +117,9 @@ impl Postgres {
         Ok(Self {
             requests: Mutex::new(Some(tx)),
             thread: Some(thread),
+            config: kept,
+            origin: uuid::Uuid::new_v4().to_string(),
+            stop: Arc::default(),
         })
     }
 
@@ -125,6 +136,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         // Closing the channel ends the thread's loop.
         self.requests
             .lock()
@@ -149,6 +161,61 @@ impl Engine for Postgres {
     fn query(&mut self, sql: &str, columns: &[Value]) -> Result<Vec<Vec<Value>>, StorageError> {
         let (sql, columns) = (sql.to_owned(), columns.to_vec());
         self.call(|r| Request::Query(sql, columns, r))
+    }
+
+    fn change_log_origin(&self) -> Option<&str> {
+        Some(&self.origin)
+    }
+
+    fn watch(&self, on_change: Box<dyn Fn() + Send>) -> Result<bool, StorageError> {
+        let (config, stop) = (self.config.clone(), self.stop.clone());
+        std::thread::Builder::new()
+            .name("tabbify-pg-listen".into())
+            .spawn(move || listen(&config, &stop, &*on_change))
+            .map_err(|e| StorageError::Engine {
+                engine: ENGINE,
+                message: format!("starting the listener thread: {e}"),
+            })?;
+        Ok(true)
+    }
+}
+
+/// How often the listener wakes its follower without a notification: a notification
+/// lost with a broken connection is caught up at the latest then.
+const POLL: Duration = Duration::from_secs(2);
+
+/// The listener thread: a connection of its own that `LISTEN`s to the change channel and
+/// calls `on_change` for every notification, after every (re)connect, and every
+/// [`POLL`]; reconnects after a second when the connection breaks; ends when `stop` is
+/// set.
+fn listen(config: &postgres::Config, stop: &AtomicBool, on_change: &dyn Fn()) {
+    while !stop.load(Ordering::Relaxed) {
+        let mut client = match config.connect(NoTls) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "change log listener: cannot connect; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = client.batch_execute(&format!("LISTEN {}", super::CHANGE_CHANNEL)) {
+            tracing::warn!(error = %e, "change log listener: LISTEN failed; retrying");
+            std::thread::sleep(Duration::from_secs(1));
+            continue;
+        }
+        on_change();
+        while !stop.load(Ordering::Relaxed) {
+            let next = client.notifications().timeout_iter(POLL).next();
+            match next {
+                Ok(Some(_)) => on_change(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "change log listener: connection lost");
+                    break;
+                }
+                Ok(None) if client.is_closed() => break,
+                Ok(None) => on_change(),
+            }
+        }
     }
 }
 
@@ -244,7 +311,13 @@ impl Conn {
                 .collect();
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref()).collect();
             let stmt = &self.prepared[s.sql];
-            tx.execute(stmt, &refs).map_err(|e| err(&e))?;
+            let n = tx.execute(stmt, &refs).map_err(|e| err(&e))?;
+            if s.must_change && n == 0 {
+                return Err(StorageError::Conflict {
+                    engine: ENGINE,
+                    message: format!("no row changed by `{}`", s.sql),
+                });
+            }
         }
         // Dropped without commit (an error above) = rolled back.
         tx.commit().map_err(|e| err(&e))

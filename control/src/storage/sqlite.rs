@@ -117,8 +117,15 @@ impl Engine for Sqlite {
             .map_err(err)?;
         for s in statements {
             let mut stmt = tx.prepare(s.sql).map_err(err)?;
-            stmt.execute(rusqlite::params_from_iter(s.params.iter().map(bind)))
+            let n = stmt
+                .execute(rusqlite::params_from_iter(s.params.iter().map(bind)))
                 .map_err(err)?;
+            if s.must_change && n == 0 {
+                return Err(StorageError::Conflict {
+                    engine: ENGINE,
+                    message: format!("no row changed by `{}`", s.sql),
+                });
+            }
         }
         tx.commit().map_err(err)
     }
