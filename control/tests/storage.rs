@@ -691,3 +691,36 @@ fn stale_coordinators_cannot_double_spend_a_token_or_move_a_key() {
     assert!(fresh.identity("m2").is_none());
     assert_eq!(fresh.token("single").unwrap().uses, 1);
 }
+
+/// Commit rate of each engine, for the report (ignored: a measurement, not a check).
+/// `cargo nextest run -p tabbify-control --test storage --run-ignored only commit_rate
+/// --no-capture`. The test cluster runs with `fsync=off`, so its figure is the
+/// round trips' cost, not a durable server's.
+#[test]
+#[ignore]
+fn commit_rate() {
+    fn run(name: &str, mut s: Store) {
+        let n = 500;
+        let started = std::time::Instant::now();
+        for i in 0..n {
+            s.put_token(format!("rate-{i}"), token(0)).unwrap();
+        }
+        let e = started.elapsed();
+        println!(
+            "{name}: {n} token commits in {e:?}: {:.0} commits/s, {:.2} ms each",
+            n as f64 / e.as_secs_f64(),
+            e.as_secs_f64() * 1000.0 / n as f64
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run(
+        "sqlite (synchronous=FULL, ext4)",
+        Store::open(dir.path(), 1).unwrap(),
+    );
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("rate").unwrap());
+    run(
+        "postgres (loopback TCP, fsync=off, change log on)",
+        Store::open_database(&db, None, 1).unwrap(),
+    );
+}

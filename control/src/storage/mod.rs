@@ -15,8 +15,14 @@
 //!   transaction with the server's `synchronous_commit`); a failed commit changes nothing.
 //!   The store applies a change to its in-memory view only after the commit returned, so
 //!   a change is durable before any request that made it is acknowledged.
-//! * A WireGuard key is the primary key of `identity_keys`: the database itself refuses to
-//!   bind a key to a second identity, whatever the coordinator's memory says.
+//! * A WireGuard key is the primary key of `identity_keys`, and its rows are only ever
+//!   added: the database itself refuses to bind a key to a second identity (the upsert
+//!   changes no row and the transaction fails with [`StorageError::Conflict`]), whatever
+//!   the coordinator's memory says, and a stale record never unbinds a key.
+//! * Spending a token is a compare-and-set on its use count, so coordinators sharing a
+//!   database cannot both spend its last use.
+//! * With a change log (PostgreSQL), each transaction also appends its changes as one
+//!   row, under a transaction-level advisory lock so that log ids follow commit order.
 //! * Integers are stored as signed 64-bit; a value above `i64::MAX` is refused, never
 //!   wrapped.
 
