@@ -724,3 +724,37 @@ fn commit_rate() {
         Store::open_database(&db, None, 1).unwrap(),
     );
 }
+
+/// The database goes away and comes back: writes meanwhile fail and change nothing, the
+/// connection is re-established by itself, and a second store following the change log
+/// catches up with what was written after the outage.
+#[test]
+fn a_postgres_outage_fails_writes_and_the_store_reconnects() {
+    let mut pg = pg();
+    let db = Database::Postgres(pg.create_database("outage").unwrap());
+    let mut a = Store::open_database(&db, None, 1).unwrap();
+    let mut b = Store::open_database(&db, None, 1).unwrap();
+    a.put_token("before".into(), token(0)).unwrap();
+    pg.stop().unwrap();
+    assert!(a.put_token("during".into(), token(0)).is_err());
+    assert!(a.token("during").is_none(), "a failed write is not applied");
+    pg.start_server().unwrap();
+    // The first request may find the old connection broken; the store reconnects.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(e) = a.put_token("after".into(), token(0)) {
+        assert!(std::time::Instant::now() < deadline, "no reconnect: {e}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match b.catch_up() {
+            Ok(_) if b.token("after").is_some() => break,
+            r => assert!(std::time::Instant::now() < deadline, "{r:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(b.token("before").is_some() && b.token("during").is_none());
+    drop((a, b));
+    let s = Store::open_database(&db, None, 2).unwrap();
+    assert!(s.token("after").is_some() && s.token("during").is_none());
+}
