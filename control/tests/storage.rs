@@ -758,3 +758,44 @@ fn a_postgres_outage_fails_writes_and_the_store_reconnects() {
     let s = Store::open_database(&db, None, 2).unwrap();
     assert!(s.token("after").is_some() && s.token("during").is_none());
 }
+
+/// The fuzz target's seed (`control/fuzz/corpus/change_log`) parses, round-trips, and
+/// becomes statements with their parameters; a value too large for a column is refused.
+#[test]
+fn change_log_entries_round_trip_and_become_statements() {
+    #[derive(Debug, Default)]
+    struct Recorder(Vec<Statement>);
+    impl storage::Engine for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+        fn transaction(&mut self, s: &[Statement]) -> Result<(), storage::StorageError> {
+            self.0.extend_from_slice(s);
+            Ok(())
+        }
+        fn query(
+            &mut self,
+            _: &str,
+            _: &[Value],
+        ) -> Result<Vec<Vec<Value>>, storage::StorageError> {
+            Ok(Vec::new())
+        }
+    }
+    let seed = include_str!("../fuzz/corpus/change_log/seed.json");
+    let changes: Vec<storage::Change> = serde_json::from_str(seed).unwrap();
+    assert_eq!(changes.len(), 9);
+    let again: Vec<storage::Change> =
+        serde_json::from_str(&serde_json::to_string(&changes).unwrap()).unwrap();
+    assert_eq!(again, changes);
+    let mut rec = Recorder::default();
+    storage::commit(&mut rec, &changes).unwrap();
+    for s in &rec.0 {
+        assert!(
+            (1..=s.params.len()).all(|i| s.sql.contains(&format!("?{i}"))),
+            "{}",
+            s.sql
+        );
+    }
+    let huge = vec![storage::Change::PruneTokens(u64::MAX)];
+    assert!(storage::commit(&mut Recorder::default(), &huge).is_err());
+}
