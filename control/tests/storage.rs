@@ -224,7 +224,9 @@ fn store_semantics_on_postgres() {
     let pg = pg();
     let db = Database::Postgres(pg.create_database("semantics").unwrap());
     store_semantics(&|| Store::open_database(&db, None, 1).unwrap());
-    let db = Database::Postgres(pg.create_database("tamper").unwrap());
+    // Over the unix socket (how coordinators in other network namespaces reach it).
+    pg.create_database("tamper").unwrap();
+    let db = Database::Postgres(pg.socket_url("tamper"));
     database_refuses_a_second_owner(&db);
 }
 

@@ -240,6 +240,23 @@ impl Postgres {
         format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// The URL of database `name` over the unix socket in the cluster's directory, which
+    /// works from any network namespace of this host.
+    pub fn socket_url(&self, name: &str) -> String {
+        let dir: String = self
+            .dir
+            .to_string_lossy()
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("postgres://{USER}@{dir}:{}/{name}", self.port)
+    }
+
     /// Runs `sql` with `psql` on database `name` and returns its unaligned output.
     pub fn psql(&self, name: &str, sql: &str) -> Result<String, String> {
         let out = check(
