@@ -793,17 +793,6 @@ impl Coordinator {
                 other.identity
             )));
         }
-        let internal = |e: crate::store::StoreError| match e {
-            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
-            // Another coordinator on the same database spent the token or bound the key
-            // first; nothing was written. A retry sees its change.
-            crate::store::StoreError::Storage(crate::storage::StorageError::Conflict {
-                ..
-            }) => ApiError::Conflict(
-                "another coordinator changed this token or key at the same time; retry".into(),
-            ),
-            e => ApiError::Internal(e.to_string()),
-        };
         let mut updated = record.clone().unwrap_or_default();
         if updated.key.as_deref() != Some(key_b64.as_str()) {
             updated.set_key(Some(key_b64.clone()), now_ms / 1000);
@@ -812,7 +801,7 @@ impl Coordinator {
         updated.tags = tags.clone();
         core.store
             .admit(&identity, updated, spend.as_deref())
-            .map_err(internal)?;
+            .map_err(ApiError::from)?;
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
         let rec = core.registry.upsert(
             NewPeer {
@@ -1049,7 +1038,7 @@ impl Coordinator {
                 file_hash,
                 document: doc.clone(),
             })
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         core.registry.set_policy(Arc::new(policy), revision);
         Metrics::inc(&self.metrics.policy_changes);
         audit(who, "policy.replace", &format!("revision {revision}"));
@@ -1108,7 +1097,7 @@ impl Coordinator {
                     created_at: now_secs,
                 },
             )
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         Metrics::inc(&self.metrics.tokens_minted);
         let token_id = tokens::id_of(&hash);
         audit(who, "token.mint", &format!("token {token_id}"));
@@ -1184,9 +1173,7 @@ impl Coordinator {
                 )))
             }
         };
-        core.store
-            .delete_token(&hash)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        core.store.delete_token(&hash).map_err(ApiError::from)?;
         audit(who, "token.delete", &format!("token {token_id}"));
         Ok(info)
     }
@@ -1280,10 +1267,9 @@ impl Coordinator {
         }
         let key_since = now_ms / 1000;
         record.set_key(Some(new_b64.clone()), key_since);
-        core.store.put_identity(&cn, record).map_err(|e| match e {
-            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
-            e => ApiError::Internal(e.to_string()),
-        })?;
+        core.store
+            .put_identity(&cn, record)
+            .map_err(ApiError::from)?;
         // Registered: one upsert with the new key. Not registered: the next registration
         // brings the new key.
         core.registry.rotate_key(&id, new, now_ms);
@@ -1325,7 +1311,7 @@ impl Coordinator {
             record.revoked_at = Some(at);
             core.store
                 .put_identity(cn, record.clone())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .map_err(ApiError::from)?;
             Metrics::inc(&self.metrics.revocations);
         }
         let id = ula::identity_peer_id(cn);
@@ -1349,7 +1335,7 @@ impl Coordinator {
         record.set_key(None, since);
         core.store
             .put_identity(cn, record.clone())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         audit(who, "identity.readmit", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1368,7 +1354,7 @@ impl Coordinator {
         record.set_key(None, since);
         core.store
             .put_identity(cn, record.clone())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         core.registry
             .remove(&ula::identity_peer_id(cn), "key_cleared");
         audit(who, "identity.clear_key", cn);
@@ -1402,7 +1388,7 @@ impl Coordinator {
                 self.write()
                     .store
                     .unrevoke_key(&key)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    .map_err(ApiError::from)?;
                 audit(who, "key.readmit", &key);
             }
             (None, None) => {

@@ -801,3 +801,46 @@ fn change_log_entries_round_trip_and_become_statements() {
     let huge = vec![storage::Change::PruneTokens(u64::MAX)];
     assert!(storage::commit(&mut Recorder::default(), &huge).is_err());
 }
+
+/// A coordinator whose PostgreSQL goes away keeps answering reads and heartbeats, refuses
+/// writes with 503 `unavailable` (nothing changes), and takes writes again once the
+/// database is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_without_its_database_serves_reads_and_refuses_writes_with_503() {
+    use common::Harness;
+    let mut pg = pg();
+    let db = Database::Postgres(pg.create_database("down").unwrap());
+    let h = Harness::start_with(|c| c.database = Some(db.clone())).await;
+    let n1 = h.join("n1", &["node"]).await;
+    let body = json!({"tags": ["node"], "ttl_secs": 60, "max_uses": 1});
+    let (_, before) = h.admin().get("/v1/tokens").await;
+    let stop = tokio::task::spawn_blocking(move || {
+        pg.stop().unwrap();
+        pg
+    });
+    let mut pg = stop.await.unwrap();
+    let (st, v) = h.admin().post("/v1/tokens", body.clone()).await;
+    assert_eq!((st, v["code"].as_str()), (503, Some("unavailable")), "{v}");
+    let (st, v) = h.admin().get("/v1/tokens").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v, before, "the refused token was not kept");
+    let (st, v) = h.admin().get("/v1/policy").await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = n1.heartbeat(json!({"endpoints": []})).await;
+    assert_eq!(st, 200, "heartbeats need no database: {v}");
+    let start = tokio::task::spawn_blocking(move || {
+        pg.start_server().unwrap();
+        pg
+    });
+    let _pg = start.await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (st, v) = h.admin().post("/v1/tokens", body.clone()).await;
+        if st == 200 {
+            break;
+        }
+        assert_eq!(st, 503, "{v}");
+        assert!(std::time::Instant::now() < deadline, "writes not back: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
