@@ -362,9 +362,12 @@ impl Coordinator {
         let changes = core.store.catch_up()?;
         for c in &changes {
             match c {
-                // Two coordinators changing the policy at once may both write the same
-                // revision; the later commit wins everywhere.
-                Change::Policy(p) if p.revision >= core.registry.revision() => {
+                // Revisions written by PUT /v1/policy are compare-and-set, so they only
+                // grow; coordinators starting with a changed policy file at once may both
+                // write the same one (with the same document).
+                Change::Policy(p) | Change::ReplacePolicy(p, _)
+                    if p.revision >= core.registry.revision() =>
+                {
                     match Policy::compile(p.document.clone()) {
                         Ok(policy) => {
                             core.registry.set_policy(Arc::new(policy), p.revision);
@@ -1027,17 +1030,23 @@ impl Coordinator {
             Policy::compile(doc.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut core = self.write();
         let revision = core.registry.revision() + 1;
+        let stored = core.store.policy().map(|p| p.revision);
         let file_hash = core
             .store
             .policy()
             .map(|p| p.file_hash.clone())
             .unwrap_or_else(|| self.config.policy_file_hash.clone());
+        // Compare-and-set on the stored revision: another coordinator on the same database
+        // that changed the policy meanwhile wins, and this request is a 409 to retry.
         core.store
-            .set_policy(StoredPolicy {
-                revision,
-                file_hash,
-                document: doc.clone(),
-            })
+            .replace_policy(
+                StoredPolicy {
+                    revision,
+                    file_hash,
+                    document: doc.clone(),
+                },
+                stored,
+            )
             .map_err(ApiError::from)?;
         core.registry.set_policy(Arc::new(policy), revision);
         Metrics::inc(&self.metrics.policy_changes);

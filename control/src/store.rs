@@ -541,6 +541,16 @@ impl Store {
         self.commit(vec![Change::Policy(policy)])
     }
 
+    /// Records the policy in force if the stored one still has revision `expected`
+    /// (`None`: none stored); otherwise fails with a conflict and changes nothing.
+    pub fn replace_policy(
+        &mut self,
+        policy: StoredPolicy,
+        expected: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.commit(vec![Change::ReplacePolicy(policy, expected)])
+    }
+
     /// Deletes the tokens that expired at or before `now_secs`.
     pub fn prune_tokens(&mut self, now_secs: u64) -> Result<(), StoreError> {
         if self.tokens.values().any(|t| t.expires_at <= now_secs) {
@@ -580,7 +590,7 @@ impl Store {
             Change::DeleteRevokedKey(key) => {
                 self.revoked_keys.remove(&key);
             }
-            Change::Policy(p) => self.policy = Some(p),
+            Change::Policy(p) | Change::ReplacePolicy(p, _) => self.policy = Some(p),
             Change::Meta(..) => {}
         }
     }

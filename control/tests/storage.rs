@@ -677,6 +677,27 @@ fn stale_coordinators_cannot_double_spend_a_token_or_move_a_key() {
         ),
         "{err}"
     );
+    // Both believe the policy is at revision 1; only one can write revision 2.
+    let policy = |revision| StoredPolicy {
+        revision,
+        file_hash: "f".into(),
+        document: common::policy(),
+    };
+    a.replace_policy(policy(1), None).unwrap();
+    b.catch_up().unwrap();
+    a.replace_policy(policy(2), Some(1)).unwrap();
+    let err = b.replace_policy(policy(2), Some(1)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Storage(storage::StorageError::Conflict { .. })
+        ),
+        "{err}"
+    );
+    assert!(
+        a.replace_policy(policy(3), None).is_err(),
+        "a policy is stored already"
+    );
     // A stale rewrite of m1 (B never saw KA) keeps KA bound to m1.
     b.put_identity("m1", ident("KC", &[])).unwrap();
     // After catching up, B sees A's changes and refuses locally too.

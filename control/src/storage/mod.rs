@@ -178,6 +178,9 @@ pub enum Change {
     DeleteRevokedKey(String),
     /// Record the policy in force.
     Policy(StoredPolicy),
+    /// Record the policy in force only if the stored one has this revision (`None`: no
+    /// policy stored), so two coordinators cannot both write the next revision.
+    ReplacePolicy(StoredPolicy, Option<u64>),
     /// Set a `meta` row.
     Meta(String, String),
 }
@@ -581,6 +584,32 @@ fn statements_for(
                 })?),
             ],
         }),
+        Change::ReplacePolicy(p, expected) => {
+            let document = Value::Text(serde_json::to_string(&p.document).map_err(|e| {
+                StorageError::Engine {
+                    engine,
+                    message: format!("policy document: {e}"),
+                }
+            })?);
+            out.push(Statement {
+                must_change: true,
+                sql:
+                    "INSERT INTO policy (id, revision, file_hash, document) VALUES (1, ?1, ?2, ?3) \
+                      ON CONFLICT (id) DO UPDATE SET revision = excluded.revision, \
+                      file_hash = excluded.file_hash, document = excluded.document \
+                      WHERE policy.revision = ?4",
+                params: vec![
+                    int(p.revision)?,
+                    Value::Text(p.file_hash.clone()),
+                    document,
+                    // No stored policy: the insert happens, the WHERE is never consulted.
+                    match expected {
+                        Some(r) => int(*r)?,
+                        None => Value::Int(-1),
+                    },
+                ],
+            });
+        }
         Change::Meta(name, value) => out.push(Statement {
             must_change: false,
             sql: "INSERT INTO meta (name, value) VALUES (?1, ?2) \
