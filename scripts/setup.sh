@@ -17,11 +17,20 @@ have wrk           || need_apt+=(wrk)
 have ethtool       || need_apt+=(ethtool)
 have curl          || need_apt+=(curl)
 have turnserver    || need_apt+=(coturn)   # a standard STUN server for the joiner's --stun test
+# PostgreSQL server binaries (initdb, pg_ctl): the coordinator's PostgreSQL engine tests start
+# a throwaway cluster from /usr/lib/postgresql/*/bin (tests/src/postgres.rs).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
 python3 -c 'import matplotlib' 2>/dev/null || need_apt+=(python3-matplotlib)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  if [[ " ${need_apt[*]} " == *" postgresql "* ]]; then
+    # Only the binaries are wanted: no system cluster started on port 5432.
+    mkdir -p /etc/postgresql-common
+    grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf ||
+      echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
+  fi
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi

@@ -88,9 +88,34 @@ pub enum ApiError {
     /// The `--auth-url` service failed or could not be reached (502).
     #[error("auth service: {0}")]
     AuthService(String),
-    /// Something on our side failed, e.g. the state store (500).
+    /// The state database failed the write or cannot be reached; nothing changed (503).
+    /// Retry later (or on another coordinator).
+    #[error("state database unavailable: {0}")]
+    Unavailable(String),
+    /// Something on our side failed (500).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    /// The one mapping of store failures: a key bound elsewhere is 409 `key_taken`; a
+    /// compare-and-set lost to another coordinator on the same database (a token's last
+    /// use, a key) is 409 `conflict` (a retry sees the winner's change); a database that
+    /// failed or is gone is 503 `unavailable`; anything else 500.
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::storage::StorageError;
+        use crate::store::StoreError;
+        match e {
+            StoreError::KeyBound { .. } => ApiError::KeyTaken,
+            StoreError::Storage(StorageError::Conflict { .. }) => ApiError::Conflict(
+                "another coordinator changed this token or key at the same time; retry".into(),
+            ),
+            StoreError::Storage(e @ (StorageError::Engine { .. } | StorageError::Io { .. })) => {
+                ApiError::Unavailable(e.to_string())
+            }
+            e => ApiError::Internal(e.to_string()),
+        }
+    }
 }
 
 impl ApiError {
@@ -116,7 +141,7 @@ impl ApiError {
             ApiError::TooManyStreams(_)
             | ApiError::RateLimited(_)
             | ApiError::TooManyConnections(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Overloaded(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::AuthService(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,6 +173,7 @@ impl ApiError {
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::TooManyConnections(_) => "too_many_connections",
             ApiError::Overloaded(_) => "overloaded",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::AuthService(_) => "auth_service",
             ApiError::Internal(_) => "internal",

@@ -3,8 +3,9 @@
 //! The wire types it shares with the joiner, the edge and the tests live in the
 //! `tabbify-api` crate (`control/api/`), re-exported here as [`api`] and [`ula`]; clients
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
-//! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
-//! [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
+//! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`],
+//! [`storage`] (its SQLite and PostgreSQL engines), [`follow`] (other coordinators'
+//! changes on a shared database) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
 //! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`relays`] (the relays advertised, the in-process
 //! relay's URL), [`relay_tokens`] (relay admissions the coordinator signs), [`paths`] (path metrics), [`ca`]
 //! (certificates).
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod ca;
 pub mod clock;
 pub mod error;
+pub mod follow;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
@@ -26,6 +28,7 @@ pub mod relay_tokens;
 pub mod relays;
 pub mod server;
 pub mod sse;
+pub mod storage;
 pub mod store;
 pub mod stun;
 pub mod tls;

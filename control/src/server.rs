@@ -17,8 +17,9 @@
 //!
 //! Locking: one `RwLock` over the registry and the store, never held across an await.
 //! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
-//! update, at most a few fsyncs of the state log, and one broadcast send, which keeps the
-//! event order equal to the id order.
+//! update, at most a few database commits (each durable before the request is answered;
+//! see [`crate::store`]), and one broadcast send, which keeps the event order equal to the
+//! id order.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -99,8 +100,11 @@ pub struct Config {
     /// be in it (a narrowing, never a grant). Without mTLS (loopback development) the
     /// identity header must name an entry of this list.
     pub admins: BTreeSet<String>,
-    /// Directory of the state log; `None` keeps state in memory.
+    /// Directory of the SQLite database `state.db` (and of a `state.log` to import);
+    /// `None` with no `database` keeps state in memory.
     pub state_dir: Option<PathBuf>,
+    /// The database, when not SQLite under `state_dir` (`--database postgres://…`).
+    pub database: Option<crate::storage::Database>,
     /// The policy from `--policy-file`.
     pub policy: PolicyDocument,
     /// blake3 (hex) of the policy file's bytes.
@@ -149,6 +153,7 @@ impl Config {
         Self {
             admins: BTreeSet::new(),
             state_dir: None,
+            database: None,
             policy,
             policy_file_hash,
             auth: None,
@@ -236,11 +241,14 @@ impl Coordinator {
     /// Opens the store, settles the policy (the stored one unless the policy file changed
     /// since it was recorded) and builds an empty roster.
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Arc<Self>, StartError> {
-        let mut store = match &config.state_dir {
-            Some(dir) => Store::open(dir)?,
-            None => Store::in_memory(),
+        let now_secs = clock.now_ms() / 1000;
+        let mut store = match (&config.database, &config.state_dir) {
+            (Some(db), dir) => Store::open_database(db, dir.as_deref(), now_secs)?,
+            (None, Some(dir)) => Store::open(dir, now_secs)?,
+            (None, None) => Store::in_memory(),
         };
-        store.prune_tokens(clock.now_ms() / 1000);
+        tracing::info!(engine = store.engine_name(), "state store open");
+        store.prune_tokens(now_secs)?;
         let (revision, doc) = match store.policy() {
             Some(p) if p.file_hash == config.policy_file_hash => (p.revision, p.document.clone()),
             stored => {
@@ -352,6 +360,63 @@ impl Coordinator {
             let now = self.clock.now_ms();
             self.write().registry.flush(now);
         }
+    }
+
+    /// Applies what other coordinators on the same database committed since the last
+    /// call (see [`crate::follow`]): their policy goes into force here (one `policy`
+    /// event on every stream), and a peer here whose identity they revoked, or whose key
+    /// they cleared or rotated, leaves the rosters. Returns how many changes were applied.
+    pub fn catch_up(&self) -> Result<usize, crate::store::StoreError> {
+        use crate::storage::Change;
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let changes = core.store.catch_up()?;
+        for c in &changes {
+            match c {
+                // Revisions written by PUT /v1/policy are compare-and-set, so they only
+                // grow; coordinators starting with a changed policy file at once may both
+                // write the same one (with the same document).
+                Change::Policy(p) | Change::ReplacePolicy(p, _)
+                    if p.revision >= core.registry.revision() =>
+                {
+                    match Policy::compile(p.document.clone()) {
+                        Ok(policy) => {
+                            core.registry.set_policy(Arc::new(policy), p.revision);
+                            Metrics::inc(&self.metrics.policy_changes);
+                            tracing::info!(
+                                revision = p.revision,
+                                "policy changed by another coordinator"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(revision = p.revision, error = %e, "another coordinator stored a policy this one cannot compile; keeping the current one")
+                        }
+                    }
+                }
+                Change::Identity(cn, record) => {
+                    let id = ula::identity_peer_id(cn);
+                    let Some(key) = core.registry.peer(&id).map(|p| p.key_b64.clone()) else {
+                        continue;
+                    };
+                    if record.revoked_at.is_some() {
+                        core.registry.remove(&id, "revoked");
+                    } else if record.key.as_deref() != Some(key.as_str()) {
+                        core.registry.remove(&id, "key_cleared");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(changes.len())
+    }
+
+    /// Has the store call `on_change` when other coordinators may have committed
+    /// changes; `false` without a shared database.
+    pub fn watch_database(
+        &self,
+        on_change: Box<dyn Fn() + Send>,
+    ) -> Result<bool, crate::store::StoreError> {
+        self.read().store.watch(on_change)
     }
 
     /// Runs [`Self::sweep`] every half heartbeat interval and [`Self::flush`] every
@@ -749,10 +814,6 @@ impl Coordinator {
                 other.identity
             )));
         }
-        let internal = |e: crate::store::StoreError| match e {
-            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
-            e => ApiError::Internal(e.to_string()),
-        };
         let mut updated = record.clone().unwrap_or_default();
         if updated.key.as_deref() != Some(key_b64.as_str()) {
             updated.set_key(Some(key_b64.clone()), now_ms / 1000);
@@ -760,11 +821,8 @@ impl Coordinator {
         updated.display_name = display_name.clone();
         updated.tags = tags.clone();
         core.store
-            .put_identity(&identity, updated)
-            .map_err(internal)?;
-        if let Some(hash) = spend {
-            core.store.use_token(&hash).map_err(internal)?;
-        }
+            .admit(&identity, updated, spend.as_deref())
+            .map_err(ApiError::from)?;
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
         let rec = core.registry.upsert(
             NewPeer {
@@ -1021,18 +1079,24 @@ impl Coordinator {
             Policy::compile(doc.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut core = self.write();
         let revision = core.registry.revision() + 1;
+        let stored = core.store.policy().map(|p| p.revision);
         let file_hash = core
             .store
             .policy()
             .map(|p| p.file_hash.clone())
             .unwrap_or_else(|| self.config.policy_file_hash.clone());
+        // Compare-and-set on the stored revision: another coordinator on the same database
+        // that changed the policy meanwhile wins, and this request is a 409 to retry.
         core.store
-            .set_policy(StoredPolicy {
-                revision,
-                file_hash,
-                document: doc.clone(),
-            })
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .replace_policy(
+                StoredPolicy {
+                    revision,
+                    file_hash,
+                    document: doc.clone(),
+                },
+                stored,
+            )
+            .map_err(ApiError::from)?;
         core.registry.set_policy(Arc::new(policy), revision);
         Metrics::inc(&self.metrics.policy_changes);
         audit(who, "policy.replace", &format!("revision {revision}"));
@@ -1091,7 +1155,7 @@ impl Coordinator {
                     created_at: now_secs,
                 },
             )
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         Metrics::inc(&self.metrics.tokens_minted);
         let token_id = tokens::id_of(&hash);
         audit(who, "token.mint", &format!("token {token_id}"));
@@ -1167,9 +1231,7 @@ impl Coordinator {
                 )))
             }
         };
-        core.store
-            .delete_token(&hash)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        core.store.delete_token(&hash).map_err(ApiError::from)?;
         audit(who, "token.delete", &format!("token {token_id}"));
         Ok(info)
     }
@@ -1263,10 +1325,9 @@ impl Coordinator {
         }
         let key_since = now_ms / 1000;
         record.set_key(Some(new_b64.clone()), key_since);
-        core.store.put_identity(&cn, record).map_err(|e| match e {
-            crate::store::StoreError::KeyBound { .. } => ApiError::KeyTaken,
-            e => ApiError::Internal(e.to_string()),
-        })?;
+        core.store
+            .put_identity(&cn, record)
+            .map_err(ApiError::from)?;
         // Registered: one upsert with the new key. Not registered: the next registration
         // brings the new key.
         core.registry.rotate_key(&id, new, now_ms);
@@ -1308,7 +1369,7 @@ impl Coordinator {
             record.revoked_at = Some(at);
             core.store
                 .put_identity(cn, record.clone())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+                .map_err(ApiError::from)?;
             Metrics::inc(&self.metrics.revocations);
         }
         let id = ula::identity_peer_id(cn);
@@ -1332,7 +1393,7 @@ impl Coordinator {
         record.set_key(None, since);
         core.store
             .put_identity(cn, record.clone())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         audit(who, "identity.readmit", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1351,7 +1412,7 @@ impl Coordinator {
         record.set_key(None, since);
         core.store
             .put_identity(cn, record.clone())
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+            .map_err(ApiError::from)?;
         core.registry
             .remove(&ula::identity_peer_id(cn), "key_cleared");
         audit(who, "identity.clear_key", cn);
@@ -1385,7 +1446,7 @@ impl Coordinator {
                 self.write()
                     .store
                     .unrevoke_key(&key)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                    .map_err(ApiError::from)?;
                 audit(who, "key.readmit", &key);
             }
             (None, None) => {

@@ -1,49 +1,57 @@
-//! The durable state under `--state-dir`: join tokens (hashes only), one record per
+//! The durable state of the coordinator: join tokens (hashes only), one record per
 //! identity (its admitted WireGuard key, retired keys, granted tags and name, revocation)
-//! and the current policy. Rosters are not stored: addresses are derived from identities
-//! and peers re-register after a restart.
+//! and the current policy, kept in memory for reads and written through to a database
+//! ([`crate::storage`]: SQLite under `--state-dir` by default, or PostgreSQL). Rosters are
+//! not stored: addresses are derived from identities and peers re-register after a
+//! restart.
 //!
-//! Invariant: a WireGuard key belongs to at most one identity, for good: once admitted
-//! for an identity, a key stays bound to it (as its current key or a retired one) even
-//! after rotation, clearing or revocation.
+//! Invariants:
+//! * A change is committed to the database before it is applied in memory, and the
+//!   request that made it is answered only after that; a change the database refuses
+//!   (a failed commit, a full disk, a lost connection) is not applied and the request
+//!   fails. So a restart finds every acknowledged change.
+//! * A WireGuard key belongs to at most one identity, for good: once admitted for an
+//!   identity, a key stays bound to it (as its current key or a retired one) even after
+//!   rotation, clearing or revocation. The store refuses such a record before writing it,
+//!   and the database's primary key on the key refuses it again.
 //!
-//! Migration: logs written when admissions were per key (`admit`/`unadmit`/`revoke`/
-//! `unrevoke` records keyed by the WireGuard key) replay into identity records: an
-//! admission becomes its identity's current key, a revocation revokes the identity that
-//! held the key (a revoked key whose identity the log no longer names stays refused on
-//! its own). The first compaction rewrites the log in the identity form.
+//! Import of the line log: earlier coordinators kept this state in `state.log`, one JSON
+//! record per line. On the first start with a database, an existing `state.log` is replayed
+//! (a torn last line from a crash mid-append is ignored; a corrupt line elsewhere refuses
+//! to start), written to the database in one transaction together with a `meta` row
+//! marking the import, and then renamed `state.log.imported` (kept as a backup). A crash
+//! between the commit and the rename is finished at the next start (the `meta` row says
+//! the import happened; the file is renamed, not imported again). A `state.log` beside a
+//! database that already holds other state is refused rather than merged.
 //!
-//! Format: `state.log`, one JSON record per line, appended and `fdatasync`ed before a
-//! change is acknowledged. On open the log is replayed and rewritten compactly (temp
-//! file, fsync, rename, fsync of the directory), and it is compacted the same way when
-//! it grows well past its live size. A torn last line (a crash mid-append) is ignored; a
-//! corrupt line elsewhere refuses to open. An append that fails (a short write, a full
-//! disk, a failed fsync) is cut back to the log's last good length and the change is
-//! refused, so a torn record never sits mid-log; if even that cut fails, the store refuses
-//! every further change until a restart (whose open drops the torn last line). Open stays
-//! strict: a bad line followed by good ones is not provably the residue of a failed write. Why not an embedded database: this state is
-//! small (kilobytes to a few megabytes), written rarely, and a line log is crash-safe with
-//! one fsync per change, readable with `cat`, and adds no dependency.
+//! Migration of per-key logs: logs written when admissions were per key (`admit`/
+//! `unadmit`/`revoke`/`unrevoke` records keyed by the WireGuard key) replay into identity
+//! records: an admission becomes its identity's current key, a revocation revokes the
+//! identity that held the key (a revoked key whose identity the log no longer names stays
+//! refused on its own).
 //!
-//! Token secrets never reach this file: only their SHA-256 is recorded.
+//! Token secrets never reach the database: only their SHA-256 is recorded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::storage::{self, Change, Database, Engine, Snapshot, StorageError};
+
 use crate::api::PolicyDocument;
 
-/// Name of the log file inside the state directory.
+/// Name of the legacy line log inside the state directory (imported once).
 pub const LOG_FILE: &str = "state.log";
+/// What the line log is renamed to once imported.
+pub const IMPORTED_LOG_FILE: &str = "state.log.imported";
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Reading or writing the log failed.
+    /// Reading the legacy log or renaming it failed.
     #[error("state store {path}: {source}")]
     Io {
         /// The file.
@@ -59,7 +67,7 @@ pub enum StoreError {
         /// The identity holding it.
         identity: String,
     },
-    /// A record in the middle of the log does not parse.
+    /// A record in the middle of the legacy log does not parse.
     #[error("state store {path}: line {line} is corrupt: {reason}")]
     Corrupt {
         /// The file.
@@ -69,6 +77,19 @@ pub enum StoreError {
         /// The parse error.
         reason: String,
     },
+    /// A `state.log` was found beside a database that already holds state it did not come
+    /// from: importing it could contradict that state, so nothing is imported.
+    #[error(
+        "{path} exists but the database already holds state: move the file away (it was \
+         not imported), or start once with an empty database to import it"
+    )]
+    ImportConflict {
+        /// The log.
+        path: PathBuf,
+    },
+    /// The database failed or refused the change; nothing of it was applied.
+    #[error("state store: {0}")]
+    Storage(#[from] StorageError),
 }
 
 /// A minted join token, keyed by the SHA-256 of its secret.
@@ -200,7 +221,7 @@ enum Record {
 
 /// A key revoked by a log written before revocation was per identity, whose identity
 /// the log does not name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevokedKey {
     /// The peer id it had.
     pub peer_id: String,
@@ -208,61 +229,150 @@ pub struct RevokedKey {
     pub at: u64,
 }
 
-/// The store: in-memory view plus the log it is mirrored to (none without a state dir).
+/// The store: the in-memory view, and the database it is written through to (none for
+/// a store kept in memory only).
 #[derive(Debug)]
 pub struct Store {
-    path: Option<PathBuf>,
-    file: Option<File>,
-    lines: usize,
+    engine: Option<Box<dyn Engine + Sync>>,
     tokens: HashMap<String, TokenRecord>,
     identities: BTreeMap<String, IdentityRecord>,
     /// Every key any identity holds or held → that identity.
     key_owner: HashMap<String, String>,
     revoked_keys: BTreeMap<String, RevokedKey>,
     policy: Option<StoredPolicy>,
+    /// The newest change-log entry applied (engines with a change log).
+    last_change: i64,
 }
 
 impl Store {
     /// A store that keeps everything in memory only.
     pub fn in_memory() -> Self {
         Self {
-            path: None,
-            file: None,
-            lines: 0,
+            engine: None,
             tokens: HashMap::new(),
             identities: BTreeMap::new(),
             key_owner: HashMap::new(),
             revoked_keys: BTreeMap::new(),
             policy: None,
+            last_change: 0,
         }
     }
 
-    /// Opens (or creates) the store in `dir`, replays it, and compacts it.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let path = dir.join(LOG_FILE);
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        fs::create_dir_all(dir).map_err(io)?;
-        let mut store = match File::open(&path) {
-            Ok(f) => {
-                let lines: Vec<String> = BufReader::new(f)
-                    .lines()
-                    .collect::<Result<_, _>>()
-                    .map_err(io)?;
-                Self::replay(&lines).map_err(|(line, reason)| StoreError::Corrupt {
-                    path: path.clone(),
-                    line,
-                    reason,
-                })?
+    /// Opens the SQLite database in `dir` (creating it), importing a `state.log` found
+    /// there once.
+    pub fn open(dir: &Path, now_secs: u64) -> Result<Self, StoreError> {
+        Self::open_database(&Database::Sqlite(dir.to_owned()), Some(dir), now_secs)
+    }
+
+    /// Opens `database` (migrating its schema) and reads it; a `state.log` in
+    /// `legacy_dir` is imported once (see the module docs).
+    pub fn open_database(
+        database: &Database,
+        legacy_dir: Option<&Path>,
+        now_secs: u64,
+    ) -> Result<Self, StoreError> {
+        let mut engine = database.open(now_secs)?;
+        // Read the change log's end before the tables: a change committed in between is
+        // then applied again by `catch_up`, which is harmless (every change is a whole row).
+        let mut last_change = storage::last_change_id(engine.as_mut())?;
+        let mut snapshot = storage::load(engine.as_mut())?;
+        if let Some(dir) = legacy_dir {
+            if import_log(engine.as_mut(), &snapshot, dir, now_secs)? {
+                last_change = storage::last_change_id(engine.as_mut())?;
+                snapshot = storage::load(engine.as_mut())?;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::in_memory(),
-            Err(e) => return Err(io(e)),
-        };
-        store.path = Some(path);
-        store.compact()?;
+        }
+        let mut store = Self::from_snapshot(snapshot);
+        store.engine = Some(engine);
+        store.last_change = last_change;
         Ok(store)
+    }
+
+    /// Applies the change-log entries committed since the last call (or since open) and
+    /// returns those other coordinators made, oldest first, for the caller to act on
+    /// (rosters, policy). Without a change log (SQLite, memory): nothing. Call it under
+    /// the same lock as the writes, so no own write interleaves.
+    pub fn catch_up(&mut self) -> Result<Vec<Change>, StoreError> {
+        let Some(origin) = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.change_log_origin())
+            .map(str::to_owned)
+        else {
+            return Ok(Vec::new());
+        };
+        const BATCH: usize = 1000;
+        let mut applied = Vec::new();
+        while let Some(engine) = self.engine.as_mut() {
+            let entries = storage::changes_after(engine.as_mut(), self.last_change, BATCH)?;
+            let n = entries.len();
+            for (id, from, changes) in entries {
+                // Our own entries are applied again too (in log order that converges on
+                // the database's state, and covers a commit whose answer was lost), but
+                // only the others' are returned.
+                for c in changes {
+                    self.apply_change(c.clone());
+                    if from != origin {
+                        applied.push(c);
+                    }
+                }
+                self.last_change = id;
+            }
+            if n < BATCH {
+                break;
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Calls `on_change` (from another thread) when other coordinators may have committed
+    /// changes, and every few seconds; the caller then runs [`Store::catch_up`]. `false`
+    /// when the engine has no change log.
+    pub fn watch(&self, on_change: Box<dyn Fn() + Send>) -> Result<bool, StoreError> {
+        match &self.engine {
+            Some(e) => Ok(e.watch(on_change)?),
+            None => Ok(false),
+        }
+    }
+
+    /// The engine's name (`sqlite`, `postgres`), or `memory`.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.as_ref().map_or("memory", |e| e.name())
+    }
+
+    fn from_snapshot(s: Snapshot) -> Self {
+        let mut store = Self::in_memory();
+        store.tokens = s.tokens.into_iter().collect();
+        for (identity, record) in s.identities {
+            store.apply_identity(identity, record);
+        }
+        store.revoked_keys = s.revoked_keys.into_iter().collect();
+        store.policy = s.policy;
+        store
+    }
+
+    /// Every durable fact of this store, as database changes (what an import writes).
+    fn changes(&self) -> Vec<Change> {
+        let mut out = Vec::new();
+        out.extend(self.policy.clone().map(Change::Policy));
+        let mut tokens: Vec<_> = self.tokens.iter().collect();
+        tokens.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend(
+            tokens
+                .into_iter()
+                .map(|(h, t)| Change::Token(h.clone(), t.clone())),
+        );
+        out.extend(
+            self.identities
+                .iter()
+                .map(|(i, r)| Change::Identity(i.clone(), r.clone())),
+        );
+        out.extend(
+            self.revoked_keys
+                .iter()
+                .map(|(k, r)| Change::RevokedKey(k.clone(), r.clone())),
+        );
+        out
     }
 
     /// The in-memory state that the log `lines` describe. Blank lines are skipped; a final
@@ -293,14 +403,36 @@ impl Store {
 
     /// Records a new token.
     pub fn put_token(&mut self, hash: String, token: TokenRecord) -> Result<(), StoreError> {
-        self.append(Record::Token { hash, token })
+        self.commit(vec![Change::Token(hash, token)])
     }
 
     /// Counts one use of a token.
     pub fn use_token(&mut self, hash: &str) -> Result<(), StoreError> {
-        self.append(Record::TokenUse {
-            hash: hash.to_owned(),
-        })
+        let changes = self.token_use(hash).into_iter().collect();
+        self.commit(changes)
+    }
+
+    fn token_use(&self, hash: &str) -> Option<Change> {
+        let mut t = self.tokens.get(hash)?.clone();
+        t.uses = t.uses.saturating_add(1);
+        Some(Change::SpendToken(hash.to_owned(), t))
+    }
+
+    /// An admission: replaces the record of `identity` (as [`Store::put_identity`]) and
+    /// counts one use of the token `spend`, in one transaction, so a crash never leaves an
+    /// admission whose token use was not counted.
+    pub fn admit(
+        &mut self,
+        identity: &str,
+        record: IdentityRecord,
+        spend: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut changes: Vec<Change> = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        changes.extend(spend.and_then(|h| self.token_use(h)));
+        self.commit(changes)
     }
 
     /// Every token, by hash.
@@ -310,9 +442,7 @@ impl Store {
 
     /// Deletes a token (it can no longer be used).
     pub fn delete_token(&mut self, hash: &str) -> Result<(), StoreError> {
-        self.append(Record::TokenDelete {
-            hash: hash.to_owned(),
-        })
+        self.commit(vec![Change::DeleteToken(hash.to_owned())])
     }
 
     /// The record of `identity`, if it was ever admitted or revoked.
@@ -337,8 +467,22 @@ impl Store {
         identity: &str,
         record: IdentityRecord,
     ) -> Result<(), StoreError> {
+        let changes = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        self.commit(changes)
+    }
+
+    /// The change that stores `record` for `identity` (`None`: it is stored already), or
+    /// the refusal of a record that would take another identity's key.
+    fn identity_change(
+        &self,
+        identity: &str,
+        record: IdentityRecord,
+    ) -> Result<Option<Change>, StoreError> {
         if self.identities.get(identity) == Some(&record) {
-            return Ok(());
+            return Ok(None);
         }
         let foreign = record
             .key
@@ -351,10 +495,16 @@ impl Store {
                 identity: self.key_owner[k].clone(),
             });
         }
-        self.append(Record::Identity {
-            identity: identity.to_owned(),
-            record,
-        })
+        // A key this identity held stays bound to it even if the new record leaves it out.
+        let mut record = record;
+        if let Some(old) = self.identities.get(identity) {
+            for k in old.key.iter().chain(&old.past_keys) {
+                if record.key.as_ref() != Some(k) && !record.past_keys.contains(k) {
+                    record.past_keys.push(k.clone());
+                }
+            }
+        }
+        Ok(Some(Change::Identity(identity.to_owned(), record)))
     }
 
     /// Whether `key` (base64) was revoked by a pre-identity log without a known identity.
@@ -367,11 +517,18 @@ impl Store {
         &self.revoked_keys
     }
 
-    /// Lifts the revocation of a key from a pre-identity log.
+    /// Lifts the revocation of a key from a pre-identity log (and of the identity that
+    /// holds it).
     pub fn unrevoke_key(&mut self, key: &str) -> Result<(), StoreError> {
-        self.append(Record::Unrevoke {
-            key: key.to_owned(),
-        })
+        let mut changes = vec![Change::DeleteRevokedKey(key.to_owned())];
+        if let Some(owner) = self.key_owner.get(key) {
+            if let Some(rec) = self.identities.get(owner) {
+                let mut rec = rec.clone();
+                rec.revoked_at = None;
+                changes.push(Change::Identity(owner.clone(), rec));
+            }
+        }
+        self.commit(changes)
     }
 
     /// The stored policy.
@@ -381,12 +538,61 @@ impl Store {
 
     /// Records the policy in force.
     pub fn set_policy(&mut self, policy: StoredPolicy) -> Result<(), StoreError> {
-        self.append(Record::Policy { policy })
+        self.commit(vec![Change::Policy(policy)])
     }
 
-    /// Drops tokens that expired before `now_secs` (done at compaction).
-    pub fn prune_tokens(&mut self, now_secs: u64) {
-        self.tokens.retain(|_, t| t.expires_at > now_secs);
+    /// Records the policy in force if the stored one still has revision `expected`
+    /// (`None`: none stored); otherwise fails with a conflict and changes nothing.
+    pub fn replace_policy(
+        &mut self,
+        policy: StoredPolicy,
+        expected: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.commit(vec![Change::ReplacePolicy(policy, expected)])
+    }
+
+    /// Deletes the tokens that expired at or before `now_secs`.
+    pub fn prune_tokens(&mut self, now_secs: u64) -> Result<(), StoreError> {
+        if self.tokens.values().any(|t| t.expires_at <= now_secs) {
+            self.commit(vec![Change::PruneTokens(now_secs)])?;
+        }
+        Ok(())
+    }
+
+    /// Writes `changes` in one transaction, then applies them in memory; on a failed
+    /// commit nothing changes.
+    fn commit(&mut self, changes: Vec<Change>) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if let Some(engine) = self.engine.as_mut() {
+            storage::commit(engine.as_mut(), &changes)?;
+        }
+        for c in changes {
+            self.apply_change(c);
+        }
+        Ok(())
+    }
+
+    fn apply_change(&mut self, c: Change) {
+        match c {
+            Change::Token(hash, t) | Change::SpendToken(hash, t) => {
+                self.tokens.insert(hash, t);
+            }
+            Change::DeleteToken(hash) => {
+                self.tokens.remove(&hash);
+            }
+            Change::PruneTokens(now) => self.tokens.retain(|_, t| t.expires_at > now),
+            Change::Identity(identity, record) => self.apply_identity(identity, record),
+            Change::RevokedKey(key, r) => {
+                self.revoked_keys.insert(key, r);
+            }
+            Change::DeleteRevokedKey(key) => {
+                self.revoked_keys.remove(&key);
+            }
+            Change::Policy(p) | Change::ReplacePolicy(p, _) => self.policy = Some(p),
+            Change::Meta(..) => {}
+        }
     }
 
     fn apply(&mut self, r: Record) {
@@ -462,152 +668,105 @@ impl Store {
         }
         self.identities.insert(identity, record);
     }
-
-    fn live_records(&self) -> usize {
-        self.tokens.len() + self.identities.len() + self.revoked_keys.len() + 1
-    }
-
-    fn append(&mut self, r: Record) -> Result<(), StoreError> {
-        if let Some(path) = &self.path {
-            let io = |source| StoreError::Io {
-                path: path.clone(),
-                source,
-            };
-            // None after a failed write whose undo failed too: the log's end is unknown.
-            let Some(file) = self.file.as_mut() else {
-                return Err(io(std::io::Error::other(
-                    "the log could not be repaired after a failed write; restart the coordinator",
-                )));
-            };
-            let mut line = serde_json::to_vec(&r).map_err(|e| io(e.into()))?;
-            line.push(b'\n');
-            let good = file.metadata().map_err(io)?.len();
-            if let Err(e) = write_line(file, &line) {
-                // A partial record would glue onto the next one and leave a corrupt line
-                // mid-log: cut the file back to its last good length. The change is not
-                // acknowledged either way.
-                if let Err(undo) = file.set_len(good).and_then(|()| file.sync_data()) {
-                    tracing::error!(path = %path.display(), error = %undo, "state log: a failed append could not be undone; refusing further changes");
-                    self.file = None;
-                }
-                return Err(io(e));
-            }
-            self.lines += 1;
-        }
-        self.apply(r);
-        if self.path.is_some() && self.lines > 4 * self.live_records() + 1024 {
-            self.compact()?;
-        }
-        Ok(())
-    }
-
-    /// Rewrites the log as one record per live item, atomically.
-    fn compact(&mut self) -> Result<(), StoreError> {
-        let Some(path) = self.path.clone() else {
-            return Ok(());
-        };
-        let io = |source| StoreError::Io {
-            path: path.clone(),
-            source,
-        };
-        let mut records = Vec::with_capacity(self.live_records());
-        if let Some(p) = &self.policy {
-            records.push(Record::Policy { policy: p.clone() });
-        }
-        for (hash, token) in &self.tokens {
-            records.push(Record::Token {
-                hash: hash.clone(),
-                token: token.clone(),
-            });
-        }
-        for (identity, record) in &self.identities {
-            records.push(Record::Identity {
-                identity: identity.clone(),
-                record: record.clone(),
-            });
-        }
-        for (key, r) in &self.revoked_keys {
-            records.push(Record::Revoke {
-                key: key.clone(),
-                peer_id: r.peer_id.clone(),
-                at: r.at,
-            });
-        }
-        let mut buf = Vec::new();
-        for r in &records {
-            serde_json::to_writer(&mut buf, r).map_err(|e| io(e.into()))?;
-            buf.push(b'\n');
-        }
-        let tmp = path.with_extension("log.tmp");
-        {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io)?;
-            f.write_all(&buf).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-        }
-        self.file = Some(
-            OpenOptions::new()
-                .append(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io)?,
-        );
-        self.lines = records.len();
-        Ok(())
-    }
 }
 
-/// Writes one record line and makes it durable.
-fn write_line(file: &mut File, line: &[u8]) -> std::io::Result<()> {
-    #[cfg(test)]
-    if let Some(n) = tests::FAIL_WRITE_AFTER.with(|f| f.take()) {
-        // Fault injection: a short write, as a full disk or an I/O error leaves it.
-        file.write_all(&line[..n.min(line.len())])?;
-        return Err(std::io::Error::other("injected write failure"));
+/// Imports `dir/state.log` into `engine` if it is there (see the module docs); `true` if
+/// anything was written.
+fn import_log(
+    engine: &mut dyn Engine,
+    current: &Snapshot,
+    dir: &Path,
+    now_secs: u64,
+) -> Result<bool, StoreError> {
+    let path = dir.join(LOG_FILE);
+    let backup = dir.join(IMPORTED_LOG_FILE);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Io { path, source }
+    };
+    let lines: Vec<String> = match File::open(&path) {
+        Ok(f) => BufReader::new(f)
+            .lines()
+            .collect::<Result<_, _>>()
+            .map_err(io(&path))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let wrote = if current.meta.contains_key(storage::META_LOG_IMPORTED) {
+        // Imported before; the rename did not happen (a crash right after the commit).
+        tracing::warn!(path = %path.display(), "state.log was already imported; renaming it");
+        false
+    } else {
+        let empty = current.tokens.is_empty()
+            && current.identities.is_empty()
+            && current.revoked_keys.is_empty()
+            && current.policy.is_none();
+        if !empty {
+            return Err(StoreError::ImportConflict { path });
+        }
+        let log = Store::replay(&lines).map_err(|(line, reason)| StoreError::Corrupt {
+            path: path.clone(),
+            line,
+            reason,
+        })?;
+        let mut changes = log.changes();
+        let n = changes.len();
+        changes.push(Change::Meta(
+            storage::META_LOG_IMPORTED.into(),
+            now_secs.to_string(),
+        ));
+        storage::commit(engine, &changes)?;
+        tracing::info!(path = %path.display(), records = n, engine = engine.name(), "imported state.log");
+        true
+    };
+    if backup.exists() {
+        tracing::warn!(path = %path.display(), backup = %backup.display(), "not renaming state.log: the backup name is taken");
+        return Ok(wrote);
     }
-    file.write_all(line)?;
-    file.sync_data()
+    fs::rename(&path, &backup).map_err(io(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(wrote)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::{Statement, Value};
 
-    thread_local! {
-        /// Makes the next append write this many bytes and fail.
-        pub(super) static FAIL_WRITE_AFTER: std::cell::Cell<Option<usize>> =
-            const { std::cell::Cell::new(None) };
+    /// An engine that commits nothing and fails every transaction.
+    #[derive(Debug)]
+    struct Refusing;
+
+    impl Engine for Refusing {
+        fn name(&self) -> &'static str {
+            "refusing"
+        }
+        fn transaction(&mut self, _: &[Statement]) -> Result<(), StorageError> {
+            Err(StorageError::Engine {
+                engine: "refusing",
+                message: "disk full".into(),
+            })
+        }
+        fn query(&mut self, _: &str, _: &[Value]) -> Result<Vec<Vec<Value>>, StorageError> {
+            Ok(Vec::new())
+        }
     }
 
-    /// Issue 11, "a failed append leaves a torn line mid-log and the coordinator then
-    /// refuses to start": the partial record is cut off, later appends land on a clean
-    /// line, and the store opens again with every acknowledged change and nothing else.
+    /// A change the database refuses is not applied and not acknowledged.
     #[test]
-    fn a_failed_append_leaves_no_torn_line_and_the_store_reopens() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Store::open(dir.path()).unwrap();
-            s.put_token("h1".into(), token()).unwrap();
-            FAIL_WRITE_AFTER.with(|f| f.set(Some(17)));
-            assert!(s.put_token("h2".into(), token()).is_err());
-            assert!(s.token("h2").is_none(), "a failed change is not applied");
-            s.put_token("h3".into(), token()).unwrap();
-        }
-        let text = std::fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
-        assert!(!text.contains("h2"), "{text}");
-        let s = Store::open(dir.path()).unwrap();
-        assert!(s.token("h1").is_some());
+    fn a_refused_commit_changes_nothing() {
+        let mut s = Store::in_memory();
+        s.put_token("h1".into(), token()).unwrap();
+        s.engine = Some(Box::new(Refusing));
+        assert!(s.put_token("h2".into(), token()).is_err());
+        assert!(s.use_token("h1").is_err());
+        assert!(s.put_identity("n", ident("K")).is_err());
+        assert!(s.admit("n", ident("K"), Some("h1")).is_err());
         assert!(s.token("h2").is_none());
-        assert!(s.token("h3").is_some());
+        assert_eq!(s.token("h1").unwrap().uses, 0);
+        assert!(s.identity("n").is_none() && s.owner_of_key("K").is_none());
     }
 
     fn token() -> TokenRecord {
@@ -633,12 +792,15 @@ mod tests {
     }
 
     #[test]
-    fn survives_reopen_and_compaction() {
+    fn survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut s = Store::open(dir.path()).unwrap();
+            let mut s = Store::open(dir.path(), 1).unwrap();
+            assert_eq!(s.engine_name(), "sqlite");
             s.put_token("h1".into(), token()).unwrap();
             s.use_token("h1").unwrap();
+            s.put_token("h2".into(), token()).unwrap();
+            s.delete_token("h2").unwrap();
             let mut rec = ident("K1");
             rec.set_key(Some("K2".into()), 9);
             rec.revoked_at = Some(11);
@@ -650,19 +812,29 @@ mod tests {
             })
             .unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let mode = fs::metadata(storage::sqlite_path(dir.path()))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()))
+            .unwrap();
+        assert_eq!(mode & 0o077, 0, "state.db is private: {mode:o}");
+        let mut s = Store::open(dir.path(), 2).unwrap();
         assert_eq!(s.token("h1").unwrap().uses, 1);
+        assert!(s.token("h2").is_none());
         let rec = s.identity("n1").unwrap();
         assert_eq!(rec.key.as_deref(), Some("K2"));
         assert_eq!(rec.past_keys, vec!["K1".to_string()]);
         assert_eq!(rec.revoked_at, Some(11));
         assert_eq!(s.owner_of_key("K1"), Some("n1"));
         assert_eq!(s.policy().unwrap().revision, 7);
+        // Expired tokens are deleted from the database too.
+        s.prune_tokens(100).unwrap();
+        drop(s);
+        assert!(Store::open(dir.path(), 3).unwrap().token("h1").is_none());
     }
 
     #[test]
     fn a_key_is_never_bound_to_a_second_identity() {
-        let mut s = Store::in_memory();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), 1).unwrap();
         s.put_identity("owner", ident("K")).unwrap();
         assert!(matches!(
             s.put_identity("mallory", ident("K")),
@@ -671,6 +843,21 @@ mod tests {
         let mut retired = ident("K2");
         retired.past_keys = vec!["K".into()];
         assert!(s.put_identity("mallory", retired).is_err());
+        assert!(s.identity("mallory").is_none());
+        // A record that drops a key the identity held does not free the key.
+        let mut fresh = ident("K3");
+        fresh.past_keys.clear();
+        s.put_identity("owner", fresh).unwrap();
+        drop(s);
+        let mut s = Store::open(dir.path(), 2).unwrap();
+        assert_eq!(s.owner_of_key("K"), Some("owner"));
+        assert!(s.put_identity("mallory", ident("K")).is_err());
+        // The database refuses on its own, whatever the memory says.
+        s.key_owner.remove("K");
+        assert!(matches!(
+            s.put_identity("mallory", ident("K")),
+            Err(StoreError::Storage(_))
+        ));
         assert!(s.identity("mallory").is_none());
         // Even a log that says otherwise (tampered, or written by a buggy coordinator)
         // does not move the key.
@@ -715,36 +902,76 @@ mod tests {
         assert!(s.is_key_revoked("KX"));
         assert!(s.token("h").unwrap().identity.is_none());
 
-        // After a compaction the log is in the identity form and replays the same.
+        // Imported into the database, it reads back the same, and the log is kept aside.
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(LOG_FILE), lines.join("\n")).unwrap();
-        drop(Store::open(dir.path()).unwrap());
-        let text = fs::read_to_string(dir.path().join(LOG_FILE)).unwrap();
-        assert!(!text.contains("\"admit\""), "{text}");
-        let again = Store::open(dir.path()).unwrap();
+        drop(Store::open(dir.path(), 1).unwrap());
+        assert!(!dir.path().join(LOG_FILE).exists());
+        assert!(dir.path().join(IMPORTED_LOG_FILE).exists());
+        let mut again = Store::open(dir.path(), 2).unwrap();
         assert_eq!(again.identities(), s.identities());
         assert!(again.is_key_revoked("KX"));
+        again.unrevoke_key("KC").unwrap();
+        again.unrevoke_key("KX").unwrap();
+        drop(again);
+        let again = Store::open(dir.path(), 3).unwrap();
+        assert!(!again.is_key_revoked("KX"));
+        assert_eq!(again.identity("c").unwrap().revoked_at, None);
     }
 
     #[test]
-    fn torn_last_line_is_ignored_and_corruption_elsewhere_is_not() {
+    fn torn_last_line_is_imported_without_it_and_corruption_elsewhere_refuses() {
+        let good = r#"{"t":"token","hash":"h1","token":{"tags":[],"name":null,"expires_at":100,"max_uses":1,"uses":0}}"#;
         let dir = tempfile::tempdir().unwrap();
-        {
-            let mut s = Store::open(dir.path()).unwrap();
-            s.put_token("h1".into(), token()).unwrap();
-        }
         let path = dir.path().join(LOG_FILE);
-        let mut text = fs::read_to_string(&path).unwrap();
-        text.push_str("{\"t\":\"token_use\",\"ha");
-        fs::write(&path, &text).unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        fs::write(&path, format!("{good}\n{{\"t\":\"token_use\",\"ha")).unwrap();
+        let s = Store::open(dir.path(), 1).unwrap();
         assert_eq!(s.token("h1").unwrap().uses, 0);
-        drop(s);
-        let text = fs::read_to_string(&path).unwrap();
-        fs::write(&path, format!("garbage\n{text}")).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOG_FILE);
+        fs::write(&path, format!("garbage\n{good}\n")).unwrap();
         assert!(matches!(
-            Store::open(dir.path()),
+            Store::open(dir.path(), 1),
             Err(StoreError::Corrupt { line: 1, .. })
+        ));
+        // Nothing imported, the log left where it was.
+        assert!(path.exists());
+        fs::remove_file(&path).unwrap();
+        assert!(Store::open(dir.path(), 1).unwrap().token("h1").is_none());
+    }
+
+    /// A crash between the import's commit and the rename: the next start renames the
+    /// log and does not import it a second time (which would undo later changes).
+    #[test]
+    fn an_interrupted_import_is_finished_not_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = r#"{"t":"token","hash":"h1","token":{"tags":[],"name":null,"expires_at":100,"max_uses":2,"uses":0}}"#;
+        fs::write(dir.path().join(LOG_FILE), log).unwrap();
+        let mut s = Store::open(dir.path(), 1).unwrap();
+        s.use_token("h1").unwrap();
+        drop(s);
+        // Put the log back as if the rename never happened.
+        fs::rename(
+            dir.path().join(IMPORTED_LOG_FILE),
+            dir.path().join(LOG_FILE),
+        )
+        .unwrap();
+        let s = Store::open(dir.path(), 2).unwrap();
+        assert_eq!(s.token("h1").unwrap().uses, 1);
+        assert!(dir.path().join(IMPORTED_LOG_FILE).exists());
+        assert!(!dir.path().join(LOG_FILE).exists());
+        drop(s);
+        // A log beside a database that holds other state is refused, not merged.
+        let dir2 = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(dir2.path(), 1).unwrap();
+            s.put_token("other".into(), token()).unwrap();
+        }
+        fs::write(dir2.path().join(LOG_FILE), log).unwrap();
+        assert!(matches!(
+            Store::open(dir2.path(), 2),
+            Err(StoreError::ImportConflict { .. })
         ));
     }
 }

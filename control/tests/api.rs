@@ -299,8 +299,7 @@ async fn tokens_are_single_use_expire_and_decide_tags() {
     assert_eq!(h.coord.peer_count(), 1);
 
     // Only hashes at rest.
-    let bytes = std::fs::read(dir.path().join("state.log")).unwrap();
-    let text = String::from_utf8(bytes).unwrap();
+    let text = state_text(dir.path());
     for secret in [&token, &expiring] {
         assert!(!text.contains(secret.as_str()), "token secret stored");
         let body = &secret["tmj_".len()..];

@@ -316,8 +316,12 @@ async fn tokens_revocations_and_policy_survive_a_restart() {
         .unwrap()
         .contains(&json!("extra")));
 
-    let log = std::fs::read_to_string(s.root.join("state/state.log")).unwrap();
-    assert!(!log.contains(&used) && !log.contains(&fresh));
+    let stored = state_text(&s.root.join("state"));
+    assert!(
+        stored.contains("SQLite format 3"),
+        "the state is in state.db"
+    );
+    assert!(!stored.contains(&used) && !stored.contains(&fresh));
 }
 
 #[tokio::test]

@@ -48,6 +48,18 @@ impl Coordinator {
     /// Writes the policy file and starts the coordinator in `netns` with the coordinator
     /// certificate of `pki`.
     pub fn start(netns: &Netns, pki: &Pki, spec: CoordinatorSpec) -> Result<Coordinator> {
+        Self::start_with_database(netns, pki, spec, None)
+    }
+
+    /// As [`Coordinator::start`], with the state in the PostgreSQL database `database`
+    /// (`--database`; from inside a namespace use
+    /// [`crate::postgres::Postgres::socket_url`]: unix sockets cross network namespaces).
+    pub fn start_with_database(
+        netns: &Netns,
+        pki: &Pki,
+        spec: CoordinatorSpec,
+        database: Option<&str>,
+    ) -> Result<Coordinator> {
         let binary = crate::bins::tabbify_mesh_coordinator()?;
         let dir = tempfile::Builder::new()
             .prefix("tbt-coordinator-")
@@ -80,6 +92,9 @@ impl Coordinator {
             ]
             .map(str::to_owned),
         );
+        if let Some(url) = database {
+            args.extend(["--database".to_owned(), url.to_owned()]);
+        }
         let mut coordinator = Coordinator {
             netns: netns.clone(),
             spec,

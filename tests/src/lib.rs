@@ -27,6 +27,8 @@
 //! * [`rawsock`]: raw IPv4/IPv6 sockets to forge segments and ICMP errors and to capture.
 //! * [`inside`]: async client code run in this process but inside a namespace.
 //! * [`Tunnel`]: the common two-node scenario built from the pieces above.
+//! * [`postgres::Postgres`]: a throwaway PostgreSQL cluster (Debian `postgresql`) for
+//!   coordinators on PostgreSQL.
 //!
 //! Everything runs commands (`ip`, `wg`, `tc`, `nft`, `curl`, …) as root; the only traffic
 //! goes between namespaces this harness created.
@@ -44,6 +46,7 @@ pub mod natlab;
 pub mod netns;
 pub mod pinger;
 pub mod pki;
+pub mod postgres;
 pub mod prereq;
 pub mod process;
 pub mod rawsock;

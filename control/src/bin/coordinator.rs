@@ -3,6 +3,7 @@
 //! ```text
 //! tabbify-mesh-coordinator --bind ADDR --tls-cert F --tls-key F --tls-ca F --policy-file F
 //!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
+//!     [--database postgres://…]
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
 //!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
@@ -69,9 +70,13 @@ struct Cli {
     /// values allowed on the admin routes.
     #[arg(long = "admin")]
     admins: Vec<String>,
-    /// Directory for tokens, admissions, revocations and the policy in force.
+    /// Directory for tokens, admissions, revocations and the policy in force (the SQLite
+    /// database `state.db`; a `state.log` found there is imported once).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Keep that state in PostgreSQL instead (`postgres://user@host/db`).
+    #[arg(long, env = "TABBIFY_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
     /// Heartbeat interval handed to peers; three missed ones make a peer stale.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
@@ -149,6 +154,10 @@ fn main() -> anyhow::Result<()> {
     let mut config = Config::new(policy, blake3::hash(&policy_bytes).to_hex().to_string());
     config.admins = cli.admins.iter().cloned().collect();
     config.state_dir = cli.state_dir.clone();
+    config.database = match &cli.database {
+        Some(url) => tabbify_control::storage::Database::from_url(url)?,
+        None => None,
+    };
     config.heartbeat_interval = Duration::from_secs(cli.heartbeat_secs);
     if cli.max_streams_per_identity == 0
         || cli.max_connections == 0
@@ -270,6 +279,7 @@ fn main() -> anyhow::Result<()> {
         std::io::stdout().flush()?;
         tracing::info!(%local, mtls = tls_config.is_some(), stun = ?coordinator.config().stun_addrs, "coordinator started");
         let _sweeper = coordinator.spawn_sweeper();
+        let _follower = tabbify_control::follow::spawn(&coordinator)?;
         let acceptor = tls_config.map(server::acceptor);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

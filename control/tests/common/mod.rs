@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A CA with a coordinator certificate for 127.0.0.1.
+#[derive(Clone)]
 pub struct Pki {
     pub ca: Ca,
     pub server: Issued,
@@ -115,7 +116,11 @@ impl Harness {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
-        let pki = Pki::new();
+        Self::start_with_pki(Pki::new(), tweak).await
+    }
+
+    /// A coordinator with the given PKI (several coordinators of one mesh share it).
+    pub async fn start_with_pki(pki: Pki, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new(policy(), "test".into());
         tweak(&mut config);
         let clock = ManualClock::new(1_700_000_000_000);
@@ -426,4 +431,15 @@ impl EventStream {
         let id = f.id.as_deref().unwrap().parse().unwrap();
         (id, SseEvent::parse(&f.event, &f.data).unwrap())
     }
+}
+
+/// Every file of a state directory (the database and its WAL), as lossy text: for checks
+/// of what reached the disk.
+pub fn state_text(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        out.push_str(&String::from_utf8_lossy(&bytes));
+    }
+    out
 }
