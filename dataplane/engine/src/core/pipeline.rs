@@ -81,6 +81,8 @@ pub struct Pipeline {
     icmp_buf: Box<[u8]>,
     /// The engine clock in whole seconds (connection-tracking timeouts).
     now: u32,
+    /// The receive clock ([`crate::core::path::mono_ns`]) for `last_*_rx_ns`.
+    now_ns: u64,
     /// Where STUN and relay-control datagrams go (shared by every worker).
     control: Option<Arc<ControlQueue>>,
 }
@@ -102,6 +104,7 @@ impl Pipeline {
             icmp: IcmpLimiter::default(),
             icmp_buf: vec![0u8; icmp::V6_MAX].into_boxed_slice(),
             now: 0,
+            now_ns: 0,
             control: None,
         }
     }
@@ -156,6 +159,14 @@ impl Pipeline {
     #[inline]
     pub fn set_now(&mut self, now: u32) {
         self.now = now;
+    }
+
+    /// Sets the receive clock for the datagrams that follow: a [`crate::core::path::mono_ns`]
+    /// reading, stored as a peer's `last_direct_rx_ns` / `last_relay_rx_ns` when an
+    /// authenticated datagram arrives. The drivers read it once per batch.
+    #[inline]
+    pub fn set_now_ns(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
     }
 
     /// The shared drop counters.
