@@ -468,6 +468,11 @@ impl Paths {
         self.decide(key, now);
     }
 
+    /// The peers tracked.
+    pub fn peers(&self) -> Vec<[u8; 32]> {
+        self.peers.keys().copied().collect()
+    }
+
     /// A peer left the roster.
     pub fn remove_peer(&mut self, key: &[u8; 32]) {
         self.peers.remove(key);
