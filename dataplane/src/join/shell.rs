@@ -992,7 +992,13 @@ impl Joiner {
                 .and_then(|u| self.relays.session(u))
                 .and_then(|s| s.udp_addr());
             let endpoint = if relayed { relay_udp } else { direct_endpoint };
-            let reason = view.and_then(|v| v.reason).map(|r| r.describe().to_owned());
+            // The engine's path is the truth (it upgrades on a direct receipt before the
+            // path task notices): a reason shows while relayed, or while the manager
+            // wants a relay it does not have.
+            let reason = view
+                .filter(|v| relayed || v.path == logic::paths::Path::Direct)
+                .and_then(|v| v.reason)
+                .map(|r| r.describe().to_owned());
             peers.push(PeerStatus {
                 peer_id: e.peer_id.clone(),
                 name: e.display_name.clone(),
