@@ -9,6 +9,9 @@
 //!   took is printed, not asserted).
 //! * `forced_relay_stays_relayed`: `--force-relay` on one side keeps the pair relayed
 //!   although direct UDP works.
+//! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
+//!   the right member restarts (same key, new relay session and handle; the relay tells
+//!   the left one GONE): the left one looks it up again and ping passes over the relay.
 //! * `udp_blocked_member_uses_the_tls_stream`: the left member's UDP is blocked entirely
 //!   (only TCP to the relay's port 443 and the coordinator pass): its relay session's UDP
 //!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
@@ -99,13 +102,30 @@ impl Bed {
 
     fn join(&self, side: Side, name: &str, force_relay: bool) -> Result<Joiner> {
         let token = self.admin.create_token(&["node"], None, 1)?;
-        let mut spec = JoinSpec::new(name, &["node"], Some(token));
+        self.join_as(
+            side,
+            name,
+            force_relay,
+            Some(token),
+            &self.pki.issue_peer(name)?,
+        )
+    }
+
+    fn join_as(
+        &self,
+        side: Side,
+        name: &str,
+        force_relay: bool,
+        token: Option<String>,
+        cert: &tabbify_tests::pki::Issued,
+    ) -> Result<Joiner> {
+        let mut spec = JoinSpec::new(name, &["node"], token);
         spec.relays = vec![relay_url()];
         spec.force_relay = force_relay;
         Joiner::start(
             &self.lab.member(side).netns,
             &self.coordinator.url(),
-            &self.pki.issue_peer(name)?,
+            cert,
             spec,
         )
     }
@@ -200,6 +220,33 @@ fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result
         took_a.as_secs_f64(),
         took_b.as_secs_f64()
     );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
+    let bed = Bed::start("rj-gone", RouterKind::None, RouterKind::None)?;
+    block_direct(&bed.lab)?;
+    let mut a = bed.join(Side::Left, "rj-ga", false)?;
+    let b_cert = bed.pki.issue_peer("rj-gb")?;
+    let token = bed.admin.create_token(&["node"], None, 1)?;
+    let b = bed.join_as(Side::Right, "rj-gb", false, Some(token), &b_cert)?;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping before")?;
+    b.stop()?;
+    // The same name in the same namespace finds its node key: admitted before, no token.
+    let restarted = Instant::now();
+    let b = bed.join_as(Side::Right, "rj-gb", false, None, &b_cert)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping a → b after b's restart")?;
+    println!(
+        "a reached the restarted b over the relay {:.2} s after the restart began",
+        restarted.elapsed().as_secs_f64()
+    );
+    let p = a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
+    show("a", &p);
+    drop(b);
     Ok(())
 }
 

@@ -789,7 +789,7 @@ impl Joiner {
                 continue;
             };
             let current = peer.lock().relay;
-            if current.is_some_and(|r| self.relays.is_current_route_addr(r.addr, now)) {
+            if current.is_some_and(|r| self.relays.route_is_current(r, now)) {
                 if initiate_when_routed.remove(&key) {
                     let _ = self.handshaker.initiate(peer);
                 }
