@@ -941,6 +941,14 @@ impl Joiner {
             let p = self.paths();
             (p.home().map(str::to_owned), p.counts())
         };
+        // The coordinator accepts only a relay it advertised (else 400): a home relay
+        // from `--relay` alone is not reported (peers reach us through their own).
+        let home_relay = home_relay.filter(|h| {
+            self.advertised_relays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(h)
+        });
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
