@@ -204,6 +204,22 @@ fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result
         "home relay {:?}",
         st.home_relay
     );
+    // `status` and `peers` say the same in words.
+    let text = a.local_command(&["status"])?;
+    println!("{text}");
+    let words = format!(
+        "relayed via {} ({})",
+        relay_url(),
+        pa.reason.as_deref().unwrap_or_default()
+    );
+    ensure!(text.contains(&words), "`status` lacks {words:?}:\n{text}");
+    ensure!(
+        text.contains(&format!("home relay:  {}", relay_url()))
+            && text.contains("session up, UDP bound"),
+        "`status` lacks the home relay:\n{text}"
+    );
+    let text = a.local_command(&["peers"])?;
+    ensure!(text.contains(&words), "`peers` lacks {words:?}:\n{text}");
 
     let lifted = Instant::now();
     lift_direct_block(&bed.lab)?;
