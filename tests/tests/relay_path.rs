@@ -332,3 +332,35 @@ impl LabNs for Joiner {
         self.netns().clone()
     }
 }
+
+/// Both sides behind endpoint-dependent NATs: no direct path can open (each side's mapping
+/// towards the other is unknown), so the pair is relayed, and the reason names the NAT
+/// once the STUN probe has classified it.
+#[test]
+fn endpoint_dependent_nats_on_both_sides_stay_relayed_and_say_why() -> Result<()> {
+    let bed = Bed::start(
+        "rj-edm",
+        RouterKind::EndpointDependent,
+        RouterKind::EndpointDependent,
+    )?;
+    let mut a = bed.join(Side::Left, "rj-ea", false)?;
+    let mut b = bed.join(Side::Right, "rj-eb", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+    let p = a.wait_peer("rj-eb", "to be relayed naming the NAT", SETTLE, |p| {
+        relayed(p)
+            && p.reason.as_deref().is_some_and(|r| {
+                r == "endpoint-dependent NAT here" || r == "peer behind an endpoint-dependent NAT"
+            })
+    });
+    match &p {
+        Ok(p) => show("a", p),
+        Err(e) => println!("{e:#}"),
+    }
+    let p = p?;
+    let q = b.wait_peer("rj-ea", "to be relayed", SETTLE, relayed)?;
+    show("b", &q);
+    Ok(())
+}
