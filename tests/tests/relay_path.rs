@@ -359,7 +359,7 @@ fn endpoint_dependent_nats_on_both_sides_stay_relayed_and_say_why() -> Result<()
         Ok(p) => show("a", p),
         Err(e) => println!("{e:#}"),
     }
-    let p = p?;
+    p?;
     let q = b.wait_peer("rj-ea", "to be relayed", SETTLE, relayed)?;
     show("b", &q);
     Ok(())
