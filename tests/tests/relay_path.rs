@@ -7,6 +7,9 @@
 //!   the coordinator passes). Ping passes over the relay and `peers --json` says `relay`,
 //!   the relay URL and the reason; lifting the table turns the pair direct (the time it
 //!   took is printed, not asserted).
+//! * `a_direct_path_that_goes_silent_falls_back_to_the_relay`: a direct pair whose direct
+//!   UDP is then blocked moves to the relay (after one keepalive plus a handshake timeout,
+//!   30 s; printed) and ping passes again.
 //! * `forced_relay_stays_relayed`: `--force-relay` on one side keeps the pair relayed
 //!   although direct UDP works.
 //! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
@@ -263,6 +266,34 @@ fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
     let p = a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
     show("a", &p);
     drop(b);
+    Ok(())
+}
+
+#[test]
+fn a_direct_path_that_goes_silent_falls_back_to_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-silent", RouterKind::None, RouterKind::None)?;
+    let mut a = bed.join(Side::Left, "rj-sa", false)?;
+    let mut b = bed.join(Side::Right, "rj-sb", false)?;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-sb", "to be direct", SETTLE, |p| p.direct)?;
+    b.wait_peer("rj-sa", "to be direct", SETTLE, |p| p.direct)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping direct")?;
+    block_direct(&bed.lab)?;
+    let blocked = Instant::now();
+    let p = a.wait_peer(
+        "rj-sb",
+        "to fall back to the relay",
+        Duration::from_secs(60),
+        relayed,
+    )?;
+    let took = blocked.elapsed();
+    show("a", &p);
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping over the relay after the fallback")?;
+    println!(
+        "a fell back to the relay {:.1} s after direct UDP was blocked",
+        took.as_secs_f64()
+    );
     Ok(())
 }
 
