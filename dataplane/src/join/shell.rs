@@ -12,6 +12,11 @@
 //!                  │ a changed set of underlay addresses (netlink, see `UnderlayWatch`)
 //!   after each wake-up, first: the time bytes last arrived on the stream → the machine
 //!   (its idle deadline; the read itself has no timeout, being restarted every wake-up)
+//! probe (tokio): STUN requests from the WireGuard socket, answers from the control queue
+//! paths (tokio, every 250 ms or at the path manager's deadline):
+//!   relay latency → home relay → relay sessions kept (`join::relay`);
+//!   roster + engine (path, last direct receipt) → `logic::paths` → set_path / relay
+//!   routes (LOOKUP) / probe_direct / initiate; BIND_ACKs from the control queue → sessions
 //! ```
 //!
 //! The machine lives behind a mutex shared with the control socket (`status`, `app`);

@@ -488,8 +488,19 @@ impl Paths {
         let Some(p) = self.peers.get_mut(key) else {
             return;
         };
-        if seen.last_direct_rx > p.last_direct_rx {
+        let newer = seen.last_direct_rx > p.last_direct_rx;
+        if newer {
             p.last_direct_rx = seen.last_direct_rx;
+            // Still direct (no relay was available): a direct receipt answers a failed
+            // attempt or a silence.
+            if p.path == Path::Direct
+                && matches!(
+                    p.want,
+                    Some(Reason::NoDirectHandshake | Reason::DirectSilent)
+                )
+            {
+                p.want = None;
+            }
         }
         let fresh = match (p.attempt, p.last_direct_rx) {
             (Some(a), Some(rx)) => rx >= a,
@@ -1218,6 +1229,33 @@ mod tests {
         // A home outside the set is not taken.
         p.set_home(Some(R1.to_owned()), now);
         assert_eq!(p.home(), None);
+    }
+
+    /// Without a relay a failed attempt leaves the peer direct with the reason shown; a
+    /// later direct receipt clears it.
+    #[test]
+    fn without_a_relay_a_late_direct_handshake_clears_the_reason() {
+        let now = Instant::now();
+        let mut p = Paths::new(false);
+        p.upsert_peer(A, facts(NatClass::EndpointIndependent), now);
+        p.handle_timeout(now + DIRECT_WINDOW);
+        assert!(drain(&mut p).is_empty());
+        let v = p.view(&A).unwrap();
+        assert_eq!(
+            (v.path, v.reason),
+            (Path::Direct, Some(Reason::NoDirectHandshake))
+        );
+        let t = now + Duration::from_secs(3);
+        p.observe(
+            &A,
+            Observed {
+                path: Path::Direct,
+                last_direct_rx: Some(t),
+            },
+            t,
+        );
+        assert_eq!(p.view(&A).unwrap().reason, None);
+        assert_eq!(p.poll_timeout(), Some(t + DIRECT_SILENT));
     }
 
     #[test]
