@@ -6,12 +6,16 @@
 //!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
 //!           ─▶ lock peer once ─▶ packet filter (port rules + the peer's flow table,
 //!              first segment's headers)
-//!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
+//!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its
+//!              destination (the direct endpoint, or the relay with the 4-byte header
+//!              rewritten in the slot: `core::path`, resolved once per super-packet)
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
 //!           receiver index (lock peer once per run of datagrams; a datagram that is not
-//!           WireGuard: STUN and relay control to the control queue, see `core::demux`,
-//!           junk dropped) ─▶ Tunn::decapsulate
+//!           WireGuard: a relay frame restored into a scratch buffer and taken on like
+//!           WireGuard, STUN and relay control to the control queue, see `core::demux`,
+//!           junk dropped) ─▶ Tunn::decapsulate ─▶ an authenticated datagram moves the
+//!           direct endpoint (and upgrades a relayed path) or the relay route, by how it came
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
 //!              (per decrypted packet, with the peer's flow table under the lock already held)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
@@ -375,12 +379,21 @@ impl Pipeline {
             if authed {
                 run.rx += d.len();
                 if via.is_none() {
+                    // The direct fast path: as before the relay, plus one predictable test.
                     run.direct = true;
+                    if st.endpoint != Some(src) {
+                        st.endpoint = Some(src);
+                    }
+                    if st.path == PathKind::Relay
+                        && upgrade(st, src, true, &mut self.tx, &self.counters).is_err()
+                    {
+                        result = Err(Full);
+                    }
                 } else {
                     run.relay = true;
-                }
-                if authenticated(st, src, via, true, &mut self.tx, &self.counters).is_err() {
-                    result = Err(Full);
+                    if authenticated(st, src, via, true, &mut self.tx, &self.counters).is_err() {
+                        result = Err(Full);
+                    }
                 }
             }
         }
@@ -621,7 +634,7 @@ fn authenticated(
             if st.endpoint != Some(src) {
                 st.endpoint = Some(src);
             }
-            if st.path == PathKind::Relay && !st.relay_only {
+            if st.path == PathKind::Relay {
                 return upgrade(st, src, echo, tx, counters);
             }
         }
@@ -635,7 +648,7 @@ fn authenticated(
     Ok(())
 }
 
-/// Relay → Direct on direct receipt (off the fast path).
+/// Relay → Direct on direct receipt, unless the peer is pinned (off the fast path).
 #[cold]
 fn upgrade(
     st: &mut PeerState,
@@ -644,6 +657,9 @@ fn upgrade(
     tx: &mut TxBatch,
     counters: &DropCounters,
 ) -> Result<(), Full> {
+    if st.relay_only {
+        return Ok(());
+    }
     st.path = PathKind::Direct;
     if echo && st.tunn.time_since_last_handshake().is_some() {
         encapsulate(&mut st.tunn, &[], src, None, tx, counters)?;
@@ -663,14 +679,29 @@ fn encapsulate(
     tx: &mut TxBatch,
     counters: &DropCounters,
 ) -> Result<usize, Full> {
+    // Two copies of the loop body: the direct one is exactly the pre-relay code, so the
+    // direct path pays only this branch.
+    match handle {
+        None => encapsulate_with(tunn, pkt, endpoint, tx, counters, |_| {}),
+        Some(h) => encapsulate_with(tunn, pkt, endpoint, tx, counters, |m| path::rewrite(m, h)),
+    }
+}
+
+#[inline(always)]
+fn encapsulate_with(
+    tunn: &mut Tunn,
+    pkt: &[u8],
+    endpoint: SocketAddr,
+    tx: &mut TxBatch,
+    counters: &DropCounters,
+    header: impl FnOnce(&mut [u8]),
+) -> Result<usize, Full> {
     let mut n = 0;
     tx.push(endpoint, need(pkt.len()), |buf| {
         match tunn.encapsulate(pkt, buf) {
             TunnResult::WriteToNetwork(p) => {
                 n = p.len();
-                if let Some(h) = handle {
-                    path::rewrite(&mut buf[..n], h);
-                }
+                header(&mut buf[..n]);
                 n
             }
             TunnResult::Err(e) => {
