@@ -278,6 +278,20 @@ fn a_direct_path_that_goes_silent_falls_back_to_the_relay() -> Result<()> {
     a.wait_peer("rj-sb", "to be direct", SETTLE, |p| p.direct)?;
     b.wait_peer("rj-sa", "to be direct", SETTLE, |p| p.direct)?;
     traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping direct")?;
+    // Past the 1.5 s direct window: a working direct pair stays direct, without a reason
+    // (its first handshake may complete before the path manager first sees the peer).
+    std::thread::sleep(Duration::from_secs(2));
+    for (j, other) in [(&a, "rj-sb"), (&b, "rj-sa")] {
+        let p = j
+            .peers()?
+            .into_iter()
+            .find(|p| p.name == other)
+            .context("peer gone")?;
+        ensure!(
+            p.path == "direct" && p.reason.is_none(),
+            "not plainly direct: {p:?}"
+        );
+    }
     block_direct(&bed.lab)?;
     let blocked = Instant::now();
     let p = a.wait_peer(
@@ -288,6 +302,10 @@ fn a_direct_path_that_goes_silent_falls_back_to_the_relay() -> Result<()> {
     )?;
     let took = blocked.elapsed();
     show("a", &p);
+    ensure!(
+        p.reason.as_deref() == Some("direct path silent for 30 s"),
+        "{p:?}"
+    );
     traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
         .context("ping over the relay after the fallback")?;
     println!(

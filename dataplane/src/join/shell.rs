@@ -801,10 +801,9 @@ impl Joiner {
                 continue;
             }
             if let Some(route) = self.relays.route(&url, key, now) {
-                let mut st = peer.lock();
-                st.relay = Some(route);
-                st.path = PathKind::Relay;
-                drop(st);
+                // Only the route: the path was set by `UseRelay`, and the engine may have
+                // upgraded it to direct since (the path manager learns that next tick).
+                peer.lock().relay = Some(route);
                 tracing::debug!(?route, "relay route");
                 if initiate_when_routed.remove(&key) {
                     let _ = self.handshaker.initiate(peer);

@@ -319,8 +319,11 @@ struct PeerPath {
     /// Why the peer wants the relay (set even when no relay is available).
     want: Option<Reason>,
     relay: Option<String>,
-    /// A direct attempt began here; a direct receipt after it must come within the window.
+    /// A direct attempt began here; a direct receipt newer than `baseline` (the last one
+    /// seen when it began) must come within the window. A new peer's baseline is none: its
+    /// first handshake may complete before the path manager first sees it.
     attempt: Option<Instant>,
+    baseline: Option<Instant>,
     next_probe: Instant,
     last_direct_rx: Option<Instant>,
     /// When it last went to the relay: only a direct receipt after this proves the engine
@@ -462,6 +465,7 @@ impl Paths {
                         want: None,
                         relay: None,
                         attempt: Some(now),
+                        baseline: None,
                         next_probe: now,
                         last_direct_rx: None,
                         relay_since: None,
@@ -502,12 +506,7 @@ impl Paths {
                 p.want = None;
             }
         }
-        let fresh = match (p.attempt, p.last_direct_rx) {
-            (Some(a), Some(rx)) => rx >= a,
-            (None, Some(_)) => true,
-            _ => false,
-        };
-        if fresh {
+        if p.attempt.is_some() && p.last_direct_rx > p.baseline {
             p.attempt = None;
         }
         let upgraded = seen.path == Path::Direct
@@ -531,6 +530,7 @@ impl Paths {
                 Path::Relay => p.next_probe = now,
                 Path::Direct => {
                     p.attempt = Some(now);
+                    p.baseline = p.last_direct_rx;
                     self.actions.push_back(PathAction::Initiate { key: *key });
                 }
             }
@@ -971,6 +971,43 @@ mod tests {
 
     /// The engine still says direct right after the switch (the shell has not applied it
     /// yet, or an old direct receipt): that is no upgrade.
+    /// The first handshake can complete before the path manager first sees the peer (the
+    /// machine initiates when it adds the peer): that receipt counts.
+    #[test]
+    fn a_handshake_before_the_manager_saw_the_peer_counts() {
+        let now = Instant::now();
+        let mut p = with_relay(false, now);
+        let t = now + Duration::from_millis(200);
+        p.upsert_peer(A, facts(NatClass::None), t);
+        p.observe(
+            &A,
+            Observed {
+                path: Path::Direct,
+                last_direct_rx: Some(now),
+            },
+            t,
+        );
+        p.handle_timeout(t + DIRECT_WINDOW);
+        assert!(drain(&mut p).is_empty());
+        assert_eq!(p.view(&A).unwrap().path, Path::Direct);
+        // After an underlay change only a newer receipt counts.
+        p.underlay_changed(t + Duration::from_secs(2));
+        drain(&mut p);
+        p.observe(
+            &A,
+            Observed {
+                path: Path::Direct,
+                last_direct_rx: Some(now),
+            },
+            t,
+        );
+        p.handle_timeout(t + Duration::from_secs(2) + DIRECT_WINDOW);
+        assert!(matches!(
+            drain(&mut p)[..],
+            [PathAction::UseRelay { .. }, PathAction::Initiate { .. }]
+        ));
+    }
+
     #[test]
     fn a_stale_direct_observation_does_not_undo_the_switch() {
         let now = Instant::now();
