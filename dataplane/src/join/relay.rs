@@ -169,6 +169,21 @@ pub struct RelayCounters {
     pub gone: AtomicU64,
 }
 
+impl RelayCounters {
+    /// The non-zero drop counters by name (for `status` drops): `relay_bridge_refused`,
+    /// `relay_stray_control`.
+    pub fn nonzero(&self) -> Vec<(String, u64)> {
+        [
+            ("relay_bridge_refused", &self.bridge_refused),
+            ("relay_stray_control", &self.stray_control),
+        ]
+        .into_iter()
+        .map(|(n, c)| (n.to_owned(), c.load(Ordering::Relaxed)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+    }
+}
+
 /// Relay cached handle of a peer at a session.
 #[derive(Clone, Copy, Debug)]
 struct Cached {

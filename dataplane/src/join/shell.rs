@@ -1090,6 +1090,7 @@ impl Joiner {
                 .nonzero()
                 .into_iter()
                 .map(|(r, n)| (r.name().to_owned(), n))
+                .chain(self.relays.counters.nonzero())
                 .collect(),
             unreachable_sent: self.counters.unreachable_sent(),
         }
