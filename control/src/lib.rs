@@ -5,7 +5,8 @@
 //! link only that crate. The rest is the coordinator: [`policy`] and [`visibility`] (the
 //! ACL), [`registry`] (the live roster and its events), [`sse`] (streams), [`store`] and
 //! [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
-//! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`ca`]
+//! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`relays`] (the relays advertised, the in-process
+//! relay's URL), [`relay_tokens`] (relay admissions the coordinator signs), [`paths`] (path metrics), [`ca`]
 //! (certificates).
 #![forbid(unsafe_code)]
 
@@ -17,9 +18,12 @@ pub mod error;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod paths;
 pub mod policy;
 pub mod ports;
 pub mod registry;
+pub mod relay_tokens;
+pub mod relays;
 pub mod server;
 pub mod sse;
 pub mod store;

@@ -58,6 +58,11 @@ pub struct Metrics {
     pub stun_ignored: AtomicU64,
     /// Datagrams on a STUN port that are not STUN messages: dropped.
     pub stun_malformed: AtomicU64,
+    /// STUN requests not answered: their source was over its answer rate
+    /// ([`tabbify_api::stun_limit`]).
+    pub stun_rate_limited: AtomicU64,
+    /// Relay tokens minted.
+    pub relay_tokens: AtomicU64,
 }
 
 /// Gauges read from the live state at render time.
@@ -267,6 +272,18 @@ impl Metrics {
             "counter",
             "Datagrams on a STUN port that are not STUN messages (dropped).",
             c(&self.stun_malformed),
+        );
+        line(
+            "stun_rate_limited_total",
+            "counter",
+            "STUN requests not answered because their source was over its answer rate.",
+            c(&self.stun_rate_limited),
+        );
+        line(
+            "relay_tokens_total",
+            "counter",
+            "Relay tokens minted (POST /v1/relay/token).",
+            c(&self.relay_tokens),
         );
         out
     }

@@ -54,6 +54,10 @@ pub fn document() -> Value {
     let ulas = json!({"type": "array", "items": {"type": "string", "description": "IPv6 address"}});
     let nat_class = json!({"type": "string", "default": "unknown",
         "enum": ["unknown", "none", "endpoint_independent", "endpoint_dependent", "udp_blocked"]});
+    let relay_url = json!({"type": "string", "pattern": "^https://",
+        "description": "https://HOST:PORT of a relay (TLS over TCP and UDP on that port); its identity"});
+    let relays = json!({"type": "array", "items": {"$ref": "#/components/schemas/RelayInfo"},
+        "description": "the relays this mesh offers: the coordinator's own (--relay) first, then each --relay-url"});
     let rule = json!({
         "type": "object", "required": ["src", "dst"], "additionalProperties": false,
         "properties": {"src": strings, "dst": strings}
@@ -73,6 +77,7 @@ pub fn document() -> Value {
             "reflexive_endpoint": {"type": "string"},
             "mapped_endpoints": addrs,
             "nat": nat_class,
+            "home_relay": {"type": "string", "description": "the peer's home relay URL; absent when it has none"},
             "hosted_app_ulas": ulas,
             "stale": {"type": "boolean", "default": false,
                       "description": "missed its heartbeats; kept (with its apps) until --stale-after"},
@@ -132,6 +137,9 @@ pub fn document() -> Value {
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                     "default": error_responses()["default"].clone()
                 }}},
+            "/v1/relay/token": {"post": {"operationId": "relayToken",
+                "description": "A relay admission for the caller: an Ed25519-signed token naming its identity and registered WireGuard key, valid 5 minutes; present it as `authorization: Bearer` in the relay's upgrade request instead of a client certificate (the key-possession proof is still required, for that key).",
+                "requestBody": body("RelayTokenRequest"), "responses": ok("RelayTokenResponse")}},
             "/v1/mesh/rotate-key": {"post": {"operationId": "rotateKey",
                 "requestBody": body("RotateKeyRequest"), "responses": ok("RotateKeyResponse")}},
             "/v1/mesh/peers/{id}": {"delete": {"operationId": "revokePeer",
@@ -203,14 +211,28 @@ pub fn document() -> Value {
                     "reflexive_endpoint": {"type": "string"},
                     "heartbeat_interval_secs": {"type": "integer"},
                     "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}},
-                    "stun_servers": addrs
+                    "stun_servers": addrs,
+                    "relays": relays
                 }},
+            "RelayInfo": {"type": "object", "required": ["url"], "properties": {"url": relay_url}},
+            "PathCounts": {"type": "object", "required": ["direct", "relay"],
+                "properties": {"direct": {"type": "integer", "minimum": 0, "maximum": 4_294_967_295u64},
+                               "relay": {"type": "integer", "minimum": 0, "maximum": 4_294_967_295u64}}},
+            "RelayTokenRequest": {"type": "object", "required": ["peer_id"],
+                "properties": {"peer_id": {"type": "string"}}},
+            "RelayTokenResponse": {"type": "object", "required": ["token", "expires_at", "public_key", "signing_key"],
+                "properties": {"token": {"type": "string"}, "expires_at": {"type": "integer", "description": "unix seconds"},
+                               "public_key": {"type": "string", "description": "the WireGuard key the token names (base64)"},
+                               "signing_key": {"type": "string", "description": "the coordinator's Ed25519 token key (base64)"}}},
             "HeartbeatRequest": {"type": "object", "required": ["peer_id"],
                 "properties": {"peer_id": {"type": "string"}, "endpoints": addrs, "hosted_app_ulas": ulas,
-                               "mapped_endpoints": addrs, "nat": nat_class}},
+                               "mapped_endpoints": addrs, "nat": nat_class,
+                               "home_relay": {"type": "string", "nullable": true,
+                                              "description": "one of the advertised relay URLs, else 400"},
+                               "paths": {"$ref": "#/components/schemas/PathCounts"}}},
             "HeartbeatResponse": {"type": "object", "required": ["heartbeat_interval_secs", "reflexive_endpoint"],
                 "properties": {"heartbeat_interval_secs": {"type": "integer"}, "reflexive_endpoint": {"type": "string"},
-                               "stun_servers": addrs}},
+                               "stun_servers": addrs, "relays": relays}},
             "PeersResponse": {"type": "object", "required": ["event_id", "peers"],
                 "properties": {"event_id": {"type": "integer"},
                                "peers": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}}}},

@@ -67,6 +67,10 @@ pub struct PeerRecord {
     pub mapped: Vec<SocketAddr>,
     /// NAT class from the peer's STUN probe (its last heartbeat).
     pub nat: crate::api::NatClass,
+    /// The peer's home relay URL (its last heartbeat; one the coordinator advertised).
+    pub home_relay: Option<String>,
+    /// How many peers it reaches directly and by relay (its last heartbeat).
+    pub paths: crate::api::PathCounts,
     /// Last register or heartbeat, ms since the epoch.
     pub last_seen_ms: u64,
     /// Missed its heartbeats; kept in rosters (with its apps) until `stale_after`.
@@ -384,6 +388,8 @@ impl Registry {
             hosted_app_ulas: kept_apps,
             mapped: Vec::new(),
             nat: crate::api::NatClass::Unknown,
+            home_relay: None,
+            paths: crate::api::PathCounts::default(),
             last_seen_ms: now_ms,
             stale: false,
             class,
@@ -449,13 +455,17 @@ impl Registry {
     /// endpoints and hosted apps are replaced; a change is announced subject to the
     /// per-peer event window. A claim on an app another peer holds refuses the whole
     /// heartbeat except the liveness refresh. The caller validated the inputs
-    /// (`hosted_app_ulas` sorted and deduplicated).
+    /// (`hosted_app_ulas` sorted and deduplicated, `relay.0` one of the advertised relays).
+    /// A new home relay is a roster change like new endpoints; path counts are stored and
+    /// announced to nobody (they feed `/metrics`).
+    #[allow(clippy::too_many_arguments)]
     pub fn heartbeat(
         &mut self,
         id: &str,
         endpoints: Vec<SocketAddr>,
         hosted_app_ulas: Vec<Ipv6Addr>,
         stun: (Vec<SocketAddr>, crate::api::NatClass),
+        relay: (Option<String>, crate::api::PathCounts),
         reflexive_ip: std::net::IpAddr,
         now_ms: u64,
     ) -> Result<SocketAddr, HeartbeatError> {
@@ -491,7 +501,9 @@ impl Registry {
             || p.endpoints != endpoints
             || p.hosted_app_ulas != hosted_app_ulas
             || p.nat != nat
+            || p.home_relay != relay.0
             || reflexive_changed;
+        (p.home_relay, p.paths) = relay;
         p.mapped = mapped;
         p.nat = nat;
         let old_apps = std::mem::replace(&mut p.hosted_app_ulas, hosted_app_ulas.clone());
@@ -916,7 +928,7 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         reflexive_endpoint: p.reflexive,
         mapped_endpoints: p.mapped.clone(),
         nat: p.nat,
-        home_relay: None,
+        home_relay: p.home_relay.clone(),
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,

@@ -133,6 +133,12 @@ pub struct Config {
     /// heartbeat responses list them as `stun_servers` (an unspecified IP replaced by the
     /// one the client connected to). Empty: no STUN server.
     pub stun_addrs: Vec<SocketAddr>,
+    /// The relays advertised in register and heartbeat answers (`--relay`, `--relay-url`);
+    /// a heartbeat's `home_relay` must be one of them.
+    pub relays: crate::relays::Relays,
+    /// Signs relay tokens (`POST /v1/relay/token`); see [`crate::relay_tokens`]. `None`:
+    /// the route answers 404.
+    pub relay_token_key: Option<Arc<tabbify_api::relay_token::SigningKey>>,
 }
 
 impl Config {
@@ -164,6 +170,11 @@ impl Config {
                 per_sec: 1.0,
             },
             stun_addrs: Vec::new(),
+            relays: crate::relays::Relays::default(),
+            // A key for this process; the binary loads the state directory's instead.
+            relay_token_key: tabbify_api::relay_token::SigningKey::generate()
+                .ok()
+                .map(|(k, _)| Arc::new(k)),
         }
     }
 }
@@ -455,7 +466,7 @@ impl Coordinator {
                         policy_revision: core.registry.revision(),
                         stale_peers: core.registry.stale_count() as u64,
                         connections: self.conns.open() as u64,
-                    })
+                    }) + &crate::paths::PathGauges::of(core.registry.peers()).render()
                 };
                 Ok(text_response("text/plain; version=0.0.4", text))
             }
@@ -463,12 +474,14 @@ impl Coordinator {
                 Ok(json_response(StatusCode::OK, &crate::openapi::document()))
             }
             (Method::POST, PATH_REGISTER) => {
+                let relays = self.config.relays.advertised(req.headers());
                 let body: RegisterRequest = self.read_json(req).await?;
-                ok(&self.register(conn, identity, body).await?)
+                ok(&self.register(conn, identity, body, relays).await?)
             }
             (Method::POST, PATH_HEARTBEAT) => {
+                let relays = self.config.relays.advertised(req.headers());
                 let body: HeartbeatRequest = self.read_json(req).await?;
-                ok(&self.heartbeat(conn, identity, body)?)
+                ok(&self.heartbeat(conn, identity, body, relays)?)
             }
             (Method::GET, PATH_PEERS) => {
                 let core = self.read();
@@ -483,6 +496,10 @@ impl Coordinator {
                 })
             }
             (Method::GET, PATH_PEERS_STREAM) => self.stream(identity, req),
+            (Method::POST, PATH_RELAY_TOKEN) => {
+                let body: RelayTokenRequest = self.read_json(req).await?;
+                ok(&self.relay_token(identity, body)?)
+            }
             (Method::POST, PATH_ROTATE_KEY) => {
                 let body: RotateKeyRequest = self.read_json(req).await?;
                 ok(&self.rotate_key(identity, body)?)
@@ -633,6 +650,7 @@ impl Coordinator {
         conn: &ConnInfo,
         identity: Option<String>,
         req: RegisterRequest,
+        relays: Vec<RelayInfo>,
     ) -> Result<RegisterResponse, ApiError> {
         let key = decode_key(&req.public_key)?;
         let key_b64 = base64::engine::general_purpose::STANDARD.encode(key);
@@ -773,8 +791,7 @@ impl Coordinator {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             roster,
             stun_servers: self.stun_servers(conn),
-            // Filled in by the relay integration (`--relay`, `--relay-url`).
-            relays: Vec::new(),
+            relays,
         })
     }
 
@@ -783,6 +800,7 @@ impl Coordinator {
         conn: &ConnInfo,
         identity: Option<String>,
         req: HeartbeatRequest,
+        relays: Vec<RelayInfo>,
     ) -> Result<HeartbeatResponse, ApiError> {
         match &identity {
             Some(i) => self.check_rate(i)?,
@@ -798,6 +816,13 @@ impl Coordinator {
             return Err(ApiError::BadRequest(format!(
                 "{bad} is not an app ULA (fd5a:1f02::/32)"
             )));
+        }
+        if let Some(home) = &req.home_relay {
+            if !relays.iter().any(|r| &r.url == home) {
+                return Err(ApiError::BadRequest(format!(
+                    "home_relay {home:?} is not one of the relays this coordinator advertises"
+                )));
+            }
         }
         let mut apps: Vec<Ipv6Addr> = req.hosted_app_ulas;
         apps.sort_unstable();
@@ -827,6 +852,7 @@ impl Coordinator {
             req.endpoints,
             apps,
             (req.mapped_endpoints, req.nat),
+            (req.home_relay, req.paths),
             canonical_ip(conn.remote.ip()),
             now_ms,
         ) {
@@ -850,8 +876,31 @@ impl Coordinator {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             reflexive_endpoint: reflexive,
             stun_servers: self.stun_servers(conn),
-            relays: Vec::new(),
+            relays,
         })
+    }
+
+    /// Mints a relay token for the caller's identity and registered key.
+    fn relay_token(
+        &self,
+        identity: Option<String>,
+        req: RelayTokenRequest,
+    ) -> Result<RelayTokenResponse, ApiError> {
+        match &identity {
+            Some(i) => self.check_rate(i)?,
+            None => self.check_rate(&format!("peer:{}", req.peer_id))?,
+        }
+        let key = self
+            .config
+            .relay_token_key
+            .as_ref()
+            .ok_or_else(|| ApiError::NotFound("relay tokens are not enabled".into()))?;
+        let core = self.read();
+        let id = resolve_peer(&core.registry, identity.as_deref(), Some(&req.peer_id))?;
+        let peer = core.registry.peer(&id).ok_or(ApiError::NotRegistered)?;
+        Metrics::inc(&self.metrics.relay_tokens);
+        crate::relay_tokens::mint(key, peer, self.clock.now_ms() / 1000)
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     /// The STUN servers to tell a client about: [`Config::stun_addrs`] with an unspecified
@@ -1546,6 +1595,7 @@ fn known_path(p: &str) -> bool {
             | PATH_TOKENS
             | PATH_REVOCATIONS
             | PATH_ROTATE_KEY
+            | PATH_RELAY_TOKEN
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")
         || p.starts_with("/v1/tokens/")

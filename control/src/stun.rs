@@ -8,11 +8,18 @@
 //! Invariants: the server keeps no state per client (an answer depends only on the
 //! datagram and its source), never answers a datagram that is not a well-formed STUN
 //! message (dropped and counted in `/metrics`), and answers at most one datagram per
-//! datagram received, never larger than [`MAX_MESSAGE_LEN`](tabbify_api::stun::MAX_MESSAGE_LEN)
-//! (no amplification).
+//! datagram received, never larger than [`MAX_MESSAGE_LEN`](tabbify_api::stun::MAX_MESSAGE_LEN);
+//! answers to one source (IPv4 address or IPv6 /64) are rate limited by one
+//! [`SourceLimiter`] shared by all the sockets (an answer is ~1.5x its request, and UDP
+//! sources can be spoofed: the limit caps what a spoofer can aim at a victim; requests over
+//! it are dropped and counted as `stun_rate_limited`). The limiter is the only state, and it
+//! is bounded.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tabbify_api::stun_limit::SourceLimiter;
 
 use tokio::net::UdpSocket;
 
@@ -84,9 +91,9 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(s)
 }
 
-/// Answers Binding requests on `socket` until it fails; counts answers and drops in the
-/// coordinator's metrics.
-pub async fn serve(coord: Arc<Coordinator>, socket: UdpSocket) {
+/// Answers Binding requests on `socket` until it fails, within `limiter`'s per-source
+/// rate; counts answers and drops in the coordinator's metrics.
+pub async fn serve(coord: Arc<Coordinator>, socket: UdpSocket, limiter: Arc<Mutex<SourceLimiter>>) {
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, src) = match socket.recv_from(&mut buf).await {
@@ -105,6 +112,14 @@ pub async fn serve(coord: Arc<Coordinator>, socket: UdpSocket) {
             tabbify_api::stun::answer(&buf[..n], src)
         };
         match answer {
+            Ok(Some(_))
+                if !limiter
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .allow(src.ip(), Instant::now()) =>
+            {
+                Metrics::inc(&metrics.stun_rate_limited);
+            }
             Ok(Some(reply)) => {
                 Metrics::inc(&metrics.stun_answered);
                 if let Err(e) = socket.send_to(&reply, src).await {
@@ -126,11 +141,13 @@ pub fn local_addrs(sockets: &[std::net::UdpSocket]) -> std::io::Result<Vec<Socke
     sockets.iter().map(|s| s.local_addr()).collect()
 }
 
-/// Spawns [`serve`] on each socket (inside a tokio runtime).
+/// Spawns [`serve`] on each socket (inside a tokio runtime), all sharing one
+/// [`SourceLimiter`] with the default rates.
 pub fn spawn(coord: &Arc<Coordinator>, sockets: Vec<std::net::UdpSocket>) -> std::io::Result<()> {
+    let limiter = Arc::new(Mutex::new(SourceLimiter::default()));
     for s in sockets {
         let s = UdpSocket::from_std(s)?;
-        tokio::spawn(serve(coord.clone(), s));
+        tokio::spawn(serve(coord.clone(), s, limiter.clone()));
     }
     Ok(())
 }

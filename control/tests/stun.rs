@@ -278,3 +278,53 @@ async fn hole_punch_uses_the_mapped_endpoint() {
     assert_eq!(p.peer_id, id_b);
     assert_eq!(p.endpoint, "127.0.0.1:61001".parse().unwrap());
 }
+
+/// The attacker floods Binding requests carrying a victim's source address (here the
+/// victim's own socket sends them, which is what spoofed packets look like to the server):
+/// the victim gets at most the per-source answer rate, the rest is dropped and counted,
+/// and another source is still answered.
+#[tokio::test]
+async fn a_spoofed_flood_gets_at_most_the_per_source_rate() {
+    use tabbify_control::api::stun_limit::{DEFAULT_BURST, DEFAULT_PER_SEC};
+    let (h, bound) = start().await;
+    let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    const FLOOD: u64 = 2000;
+    let t0 = std::time::Instant::now();
+    for i in 0..FLOOD {
+        let mut txid = [3u8; 12];
+        txid[..8].copy_from_slice(&i.to_be_bytes());
+        victim
+            .send_to(&stun::binding_request(&txid), bound[0])
+            .await
+            .unwrap();
+    }
+    let m = h.coord.metrics();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Loopback may drop some under the flood: wait until the counts settle.
+    let mut last = (u64::MAX, 0);
+    loop {
+        let now = (load(&m.stun_answered), load(&m.stun_rate_limited));
+        if now == last && now.0 + now.1 > 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "counts never settled");
+        last = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (answered, limited) = last;
+    let elapsed = t0.elapsed().as_secs() + 1;
+    let bound_answers = u64::from(DEFAULT_BURST) + u64::from(DEFAULT_PER_SEC) * elapsed;
+    assert!(
+        answered <= bound_answers,
+        "{answered} answers to one source in {elapsed} s (limit {bound_answers})"
+    );
+    assert!(limited > 0 && answered + limited <= FLOOD);
+    assert_eq!(metric(&h, "stun_rate_limited_total").await, limited);
+    let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+    let m = ask(&other, bound[0], &stun::binding_request(&[5; 12])).await;
+    assert_eq!(
+        m.binding_success_for(&[5; 12]),
+        Some(other.local_addr().unwrap())
+    );
+}

@@ -1,5 +1,7 @@
 //! The relay client the joiner uses: connect (TCP, optionally through an HTTP CONNECT
-//! proxy, then TLS with the member's mesh certificate, then `Upgrade: tabbify-relay`), prove
+//! proxy, then TLS with the member's mesh certificate — or, with
+//! [`RelayClient::connect_with_token`], a relay token from the coordinator in the upgrade
+//! request instead — then `Upgrade: tabbify-relay`), prove
 //! possession of the WireGuard private key, receive the session's handle and bind cookie;
 //! then look up public keys, send and receive relay frames over the stream, and learn of
 //! ended sessions (GONE). The UDP side is the joiner's own WireGuard socket: this module
@@ -148,14 +150,30 @@ async fn connect_tcp(cfg: &Config) -> Result<TcpStream, ClientError> {
 /// Connects and upgrades to the relay stream, without the session handshake (what
 /// [`RelayClient::connect`] builds on; public for tests that play a misbehaving client).
 pub async fn open_stream(cfg: &Config) -> Result<TlsStream<TcpStream>, ClientError> {
+    open_stream_with_token(cfg, None).await
+}
+
+/// As [`open_stream`], sending `token` (a relay token) as `authorization: Bearer`.
+pub async fn open_stream_with_token(
+    cfg: &Config,
+    token: Option<&str>,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    if token.is_some_and(|t| !t.bytes().all(|b| b.is_ascii_graphic())) {
+        return Err(ClientError::Config(
+            "a relay token is printable ASCII".into(),
+        ));
+    }
     let tcp = connect_tcp(cfg).await?;
     let name = ServerName::try_from(cfg.server_name.clone())
         .map_err(|e| ClientError::Config(format!("server name {}: {e}", cfg.server_name)))?;
     let mut tls = TlsConnector::from(cfg.tls.clone())
         .connect(name, tcp)
         .await?;
+    let auth = token
+        .map(|t| format!("authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "GET /relay HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\nupgrade: {}\r\n\r\n",
+        "GET /relay HTTP/1.1\r\nhost: {}\r\nconnection: upgrade\r\nupgrade: {}\r\n{auth}\r\n",
         cfg.server_name,
         proto::UPGRADE_TOKEN
     );
@@ -213,7 +231,18 @@ impl RelayClient {
     /// Connects, proves possession of `private_key` (the member's WireGuard static key) and
     /// opens a session.
     pub async fn connect(cfg: &Config, private_key: &[u8; 32]) -> Result<Self, ClientError> {
-        let mut tls = open_stream(cfg).await?;
+        Self::connect_with_token(cfg, private_key, None).await
+    }
+
+    /// As [`RelayClient::connect`], presenting a relay token (`POST /v1/relay/token` at the
+    /// coordinator) for a `cfg.tls` without a client certificate. The token names the key
+    /// of `private_key`; the relay refuses any other.
+    pub async fn connect_with_token(
+        cfg: &Config,
+        private_key: &[u8; 32],
+        token: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let mut tls = open_stream_with_token(cfg, token).await?;
         let exp = exporter(&tls)?;
         let flags = if cfg.stream_only {
             proto::FLAG_STREAM_ONLY

@@ -53,31 +53,10 @@ pub const UPGRADE_TOKEN: &str = "tabbify-relay";
 /// Label of the TLS exporter the proof binds to.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-tabbify-relay-proof";
 
-/// What a datagram on a relay-carrying UDP socket is, by its first bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    /// A plain WireGuard message (type 1..=4, three zero bytes).
-    WireGuard,
-    /// A STUN message (top two bits 00, magic cookie at 4..8).
-    Stun,
-    /// A relay frame (`0xE1..=0xE4`).
-    Frame,
-    /// A relay control datagram (`0xF0..=0xFF`).
-    Control,
-    /// Anything else.
-    Junk,
-}
-
-/// Classifies a datagram by the demux rule of the protocol.
-pub fn classify(d: &[u8]) -> Kind {
-    match d.first() {
-        Some(1..=4) if d.len() >= 4 && d[1..4] == [0, 0, 0] => Kind::WireGuard,
-        Some(b) if b & 0xC0 == 0 && d.len() >= 20 && d[4..8] == STUN_MAGIC => Kind::Stun,
-        Some(0xE1..=0xE4) if d.len() >= FRAME_HEADER => Kind::Frame,
-        Some(0xF0..=0xFF) => Kind::Control,
-        _ => Kind::Junk,
-    }
-}
+/// The first-byte demultiplexing of the protocol: one implementation for the whole
+/// workspace, the engine's (the joiner's WireGuard socket and the relay's UDP socket apply
+/// the same rule).
+pub use tabbify_engine::core::demux::{classify, Kind};
 
 /// Why bytes could not be read as what was expected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -527,10 +506,10 @@ mod tests {
         stun[1] = 1;
         stun[4..8].copy_from_slice(&STUN_MAGIC);
         assert_eq!(classify(&stun), Kind::Stun);
-        assert_eq!(classify(&[0xE1, 0, 0, 1]), Kind::Frame);
+        assert_eq!(classify(&[0xE1, 0, 0, 1]), Kind::RelayFrame);
         assert_eq!(classify(&[0xE5, 0, 0, 1]), Kind::Junk);
         assert_eq!(classify(&[0xE1, 0, 0]), Kind::Junk);
-        assert_eq!(classify(&[0xF0]), Kind::Control);
+        assert_eq!(classify(&[0xF0]), Kind::RelayControl);
         assert_eq!(classify(&[]), Kind::Junk);
         assert_eq!(classify(&[0x45, 0, 0, 0]), Kind::Junk);
     }

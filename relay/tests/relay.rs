@@ -145,7 +145,7 @@ async fn recv_udp(s: &UdpSocket) -> Vec<u8> {
             .await
             .expect("no frame arrived over UDP")
             .unwrap();
-        if proto::classify(&buf[..n]) == proto::Kind::Frame {
+        if proto::classify(&buf[..n]) == proto::Kind::RelayFrame {
             return buf[..n].to_vec();
         }
     }

@@ -1,7 +1,7 @@
 //! The mesh's wire types, shared by the coordinator, the joiner, the edge and the tests:
 //! every request, response, roster entry and SSE event of the coordinator's JSON API
 //! (this file and [`sse`]), the derived addresses ([`ula`]), the joiner's local control
-//! socket ([`local`]), the STUN codec ([`stun`]) and, with the `tls` feature, the client side of the mesh's TLS
+//! socket ([`local`]), the STUN codec ([`stun`]) and its per-source answer limit ([`stun_limit`]) and, with the `tls` feature, the client side of the mesh's TLS
 //! ([`tls`]).
 //!
 //! This crate holds no server, CA or certificate-parsing code: a client links only this.
@@ -17,6 +17,7 @@
 //! | `GET /v1/policy` (admin) | → [`PolicyResponse`] |
 //! | `PUT /v1/policy` (admin) | [`PolicyDocument`] → [`PolicyResponse`] |
 //! | `POST /v1/mesh/rotate-key` | [`RotateKeyRequest`] → [`RotateKeyResponse`] |
+//! | `POST /v1/relay/token` | [`RelayTokenRequest`] → [`RelayTokenResponse`] (a relay admission for the caller's key) |
 //! | `DELETE /v1/identities/{cn}` (admin) | → [`IdentityResponse`] (revokes the identity) |
 //! | `POST /v1/identities/{cn}/readmit` (admin) | → [`IdentityResponse`] |
 //! | `DELETE /v1/identities/{cn}/key` (admin) | → [`IdentityResponse`] (forgets a lost key) |
@@ -42,8 +43,11 @@ use std::net::{Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 pub mod local;
+#[cfg(feature = "tls")]
+pub mod relay_token;
 pub mod sse;
 pub mod stun;
+pub mod stun_limit;
 #[cfg(feature = "tls")]
 pub mod tls;
 pub mod ula;
@@ -66,6 +70,8 @@ pub const PATH_TOKENS: &str = "/v1/tokens";
 pub const PATH_REVOCATIONS: &str = "/v1/revocations";
 /// Route of [`RotateKeyRequest`].
 pub const PATH_ROTATE_KEY: &str = "/v1/mesh/rotate-key";
+/// Route of [`RelayTokenRequest`].
+pub const PATH_RELAY_TOKEN: &str = "/v1/relay/token";
 /// Prefix of the identity lifecycle routes (admin): `DELETE {prefix}{cn}`,
 /// `POST {prefix}{cn}/readmit`, `DELETE {prefix}{cn}/key`.
 pub const PATH_IDENTITIES_PREFIX: &str = "/v1/identities/";
@@ -172,6 +178,27 @@ pub struct HeartbeatRequest {
     /// How many of this node's peers it reaches directly and how many through a relay.
     #[serde(default)]
     pub paths: PathCounts,
+}
+
+/// `POST /v1/relay/token`: a short-lived relay admission for the caller (a registered
+/// member; the token binds its identity and its registered WireGuard key).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayTokenRequest {
+    /// The caller's peer id (must belong to the caller's identity).
+    pub peer_id: String,
+}
+
+/// A relay token (format: `relay_token` module, with the `tls` feature).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayTokenResponse {
+    /// The token, for `authorization: Bearer <token>` in the relay's upgrade request.
+    pub token: String,
+    /// Unix seconds from which relays refuse it (at most 10 minutes after minting).
+    pub expires_at: u64,
+    /// The WireGuard public key (base64) it names: the only key a session may prove.
+    pub public_key: String,
+    /// The coordinator's token-signing public key (base64), what relays verify with.
+    pub signing_key: String,
 }
 
 /// How many peers a node reaches by each path (from its heartbeat).

@@ -1,7 +1,7 @@
 //! Fuzz the coordinator's JSON request bodies through the path its routes use.
 //!
 //! 1. Every request type the coordinator parses (`RegisterRequest`, `HeartbeatRequest`,
-//!    `TokenRequest`, `MoveAppRequest`, and the auth service's `AuthValidateResponse`) goes
+//!    `TokenRequest`, `MoveAppRequest`, `RelayTokenRequest`, and the auth service's `AuthValidateResponse`) goes
 //!    through `server::parse_json`: it parses or is refused with 400 `invalid_json`, never a
 //!    panic, and a parsed value serializes back to JSON that parses to the same value.
 //! 2. The same bytes are the body of every POST route of an in-process coordinator
@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tabbify_api::{
     AuthValidateResponse, ErrorBody, HeartbeatRequest, MoveAppRequest, PolicyDocument,
-    RegisterRequest, TokenRequest,
+    RegisterRequest, RelayTokenRequest, TokenRequest,
 };
 use tabbify_control::clock::ManualClock;
 use tabbify_control::limits::RateConfig;
@@ -123,12 +123,14 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<HeartbeatRequest>(data);
     round_trip::<TokenRequest>(data);
     round_trip::<MoveAppRequest>(data);
+    round_trip::<RelayTokenRequest>(data);
     round_trip::<AuthValidateResponse>(data);
 
     let w = world();
     let routes = [
         (PEER, "/v1/mesh/register".to_owned()),
         (PEER, "/v1/mesh/heartbeat".to_owned()),
+        (PEER, "/v1/relay/token".to_owned()),
         (ADMIN, "/v1/tokens".to_owned()),
         (
             ADMIN,

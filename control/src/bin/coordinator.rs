@@ -6,11 +6,20 @@
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
 //!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
+//!     [--relay [--relay-bind ADDR] [--relay-public-url URL] [--relay-metrics-bind ADDR]]
+//!     [--relay-url URL]...
 //!     [--insecure-no-mtls]
 //! ```
 //!
+//! `--relay` runs the mesh relay (`tabbify_relay::server::Relay`) in this process, on
+//! `--relay-bind` (TCP for the TLS stream and UDP for frames and STUN on the same port;
+//! default: the `--bind` IP with the `--bind` port + 2, because the port itself is HTTPS on
+//! TCP and STUN on UDP, and port + 1 is the second STUN port), with the coordinator's
+//! certificate, key and CA, admitting members by mTLS or by the relay tokens this
+//! coordinator signs.
+//!
 //! Prints `listening on ADDR` on stdout once it accepts connections (its STUN server, if
-//! any, answers by then).
+//! any, answers by then), after `relay on ADDR` when it runs the relay.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -25,7 +34,7 @@ use tabbify_control::auth::AuthClient;
 use tabbify_control::clock::SystemClock;
 use tabbify_control::server::{self, Config, Coordinator, ALLOW_INSECURE_ENV};
 use tabbify_control::stun::StunBind;
-use tabbify_control::tls;
+use tabbify_control::{relays, tls};
 
 #[derive(Parser)]
 #[command(
@@ -93,6 +102,25 @@ struct Cli {
     /// can classify their NAT); `off` runs no STUN server.
     #[arg(long = "stun-bind", value_name = "ADDR|off")]
     stun_bind: Vec<String>,
+    /// Run the mesh relay in this process (needs mTLS) and advertise it first.
+    #[arg(long)]
+    relay: bool,
+    /// TCP+UDP address of the in-process relay. Default: the --bind IP, port --bind + 2
+    /// (8445 for 8443); production relays usually take 443 (`[::]:443`).
+    #[arg(long, value_name = "ADDR", requires = "relay")]
+    relay_bind: Option<SocketAddr>,
+    /// The in-process relay's URL as members reach it (`https://HOST:PORT`; HOST must be in
+    /// the coordinator certificate). Default: the host name the member used to reach the
+    /// coordinator, with the relay's port.
+    #[arg(long, value_name = "URL", requires = "relay")]
+    relay_public_url: Option<String>,
+    /// Where the in-process relay serves its own `/metrics` (plain HTTP; keep it on
+    /// loopback or a private network). Default: not served.
+    #[arg(long, value_name = "ADDR", requires = "relay")]
+    relay_metrics_bind: Option<SocketAddr>,
+    /// Another relay to advertise (`https://HOST:PORT`, repeatable), after the own one.
+    #[arg(long = "relay-url", value_name = "URL")]
+    relay_urls: Vec<String>,
     /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
     #[arg(long)]
     insecure_no_mtls: bool,
@@ -143,6 +171,27 @@ fn main() -> anyhow::Result<()> {
     };
     config.tls_handshake_timeout = Duration::from_secs(cli.tls_handshake_secs);
     let stun_bind = StunBind::from_args(&cli.stun_bind).map_err(anyhow::Error::msg)?;
+    for u in &cli.relay_urls {
+        config
+            .relays
+            .others
+            .push(relays::parse_url("--relay-url", u).map_err(anyhow::Error::msg)?);
+    }
+    let relay_public = cli
+        .relay_public_url
+        .as_deref()
+        .map(|u| relays::parse_url("--relay-public-url", u))
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if cli.relay && cli.insecure_no_mtls {
+        bail!("--relay needs mTLS (--tls-cert, --tls-key, --tls-ca); it cannot run with --insecure-no-mtls");
+    }
+    if let Some(dir) = &cli.state_dir {
+        config.relay_token_key = Some(
+            tabbify_control::relay_tokens::load_or_create(dir)
+                .context("the relay-token key in --state-dir")?,
+        );
+    }
 
     let tls_config = if cli.insecure_no_mtls {
         server::check_insecure(cli.bind, std::env::var(ALLOW_INSECURE_ENV).ok().as_deref())?;
@@ -177,6 +226,44 @@ fn main() -> anyhow::Result<()> {
             .bind(local)
             .context("binding the STUN server (--stun-bind)")?;
         config.stun_addrs = tabbify_control::stun::local_addrs(&stun_sockets)?;
+        let _relay = if cli.relay {
+            let (Some(cert), Some(key), Some(ca)) = (&cli.tls_cert, &cli.tls_key, &cli.tls_ca)
+            else {
+                bail!("--relay needs --tls-cert, --tls-key and --tls-ca");
+            };
+            let listen = cli.relay_bind.unwrap_or_else(|| {
+                let port = match local.port() {
+                    0 => 0,
+                    p => p.saturating_add(2),
+                };
+                SocketAddr::new(local.ip(), port)
+            });
+            let tls = tabbify_relay::server::server_config(&read(cert)?, &read(key)?, &read(ca)?)
+                .context("relay TLS set-up")?;
+            let token_key = config.relay_token_key.as_ref().map(|k| k.public());
+            let relay = tabbify_relay::server::Relay::start_with_token_key(
+                tabbify_relay::server::Config {
+                    listen,
+                    metrics: cli.relay_metrics_bind,
+                    tls,
+                    limits: tabbify_relay::server::core::Limits::default(),
+                },
+                token_key,
+            )
+            .await
+            .with_context(|| format!("starting the relay on {listen} (--relay-bind)"))?;
+            config.relays.own = Some(match relay_public {
+                Some(u) => relays::OwnRelay::Public(u),
+                None => relays::OwnRelay::FromHost {
+                    port: relay.addr.port(),
+                    names: relays::cert_names(&read(cert)?),
+                },
+            });
+            println!("relay on {}", relay.addr);
+            Some(relay)
+        } else {
+            None
+        };
         let coordinator = Coordinator::new(config, Arc::new(SystemClock::new()))?;
         tabbify_control::stun::spawn(&coordinator, stun_sockets)?;
         println!("listening on {local}");

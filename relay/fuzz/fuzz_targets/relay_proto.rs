@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
     if kind == Kind::WireGuard {
         let mut f = data.to_vec();
         proto::wg_to_frame(&mut f, 0x00AB_CDEF).expect("WireGuard converts");
-        assert_eq!(proto::classify(&f), Kind::Frame);
+        assert_eq!(proto::classify(&f), Kind::RelayFrame);
         assert_eq!(proto::frame_to_wg(&mut f), Ok(0x00AB_CDEF));
         assert_eq!(f, data);
     }
@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     let mut f = data.to_vec();
     match reg.forward_udp(from, &mut f, now) {
         Ok(d) => {
-            assert_eq!(kind, Kind::Frame);
+            assert_eq!(kind, Kind::RelayFrame);
             assert_eq!(proto::frame_header(&f).expect("frame").1, a.handle);
             assert_eq!(&f[4..], &data[4..]);
             let dst = proto::frame_header(data).expect("frame").1;

@@ -2,7 +2,7 @@
 //!
 //! tabbify-mesh-relay --listen ADDR --tls-cert PEM --tls-key PEM --tls-ca PEM
 //!   [--metrics-bind ADDR] [--max-sessions N] [--max-sessions-per-identity N]
-//!   [--rate-mbit N] [--burst-kib N] [--idle-timeout-secs N]
+//!   [--rate-mbit N] [--burst-kib N] [--idle-timeout-secs N] [--token-key PATH]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +49,11 @@ struct Args {
     /// Most connections at once still in TLS, upgrade or proof; more are closed at accept.
     #[arg(long, default_value_t = 1024)]
     max_handshakes: usize,
+    /// The coordinator's relay-token public key (`relay-token.pub` in its --state-dir):
+    /// clients without a certificate are admitted with a token it signed, for the
+    /// WireGuard key the token names. Without it only mesh mTLS admits.
+    #[arg(long)]
+    token_key: Option<PathBuf>,
 }
 
 fn read(p: &PathBuf) -> anyhow::Result<String> {
@@ -64,19 +69,33 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let a = Args::parse();
     let tls = server::server_config(&read(&a.tls_cert)?, &read(&a.tls_key)?, &read(&a.tls_ca)?)?;
-    let relay = Relay::start(server::Config {
-        listen: a.listen,
-        metrics: Some(a.metrics_bind),
-        tls,
-        limits: Limits {
-            max_sessions: a.max_sessions,
-            max_sessions_per_identity: a.max_sessions_per_identity,
-            rate_bytes_per_sec: a.rate_mbit.saturating_mul(125_000),
-            burst_bytes: a.burst_kib.saturating_mul(1024),
-            idle_timeout: Duration::from_secs(a.idle_timeout_secs.max(1)),
-            max_handshakes: a.max_handshakes,
+    let token_key = match &a.token_key {
+        Some(p) => Some(
+            tabbify_api::relay_token::decode_public(&read(p)?).with_context(|| {
+                format!(
+                    "--token-key {}: not a base64 Ed25519 public key",
+                    p.display()
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let relay = Relay::start_with_token_key(
+        server::Config {
+            listen: a.listen,
+            metrics: Some(a.metrics_bind),
+            tls,
+            limits: Limits {
+                max_sessions: a.max_sessions,
+                max_sessions_per_identity: a.max_sessions_per_identity,
+                rate_bytes_per_sec: a.rate_mbit.saturating_mul(125_000),
+                burst_bytes: a.burst_kib.saturating_mul(1024),
+                idle_timeout: Duration::from_secs(a.idle_timeout_secs.max(1)),
+                max_handshakes: a.max_handshakes,
+            },
         },
-    })
+        token_key,
+    )
     .await?;
     tracing::info!(addr = %relay.addr, metrics = ?relay.metrics_addr, "relay listening (TCP+UDP)");
     println!("listening {}", relay.addr);

@@ -117,8 +117,9 @@ pub enum Drop {
     QueueFull,
     /// A datagram none of our kinds (or a plain WireGuard message sent to the relay).
     Junk,
-    /// A STUN message: not answered yet (the STUN codec is another branch's).
-    Stun,
+    /// A STUN request not answered: its source (IPv4 address or IPv6 /64) was over its
+    /// answer rate ([`tabbify_api::stun_limit`]).
+    StunRateLimited,
     /// Sending on the UDP socket failed.
     SendError,
 }
@@ -134,7 +135,7 @@ impl Drop {
         Drop::AddrInUse,
         Drop::QueueFull,
         Drop::Junk,
-        Drop::Stun,
+        Drop::StunRateLimited,
         Drop::SendError,
     ];
 
@@ -149,7 +150,7 @@ impl Drop {
             Drop::AddrInUse => "addr_in_use",
             Drop::QueueFull => "queue_full",
             Drop::Junk => "junk",
-            Drop::Stun => "stun_unanswered",
+            Drop::StunRateLimited => "stun_rate_limited",
             Drop::SendError => "send_error",
         }
     }

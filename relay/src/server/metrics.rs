@@ -26,6 +26,8 @@ pub struct Metrics {
     drops: [AtomicU64; Drop::ALL.len()],
     refused: [AtomicU64; 4],
     busy: AtomicU64,
+    stun_answered: AtomicU64,
+    token_refused: AtomicU64,
 }
 
 impl Metrics {
@@ -59,6 +61,26 @@ impl Metrics {
     pub fn refused(&self, code: RefuseCode) {
         let i = (code as usize).saturating_sub(1).min(3);
         self.refused[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts an upgrade refused for a bad relay token.
+    pub fn token_refused(&self) {
+        self.token_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Upgrades refused for a bad relay token so far.
+    pub fn tokens_refused(&self) -> u64 {
+        self.token_refused.load(Ordering::Relaxed)
+    }
+
+    /// Counts an answered STUN request.
+    pub fn stun_answered(&self) {
+        self.stun_answered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// STUN requests answered so far.
+    pub fn stun_answers(&self) -> u64 {
+        self.stun_answered.load(Ordering::Relaxed)
     }
 
     /// Counts a connection closed at accept (too many handshakes pending).
@@ -130,6 +152,26 @@ impl Metrics {
                 self.refused[i].load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            o,
+            "# HELP tabbify_relay_stun_answered_total STUN requests answered on the UDP port."
+        );
+        let _ = writeln!(o, "# TYPE tabbify_relay_stun_answered_total counter");
+        let _ = writeln!(
+            o,
+            "tabbify_relay_stun_answered_total {}",
+            self.stun_answered.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP tabbify_relay_tokens_refused_total Upgrades refused for a bad relay token (forged, expired, malformed)."
+        );
+        let _ = writeln!(o, "# TYPE tabbify_relay_tokens_refused_total counter");
+        let _ = writeln!(
+            o,
+            "tabbify_relay_tokens_refused_total {}",
+            self.token_refused.load(Ordering::Relaxed)
+        );
         let _ = writeln!(o, "# HELP tabbify_relay_connections_refused_total Connections closed at accept because too many handshakes were pending.");
         let _ = writeln!(o, "# TYPE tabbify_relay_connections_refused_total counter");
         let _ = writeln!(

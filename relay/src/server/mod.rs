@@ -5,9 +5,13 @@
 //! Owns: the [`core::Registry`] behind one mutex (the UDP thread takes it once per received
 //! batch, a stream task once per frame), the UDP socket, the counters.
 //!
-//! Invariants: a session exists only after mesh mTLS (a client certificate chaining to the
-//! mesh CA; its CN is the identity the per-identity limit counts) and a verified proof of
-//! possession of the WireGuard private key whose public key it registers; when a session
+//! Invariants: a session exists only after admission — mesh mTLS (a client certificate
+//! chaining to the mesh CA; its CN is the identity the per-identity limit counts) or, when
+//! the relay was given the coordinator's token key, a valid relay token
+//! ([`tabbify_api::relay_token`]: signature, expiry; its identity counts) in the upgrade
+//! request's `authorization: Bearer` header — and a verified proof of possession of the
+//! WireGuard private key whose public key it registers, which for a token must be the key
+//! the token names (a token copied to another member opens nothing); when a session
 //! ends (connection closed, replaced, idle) every other session is told GONE; no input
 //! panics the server (malformed records and datagrams are dropped and counted).
 
@@ -100,6 +104,8 @@ fn common_name(chain: Option<&[CertificateDer<'_>]>) -> Option<String> {
 /// State shared by the listener tasks and the UDP thread.
 pub struct Shared {
     reg: Mutex<Registry<Sink>>,
+    /// The coordinator's relay-token public key (Ed25519); `None`: only mTLS admits.
+    token_key: Option<[u8; 32]>,
     /// Counters.
     pub metrics: Metrics,
     udp: udp::Socket,
@@ -148,11 +154,21 @@ pub struct Relay {
 
 impl Relay {
     /// Binds TCP and UDP on `cfg.listen` (port 0: one free port for both) and starts
-    /// serving on the current tokio runtime.
+    /// serving on the current tokio runtime; admits by mesh mTLS only.
     pub async fn start(cfg: Config) -> anyhow::Result<Relay> {
+        Self::start_with_token_key(cfg, None).await
+    }
+
+    /// As [`Relay::start`], also admitting clients with a relay token signed by
+    /// `token_key` (the coordinator's Ed25519 public key) in place of a client certificate.
+    pub async fn start_with_token_key(
+        cfg: Config,
+        token_key: Option<[u8; 32]>,
+    ) -> anyhow::Result<Relay> {
         let (tcp, sock) = bind_pair(cfg.listen).await?;
         let addr = tcp.local_addr()?;
         let shared = Arc::new(Shared {
+            token_key,
             reg: Mutex::new(Registry::new(cfg.limits)),
             metrics: Metrics::default(),
             udp: sock,
@@ -321,7 +337,8 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
 
 enum Route {
     Health,
-    Upgrade,
+    /// The upgrade, with the bearer token of an `authorization` header, if any.
+    Upgrade(Option<String>),
     NotFound,
     BadRequest,
 }
@@ -338,9 +355,19 @@ fn route(head: &[u8]) -> Route {
             && std::str::from_utf8(h.value)
                 .is_ok_and(|v| v.trim().eq_ignore_ascii_case(proto::UPGRADE_TOKEN))
     });
+    let token = req.headers.iter().find_map(|h| {
+        if !h.name.eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let v = std::str::from_utf8(h.value).ok()?.trim();
+        let (scheme, t) = v.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case(tabbify_api::relay_token::AUTH_SCHEME)
+            .then(|| t.trim().to_owned())
+    });
     match (req.method, req.path) {
         (Some("GET"), Some("/health")) => Route::Health,
-        (Some("GET"), Some("/relay")) if upgrade => Route::Upgrade,
+        (Some("GET"), Some("/relay")) if upgrade => Route::Upgrade(token),
         _ => Route::NotFound,
     }
 }
@@ -357,7 +384,7 @@ async fn serve_conn(
         anyhow::Ok((tls, head, rest))
     })
     .await??;
-    match route(&head) {
+    let token = match route(&head) {
         Route::Health => {
             write_http(
                 &mut tls,
@@ -378,8 +405,8 @@ async fn serve_conn(
             write_http(&mut tls, "400 Bad Request", "application/json", &body).await?;
             return Ok(());
         }
-        Route::Upgrade => {}
-    }
+        Route::Upgrade(token) => token,
+    };
     let (identity, exporter) = {
         let c = tls.get_ref().1;
         let identity = common_name(c.peer_certificates());
@@ -387,13 +414,30 @@ async fn serve_conn(
         c.export_keying_material(&mut exp, proto::EXPORTER_LABEL, None)?;
         (identity, exp)
     };
-    let Some(identity) = identity else {
-        let body = json_error(
-            "a client certificate from the mesh CA is required",
+    // A certificate admits; without one, a valid token does, for the key it names only.
+    let admitted = match (identity, token, shared.token_key) {
+        (Some(cn), _, _) => Ok((cn, None)),
+        (None, Some(t), Some(k)) => tabbify_api::relay_token::verify(&t, &k, unix_now())
+            .map(|c| (c.identity, Some(c.key)))
+            .map_err(|e| {
+                shared.metrics.token_refused();
+                json_error(&e.to_string(), "bad_token")
+            }),
+        (None, _, _) => Err(json_error(
+            if shared.token_key.is_some() {
+                "a client certificate from the mesh CA or a relay token is required"
+            } else {
+                "a client certificate from the mesh CA is required"
+            },
             "unauthenticated",
-        );
-        write_http(&mut tls, "401 Unauthorized", "application/json", &body).await?;
-        return Ok(());
+        )),
+    };
+    let (identity, token_key) = match admitted {
+        Ok(a) => a,
+        Err(body) => {
+            write_http(&mut tls, "401 Unauthorized", "application/json", &body).await?;
+            return Ok(());
+        }
     };
     if !rest.is_empty() {
         // The client must wait for 101 before speaking the stream protocol.
@@ -410,7 +454,14 @@ async fn serve_conn(
     )
     .await?;
     tls.flush().await?;
-    session(shared, tls, identity, exporter, permit).await
+    session(shared, tls, identity, token_key, exporter, permit).await
+}
+
+/// Seconds since the Unix epoch (token expiry is wall-clock time, like the coordinator's).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Reads one length-prefixed record into `buf` (reused).
@@ -443,6 +494,7 @@ async fn session<S>(
     shared: Arc<Shared>,
     mut tls: S,
     identity: String,
+    token_key: Option<[u8; 32]>,
     exporter: [u8; 32],
     permit: OwnedSemaphorePermit,
 ) -> anyhow::Result<()>
@@ -488,6 +540,16 @@ where
             )
             .await;
             anyhow::bail!("bad proof from {identity}");
+        }
+        if token_key.is_some_and(|k| k != key) {
+            shared.metrics.refused(RefuseCode::BadProof);
+            refuse(
+                &mut tls,
+                RefuseCode::BadProof,
+                "the relay token names another WireGuard key",
+            )
+            .await;
+            anyhow::bail!("{identity}: token for another key");
         }
         anyhow::Ok((key, flags))
     })
@@ -640,7 +702,15 @@ mod tests {
         ));
         assert!(matches!(
             route(b"GET /relay HTTP/1.1\r\nconnection: upgrade\r\nupgrade: Tabbify-Relay\r\n\r\n"),
-            Route::Upgrade
+            Route::Upgrade(None)
+        ));
+        assert!(matches!(
+            route(b"GET /relay HTTP/1.1\r\nupgrade: tabbify-relay\r\nAuthorization: bearer abc_-1 \r\n\r\n"),
+            Route::Upgrade(Some(t)) if t == "abc_-1"
+        ));
+        assert!(matches!(
+            route(b"GET /relay HTTP/1.1\r\nupgrade: tabbify-relay\r\nauthorization: Basic abc\r\n\r\n"),
+            Route::Upgrade(None)
         ));
         assert!(matches!(
             route(b"GET /relay HTTP/1.1\r\n\r\n"),

@@ -3,7 +3,11 @@
 //! every datagram under one registry lock per receive, queues the frames to send, then
 //! sends them grouped per destination as UDP GSO super-datagrams (`UDP_SEGMENT`), falling
 //! back to one `sendmsg` per datagram where the kernel lacks GSO. Syscall helpers are the
-//! engine's (`tabbify_engine::sys::udp`).
+//! engine's (`tabbify_engine::sys::udp`). STUN Binding requests on the same port are
+//! answered with [`tabbify_api::stun`] (the demux is the engine's
+//! [`classify`](tabbify_engine::core::demux::classify)), at most the per-source rate of a
+//! [`SourceLimiter`] owned by this thread (an answer is larger than its request and UDP
+//! sources can be spoofed).
 //!
 //! Invariants: a GSO send carries datagrams to one destination, all of one size except a
 //! shorter last one, at most [`GSO_MAX_SEGMENTS`] of them and at most [`GSO_MAX_BYTES`];
@@ -16,6 +20,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use tabbify_api::stun_limit::SourceLimiter;
 use tabbify_engine::sys::udp as sys;
 pub use tabbify_engine::sys::udp::GSO_MAX_SEGMENTS;
 
@@ -209,11 +214,14 @@ pub fn run(shared: &Shared, stop: &AtomicBool) {
     let fd = shared.udp.fd();
     let mut buf = vec![0u8; 65_536];
     let mut out = Outbox::default();
+    let mut stun = SourceLimiter::default();
     while !stop.load(Ordering::Relaxed) {
         poll(fd, libc::POLLIN, 200);
         for _ in 0..64 {
             match sys::recv(fd, &mut buf) {
-                Ok((n, Some(src), seg)) => handle(shared, &mut buf[..n], src, seg, &mut out),
+                Ok((n, Some(src), seg)) => {
+                    handle(shared, &mut buf[..n], src, seg, &mut out, &mut stun)
+                }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -230,7 +238,14 @@ pub fn run(shared: &Shared, stop: &AtomicBool) {
     }
 }
 
-fn handle(shared: &Shared, d: &mut [u8], src: SocketAddr, seg: Option<u16>, out: &mut Outbox) {
+fn handle(
+    shared: &Shared,
+    d: &mut [u8],
+    src: SocketAddr,
+    seg: Option<u16>,
+    out: &mut Outbox,
+    stun: &mut SourceLimiter,
+) {
     let now = Instant::now();
     let seg = match seg {
         Some(s) if s > 0 => usize::from(s),
@@ -239,19 +254,29 @@ fn handle(shared: &Shared, d: &mut [u8], src: SocketAddr, seg: Option<u16>, out:
     let mut reg = shared.reg();
     for dg in d.chunks_mut(seg) {
         match proto::classify(dg) {
-            Kind::Frame => match reg.forward_udp(src, dg, now) {
+            Kind::RelayFrame => match reg.forward_udp(src, dg, now) {
                 Ok(super::core::Deliver::Udp(a)) => out.push(a, dg),
                 other => deliver(shared, other, dg, false),
             },
-            Kind::Control => match Control::parse(dg) {
+            Kind::RelayControl => match Control::parse(dg) {
                 Ok(Control::Bind { handle, cookie }) => match reg.bind(src, handle, &cookie, now) {
                     Ok(()) => out.push(src, &Control::BindAck { handle }.encode()),
                     Err(e) => shared.metrics.drop(e, 1),
                 },
                 _ => shared.metrics.drop(Drop::Malformed, 1),
             },
-            // TODO(stun): answer Binding requests once tabbify_api::stun lands on main.
-            Kind::Stun => shared.metrics.drop(Drop::Stun, 1),
+            Kind::Stun => match tabbify_api::stun::answer(dg, src) {
+                Ok(Some(_)) if !stun.allow(src.ip(), now) => {
+                    shared.metrics.drop(Drop::StunRateLimited, 1)
+                }
+                Ok(Some(reply)) => {
+                    shared.metrics.stun_answered();
+                    out.push(src, &reply);
+                }
+                // Indications and responses get no answer.
+                Ok(None) => shared.metrics.drop(Drop::Junk, 1),
+                Err(_) => shared.metrics.drop(Drop::Malformed, 1),
+            },
             Kind::WireGuard | Kind::Junk => shared.metrics.drop(Drop::Junk, 1),
         }
     }
