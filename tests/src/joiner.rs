@@ -48,6 +48,10 @@ pub struct JoinSpec {
     pub listen_port: u16,
     /// `--stun HOST:PORT` servers besides the coordinator's.
     pub stun: Vec<String>,
+    /// `--relay URL` relays besides the coordinator's.
+    pub relays: Vec<String>,
+    /// `--force-relay`.
+    pub force_relay: bool,
 }
 
 impl JoinSpec {
@@ -61,6 +65,8 @@ impl JoinSpec {
             threads: None,
             listen_port: 51820,
             stun: Vec::new(),
+            relays: Vec::new(),
+            force_relay: false,
         }
     }
 }
@@ -132,6 +138,12 @@ impl Joiner {
         }
         for server in &spec.stun {
             command.args(["--stun", server]);
+        }
+        for relay in &spec.relays {
+            command.args(["--relay", relay]);
+        }
+        if spec.force_relay {
+            command.arg("--force-relay");
         }
         // The token and coordinator come from flags only: nothing inherited may override.
         command
