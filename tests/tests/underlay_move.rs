@@ -6,7 +6,8 @@
 //! the old one deleted). `mover` notices through netlink, heartbeats from the new address
 //! and reopens its stream; `watcher`'s table must point at the new endpoint within 5 s,
 //! half a heartbeat interval (so the regular heartbeat alone would usually be too late),
-//! and `mover` must log the netlink trigger and be connected again.
+//! and `mover` must log the netlink trigger, be connected again and report the STUN
+//! mapping of its new address (never the old one: the coordinator refuses that).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -26,16 +27,11 @@ const BOUND: Duration = Duration::from_secs(5);
 /// Heartbeat interval: twice the bound, so that the regular heartbeat is not what passes.
 const HEARTBEAT_SECS: u64 = 10;
 
-// Passed 10 of 11 runs on the natlab branch before main's STUN merge (the one failure, in
-// a parallel run, was not captured: likely the race below); after it, it fails: the
-// heartbeat after the move carries the STUN mapped endpoint of the old address and the
-// coordinator refuses it (400 "mapped endpoint … is neither the address this heartbeat
-// came from …"), and the first heartbeat, sent when the new address appears but before
-// the old one goes, can pick the vanishing source and time out (5 s). Un-ignore once an
-// underlay change drops the stale mapped endpoints (and the trigger waits for the
-// address set to settle).
+// After a move the joiner drops its STUN mapping (the coordinator refuses a heartbeat
+// carrying the old address's mapping with a 400), re-probes at once, and heartbeats once
+// the address set has been quiet for 300 ms (the move is an add, then a delete: a
+// heartbeat at the first could leave from the address about to vanish).
 #[test]
-#[ignore = "fails since the STUN merge: stale mapped endpoints after a move are refused (see comment)"]
 fn a_moved_member_reaches_the_roster_within_5_s() -> Result<()> {
     require(&[Tool::Iproute2, Tool::Ping, Tool::Curl, Tool::Nft])?;
     tabbify_tests::bins::tabbify_mesh()?;
@@ -91,11 +87,28 @@ fn a_moved_member_reaches_the_roster_within_5_s() -> Result<()> {
     mover.wait_status("to stream again", BOUND, |status| {
         status.coordinator.connected
     })?;
+    let status = mover.wait_status(
+        "to report the mapping of its new address",
+        BOUND,
+        |status| status.mapped_endpoints == [new],
+    )?;
+    ensure!(
+        !log.contains("heartbeat refused"),
+        "a heartbeat after the move was refused:\n{log}"
+    );
+    watcher.wait_peer(
+        "mover",
+        "with its new mapping in the roster",
+        BOUND,
+        |peer| peer.mapped_endpoints == [new],
+    )?;
     println!(
-        "watcher saw mover's new endpoint {new} {:.2} s after the move (bound {} s, heartbeat {} s)",
+        "watcher saw mover's new endpoint {new} {:.2} s after the move (bound {} s, heartbeat {} s); \
+         mover's NAT class {:?}",
         took.as_secs_f64(),
         BOUND.as_secs(),
-        HEARTBEAT_SECS
+        HEARTBEAT_SECS,
+        status.nat
     );
     Ok(())
 }
