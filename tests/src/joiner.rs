@@ -48,6 +48,10 @@ pub struct JoinSpec {
     pub listen_port: u16,
     /// `--stun HOST:PORT` servers besides the coordinator's.
     pub stun: Vec<String>,
+    /// `--relay URL` relays besides the coordinator's (issue 13).
+    pub relays: Vec<String>,
+    /// `--force-relay`: every peer over the relay.
+    pub force_relay: bool,
 }
 
 impl JoinSpec {
@@ -61,6 +65,8 @@ impl JoinSpec {
             threads: None,
             listen_port: 51820,
             stun: Vec::new(),
+            relays: Vec::new(),
+            force_relay: false,
         }
     }
 }
@@ -133,6 +139,12 @@ impl Joiner {
         for server in &spec.stun {
             command.args(["--stun", server]);
         }
+        for relay in &spec.relays {
+            command.args(["--relay", relay]);
+        }
+        if spec.force_relay {
+            command.arg("--force-relay");
+        }
         // The token and coordinator come from flags only: nothing inherited may override.
         command
             .env_remove("MESH_JOIN_TOKEN")
@@ -199,6 +211,14 @@ impl Joiner {
 
     /// `tabbify-mesh peers --json`.
     pub fn peers(&self) -> Result<Vec<PeerStatus>> {
+        let text = self.local_command(&["peers", "--json"])?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `peers --json` of {}: {text}", self.spec.name))
+    }
+
+    /// `tabbify-mesh peers --json` as plain JSON, for fields newer than [`PeerStatus`]
+    /// (`path`, `relay`, `reason`).
+    pub fn peers_json(&self) -> Result<Vec<serde_json::Value>> {
         let text = self.local_command(&["peers", "--json"])?;
         serde_json::from_str(&text)
             .with_context(|| format!("parsing `peers --json` of {}: {text}", self.spec.name))

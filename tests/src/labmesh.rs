@@ -18,13 +18,20 @@ use serde_json::json;
 use crate::admin::Admin;
 use crate::coordinator::{Coordinator, CoordinatorSpec};
 use crate::joiner::{JoinSpec, Joiner};
-use crate::natlab::{NatLab, HUB, RELAY};
+use crate::natlab::{NatLab, HUB, RELAY, RELAY_TCP_PORT};
 use crate::netns::Netns;
 use crate::pki::Pki;
+use crate::process::Process;
 use crate::testbed::{ADMIN, COORDINATOR_PORT};
 
 /// The tag every lab member gets.
 pub const TAG: &str = "node";
+
+/// The URL of the relay [`LabMesh::start_relay`] runs: TLS over TCP and UDP on
+/// [`RELAY`]:[`RELAY_TCP_PORT`] (the port [`crate::RouterKind::UdpBlocked`] lets through).
+pub fn relay_url() -> String {
+    format!("https://{RELAY}:{RELAY_TCP_PORT}")
+}
 
 /// A coordinator in the lab's internet namespace and what it takes to add members.
 pub struct LabMesh {
@@ -60,6 +67,43 @@ impl LabMesh {
             coordinator,
             admin,
         })
+    }
+
+    /// Starts `tabbify-mesh-relay` in `lab`'s internet namespace on
+    /// [`RELAY`]:[`RELAY_TCP_PORT`] with the coordinator's certificate (its SANs name
+    /// [`RELAY`]), metrics on 127.0.0.1:9091 there; returns once it listens.
+    pub fn start_relay(&self, lab: &NatLab) -> Result<Process> {
+        let binary = crate::bins::locate(
+            "tabbify-mesh-relay",
+            "TABBIFY_RELAY_BIN",
+            "cargo build -p tabbify-relay --bin tabbify-mesh-relay",
+        )?;
+        let cert = self.pki.coordinator();
+        let listen = SocketAddr::new(RELAY.into(), RELAY_TCP_PORT).to_string();
+        let path = |p: &std::path::Path| -> Result<String> {
+            p.to_str()
+                .map(str::to_owned)
+                .with_context(|| format!("non-UTF-8 path {}", p.display()))
+        };
+        let args = [
+            "--listen".to_owned(),
+            listen,
+            "--tls-cert".to_owned(),
+            path(&cert.cert)?,
+            "--tls-key".to_owned(),
+            path(&cert.key)?,
+            "--tls-ca".to_owned(),
+            path(&cert.ca)?,
+            "--metrics-bind".to_owned(),
+            "127.0.0.1:9091".to_owned(),
+            // The perf and matrix runs must not be limited per session.
+            "--rate-mbit".to_owned(),
+            "1000000".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut relay = lab.internet.spawn("relay", &path(&binary)?, &args)?;
+        relay.wait_for_log("listening", Duration::from_secs(10))?;
+        Ok(relay)
     }
 
     /// A spec for member `name` with [`TAG`] and a fresh single-use token.
