@@ -469,18 +469,22 @@ fn stun_goes_to_the_control_queue_and_junk_is_counted() {
     );
     assert!(sink.0.is_empty());
 
-    // Flood: junk of every first byte that is none of the kinds, unbound relay frames,
+    // Flood: junk of every first byte that is none of the kinds, malformed relay frames,
     // and STUN beyond the queue's room; data datagrams from the peer in between.
     let junk_before = b.counters.get(DropReason::Junk);
     let mut junk = 0u64;
     let mut delivered = 0usize;
     for round in 0..50u8 {
-        for first in [0x00u8, 0x05, 0x45, 0x60, 0x80, 0xC0, 0xE0, 0xE2, 0xEF] {
+        for first in [0x00u8, 0x05, 0x45, 0x60, 0x80, 0xC0, 0xE0, 0xEF] {
             let mut d = vec![round; 64];
             d[0] = first;
             b.pipe.on_udp(&snap_b, a.ep, &d, None, &mut sink).unwrap();
             junk += 1;
         }
+        // A relay frame too short for the message it claims (a 64-byte "response").
+        let mut d = vec![round; 64];
+        d[0] = 0xE2;
+        b.pipe.on_udp(&snap_b, a.ep, &d, None, &mut sink).unwrap();
         b.pipe
             .on_udp(&snap_b, stun_server, &stun, None, &mut sink)
             .unwrap();
@@ -494,6 +498,7 @@ fn stun_goes_to_the_control_queue_and_junk_is_counted() {
         delivered += deliver(&mut a, &mut b, &mut sink);
     }
     assert_eq!(b.counters.get(DropReason::Junk) - junk_before, junk);
+    assert_eq!(b.counters.get(DropReason::RelayMalformed), 50);
     assert_eq!(queue.len(), 4, "the queue holds its room, no more");
     assert_eq!(b.counters.get(DropReason::ControlDropped), 50 - 4);
     assert_eq!(delivered, 50);
@@ -817,4 +822,348 @@ fn receiver_drops_source_port_tricks_of_an_unfiltered_peer() {
     assert_eq!(a.counters.get(DropReason::FilteredIn), 1);
     assert_eq!(a.counters.get(DropReason::CtInvalid), 2);
     assert_eq!(a.counters.get(DropReason::IcmpUnrelated), 1);
+}
+
+// ---------------------------------------------------------------------------------------
+// Relayed paths (issue 13, `core::path`): frames through a relay, upgrades on direct receipt.
+
+use tabbify_engine::core::path::{self as relay_path, PathKind, RelayRoute};
+use tabbify_engine::core::peer::Peer;
+
+/// The relay's address (a label, never a socket) and the handles it gave A and B.
+const RELAY: &str = "203.0.113.7:443";
+const H_A: u32 = 0x00_0A0A;
+const H_B: u32 = 0x0B_0B0B;
+
+/// `node`'s one peer (key byte `peer`).
+fn peer_of(node: &Node, peer: u8) -> Arc<Peer> {
+    let snap = node.table.load_full();
+    snap.by_key(&PublicKey::from(&StaticSecret::from([peer; 32])).to_bytes())
+        .unwrap()
+        .clone()
+}
+
+/// Both nodes send through the relay (A knows B as `H_B`, B knows A as `H_A`).
+fn relayed_pair() -> (Node, Node) {
+    let (a, b) = pair(false);
+    let relay: SocketAddr = RELAY.parse().unwrap();
+    let route = |handle| {
+        Some(RelayRoute {
+            addr: relay,
+            handle,
+        })
+    };
+    relay_path::set_path(&peer_of(&a, 2), PathKind::Relay, route(H_B));
+    relay_path::set_path(&peer_of(&b, 1), PathKind::Relay, route(H_A));
+    (a, b)
+}
+
+/// Plays the relay: everything `from` queued must be frames to the relay for `to_handle`,
+/// in GSO slots of equal-size frames; each frame's handle is rewritten to `from_handle`
+/// and the slot is handed to `to` as one GRO receive from the relay. Returns the slots.
+fn relay(
+    from: &mut Node,
+    to: &mut Node,
+    to_handle: u32,
+    from_handle: u32,
+    sink: &mut impl TunSink,
+) -> usize {
+    let relay: SocketAddr = RELAY.parse().unwrap();
+    let mut n = 0;
+    for (dst, mut bytes, seg) in take(from) {
+        assert_eq!(dst, relay, "sent to the relay");
+        for f in bytes.chunks_mut(seg) {
+            assert!(
+                (0xE1..=0xE4).contains(&f[0]),
+                "a relay frame: {:02x?}",
+                &f[..4]
+            );
+            let h = u32::from_be_bytes([0, f[1], f[2], f[3]]);
+            assert_eq!(h, to_handle, "addressed to the destination's handle");
+            f[1..4].copy_from_slice(&from_handle.to_be_bytes()[1..]);
+        }
+        let snap = to.table.load_full();
+        to.pipe
+            .on_udp(&snap, relay, &bytes, Some(seg as u16), sink)
+            .unwrap();
+        n += 1;
+    }
+    n
+}
+
+fn state(node: &Node, peer: u8) -> (Option<SocketAddr>, PathKind, Option<RelayRoute>) {
+    let p = peer_of(node, peer);
+    let st = p.lock();
+    (st.endpoint, st.path, st.relay)
+}
+
+fn rx_times(node: &Node, peer: u8) -> (u64, u64) {
+    let p = peer_of(node, peer);
+    (
+        p.stats
+            .last_direct_rx_ns
+            .load(std::sync::atomic::Ordering::Relaxed),
+        p.stats
+            .last_relay_rx_ns
+            .load(std::sync::atomic::Ordering::Relaxed),
+    )
+}
+
+/// A handshake and data both ways through the relay: every datagram is a frame (zero
+/// bytes of overhead), GSO batches of frames stay batched, the receiver learns the relay
+/// route from authenticated frames and never touches the direct endpoint or the path.
+#[test]
+fn relayed_handshake_and_data_are_frames_and_move_only_the_relay_route() {
+    let (mut a, mut b) = relayed_pair();
+    let relay_addr: SocketAddr = RELAY.parse().unwrap();
+    a.pipe.set_now_ns(111);
+    b.pipe.set_now_ns(222);
+    let mut sink_a = Collect::default();
+    let mut sink_b = Collect::default();
+    let p1 = ipv4_udp(IP_A, IP_B, b"first, through the relay");
+    send_all(&mut a, std::slice::from_ref(&p1));
+    assert_eq!(
+        relay(&mut a, &mut b, H_B, H_A, &mut sink_b),
+        1,
+        "initiation"
+    );
+    assert_eq!(relay(&mut b, &mut a, H_A, H_B, &mut sink_a), 1, "response");
+    assert!(
+        relay(&mut a, &mut b, H_B, H_A, &mut sink_b) >= 1,
+        "queued data"
+    );
+    assert_eq!(sink_b.0, vec![p1]);
+
+    // A burst of equal packets: one GSO slot of frames, as direct.
+    let burst: Vec<Vec<u8>> = (0..8u8).map(|i| ipv4_udp(IP_B, IP_A, &[i; 1000])).collect();
+    send_all(&mut b, &burst);
+    assert_eq!(relay(&mut b, &mut a, H_A, H_B, &mut sink_a), 1, "one batch");
+    assert_eq!(sink_a.0, burst);
+    assert_eq!(a.counters.total() + b.counters.total(), 0);
+
+    // The route was learned from the frames (the handle the relay wrote: the source's).
+    let route = |handle| {
+        Some(RelayRoute {
+            addr: relay_addr,
+            handle,
+        })
+    };
+    assert_eq!(
+        state(&b, 1),
+        (Some(EP_A.parse().unwrap()), PathKind::Relay, route(H_A))
+    );
+    assert_eq!(
+        state(&a, 2),
+        (Some(EP_B.parse().unwrap()), PathKind::Relay, route(H_B))
+    );
+    assert_eq!(rx_times(&b, 1), (0, 222));
+    assert_eq!(rx_times(&a, 2), (0, 111));
+}
+
+/// Relay roaming: an authenticated frame through another relay (or with another handle)
+/// moves the relay route; sends follow it. A path set to `Relay` without a route falls
+/// back to the direct endpoint.
+#[test]
+fn relay_route_roams_and_relay_without_route_falls_back_to_direct() {
+    let (mut a, mut b) = relayed_pair();
+    let mut sink = Collect::default();
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"x")]);
+    relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    relay(&mut b, &mut a, H_A, H_B, &mut sink);
+    relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    // A's next frame arrives at B from another relay address with another handle.
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"roamed")]);
+    let (_, mut bytes, _) = take(&mut a).remove(0);
+    bytes[1..4].copy_from_slice(&[0, 0, 0x77]);
+    let other: SocketAddr = "203.0.113.8:443".parse().unwrap();
+    let snap_b = b.table.load_full();
+    b.pipe
+        .on_udp(&snap_b, other, &bytes, None, &mut sink)
+        .unwrap();
+    let moved = Some(RelayRoute {
+        addr: other,
+        handle: 0x77,
+    });
+    assert_eq!(state(&b, 1).2, moved);
+    send_all(&mut b, &[ipv4_udp(IP_B, IP_A, b"follows")]);
+    let (dst, bytes, _) = take(&mut b).remove(0);
+    assert_eq!((dst, &bytes[..4]), (other, &[0xE4, 0, 0, 0x77][..]));
+
+    // No route: the direct endpoint, as plain WireGuard.
+    relay_path::set_path(&peer_of(&b, 1), PathKind::Relay, None);
+    send_all(&mut b, &[ipv4_udp(IP_B, IP_A, b"direct")]);
+    let (dst, bytes, _) = take(&mut b).remove(0);
+    assert_eq!((dst, bytes[0]), (EP_A.parse().unwrap(), 4));
+}
+
+/// An authenticated datagram straight from the peer upgrades `Relay` to `Direct` at once,
+/// moves the endpoint, stamps `last_direct_rx_ns`, and sends one keepalive straight back,
+/// whose receipt upgrades the other side too. A peer pinned to the relay (`relay_only`)
+/// stays relayed (its endpoint still roams).
+#[test]
+fn direct_receipt_upgrades_both_sides_unless_pinned() {
+    let (mut a, mut b) = relayed_pair();
+    let mut sink = Collect::default();
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"x")]);
+    relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    relay(&mut b, &mut a, H_A, H_B, &mut sink);
+    relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    b.pipe.set_now_ns(5_000);
+    a.pipe.set_now_ns(6_000);
+
+    // What a direct probe sends: a keepalive straight to B, from A's (new) address.
+    let a_new: SocketAddr = "192.0.2.99:40000".parse().unwrap();
+    let pa = peer_of(&a, 2);
+    let mut buf = [0u8; 64];
+    let n = match pa.lock().tunn.encapsulate(&[], &mut buf) {
+        boringtun::noise::TunnResult::WriteToNetwork(p) => p.len(),
+        _ => panic!("a session exists"),
+    };
+    let snap_b = b.table.load_full();
+    b.pipe
+        .on_udp(&snap_b, a_new, &buf[..n], None, &mut sink)
+        .unwrap();
+    let (ep, path, route) = state(&b, 1);
+    assert_eq!((ep, path), (Some(a_new), PathKind::Direct));
+    assert!(route.is_some(), "the relay route is kept for a fallback");
+    assert_eq!(rx_times(&b, 1).0, 5_000);
+    // B's echo: one plain keepalive straight back to the address the probe came from.
+    let echo = take(&mut b);
+    assert_eq!(echo.len(), 1);
+    assert_eq!((echo[0].0, echo[0].1[0], echo[0].1.len()), (a_new, 4, 32));
+    let snap_a = a.table.load_full();
+    a.pipe
+        .on_udp(&snap_a, b.ep, &echo[0].1, None, &mut sink)
+        .unwrap();
+    assert_eq!(state(&a, 2).1, PathKind::Direct, "the echo upgraded A");
+    assert_eq!(rx_times(&a, 2).0, 6_000);
+    // A was relayed too, so it echoes in turn; B, already direct, does not answer that.
+    let echo = take(&mut a);
+    assert_eq!(echo.len(), 1);
+    assert_eq!((echo[0].0, echo[0].1[0]), (b.ep, 4));
+    b.pipe
+        .on_udp(&snap_b, a.ep, &echo[0].1, None, &mut sink)
+        .unwrap();
+    assert!(take(&mut b).is_empty(), "no echo from a direct side");
+    // From now on data goes direct.
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"direct now")]);
+    let sent = take(&mut a);
+    assert_eq!((sent[0].0, sent[0].1[0]), (EP_B.parse().unwrap(), 4));
+
+    // Pinned: a direct datagram moves the endpoint but not the path; no echo.
+    let pb = peer_of(&b, 1);
+    let route = pb.lock().relay;
+    relay_path::set_path(&pb, PathKind::Relay, route);
+    relay_path::set_relay_only(&pb, true);
+    let n = match pa.lock().tunn.encapsulate(&[], &mut buf) {
+        boringtun::noise::TunnResult::WriteToNetwork(p) => p.len(),
+        _ => panic!("a session exists"),
+    };
+    b.pipe
+        .on_udp(&snap_b, a.ep, &buf[..n], None, &mut sink)
+        .unwrap();
+    assert_eq!(state(&b, 1).0, Some(a.ep));
+    assert_eq!(state(&b, 1).1, PathKind::Relay);
+    assert!(take(&mut b).is_empty());
+    assert_eq!(a.counters.total() + b.counters.total(), 0);
+}
+
+/// A handshake initiation that comes through the relay is answered through it, with the
+/// handle the frame carried, even when the receiver's path is direct and it has no relay
+/// route yet; the route is learned from the authenticated initiation.
+#[test]
+fn a_relayed_initiation_is_answered_through_the_relay() {
+    let (mut a, mut b) = pair(false);
+    let relay_addr: SocketAddr = RELAY.parse().unwrap();
+    let route = Some(RelayRoute {
+        addr: relay_addr,
+        handle: H_B,
+    });
+    relay_path::set_path(&peer_of(&a, 2), PathKind::Relay, route);
+    let mut sink = Collect::default();
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"x")]);
+    relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    let out = take(&mut b);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        (out[0].0, &out[0].1[..4]),
+        (relay_addr, &[0xE2, 0, 0x0A, 0x0A][..])
+    );
+    assert_eq!(
+        state(&b, 1),
+        (
+            Some(EP_A.parse().unwrap()),
+            PathKind::Direct,
+            Some(RelayRoute {
+                addr: relay_addr,
+                handle: H_A
+            })
+        )
+    );
+}
+
+/// The attacker: forged relay frames from a non-relay address or with a wrong handle,
+/// carrying a replayed WireGuard message or garbage, change no state (no endpoint, relay
+/// route or path change) and are counted; a relay frame that fails authentication never
+/// sets `relay`; a truncated frame is counted as malformed.
+#[test]
+fn forged_relay_frames_change_nothing_and_are_counted() {
+    let (mut a, mut b) = pair(false);
+    let mut sink = handshake(&mut a, &mut b, &ipv4_udp(IP_A, IP_B, b"first"));
+    // A real data datagram, seen on the wire and delivered.
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"seen")]);
+    let (_, data, _) = take(&mut a).remove(0);
+    let snap_b = b.table.load_full();
+    b.pipe
+        .on_udp(&snap_b, a.ep, &data, None, &mut sink)
+        .unwrap();
+    let delivered = sink.0.len();
+    let before = state(&b, 1);
+    assert_eq!(before.2, None);
+    let times = rx_times(&b, 1);
+    let attacker: SocketAddr = "198.51.100.66:666".parse().unwrap();
+    let frame = |msg: &[u8], handle: u32| {
+        let mut f = msg.to_vec();
+        relay_path::rewrite(&mut f, handle);
+        f
+    };
+    // Replayed as a frame, from a non-relay address and from the "relay" with any handle.
+    for (src, h) in [(attacker, H_A), (RELAY.parse().unwrap(), 0xBAD)] {
+        b.pipe
+            .on_udp(&snap_b, src, &frame(&data, h), None, &mut sink)
+            .unwrap();
+    }
+    assert_eq!(b.counters.get(DropReason::Replay), 2);
+    // Garbage with a valid receiver index, a forged initiation and response, a fake
+    // cookie reply.
+    let mut garbage = data.clone();
+    garbage[16..].fill(0x5A);
+    garbage[8] = garbage[8].wrapping_add(7);
+    let mut init = vec![0x5Au8; 148];
+    init[..4].copy_from_slice(&[1, 0, 0, 0]);
+    let mut resp = vec![0x5Au8; 92];
+    resp[..4].copy_from_slice(&[2, 0, 0, 0]);
+    resp[8..12].copy_from_slice(&data[4..8]);
+    let mut cookie = vec![0x5Au8; 64];
+    cookie[..4].copy_from_slice(&[3, 0, 0, 0]);
+    cookie[4..8].copy_from_slice(&data[4..8]);
+    for m in [&garbage, &init, &resp, &cookie] {
+        b.pipe
+            .on_udp(&snap_b, attacker, &frame(m, 1), None, &mut sink)
+            .unwrap();
+    }
+    // Truncated frames.
+    for len in 1..32 {
+        b.pipe
+            .on_udp(&snap_b, attacker, &frame(&data, 1)[..len], None, &mut sink)
+            .unwrap();
+    }
+    assert_eq!(state(&b, 1), before, "no endpoint, path or relay change");
+    assert_eq!(rx_times(&b, 1), times);
+    assert_eq!(sink.0.len(), delivered, "nothing reached the TUN");
+    assert!(take(&mut b).is_empty(), "nothing answered");
+    assert!(b.counters.get(DropReason::Auth) >= 2);
+    assert!(b.counters.get(DropReason::RelayMalformed) >= 28);
+    let total = b.counters.total();
+    assert_eq!(total, 2 + 4 + 31, "every forgery counted once");
 }

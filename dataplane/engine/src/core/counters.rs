@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 23;
+const REASONS: usize = 24;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,12 +60,16 @@ pub enum DropReason {
     CtInvalid,
     /// An ICMP error quoting a packet of no tracked flow.
     IcmpUnrelated,
-    /// A datagram on the WireGuard socket that is neither WireGuard, STUN nor relay
-    /// control (see `core::demux`), or a relay frame with no relay session to take it.
+    /// A datagram on the WireGuard socket that is neither WireGuard, a relay frame, STUN
+    /// nor relay control (see `core::demux`).
     Junk,
     /// A STUN or relay-control datagram the control side could not take (its queue full,
     /// the datagram too large, or no control side).
     ControlDropped,
+    /// A relay frame (`0xE1..=0xE4`) whose restored message is not a well-formed WireGuard
+    /// message (too short for its type, or larger than any datagram). Frames that are
+    /// well formed but fail authentication count as [`DropReason::Auth`] and the like.
+    RelayMalformed,
 }
 
 impl DropReason {
@@ -94,6 +98,7 @@ impl DropReason {
         Self::IcmpUnrelated,
         Self::Junk,
         Self::ControlDropped,
+        Self::RelayMalformed,
     ];
 
     /// A stable snake_case name for logs and metrics.
@@ -122,6 +127,7 @@ impl DropReason {
             Self::IcmpUnrelated => "icmp_unrelated",
             Self::Junk => "junk",
             Self::ControlDropped => "control_dropped",
+            Self::RelayMalformed => "relay_malformed",
         }
     }
 

@@ -14,6 +14,7 @@ pub mod icmp;
 pub mod local;
 pub mod net;
 pub mod offload;
+pub mod path;
 pub mod peer;
 pub mod pipeline;
 pub mod route;

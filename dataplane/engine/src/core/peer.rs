@@ -15,7 +15,8 @@
 //! the lock is held anyway).
 //!
 //! The endpoint lives under the same lock (it is read on every send, which already holds
-//! the lock, and updated on roaming, i.e. an authenticated packet from a new address).
+//! the lock, and updated on roaming, i.e. an authenticated packet from a new address), and
+//! so do the path and relay route (`core::path`), read on the same sends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,13 +28,22 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::core::conntrack::{self, FlowTable};
 use crate::core::net::IpNet;
+use crate::core::path::{PathKind, RelayRoute};
 
 /// The mutable per-peer state, guarded by [`Peer::lock`].
 pub struct PeerState {
     /// The WireGuard session state machine.
     pub tunn: Tunn,
-    /// Where to send; learned from configuration or from the last authenticated packet.
+    /// The peer's *direct* endpoint: learned from configuration or from the last
+    /// authenticated datagram received straight from the peer (never from a relay frame).
     pub endpoint: Option<SocketAddr>,
+    /// The peer's route through a relay, if known: set by the control side, moved by an
+    /// authenticated relay frame from the peer (see `core::path`).
+    pub relay: Option<RelayRoute>,
+    /// Which path sends take (see `core::path::target`).
+    pub path: PathKind,
+    /// Pinned to the relay (`--force-relay`): direct receipt does not upgrade `path`.
+    pub relay_only: bool,
     /// Connection tracking for this peer's filtered traffic, both directions (allocated on
     /// its first flow; unused while the peer has no filter).
     pub flows: FlowTable,
@@ -76,6 +86,12 @@ pub struct PeerStats {
     pub tx_bytes: AtomicU64,
     /// Unix time (ns) of the last completed handshake, 0 if none.
     pub last_handshake_ns: AtomicU64,
+    /// When an authenticated datagram last arrived straight from the peer
+    /// ([`crate::core::path::mono_ns`] clock), 0 if never.
+    pub last_direct_rx_ns: AtomicU64,
+    /// When an authenticated relay frame last arrived from the peer
+    /// ([`crate::core::path::mono_ns`] clock), 0 if never.
+    pub last_relay_rx_ns: AtomicU64,
 }
 
 impl PeerStats {
@@ -111,6 +127,9 @@ impl Peer {
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint: config.endpoint,
+                relay: None,
+                path: PathKind::Direct,
+                relay_only: false,
                 flows: FlowTable::new(
                     conntrack::DEFAULT_CAPACITY,
                     rand_core::RngCore::next_u64(&mut rand_core::OsRng),

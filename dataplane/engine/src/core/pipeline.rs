@@ -32,6 +32,7 @@
 //! handshake.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
@@ -44,6 +45,7 @@ use crate::core::counters::{DropCounters, DropReason};
 use crate::core::demux::{self, ControlQueue};
 use crate::core::filter::Deny;
 use crate::core::icmp::{self, IcmpLimiter};
+use crate::core::path::{self, PathKind, RelayRoute, Target};
 use crate::core::peer::{Peer, PeerState};
 use crate::core::table::Snapshot;
 use crate::core::tunbatch::TunBatch;
@@ -66,6 +68,9 @@ fn need(len: usize) -> usize {
     (len + 32).max(148)
 }
 
+/// The message type of a WireGuard cookie reply.
+const COOKIE_REPLY: u8 = 3;
+
 /// One worker's pipeline state.
 pub struct Pipeline {
     counters: Arc<DropCounters>,
@@ -74,6 +79,9 @@ pub struct Pipeline {
     vnet: bool,
     seg: Box<[u8]>,
     dec: Box<[u8]>,
+    /// Scratch for a received relay frame restored to its WireGuard message (the receive
+    /// buffer itself is never written).
+    frame: Box<[u8]>,
     /// ICMP unreachable answers waiting to be written back to the TUN (no virtio header:
     /// the driver's sink adds it).
     replies: TunBatch,
@@ -81,6 +89,8 @@ pub struct Pipeline {
     icmp_buf: Box<[u8]>,
     /// The engine clock in whole seconds (connection-tracking timeouts).
     now: u32,
+    /// The receive clock ([`crate::core::path::mono_ns`]) for `last_*_rx_ns`.
+    now_ns: u64,
     /// Where STUN and relay-control datagrams go (shared by every worker).
     control: Option<Arc<ControlQueue>>,
 }
@@ -98,10 +108,12 @@ impl Pipeline {
             vnet,
             seg: vec![0u8; 65_536].into_boxed_slice(),
             dec: vec![0u8; 65_536].into_boxed_slice(),
+            frame: vec![0u8; 65_536].into_boxed_slice(),
             replies: TunBatch::new(REPLY_BYTES, false),
             icmp: IcmpLimiter::default(),
             icmp_buf: vec![0u8; icmp::V6_MAX].into_boxed_slice(),
             now: 0,
+            now_ns: 0,
             control: None,
         }
     }
@@ -158,6 +170,14 @@ impl Pipeline {
         self.now = now;
     }
 
+    /// Sets the receive clock for the datagrams that follow: a [`crate::core::path::mono_ns`]
+    /// reading, stored as a peer's `last_direct_rx_ns` / `last_relay_rx_ns` when an
+    /// authenticated datagram arrives. The drivers read it once per batch.
+    #[inline]
+    pub fn set_now_ns(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+    }
+
     /// The shared drop counters.
     pub fn counters(&self) -> &DropCounters {
         &self.counters
@@ -205,11 +225,13 @@ impl Pipeline {
                 return Ok(());
             }
         }
-        let Some(endpoint) = st.endpoint else {
+        // Direct or through the relay (`core::path`): resolved once per super-packet.
+        let Some(to) = path::target(st.endpoint, st.path, st.relay) else {
             drop(st);
             self.drop(DropReason::NoEndpoint);
             return Ok(());
         };
+        let (endpoint, handle) = (to.addr(), to.handle());
         let mut sent = 0usize;
         let counters = &self.counters;
         let tx = &mut self.tx;
@@ -217,7 +239,7 @@ impl Pipeline {
             Some(h) if h.is_gso() => {
                 let mut full = false;
                 let r = offload::split(&h, pkt, &mut self.seg, |seg| {
-                    match encapsulate(&mut st.tunn, seg, endpoint, tx, counters) {
+                    match encapsulate(&mut st.tunn, seg, endpoint, handle, tx, counters) {
                         Ok(n) => {
                             sent += n;
                             std::ops::ControlFlow::Continue(())
@@ -244,9 +266,11 @@ impl Pipeline {
                     counters.add(DropReason::MalformedInner);
                     return Ok(());
                 }
-                encapsulate(&mut st.tunn, pkt, endpoint, tx, counters).map(|n| sent += n)
+                encapsulate(&mut st.tunn, pkt, endpoint, handle, tx, counters).map(|n| sent += n)
             }
-            None => encapsulate(&mut st.tunn, pkt, endpoint, tx, counters).map(|n| sent += n),
+            None => {
+                encapsulate(&mut st.tunn, pkt, endpoint, handle, tx, counters).map(|n| sent += n)
+            }
         };
         drop(st);
         peer.stats.add_tx(sent);
@@ -254,7 +278,10 @@ impl Pipeline {
     }
 
     /// Handles one UDP receive: `buf` holds one datagram, or with GRO several datagrams of
-    /// `segment` bytes each (the last may be shorter).
+    /// `segment` bytes each (the last may be shorter). WireGuard messages and relay frames
+    /// (restored first, see `core::path`) take the same path; what arrived through a relay
+    /// is answered through it, and an authenticated datagram updates the peer's direct
+    /// endpoint or its relay route depending on how it came ([`authenticated`]).
     pub fn on_udp(
         &mut self,
         snap: &Snapshot,
@@ -269,20 +296,27 @@ impl Pipeline {
         };
         // Consecutive data datagrams for one peer share one lock acquisition.
         let mut cur: Option<(&Peer, MutexGuard<'_, PeerState>)> = None;
-        let mut rx = 0usize;
+        let mut run = Run::default();
         let mut result = Ok(());
         let now = self.now;
-        for d in buf.chunks(seg) {
-            let Some(msg) = wire::WgMessage::new_checked(d).ok() else {
-                self.not_wireguard(src, d);
-                continue;
+        // Taken for the call (a pointer swap, no allocation) so that a restored frame can
+        // be borrowed while `self` is used mutably; put back below.
+        let mut frame = std::mem::take(&mut self.frame);
+        for raw in buf.chunks(seg) {
+            let (msg, via) = match wire::WgMessage::new_checked(raw) {
+                Ok(m) => (m, None),
+                Err(_) => match self.relay_frame(src, raw, &mut frame) {
+                    Some((m, h)) => (m, Some(h)),
+                    None => continue,
+                },
             };
+            let d = msg.as_bytes();
             if msg.message_type() != wire::MessageType::Data {
                 if let Some((p, g)) = cur.take() {
                     drop(g);
-                    p.stats.add_rx(std::mem::take(&mut rx));
+                    run.end(p, self.now_ns);
                 }
-                if let Err(e) = self.on_handshake(snap, src, d, msg.message_type()) {
+                if let Err(e) = self.on_handshake(snap, src, via, d, msg.message_type()) {
                     result = Err(e);
                 }
                 continue;
@@ -295,7 +329,7 @@ impl Pipeline {
             if !same {
                 if let Some((p, g)) = cur.take() {
                     drop(g);
-                    p.stats.add_rx(std::mem::take(&mut rx));
+                    run.end(p, self.now_ns);
                 }
                 let Some(p) = snap.by_receiver(ridx) else {
                     self.drop(DropReason::UnknownIndex);
@@ -306,62 +340,87 @@ impl Pipeline {
             let Some((peer, st)) = cur.as_mut() else {
                 continue;
             };
-            match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
-                TunnResult::WriteToTunnelV4(p, a) => {
-                    let ok = deliver(
-                        snap,
-                        peer,
-                        IpAddr::V4(a),
-                        p,
-                        (&mut st.flows, now),
-                        sink,
-                        &self.counters,
-                    );
-                    if ok {
-                        rx += d.len();
-                        if st.endpoint != Some(src) {
-                            st.endpoint = Some(src);
-                        }
-                    }
-                }
-                TunnResult::WriteToTunnelV6(p, a) => {
-                    let ok = deliver(
-                        snap,
-                        peer,
-                        IpAddr::V6(a),
-                        p,
-                        (&mut st.flows, now),
-                        sink,
-                        &self.counters,
-                    );
-                    if ok {
-                        rx += d.len();
-                        if st.endpoint != Some(src) {
-                            st.endpoint = Some(src);
-                        }
-                    }
-                }
-                TunnResult::Done => {
-                    // A keepalive: authenticated, so it also updates the endpoint.
-                    rx += d.len();
-                    st.endpoint = Some(src);
-                }
+            let authed = match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+                TunnResult::WriteToTunnelV4(p, a) => deliver(
+                    snap,
+                    peer,
+                    IpAddr::V4(a),
+                    p,
+                    (&mut st.flows, now),
+                    sink,
+                    &self.counters,
+                ),
+                TunnResult::WriteToTunnelV6(p, a) => deliver(
+                    snap,
+                    peer,
+                    IpAddr::V6(a),
+                    p,
+                    (&mut st.flows, now),
+                    sink,
+                    &self.counters,
+                ),
+                // A keepalive: authenticated, so it also updates the endpoint.
+                TunnResult::Done => true,
                 TunnResult::WriteToNetwork(p) => {
-                    if push_copy(&mut self.tx, src, p).is_err() {
+                    if push_reply(&mut self.tx, src, via, p).is_err() {
                         result = Err(Full);
                     }
+                    false
                 }
-                TunnResult::Err(e) => self.counters.add(DropReason::from_wg(&e)),
+                TunnResult::Err(e) => {
+                    self.counters.add(DropReason::from_wg(&e));
+                    false
+                }
+            };
+            if authed {
+                run.rx += d.len();
+                if via.is_none() {
+                    run.direct = true;
+                } else {
+                    run.relay = true;
+                }
+                if authenticated(st, src, via, true, &mut self.tx, &self.counters).is_err() {
+                    result = Err(Full);
+                }
             }
         }
         if let Some((p, g)) = cur.take() {
             drop(g);
-            p.stats.add_rx(rx);
+            run.end(p, self.now_ns);
         }
+        self.frame = frame;
         result
     }
 
-    /// Handshake initiation, response or cookie reply.
+    /// A datagram that failed the WireGuard check: a relay frame is restored into `out`
+    /// and returned with its handle when it carries a well-formed WireGuard message
+    /// (otherwise dropped and counted); anything else goes to [`Pipeline::not_wireguard`].
+    /// Off the direct fast path.
+    #[cold]
+    fn relay_frame<'a>(
+        &self,
+        src: SocketAddr,
+        raw: &[u8],
+        out: &'a mut [u8],
+    ) -> Option<(wire::WgMessage<&'a [u8]>, u32)> {
+        if demux::classify(raw) != demux::Kind::RelayFrame {
+            self.not_wireguard(src, raw);
+            return None;
+        }
+        let Ok((handle, n)) = path::restore(raw, out) else {
+            self.drop(DropReason::RelayMalformed);
+            return None;
+        };
+        let out: &'a [u8] = out;
+        match wire::WgMessage::new_checked(&out[..n]) {
+            Ok(m) => Some((m, handle)),
+            Err(_) => {
+                self.drop(DropReason::RelayMalformed);
+                None
+            }
+        }
+    }
+
     /// A datagram that failed the WireGuard check: to the control queue if it is STUN or
     /// relay control, otherwise counted (see `core::demux`). Off the WireGuard fast path.
     #[cold]
@@ -374,15 +433,20 @@ impl Pipeline {
                     self.drop(DropReason::ControlDropped);
                 }
             }
-            // No relay client in the pipeline yet: a relay frame has no session to go to.
-            demux::Kind::RelayFrame | demux::Kind::Junk => self.drop(DropReason::Junk),
+            // Relay frames are taken before this (`relay_frame`); one here is malformed.
+            demux::Kind::RelayFrame => self.drop(DropReason::RelayMalformed),
+            demux::Kind::Junk => self.drop(DropReason::Junk),
         }
     }
 
+    /// Handshake initiation, response or cookie reply, from `src` directly or (`via` = the
+    /// handle in the frame) through the relay at `src`. Answers go back the way the message
+    /// came; packets a completed handshake releases follow the peer's path.
     fn on_handshake(
         &mut self,
         snap: &Snapshot,
         src: SocketAddr,
+        via: Option<u32>,
         d: &[u8],
         ty: wire::MessageType,
     ) -> Result<(), Full> {
@@ -395,7 +459,7 @@ impl Pipeline {
                     Ok(p) => p,
                     Err(TunnResult::WriteToNetwork(c)) => {
                         self.drop(DropReason::RateLimited);
-                        return push_copy(&mut self.tx, src, c);
+                        return push_reply(&mut self.tx, src, via, c);
                     }
                     Err(TunnResult::Err(e)) => {
                         self.drop(DropReason::from_wg(&e));
@@ -445,22 +509,39 @@ impl Pipeline {
         };
         let mut st = peer.lock();
         let mut result = Ok(());
-        match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+        let authed = match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
             TunnResult::WriteToNetwork(p) => {
-                st.endpoint = Some(src);
-                result = push_copy(&mut self.tx, src, p);
+                // A cookie reply (ours, under load, or one received) proves nothing about
+                // who sent the message.
+                let cookie = p.first() == Some(&COOKIE_REPLY);
+                result = push_reply(&mut self.tx, src, via, p);
+                ty != T::CookieReply && !cookie
             }
-            TunnResult::Done if ty != T::CookieReply => st.endpoint = Some(src),
-            TunnResult::Done => {}
+            TunnResult::Done => ty != T::CookieReply,
             TunnResult::Err(e) => {
                 self.drop(DropReason::from_wg(&e));
                 return Ok(());
             }
-            _ => {}
+            _ => false,
+        };
+        if authed {
+            let stamp = match via {
+                None => &peer.stats.last_direct_rx_ns,
+                Some(_) => &peer.stats.last_relay_rx_ns,
+            };
+            stamp.store(self.now_ns, Ordering::Relaxed);
+            // No keepalive echo: the handshake answer (or boringtun's keepalive after a
+            // response) already goes back the way the message came.
+            let _ = authenticated(&mut st, src, via, false, &mut self.tx, &self.counters);
         }
         peer.stats.add_rx(d.len());
-        // A completed handshake releases packets boringtun queued while it had no session.
-        let endpoint = st.endpoint.unwrap_or(src);
+        // A completed handshake releases packets boringtun queued while it had no session:
+        // along the peer's path, or back the way the handshake came if it has none.
+        let to = path::target(st.endpoint, st.path, st.relay).unwrap_or(match via {
+            None => Target::Direct(src),
+            Some(handle) => Target::Relay(RelayRoute { addr: src, handle }),
+        });
+        let (endpoint, handle) = (to.addr(), to.handle());
         loop {
             let tx = &mut self.tx;
             let counters = &self.counters;
@@ -469,7 +550,11 @@ impl Pipeline {
                 match st.tunn.decapsulate(None, &[], buf) {
                     TunnResult::WriteToNetwork(p) => {
                         again = true;
-                        p.len()
+                        let n = p.len();
+                        if let Some(h) = handle {
+                            path::rewrite(&mut buf[..n], h);
+                        }
+                        n
                     }
                     TunnResult::Err(e) => {
                         counters.add(DropReason::from_wg(&e));
@@ -490,12 +575,91 @@ impl Pipeline {
     }
 }
 
-/// Encrypts one inner packet for `endpoint` into the batch; returns ciphertext bytes queued.
+/// What one run of datagrams for one peer brought: ciphertext bytes and whether any
+/// authenticated datagram came directly or through a relay. Flushed into the peer's
+/// counters once per run ([`Run::end`]), not per datagram.
+#[derive(Default)]
+struct Run {
+    rx: usize,
+    direct: bool,
+    relay: bool,
+}
+
+impl Run {
+    #[inline]
+    fn end(&mut self, peer: &Peer, now_ns: u64) {
+        let r = std::mem::take(self);
+        peer.stats.add_rx(r.rx);
+        if r.direct {
+            peer.stats
+                .last_direct_rx_ns
+                .store(now_ns, Ordering::Relaxed);
+        }
+        if r.relay {
+            peer.stats.last_relay_rx_ns.store(now_ns, Ordering::Relaxed);
+        }
+    }
+}
+
+/// State changes on an *authenticated* datagram from `src` (the contract of `core::path`):
+/// directly (`via` = `None`) it moves the direct endpoint (roaming) and upgrades a relayed
+/// path to `Direct` unless the peer is pinned to its relay — and then, if `echo`, sends an
+/// immediate keepalive straight back so the other side sees direct receipt too and upgrades
+/// as well; through a relay (`via` = the handle in the frame) it moves the relay route to
+/// that relay and handle (relay roaming) and touches neither the endpoint nor the path.
+#[inline]
+fn authenticated(
+    st: &mut PeerState,
+    src: SocketAddr,
+    via: Option<u32>,
+    echo: bool,
+    tx: &mut TxBatch,
+    counters: &DropCounters,
+) -> Result<(), Full> {
+    match via {
+        None => {
+            if st.endpoint != Some(src) {
+                st.endpoint = Some(src);
+            }
+            if st.path == PathKind::Relay && !st.relay_only {
+                return upgrade(st, src, echo, tx, counters);
+            }
+        }
+        Some(handle) => {
+            let route = Some(RelayRoute { addr: src, handle });
+            if st.relay != route {
+                st.relay = route;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Relay → Direct on direct receipt (off the fast path).
+#[cold]
+fn upgrade(
+    st: &mut PeerState,
+    src: SocketAddr,
+    echo: bool,
+    tx: &mut TxBatch,
+    counters: &DropCounters,
+) -> Result<(), Full> {
+    st.path = PathKind::Direct;
+    if echo && st.tunn.time_since_last_handshake().is_some() {
+        encapsulate(&mut st.tunn, &[], src, None, tx, counters)?;
+    }
+    Ok(())
+}
+
+/// Encrypts one inner packet for `endpoint` into the batch, as a relay frame for `handle`
+/// when there is one (the header rewritten in the slot: no copy, no extra bytes); returns
+/// ciphertext bytes queued.
 #[inline]
 fn encapsulate(
     tunn: &mut Tunn,
     pkt: &[u8],
     endpoint: SocketAddr,
+    handle: Option<u32>,
     tx: &mut TxBatch,
     counters: &DropCounters,
 ) -> Result<usize, Full> {
@@ -504,6 +668,9 @@ fn encapsulate(
         match tunn.encapsulate(pkt, buf) {
             TunnResult::WriteToNetwork(p) => {
                 n = p.len();
+                if let Some(h) = handle {
+                    path::rewrite(&mut buf[..n], h);
+                }
                 n
             }
             TunnResult::Err(e) => {
@@ -516,10 +683,15 @@ fn encapsulate(
     Ok(n)
 }
 
-fn push_copy(tx: &mut TxBatch, dst: SocketAddr, p: &[u8]) -> Result<(), Full> {
+/// Queues a copy of the answer `p` to `dst`, as a relay frame for `via` when the message
+/// it answers came through a relay.
+fn push_reply(tx: &mut TxBatch, dst: SocketAddr, via: Option<u32>, p: &[u8]) -> Result<(), Full> {
     let n = p.len();
     tx.push(dst, need(n), |buf| {
         buf[..n].copy_from_slice(p);
+        if let Some(h) = via {
+            path::rewrite(&mut buf[..n], h);
+        }
         n
     })
 }

@@ -69,6 +69,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         let snap = shared.table.load();
         pipe.tick(Instant::now());
         pipe.set_now(shared.now_secs());
+        pipe.set_now_ns(crate::core::path::mono_ns());
         if tun_ready {
             for _ in 0..BATCH {
                 match fd::read(tun_fd, &mut rbuf) {

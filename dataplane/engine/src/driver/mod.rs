@@ -23,6 +23,7 @@ use boringtun::noise::TunnResult;
 
 use crate::core::counters::DropCounters;
 use crate::core::demux::ControlQueue;
+use crate::core::path;
 use crate::core::peer::Peer;
 use crate::core::table::Table;
 use crate::sys::tun::{Offloads, Tun};
@@ -300,12 +301,14 @@ impl Handshaker {
         Ok(())
     }
 
-    /// Sends a fresh handshake initiation to `peer` at its current endpoint. Returns false
-    /// when the peer has no endpoint or the session had nothing to send.
+    /// Sends a fresh handshake initiation to `peer` where its sends go now: through its
+    /// relay when its path is `Relay` and it has a relay route (the header rewritten, see
+    /// `core::path`), else to its direct endpoint. Returns false when there is nowhere to
+    /// send or the session had nothing to send.
     pub fn initiate(&self, peer: &Peer) -> io::Result<bool> {
         let mut buf = [0u8; 256];
         let mut st = peer.lock();
-        let Some(endpoint) = st.endpoint else {
+        let Some(to) = path::target(st.endpoint, st.path, st.relay) else {
             return Ok(false);
         };
         let n = match st.tunn.format_handshake_initiation(&mut buf, true) {
@@ -313,7 +316,43 @@ impl Handshaker {
             _ => return Ok(false),
         };
         drop(st);
-        udp::send(self.sock.as_raw_fd(), &buf[..n], endpoint, None, self.ipv6)?;
+        if let Some(h) = to.handle() {
+            path::rewrite(&mut buf[..n], h);
+        }
+        udp::send(self.sock.as_raw_fd(), &buf[..n], to.addr(), None, self.ipv6)?;
+        peer.stats.add_tx(n);
+        Ok(true)
+    }
+
+    /// Sends one authenticated datagram to `peer` straight at `dst`, a direct candidate,
+    /// whatever its path, without changing its endpoint, path or relay route: a WireGuard
+    /// keepalive when a session exists, else a handshake initiation (which starts a new
+    /// handshake in the session state machine, as any initiation does). The peer's engine
+    /// upgrades its own path to `Direct` on receipt (unless pinned), and answers directly:
+    /// a handshake response to an initiation, and an immediate keepalive when our keepalive
+    /// upgraded it, whose receipt upgrades this side (see `core::pipeline`). Returns false
+    /// when the session had nothing to send.
+    pub fn probe_direct(&self, peer: &Peer, dst: SocketAddr) -> io::Result<bool> {
+        let mut buf = [0u8; 256];
+        let mut st = peer.lock();
+        let n = if st.tunn.time_since_last_handshake().is_some() {
+            match st.tunn.encapsulate(&[], &mut buf) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => 0,
+            }
+        } else {
+            0
+        };
+        let n = if n > 0 {
+            n
+        } else {
+            match st.tunn.format_handshake_initiation(&mut buf, true) {
+                TunnResult::WriteToNetwork(p) => p.len(),
+                _ => return Ok(false),
+            }
+        };
+        drop(st);
+        udp::send(self.sock.as_raw_fd(), &buf[..n], dst, None, self.ipv6)?;
         peer.stats.add_tx(n);
         Ok(true)
     }

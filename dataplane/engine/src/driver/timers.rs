@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use boringtun::noise::TunnResult;
 
 use crate::core::counters::{DropCounters, DropReason};
+use crate::core::path;
 use crate::core::table::{Snapshot, Table};
 use crate::sys::udp;
 
@@ -48,9 +49,11 @@ impl Timers {
     }
 
     /// One tick at `now`: resets the rate limiter when [`LIMITER_RESET`] has passed, then
-    /// runs every peer's timers and hands each datagram they ask for to `send(endpoint,
+    /// runs every peer's timers and hands each datagram they ask for to `send(destination,
     /// datagram)`, which returns whether it went out (counted as sent bytes, or as an
-    /// [`DropReason::Io`] drop). A peer without an endpoint sends nothing.
+    /// [`DropReason::Io`] drop). The destination follows the peer's path
+    /// (`core::path::target`: through its relay, the header rewritten, or to its endpoint);
+    /// a peer with neither sends nothing.
     pub fn tick(
         &mut self,
         now: Instant,
@@ -64,14 +67,17 @@ impl Timers {
         }
         for e in &snap.peers {
             let mut st = e.peer.lock();
-            let endpoint = st.endpoint;
+            let to = path::target(st.endpoint, st.path, st.relay);
             let out = match st.tunn.update_timers(&mut self.buf) {
                 TunnResult::WriteToNetwork(p) => Some(p.len()),
                 _ => None,
             };
             drop(st);
-            if let (Some(n), Some(ep)) = (out, endpoint) {
-                if send(ep, &self.buf[..n]) {
+            if let (Some(n), Some(to)) = (out, to) {
+                if let Some(h) = to.handle() {
+                    path::rewrite(&mut self.buf[..n], h);
+                }
+                if send(to.addr(), &self.buf[..n]) {
                     e.peer.stats.add_tx(n);
                 } else {
                     counters.add(DropReason::Io);

@@ -416,6 +416,7 @@ impl Worker {
             let snap = shared.table.load();
             pipe.tick(Instant::now());
             pipe.set_now(shared.now_secs());
+            pipe.set_now_ns(crate::core::path::mono_ns());
             for &(data, res, flags) in &cqes {
                 match Op::decode(data) {
                     Some(Op::TunRead) => {
