@@ -240,6 +240,13 @@ struct JoinArgs {
     /// HOST:PORT (repeat; any standard RFC 5389/8489 server).
     #[arg(long = "stun", value_name = "HOST:PORT")]
     stun: Vec<String>,
+    /// A relay to use besides the ones the coordinator advertises, `https://HOST:PORT`
+    /// (repeat; HOST is the name on the relay's certificate from the mesh CA).
+    #[arg(long = "relay", value_name = "URL")]
+    relays: Vec<String>,
+    /// Send every peer's traffic through the relay, never direct (perf and debugging).
+    #[arg(long)]
+    force_relay: bool,
     /// The local control socket (default: `/run/tabbify-mesh/INTERFACE.sock`).
     #[arg(long)]
     control_socket: Option<PathBuf>,
@@ -455,6 +462,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         pin: a.engine.pin(),
         endpoints: a.endpoints,
         stun: a.stun,
+        relays: a.relays,
+        force_relay: a.force_relay,
         control_socket,
         key_max_age: a.key_max_age,
     })
@@ -531,6 +540,26 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             format!(", mapped as {}", m.join(", "))
         }
     );
+    match &s.home_relay {
+        Some(h) => println!("home relay:  {h}"),
+        None if s.relays.is_empty() => println!("home relay:  none (no relays known)"),
+        None => println!("home relay:  none reachable yet"),
+    }
+    for r in &s.relays {
+        println!(
+            "  relay {}: {}{}",
+            r.url,
+            match (r.session, r.udp_bound) {
+                (true, true) => "session up, UDP bound",
+                (true, false) => "session up, UDP not bound (frames over the TLS stream)",
+                (false, _) => "no session",
+            },
+            r.error
+                .as_deref()
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+    }
     if !s.hosted_apps.is_empty() {
         println!("apps:");
         for a in &s.hosted_apps {
@@ -586,17 +615,39 @@ fn print_peers(peers: &[PeerStatus]) {
             hs,
             p.rx_bytes,
             p.tx_bytes,
-            match (p.direct, p.stale) {
-                (true, false) => "direct",
-                (false, false) => "no session",
-                (true, true) => "direct (stale at coordinator)",
-                (false, true) => "no session (stale at coordinator)",
-            }
+            path_words(p)
         );
         for a in &p.app_ulas {
             println!("  app {a}");
         }
     }
+}
+
+/// A peer's path in words: direct, or through which relay and why.
+fn path_words(p: &PeerStatus) -> String {
+    let live = p.latest_handshake.is_some_and(|t| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        now.saturating_sub(t) < 180
+    });
+    let mut out = match (p.path.as_str(), &p.relay) {
+        ("relay", Some(url)) => format!("relayed via {url}"),
+        _ if live => "direct".to_owned(),
+        _ => "no session".to_owned(),
+    };
+    if let Some(why) = &p.reason {
+        if p.path == "relay" {
+            out.push_str(&format!(" ({why})"));
+        } else {
+            out.push_str(&format!(" (no relay to use: {why})"));
+        }
+    }
+    if p.stale {
+        out.push_str(" (stale at coordinator)");
+    }
+    out
 }
 
 fn app(cmd: AppCmd) -> anyhow::Result<()> {

@@ -82,8 +82,22 @@ pub struct PeerStatus {
     pub tags: Vec<String>,
     /// Its public key (base64).
     pub public_key: String,
-    /// Where we send to it now.
+    /// Where its datagrams go now: its direct endpoint, or the relay's UDP address when
+    /// relayed (the relay's URL is `relay`).
     pub endpoint: Option<SocketAddr>,
+    /// `"direct"` or `"relay"`.
+    #[serde(default = "direct_str")]
+    pub path: String,
+    /// The relay URL when relayed.
+    #[serde(default)]
+    pub relay: Option<String>,
+    /// Why it is relayed, in words (e.g. "peer behind an endpoint-dependent NAT"); null
+    /// when direct (or the reason it would be relayed when no relay is available).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Its direct endpoint (where direct probes go), whatever the path.
+    #[serde(default)]
+    pub direct_endpoint: Option<SocketAddr>,
     /// Its NAT class (from its heartbeat).
     #[serde(default)]
     pub nat: crate::NatClass,
@@ -96,8 +110,8 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Bytes sent to it.
     pub tx_bytes: u64,
-    /// A session with it is live (a handshake completed in the last 3 minutes). There is no
-    /// relay: a live session is always direct.
+    /// A session with it is live (a handshake completed in the last 3 minutes) and its path
+    /// is direct.
     pub direct: bool,
     /// App ULAs it hosts.
     pub app_ulas: Vec<Ipv6Addr>,
@@ -106,6 +120,10 @@ pub struct PeerStatus {
     pub stale: bool,
     /// The port rules the filter enforces with it.
     pub ports: PortRules,
+}
+
+fn direct_str() -> String {
+    "direct".to_owned()
 }
 
 /// What `status` shows.
@@ -142,6 +160,12 @@ pub struct Status {
     /// The STUN servers the probe uses (the coordinator's and `--stun`).
     #[serde(default)]
     pub stun_servers: Vec<SocketAddr>,
+    /// Our home relay (a session is up there), if any.
+    #[serde(default)]
+    pub home_relay: Option<String>,
+    /// The relays in use (`--relay` and the coordinator's), and their state.
+    #[serde(default)]
+    pub relays: Vec<RelayStatus>,
     /// The policy lets us host apps.
     pub may_host_apps: bool,
     /// Apps hosted here.
@@ -160,6 +184,20 @@ pub struct Status {
     /// addresses no peer holds.
     #[serde(default)]
     pub unreachable_sent: u64,
+}
+
+/// One relay as `status` shows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RelayStatus {
+    /// Its URL.
+    pub url: String,
+    /// A session is up.
+    pub session: bool,
+    /// Its UDP side is bound (else frames go over the TLS stream).
+    pub udp_bound: bool,
+    /// The last connection error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Counts of what the joiner refused from the coordinator's roster, by reason. Each

@@ -6,6 +6,8 @@
 //!   `now` and returns the actions to apply. Unit-tested rule by rule.
 //! * [`shell`] — the I/O shell (tokio, one thread): bring-up, then feeds the machine and
 //!   applies its actions to the table, routes, handshaker and coordinator client.
+//! * [`relay`] — the relay sessions (TLS stream, UDP BIND from the WireGuard socket, the
+//!   loopback bridge when UDP does not bind, LOOKUPs); [`logic::paths`] decides which.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps).
 //!
@@ -19,6 +21,7 @@
 pub mod client;
 pub mod control;
 pub mod logic;
+pub mod relay;
 pub mod shell;
 pub mod state_dir;
 
@@ -76,6 +79,10 @@ pub struct JoinOptions {
     pub endpoints: Vec<SocketAddr>,
     /// Extra STUN servers (`--stun HOST:PORT`), probed besides the coordinator's.
     pub stun: Vec<String>,
+    /// Relays besides the coordinator's (`--relay URL`).
+    pub relays: Vec<String>,
+    /// Pin every peer to the relay (`--force-relay`).
+    pub force_relay: bool,
     /// Control socket path.
     pub control_socket: PathBuf,
     /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).

@@ -46,6 +46,8 @@ use super::control::{self, CoordinatorStatus, HostedApp, PeerStatus, Request, St
 use super::logic::{self, roster, Action, Machine};
 use super::state_dir::StateDir;
 use super::JoinOptions;
+use crate::core::path::{self as engine_path, PathKind};
+use tabbify_api::local::RelayStatus;
 
 /// A handshake that completed within this long means a live (direct) session.
 const LIVE_SESSION: Duration = Duration::from_secs(180);
@@ -76,6 +78,16 @@ pub struct Joiner {
     probe_wake: Notify,
     /// `--stun` servers, resolved at start.
     stun_extra: Vec<SocketAddr>,
+    /// Path selection (`logic::paths`), driven by [`Joiner::run_paths`].
+    paths: Mutex<logic::paths::Paths>,
+    /// The relay sessions.
+    relays: Arc<super::relay::RelaySessions>,
+    /// The coordinator's advertised relays (from the last register/heartbeat answer).
+    advertised_relays: Mutex<Vec<String>>,
+    /// The last latency measurement of the relays.
+    measured: Mutex<Vec<(String, Option<Duration>)>>,
+    /// Wakes [`Joiner::run_paths`].
+    paths_wake: Notify,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -110,7 +122,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     // others is refused.
     let identity = member;
     let header_identity = opts.tls.is_none().then(|| opts.name.clone());
-    let client = Client::new(&opts.coordinator, tls, header_identity)?;
+    let client = Client::new(&opts.coordinator, tls.clone(), header_identity)?;
     let state = StateDir::open(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
@@ -169,8 +181,27 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         stun_extra.extend(addrs.filter(|a| iface.ipv6() || a.is_ipv4()));
     }
     let (stun_tx, stun_rx) = tokio::sync::mpsc::channel(64);
-    spawn_control_drain(iface.control_queue(), stun_tx)?;
+    let (relay_tx, relay_rx) = tokio::sync::mpsc::channel(64);
+    spawn_control_drain(iface.control_queue(), stun_tx, relay_tx)?;
     let probe_sender = iface.handshaker().context("a socket for STUN requests")?;
+    if tls.is_none() && !opts.relays.is_empty() {
+        tracing::warn!("relays admit members by mesh mTLS only: --relay is ignored without it");
+    }
+    let relays = super::relay::RelaySessions::new(
+        tls.clone(),
+        key.0,
+        iface.handshaker().context("a socket for relay BINDs")?,
+        opts.listen_port,
+        iface.ipv6(),
+    );
+    let mut paths = logic::paths::Paths::new(opts.force_relay);
+    if let Some(refused) = paths
+        .set_relays(&opts.relays, &[], Instant::now())
+        .into_iter()
+        .next()
+    {
+        bail!("--relay: {refused}");
+    }
 
     let machine = Machine::new(logic::Config {
         peer_id: peer_id.clone(),
@@ -199,12 +230,18 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         probe: Mutex::new(logic::nat::Probe::new(Vec::new())),
         probe_wake: Notify::new(),
         stun_extra,
+        paths: Mutex::new(paths),
+        relays,
+        advertised_relays: Mutex::new(Vec::new()),
+        measured: Mutex::new(Vec::new()),
+        paths_wake: Notify::new(),
     });
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
     let probe = joiner.clone().run_probe(stun_rx, probe_sender);
+    let paths = joiner.clone().run_paths(relay_rx);
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -218,6 +255,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         _ = serve => Ok(()),
         r = drive => r,
         _ = probe => Ok(()),
+        _ = paths => Ok(()),
     };
     drop(server);
     iface.shut_down();
@@ -279,6 +317,9 @@ impl Joiner {
                         self.probe().underlay_changed(self.endpoints(), now);
                         self.probe_wake.notify_one();
                         self.lock().handle_underlay_changed(now);
+                        self.relays.rebind_all();
+                        self.paths().underlay_changed(now);
+                        self.paths_wake.notify_one();
                     }
                 }
             }
@@ -293,6 +334,7 @@ impl Joiner {
                 let r = self.register(with_token).await;
                 if let Ok(resp) = &r {
                     self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
+                    self.advertised(&resp.relays);
                 }
                 self.lock().handle_registered(Instant::now(), r);
             }
@@ -315,6 +357,7 @@ impl Joiner {
                 };
                 if let Ok(resp) = &r {
                     self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
+                    self.advertised(&resp.relays);
                 }
                 self.lock().handle_heartbeat(Instant::now(), r);
             }
@@ -441,6 +484,7 @@ impl Joiner {
         self.table
             .set_private_key(boringtun::x25519::StaticSecret::from(next.0));
         *self.public_key.lock().unwrap_or_else(|p| p.into_inner()) = new_public;
+        self.relays.set_key(next.0);
         let snap = self.table.load_full();
         for e in &snap.peers {
             if let Err(err) = self.handshaker.initiate(&e.peer) {
@@ -471,6 +515,316 @@ impl Joiner {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    fn paths(&self) -> MutexGuard<'_, logic::paths::Paths> {
+        match self.paths.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The coordinator's advertised relays into the path manager (with `--relay`).
+    fn advertised(&self, relays: &[api::RelayInfo]) {
+        let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
+        let mut adv = self
+            .advertised_relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if *adv == urls {
+            return;
+        }
+        adv.clone_from(&urls);
+        drop(adv);
+        for refused in self
+            .paths()
+            .set_relays(&self.opts.relays, &urls, Instant::now())
+        {
+            tracing::warn!(%refused, "an advertised relay is refused");
+        }
+        self.paths_wake.notify_one();
+    }
+
+    /// Path selection: keeps the relay sessions (home relay by latency, peers' relays on
+    /// demand), feeds the path manager the roster and what the engine saw, applies its
+    /// actions (paths, relay routes, probes, handshakes) and routes BIND_ACKs to the
+    /// sessions, until the joiner stops.
+    async fn run_paths(
+        self: Arc<Self>,
+        mut control: tokio::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>,
+    ) {
+        /// Re-measure the relays this often (sooner while none answers).
+        const MEASURE_EVERY: Duration = Duration::from_secs(300);
+        const TICK: Duration = Duration::from_millis(250);
+        let mut measured_for: Vec<String> = Vec::new();
+        let mut next_measure = Instant::now();
+        let mut initiate_when_routed: std::collections::HashSet<[u8; 32]> =
+            std::collections::HashSet::new();
+        loop {
+            let now = Instant::now();
+            // Latency to every relay (in the background), then the home relay.
+            let relays: Vec<logic::paths::RelayUrl> = self.paths().relays().to_vec();
+            let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
+            if self.relays.enabled()
+                && !relays.is_empty()
+                && (urls != measured_for || now >= next_measure)
+            {
+                measured_for = urls;
+                let me = self.clone();
+                let ipv6 = self.ipv6;
+                let any_before = self.measured().iter().any(|(_, d)| d.is_some());
+                next_measure = now
+                    + if any_before {
+                        MEASURE_EVERY
+                    } else {
+                        Duration::from_secs(10)
+                    };
+                tokio::spawn(async move {
+                    let m = super::relay::measure(&relays, ipv6).await;
+                    tracing::debug!(measured = ?m, "relay latency");
+                    *me.measured.lock().unwrap_or_else(|p| p.into_inner()) = m;
+                    me.paths_wake.notify_one();
+                });
+            }
+            self.keep_sessions(now);
+            self.sync_paths(now);
+            let actions: Vec<logic::paths::PathAction> = {
+                let mut p = self.paths();
+                p.handle_timeout(now);
+                std::iter::from_fn(|| p.poll_action()).collect()
+            };
+            for a in actions {
+                self.apply_path(a, now, &mut initiate_when_routed);
+            }
+            self.keep_routes(now, &mut initiate_when_routed);
+            let deadline = self
+                .paths()
+                .poll_timeout()
+                .map_or(now + TICK, |d| d.min(now + TICK));
+            tokio::select! {
+                c = control.recv() => match c {
+                    Some((src, bytes)) => self.relays.handle_control(src, &bytes, Instant::now()),
+                    None => return,
+                },
+                _ = sleep_until(Some(deadline)) => {}
+                _ = self.paths_wake.notified() => {}
+            }
+        }
+    }
+
+    fn measured(&self) -> Vec<(String, Option<Duration>)> {
+        self.measured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sessions at the home relay (lowest latency) and at the relays relayed peers use;
+    /// the home relay counts once its session is up.
+    fn keep_sessions(&self, now: Instant) {
+        if !self.relays.enabled() {
+            return;
+        }
+        let measured = self.measured();
+        let mut p = self.paths();
+        let current = p.home().map(str::to_owned);
+        let pick = logic::paths::choose_home(&measured, current.as_deref());
+        let mut wanted: Vec<logic::paths::RelayUrl> = Vec::new();
+        for url in pick.iter().chain(p.wanted_sessions().iter()) {
+            if let Some(r) = p.relay(url) {
+                if !wanted.iter().any(|w| w.url == r.url) {
+                    wanted.push(r.clone());
+                }
+            }
+        }
+        wanted.truncate(logic::paths::MAX_SESSIONS);
+        let up = |u: &Option<String>| {
+            u.as_deref()
+                .and_then(|u| self.relays.session(u))
+                .is_some_and(|s| s.is_up())
+        };
+        let home = if up(&pick) {
+            pick
+        } else if up(&current) {
+            current
+        } else {
+            None
+        };
+        if home != p.home().map(str::to_owned) {
+            tracing::info!(home = ?home, "home relay");
+        }
+        p.set_home(home, now);
+        drop(p);
+        self.relays.keep(&wanted);
+    }
+
+    /// The roster and the engine's view of each peer into the path manager.
+    fn sync_paths(&self, now: Instant) {
+        let own_nat = self.probe().class();
+        let m = self.lock();
+        let snap = self.table.load_full();
+        let mut p = self.paths();
+        p.set_own_nat(own_nat, now);
+        let now_ns = engine_path::mono_ns();
+        let mut seen = std::collections::HashSet::new();
+        for e in m.roster().entries() {
+            let Some(key) = roster::decode_key(&e.public_key) else {
+                continue;
+            };
+            let Some(peer) = snap.by_key(&key) else {
+                continue;
+            };
+            let st = peer.lock();
+            let (endpoint, path) = (st.endpoint, st.path);
+            drop(st);
+            let mut candidates: Vec<SocketAddr> = Vec::new();
+            let refl =
+                (!e.reflexive_endpoint.ip().is_unspecified()).then_some(e.reflexive_endpoint);
+            for c in endpoint
+                .into_iter()
+                .chain(e.mapped_endpoints.iter().copied())
+                .chain(refl)
+                .chain(e.endpoints.iter().copied())
+            {
+                if roster::usable_endpoint(&c)
+                    && (self.ipv6 || c.is_ipv4())
+                    && !candidates.contains(&c)
+                {
+                    candidates.push(c);
+                }
+            }
+            p.upsert_peer(
+                key,
+                logic::paths::PeerFacts {
+                    candidates,
+                    nat: e.nat,
+                    home_relay: e.home_relay.clone(),
+                },
+                now,
+            );
+            let rx_ns = peer.stats.last_direct_rx_ns.load(Ordering::Relaxed);
+            let last_direct_rx = (rx_ns != 0)
+                .then(|| now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(rx_ns))))
+                .flatten();
+            p.observe(
+                &key,
+                logic::paths::Observed {
+                    path: match path {
+                        PathKind::Direct => logic::paths::Path::Direct,
+                        PathKind::Relay => logic::paths::Path::Relay,
+                    },
+                    last_direct_rx,
+                },
+                now,
+            );
+            seen.insert(key);
+        }
+        for gone in p.peers().into_iter().filter(|k| !seen.contains(k)) {
+            p.remove_peer(&gone);
+        }
+    }
+
+    fn apply_path(
+        &self,
+        a: logic::paths::PathAction,
+        now: Instant,
+        initiate_when_routed: &mut std::collections::HashSet<[u8; 32]>,
+    ) {
+        use logic::paths::PathAction;
+        let snap = self.table.load_full();
+        let b64 = |k: &[u8; 32]| base64::engine::general_purpose::STANDARD.encode(k);
+        match a {
+            PathAction::UseDirect { key } => {
+                if let Some(peer) = snap.by_key(&key) {
+                    let route = peer.lock().relay;
+                    engine_path::set_path(peer, PathKind::Direct, route);
+                    engine_path::set_relay_only(peer, false);
+                    tracing::info!(peer = %b64(&key), "path: direct");
+                }
+            }
+            PathAction::UseRelay { key, relay, pinned } => {
+                let Some(peer) = snap.by_key(&key) else {
+                    return;
+                };
+                let route = self.relays.route(&relay, key, now);
+                let reason = self
+                    .paths()
+                    .view(&key)
+                    .and_then(|v| v.reason)
+                    .map(|r| r.describe());
+                tracing::info!(peer = %b64(&key), %relay, ?route, reason = ?reason, "path: relay");
+                let old = peer.lock().relay;
+                engine_path::set_path(peer, PathKind::Relay, route.or(old));
+                engine_path::set_relay_only(peer, pinned);
+            }
+            PathAction::Probe { key, dst } => {
+                if let Some(peer) = snap.by_key(&key) {
+                    if let Err(e) = self.handshaker.probe_direct(peer, dst) {
+                        tracing::debug!(%dst, error = %e, "direct probe not sent");
+                    }
+                }
+            }
+            PathAction::Initiate { key } => {
+                let Some(peer) = snap.by_key(&key) else {
+                    return;
+                };
+                let st = peer.lock();
+                let routed = st.path == PathKind::Direct || st.relay.is_some();
+                drop(st);
+                if routed {
+                    if let Err(e) = self.handshaker.initiate(peer) {
+                        tracing::debug!(error = %e, "handshake initiation not sent");
+                    }
+                } else {
+                    // Sent through the relay once the LOOKUP answers (`keep_routes`).
+                    initiate_when_routed.insert(key);
+                }
+            }
+        }
+    }
+
+    /// Relayed peers get their route (LOOKUP at their relay) and keep it current (the
+    /// session's UDP address when bound, else its bridge); a handshake waiting for a route
+    /// goes once it has one.
+    fn keep_routes(
+        &self,
+        now: Instant,
+        initiate_when_routed: &mut std::collections::HashSet<[u8; 32]>,
+    ) {
+        let relayed: Vec<([u8; 32], String)> = {
+            let p = self.paths();
+            p.peers()
+                .into_iter()
+                .filter_map(|k| {
+                    let v = p.view(&k)?;
+                    (v.path == logic::paths::Path::Relay).then_some((k, v.relay?))
+                })
+                .collect()
+        };
+        let snap = self.table.load_full();
+        for (key, url) in relayed {
+            let Some(peer) = snap.by_key(&key) else {
+                continue;
+            };
+            let current = peer.lock().relay;
+            if current.is_some_and(|r| self.relays.is_current_route_addr(r.addr, now)) {
+                if initiate_when_routed.remove(&key) {
+                    let _ = self.handshaker.initiate(peer);
+                }
+                continue;
+            }
+            if let Some(route) = self.relays.route(&url, key, now) {
+                let mut st = peer.lock();
+                st.relay = Some(route);
+                st.path = PathKind::Relay;
+                drop(st);
+                tracing::debug!(?route, "relay route");
+                if initiate_when_routed.remove(&key) {
+                    let _ = self.handshaker.initiate(peer);
+                }
+            }
+        }
+        initiate_when_routed.retain(|k| snap.by_key(k).is_some());
     }
 
     /// The coordinator's STUN servers (plus `--stun`) into the probe; a new reflexive IP
@@ -606,21 +960,25 @@ impl Joiner {
             (p.mapped_endpoints().to_vec(), p.class())
         };
         let mapped = !mapped_endpoints.is_empty();
+        let (home_relay, (direct, relay)) = {
+            let p = self.paths();
+            (p.home().map(str::to_owned), p.counts())
+        };
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
             hosted_app_ulas,
             mapped_endpoints,
             nat,
-            // Filled in by the joiner's relay sessions and path selection.
-            home_relay: None,
-            paths: api::PathCounts::default(),
+            home_relay,
+            paths: api::PathCounts { direct, relay },
         };
         (self.client.post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
 
     fn status(&self) -> Status {
         let m = self.lock();
+        let paths = self.paths();
         let snap = self.table.load_full();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -629,18 +987,35 @@ impl Joiner {
         for e in m.roster().entries() {
             let key = roster::decode_key(&e.public_key);
             let p = key.and_then(|k| snap.by_key(&k));
-            let (endpoint, hs, rx, tx) = match p {
+            let (direct_endpoint, engine_path, route, hs, rx, tx) = match p {
                 Some(p) => {
                     let age = handshake_age(p);
+                    let st = p.lock();
+                    let (ep, path, route) = (st.endpoint, st.path, st.relay);
+                    drop(st);
                     (
-                        p.lock().endpoint,
+                        ep,
+                        path,
+                        route,
                         age.map(|a| now.saturating_sub(a)),
                         p.stats.rx_bytes.load(Ordering::Relaxed),
                         p.stats.tx_bytes.load(Ordering::Relaxed),
                     )
                 }
-                None => (None, None, 0, 0),
+                None => (None, PathKind::Direct, None, None, 0, 0),
             };
+            let view = key.and_then(|k| paths.view(&k));
+            let relayed = engine_path == PathKind::Relay && route.is_some();
+            let relay_url = view
+                .as_ref()
+                .and_then(|v| v.relay.clone())
+                .filter(|_| relayed);
+            let relay_udp = relay_url
+                .as_deref()
+                .and_then(|u| self.relays.session(u))
+                .and_then(|s| s.udp_addr());
+            let endpoint = if relayed { relay_udp } else { direct_endpoint };
+            let reason = view.and_then(|v| v.reason).map(|r| r.describe().to_owned());
             peers.push(PeerStatus {
                 peer_id: e.peer_id.clone(),
                 name: e.display_name.clone(),
@@ -648,18 +1023,37 @@ impl Joiner {
                 tags: e.tags.clone(),
                 public_key: e.public_key.clone(),
                 endpoint,
+                path: if relayed { "relay" } else { "direct" }.to_owned(),
+                relay: relay_url,
+                reason,
+                direct_endpoint,
                 nat: e.nat,
                 mapped_endpoints: e.mapped_endpoints.clone(),
                 latest_handshake: hs.map(|d| d.as_secs()),
                 rx_bytes: rx,
                 tx_bytes: tx,
-                direct: hs.is_some_and(|d| now.saturating_sub(d) < LIVE_SESSION),
+                direct: !relayed && hs.is_some_and(|d| now.saturating_sub(d) < LIVE_SESSION),
                 app_ulas: e.hosted_app_ulas.clone(),
                 ports: e.ports.clone(),
                 stale: e.stale,
             });
         }
         let connected = m.session().is_connected();
+        let home_relay = paths.home().map(str::to_owned);
+        let relays = paths
+            .relays()
+            .iter()
+            .map(|r| {
+                let s = self.relays.session(&r.url);
+                RelayStatus {
+                    url: r.url.clone(),
+                    session: s.as_ref().is_some_and(|s| s.is_up()),
+                    udp_bound: s.as_ref().is_some_and(|s| s.udp_bound(Instant::now())),
+                    error: s.and_then(|s| s.error()),
+                }
+            })
+            .collect();
+        drop(paths);
         let probe = self.probe();
         Status {
             interface: self.opts.interface.clone(),
@@ -680,6 +1074,8 @@ impl Joiner {
             nat: probe.class(),
             mapped_endpoints: probe.mapped_endpoints().to_vec(),
             stun_servers: probe.servers().to_vec(),
+            home_relay,
+            relays,
             may_host_apps: m.grant().is_some_and(|g| g.may_host_apps),
             hosted_apps: m
                 .apps()
@@ -883,22 +1279,31 @@ fn random_txid() -> api::stun::TransactionId {
     t
 }
 
-/// A thread that moves STUN datagrams from the engine's control queue (a blocking wait)
-/// to the probe task; it ends when the task is gone.
+/// A thread that moves datagrams from the engine's control queue (a blocking wait): STUN
+/// to the probe task, relay control (BIND_ACK) to the path task; it ends when both are
+/// gone.
 fn spawn_control_drain(
     queue: Arc<crate::core::demux::ControlQueue>,
     tx: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    relay_tx: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
 ) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("tabbify-control-rx".into())
         .spawn(move || {
-            while !tx.is_closed() {
+            while !(tx.is_closed() && relay_tx.is_closed()) {
                 let Some(d) = queue.pop_wait(Duration::from_millis(500)) else {
                     continue;
                 };
-                if d.kind == crate::core::demux::Kind::Stun {
-                    // Full: the probe is behind; a lost answer is retransmitted for.
-                    let _ = tx.try_send((d.src, d.bytes().to_vec()));
+                // Full: the task is behind; a lost answer is retransmitted for (STUN) or
+                // BIND again (relay).
+                match d.kind {
+                    crate::core::demux::Kind::Stun => {
+                        let _ = tx.try_send((d.src, d.bytes().to_vec()));
+                    }
+                    crate::core::demux::Kind::RelayControl => {
+                        let _ = relay_tx.try_send((d.src, d.bytes().to_vec()));
+                    }
+                    _ => {}
                 }
             }
         })

@@ -4,6 +4,8 @@
 //!   peers it implies (endpoint choice, AllowedIPs, port rules).
 //! * [`nat`] — the STUN probe: Binding requests from the WireGuard socket, retransmissions,
 //!   the mapped endpoints and the NAT class.
+//! * [`paths`] — path selection per peer (direct or relay, why, which relay) and the
+//!   relays the joiner may use.
 //! * [`session`] — where the joiner stands with the coordinator: one enum.
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
 //!   ticks in (each with `now`); table, route, handshake and coordinator requests out.
@@ -16,6 +18,7 @@
 
 pub mod machine;
 pub mod nat;
+pub mod paths;
 pub mod roster;
 pub mod session;
 

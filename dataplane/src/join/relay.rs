@@ -1,0 +1,509 @@
+//! The joiner's relay sessions (I/O): one [`tabbify_relay::client::RelayClient`] per relay
+//! in use (the home relay, and peers' home relays on demand), each with
+//! * its UDP side bound from the WireGuard socket: BIND sent with
+//!   [`Handshaker::send_raw`] at once, every second until the first BIND_ACK, then every
+//!   [`REBIND_EVERY`] and at once after an underlay change; the BIND_ACK arrives through
+//!   the engine's control queue ([`Kind::RelayControl`]) and is fed in with
+//!   [`RelaySessions::handle_control`];
+//! * a loopback UDP **bridge** socket: when UDP to the relay does not bind (no BIND_ACK
+//!   within [`BOUND_FOR`]), peers' relay routes point the engine at the bridge instead;
+//!   frames the engine sends there go out on the TLS stream (`send_frame`), and frames the
+//!   stream delivers are sent from the bridge to the engine's listen port on loopback, so
+//!   the engine needs no TLS;
+//! * LOOKUPs of peers' keys (handles cached per session generation, dropped on GONE).
+//!
+//! Choosing *which* relay is not done here: [`crate::join::logic::paths`] decides (sans
+//! IO), this module measures latency ([`measure`], TCP connect time) and moves bytes.
+//!
+//! Invariants:
+//! * only relays in the path manager's checked set are contacted; an advertised relay
+//!   whose name resolves to a loopback, link-local or mesh address is refused
+//!   ([`paths::relay_ip_allowed`]);
+//! * the WireGuard private key never leaves the process (the relay client proves
+//!   possession over TLS);
+//! * the bridge forwards only relay frames, and only from the engine's own port on
+//!   loopback; anything else is dropped and counted;
+//! * a session that fails is reconnected with backoff (0.5 s doubling to 30 s); its
+//!   cached handles die with it (a new generation).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tabbify_relay::client::{self, Event, RelayClient};
+use tabbify_relay::proto::Control;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::path::RelayRoute;
+use crate::driver::Handshaker;
+
+use super::logic::paths::{self, Origin, RelayUrl};
+
+/// BIND keepalive interval once bound (the relay protocol's 10 s).
+pub const REBIND_EVERY: Duration = Duration::from_secs(10);
+/// A BIND_ACK keeps the UDP side counted as bound this long (two missed re-BINDs and a
+/// margin); after that routes use the bridge.
+pub const BOUND_FOR: Duration = Duration::from_secs(25);
+/// Before the first BIND_ACK, BIND this often.
+const BIND_RETRY: Duration = Duration::from_secs(1);
+/// A LOOKUP waits this long for its ANSWER.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// TCP connect timeout for a latency measurement.
+const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
+
+enum Cmd {
+    Lookup([u8; 32], oneshot::Sender<Option<u32>>),
+    Rebind,
+}
+
+/// The live part of a session, shared with its task.
+#[derive(Debug, Default)]
+struct Live {
+    /// Session handle and a generation number (bumped on every new session).
+    handle: Option<u32>,
+    generation: u64,
+    /// The relay's UDP address (resolved).
+    udp: Option<SocketAddr>,
+    /// The bridge socket's address.
+    bridge: Option<SocketAddr>,
+    /// Last BIND_ACK.
+    acked: Option<Instant>,
+    /// The last connect failure, for `status`.
+    error: Option<String>,
+}
+
+/// One relay session, kept up by its task.
+pub struct Session {
+    /// The relay.
+    pub url: RelayUrl,
+    live: Mutex<Live>,
+    cmd: mpsc::Sender<Cmd>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Session {
+    fn live(&self) -> MutexGuard<'_, Live> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The session is set up (a handle assigned).
+    pub fn is_up(&self) -> bool {
+        self.live().handle.is_some()
+    }
+
+    /// The UDP side is bound (a BIND_ACK within [`BOUND_FOR`]).
+    pub fn udp_bound(&self, now: Instant) -> bool {
+        self.live()
+            .acked
+            .is_some_and(|t| now.saturating_duration_since(t) < BOUND_FOR)
+    }
+
+    /// Where the engine should send frames for this relay now: its UDP address when bound,
+    /// else the bridge; with the current generation.
+    pub fn route_addr(&self, now: Instant) -> Option<(SocketAddr, u64)> {
+        let bound = self.udp_bound(now);
+        let l = self.live();
+        l.handle?;
+        let addr = if bound { l.udp } else { l.bridge }?;
+        Some((addr, l.generation))
+    }
+
+    /// The relay's UDP address (once resolved).
+    pub fn udp_addr(&self) -> Option<SocketAddr> {
+        self.live().udp
+    }
+
+    /// Whether `addr` is this session's relay or bridge address.
+    pub fn owns_addr(&self, addr: SocketAddr) -> bool {
+        let l = self.live();
+        let a = canonical(addr);
+        l.udp.map(canonical) == Some(a) || l.bridge.map(canonical) == Some(a)
+    }
+
+    /// Looks up `key` (None: absent, session down, or no answer in time).
+    pub async fn lookup(&self, key: [u8; 32]) -> Option<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd.send(Cmd::Lookup(key, tx)).await.ok()?;
+        rx.await.ok().flatten()
+    }
+
+    /// The last connection error.
+    pub fn error(&self) -> Option<String> {
+        self.live().error.clone()
+    }
+}
+
+/// IPv4-mapped IPv6 as IPv4, for comparing addresses.
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => a,
+        },
+        IpAddr::V4(_) => a,
+    }
+}
+
+/// Counters for `status`.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Datagrams at the bridge not from the engine's port, or not relay frames.
+    pub bridge_refused: AtomicU64,
+    /// Relay control datagrams that matched no session.
+    pub stray_control: AtomicU64,
+    /// GONEs received.
+    pub gone: AtomicU64,
+}
+
+/// Relay cached handle of a peer at a session.
+#[derive(Clone, Copy, Debug)]
+struct Cached {
+    generation: u64,
+    handle: Option<u32>,
+    at: Instant,
+}
+
+/// Every relay session of the joiner.
+pub struct RelaySessions {
+    tls: Option<Arc<rustls::ClientConfig>>,
+    key: Mutex<[u8; 32]>,
+    sender: Handshaker,
+    engine: SocketAddr,
+    ipv6: bool,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    /// (relay url, peer key) → handle.
+    handles: Mutex<HashMap<(String, [u8; 32]), Cached>>,
+    /// Lookups in flight.
+    inflight: Mutex<std::collections::HashSet<(String, [u8; 32])>>,
+    /// Counters.
+    pub counters: RelayCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RelaySessions {
+    /// Sessions use `tls` (the mesh CA and our certificate; `None` = no relays: the
+    /// relay admits members by mesh mTLS only), prove `key`, BIND through `sender` and
+    /// deliver stream frames to the engine's `listen_port` on loopback.
+    pub fn new(
+        tls: Option<Arc<rustls::ClientConfig>>,
+        key: [u8; 32],
+        sender: Handshaker,
+        listen_port: u16,
+        ipv6: bool,
+    ) -> Arc<Self> {
+        let lo = if ipv6 {
+            IpAddr::V6(Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+        Arc::new(RelaySessions {
+            tls,
+            key: Mutex::new(key),
+            sender,
+            engine: SocketAddr::new(lo, listen_port),
+            ipv6,
+            sessions: Mutex::default(),
+            handles: Mutex::default(),
+            inflight: Mutex::default(),
+            counters: RelayCounters::default(),
+        })
+    }
+
+    /// Whether relays can be used at all (mesh mTLS configured).
+    pub fn enabled(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The session at `url`, if one is kept.
+    pub fn session(&self, url: &str) -> Option<Arc<Session>> {
+        lock(&self.sessions).get(url).cloned()
+    }
+
+    /// Keeps sessions at exactly `wanted` (opening new ones, dropping the rest).
+    pub fn keep(self: &Arc<Self>, wanted: &[RelayUrl]) {
+        if self.tls.is_none() {
+            return;
+        }
+        let mut s = lock(&self.sessions);
+        s.retain(|url, _| wanted.iter().any(|w| &w.url == url));
+        for w in wanted {
+            if !s.contains_key(&w.url) {
+                let (tx, rx) = mpsc::channel(64);
+                let sess = Arc::new_cyclic(|weak: &std::sync::Weak<Session>| Session {
+                    url: w.clone(),
+                    live: Mutex::default(),
+                    cmd: tx,
+                    task: tokio::spawn(self.clone().run_session(weak.clone(), rx)),
+                });
+                tracing::info!(relay = %w.url, "opening a relay session");
+                s.insert(w.url.clone(), sess);
+            }
+        }
+    }
+
+    /// The node key changed (rotation): every session is re-opened to prove the new one.
+    pub fn set_key(self: &Arc<Self>, key: [u8; 32]) {
+        *lock(&self.key) = key;
+        let wanted: Vec<RelayUrl> = lock(&self.sessions)
+            .values()
+            .map(|s| s.url.clone())
+            .collect();
+        lock(&self.sessions).clear();
+        lock(&self.handles).clear();
+        self.keep(&wanted);
+    }
+
+    /// A relay control datagram from the WireGuard socket (a BIND_ACK).
+    pub fn handle_control(&self, src: SocketAddr, bytes: &[u8], now: Instant) {
+        let Ok(Control::BindAck { handle }) = Control::parse(bytes) else {
+            self.counters.stray_control.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let src = canonical(src);
+        for s in lock(&self.sessions).values() {
+            let mut l = s.live();
+            if l.handle == Some(handle) && l.udp.map(canonical) == Some(src) {
+                if l.acked.is_none() {
+                    tracing::info!(relay = %s.url.url, "relay UDP bound");
+                }
+                l.acked = Some(now);
+                return;
+            }
+        }
+        self.counters.stray_control.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The network changed: BIND again at once everywhere.
+    pub fn rebind_all(&self) {
+        for s in lock(&self.sessions).values() {
+            let _ = s.cmd.try_send(Cmd::Rebind);
+        }
+    }
+
+    /// The route to `key` through `url` if known now; otherwise starts a LOOKUP (at most
+    /// one in flight per peer and relay, repeated at most once a second) and returns None.
+    pub fn route(self: &Arc<Self>, url: &str, key: [u8; 32], now: Instant) -> Option<RelayRoute> {
+        let sess = self.session(url)?;
+        let (addr, generation) = sess.route_addr(now)?;
+        let k = (url.to_owned(), key);
+        let cached = lock(&self.handles).get(&k).copied();
+        match cached {
+            Some(c) if c.generation == generation => {
+                if let Some(handle) = c.handle {
+                    return Some(RelayRoute { addr, handle });
+                }
+                if now.saturating_duration_since(c.at) < Duration::from_secs(1) {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        if !lock(&self.inflight).insert(k.clone()) {
+            return None;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            let handle = sess.lookup(key).await;
+            lock(&me.handles).insert(
+                k.clone(),
+                Cached {
+                    generation,
+                    handle,
+                    at: Instant::now(),
+                },
+            );
+            lock(&me.inflight).remove(&k);
+        });
+        None
+    }
+
+    /// Whether `addr` is where some live session wants frames now (its relay's address
+    /// when bound, else its bridge): a route the engine roamed to that needs no fixing.
+    pub fn is_current_route_addr(&self, addr: SocketAddr, now: Instant) -> bool {
+        let a = canonical(addr);
+        lock(&self.sessions)
+            .values()
+            .filter_map(|s| s.route_addr(now))
+            .any(|(r, _)| canonical(r) == a)
+    }
+
+    fn forget_handle(&self, url: &str, handle: u32) {
+        lock(&self.handles).retain(|(u, _), c| !(u == url && c.handle == Some(handle)));
+    }
+
+    async fn resolve(url: &RelayUrl, ipv6: bool) -> Result<SocketAddr, String> {
+        let addrs = tokio::net::lookup_host(url.authority())
+            .await
+            .map_err(|e| format!("resolving {}: {e}", url.authority()))?;
+        let mut found = None;
+        for a in addrs {
+            if url.origin == Origin::Advertised && !paths::relay_ip_allowed(a.ip()) {
+                return Err(format!(
+                    "{} resolves to {}, which is no relay address",
+                    url.host,
+                    a.ip()
+                ));
+            }
+            if found.is_none() && (ipv6 || a.is_ipv4()) {
+                found = Some(a);
+            }
+        }
+        found.ok_or_else(|| format!("{} has no usable address", url.host))
+    }
+
+    /// One session's life: connect, bridge, BIND, serve; reconnect with backoff.
+    async fn run_session(
+        self: Arc<Self>,
+        me: std::sync::Weak<Session>,
+        mut cmds: mpsc::Receiver<Cmd>,
+    ) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let Some(sess) = me.upgrade() else { return };
+            let url = sess.url.clone();
+            drop(sess);
+            let r = self.serve_once(&me, &url, &mut cmds).await;
+            let Some(sess) = me.upgrade() else { return };
+            {
+                let mut l = sess.live();
+                l.handle = None;
+                l.acked = None;
+                if let Err(e) = &r {
+                    l.error = Some(e.clone());
+                }
+            }
+            drop(sess);
+            match r {
+                Ok(()) => {
+                    tracing::info!(relay = %url.url, "relay session ended; reconnecting");
+                    backoff = Duration::from_millis(500);
+                }
+                Err(e) => tracing::warn!(relay = %url.url, error = %e, "relay session failed"),
+            }
+            // Drain lookups waiting on the dead session.
+            while let Ok(c) = cmds.try_recv() {
+                if let Cmd::Lookup(_, tx) = c {
+                    let _ = tx.send(None);
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn serve_once(
+        &self,
+        me: &std::sync::Weak<Session>,
+        url: &RelayUrl,
+        cmds: &mut mpsc::Receiver<Cmd>,
+    ) -> Result<(), String> {
+        let tls = self.tls.clone().ok_or("no mesh TLS")?;
+        let udp = Self::resolve(url, self.ipv6).await?;
+        let cfg = client::Config {
+            server: udp.to_string(),
+            server_name: url.host.clone(),
+            tls,
+            proxy: client::proxy_from_env(),
+            stream_only: false,
+        };
+        let key = *lock(&self.key);
+        let mut c = RelayClient::connect(&cfg, &key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let bridge = tokio::net::UdpSocket::bind(SocketAddr::new(self.engine.ip(), 0))
+            .await
+            .map_err(|e| format!("bridge socket: {e}"))?;
+        let bridge_addr = bridge.local_addr().map_err(|e| e.to_string())?;
+        let bind = c.bind_datagram();
+        {
+            let sess = me.upgrade().ok_or("dropped")?;
+            let mut l = sess.live();
+            l.handle = Some(c.handle);
+            l.generation += 1;
+            l.udp = Some(udp);
+            l.bridge = Some(bridge_addr);
+            l.acked = None;
+            l.error = None;
+        }
+        tracing::info!(relay = %url.url, handle = c.handle, %udp, bridge = %bridge_addr, "relay session up");
+        let mut next_bind = tokio::time::Instant::now();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                ev = c.recv() => match ev {
+                    Some(Event::Frame(f)) => {
+                        // Delivered over the stream: hand it to the engine from the bridge.
+                        if let Err(e) = bridge.send_to(&f, self.engine).await {
+                            tracing::debug!(error = %e, "bridge send to the engine failed");
+                        }
+                    }
+                    Some(Event::Gone(h)) => {
+                        self.counters.gone.fetch_add(1, Ordering::Relaxed);
+                        self.forget_handle(&url.url, h);
+                    }
+                    None => return Ok(()),
+                },
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Lookup(key, tx)) => {
+                        let r = tokio::time::timeout(LOOKUP_TIMEOUT, c.lookup(&key)).await;
+                        match r {
+                            Ok(Ok(h)) => { let _ = tx.send(h); }
+                            Ok(Err(e)) => { let _ = tx.send(None); return Err(e.to_string()); }
+                            Err(_) => { let _ = tx.send(None); }
+                        }
+                    }
+                    Some(Cmd::Rebind) => next_bind = tokio::time::Instant::now(),
+                    None => return Ok(()),
+                },
+                r = bridge.recv_from(&mut buf) => {
+                    let (n, src) = r.map_err(|e| format!("bridge: {e}"))?;
+                    let frame = &buf[..n];
+                    let from_engine = src.ip().is_loopback() && src.port() == self.engine.port();
+                    if !from_engine || !matches!(frame.first(), Some(0xE1..=0xE4)) {
+                        self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    c.send_frame(frame).await.map_err(|e| e.to_string())?;
+                },
+                _ = tokio::time::sleep_until(next_bind) => {
+                    if let Err(e) = self.sender.send_raw(udp, &bind) {
+                        tracing::debug!(relay = %url.url, error = %e, "BIND not sent");
+                    }
+                    let bound = me.upgrade().is_some_and(|s| s.live().acked.is_some());
+                    next_bind = tokio::time::Instant::now() + if bound { REBIND_EVERY } else { BIND_RETRY };
+                }
+            }
+        }
+    }
+}
+
+/// The latency to each relay: TCP connect time (`None`: unreachable or refused).
+pub async fn measure(relays: &[RelayUrl], ipv6: bool) -> Vec<(String, Option<Duration>)> {
+    let mut out = Vec::new();
+    for r in relays {
+        let d = async {
+            let addr = RelaySessions::resolve(r, ipv6).await.ok()?;
+            let t = Instant::now();
+            let s = tokio::time::timeout(MEASURE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                .await
+                .ok()?
+                .ok()?;
+            drop(s);
+            Some(t.elapsed())
+        }
+        .await;
+        out.push((r.url.clone(), d));
+    }
+    out
+}
