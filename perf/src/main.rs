@@ -1,6 +1,7 @@
 //! `tabbify-perf`: iperf3 and ping between two network namespaces over a veth, through our
 //! data plane (io_uring and epoll drivers), boringtun-cli (`--threads 1` and its default),
-//! Debian's wireguard-go, and the bare veth.
+//! Debian's wireguard-go, and the bare veth; and ours relayed (`ours-relay-udp`,
+//! `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
@@ -417,6 +418,14 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         Some(implementation) if contender.name.starts_with("base-") => {
             format!("baseline {}", implementation.label())
         }
+        Some(implementation) if contender.relay.is_some() => format!(
+            "{} relayed over {} (--force-relay)",
+            implementation.label(),
+            match contender.relay {
+                Some(RelayMode::Tls) => "the relay's TLS stream",
+                _ => "relay UDP",
+            }
+        ),
         Some(implementation) if contender.tracked => {
             format!("{} + port rules, tracked", implementation.label())
         }
