@@ -71,6 +71,15 @@ pub fn tabbify_mesh_coordinator() -> Result<PathBuf> {
     )
 }
 
+/// `tabbify-mesh-relay`, the relay (`TABBIFY_MESH_RELAY_BIN` overrides).
+pub fn tabbify_mesh_relay() -> Result<PathBuf> {
+    locate(
+        "tabbify-mesh-relay",
+        "TABBIFY_MESH_RELAY_BIN",
+        "cargo build -p tabbify-relay --bin tabbify-mesh-relay",
+    )
+}
+
 /// `tabbify-node`, the public edge (`TABBIFY_NODE_BIN` overrides).
 pub fn tabbify_node() -> Result<PathBuf> {
     locate(

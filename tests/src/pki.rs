@@ -104,6 +104,31 @@ impl Pki {
 }
 
 impl Pki {
+    /// A relay's server certificate: `tabbify-mesh-ca issue-coordinator --name NAME`
+    /// with `--san` for each of `sans` (a relay's certificate is a server certificate from
+    /// the mesh CA, like the coordinator's).
+    pub fn issue_relay(&self, name: &str, sans: &[IpAddr]) -> Result<Issued> {
+        let out = self.dir.path().join("relays").join(name);
+        let ca_dir = self.dir.path().join("ca");
+        let mut args = vec![
+            "issue-coordinator".to_owned(),
+            "--name".to_owned(),
+            name.to_owned(),
+        ];
+        for san in sans {
+            args.extend(["--san".to_owned(), san.to_string()]);
+        }
+        args.extend([
+            "--ca-dir".to_owned(),
+            path_str(&ca_dir)?.to_owned(),
+            "--out".to_owned(),
+            path_str(&out)?.to_owned(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&self.binary, &args)?;
+        Issued::at(name, &out)
+    }
+
     /// `tabbify-mesh-ca issue-admin --name NAME`: a client certificate with CN `name`
     /// carrying the admin role.
     pub fn issue_admin(&self, name: &str) -> Result<Issued> {

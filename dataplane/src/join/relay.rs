@@ -72,7 +72,13 @@ struct Live {
     acked: Option<Instant>,
     /// The last connect failure, for `status`.
     error: Option<String>,
+    /// Handles the relay said are GONE in this generation (bounded by [`MAX_GONE`]).
+    gone: std::collections::HashSet<u32>,
 }
+
+/// Most GONE handles remembered per session (the set is cleared when full: a forgotten
+/// one costs at most a route that fails until the peer's next frame or LOOKUP).
+const MAX_GONE: usize = 4096;
 
 /// One relay session, kept up by its task.
 pub struct Session {
@@ -328,14 +334,16 @@ impl RelaySessions {
         None
     }
 
-    /// Whether `addr` is where some live session wants frames now (its relay's address
-    /// when bound, else its bridge): a route the engine roamed to that needs no fixing.
-    pub fn is_current_route_addr(&self, addr: SocketAddr, now: Instant) -> bool {
-        let a = canonical(addr);
-        lock(&self.sessions)
-            .values()
-            .filter_map(|s| s.route_addr(now))
-            .any(|(r, _)| canonical(r) == a)
+    /// Whether `route` is good as it is: its address is where a live session wants frames
+    /// now (the relay's address when bound, else the bridge) and that session's relay has
+    /// not said its handle is GONE. The engine may have roamed to such a route (the peer
+    /// sends through another relay we also hold a session at): it is left alone.
+    pub fn route_is_current(&self, route: RelayRoute, now: Instant) -> bool {
+        let a = canonical(route.addr);
+        lock(&self.sessions).values().any(|s| {
+            s.route_addr(now).is_some_and(|(r, _)| canonical(r) == a)
+                && !s.live().gone.contains(&route.handle)
+        })
     }
 
     fn forget_handle(&self, url: &str, handle: u32) {
@@ -435,6 +443,7 @@ impl RelaySessions {
             l.bridge = Some(bridge_addr);
             l.acked = None;
             l.error = None;
+            l.gone.clear();
         }
         tracing::info!(relay = %url.url, handle = c.handle, %udp, bridge = %bridge_addr, "relay session up");
         let mut next_bind = tokio::time::Instant::now();
@@ -451,6 +460,13 @@ impl RelaySessions {
                     Some(Event::Gone(h)) => {
                         self.counters.gone.fetch_add(1, Ordering::Relaxed);
                         self.forget_handle(&url.url, h);
+                        if let Some(s) = me.upgrade() {
+                            let mut l = s.live();
+                            if l.gone.len() >= MAX_GONE {
+                                l.gone.clear();
+                            }
+                            l.gone.insert(h);
+                        }
                     }
                     None => return Ok(()),
                 },
@@ -488,8 +504,16 @@ impl RelaySessions {
     }
 }
 
-/// The latency to each relay: TCP connect time (`None`: unreachable or refused).
+/// The latency to each relay: TCP connect time (`None`: unreachable or refused). Behind
+/// an HTTP proxy (`HTTPS_PROXY`) the relays cannot be reached directly: each counts as
+/// equally fast (the first in the list becomes home).
 pub async fn measure(relays: &[RelayUrl], ipv6: bool) -> Vec<(String, Option<Duration>)> {
+    if client::proxy_from_env().is_some() {
+        return relays
+            .iter()
+            .map(|r| (r.url.clone(), Some(Duration::ZERO)))
+            .collect();
+    }
     let mut out = Vec::new();
     for r in relays {
         let d = async {

@@ -807,7 +807,7 @@ impl Joiner {
                 continue;
             };
             let current = peer.lock().relay;
-            if current.is_some_and(|r| self.relays.is_current_route_addr(r.addr, now)) {
+            if current.is_some_and(|r| self.relays.route_is_current(r, now)) {
                 if initiate_when_routed.remove(&key) {
                     let _ = self.handshaker.initiate(peer);
                 }
@@ -964,6 +964,14 @@ impl Joiner {
             let p = self.paths();
             (p.home().map(str::to_owned), p.counts())
         };
+        // The coordinator accepts only a relay it advertised (else 400): a home relay
+        // from `--relay` alone is not reported (peers reach us through their own).
+        let home_relay = home_relay.filter(|h| {
+            self.advertised_relays
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(h)
+        });
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
@@ -1015,7 +1023,13 @@ impl Joiner {
                 .and_then(|u| self.relays.session(u))
                 .and_then(|s| s.udp_addr());
             let endpoint = if relayed { relay_udp } else { direct_endpoint };
-            let reason = view.and_then(|v| v.reason).map(|r| r.describe().to_owned());
+            // The engine's path is the truth (it upgrades on a direct receipt before the
+            // path task notices): a reason shows while relayed, or while the manager
+            // wants a relay it does not have.
+            let reason = view
+                .filter(|v| relayed || v.path == logic::paths::Path::Direct)
+                .and_then(|v| v.reason)
+                .map(|r| r.describe().to_owned());
             peers.push(PeerStatus {
                 peer_id: e.peer_id.clone(),
                 name: e.display_name.clone(),

@@ -1,0 +1,318 @@
+//! Issue 13, the joiner's relayed paths end to end: a real `tabbify-mesh-relay` (certificate
+//! from the test PKI) on the NAT lab's [`RELAY`] address, a coordinator on [`HUB`], and two
+//! joiners told `--relay https://198.18.0.2:443`.
+//!
+//! * `blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted`: UDP between the two
+//!   members is dropped by an nft table in the left member's namespace (UDP to the relay and
+//!   the coordinator passes). Ping passes over the relay and `peers --json` says `relay`,
+//!   the relay URL and the reason; lifting the table turns the pair direct (the time it
+//!   took is printed, not asserted).
+//! * `forced_relay_stays_relayed`: `--force-relay` on one side keeps the pair relayed
+//!   although direct UDP works.
+//! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
+//!   the right member restarts (same key, new relay session and handle; the relay tells
+//!   the left one GONE): the left one looks it up again and ping passes over the relay.
+//! * `udp_blocked_member_uses_the_tls_stream`: the left member's UDP is blocked entirely
+//!   (only TCP to the relay's port 443 and the coordinator pass): its relay session's UDP
+//!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+use tabbify_api::local::PeerStatus;
+use tabbify_tests::admin::Admin;
+use tabbify_tests::coordinator::{Coordinator, CoordinatorSpec};
+use tabbify_tests::natlab::{HUB, RELAY, RELAY_TCP_PORT};
+use tabbify_tests::prereq::{require, Tool};
+use tabbify_tests::testbed::{ADMIN, COORDINATOR_PORT};
+use tabbify_tests::{traffic, JoinSpec, Joiner, NatLab, Pki, Process, RouterKind, Side};
+
+/// How long a path may take to settle in these tests (generous: the machine is shared).
+const SETTLE: Duration = Duration::from_secs(30);
+
+fn relay_url() -> String {
+    format!("https://{RELAY}:{RELAY_TCP_PORT}")
+}
+
+/// The lab with a coordinator and a relay in its internet.
+struct Bed {
+    lab: NatLab,
+    pki: Pki,
+    coordinator: Coordinator,
+    admin: Admin,
+    _relay: Process,
+}
+
+impl Bed {
+    fn start(name: &str, left: RouterKind, right: RouterKind) -> Result<Bed> {
+        require(&[Tool::Iproute2, Tool::Ping, Tool::Curl, Tool::Nft])?;
+        tabbify_tests::bins::tabbify_mesh()?;
+        let relay_bin = tabbify_tests::bins::tabbify_mesh_relay()?;
+        let lab = NatLab::new(name, left, right)?;
+        let pki = Pki::new(&[IpAddr::V4(HUB)])?;
+        let cert = pki.issue_relay("relay", &[IpAddr::V4(RELAY)])?;
+        let listen = SocketAddr::new(RELAY.into(), RELAY_TCP_PORT).to_string();
+        let ca = pki.ca_cert();
+        let relay = lab.internet.spawn(
+            "relay",
+            relay_bin.to_str().context("relay path")?,
+            &[
+                "--listen",
+                &listen,
+                "--tls-cert",
+                cert.cert.to_str().context("cert path")?,
+                "--tls-key",
+                cert.key.to_str().context("key path")?,
+                "--tls-ca",
+                ca.to_str().context("ca path")?,
+            ],
+        )?;
+        let health = format!("{}/health", relay_url());
+        let ca_str = ca.to_str().context("ca path")?.to_owned();
+        tabbify_tests::wait::until("the relay to answer /health", SETTLE, || {
+            lab.internet
+                .run("curl", &["-sf", "--cacert", &ca_str, &health])
+                .map(|body| body.contains("ok").then_some(()))
+        })?;
+        let coordinator = Coordinator::start(
+            &lab.internet,
+            &pki,
+            CoordinatorSpec {
+                bind: SocketAddr::new(HUB.into(), COORDINATOR_PORT),
+                policy: json!({
+                    "tags": ["node"],
+                    "allow": [{"src": ["tag:node"], "dst": ["tag:node"]}],
+                }),
+                admin: ADMIN.to_owned(),
+                heartbeat_secs: 5,
+            },
+        )?;
+        let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
+        Ok(Bed {
+            lab,
+            pki,
+            coordinator,
+            admin,
+            _relay: relay,
+        })
+    }
+
+    fn join(&self, side: Side, name: &str, force_relay: bool) -> Result<Joiner> {
+        let token = self.admin.create_token(&["node"], None, 1)?;
+        self.join_as(
+            side,
+            name,
+            force_relay,
+            Some(token),
+            &self.pki.issue_peer(name)?,
+        )
+    }
+
+    fn join_as(
+        &self,
+        side: Side,
+        name: &str,
+        force_relay: bool,
+        token: Option<String>,
+        cert: &tabbify_tests::pki::Issued,
+    ) -> Result<Joiner> {
+        let mut spec = JoinSpec::new(name, &["node"], token);
+        spec.relays = vec![relay_url()];
+        spec.force_relay = force_relay;
+        Joiner::start(
+            &self.lab.member(side).netns,
+            &self.coordinator.url(),
+            cert,
+            spec,
+        )
+    }
+}
+
+/// Drops UDP between the two members (both directions) in the left member's namespace;
+/// UDP to anything else (the relay, the coordinator's STUN) passes.
+fn block_direct(lab: &NatLab) -> Result<()> {
+    let other = lab.right.public.to_string();
+    let ns = &lab.left.netns;
+    ns.run("nft", &["add", "table", "ip", "tbt_p2p"])?;
+    for (chain, hook, dir) in [("out", "output", "daddr"), ("in", "input", "saddr")] {
+        ns.run(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "ip",
+                "tbt_p2p",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; }}"),
+            ],
+        )?;
+        ns.run(
+            "nft",
+            &[
+                "add", "rule", "ip", "tbt_p2p", chain, "ip", dir, &other, "meta", "l4proto", "udp",
+                "drop",
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn lift_direct_block(lab: &NatLab) -> Result<()> {
+    lab.left
+        .netns
+        .run("nft", &["delete", "table", "ip", "tbt_p2p"])
+        .map(drop)
+}
+
+fn show(who: &str, p: &PeerStatus) {
+    println!(
+        "{who}: peer {} path={} relay={:?} endpoint={:?} reason={:?} direct_endpoint={:?}",
+        p.name, p.path, p.relay, p.endpoint, p.reason, p.direct_endpoint
+    );
+}
+
+fn relayed(p: &PeerStatus) -> bool {
+    p.path == "relay" && p.relay.as_deref() == Some(relay_url().as_str())
+}
+
+#[test]
+fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result<()> {
+    let bed = Bed::start("rj-lift", RouterKind::None, RouterKind::None)?;
+    block_direct(&bed.lab)?;
+    let mut a = bed.join(Side::Left, "rj-a", false)?;
+    let mut b = bed.join(Side::Right, "rj-b", false)?;
+    let b_ula = b.status()?.ula;
+    let a_ula = a.status()?.ula;
+    let pa = a.wait_peer("rj-b", "to be relayed", SETTLE, relayed)?;
+    show("a", &pa);
+    ensure!(
+        pa.reason.is_some(),
+        "a relayed peer without a reason: {pa:?}"
+    );
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping a → b over the relay")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE)
+        .context("ping b → a over the relay")?;
+    let pb = b.wait_peer("rj-a", "to be relayed", SETTLE, relayed)?;
+    show("b", &pb);
+    let st = a.status()?;
+    ensure!(
+        st.home_relay.as_deref() == Some(relay_url().as_str()),
+        "home relay {:?}",
+        st.home_relay
+    );
+
+    let lifted = Instant::now();
+    lift_direct_block(&bed.lab)?;
+    let pa = a.wait_peer("rj-b", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    let took_a = lifted.elapsed();
+    let pb = b.wait_peer("rj-a", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    let took_b = lifted.elapsed();
+    show("a", &pa);
+    show("b", &pb);
+    ensure!(pa.reason.is_none() && pa.relay.is_none(), "{pa:?}");
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b direct")?;
+    println!(
+        "direct again after the block was lifted: a in {:.2} s, b in {:.2} s",
+        took_a.as_secs_f64(),
+        took_b.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
+    let bed = Bed::start("rj-gone", RouterKind::None, RouterKind::None)?;
+    block_direct(&bed.lab)?;
+    let mut a = bed.join(Side::Left, "rj-ga", false)?;
+    let b_cert = bed.pki.issue_peer("rj-gb")?;
+    let token = bed.admin.create_token(&["node"], None, 1)?;
+    let b = bed.join_as(Side::Right, "rj-gb", false, Some(token), &b_cert)?;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping before")?;
+    b.stop()?;
+    // The same name in the same namespace finds its node key: admitted before, no token.
+    let restarted = Instant::now();
+    let b = bed.join_as(Side::Right, "rj-gb", false, None, &b_cert)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping a → b after b's restart")?;
+    println!(
+        "a reached the restarted b over the relay {:.2} s after the restart began",
+        restarted.elapsed().as_secs_f64()
+    );
+    let p = a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
+    show("a", &p);
+    drop(b);
+    Ok(())
+}
+
+#[test]
+fn forced_relay_stays_relayed() -> Result<()> {
+    let bed = Bed::start("rj-force", RouterKind::None, RouterKind::None)?;
+    let mut a = bed.join(Side::Left, "rj-fa", true)?;
+    let b = bed.join(Side::Right, "rj-fb", false)?;
+    let b_ula = b.status()?.ula;
+    let p = a.wait_peer("rj-fb", "to be relayed (forced)", SETTLE, relayed)?;
+    show("a", &p);
+    ensure!(
+        p.reason.as_deref() == Some("relay forced (--force-relay)"),
+        "{p:?}"
+    );
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping a → b over the forced relay")?;
+    // Direct works both ways, and probes from b arrive: still relayed.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_secs(1));
+        let p = a
+            .peers()?
+            .into_iter()
+            .find(|p| p.name == "rj-fb")
+            .context("peer rj-fb gone")?;
+        ensure!(relayed(&p), "a forced relay turned direct: {p:?}");
+    }
+    traffic::ping(&a.lab_ns(), IpAddr::V6(b_ula), 3, "0.2")?;
+    Ok(())
+}
+
+#[test]
+fn udp_blocked_member_uses_the_tls_stream() -> Result<()> {
+    let bed = Bed::start("rj-tls", RouterKind::UdpBlocked, RouterKind::None)?;
+    let mut a = bed.join(Side::Left, "rj-ta", false)?;
+    let mut b = bed.join(Side::Right, "rj-tb", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    let pa = a.wait_peer("rj-tb", "to be relayed", SETTLE, relayed)?;
+    show("a", &pa);
+    let st = a.wait_status("to hold a relay session without UDP", SETTLE, |s| {
+        s.relays.iter().any(|r| r.session && !r.udp_bound)
+    })?;
+    println!("a's relays: {:?}", st.relays);
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping a → b over the TLS stream")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE)
+        .context("ping b → a over the TLS stream")?;
+    let pb = b.wait_peer("rj-ta", "to be relayed", SETTLE, relayed)?;
+    show("b", &pb);
+    let st = a.status()?;
+    ensure!(
+        st.relays.iter().all(|r| !r.udp_bound),
+        "UDP bound through the block: {:?}",
+        st.relays
+    );
+    Ok(())
+}
+
+/// The joiner's namespace (a shorthand).
+trait LabNs {
+    fn lab_ns(&self) -> tabbify_tests::Netns;
+}
+
+impl LabNs for Joiner {
+    fn lab_ns(&self) -> tabbify_tests::Netns {
+        self.netns().clone()
+    }
+}
