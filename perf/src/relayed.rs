@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::json;
 use tabbify_tests::lan::LanPort;
+use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::{JoinSpec, Joiner, Netns, Process, Testbed};
 
 /// The relay's port on the LAN address (TCP and UDP).
@@ -91,6 +92,7 @@ impl RelayBed {
         let (client, client_port) = bed.host()?;
         let (server, server_port) = bed.host()?;
         if mode == RelayMode::Tls {
+            require(&[Tool::Nft])?;
             for netns in [&client, &server] {
                 block_udp_to(netns, relay_addr)?;
             }
