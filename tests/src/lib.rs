@@ -25,6 +25,7 @@
 //! * [`wait`]: polling with deadlines; nothing here synchronises by sleeping a fixed time.
 //! * [`traffic`]: ping and a TCP transfer of N bytes checked by SHA-256 on both ends;
 //!   [`Pinger`]: a timestamped background ping, to tell when traffic stopped.
+//! * [`rawsock`]: raw IPv4/IPv6 sockets to forge segments and ICMP errors and to capture.
 //! * [`inside`]: async client code run in this process but inside a namespace.
 //! * [`Tunnel`]: the common two-node scenario built from the pieces above.
 //!
@@ -47,6 +48,7 @@ pub mod pinger;
 pub mod pki;
 pub mod prereq;
 pub mod process;
+pub mod rawsock;
 pub mod status;
 pub mod testbed;
 pub mod traffic;

@@ -16,16 +16,17 @@
 //! inner, through two `tabbify-mesh up` ends whose attacker does not filter at all, are in
 //! `tests/up_ports.rs` (port rules from `AllowedPortsOut`/`AllowedPortsIn`).
 
-use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tabbify_tests::inside::block_on;
 use tabbify_tests::prereq::{require, Tool};
+use tabbify_tests::rawsock::{
+    capture, carries_mark, forged_unreachable, ports, raw, send_raw, tcp_ack,
+};
 use tabbify_tests::{JoinSpec, Testbed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -42,142 +43,6 @@ const MARK: &[u8] = b"tabbify-conntrack-bypass";
 /// The untracked flow the forged ICMP error quotes: node-01 port → supervisor port.
 const FORGED_SPORT: u16 = 41_000;
 const FORGED_DPORT: u16 = 9_999;
-
-/// A raw IPv6 socket of `proto`, bound to `local` (so the source is the peer's ULA).
-fn raw6(proto: i32, local: Ipv6Addr) -> Result<OwnedFd> {
-    // SAFETY: socket(2) with constant arguments; returns a new descriptor or -1.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        bail!(
-            "raw IPv6 socket (proto {proto}): {} (the test needs CAP_NET_RAW: run as root)",
-            io::Error::last_os_error()
-        );
-    }
-    // SAFETY: `fd` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sa = sockaddr6(local, 0);
-    // SAFETY: `sa` is a valid sockaddr_in6 for the duration of the call, its size passed.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            std::ptr::from_ref(&sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        bail!("bind raw socket to {local}: {}", io::Error::last_os_error());
-    }
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: SO_RCVTIMEO takes a timeval, passed with its size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            std::ptr::from_ref(&tv).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        );
-    }
-    Ok(fd)
-}
-
-fn sockaddr6(a: Ipv6Addr, port: u16) -> libc::sockaddr_in6 {
-    // SAFETY: sockaddr_in6 is plain data; all-zero is a valid value.
-    let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-    sa.sin6_port = port.to_be();
-    sa.sin6_addr.s6_addr = a.octets();
-    sa
-}
-
-fn send_raw(fd: &OwnedFd, dst: Ipv6Addr, payload: &[u8]) -> Result<()> {
-    let sa = sockaddr6(dst, 0);
-    // SAFETY: `payload` and `sa` are valid for the call; sizes passed.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            payload.as_ptr().cast(),
-            payload.len(),
-            0,
-            std::ptr::from_ref(&sa).cast(),
-            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-        )
-    };
-    if n < 0 {
-        bail!("raw send to {dst}: {}", io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Every packet a raw socket receives within `d` (the IPv6 header is not included).
-fn capture(fd: &OwnedFd, d: Duration) -> Vec<Vec<u8>> {
-    let end = Instant::now() + d;
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 65_536];
-    while Instant::now() < end {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if let Ok(n) = usize::try_from(n) {
-            out.push(buf[..n].to_vec());
-        }
-    }
-    out
-}
-
-fn ports(seg: &[u8]) -> Option<(u16, u16)> {
-    Some((
-        u16::from_be_bytes([*seg.first()?, *seg.get(1)?]),
-        u16::from_be_bytes([*seg.get(2)?, *seg.get(3)?]),
-    ))
-}
-
-/// A TCP ACK|PSH segment with `MARK` as data (the kernel fills the checksum: IPV6_CHECKSUM).
-fn tcp_ack(sport: u16, dport: u16) -> Vec<u8> {
-    let mut t = vec![0u8; 20];
-    t[0..2].copy_from_slice(&sport.to_be_bytes());
-    t[2..4].copy_from_slice(&dport.to_be_bytes());
-    t[4..8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
-    t[8..12].copy_from_slice(&0x0bad_cafeu32.to_be_bytes());
-    t[12] = 5 << 4;
-    t[13] = 0x18; // ACK | PSH
-    t[14..16].copy_from_slice(&65535u16.to_be_bytes());
-    t.extend_from_slice(MARK);
-    t
-}
-
-/// An ICMPv6 port unreachable quoting an IPv6/UDP packet `quoted_src:sport → quoted_dst:dport`.
-fn forged_unreachable(quoted_src: Ipv6Addr, quoted_dst: Ipv6Addr) -> Vec<u8> {
-    let mut m = vec![1u8, 4, 0, 0, 0, 0, 0, 0];
-    let mut ip = vec![0x60, 0, 0, 0];
-    let udp_len = 8 + MARK.len();
-    ip.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    ip.extend_from_slice(&[17, 64]);
-    ip.extend_from_slice(&quoted_src.octets());
-    ip.extend_from_slice(&quoted_dst.octets());
-    ip.extend_from_slice(&FORGED_SPORT.to_be_bytes());
-    ip.extend_from_slice(&FORGED_DPORT.to_be_bytes());
-    ip.extend_from_slice(&(udp_len as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0]);
-    ip.extend_from_slice(MARK);
-    m.extend_from_slice(&ip);
-    m
-}
-
-fn set_ipv6_checksum(fd: &OwnedFd, offset: i32) {
-    // SAFETY: IPV6_CHECKSUM takes an int, passed with its size.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_IPV6,
-            libc::IPV6_CHECKSUM,
-            std::ptr::from_ref(&offset).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
-    }
-}
 
 #[test]
 fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() -> Result<()> {
@@ -213,9 +78,8 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                 let tcp =
                     TcpListener::bind(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, SERVICE, 0, 0))
                         .await?;
-                let raw_tcp = raw6(libc::IPPROTO_TCP, sup_ula)?;
-                set_ipv6_checksum(&raw_tcp, 16);
-                let raw_icmp = raw6(libc::IPPROTO_ICMPV6, sup_ula)?;
+                let raw_tcp = raw(libc::IPPROTO_TCP, sup_ula.into())?;
+                let raw_icmp = raw(libc::IPPROTO_ICMPV6, sup_ula.into())?;
                 ready_tx.send(()).ok();
                 // The allowed UDP flow: answer node-01.
                 let mut buf = [0u8; 1500];
@@ -236,8 +100,18 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                 let victim = SocketAddr::from(SocketAddrV6::new(node_ula, VICTIM_UDP, 0, 0));
                 for _ in 0..3 {
                     udp.send_to(MARK, victim).await?;
-                    send_raw(&raw_tcp, node_ula, &tcp_ack(SERVICE, VICTIM_TCP))?;
-                    send_raw(&raw_icmp, node_ula, &forged_unreachable(node_ula, sup_ula))?;
+                    let (node, sup) = (node_ula.into(), sup_ula.into());
+                    send_raw(
+                        &raw_tcp,
+                        node,
+                        &tcp_ack(sup, node, SERVICE, VICTIM_TCP, MARK),
+                    )?;
+                    let forged = (FORGED_SPORT, FORGED_DPORT);
+                    send_raw(
+                        &raw_icmp,
+                        node,
+                        &forged_unreachable(node, sup, forged, MARK),
+                    )?;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 done_tx.send(()).ok();
@@ -252,8 +126,8 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                     .context("node: the supervisor side never got ready")?;
                 let victim =
                     UdpSocket::bind(SocketAddrV6::new(node_ula, VICTIM_UDP, 0, 0)).await?;
-                let raw_tcp = raw6(libc::IPPROTO_TCP, Ipv6Addr::UNSPECIFIED)?;
-                let raw_icmp = raw6(libc::IPPROTO_ICMPV6, Ipv6Addr::UNSPECIFIED)?;
+                let raw_tcp = raw(libc::IPPROTO_TCP, Ipv6Addr::UNSPECIFIED.into())?;
+                let raw_icmp = raw(libc::IPPROTO_ICMPV6, Ipv6Addr::UNSPECIFIED.into())?;
                 // Allowed UDP both ways (retried while the handshake completes).
                 let client = UdpSocket::bind(SocketAddrV6::new(node_ula, 40_000, 0, 0)).await?;
                 let service = SocketAddr::from(SocketAddrV6::new(sup_ula, SERVICE, 0, 0));
@@ -277,7 +151,7 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                 conn.write_all(b"echo me").await?;
                 let n = timeout(STEP, conn.read(&mut buf)).await??;
                 ensure!(&buf[..n] == b"echo me", "the echo over the allowed TCP connection");
-                let seen = capture(&raw_tcp, Duration::from_millis(300));
+                let seen = capture(&raw_tcp, Duration::from_millis(300), false);
                 ensure!(
                     seen.iter().any(|s| ports(s).is_some_and(|(sp, _)| sp == SERVICE)),
                     "node-01's raw capture saw no segment from :8730 (the capture does not work)"
@@ -287,8 +161,8 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                 done_rx
                     .recv_timeout(STEP * 2)
                     .context("node: the supervisor never finished injecting")?;
-                let tcp_seen = capture(&raw_tcp, WATCH);
-                let icmp_seen = capture(&raw_icmp, Duration::from_millis(200));
+                let tcp_seen = capture(&raw_tcp, WATCH, false);
+                let icmp_seen = capture(&raw_icmp, Duration::from_millis(200), false);
                 let mut udp_got = Vec::new();
                 while let Ok(Ok((n, from))) =
                     timeout(Duration::from_millis(100), victim.recv_from(&mut buf)).await
@@ -309,7 +183,7 @@ fn source_port_tricks_and_forged_icmp_errors_are_dropped_allowed_flows_pass() ->
                 );
                 let forged: Vec<_> = icmp_seen
                     .iter()
-                    .filter(|m| m.first() == Some(&1) && m.windows(MARK.len()).any(|w| w == MARK))
+                    .filter(|m| m.first() == Some(&1) && carries_mark(m, MARK))
                     .collect();
                 ensure!(
                     forged.is_empty(),

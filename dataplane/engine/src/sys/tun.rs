@@ -31,8 +31,9 @@ const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_USO4: libc::c_uint = 0x20;
 const TUN_F_USO6: libc::c_uint = 0x40;
 
-/// Size of the `virtio_net_hdr` that precedes every packet when [`Offloads::vnet_hdr`] is set.
-pub const VNET_HDR_LEN: usize = 10;
+/// Size of the `virtio_net_hdr` that precedes every packet when [`Offloads::vnet_hdr`] is set
+/// (one definition, with the header's layout in `core::offload::vnet`).
+pub use crate::core::offload::VNET_HDR_LEN;
 
 /// What the kernel accepted for this TUN.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
