@@ -16,6 +16,11 @@
 //! * `tracked_overhead`: the same two comparisons in alternating rounds (median of 11, the
 //!   order alternating too), printed as a percentage: the figure to quote, since separate
 //!   criterion benches drift apart on a shared machine by more than the cost measured.
+//! * `encap/on_tun_relay`: `on_tun` with the peer on the relayed path (frames to the relay,
+//!   the 4-byte header rewritten in the send slot), next to `encap/on_tun`.
+//! * `relay_overhead`: relayed vs direct in alternating rounds (median of 11), encap
+//!   (`on_tun`, 1420 and 64 bytes) and decap (`on_udp`, 44-datagram GRO buffers; relay
+//!   frames are restored into a scratch buffer before decryption), printed as percentages.
 //! * After the groups, a manual `Instant` loop of 200k 1420-byte packets (median of 5)
 //!   prints the per-packet overhead of `on_tun` over bare `Tunn::encapsulate`.
 //!
@@ -40,6 +45,7 @@ use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::offload::testkit::SuperPacket;
 use tabbify_engine::core::offload::{self, VirtioNetHdr};
+use tabbify_engine::core::path::{self, PathKind, RelayRoute};
 use tabbify_engine::core::peer::{Peer, PeerConfig};
 use tabbify_engine::core::pipeline::{Pipeline, TunSink};
 use tabbify_engine::core::rxsink::RxSink;
@@ -59,6 +65,14 @@ const EP_A: &str = "192.0.2.1:51820";
 const EP_B: &str = "192.0.2.2:51820";
 const KEY_A: [u8; 32] = [1; 32];
 const KEY_B: [u8; 32] = [2; 32];
+
+/// The relay the relayed benches send through (a label) and the peer's handle there.
+fn relay_route() -> RelayRoute {
+    RelayRoute {
+        addr: "203.0.113.7:443".parse().expect("address"),
+        handle: 0x0B_0B0B,
+    }
+}
 
 /// One engine: its table, its pipeline, its drop counters.
 struct Node {
@@ -259,6 +273,22 @@ fn encap(c: &mut Criterion) {
                     recycle(&mut a.pipe.tx)
                 })
             });
+            g.bench_function(
+                BenchmarkId::new(format!("on_tun_relay/{size}"), unit),
+                |bch| {
+                    let mut buf = pkt.clone();
+                    path::set_path(&peer, PathKind::Relay, Some(relay_route()));
+                    bch.iter(|| {
+                        for _ in 0..BATCH {
+                            a.pipe
+                                .on_tun(&snap, black_box(&mut buf))
+                                .expect("slots recycled");
+                        }
+                        recycle(&mut a.pipe.tx)
+                    });
+                    path::set_path(&peer, PathKind::Direct, None);
+                },
+            );
         }
     }
     assert_eq!(a.counters.total(), 0, "every on_tun packet was encrypted");
@@ -735,12 +765,128 @@ fn tracked_overhead(_c: &mut Criterion) {
     );
 }
 
+/// The cost of the relayed path against the direct one, without the drift between
+/// criterion groups: alternating rounds (the order alternating too), median of 11.
+/// Encap: `on_tun` of 1420- and 64-byte UDP packets, the peer on `PathKind::Direct` vs
+/// `PathKind::Relay` (the header rewritten in the slot). Decap: `on_udp` of 44-datagram GRO
+/// buffers of TCP segments as sent directly vs as relay frames from the relay (each frame
+/// restored into the scratch buffer first).
+fn relay_overhead(_c: &mut Criterion) {
+    const ROUNDS: usize = 11;
+    let bench = std::env::args().any(|a| a == "--bench");
+    let (enc_pkts, dec_batches) = if bench {
+        (200_000, 1_000)
+    } else {
+        (BATCH * 4, 4)
+    };
+    for size in [1420usize, 64] {
+        let pkt = ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], size);
+        let (mut direct, _db) = pair(false);
+        let (mut relayed, _rb) = pair(false);
+        let rpeer = peer_of(&relayed.table.load_full(), KEY_B).clone();
+        path::set_path(&rpeer, PathKind::Relay, Some(relay_route()));
+        let send = |n: &mut Node, count: usize| {
+            let snap = n.table.load_full();
+            let mut buf = pkt.clone();
+            for i in 0..count {
+                n.pipe
+                    .on_tun(&snap, black_box(&mut buf))
+                    .expect("slots recycled");
+                if i % BATCH == BATCH - 1 {
+                    recycle(&mut n.pipe.tx);
+                }
+            }
+            recycle(&mut n.pipe.tx);
+        };
+        // Untimed check: the relayed node really sends frames to the relay.
+        send(&mut relayed, 1);
+        relayed
+            .pipe
+            .on_tun(&relayed.table.load_full(), &mut pkt.clone())
+            .expect("room");
+        relayed.pipe.tx.send_all(|s| {
+            assert_eq!(s.dst, relay_route().addr);
+            assert_eq!(s.buf[0], 0xE4);
+        });
+        send(&mut direct, enc_pkts / 10);
+        send(&mut relayed, enc_pkts / 10);
+        let (mut d, mut r) = (Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let mut one = |relay: bool| {
+                let n = if relay { &mut relayed } else { &mut direct };
+                let ns = ns_per_packet(enc_pkts, |k| send(n, k));
+                if relay { &mut r } else { &mut d }.push(ns);
+            };
+            let first = round % 2 == 1;
+            one(first);
+            one(!first);
+        }
+        assert_eq!(direct.counters.total() + relayed.counters.total(), 0);
+        let (dn, rn) = (median(d), median(r));
+        println!(
+            "relay encap {size} B: direct {dn:.1} ns/pkt, relayed {rn:.1} ns/pkt ({:+.1}%)",
+            (rn / dn - 1.0) * 100.0
+        );
+    }
+
+    let segs = tcp_segments();
+    let dlen = segs[0].len() + WG_OVERHEAD;
+    let (a, mut b) = pair(false);
+    let a_peer = peer_of(&a.table.load_full(), KEY_B).clone();
+    let relay = relay_route().addr;
+    let b_snap = b.table.load_full();
+    let (mut d, mut r) = (Vec::new(), Vec::new());
+    for round in 0..=ROUNDS {
+        for relayed in if round % 2 == 1 {
+            [true, false]
+        } else {
+            [false, true]
+        } {
+            let bufs: Vec<Vec<u8>> = (0..dec_batches)
+                .map(|_| {
+                    let mut buf = encrypt_batch(&a_peer, &segs);
+                    if relayed {
+                        for f in buf.chunks_mut(dlen) {
+                            path::rewrite(f, 0x00_0A0A);
+                        }
+                    }
+                    buf
+                })
+                .collect();
+            let src = if relayed { relay } else { a.ep };
+            let mut sink = Count::default();
+            let ns = ns_per_packet(dec_batches * segs.len(), |_| {
+                for buf in &bufs {
+                    b.pipe
+                        .on_udp(&b_snap, src, black_box(buf), Some(dlen as u16), &mut sink)
+                        .expect("room");
+                }
+            });
+            assert_eq!(
+                sink.pkts,
+                dec_batches * segs.len(),
+                "every segment delivered"
+            );
+            if round > 0 {
+                if relayed { &mut r } else { &mut d }.push(ns);
+            }
+        }
+    }
+    assert_eq!(b.counters.total(), 0);
+    let (dn, rn) = (median(d), median(r));
+    println!(
+        "relay decap {} B TCP: direct {dn:.1} ns/pkt, relayed {rn:.1} ns/pkt ({:+.1}%)",
+        segs[0].len(),
+        (rn / dn - 1.0) * 100.0
+    );
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = encap, overhead, decap, tracked, tracked_overhead
+    targets = encap, overhead, decap, tracked, tracked_overhead, relay_overhead
 }
 
 criterion_main!(benches);

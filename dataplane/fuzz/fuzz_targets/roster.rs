@@ -73,6 +73,7 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         mapped_endpoints: vec![],
         nat: Default::default(),
         hosted_app_ulas: Vec::new(),
+        home_relay: None,
         ports: PortRules {
             outbound: vec![PortRange::ALL],
             inbound: vec![PortRange::ALL],
@@ -216,6 +217,7 @@ fuzz_target!(|data: &[u8]| {
             heartbeat_interval_secs: 10,
             roster: vec![],
             stun_servers: vec![],
+            relays: vec![],
         }),
     );
     model.apply(&mut m);
@@ -225,6 +227,7 @@ fuzz_target!(|data: &[u8]| {
             heartbeat_interval_secs: 10,
             reflexive_endpoint: reflexive,
             stun_servers: vec![],
+            relays: vec![],
         }),
     );
     m.handle_stream_opened(t, Ok(()));

@@ -12,7 +12,8 @@
 //! | anything else | junk: dropped and counted |
 //!
 //! The pipeline calls [`classify`] only for a datagram that failed the WireGuard check, so
-//! WireGuard packets pay one branch. STUN and relay-control datagrams are copied into a
+//! WireGuard packets pay one branch. Relay frames stay in the pipeline: restored to their
+//! WireGuard message (`core::path::restore`) and decrypted like direct ones. STUN and relay-control datagrams are copied into a
 //! fixed-size slot of the [`ControlQueue`], which is bounded and preallocated: a push never
 //! allocates, holds the lock for one copy of at most [`CONTROL_MAX`] bytes, and fails (the
 //! datagram is dropped and counted) when the queue is full, so a flood cannot grow memory

@@ -2,7 +2,9 @@
 //!
 //! Nothing here opens a socket, spawns a thread or reads the clock: callers pass buffers
 //! in, and get back what to send or write. (boringtun's `Tunn` reads the clock inside
-//! `update_timers`; only the timer thread calls it.)
+//! `update_timers`; only the timer thread calls it. `path::mono_ns` is the clock the
+//! drivers and the control side read for the per-peer receive times; the core itself only
+//! stores the value it is handed.)
 #![forbid(unsafe_code)]
 
 pub mod batch;

@@ -6,12 +6,16 @@
 //!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
 //!           ─▶ lock peer once ─▶ packet filter (port rules + the peer's flow table,
 //!              first segment's headers)
-//!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its endpoint
+//!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its
+//!              destination (the direct endpoint, or the relay with the 4-byte header
+//!              rewritten in the slot: `core::path`, resolved once per super-packet)
 //!           ─▶ driver: one GSO sendmsg per slot
 //! inbound:  UDP receive (GRO: n datagrams of one segment size) ─▶ demux by message type and
 //!           receiver index (lock peer once per run of datagrams; a datagram that is not
-//!           WireGuard: STUN and relay control to the control queue, see `core::demux`,
-//!           junk dropped) ─▶ Tunn::decapsulate
+//!           WireGuard: a relay frame restored into a scratch buffer and taken on like
+//!           WireGuard, STUN and relay control to the control queue, see `core::demux`,
+//!           junk dropped) ─▶ Tunn::decapsulate ─▶ an authenticated datagram moves the
+//!           direct endpoint (and upgrades a relayed path) or the relay route, by how it came
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
 //!              (per decrypted packet, with the peer's flow table under the lock already held)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
