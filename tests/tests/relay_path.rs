@@ -7,6 +7,9 @@
 //!   the coordinator passes). Ping passes over the relay and `peers --json` says `relay`,
 //!   the relay URL and the reason; lifting the table turns the pair direct (the time it
 //!   took is printed, not asserted).
+//! * `a_direct_path_that_goes_silent_falls_back_to_the_relay`: a direct pair whose direct
+//!   UDP is then blocked moves to the relay (after one keepalive plus a handshake timeout,
+//!   30 s; printed) and ping passes again.
 //! * `forced_relay_stays_relayed`: `--force-relay` on one side keeps the pair relayed
 //!   although direct UDP works.
 //! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
@@ -204,6 +207,22 @@ fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result
         "home relay {:?}",
         st.home_relay
     );
+    // `status` and `peers` say the same in words.
+    let text = a.local_command(&["status"])?;
+    println!("{text}");
+    let words = format!(
+        "relayed via {} ({})",
+        relay_url(),
+        pa.reason.as_deref().unwrap_or_default()
+    );
+    ensure!(text.contains(&words), "`status` lacks {words:?}:\n{text}");
+    ensure!(
+        text.contains(&format!("home relay:  {}", relay_url()))
+            && text.contains("session up, UDP bound"),
+        "`status` lacks the home relay:\n{text}"
+    );
+    let text = a.local_command(&["peers"])?;
+    ensure!(text.contains(&words), "`peers` lacks {words:?}:\n{text}");
 
     let lifted = Instant::now();
     lift_direct_block(&bed.lab)?;
@@ -247,6 +266,34 @@ fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
     let p = a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
     show("a", &p);
     drop(b);
+    Ok(())
+}
+
+#[test]
+fn a_direct_path_that_goes_silent_falls_back_to_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-silent", RouterKind::None, RouterKind::None)?;
+    let mut a = bed.join(Side::Left, "rj-sa", false)?;
+    let mut b = bed.join(Side::Right, "rj-sb", false)?;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-sb", "to be direct", SETTLE, |p| p.direct)?;
+    b.wait_peer("rj-sa", "to be direct", SETTLE, |p| p.direct)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping direct")?;
+    block_direct(&bed.lab)?;
+    let blocked = Instant::now();
+    let p = a.wait_peer(
+        "rj-sb",
+        "to fall back to the relay",
+        Duration::from_secs(60),
+        relayed,
+    )?;
+    let took = blocked.elapsed();
+    show("a", &p);
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE)
+        .context("ping over the relay after the fallback")?;
+    println!(
+        "a fell back to the relay {:.1} s after direct UDP was blocked",
+        took.as_secs_f64()
+    );
     Ok(())
 }
 
@@ -315,4 +362,36 @@ impl LabNs for Joiner {
     fn lab_ns(&self) -> tabbify_tests::Netns {
         self.netns().clone()
     }
+}
+
+/// Both sides behind endpoint-dependent NATs: no direct path can open (each side's mapping
+/// towards the other is unknown), so the pair is relayed, and the reason names the NAT
+/// once the STUN probe has classified it.
+#[test]
+fn endpoint_dependent_nats_on_both_sides_stay_relayed_and_say_why() -> Result<()> {
+    let bed = Bed::start(
+        "rj-edm",
+        RouterKind::EndpointDependent,
+        RouterKind::EndpointDependent,
+    )?;
+    let mut a = bed.join(Side::Left, "rj-ea", false)?;
+    let mut b = bed.join(Side::Right, "rj-eb", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+    let p = a.wait_peer("rj-eb", "to be relayed naming the NAT", SETTLE, |p| {
+        relayed(p)
+            && p.reason.as_deref().is_some_and(|r| {
+                r == "endpoint-dependent NAT here" || r == "peer behind an endpoint-dependent NAT"
+            })
+    });
+    match &p {
+        Ok(p) => show("a", p),
+        Err(e) => println!("{e:#}"),
+    }
+    p?;
+    let q = b.wait_peer("rj-ea", "to be relayed", SETTLE, relayed)?;
+    show("b", &q);
+    Ok(())
 }

@@ -276,10 +276,9 @@ impl RelaySessions {
             self.counters.stray_control.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let src = canonical(src);
         for s in lock(&self.sessions).values() {
             let mut l = s.live();
-            if l.handle == Some(handle) && l.udp.map(canonical) == Some(src) {
+            if ack_matches(&l, src, handle) {
                 if l.acked.is_none() {
                     tracing::info!(relay = %s.url.url, "relay UDP bound");
                 }
@@ -485,8 +484,7 @@ impl RelaySessions {
                 r = bridge.recv_from(&mut buf) => {
                     let (n, src) = r.map_err(|e| format!("bridge: {e}"))?;
                     let frame = &buf[..n];
-                    let from_engine = src.ip().is_loopback() && src.port() == self.engine.port();
-                    if !from_engine || !matches!(frame.first(), Some(0xE1..=0xE4)) {
+                    if !bridge_accepts(src, self.engine, frame) {
                         self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
@@ -502,6 +500,22 @@ impl RelaySessions {
             }
         }
     }
+}
+
+/// Whether a BIND_ACK for `handle` from `src` is this session's: the session's own handle,
+/// from the relay's own address (a forged ACK from elsewhere never counts the UDP side as
+/// bound, which would black-hole frames the relay cannot deliver by UDP).
+fn ack_matches(l: &Live, src: SocketAddr, handle: u32) -> bool {
+    l.handle == Some(handle) && l.udp.map(canonical) == Some(canonical(src))
+}
+
+/// Whether the bridge forwards a datagram to the relay's stream: a relay frame from the
+/// engine's own port on loopback (another local process cannot inject through it).
+fn bridge_accepts(src: SocketAddr, engine: SocketAddr, frame: &[u8]) -> bool {
+    src.ip().is_loopback()
+        && src.port() == engine.port()
+        && matches!(frame.first(), Some(0xE1..=0xE4))
+        && frame.len() >= 4
 }
 
 /// The latency to each relay: TCP connect time (`None`: unreachable or refused). Behind
@@ -530,4 +544,52 @@ pub async fn measure(relays: &[RelayUrl], ipv6: bool) -> Vec<(String, Option<Dur
         out.push((r.url.clone(), d));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// The attacker: anyone who can send us UDP forges a BIND_ACK (another address, or
+    /// the relay's address with another handle). Only the relay's own ACK for our handle
+    /// counts; v4-mapped and plain IPv4 are the same address.
+    #[test]
+    fn only_the_relays_own_ack_for_our_handle_binds() {
+        let l = Live {
+            handle: Some(7),
+            udp: Some(sa("198.18.0.2:443")),
+            ..Live::default()
+        };
+        assert!(ack_matches(&l, sa("198.18.0.2:443"), 7));
+        assert!(ack_matches(&l, sa("[::ffff:198.18.0.2]:443"), 7));
+        assert!(!ack_matches(&l, sa("198.18.0.3:443"), 7));
+        assert!(!ack_matches(&l, sa("198.18.0.2:444"), 7));
+        assert!(!ack_matches(&l, sa("198.18.0.2:443"), 8));
+        assert!(!ack_matches(&Live::default(), sa("198.18.0.2:443"), 7));
+    }
+
+    /// The attacker: a local process sends to the bridge's loopback port to get frames (or
+    /// junk) onto our relay stream. Only relay frames from the engine's port pass.
+    #[test]
+    fn the_bridge_takes_only_relay_frames_from_the_engine() {
+        let engine = sa("[::1]:51820");
+        let frame = [0xE4, 0, 0, 9, 1, 2, 3];
+        assert!(bridge_accepts(sa("[::1]:51820"), engine, &frame));
+        assert!(bridge_accepts(sa("127.0.0.1:51820"), engine, &frame));
+        assert!(!bridge_accepts(sa("[::1]:40000"), engine, &frame));
+        assert!(!bridge_accepts(sa("198.18.0.9:51820"), engine, &frame));
+        for junk in [&[4u8, 0, 0, 0, 1][..], &[0xF0, 0, 0, 1], &[0xE1, 0, 0], &[]] {
+            assert!(!bridge_accepts(sa("[::1]:51820"), engine, junk), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_folds_v4_mapped() {
+        assert_eq!(canonical(sa("[::ffff:10.0.0.1]:5")), sa("10.0.0.1:5"));
+        assert_eq!(canonical(sa("[2001:db8::1]:5")), sa("[2001:db8::1]:5"));
+    }
 }

@@ -323,6 +323,9 @@ struct PeerPath {
     attempt: Option<Instant>,
     next_probe: Instant,
     last_direct_rx: Option<Instant>,
+    /// When it last went to the relay: only a direct receipt after this proves the engine
+    /// upgraded it (an engine still direct because the switch is not applied yet does not).
+    relay_since: Option<Instant>,
 }
 
 /// Path selection for every peer.
@@ -461,6 +464,7 @@ impl Paths {
                         attempt: Some(now),
                         next_probe: now,
                         last_direct_rx: None,
+                        relay_since: None,
                     },
                 );
             }
@@ -495,7 +499,11 @@ impl Paths {
         if fresh {
             p.attempt = None;
         }
-        if p.path == Path::Relay && seen.path == Path::Direct && !self.force_relay {
+        let upgraded = seen.path == Path::Direct
+            && seen
+                .last_direct_rx
+                .is_some_and(|rx| p.relay_since.is_none_or(|s| rx >= s));
+        if p.path == Path::Relay && upgraded && !self.force_relay {
             // The engine upgraded on a direct receipt: the hole is open both ways.
             p.path = Path::Direct;
             p.want = None;
@@ -711,6 +719,7 @@ impl Paths {
         p.path = Path::Relay;
         p.relay = Some(relay.clone());
         p.next_probe = now + PROBE_EVERY;
+        p.relay_since = Some(now);
         self.actions.push_back(PathAction::UseRelay {
             key,
             relay,
@@ -947,6 +956,40 @@ mod tests {
         let v = p.view(&A).unwrap();
         assert_eq!((v.path, v.relay, v.reason), (Path::Direct, None, None));
         assert!(p.wanted_sessions() == vec![R1.to_owned()]);
+    }
+
+    /// The engine still says direct right after the switch (the shell has not applied it
+    /// yet, or an old direct receipt): that is no upgrade.
+    #[test]
+    fn a_stale_direct_observation_does_not_undo_the_switch() {
+        let now = Instant::now();
+        let mut p = with_relay(false, now);
+        p.upsert_peer(A, facts(NatClass::EndpointDependent), now);
+        assert_eq!(drain(&mut p).len(), 2);
+        p.observe(
+            &A,
+            Observed {
+                path: Path::Direct,
+                last_direct_rx: None,
+            },
+            now,
+        );
+        assert_eq!(p.view(&A).unwrap().path, Path::Relay);
+        let old = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+        let later = now + Duration::from_millis(1);
+        p.observe(
+            &A,
+            Observed {
+                path: Path::Direct,
+                last_direct_rx: Some(old),
+            },
+            later,
+        );
+        let v = p.view(&A).unwrap();
+        assert_eq!(
+            (v.path, v.reason),
+            (Path::Relay, Some(Reason::PeerEndpointDependent))
+        );
     }
 
     #[test]
