@@ -218,9 +218,20 @@ fn every_pair_of_router_kinds_connects_on_the_expected_path() -> Result<()> {
             .iter()
             .position(|k| *k == b.kind)
             .unwrap_or(0);
+        // A wrong path shows what both sides say now and what the kinds call for.
         let path = match &outcome.path {
             Ok(path) => path.clone(),
-            Err(_) => "WRONG".to_owned(),
+            Err(_) => {
+                let seen = |x: &Node, y: &Node| {
+                    path_of(&x.joiner, &y.name).map_or_else(|_| "?".to_owned(), |p| p.0)
+                };
+                let want = if a.kind.allows_direct() && b.kind.allows_direct() {
+                    "direct"
+                } else {
+                    "relay"
+                };
+                format!("{}/{}!={want}", seen(a, b), seen(b, a))
+            }
         };
         let cell = match &outcome.first_packet {
             Ok(t) => format!("{path} {:.2}s", t.as_secs_f64()),
@@ -239,17 +250,17 @@ fn every_pair_of_router_kinds_connects_on_the_expected_path() -> Result<()> {
             failures.push(format!("{pair}: path: {e:#}"));
         }
     }
-    let width = 16;
+    let width = 24;
     let mut table = format!("{:<12}", "");
     for kind in RouterKind::ALL {
-        table.push_str(&format!("{:<width$}", kind.short()));
+        table.push_str(&format!("{:<width$} ", kind.short()));
     }
     table.push('\n');
     for (i, kind) in RouterKind::ALL.iter().enumerate() {
         table.push_str(&format!("{:<12}", kind.short()));
         for j in 0..RouterKind::ALL.len() {
             let cell = cells.get(&(i, j)).map_or("-", String::as_str);
-            table.push_str(&format!("{cell:<width$}"));
+            table.push_str(&format!("{cell:<width$} "));
         }
         table.push('\n');
     }
