@@ -1,6 +1,7 @@
 //! `tabbify-perf`: iperf3 and ping between two network namespaces over a veth, through our
 //! data plane (io_uring and epoll drivers), boringtun-cli (`--threads 1` and its default),
-//! Debian's wireguard-go, and the bare veth.
+//! Debian's wireguard-go, and the bare veth; and ours relayed (`ours-relay-udp`,
+//! `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
@@ -15,6 +16,7 @@
 //! All traffic stays between the two namespaces.
 
 mod iperf;
+mod relayed;
 mod report;
 
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ use tabbify_tests::wg::{Driver, Implementation, OursOptions, PortRules};
 use tabbify_tests::{Inner, Netns, Tunnel, TunnelSpec, VethOptions, VethPair};
 
 use crate::iperf::{measure, Metric, Server};
+use crate::relayed::{RelayBed, RelayMode};
 use crate::report::{ImplResult, Kind, RoundResult, Run};
 
 /// Command-line options.
@@ -49,6 +52,10 @@ struct Args {
     /// missing.
     #[arg(long, env = "TABBIFY_MESH_BIN")]
     mesh_bin: Option<PathBuf>,
+    /// The relay binary for `ours-relay-udp` and `ours-relay-tls` (a release build;
+    /// default: `tabbify-mesh-relay` next to the `tabbify-mesh` measured).
+    #[arg(long, env = "TABBIFY_RELAY_BIN")]
+    relay_bin: Option<PathBuf>,
     /// A second build of ours to compare against in the same run (A/B): adds
     /// `base-uring` and `base-epoll`, which run this binary with the same options.
     #[arg(long)]
@@ -93,6 +100,8 @@ struct Contender {
     /// Port rules on both ends (`ours-uring-tracked`): every packet goes through the
     /// packet filter and the flow table.
     tracked: bool,
+    /// A relayed case: two joiners pinned to a relay (see `relayed`).
+    relay: Option<RelayMode>,
 }
 
 fn main() -> Result<()> {
@@ -234,6 +243,29 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             "tabbify-mesh not found (build: cargo build --release -p tabbify-dataplane)".to_owned(),
         ),
     };
+    // The relayed cases run joiners, which find `tabbify-mesh` and `tabbify-mesh-relay`
+    // through these variables (tabbify_tests::bins): the builds under test, never a debug
+    // build next to this runner.
+    if let Some(path) = &mesh_bin {
+        std::env::set_var("TABBIFY_MESH_BIN", path);
+    }
+    let relay_bin = args.relay_bin.clone().or_else(|| {
+        mesh_bin
+            .as_ref()
+            .and_then(|m| m.parent())
+            .map(|dir| dir.join("tabbify-mesh-relay"))
+    });
+    let relay_unavailable = match &relay_bin {
+        Some(path) if path.is_file() => {
+            std::env::set_var("TABBIFY_RELAY_BIN", path);
+            None
+        }
+        Some(path) => Some(format!(
+            "{} not found (build: cargo build --release -p tabbify-relay --bin tabbify-mesh-relay)",
+            path.display()
+        )),
+        None => Some("tabbify-mesh-relay not found (--relay-bin)".to_owned()),
+    };
     let build = |driver, binary: &Option<PathBuf>| {
         Some(Implementation::Ours(OursOptions {
             driver: Some(driver),
@@ -251,6 +283,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: ours(Driver::Uring),
             unavailable: unavailable.clone(),
             tracked: false,
+            relay: None,
         },
         Contender {
             name: "ours-epoll",
@@ -258,13 +291,31 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: ours(Driver::Epoll),
             unavailable: unavailable.clone(),
             tracked: false,
+            relay: None,
         },
         Contender {
             name: "ours-uring-tracked",
             kind: Kind::Ours,
             implementation: ours(Driver::Uring),
-            unavailable,
+            unavailable: unavailable.clone(),
             tracked: true,
+            relay: None,
+        },
+        Contender {
+            name: "ours-relay-udp",
+            kind: Kind::Ours,
+            implementation: ours(Driver::Uring),
+            unavailable: unavailable.clone().or_else(|| relay_unavailable.clone()),
+            tracked: false,
+            relay: Some(RelayMode::Udp),
+        },
+        Contender {
+            name: "ours-relay-tls",
+            kind: Kind::Ours,
+            implementation: ours(Driver::Uring),
+            unavailable: unavailable.or(relay_unavailable),
+            tracked: false,
+            relay: Some(RelayMode::Tls),
         },
         Contender {
             name: "boringtun-t1",
@@ -272,6 +323,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: Some(Implementation::Boringtun { threads: Some(1) }),
             unavailable: None,
             tracked: false,
+            relay: None,
         },
         Contender {
             name: "boringtun-default",
@@ -279,6 +331,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: Some(Implementation::Boringtun { threads: None }),
             unavailable: None,
             tracked: false,
+            relay: None,
         },
         Contender {
             name: "wireguard-go",
@@ -286,6 +339,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: Some(Implementation::WireguardGo),
             unavailable: None,
             tracked: false,
+            relay: None,
         },
         Contender {
             name: "veth",
@@ -293,6 +347,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             implementation: None,
             unavailable: None,
             tracked: false,
+            relay: None,
         },
     ];
     if let Some(base) = &args.baseline_bin {
@@ -307,6 +362,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
                 implementation: build(Driver::Epoll, &binary),
                 unavailable: unavailable.clone(),
                 tracked: false,
+                relay: None,
             },
         );
         all.insert(
@@ -317,6 +373,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
                 implementation: build(Driver::Uring, &binary),
                 unavailable,
                 tracked: false,
+                relay: None,
             },
         );
     }
@@ -361,6 +418,14 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         Some(implementation) if contender.name.starts_with("base-") => {
             format!("baseline {}", implementation.label())
         }
+        Some(implementation) if contender.relay.is_some() => format!(
+            "{} relayed over {} (--force-relay)",
+            implementation.label(),
+            match contender.relay {
+                Some(RelayMode::Tls) => "the relay's TLS stream",
+                _ => "relay UDP",
+            }
+        ),
         Some(implementation) if contender.tracked => {
             format!("{} + port rules, tracked", implementation.label())
         }
@@ -379,6 +444,7 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         rounds: Vec::new(),
         median: BTreeMap::new(),
         median_cpu_cores: BTreeMap::new(),
+        median_relay_cores_per_gbit: BTreeMap::new(),
     }
 }
 
@@ -392,6 +458,9 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
             result.values.insert(metric.key().to_owned(), None);
         }
         return (result, startup_log);
+    }
+    if let Some(mode) = contender.relay {
+        return run_relay_turn(mode, duration);
     }
     let tunnel = match &contender.implementation {
         None => None,
@@ -468,6 +537,82 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
                 .errors
                 .insert("teardown".to_owned(), format!("{error:#}"));
         }
+    }
+    (result, startup_log)
+}
+
+/// A relayed case's turn (see `relayed`): a fresh LAN, coordinator, relay and two joiners
+/// pinned to the relay; the same metrics; the joiners' CPU in `cpu_s` and the relay's in
+/// `relay_cpu_s`. Never fails: errors are recorded in the result.
+fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) {
+    let mut result = RoundResult::default();
+    let fail = |result: &mut RoundResult, what: &str, error: anyhow::Error| {
+        result.errors.insert(what.to_owned(), format!("{error:#}"));
+        for metric in Metric::ALL {
+            result.values.entry(metric.key().to_owned()).or_insert(None);
+        }
+    };
+    let relay_bin = match std::env::var_os("TABBIFY_RELAY_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            fail(
+                &mut result,
+                "setup",
+                anyhow::anyhow!("no relay binary (--relay-bin)"),
+            );
+            return (result, Vec::new());
+        }
+    };
+    let mut bed = match RelayBed::start(mode, &relay_bin) {
+        Ok(bed) => bed,
+        Err(error) => {
+            fail(&mut result, "setup", error);
+            return (result, Vec::new());
+        }
+    };
+    let startup_log = bed.startup_log();
+    let mut server = match Server::start(&bed.server) {
+        Ok(server) => server,
+        Err(error) => {
+            fail(&mut result, "setup", error.context("iperf3 server"));
+            return (result, startup_log);
+        }
+    };
+    for metric in Metric::ALL {
+        let key = metric.key().to_owned();
+        let before = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
+        let outcome = measure(&bed.client, bed.server_addr, metric, duration);
+        let after = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
+        match outcome {
+            Ok(sample) => {
+                result.values.insert(key.clone(), Some(sample.value));
+                result.lost.insert(key.clone(), sample.lost);
+            }
+            Err(error) => {
+                result.values.insert(key.clone(), None);
+                result.errors.insert(key.clone(), format!("{error:#}"));
+            }
+        }
+        if metric != Metric::Ping {
+            let spent = |b: Option<Duration>, a: Option<Duration>| match (b, a) {
+                (Some(b), Some(a)) => Some((a - b).as_secs_f64()),
+                _ => None,
+            };
+            result.cpu_s.insert(key.clone(), spent(before.0, after.0));
+            result.relay_cpu_s.insert(key, spent(before.1, after.1));
+        }
+        if let Err(error) = server.ensure_running() {
+            result
+                .errors
+                .insert("iperf3_server".to_owned(), format!("{error:#}"));
+            break;
+        }
+    }
+    drop(server);
+    if let Err(error) = bed.stop() {
+        result
+            .errors
+            .insert("teardown".to_owned(), format!("{error:#}"));
     }
     (result, startup_log)
 }

@@ -80,6 +80,10 @@ pub struct ImplResult {
     /// Median CPU use of both daemons together during each iperf3 test, in cores
     /// (CPU seconds / test seconds).
     pub median_cpu_cores: BTreeMap<String, Option<f64>>,
+    /// Relayed cases: the relay process's CPU per Gbit/s during each throughput test, in
+    /// cores (CPU seconds / test seconds / Gbit/s), median of the rounds.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub median_relay_cores_per_gbit: BTreeMap<String, Option<f64>>,
 }
 
 /// One implementation's figures in one round.
@@ -95,6 +99,9 @@ pub struct RoundResult {
     pub lost: BTreeMap<String, Option<u64>>,
     /// CPU seconds used by both daemons during each iperf3 test.
     pub cpu_s: BTreeMap<String, Option<f64>>,
+    /// Relayed cases: CPU seconds the relay process used during each iperf3 test.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub relay_cpu_s: BTreeMap<String, Option<f64>>,
     /// Failures, per metric or `setup`/`teardown`.
     pub errors: BTreeMap<String, String>,
 }
@@ -127,6 +134,16 @@ impl ImplResult {
                         .map(|r| r.values.get(key).copied().flatten()),
                 ),
             );
+            if metric != Metric::Ping && self.rounds.iter().any(|r| !r.relay_cpu_s.is_empty()) {
+                self.median_relay_cores_per_gbit.insert(
+                    key.to_owned(),
+                    median(self.rounds.iter().map(|r| {
+                        let cpu = r.relay_cpu_s.get(key).copied().flatten()?;
+                        let gbit = r.values.get(key).copied().flatten()?;
+                        (gbit > 0.0).then(|| cpu / f64::from(duration_s) / gbit)
+                    })),
+                );
+            }
             if metric != Metric::Ping {
                 self.median_cpu_cores.insert(
                     key.to_owned(),
@@ -190,6 +207,21 @@ pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<Strin
             _ => None,
         };
         row.insert("tcp1_fraction_of_veth".to_owned(), of_veth);
+        if !ours.median_relay_cores_per_gbit.is_empty() {
+            // Issue 13: relayed TCP 1 stream against direct (`ours-uring`) in the same run.
+            let direct = implementations
+                .iter()
+                .find(|i| i.name == "ours-uring")
+                .and_then(|i| i.median.get(Metric::Tcp1.key()).copied().flatten());
+            let fraction = match (
+                ours.median.get(Metric::Tcp1.key()).copied().flatten(),
+                direct,
+            ) {
+                (Some(v), Some(d)) if d > 0.0 => Some(v / d),
+                _ => None,
+            };
+            row.insert("tcp1_fraction_of_direct".to_owned(), fraction);
+        }
         out.insert(ours.name.clone(), row);
     }
     out
@@ -268,7 +300,24 @@ pub fn markdown(run: &Run) -> String {
             .copied()
             .flatten()
             .map_or_else(|| "n/a".to_owned(), |r| format!("{:.0}%", r * 100.0));
-        let _ = writeln!(out, " TCP 1 stream = {veth} of plain veth.");
+        let _ = write!(out, " TCP 1 stream = {veth} of plain veth.");
+        if let Some(direct) = row.get("tcp1_fraction_of_direct") {
+            let direct = direct.map_or_else(|| "n/a".to_owned(), |r| format!("{:.0}%", r * 100.0));
+            let relay_cpu = run
+                .implementations
+                .iter()
+                .find(|i| i.name == *name)
+                .and_then(|i| i.median_relay_cores_per_gbit.get(Metric::Tcp1.key()))
+                .copied()
+                .flatten()
+                .map_or_else(|| "n/a".to_owned(), |c| format!("{c:.3}"));
+            let _ = write!(
+                out,
+                " Relayed TCP 1 stream = {direct} of direct (ours-uring); relay CPU \
+                 {relay_cpu} cores per Gbit/s."
+            );
+        }
+        let _ = writeln!(out);
     }
     if !run.ratios.is_empty() {
         let _ = writeln!(
@@ -319,6 +368,7 @@ mod tests {
             rounds: Vec::new(),
             median: BTreeMap::new(),
             median_cpu_cores: BTreeMap::new(),
+            median_relay_cores_per_gbit: BTreeMap::new(),
         };
         for (i, (t, p)) in tcp1.iter().zip(ping).enumerate() {
             let mut round = RoundResult {

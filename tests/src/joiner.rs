@@ -48,9 +48,9 @@ pub struct JoinSpec {
     pub listen_port: u16,
     /// `--stun HOST:PORT` servers besides the coordinator's.
     pub stun: Vec<String>,
-    /// `--relay URL` relays besides the coordinator's.
+    /// `--relay URL` relays besides the coordinator's (issue 13).
     pub relays: Vec<String>,
-    /// `--force-relay`.
+    /// `--force-relay`: every peer over the relay.
     pub force_relay: bool,
 }
 
@@ -211,6 +211,14 @@ impl Joiner {
 
     /// `tabbify-mesh peers --json`.
     pub fn peers(&self) -> Result<Vec<PeerStatus>> {
+        let text = self.local_command(&["peers", "--json"])?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("parsing `peers --json` of {}: {text}", self.spec.name))
+    }
+
+    /// `tabbify-mesh peers --json` as plain JSON, for fields newer than [`PeerStatus`]
+    /// (`path`, `relay`, `reason`).
+    pub fn peers_json(&self) -> Result<Vec<serde_json::Value>> {
         let text = self.local_command(&["peers", "--json"])?;
         serde_json::from_str(&text)
             .with_context(|| format!("parsing `peers --json` of {}: {text}", self.spec.name))

@@ -12,7 +12,8 @@
 //!   [`NatRouter`]: a masquerading router between a private host and a [`Lan`].
 //! * [`NatLab`]: two members behind routers of chosen [`RouterKind`]s (none,
 //!   endpoint-independent, endpoint-dependent, double NAT, UDP blocked) on a benchmark-space
-//!   "internet" where the coordinator and relay run.
+//!   "internet" where the coordinator and relay run; [`labmesh`]: a coordinator on its hub
+//!   and joiners in its members, plus the junk flood the attacker tests send.
 //! * [`Process`]: a program running inside a namespace with its output in a log file, dumped
 //!   to stderr when the handle drops (the test harness shows it only when a test fails).
 //! * [`WgPeer`]: one WireGuard endpoint run by our `tabbify-mesh`, `wireguard-go` or
@@ -40,6 +41,7 @@ pub mod coordinator;
 pub mod edge;
 pub mod inside;
 pub mod joiner;
+pub mod labmesh;
 pub mod lan;
 pub mod nat;
 pub mod natlab;

@@ -190,6 +190,20 @@ impl Member {
             .map_or(&self.netns, |router| &router.netns)
     }
 
+    /// Installs the UDP block (table `tbt_block`, see the module docs) on this member's
+    /// internet-facing namespace. Replaces the table if it is there already.
+    pub fn insert_udp_block(&self) -> Result<()> {
+        install_block(self.edge())
+    }
+
+    /// Deletes the UDP block of this member (an error if there is none).
+    pub fn lift_udp_block(&self) -> Result<()> {
+        self.edge()
+            .run("nft", &["delete", "table", "ip", "tbt_block"])
+            .map(drop)
+            .with_context(|| format!("lifting the UDP block of {}", self.netns.name()))
+    }
+
     /// Packets each router has translated so far (its `masquerade` rule's counter),
     /// outermost first.
     pub fn translated_packets(&self) -> Result<Vec<u64>> {
@@ -254,6 +268,10 @@ pub struct NatLab {
     next_public: AtomicU8,
     /// Next host number on the private /24s (members start at .2).
     next_private: AtomicU8,
+    /// Next private subnet number S for [`NatLab::add_member`] (1 and 2 are the sides').
+    next_subnet: AtomicU8,
+    /// The lab's name as it appears in namespace names.
+    tag: String,
 }
 
 impl NatLab {
@@ -282,8 +300,15 @@ impl NatLab {
         let next_public = AtomicU8::new(FIRST_PUBLIC_HOST);
         let next_private = AtomicU8::new(3);
         let build = |side: Side, kind: RouterKind| {
-            build_side(&internet, &next_public, &tag, side, kind)
-                .with_context(|| format!("building the {side:?} side ({kind})"))
+            build_side(
+                &internet,
+                &next_public,
+                &tag,
+                side.short(),
+                side.subnet(),
+                kind,
+            )
+            .with_context(|| format!("building the {side:?} side ({kind})"))
         };
         let left = build(Side::Left, left)?;
         let right = build(Side::Right, right)?;
@@ -293,6 +318,8 @@ impl NatLab {
             right,
             next_public,
             next_private,
+            next_subnet: AtomicU8::new(3),
+            tag,
         };
         for member in [&lab.left, &lab.right] {
             crate::traffic::wait_ping(&member.netns, HUB.into(), Duration::from_secs(10))
@@ -309,6 +336,30 @@ impl NatLab {
         }
     }
 
+    /// A further member behind a router of `kind`, on the same internet, with a private
+    /// subnet of its own (192.168.S.0/24 and, for [`RouterKind::Double`], 100.64.S.0/24,
+    /// S from 3 up): so one lab, one coordinator and one relay can serve many members
+    /// (the matrix test). `label` (a few characters) goes into its namespaces' names.
+    /// Returns once it reaches [`HUB`]. It is not movable with [`NatLab::move_member`].
+    pub fn add_member(&self, label: &str, kind: RouterKind) -> Result<Member> {
+        let subnet = self.next_subnet.fetch_add(1, Ordering::Relaxed);
+        if subnet == 0 || subnet == 255 {
+            bail!("the lab ran out of private subnets");
+        }
+        let member = build_side(
+            &self.internet,
+            &self.next_public,
+            &self.tag,
+            label,
+            subnet,
+            kind,
+        )
+        .with_context(|| format!("building member {label} ({kind})"))?;
+        crate::traffic::wait_ping(&member.netns, HUB.into(), Duration::from_secs(10))
+            .with_context(|| format!("{} cannot reach the hub", member.netns.name()))?;
+        Ok(member)
+    }
+
     /// The TCP destinations [`RouterKind::UdpBlocked`] lets through: the relay's port 443
     /// and the coordinator.
     pub fn allowed_tcp() -> [SocketAddrV4; 2] {
@@ -321,17 +372,15 @@ impl NatLab {
     /// Installs the UDP block (table `tbt_block`, see the module docs) on `side`'s
     /// internet-facing namespace. Replaces the table if it is there already.
     pub fn insert_udp_block(&self, side: Side) -> Result<()> {
-        install_block(self.member(side).edge())
+        self.member(side).insert_udp_block()
     }
 
     /// Deletes the UDP block on `side` (an error if there is none). Connections the
     /// block dropped are not resurrected; new packets pass at once.
     pub fn lift_udp_block(&self, side: Side) -> Result<()> {
         self.member(side)
-            .edge()
-            .run("nft", &["delete", "table", "ip", "tbt_block"])
-            .map(drop)
-            .with_context(|| format!("lifting the UDP block on the {side:?} side"))
+            .lift_udp_block()
+            .with_context(|| format!("on the {side:?} side"))
     }
 
     /// Gives `side`'s member a new underlay address: a new address on its own interface
@@ -498,10 +547,11 @@ fn build_side(
     internet: &Netns,
     next_public: &AtomicU8,
     tag: &str,
-    side: Side,
+    short: &str,
+    subnet: u8,
     kind: RouterKind,
 ) -> Result<Member> {
-    let label = |role: &str| format!("nl-{tag}-{}{role}", side.short());
+    let label = |role: &str| format!("nl-{tag}-{short}{role}");
     let member_ns = Netns::with_label(&label("m"))?;
     let public = next_host(next_public, [198, 18, 0])?;
     if kind == RouterKind::None {
@@ -515,7 +565,6 @@ fn build_side(
             routers: Vec::new(),
         });
     }
-    let subnet = side.subnet();
     let outer_ns = Netns::with_label(&label("r0"))?;
     plug_into_internet(internet, &outer_ns, public)?;
     let mut routers = Vec::new();

@@ -318,6 +318,9 @@ impl Joiner {
                     if addrs != underlay_addrs {
                         tracing::info!(from = ?underlay_addrs, to = ?addrs, "underlay addresses changed");
                         underlay_addrs = addrs;
+                        // The mapping belonged to the old network: drop it, probe again now.
+                        self.probe().underlay_changed(self.endpoints(), now);
+                        self.probe_wake.notify_one();
                         self.lock().handle_underlay_changed(now);
                         self.relays.rebind_all();
                         self.paths().underlay_changed(now);
@@ -341,7 +344,22 @@ impl Joiner {
                 self.lock().handle_registered(Instant::now(), r);
             }
             Action::Heartbeat { hosted_app_ulas } => {
-                let r = self.heartbeat(hosted_app_ulas).await;
+                let (r, mapped) = self.heartbeat(hosted_app_ulas.clone()).await;
+                // A 400 refusing a heartbeat that carried mapped endpoints: the mapping is
+                // likely stale (the node moved, or the NAT remapped): drop it, re-probe,
+                // and send the heartbeat again without it rather than lose the session.
+                let r = match r {
+                    Err(ClientError::Status {
+                        status, message, ..
+                    }) if status == http::StatusCode::BAD_REQUEST && mapped => {
+                        tracing::warn!(reason = %message, "heartbeat refused; dropping the STUN mapping and sending it again without");
+                        self.probe()
+                            .underlay_changed(self.endpoints(), Instant::now());
+                        self.probe_wake.notify_one();
+                        self.heartbeat(hosted_app_ulas).await.0
+                    }
+                    r => r,
+                };
                 if let Ok(resp) = &r {
                     self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
                     self.advertised(&resp.relays);
@@ -859,6 +877,9 @@ impl Joiner {
                         drop(p);
                         if before != after {
                             tracing::info!(nat = ?after.0, mapped = ?after.1, "STUN probe result");
+                            // Report it now: peers punch towards the mapped endpoint.
+                            self.lock().handle_nat_changed();
+                            self.wake.notify_one();
                         }
                     }
                     None => return,
@@ -933,14 +954,16 @@ impl Joiner {
         self.client.post(api::PATH_REGISTER, &req).await
     }
 
+    /// Sends a heartbeat; also says whether it carried STUN mapped endpoints.
     async fn heartbeat(
         &self,
         hosted_app_ulas: Vec<Ipv6Addr>,
-    ) -> Result<HeartbeatResponse, ClientError> {
+    ) -> (Result<HeartbeatResponse, ClientError>, bool) {
         let (mapped_endpoints, nat) = {
             let p = self.probe();
             (p.mapped_endpoints().to_vec(), p.class())
         };
+        let mapped = !mapped_endpoints.is_empty();
         let (home_relay, (direct, relay)) = {
             let p = self.paths();
             (p.home().map(str::to_owned), p.counts())
@@ -962,7 +985,7 @@ impl Joiner {
             home_relay,
             paths: api::PathCounts { direct, relay },
         };
-        self.client.post(api::PATH_HEARTBEAT, &req).await
+        (self.client.post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
 
     fn status(&self) -> Status {

@@ -63,6 +63,10 @@ pub const COORDINATOR_KEEPALIVE: Duration = Duration::from_secs(15);
 /// postpone it (issue 13: a per-read timeout restarted on every tick never fired).
 pub const STREAM_IDLE_TIMEOUT: Duration =
     Duration::from_secs(2 * COORDINATOR_KEEPALIVE.as_secs() + 5);
+/// After an underlay address change, the machine acts once the address set has been quiet
+/// this long: a move is an `RTM_NEWADDR` then an `RTM_DELADDR`, and a heartbeat sent at the
+/// first of them could leave from the address about to vanish (issue 13).
+pub const UNDERLAY_SETTLE: Duration = Duration::from_millis(300);
 
 /// What the machine is told once, at start.
 #[derive(Clone, Debug)]
@@ -251,6 +255,9 @@ pub struct Machine {
     /// While the stream is open: when it counts as dead unless bytes arrive before
     /// ([`Machine::handle_stream_activity`] moves it).
     stream_idle_until: Option<Instant>,
+    /// An underlay change waits for the address set to settle until then
+    /// ([`UNDERLAY_SETTLE`] after the last change).
+    underlay_settle_until: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
@@ -278,6 +285,7 @@ impl Machine {
             punches: Vec::new(),
             rotating: false,
             stream_idle_until: None,
+            underlay_settle_until: None,
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -308,6 +316,7 @@ impl Machine {
             .chain(session)
             .chain(rotation)
             .chain(idle)
+            .chain(self.underlay_settle_until)
             .min()
     }
 
@@ -492,13 +501,31 @@ impl Machine {
     }
 
     /// An address of a non-TUN interface appeared or went (netlink `RTM_NEWADDR` /
-    /// `RTM_DELADDR`): the node may have moved. While streaming: heartbeat at once (it
-    /// carries the current endpoints, and the coordinator sees the new source address) and
-    /// reopen the roster stream (the old connection may be bound to a vanished address, and
-    /// would only be noticed dead by keepalive or the idle deadline); the table is left
+    /// `RTM_DELADDR`): the node may have moved. Nothing happens until the address set has
+    /// been quiet for [`UNDERLAY_SETTLE`] (each further change restarts the wait; see
+    /// [`Machine::handle_timeout`]), so that a move's add-then-delete is one change and the
+    /// heartbeat leaves from the address that stays. The shell drops the STUN mapped
+    /// endpoints and re-probes at once, so that heartbeat carries no stale mapping.
+    pub fn handle_underlay_changed(&mut self, now: Instant) {
+        self.underlay_settle_until = Some(now + UNDERLAY_SETTLE);
+    }
+
+    /// The STUN probe's result (NAT class or mapped endpoints) changed: heartbeat now so
+    /// the roster carries it (peers punch towards the mapped endpoint), or once the
+    /// stream is open. While an underlay change settles, its heartbeat carries it.
+    pub fn handle_nat_changed(&mut self) {
+        if self.underlay_settle_until.is_none() {
+            self.apps_changed();
+        }
+    }
+
+    /// The underlay address set settled after a change. While streaming: heartbeat at once
+    /// (it carries the current endpoints, and the coordinator sees the new source address)
+    /// and reopen the roster stream (the old connection may be bound to a vanished address,
+    /// and would only be noticed dead by keepalive or the idle deadline); the table is left
     /// alone. While disconnected: register at once instead of at the end of the backoff.
     /// While registering or opening: heartbeat again once the stream is open.
-    pub fn handle_underlay_changed(&mut self, now: Instant) {
+    fn underlay_settled(&mut self, now: Instant) {
         match &mut self.session {
             Session::Connected { grace, .. } => {
                 let grace = grace.take();
@@ -525,9 +552,13 @@ impl Machine {
         }
     }
 
-    /// Time passed: drop a silent stream, register again, heartbeat, end a grace period,
-    /// punch.
+    /// Time passed: act on a settled underlay change, drop a silent stream, register
+    /// again, heartbeat, end a grace period, punch.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.underlay_settle_until.is_some_and(|t| now >= t) {
+            self.underlay_settle_until = None;
+            self.underlay_settled(now);
+        }
         if self.session.is_connected() && self.stream_idle_until.is_some_and(|t| now >= t) {
             self.lose_session(
                 now,
@@ -1762,29 +1793,45 @@ mod tests {
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
     }
 
-    /// Issue 13: a new underlay address heartbeats at once and reopens the stream,
-    /// without re-registering or touching the table; a disconnected node retries at once.
+    /// Issue 13: a new underlay address heartbeats and reopens the stream once the address
+    /// set has settled for [`UNDERLAY_SETTLE`], without re-registering or touching the
+    /// table; a disconnected node retries at once.
     #[test]
-    fn an_underlay_change_heartbeats_and_reopens_the_stream_at_once() {
+    fn an_underlay_change_heartbeats_and_reopens_the_stream_once_settled() {
+        let ms = Duration::from_millis(1);
         let t = Instant::now();
         let mut m = Machine::new(config(true, vec![]));
         connect(&mut m, t, vec![entry("a", 1)]);
+        // A move: the new address appears, the old one goes 100 ms later.
         m.handle_underlay_changed(t + 3 * SEC);
+        assert!(drain(&mut m).is_empty(), "nothing before the set settles");
+        assert_eq!(m.poll_timeout(), Some(t + 3 * SEC + UNDERLAY_SETTLE));
+        m.handle_timeout(t + 3 * SEC + 100 * ms);
+        assert!(drain(&mut m).is_empty());
+        m.handle_underlay_changed(t + 3 * SEC + 100 * ms);
+        let settled = t + 3 * SEC + 100 * ms + UNDERLAY_SETTLE;
+        assert_eq!(m.poll_timeout(), Some(settled), "the wait restarts");
+        // The probe's new result during the wait adds no heartbeat of its own.
+        m.handle_nat_changed();
+        m.handle_timeout(settled - ms);
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(settled);
         let a = drain(&mut m);
         assert!(
             matches!(a[..], [Action::CloseStream, Action::Heartbeat { .. }]),
             "{a:?}"
         );
         assert!(!m.session().is_connected());
-        // The old address goes while the heartbeat is out: one more once streaming.
-        m.handle_underlay_changed(t + 3 * SEC);
+        // Another change while the heartbeat is out: one more once streaming.
+        m.handle_underlay_changed(settled);
+        m.handle_timeout(settled + UNDERLAY_SETTLE);
         assert!(drain(&mut m).is_empty());
-        m.handle_heartbeat(t + 3 * SEC, Ok(beat("198.18.0.20:51820")));
+        m.handle_heartbeat(settled, Ok(beat("198.18.0.20:51820")));
         assert_eq!(drain(&mut m), vec![Action::OpenStream]);
-        m.handle_stream_opened(t + 3 * SEC, Ok(()));
+        m.handle_stream_opened(t + 4 * SEC, Ok(()));
         let a = drain(&mut m);
         assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
-        m.handle_heartbeat(t + 3 * SEC, Ok(beat("198.18.0.20:51820")));
+        m.handle_heartbeat(t + 4 * SEC, Ok(beat("198.18.0.20:51820")));
         assert!(
             drain(&mut m).is_empty(),
             "same roster: the table is not touched"
@@ -1793,20 +1840,25 @@ mod tests {
         assert_eq!(m.reflexive(), Some("198.18.0.20:51820".parse().unwrap()));
         assert_eq!(
             m.poll_timeout(),
-            Some(t + 13 * SEC),
+            Some(t + 14 * SEC),
             "heartbeats restart from here"
         );
+        // A new probe result while streaming heartbeats at once.
+        m.handle_nat_changed();
+        let a = drain(&mut m);
+        assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
+        m.handle_heartbeat(t + 4 * SEC, Ok(beat("198.18.0.20:51820")));
 
-        // Disconnected, waiting out a backoff: register now.
-        m.handle_stream_closed(t + 4 * SEC, Err(unreachable()));
+        // Disconnected, waiting out a backoff: register once settled.
+        m.handle_stream_closed(t + 5 * SEC, Err(unreachable()));
         drain(&mut m);
-        m.handle_underlay_changed(t + 4 * SEC);
-        assert_eq!(m.poll_timeout(), Some(t + 4 * SEC));
-        m.handle_timeout(t + 4 * SEC);
+        m.handle_underlay_changed(t + 5 * SEC);
+        assert_eq!(m.poll_timeout(), Some(t + 5 * SEC + UNDERLAY_SETTLE));
+        m.handle_timeout(t + 5 * SEC + UNDERLAY_SETTLE);
         assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
         // A stream reopened without registering resumes after the last event seen.
         m.handle_event(
-            t + 3 * SEC,
+            t + 5 * SEC,
             Some(9),
             SseEvent::Snapshot(tabbify_api::RosterSnapshot {
                 policy_revision: 1,
@@ -1815,13 +1867,15 @@ mod tests {
         );
         assert_eq!(m.roster().last_event_id, Some(9));
         // Registering: nothing now; a heartbeat follows once the stream is open.
-        m.handle_underlay_changed(t + 4 * SEC);
+        let t6 = t + 6 * SEC;
+        m.handle_underlay_changed(t6);
+        m.handle_timeout(t6 + UNDERLAY_SETTLE);
         assert!(drain(&mut m).is_empty());
-        m.handle_registered(t + 4 * SEC, Ok(registered(vec![entry("a", 1)])));
+        m.handle_registered(t6, Ok(registered(vec![entry("a", 1)])));
         drain(&mut m);
-        m.handle_heartbeat(t + 4 * SEC, Ok(beat("198.18.0.20:51820")));
+        m.handle_heartbeat(t6, Ok(beat("198.18.0.20:51820")));
         drain(&mut m);
-        m.handle_stream_opened(t + 4 * SEC, Ok(()));
+        m.handle_stream_opened(t6, Ok(()));
         let a = drain(&mut m);
         assert!(matches!(a[..], [Action::Heartbeat { .. }]), "{a:?}");
         // After a registration, though, it starts over with a snapshot.

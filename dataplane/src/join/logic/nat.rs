@@ -3,7 +3,7 @@
 //!
 //! Call order: [`Probe::set_servers`] when the server list changes (the coordinator's
 //! `stun_servers` plus `--stun`), [`Probe::reprobe`] when the heartbeat's reflexive address
-//! changes; then, whenever [`Probe::poll_timeout`] passes or a STUN datagram arrives,
+//! changes, [`Probe::underlay_changed`] when the node's own addresses change; then, whenever [`Probe::poll_timeout`] passes or a STUN datagram arrives,
 //! [`Probe::handle_datagram`] and [`Probe::poll_transmit`]. Time is always an argument;
 //! transaction ids come from the caller (random).
 //!
@@ -124,6 +124,18 @@ impl Probe {
             })
             .collect();
         self.next_round = Some(now + REPROBE_EVERY);
+    }
+
+    /// The node's own addresses changed (it moved): the last round's mapped endpoints
+    /// and class described the old network, so they are dropped at once (class back to
+    /// `unknown`; a heartbeat must not carry a mapping of an address the node no longer
+    /// has, and the coordinator refuses one), `local` becomes the new own `ip:port`s and
+    /// a new round starts now. Answers to the old round no longer count.
+    pub fn underlay_changed(&mut self, local: Vec<SocketAddr>, now: Instant) {
+        self.local = local;
+        self.mapped.clear();
+        self.class = NatClass::Unknown;
+        self.reprobe(now);
     }
 
     /// The requests due at `now`, as `(server, datagram)`; `txid` gives a fresh random
@@ -416,5 +428,36 @@ mod tests {
         assert_eq!(p.poll_transmit(later, ids()).len(), 2);
         // The last result stands until the new round ends.
         assert_eq!(p.class(), NatClass::EndpointIndependent);
+    }
+
+    #[test]
+    fn an_underlay_change_forgets_the_mapping_and_ignores_the_old_round() {
+        let t = Instant::now();
+        let mut p = Probe::new(vec![a("192.168.1.2:51820")]);
+        p.set_servers(&[a(S1), a(S2)], t);
+        let sent = p.poll_transmit(t, ids());
+        answer_all(&mut p, &sent, |_| a("203.0.113.5:40001"), t);
+        assert_eq!(p.class(), NatClass::EndpointIndependent);
+
+        // A round in flight when the node moves: its answers come too late to count.
+        let later = t + Duration::from_secs(61);
+        let stale = p.poll_transmit(later, ids());
+        assert_eq!(stale.len(), 2);
+        p.underlay_changed(vec![a("192.168.1.3:51820")], later);
+        assert_eq!(p.class(), NatClass::Unknown);
+        assert!(p.mapped_endpoints().is_empty());
+        for (server, req) in &stale {
+            let m = stun::parse(req).unwrap();
+            let res = stun::binding_success(&m.transaction_id, a("203.0.113.5:40001"));
+            assert!(!p.handle_datagram(*server, &res, later));
+        }
+        assert!(p.mapped_endpoints().is_empty());
+
+        // The new round goes out at once and its answers classify the new network.
+        let fresh = p.poll_transmit(later, ids());
+        assert_eq!(fresh.len(), 2);
+        answer_all(&mut p, &fresh, |_| a("192.168.1.3:51820"), later);
+        assert_eq!(p.class(), NatClass::None, "the new own address counts");
+        assert_eq!(p.mapped_endpoints(), &[a("192.168.1.3:51820")]);
     }
 }
