@@ -114,6 +114,21 @@ impl RouterKind {
         !matches!(self, RouterKind::EndpointDependent | RouterKind::UdpBlocked)
     }
 
+    /// Whether a pair of members behind `self` and `other` should end up on a direct path.
+    /// Issue 13's rule is "direct exactly when both sides allow it" ([`Self::allows_direct`]),
+    /// with one deliberate exception: a member behind an endpoint-dependent NAT reaches a
+    /// member with a public address (kind `None`, nothing filters its inbound UDP) directly —
+    /// the public side learns the NAT's per-destination port from the first authenticated
+    /// datagram, as WireGuard's roaming does — and relaying a pair that works directly would
+    /// only cost throughput. Tailscale and NetBird go direct in that case too.
+    pub fn pair_is_direct(self, other: RouterKind) -> bool {
+        use RouterKind::{EndpointDependent as Edm, None as Public};
+        match (self, other) {
+            (Edm, Public) | (Public, Edm) => true,
+            _ => self.allows_direct() && other.allows_direct(),
+        }
+    }
+
     /// Whether the member's traffic is translated at all.
     pub fn is_nat(self) -> bool {
         self != RouterKind::None

@@ -7,8 +7,9 @@
 //! `--relay https://RELAY:443`. For every unordered pair of kinds (the same kind on both
 //! sides included: `K-a` with `K-b`; different kinds: `K1-a` with `K2-b`) the test pings
 //! both ways over the peers' ULAs and reads both sides' `peers --json` `path`: `direct`
-//! when neither side is endpoint-dependent or UDP-blocked
-//! ([`RouterKind::allows_direct`]), `relay` otherwise. It prints the matrix (kinds ×
+//! when neither side is endpoint-dependent or UDP-blocked, and also for an
+//! endpoint-dependent member with a public one (nothing filters the public side, so the
+//! direct path works; [`RouterKind::pair_is_direct`] says why), `relay` otherwise. It prints the matrix (kinds ×
 //! kinds: path and the first-packet time, from the moment every joiner listed all its
 //! peers to the first ping reply). Then it lifts the UDP block of a relayed pair and
 //! prints how long until both sides say `direct`.
@@ -187,7 +188,7 @@ fn every_pair_of_router_kinds_connects_on_the_expected_path() -> Result<()> {
                         wait_ping(&a.member.netns, (*b_ula).into(), FIRST_PACKET_WAIT)
                             .map(|()| t0.elapsed());
                     let back = wait_ping(&b.member.netns, (*a_ula).into(), FIRST_PACKET_WAIT);
-                    let want = if a.kind.allows_direct() && b.kind.allows_direct() {
+                    let want = if a.kind.pair_is_direct(b.kind) {
                         "direct"
                     } else {
                         "relay"
@@ -225,7 +226,7 @@ fn every_pair_of_router_kinds_connects_on_the_expected_path() -> Result<()> {
                 let seen = |x: &Node, y: &Node| {
                     path_of(&x.joiner, &y.name).map_or_else(|_| "?".to_owned(), |p| p.0)
                 };
-                let want = if a.kind.allows_direct() && b.kind.allows_direct() {
+                let want = if a.kind.pair_is_direct(b.kind) {
                     "direct"
                 } else {
                     "relay"
