@@ -10,7 +10,16 @@
 //!
 //! Invariants: the private key never leaves the process (only the proof MAC does, bound to
 //! this TLS session by an exporter); one reader task owns the receive half and routes
-//! ANSWERs to the waiting lookups, frames and GONEs to [`RelayClient::recv`].
+//! ANSWERs to the waiting lookups, frames and GONEs to [`RelayClient::recv`] /
+//! [`RelayClient::recv_batch`] in arrival order.
+//!
+//! Batching (the stream's throughput): the reader reads the stream in
+//! [`proto::READ_CHUNK`]-byte reads and hands every frame of one read to the receiver as
+//! one [`FrameBatch`] (one buffer, one channel message, one wake-up); a sender can queue
+//! many frames as one buffer ([`RelayClient::send_frames`]); the writer coalesces
+//! everything queued into one buffer and writes it with one `write_all` + `flush`, so TLS
+//! records are up to 16 KiB and a burst of frames costs one `write` on the socket (the
+//! TCP socket has `TCP_NODELAY`: the batching is explicit, not Nagle's).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -96,6 +105,73 @@ pub enum Event {
     Gone(u32),
 }
 
+/// Relay frames received in one read of the stream, in order, in one buffer (the records
+/// as they came, each a well-formed frame).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrameBatch {
+    records: Vec<u8>,
+    count: usize,
+}
+
+impl FrameBatch {
+    /// The frames, in arrival order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.records[..];
+        std::iter::from_fn(move || {
+            let (rec, used) = proto::split_record(rest)?;
+            rest = &rest[used..];
+            Some(rec)
+        })
+    }
+
+    /// How many frames.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// No frames.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// What [`RelayClient::recv_batch`] yields.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Batch {
+    /// Frames (one read's worth).
+    Frames(FrameBatch),
+    /// The session with this handle ended.
+    Gone(u32),
+}
+
+/// Appends `frame` as a stream record to `out` (for [`RelayClient::send_frames`]); refuses
+/// anything that is not a relay frame.
+pub fn push_frame(out: &mut Vec<u8>, frame: &[u8]) -> Result<(), ClientError> {
+    if proto::frame_header(frame).is_err() {
+        return Err(ClientError::Protocol("not a relay frame".into()));
+    }
+    Msg::Frame(frame)
+        .encode_record(out)
+        .map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+/// Whether `records` is a sequence of whole stream records, each a relay frame.
+fn all_frames(mut records: &[u8]) -> bool {
+    while !records.is_empty() {
+        let Some((rec, used)) = proto::split_record(records) else {
+            return false;
+        };
+        if proto::frame_header(rec).is_err() {
+            return false;
+        }
+        records = &records[used..];
+    }
+    true
+}
+
+/// Largest buffer the writers coalesce before writing (then they write and go on).
+pub const WRITE_BATCH: usize = 256 * 1024;
+
 type Pending = Arc<Mutex<HashMap<[u8; 32], Vec<oneshot::Sender<Option<u32>>>>>>;
 
 /// A live relay session.
@@ -105,7 +181,9 @@ pub struct RelayClient {
     /// The bind cookie for [`RelayClient::bind_datagram`].
     pub cookie: [u8; COOKIE_LEN],
     tx: mpsc::Sender<Vec<u8>>,
-    events: mpsc::Receiver<Event>,
+    events: mpsc::Receiver<Batch>,
+    /// A batch [`RelayClient::recv`] is part-way through (frames from `.1` on).
+    partial: Option<(FrameBatch, usize)>,
     pending: Pending,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -282,7 +360,7 @@ impl RelayClient {
     fn run(tls: TlsStream<TcpStream>, handle: u32, cookie: [u8; COOKIE_LEN]) -> Self {
         let (rd, wr) = tokio::io::split(tls);
         let (tx, rx) = mpsc::channel::<Vec<u8>>(1024);
-        let (etx, events) = mpsc::channel(1024);
+        let (etx, events) = mpsc::channel(256);
         let pending: Pending = Arc::default();
         let writer = tokio::spawn(writer(wr, rx));
         let reader = tokio::spawn(reader(rd, etx, pending.clone()));
@@ -306,6 +384,7 @@ impl RelayClient {
             cookie,
             tx,
             events,
+            partial: None,
             pending,
             tasks: vec![writer, reader, keepalive],
         }
@@ -349,6 +428,21 @@ impl RelayClient {
         self.send_record(&Msg::Frame(frame)).await
     }
 
+    /// Sends many relay frames as one queued buffer: `records` is what [`push_frame`]
+    /// appended (whole records, each a relay frame; anything else is refused and nothing
+    /// is sent).
+    pub async fn send_frames(&self, records: Vec<u8>) -> Result<(), ClientError> {
+        if !all_frames(&records) {
+            return Err(ClientError::Protocol(
+                "not a sequence of relay frames".into(),
+            ));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.tx.send(records).await.map_err(|_| ClientError::Closed)
+    }
+
     /// Sends a keepalive over the stream (the relay ends sessions idle past its timeout).
     pub async fn keepalive(&self) -> Result<(), ClientError> {
         self.send_record(&Msg::Keepalive).await
@@ -356,18 +450,64 @@ impl RelayClient {
 
     /// The next frame or GONE; `None` when the session ended.
     pub async fn recv(&mut self) -> Option<Event> {
+        loop {
+            if let Some((b, i)) = &mut self.partial {
+                if let Some(f) = b.iter().nth(*i) {
+                    *i += 1;
+                    return Some(Event::Frame(f.to_vec()));
+                }
+                self.partial = None;
+            }
+            match self.events.recv().await? {
+                Batch::Frames(b) => self.partial = Some((b, 0)),
+                Batch::Gone(h) => return Some(Event::Gone(h)),
+            }
+        }
+    }
+
+    /// The next batch of frames (all frames of one read of the stream) or GONE; `None`
+    /// when the session ended. Frames a [`RelayClient::recv`] left unread come first.
+    pub async fn recv_batch(&mut self) -> Option<Batch> {
+        if let Some((b, i)) = self.partial.take() {
+            if i < b.len() {
+                let mut rest = FrameBatch::default();
+                for f in b.iter().skip(i) {
+                    let _ = Msg::Frame(f).encode_record(&mut rest.records);
+                    rest.count += 1;
+                }
+                return Some(Batch::Frames(rest));
+            }
+        }
         self.events.recv().await
     }
 }
 
-async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Writes what `rx` queues: everything queued at a wake-up is coalesced into one buffer
+/// (up to [`WRITE_BATCH`]), written with one `write_all` and flushed once. Returns when the
+/// queue closes or a write fails.
+pub(crate) async fn write_coalesced<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    rx: &mut mpsc::Receiver<Vec<u8>>,
+) {
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
-        if wr.write_all(&first).await.is_err() {
-            return;
-        }
-        while let Ok(more) = rx.try_recv() {
-            if wr.write_all(&more).await.is_err() {
+        out.clear();
+        out.extend_from_slice(&first);
+        loop {
+            while out.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => out.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&out).await.is_err() {
                 return;
+            }
+            out.clear();
+            // More may have been queued while writing: keep the flush for the end.
+            match rx.try_recv() {
+                Ok(more) => out.extend_from_slice(&more),
+                Err(_) => break,
             }
         }
         if wr.flush().await.is_err() {
@@ -376,30 +516,54 @@ async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>
     }
 }
 
-async fn reader<R: AsyncRead + Unpin>(mut rd: R, events: mpsc::Sender<Event>, pending: Pending) {
-    let mut buf = Vec::new();
-    while read_record(&mut rd, &mut buf).await.is_ok() {
-        let ev = match Msg::parse(&buf) {
-            Ok(Msg::Frame(f)) => Event::Frame(f.to_vec()),
-            Ok(Msg::Gone { handle }) => Event::Gone(handle),
-            Ok(Msg::Answer { key, handle }) => {
-                let waiters = pending
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&key)
-                    .unwrap_or_default();
-                for w in waiters {
-                    let _ = w.send(handle);
+async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>) {
+    write_coalesced(&mut wr, &mut rx).await;
+}
+
+async fn reader<R: AsyncRead + Unpin>(mut rd: R, events: mpsc::Sender<Batch>, pending: Pending) {
+    let mut rb = proto::RecordBuf::new();
+    loop {
+        match rd.read(rb.spare()).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => rb.filled(n),
+        }
+        let mut batch = FrameBatch::default();
+        while let Some(rec) = rb.next_record() {
+            match Msg::parse(rec) {
+                Ok(Msg::Frame(f)) => {
+                    if Msg::Frame(f).encode_record(&mut batch.records).is_ok() {
+                        batch.count += 1;
+                    }
                 }
-                continue;
+                Ok(Msg::Gone { handle }) => {
+                    // Keep the order: frames before the GONE go first.
+                    if !batch.is_empty()
+                        && events
+                            .send(Batch::Frames(std::mem::take(&mut batch)))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    if events.send(Batch::Gone(handle)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Msg::Answer { key, handle }) => {
+                    let waiters = pending
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key)
+                        .unwrap_or_default();
+                    for w in waiters {
+                        let _ = w.send(handle);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!("relay sent a malformed record: {e}"),
             }
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!("relay sent a malformed record: {e}");
-                continue;
-            }
-        };
-        if events.send(ev).await.is_err() {
+        }
+        if !batch.is_empty() && events.send(Batch::Frames(batch)).await.is_err() {
             return;
         }
     }

@@ -837,3 +837,169 @@ async fn stalled_handshakes_are_capped_and_the_slot_comes_back() {
     let b = member(&pki, &relay, "bob", true).await;
     assert_eq!(a.lookup(&b.public).await.unwrap(), Some(b.client.handle));
 }
+
+/// Runs the session handshake by hand (a member with a valid certificate who then writes
+/// raw records): returns the stream and the assigned handle.
+async fn raw_session(
+    pki: &Pki,
+    relay: &Relay,
+    name: &str,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, u32) {
+    let cfg = member_cfg(pki, relay, name, true);
+    let (secret, public) = wg_key();
+    let mut tls = client::open_stream(&cfg).await.unwrap();
+    let exp = client::exporter(&tls).unwrap();
+    let mut v = Vec::new();
+    Msg::Hello {
+        version: proto::VERSION,
+        flags: proto::FLAG_STREAM_ONLY,
+    }
+    .encode_record(&mut v)
+    .unwrap();
+    tls.write_all(&v).await.unwrap();
+    let rec = read_rec(&mut tls).await;
+    let Ok(Msg::Challenge { ephemeral, nonce }) = Msg::parse(&rec) else {
+        panic!("no challenge")
+    };
+    let shared = StaticSecret::from(secret).diffie_hellman(&PublicKey::from(ephemeral));
+    let mac = proto::proof_mac(shared.as_bytes(), &exp, &ephemeral, &nonce, &public);
+    v.clear();
+    Msg::Proof { key: public, mac }
+        .encode_record(&mut v)
+        .unwrap();
+    tls.write_all(&v).await.unwrap();
+    let rec = read_rec(&mut tls).await;
+    let Ok(Msg::Assigned { handle, .. }) = Msg::parse(&rec) else {
+        panic!("not assigned: {rec:?}")
+    };
+    (tls, handle)
+}
+
+/// Collects `n` frames from a session with `recv_batch`.
+async fn recv_frames(c: &mut RelayClient, n: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(WAIT, c.recv_batch())
+            .await
+            .expect("frames missing on the stream")
+            .expect("session closed")
+        {
+            client::Batch::Frames(b) => got.extend(b.iter().map(<[u8]>::to_vec)),
+            client::Batch::Gone(_) => {}
+        }
+    }
+    got
+}
+
+/// The attacker: a member with a valid certificate writes one burst of many records with
+/// malformed ones in the middle (an empty record, a frame shorter than its header, an
+/// unknown type, a frame to a handle nobody has), and a last frame split across two
+/// writes inside its length prefix. The relay reads the burst in large chunks: every good
+/// frame arrives, in order, with the sender's handle; each bad record is dropped and
+/// counted; the sender's session carries on (KEEPALIVE and LOOKUP answered after).
+#[tokio::test]
+async fn a_stream_burst_with_malformed_records_forwards_the_rest_in_order() {
+    let pki = pki();
+    let relay = start(&pki, Limits::default()).await;
+    let mut b = member(&pki, &relay, "bob", true).await;
+    let hb = b.client.handle;
+    let (mut m, hm) = raw_session(&pki, &relay, "mallory").await;
+    let mut wire = Vec::new();
+    for i in 0..50u8 {
+        Msg::Frame(&frame(hb, 4, &vec![i; 1400]))
+            .encode_record(&mut wire)
+            .unwrap();
+    }
+    wire.extend_from_slice(&[0, 0]); // empty record
+    wire.extend_from_slice(&[0, 2, 0xE4, 0]); // truncated frame
+    wire.extend_from_slice(&[0, 3, 0x10, 1, 2]); // unknown type
+    Msg::Frame(&frame(0x00AB_CDEF, 4, b"nobody"))
+        .encode_record(&mut wire)
+        .unwrap();
+    for i in 50..100u8 {
+        Msg::Frame(&frame(hb, 4, &vec![i; 1400]))
+            .encode_record(&mut wire)
+            .unwrap();
+    }
+    m.write_all(&wire).await.unwrap();
+    m.flush().await.unwrap();
+    let mut last = Vec::new();
+    Msg::Frame(&frame(hb, 4, &[100; 300]))
+        .encode_record(&mut last)
+        .unwrap();
+    m.write_all(&last[..1]).await.unwrap();
+    m.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    m.write_all(&last[1..]).await.unwrap();
+    m.flush().await.unwrap();
+
+    let got = recv_frames(&mut b.client, 101).await;
+    for (i, f) in got.iter().enumerate() {
+        assert_eq!(proto::frame_header(f).unwrap(), (4, hm), "frame {i}");
+        assert_eq!(f[4], i as u8, "frames arrive in order");
+    }
+    let metrics = &relay.shared.metrics;
+    assert_eq!(metrics.drops(Drop::Malformed), 3);
+    assert_eq!(metrics.drops(Drop::UnknownHandle), 1);
+
+    // The session survives the bad records.
+    let mut v = Vec::new();
+    Msg::Keepalive.encode_record(&mut v).unwrap();
+    Msg::Lookup { key: [7; 32] }.encode_record(&mut v).unwrap();
+    m.write_all(&v).await.unwrap();
+    m.flush().await.unwrap();
+    assert_eq!(Msg::parse(&read_rec(&mut m).await), Ok(Msg::Keepalive));
+    assert_eq!(
+        Msg::parse(&read_rec(&mut m).await),
+        Ok(Msg::Answer {
+            key: [7; 32],
+            handle: None
+        })
+    );
+    assert_eq!(relay.shared.sessions(), 2);
+}
+
+/// Frames queued as one buffer ([`client::push_frame`] + `send_frames`) arrive whole and
+/// in order, however the stream splits them into reads; `recv` and `recv_batch` can be
+/// mixed without losing frames; a buffer that is not a sequence of whole relay frames is
+/// refused and sends nothing.
+#[tokio::test]
+async fn batched_frames_arrive_whole_and_junk_batches_are_refused() {
+    let pki = pki();
+    let relay = start(&pki, Limits::default()).await;
+    let a = member(&pki, &relay, "alice", true).await;
+    let mut b = member(&pki, &relay, "bob", true).await;
+    let (ha, hb) = (a.client.handle, b.client.handle);
+    let mut records = Vec::new();
+    for i in 0..200u8 {
+        client::push_frame(&mut records, &frame(hb, 4, &vec![i; 1400])).unwrap();
+    }
+    assert!(client::push_frame(&mut records, &[4, 0, 0, 0, 1]).is_err());
+    assert!(client::push_frame(&mut records, &[0xE4, 0]).is_err());
+    a.client.send_frames(records).await.unwrap();
+
+    let first = recv_stream_frame(&mut b.client).await;
+    assert_eq!(first[4], 0);
+    let rest = recv_frames(&mut b.client, 199).await;
+    for (i, f) in rest.iter().enumerate() {
+        assert_eq!(proto::frame_header(f).unwrap(), (4, ha));
+        assert_eq!(usize::from(f[4]), i + 1, "frames arrive in order");
+        assert_eq!(f.len(), 1404);
+    }
+
+    let mut bad = Vec::new();
+    client::push_frame(&mut bad, &frame(hb, 4, b"x")).unwrap();
+    let mut truncated = bad.clone();
+    truncated.pop();
+    assert!(a.client.send_frames(truncated).await.is_err());
+    let mut not_frame = bad.clone();
+    Msg::Keepalive.encode_record(&mut not_frame).unwrap();
+    assert!(a.client.send_frames(not_frame).await.is_err());
+    a.client
+        .send_frames([bad.clone(), bad].concat())
+        .await
+        .unwrap();
+    let got = recv_frames(&mut b.client, 2).await;
+    assert_eq!(got.len(), 2, "only the good batch arrived");
+    assert!(got.iter().all(|f| &f[4..] == b"x"));
+}

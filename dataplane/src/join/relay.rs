@@ -7,9 +7,12 @@
 //!   [`RelaySessions::handle_control`];
 //! * a loopback UDP **bridge** socket: when UDP to the relay does not bind (no BIND_ACK
 //!   within [`BOUND_FOR`]), peers' relay routes point the engine at the bridge instead;
-//!   frames the engine sends there go out on the TLS stream (`send_frame`), and frames the
-//!   stream delivers are sent from the bridge to the engine's listen port on loopback, so
-//!   the engine needs no TLS;
+//!   frames the engine sends there go out on the TLS stream, and frames the stream
+//!   delivers are sent from the bridge to the engine's listen port on loopback, so the
+//!   engine needs no TLS. Both directions batch: every wake-up drains the bridge socket
+//!   (up to [`BRIDGE_BATCH`] datagrams) into one buffer of records for
+//!   [`RelayClient::send_frames`], and the stream's frames arrive a read at a time
+//!   ([`RelayClient::recv_batch`]);
 //! * LOOKUPs of peers' keys (handles cached per session generation, dropped on GONE).
 //!
 //! Choosing *which* relay is not done here: [`crate::join::logic::paths`] decides (sans
@@ -32,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tabbify_relay::client::{self, Event, RelayClient};
+use tabbify_relay::client::{self, Batch, RelayClient};
 use tabbify_relay::proto::Control;
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,6 +53,11 @@ pub const BOUND_FOR: Duration = Duration::from_secs(25);
 const BIND_RETRY: Duration = Duration::from_secs(1);
 /// A LOOKUP waits this long for its ANSWER.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most datagrams the bridge drains from the engine per wake-up (then they go on the
+/// stream as one buffer).
+const BRIDGE_BATCH: usize = 128;
+/// Most bytes of records the bridge gathers per wake-up.
+const BRIDGE_BATCH_BYTES: usize = 128 * 1024;
 /// TCP connect timeout for a latency measurement.
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -464,14 +472,16 @@ impl RelaySessions {
         let mut buf = vec![0u8; 65536];
         loop {
             tokio::select! {
-                ev = c.recv() => match ev {
-                    Some(Event::Frame(f)) => {
-                        // Delivered over the stream: hand it to the engine from the bridge.
-                        if let Err(e) = bridge.send_to(&f, self.engine).await {
-                            tracing::debug!(error = %e, "bridge send to the engine failed");
+                ev = c.recv_batch() => match ev {
+                    Some(Batch::Frames(b)) => {
+                        // Delivered over the stream: hand them to the engine from the bridge.
+                        for f in b.iter() {
+                            if let Err(e) = send_to_engine(&bridge, f, self.engine).await {
+                                tracing::debug!(error = %e, "bridge send to the engine failed");
+                            }
                         }
                     }
-                    Some(Event::Gone(h)) => {
+                    Some(Batch::Gone(h)) => {
                         self.counters.gone.fetch_add(1, Ordering::Relaxed);
                         self.forget_handle(&url.url, h);
                         if let Some(s) = me.upgrade() {
@@ -496,14 +506,29 @@ impl RelaySessions {
                     Some(Cmd::Rebind) => next_bind = tokio::time::Instant::now(),
                     None => return Ok(()),
                 },
-                r = bridge.recv_from(&mut buf) => {
-                    let (n, src) = r.map_err(|e| format!("bridge: {e}"))?;
-                    let frame = &buf[..n];
-                    if !bridge_accepts(src, self.engine, frame) {
-                        self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
-                        continue;
+                r = bridge.readable() => {
+                    r.map_err(|e| format!("bridge: {e}"))?;
+                    // Drain what the engine queued; all of it goes on the stream as one
+                    // buffer (one writer wake-up, one TLS write).
+                    let mut records = Vec::with_capacity(BRIDGE_BATCH_BYTES + 2 + buf.len());
+                    for _ in 0..BRIDGE_BATCH {
+                        let (n, src) = match bridge.try_recv_from(&mut buf) {
+                            Ok(r) => r,
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => return Err(format!("bridge: {e}")),
+                        };
+                        let frame = &buf[..n];
+                        if !bridge_accepts(src, self.engine, frame)
+                            || client::push_frame(&mut records, frame).is_err()
+                        {
+                            self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        if records.len() >= BRIDGE_BATCH_BYTES {
+                            break;
+                        }
                     }
-                    c.send_frame(frame).await.map_err(|e| e.to_string())?;
+                    c.send_frames(records).await.map_err(|e| e.to_string())?;
                 },
                 _ = tokio::time::sleep_until(next_bind) => {
                     if let Err(e) = self.sender.send_raw(udp, &bind) {
@@ -513,6 +538,21 @@ impl RelaySessions {
                     next_bind = tokio::time::Instant::now() + if bound { REBIND_EVERY } else { BIND_RETRY };
                 }
             }
+        }
+    }
+}
+
+/// Sends `frame` from the bridge to the engine, waiting for room only when the socket's
+/// buffer is full (one `sendto`, no wake-up, in the usual case).
+async fn send_to_engine(
+    bridge: &tokio::net::UdpSocket,
+    frame: &[u8],
+    engine: SocketAddr,
+) -> std::io::Result<()> {
+    loop {
+        match bridge.try_send_to(frame, engine) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bridge.writable().await?,
+            r => return r.map(drop),
         }
     }
 }

@@ -1,8 +1,9 @@
 //! Fuzz the relay's wire formats (`tabbify_relay::proto`) and the registry's forwarding
 //! decision: no input panics; every control datagram and stream record that parses encodes
 //! back to the same bytes; a WireGuard message survives `wg_to_frame` → `frame_to_wg`
-//! unchanged; the record splitter never claims more bytes than it was given; a datagram the
-//! registry forwards carries the source session's handle.
+//! unchanged; the record splitter never claims more bytes than it was given; the chunked
+//! stream reader (`RecordBuf`) fed the input in pieces yields exactly the records the
+//! splitter finds; a datagram the registry forwards carries the source session's handle.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -31,6 +32,26 @@ fuzz_target!(|data: &[u8]| {
         let _ = Msg::parse(rec);
         rest = &rest[used..];
     }
+    // The chunked reader: pieces of a size taken from the first byte, same records.
+    let step = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let mut rb = proto::RecordBuf::new();
+    let mut chunked: Vec<Vec<u8>> = Vec::new();
+    for piece in data.chunks(step) {
+        let sp = rb.spare();
+        sp[..piece.len()].copy_from_slice(piece);
+        rb.filled(piece.len());
+        while let Some(r) = rb.next_record() {
+            chunked.push(r.to_vec());
+        }
+    }
+    let mut whole: Vec<Vec<u8>> = Vec::new();
+    let mut rest = data;
+    while let Some((rec, used)) = proto::split_record(rest) {
+        whole.push(rec.to_vec());
+        rest = &rest[used..];
+    }
+    assert_eq!(chunked, whole);
+    assert_eq!(rb.pending(), rest.len());
     if kind == Kind::WireGuard {
         let mut f = data.to_vec();
         proto::wg_to_frame(&mut f, 0x00AB_CDEF).expect("WireGuard converts");
@@ -41,8 +62,12 @@ fuzz_target!(|data: &[u8]| {
     // The forwarding decision on the datagram as a frame from a bound session.
     let now = Instant::now();
     let mut reg: Registry<u8> = Registry::new(Limits::default());
-    let a = reg.open([1; 32], "a", [1; 16], false, 1, now).expect("room");
-    let b = reg.open([2; 32], "b", [2; 16], false, 2, now).expect("room");
+    let a = reg
+        .open([1; 32], "a", [1; 16], false, 1, now)
+        .expect("room");
+    let b = reg
+        .open([2; 32], "b", [2; 16], false, 2, now)
+        .expect("room");
     let from: SocketAddr = ([127, 0, 0, 1], 1).into();
     reg.bind(from, a.handle, &[1; 16], now).expect("bind");
     let mut f = data.to_vec();

@@ -3,7 +3,12 @@
 //! thread on the same port number, idle expiry, and `/metrics` on its own listener.
 //!
 //! Owns: the [`core::Registry`] behind one mutex (the UDP thread takes it once per received
-//! batch, a stream task once per frame), the UDP socket, the counters.
+//! batch, a stream task once per read of its stream), the UDP socket, the counters.
+//!
+//! The stream side batches: a session's task reads its stream in large chunks
+//! ([`proto::RecordBuf`]), decides every record of a read under one registry lock, queues
+//! the frames for each destination stream as one buffer, and each session's writer
+//! coalesces its queue into one write and one flush (sockets have `TCP_NODELAY`).
 //!
 //! Invariants: a session exists only after admission — mesh mTLS (a client certificate
 //! chaining to the mesh CA; its CN is the identity the per-identity limit counts) or, when
@@ -39,7 +44,8 @@ use core::{Deliver, Drop, Limits, Refuse, Registry};
 use metrics::Metrics;
 use tabbify_api::tls::{certs, key, provider, roots, TlsError};
 
-/// Records queued towards one session's stream before frames to it are dropped.
+/// Buffers queued towards one session's stream before frames to it are dropped (each
+/// buffer holds the frames of one read of a source stream, or one frame from UDP).
 pub const STREAM_QUEUE: usize = 1024;
 /// Largest HTTP request head read before the upgrade.
 const MAX_HEAD: usize = 8192;
@@ -598,54 +604,53 @@ where
 
     let (mut rd, mut wr) = tokio::io::split(tls);
     let writer = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            if wr.write_all(&first).await.is_err() {
-                break;
-            }
-            while let Ok(more) = rx.try_recv() {
-                if wr.write_all(&more).await.is_err() {
-                    return;
-                }
-            }
-            if wr.flush().await.is_err() {
-                break;
-            }
-        }
+        crate::client::write_coalesced(&mut wr, &mut rx).await;
         let _ = wr.shutdown().await;
     });
     let result = async {
+        let mut rb = proto::RecordBuf::new();
+        let mut out = StreamOut::default();
         loop {
-            tokio::select! {
-                r = read_record(&mut rd, &mut buf) => r?,
+            let n = tokio::select! {
+                r = rd.read(rb.spare()) => r?,
                 _ = kill.notified() => return anyhow::Ok(()),
+            };
+            if n == 0 {
+                return Ok(());
             }
+            rb.filled(n);
             let now = Instant::now();
-            match buf.first() {
-                Some(0xE1..=0xE4) if buf.len() >= proto::FRAME_HEADER => {
-                    let res = shared.reg().forward_stream(handle, &mut buf, now);
-                    deliver(&shared, res, &buf, true);
-                }
-                _ => match Msg::parse(&buf) {
-                    Ok(Msg::Lookup { key }) => {
-                        let h = {
-                            let mut r = shared.reg();
-                            r.touch(handle, now);
-                            if !r.is_live(handle) {
-                                return Ok(());
+            {
+                // One registry lock per read, for every record in it.
+                let mut reg = shared.reg();
+                while let Some(rec) = rb.next_record() {
+                    match rec.first() {
+                        Some(0xE1..=0xE4) if rec.len() >= proto::FRAME_HEADER => {
+                            match reg.forward_stream(handle, rec, now) {
+                                Ok(Deliver::Stream(s)) => out.stream(s, rec),
+                                Ok(Deliver::Udp(a)) => out.udp(a, rec),
+                                Err(d) => shared.metrics.drop(d, 1),
                             }
-                            r.lookup(&key)
-                        };
-                        if !sink.push(&Msg::Answer { key, handle: h }) {
-                            shared.metrics.drop(Drop::QueueFull, 1);
                         }
+                        _ => match Msg::parse(rec) {
+                            Ok(Msg::Lookup { key }) => {
+                                reg.touch(handle, now);
+                                if !reg.is_live(handle) {
+                                    return Ok(());
+                                }
+                                let h = reg.lookup(&key);
+                                let _ = Msg::Answer { key, handle: h }.encode_record(&mut out.own);
+                            }
+                            Ok(Msg::Keepalive) => {
+                                reg.touch(handle, now);
+                                let _ = Msg::Keepalive.encode_record(&mut out.own);
+                            }
+                            _ => shared.metrics.drop(Drop::Malformed, 1),
+                        },
                     }
-                    Ok(Msg::Keepalive) => {
-                        shared.reg().touch(handle, now);
-                        let _ = sink.push(&Msg::Keepalive);
-                    }
-                    _ => shared.metrics.drop(Drop::Malformed, 1),
-                },
+                }
             }
+            out.flush(&shared, &sink);
         }
     }
     .await;
@@ -654,6 +659,71 @@ where
     writer.abort();
     tracing::info!(%identity, handle, "relay session closed");
     result
+}
+
+/// What one read of a session's stream produces, gathered while the registry is locked and
+/// sent after: frames per destination stream as one buffer each (one queue entry, one
+/// writer wake-up per destination per read), frames to UDP destinations, and the answers
+/// to this session's own LOOKUPs and KEEPALIVEs.
+#[derive(Default)]
+struct StreamOut {
+    /// (destination, its records, frame count, frame bytes).
+    streams: Vec<(Sink, Vec<u8>, u64, usize)>,
+    /// Frames to UDP destinations: all bytes, and (address, length) per frame.
+    udp_bytes: Vec<u8>,
+    udp_to: Vec<(SocketAddr, usize)>,
+    /// Records for this session itself.
+    own: Vec<u8>,
+}
+
+impl StreamOut {
+    fn stream(&mut self, to: Sink, frame: &[u8]) {
+        let i = match self
+            .streams
+            .iter()
+            .position(|(s, ..)| s.tx.same_channel(&to.tx))
+        {
+            Some(i) => i,
+            None => {
+                self.streams.push((to, Vec::new(), 0, 0));
+                self.streams.len() - 1
+            }
+        };
+        let e = &mut self.streams[i];
+        if Msg::Frame(frame).encode_record(&mut e.1).is_ok() {
+            e.2 += 1;
+            e.3 += frame.len();
+        }
+    }
+
+    fn udp(&mut self, to: SocketAddr, frame: &[u8]) {
+        self.udp_bytes.extend_from_slice(frame);
+        self.udp_to.push((to, frame.len()));
+    }
+
+    /// Sends everything gathered (the registry lock is not held) and counts it.
+    fn flush(&mut self, shared: &Shared, own: &Sink) {
+        for (s, buf, n, bytes) in self.streams.drain(..) {
+            if s.tx.try_send(buf).is_ok() {
+                shared.metrics.forwarded_n(true, n, bytes);
+            } else {
+                shared.metrics.drop(Drop::QueueFull, n);
+            }
+        }
+        let mut at = 0;
+        for (a, len) in self.udp_to.drain(..) {
+            let frame = &self.udp_bytes[at..at + len];
+            at += len;
+            match shared.udp.send_one(frame, a) {
+                Ok(()) => shared.metrics.forwarded(false, len),
+                Err(_) => shared.metrics.drop(Drop::SendError, 1),
+            }
+        }
+        self.udp_bytes.clear();
+        if !self.own.is_empty() && own.tx.try_send(std::mem::take(&mut self.own)).is_err() {
+            shared.metrics.drop(Drop::QueueFull, 1);
+        }
+    }
 }
 
 /// Delivers a forwarding decision; counts drops and forwarded traffic.
