@@ -124,6 +124,13 @@ impl FrameBatch {
         })
     }
 
+    /// Appends a frame (refused if it is not a relay frame).
+    pub fn push(&mut self, frame: &[u8]) -> Result<(), ClientError> {
+        push_frame(&mut self.records, frame)?;
+        self.count += 1;
+        Ok(())
+    }
+
     /// How many frames.
     pub fn len(&self) -> usize {
         self.count
@@ -531,9 +538,7 @@ async fn reader<R: AsyncRead + Unpin>(mut rd: R, events: mpsc::Sender<Batch>, pe
         while let Some(rec) = rb.next_record() {
             match Msg::parse(rec) {
                 Ok(Msg::Frame(f)) => {
-                    if Msg::Frame(f).encode_record(&mut batch.records).is_ok() {
-                        batch.count += 1;
-                    }
+                    let _ = batch.push(f);
                 }
                 Ok(Msg::Gone { handle }) => {
                     // Keep the order: frames before the GONE go first.

@@ -10,9 +10,9 @@
 //!   frames the engine sends there go out on the TLS stream, and frames the stream
 //!   delivers are sent from the bridge to the engine's listen port on loopback, so the
 //!   engine needs no TLS. Both directions batch: every wake-up drains the bridge socket
-//!   (up to [`BRIDGE_BATCH`] datagrams) into one buffer of records for
+//!   (`UDP_GRO`, up to [`BRIDGE_BATCH`] receives) into one buffer of records for
 //!   [`RelayClient::send_frames`], and the stream's frames arrive a read at a time
-//!   ([`RelayClient::recv_batch`]);
+//!   ([`RelayClient::recv_batch`]) and go to the engine as UDP GSO sends;
 //! * LOOKUPs of peers' keys (handles cached per session generation, dropped on GONE).
 //!
 //! Choosing *which* relay is not done here: [`crate::join::logic::paths`] decides (sans
@@ -35,8 +35,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tabbify_relay::client::{self, Batch, RelayClient};
+use tabbify_engine::sys::udp;
+use tabbify_relay::client::{self, Batch, FrameBatch, RelayClient};
 use tabbify_relay::proto::Control;
+use tabbify_relay::server::udp::plan_gso;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::path::RelayRoute;
@@ -451,10 +453,8 @@ impl RelaySessions {
         let mut c = RelayClient::connect(&cfg, &key)
             .await
             .map_err(|e| e.to_string())?;
-        let bridge = tokio::net::UdpSocket::bind(SocketAddr::new(self.engine.ip(), 0))
-            .await
-            .map_err(|e| format!("bridge socket: {e}"))?;
-        let bridge_addr = bridge.local_addr().map_err(|e| e.to_string())?;
+        let bridge = Bridge::bind(self.engine).map_err(|e| format!("bridge socket: {e}"))?;
+        let bridge_addr = bridge.sock.local_addr().map_err(|e| e.to_string())?;
         let bind = c.bind_datagram();
         {
             let sess = me.upgrade().ok_or("dropped")?;
@@ -475,10 +475,8 @@ impl RelaySessions {
                 ev = c.recv_batch() => match ev {
                     Some(Batch::Frames(b)) => {
                         // Delivered over the stream: hand them to the engine from the bridge.
-                        for f in b.iter() {
-                            if let Err(e) = send_to_engine(&bridge, f, self.engine).await {
-                                tracing::debug!(error = %e, "bridge send to the engine failed");
-                            }
+                        if let Err(e) = bridge.deliver(&b).await {
+                            tracing::debug!(error = %e, "bridge send to the engine failed");
                         }
                     }
                     Some(Batch::Gone(h)) => {
@@ -506,28 +504,13 @@ impl RelaySessions {
                     Some(Cmd::Rebind) => next_bind = tokio::time::Instant::now(),
                     None => return Ok(()),
                 },
-                r = bridge.readable() => {
+                r = bridge.sock.readable() => {
                     r.map_err(|e| format!("bridge: {e}"))?;
                     // Drain what the engine queued; all of it goes on the stream as one
                     // buffer (one writer wake-up, one TLS write).
-                    let mut records = Vec::with_capacity(BRIDGE_BATCH_BYTES + 2 + buf.len());
-                    for _ in 0..BRIDGE_BATCH {
-                        let (n, src) = match bridge.try_recv_from(&mut buf) {
-                            Ok(r) => r,
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                            Err(e) => return Err(format!("bridge: {e}")),
-                        };
-                        let frame = &buf[..n];
-                        if !bridge_accepts(src, self.engine, frame)
-                            || client::push_frame(&mut records, frame).is_err()
-                        {
-                            self.counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
-                            continue;
-                        }
-                        if records.len() >= BRIDGE_BATCH_BYTES {
-                            break;
-                        }
-                    }
+                    let records = bridge
+                        .drain(&mut buf, &self.counters)
+                        .map_err(|e| format!("bridge: {e}"))?;
                     c.send_frames(records).await.map_err(|e| e.to_string())?;
                 },
                 _ = tokio::time::sleep_until(next_bind) => {
@@ -542,20 +525,135 @@ impl RelaySessions {
     }
 }
 
-/// Sends `frame` from the bridge to the engine, waiting for room only when the socket's
-/// buffer is full (one `sendto`, no wake-up, in the usual case).
-async fn send_to_engine(
-    bridge: &tokio::net::UdpSocket,
-    frame: &[u8],
+/// The loopback bridge between the engine and a relay stream. Receives with `UDP_GRO`
+/// (the engine's GSO sends to it arrive as one buffer of equal-size frames, and the
+/// kernel coalesces the rest) and sends to the engine with UDP GSO (`UDP_SEGMENT`, runs
+/// of equal-size frames as one send), falling back to one datagram per send where the
+/// kernel refuses either.
+struct Bridge {
+    sock: tokio::net::UdpSocket,
     engine: SocketAddr,
-) -> std::io::Result<()> {
-    loop {
-        match bridge.try_send_to(frame, engine) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => bridge.writable().await?,
-            r => return r.map(drop),
+    /// GSO sends still worth trying (cleared on the first refusal).
+    gso: std::sync::atomic::AtomicBool,
+    /// Contiguous bytes of one GSO send.
+    scratch: Mutex<Vec<u8>>,
+}
+
+impl Bridge {
+    /// A bridge socket on the engine's loopback address (an ephemeral port).
+    fn bind(engine: SocketAddr) -> std::io::Result<Bridge> {
+        let std_sock = std::net::UdpSocket::bind(SocketAddr::new(engine.ip(), 0))?;
+        std_sock.set_nonblocking(true)?;
+        // A refusal (no UDP_GRO in this kernel) only costs batching.
+        let _ = udp::enable_gro(std::os::fd::AsRawFd::as_raw_fd(&std_sock));
+        // Bursts in both directions: buffers like the engine's (capped by rmem_max /
+        // wmem_max without privilege), so a burst is not dropped at the bridge.
+        let sref = socket2::SockRef::from(&std_sock);
+        let _ = sref.set_recv_buffer_size(udp::SOCKET_BUFFER);
+        let _ = sref.set_send_buffer_size(udp::SOCKET_BUFFER);
+        Ok(Bridge {
+            sock: tokio::net::UdpSocket::from_std(std_sock)?,
+            engine,
+            gso: std::sync::atomic::AtomicBool::new(true),
+            scratch: Mutex::new(Vec::with_capacity(GSO_MAX_BYTES)),
+        })
+    }
+
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.sock)
+    }
+
+    /// Everything the socket holds now (up to [`BRIDGE_BATCH`] receives or
+    /// [`BRIDGE_BATCH_BYTES`]), as stream records; datagrams that are not relay frames
+    /// from the engine's port are dropped and counted. `buf` must hold 64 KiB (a GRO
+    /// buffer).
+    fn drain(&self, buf: &mut [u8], counters: &RelayCounters) -> std::io::Result<Vec<u8>> {
+        let mut records = Vec::with_capacity(BRIDGE_BATCH_BYTES + buf.len() + 2 * 64);
+        for _ in 0..BRIDGE_BATCH {
+            let r = self
+                .sock
+                .try_io(tokio::io::Interest::READABLE, || udp::recv(self.fd(), buf));
+            let (n, src, seg) = match r {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            let Some(src) = src else {
+                counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            for frame in gro_segments(&buf[..n], seg) {
+                if !bridge_accepts(src, self.engine, frame)
+                    || client::push_frame(&mut records, frame).is_err()
+                {
+                    counters.bridge_refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if records.len() >= BRIDGE_BATCH_BYTES {
+                break;
+            }
         }
+        Ok(records)
+    }
+
+    /// Sends `batch` to the engine: runs of equal-size frames (a shorter one may end a
+    /// run) as one GSO send each, waiting for room only when the socket buffer is full.
+    async fn deliver(&self, batch: &FrameBatch) -> std::io::Result<()> {
+        let frames: Vec<&[u8]> = batch.iter().collect();
+        if !self.gso.load(Ordering::Relaxed) {
+            for f in frames {
+                self.send(f, None).await?;
+            }
+            return Ok(());
+        }
+        let sizes: Vec<usize> = frames.iter().map(|f| f.len()).collect();
+        for (first, count, seg) in plan_gso(&sizes, udp::GSO_MAX_SEGMENTS, GSO_MAX_BYTES) {
+            let group = &frames[first..first + count];
+            if count == 1 {
+                self.send(group[0], None).await?;
+                continue;
+            }
+            let bytes = {
+                let mut s = lock(&self.scratch);
+                s.clear();
+                for f in group {
+                    s.extend_from_slice(f);
+                }
+                std::mem::take(&mut *s)
+            };
+            let r = self.send(&bytes, u16::try_from(seg).ok()).await;
+            if let Err(e) = r {
+                // The kernel refused GSO (or its size): one datagram per send from now on.
+                tracing::debug!(error = %e, "bridge GSO send refused; sending one by one");
+                self.gso.store(false, Ordering::Relaxed);
+                for f in group {
+                    self.send(f, None).await?;
+                }
+            }
+            *lock(&self.scratch) = bytes;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, bytes: &[u8], segment: Option<u16>) -> std::io::Result<()> {
+        let ipv6 = self.engine.is_ipv6();
+        self.sock
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                udp::send(self.fd(), bytes, self.engine, segment, ipv6).map(drop)
+            })
+            .await
     }
 }
+
+/// The frames of a received buffer: `seg`-byte pieces of a GRO buffer (the last may be
+/// shorter), or the whole datagram.
+fn gro_segments(buf: &[u8], seg: Option<u16>) -> impl Iterator<Item = &[u8]> {
+    let size = seg.map_or(buf.len(), usize::from).max(1);
+    buf.chunks(size)
+}
+
+/// Largest GSO send to the engine (below the 64 KiB IP datagram limit).
+const GSO_MAX_BYTES: usize = 60_000;
 
 /// Whether a BIND_ACK for `handle` from `src` is this session's: the session's own handle,
 /// from the relay's own address (a forged ACK from elsewhere never counts the UDP side as
@@ -640,6 +738,93 @@ mod tests {
         for junk in [&[4u8, 0, 0, 0, 1][..], &[0xF0, 0, 0, 1], &[0xE1, 0, 0], &[]] {
             assert!(!bridge_accepts(sa("[::1]:51820"), engine, junk), "{junk:?}");
         }
+    }
+
+    fn relay_frame(i: u16, len: usize) -> Vec<u8> {
+        let mut f = vec![0xE4, 0, 0, 9];
+        f.extend_from_slice(&i.to_be_bytes());
+        f.resize(len, 0xA5);
+        f
+    }
+
+    fn batch_of(frames: &[Vec<u8>]) -> FrameBatch {
+        let mut b = FrameBatch::default();
+        for f in frames {
+            b.push(f).unwrap();
+        }
+        b
+    }
+
+    /// Stream → engine: a batch of equal-size frames with a short tail, and sizes that
+    /// change mid-batch, reach the engine's socket as separate datagrams, whole and in
+    /// order (GSO sends are split by the kernel for a socket without GRO).
+    #[tokio::test]
+    async fn the_bridge_delivers_batches_to_the_engine_whole_and_in_order() {
+        let engine = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        engine
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let bridge = Bridge::bind(engine.local_addr().unwrap()).unwrap();
+        // Small enough for a default receive buffer (no reader runs during the send).
+        let mut frames: Vec<Vec<u8>> = (0..30).map(|i| relay_frame(i, 1452)).collect();
+        frames.push(relay_frame(30, 300));
+        frames.extend((31..40).map(|i| relay_frame(i, 200)));
+        frames.push(relay_frame(40, 1452));
+        bridge.deliver(&batch_of(&frames)).await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        for (i, want) in frames.iter().enumerate() {
+            let (n, src) = engine
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("frame {i}: {e}"));
+            assert_eq!(src, bridge.sock.local_addr().unwrap());
+            assert_eq!(&buf[..n], &want[..]);
+        }
+    }
+
+    /// Engine → stream: a burst (GSO from the engine, and single sends) is drained in one
+    /// go into stream records, split at the GRO segment size; a datagram from another
+    /// local port, or one that is not a relay frame, is dropped and counted.
+    #[tokio::test]
+    async fn the_bridge_drains_bursts_and_refuses_strangers() {
+        let engine = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let stranger = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let bridge = Bridge::bind(engine.local_addr().unwrap()).unwrap();
+        let to = bridge.sock.local_addr().unwrap();
+        let frames: Vec<Vec<u8>> = (0..40).map(|i| relay_frame(i, 1452)).collect();
+        let gso: Vec<u8> = frames[..20].concat();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&engine);
+        match udp::send(fd, &gso, to, Some(1452), true) {
+            Ok(_) => {}
+            // No GSO in this kernel: the same frames one by one.
+            Err(_) => {
+                for f in &frames[..20] {
+                    engine.send_to(f, to).unwrap();
+                }
+            }
+        }
+        stranger.send_to(&frames[0], to).unwrap();
+        engine.send_to(&[4, 0, 0, 0, 1, 2], to).unwrap();
+        for f in &frames[20..] {
+            engine.send_to(f, to).unwrap();
+        }
+        let counters = RelayCounters::default();
+        let mut buf = vec![0u8; 65536];
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = Vec::new();
+        while got.len() < 40 {
+            assert!(Instant::now() < deadline, "got {} of 40 frames", got.len());
+            bridge.sock.readable().await.unwrap();
+            records.extend(bridge.drain(&mut buf, &counters).unwrap());
+            let mut rest = &records[..];
+            got.clear();
+            while let Some((rec, used)) = tabbify_relay::proto::split_record(rest) {
+                got.push(rec.to_vec());
+                rest = &rest[used..];
+            }
+        }
+        assert_eq!(got, frames);
+        assert_eq!(counters.bridge_refused.load(Ordering::Relaxed), 2);
     }
 
     #[test]

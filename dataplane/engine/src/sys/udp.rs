@@ -263,6 +263,12 @@ pub fn open_reuseport(
     Ok((fds, port, features))
 }
 
+/// Turns `UDP_GRO` on for a socket opened elsewhere (the joiner's loopback relay bridge):
+/// coalesced datagrams then arrive with the segment size ([`recv`] returns it).
+pub fn enable_gro(fd: RawFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1)
+}
+
 fn probe_gso(fd: RawFd) -> bool {
     let mut v: libc::c_int = 0;
     let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
