@@ -178,6 +178,8 @@ fn all_frames(mut records: &[u8]) -> bool {
 
 /// Largest buffer the writers coalesce before writing (then they write and go on).
 pub const WRITE_BATCH: usize = 256 * 1024;
+/// Capacity a writer keeps between bursts.
+const WRITE_KEEP: usize = 16 * 1024;
 
 type Pending = Arc<Mutex<HashMap<[u8; 32], Vec<oneshot::Sender<Option<u32>>>>>>;
 
@@ -189,7 +191,7 @@ pub struct RelayClient {
     pub cookie: [u8; COOKIE_LEN],
     tx: mpsc::Sender<Vec<u8>>,
     events: mpsc::Receiver<Batch>,
-    /// A batch [`RelayClient::recv`] is part-way through (frames from `.1` on).
+    /// A batch [`RelayClient::recv`] is part-way through (records from byte `.1` on).
     partial: Option<(FrameBatch, usize)>,
     pending: Pending,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -458,9 +460,9 @@ impl RelayClient {
     /// The next frame or GONE; `None` when the session ended.
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
-            if let Some((b, i)) = &mut self.partial {
-                if let Some(f) = b.iter().nth(*i) {
-                    *i += 1;
+            if let Some((b, at)) = &mut self.partial {
+                if let Some((f, used)) = b.records.get(*at..).and_then(proto::split_record) {
+                    *at += used;
                     return Some(Event::Frame(f.to_vec()));
                 }
                 self.partial = None;
@@ -475,13 +477,14 @@ impl RelayClient {
     /// The next batch of frames (all frames of one read of the stream) or GONE; `None`
     /// when the session ended. Frames a [`RelayClient::recv`] left unread come first.
     pub async fn recv_batch(&mut self) -> Option<Batch> {
-        if let Some((b, i)) = self.partial.take() {
-            if i < b.len() {
-                let mut rest = FrameBatch::default();
-                for f in b.iter().skip(i) {
-                    let _ = Msg::Frame(f).encode_record(&mut rest.records);
-                    rest.count += 1;
-                }
+        if let Some((b, at)) = self.partial.take() {
+            let mut rest = FrameBatch::default();
+            let mut tail = b.records.get(at..).unwrap_or_default();
+            while let Some((f, used)) = proto::split_record(tail) {
+                let _ = rest.push(f);
+                tail = &tail[used..];
+            }
+            if !rest.is_empty() {
                 return Some(Batch::Frames(rest));
             }
         }
@@ -496,7 +499,7 @@ pub(crate) async fn write_coalesced<W: AsyncWrite + Unpin>(
     wr: &mut W,
     rx: &mut mpsc::Receiver<Vec<u8>>,
 ) {
-    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    let mut out: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
         out.clear();
         out.extend_from_slice(&first);
@@ -520,6 +523,8 @@ pub(crate) async fn write_coalesced<W: AsyncWrite + Unpin>(
         if wr.flush().await.is_err() {
             return;
         }
+        // An idle session keeps a small buffer, not its largest burst.
+        out.shrink_to(WRITE_KEEP);
     }
 }
 

@@ -467,7 +467,8 @@ pub fn split_record(buf: &[u8]) -> Option<(&[u8], usize)> {
     Some((rec, 2 + n))
 }
 
-/// Bytes a stream reader asks the transport for per read (many records per read).
+/// Bytes a stream reader asks the transport for per read by default (many records per
+/// read).
 pub const READ_CHUNK: usize = 64 * 1024;
 
 /// A sans-IO reader of the stream's length-prefixed records: the transport reads large
@@ -475,7 +476,9 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// [`RecordBuf::next_record`] hands out every complete record in turn (in place, mutable so
 /// the relay can rewrite a frame's handle without copying). A record split across reads
 /// waits for the rest; the buffer never holds more than one partial record plus one chunk
-/// (at most `2 + 65535 + READ_CHUNK` bytes), whatever the peer sends.
+/// (at most `2 + 65535 + chunk` bytes), whatever the peer sends, and shrinks back to one
+/// chunk whenever it is empty (an idle session keeps one chunk, not the largest record
+/// it ever saw).
 ///
 /// The framing has no invalid length (any `u16` is a record); a record whose *content*
 /// does not parse (empty, a frame shorter than its header, an unknown type) is the
@@ -485,6 +488,7 @@ pub struct RecordBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    chunk: usize,
 }
 
 impl Default for RecordBuf {
@@ -494,27 +498,36 @@ impl Default for RecordBuf {
 }
 
 impl RecordBuf {
-    /// An empty reader.
+    /// An empty reader with [`READ_CHUNK`]-byte reads.
     pub fn new() -> Self {
+        Self::with_chunk(READ_CHUNK)
+    }
+
+    /// An empty reader offering `chunk` bytes (at least 1) per read. Nothing is allocated
+    /// before the first [`RecordBuf::spare`].
+    pub fn with_chunk(chunk: usize) -> Self {
         RecordBuf {
-            buf: vec![0; 2 + usize::from(u16::MAX) + READ_CHUNK],
+            buf: Vec::new(),
             start: 0,
             end: 0,
+            chunk: chunk.max(1),
         }
     }
 
-    /// Where the next read goes: at least [`READ_CHUNK`] bytes (complete records must have
-    /// been taken with [`RecordBuf::next_record`] first; the partial rest moves to the front).
+    /// Where the next read goes: at least the chunk size (complete records should have been
+    /// taken with [`RecordBuf::next_record`] first; the partial rest moves to the front).
     pub fn spare(&mut self) -> &mut [u8] {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        let want = self.end + READ_CHUNK;
+        if self.end == 0 && self.buf.len() > self.chunk {
+            self.buf.truncate(self.chunk);
+            self.buf.shrink_to_fit();
+        }
+        let want = self.end + self.chunk;
         if self.buf.len() < want {
-            // Unreachable with the constructor's size (a partial record is < 65537 bytes
-            // once complete ones are taken), kept so a misuse costs memory, not a panic.
             self.buf.resize(want, 0);
         }
         &mut self.buf[self.end..]
@@ -747,8 +760,8 @@ mod tests {
         Msg::Frame(&small).encode_record(&mut wire).unwrap();
         Msg::Frame(&big).encode_record(&mut wire).unwrap();
         Msg::Frame(&small).encode_record(&mut wire).unwrap();
-        for step in [1usize, 2, 3, 7, 1000, READ_CHUNK] {
-            let mut rb = RecordBuf::new();
+        for step in [1usize, 2, 3, 7, 1000, 16 * 1024, READ_CHUNK] {
+            let mut rb = RecordBuf::with_chunk(step);
             let mut got = Vec::new();
             for chunk in wire.chunks(step) {
                 feed(&mut rb, chunk);

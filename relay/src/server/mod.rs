@@ -5,7 +5,7 @@
 //! Owns: the [`core::Registry`] behind one mutex (the UDP thread takes it once per received
 //! batch, a stream task once per read of its stream), the UDP socket, the counters.
 //!
-//! The stream side batches: a session's task reads its stream in large chunks
+//! The stream side batches: a session's task reads its stream in 16 KiB chunks
 //! ([`proto::RecordBuf`]), decides every record of a read under one registry lock, queues
 //! the frames for each destination stream as one buffer, and each session's writer
 //! coalesces its queue into one write and one flush (sockets have `TCP_NODELAY`).
@@ -47,6 +47,9 @@ use tabbify_api::tls::{certs, key, provider, roots, TlsError};
 /// Buffers queued towards one session's stream before frames to it are dropped (each
 /// buffer holds the frames of one read of a source stream, or one frame from UDP).
 pub const STREAM_QUEUE: usize = 1024;
+/// Bytes a session's stream is read in (one TLS record's plaintext at most: many frames
+/// per read while the memory per session stays small).
+const SESSION_READ: usize = 16 * 1024;
 /// Largest HTTP request head read before the upgrade.
 const MAX_HEAD: usize = 8192;
 /// Time a client has to finish TLS, the HTTP request and the proof.
@@ -608,7 +611,7 @@ where
         let _ = wr.shutdown().await;
     });
     let result = async {
-        let mut rb = proto::RecordBuf::new();
+        let mut rb = proto::RecordBuf::with_chunk(SESSION_READ);
         let mut out = StreamOut::default();
         loop {
             let n = tokio::select! {
