@@ -178,8 +178,11 @@ fn all_frames(mut records: &[u8]) -> bool {
 
 /// Largest buffer the writers coalesce before writing (then they write and go on).
 pub const WRITE_BATCH: usize = 256 * 1024;
-/// Capacity a writer keeps between bursts.
-const WRITE_KEEP: usize = 16 * 1024;
+/// Capacity a member's writer keeps between bursts (one session per relay: keeping the
+/// burst buffer saves a fresh allocation, and its page faults, per burst).
+const CLIENT_WRITE_KEEP: usize = 2 * WRITE_BATCH;
+/// Capacity a relay session's writer keeps between bursts (many sessions: bounded).
+pub(crate) const RELAY_WRITE_KEEP: usize = 64 * 1024;
 
 type Pending = Arc<Mutex<HashMap<[u8; 32], Vec<oneshot::Sender<Option<u32>>>>>>;
 
@@ -493,11 +496,13 @@ impl RelayClient {
 }
 
 /// Writes what `rx` queues: everything queued at a wake-up is coalesced into one buffer
-/// (up to [`WRITE_BATCH`]), written with one `write_all` and flushed once. Returns when the
-/// queue closes or a write fails.
+/// (up to [`WRITE_BATCH`]), written with one `write_all` and flushed once; the buffer keeps
+/// at most `keep` bytes of capacity between bursts. Returns when the queue closes or a
+/// write fails.
 pub(crate) async fn write_coalesced<W: AsyncWrite + Unpin>(
     wr: &mut W,
     rx: &mut mpsc::Receiver<Vec<u8>>,
+    keep: usize,
 ) {
     let mut out: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -523,13 +528,13 @@ pub(crate) async fn write_coalesced<W: AsyncWrite + Unpin>(
         if wr.flush().await.is_err() {
             return;
         }
-        // An idle session keeps a small buffer, not its largest burst.
-        out.shrink_to(WRITE_KEEP);
+        // Keep at most `keep` bytes of capacity, not the largest burst.
+        out.shrink_to(keep);
     }
 }
 
 async fn writer<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Vec<u8>>) {
-    write_coalesced(&mut wr, &mut rx).await;
+    write_coalesced(&mut wr, &mut rx, CLIENT_WRITE_KEEP).await;
 }
 
 async fn reader<R: AsyncRead + Unpin>(mut rd: R, events: mpsc::Sender<Batch>, pending: Pending) {
@@ -539,7 +544,12 @@ async fn reader<R: AsyncRead + Unpin>(mut rd: R, events: mpsc::Sender<Batch>, pe
             Ok(0) | Err(_) => return,
             Ok(n) => rb.filled(n),
         }
-        let mut batch = FrameBatch::default();
+        // One allocation per read: the frames of a read fit in what was read plus a
+        // partial record (grown if not).
+        let mut batch = FrameBatch {
+            records: Vec::with_capacity(rb.pending()),
+            count: 0,
+        };
         while let Some(rec) = rb.next_record() {
             match Msg::parse(rec) {
                 Ok(Msg::Frame(f)) => {

@@ -59,7 +59,7 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// stream as one buffer).
 const BRIDGE_BATCH: usize = 128;
 /// Most bytes of records the bridge gathers per wake-up.
-const BRIDGE_BATCH_BYTES: usize = 128 * 1024;
+const BRIDGE_BATCH_BYTES: usize = 64 * 1024;
 /// TCP connect timeout for a latency measurement.
 const MEASURE_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -607,7 +607,7 @@ where
 
     let (mut rd, mut wr) = tokio::io::split(tls);
     let writer = tokio::spawn(async move {
-        crate::client::write_coalesced(&mut wr, &mut rx).await;
+        crate::client::write_coalesced(&mut wr, &mut rx, crate::client::RELAY_WRITE_KEEP).await;
         let _ = wr.shutdown().await;
     });
     let result = async {
