@@ -3,12 +3,23 @@
 #
 #   scripts/demo.sh up     set up (scripts/setup.sh), build, then start in network namespaces:
 #                            tabbify-demo-pub   a "public" LAN (bridge 10.99.0.0/24) and the
-#                                               coordinator with mTLS on 10.99.0.1:8443
+#                                               coordinator with mTLS on 10.99.0.1:8443, its
+#                                               STUN server (UDP 8443, 8444) and its relay
+#                                               (`--relay`, TCP+UDP 10.99.0.1:8445)
 #                            tabbify-demo-sup1  joiner tagged supervisor, hosting the demo app
 #                                               on its app ULA port 8730
 #                            tabbify-demo-sup2  joiner tagged supervisor
 #                            tabbify-demo-node  joiner tagged node + the edge (tabbify-node) on
 #                                               10.99.0.21:8090
+#                            tabbify-demo-nat   a symmetric NAT router (nftables masquerade
+#                                               random,fully-random) on 10.99.0.31, with
+#                            tabbify-demo-sup3  behind it (10.99.1.2): a supervisor that
+#                                               reaches the others through the relay
+#                          The LAN hosts run a stateful firewall on their WireGuard port (UDP
+#                          in only on flows they started, like a cloud security group), so they
+#                          punch holes to each other (direct) but cannot learn sup3's
+#                          per-destination NAT port: sup3's paths are relayed, and
+#                          `tabbify-mesh peers` says why.
 #                          The host reaches the LAN through veth tdemo-host (10.99.0.254), so
 #                          `curl http://10.99.0.21:8090/...` works from here. Certificates come
 #                          from tabbify-mesh-ca, join tokens from the coordinator's API.
@@ -23,9 +34,13 @@ cd "$(dirname "$0")/.."
 STATE=/run/tabbify-demo
 PREFIX=tabbify-demo
 HOSTS=(sup1 sup2 node)
-declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21)
-declare -A TAG=([sup1]=supervisor [sup2]=supervisor [node]=node)
+declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21 [sup3]=10.99.1.2)
+declare -A TAG=([sup1]=supervisor [sup2]=supervisor [node]=node [sup3]=supervisor)
+# Every joiner: the LAN hosts, then sup3 behind the symmetric NAT.
+MEMBERS=(sup1 sup2 node sup3)
 COORD=10.99.0.1
+NAT_WAN=10.99.0.31
+WG_PORT=51820
 APP_UUID=7d3f6a52-1c4e-4b8a-9e21-5a0c3f9d8b17
 
 stop_pid() {
@@ -41,9 +56,9 @@ stop_pid() {
 down() {
   # Edge and app first, then joiners (they remove their interfaces), then the coordinator.
   for f in "$STATE"/edge.pid "$STATE"/app.pid; do stop_pid "$f"; done
-  for h in "${HOSTS[@]}"; do stop_pid "$STATE/$h.pid"; done
+  for h in "${MEMBERS[@]}"; do stop_pid "$STATE/$h.pid"; done
   stop_pid "$STATE/coordinator.pid"
-  for ns in pub "${HOSTS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
+  for ns in pub nat "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
   ip link del tdemo-host 2>/dev/null || true
   rm -rf "$STATE"
   echo "demo: down"
@@ -94,7 +109,49 @@ up() {
     ip -n "$PREFIX-pub" link set "tdemo-$h-br" master tdemo-br up
     ip -n "$PREFIX-$h" addr add "${ADDR[$h]}/24" dev "tdemo-$h"
     ip -n "$PREFIX-$h" link set "tdemo-$h" up
+    # A stateful firewall on the WireGuard port: UDP in only on flows this host started.
+    ip netns exec "$PREFIX-$h" nft -f - <<NFT
+table inet tdemo_fw {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    udp dport $WG_PORT ct state new drop
+  }
+}
+NFT
   done
+  # sup3 behind a symmetric NAT: a router on the LAN that gives every destination its own
+  # random source port (what STUN classifies as endpoint-dependent).
+  ip netns add "$PREFIX-nat"
+  ip -n "$PREFIX-nat" link set lo up
+  ip link add tdemo-nat type veth peer name tdemo-nat-br
+  ip link set tdemo-nat netns "$PREFIX-nat"
+  ip link set tdemo-nat-br netns "$PREFIX-pub"
+  ip -n "$PREFIX-pub" link set tdemo-nat-br master tdemo-br up
+  ip -n "$PREFIX-nat" addr add "$NAT_WAN/24" dev tdemo-nat
+  ip -n "$PREFIX-nat" link set tdemo-nat up
+  ip netns add "$PREFIX-sup3"
+  ip -n "$PREFIX-sup3" link set lo up
+  ip link add tdemo-sup3 type veth peer name tdemo-sup3-gw
+  ip link set tdemo-sup3 netns "$PREFIX-sup3"
+  ip link set tdemo-sup3-gw netns "$PREFIX-nat"
+  ip -n "$PREFIX-nat" addr add 10.99.1.1/24 dev tdemo-sup3-gw
+  ip -n "$PREFIX-nat" link set tdemo-sup3-gw up
+  ip -n "$PREFIX-sup3" addr add "${ADDR[sup3]}/24" dev tdemo-sup3
+  ip -n "$PREFIX-sup3" link set tdemo-sup3 up
+  ip -n "$PREFIX-sup3" route add default via 10.99.1.1
+  ip netns exec "$PREFIX-nat" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$PREFIX-nat" nft -f - <<'NFT'
+table ip tdemo_nat {
+  chain postrouting {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "tdemo-nat" masquerade random,fully-random
+  }
+  chain forward {
+    type filter hook forward priority filter; policy accept;
+    iifname "tdemo-nat" ct state new drop
+  }
+}
+NFT
   ip link add tdemo-host type veth peer name tdemo-host-br
   ip link set tdemo-host-br netns "$PREFIX-pub"
   ip -n "$PREFIX-pub" link set tdemo-host-br master tdemo-br up
@@ -106,7 +163,7 @@ up() {
   "$BIN/tabbify-mesh-ca" issue-coordinator --name coordinator --san "$COORD" --ca-dir "$STATE/ca" --out "$STATE/coordinator" >/dev/null
   # The admin's certificate carries the admin role (a peer certificate never does).
   "$BIN/tabbify-mesh-ca" issue-admin --name admin --ca-dir "$STATE/ca" --out "$STATE/admin" >/dev/null
-  for n in "${HOSTS[@]}"; do
+  for n in "${MEMBERS[@]}"; do
     "$BIN/tabbify-mesh-ca" issue-peer --name "$n" --ca-dir "$STATE/ca" --out "$STATE/$n" >/dev/null
   done
   cat > "$STATE/policy.json" <<'JSON'
@@ -122,7 +179,9 @@ JSON
   ip netns exec "$PREFIX-pub" "$BIN/tabbify-mesh-coordinator" --bind "$COORD:8443" \
     --tls-cert "$STATE/coordinator/cert.pem" --tls-key "$STATE/coordinator/key.pem" \
     --tls-ca "$STATE/ca/ca.pem" --policy-file "$STATE/policy.json" \
-    --state-dir "$STATE/coordinator-state" >"$STATE/coordinator.log" 2>&1 &
+    --state-dir "$STATE/coordinator-state" \
+    --relay --relay-bind "$COORD:8445" --relay-public-url "https://$COORD:8445" \
+    >"$STATE/coordinator.log" 2>&1 &
   echo $! > "$STATE/coordinator.pid"
   wait_for "the coordinator" 50 grep -q "listening on" "$STATE/coordinator.log"
 
@@ -130,7 +189,7 @@ JSON
     curl -sS --fail-with-body --cert "$STATE/admin/cert.pem" --key "$STATE/admin/key.pem" \
       --cacert "$STATE/ca/ca.pem" "$@"
   }
-  for h in "${HOSTS[@]}"; do
+  for h in "${MEMBERS[@]}"; do
     local token
     token=$(admin -X POST "https://$COORD:8443/v1/tokens" -H 'content-type: application/json' \
       -d "{\"tags\": [\"${TAG[$h]}\"], \"name\": \"$h\", \"ttl_secs\": 600, \"max_uses\": 1}" |
@@ -143,7 +202,7 @@ JSON
       --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 >"$STATE/$h.log" 2>&1 &
     echo $! > "$STATE/$h.pid"
   done
-  for h in "${HOSTS[@]}"; do
+  for h in "${MEMBERS[@]}"; do
     wait_for "$h to register" 100 sh -c \
       "ip netns exec $PREFIX-$h $BIN/tabbify-mesh status -i tmd-$h --json | grep -q '\"registered\": true'"
   done
@@ -163,11 +222,17 @@ JSON
   wait_for "the edge" 50 curl -sf "http://${ADDR[node]}:8090/health"
   wait_for "the app route on the node" 50 sh -c "ip -n $PREFIX-node -6 route show dev tmd-node | grep -q '^$app_ula'"
 
-  local ula1 ula2
+  # sup3's paths: relayed (its NAT is endpoint-dependent; the LAN hosts' firewalls refuse
+  # what it sends from ports they never sent to).
+  wait_for "sup3's relayed path to sup1" 150 sh -c \
+    "ip netns exec $PREFIX-sup3 $BIN/tabbify-mesh peers -i tmd-sup3 --json | python3 -c 'import json,sys; sys.exit(0 if any(p[\"name\"] == \"sup1\" and p[\"path\"] == \"relay\" for p in json.load(sys.stdin)) else 1)'"
+  local ula1 ula2 ula3
+  ula3=$(ip netns exec "$PREFIX-sup3" "$BIN/tabbify-mesh" status -i tmd-sup3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
   ula1=$(ip netns exec "$PREFIX-sup1" "$BIN/tabbify-mesh" status -i tmd-sup1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
   ula2=$(ip netns exec "$PREFIX-sup2" "$BIN/tabbify-mesh" status -i tmd-sup2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
   echo
-  echo "demo: up. A coordinator, two supervisors and a node, an app on $app_ula, the edge on ${ADDR[node]}:8090."
+  echo "demo: up. A coordinator with a relay, three supervisors (sup3 behind a symmetric NAT) and a node,"
+  echo "an app on $app_ula, the edge on ${ADDR[node]}:8090."
   echo
   echo "Through the edge to the app (from this machine):"
   echo "  curl -H 'Authorization: Bearer $key' http://${ADDR[node]}:8090/app/$APP_UUID/echo"
@@ -178,6 +243,10 @@ JSON
   echo "  ip netns exec $PREFIX-node curl http://[$app_ula]:8730/echo"
   echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh status -i tmd-sup1"
   echo "  ip netns exec $PREFIX-sup1 wg show tmd-sup1"
+  echo "Paths (direct between the LAN hosts; sup3, behind the symmetric NAT, through the relay, with the reason):"
+  echo "  ip netns exec $PREFIX-sup3 ping -c3 $ula1"
+  echo "  ip netns exec $PREFIX-sup3 $BIN/tabbify-mesh peers -i tmd-sup3"
+  echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh peers -i tmd-sup1 --json"
   echo "Logs: $STATE/*.log.  Tear down: scripts/demo.sh down"
 }
 

@@ -47,8 +47,9 @@ use super::roster::usable_endpoint;
 
 /// A direct start must see a direct handshake completed within this long.
 pub const DIRECT_WINDOW: Duration = Duration::from_millis(1500);
-/// While relayed, probe each direct candidate this often.
-pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// While relayed, probe each direct candidate this often: half the 1 s bound for
+/// switching to a direct path once it works, so one probe interval plus a round trip fits.
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// A direct path with no authenticated direct receipt for this long falls back to the
 /// relay: the persistent keepalive (25 s, [`super::roster::KEEPALIVE_SECS`]) plus a
 /// handshake timeout (5 s).
@@ -922,7 +923,7 @@ mod tests {
         );
         assert_eq!(p.counts(), (0, 1));
         assert_eq!(p.wanted_sessions(), vec![R1.to_owned()]);
-        // While relayed: probes to each candidate every second.
+        // While relayed: probes to each candidate every PROBE_EVERY.
         assert_eq!(p.poll_timeout(), Some(t + PROBE_EVERY));
         p.handle_timeout(t + PROBE_EVERY);
         assert_eq!(
@@ -932,7 +933,7 @@ mod tests {
                 dst: ep("198.51.100.7:51820")
             }]
         );
-        p.handle_timeout(t + PROBE_EVERY + Duration::from_millis(500));
+        p.handle_timeout(t + PROBE_EVERY + PROBE_EVERY / 2);
         assert!(drain(&mut p).is_empty());
         p.handle_timeout(t + 2 * PROBE_EVERY);
         assert_eq!(drain(&mut p).len(), 1);
