@@ -49,22 +49,7 @@ impl Pki {
         let ca_dir = dir.path().join("ca");
         run(&binary, &["init", "--out", path_str(&ca_dir)?])?;
         let out = dir.path().join("coordinator");
-        let mut args = vec![
-            "issue-coordinator".to_owned(),
-            "--name".to_owned(),
-            COORDINATOR_NAME.to_owned(),
-        ];
-        for san in sans {
-            args.extend(["--san".to_owned(), san.to_string()]);
-        }
-        args.extend([
-            "--ca-dir".to_owned(),
-            path_str(&ca_dir)?.to_owned(),
-            "--out".to_owned(),
-            path_str(&out)?.to_owned(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(&binary, &args)?;
+        issue_server(&binary, &ca_dir, &out, COORDINATOR_NAME, sans)?;
         let coordinator = Issued::at(COORDINATOR_NAME, &out)?;
         Ok(Pki {
             dir,
@@ -109,23 +94,7 @@ impl Pki {
     /// the mesh CA, like the coordinator's).
     pub fn issue_relay(&self, name: &str, sans: &[IpAddr]) -> Result<Issued> {
         let out = self.dir.path().join("relays").join(name);
-        let ca_dir = self.dir.path().join("ca");
-        let mut args = vec![
-            "issue-coordinator".to_owned(),
-            "--name".to_owned(),
-            name.to_owned(),
-        ];
-        for san in sans {
-            args.extend(["--san".to_owned(), san.to_string()]);
-        }
-        args.extend([
-            "--ca-dir".to_owned(),
-            path_str(&ca_dir)?.to_owned(),
-            "--out".to_owned(),
-            path_str(&out)?.to_owned(),
-        ]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run(&self.binary, &args)?;
+        issue_server(&self.binary, &self.dir.path().join("ca"), &out, name, sans)?;
         Issued::at(name, &out)
     }
 
@@ -190,4 +159,31 @@ fn run(binary: &Path, args: &[&str]) -> Result<()> {
 pub(crate) fn path_str(path: &Path) -> Result<&str> {
     path.to_str()
         .with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
+/// `tabbify-mesh-ca issue-coordinator --name NAME --san …` into `out`: a server certificate
+/// from the mesh CA (the coordinator's, and a relay's).
+fn issue_server(
+    binary: &Path,
+    ca_dir: &Path,
+    out: &Path,
+    name: &str,
+    sans: &[IpAddr],
+) -> Result<()> {
+    let mut args = vec![
+        "issue-coordinator".to_owned(),
+        "--name".to_owned(),
+        name.to_owned(),
+    ];
+    for san in sans {
+        args.extend(["--san".to_owned(), san.to_string()]);
+    }
+    args.extend([
+        "--ca-dir".to_owned(),
+        path_str(ca_dir)?.to_owned(),
+        "--out".to_owned(),
+        path_str(out)?.to_owned(),
+    ]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(binary, &args)
 }
