@@ -214,10 +214,7 @@ pub struct ConnInfo {
     pub admin_role: bool,
 }
 
-struct Core {
-    registry: Registry,
-    store: Store,
-}
+use crate::roster::Core;
 
 /// The coordinator: shared state plus the route handlers.
 pub struct Coordinator {
@@ -265,8 +262,9 @@ impl Coordinator {
         let policy = Arc::new(Policy::compile(doc)?);
         tracing::info!(revision, "policy in force");
         let registry = Registry::new(policy, revision, config.limits);
+        let core = Core::new(registry, store, clock.now_ms());
         Ok(Arc::new(Self {
-            core: RwLock::new(Core { registry, store }),
+            core: RwLock::new(core),
             rate: std::sync::Mutex::new(RateLimiter::new(config.heartbeat_rate)),
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
@@ -340,10 +338,21 @@ impl Coordinator {
         let timeout = self.config.heartbeat_interval.as_millis() as u64
             * u64::from(MISSED_HEARTBEATS_TO_EXPIRE);
         let now = self.clock.now_ms();
-        let out =
+        let durable = self.read().store.is_durable();
+        let out = if durable {
+            self.write().sweep(
+                &self.metrics,
+                crate::roster::Timing {
+                    now_ms: now,
+                    heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                    stale_after_ms: self.config.stale_after.as_millis() as u64,
+                },
+            )
+        } else {
             self.write()
                 .registry
-                .expire(now, timeout, self.config.stale_after.as_millis() as u64);
+                .expire(now, timeout, self.config.stale_after.as_millis() as u64)
+        };
         for _ in &out.stale {
             Metrics::inc(&self.metrics.stale_marks);
         }
@@ -363,51 +372,21 @@ impl Coordinator {
     }
 
     /// Applies what other coordinators on the same database committed since the last
-    /// call (see [`crate::follow`]): their policy goes into force here (one `policy`
-    /// event on every stream), and a peer here whose identity they revoked, or whose key
-    /// they cleared or rotated, leaves the rosters. Returns how many changes were applied.
+    /// call (see [`crate::follow`] and [`crate::roster`]): their members, policy and
+    /// revocations go into force here, each entry's events on every stream under the
+    /// entry's change-log id. Returns how many entries were applied.
     pub fn catch_up(&self) -> Result<usize, crate::store::StoreError> {
-        use crate::storage::Change;
         let mut guard = self.write();
         let core = &mut *guard;
-        let changes = core.store.catch_up()?;
-        for c in &changes {
-            match c {
-                // Revisions written by PUT /v1/policy are compare-and-set, so they only
-                // grow; coordinators starting with a changed policy file at once may both
-                // write the same one (with the same document).
-                Change::Policy(p) | Change::ReplacePolicy(p, _)
-                    if p.revision >= core.registry.revision() =>
-                {
-                    match Policy::compile(p.document.clone()) {
-                        Ok(policy) => {
-                            core.registry.set_policy(Arc::new(policy), p.revision);
-                            Metrics::inc(&self.metrics.policy_changes);
-                            tracing::info!(
-                                revision = p.revision,
-                                "policy changed by another coordinator"
-                            );
-                        }
-                        Err(e) => {
-                            tracing::error!(revision = p.revision, error = %e, "another coordinator stored a policy this one cannot compile; keeping the current one")
-                        }
-                    }
-                }
-                Change::Identity(cn, record) => {
-                    let id = ula::identity_peer_id(cn);
-                    let Some(key) = core.registry.peer(&id).map(|p| p.key_b64.clone()) else {
-                        continue;
-                    };
-                    if record.revoked_at.is_some() {
-                        core.registry.remove(&id, "revoked");
-                    } else if record.key.as_deref() != Some(key.as_str()) {
-                        core.registry.remove(&id, "key_cleared");
-                    }
-                }
-                _ => {}
-            }
+        let entries = core.store.catch_up()?;
+        for (id, changes) in &entries {
+            core.apply_entry(&self.metrics, *id, changes);
         }
-        Ok(changes.len())
+        if core.store.has_change_log() {
+            core.registry
+                .advance_to(u64::try_from(core.store.last_change()).unwrap_or(0));
+        }
+        Ok(entries.len())
     }
 
     /// Has the store call `on_change` when other coordinators may have committed
@@ -820,23 +799,30 @@ impl Coordinator {
         }
         updated.display_name = display_name.clone();
         updated.tags = tags.clone();
-        core.store
-            .admit(&identity, updated, spend.as_deref())
+        let pre = core
+            .store
+            .admit_changes(&identity, updated, spend.as_deref())
             .map_err(ApiError::from)?;
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
-        let rec = core.registry.upsert(
-            NewPeer {
-                key,
-                identity,
-                display_name: display_name.clone(),
-                tags: tags.clone(),
-                endpoints: req.endpoints,
-                wg_listen_port: req.wg_listen_port,
-                reflexive,
-            },
-            now_ms,
-        );
-        let class = rec.class;
+        let new_peer = NewPeer {
+            key,
+            identity,
+            display_name: display_name.clone(),
+            tags: tags.clone(),
+            endpoints: req.endpoints,
+            wg_listen_port: req.wg_listen_port,
+            reflexive,
+        };
+        // The admission and the member row: one transaction, before the answer.
+        core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
+            reg.upsert(new_peer, now_ms);
+            Ok(())
+        })?;
+        let class = core
+            .registry
+            .peer(&id)
+            .map(|p| p.class)
+            .ok_or(ApiError::NotRegistered)?;
         let roster = core.registry.roster(&id);
         Metrics::inc(&self.metrics.registrations);
         Ok(RegisterResponse {
@@ -905,30 +891,38 @@ impl Coordinator {
             &req.endpoints,
             canonical_ip(conn.remote.ip()),
         )?;
-        let reflexive = match core.registry.heartbeat(
-            &id,
-            req.endpoints,
-            apps,
-            (req.mapped_endpoints, req.nat),
-            (req.home_relay, req.paths),
-            canonical_ip(conn.remote.ip()),
-            now_ms,
-        ) {
-            Ok(r) => r,
-            Err(HeartbeatError::NotRegistered) => return Err(ApiError::NotRegistered),
-            Err(HeartbeatError::AppTaken {
-                app,
-                holder_id,
-                holder_name,
-            }) => {
-                Metrics::inc(&self.metrics.app_claims_refused);
-                return Err(ApiError::AppTaken(format!(
-                    "app {app} is hosted by peer {holder_id} ({holder_name}); it must release it \
-                     or an admin must move it (POST /v1/apps/{{uuid}}/move); nothing but this \
-                     peer's liveness was updated"
-                )));
-            }
-        };
+        let source = canonical_ip(conn.remote.ip());
+        // A heartbeat that changes the member is committed before the answer (503 while
+        // the database is unreachable, the liveness kept); an unchanged one writes nothing.
+        let reflexive = core.member_change(
+            &self.metrics,
+            Vec::new(),
+            std::slice::from_ref(&id),
+            |reg| match reg.heartbeat(
+                &id,
+                req.endpoints,
+                apps,
+                (req.mapped_endpoints, req.nat),
+                (req.home_relay, req.paths),
+                source,
+                now_ms,
+            ) {
+                Ok(r) => Ok(r),
+                Err(HeartbeatError::NotRegistered) => Err(ApiError::NotRegistered),
+                Err(HeartbeatError::AppTaken {
+                    app,
+                    holder_id,
+                    holder_name,
+                }) => {
+                    Metrics::inc(&self.metrics.app_claims_refused);
+                    Err(ApiError::AppTaken(format!(
+                        "app {app} is hosted by peer {holder_id} ({holder_name}); it must release it \
+                         or an admin must move it (POST /v1/apps/{{uuid}}/move); nothing but this \
+                         peer's liveness was updated"
+                    )))
+                }
+            },
+        )?;
         Metrics::inc(&self.metrics.heartbeats);
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
@@ -989,6 +983,15 @@ impl Coordinator {
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
+        // A Last-Event-ID from another coordinator that is ahead of this one: catch up
+        // with the change log first, so the stream resumes instead of starting over.
+        if let Some(last) = last_event_id {
+            if last > self.read().registry.last_event_id() {
+                if let Err(e) = self.catch_up() {
+                    tracing::debug!(error = %e, "catching up before a resume failed");
+                }
+            }
+        }
         let (sub, initial, rx, permit) = {
             let core = self.read();
             let reg = &core.registry;
@@ -1097,7 +1100,9 @@ impl Coordinator {
                 stored,
             )
             .map_err(ApiError::from)?;
-        core.registry.set_policy(Arc::new(policy), revision);
+        core.after_commit(&self.metrics, |reg| {
+            reg.set_policy(Arc::new(policy), revision)
+        });
         Metrics::inc(&self.metrics.policy_changes);
         audit(who, "policy.replace", &format!("revision {revision}"));
         Ok(PolicyResponse {
@@ -1156,6 +1161,7 @@ impl Coordinator {
                 },
             )
             .map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         Metrics::inc(&self.metrics.tokens_minted);
         let token_id = tokens::id_of(&hash);
         audit(who, "token.mint", &format!("token {token_id}"));
@@ -1178,21 +1184,32 @@ impl Coordinator {
     ) -> Result<MoveAppResponse, ApiError> {
         let app_ula = ula::app_ula(&app);
         let now = self.clock.now_ms();
-        let from = self
-            .write()
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let mut touched: Vec<String> = core
             .registry
-            .move_app(app_ula, &req.to, MAX_HOSTED_APPS, now)
-            .map_err(|e| match e {
-                MoveError::NoPeer => ApiError::NotFound(format!("no peer {:?}", req.to)),
-                MoveError::MayNotHost => ApiError::Forbidden(format!(
-                    "the policy does not let peer {:?} host apps",
-                    req.to
-                )),
-                MoveError::TooManyApps => ApiError::Conflict(format!(
-                    "peer {:?} hosts {MAX_HOSTED_APPS} apps already",
-                    req.to
-                )),
-            })?;
+            .app_holder(&app_ula)
+            .map(|p| p.id.clone())
+            .into_iter()
+            .collect();
+        touched.push(req.to.clone());
+        touched.dedup();
+        // The old holder's row (releasing the app) and the new one's: one transaction.
+        let from = core.member_change(&self.metrics, Vec::new(), &touched, |reg| {
+            reg.move_app(app_ula, &req.to, MAX_HOSTED_APPS, now)
+                .map_err(|e| match e {
+                    MoveError::NoPeer => ApiError::NotFound(format!("no peer {:?}", req.to)),
+                    MoveError::MayNotHost => ApiError::Forbidden(format!(
+                        "the policy does not let peer {:?} host apps",
+                        req.to
+                    )),
+                    MoveError::TooManyApps => ApiError::Conflict(format!(
+                        "peer {:?} hosts {MAX_HOSTED_APPS} apps already",
+                        req.to
+                    )),
+                })
+        })?;
+        drop(guard);
         Metrics::inc(&self.metrics.app_moves);
         tracing::info!(%app, %app_ula, from = ?from, to = %req.to, admin, "app moved");
         audit(admin, "app.move", &format!("app {app} to {}", req.to));
@@ -1232,6 +1249,7 @@ impl Coordinator {
             }
         };
         core.store.delete_token(&hash).map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         audit(who, "token.delete", &format!("token {token_id}"));
         Ok(info)
     }
@@ -1325,12 +1343,13 @@ impl Coordinator {
         }
         let key_since = now_ms / 1000;
         record.set_key(Some(new_b64.clone()), key_since);
-        core.store
-            .put_identity(&cn, record)
-            .map_err(ApiError::from)?;
-        // Registered: one upsert with the new key. Not registered: the next registration
-        // brings the new key.
-        core.registry.rotate_key(&id, new, now_ms);
+        let pre = core.store.admit_changes(&cn, record, None)?;
+        // Registered: one upsert with the new key, committed with the identity. Not
+        // registered: the next registration brings the new key.
+        core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
+            reg.rotate_key(&id, new, now_ms);
+            Ok(())
+        })?;
         let ula = ula::identity_ula(&cn);
         Metrics::inc(&self.metrics.key_rotations);
         tracing::info!(identity = %cn, peer_id = %id, "key rotated");
@@ -1363,17 +1382,26 @@ impl Coordinator {
     fn revoke_identity(&self, who: &str, cn: &str) -> Result<IdentityResponse, ApiError> {
         crate::ca::validate_name(cn).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let at = self.clock.now_ms() / 1000;
-        let mut core = self.write();
+        let mut guard = self.write();
+        let core = &mut *guard;
         let mut record = core.store.identity(cn).cloned().unwrap_or_default();
+        let id = ula::identity_peer_id(cn);
+        let mut changes = Vec::new();
         if record.revoked_at.is_none() {
             record.revoked_at = Some(at);
-            core.store
-                .put_identity(cn, record.clone())
-                .map_err(ApiError::from)?;
+            changes = core.store.admit_changes(cn, record.clone(), None)?;
             Metrics::inc(&self.metrics.revocations);
         }
-        let id = ula::identity_peer_id(cn);
-        core.registry.remove(&id, "revoked");
+        if core.store.is_durable() && core.registry.peer(&id).is_some() {
+            changes.push(crate::storage::Change::RemoveMember(
+                id.clone(),
+                "revoked".into(),
+            ));
+        }
+        core.store.commit_changes(changes)?;
+        core.after_commit(&self.metrics, |reg| {
+            reg.remove(&id, "revoked");
+        });
         audit(who, "identity.revoke", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1394,6 +1422,7 @@ impl Coordinator {
         core.store
             .put_identity(cn, record.clone())
             .map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         audit(who, "identity.readmit", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1410,11 +1439,18 @@ impl Coordinator {
             .ok_or_else(|| ApiError::NotFound(format!("identity {cn:?} has no key admitted")))?;
         let since = record.key_since;
         record.set_key(None, since);
-        core.store
-            .put_identity(cn, record.clone())
-            .map_err(ApiError::from)?;
-        core.registry
-            .remove(&ula::identity_peer_id(cn), "key_cleared");
+        let id = ula::identity_peer_id(cn);
+        let mut changes = core.store.admit_changes(cn, record.clone(), None)?;
+        if core.store.is_durable() && core.registry.peer(&id).is_some() {
+            changes.push(crate::storage::Change::RemoveMember(
+                id.clone(),
+                "key_cleared".into(),
+            ));
+        }
+        core.store.commit_changes(changes)?;
+        core.after_commit(&self.metrics, |reg| {
+            reg.remove(&id, "key_cleared");
+        });
         audit(who, "identity.clear_key", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1443,10 +1479,9 @@ impl Coordinator {
                 self.readmit_identity(who, &cn)?;
             }
             (None, Some(key)) => {
-                self.write()
-                    .store
-                    .unrevoke_key(&key)
-                    .map_err(ApiError::from)?;
+                let mut core = self.write();
+                core.store.unrevoke_key(&key).map_err(ApiError::from)?;
+                core.after_commit(&self.metrics, |_| {});
                 audit(who, "key.readmit", &key);
             }
             (None, None) => {

@@ -242,6 +242,13 @@ pub struct Store {
     policy: Option<StoredPolicy>,
     /// The newest change-log entry applied (engines with a change log).
     last_change: i64,
+    /// Other coordinators' entries read while committing (those before this process's
+    /// own entry), for the caller to act on before its own change: `(id, changes)`.
+    remote: Vec<(i64, Vec<Change>)>,
+    /// The change-log id of this process's last commit, until taken.
+    last_own: Option<i64>,
+    /// Members as read at open, until taken.
+    members: Vec<crate::members::MemberRow>,
 }
 
 impl Store {
@@ -255,6 +262,9 @@ impl Store {
             revoked_keys: BTreeMap::new(),
             policy: None,
             last_change: 0,
+            remote: Vec::new(),
+            last_own: None,
+            members: Vec::new(),
         }
     }
 
@@ -289,10 +299,19 @@ impl Store {
     }
 
     /// Applies the change-log entries committed since the last call (or since open) and
-    /// returns those other coordinators made, oldest first, for the caller to act on
-    /// (rosters, policy). Without a change log (SQLite, memory): nothing. Call it under
-    /// the same lock as the writes, so no own write interleaves.
-    pub fn catch_up(&mut self) -> Result<Vec<Change>, StoreError> {
+    /// returns those other coordinators made, oldest first, with their ids, for the caller
+    /// to act on (rosters, policy); entries read during a commit of this process come
+    /// first. Without a change log (SQLite, memory): nothing. Call it under the same lock
+    /// as the writes, so no own write interleaves.
+    pub fn catch_up(&mut self) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
+        let mut out = self.take_remote();
+        out.extend(self.read_log(None)?);
+        Ok(out)
+    }
+
+    /// Reads and applies the change-log entries after the last applied one (and before
+    /// `before`), returning the others' entries.
+    fn read_log(&mut self, before: Option<i64>) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
         let Some(origin) = self
             .engine
             .as_ref()
@@ -304,17 +323,17 @@ impl Store {
         const BATCH: usize = 1000;
         let mut applied = Vec::new();
         while let Some(engine) = self.engine.as_mut() {
-            let entries = storage::changes_after(engine.as_mut(), self.last_change, BATCH)?;
+            let entries = storage::changes_after(engine.as_mut(), self.last_change, before, BATCH)?;
             let n = entries.len();
             for (id, from, changes) in entries {
                 // Our own entries are applied again too (in log order that converges on
                 // the database's state, and covers a commit whose answer was lost), but
                 // only the others' are returned.
-                for c in changes {
+                for c in &changes {
                     self.apply_change(c.clone());
-                    if from != origin {
-                        applied.push(c);
-                    }
+                }
+                if from != origin {
+                    applied.push((id, changes));
                 }
                 self.last_change = id;
             }
@@ -348,7 +367,75 @@ impl Store {
         }
         store.revoked_keys = s.revoked_keys.into_iter().collect();
         store.policy = s.policy;
+        store.members = s.members;
         store
+    }
+
+    /// The members read at open (once; later calls return nothing).
+    pub fn take_members(&mut self) -> Vec<crate::members::MemberRow> {
+        std::mem::take(&mut self.members)
+    }
+
+    /// Whether a database backs this store (members are then written to it).
+    pub fn is_durable(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// Whether the database has a change log other coordinators follow (PostgreSQL).
+    pub fn has_change_log(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(|e| e.change_log_origin().is_some())
+    }
+
+    /// The newest change-log entry applied (0 without a change log).
+    pub fn last_change(&self) -> i64 {
+        self.last_change
+    }
+
+    /// The change-log id of this process's last commit since the last call (`None`
+    /// without a change log).
+    pub fn take_last_own(&mut self) -> Option<i64> {
+        self.last_own.take()
+    }
+
+    /// Other coordinators' entries read while committing, oldest first, for the caller
+    /// to act on before its own change.
+    pub fn take_remote(&mut self) -> Vec<(i64, Vec<Change>)> {
+        std::mem::take(&mut self.remote)
+    }
+
+    /// Writes member changes (and anything else) in one transaction; see
+    /// [`Store::take_last_own`] for its change-log id.
+    pub fn commit_changes(&mut self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.commit(changes)
+    }
+
+    /// Writes the coarsened `last_seen` of these members (no change-log entry).
+    pub fn touch(&mut self, peer_ids: &[String], secs: u64) -> Result<(), StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(storage::touch(e.as_mut(), peer_ids, secs)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this process runs member expiry now (see [`Engine::expiry_lock`]).
+    pub fn expiry_lock(&mut self) -> Result<bool, StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(e.expiry_lock()?),
+            None => Ok(true),
+        }
+    }
+
+    /// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
+    pub fn members_seen_before(
+        &mut self,
+        before_secs: u64,
+    ) -> Result<Vec<(String, u64, bool)>, StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(storage::members_seen_before(e.as_mut(), before_secs)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Every durable fact of this store, as database changes (what an import writes).
@@ -433,6 +520,22 @@ impl Store {
             .collect();
         changes.extend(spend.and_then(|h| self.token_use(h)));
         self.commit(changes)
+    }
+
+    /// The changes [`Store::admit`] would commit, to commit with others in one
+    /// transaction ([`Store::commit_changes`]).
+    pub fn admit_changes(
+        &self,
+        identity: &str,
+        record: IdentityRecord,
+        spend: Option<&str>,
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut changes: Vec<Change> = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        changes.extend(spend.and_then(|h| self.token_use(h)));
+        Ok(changes)
     }
 
     /// Every token, by hash.
@@ -566,7 +669,21 @@ impl Store {
             return Ok(());
         }
         if let Some(engine) = self.engine.as_mut() {
-            storage::commit(engine.as_mut(), &changes)?;
+            if let Some(id) = storage::commit(engine.as_mut(), &changes)? {
+                // Other coordinators' entries committed before ours are applied first, so
+                // memory follows the log's order; the caller acts on them before its own
+                // change (their events get their own, lower ids).
+                // The change is durable whatever happens here: a failed read leaves those
+                // entries to the next catch-up.
+                match self.read_log(Some(id)) {
+                    Ok(remote) => {
+                        self.remote.extend(remote);
+                        self.last_change = self.last_change.max(id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the change log after a commit"),
+                }
+                self.last_own = Some(id);
+            }
         }
         for c in changes {
             self.apply_change(c);
@@ -591,7 +708,12 @@ impl Store {
                 self.revoked_keys.remove(&key);
             }
             Change::Policy(p) | Change::ReplacePolicy(p, _) => self.policy = Some(p),
-            Change::Meta(..) => {}
+            // Members live in the registry; the coordinator applies them there.
+            Change::Meta(..)
+            | Change::Member(_)
+            | Change::RemoveMember(..)
+            | Change::StaleMember(..)
+            | Change::ExpireMember(..) => {}
         }
     }
 
