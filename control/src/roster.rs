@@ -24,7 +24,8 @@
 //!   the database's expiry lock and judges from the stored `last_seen` with
 //!   [`crate::members::stale_slack_ms`] of slack; each stale mark or removal is one
 //!   committed, conditional change (a heartbeat that won the race makes it change no row,
-//!   and nothing is announced), and so one event on every coordinator.
+//!   and nothing is announced), and so one event on every coordinator. The same
+//!   coordinator prunes the change log ([`crate::server::Config::change_log_keep`]).
 //!
 //! Without a database (memory) none of this runs: the registry is used as before, with
 //! its coalescing window and local expiry.
@@ -49,7 +50,12 @@ pub struct Core {
     pub store: Store,
     /// Each member's `last_seen` as this coordinator last wrote or read it, Unix seconds.
     pub db_seen: HashMap<String, u64>,
+    /// When this coordinator last pruned the change log (ms since the epoch).
+    pub last_prune_ms: u64,
 }
+
+/// How often the expiry-lock holder prunes the change log.
+pub const PRUNE_EVERY_MS: u64 = 60_000;
 
 /// The clock and intervals a sweep runs with.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +66,8 @@ pub struct Timing {
     pub heartbeat_interval_ms: u64,
     /// How long a stale member stays before it is removed, ms.
     pub stale_after_ms: u64,
+    /// How long, and how many, change-log entries are kept.
+    pub change_log_keep: (std::time::Duration, u64),
 }
 
 impl Core {
@@ -86,6 +94,7 @@ impl Core {
                 registry,
                 store,
                 db_seen,
+                last_prune_ms: 0,
             };
             let metrics = Metrics::default();
             for (id, changes) in &remote {
@@ -103,6 +112,7 @@ impl Core {
             registry,
             store,
             db_seen,
+            last_prune_ms: 0,
         }
     }
 
@@ -302,6 +312,14 @@ impl Core {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot take the expiry lock; not expiring");
                 return out;
+            }
+        }
+        // Pruning is a write: at most once a minute, not on every sweep.
+        if t.now_ms >= self.last_prune_ms.saturating_add(PRUNE_EVERY_MS) {
+            self.last_prune_ms = t.now_ms;
+            let (keep, rows) = t.change_log_keep;
+            if let Err(e) = self.store.prune_change_log(keep.as_secs(), rows) {
+                tracing::warn!(error = %e, "pruning the change log failed");
             }
         }
         let timeout = t

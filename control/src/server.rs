@@ -125,6 +125,9 @@ pub struct Config {
     pub stale_after: Duration,
     /// How long a client may take to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// PostgreSQL: the change log keeps entries this long and at most this many (the
+    /// expiry-lock holder prunes it on its sweeps).
+    pub change_log_keep: (Duration, u64),
     /// Most SSE streams one identity may hold open.
     pub max_streams_per_identity: usize,
     /// Most open connections overall.
@@ -167,6 +170,7 @@ impl Config {
             request_timeout: Duration::from_secs(10),
             stale_after: Duration::from_secs(3600),
             tls_handshake_timeout: Duration::from_secs(3),
+            change_log_keep: (Duration::from_secs(86_400), 100_000),
             max_streams_per_identity: 4,
             max_connections: 20_000,
             max_connections_per_ip: 512,
@@ -346,6 +350,7 @@ impl Coordinator {
                     now_ms: now,
                     heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
                     stale_after_ms: self.config.stale_after.as_millis() as u64,
+                    change_log_keep: self.config.change_log_keep,
                 },
             )
         } else {

@@ -427,6 +427,19 @@ impl Store {
         }
     }
 
+    /// Deletes change-log entries older than `before_secs` or beyond the newest
+    /// `keep_rows` (the newest entry is always kept). Without a change log: nothing.
+    pub fn prune_change_log(&mut self, before_secs: u64, keep_rows: u64) -> Result<(), StoreError> {
+        match self.engine.as_mut() {
+            Some(e) if e.change_log_origin().is_some() => Ok(storage::prune_change_log(
+                e.as_mut(),
+                before_secs,
+                keep_rows,
+            )?),
+            _ => Ok(()),
+        }
+    }
+
     /// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
     pub fn members_seen_before(
         &mut self,

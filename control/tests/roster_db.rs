@@ -403,3 +403,37 @@ async fn a_lagging_coordinator_cannot_hand_over_an_app_or_key_bound_on_the_other
         .unwrap();
     assert_eq!(entry["hosted_app_ulas"], json!([app]));
 }
+
+/// The change log is pruned by the expiry-lock holder (here: to the newest 3 entries),
+/// the newest entry always stays, and a `Last-Event-ID` from before the pruned horizon on
+/// a coordinator that never saw those events gets a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_is_pruned_and_an_old_event_id_gets_a_snapshot() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("prune").unwrap());
+    let Pair { a, .. } = pair(&db, |c| c.change_log_keep = (Duration::from_secs(3600), 3)).await;
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let mut stream = s1.client.stream(None).await;
+    let (first, _) = stream.next_event().await;
+    for i in 0..4 {
+        a.join(&format!("n{i}"), &["node"]).await;
+    }
+    assert!(count(&pg, "prune", "SELECT count(*) FROM change_log") > 3);
+    let newest = count(&pg, "prune", "SELECT max(id) FROM change_log");
+    a.coord.sweep();
+    assert_eq!(count(&pg, "prune", "SELECT count(*) FROM change_log"), 3);
+    assert_eq!(
+        count(&pg, "prune", "SELECT max(id) FROM change_log"),
+        newest
+    );
+    // A coordinator started now continues the ids and cannot replay what was pruned.
+    let c = Harness::start_with_pki(a.pki.clone(), |c| c.database = Some(db.clone())).await;
+    let mut s = c.client("s1").stream(Some(first)).await;
+    match s.next_event().await {
+        (id, SseEvent::Snapshot(p)) => {
+            assert_eq!(id, newest);
+            assert_eq!(p.peers.len(), 4);
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}

@@ -3,7 +3,7 @@
 //! ```text
 //! tabbify-mesh-coordinator --bind ADDR --tls-cert F --tls-key F --tls-ca F --policy-file F
 //!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
-//!     [--database postgres://…]
+//!     [--database postgres://… [--change-log-keep-secs N] [--change-log-keep-rows N]]
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
 //!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
@@ -77,6 +77,13 @@ struct Cli {
     /// Keep that state in PostgreSQL instead (`postgres://user@host/db`).
     #[arg(long, env = "TABBIFY_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
+    /// PostgreSQL: change-log entries are pruned once older than this many seconds
+    /// (a `Last-Event-ID` from before the pruned horizon gets a snapshot).
+    #[arg(long, default_value_t = 86_400)]
+    change_log_keep_secs: u64,
+    /// PostgreSQL: at most this many change-log entries are kept.
+    #[arg(long, default_value_t = 100_000)]
+    change_log_keep_rows: u64,
     /// Heartbeat interval handed to peers; three missed ones make a peer stale.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
@@ -171,6 +178,10 @@ fn main() -> anyhow::Result<()> {
         bail!("--heartbeat-per-sec must be a positive number");
     }
     config.stale_after = Duration::from_secs(cli.stale_after);
+    config.change_log_keep = (
+        Duration::from_secs(cli.change_log_keep_secs),
+        cli.change_log_keep_rows,
+    );
     config.max_streams_per_identity = cli.max_streams_per_identity;
     config.max_connections = cli.max_connections;
     config.max_connections_per_ip = cli.max_connections_per_ip;

@@ -324,6 +324,26 @@ pub fn touch(engine: &mut dyn Engine, peer_ids: &[String], secs: u64) -> Result<
     engine.transaction(&statements)
 }
 
+/// Deletes change-log entries older than `keep_secs` (by the database's clock) or older
+/// than the newest `keep_rows`; the newest entry always stays (it is where a starting
+/// coordinator's event ids continue from). A follower that was away longer than that gets
+/// snapshots, never a wrong replay: streams resume only from what a coordinator saw
+/// itself.
+pub fn prune_change_log(
+    engine: &mut dyn Engine,
+    keep_secs: u64,
+    keep_rows: u64,
+) -> Result<(), StorageError> {
+    let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
+    engine.transaction(&[Statement {
+        must_change: false,
+        sql: "DELETE FROM change_log WHERE id < (SELECT MAX(id) FROM change_log) \
+              AND (at < CAST(EXTRACT(EPOCH FROM now()) AS BIGINT) - ?1 \
+              OR id <= (SELECT MAX(id) FROM change_log) - ?2)",
+        params: vec![int(keep_secs), int(keep_rows)],
+    }])
+}
+
 /// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
 pub fn members_seen_before(
     engine: &mut dyn Engine,
