@@ -437,3 +437,51 @@ async fn the_change_log_is_pruned_and_an_old_event_id_gets_a_snapshot() {
         other => panic!("expected a snapshot, got {other:?}"),
     }
 }
+
+/// The `change_log` fuzz target's member logic on its seeds (the fuzz crate is built by
+/// scripts/test-fuzz.sh with nightly; this runs the same steps on stable): hostile rows
+/// (a forged peer id, a claim on an app, removals of unknown members) go into a roster
+/// without a panic, and a valid row is served.
+#[test]
+fn member_rows_from_the_change_log_seed_go_into_a_roster_without_a_panic() {
+    use tabbify_control::members::MemberRow;
+    use tabbify_control::policy::Policy;
+    use tabbify_control::registry::{Limits, Registry};
+    use tabbify_control::storage::Change;
+    let seed = include_str!("../fuzz/corpus/change_log/member.json");
+    let mut changes: Vec<Change> = serde_json::from_str(seed).unwrap();
+    let Change::Member(forged) = changes[0].clone() else {
+        panic!("the seed starts with a member row")
+    };
+    let valid = MemberRow {
+        peer_id: tabbify_control::ula::identity_peer_id("n1"),
+        ..forged
+    };
+    changes.push(Change::Member(valid.clone()));
+    let body = valid.body();
+    assert_eq!(MemberRow::from_body(&body, 1, false).unwrap().body(), body);
+    assert!(MemberRow::from_body("{\"peer_id\":1}", 1, false).is_err());
+    let policy = Policy::compile(common::policy()).unwrap();
+    let mut roster = Registry::new(std::sync::Arc::new(policy), 1, Limits::default());
+    roster.set_coalescing(false);
+    for c in &changes {
+        match c {
+            Change::Member(row) => {
+                roster.apply_member(row);
+            }
+            Change::RemoveMember(id, reason) => {
+                roster.remove(id, reason);
+            }
+            Change::StaleMember(id, _) => roster.mark_stale(id),
+            _ => {}
+        }
+    }
+    assert_eq!(roster.len(), 1);
+    assert!(roster.peer("forged").is_none());
+    // A node may not host apps under the test policy: the claim is dropped.
+    assert!(roster
+        .peer(&valid.peer_id)
+        .unwrap()
+        .hosted_app_ulas
+        .is_empty());
+}
