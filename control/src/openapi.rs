@@ -115,7 +115,7 @@ pub fn document() -> Value {
         "info": {
             "title": "tabbify-mesh-coordinator",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken; a registration that loses a race with another coordinator on the same database (for a token's last use or a key) is 409 conflict and changes nothing; a write the state database fails or cannot take is 503 unavailable and changes nothing."
+            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken; a registration or heartbeat that loses a race with another coordinator on the same database (for a token's last use, a key or an app) is 409 conflict and changes nothing; a write the state database fails or cannot take (including a heartbeat that changes the member; an unchanged heartbeat writes nothing) is 503 unavailable and changes nothing."
         },
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": ok("Health")}},
@@ -131,7 +131,9 @@ pub fn document() -> Value {
                 "requestBody": body("HeartbeatRequest"), "responses": ok("HeartbeatResponse")}},
             "/v1/mesh/peers": {"get": {"operationId": "peers", "responses": ok("PeersResponse")}},
             "/v1/mesh/peers/stream": {"get": {"operationId": "peersStream",
-                "parameters": [{"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"}}],
+                "parameters": [{"name": "Last-Event-ID", "in": "header", "required": false,
+                    "description": "Resume after this event id (with PostgreSQL, a change-log id: valid on any coordinator that saw it); otherwise the stream starts with a snapshot",
+                    "schema": {"type": "string"}}],
                 "responses": {
                     "200": {"description": "Server-sent events: snapshot, peer_upsert, peer_remove, policy, hole_punch",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},

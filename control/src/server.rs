@@ -18,8 +18,9 @@
 //! Locking: one `RwLock` over the registry and the store, never held across an await.
 //! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
 //! update, at most a few database commits (each durable before the request is answered;
-//! see [`crate::store`]), and one broadcast send, which keeps the event order equal to the
-//! id order.
+//! see [`crate::store`]), and one broadcast send per committed change, which keeps the
+//! event order equal to the id order. With a database, member changes go through
+//! [`crate::roster::Core`] (preview, commit, then events under the commit's id).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;

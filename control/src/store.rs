@@ -1,9 +1,10 @@
 //! The durable state of the coordinator: join tokens (hashes only), one record per
 //! identity (its admitted WireGuard key, retired keys, granted tags and name, revocation)
 //! and the current policy, kept in memory for reads and written through to a database
-//! ([`crate::storage`]: SQLite under `--state-dir` by default, or PostgreSQL). Rosters are
-//! not stored: addresses are derived from identities and peers re-register after a
-//! restart.
+//! ([`crate::storage`]: SQLite under `--state-dir` by default, or PostgreSQL). Members
+//! (the roster) are stored too, but kept in memory by the registry, not here: the store
+//! hands the ones read at open to the coordinator ([`Store::take_members`]) and writes the
+//! member changes it is given ([`crate::roster`]).
 //!
 //! Invariants:
 //! * A change is committed to the database before it is applied in memory, and the

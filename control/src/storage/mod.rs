@@ -4,8 +4,8 @@
 //!
 //! What it owns: the rows behind [`crate::store::Store`] — join tokens (hashes only),
 //! identities with every key they hold or held, keys revoked by pre-identity logs, the
-//! policy in force, and a few facts about the database itself (`meta`: when a `state.log`
-//! was imported). The schema is in [`migrate`]; every statement the coordinator runs is
+//! policy in force, the members with the apps they hold ([`crate::members`]), and a few
+//! facts about the database itself (`meta`: when a `state.log` was imported). The schema is in [`migrate`]; every statement the coordinator runs is
 //! built here, once, in the SQL both engines speak, so the engines only bind values and
 //! run transactions.
 //!
