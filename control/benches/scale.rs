@@ -1,14 +1,15 @@
 //! Scale benchmark of the coordinator (reports; never fails CI).
 //!
 //! `cargo bench -p tabbify-control --bench scale` (options: `-- --peers N --subscribers N
-//! [--postgres] [--coordinators K] [--heartbeat-secs S]`).
+//! [--postgres] [--coordinators K] [--heartbeat-secs S] [--steady-secs N]`).
 //!
 //! With `--postgres` (implied by `--coordinators` above 1) the bench starts a throwaway
 //! PostgreSQL cluster (`tests/src/postgres.rs`; Debian's `postgresql` package) and K
 //! coordinators on one database: peers register round-robin over them, each streams from
 //! another coordinator than the one it registered on, the change is made on the first, and
-//! the bench also reports each coordinator's RSS and the database's row writes while every
-//! peer sends one unchanged heartbeat (the steady state).
+//! the bench also reports each coordinator's RSS and the database's writes while every
+//! peer sends unchanged heartbeats, one round per heartbeat interval for `--steady-secs`
+//! (default: one round), the steady state.
 //!
 //! 1. Starts the real `tabbify-mesh-coordinator` binary as a child process (plaintext on
 //!    loopback, so the figures measure the coordinator rather than TLS handshakes) with a
@@ -62,6 +63,7 @@ fn main() -> anyhow::Result<()> {
     let subscribers = opt("--subscribers", peers).min(peers);
     let coordinators = opt("--coordinators", 1).max(1);
     let heartbeat_secs = opt("--heartbeat-secs", 3600);
+    let steady_secs = opt("--steady-secs", 0);
     let pg = if coordinators > 1 || args.iter().any(|a| a == "--postgres") {
         Some(postgres::Postgres::start().map_err(anyhow::Error::msg)?)
     } else {
@@ -85,7 +87,7 @@ fn main() -> anyhow::Result<()> {
         peers,
         subscribers,
         coordinators,
-        heartbeat_secs,
+        (heartbeat_secs, steady_secs),
         pg.as_ref(),
     ))?;
     in_process(peers);
@@ -212,7 +214,7 @@ async fn over_http(
     peers: usize,
     subscribers: usize,
     coordinators: usize,
-    heartbeat_secs: usize,
+    (heartbeat_secs, steady_secs): (usize, usize),
     pg: Option<&postgres::Postgres>,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -427,28 +429,29 @@ async fn over_http(
         tokio::time::sleep(Duration::from_secs(1)).await;
         let before = db_writes(pg, since)?;
         let t0 = Instant::now();
-        let mut tasks = Vec::new();
-        for w in 0..workers {
-            let addr = addrs[w % addrs.len()];
-            tasks.push(tokio::spawn(async move {
-                let mut conn = Conn::open(addr, "p0").await?;
-                for i in (w..peers).step_by(workers) {
-                    let name = format!("p{i}");
-                    conn.identity = name.clone();
-                    let body = json!({"peer_id": tabbify_control::ula::identity_peer_id(&name),
-                                      "endpoints": ["127.0.0.1:51820"]});
-                    let (st, v) = conn
-                        .request("POST", "/v1/mesh/heartbeat", Some(body))
-                        .await?;
-                    if st != 200 {
-                        bail!("heartbeat {i}: {st} {v}");
-                    }
-                }
-                anyhow::Ok(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
+        let mut rounds = 0;
+        loop {
+            let round = Instant::now();
+            heartbeat_round(&addrs, workers, peers).await?;
+            // The hub too, unchanged since the fan-out (else it would go stale: a write).
+            let (st, v) = hub
+                .request(
+                    "POST",
+                    "/v1/mesh/heartbeat",
+                    Some(json!({"peer_id": hub_id, "endpoints": ["127.0.0.1:4242"]})),
+                )
+                .await?;
+            if st != 200 {
+                bail!("hub heartbeat: {st} {v}");
+            }
+            rounds += 1;
+            let next = round + Duration::from_secs(heartbeat_secs as u64);
+            if t0.elapsed() + Duration::from_secs(heartbeat_secs as u64)
+                > Duration::from_secs(steady_secs as u64)
+            {
+                break;
+            }
+            tokio::time::sleep_until(next.into()).await;
         }
         let took = t0.elapsed();
         // Let the coordinators' sweeps (every half heartbeat interval, at most 5 s here)
@@ -457,11 +460,10 @@ async fn over_http(
         let after = db_writes(pg, since)?;
         let window = t0.elapsed().as_secs_f64();
         println!(
-            "steady state: {peers} unchanged heartbeats in {:.2} s ({:.0}/s) over {coordinators} \
-             coordinator(s); in the {window:.1} s window the database got {} change-log \
-             entries and {} members' last_seen written ({:.2} writes/s)",
+            "steady state: {rounds} round(s) of {peers} unchanged heartbeats over \
+             {coordinators} coordinator(s) in {:.1} s; in the {window:.1} s window the database \
+             got {} change-log entries and {} members' last_seen written ({:.2} writes/s)",
             took.as_secs_f64(),
-            peers as f64 / took.as_secs_f64(),
             after.0 - before.0,
             after.1,
             (after.0 - before.0 + after.1) as f64 / window,
@@ -469,6 +471,38 @@ async fn over_http(
     }
     for s in streams {
         s.abort();
+    }
+    Ok(())
+}
+
+/// Every peer sends one unchanged heartbeat, through the coordinator it registered on.
+async fn heartbeat_round(
+    addrs: &Arc<Vec<SocketAddr>>,
+    workers: usize,
+    peers: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let addr = addrs[w % addrs.len()];
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr, "p0").await?;
+            for i in (w..peers).step_by(workers) {
+                let name = format!("p{i}");
+                conn.identity = name.clone();
+                let body = json!({"peer_id": tabbify_control::ula::identity_peer_id(&name),
+                                  "endpoints": ["127.0.0.1:51820"]});
+                let (st, v) = conn
+                    .request("POST", "/v1/mesh/heartbeat", Some(body))
+                    .await?;
+                if st != 200 {
+                    bail!("heartbeat {i}: {st} {v}");
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     Ok(())
 }
