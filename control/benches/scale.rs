@@ -299,7 +299,18 @@ async fn over_http(
                     "endpoints": ["127.0.0.1:51820"], "join_token": tokens[i % TEAMS],
                 });
                 let t0 = Instant::now();
-                let (st, v) = c.request("POST", "/v1/mesh/register", Some(body)).await?;
+                let (mut st, mut v) = c
+                    .request("POST", "/v1/mesh/register", Some(body.clone()))
+                    .await?;
+                // A lost race with another coordinator is retried, as a joiner does.
+                for _ in 0..5 {
+                    if st != 409 {
+                        break;
+                    }
+                    (st, v) = c
+                        .request("POST", "/v1/mesh/register", Some(body.clone()))
+                        .await?;
+                }
                 lat.push(t0.elapsed());
                 if st != 200 {
                     bail!("register {i}: {st} {v}");

@@ -485,3 +485,39 @@ fn member_rows_from_the_change_log_seed_go_into_a_roster_without_a_panic() {
         .hosted_app_ulas
         .is_empty());
 }
+
+/// An unlimited (fleet) token spent through two coordinators at once is counted twice,
+/// never a conflict; a single-use one still cannot be spent twice.
+#[test]
+fn an_unlimited_token_spent_through_two_coordinators_does_not_conflict() {
+    use tabbify_control::store::{IdentityRecord, Store, TokenRecord};
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("fleet").unwrap());
+    let token = |max_uses| TokenRecord {
+        tags: vec!["node".into()],
+        name: None,
+        expires_at: u64::from(u32::MAX),
+        max_uses,
+        uses: 0,
+        identity: None,
+        created_at: 1,
+    };
+    let ident = |key: &str| IdentityRecord {
+        key: Some(key.into()),
+        display_name: key.into(),
+        ..IdentityRecord::default()
+    };
+    let mut a = Store::open_database(&db, None, 1).unwrap();
+    a.put_token("fleet".into(), token(0)).unwrap();
+    a.put_token("once".into(), token(1)).unwrap();
+    let mut b = Store::open_database(&db, None, 1).unwrap();
+    a.admit("m1", ident("K1"), Some("fleet")).unwrap();
+    // B has not caught up: its view of the fleet token is one use behind.
+    b.admit("m2", ident("K2"), Some("fleet")).unwrap();
+    assert_eq!(
+        count(&pg, "fleet", "SELECT uses FROM tokens WHERE hash = 'fleet'"),
+        2
+    );
+    a.admit("m3", ident("K3"), Some("once")).unwrap();
+    assert!(b.admit("m4", ident("K4"), Some("once")).is_err());
+}

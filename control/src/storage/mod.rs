@@ -165,7 +165,8 @@ pub enum Change {
     /// Insert or replace a token.
     Token(String, TokenRecord),
     /// Count one use of a token: the token as it is after the use, written only if the
-    /// stored count is one less (so two coordinators cannot spend the same last use).
+    /// stored count is one less (so two coordinators cannot spend the same last use); an
+    /// unlimited token's count is incremented instead.
     SpendToken(String, TokenRecord),
     /// Delete a token.
     DeleteToken(String),
@@ -605,6 +606,14 @@ fn statements_for(
                 opt(&t.identity),
                 int(t.created_at)?,
             ],
+        }),
+        // An unlimited token has no last use to protect: count the use without a
+        // compare-and-set, so members registering through several coordinators at once
+        // with one fleet token do not conflict.
+        Change::SpendToken(hash, t) if t.max_uses == 0 => out.push(Statement {
+            must_change: true,
+            sql: "UPDATE tokens SET uses = uses + 1 WHERE hash = ?1 AND max_uses = 0",
+            params: vec![Value::Text(hash.clone())],
         }),
         Change::SpendToken(hash, t) => out.push(Statement {
             must_change: true,
