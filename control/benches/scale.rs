@@ -355,6 +355,28 @@ async fn over_http(
         rss_kib(pid) as f64 / 1024.0
     );
     rss(&format!("with {} registered peers", peers + 1));
+    // Every coordinator serves every member once it has caught up with the change log.
+    let caught_up = Instant::now();
+    for a in addrs.iter() {
+        let mut c = Conn::open(*a, "admin").await?;
+        loop {
+            let (_, h) = c.request("GET", "/health", None).await?;
+            if h["peers"].as_u64() == Some(peers as u64 + 1) {
+                break;
+            }
+            if caught_up.elapsed() > Duration::from_secs(300) {
+                bail!("coordinator {a} holds {} peers", h["peers"]);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if coordinators > 1 {
+        println!(
+            "every coordinator holds all {} members {:.2} s after the last registration answer",
+            peers + 1,
+            caught_up.elapsed().as_secs_f64()
+        );
+    }
 
     // Streams.
     let ready = Arc::new(AtomicUsize::new(0));
@@ -396,6 +418,9 @@ async fn over_http(
     );
     rss(&format!("with {subscribers} SSE streams open"));
 
+    // The hub's connection idled while the streams opened (the coordinator closes idle
+    // keep-alive connections after its request timeout): a fresh one.
+    let mut hub = Conn::open(addr, "hub").await?;
     let t0 = Instant::now();
     let (st, v) = hub
         .request(
@@ -445,6 +470,7 @@ async fn over_http(
             let round = Instant::now();
             heartbeat_round(&addrs, workers, peers).await?;
             // The hub too, unchanged since the fan-out (else it would go stale: a write).
+            let mut hub = Conn::open(addr, "hub").await?;
             let (st, v) = hub
                 .request(
                     "POST",

@@ -1150,3 +1150,73 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         stale: p.stale,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        let doc: crate::api::PolicyDocument = serde_json::from_value(serde_json::json!({
+            "tags": ["node"],
+            "allow": [{"src": ["tag:node"], "dst": ["tag:node"]}]
+        }))
+        .unwrap();
+        Registry::new(
+            Arc::new(Policy::compile(doc).unwrap()),
+            1,
+            Limits::default(),
+        )
+    }
+
+    fn peer(name: &str, port: u16) -> NewPeer {
+        NewPeer {
+            key: *blake3::hash(name.as_bytes()).as_bytes(),
+            identity: name.into(),
+            display_name: name.into(),
+            tags: vec!["node".into()],
+            endpoints: vec![SocketAddr::from(([10, 0, 0, 1], port))],
+            wg_listen_port: port,
+            reflexive: SocketAddr::from(([10, 0, 0, 1], port)),
+        }
+    }
+
+    /// Change-log entries: each is one dispatch with the entry's id, an entry without
+    /// events still moves the position, a held preview sends nothing, and resuming from
+    /// before the start position needs a snapshot.
+    #[test]
+    fn entries_take_their_log_ids_and_previews_send_nothing() {
+        let mut r = registry();
+        r.set_coalescing(false);
+        r.start_at(100);
+        let mut rx = r.subscribe();
+        assert!(r.replay_since(99).is_none(), "before the start position");
+        r.begin_entry(Some(105));
+        r.upsert(peer("a", 1), 1);
+        r.upsert(peer("b", 2), 1);
+        r.end_entry();
+        let d = rx.try_recv().unwrap();
+        assert_eq!(d.id, 105);
+        assert!(matches!(d.payload, Payload::Batch(_)));
+        assert!(rx.try_recv().is_err(), "one dispatch per entry");
+        // A token change: no event, the position moves.
+        r.begin_entry(Some(107));
+        r.end_entry();
+        assert_eq!(r.last_event_id(), 107);
+        // A preview: applied, then undone; nothing sent.
+        let before = r.peer(&crate::ula::identity_peer_id("a")).cloned();
+        r.hold();
+        r.upsert(peer("a", 9), 2);
+        r.discard();
+        r.set_silent(&crate::ula::identity_peer_id("a"), before.clone());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(r.peer(&crate::ula::identity_peer_id("a")), before.as_ref());
+        // Resumption within what this process saw.
+        assert_eq!(r.replay_since(100).unwrap().len(), 1);
+        assert_eq!(r.replay_since(105).unwrap().len(), 0);
+        // An id that went backwards gets the next one instead.
+        r.begin_entry(Some(50));
+        r.remove(&crate::ula::identity_peer_id("b"), "left");
+        r.end_entry();
+        assert_eq!(rx.try_recv().unwrap().id, 108);
+    }
+}
