@@ -139,6 +139,7 @@ struct Contender {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    set_log_dump(LogDump::Never);
     match &args.command {
         None => {}
         Some(Bench::CryptoBound { seconds }) => {

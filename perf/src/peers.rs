@@ -375,6 +375,32 @@ fn receiver_index(datagram: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.try_into().ok()?))
 }
 
+/// The flood socket's receive buffer.
+const FLOOD_RCVBUF: libc::c_int = 32 << 20;
+
+/// `SO_RCVBUFFORCE` (root may exceed `net.core.rmem_max`, which is per namespace).
+fn force_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is a live UDP socket owned by `socket` for the whole call, and the
+    // option value points at a c_int whose size is passed alongside it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "SO_RCVBUFFORCE {bytes}: {} (run as root)",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// The initiators of `peers` (run inside the left namespace): see the module docs.
 pub fn flood(args: &FloodArgs) -> Result<()> {
     let keys = std::fs::read_to_string(&args.keys)
@@ -409,6 +435,10 @@ pub fn flood(args: &FloodArgs) -> Result<()> {
         "[::]:0"
     };
     let socket = UdpSocket::bind(bind).context("binding the flood's socket")?;
+    // Every response of the burst must find room: with the default receive buffer (about
+    // 200 datagrams' worth) the kernel drops the rest and their peers wait for boringtun's
+    // 5 s retransmit, which would measure this harness instead of the responder.
+    force_receive_buffer(&socket, FLOOD_RCVBUF)?;
     socket.set_read_timeout(Some(Duration::from_millis(10)))?;
     let mut result = FloodResult {
         peers: tunns.len(),
