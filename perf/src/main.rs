@@ -1,7 +1,13 @@
 //! `tabbify-perf`: iperf3 and ping between two network namespaces over a veth, through our
 //! data plane (io_uring and epoll drivers), boringtun-cli (`--threads 1` and its default),
-//! Debian's wireguard-go, and the bare veth; and ours relayed (`ours-relay-udp`,
-//! `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
+//! Debian's wireguard-go, wireguard-go v0.0.20250522 with offloads
+//! (`wireguard-go-offload`), gotatun-cli 0.10.2, and the bare veth; and ours relayed
+//! (`ours-relay-udp`, `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
+//! Each implementation's throughput per core of daemon CPU is set against the crypto
+//! bound ([`crypto`]), and every ratio names the best stock implementation it is taken
+//! against. Subcommands run the benchmarks of ours alone: `peers` (1,000 peers, see
+//! [`peers`]), `multi-core` (several tunnel pairs at once, see [`multicore`]) and
+//! `crypto-bound`.
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
