@@ -103,6 +103,10 @@ struct Args {
     /// (default: `wireguard-go-offload` on PATH; reported as not available without it).
     #[arg(long, env = "WIREGUARD_GO_OFFLOAD_BIN")]
     wireguard_go_offload_bin: Option<PathBuf>,
+    /// RPS on the veth's receive queues (`on`, the default) or not (`off`: the issue's
+    /// "no-RPS rig", where the single-queue veth receiver runs on one CPU).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    veth_rps: String,
     /// Seconds the crypto bound (ChaCha20-Poly1305 seal + open through boringtun, one
     /// core) is measured for at the start of a run; 0 skips it.
     #[arg(long, default_value_t = 3)]
@@ -220,7 +224,15 @@ fn main() -> Result<()> {
     }
     let left = Netns::new()?;
     let right = Netns::new()?;
-    let veth = VethPair::connect(&left, &right, &VethOptions::default())?;
+    let veth_rps = args.veth_rps == "on";
+    let veth = VethPair::connect(
+        &left,
+        &right,
+        &VethOptions {
+            rps: veth_rps,
+            ..VethOptions::default()
+        },
+    )?;
 
     let mut results: Vec<ImplResult> = contenders.iter().map(|c| new_result(c, &args)).collect();
     for round in 1..=args.rounds {
@@ -259,7 +271,7 @@ fn main() -> Result<()> {
         udp_payload: iperf::UDP_PAYLOAD.parse().unwrap_or(0),
         rounds: args.rounds,
         duration_s: args.duration,
-        veth_rps: true,
+        veth_rps,
         load_average: [load_before, load_average()],
         crypto_bound_gbps,
         ratios: report::ratios(&results, crypto_bound_gbps),
@@ -268,12 +280,13 @@ fn main() -> Result<()> {
     };
     let table = report::markdown(&run);
     println!(
-        "\n{} · kernel {} · {} × {} · MTU {} · {} rounds × {} s · load average {} → {}\n",
+        "\n{} · kernel {} · {} × {} · MTU {} · veth RPS {} · {} rounds × {} s · load average {} → {}\n",
         run.timestamp,
         run.kernel,
         run.cores,
         run.cpu_model,
         run.mtu,
+        if run.veth_rps { "on" } else { "off" },
         run.rounds,
         run.duration_s,
         fmt_load(run.load_average[0]),
@@ -861,9 +874,9 @@ fn update_readme(readme: &Path, run: &Run, table: &str, png: Option<&Path>) -> R
         bail!("{} has no {BEGIN} … {END} section", readme.display());
     };
     let mut section = format!(
-        "{BEGIN}\nLatest run: {} · kernel {} · {} × {} · tunnel MTU {} · {} rounds × {} s per test · \
+        "{BEGIN}\nLatest run: {} · kernel {} · {} × {} · tunnel MTU {} · veth RPS {} · {} rounds × {} s per test · \
          load average {} → {} · `{}`\n\n{table}",
-        run.timestamp, run.kernel, run.cores, run.cpu_model, run.mtu, run.rounds, run.duration_s, fmt_load(run.load_average[0]), fmt_load(run.load_average[1]), run.command
+        run.timestamp, run.kernel, run.cores, run.cpu_model, run.mtu, if run.veth_rps { "on" } else { "off" }, run.rounds, run.duration_s, fmt_load(run.load_average[0]), fmt_load(run.load_average[1]), run.command
     );
     if let Some(png) = png {
         let dir = readme.parent().unwrap_or(Path::new("."));
