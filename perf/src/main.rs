@@ -188,14 +188,9 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    require(&[
-        Tool::Iproute2,
-        Tool::Wg,
-        Tool::WireguardGo,
-        Tool::BoringtunCli,
-        Tool::Iperf3,
-        Tool::Ping,
-    ])?;
+    // The stock daemons are optional: one that is not installed is reported as not
+    // available (see `contenders`), the rest of the run goes on.
+    require(&[Tool::Iproute2, Tool::Wg, Tool::Iperf3, Tool::Ping])?;
     if args.rounds == 0 || args.duration == 0 {
         bail!("--rounds and --duration must be at least 1");
     }
@@ -448,7 +443,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "boringtun-t1",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: Some(1) }),
-            unavailable: None,
+            unavailable: missing_tool(Tool::BoringtunCli),
             tracked: false,
             relay: None,
         },
@@ -456,7 +451,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "boringtun-default",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: None }),
-            unavailable: None,
+            unavailable: missing_tool(Tool::BoringtunCli),
             tracked: false,
             relay: None,
         },
@@ -464,7 +459,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "wireguard-go",
             kind: Kind::Stock,
             implementation: Some(Implementation::WireguardGo),
-            unavailable: None,
+            unavailable: missing_tool(Tool::WireguardGo),
             tracked: false,
             relay: None,
         },
@@ -482,12 +477,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "gotatun",
             kind: Kind::Stock,
             implementation: Some(Implementation::Gotatun),
-            unavailable: on_path("gotatun").is_none().then(|| {
-                format!(
-                    "not available: gotatun not on PATH ({})",
-                    Tool::GotatunCli.install_hint()
-                )
-            }),
+            unavailable: missing_tool(Tool::GotatunCli),
             tracked: false,
             relay: None,
         },
@@ -888,6 +878,23 @@ fn update_readme(readme: &Path, run: &Run, table: &str, png: Option<&Path>) -> R
     section.push_str(END);
     let updated = format!("{}{section}{}", &text[..start], &text[end + END.len()..]);
     std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
+}
+
+/// "not available: …" when one of `tool`'s programs is not on `PATH`.
+fn missing_tool(tool: Tool) -> Option<String> {
+    let missing: Vec<&str> = tool
+        .programs()
+        .iter()
+        .copied()
+        .filter(|p| on_path(p).is_none())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "not available: {} not on PATH ({})",
+            missing.join(", "),
+            tool.install_hint()
+        )
+    })
 }
 
 /// `program` found in a directory of `PATH`.

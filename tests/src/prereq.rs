@@ -65,12 +65,12 @@ impl Tool {
             Tool::WireguardGo => "apt-get install --no-install-recommends wireguard-go",
             Tool::BoringtunCli => "cargo install boringtun-cli --version 0.7.1 --locked",
             Tool::WireguardGoOffload => {
-                "go install golang.zx2c4.com/wireguard@v0.0.20250522 and put the binary on PATH \
-                 as wireguard-go-offload (or pass its path)"
+                "go install golang.zx2c4.com/wireguard@v0.0.20250522, then put the binary on PATH \
+                 as wireguard-go-offload or pass its path"
             }
             Tool::GotatunCli => {
-                "cargo install gotatun-cli --version 0.10.2 --locked (or TABBIFY_SETUP_PERF=1 \
-                 scripts/setup.sh)"
+                "cargo install gotatun-cli --version 0.10.2 --locked, or TABBIFY_SETUP_PERF=1 \
+                 scripts/setup.sh"
             }
             Tool::Ping => "apt-get install --no-install-recommends iputils-ping",
             Tool::Iperf3 => "apt-get install --no-install-recommends iperf3",
