@@ -375,6 +375,45 @@ fn receiver_index(datagram: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.try_into().ok()?))
 }
 
+/// What one datagram from the responder did to the flood's initiators.
+#[derive(Debug)]
+enum Taken<'o> {
+    /// A handshake response authenticated: the session is up; `reply` (the confirming
+    /// keepalive) goes back.
+    Established { peer: usize, reply: &'o [u8] },
+    /// Something else to send back.
+    Reply(&'o [u8]),
+    /// A cookie reply taken (the responder is under load; the next initiation carries it).
+    Cookie,
+    /// The initiator it names refused it (bad MAC, wrong key, replay, …).
+    Rejected { peer: usize, reason: String },
+    /// Not for any initiator (junk, unknown index, an initiation).
+    Ignored,
+}
+
+/// Hands `datagram` (from `from`) to the initiator its receiver index names. Only a
+/// response that initiator's `Tunn` authenticates counts as a session: a forged or
+/// misdirected one is refused by boringtun and counted as nothing.
+fn take<'o>(tunns: &mut [Tunn], datagram: &[u8], from: IpAddr, out: &'o mut [u8]) -> Taken<'o> {
+    let Some(peer) = receiver_index(datagram).map(|r| (r >> 8) as usize) else {
+        return Taken::Ignored;
+    };
+    let Some(tunn) = tunns.get_mut(peer) else {
+        return Taken::Ignored;
+    };
+    let kind = datagram[0];
+    match tunn.decapsulate(Some(from), datagram, out) {
+        TunnResult::WriteToNetwork(reply) if kind == 2 => Taken::Established { peer, reply },
+        TunnResult::WriteToNetwork(reply) => Taken::Reply(reply),
+        TunnResult::Err(error) => Taken::Rejected {
+            peer,
+            reason: format!("{error:?}"),
+        },
+        _ if kind == 3 => Taken::Cookie,
+        _ => Taken::Ignored,
+    }
+}
+
 /// The flood socket's receive buffer.
 const FLOOD_RCVBUF: libc::c_int = 32 << 20;
 
@@ -457,28 +496,18 @@ pub fn flood(args: &FloodArgs) -> Result<()> {
     let mut last_timers = Instant::now();
     while done_at.len() < tunns.len() && start.elapsed() < FLOOD_TIMEOUT {
         match socket.recv_from(&mut buf) {
-            Ok((len, from)) => {
-                let datagram = &buf[..len];
-                let Some(i) = receiver_index(datagram).map(|r| (r >> 8) as usize) else {
-                    continue;
-                };
-                let Some(tunn) = tunns.get_mut(i) else {
-                    continue;
-                };
-                if datagram[0] == 3 {
-                    result.cookie_replies += 1;
+            Ok((len, from)) => match take(&mut tunns, &buf[..len], from.ip(), &mut out) {
+                Taken::Established { peer, reply } => {
+                    socket.send_to(reply, args.endpoint)?;
+                    done_at.entry(peer).or_insert_with(|| start.elapsed());
                 }
-                match tunn.decapsulate(Some(from.ip()), datagram, &mut out) {
-                    TunnResult::WriteToNetwork(reply) => {
-                        socket.send_to(reply, args.endpoint)?;
-                        if datagram[0] == 2 {
-                            done_at.entry(i).or_insert_with(|| start.elapsed());
-                        }
-                    }
-                    TunnResult::Err(error) => eprintln!("flood: peer {i}: {error:?}"),
-                    _ => {}
+                Taken::Reply(reply) => {
+                    socket.send_to(reply, args.endpoint)?;
                 }
-            }
+                Taken::Cookie => result.cookie_replies += 1,
+                Taken::Rejected { peer, reason } => eprintln!("flood: peer {peer}: {reason}"),
+                Taken::Ignored => {}
+            },
             Err(error)
                 if matches!(
                     error.kind(),
@@ -594,6 +623,78 @@ mod tests {
         assert_eq!(receiver_index(&[1u8; 148]), None);
         assert_eq!(receiver_index(&[2u8, 0, 0]), None);
         assert_eq!(receiver_index(&[]), None);
+    }
+
+    /// Initiators `0..n` (flood indexes) towards `responder`, and their public keys.
+    fn initiators(n: usize, responder: &PublicKey) -> (Vec<Tunn>, Vec<StaticSecret>) {
+        let mut tunns = Vec::new();
+        let mut secrets = Vec::new();
+        for i in 0..n {
+            let (secret, _) = crate::crypto::keypair();
+            secrets.push(secret.clone());
+            tunns.push(Tunn::new(secret, *responder, None, None, i as u32, None));
+        }
+        (tunns, secrets)
+    }
+
+    #[test]
+    fn only_an_authenticated_response_counts_as_a_session() {
+        let (server_secret, server_public) = crate::crypto::keypair();
+        let (mut tunns, secrets) = initiators(2, &server_public);
+        let from: IpAddr = Ipv4Addr::new(10, 77, 0, 2).into();
+        let mut buf = vec![0u8; 2048];
+        let mut out = vec![0u8; 2048];
+        let init = match tunns[1].format_handshake_initiation(&mut buf, false) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+        let mut server = Tunn::new(
+            server_secret,
+            PublicKey::from(&secrets[1]),
+            None,
+            None,
+            77,
+            None,
+        );
+        let response = match server.decapsulate(Some(from), &init, &mut out) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            other => panic!("{other:?}"),
+        };
+
+        // An attacker re-addresses the genuine response to initiator 0 (who never sent
+        // an initiation with that index): refused, not a session.
+        let mut misdirected = response.clone();
+        misdirected[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            take(&mut tunns, &misdirected, from, &mut out),
+            Taken::Rejected { peer: 0, .. }
+        ));
+        // A flipped bit in the genuine response: refused (MAC).
+        let mut forged = response.clone();
+        forged[40] ^= 1;
+        assert!(matches!(
+            take(&mut tunns, &forged, from, &mut out),
+            Taken::Rejected { peer: 1, .. }
+        ));
+        // Junk and truncated datagrams are nobody's.
+        assert!(matches!(
+            take(&mut tunns, &[2, 0], from, &mut out),
+            Taken::Ignored
+        ));
+        assert!(matches!(
+            take(&mut tunns, &init, from, &mut out),
+            Taken::Ignored
+        ));
+        // The genuine response establishes initiator 1 and yields its keepalive.
+        match take(&mut tunns, &response, from, &mut out) {
+            Taken::Established { peer: 1, reply } => assert_eq!(reply[0], 4),
+            other => panic!("{other:?}"),
+        }
+        // Replayed: refused, so a session is never counted twice.
+        assert!(matches!(
+            take(&mut tunns, &response, from, &mut out),
+            Taken::Rejected { peer: 1, .. }
+        ));
     }
 
     #[test]
