@@ -943,3 +943,77 @@ fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contender<'a>(all: &'a [Contender], name: &str) -> &'a Contender {
+        all.iter().find(|c| c.name == name).expect("listed")
+    }
+
+    #[test]
+    fn strongest_others_are_listed_and_a_missing_one_is_not_available() {
+        let args = Args::parse_from([
+            "tabbify-perf",
+            "--wireguard-go-offload-bin",
+            "/nonexistent/wireguard-go-offload",
+        ]);
+        let all = contenders(&args).unwrap();
+        let offload = contender(&all, "wireguard-go-offload");
+        assert_eq!(offload.kind, Kind::Stock);
+        let reason = offload.unavailable.as_deref().unwrap();
+        assert!(
+            reason.starts_with("not available: /nonexistent"),
+            "{reason}"
+        );
+        let gotatun = contender(&all, "gotatun");
+        assert_eq!(gotatun.kind, Kind::Stock);
+        assert_eq!(gotatun.implementation, Some(Implementation::Gotatun));
+        // Available exactly when its binary is on PATH.
+        assert_eq!(gotatun.unavailable.is_none(), on_path("gotatun").is_some());
+    }
+
+    #[test]
+    fn a_given_offload_binary_is_used() {
+        let exe = std::env::current_exe().unwrap();
+        let args = Args::parse_from([
+            "tabbify-perf".as_ref(),
+            "--wireguard-go-offload-bin".as_ref(),
+            exe.as_os_str(),
+        ]);
+        let all = contenders(&args).unwrap();
+        let offload = contender(&all, "wireguard-go-offload");
+        assert_eq!(offload.unavailable, None);
+        assert_eq!(
+            offload.implementation,
+            Some(Implementation::WireguardGoOffload { binary: Some(exe) })
+        );
+    }
+
+    #[test]
+    fn subcommands_parse_with_the_shared_options() {
+        let args = Args::parse_from([
+            "tabbify-perf",
+            "--mesh-bin",
+            "/x/tabbify-mesh",
+            "multi-core",
+            "--threads",
+            "1,2,4",
+            "--rounds",
+            "2",
+        ]);
+        assert_eq!(args.rounds, 2);
+        assert_eq!(args.mesh_bin.as_deref(), Some(Path::new("/x/tabbify-mesh")));
+        match args.command {
+            Some(Bench::MultiCore(mc)) => {
+                assert_eq!(mc.threads, vec![1, 2, 4]);
+                assert_eq!(mc.pairs, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        let args = Args::parse_from(["tabbify-perf", "peers", "--peers", "50"]);
+        assert!(matches!(args.command, Some(Bench::Peers(p)) if p.peers == 50));
+        assert!(Args::try_parse_from(["tabbify-perf", "--veth-rps", "maybe"]).is_err());
+    }
+}
