@@ -54,6 +54,11 @@ use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
 use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
 use crate::{tokens, ula};
 
+/// Change-log entries applied per step of a catch-up (well under the stream broadcast
+/// capacity, [`Limits::broadcast`]).
+pub const CATCH_UP_CHUNK: usize = 256;
+/// The pause between two steps of a long catch-up.
+pub const CATCH_UP_PAUSE: Duration = Duration::from_millis(5);
 /// How often coalesced roster changes are checked for the end of their window.
 pub const FLUSH_PERIOD: Duration = Duration::from_millis(100);
 /// Header that names the caller when mTLS is off (loopback development only).
@@ -381,18 +386,33 @@ impl Coordinator {
     /// call (see [`crate::follow`] and [`crate::roster`]): their members, policy and
     /// revocations go into force here, each entry's events on every stream under the
     /// entry's change-log id. Returns how many entries were applied.
+    ///
+    /// A long backlog (after an outage) is applied in chunks of [`CATCH_UP_CHUNK`]
+    /// entries, releasing the lock and pausing between them, so the streams drain their
+    /// events as they come instead of falling more than the broadcast capacity behind
+    /// (which would resync them with snapshots).
     pub fn catch_up(&self) -> Result<usize, crate::store::StoreError> {
-        let mut guard = self.write();
-        let core = &mut *guard;
-        let entries = core.store.catch_up()?;
-        for (id, changes) in &entries {
-            core.apply_entry(&self.metrics, *id, changes);
+        let mut total = 0;
+        loop {
+            let more = {
+                let mut guard = self.write();
+                let core = &mut *guard;
+                let (entries, more) = core.store.catch_up_some(CATCH_UP_CHUNK)?;
+                for (id, changes) in &entries {
+                    core.apply_entry(&self.metrics, *id, changes);
+                }
+                if core.store.has_change_log() {
+                    core.registry
+                        .advance_to(u64::try_from(core.store.last_change()).unwrap_or(0));
+                }
+                total += entries.len();
+                more
+            };
+            if !more {
+                return Ok(total);
+            }
+            std::thread::sleep(CATCH_UP_PAUSE);
         }
-        if core.store.has_change_log() {
-            core.registry
-                .advance_to(u64::try_from(core.store.last_change()).unwrap_or(0));
-        }
-        Ok(entries.len())
     }
 
     /// Has the store call `on_change` when other coordinators may have committed

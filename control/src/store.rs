@@ -93,6 +93,9 @@ pub enum StoreError {
     Storage(#[from] StorageError),
 }
 
+/// Change-log entries of other coordinators: `(id, changes)`, oldest first.
+pub type LogEntries = Vec<(i64, Vec<Change>)>;
+
 /// A minted join token, keyed by the SHA-256 of its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -306,13 +309,28 @@ impl Store {
     /// as the writes, so no own write interleaves.
     pub fn catch_up(&mut self) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
         let mut out = self.take_remote();
-        out.extend(self.read_log(None)?);
+        out.extend(self.read_log(None, usize::MAX)?);
         Ok(out)
     }
 
+    /// As [`Store::catch_up`], reading at most about `max` entries (whole batches); the
+    /// flag says whether more may follow.
+    pub fn catch_up_some(&mut self, max: usize) -> Result<(LogEntries, bool), StoreError> {
+        let mut out = self.take_remote();
+        let before = self.last_change;
+        out.extend(self.read_log(None, max)?);
+        let more =
+            self.has_change_log() && usize::try_from(self.last_change - before).unwrap_or(0) >= max;
+        Ok((out, more))
+    }
+
     /// Reads and applies the change-log entries after the last applied one (and before
-    /// `before`), returning the others' entries.
-    fn read_log(&mut self, before: Option<i64>) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
+    /// `before`; stopping once `max` were read), returning the others' entries.
+    fn read_log(
+        &mut self,
+        before: Option<i64>,
+        max: usize,
+    ) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
         let Some(origin) = self
             .engine
             .as_ref()
@@ -321,11 +339,13 @@ impl Store {
         else {
             return Ok(Vec::new());
         };
-        const BATCH: usize = 1000;
+        let batch = max.clamp(1, 1000);
         let mut applied = Vec::new();
+        let mut read = 0usize;
         while let Some(engine) = self.engine.as_mut() {
-            let entries = storage::changes_after(engine.as_mut(), self.last_change, before, BATCH)?;
+            let entries = storage::changes_after(engine.as_mut(), self.last_change, before, batch)?;
             let n = entries.len();
+            read += n;
             for (id, from, changes) in entries {
                 // Our own entries are applied again too (in log order that converges on
                 // the database's state, and covers a commit whose answer was lost), but
@@ -338,7 +358,7 @@ impl Store {
                 }
                 self.last_change = id;
             }
-            if n < BATCH {
+            if n < batch || read >= max {
                 break;
             }
         }
@@ -689,7 +709,7 @@ impl Store {
                 // change (their events get their own, lower ids).
                 // The change is durable whatever happens here: a failed read leaves those
                 // entries to the next catch-up.
-                match self.read_log(Some(id)) {
+                match self.read_log(Some(id), usize::MAX) {
                     Ok(remote) => {
                         self.remote.extend(remote);
                         self.last_change = self.last_change.max(id);

@@ -521,3 +521,40 @@ fn an_unlimited_token_spent_through_two_coordinators_does_not_conflict() {
     a.admit("m3", ident("K3"), Some("once")).unwrap();
     assert!(b.admit("m4", ident("K4"), Some("once")).is_err());
 }
+
+/// A coordinator that was behind by more entries than the stream broadcast holds (1,024)
+/// catches up in chunks: its streams get every missed event, no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backlog_reaches_the_streams_as_events_not_snapshots() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("backlog").unwrap());
+    let pki = Pki::new();
+    let a = Harness::start_with_pki(pki.clone(), |c| c.database = Some(db.clone())).await;
+    let b = Harness::start_with_pki(pki, |c| c.database = Some(db.clone())).await;
+    let n1 = a.join("n1", &["node"]).await;
+    let s1 = b.join("s1", &["supervisor"]).await;
+    let mut stream = s1.client.stream(None).await;
+    assert!(matches!(stream.next_event().await.1, SseEvent::Snapshot(_)));
+    // B does not follow the log: A's 1,300 changes pile up.
+    let n = 1300u16;
+    for i in 0..n {
+        a.clock.advance_ms(1_000);
+        let (st, v) = n1
+            .heartbeat(json!({"endpoints": [format!("127.0.0.1:{}", 20_000 + i)]}))
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let coord = b.coord.clone();
+    let applied = tokio::task::spawn_blocking(move || coord.catch_up().unwrap())
+        .await
+        .unwrap();
+    assert!(applied >= usize::from(n), "{applied}");
+    let mut last_port = 0;
+    while last_port != 20_000 + n - 1 {
+        match stream.next_event().await.1 {
+            SseEvent::PeerUpsert(p) if p.peer_id == n1.id => last_port = p.endpoints[0].port(),
+            SseEvent::Snapshot(_) | SseEvent::Policy(_) => panic!("resynced instead of caught up"),
+            _ => {}
+        }
+    }
+}
