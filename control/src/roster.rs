@@ -203,6 +203,28 @@ impl Core {
         self.registry.end_entry();
     }
 
+    /// Removes member `id` (reason `reason` in its `peer_remove`), committed with `pre`
+    /// (the request's other changes) in one transaction before it takes effect. Every
+    /// route that ends a membership (revocation, key clearing, leaving) goes through here,
+    /// so the stored roster and every coordinator's follow.
+    pub fn remove_member(
+        &mut self,
+        metrics: &Metrics,
+        mut pre: Vec<Change>,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        if self.store.is_durable() && self.registry.peer(id).is_some() {
+            pre.push(Change::RemoveMember(id.to_owned(), reason.to_owned()));
+        }
+        self.store.commit_changes(pre)?;
+        self.after_commit(metrics, |reg| {
+            reg.remove(id, reason);
+        });
+        self.db_seen.remove(id);
+        Ok(())
+    }
+
     /// A change to the members `touched`, made by `mutate` on the registry, committed with
     /// `pre` (the request's other changes) in one transaction before it takes effect (see
     /// the module docs). Without a database: `pre` is applied, then `mutate` runs as

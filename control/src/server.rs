@@ -1418,16 +1418,7 @@ impl Coordinator {
             changes = core.store.admit_changes(cn, record.clone(), None)?;
             Metrics::inc(&self.metrics.revocations);
         }
-        if core.store.is_durable() && core.registry.peer(&id).is_some() {
-            changes.push(crate::storage::Change::RemoveMember(
-                id.clone(),
-                "revoked".into(),
-            ));
-        }
-        core.store.commit_changes(changes)?;
-        core.after_commit(&self.metrics, |reg| {
-            reg.remove(&id, "revoked");
-        });
+        core.remove_member(&self.metrics, changes, &id, "revoked")?;
         audit(who, "identity.revoke", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1466,17 +1457,8 @@ impl Coordinator {
         let since = record.key_since;
         record.set_key(None, since);
         let id = ula::identity_peer_id(cn);
-        let mut changes = core.store.admit_changes(cn, record.clone(), None)?;
-        if core.store.is_durable() && core.registry.peer(&id).is_some() {
-            changes.push(crate::storage::Change::RemoveMember(
-                id.clone(),
-                "key_cleared".into(),
-            ));
-        }
-        core.store.commit_changes(changes)?;
-        core.after_commit(&self.metrics, |reg| {
-            reg.remove(&id, "key_cleared");
-        });
+        let changes = core.store.admit_changes(cn, record.clone(), None)?;
+        core.remove_member(&self.metrics, changes, &id, "key_cleared")?;
         audit(who, "identity.clear_key", cn);
         Ok(identity_response(cn, &record))
     }

@@ -321,6 +321,11 @@ async fn an_sqlite_coordinator_restarts_with_its_members() {
             .heartbeat(json!({"endpoints": ["127.0.0.1:42000"]}))
             .await;
         assert_eq!(st, 200);
+        // A revoked member and one whose key was cleared leave the stored roster too.
+        h.join("n3", &["node"]).await;
+        h.join("n4", &["node"]).await;
+        assert_eq!(h.admin().delete("/v1/identities/n3").await.0, 200);
+        assert_eq!(h.admin().delete("/v1/identities/n4/key").await.0, 200);
         (n1.id, n2.id)
     };
     let h = Harness::start_with_pki(pki, |c| c.state_dir = Some(state.clone())).await;
