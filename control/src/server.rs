@@ -569,6 +569,10 @@ impl Coordinator {
                 let body: RotateKeyRequest = self.read_json(req).await?;
                 ok(&self.rotate_key(identity, body)?)
             }
+            (Method::POST, PATH_LEAVE) => {
+                let _: LeaveRequest = self.read_json(req).await?;
+                ok(&self.leave(identity)?)
+            }
             (Method::GET, PATH_POLICY) => {
                 self.admin(conn, identity.as_deref())?;
                 let core = self.read();
@@ -833,6 +837,7 @@ impl Coordinator {
                 endpoints: req.endpoints,
                 wg_listen_port: req.wg_listen_port,
                 reflexive,
+                ephemeral: req.ephemeral,
             },
             now_ms,
         );
@@ -935,6 +940,28 @@ impl Coordinator {
             reflexive_endpoint: reflexive,
             stun_servers: self.stun_servers(conn),
             relays,
+        })
+    }
+
+    /// `POST /v1/mesh/leave`: removes the caller's own member (its identity is its
+    /// certificate's CN; the body names nobody) from every roster at once, reason `left`.
+    /// Its streams close; its admission stays, so it may register again.
+    fn leave(&self, identity: Option<String>) -> Result<LeaveResponse, ApiError> {
+        let Some(identity) = identity else {
+            return Err(ApiError::Unauthorized("no client identity".into()));
+        };
+        self.check_rate(&identity)?;
+        let id = ula::identity_peer_id(&identity);
+        let mut core = self.write();
+        match core.registry.peer(&id) {
+            Some(p) if p.identity == identity => {}
+            _ => return Err(ApiError::NotRegistered),
+        }
+        core.registry.remove(&id, "left");
+        tracing::info!(peer_id = %id, %identity, "member left the mesh");
+        Ok(LeaveResponse {
+            peer_id: id,
+            left: true,
         })
     }
 
@@ -1656,6 +1683,7 @@ fn known_path(p: &str) -> bool {
             | PATH_TOKENS
             | PATH_REVOCATIONS
             | PATH_ROTATE_KEY
+            | PATH_LEAVE
             | PATH_RELAY_TOKEN
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")
