@@ -4,7 +4,8 @@
 //! * `up --config FILE` — a TUN and the WireGuard engine from a wg-quick file, in the
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
 //! * `join` — the same engine driven by the coordinator's live roster.
-//! * `status` / `peers` / `app add|remove` — ask the running joiner over its local socket.
+//! * `status` / `peers` / `app add|remove` / `rotate-key` / `leave` — ask the running
+//!   joiner over its local socket.
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
@@ -94,6 +95,15 @@ enum Cmd {
     /// Rotate the running joiner's WireGuard key now (the coordinator must accept it; the
     /// node keeps its identity, address, tags and apps, and its peers re-handshake).
     RotateKey {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave the mesh: the running joiner deregisters (every peer drops this node at once)
+    /// and exits. Its key stays admitted, so `join` brings it back without a token.
+    Leave {
         #[command(flatten)]
         target: Target,
         /// Print JSON.
@@ -200,9 +210,16 @@ struct JoinArgs {
     /// A tag to ask for (repeat, or comma-separate). The join token decides the tags granted.
     #[arg(long = "tag", value_delimiter = ',')]
     tags: Vec<String>,
-    /// The coordinator, https://HOST:PORT (there is no default).
-    #[arg(long, env = "TABBIFY_MESH_COORDINATOR")]
-    coordinator: Option<String>,
+    /// A coordinator, https://HOST:PORT (there is no default). Repeat (or comma-separate)
+    /// for several: the joiner uses one at a time, in this order, and moves to the next
+    /// when one fails. A host name that resolves to several addresses counts as several.
+    #[arg(long, env = "TABBIFY_MESH_COORDINATOR", value_delimiter = ',')]
+    coordinator: Vec<String>,
+    /// An ephemeral node (CI runners, short-lived containers): the coordinator removes it
+    /// as soon as it misses its heartbeats, and it leaves the mesh when stopped with
+    /// SIGINT/SIGTERM.
+    #[arg(long)]
+    ephemeral: bool,
     /// This node's client certificate (from `tabbify-mesh-ca issue-peer`).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -275,6 +292,7 @@ fn main() -> ExitCode {
         Cmd::Peers { target, json } => peers(&target, json),
         Cmd::App { cmd } => app(cmd),
         Cmd::RotateKey { target, json } => rotate_key(&target, json),
+        Cmd::Leave { target, json } => leave(&target, json),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -413,11 +431,17 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
 }
 
 fn join(a: JoinArgs) -> anyhow::Result<()> {
-    let Some(coordinator) = a.coordinator else {
+    let coordinators: Vec<String> = a
+        .coordinator
+        .iter()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if coordinators.is_empty() {
         bail!(
-            "no coordinator given: pass --coordinator https://HOST:PORT or set TABBIFY_MESH_COORDINATOR (there is no built-in address)"
+            "no coordinator given: pass --coordinator https://HOST:PORT (repeat for several) or set TABBIFY_MESH_COORDINATOR (there is no built-in address)"
         );
-    };
+    }
     if a.tags.iter().any(|t| t.trim().is_empty()) {
         bail!("--tag: empty tag");
     }
@@ -449,7 +473,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
     tabbify_dataplane::join::run(JoinOptions {
         name: a.name,
         tags: a.tags.into_iter().map(|t| t.trim().to_owned()).collect(),
-        coordinator,
+        coordinators,
+        ephemeral: a.ephemeral,
         tls,
         join_token,
         interface: a.interface,
@@ -502,6 +527,20 @@ fn rotate_key(t: &Target, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn leave(t: &Target, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&t.path(), &Request::Leave)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let r: tabbify_api::LeaveResponse = serde_json::from_value(v).context("the joiner's answer")?;
+    println!(
+        "left the mesh: peer {} removed; the joiner exits",
+        r.peer_id
+    );
+    Ok(())
+}
+
 fn status(t: &Target, json: bool) -> anyhow::Result<()> {
     let v = control::call(&t.path(), &Request::Status)?;
     if json {
@@ -518,8 +557,12 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
     println!("ula:         {}", s.ula);
     println!("public key:  {}", s.public_key);
     println!(
-        "coordinator: {} ({}{})",
+        "coordinator: {}{} ({}{})",
         s.coordinator.url,
+        s.coordinator
+            .address
+            .map(|a| format!(" at {a}"))
+            .unwrap_or_default(),
         if s.registered {
             "registered"
         } else {
@@ -530,6 +573,16 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             None => String::new(),
         }
     );
+    if s.coordinator.targets.len() > 1 {
+        for c in &s.coordinator.targets {
+            println!(
+                "  {} {}{}",
+                if c.in_use { "*" } else { "-" },
+                c.url,
+                c.address.map(|a| format!(" at {a}")).unwrap_or_default()
+            );
+        }
+    }
     println!(
         "nat: {}{}",
         s.nat.describe(),

@@ -34,6 +34,9 @@ use tokio_rustls::TlsConnector;
 
 /// How long a connect (TCP + TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connect may take when there are other coordinators to move to: short, so a
+/// dead one (no RST: its host is gone) is left well within one heartbeat interval.
+pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a JSON request may take, end to end.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle time before the first TCP keepalive probe on a control connection.
@@ -91,6 +94,10 @@ impl ClientError {
 pub struct Client {
     host: String,
     port: u16,
+    /// Connect here instead of resolving `host` (one address of a name that resolves to
+    /// several); TLS still names `host`.
+    addr: Option<std::net::SocketAddr>,
+    connect_timeout: Duration,
     authority: String,
     tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
     identity: Option<String>,
@@ -164,6 +171,8 @@ impl Client {
         Ok(Self {
             host,
             port,
+            addr: None,
+            connect_timeout: CONNECT_TIMEOUT,
             authority,
             tls,
             identity,
@@ -176,15 +185,42 @@ impl Client {
         &self.url
     }
 
+    /// The host and port of the URL (to resolve into several targets).
+    pub fn host_port(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// The same coordinator reached at `addr` (one address of its host name); the TLS
+    /// server name stays the URL's host.
+    pub fn at(&self, addr: std::net::SocketAddr) -> Self {
+        Self {
+            addr: Some(addr),
+            ..self.clone()
+        }
+    }
+
+    /// The fixed address, when this client is one address of a name.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.addr
+    }
+
+    /// Sets how long a connect may take ([`FAILOVER_CONNECT_TIMEOUT`] with several
+    /// coordinators).
+    pub fn set_connect_timeout(&mut self, t: Duration) {
+        self.connect_timeout = t;
+    }
+
     async fn send(
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, ClientError> {
         let t = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
         let connect = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| t(&e))?;
+            let tcp = match self.addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect((self.host.as_str(), self.port)).await,
+            }
+            .map_err(|e| t(&e))?;
             let _ = tcp.set_nodelay(true);
             set_keepalive(&tcp);
             match &self.tls {
@@ -198,7 +234,7 @@ impl Client {
                 None => handshake(tcp).await,
             }
         };
-        let mut sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let mut sender = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| t(&"connect timed out"))??;
         sender.send_request(req).await.map_err(|e| t(&e))
