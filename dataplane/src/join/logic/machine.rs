@@ -811,7 +811,7 @@ impl Machine {
         match r {
             Ok(()) => tracing::warn!("coordinator closed the roster stream; reconnecting"),
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in = ?self.backoff, "coordinator");
+                tracing::warn!(coordinator = self.failover.current(), error = %e, "coordinator");
             }
             Err(e) => {
                 if e.code() == Some("revoked") {
@@ -827,7 +827,7 @@ impl Machine {
                         .push_back(Action::Exit(Exit::Refused(e.to_string())));
                     return;
                 }
-                tracing::error!(error = %e, retry_in = ?self.backoff, "coordinator refused us; retrying");
+                tracing::error!(coordinator = self.failover.current(), error = %e, "coordinator refused us; retrying");
             }
         }
         self.retry_elsewhere(now);
@@ -845,6 +845,7 @@ impl Machine {
                 now
             }
             Next::Backoff => {
+                tracing::info!(retry_in = ?self.backoff, "trying the coordinator again after the backoff");
                 let at = now + self.backoff;
                 let cap = self.heartbeat.max(Duration::from_secs(1));
                 self.backoff = (self.backoff * 2).min(cap);
@@ -870,7 +871,7 @@ impl Machine {
             self.actions.push_back(Action::Exit(Exit::Refused(reason)));
             return;
         }
-        tracing::error!(%reason, retry_in = ?self.backoff, "registration answer refused; retrying");
+        tracing::error!(%reason, "registration answer refused; retrying");
         self.retry_elsewhere(now);
     }
 
