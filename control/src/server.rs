@@ -229,6 +229,9 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
+    /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): random per start,
+    /// since the roster and its event ids live in this process's memory.
+    event_log: String,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -271,6 +274,7 @@ impl Coordinator {
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
+            event_log: uuid::Uuid::new_v4().simple().to_string(),
             config,
             clock,
             metrics: Metrics::default(),
@@ -1011,11 +1015,18 @@ impl Coordinator {
         identity: Option<String>,
         req: Request<B>,
     ) -> Result<Response<ResponseBody>, ApiError> {
+        // An id from another event log (another coordinator's, or ours before a restart)
+        // says nothing about ours: a snapshot, not a replay of unrelated events.
+        let same_log = req
+            .headers()
+            .get(EVENT_LOG_HEADER)
+            .is_none_or(|v| v.as_bytes() == self.event_log.as_bytes());
         let last_event_id = req
             .headers()
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|_| same_log);
         let (sub, initial, rx, permit) = {
             let core = self.read();
             let reg = &core.registry;
@@ -1097,6 +1108,7 @@ impl Coordinator {
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
+            .header(EVENT_LOG_HEADER, self.event_log.as_str())
             .body(ChannelBody::new(body_rx).boxed())
             .map_err(|e| ApiError::Internal(e.to_string()))
     }

@@ -73,6 +73,12 @@ pub const PATH_REVOCATIONS: &str = "/v1/revocations";
 pub const PATH_ROTATE_KEY: &str = "/v1/mesh/rotate-key";
 /// Route of [`LeaveRequest`].
 pub const PATH_LEAVE: &str = "/v1/mesh/leave";
+/// Header naming the event log a roster stream's ids belong to: the coordinator sends it
+/// with every stream, and a joiner resuming with `Last-Event-ID` sends back the one its id
+/// came from. A coordinator replays only ids of its own log (a restarted coordinator, or
+/// another one with its own log, answers with a snapshot); coordinators sharing one log
+/// (one database) name it alike, so a joiner resumes on any of them.
+pub const EVENT_LOG_HEADER: &str = "x-tabbify-event-log";
 /// Route of [`RelayTokenRequest`].
 pub const PATH_RELAY_TOKEN: &str = "/v1/relay/token";
 /// Prefix of the identity lifecycle routes (admin): `DELETE {prefix}{cn}`,

@@ -291,21 +291,25 @@ impl Client {
     }
 
     /// Opens the SSE roster stream at `path`, resuming after event `last_event_id` when
-    /// given (`Last-Event-ID`: the coordinator replays what came after it, or sends a
-    /// snapshot when it no longer holds those events).
+    /// given (`Last-Event-ID`, with the event log the id came from: the coordinator replays
+    /// what came after it, or sends a snapshot when it no longer holds those events or
+    /// keeps another log).
     pub async fn stream(
         &self,
         path: &str,
-        last_event_id: Option<u64>,
+        last_event_id: Option<(u64, Option<&str>)>,
     ) -> Result<EventStream, ClientError> {
         let mut req = self.request(Method::GET, path, Bytes::new())?;
         req.headers_mut().insert(
             http::header::ACCEPT,
             http::HeaderValue::from_static("text/event-stream"),
         );
-        if let Some(id) = last_event_id {
+        if let Some((id, log)) = last_event_id {
             req.headers_mut()
                 .insert("last-event-id", http::HeaderValue::from(id));
+            if let Some(v) = log.and_then(|l| http::HeaderValue::from_str(l).ok()) {
+                req.headers_mut().insert(tabbify_api::EVENT_LOG_HEADER, v);
+            }
         }
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
@@ -320,7 +324,13 @@ impl Client {
                 .unwrap_or_default();
             return Err(status_error(status, &bytes));
         }
+        let event_log = resp
+            .headers()
+            .get(tabbify_api::EVENT_LOG_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         Ok(EventStream {
+            event_log,
             body: resp.into_body(),
             decoder: SseDecoder::new(),
             pending: std::collections::VecDeque::new(),
@@ -385,6 +395,8 @@ fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
 /// every wake-up. Instead it records when bytes last arrived ([`EventStream::take_activity`])
 /// and the machine keeps the idle deadline.
 pub struct EventStream {
+    /// The event log its ids belong to (the coordinator's [`tabbify_api::EVENT_LOG_HEADER`]).
+    event_log: Option<String>,
     body: Incoming,
     decoder: SseDecoder,
     pending: std::collections::VecDeque<(Option<u64>, SseEvent)>,
@@ -433,6 +445,11 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// The event log this stream's ids belong to, as the coordinator named it.
+    pub fn event_log(&self) -> Option<&str> {
+        self.event_log.as_deref()
     }
 
     /// When bytes last arrived (an event or a keepalive comment), once: for
@@ -504,10 +521,16 @@ mod tests {
             let (port, head) = sse_server().await;
             let client =
                 Client::new(&format!("http://127.0.0.1:{port}"), None, Some("x".into())).unwrap();
-            let mut stream = client.stream("/v1/mesh/peers/stream", last).await.unwrap();
+            let mut stream = client
+                .stream("/v1/mesh/peers/stream", last.map(|id| (id, Some("log-1"))))
+                .await
+                .unwrap();
             let head = head.await.unwrap();
             match last {
-                Some(id) => assert!(head.contains(&format!("last-event-id: {id}\r\n")), "{head}"),
+                Some(id) => {
+                    assert!(head.contains(&format!("last-event-id: {id}\r\n")), "{head}");
+                    assert!(head.contains("x-tabbify-event-log: log-1\r\n"), "{head}");
+                }
                 None => assert!(!head.contains("last-event-id"), "{head}"),
             }
             assert!(stream.take_activity().is_none());

@@ -141,6 +141,8 @@ pub struct Joiner {
     machine: Mutex<Machine>,
     /// Wakes [`Joiner::drive`] when the machine has new actions (an app change).
     wake: Notify,
+    /// The event log of the last roster stream (its ids mean something only there).
+    event_log: Mutex<Option<String>>,
     /// The STUN probe (`logic::nat`), driven by [`Joiner::run_probe`].
     probe: Mutex<logic::nat::Probe>,
     /// Wakes [`Joiner::run_probe`] when the server list changed or a re-probe is due.
@@ -297,6 +299,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         peer_id,
         ula,
         wake: Notify::new(),
+        event_log: Mutex::new(None),
         probe: Mutex::new(logic::nat::Probe::new(Vec::new())),
         probe_wake: Notify::new(),
         stun_extra,
@@ -449,11 +452,23 @@ impl Joiner {
                 // Resume after the roster the machine holds (from the registration that
                 // preceded this, or the stream before it).
                 let last_event_id = self.lock().roster().last_event_id;
+                let log = self
+                    .event_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let r = self
                     .client()
-                    .stream(api::PATH_PEERS_STREAM, last_event_id)
+                    .stream(
+                        api::PATH_PEERS_STREAM,
+                        last_event_id.map(|id| (id, log.as_deref())),
+                    )
                     .await;
-                let r = r.map(|s| *stream = Some(s));
+                let r = r.map(|s| {
+                    *self.event_log.lock().unwrap_or_else(|p| p.into_inner()) =
+                        s.event_log().map(str::to_owned);
+                    *stream = Some(s);
+                });
                 self.lock().handle_stream_opened(Instant::now(), r);
             }
             Action::CloseStream => *stream = None,
