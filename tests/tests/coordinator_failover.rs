@@ -10,6 +10,13 @@
 //! | kill | SIGKILL c1 by PID, with a ping every 100 ms from a to b's ULA | both re-home to c2 within one heartbeat interval (c2 does not know them: 404 to the heartbeat, registration without the spent token); no ping lost from the kill until 6 s after; each still sees the other |
 //! | leave | `tabbify-mesh leave` on b | b exits 0; a's roster (`peers --json`) drops b within 1 s |
 //!
+//! `a_name_with_two_addresses_is_two_coordinators`: c1 on `10.200.0.1:8443` and c2 on
+//! `10.200.0.254:8443` (one PostgreSQL), and a joiner given only
+//! `https://coordinator.mesh.test:8443`, a name its namespace's hosts file
+//! (`/etc/netns/<ns>/hosts`, which `ip netns exec` mounts) gives both addresses: `status`
+//! lists two targets with one address each; SIGKILL the one in use and the joiner streams
+//! from the other within one heartbeat interval, TLS checked against the name.
+//!
 //! `ephemeral_members_go_at_staleness_or_at_once_when_stopped`: one coordinator (2 s
 //! heartbeats: stale after 6 s), an observer, an ordinary member and two `--ephemeral`
 //! ones. SIGKILL the ordinary member and one ephemeral member: the ephemeral one leaves the
@@ -179,6 +186,98 @@ fn a_joiner_fails_over_to_the_next_coordinator_and_its_tunnels_never_notice() ->
     Ok(())
 }
 
+/// Removes `/etc/netns/<ns>` (the namespace's hosts file) when dropped, also on failure.
+struct NetnsEtc(std::path::PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_name_with_two_addresses_is_two_coordinators() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping, Tool::Curl])?;
+    tabbify_tests::bins::tabbify_mesh()?;
+    tabbify_tests::bins::tabbify_mesh_ca()?;
+    tabbify_tests::bins::tabbify_mesh_coordinator()?;
+    let pg = Postgres::start().map_err(anyhow::Error::msg)?;
+    pg.create_database("names").map_err(anyhow::Error::msg)?;
+    let database = pg.socket_url("names");
+    let lan = Lan::new()?;
+    let second: std::net::IpAddr = "10.200.0.254".parse()?;
+    lan.netns()
+        .ip(&["addr", "add", &format!("{second}/24"), "dev", "br0"])?;
+    let pki = Pki::new(&[lan.addr().into()])?;
+    let first = spec(&lan, 8443);
+    let mut other = spec(&lan, 8443);
+    other.bind = SocketAddr::new(second, 8443);
+    let mut coordinators = [
+        Coordinator::start_with_database(lan.netns(), &pki, first, Some(&database))?,
+        Coordinator::start_with_database(lan.netns(), &pki, other, Some(&database))?,
+    ];
+    let admin = Admin::new(
+        lan.netns(),
+        &coordinators[0].url(),
+        pki.issue_admin(tabbify_tests::testbed::ADMIN)?,
+    );
+    let ns = Netns::new()?;
+    lan.attach(&ns)?;
+    let etc = NetnsEtc(std::path::PathBuf::from(format!(
+        "/etc/netns/{}",
+        ns.name()
+    )));
+    std::fs::create_dir_all(&etc.0)?;
+    let name = tabbify_tests::pki::COORDINATOR_NAME;
+    std::fs::write(
+        etc.0.join("hosts"),
+        format!(
+            "127.0.0.1 localhost\n{} {name}\n{second} {name}\n",
+            lan.addr()
+        ),
+    )?;
+    let url = format!("https://{name}:8443");
+    let token = admin.create_token(&["supervisor"], None, 1)?;
+    let spec = JoinSpec::new("supervisor-n", &["supervisor"], Some(token));
+    let mut joiner = Joiner::start(&ns, &url, &pki.issue_peer("supervisor-n")?, spec)?;
+    let status = joiner.wait_status("to stream", SETTLE, |s| s.coordinator.connected)?;
+    let addresses: Vec<Option<SocketAddr>> = status
+        .coordinator
+        .targets
+        .iter()
+        .map(|t| t.address)
+        .collect();
+    let mut want = vec![Some(coordinators[0].addr()), Some(coordinators[1].addr())];
+    let mut seen = addresses.clone();
+    seen.sort();
+    want.sort();
+    ensure!(
+        seen == want && status.coordinator.targets.iter().all(|t| t.url == url),
+        "targets of {url}: {:?}",
+        status.coordinator.targets
+    );
+    let in_use = status.coordinator.address.context("no address in use")?;
+    let (dead, alive) = if in_use == coordinators[0].addr() {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let killed = unix_now();
+    coordinators[dead].kill()?;
+    let alive_addr = coordinators[alive].addr();
+    joiner.wait_status(
+        &format!("to stream from {alive_addr}"),
+        Duration::from_secs(HEARTBEAT_SECS) + SLACK,
+        |s| s.coordinator.connected && s.coordinator.address == Some(alive_addr),
+    )?;
+    println!(
+        "{url} = {in_use} and {alive_addr}: {in_use} killed, streaming from {alive_addr} {:.2} s after",
+        unix_now() - killed
+    );
+    joiner.stop()?;
+    Ok(())
+}
+
 #[test]
 fn ephemeral_members_go_at_staleness_or_at_once_when_stopped() -> Result<()> {
     require(&[Tool::Iproute2, Tool::Ping, Tool::Curl])?;
@@ -231,7 +330,7 @@ fn ephemeral_members_go_at_staleness_or_at_once_when_stopped() -> Result<()> {
         |s| s.peer("ephemeral-stopped").is_none(),
     )?;
     println!(
-        "SIGTERM: the ephemeral member left the roster {:.2} s after",
+        "SIGTERM: the ephemeral member left the roster {:.2} s after (its shutdown included)",
         t.elapsed().as_secs_f64()
     );
     observer.stop()?;
