@@ -102,10 +102,25 @@ enum Cmd {
         json: bool,
     },
     /// Leave the mesh: the running joiner deregisters (every peer drops this node at once)
-    /// and exits. Its key stays admitted, so `join` brings it back without a token.
+    /// and exits. Its key stays admitted, so `join` brings it back without a token. With
+    /// --coordinator and the TLS files, the node deregisters directly (no joiner needs to
+    /// run: a node that died or was stopped).
     Leave {
         #[command(flatten)]
         target: Target,
+        /// Deregister directly at this coordinator (repeat: tried in order until one
+        /// removes the node) instead of asking the running joiner.
+        #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+        coordinator: Vec<String>,
+        /// The node's client certificate (its identity is the one that leaves).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// Its private key.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// The mesh CA certificate.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -292,7 +307,19 @@ fn main() -> ExitCode {
         Cmd::Peers { target, json } => peers(&target, json),
         Cmd::App { cmd } => app(cmd),
         Cmd::RotateKey { target, json } => rotate_key(&target, json),
-        Cmd::Leave { target, json } => leave(&target, json),
+        Cmd::Leave {
+            target,
+            coordinator,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            json,
+        } => match (tls_cert, tls_key, tls_ca) {
+            (Some(cert), Some(key), Some(ca)) if !coordinator.is_empty() => {
+                leave_directly(&coordinator, &TlsFiles { cert, key, ca }, json)
+            }
+            _ => leave(&target, json),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -539,6 +566,44 @@ fn leave(t: &Target, json: bool) -> anyhow::Result<()> {
         r.peer_id
     );
     Ok(())
+}
+
+/// `leave --coordinator … --tls-*`: `POST /v1/mesh/leave` as the certificate's identity,
+/// at each coordinator in turn until one removes it.
+fn leave_directly(coordinators: &[String], tls: &TlsFiles, json: bool) -> anyhow::Result<()> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
+    };
+    let (cert, key, ca) = (
+        read(&tls.cert, "--tls-cert")?,
+        read(&tls.key, "--tls-key")?,
+        read(&tls.ca, "--tls-ca")?,
+    );
+    let cfg = tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let mut errors = Vec::new();
+    for url in coordinators {
+        let client = tabbify_dataplane::join::client::Client::new(url, Some(cfg.clone()), None)?;
+        let r = rt.block_on(client.post::<_, tabbify_api::LeaveResponse>(
+            tabbify_api::PATH_LEAVE,
+            &tabbify_api::LeaveRequest {},
+        ));
+        match r {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("left the mesh: peer {} removed by {url}", r.peer_id);
+                }
+                return Ok(());
+            }
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    bail!("no coordinator removed this node: {}", errors.join("; "))
 }
 
 fn status(t: &Target, json: bool) -> anyhow::Result<()> {

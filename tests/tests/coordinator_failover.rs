@@ -21,7 +21,9 @@
 //! heartbeats: stale after 6 s), an observer, an ordinary member and two `--ephemeral`
 //! ones. SIGKILL the ordinary member and one ephemeral member: the ephemeral one leaves the
 //! observer's roster at staleness while the ordinary one stays, marked stale; SIGTERM the
-//! other ephemeral member: it leaves the roster at once (within 1 s) and exits 0.
+//! other ephemeral member: it leaves the roster at once (within 1 s) and exits 0. The dead
+//! ordinary member is then removed by `tabbify-mesh leave --coordinator … --tls-*` run with
+//! its certificate (no joiner running): within 1 s.
 //!
 //! "Within one heartbeat interval" and "within 1 s" are the issue's bounds; the checks allow
 //! 0.5 s more for `status` polling on a shared 2-core machine and print what they measured.
@@ -186,6 +188,12 @@ fn a_joiner_fails_over_to_the_next_coordinator_and_its_tunnels_never_notice() ->
     Ok(())
 }
 
+/// `path` as UTF-8 (every path here is made by the harness).
+fn path_str(path: &std::path::Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
 /// Removes `/etc/netns/<ns>` (the namespace's hosts file) when dropped, also on failure.
 struct NetnsEtc(std::path::PathBuf);
 
@@ -285,16 +293,21 @@ fn ephemeral_members_go_at_staleness_or_at_once_when_stopped() -> Result<()> {
     tabbify_tests::bins::tabbify_mesh_ca()?;
     tabbify_tests::bins::tabbify_mesh_coordinator()?;
     let bed = Testbed::start(policy(), HEARTBEAT_SECS)?;
-    let join = |name: &str, ephemeral: bool| -> Result<Joiner> {
+    let join = |name: &str, ephemeral: bool| -> Result<(Joiner, tabbify_tests::pki::Issued)> {
         let (netns, _) = bed.host()?;
         let mut spec = JoinSpec::new(name, &["supervisor"], None);
         spec.ephemeral = ephemeral;
-        bed.join(&netns, spec)
+        spec.join_token = Some(bed.token_for(&spec)?);
+        let cert = bed.pki.issue_peer(name)?;
+        Ok((
+            Joiner::start(&netns, &bed.coordinator.url(), &cert, spec)?,
+            cert,
+        ))
     };
-    let mut observer = join("observer", false)?;
-    let mut ordinary = join("ordinary", false)?;
-    let mut killed = join("ephemeral-killed", true)?;
-    let stopped = join("ephemeral-stopped", true)?;
+    let (mut observer, _) = join("observer", false)?;
+    let (mut ordinary, ordinary_cert) = join("ordinary", false)?;
+    let (mut killed, _) = join("ephemeral-killed", true)?;
+    let (stopped, _) = join("ephemeral-stopped", true)?;
     observer.wait_peer_names(
         &["ephemeral-killed", "ephemeral-stopped", "ordinary"],
         SETTLE,
@@ -319,6 +332,38 @@ fn ephemeral_members_go_at_staleness_or_at_once_when_stopped() -> Result<()> {
     ensure!(
         status.peer("ephemeral-stopped").is_some(),
         "the live ephemeral member went too"
+    );
+    // The dead ordinary member is removed by its owner with its certificate (no joiner
+    // runs): `leave --coordinator … --tls-*` from its namespace.
+    let cert = ordinary_cert;
+    let binary = tabbify_tests::bins::tabbify_mesh()?;
+    let url = bed.coordinator.url();
+    let args = [
+        "leave",
+        "--coordinator",
+        url.as_str(),
+        "--tls-cert",
+        path_str(&cert.cert)?,
+        "--tls-key",
+        path_str(&cert.key)?,
+        "--tls-ca",
+        path_str(&cert.ca)?,
+        "--json",
+    ];
+    let t = Instant::now();
+    let out = ordinary.netns().run(path_str(&binary)?, &args)?;
+    ensure!(
+        out.contains("\"left\": true"),
+        "leave --coordinator printed {out:?}"
+    );
+    observer.wait_status(
+        "to drop the ordinary member that left",
+        Duration::from_secs(1) + SLACK,
+        |s| s.peer("ordinary").is_none(),
+    )?;
+    println!(
+        "leave --coordinator: the dead ordinary member left the roster {:.2} s after",
+        t.elapsed().as_secs_f64()
     );
 
     // SIGTERM: it leaves at once and exits 0.
