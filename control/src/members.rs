@@ -64,6 +64,9 @@ pub struct MemberRow {
     /// Missed its heartbeats.
     #[serde(default)]
     pub stale: bool,
+    /// Registered as ephemeral: removed, not marked stale, when it misses its heartbeats.
+    #[serde(default)]
+    pub ephemeral: bool,
 }
 
 impl MemberRow {
@@ -84,6 +87,7 @@ impl MemberRow {
             home_relay: p.home_relay.clone(),
             last_seen: p.last_seen_ms / 1000,
             stale: p.stale,
+            ephemeral: p.ephemeral,
         }
     }
 
@@ -117,6 +121,7 @@ impl MemberRow {
             paths: crate::api::PathCounts::default(),
             last_seen_ms: self.last_seen.saturating_mul(1000),
             stale: self.stale,
+            ephemeral: self.ephemeral,
             class,
         })
     }
@@ -180,6 +185,7 @@ mod tests {
             home_relay: Some("https://r".into()),
             last_seen: 1_700_000_000,
             stale: true,
+            ephemeral: true,
         };
         let back = MemberRow::from_body(&row.body(), row.last_seen, row.stale).unwrap();
         assert_eq!(back, row);

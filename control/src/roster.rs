@@ -360,7 +360,11 @@ impl Core {
             }
         };
         for (id, seen, stale) in candidates {
-            let (change, removed) = if seen < remove_before {
+            // An ephemeral member has no stale window.
+            let ephemeral = self.registry.peer(&id).is_some_and(|p| p.ephemeral);
+            let (change, removed) = if ephemeral {
+                (Change::ExpireMember(id.clone(), stale_before), true)
+            } else if seen < remove_before {
                 (Change::ExpireMember(id.clone(), remove_before), true)
             } else if !stale {
                 (Change::StaleMember(id.clone(), stale_before), false)

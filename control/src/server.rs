@@ -236,6 +236,9 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
+    /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): the database's
+    /// (a `meta` row) when its change log numbers the events, else random per start.
+    event_log: String,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -272,6 +275,12 @@ impl Coordinator {
         let policy = Arc::new(Policy::compile(doc)?);
         tracing::info!(revision, "policy in force");
         let registry = Registry::new(policy, revision, config.limits);
+        // On a database with a change log the event ids are the log's, the same on every
+        // coordinator: so is the log's name. Elsewhere a random one per start.
+        let event_log = match store.shared_event_log()? {
+            Some(name) => name,
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
         let core = Core::new(registry, store, clock.now_ms());
         Ok(Arc::new(Self {
             core: RwLock::new(core),
@@ -279,6 +288,7 @@ impl Coordinator {
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
+            event_log,
             config,
             clock,
             metrics: Metrics::default(),
@@ -574,6 +584,10 @@ impl Coordinator {
                 let body: RotateKeyRequest = self.read_json(req).await?;
                 ok(&self.rotate_key(identity, body)?)
             }
+            (Method::POST, PATH_LEAVE) => {
+                let _: LeaveRequest = self.read_json(req).await?;
+                ok(&self.leave(identity)?)
+            }
             (Method::GET, PATH_POLICY) => {
                 self.admin(conn, identity.as_deref())?;
                 let core = self.read();
@@ -838,6 +852,7 @@ impl Coordinator {
             endpoints: req.endpoints,
             wg_listen_port: req.wg_listen_port,
             reflexive,
+            ephemeral: req.ephemeral,
         };
         // The admission and the member row: one transaction, before the answer.
         core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
@@ -958,6 +973,30 @@ impl Coordinator {
         })
     }
 
+    /// `POST /v1/mesh/leave`: removes the caller's own member (its identity is its
+    /// certificate's CN; the body names nobody) from every roster at once, reason `left`.
+    /// Its streams close; its admission stays, so it may register again.
+    fn leave(&self, identity: Option<String>) -> Result<LeaveResponse, ApiError> {
+        let Some(identity) = identity else {
+            return Err(ApiError::Unauthorized("no client identity".into()));
+        };
+        self.check_rate(&identity)?;
+        let id = ula::identity_peer_id(&identity);
+        let mut guard = self.write();
+        let core = &mut *guard;
+        match core.registry.peer(&id) {
+            Some(p) if p.identity == identity => {}
+            _ => return Err(ApiError::NotRegistered),
+        }
+        // With a database: the member row goes too, on every coordinator.
+        core.remove_member(&self.metrics, Vec::new(), &id, "left")?;
+        tracing::info!(peer_id = %id, %identity, "member left the mesh");
+        Ok(LeaveResponse {
+            peer_id: id,
+            left: true,
+        })
+    }
+
     /// Mints a relay token for the caller's identity and registered key.
     fn relay_token(
         &self,
@@ -1004,13 +1043,21 @@ impl Coordinator {
         identity: Option<String>,
         req: Request<B>,
     ) -> Result<Response<ResponseBody>, ApiError> {
+        // An id from another event log (another coordinator's, or ours before a restart)
+        // says nothing about ours: a snapshot, not a replay of unrelated events.
+        let same_log = req
+            .headers()
+            .get(EVENT_LOG_HEADER)
+            .is_none_or(|v| v.as_bytes() == self.event_log.as_bytes());
         let last_event_id = req
             .headers()
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        // A Last-Event-ID from another coordinator that is ahead of this one: catch up
-        // with the change log first, so the stream resumes instead of starting over.
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|_| same_log);
+        // A Last-Event-ID of this log that is ahead of this coordinator (issued by another
+        // coordinator on the same database): catch up with the change log first, so the
+        // stream resumes instead of starting over.
         if let Some(last) = last_event_id {
             if last > self.read().registry.last_event_id() {
                 if let Err(e) = self.catch_up() {
@@ -1099,6 +1146,7 @@ impl Coordinator {
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
+            .header(EVENT_LOG_HEADER, self.event_log.as_str())
             .body(ChannelBody::new(body_rx).boxed())
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
@@ -1699,6 +1747,7 @@ fn known_path(p: &str) -> bool {
             | PATH_TOKENS
             | PATH_REVOCATIONS
             | PATH_ROTATE_KEY
+            | PATH_LEAVE
             | PATH_RELAY_TOKEN
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")

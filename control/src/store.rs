@@ -402,6 +402,23 @@ impl Store {
         self.engine.is_some()
     }
 
+    /// The name of the database's event log (a `meta` row created once by whichever
+    /// coordinator starts first) when it has a change log; `None` otherwise.
+    pub fn shared_event_log(&mut self) -> Result<Option<String>, StoreError> {
+        if !self.has_change_log() {
+            return Ok(None);
+        }
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(None);
+        };
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        Ok(Some(storage::meta_get_or_init(
+            engine.as_mut(),
+            storage::META_EVENT_LOG,
+            &fresh,
+        )?))
+    }
+
     /// Whether the database has a change log other coordinators follow (PostgreSQL).
     pub fn has_change_log(&self) -> bool {
         self.engine

@@ -167,7 +167,27 @@ async fn members_are_shared_through_postgres_and_streams_resume_on_any_coordinat
     drop(on_a);
     let n2 = b.join("n2", &["node"]).await;
     // s1 resumes on B with the id it last saw on A: the missed events, no snapshot.
-    let mut resumed = b.client("s1").stream(Some(last_on_a)).await;
+    // With the event log A named (the database's, so B's too).
+    let (head_a, _) = s1.client.stream_with(&[]).await;
+    let log = head_a[tabbify_control::api::EVENT_LOG_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let last = last_on_a.to_string();
+    let (head_b, mut resumed) = b
+        .client("s1")
+        .stream_with(&[
+            ("last-event-id", &last),
+            (tabbify_control::api::EVENT_LOG_HEADER, &log),
+        ])
+        .await;
+    assert_eq!(
+        head_b[tabbify_control::api::EVENT_LOG_HEADER]
+            .to_str()
+            .unwrap(),
+        log,
+        "one event log per database"
+    );
     let (id, ev) = resumed.next_event().await;
     match ev {
         SseEvent::PeerUpsert(p) => assert_eq!(p.peer_id, n2.id),

@@ -41,6 +41,8 @@ use crate::store::{IdentityRecord, RevokedKey, StoredPolicy, TokenRecord};
 pub const SQLITE_FILE: &str = "state.db";
 /// The environment variable naming the database when `--database` is absent.
 pub const DATABASE_URL_ENV: &str = "TABBIFY_DATABASE_URL";
+/// The `meta` row naming the database's event log (`x-tabbify-event-log`).
+pub const META_EVENT_LOG: &str = "event_log";
 /// The `meta` row recording that a `state.log` was imported (value: Unix seconds).
 pub const META_LOG_IMPORTED: &str = "state_log_imported";
 
@@ -343,6 +345,31 @@ pub fn prune_change_log(
               OR id <= (SELECT MAX(id) FROM change_log) - ?2)",
         params: vec![int(keep_secs), int(keep_rows)],
     }])
+}
+
+/// The value of `meta` row `name`, set to `value` first if it is absent (the first
+/// writer wins; everyone reads the same value). `name` is a constant of this module.
+pub fn meta_get_or_init(
+    engine: &mut dyn Engine,
+    name: &'static str,
+    value: &str,
+) -> Result<String, StorageError> {
+    engine.transaction(&[Statement {
+        must_change: false,
+        sql: "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        params: vec![Value::Text(name.into()), Value::Text(value.into())],
+    }])?;
+    let rows = engine.query(
+        &format!("SELECT value FROM meta WHERE name = '{name}'"),
+        &[Value::Text(String::new())],
+    )?;
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Text(v)) => Ok(v.clone()),
+        _ => Err(StorageError::Corrupt {
+            engine: engine.name(),
+            message: format!("meta row {name} is missing after it was written"),
+        }),
+    }
 }
 
 /// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
