@@ -93,6 +93,8 @@ pub struct Joiner {
     measured: Mutex<Vec<(String, Option<Duration>)>>,
     /// Wakes [`Joiner::run_paths`].
     paths_wake: Notify,
+    /// Where metrics are served (`None`: off or not bound).
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -143,6 +145,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let peer_id = tabbify_api::ula::identity_peer_id(&identity);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
+    let metrics_listener = super::metrics::bind(opts.metrics).await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(key.0),
@@ -240,6 +244,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         advertised_relays: Mutex::new(Vec::new()),
         measured: Mutex::new(Vec::new()),
         paths_wake: Notify::new(),
+        metrics_addr,
     });
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
 
@@ -247,6 +252,12 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let drive = joiner.clone().drive();
     let probe = joiner.clone().run_probe(stun_rx, probe_sender);
     let paths = joiner.clone().run_paths(relay_rx);
+    let metrics = {
+        let j = joiner.clone();
+        super::metrics::serve_opt(metrics_listener, move || {
+            super::metrics::render(&j.status(), unix_now())
+        })
+    };
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -261,6 +272,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         r = drive => r,
         _ = probe => Ok(()),
         _ = paths => Ok(()),
+        _ = metrics => Ok(()),
     };
     drop(server);
     iface.shut_down();
@@ -1116,6 +1128,7 @@ impl Joiner {
                 .chain(self.relays.counters.nonzero())
                 .collect(),
             unreachable_sent: self.counters.unreachable_sent(),
+            metrics: self.metrics_addr.map(|a| a.to_string()),
         }
     }
 
@@ -1335,6 +1348,14 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Unix time in seconds (metrics' `now`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Time since the peer's last completed handshake.
