@@ -265,6 +265,7 @@ struct JoinArgs {
 }
 
 fn main() -> ExitCode {
+    tabbify_api::cli::install();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
