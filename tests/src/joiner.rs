@@ -52,6 +52,8 @@ pub struct JoinSpec {
     pub relays: Vec<String>,
     /// `--force-relay`: every peer over the relay.
     pub force_relay: bool,
+    /// More `join` arguments, appended as given (e.g. `--metrics-bind off`).
+    pub extra_args: Vec<String>,
 }
 
 impl JoinSpec {
@@ -67,6 +69,7 @@ impl JoinSpec {
             stun: Vec::new(),
             relays: Vec::new(),
             force_relay: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -145,6 +148,7 @@ impl Joiner {
         if spec.force_relay {
             command.arg("--force-relay");
         }
+        command.args(&spec.extra_args);
         // The token and coordinator come from flags only: nothing inherited may override.
         command
             .env_remove("MESH_JOIN_TOKEN")
