@@ -13,6 +13,7 @@
 //! `errors_are_one_line_without_a_backtrace`: the five programs, no namespaces.
 
 use std::net::IpAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -29,7 +30,13 @@ const DEFAULT_METRICS: &str = "127.0.0.1:9587";
 /// Runs `command` with stdout a pipe whose reading end is already closed (a `| head` that
 /// has gone), stdin empty; returns its exit and stderr.
 fn with_reader_gone(mut command: Command) -> Result<Output> {
-    let (reader, writer) = std::io::pipe().context("a pipe")?;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("a pipe");
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     drop(reader);
     command
         .stdin(Stdio::null())
