@@ -431,6 +431,13 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         bail!("--interface `{}` must be 1-15 bytes", a.interface);
     }
     check_mtu("--mtu", a.mtu)?;
+    let metrics = match &a.metrics_bind {
+        None => metrics::MetricsBind::default(),
+        Some(s) => metrics::MetricsBind {
+            addr: metrics::parse_bind(s).map_err(anyhow::Error::msg)?,
+            explicit: true,
+        },
+    };
     let tls = if a.insecure_no_mtls {
         if std::env::var("TABBIFY_ALLOW_INSECURE").as_deref() != Ok("1") {
             bail!("--insecure-no-mtls is for loopback development only and needs TABBIFY_ALLOW_INSECURE=1");
@@ -447,13 +454,6 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
     let join_token = match &a.join_token_file {
         Some(path) => Some(tabbify_dataplane::join::read_join_token_file(path)?),
         None => a.join_token.filter(|t| !t.is_empty()),
-    };
-    let metrics = match &a.metrics_bind {
-        None => metrics::MetricsBind::default(),
-        Some(s) => metrics::MetricsBind {
-            addr: metrics::parse_bind(s).map_err(anyhow::Error::msg)?,
-            explicit: true,
-        },
     };
     init_tracing();
     let control_socket = a
