@@ -23,6 +23,7 @@ use tabbify_dataplane::core::table::Table;
 use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
+use tabbify_dataplane::join::metrics;
 use tabbify_dataplane::join::{JoinOptions, TlsFiles};
 use tabbify_dataplane::policy::{self, Family};
 
@@ -289,9 +290,14 @@ struct JoinArgs {
     /// Plaintext HTTP to a loopback coordinator (development only; needs TABBIFY_ALLOW_INSECURE=1).
     #[arg(long)]
     insecure_no_mtls: bool,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics, or `off` [default: 127.0.0.1:9587;
+    /// the default only warns if taken, an address given here must bind].
+    #[arg(long, value_name = "IP:PORT|off")]
+    metrics_bind: Option<String>,
 }
 
 fn main() -> ExitCode {
+    tabbify_api::cli::install();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
@@ -476,6 +482,13 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         bail!("--interface `{}` must be 1-15 bytes", a.interface);
     }
     check_mtu("--mtu", a.mtu)?;
+    let metrics = match &a.metrics_bind {
+        None => metrics::MetricsBind::default(),
+        Some(s) => metrics::MetricsBind {
+            addr: metrics::parse_bind(s).map_err(anyhow::Error::msg)?,
+            explicit: true,
+        },
+    };
     let tls = if a.insecure_no_mtls {
         if std::env::var("TABBIFY_ALLOW_INSECURE").as_deref() != Ok("1") {
             bail!("--insecure-no-mtls is for loopback development only and needs TABBIFY_ALLOW_INSECURE=1");
@@ -518,6 +531,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         force_relay: a.force_relay,
         control_socket,
         key_max_age: a.key_max_age,
+        metrics,
     })
 }
 
@@ -657,6 +671,12 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             let m: Vec<String> = s.mapped_endpoints.iter().map(|e| e.to_string()).collect();
             format!(", mapped as {}", m.join(", "))
         }
+    );
+    println!(
+        "metrics:     {}",
+        s.metrics
+            .as_deref()
+            .map_or("off".to_owned(), |a| format!("http://{a}/metrics"))
     );
     match &s.home_relay {
         Some(h) => println!("home relay:  {h}"),

@@ -56,6 +56,8 @@ pub struct JoinSpec {
     pub more_coordinators: Vec<String>,
     /// `--ephemeral` (issue 14).
     pub ephemeral: bool,
+    /// More `join` arguments, appended as given (e.g. `--metrics-bind off`).
+    pub extra_args: Vec<String>,
 }
 
 impl JoinSpec {
@@ -73,6 +75,7 @@ impl JoinSpec {
             force_relay: false,
             more_coordinators: Vec::new(),
             ephemeral: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -157,6 +160,7 @@ impl Joiner {
         if spec.ephemeral {
             command.arg("--ephemeral");
         }
+        command.args(&spec.extra_args);
         // The token and coordinator come from flags only: nothing inherited may override.
         command
             .env_remove("MESH_JOIN_TOKEN")

@@ -43,6 +43,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub mod cli;
 pub mod local;
 #[cfg(feature = "tls")]
 pub mod relay_token;

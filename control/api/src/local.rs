@@ -205,6 +205,9 @@ pub struct Status {
     /// addresses no peer holds.
     #[serde(default)]
     pub unreachable_sent: u64,
+    /// Where Prometheus metrics are served (`--metrics-bind`), null when off or not bound.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// One relay as `status` shows it.

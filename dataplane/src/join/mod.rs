@@ -9,7 +9,8 @@
 //! * [`relay`] — the relay sessions (TLS stream, UDP BIND from the WireGuard socket, the
 //!   loopback bridge when UDP does not bind, LOOKUPs); [`logic::paths`] decides which.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
-//!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps).
+//!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
+//!   (Prometheus text on `--metrics-bind`).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
@@ -22,6 +23,7 @@
 pub mod client;
 pub mod control;
 pub mod logic;
+pub mod metrics;
 pub mod relay;
 pub mod shell;
 pub mod state_dir;
@@ -92,6 +94,8 @@ pub struct JoinOptions {
     pub control_socket: PathBuf,
     /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).
     pub key_max_age: std::time::Duration,
+    /// Where to serve Prometheus metrics (`--metrics-bind`).
+    pub metrics: metrics::MetricsBind,
 }
 
 /// Longest join token file read (a token is a few dozen characters).

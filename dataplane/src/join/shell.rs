@@ -159,6 +159,8 @@ pub struct Joiner {
     measured: Mutex<Vec<(String, Option<Duration>)>>,
     /// Wakes [`Joiner::run_paths`].
     paths_wake: Notify,
+    /// Where metrics are served (`None`: off or not bound).
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -209,6 +211,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let peer_id = tabbify_api::ula::identity_peer_id(&identity);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
+    let metrics_listener = super::metrics::bind(opts.metrics).await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(key.0),
@@ -308,6 +312,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         advertised_relays: Mutex::new(Vec::new()),
         measured: Mutex::new(Vec::new()),
         paths_wake: Notify::new(),
+        metrics_addr,
     });
     let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, ?coordinators, ephemeral = joiner.opts.ephemeral, "joining");
@@ -316,6 +321,12 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let drive = joiner.clone().drive();
     let probe = joiner.clone().run_probe(stun_rx, probe_sender);
     let paths = joiner.clone().run_paths(relay_rx);
+    let metrics = {
+        let j = joiner.clone();
+        super::metrics::serve_opt(metrics_listener, move || {
+            super::metrics::render(&j.status(), unix_now())
+        })
+    };
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -330,6 +341,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         r = drive => (r, false),
         _ = probe => (Ok(()), false),
         _ = paths => (Ok(()), false),
+        _ = metrics => (Ok(()), false),
     };
     // An ephemeral node that is stopped (SIGINT/SIGTERM) leaves the mesh, so its peers
     // drop it now instead of at the coordinator's expiry.
@@ -1262,6 +1274,7 @@ impl Joiner {
                 .chain(self.relays.counters.nonzero())
                 .collect(),
             unreachable_sent: self.counters.unreachable_sent(),
+            metrics: self.metrics_addr.map(|a| a.to_string()),
         }
     }
 
@@ -1481,6 +1494,14 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
+}
+
+/// Unix time in seconds (metrics' `now`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Time since the peer's last completed handshake.
