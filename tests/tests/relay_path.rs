@@ -15,6 +15,10 @@
 //! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
 //!   the right member restarts (same key, new relay session and handle; the relay tells
 //!   the left one GONE): the left one looks it up again and ping passes over the relay.
+//! * `a_one_way_direct_path_stays_on_the_relay`: a relayed pair where then only the left
+//!   member's direct UDP to the right one is dropped (the right one's probes keep arriving
+//!   directly): both stay relayed and pings pass both ways for 10 s; lifting the drop
+//!   turns both direct.
 //! * `udp_blocked_member_uses_the_tls_stream`: the left member's UDP is blocked entirely
 //!   (only TCP to the relay's port 443 and the coordinator pass): its relay session's UDP
 //!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
@@ -91,6 +95,8 @@ impl Bed {
                 }),
                 admin: ADMIN.to_owned(),
                 heartbeat_secs: 5,
+                relay: false,
+                relay_urls: Vec::new(),
             },
         )?;
         let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
@@ -238,6 +244,143 @@ fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result
         "direct again after the block was lifted: a in {:.2} s, b in {:.2} s",
         took_a.as_secs_f64(),
         took_b.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Drops UDP from the left member to the right one only (output hook in the left
+/// member's namespace), counting what it drops; counts (and passes) UDP from the right
+/// one. Table `tbt_1way`.
+fn block_left_to_right(lab: &NatLab) -> Result<()> {
+    let other = lab.right.public.to_string();
+    let ns = &lab.left.netns;
+    ns.run("nft", &["add", "table", "ip", "tbt_1way"])?;
+    for (chain, hook, dir, verdict) in [
+        ("out", "output", "daddr", "drop"),
+        ("in", "input", "saddr", "accept"),
+    ] {
+        ns.run(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "ip",
+                "tbt_1way",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; }}"),
+            ],
+        )?;
+        ns.run(
+            "nft",
+            &[
+                "add", "rule", "ip", "tbt_1way", chain, "ip", dir, &other, "meta", "l4proto",
+                "udp", "counter", verdict,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The packet counters of `tbt_1way`: (dropped left → right, passed right → left).
+fn one_way_counters(lab: &NatLab) -> Result<(u64, u64)> {
+    let text = lab
+        .left
+        .netns
+        .run("nft", &["list", "table", "ip", "tbt_1way"])?;
+    let packets = |verdict: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.contains("counter") && l.trim_end().ends_with(verdict))
+            .with_context(|| format!("no {verdict} counter in:\n{text}"))?;
+        let n = line
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .with_context(|| format!("no packet count in {line:?}"))?;
+        n.parse().with_context(|| format!("packet count {n:?}"))
+    };
+    Ok((packets("drop")?, packets("accept")?))
+}
+
+/// The one-way direct path (issue 13): the pair is relayed, then only the left member's
+/// direct sends to the right one are dropped (a firewall on one side; the right member's
+/// direct datagrams, its 500 ms probes included, still arrive). Neither side may switch
+/// to direct: the left one would black-hole its sends. Both stay relayed for 10 s while
+/// the right one keeps probing (the nft counters show its probes arriving and the left
+/// side's answers dropped), pings pass both ways throughout; lifting the drop turns both
+/// direct.
+#[test]
+fn a_one_way_direct_path_stays_on_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-1way", RouterKind::None, RouterKind::None)?;
+    block_direct(&bed.lab)?;
+    let mut a = bed.join(Side::Left, "rj-oa", false)?;
+    let mut b = bed.join(Side::Right, "rj-ob", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-ob", "to be relayed", SETTLE, relayed)?;
+    b.wait_peer("rj-oa", "to be relayed", SETTLE, relayed)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+
+    // Only b → a direct passes from now on.
+    block_left_to_right(&bed.lab)?;
+    lift_direct_block(&bed.lab)?;
+    let before = one_way_counters(&bed.lab)?;
+    let held = Instant::now();
+    let mut rounds = 0;
+    while held.elapsed() < Duration::from_secs(10) || rounds < 10 {
+        rounds += 1;
+        for (who, j, other) in [("a", &a, "rj-ob"), ("b", &b, "rj-oa")] {
+            let p = j
+                .peers()?
+                .into_iter()
+                .find(|p| p.name == other)
+                .with_context(|| format!("{who} lost its peer"))?;
+            ensure!(
+                relayed(&p),
+                "{who} left the relay with only b → a open (round {rounds}, {:.1} s): {p:?}",
+                held.elapsed().as_secs_f64()
+            );
+        }
+        for (who, ns, to) in [("a → b", a.lab_ns(), b_ula), ("b → a", b.lab_ns(), a_ula)] {
+            let stats = traffic::ping(&ns, IpAddr::V6(to), 2, "0.2")?;
+            ensure!(
+                stats.received == stats.transmitted,
+                "ping {who} lost packets in round {rounds}: {stats:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = one_way_counters(&bed.lab)?;
+    println!(
+        "one-way for {:.1} s ({rounds} rounds): a's direct sends dropped {}, b's direct datagrams arrived {}",
+        held.elapsed().as_secs_f64(),
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    ensure!(
+        after.1 - before.1 >= 10,
+        "b's direct probes did not keep arriving at a: {before:?} → {after:?}"
+    );
+    ensure!(
+        after.0 > before.0,
+        "a sent nothing direct (no answers to b's probes, no probes): {before:?} → {after:?}"
+    );
+
+    let lifted = Instant::now();
+    bed.lab
+        .left
+        .netns
+        .run("nft", &["delete", "table", "ip", "tbt_1way"])?;
+    let pa = a.wait_peer("rj-ob", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    let pb = b.wait_peer("rj-oa", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    show("a", &pa);
+    show("b", &pb);
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b direct")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a direct")?;
+    println!(
+        "both direct {:.2} s after the one-way drop was lifted",
+        lifted.elapsed().as_secs_f64()
     );
     Ok(())
 }
