@@ -1040,7 +1040,8 @@ fn relayed_session() -> (Node, Node) {
 /// peer's ping is answered with a pong straight to where it came from, without upgrading
 /// or stamping us; only a pong that answers one of *our* pings, received directly, upgrades
 /// us (the round trip went direct). A pong through the relay, or with an id we never sent
-/// (the peer lying or replaying an old answer), upgrades nothing, and a pinned peer stays.
+/// (the peer lying or replaying an old answer), upgrades nothing; a pinned peer stays
+/// relayed even when its probe is answered, and answers no probe itself.
 #[test]
 fn only_a_direct_answer_to_our_own_probe_upgrades() {
     let (mut a, mut b) = relayed_session();
@@ -1140,6 +1141,13 @@ fn only_a_direct_answer_to_our_own_probe_upgrades() {
     let pong = take(&mut a).remove(0).1;
     direct_rx(&mut b, a.ep, &pong, &mut sink);
     assert_eq!(state(&b, 1).1, PathKind::Relay);
+    // And B, pinned, does not answer A's probe: relayed A stays relayed.
+    let route = pa.lock().relay;
+    relay_path::set_path(&pa, PathKind::Relay, route);
+    let ping = probe(&a, 2);
+    direct_rx(&mut b, a.ep, &ping, &mut sink);
+    assert!(take(&mut b).is_empty(), "a pinned peer answers no probe");
+    assert_eq!(state(&a, 2).1, PathKind::Relay);
     assert_eq!(a.counters.total() + b.counters.total(), 0);
 }
 

@@ -18,7 +18,8 @@
 //!   encrypted WireGuard data message carrying a [`Probe::Ping`] with a fresh random 64-bit
 //!   id as its inner packet; the peer answers a ping that arrived *directly* with a
 //!   [`Probe::Pong`] of the same id straight back to the address it came from (whatever
-//!   its own path), and a direct pong whose id is one of our last [`PROBE_IDS`] pings
+//!   its own path; a peer pinned to the relay does not answer: `--force-relay` gives a
+//!   relayed peer no direct answer to switch on, as before), and a direct pong whose id is one of our last [`PROBE_IDS`] pings
 //!   upgrades us: the round trip us → peer → us went direct. Without a session the probe is
 //!   a handshake initiation; a handshake response received directly whose receiver index
 //!   is that initiation's sender index (and which boringtun accepts) proves the same round

@@ -660,8 +660,9 @@ fn authenticated(st: &mut PeerState, src: SocketAddr, via: Option<u32>) {
 
 /// An authenticated probe that arrived straight from `src` (`core::path`): a ping is
 /// answered with a pong of the same id straight back to `src`, whatever our path (that is
-/// the point: the peer learns whether *its* direct sends reach us); a pong that answers one
-/// of our pings upgrades a relayed path. Off the fast path.
+/// the point: the peer learns whether *its* direct sends reach us), unless we are pinned to
+/// the relay; a pong that answers one of our pings upgrades a relayed path. Off the fast
+/// path.
 #[cold]
 fn on_probe(
     st: &mut PeerState,
@@ -671,6 +672,9 @@ fn on_probe(
     counters: &DropCounters,
 ) -> Result<usize, Full> {
     match probe {
+        // A peer pinned to its relay (`--force-relay`) does not answer: a relayed peer
+        // gets no direct answer from it to switch on (as before probes were answered).
+        path::Probe::Ping(_) if st.relay_only => Ok(0),
         path::Probe::Ping(id) => {
             let pong = path::Probe::Pong(id).packet();
             encapsulate(&mut st.tunn, &pong, src, None, tx, counters)
