@@ -1,6 +1,6 @@
 //! Issue 13, the joiner's relayed paths end to end: a real `tabbify-mesh-relay` (certificate
-//! from the test PKI) on the NAT lab's [`RELAY`] address, a coordinator on [`HUB`], and two
-//! joiners told `--relay https://198.18.0.2:443`.
+//! from the test PKI) on the NAT lab's `RELAY` address and a coordinator on its `HUB`, both
+//! started by [`LabMesh`], and two joiners told `--relay https://198.18.0.2:443`.
 //!
 //! * `blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted`: UDP between the two
 //!   members is dropped by an nft table in the left member's namespace (UDP to the relay and
@@ -24,32 +24,23 @@
 //!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use serde_json::json;
 use tabbify_api::local::PeerStatus;
-use tabbify_tests::admin::Admin;
-use tabbify_tests::coordinator::{Coordinator, CoordinatorSpec};
-use tabbify_tests::natlab::{HUB, RELAY, RELAY_TCP_PORT};
+use tabbify_tests::labmesh::{relay_url, LabMesh, TAG};
 use tabbify_tests::prereq::{require, Tool};
-use tabbify_tests::testbed::{ADMIN, COORDINATOR_PORT};
-use tabbify_tests::{traffic, JoinSpec, Joiner, NatLab, Pki, Process, RouterKind, Side};
+use tabbify_tests::{traffic, JoinSpec, Joiner, NatLab, Process, RouterKind, Side};
 
 /// How long a path may take to settle in these tests (generous: the machine is shared).
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn relay_url() -> String {
-    format!("https://{RELAY}:{RELAY_TCP_PORT}")
-}
-
-/// The lab with a coordinator and a relay in its internet.
+/// The lab with a coordinator and a relay in its internet ([`LabMesh`]: the policy lets
+/// every `node` member reach every other; heartbeats every 5 s).
 struct Bed {
     lab: NatLab,
-    pki: Pki,
-    coordinator: Coordinator,
-    admin: Admin,
+    mesh: LabMesh,
     _relay: Process,
 }
 
@@ -57,66 +48,24 @@ impl Bed {
     fn start(name: &str, left: RouterKind, right: RouterKind) -> Result<Bed> {
         require(&[Tool::Iproute2, Tool::Ping, Tool::Curl, Tool::Nft])?;
         tabbify_tests::bins::tabbify_mesh()?;
-        let relay_bin = tabbify_tests::bins::tabbify_mesh_relay()?;
         let lab = NatLab::new(name, left, right)?;
-        let pki = Pki::new(&[IpAddr::V4(HUB)])?;
-        let cert = pki.issue_relay("relay", &[IpAddr::V4(RELAY)])?;
-        let listen = SocketAddr::new(RELAY.into(), RELAY_TCP_PORT).to_string();
-        let ca = pki.ca_cert();
-        let relay = lab.internet.spawn(
-            "relay",
-            relay_bin.to_str().context("relay path")?,
-            &[
-                "--listen",
-                &listen,
-                "--tls-cert",
-                cert.cert.to_str().context("cert path")?,
-                "--tls-key",
-                cert.key.to_str().context("key path")?,
-                "--tls-ca",
-                ca.to_str().context("ca path")?,
-            ],
-        )?;
-        let health = format!("{}/health", relay_url());
-        let ca_str = ca.to_str().context("ca path")?.to_owned();
-        tabbify_tests::wait::until("the relay to answer /health", SETTLE, || {
-            lab.internet
-                .run("curl", &["-sf", "--cacert", &ca_str, &health])
-                .map(|body| body.contains("ok").then_some(()))
-        })?;
-        let coordinator = Coordinator::start(
-            &lab.internet,
-            &pki,
-            CoordinatorSpec {
-                bind: SocketAddr::new(HUB.into(), COORDINATOR_PORT),
-                policy: json!({
-                    "tags": ["node"],
-                    "allow": [{"src": ["tag:node"], "dst": ["tag:node"]}],
-                }),
-                admin: ADMIN.to_owned(),
-                heartbeat_secs: 5,
-                relay: false,
-                relay_urls: Vec::new(),
-            },
-        )?;
-        let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
+        let mesh = LabMesh::start(&lab, 5)?;
+        let relay = mesh.start_relay(&lab)?;
         Ok(Bed {
             lab,
-            pki,
-            coordinator,
-            admin,
+            mesh,
             _relay: relay,
         })
     }
 
     fn join(&self, side: Side, name: &str, force_relay: bool) -> Result<Joiner> {
-        let token = self.admin.create_token(&["node"], None, 1)?;
+        let token = self.mesh.admin.create_token(&[TAG], None, 1)?;
         self.join_as(
             side,
             name,
             force_relay,
             Some(token),
-            &self.pki.issue_peer(name)?,
+            &self.mesh.pki.issue_peer(name)?,
         )
     }
 
@@ -128,12 +77,12 @@ impl Bed {
         token: Option<String>,
         cert: &tabbify_tests::pki::Issued,
     ) -> Result<Joiner> {
-        let mut spec = JoinSpec::new(name, &["node"], token);
+        let mut spec = JoinSpec::new(name, &[TAG], token);
         spec.relays = vec![relay_url()];
         spec.force_relay = force_relay;
         Joiner::start(
             &self.lab.member(side).netns,
-            &self.coordinator.url(),
+            &self.mesh.coordinator.url(),
             cert,
             spec,
         )
@@ -390,8 +339,8 @@ fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
     let bed = Bed::start("rj-gone", RouterKind::None, RouterKind::None)?;
     block_direct(&bed.lab)?;
     let mut a = bed.join(Side::Left, "rj-ga", false)?;
-    let b_cert = bed.pki.issue_peer("rj-gb")?;
-    let token = bed.admin.create_token(&["node"], None, 1)?;
+    let b_cert = bed.mesh.pki.issue_peer("rj-gb")?;
+    let token = bed.mesh.admin.create_token(&[TAG], None, 1)?;
     let b = bed.join_as(Side::Right, "rj-gb", false, Some(token), &b_cert)?;
     let b_ula = b.status()?.ula;
     a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;
