@@ -19,6 +19,10 @@
 //!   member's direct UDP to the right one is dropped (the right one's probes keep arriving
 //!   directly): both stay relayed and pings pass both ways for 10 s; lifting the drop
 //!   turns both direct.
+//! * `a_one_way_direct_path_from_the_start_goes_to_the_relay`: the same drop installed
+//!   before the members join: both direct attempts fail (the right one's initiations
+//!   arriving directly do not answer the left one's attempt), both go to the relay and
+//!   stay, pings pass both ways.
 //! * `udp_blocked_member_uses_the_tls_stream`: the left member's UDP is blocked entirely
 //!   (only TCP to the relay's port 443 and the coordinator pass): its relay session's UDP
 //!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
@@ -330,6 +334,65 @@ fn a_one_way_direct_path_stays_on_the_relay() -> Result<()> {
     println!(
         "both direct {:.2} s after the one-way drop was lifted",
         lifted.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The one-way direct path from the start: before the members join, only the left one's
+/// direct UDP to the right one is dropped. Neither direct attempt may count as answered
+/// (the right one's initiations reach the left one directly, but prove nothing about the
+/// left one's sends): both go to the relay ("no direct handshake after 1.5 s") and stay
+/// there while the right one keeps probing, and pings pass both ways.
+#[test]
+fn a_one_way_direct_path_from_the_start_goes_to_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-1start", RouterKind::None, RouterKind::None)?;
+    block_left_to_right(&bed.lab)?;
+    let started = Instant::now();
+    let mut a = bed.join(Side::Left, "rj-sa", false)?;
+    let mut b = bed.join(Side::Right, "rj-sb", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    let pa = a.wait_peer("rj-sb", "to be relayed", SETTLE, relayed)?;
+    let pb = b.wait_peer("rj-sa", "to be relayed", SETTLE, relayed)?;
+    println!(
+        "both relayed {:.2} s after joining",
+        started.elapsed().as_secs_f64()
+    );
+    show("a", &pa);
+    show("b", &pb);
+    // a's attempt failed as an attempt (not after 30 s of silence on a dead direct path).
+    ensure!(
+        pa.reason.as_deref() == Some("no direct handshake after 1.5 s"),
+        "a's direct attempt counted as answered: {pa:?}"
+    );
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+    let before = one_way_counters(&bed.lab)?;
+    for round in 1..=5 {
+        for (who, j, other) in [("a", &a, "rj-sb"), ("b", &b, "rj-sa")] {
+            let p = j
+                .peers()?
+                .into_iter()
+                .find(|p| p.name == other)
+                .with_context(|| format!("{who} lost its peer"))?;
+            ensure!(
+                relayed(&p),
+                "{who} left the relay with only b → a open (round {round}): {p:?}"
+            );
+        }
+        for (who, ns, to) in [("a → b", a.lab_ns(), b_ula), ("b → a", b.lab_ns(), a_ula)] {
+            let stats = traffic::ping(&ns, IpAddr::V6(to), 2, "0.2")?;
+            ensure!(
+                stats.received == stats.transmitted,
+                "ping {who} lost packets in round {round}: {stats:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = one_way_counters(&bed.lab)?;
+    ensure!(
+        after.1 > before.1,
+        "b's direct probes did not arrive at a: {before:?} → {after:?}"
     );
     Ok(())
 }

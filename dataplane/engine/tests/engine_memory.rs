@@ -1155,11 +1155,15 @@ fn only_a_direct_answer_to_our_own_probe_upgrades() {
 /// (receiver index = the probe's sender index, accepted by boringtun) upgrades the prober;
 /// the same response through the relay, or a direct response to another initiation (one
 /// the prober sent the normal way), does not; the responder is not upgraded by the
-/// initiation it answered.
+/// initiation it answered, nor does it count it as direct receipt (`last_direct_rx_ns`,
+/// which the joiner's direct attempts read: with our direction dropped, the peer's
+/// initiations would otherwise "answer" our attempt).
 #[test]
 fn a_probe_initiation_answered_directly_upgrades_and_nothing_else_does() {
     // Answered directly.
     let (mut a, mut b) = relayed_pair();
+    a.pipe.set_now_ns(300);
+    b.pipe.set_now_ns(400);
     let mut sink = Collect::default();
     let init = probe(&b, 1);
     assert_eq!(init[0], 1, "no session: an initiation");
@@ -1171,8 +1175,15 @@ fn a_probe_initiation_answered_directly_upgrades_and_nothing_else_does() {
         PathKind::Relay,
         "an initiation upgrades nobody"
     );
+    assert_eq!(state(&a, 2).0, Some(b.ep), "the endpoint roams as always");
+    assert_eq!(
+        rx_times(&a, 2),
+        (0, 0),
+        "the peer's initiation is no evidence for our direction"
+    );
     direct_rx(&mut b, a.ep, &resp[0].1, &mut sink);
     assert_eq!(state(&b, 1).1, PathKind::Direct);
+    assert_eq!(rx_times(&b, 1), (400, 0));
 
     // The same exchange, the response through the relay.
     let (mut a, mut b) = relayed_pair();

@@ -23,8 +23,10 @@
 //!   upgrades us: the round trip us → peer → us went direct. Without a session the probe is
 //!   a handshake initiation; a handshake response received directly whose receiver index
 //!   is that initiation's sender index (and which boringtun accepts) proves the same round
-//!   trip. A ping received directly does not stamp `last_direct_rx_ns` (it is the peer
-//!   probing, and says nothing about our direction); a pong does. Probe packets never
+//!   trip. A ping or a handshake initiation received directly does not stamp
+//!   `last_direct_rx_ns` (it is the peer probing or starting a handshake, and says nothing
+//!   about our direction; the joiner's direct attempts and silence fallback read that
+//!   stamp); a pong, a handshake response, data and keepalives do. Probe packets never
 //!   reach the TUN. Why not a handshake per probe: boringtun keeps one handshake in
 //!   flight (plus the previous), a responder stores every handshake's session in its
 //!   8-slot ring (overwriting, within 8 probes, the slot its current session sends with,

@@ -92,7 +92,9 @@ pub struct PeerStats {
     pub last_handshake_ns: AtomicU64,
     /// When an authenticated datagram last arrived straight from the peer
     /// ([`crate::core::path::mono_ns`] clock), 0 if never. The peer's direct probes
-    /// (pings) do not count: they say nothing about whether our sends reach it.
+    /// (pings) and handshake initiations do not count: they say nothing about whether our
+    /// sends reach it (its data, keepalives and handshake responses do, in practice: it
+    /// sends them direct only once a direct handshake completed).
     pub last_direct_rx_ns: AtomicU64,
     /// When an authenticated relay frame last arrived from the peer
     /// ([`crate::core::path::mono_ns`] clock), 0 if never.

@@ -556,11 +556,22 @@ impl Pipeline {
             _ => false,
         };
         if authed {
-            let stamp = match via {
-                None => &peer.stats.last_direct_rx_ns,
-                Some(_) => &peer.stats.last_relay_rx_ns,
-            };
-            stamp.store(self.now_ns, Ordering::Relaxed);
+            // The peer's initiation arriving directly proves only its direction: it does
+            // not count as direct receipt (a response does: it answers our initiation, and
+            // so does the keepalive that confirms a handshake we answered). Otherwise a
+            // member whose direct sends are dropped would see its direct handshake
+            // attempt "answered" by the peer's initiations and stay on a dead direct path.
+            match via {
+                None if ty == T::HandshakeInit => {}
+                None => peer
+                    .stats
+                    .last_direct_rx_ns
+                    .store(self.now_ns, Ordering::Relaxed),
+                Some(_) => peer
+                    .stats
+                    .last_relay_rx_ns
+                    .store(self.now_ns, Ordering::Relaxed),
+            }
             authenticated(&mut st, src, via);
             // A response straight from the peer to our direct probe's initiation: the
             // round trip went direct both ways (responders answer the way the initiation
