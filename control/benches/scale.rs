@@ -437,6 +437,7 @@ fn in_process(peers: usize) {
                     endpoints: vec!["127.0.0.1:51820".parse().expect("addr")],
                     wg_listen_port: 51820,
                     reflexive: "127.0.0.1:51820".parse().expect("addr"),
+                    ephemeral: false,
                 },
                 0,
             );

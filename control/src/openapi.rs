@@ -110,7 +110,7 @@ pub fn document() -> Value {
             "deny": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRule"}}
         }
     });
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "tabbify-mesh-coordinator",
@@ -279,5 +279,18 @@ pub fn document() -> Value {
                 "properties": {"peer_id": {"type": "string"}, "identity": {"type": "string"},
                                "public_key": {"type": "string"}, "revoked_at": {"type": "integer"}}}
         }}
-    })
+    });
+    // The leave route and the ephemeral flag are set apart: the literal above is at the
+    // `json!` macro's recursion limit.
+    doc["paths"]["/v1/mesh/leave"] = json!({"post": {"operationId": "leave",
+        "description": "The caller (its certificate's identity; the body is {} and names nobody: any field is 400) leaves the mesh: it is removed from every roster at once (peer_remove, reason `left`) and its streams close. Its key stays admitted, so it may register again without a token. 404 not_registered when this coordinator holds no member for the caller.",
+        "requestBody": body("LeaveRequest"), "responses": ok("LeaveResponse")}});
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["RegisterRequest"]["properties"]["ephemeral"] = json!({"type": "boolean", "default": false,
+        "description": "Removed from every roster as soon as it misses its heartbeats (no stale window); the joiner leaves when stopped cleanly."});
+    schemas["LeaveRequest"] =
+        json!({"type": "object", "additionalProperties": false, "properties": {}});
+    schemas["LeaveResponse"] = json!({"type": "object", "required": ["peer_id", "left"],
+        "properties": {"peer_id": {"type": "string"}, "left": {"type": "boolean"}}});
+    doc
 }

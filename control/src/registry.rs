@@ -75,6 +75,8 @@ pub struct PeerRecord {
     pub last_seen_ms: u64,
     /// Missed its heartbeats; kept in rosters (with its apps) until `stale_after`.
     pub stale: bool,
+    /// Registered with `ephemeral`: removed as soon as it misses its heartbeats.
+    pub ephemeral: bool,
     /// Visibility class under the current policy.
     pub class: ClassId,
 }
@@ -110,6 +112,8 @@ pub struct NewPeer {
     pub wg_listen_port: u16,
     /// Observed reflexive endpoint.
     pub reflexive: SocketAddr,
+    /// An ephemeral member (`RegisterRequest::ephemeral`): no stale window.
+    pub ephemeral: bool,
 }
 
 /// Bounded history of dispatches plus the broadcast channel they go out on.
@@ -392,6 +396,7 @@ impl Registry {
             paths: crate::api::PathCounts::default(),
             last_seen_ms: now_ms,
             stale: false,
+            ephemeral: new.ephemeral,
             class,
         };
         let class_changed = old.as_ref().is_some_and(|o| o.class != class);
@@ -658,12 +663,14 @@ impl Registry {
     }
 
     /// Marks stale every peer not seen for `timeout_ms` (one upsert each, at once) and
-    /// removes (reason `expired`) every peer not seen for `timeout_ms + stale_after_ms`.
+    /// removes (reason `expired`) every peer not seen for `timeout_ms + stale_after_ms`,
+    /// and every ephemeral peer not seen for `timeout_ms` (it has no stale window).
     pub fn expire(&mut self, now_ms: u64, timeout_ms: u64, stale_after_ms: u64) -> Expiry {
         let mut out = Expiry::default();
         for p in self.peers.values() {
             let age = now_ms.saturating_sub(p.last_seen_ms);
-            if age > timeout_ms.saturating_add(stale_after_ms) {
+            let window = if p.ephemeral { 0 } else { stale_after_ms };
+            if age > timeout_ms.saturating_add(window) {
                 out.removed.push(p.id.clone());
             } else if age > timeout_ms && !p.stale {
                 out.stale.push(p.id.clone());

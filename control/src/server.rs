@@ -229,6 +229,9 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
+    /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): random per start,
+    /// since the roster and its event ids live in this process's memory.
+    event_log: String,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -271,6 +274,7 @@ impl Coordinator {
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
+            event_log: uuid::Uuid::new_v4().simple().to_string(),
             config,
             clock,
             metrics: Metrics::default(),
@@ -569,6 +573,10 @@ impl Coordinator {
                 let body: RotateKeyRequest = self.read_json(req).await?;
                 ok(&self.rotate_key(identity, body)?)
             }
+            (Method::POST, PATH_LEAVE) => {
+                let _: LeaveRequest = self.read_json(req).await?;
+                ok(&self.leave(identity)?)
+            }
             (Method::GET, PATH_POLICY) => {
                 self.admin(conn, identity.as_deref())?;
                 let core = self.read();
@@ -833,6 +841,7 @@ impl Coordinator {
                 endpoints: req.endpoints,
                 wg_listen_port: req.wg_listen_port,
                 reflexive,
+                ephemeral: req.ephemeral,
             },
             now_ms,
         );
@@ -938,6 +947,28 @@ impl Coordinator {
         })
     }
 
+    /// `POST /v1/mesh/leave`: removes the caller's own member (its identity is its
+    /// certificate's CN; the body names nobody) from every roster at once, reason `left`.
+    /// Its streams close; its admission stays, so it may register again.
+    fn leave(&self, identity: Option<String>) -> Result<LeaveResponse, ApiError> {
+        let Some(identity) = identity else {
+            return Err(ApiError::Unauthorized("no client identity".into()));
+        };
+        self.check_rate(&identity)?;
+        let id = ula::identity_peer_id(&identity);
+        let mut core = self.write();
+        match core.registry.peer(&id) {
+            Some(p) if p.identity == identity => {}
+            _ => return Err(ApiError::NotRegistered),
+        }
+        core.registry.remove(&id, "left");
+        tracing::info!(peer_id = %id, %identity, "member left the mesh");
+        Ok(LeaveResponse {
+            peer_id: id,
+            left: true,
+        })
+    }
+
     /// Mints a relay token for the caller's identity and registered key.
     fn relay_token(
         &self,
@@ -984,11 +1015,18 @@ impl Coordinator {
         identity: Option<String>,
         req: Request<B>,
     ) -> Result<Response<ResponseBody>, ApiError> {
+        // An id from another event log (another coordinator's, or ours before a restart)
+        // says nothing about ours: a snapshot, not a replay of unrelated events.
+        let same_log = req
+            .headers()
+            .get(EVENT_LOG_HEADER)
+            .is_none_or(|v| v.as_bytes() == self.event_log.as_bytes());
         let last_event_id = req
             .headers()
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|_| same_log);
         let (sub, initial, rx, permit) = {
             let core = self.read();
             let reg = &core.registry;
@@ -1070,6 +1108,7 @@ impl Coordinator {
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
+            .header(EVENT_LOG_HEADER, self.event_log.as_str())
             .body(ChannelBody::new(body_rx).boxed())
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
@@ -1656,6 +1695,7 @@ fn known_path(p: &str) -> bool {
             | PATH_TOKENS
             | PATH_REVOCATIONS
             | PATH_ROTATE_KEY
+            | PATH_LEAVE
             | PATH_RELAY_TOKEN
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")

@@ -52,6 +52,10 @@ pub struct JoinSpec {
     pub relays: Vec<String>,
     /// `--force-relay`: every peer over the relay.
     pub force_relay: bool,
+    /// More `--coordinator` URLs, tried after the one the joiner is started with (issue 14).
+    pub more_coordinators: Vec<String>,
+    /// `--ephemeral` (issue 14).
+    pub ephemeral: bool,
 }
 
 impl JoinSpec {
@@ -67,6 +71,8 @@ impl JoinSpec {
             stun: Vec::new(),
             relays: Vec::new(),
             force_relay: false,
+            more_coordinators: Vec::new(),
+            ephemeral: false,
         }
     }
 }
@@ -144,6 +150,12 @@ impl Joiner {
         }
         if spec.force_relay {
             command.arg("--force-relay");
+        }
+        for url in &spec.more_coordinators {
+            command.args(["--coordinator", url]);
+        }
+        if spec.ephemeral {
+            command.arg("--ephemeral");
         }
         // The token and coordinator come from flags only: nothing inherited may override.
         command
