@@ -463,12 +463,13 @@ fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
         "nothing more went through the relay"
     );
 
-    // Pinned (--force-relay): probes arrive directly, the path stays relayed.
+    // Pinned (--force-relay): probes arrive directly (counted as received), a pinned peer
+    // answers none, and the path stays relayed.
     for (p, route) in [(&s.ab, s.route_to_b), (&s.ba, s.route_to_a)] {
         path::set_path(p, PathKind::Relay, Some(route));
         path::set_relay_only(p, true);
     }
-    let before = s.ba.stats.last_direct_rx_ns.load(Ordering::Relaxed);
+    let before = s.ba.stats.rx_bytes.load(Ordering::Relaxed);
     assert!(s
         .a
         .engine
@@ -482,7 +483,7 @@ fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
         .probe_direct(&s.ba, s.a_direct)
         .unwrap());
     wait_for("the probe's receipt", || {
-        s.ba.stats.last_direct_rx_ns.load(Ordering::Relaxed) > before
+        s.ba.stats.rx_bytes.load(Ordering::Relaxed) > before
     });
     ping(&s.sa, &s.sb, "a to b pinned");
     ping(&s.sb, &s.sa, "b to a pinned");
