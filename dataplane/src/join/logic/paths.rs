@@ -64,6 +64,20 @@ pub const MAX_SESSIONS: usize = 4;
 /// Most direct candidates probed per peer per round.
 pub const MAX_PROBES: usize = 4;
 
+/// Whether a roster hint (a new roster endpoint, a hole-punch notice) may replace the
+/// engine's current direct endpoint for a peer: not while that endpoint is *proven*, i.e.
+/// an authenticated datagram arrived straight from it within [`DIRECT_SILENT`]
+/// (`since_direct_rx`: time since that receipt, `None` if never). The endpoint the engine
+/// learned by roaming is where the peer really is (behind an endpoint-dependent NAT it is
+/// a port the coordinator never saw); overwriting it with the roster's would send into a
+/// closed mapping until the peer's next packet roams it back (up to a persistent
+/// keepalive, 25 s). A peer that really moved re-handshakes from its new address, and
+/// that authenticated receipt moves the endpoint (WireGuard roaming), so keeping a proven
+/// endpoint never strands one.
+pub fn roster_may_set_endpoint(since_direct_rx: Option<Duration>) -> bool {
+    since_direct_rx.is_none_or(|d| d >= DIRECT_SILENT)
+}
+
 /// Where a peer's datagrams go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Path {
@@ -767,6 +781,16 @@ impl Paths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proven_endpoint_is_not_overwritten_by_a_roster_hint() {
+        assert!(roster_may_set_endpoint(None));
+        assert!(!roster_may_set_endpoint(Some(Duration::ZERO)));
+        assert!(!roster_may_set_endpoint(Some(
+            DIRECT_SILENT - Duration::from_millis(1)
+        )));
+        assert!(roster_may_set_endpoint(Some(DIRECT_SILENT)));
+    }
 
     const A: [u8; 32] = [1; 32];
     const R1: &str = "https://relay1.example.net:443";
