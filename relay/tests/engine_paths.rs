@@ -1,9 +1,9 @@
 //! Two real engines (TUN devices, io_uring and epoll workers, real UDP) talking through the
 //! real relay (`Relay::start`, TLS sessions, BIND from the engines' WireGuard sockets):
-//! traffic passes over the relay with both peers on `PathKind::Relay`; a direct probe
-//! (`Handshaker::probe_direct`) then upgrades both sides to `Direct` and the relay sees no
-//! more frames; a peer pinned to the relay (`relay_only`) stays relayed. The attacker's
-//! view: a member with a valid certificate sends forged frames through the relay, and a
+//! traffic passes over the relay with both peers on `PathKind::Relay`; direct probes
+//! (`Handshaker::probe_direct`), each answered straight back, then upgrade each prober to
+//! `Direct` and the relay sees no more frames; a peer pinned to the relay (`relay_only`)
+//! stays relayed. The attacker's view: a member with a valid certificate sends forged frames through the relay, and a
 //! host that is not the relay sends forged frames straight to the engine; neither changes
 //! the peer's endpoint, path or relay route, and every one is counted.
 //!
@@ -391,8 +391,9 @@ fn setup(ns: &Namespaces, tag: &str) -> Setup {
     s
 }
 
-/// Relayed traffic both ways (the handshake too: initiated by the engine), then a direct
-/// probe upgrades both sides within one round trip and the relay forwards nothing more;
+/// Relayed traffic both ways (the handshake too: initiated by the engine), then each
+/// side's direct probe, answered straight back, upgrades that side within one round trip
+/// and the relay forwards nothing more;
 /// then a pinned peer stays on the relay although direct datagrams arrive.
 #[test]
 fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
@@ -423,12 +424,25 @@ fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
         assert_eq!(p.stats.last_direct_rx_ns.load(Ordering::Relaxed), 0);
     }
 
-    // One probe from A: B upgrades on receipt and echoes; A upgrades on the echo.
+    // One probe from A, answered straight back by B: A upgrades. B stays relayed (A's
+    // probe says nothing about B's direct sends) until its own probe is answered.
     assert!(s
         .a
         .engine
         .handshaker()
         .probe_direct(&s.ab, s.b_direct)
+        .unwrap());
+    wait_for("A direct", || state(&s.ab).1 == PathKind::Direct);
+    assert_eq!(
+        state(&s.ba).1,
+        PathKind::Relay,
+        "B's probes are not answered yet"
+    );
+    assert!(s
+        .b
+        .engine
+        .handshaker()
+        .probe_direct(&s.ba, s.a_direct)
         .unwrap());
     wait_for("both sides direct", || {
         state(&s.ab).1 == PathKind::Direct && state(&s.ba).1 == PathKind::Direct
@@ -449,12 +463,13 @@ fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
         "nothing more went through the relay"
     );
 
-    // Pinned (--force-relay): probes arrive directly, the path stays relayed.
+    // Pinned (--force-relay): probes arrive directly (counted as received), a pinned peer
+    // answers none, and the path stays relayed.
     for (p, route) in [(&s.ab, s.route_to_b), (&s.ba, s.route_to_a)] {
         path::set_path(p, PathKind::Relay, Some(route));
         path::set_relay_only(p, true);
     }
-    let before = s.ba.stats.last_direct_rx_ns.load(Ordering::Relaxed);
+    let before = s.ba.stats.rx_bytes.load(Ordering::Relaxed);
     assert!(s
         .a
         .engine
@@ -468,7 +483,7 @@ fn traffic_over_the_relay_then_a_direct_probe_upgrades_both_sides() {
         .probe_direct(&s.ba, s.a_direct)
         .unwrap());
     wait_for("the probe's receipt", || {
-        s.ba.stats.last_direct_rx_ns.load(Ordering::Relaxed) > before
+        s.ba.stats.rx_bytes.load(Ordering::Relaxed) > before
     });
     ping(&s.sa, &s.sb, "a to b pinned");
     ping(&s.sb, &s.sa, "b to a pinned");

@@ -31,6 +31,11 @@ pub struct CoordinatorSpec {
     pub admin: String,
     /// `--heartbeat-secs`.
     pub heartbeat_secs: u64,
+    /// `--relay`: run the mesh relay in the coordinator process (on its default
+    /// `--relay-bind`, the coordinator's address with port + 2), advertised first.
+    pub relay: bool,
+    /// `--relay-url`, one per further relay to advertise, in order.
+    pub relay_urls: Vec<String>,
 }
 
 /// A coordinator process that can be killed and started again on the same state.
@@ -92,6 +97,12 @@ impl Coordinator {
             ]
             .map(str::to_owned),
         );
+        if spec.relay {
+            args.push("--relay".to_owned());
+        }
+        for url in &spec.relay_urls {
+            args.extend(["--relay-url".to_owned(), url.clone()]);
+        }
         if let Some(url) = database {
             args.extend(["--database".to_owned(), url.to_owned()]);
         }

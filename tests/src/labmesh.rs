@@ -18,9 +18,9 @@ use serde_json::json;
 use crate::admin::Admin;
 use crate::coordinator::{Coordinator, CoordinatorSpec};
 use crate::joiner::{JoinSpec, Joiner};
-use crate::natlab::{NatLab, HUB, RELAY, RELAY_TCP_PORT};
+use crate::natlab::{NatLab, HUB, RELAY, RELAY2, RELAY_TCP_PORT};
 use crate::netns::Netns;
-use crate::pki::Pki;
+use crate::pki::{Issued, Pki};
 use crate::process::Process;
 use crate::testbed::{ADMIN, COORDINATOR_PORT};
 
@@ -31,6 +31,11 @@ pub const TAG: &str = "node";
 /// [`RELAY`]:[`RELAY_TCP_PORT`] (the port [`crate::RouterKind::UdpBlocked`] lets through).
 pub fn relay_url() -> String {
     format!("https://{RELAY}:{RELAY_TCP_PORT}")
+}
+
+/// The URL of the second relay ([`LabMesh::start_relay2`]) on [`RELAY2`]:[`RELAY_TCP_PORT`].
+pub fn relay2_url() -> String {
+    format!("https://{RELAY2}:{RELAY_TCP_PORT}")
 }
 
 /// A coordinator in the lab's internet namespace and what it takes to add members.
@@ -47,6 +52,16 @@ impl LabMesh {
     /// Starts the coordinator in `lab`'s internet namespace with all-to-all policy and
     /// `--heartbeat-secs heartbeat_secs`.
     pub fn start(lab: &NatLab, heartbeat_secs: u64) -> Result<LabMesh> {
+        Self::start_advertising(lab, heartbeat_secs, Vec::new())
+    }
+
+    /// As [`LabMesh::start`], the coordinator advertising `relay_urls` (`--relay-url`
+    /// each, in order) in its register and heartbeat answers.
+    pub fn start_advertising(
+        lab: &NatLab,
+        heartbeat_secs: u64,
+        relay_urls: Vec<String>,
+    ) -> Result<LabMesh> {
         let pki = Pki::new(&[IpAddr::V4(HUB), IpAddr::V4(RELAY)])?;
         let coordinator = Coordinator::start(
             &lab.internet,
@@ -59,6 +74,8 @@ impl LabMesh {
                 }),
                 admin: ADMIN.to_owned(),
                 heartbeat_secs,
+                relay: false,
+                relay_urls,
             },
         )?;
         let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
@@ -73,13 +90,35 @@ impl LabMesh {
     /// [`RELAY`]:[`RELAY_TCP_PORT`] with the coordinator's certificate (its SANs name
     /// [`RELAY`]), metrics on 127.0.0.1:9091 there; returns once it listens.
     pub fn start_relay(&self, lab: &NatLab) -> Result<Process> {
+        let cert = self.pki.coordinator().clone();
+        self.start_relay_at(lab, "relay", RELAY, &cert, 9091)
+    }
+
+    /// Starts a second `tabbify-mesh-relay` in `lab`'s internet namespace on
+    /// [`RELAY2`]:[`RELAY_TCP_PORT`] ([`relay2_url`]) with a server certificate of its own
+    /// from the mesh CA (SAN [`RELAY2`]), metrics on 127.0.0.1:9092 there.
+    pub fn start_relay2(&self, lab: &NatLab) -> Result<Process> {
+        let cert = self.pki.issue_relay("relay2", &[IpAddr::V4(RELAY2)])?;
+        self.start_relay_at(lab, "relay2", RELAY2, &cert, 9092)
+    }
+
+    /// Starts `tabbify-mesh-relay` (process label `label`) in `lab`'s internet namespace on
+    /// `addr`:[`RELAY_TCP_PORT`] (TCP and UDP) with `cert` (its SANs must name `addr`),
+    /// metrics on 127.0.0.1:`metrics_port` there; returns once it listens.
+    fn start_relay_at(
+        &self,
+        lab: &NatLab,
+        label: &str,
+        addr: std::net::Ipv4Addr,
+        cert: &Issued,
+        metrics_port: u16,
+    ) -> Result<Process> {
         let binary = crate::bins::locate(
             "tabbify-mesh-relay",
             "TABBIFY_RELAY_BIN",
             "cargo build -p tabbify-relay --bin tabbify-mesh-relay",
         )?;
-        let cert = self.pki.coordinator();
-        let listen = SocketAddr::new(RELAY.into(), RELAY_TCP_PORT).to_string();
+        let listen = SocketAddr::new(addr.into(), RELAY_TCP_PORT).to_string();
         let path = |p: &std::path::Path| -> Result<String> {
             p.to_str()
                 .map(str::to_owned)
@@ -95,13 +134,13 @@ impl LabMesh {
             "--tls-ca".to_owned(),
             path(&cert.ca)?,
             "--metrics-bind".to_owned(),
-            "127.0.0.1:9091".to_owned(),
+            format!("127.0.0.1:{metrics_port}"),
             // The perf and matrix runs must not be limited per session.
             "--rate-mbit".to_owned(),
             "1000000".to_owned(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut relay = lab.internet.spawn("relay", &path(&binary)?, &args)?;
+        let mut relay = lab.internet.spawn(label, &path(&binary)?, &args)?;
         relay.wait_for_log("listening", Duration::from_secs(10))?;
         Ok(relay)
     }

@@ -5,6 +5,8 @@
 //! ```text
 //!   internet ns: br0 198.18.0.1/24 (HUB: coordinator, reflector)
 //!                    198.18.0.2/24 (RELAY: TCP 443 stays open through UdpBlocked)
+//!                    198.18.0.3/24 (RELAY2: a second relay, for members with different
+//!                                   home relays)
 //!     ├── None:               member wan0 198.18.0.N                       (public address)
 //!     ├── EndpointIndependent router wan0 198.18.0.N ── lan0 192.168.S.1 ── member eth0 .2
 //!     ├── EndpointDependent   router wan0 198.18.0.N ── lan0 192.168.S.1 ── member eth0 .2
@@ -55,6 +57,9 @@ pub const HUB: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// The relay's address, also in the internet namespace: TCP 443 to it passes
 /// [`RouterKind::UdpBlocked`].
 pub const RELAY: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// A second relay's address in the internet namespace (members homed at different
+/// relays). [`RouterKind::UdpBlocked`] does not let TCP to it through.
+pub const RELAY2: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
 /// The relay's TCP port that [`RouterKind::UdpBlocked`] lets through.
 pub const RELAY_TCP_PORT: u16 = 443;
 /// The first address handed to a router's or public member's WAN link.
@@ -272,8 +277,8 @@ impl Member {
 /// The lab: the internet namespace and two members behind their routers.
 #[derive(Debug)]
 pub struct NatLab {
-    /// The internet: [`HUB`] and [`RELAY`] are its addresses; run the coordinator, a relay
-    /// or [`NatLab::start_reflector`] here.
+    /// The internet: [`HUB`], [`RELAY`] and [`RELAY2`] are its addresses; run the
+    /// coordinator, relays or [`NatLab::start_reflector`] here.
     pub internet: Netns,
     /// The left member.
     pub left: Member,
@@ -308,7 +313,7 @@ impl NatLab {
                 "0",
             ])
             .context("creating the internet bridge")?;
-        for addr in [HUB, RELAY] {
+        for addr in [HUB, RELAY, RELAY2] {
             internet.ip(&["addr", "add", &format!("{addr}/24"), "dev", BRIDGE])?;
         }
         internet.ip(&["link", "set", "dev", BRIDGE, "up"])?;

@@ -54,6 +54,8 @@ impl Testbed {
                 policy,
                 admin: ADMIN.to_owned(),
                 heartbeat_secs,
+                relay: false,
+                relay_urls: Vec::new(),
             },
         )?;
         let admin_cert = pki.issue_admin(ADMIN)?;

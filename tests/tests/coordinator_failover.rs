@@ -63,6 +63,8 @@ fn spec(lan: &Lan, port: u16) -> CoordinatorSpec {
         policy: policy(),
         admin: tabbify_tests::testbed::ADMIN.to_owned(),
         heartbeat_secs: HEARTBEAT_SECS,
+        relay: false,
+        relay_urls: Vec::new(),
     }
 }
 

@@ -13,14 +13,24 @@
 //!   (random bytes, WireGuard-shaped garbage, bad STUN, bad relay frames and relay control);
 //!   the engine counts them by reason in `status --json` drops, the joiner keeps passing
 //!   traffic to its peer, and its memory stays bounded (RSS printed before and after).
+//! * `members_at_different_home_relays_reach_each_other`: two relays in the lab's internet
+//!   ([`RELAY`] and [`RELAY2`]), both advertised by the coordinator (`--relay-url`); two
+//!   members behind endpoint-dependent ("symmetric") NATs, each made to measure one relay
+//!   slower (its first TCP SYN there dropped: one retransmission, about 1 s more), so the
+//!   left one is homed at the first relay and the right one at the second. Each reaches the
+//!   other through the *other's* home relay (`peers --json`: path `relay`, `relay` = the
+//!   peer's home relay URL), the coordinator's roster carries both home relays, and pings
+//!   pass both ways.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use tabbify_api::NatClass;
+use tabbify_tests::admin::Admin;
 use tabbify_tests::joiner::Joiner;
-use tabbify_tests::labmesh::{junk_flood, rss_kib, LabMesh};
+use tabbify_tests::labmesh::{junk_flood, relay2_url, relay_url, rss_kib, LabMesh};
+use tabbify_tests::natlab::{RELAY, RELAY2, RELAY_TCP_PORT};
 use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::traffic::{ping, wait_ping};
 use tabbify_tests::{NatLab, RouterKind};
@@ -323,4 +333,163 @@ fn udp_rcvbuf_errors(netns: &tabbify_tests::Netns) -> Result<u64> {
         .find(|(name, _)| *name == "RcvbufErrors")
         .and_then(|(_, value)| value.parse().ok())
         .context("no RcvbufErrors in /proc/net/snmp")
+}
+
+/// Makes `relay` measure about 1 s slower from `netns`: the first TCP SYN from there to
+/// `relay`:443 is dropped (nft `quota`: the rule matches until 100 bytes have passed it,
+/// i.e. the first 60-byte SYN; the kernel retransmits it after 1 s and that one passes).
+/// Later connections (a session there to reach a peer) are not slowed. Table `tbt_home`.
+fn slow_first_connect(netns: &tabbify_tests::Netns, relay: std::net::Ipv4Addr) -> Result<()> {
+    netns.run("nft", &["add", "table", "ip", "tbt_home"])?;
+    netns.run(
+        "nft",
+        &[
+            "add",
+            "chain",
+            "ip",
+            "tbt_home",
+            "out",
+            "{ type filter hook output priority 0; }",
+        ],
+    )?;
+    let relay = relay.to_string();
+    let port = RELAY_TCP_PORT.to_string();
+    netns.run(
+        "nft",
+        &[
+            "add",
+            "rule",
+            "ip",
+            "tbt_home",
+            "out",
+            "ip",
+            "daddr",
+            &relay,
+            "tcp",
+            "dport",
+            &port,
+            "tcp",
+            "flags",
+            "&",
+            "(syn|ack)",
+            "==",
+            "syn",
+            "quota",
+            "until",
+            "100",
+            "bytes",
+            "counter",
+            "drop",
+        ],
+    )?;
+    Ok(())
+}
+
+/// A member's view of the roster from the coordinator (`GET /v1/mesh/peers` with its own
+/// certificate): the `home_relay` of the peer whose identity is `peer`.
+fn roster_home_relay(client: &Admin, peer: &str) -> Result<Option<String>> {
+    let roster = client.expect_ok("GET", "/v1/mesh/peers", None)?;
+    let entry = roster["peers"]
+        .as_array()
+        .and_then(|peers| peers.iter().find(|p| p["identity"] == peer))
+        .with_context(|| format!("{peer} is not in the roster: {roster}"))?;
+    Ok(entry["home_relay"].as_str().map(str::to_owned))
+}
+
+#[test]
+fn members_at_different_home_relays_reach_each_other() -> Result<()> {
+    prerequisites()?;
+    let lab = NatLab::new(
+        "homes",
+        RouterKind::EndpointDependent,
+        RouterKind::EndpointDependent,
+    )?;
+    let mesh = LabMesh::start_advertising(&lab, HEARTBEAT_SECS, vec![relay_url(), relay2_url()])?;
+    let _relay1 = mesh.start_relay(&lab)?;
+    let _relay2 = mesh.start_relay2(&lab)?;
+    slow_first_connect(&lab.left.netns, RELAY2)?;
+    slow_first_connect(&lab.right.netns, RELAY)?;
+    let url = mesh.coordinator.url();
+    let mut members = Vec::new();
+    for (name, netns) in [("home-a", &lab.left.netns), ("home-b", &lab.right.netns)] {
+        let cert = mesh.pki.issue_peer(name)?;
+        let joiner = Joiner::start(netns, &url, &cert, mesh.spec(name)?)?;
+        // The member's own view of the coordinator (mTLS with its certificate).
+        members.push((joiner, Admin::new(&lab.internet, &url, cert)));
+    }
+    let [(mut a, a_client), (mut b, b_client)]: [(Joiner, Admin); 2] = members
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two members"))?;
+    let timeout = Duration::from_secs(30);
+    let home = |j: &mut Joiner, want: String| {
+        j.wait_status(&format!("to be homed at {want}"), timeout, |s| {
+            s.home_relay.as_deref() == Some(want.as_str())
+        })
+        .map(drop)
+    };
+    home(&mut a, relay_url()).with_context(|| format!("{:?}", a.status().map(|s| s.relays)))?;
+    home(&mut b, relay2_url()).with_context(|| format!("{:?}", b.status().map(|s| s.relays)))?;
+    // The steering did it: each side's first SYN to the other relay was dropped.
+    for (who, netns) in [("a", &lab.left.netns), ("b", &lab.right.netns)] {
+        let table = netns.run("nft", &["list", "table", "ip", "tbt_home"])?;
+        ensure!(
+            !table.contains("counter packets 0 "),
+            "{who}: no SYN was slowed:\n{table}"
+        );
+    }
+
+    // Each reaches the other through the other's home relay.
+    let pa = a.wait_peer("home-b", "relayed through b's home relay", timeout, |p| {
+        p.path == "relay" && p.relay.as_deref() == Some(relay2_url().as_str())
+    })?;
+    let pb = b.wait_peer("home-a", "relayed through a's home relay", timeout, |p| {
+        p.path == "relay" && p.relay.as_deref() == Some(relay_url().as_str())
+    })?;
+    println!(
+        "a → b: path={} relay={:?} reason={:?}; b → a: path={} relay={:?} reason={:?}",
+        pa.path, pa.relay, pa.reason, pb.path, pb.relay, pb.reason
+    );
+    wait_ping(&lab.left.netns, pa.ula.into(), timeout).context("ping a → b")?;
+    wait_ping(&lab.right.netns, pb.ula.into(), timeout).context("ping b → a")?;
+    for (from, netns, ula) in [
+        ("a", &lab.left.netns, pa.ula),
+        ("b", &lab.right.netns, pb.ula),
+    ] {
+        let stats = ping(netns, ula.into(), 5, "0.2")?;
+        ensure!(stats.received == 5, "ping from {from}: {stats:?}");
+    }
+    // Still through the other's home relay after the traffic.
+    for (who, j, peer, want) in [
+        ("a", &a, "home-b", relay2_url()),
+        ("b", &b, "home-a", relay_url()),
+    ] {
+        let p = j
+            .peers()?
+            .into_iter()
+            .find(|p| p.name == peer)
+            .with_context(|| format!("{who} lost {peer}"))?;
+        ensure!(
+            p.path == "relay" && p.relay.as_deref() == Some(want.as_str()),
+            "{who}: {p:?}"
+        );
+    }
+
+    // The coordinator's roster carries each member's home relay (from its heartbeats).
+    let deadline = Instant::now() + timeout;
+    loop {
+        let b_home = roster_home_relay(&a_client, "home-b")?;
+        let a_home = roster_home_relay(&b_client, "home-a")?;
+        if b_home.as_deref() == Some(relay2_url().as_str())
+            && a_home.as_deref() == Some(relay_url().as_str())
+        {
+            println!("roster: home-a at {a_home:?}, home-b at {b_home:?}");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the roster's home relays: home-a {a_home:?}, home-b {b_home:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Ok(())
 }

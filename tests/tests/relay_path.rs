@@ -1,6 +1,6 @@
 //! Issue 13, the joiner's relayed paths end to end: a real `tabbify-mesh-relay` (certificate
-//! from the test PKI) on the NAT lab's [`RELAY`] address, a coordinator on [`HUB`], and two
-//! joiners told `--relay https://198.18.0.2:443`.
+//! from the test PKI) on the NAT lab's `RELAY` address and a coordinator on its `HUB`, both
+//! started by [`LabMesh`], and two joiners told `--relay https://198.18.0.2:443`.
 //!
 //! * `blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted`: UDP between the two
 //!   members is dropped by an nft table in the left member's namespace (UDP to the relay and
@@ -15,37 +15,36 @@
 //! * `a_restarted_peer_is_reached_through_its_new_relay_session`: with direct UDP blocked,
 //!   the right member restarts (same key, new relay session and handle; the relay tells
 //!   the left one GONE): the left one looks it up again and ping passes over the relay.
+//! * `a_one_way_direct_path_stays_on_the_relay`: a relayed pair where then only the left
+//!   member's direct UDP to the right one is dropped (the right one's probes keep arriving
+//!   directly): both stay relayed and pings pass both ways for 10 s; lifting the drop
+//!   turns both direct.
+//! * `a_one_way_direct_path_from_the_start_goes_to_the_relay`: the same drop installed
+//!   before the members join: both direct attempts fail (the right one's initiations
+//!   arriving directly do not answer the left one's attempt), both go to the relay and
+//!   stay, pings pass both ways.
 //! * `udp_blocked_member_uses_the_tls_stream`: the left member's UDP is blocked entirely
 //!   (only TCP to the relay's port 443 and the coordinator pass): its relay session's UDP
 //!   side never binds, and the loopback bridge over the TLS stream carries the traffic.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use serde_json::json;
 use tabbify_api::local::PeerStatus;
-use tabbify_tests::admin::Admin;
-use tabbify_tests::coordinator::{Coordinator, CoordinatorSpec};
-use tabbify_tests::natlab::{HUB, RELAY, RELAY_TCP_PORT};
+use tabbify_tests::labmesh::{relay_url, LabMesh, TAG};
 use tabbify_tests::prereq::{require, Tool};
-use tabbify_tests::testbed::{ADMIN, COORDINATOR_PORT};
-use tabbify_tests::{traffic, JoinSpec, Joiner, NatLab, Pki, Process, RouterKind, Side};
+use tabbify_tests::{traffic, JoinSpec, Joiner, NatLab, Process, RouterKind, Side};
 
 /// How long a path may take to settle in these tests (generous: the machine is shared).
 const SETTLE: Duration = Duration::from_secs(30);
 
-fn relay_url() -> String {
-    format!("https://{RELAY}:{RELAY_TCP_PORT}")
-}
-
-/// The lab with a coordinator and a relay in its internet.
+/// The lab with a coordinator and a relay in its internet ([`LabMesh`]: the policy lets
+/// every `node` member reach every other; heartbeats every 5 s).
 struct Bed {
     lab: NatLab,
-    pki: Pki,
-    coordinator: Coordinator,
-    admin: Admin,
+    mesh: LabMesh,
     _relay: Process,
 }
 
@@ -53,64 +52,24 @@ impl Bed {
     fn start(name: &str, left: RouterKind, right: RouterKind) -> Result<Bed> {
         require(&[Tool::Iproute2, Tool::Ping, Tool::Curl, Tool::Nft])?;
         tabbify_tests::bins::tabbify_mesh()?;
-        let relay_bin = tabbify_tests::bins::tabbify_mesh_relay()?;
         let lab = NatLab::new(name, left, right)?;
-        let pki = Pki::new(&[IpAddr::V4(HUB)])?;
-        let cert = pki.issue_relay("relay", &[IpAddr::V4(RELAY)])?;
-        let listen = SocketAddr::new(RELAY.into(), RELAY_TCP_PORT).to_string();
-        let ca = pki.ca_cert();
-        let relay = lab.internet.spawn(
-            "relay",
-            relay_bin.to_str().context("relay path")?,
-            &[
-                "--listen",
-                &listen,
-                "--tls-cert",
-                cert.cert.to_str().context("cert path")?,
-                "--tls-key",
-                cert.key.to_str().context("key path")?,
-                "--tls-ca",
-                ca.to_str().context("ca path")?,
-            ],
-        )?;
-        let health = format!("{}/health", relay_url());
-        let ca_str = ca.to_str().context("ca path")?.to_owned();
-        tabbify_tests::wait::until("the relay to answer /health", SETTLE, || {
-            lab.internet
-                .run("curl", &["-sf", "--cacert", &ca_str, &health])
-                .map(|body| body.contains("ok").then_some(()))
-        })?;
-        let coordinator = Coordinator::start(
-            &lab.internet,
-            &pki,
-            CoordinatorSpec {
-                bind: SocketAddr::new(HUB.into(), COORDINATOR_PORT),
-                policy: json!({
-                    "tags": ["node"],
-                    "allow": [{"src": ["tag:node"], "dst": ["tag:node"]}],
-                }),
-                admin: ADMIN.to_owned(),
-                heartbeat_secs: 5,
-            },
-        )?;
-        let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);
+        let mesh = LabMesh::start(&lab, 5)?;
+        let relay = mesh.start_relay(&lab)?;
         Ok(Bed {
             lab,
-            pki,
-            coordinator,
-            admin,
+            mesh,
             _relay: relay,
         })
     }
 
     fn join(&self, side: Side, name: &str, force_relay: bool) -> Result<Joiner> {
-        let token = self.admin.create_token(&["node"], None, 1)?;
+        let token = self.mesh.admin.create_token(&[TAG], None, 1)?;
         self.join_as(
             side,
             name,
             force_relay,
             Some(token),
-            &self.pki.issue_peer(name)?,
+            &self.mesh.pki.issue_peer(name)?,
         )
     }
 
@@ -122,12 +81,12 @@ impl Bed {
         token: Option<String>,
         cert: &tabbify_tests::pki::Issued,
     ) -> Result<Joiner> {
-        let mut spec = JoinSpec::new(name, &["node"], token);
+        let mut spec = JoinSpec::new(name, &[TAG], token);
         spec.relays = vec![relay_url()];
         spec.force_relay = force_relay;
         Joiner::start(
             &self.lab.member(side).netns,
-            &self.coordinator.url(),
+            &self.mesh.coordinator.url(),
             cert,
             spec,
         )
@@ -242,13 +201,209 @@ fn blocked_direct_udp_goes_through_the_relay_then_direct_once_lifted() -> Result
     Ok(())
 }
 
+/// Drops UDP from the left member to the right one only (output hook in the left
+/// member's namespace), counting what it drops; counts (and passes) UDP from the right
+/// one. Table `tbt_1way`.
+fn block_left_to_right(lab: &NatLab) -> Result<()> {
+    let other = lab.right.public.to_string();
+    let ns = &lab.left.netns;
+    ns.run("nft", &["add", "table", "ip", "tbt_1way"])?;
+    for (chain, hook, dir, verdict) in [
+        ("out", "output", "daddr", "drop"),
+        ("in", "input", "saddr", "accept"),
+    ] {
+        ns.run(
+            "nft",
+            &[
+                "add",
+                "chain",
+                "ip",
+                "tbt_1way",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; }}"),
+            ],
+        )?;
+        ns.run(
+            "nft",
+            &[
+                "add", "rule", "ip", "tbt_1way", chain, "ip", dir, &other, "meta", "l4proto",
+                "udp", "counter", verdict,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// The packet counters of `tbt_1way`: (dropped left → right, passed right → left).
+fn one_way_counters(lab: &NatLab) -> Result<(u64, u64)> {
+    let text = lab
+        .left
+        .netns
+        .run("nft", &["list", "table", "ip", "tbt_1way"])?;
+    let packets = |verdict: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.contains("counter") && l.trim_end().ends_with(verdict))
+            .with_context(|| format!("no {verdict} counter in:\n{text}"))?;
+        let n = line
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .with_context(|| format!("no packet count in {line:?}"))?;
+        n.parse().with_context(|| format!("packet count {n:?}"))
+    };
+    Ok((packets("drop")?, packets("accept")?))
+}
+
+/// The one-way direct path (issue 13): the pair is relayed, then only the left member's
+/// direct sends to the right one are dropped (a firewall on one side; the right member's
+/// direct datagrams, its 500 ms probes included, still arrive). Neither side may switch
+/// to direct: the left one would black-hole its sends. Both stay relayed for 10 s while
+/// the right one keeps probing (the nft counters show its probes arriving and the left
+/// side's answers dropped), pings pass both ways throughout; lifting the drop turns both
+/// direct.
+#[test]
+fn a_one_way_direct_path_stays_on_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-1way", RouterKind::None, RouterKind::None)?;
+    block_direct(&bed.lab)?;
+    let mut a = bed.join(Side::Left, "rj-oa", false)?;
+    let mut b = bed.join(Side::Right, "rj-ob", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    a.wait_peer("rj-ob", "to be relayed", SETTLE, relayed)?;
+    b.wait_peer("rj-oa", "to be relayed", SETTLE, relayed)?;
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+
+    // Only b → a direct passes from now on.
+    block_left_to_right(&bed.lab)?;
+    lift_direct_block(&bed.lab)?;
+    let before = one_way_counters(&bed.lab)?;
+    let held = Instant::now();
+    let mut rounds = 0;
+    while held.elapsed() < Duration::from_secs(10) || rounds < 10 {
+        rounds += 1;
+        for (who, j, other) in [("a", &a, "rj-ob"), ("b", &b, "rj-oa")] {
+            let p = j
+                .peers()?
+                .into_iter()
+                .find(|p| p.name == other)
+                .with_context(|| format!("{who} lost its peer"))?;
+            ensure!(
+                relayed(&p),
+                "{who} left the relay with only b → a open (round {rounds}, {:.1} s): {p:?}",
+                held.elapsed().as_secs_f64()
+            );
+        }
+        for (who, ns, to) in [("a → b", a.lab_ns(), b_ula), ("b → a", b.lab_ns(), a_ula)] {
+            let stats = traffic::ping(&ns, IpAddr::V6(to), 2, "0.2")?;
+            ensure!(
+                stats.received == stats.transmitted,
+                "ping {who} lost packets in round {rounds}: {stats:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = one_way_counters(&bed.lab)?;
+    println!(
+        "one-way for {:.1} s ({rounds} rounds): a's direct sends dropped {}, b's direct datagrams arrived {}",
+        held.elapsed().as_secs_f64(),
+        after.0 - before.0,
+        after.1 - before.1
+    );
+    ensure!(
+        after.1 - before.1 >= 10,
+        "b's direct probes did not keep arriving at a: {before:?} → {after:?}"
+    );
+    ensure!(
+        after.0 > before.0,
+        "a sent nothing direct (no answers to b's probes, no probes): {before:?} → {after:?}"
+    );
+
+    let lifted = Instant::now();
+    bed.lab
+        .left
+        .netns
+        .run("nft", &["delete", "table", "ip", "tbt_1way"])?;
+    let pa = a.wait_peer("rj-ob", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    let pb = b.wait_peer("rj-oa", "to turn direct", SETTLE, |p| p.path == "direct")?;
+    show("a", &pa);
+    show("b", &pb);
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b direct")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a direct")?;
+    println!(
+        "both direct {:.2} s after the one-way drop was lifted",
+        lifted.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The one-way direct path from the start: before the members join, only the left one's
+/// direct UDP to the right one is dropped. Neither direct attempt may count as answered
+/// (the right one's initiations reach the left one directly, but prove nothing about the
+/// left one's sends): both go to the relay ("no direct handshake after 1.5 s") and stay
+/// there while the right one keeps probing, and pings pass both ways.
+#[test]
+fn a_one_way_direct_path_from_the_start_goes_to_the_relay() -> Result<()> {
+    let bed = Bed::start("rj-1start", RouterKind::None, RouterKind::None)?;
+    block_left_to_right(&bed.lab)?;
+    let started = Instant::now();
+    let mut a = bed.join(Side::Left, "rj-sa", false)?;
+    let mut b = bed.join(Side::Right, "rj-sb", false)?;
+    let a_ula = a.status()?.ula;
+    let b_ula = b.status()?.ula;
+    let pa = a.wait_peer("rj-sb", "to be relayed", SETTLE, relayed)?;
+    let pb = b.wait_peer("rj-sa", "to be relayed", SETTLE, relayed)?;
+    println!(
+        "both relayed {:.2} s after joining",
+        started.elapsed().as_secs_f64()
+    );
+    show("a", &pa);
+    show("b", &pb);
+    // a's attempt failed as an attempt (not after 30 s of silence on a dead direct path).
+    ensure!(
+        pa.reason.as_deref() == Some("no direct handshake after 1.5 s"),
+        "a's direct attempt counted as answered: {pa:?}"
+    );
+    traffic::wait_ping(&a.lab_ns(), IpAddr::V6(b_ula), SETTLE).context("ping a → b")?;
+    traffic::wait_ping(&b.lab_ns(), IpAddr::V6(a_ula), SETTLE).context("ping b → a")?;
+    let before = one_way_counters(&bed.lab)?;
+    for round in 1..=5 {
+        for (who, j, other) in [("a", &a, "rj-sb"), ("b", &b, "rj-sa")] {
+            let p = j
+                .peers()?
+                .into_iter()
+                .find(|p| p.name == other)
+                .with_context(|| format!("{who} lost its peer"))?;
+            ensure!(
+                relayed(&p),
+                "{who} left the relay with only b → a open (round {round}): {p:?}"
+            );
+        }
+        for (who, ns, to) in [("a → b", a.lab_ns(), b_ula), ("b → a", b.lab_ns(), a_ula)] {
+            let stats = traffic::ping(&ns, IpAddr::V6(to), 2, "0.2")?;
+            ensure!(
+                stats.received == stats.transmitted,
+                "ping {who} lost packets in round {round}: {stats:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let after = one_way_counters(&bed.lab)?;
+    ensure!(
+        after.1 > before.1,
+        "b's direct probes did not arrive at a: {before:?} → {after:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_restarted_peer_is_reached_through_its_new_relay_session() -> Result<()> {
     let bed = Bed::start("rj-gone", RouterKind::None, RouterKind::None)?;
     block_direct(&bed.lab)?;
     let mut a = bed.join(Side::Left, "rj-ga", false)?;
-    let b_cert = bed.pki.issue_peer("rj-gb")?;
-    let token = bed.admin.create_token(&["node"], None, 1)?;
+    let b_cert = bed.mesh.pki.issue_peer("rj-gb")?;
+    let token = bed.mesh.admin.create_token(&[TAG], None, 1)?;
     let b = bed.join_as(Side::Right, "rj-gb", false, Some(token), &b_cert)?;
     let b_ula = b.status()?.ula;
     a.wait_peer("rj-gb", "to be relayed", SETTLE, relayed)?;

@@ -48,6 +48,8 @@ fn a_moved_member_reaches_the_roster_within_5_s() -> Result<()> {
             }),
             admin: ADMIN.to_owned(),
             heartbeat_secs: HEARTBEAT_SECS,
+            relay: false,
+            relay_urls: Vec::new(),
         },
     )?;
     let admin = Admin::new(&lab.internet, &coordinator.url(), pki.issue_admin(ADMIN)?);

@@ -996,76 +996,249 @@ fn relay_route_roams_and_relay_without_route_falls_back_to_direct() {
     assert_eq!((dst, bytes[0]), (EP_A.parse().unwrap(), 4));
 }
 
-/// An authenticated datagram straight from the peer upgrades `Relay` to `Direct` at once,
-/// moves the endpoint, stamps `last_direct_rx_ns`, and sends one keepalive straight back,
-/// whose receipt upgrades the other side too. A peer pinned to the relay (`relay_only`)
-/// stays relayed (its endpoint still roams).
-#[test]
-fn direct_receipt_upgrades_both_sides_unless_pinned() {
+/// One direct probe from `node` to its peer (`core::path::probe_datagram`): a ping inside
+/// the session when there is one, else a handshake initiation.
+fn probe(node: &Node, peer: u8) -> Vec<u8> {
+    let p = peer_of(node, peer);
+    let mut buf = [0u8; 256];
+    let n = relay_path::probe_datagram(&mut p.lock(), &mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+/// Hands `bytes` to `to` as one receive straight from `src`.
+fn direct_rx(to: &mut Node, src: SocketAddr, bytes: &[u8], sink: &mut impl TunSink) {
+    let snap = to.table.load_full();
+    to.pipe.on_udp(&snap, src, bytes, None, sink).unwrap();
+}
+
+/// Hands `bytes` (a WireGuard message) to `to` as a frame from the relay, carrying the
+/// source's handle `from_handle`.
+fn relay_rx(to: &mut Node, from_handle: u32, bytes: &[u8], sink: &mut impl TunSink) {
+    let mut f = bytes.to_vec();
+    relay_path::rewrite(&mut f, from_handle);
+    let snap = to.table.load_full();
+    to.pipe
+        .on_udp(&snap, RELAY.parse().unwrap(), &f, None, sink)
+        .unwrap();
+}
+
+/// A relayed pair with a session made through the relay.
+fn relayed_session() -> (Node, Node) {
     let (mut a, mut b) = relayed_pair();
     let mut sink = Collect::default();
     send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"x")]);
     relay(&mut a, &mut b, H_B, H_A, &mut sink);
     relay(&mut b, &mut a, H_A, H_B, &mut sink);
     relay(&mut a, &mut b, H_B, H_A, &mut sink);
+    assert_eq!(sink.0.len(), 1);
+    (a, b)
+}
+
+/// The one-way direct path (issue 13): the peer's direct datagrams reach us, ours may not
+/// reach it. Plain authenticated direct receipt (data, a keepalive) moves the endpoint and
+/// stamps `last_direct_rx_ns` but leaves the path `Relay` and sends nothing back; the
+/// peer's ping is answered with a pong straight to where it came from, without upgrading
+/// or stamping us; only a pong that answers one of *our* pings, received directly, upgrades
+/// us (the round trip went direct). A pong through the relay, or with an id we never sent
+/// (the peer lying or replaying an old answer), upgrades nothing; a pinned peer stays
+/// relayed even when its probe is answered, and answers no probe itself.
+#[test]
+fn only_a_direct_answer_to_our_own_probe_upgrades() {
+    let (mut a, mut b) = relayed_session();
+    let mut sink = Collect::default();
     b.pipe.set_now_ns(5_000);
     a.pipe.set_now_ns(6_000);
-
-    // What a direct probe sends: a keepalive straight to B, from A's (new) address.
     let a_new: SocketAddr = "192.0.2.99:40000".parse().unwrap();
+
+    // A's data and keepalive straight to B: authenticated, not an answer to B's probe.
+    send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"direct data")]);
+    let (_, data, _) = take(&mut a).remove(0);
+    direct_rx(&mut b, a_new, &data, &mut sink);
     let pa = peer_of(&a, 2);
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 256];
     let n = match pa.lock().tunn.encapsulate(&[], &mut buf) {
         boringtun::noise::TunnResult::WriteToNetwork(p) => p.len(),
         _ => panic!("a session exists"),
     };
-    let snap_b = b.table.load_full();
-    b.pipe
-        .on_udp(&snap_b, a_new, &buf[..n], None, &mut sink)
-        .unwrap();
+    direct_rx(&mut b, a_new, &buf[..n], &mut sink);
     let (ep, path, route) = state(&b, 1);
-    assert_eq!((ep, path), (Some(a_new), PathKind::Direct));
-    assert!(route.is_some(), "the relay route is kept for a fallback");
-    assert_eq!(rx_times(&b, 1).0, 5_000);
-    // B's echo: one plain keepalive straight back to the address the probe came from.
-    let echo = take(&mut b);
-    assert_eq!(echo.len(), 1);
-    assert_eq!((echo[0].0, echo[0].1[0], echo[0].1.len()), (a_new, 4, 32));
-    let snap_a = a.table.load_full();
-    a.pipe
-        .on_udp(&snap_a, b.ep, &echo[0].1, None, &mut sink)
-        .unwrap();
-    assert_eq!(state(&a, 2).1, PathKind::Direct, "the echo upgraded A");
-    assert_eq!(rx_times(&a, 2).0, 6_000);
-    // A was relayed too, so it echoes in turn; B, already direct, does not answer that.
-    let echo = take(&mut a);
-    assert_eq!(echo.len(), 1);
-    assert_eq!((echo[0].0, echo[0].1[0]), (b.ep, 4));
-    b.pipe
-        .on_udp(&snap_b, a.ep, &echo[0].1, None, &mut sink)
-        .unwrap();
-    assert!(take(&mut b).is_empty(), "no echo from a direct side");
+    assert_eq!((ep, path), (Some(a_new), PathKind::Relay), "no upgrade");
+    assert!(route.is_some());
+    assert_eq!(rx_times(&b, 1).0, 5_000, "direct receipt is still stamped");
+    assert!(take(&mut b).is_empty(), "no echo");
+    assert_eq!(
+        sink.0.last().unwrap(),
+        &ipv4_udp(IP_A, IP_B, b"direct data")
+    );
+
+    // B probes: a ping straight to A. A answers straight back, stays relayed, and does not
+    // count the ping as direct receipt.
+    let ping = probe(&b, 1);
+    assert_eq!(ping[0], 4, "a data message inside the session");
+    let delivered = sink.0.len();
+    direct_rx(&mut a, b.ep, &ping, &mut sink);
+    assert_eq!(sink.0.len(), delivered, "a probe never reaches the TUN");
+    assert_eq!(state(&a, 2).1, PathKind::Relay, "a ping upgrades nobody");
+    assert_eq!(rx_times(&a, 2).0, 0, "a ping is no direct receipt");
+    assert_eq!(state(&a, 2).0, Some(b.ep));
+    let pong = take(&mut a);
+    assert_eq!(pong.len(), 1);
+    assert_eq!(
+        (pong[0].0, pong[0].1[0]),
+        (b.ep, 4),
+        "the pong goes straight back, not through the relay"
+    );
+    let pong = pong[0].1.clone();
+
+    // The pong through the relay: proves nothing about the direct path.
+    relay_rx(&mut b, H_A, &pong, &mut sink);
+    assert_eq!(state(&b, 1).1, PathKind::Relay);
+    // A pong with an id B never sent, straight from A: nothing.
+    let forged = match pa
+        .lock()
+        .tunn
+        .encapsulate(&relay_path::Probe::Pong(0x1234_5678).packet(), &mut buf)
+    {
+        boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("a session exists"),
+    };
+    direct_rx(&mut b, a.ep, &forged, &mut sink);
+    assert_eq!(state(&b, 1).1, PathKind::Relay);
+    assert_eq!(sink.0.len(), delivered, "pongs never reach the TUN");
+
+    // B's next ping answered straight back: B upgrades; A is still relayed until its own
+    // probe is answered.
+    let ping = probe(&b, 1);
+    direct_rx(&mut a, b.ep, &ping, &mut sink);
+    let pong = take(&mut a).remove(0).1;
+    b.pipe.set_now_ns(7_000);
+    direct_rx(&mut b, a.ep, &pong, &mut sink);
+    assert_eq!(
+        state(&b, 1).1,
+        PathKind::Direct,
+        "the answered probe upgraded B"
+    );
+    assert_eq!(rx_times(&b, 1).0, 7_000);
+    assert_eq!(state(&a, 2).1, PathKind::Relay);
+    let ping = probe(&a, 2);
+    direct_rx(&mut b, a.ep, &ping, &mut sink);
+    let pong = take(&mut b).remove(0);
+    assert_eq!(pong.0, a.ep, "a direct side answers too");
+    direct_rx(&mut a, b.ep, &pong.1, &mut sink);
+    assert_eq!(state(&a, 2).1, PathKind::Direct);
     // From now on data goes direct.
     send_all(&mut a, &[ipv4_udp(IP_A, IP_B, b"direct now")]);
     let sent = take(&mut a);
     assert_eq!((sent[0].0, sent[0].1[0]), (EP_B.parse().unwrap(), 4));
 
-    // Pinned: a direct datagram moves the endpoint but not the path; no echo.
+    // Pinned (--force-relay): even an answered probe leaves the path relayed.
     let pb = peer_of(&b, 1);
     let route = pb.lock().relay;
     relay_path::set_path(&pb, PathKind::Relay, route);
     relay_path::set_relay_only(&pb, true);
-    let n = match pa.lock().tunn.encapsulate(&[], &mut buf) {
-        boringtun::noise::TunnResult::WriteToNetwork(p) => p.len(),
-        _ => panic!("a session exists"),
-    };
-    b.pipe
-        .on_udp(&snap_b, a.ep, &buf[..n], None, &mut sink)
-        .unwrap();
-    assert_eq!(state(&b, 1).0, Some(a.ep));
+    let ping = probe(&b, 1);
+    direct_rx(&mut a, b.ep, &ping, &mut sink);
+    let pong = take(&mut a).remove(0).1;
+    direct_rx(&mut b, a.ep, &pong, &mut sink);
     assert_eq!(state(&b, 1).1, PathKind::Relay);
-    assert!(take(&mut b).is_empty());
+    // And B, pinned, does not answer A's probe: relayed A stays relayed.
+    let route = pa.lock().relay;
+    relay_path::set_path(&pa, PathKind::Relay, route);
+    let ping = probe(&a, 2);
+    direct_rx(&mut b, a.ep, &ping, &mut sink);
+    assert!(take(&mut b).is_empty(), "a pinned peer answers no probe");
+    assert_eq!(state(&a, 2).1, PathKind::Relay);
     assert_eq!(a.counters.total() + b.counters.total(), 0);
+}
+
+/// Without a session the probe is a handshake initiation. Its response received directly
+/// (receiver index = the probe's sender index, accepted by boringtun) upgrades the prober;
+/// the same response through the relay, or a direct response to another initiation (one
+/// the prober sent the normal way), does not; the responder is not upgraded by the
+/// initiation it answered, nor does it count it as direct receipt (`last_direct_rx_ns`,
+/// which the joiner's direct attempts read: with our direction dropped, the peer's
+/// initiations would otherwise "answer" our attempt).
+#[test]
+fn a_probe_initiation_answered_directly_upgrades_and_nothing_else_does() {
+    // Answered directly.
+    let (mut a, mut b) = relayed_pair();
+    a.pipe.set_now_ns(300);
+    b.pipe.set_now_ns(400);
+    let mut sink = Collect::default();
+    let init = probe(&b, 1);
+    assert_eq!(init[0], 1, "no session: an initiation");
+    direct_rx(&mut a, b.ep, &init, &mut sink);
+    let resp = take(&mut a);
+    assert_eq!((resp.len(), resp[0].0, resp[0].1[0]), (1, b.ep, 2));
+    assert_eq!(
+        state(&a, 2).1,
+        PathKind::Relay,
+        "an initiation upgrades nobody"
+    );
+    assert_eq!(state(&a, 2).0, Some(b.ep), "the endpoint roams as always");
+    assert_eq!(
+        rx_times(&a, 2),
+        (0, 0),
+        "the peer's initiation is no evidence for our direction"
+    );
+    direct_rx(&mut b, a.ep, &resp[0].1, &mut sink);
+    assert_eq!(state(&b, 1).1, PathKind::Direct);
+    assert_eq!(rx_times(&b, 1), (400, 0));
+
+    // The same exchange, the response through the relay.
+    let (mut a, mut b) = relayed_pair();
+    let init = probe(&b, 1);
+    direct_rx(&mut a, b.ep, &init, &mut sink);
+    let resp = take(&mut a).remove(0).1;
+    relay_rx(&mut b, H_A, &resp, &mut sink);
+    assert!(
+        peer_of(&b, 1)
+            .lock()
+            .tunn
+            .time_since_last_handshake()
+            .is_some(),
+        "boringtun accepted it"
+    );
+    assert_eq!(state(&b, 1).1, PathKind::Relay);
+
+    // A direct response to an initiation that was not the probe.
+    let (mut a, mut b) = relayed_pair();
+    let _probe = probe(&b, 1);
+    let pb = peer_of(&b, 1);
+    let mut buf = [0u8; 256];
+    let other = match pb.lock().tunn.format_handshake_initiation(&mut buf, true) {
+        boringtun::noise::TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("an initiation"),
+    };
+    direct_rx(&mut a, b.ep, &other, &mut sink);
+    let resp = take(&mut a).remove(0).1;
+    direct_rx(&mut b, a.ep, &resp, &mut sink);
+    assert!(pb.lock().tunn.time_since_last_handshake().is_some());
+    assert_eq!(state(&b, 1).1, PathKind::Relay);
+    assert_eq!(a.counters.total() + b.counters.total(), 0);
+}
+
+/// Probe parsing is total and exact: only the 56-byte probe packet is a probe; any other
+/// byte string (traffic) is left alone.
+#[test]
+fn probe_packets_parse_exactly() {
+    use relay_path::Probe;
+    for p in [Probe::Ping(1), Probe::Pong(u64::MAX), Probe::Ping(0xABCD)] {
+        assert_eq!(Probe::parse(&p.packet()), Some(p));
+        let pkt = p.packet();
+        for i in 0..pkt.len() {
+            if i >= 48 {
+                continue; // the id: any value
+            }
+            let mut bad = pkt;
+            bad[i] ^= 0x01;
+            assert_eq!(Probe::parse(&bad), None, "byte {i} flipped");
+        }
+        assert_eq!(Probe::parse(&pkt[..55]), None);
+        let mut long = pkt.to_vec();
+        long.push(0);
+        assert_eq!(Probe::parse(&long), None);
+    }
 }
 
 /// A handshake initiation that comes through the relay is answered through it, with the

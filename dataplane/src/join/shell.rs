@@ -50,6 +50,7 @@ use super::client::{Client, ClientError, EventStream};
 use super::control::{
     self, CoordinatorStatus, CoordinatorTarget, HostedApp, PeerStatus, Request, Status,
 };
+use super::logic::paths::roster_may_set_endpoint;
 use super::logic::{self, roster, Action, Machine};
 use super::state_dir::StateDir;
 use super::JoinOptions;
@@ -490,6 +491,17 @@ impl Joiner {
                 new,
                 label,
             } => {
+                let mut config = config;
+                if !new
+                    && !self
+                        .table
+                        .load_full()
+                        .by_key(&config.public_key)
+                        .is_none_or(|p| roster_may_set_endpoint(since_direct_rx(p)))
+                {
+                    // The engine's endpoint is proven by direct receipt: keep it.
+                    config.endpoint = None;
+                }
                 let endpoint = config.endpoint;
                 match self.table.upsert_peer_with_filter(config, Some(filter)) {
                     Ok(_) if new => {
@@ -527,8 +539,12 @@ impl Joiner {
                 let snap = self.table.load_full();
                 if let Some(peer) = snap.by_key(&public_key) {
                     let key = base64::engine::general_purpose::STANDARD.encode(public_key);
-                    tracing::info!(peer = %key, %endpoint, "hole punching");
-                    peer.lock().endpoint = Some(endpoint);
+                    if roster_may_set_endpoint(since_direct_rx(peer)) {
+                        tracing::info!(peer = %key, %endpoint, "hole punching");
+                        peer.lock().endpoint = Some(endpoint);
+                    } else {
+                        tracing::debug!(peer = %key, %endpoint, "hole punch notice: endpoint proven by direct receipt, kept");
+                    }
                 }
             }
             Action::PunchInitiation {
@@ -1494,6 +1510,11 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
         None => std::future::pending().await,
     }
+}
+/// Time since the last authenticated datagram straight from `peer` (`None`: never).
+fn since_direct_rx(peer: &crate::core::peer::Peer) -> Option<Duration> {
+    let rx = peer.stats.last_direct_rx_ns.load(Ordering::Relaxed);
+    (rx != 0).then(|| Duration::from_nanos(engine_path::mono_ns().saturating_sub(rx)))
 }
 
 /// Unix time in seconds (metrics' `now`).

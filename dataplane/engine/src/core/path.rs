@@ -1,13 +1,39 @@
 //! Where a peer's datagrams go: straight to its *direct* endpoint, or through a relay
-//! (relay protocol: `relay/PROTOCOL.md`), and the 4-byte header rewrite that makes a
-//! WireGuard message a relay frame and back.
+//! (relay protocol: `relay/PROTOCOL.md`), the 4-byte header rewrite that makes a
+//! WireGuard message a relay frame and back, and the direct-path probe that proves our
+//! direct sends reach the peer.
 //!
 //! One concept, owned here:
 //! * [`PathKind`]: the path a peer's sends take, chosen by the control side (the joiner's
-//!   path manager) with [`set_path`], and changed by the data plane in exactly one case: an
-//!   *authenticated* datagram received straight from the peer upgrades `Relay` to `Direct`
-//!   at once (direct receipt proves the hole is open both ways), unless the peer is pinned
-//!   to its relay ([`crate::core::peer::PeerState::relay_only`]).
+//!   path manager) with [`set_path`], and changed by the data plane in exactly one case: a
+//!   relayed peer is upgraded `Relay` → `Direct` when an authenticated datagram received
+//!   straight from the peer *answers one of our own direct probes* ([`DirectProbes`]),
+//!   unless the peer is pinned to its relay
+//!   ([`crate::core::peer::PeerState::relay_only`]). Plain direct receipt (data, a
+//!   keepalive, the peer's initiation) proves only that the peer → us direction works: if
+//!   we upgraded on it while our direction is dropped (a firewall on the peer's side, an
+//!   asymmetric NAT) our sends would be lost while the peer's probes kept our direct
+//!   receipt fresh: a black hole. So it refreshes `last_direct_rx_ns` and no more.
+//! * The probe ([`probe_datagram`], sent by `Handshaker::probe_direct`): with a session, an
+//!   encrypted WireGuard data message carrying a [`Probe::Ping`] with a fresh random 64-bit
+//!   id as its inner packet; the peer answers a ping that arrived *directly* with a
+//!   [`Probe::Pong`] of the same id straight back to the address it came from (whatever
+//!   its own path; a peer pinned to the relay does not answer: `--force-relay` gives a
+//!   relayed peer no direct answer to switch on, as before), and a direct pong whose id is one of our last [`PROBE_IDS`] pings
+//!   upgrades us: the round trip us → peer → us went direct. Without a session the probe is
+//!   a handshake initiation; a handshake response received directly whose receiver index
+//!   is that initiation's sender index (and which boringtun accepts) proves the same round
+//!   trip. A ping or a handshake initiation received directly does not stamp
+//!   `last_direct_rx_ns` (it is the peer probing or starting a handshake, and says nothing
+//!   about our direction; the joiner's direct attempts and silence fallback read that
+//!   stamp); a pong, a handshake response, data and keepalives do. Probe packets never
+//!   reach the TUN. Why not a handshake per probe: boringtun keeps one handshake in
+//!   flight (plus the previous), a responder stores every handshake's session in its
+//!   8-slot ring (overwriting, within 8 probes, the slot its current session sends with,
+//!   before the initiator confirmed the new one) and an initiator whose handshakes are
+//!   never answered for 90 s (REKEY_ATTEMPT_TIME) drops all its sessions: a forced
+//!   initiation every 500 ms while one direction is blocked would break the relayed
+//!   session too. A ping inside the session changes no session state.
 //! * [`RelayRoute`]: the relay address and the peer's 24-bit handle there. The control side
 //!   sets it (after a `LOOKUP`); an authenticated relay frame from the peer moves it to the
 //!   frame's relay address and handle (relay roaming). It is never set by anything that
@@ -31,7 +57,7 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use crate::core::peer::Peer;
+use crate::core::peer::{Peer, PeerState};
 
 /// The largest relay handle (handles are 24 bits).
 pub const HANDLE_MAX: u32 = 0x00FF_FFFF;
@@ -177,6 +203,146 @@ pub fn set_path(peer: &Peer, path: PathKind, relay: Option<RelayRoute>) {
 /// Pins the peer to its relay (`--force-relay`): direct receipt no longer upgrades its path.
 pub fn set_relay_only(peer: &Peer, relay_only: bool) {
     peer.lock().relay_only = relay_only;
+}
+
+/// How many of our last ping ids a pong may answer (probes go every 500 ms; four cover a
+/// round trip of up to about 2 s).
+pub const PROBE_IDS: usize = 4;
+
+/// Length of a probe's inner packet: an IPv6 header and 16 bytes of payload.
+pub const PROBE_LEN: usize = 56;
+
+/// The IPv6 next-header value of a probe (253: RFC 3692 experimentation).
+const PROBE_NEXT_HEADER: u8 = 253;
+/// The start of a probe's payload.
+const PROBE_MAGIC: [u8; 4] = *b"TBFY";
+const PING: u8 = 1;
+const PONG: u8 = 2;
+
+/// A direct-path probe, the inner packet of a WireGuard data message (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// "Does my direct send reach you?" — answered with a [`Probe::Pong`] of the same id.
+    Ping(u64),
+    /// The answer to a [`Probe::Ping`] that arrived directly, sent straight back.
+    Pong(u64),
+}
+
+impl Probe {
+    /// The inner packet: an IPv6 header from `::` to `::` (no real traffic uses that pair;
+    /// boringtun checks only the version and length), next header 253, hop limit 0, then
+    /// `TBFY`, the kind (1 ping, 2 pong), 3 zero bytes and the id (big endian).
+    pub fn packet(self) -> [u8; PROBE_LEN] {
+        let (kind, id) = match self {
+            Self::Ping(id) => (PING, id),
+            Self::Pong(id) => (PONG, id),
+        };
+        let mut p = [0u8; PROBE_LEN];
+        p[0] = 0x60;
+        p[5] = 16;
+        p[6] = PROBE_NEXT_HEADER;
+        p[40..44].copy_from_slice(&PROBE_MAGIC);
+        p[44] = kind;
+        p[48..56].copy_from_slice(&id.to_be_bytes());
+        p
+    }
+
+    /// The probe a decrypted inner packet is, if it is exactly one (anything else is
+    /// traffic and goes on as before). Total: never panics.
+    #[inline]
+    pub fn parse(pkt: &[u8]) -> Option<Self> {
+        if pkt.len() != PROBE_LEN {
+            return None;
+        }
+        Self::parse_slow(pkt)
+    }
+
+    #[cold]
+    fn parse_slow(pkt: &[u8]) -> Option<Self> {
+        let header_ok = pkt[..8] == [0x60, 0, 0, 0, 0, 16, PROBE_NEXT_HEADER, 0]
+            && pkt[8..40].iter().all(|b| *b == 0)
+            && pkt[40..44] == PROBE_MAGIC
+            && pkt[45..48] == [0, 0, 0];
+        if !header_ok {
+            return None;
+        }
+        let id = u64::from_be_bytes(pkt[48..56].try_into().ok()?);
+        match pkt[44] {
+            PING => Some(Self::Ping(id)),
+            PONG => Some(Self::Pong(id)),
+            _ => None,
+        }
+    }
+}
+
+/// Our outstanding direct probes to one peer (in its `PeerState`): the ids of the last
+/// [`PROBE_IDS`] pings and the sender index of the last probe initiation. Only answers to
+/// these upgrade the peer's path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectProbes {
+    pings: [u64; PROBE_IDS],
+    next: usize,
+    init: Option<u32>,
+}
+
+impl DirectProbes {
+    /// Remembers a ping id we sent (0 is never an id: it marks an empty slot).
+    pub fn sent_ping(&mut self, id: u64) {
+        if let Some(slot) = self.pings.get_mut(self.next % PROBE_IDS) {
+            *slot = id;
+        }
+        self.next = (self.next + 1) % PROBE_IDS;
+    }
+
+    /// Remembers the sender index of a probe initiation we sent.
+    pub fn sent_init(&mut self, sender_index: u32) {
+        self.init = Some(sender_index);
+    }
+
+    /// Whether a pong with `id` answers one of our pings.
+    pub fn answers_ping(&self, id: u64) -> bool {
+        id != 0 && self.pings.contains(&id)
+    }
+
+    /// Whether a handshake response with `receiver_index` answers our probe initiation.
+    pub fn answers_init(&self, receiver_index: u32) -> bool {
+        self.init == Some(receiver_index)
+    }
+}
+
+/// Builds one direct probe for the peer whose state is `st` into `buf` (at least 148
+/// bytes) and remembers it in `st.probes`: a ping inside the current session when there is
+/// one, else a handshake initiation (which starts a handshake in the session state
+/// machine, as any initiation does). Returns the datagram's length, or `None` when the
+/// session had nothing to send. The caller sends it straight to a direct candidate; the
+/// peer's answer is handled by the pipeline (see the module docs).
+pub fn probe_datagram(st: &mut PeerState, buf: &mut [u8]) -> Option<usize> {
+    use boringtun::noise::TunnResult;
+    if st.tunn.time_since_last_handshake().is_some() {
+        let id = loop {
+            let id = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+            if id != 0 {
+                break id;
+            }
+        };
+        if let TunnResult::WriteToNetwork(p) = st.tunn.encapsulate(&Probe::Ping(id).packet(), buf) {
+            if p.first() == Some(&4) {
+                let n = p.len();
+                st.probes.sent_ping(id);
+                return Some(n);
+            }
+        }
+    }
+    match st.tunn.format_handshake_initiation(buf, true) {
+        TunnResult::WriteToNetwork(p) => {
+            let n = p.len();
+            let idx = p.get(4..8)?;
+            st.probes
+                .sent_init(u32::from_le_bytes([idx[0], idx[1], idx[2], idx[3]]));
+            Some(n)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]

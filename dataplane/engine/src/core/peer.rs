@@ -28,7 +28,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 
 use crate::core::conntrack::{self, FlowTable};
 use crate::core::net::IpNet;
-use crate::core::path::{PathKind, RelayRoute};
+use crate::core::path::{DirectProbes, PathKind, RelayRoute};
 
 /// The mutable per-peer state, guarded by [`Peer::lock`].
 pub struct PeerState {
@@ -42,8 +42,12 @@ pub struct PeerState {
     pub relay: Option<RelayRoute>,
     /// Which path sends take (see `core::path::target`).
     pub path: PathKind,
-    /// Pinned to the relay (`--force-relay`): direct receipt does not upgrade `path`.
+    /// Pinned to the relay (`--force-relay`): an answered direct probe does not upgrade
+    /// `path`.
     pub relay_only: bool,
+    /// Our outstanding direct probes: only an answer to one of them upgrades `path`
+    /// (see `core::path`).
+    pub probes: DirectProbes,
     /// Connection tracking for this peer's filtered traffic, both directions (allocated on
     /// its first flow; unused while the peer has no filter).
     pub flows: FlowTable,
@@ -87,7 +91,10 @@ pub struct PeerStats {
     /// Unix time (ns) of the last completed handshake, 0 if none.
     pub last_handshake_ns: AtomicU64,
     /// When an authenticated datagram last arrived straight from the peer
-    /// ([`crate::core::path::mono_ns`] clock), 0 if never.
+    /// ([`crate::core::path::mono_ns`] clock), 0 if never. The peer's direct probes
+    /// (pings) and handshake initiations do not count: they say nothing about whether our
+    /// sends reach it (its data, keepalives and handshake responses do, in practice: it
+    /// sends them direct only once a direct handshake completed).
     pub last_direct_rx_ns: AtomicU64,
     /// When an authenticated relay frame last arrived from the peer
     /// ([`crate::core::path::mono_ns`] clock), 0 if never.
@@ -130,6 +137,7 @@ impl Peer {
                 relay: None,
                 path: PathKind::Direct,
                 relay_only: false,
+                probes: DirectProbes::default(),
                 flows: FlowTable::new(
                     conntrack::DEFAULT_CAPACITY,
                     rand_core::RngCore::next_u64(&mut rand_core::OsRng),

@@ -15,7 +15,9 @@
 //!           WireGuard: a relay frame restored into a scratch buffer and taken on like
 //!           WireGuard, STUN and relay control to the control queue, see `core::demux`,
 //!           junk dropped) ─▶ Tunn::decapsulate ─▶ an authenticated datagram moves the
-//!           direct endpoint (and upgrades a relayed path) or the relay route, by how it came
+//!           direct endpoint or the relay route, by how it came; a direct-path probe
+//!           (`core::path::Probe`) is answered or matched here and never reaches the TUN,
+//!           and only a direct answer to our own probe upgrades a relayed path
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
 //!              (per decrypted packet, with the peer's flow table under the lock already held)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
@@ -285,7 +287,8 @@ impl Pipeline {
     /// `segment` bytes each (the last may be shorter). WireGuard messages and relay frames
     /// (restored first, see `core::path`) take the same path; what arrived through a relay
     /// is answered through it, and an authenticated datagram updates the peer's direct
-    /// endpoint or its relay route depending on how it came ([`authenticated`]).
+    /// endpoint or its relay route depending on how it came ([`authenticated`]). A probe
+    /// (`core::path::Probe`) is handled by [`on_probe`] instead of reaching the TUN.
     pub fn on_udp(
         &mut self,
         snap: &Snapshot,
@@ -344,6 +347,7 @@ impl Pipeline {
             let Some((peer, st)) = cur.as_mut() else {
                 continue;
             };
+            let mut probe = None;
             let authed = match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
                 TunnResult::WriteToTunnelV4(p, a) => deliver(
                     snap,
@@ -354,15 +358,21 @@ impl Pipeline {
                     sink,
                     &self.counters,
                 ),
-                TunnResult::WriteToTunnelV6(p, a) => deliver(
-                    snap,
-                    peer,
-                    IpAddr::V6(a),
-                    p,
-                    (&mut st.flows, now),
-                    sink,
-                    &self.counters,
-                ),
+                TunnResult::WriteToTunnelV6(p, a) => match path::Probe::parse(p) {
+                    None => deliver(
+                        snap,
+                        peer,
+                        IpAddr::V6(a),
+                        p,
+                        (&mut st.flows, now),
+                        sink,
+                        &self.counters,
+                    ),
+                    Some(pr) => {
+                        probe = Some(pr);
+                        true
+                    }
+                },
                 // A keepalive: authenticated, so it also updates the endpoint.
                 TunnResult::Done => true,
                 TunnResult::WriteToNetwork(p) => {
@@ -380,20 +390,24 @@ impl Pipeline {
                 run.rx += d.len();
                 if via.is_none() {
                     // The direct fast path: as before the relay, plus one predictable test.
-                    run.direct = true;
                     if st.endpoint != Some(src) {
                         st.endpoint = Some(src);
                     }
-                    if st.path == PathKind::Relay
-                        && upgrade(st, src, true, &mut self.tx, &self.counters).is_err()
-                    {
-                        result = Err(Full);
+                    match probe {
+                        None => run.direct = true,
+                        Some(pr) => {
+                            // A ping is the peer probing: no evidence about our direction.
+                            run.direct |= matches!(pr, path::Probe::Pong(_));
+                            match on_probe(st, src, pr, &mut self.tx, &self.counters) {
+                                Ok(n) => peer.stats.add_tx(n),
+                                Err(Full) => result = Err(Full),
+                            }
+                        }
                     }
                 } else {
+                    // Probes through a relay prove nothing about a direct path: ignored.
                     run.relay = true;
-                    if authenticated(st, src, via, true, &mut self.tx, &self.counters).is_err() {
-                        result = Err(Full);
-                    }
+                    authenticated(st, src, via);
                 }
             }
         }
@@ -464,6 +478,7 @@ impl Pipeline {
         ty: wire::MessageType,
     ) -> Result<(), Full> {
         use wire::MessageType as T;
+        let mut resp_index = None;
         let peer = match ty {
             T::HandshakeInit => {
                 // MAC1 and load check before the expensive Diffie-Hellman (whitepaper §5.3).
@@ -510,6 +525,9 @@ impl Pipeline {
                         return Ok(());
                     }
                 };
+                if ty == T::HandshakeResp {
+                    resp_index = Some(idx);
+                }
                 match snap.by_receiver(idx) {
                     Some(p) => p,
                     None => {
@@ -538,14 +556,29 @@ impl Pipeline {
             _ => false,
         };
         if authed {
-            let stamp = match via {
-                None => &peer.stats.last_direct_rx_ns,
-                Some(_) => &peer.stats.last_relay_rx_ns,
-            };
-            stamp.store(self.now_ns, Ordering::Relaxed);
-            // No keepalive echo: the handshake answer (or boringtun's keepalive after a
-            // response) already goes back the way the message came.
-            let _ = authenticated(&mut st, src, via, false, &mut self.tx, &self.counters);
+            // The peer's initiation arriving directly proves only its direction: it does
+            // not count as direct receipt (a response does: it answers our initiation, and
+            // so does the keepalive that confirms a handshake we answered). Otherwise a
+            // member whose direct sends are dropped would see its direct handshake
+            // attempt "answered" by the peer's initiations and stay on a dead direct path.
+            match via {
+                None if ty == T::HandshakeInit => {}
+                None => peer
+                    .stats
+                    .last_direct_rx_ns
+                    .store(self.now_ns, Ordering::Relaxed),
+                Some(_) => peer
+                    .stats
+                    .last_relay_rx_ns
+                    .store(self.now_ns, Ordering::Relaxed),
+            }
+            authenticated(&mut st, src, via);
+            // A response straight from the peer to our direct probe's initiation: the
+            // round trip went direct both ways (responders answer the way the initiation
+            // came). Through a relay, or to another initiation, it proves nothing.
+            if via.is_none() && resp_index.is_some_and(|i| st.probes.answers_init(i)) {
+                upgrade(&mut st);
+            }
         }
         peer.stats.add_rx(d.len());
         // A completed handshake releases packets boringtun queued while it had no session:
@@ -615,27 +648,16 @@ impl Run {
 }
 
 /// State changes on an *authenticated* datagram from `src` (the contract of `core::path`):
-/// directly (`via` = `None`) it moves the direct endpoint (roaming) and upgrades a relayed
-/// path to `Direct` unless the peer is pinned to its relay — and then, if `echo`, sends an
-/// immediate keepalive straight back so the other side sees direct receipt too and upgrades
-/// as well; through a relay (`via` = the handle in the frame) it moves the relay route to
-/// that relay and handle (relay roaming) and touches neither the endpoint nor the path.
+/// directly (`via` = `None`) it moves the direct endpoint (roaming); through a relay
+/// (`via` = the handle in the frame) it moves the relay route to that relay and handle
+/// (relay roaming). Neither changes the path: only an answered probe upgrades it
+/// ([`on_probe`], and the probe initiation's response in `Pipeline::on_handshake`).
 #[inline]
-fn authenticated(
-    st: &mut PeerState,
-    src: SocketAddr,
-    via: Option<u32>,
-    echo: bool,
-    tx: &mut TxBatch,
-    counters: &DropCounters,
-) -> Result<(), Full> {
+fn authenticated(st: &mut PeerState, src: SocketAddr, via: Option<u32>) {
     match via {
         None => {
             if st.endpoint != Some(src) {
                 st.endpoint = Some(src);
-            }
-            if st.path == PathKind::Relay {
-                return upgrade(st, src, echo, tx, counters);
             }
         }
         Some(handle) => {
@@ -645,26 +667,44 @@ fn authenticated(
             }
         }
     }
-    Ok(())
 }
 
-/// Relay → Direct on direct receipt, unless the peer is pinned (off the fast path).
+/// An authenticated probe that arrived straight from `src` (`core::path`): a ping is
+/// answered with a pong of the same id straight back to `src`, whatever our path (that is
+/// the point: the peer learns whether *its* direct sends reach us), unless we are pinned to
+/// the relay; a pong that answers one of our pings upgrades a relayed path. Off the fast
+/// path.
 #[cold]
-fn upgrade(
+fn on_probe(
     st: &mut PeerState,
     src: SocketAddr,
-    echo: bool,
+    probe: path::Probe,
     tx: &mut TxBatch,
     counters: &DropCounters,
-) -> Result<(), Full> {
-    if st.relay_only {
-        return Ok(());
+) -> Result<usize, Full> {
+    match probe {
+        // A peer pinned to its relay (`--force-relay`) does not answer: a relayed peer
+        // gets no direct answer from it to switch on (as before probes were answered).
+        path::Probe::Ping(_) if st.relay_only => Ok(0),
+        path::Probe::Ping(id) => {
+            let pong = path::Probe::Pong(id).packet();
+            encapsulate(&mut st.tunn, &pong, src, None, tx, counters)
+        }
+        path::Probe::Pong(id) => {
+            if st.probes.answers_ping(id) {
+                upgrade(st);
+            }
+            Ok(0)
+        }
     }
-    st.path = PathKind::Direct;
-    if echo && st.tunn.time_since_last_handshake().is_some() {
-        encapsulate(&mut st.tunn, &[], src, None, tx, counters)?;
+}
+
+/// Relay → Direct on an answered direct probe, unless the peer is pinned.
+#[cold]
+fn upgrade(st: &mut PeerState) {
+    if st.path == PathKind::Relay && !st.relay_only {
+        st.path = PathKind::Direct;
     }
-    Ok(())
 }
 
 /// Encrypts one inner packet for `endpoint` into the batch, as a relay frame for `handle`

@@ -324,32 +324,19 @@ impl Handshaker {
         Ok(true)
     }
 
-    /// Sends one authenticated datagram to `peer` straight at `dst`, a direct candidate,
-    /// whatever its path, without changing its endpoint, path or relay route: a WireGuard
-    /// keepalive when a session exists, else a handshake initiation (which starts a new
-    /// handshake in the session state machine, as any initiation does). The peer's engine
-    /// upgrades its own path to `Direct` on receipt (unless pinned), and answers directly:
-    /// a handshake response to an initiation, and an immediate keepalive when our keepalive
-    /// upgraded it, whose receipt upgrades this side (see `core::pipeline`). Returns false
-    /// when the session had nothing to send.
+    /// Sends one direct probe to `peer` straight at `dst`, a direct candidate, whatever
+    /// its path, without changing its endpoint, path or relay route
+    /// ([`path::probe_datagram`]): a ping inside the session when one exists, else a
+    /// handshake initiation. The peer answers a ping that arrived directly with a pong
+    /// straight back, and an initiation with a response the same way; only such an answer,
+    /// received directly, upgrades this side to `Direct` (unless pinned). The peer's own
+    /// path is not changed by our probe: it upgrades when its probes are answered (see
+    /// `core::path`). Returns false when the session had nothing to send.
     pub fn probe_direct(&self, peer: &Peer, dst: SocketAddr) -> io::Result<bool> {
         let mut buf = [0u8; 256];
         let mut st = peer.lock();
-        let n = if st.tunn.time_since_last_handshake().is_some() {
-            match st.tunn.encapsulate(&[], &mut buf) {
-                TunnResult::WriteToNetwork(p) => p.len(),
-                _ => 0,
-            }
-        } else {
-            0
-        };
-        let n = if n > 0 {
-            n
-        } else {
-            match st.tunn.format_handshake_initiation(&mut buf, true) {
-                TunnResult::WriteToNetwork(p) => p.len(),
-                _ => return Ok(false),
-            }
+        let Some(n) = path::probe_datagram(&mut st, &mut buf) else {
+            return Ok(false);
         };
         drop(st);
         udp::send(self.sock.as_raw_fd(), &buf[..n], dst, None, self.ipv6)?;

@@ -13,10 +13,13 @@
 //! * a direct start that completes no direct handshake within [`DIRECT_WINDOW`] goes to
 //!   the relay ("no direct handshake after 1.5 s") and the handshake is re-sent through the
 //!   relay at once ([`PathAction::Initiate`]), so the first packet passes within 3 s;
-//! * while relayed (not forced), every [`PROBE_EVERY`] one authenticated datagram goes
-//!   straight to each direct candidate ([`PathAction::Probe`]); the engine upgrades the
-//!   peer to direct on the first authenticated direct receipt, which [`Paths::observe`]
-//!   learns;
+//! * while relayed (not forced), every [`PROBE_EVERY`] one direct probe goes straight to
+//!   each direct candidate ([`PathAction::Probe`]: a ping inside the session, or a
+//!   handshake initiation without one); the engine upgrades the peer to direct only when
+//!   an answer to *its own* probe arrives directly (the round trip went direct both ways,
+//!   `tabbify_engine::core::path`), which [`Paths::observe`] learns. The peer's data,
+//!   keepalives and probes arriving directly do not upgrade: with only the peer → us
+//!   direction open they would black-hole our sends;
 //! * while direct, a direct path silent for longer than [`DIRECT_SILENT`] (one persistent
 //!   keepalive plus a handshake timeout) falls back to the relay; the WireGuard session is
 //!   kept (only where datagrams go changes);
@@ -60,6 +63,20 @@ pub const MAX_RELAYS: usize = 16;
 pub const MAX_SESSIONS: usize = 4;
 /// Most direct candidates probed per peer per round.
 pub const MAX_PROBES: usize = 4;
+
+/// Whether a roster hint (a new roster endpoint, a hole-punch notice) may replace the
+/// engine's current direct endpoint for a peer: not while that endpoint is *proven*, i.e.
+/// an authenticated datagram arrived straight from it within [`DIRECT_SILENT`]
+/// (`since_direct_rx`: time since that receipt, `None` if never). The endpoint the engine
+/// learned by roaming is where the peer really is (behind an endpoint-dependent NAT it is
+/// a port the coordinator never saw); overwriting it with the roster's would send into a
+/// closed mapping until the peer's next packet roams it back (up to a persistent
+/// keepalive, 25 s). A peer that really moved re-handshakes from its new address, and
+/// that authenticated receipt moves the endpoint (WireGuard roaming), so keeping a proven
+/// endpoint never strands one.
+pub fn roster_may_set_endpoint(since_direct_rx: Option<Duration>) -> bool {
+    since_direct_rx.is_none_or(|d| d >= DIRECT_SILENT)
+}
 
 /// Where a peer's datagrams go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -264,7 +281,8 @@ pub struct PeerFacts {
 /// What the engine saw of a peer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
-    /// The engine's path now (it upgrades Relay → Direct on a direct receipt).
+    /// The engine's path now (it upgrades Relay → Direct when its direct probe is answered
+    /// directly).
     pub path: Path,
     /// The last authenticated direct receipt.
     pub last_direct_rx: Option<Instant>,
@@ -487,8 +505,8 @@ impl Paths {
         self.peers.remove(key);
     }
 
-    /// What the engine saw of `key`: its path (an upgrade to direct it made on a direct
-    /// receipt) and the last direct receipt.
+    /// What the engine saw of `key`: its path (an upgrade to direct it made when its direct
+    /// probe was answered directly) and the last direct receipt.
     pub fn observe(&mut self, key: &[u8; 32], seen: Observed, _now: Instant) {
         let Some(p) = self.peers.get_mut(key) else {
             return;
@@ -515,7 +533,7 @@ impl Paths {
                 .last_direct_rx
                 .is_some_and(|rx| p.relay_since.is_none_or(|s| rx >= s));
         if p.path == Path::Relay && upgraded && !self.force_relay {
-            // The engine upgraded on a direct receipt: the hole is open both ways.
+            // The engine upgraded on a direct answer to its probe: open both ways.
             p.path = Path::Direct;
             p.want = None;
             p.relay = None;
@@ -763,6 +781,16 @@ impl Paths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proven_endpoint_is_not_overwritten_by_a_roster_hint() {
+        assert!(roster_may_set_endpoint(None));
+        assert!(!roster_may_set_endpoint(Some(Duration::ZERO)));
+        assert!(!roster_may_set_endpoint(Some(
+            DIRECT_SILENT - Duration::from_millis(1)
+        )));
+        assert!(roster_may_set_endpoint(Some(DIRECT_SILENT)));
+    }
 
     const A: [u8; 32] = [1; 32];
     const R1: &str = "https://relay1.example.net:443";
