@@ -201,6 +201,7 @@ fuzz_target!(|data: &[u8]| {
         // No rotation falls due while the target runs: it drives the roster, not the key.
         key_max_age: Duration::from_secs(90 * 86_400),
         rotate_at: t + Duration::from_secs(90 * 86_400),
+        coordinators: 1,
     });
     let mut model = Model::default();
     model.apply(&mut m);
