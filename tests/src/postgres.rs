@@ -194,13 +194,23 @@ impl Postgres {
 
     /// Stops the server at once (`-m immediate`: as if it crashed); the data stays.
     pub fn stop(&mut self) -> Result<(), String> {
+        self.stop_mode("immediate")
+    }
+
+    /// Stops the server as an operator does for maintenance (`-m fast`: clients are
+    /// disconnected, the server shuts down cleanly); the data stays.
+    pub fn stop_fast(&mut self) -> Result<(), String> {
+        self.stop_mode("fast")
+    }
+
+    fn stop_mode(&mut self, mode: &str) -> Result<(), String> {
         self.running = false;
         check(
-            "pg_ctl stop",
+            &format!("pg_ctl stop -m {mode}"),
             self.command("pg_ctl")
                 .arg("-D")
                 .arg(self.data())
-                .args(["-w", "-m", "immediate", "stop"])
+                .args(["-w", "-m", mode, "stop"])
                 .output(),
         )
         .map(drop)
