@@ -42,6 +42,12 @@ pub struct Metrics {
     pub app_moves: AtomicU64,
     /// SSE streams refused: the identity held its maximum.
     pub streams_refused: AtomicU64,
+    /// SSE streams opened with a `Last-Event-ID` and resumed with the events after it
+    /// (no snapshot).
+    pub streams_resumed: AtomicU64,
+    /// SSE streams that started with a snapshot (no `Last-Event-ID`, or one that could
+    /// not be resumed).
+    pub stream_snapshots: AtomicU64,
     /// Heartbeats and registrations refused by the per-identity rate limit.
     pub rate_limited: AtomicU64,
     /// Connections refused: the coordinator held its maximum.
@@ -230,6 +236,18 @@ impl Metrics {
             "counter",
             "SSE streams refused: the identity held its maximum.",
             c(&self.streams_refused),
+        );
+        line(
+            "streams_resumed_total",
+            "counter",
+            "SSE streams resumed after their Last-Event-ID without a snapshot.",
+            c(&self.streams_resumed),
+        );
+        line(
+            "stream_snapshots_total",
+            "counter",
+            "SSE streams that started with a snapshot.",
+            c(&self.stream_snapshots),
         );
         line(
             "rate_limited_total",

@@ -1110,10 +1110,12 @@ impl Coordinator {
             });
             let initial = match resumed {
                 Some((probe, frames)) => {
+                    Metrics::inc(&self.metrics.streams_resumed);
                     sub = probe;
                     frames
                 }
                 None => {
+                    Metrics::inc(&self.metrics.stream_snapshots);
                     sub.last_id = reg.last_event_id();
                     vec![reg.snapshot_frame(&id)]
                 }

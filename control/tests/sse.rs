@@ -53,6 +53,17 @@ async fn events_arrive_in_order_and_only_what_the_acl_shows() {
     assert!(ids[2] - ids[1] > 1, "{ids:?}");
 }
 
+/// The value of the coordinator's counter `name` on `/metrics`.
+async fn metric(h: &Harness, name: &str) -> u64 {
+    let (_, v) = h.admin().get("/metrics").await;
+    let text = v.as_str().unwrap().to_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("tabbify_coordinator_{name} ")))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn last_event_id_resumes_or_falls_back_to_a_snapshot() {
     let h = Harness::start_with(|c| c.limits.ring = 8).await;
@@ -71,6 +82,9 @@ async fn last_event_id_resumes_or_falls_back_to_a_snapshot() {
         "{e:?}"
     );
     drop(st);
+    // The outcome is counted: one stream resumed, the first one started with a snapshot.
+    assert_eq!(metric(&h, "streams_resumed_total").await, 1);
+    assert_eq!(metric(&h, "stream_snapshots_total").await, 1);
 
     // Far more events than the ring holds: the resume falls back to a snapshot.
     for i in 0..20 {
@@ -92,6 +106,9 @@ async fn last_event_id_resumes_or_falls_back_to_a_snapshot() {
     // An id from the future is also answered with a snapshot.
     let mut st = n.client.stream(Some(1_000_000)).await;
     assert!(matches!(st.next_event().await.1, SseEvent::Snapshot(_)));
+    // A client cannot pass a fallback off as a resume.
+    assert_eq!(metric(&h, "streams_resumed_total").await, 1);
+    assert_eq!(metric(&h, "stream_snapshots_total").await, 3);
 }
 
 #[tokio::test]
