@@ -9,9 +9,9 @@
 //! |---|---|---|
 //! | start | PostgreSQL; c1, c2, c3 on it (`10.200.0.1:8443`, `:8444`, `:8445`, 2 s heartbeats); m1 (`--coordinator c1,c2,c3`), m2 (`c2,c3,c1`), m3 (`c3,c1,c2`), m4 (`c1,c3,c2`, tag `probe`, the others `member`) | each homes on the first of its list; every member sees the three others |
 //! | fan-out | `PUT /v1/policy` on c1 without the `probe` rule, then with it again | m2 (on c2) and m3 (on c3) drop m4, then list it again, each within 1 s of the request |
-//! | kill | pings every 100 ms m1→m2, m4→m3, m2→m3; SIGKILL (by PID) the coordinator with the most members (c1: m1 and m4) | its members stream from another coordinator within one heartbeat interval, without registering again (their heartbeat is known there: no `registered`, no `does not know us`); no ping lost in the 6 s after the kill; everyone still sees everyone. c1 is then started again on the database |
+//! | kill | pings every 100 ms m1→m2, m4→m3, m2→m3; SIGKILL (by PID) the coordinator with the most members (c1: m1 and m4) | its members stream from another coordinator within one heartbeat interval, without registering again (their heartbeat is known there: no `registered`, no `does not know us`), their streams resumed after `Last-Event-ID` (the survivors' `streams_resumed_total` up by their number, `stream_snapshots_total` unchanged); no ping lost in the 6 s after the kill; everyone still sees everyone. c1 is then started again on the database |
 //! | outage | `pg_ctl stop -m fast`, 10 s, `pg_ctl start` on the same data directory | no ping lost from the stop until 3 s after the restart; during it `POST /v1/tokens` on c2 and `PUT /v1/policy` on c3 answer 503 `unavailable`, while `GET /v1/mesh/peers` (a member's certificate), `GET /v1/policy` and `/health` answer 200 with what they had; after it a policy PUT on c2 (retried while it answers 503) reaches m3's stream on c3 and c1's reads |
-//! | restart | a token minted on c3; SIGKILL all three coordinators, start them again | every coordinator lists the same members (`/health`), the token (`GET /v1/tokens`) and the policy revision as before; every member streams again without registering again; no ping lost from the kill until 3 s after the last re-homing |
+//! | restart | a token minted on c3; SIGKILL all three coordinators, start them again | every coordinator lists the same members (`/health`, `GET /v1/mesh/peers`), the token (`GET /v1/tokens`) and the policy revision as before; every member streams again without registering again; no ping lost from the kill until 3 s after the last re-homing |
 //!
 //! The bounds are the issue's ("within 1 s", "within one heartbeat interval"); the checks
 //! allow the same 0.5 s for `status` polling on a shared 2-core machine as
@@ -214,6 +214,29 @@ fn token_ids(client: &Admin) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The coordinator counter `name` on `/metrics` (without its `tabbify_coordinator_`
+/// prefix).
+fn metric(client: &Admin, name: &str) -> Result<u64> {
+    let body = get_ok(client, "/metrics")?;
+    let text = body.as_str().context("/metrics is not text")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("tabbify_coordinator_{name} ")))
+        .with_context(|| format!("no metric {name} in\n{text}"))?
+        .trim()
+        .parse()
+        .with_context(|| format!("metric {name} is not a count"))
+}
+
+/// `streams_resumed_total` and `stream_snapshots_total` of every coordinator in `which`.
+fn stream_starts(admins: &[Admin], which: &[usize]) -> Result<(u64, u64)> {
+    let mut sum = (0, 0);
+    for &i in which {
+        sum.0 += metric(&admins[i], "streams_resumed_total")?;
+        sum.1 += metric(&admins[i], "stream_snapshots_total")?;
+    }
+    Ok(sum)
+}
+
 /// Expects `method path` on `client` to be refused with 503 `unavailable`.
 fn expect_unavailable(client: &Admin, method: &str, path: &str, body: &Value) -> Result<()> {
     let answer = client.request(method, path, Some(body))?;
@@ -358,6 +381,8 @@ fn three_coordinators_on_postgres_survive_kill_outage_and_restart() -> Result<()
         before.iter().all(|&(n, _)| n == 1),
         "each member's log should show one registration before the kill: {before:?}"
     );
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    let starts_before = stream_starts(&admins, &survivors)?;
     let killed = unix_now();
     cs[victim].kill()?;
     let bound = Duration::from_secs(HEARTBEAT_SECS) + SLACK;
@@ -405,6 +430,22 @@ fn three_coordinators_on_postgres_survive_kill_outage_and_restart() -> Result<()
             m.joiner.status()?.coordinator.last_event_id
         );
     }
+    // The survivors saw every event the moved members had: their streams resume.
+    let starts_after = stream_starts(&admins, &survivors)?;
+    let (resumed, snapshots) = (
+        starts_after.0 - starts_before.0,
+        starts_after.1 - starts_before.1,
+    );
+    println!(
+        "after the kill the surviving coordinators opened {resumed} streams by resuming after \
+         Last-Event-ID and {snapshots} with a snapshot"
+    );
+    ensure!(
+        resumed == moved.len() as u64 && snapshots == 0,
+        "the {} moved members' streams: {resumed} resumed, {snapshots} snapshots (want every \
+         one resumed)",
+        moved.len()
+    );
     cs[victim].restart()?;
 
     // --- outage: PostgreSQL down for 10 s.
@@ -573,6 +614,13 @@ fn three_coordinators_on_postgres_survive_kill_outage_and_restart() -> Result<()
             "c{}'s GET /v1/policy after the restart",
             i + 1
         );
+        let reader = Admin::new(lan.netns(), &urls[i], members[0].cert.clone());
+        let names = roster_read(&reader)?;
+        ensure!(
+            names == others("m1"),
+            "GET /v1/mesh/peers on c{} after the restart listed {names:?} to m1",
+            i + 1
+        );
         let tokens = token_ids(admin)?;
         ensure!(
             tokens_before.iter().all(|t| tokens.contains(t)),
@@ -580,6 +628,13 @@ fn three_coordinators_on_postgres_survive_kill_outage_and_restart() -> Result<()
             i + 1
         );
     }
+    // A coordinator that restarted has seen none of the events before its start, so a
+    // stream may start with a snapshot there (by design); shown, not checked.
+    let (resumed, snapshots) = stream_starts(&admins, &[0, 1, 2])?;
+    println!(
+        "after the restart of every coordinator: {resumed} streams resumed after \
+         Last-Event-ID, {snapshots} started with a snapshot"
+    );
     for (m, &before) in members.iter().zip(&registered_before) {
         ensure!(
             m.registrations() == before,
