@@ -1059,6 +1059,7 @@ mod tests {
             roster,
             stun_servers: vec![],
             relays: vec![],
+            dns_domain: "mesh".into(),
         }
     }
 
