@@ -1425,5 +1425,8 @@ mod tests {
         assert!(!l.contains(IpAddr::V6(other)));
         assert!(!l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&theirs))));
         assert!(!l.contains("192.168.1.1".parse().unwrap()));
+        // The DNS stub's address is on the TUN but not local to the engine: a packet a
+        // peer sends to it through the tunnel is dropped (the stub serves this host only).
+        assert!(!l.contains(IpAddr::V6(crate::join::dns::SERVICE_V6)));
     }
 }
