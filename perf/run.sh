@@ -2,9 +2,13 @@
 # The perf suite in one command: builds our data plane (release) and the runner, then runs
 # iperf3 TCP 1/4 streams, UDP unlimited and ping between two network namespaces through
 # ours (io_uring and epoll drivers), boringtun-cli 0.7.1 (--threads 1 and default),
-# wireguard-go and the bare veth. Needs root and scripts/setup.sh's packages.
+# wireguard-go (Debian's, and v0.0.20250522 with offloads), gotatun-cli 0.10.2 and the bare
+# veth, with each one's Gbit/s per daemon core against the crypto bound. Needs root and
+# scripts/setup.sh's packages (TABBIFY_SETUP_PERF=1 for gotatun; missing ones are reported
+# as not available).
 #
 #   perf/run.sh [--rounds N] [--duration S] [--only a,b] [--ours-threads N] [--offloads on|off]
+#               [--wireguard-go-offload-bin PATH]
 #
 # Writes perf/results/<timestamp>.json and .png and refreshes the results in perf/README.md.
 set -euo pipefail

@@ -42,6 +42,23 @@ if ! have boringtun-cli || ! boringtun-cli --version 2>/dev/null | grep -q '0\.7
   cargo install boringtun-cli --version 0.7.1 --locked
 fi
 
+# Perf-only tools (perf/README.md): gotatun-cli compiles for minutes and no test needs it,
+# so only a machine that runs the perf suite installs it; without it the suite reports
+# gotatun as "not available". wireguard-go v0.0.20250522 (wireguard-go-offload) comes from
+# the Go module proxy where it is reachable; elsewhere it is given by path, see perf/README.md.
+if [ "${TABBIFY_SETUP_PERF:-0}" = 1 ]; then
+  if ! have gotatun || ! gotatun --version 2>/dev/null | grep -q '0\.10\.2'; then
+    echo "setup: installing gotatun-cli 0.10.2 from crates.io"
+    cargo install gotatun-cli --version 0.10.2 --locked
+  fi
+  if ! have wireguard-go-offload && have go; then
+    echo "setup: building wireguard-go v0.0.20250522 as wireguard-go-offload"
+    GOBIN=/tmp/tabbify-wggo go install golang.zx2c4.com/wireguard@v0.0.20250522 &&
+      install -m 0755 /tmp/tabbify-wggo/wireguard /usr/local/bin/wireguard-go-offload ||
+      echo "setup: wireguard-go v0.0.20250522 not built (no Go module proxy?); perf reports it as not available"
+  fi
+fi
+
 if [ "${TABBIFY_SETUP_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz"
   cargo install cargo-fuzz --locked

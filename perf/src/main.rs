@@ -1,7 +1,13 @@
 //! `tabbify-perf`: iperf3 and ping between two network namespaces over a veth, through our
 //! data plane (io_uring and epoll drivers), boringtun-cli (`--threads 1` and its default),
-//! Debian's wireguard-go, and the bare veth; and ours relayed (`ours-relay-udp`,
-//! `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
+//! Debian's wireguard-go, wireguard-go v0.0.20250522 with offloads
+//! (`wireguard-go-offload`), gotatun-cli 0.10.2, and the bare veth; and ours relayed
+//! (`ours-relay-udp`, `ours-relay-tls`: two joiners pinned to a relay, see [`relayed`]).
+//! Each implementation's throughput per core of daemon CPU is set against the crypto
+//! bound ([`crypto`]), and every ratio names the best stock implementation it is taken
+//! against. Subcommands run the benchmarks of ours alone: `peers` (1,000 peers, see
+//! [`peers`]), `multi-core` (several tunnel pairs at once, see [`multicore`]) and
+//! `crypto-bound`.
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
@@ -15,7 +21,10 @@
 //! README section between `<!-- perf-results:begin -->` and `<!-- perf-results:end -->`.
 //! All traffic stays between the two namespaces.
 
+mod crypto;
 mod iperf;
+mod multicore;
+mod peers;
 mod relayed;
 mod report;
 
@@ -41,16 +50,19 @@ use crate::report::{ImplResult, Kind, RoundResult, Run};
 #[derive(Debug, Parser)]
 #[command(about = "iperf3/ping through ours and stock WireGuard between two namespaces")]
 struct Args {
+    /// A benchmark other than the side-by-side suite (which runs without one).
+    #[command(subcommand)]
+    command: Option<Bench>,
     /// Rounds; each runs every implementation once.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, global = true)]
     rounds: u32,
     /// Seconds per iperf3 test.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, global = true)]
     duration: u32,
     /// Our binary (a release build; default: `release/tabbify-mesh` under
     /// `CARGO_TARGET_DIR` or the workspace's `target`); ours is reported FAILED if it is
     /// missing.
-    #[arg(long, env = "TABBIFY_MESH_BIN")]
+    #[arg(long, env = "TABBIFY_MESH_BIN", global = true)]
     mesh_bin: Option<PathBuf>,
     /// The relay binary for `ours-relay-udp` and `ours-relay-tls` (a release build;
     /// default: `tabbify-mesh-relay` next to the `tabbify-mesh` measured).
@@ -79,7 +91,7 @@ struct Args {
     #[arg(long)]
     list: bool,
     /// Directory for the JSON file and the plot.
-    #[arg(long, default_value = "perf/results")]
+    #[arg(long, default_value = "perf/results", global = true)]
     out: PathBuf,
     /// Replace the results section of this README with the table and plot.
     #[arg(long)]
@@ -87,6 +99,37 @@ struct Args {
     /// Python interpreter with matplotlib for the plot.
     #[arg(long, env = "PERF_PYTHON")]
     python: Option<PathBuf>,
+    /// wireguard-go v0.0.20250522 (the version with offloads) for `wireguard-go-offload`
+    /// (default: `wireguard-go-offload` on PATH; reported as not available without it).
+    #[arg(long, env = "WIREGUARD_GO_OFFLOAD_BIN")]
+    wireguard_go_offload_bin: Option<PathBuf>,
+    /// RPS on the veth's receive queues (`on`, the default) or not (`off`: the issue's
+    /// "no-RPS rig", where the single-queue veth receiver runs on one CPU).
+    #[arg(long, value_parser = ["on", "off"], default_value = "on")]
+    veth_rps: String,
+    /// Seconds the crypto bound (ChaCha20-Poly1305 seal + open through boringtun, one
+    /// core) is measured for at the start of a run; 0 skips it.
+    #[arg(long, default_value_t = 3)]
+    crypto_seconds: u32,
+}
+
+/// The benchmarks besides the suite.
+#[derive(Debug, clap::Subcommand)]
+enum Bench {
+    /// The crypto bound alone: ChaCha20-Poly1305 seal + open through boringtun on one core.
+    CryptoBound {
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+    },
+    /// Many peers (issue 17, Deliver 4): ours with 1,000 peers configured (see `peers`).
+    Peers(peers::Args),
+    /// Multi-core scaling (issue 17, Deliver 5): several tunnel pairs at once, ours at
+    /// several `--threads` (see `multicore`).
+    MultiCore(multicore::Args),
+    /// Internal: the handshake initiators of `peers`, run inside a namespace.
+    #[command(hide = true)]
+    HandshakeFlood(peers::FloodArgs),
 }
 
 /// One implementation as the suite runs it.
@@ -106,6 +149,38 @@ struct Contender {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    set_log_dump(LogDump::Never);
+    match &args.command {
+        None => {}
+        Some(Bench::CryptoBound { seconds }) => {
+            let gbps = crypto::bound(Duration::from_secs(u64::from(*seconds)))?;
+            println!(
+                "crypto bound: {gbps:.2} Gbit/s (ChaCha20-Poly1305 seal + open through \
+                 boringtun, one core, {}-byte packets, {seconds} s)",
+                crypto::PACKET
+            );
+            return Ok(());
+        }
+        Some(Bench::Peers(bench)) => {
+            return peers::run(
+                bench,
+                &mesh_bin(&args)?,
+                args.duration,
+                args.rounds,
+                &args.out,
+            )
+        }
+        Some(Bench::MultiCore(bench)) => {
+            return multicore::run(
+                bench,
+                &mesh_bin(&args)?,
+                args.duration,
+                args.rounds,
+                &args.out,
+            )
+        }
+        Some(Bench::HandshakeFlood(flood)) => return peers::flood(flood),
+    }
     let contenders = contenders(&args)?;
     if args.list {
         for contender in &contenders {
@@ -113,20 +188,27 @@ fn main() -> Result<()> {
         }
         return Ok(());
     }
-    require(&[
-        Tool::Iproute2,
-        Tool::Wg,
-        Tool::WireguardGo,
-        Tool::BoringtunCli,
-        Tool::Iperf3,
-        Tool::Ping,
-    ])?;
+    // The stock daemons are optional: one that is not installed is reported as not
+    // available (see `contenders`), the rest of the run goes on.
+    require(&[Tool::Iproute2, Tool::Wg, Tool::Iperf3, Tool::Ping])?;
     if args.rounds == 0 || args.duration == 0 {
         bail!("--rounds and --duration must be at least 1");
     }
     set_log_dump(LogDump::Never);
 
     let timestamp = utc_now()?;
+    let crypto_bound_gbps = if args.crypto_seconds == 0 {
+        None
+    } else {
+        eprintln!("perf: crypto bound ({} s, one core)", args.crypto_seconds);
+        match crypto::bound(Duration::from_secs(u64::from(args.crypto_seconds))) {
+            Ok(gbps) => Some(gbps),
+            Err(error) => {
+                eprintln!("perf: crypto bound failed: {error:#}");
+                None
+            }
+        }
+    };
     let load_before = load_average();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if load_before.is_some_and(|load| load > cores as f64 / 2.0) {
@@ -137,7 +219,15 @@ fn main() -> Result<()> {
     }
     let left = Netns::new()?;
     let right = Netns::new()?;
-    let veth = VethPair::connect(&left, &right, &VethOptions::default())?;
+    let veth_rps = args.veth_rps == "on";
+    let veth = VethPair::connect(
+        &left,
+        &right,
+        &VethOptions {
+            rps: veth_rps,
+            ..VethOptions::default()
+        },
+    )?;
 
     let mut results: Vec<ImplResult> = contenders.iter().map(|c| new_result(c, &args)).collect();
     for round in 1..=args.rounds {
@@ -176,19 +266,22 @@ fn main() -> Result<()> {
         udp_payload: iperf::UDP_PAYLOAD.parse().unwrap_or(0),
         rounds: args.rounds,
         duration_s: args.duration,
-        veth_rps: true,
+        veth_rps,
         load_average: [load_before, load_average()],
-        ratios: report::ratios(&results),
+        crypto_bound_gbps,
+        ratios: report::ratios(&results, crypto_bound_gbps),
+        best_stock: report::best_stock_names(&results),
         implementations: results,
     };
     let table = report::markdown(&run);
     println!(
-        "\n{} · kernel {} · {} × {} · MTU {} · {} rounds × {} s · load average {} → {}\n",
+        "\n{} · kernel {} · {} × {} · MTU {} · veth RPS {} · {} rounds × {} s · load average {} → {}\n",
         run.timestamp,
         run.kernel,
         run.cores,
         run.cpu_model,
         run.mtu,
+        if run.veth_rps { "on" } else { "off" },
         run.rounds,
         run.duration_s,
         fmt_load(run.load_average[0]),
@@ -221,10 +314,20 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn contenders(args: &Args) -> Result<Vec<Contender>> {
+/// Our release binary for the benchmarks that run only ours.
+fn mesh_bin(args: &Args) -> Result<PathBuf> {
+    release_mesh_bin(args)
+        .filter(|path| path.is_file())
+        .context(
+        "tabbify-mesh not found (build: cargo build --release -p tabbify-dataplane, or --mesh-bin)",
+    )
+}
+
+/// `--mesh-bin`, else a release build under `CARGO_TARGET_DIR` or the workspace's target.
+fn release_mesh_bin(args: &Args) -> Option<PathBuf> {
     // Only a release build is worth measuring: without --mesh-bin, look in the release
     // directories and nowhere else.
-    let mesh_bin = args.mesh_bin.clone().or_else(|| {
+    args.mesh_bin.clone().or_else(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
@@ -232,7 +335,11 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             .chain([workspace.join("target")])
             .map(|target| target.join("release").join("tabbify-mesh"))
             .find(|path| path.is_file())
-    });
+    })
+}
+
+fn contenders(args: &Args) -> Result<Vec<Contender>> {
+    let mesh_bin = release_mesh_bin(args);
     let unavailable = match &mesh_bin {
         Some(path) if path.is_file() => None,
         Some(path) => Some(format!(
@@ -276,6 +383,21 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
         }))
     };
     let ours = |driver| build(driver, &mesh_bin);
+    let wg_go_offload = args
+        .wireguard_go_offload_bin
+        .clone()
+        .or_else(|| on_path("wireguard-go-offload"));
+    let wg_go_offload_unavailable = match &wg_go_offload {
+        Some(path) if path.is_file() => None,
+        Some(path) => Some(format!(
+            "not available: {} not found (--wireguard-go-offload-bin)",
+            path.display()
+        )),
+        None => Some(format!(
+            "not available: wireguard-go-offload not on PATH and no --wireguard-go-offload-bin ({})",
+            Tool::WireguardGoOffload.install_hint()
+        )),
+    };
     let mut all = vec![
         Contender {
             name: "ours-uring",
@@ -321,7 +443,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "boringtun-t1",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: Some(1) }),
-            unavailable: None,
+            unavailable: missing_tool(Tool::BoringtunCli),
             tracked: false,
             relay: None,
         },
@@ -329,7 +451,7 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "boringtun-default",
             kind: Kind::Stock,
             implementation: Some(Implementation::Boringtun { threads: None }),
-            unavailable: None,
+            unavailable: missing_tool(Tool::BoringtunCli),
             tracked: false,
             relay: None,
         },
@@ -337,7 +459,25 @@ fn contenders(args: &Args) -> Result<Vec<Contender>> {
             name: "wireguard-go",
             kind: Kind::Stock,
             implementation: Some(Implementation::WireguardGo),
-            unavailable: None,
+            unavailable: missing_tool(Tool::WireguardGo),
+            tracked: false,
+            relay: None,
+        },
+        Contender {
+            name: "wireguard-go-offload",
+            kind: Kind::Stock,
+            implementation: Some(Implementation::WireguardGoOffload {
+                binary: wg_go_offload.clone(),
+            }),
+            unavailable: wg_go_offload_unavailable,
+            tracked: false,
+            relay: None,
+        },
+        Contender {
+            name: "gotatun",
+            kind: Kind::Stock,
+            implementation: Some(Implementation::Gotatun),
+            unavailable: missing_tool(Tool::GotatunCli),
             tracked: false,
             relay: None,
         },
@@ -411,6 +551,18 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
             None,
         ),
         Some(Implementation::WireguardGo) => (None, Some("default".to_owned()), None, None),
+        Some(Implementation::WireguardGoOffload { binary }) => (
+            None,
+            Some("default".to_owned()),
+            Some("its own (TUN TSO/GRO, UDP GSO/GRO when offered)".to_owned()),
+            binary.as_ref().map(|p| p.display().to_string()),
+        ),
+        Some(Implementation::Gotatun) => (
+            None,
+            Some("default (one tokio worker per CPU)".to_owned()),
+            None,
+            None,
+        ),
         None => (None, None, None, None),
     };
     let label = match &contender.implementation {
@@ -444,6 +596,7 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
         rounds: Vec::new(),
         median: BTreeMap::new(),
         median_cpu_cores: BTreeMap::new(),
+        median_gbps_per_core: BTreeMap::new(),
         median_relay_cores_per_gbit: BTreeMap::new(),
     }
 }
@@ -474,6 +627,8 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
                         .filter(|line| line.contains("driver") || line.contains("offload"))
                         .map(str::to_owned)
                         .collect();
+                } else {
+                    startup_log = tun_offloads(&tunnel.left);
                 }
                 Some(tunnel)
             }
@@ -646,6 +801,28 @@ fn start_tunnel(implementation: &Implementation, tracked: bool, veth: &VethPair)
     Ok(tunnel)
 }
 
+/// The TUN's segmentation and receive offloads as `ethtool -k` reports them (a stock
+/// daemon turns them on itself when it supports them: wireguard-go v0.0.20250522 does).
+fn tun_offloads(peer: &tabbify_tests::WgPeer) -> Vec<String> {
+    match peer.netns().run("ethtool", &["-k", peer.ifname()]) {
+        Ok(features) => features
+            .lines()
+            .filter(|line| {
+                [
+                    "tcp-segmentation-offload:",
+                    "generic-receive-offload:",
+                    "tx-udp-segmentation:",
+                    "rx-udp-gro-forwarding:",
+                ]
+                .iter()
+                .any(|f| line.trim_start().starts_with(f))
+            })
+            .map(|line| format!("{}: {}", peer.ifname(), line.trim()))
+            .collect(),
+        Err(error) => vec![format!("ethtool -k {}: {error:#}", peer.ifname())],
+    }
+}
+
 /// CPU time used so far by both daemons of the tunnel.
 fn daemon_cpu(tunnel: &Tunnel) -> Result<Duration> {
     Ok(tunnel.left.cpu_time()? + tunnel.right.cpu_time()?)
@@ -687,9 +864,9 @@ fn update_readme(readme: &Path, run: &Run, table: &str, png: Option<&Path>) -> R
         bail!("{} has no {BEGIN} … {END} section", readme.display());
     };
     let mut section = format!(
-        "{BEGIN}\nLatest run: {} · kernel {} · {} × {} · tunnel MTU {} · {} rounds × {} s per test · \
+        "{BEGIN}\nLatest run: {} · kernel {} · {} × {} · tunnel MTU {} · veth RPS {} · {} rounds × {} s per test · \
          load average {} → {} · `{}`\n\n{table}",
-        run.timestamp, run.kernel, run.cores, run.cpu_model, run.mtu, run.rounds, run.duration_s, fmt_load(run.load_average[0]), fmt_load(run.load_average[1]), run.command
+        run.timestamp, run.kernel, run.cores, run.cpu_model, run.mtu, if run.veth_rps { "on" } else { "off" }, run.rounds, run.duration_s, fmt_load(run.load_average[0]), fmt_load(run.load_average[1]), run.command
     );
     if let Some(png) = png {
         let dir = readme.parent().unwrap_or(Path::new("."));
@@ -703,7 +880,31 @@ fn update_readme(readme: &Path, run: &Run, table: &str, png: Option<&Path>) -> R
     std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))
 }
 
-fn load_average() -> Option<f64> {
+/// "not available: …" when one of `tool`'s programs is not on `PATH`.
+fn missing_tool(tool: Tool) -> Option<String> {
+    let missing: Vec<&str> = tool
+        .programs()
+        .iter()
+        .copied()
+        .filter(|p| on_path(p).is_none())
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "not available: {} not on PATH ({})",
+            missing.join(", "),
+            tool.install_hint()
+        )
+    })
+}
+
+/// `program` found in a directory of `PATH`.
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+pub(crate) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()
@@ -712,11 +913,11 @@ fn load_average() -> Option<f64> {
         .ok()
 }
 
-fn fmt_load(load: Option<f64>) -> String {
+pub(crate) fn fmt_load(load: Option<f64>) -> String {
     load.map_or_else(|| "?".to_owned(), |l| format!("{l:.2}"))
 }
 
-fn utc_now() -> Result<String> {
+pub(crate) fn utc_now() -> Result<String> {
     command_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
 }
 
@@ -741,4 +942,78 @@ fn cpu_model() -> String {
                 .map(|(_, model)| model.trim().to_owned())
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn contender<'a>(all: &'a [Contender], name: &str) -> &'a Contender {
+        all.iter().find(|c| c.name == name).expect("listed")
+    }
+
+    #[test]
+    fn strongest_others_are_listed_and_a_missing_one_is_not_available() {
+        let args = Args::parse_from([
+            "tabbify-perf",
+            "--wireguard-go-offload-bin",
+            "/nonexistent/wireguard-go-offload",
+        ]);
+        let all = contenders(&args).unwrap();
+        let offload = contender(&all, "wireguard-go-offload");
+        assert_eq!(offload.kind, Kind::Stock);
+        let reason = offload.unavailable.as_deref().unwrap();
+        assert!(
+            reason.starts_with("not available: /nonexistent"),
+            "{reason}"
+        );
+        let gotatun = contender(&all, "gotatun");
+        assert_eq!(gotatun.kind, Kind::Stock);
+        assert_eq!(gotatun.implementation, Some(Implementation::Gotatun));
+        // Available exactly when its binary is on PATH.
+        assert_eq!(gotatun.unavailable.is_none(), on_path("gotatun").is_some());
+    }
+
+    #[test]
+    fn a_given_offload_binary_is_used() {
+        let exe = std::env::current_exe().unwrap();
+        let args = Args::parse_from([
+            "tabbify-perf".as_ref(),
+            "--wireguard-go-offload-bin".as_ref(),
+            exe.as_os_str(),
+        ]);
+        let all = contenders(&args).unwrap();
+        let offload = contender(&all, "wireguard-go-offload");
+        assert_eq!(offload.unavailable, None);
+        assert_eq!(
+            offload.implementation,
+            Some(Implementation::WireguardGoOffload { binary: Some(exe) })
+        );
+    }
+
+    #[test]
+    fn subcommands_parse_with_the_shared_options() {
+        let args = Args::parse_from([
+            "tabbify-perf",
+            "--mesh-bin",
+            "/x/tabbify-mesh",
+            "multi-core",
+            "--threads",
+            "1,2,4",
+            "--rounds",
+            "2",
+        ]);
+        assert_eq!(args.rounds, 2);
+        assert_eq!(args.mesh_bin.as_deref(), Some(Path::new("/x/tabbify-mesh")));
+        match args.command {
+            Some(Bench::MultiCore(mc)) => {
+                assert_eq!(mc.threads, vec![1, 2, 4]);
+                assert_eq!(mc.pairs, 4);
+            }
+            other => panic!("{other:?}"),
+        }
+        let args = Args::parse_from(["tabbify-perf", "peers", "--peers", "50"]);
+        assert!(matches!(args.command, Some(Bench::Peers(p)) if p.peers == 50));
+        assert!(Args::try_parse_from(["tabbify-perf", "--veth-rps", "maybe"]).is_err());
+    }
 }

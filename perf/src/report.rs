@@ -1,5 +1,10 @@
 //! Results of a run: the JSON document written per run, medians, the ratio of ours to the
-//! best stock implementation, and the text/markdown tables.
+//! best other (stock) implementation per metric, named, the efficiency (Gbit/s per core of
+//! daemon CPU, both ends) against the crypto bound, and the text/markdown tables.
+//!
+//! Invariants: an implementation that failed or is not available stays in every table as
+//! FAILED with its reason, and never counts as "best"; every ratio names the
+//! implementation it is taken against.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -34,8 +39,13 @@ pub struct Run {
     /// 1-minute load average before and after the run (`/proc/loadavg`): other work on
     /// the machine skews every figure, so a high value flags a run not to trust.
     pub load_average: [Option<f64>; 2],
+    /// ChaCha20-Poly1305 seal + open through boringtun on one core, 1420-byte packets
+    /// (see `crypto`): the most a tunnel's two daemons can move per core of their CPU.
+    pub crypto_bound_gbps: Option<f64>,
     /// Per implementation: its settings, raw per-round figures and medians.
     pub implementations: Vec<ImplResult>,
+    /// Per metric (and per efficiency key), the best stock implementation's name.
+    pub best_stock: BTreeMap<String, Option<String>>,
     /// `ours … / best stock` per ours implementation and metric (for ping: best stock RTT
     /// divided by ours, so above 1 is better everywhere), and TCP 1 stream as a fraction
     /// of plain veth.
@@ -80,6 +90,9 @@ pub struct ImplResult {
     /// Median CPU use of both daemons together during each iperf3 test, in cores
     /// (CPU seconds / test seconds).
     pub median_cpu_cores: BTreeMap<String, Option<f64>>,
+    /// Throughput per core of daemon CPU (both ends, all threads; Gbit/s ÷ cores) during
+    /// TCP 1 stream (`tcp1_gbps`) and UDP (`udp_delivered_gbps`), median of the rounds.
+    pub median_gbps_per_core: BTreeMap<String, Option<f64>>,
     /// Relayed cases: the relay process's CPU per Gbit/s during each throughput test, in
     /// cores (CPU seconds / test seconds / Gbit/s), median of the rounds.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -144,6 +157,17 @@ impl ImplResult {
                     })),
                 );
             }
+            if EFFICIENCY.contains(&metric) {
+                self.median_gbps_per_core.insert(
+                    key.to_owned(),
+                    median(self.rounds.iter().map(|r| {
+                        let cpu = r.cpu_s.get(key).copied().flatten()?;
+                        let gbit = r.values.get(key).copied().flatten()?;
+                        let cores = cpu / f64::from(duration_s);
+                        (cores > 0.0).then(|| gbit / cores)
+                    })),
+                );
+            }
             if metric != Metric::Ping {
                 self.median_cpu_cores.insert(
                     key.to_owned(),
@@ -167,19 +191,66 @@ impl ImplResult {
     }
 }
 
-/// Computes [`Run::ratios`].
-pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
-    let best_stock = |metric: Metric| -> Option<f64> {
-        let values = implementations
-            .iter()
-            .filter(|i| i.kind == Kind::Stock)
-            .filter_map(|i| i.median.get(metric.key()).copied().flatten());
-        if metric.higher_is_better() {
-            values.reduce(f64::max)
-        } else {
-            values.reduce(f64::min)
-        }
-    };
+/// The metrics whose Gbit/s per daemon core the suite reports.
+pub const EFFICIENCY: [Metric; 2] = [Metric::Tcp1, Metric::Udp];
+
+/// The key of a metric's per-core figure in [`Run::ratios`] and [`Run::best_stock`].
+pub fn per_core_key(metric: Metric) -> String {
+    format!("{}_per_core", metric.key())
+}
+
+/// The best stock implementation for `metric` (`per_core`: its Gbit/s per daemon core
+/// instead of the metric), as (name, median); `None` when no stock one has a figure.
+pub fn best_stock(
+    implementations: &[ImplResult],
+    metric: Metric,
+    per_core: bool,
+) -> Option<(&str, f64)> {
+    let values = implementations
+        .iter()
+        .filter(|i| i.kind == Kind::Stock)
+        .filter_map(|i| {
+            let map = if per_core {
+                &i.median_gbps_per_core
+            } else {
+                &i.median
+            };
+            Some((i.name.as_str(), map.get(metric.key()).copied().flatten()?))
+        });
+    if metric.higher_is_better() || per_core {
+        values.max_by(|a, b| a.1.total_cmp(&b.1))
+    } else {
+        values.min_by(|a, b| a.1.total_cmp(&b.1))
+    }
+}
+
+/// Computes [`Run::best_stock`].
+pub fn best_stock_names(implementations: &[ImplResult]) -> BTreeMap<String, Option<String>> {
+    let mut out = BTreeMap::new();
+    for metric in Metric::ALL {
+        out.insert(
+            metric.key().to_owned(),
+            best_stock(implementations, metric, false).map(|(n, _)| n.to_owned()),
+        );
+    }
+    for metric in EFFICIENCY {
+        out.insert(
+            per_core_key(metric),
+            best_stock(implementations, metric, true).map(|(n, _)| n.to_owned()),
+        );
+    }
+    out
+}
+
+/// Computes [`Run::ratios`]: per ours implementation, each metric over the best stock
+/// implementation's median for that metric (ping inverted), the per-core figures over the
+/// best stock per-core figure and as a fraction of `crypto_bound` (Gbit/s), and TCP 1
+/// stream as a fraction of plain veth.
+pub fn ratios(
+    implementations: &[ImplResult],
+    crypto_bound: Option<f64>,
+) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
+    let best = |metric: Metric| best_stock(implementations, metric, false).map(|(_, v)| v);
     let veth_tcp1 = implementations
         .iter()
         .find(|i| i.kind == Kind::Veth)
@@ -189,7 +260,7 @@ pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<Strin
         let mut row = BTreeMap::new();
         for metric in Metric::ALL {
             let value = ours.median.get(metric.key()).copied().flatten();
-            let ratio = match (value, best_stock(metric)) {
+            let ratio = match (value, best(metric)) {
                 (Some(v), Some(b)) if v > 0.0 && b > 0.0 => Some(if metric.higher_is_better() {
                     v / b
                 } else {
@@ -207,6 +278,28 @@ pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<Strin
             _ => None,
         };
         row.insert("tcp1_fraction_of_veth".to_owned(), of_veth);
+        for metric in EFFICIENCY {
+            let value = ours
+                .median_gbps_per_core
+                .get(metric.key())
+                .copied()
+                .flatten();
+            let best = best_stock(implementations, metric, true).map(|(_, v)| v);
+            row.insert(
+                format!("{}_vs_best_stock", per_core_key(metric)),
+                match (value, best) {
+                    (Some(v), Some(b)) if b > 0.0 => Some(v / b),
+                    _ => None,
+                },
+            );
+            row.insert(
+                format!("{}_of_crypto_bound", per_core_key(metric)),
+                match (value, crypto_bound) {
+                    (Some(v), Some(c)) if c > 0.0 => Some(v / c),
+                    _ => None,
+                },
+            );
+        }
         if !ours.median_relay_cores_per_gbit.is_empty() {
             // Issue 13: relayed TCP 1 stream against direct (`ours-uring`) in the same run.
             let direct = implementations
@@ -231,14 +324,30 @@ pub fn ratios(implementations: &[ImplResult]) -> BTreeMap<String, BTreeMap<Strin
 /// the ratio lines.
 pub fn markdown(run: &Run) -> String {
     let mut out = String::new();
+    if let Some(bound) = run.crypto_bound_gbps {
+        let _ = writeln!(
+            out,
+            "Crypto bound (ChaCha20-Poly1305 seal + open through boringtun, one core, 1420-byte \
+             packets): **{bound:.2} Gbit/s**.\n"
+        );
+    }
     let _ = write!(out, "| implementation |");
     for metric in Metric::ALL {
         let _ = write!(out, " {} |", metric.title());
     }
-    let _ = writeln!(out, " CPU during TCP 1 (cores) |");
-    let _ = writeln!(out, "|---|{}---|", "---|".repeat(Metric::ALL.len()));
+    let _ = writeln!(
+        out,
+        " CPU during TCP 1 (cores) | Gbit/s per daemon core, TCP 1 | Gbit/s per daemon core, UDP \
+         | TCP 1 per core, % of crypto bound |"
+    );
+    let _ = writeln!(out, "|---|{}---|", "---|".repeat(Metric::ALL.len() + 3));
     for implementation in &run.implementations {
         let _ = write!(out, "| {} |", implementation.label);
+        let not_available = implementation.rounds.iter().all(|r| {
+            r.errors
+                .get("setup")
+                .is_some_and(|e| e.starts_with("not available"))
+        });
         for metric in Metric::ALL {
             let key = metric.key();
             let cell = match implementation.median.get(key).copied().flatten() {
@@ -255,17 +364,34 @@ pub fn markdown(run: &Run) -> String {
                         format!("{value:.2}{partial}")
                     }
                 }
+                None if not_available && !implementation.rounds.is_empty() => {
+                    "not available (below)".to_owned()
+                }
                 None => "FAILED (below)".to_owned(),
             };
             let _ = write!(out, " {cell} |");
         }
+        let dash = || "–".to_owned();
         let cpu = implementation
             .median_cpu_cores
             .get(Metric::Tcp1.key())
             .copied()
             .flatten()
-            .map_or_else(|| "–".to_owned(), |c| format!("{c:.2}"));
-        let _ = writeln!(out, " {cpu} |");
+            .map_or_else(dash, |c| format!("{c:.2}"));
+        let per_core = |metric: Metric| {
+            implementation
+                .median_gbps_per_core
+                .get(metric.key())
+                .copied()
+                .flatten()
+        };
+        let tcp1 = per_core(Metric::Tcp1).map_or_else(dash, |v| format!("{v:.2}"));
+        let udp = per_core(Metric::Udp).map_or_else(dash, |v| format!("{v:.2}"));
+        let of_bound = match (per_core(Metric::Tcp1), run.crypto_bound_gbps) {
+            (Some(v), Some(b)) if b > 0.0 => format!("{:.0}%", v / b * 100.0),
+            _ => dash(),
+        };
+        let _ = writeln!(out, " {cpu} | {tcp1} | {udp} | {of_bound} |");
     }
     let mut failures = String::new();
     for implementation in &run.implementations {
@@ -282,8 +408,18 @@ pub fn markdown(run: &Run) -> String {
         }
     }
     if !failures.is_empty() {
-        let _ = write!(out, "\nFailures:\n{failures}");
+        let _ = write!(
+            out,
+            "\nFailures and implementations not available:\n{failures}"
+        );
     }
+    let best_name = |key: &str| {
+        run.best_stock
+            .get(key)
+            .cloned()
+            .flatten()
+            .map_or_else(String::new, |n| format!(" vs {n}"))
+    };
     for (name, row) in &run.ratios {
         let _ = write!(out, "\n**{name} / best stock:**");
         for metric in Metric::ALL {
@@ -293,7 +429,30 @@ pub fn markdown(run: &Run) -> String {
                 .copied()
                 .flatten()
                 .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}×"));
-            let _ = write!(out, " {} {cell};", metric.title());
+            let _ = write!(
+                out,
+                " {} {cell}{};",
+                metric.title(),
+                best_name(metric.key())
+            );
+        }
+        for metric in EFFICIENCY {
+            let key = per_core_key(metric);
+            let cell = row
+                .get(&format!("{key}_vs_best_stock"))
+                .copied()
+                .flatten()
+                .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.2}×"));
+            let _ = write!(
+                out,
+                " Gbit/s per daemon core ({}) {cell}{};",
+                if metric == Metric::Tcp1 {
+                    "TCP 1"
+                } else {
+                    "UDP"
+                },
+                best_name(&key)
+            );
         }
         let veth = row
             .get("tcp1_fraction_of_veth")
@@ -322,8 +481,10 @@ pub fn markdown(run: &Run) -> String {
     if !run.ratios.is_empty() {
         let _ = writeln!(
             out,
-            "\n(Ratios are medians of ours over the best stock median per metric; for ping the \
-             best stock RTT over ours, so above 1× is better everywhere.)"
+            "\n(Ratios are medians of ours over the best stock median per metric, named after \
+             \"vs\"; for ping the best stock RTT over ours, so above 1× is better everywhere. \
+             Gbit/s per daemon core: throughput ÷ the CPU of both daemons, all threads, during \
+             the test.)"
         );
     }
     out
@@ -368,6 +529,7 @@ mod tests {
             rounds: Vec::new(),
             median: BTreeMap::new(),
             median_cpu_cores: BTreeMap::new(),
+            median_gbps_per_core: BTreeMap::new(),
             median_relay_cores_per_gbit: BTreeMap::new(),
         };
         for (i, (t, p)) in tcp1.iter().zip(ping).enumerate() {
@@ -423,11 +585,106 @@ mod tests {
                 &[Some(0.05); 3],
             ),
         ];
-        let r = &ratios(&impls)["ours"];
+        let r = &ratios(&impls, None)["ours"];
         assert!((r["tcp1_gbps_vs_best_stock"].unwrap() - 4.0).abs() < 1e-9);
         assert!((r["ping_avg_ms_vs_best_stock"].unwrap() - 2.0).abs() < 1e-9);
         assert!((r["tcp1_fraction_of_veth"].unwrap() - 0.4).abs() < 1e-9);
         assert_eq!(r["tcp4_gbps_vs_best_stock"], None);
+    }
+
+    /// Gives every round of `result` CPU seconds for TCP 1 stream such that the daemons
+    /// used `cores` cores during a 10 s test, and recomputes the medians.
+    fn with_cores(mut result: ImplResult, cores: f64) -> ImplResult {
+        for round in &mut result.rounds {
+            round
+                .cpu_s
+                .insert(Metric::Tcp1.key().into(), Some(cores * 10.0));
+        }
+        result.summarize(10);
+        result
+    }
+
+    #[test]
+    fn ratios_name_the_best_stock_per_metric_and_per_core() {
+        // The fastest stock one (bt) is not the most efficient (wg-go-offload uses half a
+        // core): each ratio is against its own best, and a missing one never wins.
+        let impls = vec![
+            with_cores(
+                implementation("ours", Kind::Ours, &[Some(4.0); 3], &[Some(0.3); 3]),
+                1.0,
+            ),
+            with_cores(
+                implementation("bt", Kind::Stock, &[Some(2.0); 3], &[Some(0.2); 3]),
+                2.0,
+            ),
+            with_cores(
+                implementation(
+                    "wg-go-offload",
+                    Kind::Stock,
+                    &[Some(1.0); 3],
+                    &[Some(0.4); 3],
+                ),
+                0.5,
+            ),
+            implementation("gotatun", Kind::Stock, &[None; 3], &[None; 3]),
+        ];
+        let names = best_stock_names(&impls);
+        assert_eq!(names["tcp1_gbps"].as_deref(), Some("bt"));
+        assert_eq!(names["ping_avg_ms"].as_deref(), Some("bt"));
+        assert_eq!(
+            names["tcp1_gbps_per_core"].as_deref(),
+            Some("wg-go-offload")
+        );
+        assert_eq!(names["udp_delivered_gbps_per_core"], None);
+        let r = &ratios(&impls, Some(8.0))["ours"];
+        assert!((r["tcp1_gbps_vs_best_stock"].unwrap() - 2.0).abs() < 1e-9);
+        assert!((r["ping_avg_ms_vs_best_stock"].unwrap() - 2.0 / 3.0).abs() < 1e-9);
+        // ours 4 Gbit/s on 1 core; wg-go-offload 1 Gbit/s on 0.5 core = 2 per core.
+        assert!((r["tcp1_gbps_per_core_vs_best_stock"].unwrap() - 2.0).abs() < 1e-9);
+        assert!((r["tcp1_gbps_per_core_of_crypto_bound"].unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(r["udp_delivered_gbps_per_core_vs_best_stock"], None);
+    }
+
+    #[test]
+    fn unavailable_implementations_are_reported_as_such() {
+        let mut missing = implementation("gotatun", Kind::Stock, &[None], &[None]);
+        missing.rounds[0].errors.clear();
+        missing.rounds[0].errors.insert(
+            "setup".into(),
+            "not available: gotatun not on PATH (cargo install gotatun-cli)".into(),
+        );
+        let impls = vec![
+            implementation("ours", Kind::Ours, &[Some(1.0)], &[Some(0.3)]),
+            missing,
+        ];
+        let run = Run {
+            timestamp: String::new(),
+            command: String::new(),
+            kernel: String::new(),
+            cpu_model: String::new(),
+            cores: 2,
+            mtu: 1420,
+            udp_payload: 1392,
+            rounds: 1,
+            duration_s: 10,
+            veth_rps: true,
+            load_average: [None, None],
+            crypto_bound_gbps: Some(3.0),
+            ratios: ratios(&impls, Some(3.0)),
+            best_stock: best_stock_names(&impls),
+            implementations: impls,
+        };
+        let table = markdown(&run);
+        assert!(
+            table.contains("| gotatun | not available (below) |"),
+            "{table}"
+        );
+        assert!(table.contains("gotatun round 1 setup: not available: gotatun not on PATH"));
+        assert!(table.contains("**3.00 Gbit/s**"), "{table}");
+        assert!(
+            table.contains("TCP 1 stream (Gbit/s) n/a;"),
+            "no stock figure, no ratio: {table}"
+        );
     }
 
     #[test]
@@ -453,7 +710,9 @@ mod tests {
             duration_s: 10,
             veth_rps: true,
             load_average: [None, None],
-            ratios: ratios(&impls),
+            crypto_bound_gbps: None,
+            ratios: ratios(&impls, None),
+            best_stock: best_stock_names(&impls),
             implementations: impls,
         };
         let table = markdown(&run);
@@ -464,7 +723,7 @@ mod tests {
         );
         assert!(table.contains("1.00 (1/2 rounds)"), "{table}");
         assert!(
-            table.contains("**ours / best stock:** TCP 1 stream (Gbit/s) n/a;"),
+            table.contains("**ours / best stock:** TCP 1 stream (Gbit/s) n/a vs bt;"),
             "{table}"
         );
     }

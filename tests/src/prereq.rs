@@ -19,6 +19,11 @@ pub enum Tool {
     WireguardGo,
     /// `boringtun-cli` 0.7.1 (crates.io).
     BoringtunCli,
+    /// `wireguard-go-offload`: wireguard-go v0.0.20250522 (TUN TSO/GRO, UDP GSO/GRO) under
+    /// that name, so it can sit next to Debian's 2022 `wireguard-go`. Perf only.
+    WireguardGoOffload,
+    /// `gotatun` from `gotatun-cli` 0.10.2 (Mullvad's boringtun fork, crates.io). Perf only.
+    GotatunCli,
     /// `ping` (Debian `iputils-ping`).
     Ping,
     /// `iperf3` (Debian `iperf3`).
@@ -47,6 +52,8 @@ impl Tool {
             Tool::Wg => &["wg"],
             Tool::WireguardGo => &["wireguard-go"],
             Tool::BoringtunCli => &["boringtun-cli"],
+            Tool::WireguardGoOffload => &["wireguard-go-offload"],
+            Tool::GotatunCli => &["gotatun"],
             Tool::Ping => &["ping"],
             Tool::Iperf3 => &["iperf3"],
             Tool::Nft => &["nft"],
@@ -66,6 +73,14 @@ impl Tool {
             Tool::Wg => "apt-get install --no-install-recommends wireguard-tools",
             Tool::WireguardGo => "apt-get install --no-install-recommends wireguard-go",
             Tool::BoringtunCli => "cargo install boringtun-cli --version 0.7.1 --locked",
+            Tool::WireguardGoOffload => {
+                "go install golang.zx2c4.com/wireguard@v0.0.20250522, then put the binary on PATH \
+                 as wireguard-go-offload or pass its path"
+            }
+            Tool::GotatunCli => {
+                "cargo install gotatun-cli --version 0.10.2 --locked, or TABBIFY_SETUP_PERF=1 \
+                 scripts/setup.sh"
+            }
             Tool::Ping => "apt-get install --no-install-recommends iputils-ping",
             Tool::Iperf3 => "apt-get install --no-install-recommends iperf3",
             Tool::Nft => "apt-get install --no-install-recommends nftables",

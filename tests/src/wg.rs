@@ -1,5 +1,6 @@
-//! WireGuard endpoints for tests: ours (`tabbify-mesh up`), `wireguard-go` and
-//! `boringtun-cli`, started in a namespace and configured identically.
+//! WireGuard endpoints for tests: ours (`tabbify-mesh up`), `wireguard-go` (Debian's, and
+//! v0.0.20250522 with offloads as `wireguard-go-offload`), `boringtun-cli` and
+//! `gotatun-cli`, started in a namespace and configured identically.
 //!
 //! Ours reads a wg-quick file and does its own addresses and routes. The stock daemons
 //! are started with just an interface name, then configured from outside the way
@@ -120,11 +121,21 @@ pub enum Implementation {
     Ours(OursOptions),
     /// Debian's `wireguard-go`.
     WireguardGo,
+    /// wireguard-go v0.0.20250522, the version with TUN TSO/GRO and UDP GSO/GRO (the
+    /// engine inside Tailscale); it turns its offloads on by itself when the kernel offers
+    /// them.
+    WireguardGoOffload {
+        /// The binary; `wireguard-go-offload` on `PATH` when `None`.
+        binary: Option<PathBuf>,
+    },
     /// `boringtun-cli` 0.7.1, with `--threads` when given.
     Boringtun {
         /// `--threads`; its default (4) when `None`.
         threads: Option<u32>,
     },
+    /// `gotatun` from `gotatun-cli` 0.10.2 (Mullvad's boringtun fork). It has no thread
+    /// option: its tokio runtime starts one worker per CPU.
+    Gotatun,
 }
 
 impl Implementation {
@@ -157,10 +168,14 @@ impl Implementation {
                 format!("ours({})", parts.join(", "))
             }
             Implementation::WireguardGo => "wireguard-go".to_owned(),
+            Implementation::WireguardGoOffload { .. } => {
+                "wireguard-go v0.0.20250522 (offloads)".to_owned()
+            }
             Implementation::Boringtun { threads: None } => "boringtun-cli".to_owned(),
             Implementation::Boringtun { threads: Some(n) } => {
                 format!("boringtun-cli --threads {n}")
             }
+            Implementation::Gotatun => "gotatun-cli 0.10.2".to_owned(),
         }
     }
 
@@ -169,7 +184,14 @@ impl Implementation {
         match self {
             Implementation::Ours(_) => vec![Tool::Iproute2, Tool::Wg],
             Implementation::WireguardGo => vec![Tool::Iproute2, Tool::Wg, Tool::WireguardGo],
+            Implementation::WireguardGoOffload { binary: None } => {
+                vec![Tool::Iproute2, Tool::Wg, Tool::WireguardGoOffload]
+            }
+            Implementation::WireguardGoOffload { binary: Some(_) } => {
+                vec![Tool::Iproute2, Tool::Wg]
+            }
             Implementation::Boringtun { .. } => vec![Tool::Iproute2, Tool::Wg, Tool::BoringtunCli],
+            Implementation::Gotatun => vec![Tool::Iproute2, Tool::Wg, Tool::GotatunCli],
         }
     }
 
@@ -288,6 +310,20 @@ impl WgPeer {
                 command.args(["-f", &ifname]);
                 Process::spawn(netns.clone(), &label, command)?
             }
+            Implementation::WireguardGoOffload { binary } => {
+                let mut command = netns.command(
+                    binary
+                        .as_deref()
+                        .unwrap_or(Path::new("wireguard-go-offload")),
+                );
+                command.args(["-f", &ifname]);
+                Process::spawn(netns.clone(), &label, command)?
+            }
+            Implementation::Gotatun => {
+                let mut command = netns.command("gotatun");
+                command.args(["--foreground", "--disable-drop-privileges", &ifname]);
+                Process::spawn(netns.clone(), &label, command)?
+            }
             Implementation::Boringtun { threads } => {
                 let mut command = netns.command("boringtun-cli");
                 command.args(["--foreground", "--disable-drop-privileges"]);
@@ -334,10 +370,13 @@ impl WgPeer {
             },
         )
         .with_context(|| format!("log of {label}:\n{}", peer.process.logs()))?;
-        // boringtun-cli 0.7.1 answers UAPI `get` with `own_public_key=` instead of
-        // `private_key=`, which `wg` does not parse: it shows "(none)".
-        let key_hidden = matches!(implementation, Implementation::Boringtun { .. })
-            && dump.public_key == "(none)";
+        // boringtun-cli 0.7.1 (and perhaps its fork gotatun) answers UAPI `get` with
+        // `own_public_key=` instead of `private_key=`, which `wg` does not parse: it shows
+        // "(none)".
+        let key_hidden = matches!(
+            implementation,
+            Implementation::Boringtun { .. } | Implementation::Gotatun
+        ) && dump.public_key == "(none)";
         ensure!(
             key_hidden || dump.public_key == interface.keypair.public,
             "{label}: wg show reports public key {}, configured {}",
