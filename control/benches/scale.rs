@@ -1,6 +1,15 @@
 //! Scale benchmark of the coordinator (reports; never fails CI).
 //!
-//! `cargo bench -p tabbify-control --bench scale` (options: `-- --peers N --subscribers N`).
+//! `cargo bench -p tabbify-control --bench scale` (options: `-- --peers N --subscribers N
+//! [--postgres] [--coordinators K] [--heartbeat-secs S] [--steady-secs N]`).
+//!
+//! With `--postgres` (implied by `--coordinators` above 1) the bench starts a throwaway
+//! PostgreSQL cluster (`tests/src/postgres.rs`; Debian's `postgresql` package) and K
+//! coordinators on one database: peers register round-robin over them, each streams from
+//! another coordinator than the one it registered on, the change is made on the first, and
+//! the bench also reports each coordinator's RSS and the database's writes while every
+//! peer sends unchanged heartbeats, one round per heartbeat interval for `--steady-secs`
+//! (default: one round), the steady state.
 //!
 //! 1. Starts the real `tabbify-mesh-coordinator` binary as a child process (plaintext on
 //!    loopback, so the figures measure the coordinator rather than TLS handshakes) with a
@@ -34,6 +43,9 @@ use tabbify_control::registry::{Limits, NewPeer, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+#[path = "../../tests/src/postgres.rs"]
+mod postgres;
+
 const COORD_BIN: &str = env!("CARGO_BIN_EXE_tabbify-mesh-coordinator");
 const TEAMS: usize = 99;
 
@@ -49,13 +61,35 @@ fn main() -> anyhow::Result<()> {
     // `cargo bench` passes `--bench`; a filter argument selects nothing here.
     let peers = opt("--peers", 10_000);
     let subscribers = opt("--subscribers", peers).min(peers);
+    let coordinators = opt("--coordinators", 1).max(1);
+    let heartbeat_secs = opt("--heartbeat-secs", 3600);
+    let steady_secs = opt("--steady-secs", 0);
+    let pg = if coordinators > 1 || args.iter().any(|a| a == "--postgres") {
+        Some(postgres::Postgres::start().map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
     let nofile = raise_nofile(2 * subscribers as u64 + 4096);
-    println!("scale bench: {peers} peers, {subscribers} SSE subscribers, RLIMIT_NOFILE={nofile}");
+    println!(
+        "scale bench: {peers} peers, {subscribers} SSE subscribers, {coordinators} \
+         coordinator(s) on {}, heartbeat {heartbeat_secs} s, RLIMIT_NOFILE={nofile}",
+        if pg.is_some() {
+            "one PostgreSQL"
+        } else {
+            "memory"
+        }
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(over_http(peers, subscribers))?;
+    rt.block_on(over_http(
+        peers,
+        subscribers,
+        coordinators,
+        (heartbeat_secs, steady_secs),
+        pg.as_ref(),
+    ))?;
     in_process(peers);
     Ok(())
 }
@@ -110,32 +144,36 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let policy_path = dir.path().join("policy.json");
-    std::fs::write(&policy_path, serde_json::to_vec(&policy(TEAMS))?)?;
-    let mut child = Command::new(COORD_BIN)
-        .args([
-            "--bind",
-            "127.0.0.1:0",
-            "--insecure-no-mtls",
-            "--admin",
-            "admin",
-        ])
-        .args(["--heartbeat-secs", "3600"])
-        // Every simulated peer connects from 127.0.0.1: lift the per-IP and overall caps.
-        .args(["--max-connections", "1000000"])
-        .args(["--max-connections-per-ip", "1000000"])
-        .arg("--policy-file")
-        .arg(&policy_path)
-        .env("TABBIFY_ALLOW_INSECURE", "1")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the coordinator")?;
+fn start_coordinator(
+    policy_path: &std::path::Path,
+    database: Option<&str>,
+    heartbeat_secs: usize,
+) -> anyhow::Result<(ChildGuard, SocketAddr)> {
+    let mut cmd = Command::new(COORD_BIN);
+    cmd.args([
+        "--bind",
+        "127.0.0.1:0",
+        "--insecure-no-mtls",
+        "--admin",
+        "admin",
+    ])
+    .args(["--heartbeat-secs", &heartbeat_secs.to_string()])
+    // Every simulated peer connects from 127.0.0.1: lift the per-IP and overall caps.
+    .args(["--max-connections", "1000000"])
+    .args(["--max-connections-per-ip", "1000000"])
+    .args(["--stun-bind", "off"])
+    .arg("--policy-file")
+    .arg(policy_path)
+    .env("TABBIFY_ALLOW_INSECURE", "1")
+    .env("RUST_LOG", "error")
+    .env_remove("TABBIFY_DATABASE_URL")
+    .stdout(Stdio::piped());
+    if let Some(url) = database {
+        cmd.args(["--database", url]);
+    }
+    let mut child = cmd.spawn().context("starting the coordinator")?;
     let stdout = child.stdout.take().context("no stdout")?;
     let child = ChildGuard(child);
-    let pid = child.0.id();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
     let addr: SocketAddr = line
@@ -143,11 +181,71 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         .strip_prefix("listening on ")
         .context("coordinator did not start")?
         .parse()?;
-    println!(
-        "coordinator pid {pid} on {addr}, idle RSS {} KiB",
-        rss_kib(pid)
-    );
+    Ok((child, addr))
+}
 
+/// What the database was written since `since` (Unix seconds): change-log entries (every
+/// committed change) up to now, and members whose `last_seen` was written since (the
+/// batched liveness writes, which are not in the log). Exact counts, not statistics.
+fn db_writes(pg: &postgres::Postgres, since: u64) -> anyhow::Result<(u64, u64)> {
+    let q = |sql: &str| -> anyhow::Result<u64> {
+        Ok(pg
+            .psql("bench", sql)
+            .map_err(anyhow::Error::msg)?
+            .trim()
+            .parse()?)
+    };
+    Ok((
+        q("SELECT COALESCE(max(id), 0) FROM change_log")?,
+        q(&format!(
+            "SELECT count(*) FROM members WHERE last_seen >= {since}"
+        ))?,
+    ))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn over_http(
+    peers: usize,
+    subscribers: usize,
+    coordinators: usize,
+    (heartbeat_secs, steady_secs): (usize, usize),
+    pg: Option<&postgres::Postgres>,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let policy_path = dir.path().join("policy.json");
+    std::fs::write(&policy_path, serde_json::to_vec(&policy(TEAMS))?)?;
+    let url = match pg {
+        Some(pg) => Some(pg.create_database("bench").map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in 0..coordinators {
+        let (child, addr) = start_coordinator(&policy_path, url.as_deref(), heartbeat_secs)?;
+        println!(
+            "coordinator pid {} on {addr}, idle RSS {} KiB",
+            child.0.id(),
+            rss_kib(child.0.id())
+        );
+        children.push(child);
+        addrs.push(addr);
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.0.id()).collect();
+    let rss = |label: &str| {
+        let per: Vec<String> = pids
+            .iter()
+            .map(|p| format!("{:.1}", rss_kib(*p) as f64 / 1024.0))
+            .collect();
+        println!("coordinator RSS {label}: {} MiB", per.join(" / "));
+    };
+    let addr = addrs[0];
+    let pid = pids[0];
     let mut admin = Conn::open(addr, "admin").await?;
     let (st, t) = admin
         .request(
@@ -172,6 +270,11 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         team_tokens.push(t["token"].as_str().unwrap_or_default().to_owned());
     }
     let team_tokens = Arc::new(team_tokens);
+    if coordinators > 1 {
+        // The other coordinators learn the tokens from the change log.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let addrs = Arc::new(addrs);
 
     // Register.
     let workers = 32;
@@ -179,7 +282,9 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for w in 0..workers {
         let tokens = team_tokens.clone();
+        let addrs = addrs.clone();
         tasks.push(tokio::spawn(async move {
+            let addr = addrs[w % addrs.len()];
             let mut lat = Vec::new();
             let mut conn: Option<Conn> = None;
             for i in (w..peers).step_by(workers) {
@@ -194,7 +299,18 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
                     "endpoints": ["127.0.0.1:51820"], "join_token": tokens[i % TEAMS],
                 });
                 let t0 = Instant::now();
-                let (st, v) = c.request("POST", "/v1/mesh/register", Some(body)).await?;
+                let (mut st, mut v) = c
+                    .request("POST", "/v1/mesh/register", Some(body.clone()))
+                    .await?;
+                // A lost race with another coordinator is retried, as a joiner does.
+                for _ in 0..5 {
+                    if st != 409 {
+                        break;
+                    }
+                    (st, v) = c
+                        .request("POST", "/v1/mesh/register", Some(body.clone()))
+                        .await?;
+                }
                 lat.push(t0.elapsed());
                 if st != 200 {
                     bail!("register {i}: {st} {v}");
@@ -238,6 +354,29 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         peers + 1,
         rss_kib(pid) as f64 / 1024.0
     );
+    rss(&format!("with {} registered peers", peers + 1));
+    // Every coordinator serves every member once it has caught up with the change log.
+    let caught_up = Instant::now();
+    for a in addrs.iter() {
+        let mut c = Conn::open(*a, "admin").await?;
+        loop {
+            let (_, h) = c.request("GET", "/health", None).await?;
+            if h["peers"].as_u64() == Some(peers as u64 + 1) {
+                break;
+            }
+            if caught_up.elapsed() > Duration::from_secs(300) {
+                bail!("coordinator {a} holds {} peers", h["peers"]);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if coordinators > 1 {
+        println!(
+            "every coordinator holds all {} members {:.2} s after the last registration answer",
+            peers + 1,
+            caught_up.elapsed().as_secs_f64()
+        );
+    }
 
     // Streams.
     let ready = Arc::new(AtomicUsize::new(0));
@@ -249,6 +388,8 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         let ready = ready.clone();
         let got = got.clone();
         let done = done_tx.clone();
+        // The peer registered through coordinator (i % 32) % K: stream from the next one.
+        let addr = addrs[((i % 32) % addrs.len() + 1) % addrs.len()];
         streams.push(tokio::spawn(async move {
             let r = sse_client(addr, &format!("p{i}"), &ready, &got, &done).await;
             if let Err(e) = r {
@@ -275,7 +416,11 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         opened.elapsed().as_secs_f64(),
         rss_kib(pid) as f64 / 1024.0
     );
+    rss(&format!("with {subscribers} SSE streams open"));
 
+    // The hub's connection idled while the streams opened (the coordinator closes idle
+    // keep-alive connections after its request timeout): a fresh one.
+    let mut hub = Conn::open(addr, "hub").await?;
     let t0 = Instant::now();
     let (st, v) = hub
         .request(
@@ -312,8 +457,89 @@ async fn over_http(peers: usize, subscribers: usize) -> anyhow::Result<()> {
         arrivals[n / 2].as_secs_f64() * 1e3,
         arrivals[(n - 1) * 99 / 100].as_secs_f64() * 1e3,
     );
+    if let Some(pg) = pg {
+        // Steady state: every peer sends one unchanged heartbeat, through the coordinator
+        // it registered on.
+        // Whole seconds: a row written in the second the window starts counts.
+        let since = unix_now() + 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = db_writes(pg, since)?;
+        let t0 = Instant::now();
+        let mut rounds = 0;
+        loop {
+            let round = Instant::now();
+            heartbeat_round(&addrs, workers, peers).await?;
+            // The hub too, unchanged since the fan-out (else it would go stale: a write).
+            let mut hub = Conn::open(addr, "hub").await?;
+            let (st, v) = hub
+                .request(
+                    "POST",
+                    "/v1/mesh/heartbeat",
+                    Some(json!({"peer_id": hub_id, "endpoints": ["127.0.0.1:4242"]})),
+                )
+                .await?;
+            if st != 200 {
+                bail!("hub heartbeat: {st} {v}");
+            }
+            rounds += 1;
+            let next = round + Duration::from_secs(heartbeat_secs as u64);
+            if t0.elapsed() + Duration::from_secs(heartbeat_secs as u64)
+                > Duration::from_secs(steady_secs as u64)
+            {
+                break;
+            }
+            tokio::time::sleep_until(next.into()).await;
+        }
+        let took = t0.elapsed();
+        // Let the coordinators' sweeps (every half heartbeat interval, at most 5 s here)
+        // run once.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let after = db_writes(pg, since)?;
+        let window = t0.elapsed().as_secs_f64();
+        println!(
+            "steady state: {rounds} round(s) of {peers} unchanged heartbeats over \
+             {coordinators} coordinator(s) in {:.1} s; in the {window:.1} s window the database \
+             got {} change-log entries and {} members' last_seen written ({:.2} writes/s)",
+            took.as_secs_f64(),
+            after.0 - before.0,
+            after.1,
+            (after.0 - before.0 + after.1) as f64 / window,
+        );
+    }
     for s in streams {
         s.abort();
+    }
+    Ok(())
+}
+
+/// Every peer sends one unchanged heartbeat, through the coordinator it registered on.
+async fn heartbeat_round(
+    addrs: &Arc<Vec<SocketAddr>>,
+    workers: usize,
+    peers: usize,
+) -> anyhow::Result<()> {
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let addr = addrs[w % addrs.len()];
+        tasks.push(tokio::spawn(async move {
+            let mut conn = Conn::open(addr, "p0").await?;
+            for i in (w..peers).step_by(workers) {
+                let name = format!("p{i}");
+                conn.identity = name.clone();
+                let body = json!({"peer_id": tabbify_control::ula::identity_peer_id(&name),
+                                  "endpoints": ["127.0.0.1:51820"]});
+                let (st, v) = conn
+                    .request("POST", "/v1/mesh/heartbeat", Some(body))
+                    .await?;
+                if st != 200 {
+                    bail!("heartbeat {i}: {st} {v}");
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     Ok(())
 }
@@ -437,6 +663,7 @@ fn in_process(peers: usize) {
                     endpoints: vec!["127.0.0.1:51820".parse().expect("addr")],
                     wg_listen_port: 51820,
                     reflexive: "127.0.0.1:51820".parse().expect("addr"),
+                    ephemeral: false,
                 },
                 0,
             );

@@ -110,12 +110,12 @@ pub fn document() -> Value {
             "deny": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRule"}}
         }
     });
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "tabbify-mesh-coordinator",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken; a registration that loses a race with another coordinator on the same database (for a token's last use or a key) is 409 conflict and changes nothing; a write the state database fails or cannot take is 503 unavailable and changes nothing."
+            "description": "Control plane of the Tabbify mesh. Callers are identified by the CN of their client certificate (mutual TLS); a member's peer id and ULA derive from that identity, and one WireGuard key is admitted per identity (changed only by rotate-key). Admin routes need a certificate carrying the admin role (URI SAN urn:tabbify:role:admin, from tabbify-mesh-ca issue-admin). Without mTLS (loopback development) the x-tabbify-identity header names the caller and admins are the --admin names. Every error is {\"error\", \"code\"}; refusals by a cap or rate limit are 429 (too_many_streams, rate_limited, too_many_connections) or 503 (overloaded); a heartbeat claiming an app another peer holds is 409 app_taken; a registration or heartbeat that loses a race with another coordinator on the same database (for a token's last use, a key or an app) is 409 conflict and changes nothing; a write the state database fails or cannot take (including a heartbeat that changes the member; an unchanged heartbeat writes nothing) is 503 unavailable and changes nothing."
         },
         "paths": {
             "/health": {"get": {"operationId": "health", "responses": ok("Health")}},
@@ -131,7 +131,9 @@ pub fn document() -> Value {
                 "requestBody": body("HeartbeatRequest"), "responses": ok("HeartbeatResponse")}},
             "/v1/mesh/peers": {"get": {"operationId": "peers", "responses": ok("PeersResponse")}},
             "/v1/mesh/peers/stream": {"get": {"operationId": "peersStream",
-                "parameters": [{"name": "Last-Event-ID", "in": "header", "required": false, "schema": {"type": "string"}}],
+                "parameters": [{"name": "Last-Event-ID", "in": "header", "required": false,
+                    "description": "Resume after this event id (with PostgreSQL, a change-log id: valid on any coordinator that saw it); otherwise the stream starts with a snapshot",
+                    "schema": {"type": "string"}}],
                 "responses": {
                     "200": {"description": "Server-sent events: snapshot, peer_upsert, peer_remove, policy, hole_punch",
                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
@@ -281,5 +283,18 @@ pub fn document() -> Value {
                 "properties": {"peer_id": {"type": "string"}, "identity": {"type": "string"},
                                "public_key": {"type": "string"}, "revoked_at": {"type": "integer"}}}
         }}
-    })
+    });
+    // The leave route and the ephemeral flag are set apart: the literal above is at the
+    // `json!` macro's recursion limit.
+    doc["paths"]["/v1/mesh/leave"] = json!({"post": {"operationId": "leave",
+        "description": "The caller (its certificate's identity; the body is {} and names nobody: any field is 400) leaves the mesh: it is removed from every roster at once (peer_remove, reason `left`) and its streams close. Its key stays admitted, so it may register again without a token. 404 not_registered when this coordinator holds no member for the caller.",
+        "requestBody": body("LeaveRequest"), "responses": ok("LeaveResponse")}});
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["RegisterRequest"]["properties"]["ephemeral"] = json!({"type": "boolean", "default": false,
+        "description": "Removed from every roster as soon as it misses its heartbeats (no stale window); the joiner leaves when stopped cleanly."});
+    schemas["LeaveRequest"] =
+        json!({"type": "object", "additionalProperties": false, "properties": {}});
+    schemas["LeaveResponse"] = json!({"type": "object", "required": ["peer_id", "left"],
+        "properties": {"peer_id": {"type": "string"}, "left": {"type": "boolean"}}});
+    doc
 }

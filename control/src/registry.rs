@@ -34,6 +34,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, RosterSnapshot, SseEvent};
+use crate::members::MemberRow;
 use crate::policy::Policy;
 use crate::sse::{Dispatch, Payload, SubjectAction};
 use crate::visibility::{ClassId, RulesId, Visibility};
@@ -75,6 +76,8 @@ pub struct PeerRecord {
     pub last_seen_ms: u64,
     /// Missed its heartbeats; kept in rosters (with its apps) until `stale_after`.
     pub stale: bool,
+    /// Registered with `ephemeral`: removed as soon as it misses its heartbeats.
+    pub ephemeral: bool,
     /// Visibility class under the current policy.
     pub class: ClassId,
 }
@@ -110,6 +113,8 @@ pub struct NewPeer {
     pub wg_listen_port: u16,
     /// Observed reflexive endpoint.
     pub reflexive: SocketAddr,
+    /// An ephemeral member (`RegisterRequest::ephemeral`): no stale window.
+    pub ephemeral: bool,
 }
 
 /// Bounded history of dispatches plus the broadcast channel they go out on.
@@ -120,6 +125,13 @@ struct EventLog {
     ring_cap: usize,
     /// Id of the last policy dispatch: resuming from before it needs a snapshot.
     epoch_start: u64,
+    /// Resuming after an id below this needs a snapshot (the ring no longer holds, or
+    /// this process never saw, what came after it).
+    horizon: u64,
+    /// An entry being collected ([`Registry::begin_entry`]): its payloads, sent as one
+    /// dispatch by [`Registry::end_entry`], and whether it consumes its id even when empty
+    /// (a change-log id).
+    entry: Option<(Vec<Payload>, bool)>,
     tx: broadcast::Sender<Arc<Dispatch>>,
 }
 
@@ -204,6 +216,9 @@ pub struct Registry {
     windows: HashMap<String, Window>,
     due: BTreeSet<(u64, String)>,
     log: EventLog,
+    /// Heartbeat-driven upserts wait for their window ([`EVENT_WINDOW_MS`]); off when
+    /// every change is a database commit (its event goes out with the commit's id).
+    coalesce: bool,
 }
 
 impl Registry {
@@ -225,8 +240,210 @@ impl Registry {
                 ring: VecDeque::new(),
                 ring_cap: limits.ring.max(1),
                 epoch_start: 0,
+                horizon: 0,
+                entry: None,
                 tx,
             },
+            coalesce: true,
+        }
+    }
+
+    /// Turns the per-peer event window off: each change is announced at once.
+    pub fn set_coalescing(&mut self, on: bool) {
+        self.coalesce = on;
+    }
+
+    /// Continues an event sequence: the next event gets an id above `last` (a change-log
+    /// id, or a start time for a database without a change log), and resuming from before
+    /// it needs a snapshot.
+    pub fn start_at(&mut self, last: u64) {
+        self.log.next_id = self.log.next_id.max(last + 1);
+        self.log.horizon = self.log.horizon.max(last);
+    }
+
+    /// Moves the event sequence past `last` (change-log entries of this process read
+    /// back, which produce no events).
+    pub fn advance_to(&mut self, last: u64) {
+        self.log.next_id = self.log.next_id.max(last + 1);
+    }
+
+    /// Starts collecting one entry's events: everything emitted until
+    /// [`Registry::end_entry`] goes out as one dispatch, with id `id` (a change-log id;
+    /// `None`: the next local id). Ids never go backwards: an `id` at or below the last
+    /// one is given the next id instead.
+    pub fn begin_entry(&mut self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.log.next_id = self.log.next_id.max(id);
+        }
+        self.log.entry = Some((Vec::new(), id.is_some()));
+    }
+
+    /// Sends the collected entry as one dispatch (nothing if it produced no event; a
+    /// change-log id is consumed either way, so `last_event_id` is the log position).
+    pub fn end_entry(&mut self) {
+        let Some((mut parts, consume)) = self.log.entry.take() else {
+            return;
+        };
+        match parts.len() {
+            0 => {
+                if consume {
+                    self.log.next_id += 1;
+                }
+            }
+            1 => self.push(parts.remove(0)),
+            _ => self.push(Payload::Batch(parts)),
+        }
+    }
+
+    /// Collects events without sending them (a preview of a change that is not committed
+    /// yet); [`Registry::discard`] drops them.
+    pub fn hold(&mut self) {
+        self.log.entry = Some((Vec::new(), false));
+    }
+
+    /// Drops the events collected since [`Registry::hold`].
+    pub fn discard(&mut self) {
+        self.log.entry = None;
+    }
+
+    /// Puts `record` (or nothing) in place of peer `id` without any event, keeping the
+    /// indexes in step (undoing a preview; loading members at start).
+    pub fn set_silent(&mut self, id: &str, record: Option<PeerRecord>) {
+        if let Some(cur) = self.peers.remove(id) {
+            if self.by_identity.get(&cur.identity).map(String::as_str) == Some(id) {
+                self.by_identity.remove(&cur.identity);
+            }
+            if self.by_ula.get(&cur.ula).map(String::as_str) == Some(id) {
+                self.by_ula.remove(&cur.ula);
+            }
+            if let Some(m) = self.members.get_mut(cur.class as usize) {
+                m.remove(id);
+            }
+            for a in &cur.hosted_app_ulas {
+                self.release_app(a, id);
+            }
+        }
+        if let Some(r) = record {
+            self.by_identity.insert(r.identity.clone(), id.to_owned());
+            self.by_ula.insert(r.ula, id.to_owned());
+            self.member_set(r.class).insert(id.to_owned());
+            for a in &r.hosted_app_ulas {
+                self.apps.insert(*a, id.to_owned());
+            }
+            self.peers.insert(id.to_owned(), r);
+        }
+    }
+
+    /// Loads a stored member without any event (at start). `false` for a row no
+    /// coordinator writes (see [`MemberRow::to_peer`]).
+    pub fn load_member(&mut self, row: &MemberRow) -> bool {
+        let class = self.vis.class_of(&row.identity, &row.tags);
+        let Some(mut rec) = row.to_peer(class) else {
+            return false;
+        };
+        if !self.vis.may_host_apps(class) {
+            rec.hosted_app_ulas.clear();
+        }
+        let id = rec.id.clone();
+        self.set_silent(&id, Some(rec));
+        true
+    }
+
+    /// Puts a committed member row in force (this coordinator's own change, or another's
+    /// from the change log) and announces what changed, as [`Registry::upsert`] and
+    /// [`Registry::heartbeat`] do: an upsert (a class change first removes the peer from
+    /// the viewers that lose it and resyncs its own streams), and hole punches when its
+    /// reflexive or mapped endpoints changed. The peer's path counts and a newer local
+    /// `last_seen` are kept. `false` for a row no coordinator writes.
+    pub fn apply_member(&mut self, row: &MemberRow) -> bool {
+        let class = self.vis.class_of(&row.identity, &row.tags);
+        let Some(mut rec) = row.to_peer(class) else {
+            return false;
+        };
+        if !self.vis.may_host_apps(class) {
+            rec.hosted_app_ulas.clear();
+        }
+        let id = rec.id.clone();
+        let old = self.peers.get(&id).cloned();
+        if let Some(o) = &old {
+            rec.paths = o.paths;
+            rec.last_seen_ms = rec.last_seen_ms.max(o.last_seen_ms);
+            for a in o
+                .hosted_app_ulas
+                .iter()
+                .filter(|a| !rec.hosted_app_ulas.contains(a))
+            {
+                self.release_app(a, &id);
+            }
+        }
+        // The database holds one holder per app; memory follows the log's order.
+        for a in &rec.hosted_app_ulas {
+            if let Some(h) = self.apps.insert(*a, id.clone()) {
+                if h != id {
+                    if let Some(p) = self.peers.get_mut(&h) {
+                        p.hosted_app_ulas.retain(|x| x != a);
+                    }
+                }
+            }
+        }
+        let class_changed = old.as_ref().is_some_and(|o| o.class != class);
+        if let Some(o) = &old {
+            if class_changed {
+                let leaving: Vec<ClassId> = self
+                    .vis
+                    .viewers_of(o.class)
+                    .filter(|v| !self.vis.visible(*v, class))
+                    .collect();
+                if let Some(m) = self.members.get_mut(o.class as usize) {
+                    m.remove(&id);
+                }
+                self.emit_remove(&id, "policy", &leaving, SubjectAction::Skip);
+            }
+        }
+        self.by_identity.insert(rec.identity.clone(), id.clone());
+        self.by_ula.insert(rec.ula, id.clone());
+        self.member_set(class).insert(id.clone());
+        let punch = old
+            .as_ref()
+            .is_none_or(|o| o.reflexive != rec.reflexive || o.mapped != rec.mapped);
+        let unchanged = old.as_ref().is_some_and(|o| {
+            *o == PeerRecord {
+                last_seen_ms: o.last_seen_ms,
+                paths: o.paths,
+                ..rec.clone()
+            }
+        });
+        self.peers.insert(id.clone(), rec);
+        if !unchanged {
+            let action = if class_changed {
+                SubjectAction::Resync
+            } else {
+                SubjectAction::Skip
+            };
+            self.emit_upsert(&id, action);
+        }
+        if punch {
+            self.hole_punch(&id);
+        }
+        true
+    }
+
+    /// Marks `id` stale (the expiry runner's committed decision) with one upsert.
+    pub fn mark_stale(&mut self, id: &str) {
+        let Some(p) = self.peers.get_mut(id) else {
+            return;
+        };
+        if !p.stale {
+            p.stale = true;
+            self.emit_upsert(id, SubjectAction::Skip);
+        }
+    }
+
+    /// Sets `id`'s liveness and path counts (not announced).
+    pub fn set_liveness(&mut self, id: &str, last_seen_ms: u64, paths: crate::api::PathCounts) {
+        if let Some(p) = self.peers.get_mut(id) {
+            p.last_seen_ms = p.last_seen_ms.max(last_seen_ms);
+            p.paths = paths;
         }
     }
 
@@ -305,11 +522,7 @@ impl Registry {
     /// Every dispatch after `last`, if the ring still holds all of them and no policy
     /// change happened since; `None` means the client needs a snapshot.
     pub fn replay_since(&self, last: u64) -> Option<Vec<Arc<Dispatch>>> {
-        if last >= self.log.next_id || last < self.log.epoch_start {
-            return None;
-        }
-        let oldest = self.log.ring.front().map_or(self.log.next_id, |d| d.id);
-        if last + 1 < oldest {
+        if last >= self.log.next_id || last < self.log.epoch_start || last < self.log.horizon {
             return None;
         }
         Some(
@@ -392,6 +605,7 @@ impl Registry {
             paths: crate::api::PathCounts::default(),
             last_seen_ms: now_ms,
             stale: false,
+            ephemeral: new.ephemeral,
             class,
         };
         let class_changed = old.as_ref().is_some_and(|o| o.class != class);
@@ -595,8 +809,9 @@ impl Registry {
     /// A heartbeat-driven change of `id`: announced now if its window allows, else once
     /// when the window ends.
     fn announce(&mut self, id: &str, punch: bool, now_ms: u64) {
+        let coalesce = self.coalesce;
         let w = self.windows.entry(id.to_owned()).or_default();
-        let open = w.last_emit_ms == 0 || now_ms >= w.last_emit_ms + EVENT_WINDOW_MS;
+        let open = !coalesce || w.last_emit_ms == 0 || now_ms >= w.last_emit_ms + EVENT_WINDOW_MS;
         if open && !w.pending {
             self.emit_upsert(id, SubjectAction::Skip);
             self.emitted(id, now_ms);
@@ -658,12 +873,14 @@ impl Registry {
     }
 
     /// Marks stale every peer not seen for `timeout_ms` (one upsert each, at once) and
-    /// removes (reason `expired`) every peer not seen for `timeout_ms + stale_after_ms`.
+    /// removes (reason `expired`) every peer not seen for `timeout_ms + stale_after_ms`,
+    /// and every ephemeral peer not seen for `timeout_ms` (it has no stale window).
     pub fn expire(&mut self, now_ms: u64, timeout_ms: u64, stale_after_ms: u64) -> Expiry {
         let mut out = Expiry::default();
         for p in self.peers.values() {
             let age = now_ms.saturating_sub(p.last_seen_ms);
-            if age > timeout_ms.saturating_add(stale_after_ms) {
+            let window = if p.ephemeral { 0 } else { stale_after_ms };
+            if age > timeout_ms.saturating_add(window) {
                 out.removed.push(p.id.clone());
             } else if age > timeout_ms && !p.stale {
                 out.stale.push(p.id.clone());
@@ -858,6 +1075,10 @@ impl Registry {
     }
 
     fn push(&mut self, payload: Payload) {
+        if let Some((parts, _)) = self.log.entry.as_mut() {
+            parts.push(payload);
+            return;
+        }
         let d = Arc::new(Dispatch {
             id: self.log.next_id,
             revision: self.revision,
@@ -865,7 +1086,9 @@ impl Registry {
         });
         self.log.next_id += 1;
         if self.log.ring.len() == self.log.ring_cap {
-            self.log.ring.pop_front();
+            if let Some(old) = self.log.ring.pop_front() {
+                self.log.horizon = self.log.horizon.max(old.id);
+            }
         }
         self.log.ring.push_back(d.clone());
         // No receivers is fine: nobody is streaming.
@@ -932,5 +1155,76 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        let doc: crate::api::PolicyDocument = serde_json::from_value(serde_json::json!({
+            "tags": ["node"],
+            "allow": [{"src": ["tag:node"], "dst": ["tag:node"]}]
+        }))
+        .unwrap();
+        Registry::new(
+            Arc::new(Policy::compile(doc).unwrap()),
+            1,
+            Limits::default(),
+        )
+    }
+
+    fn peer(name: &str, port: u16) -> NewPeer {
+        NewPeer {
+            key: *blake3::hash(name.as_bytes()).as_bytes(),
+            identity: name.into(),
+            display_name: name.into(),
+            tags: vec!["node".into()],
+            endpoints: vec![SocketAddr::from(([10, 0, 0, 1], port))],
+            wg_listen_port: port,
+            reflexive: SocketAddr::from(([10, 0, 0, 1], port)),
+            ephemeral: false,
+        }
+    }
+
+    /// Change-log entries: each is one dispatch with the entry's id, an entry without
+    /// events still moves the position, a held preview sends nothing, and resuming from
+    /// before the start position needs a snapshot.
+    #[test]
+    fn entries_take_their_log_ids_and_previews_send_nothing() {
+        let mut r = registry();
+        r.set_coalescing(false);
+        r.start_at(100);
+        let mut rx = r.subscribe();
+        assert!(r.replay_since(99).is_none(), "before the start position");
+        r.begin_entry(Some(105));
+        r.upsert(peer("a", 1), 1);
+        r.upsert(peer("b", 2), 1);
+        r.end_entry();
+        let d = rx.try_recv().unwrap();
+        assert_eq!(d.id, 105);
+        assert!(matches!(d.payload, Payload::Batch(_)));
+        assert!(rx.try_recv().is_err(), "one dispatch per entry");
+        // A token change: no event, the position moves.
+        r.begin_entry(Some(107));
+        r.end_entry();
+        assert_eq!(r.last_event_id(), 107);
+        // A preview: applied, then undone; nothing sent.
+        let before = r.peer(&crate::ula::identity_peer_id("a")).cloned();
+        r.hold();
+        r.upsert(peer("a", 9), 2);
+        r.discard();
+        r.set_silent(&crate::ula::identity_peer_id("a"), before.clone());
+        assert!(rx.try_recv().is_err());
+        assert_eq!(r.peer(&crate::ula::identity_peer_id("a")), before.as_ref());
+        // Resumption within what this process saw.
+        assert_eq!(r.replay_since(100).unwrap().len(), 1);
+        assert_eq!(r.replay_since(105).unwrap().len(), 0);
+        // An id that went backwards gets the next one instead.
+        r.begin_entry(Some(50));
+        r.remove(&crate::ula::identity_peer_id("b"), "left");
+        r.end_entry();
+        assert_eq!(rx.try_recv().unwrap().id, 108);
     }
 }

@@ -18,8 +18,9 @@
 //! Locking: one `RwLock` over the registry and the store, never held across an await.
 //! Writers (register, heartbeat, revoke, policy, tokens, expiry) hold it for an in-memory
 //! update, at most a few database commits (each durable before the request is answered;
-//! see [`crate::store`]), and one broadcast send, which keeps the event order equal to the
-//! id order.
+//! see [`crate::store`]), and one broadcast send per committed change, which keeps the
+//! event order equal to the id order. With a database, member changes go through
+//! [`crate::roster::Core`] (preview, commit, then events under the commit's id).
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -53,6 +54,11 @@ use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
 use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
 use crate::{tokens, ula};
 
+/// Change-log entries applied per step of a catch-up (well under the stream broadcast
+/// capacity, [`Limits::broadcast`]).
+pub const CATCH_UP_CHUNK: usize = 256;
+/// The pause between two steps of a long catch-up.
+pub const CATCH_UP_PAUSE: Duration = Duration::from_millis(5);
 /// How often coalesced roster changes are checked for the end of their window.
 pub const FLUSH_PERIOD: Duration = Duration::from_millis(100);
 /// Header that names the caller when mTLS is off (loopback development only).
@@ -125,6 +131,9 @@ pub struct Config {
     pub stale_after: Duration,
     /// How long a client may take to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// PostgreSQL: the change log keeps entries this long and at most this many (the
+    /// expiry-lock holder prunes it on its sweeps).
+    pub change_log_keep: (Duration, u64),
     /// Most SSE streams one identity may hold open.
     pub max_streams_per_identity: usize,
     /// Most open connections overall.
@@ -170,6 +179,7 @@ impl Config {
             request_timeout: Duration::from_secs(10),
             stale_after: Duration::from_secs(3600),
             tls_handshake_timeout: Duration::from_secs(3),
+            change_log_keep: (Duration::from_secs(86_400), 100_000),
             max_streams_per_identity: 4,
             max_connections: 20_000,
             max_connections_per_ip: 512,
@@ -218,10 +228,7 @@ pub struct ConnInfo {
     pub admin_role: bool,
 }
 
-struct Core {
-    registry: Registry,
-    store: Store,
-}
+use crate::roster::Core;
 
 /// The coordinator: shared state plus the route handlers.
 pub struct Coordinator {
@@ -233,6 +240,9 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
+    /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): the database's
+    /// (a `meta` row) when its change log numbers the events, else random per start.
+    event_log: String,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -269,12 +279,20 @@ impl Coordinator {
         let policy = Arc::new(Policy::compile(doc)?);
         tracing::info!(revision, "policy in force");
         let registry = Registry::new(policy, revision, config.limits);
+        // On a database with a change log the event ids are the log's, the same on every
+        // coordinator: so is the log's name. Elsewhere a random one per start.
+        let event_log = match store.shared_event_log()? {
+            Some(name) => name,
+            None => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let core = Core::new(registry, store, clock.now_ms());
         Ok(Arc::new(Self {
-            core: RwLock::new(Core { registry, store }),
+            core: RwLock::new(core),
             rate: std::sync::Mutex::new(RateLimiter::new(config.heartbeat_rate)),
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
+            event_log,
             config,
             clock,
             metrics: Metrics::default(),
@@ -344,10 +362,22 @@ impl Coordinator {
         let timeout = self.config.heartbeat_interval.as_millis() as u64
             * u64::from(MISSED_HEARTBEATS_TO_EXPIRE);
         let now = self.clock.now_ms();
-        let out =
+        let durable = self.read().store.is_durable();
+        let out = if durable {
+            self.write().sweep(
+                &self.metrics,
+                crate::roster::Timing {
+                    now_ms: now,
+                    heartbeat_interval_ms: self.config.heartbeat_interval.as_millis() as u64,
+                    stale_after_ms: self.config.stale_after.as_millis() as u64,
+                    change_log_keep: self.config.change_log_keep,
+                },
+            )
+        } else {
             self.write()
                 .registry
-                .expire(now, timeout, self.config.stale_after.as_millis() as u64);
+                .expire(now, timeout, self.config.stale_after.as_millis() as u64)
+        };
         for _ in &out.stale {
             Metrics::inc(&self.metrics.stale_marks);
         }
@@ -367,51 +397,36 @@ impl Coordinator {
     }
 
     /// Applies what other coordinators on the same database committed since the last
-    /// call (see [`crate::follow`]): their policy goes into force here (one `policy`
-    /// event on every stream), and a peer here whose identity they revoked, or whose key
-    /// they cleared or rotated, leaves the rosters. Returns how many changes were applied.
+    /// call (see [`crate::follow`] and [`crate::roster`]): their members, policy and
+    /// revocations go into force here, each entry's events on every stream under the
+    /// entry's change-log id. Returns how many entries were applied.
+    ///
+    /// A long backlog (after an outage) is applied in chunks of [`CATCH_UP_CHUNK`]
+    /// entries, releasing the lock and pausing between them, so the streams drain their
+    /// events as they come instead of falling more than the broadcast capacity behind
+    /// (which would resync them with snapshots).
     pub fn catch_up(&self) -> Result<usize, crate::store::StoreError> {
-        use crate::storage::Change;
-        let mut guard = self.write();
-        let core = &mut *guard;
-        let changes = core.store.catch_up()?;
-        for c in &changes {
-            match c {
-                // Revisions written by PUT /v1/policy are compare-and-set, so they only
-                // grow; coordinators starting with a changed policy file at once may both
-                // write the same one (with the same document).
-                Change::Policy(p) | Change::ReplacePolicy(p, _)
-                    if p.revision >= core.registry.revision() =>
-                {
-                    match Policy::compile(p.document.clone()) {
-                        Ok(policy) => {
-                            core.registry.set_policy(Arc::new(policy), p.revision);
-                            Metrics::inc(&self.metrics.policy_changes);
-                            tracing::info!(
-                                revision = p.revision,
-                                "policy changed by another coordinator"
-                            );
-                        }
-                        Err(e) => {
-                            tracing::error!(revision = p.revision, error = %e, "another coordinator stored a policy this one cannot compile; keeping the current one")
-                        }
-                    }
+        let mut total = 0;
+        loop {
+            let more = {
+                let mut guard = self.write();
+                let core = &mut *guard;
+                let (entries, more) = core.store.catch_up_some(CATCH_UP_CHUNK)?;
+                for (id, changes) in &entries {
+                    core.apply_entry(&self.metrics, *id, changes);
                 }
-                Change::Identity(cn, record) => {
-                    let id = ula::identity_peer_id(cn);
-                    let Some(key) = core.registry.peer(&id).map(|p| p.key_b64.clone()) else {
-                        continue;
-                    };
-                    if record.revoked_at.is_some() {
-                        core.registry.remove(&id, "revoked");
-                    } else if record.key.as_deref() != Some(key.as_str()) {
-                        core.registry.remove(&id, "key_cleared");
-                    }
+                if core.store.has_change_log() {
+                    core.registry
+                        .advance_to(u64::try_from(core.store.last_change()).unwrap_or(0));
                 }
-                _ => {}
+                total += entries.len();
+                more
+            };
+            if !more {
+                return Ok(total);
             }
+            std::thread::sleep(CATCH_UP_PAUSE);
         }
-        Ok(changes.len())
     }
 
     /// Has the store call `on_change` when other coordinators may have committed
@@ -572,6 +587,10 @@ impl Coordinator {
             (Method::POST, PATH_ROTATE_KEY) => {
                 let body: RotateKeyRequest = self.read_json(req).await?;
                 ok(&self.rotate_key(identity, body)?)
+            }
+            (Method::POST, PATH_LEAVE) => {
+                let _: LeaveRequest = self.read_json(req).await?;
+                ok(&self.leave(identity)?)
             }
             (Method::GET, PATH_POLICY) => {
                 self.admin(conn, identity.as_deref())?;
@@ -824,23 +843,31 @@ impl Coordinator {
         }
         updated.display_name = display_name.clone();
         updated.tags = tags.clone();
-        core.store
-            .admit(&identity, updated, spend.as_deref())
+        let pre = core
+            .store
+            .admit_changes(&identity, updated, spend.as_deref())
             .map_err(ApiError::from)?;
         let reflexive = SocketAddr::new(canonical_ip(conn.remote.ip()), req.wg_listen_port);
-        let rec = core.registry.upsert(
-            NewPeer {
-                key,
-                identity,
-                display_name: display_name.clone(),
-                tags: tags.clone(),
-                endpoints: req.endpoints,
-                wg_listen_port: req.wg_listen_port,
-                reflexive,
-            },
-            now_ms,
-        );
-        let class = rec.class;
+        let new_peer = NewPeer {
+            key,
+            identity,
+            display_name: display_name.clone(),
+            tags: tags.clone(),
+            endpoints: req.endpoints,
+            wg_listen_port: req.wg_listen_port,
+            reflexive,
+            ephemeral: req.ephemeral,
+        };
+        // The admission and the member row: one transaction, before the answer.
+        core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
+            reg.upsert(new_peer, now_ms);
+            Ok(())
+        })?;
+        let class = core
+            .registry
+            .peer(&id)
+            .map(|p| p.class)
+            .ok_or(ApiError::NotRegistered)?;
         let roster = core.registry.roster(&id);
         Metrics::inc(&self.metrics.registrations);
         Ok(RegisterResponse {
@@ -910,36 +937,68 @@ impl Coordinator {
             &req.endpoints,
             canonical_ip(conn.remote.ip()),
         )?;
-        let reflexive = match core.registry.heartbeat(
-            &id,
-            req.endpoints,
-            apps,
-            (req.mapped_endpoints, req.nat),
-            (req.home_relay, req.paths),
-            canonical_ip(conn.remote.ip()),
-            now_ms,
-        ) {
-            Ok(r) => r,
-            Err(HeartbeatError::NotRegistered) => return Err(ApiError::NotRegistered),
-            Err(HeartbeatError::AppTaken {
-                app,
-                holder_id,
-                holder_name,
-            }) => {
-                Metrics::inc(&self.metrics.app_claims_refused);
-                return Err(ApiError::AppTaken(format!(
-                    "app {app} is hosted by peer {holder_id} ({holder_name}); it must release it \
-                     or an admin must move it (POST /v1/apps/{{uuid}}/move); nothing but this \
-                     peer's liveness was updated"
-                )));
-            }
-        };
+        let source = canonical_ip(conn.remote.ip());
+        // A heartbeat that changes the member is committed before the answer (503 while
+        // the database is unreachable, the liveness kept); an unchanged one writes nothing.
+        let reflexive = core.member_change(
+            &self.metrics,
+            Vec::new(),
+            std::slice::from_ref(&id),
+            |reg| match reg.heartbeat(
+                &id,
+                req.endpoints,
+                apps,
+                (req.mapped_endpoints, req.nat),
+                (req.home_relay, req.paths),
+                source,
+                now_ms,
+            ) {
+                Ok(r) => Ok(r),
+                Err(HeartbeatError::NotRegistered) => Err(ApiError::NotRegistered),
+                Err(HeartbeatError::AppTaken {
+                    app,
+                    holder_id,
+                    holder_name,
+                }) => {
+                    Metrics::inc(&self.metrics.app_claims_refused);
+                    Err(ApiError::AppTaken(format!(
+                        "app {app} is hosted by peer {holder_id} ({holder_name}); it must release it \
+                         or an admin must move it (POST /v1/apps/{{uuid}}/move); nothing but this \
+                         peer's liveness was updated"
+                    )))
+                }
+            },
+        )?;
         Metrics::inc(&self.metrics.heartbeats);
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             reflexive_endpoint: reflexive,
             stun_servers: self.stun_servers(conn),
             relays,
+        })
+    }
+
+    /// `POST /v1/mesh/leave`: removes the caller's own member (its identity is its
+    /// certificate's CN; the body names nobody) from every roster at once, reason `left`.
+    /// Its streams close; its admission stays, so it may register again.
+    fn leave(&self, identity: Option<String>) -> Result<LeaveResponse, ApiError> {
+        let Some(identity) = identity else {
+            return Err(ApiError::Unauthorized("no client identity".into()));
+        };
+        self.check_rate(&identity)?;
+        let id = ula::identity_peer_id(&identity);
+        let mut guard = self.write();
+        let core = &mut *guard;
+        match core.registry.peer(&id) {
+            Some(p) if p.identity == identity => {}
+            _ => return Err(ApiError::NotRegistered),
+        }
+        // With a database: the member row goes too, on every coordinator.
+        core.remove_member(&self.metrics, Vec::new(), &id, "left")?;
+        tracing::info!(peer_id = %id, %identity, "member left the mesh");
+        Ok(LeaveResponse {
+            peer_id: id,
+            left: true,
         })
     }
 
@@ -989,11 +1048,28 @@ impl Coordinator {
         identity: Option<String>,
         req: Request<B>,
     ) -> Result<Response<ResponseBody>, ApiError> {
+        // An id from another event log (another coordinator's, or ours before a restart)
+        // says nothing about ours: a snapshot, not a replay of unrelated events.
+        let same_log = req
+            .headers()
+            .get(EVENT_LOG_HEADER)
+            .is_none_or(|v| v.as_bytes() == self.event_log.as_bytes());
         let last_event_id = req
             .headers()
             .get("last-event-id")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|_| same_log);
+        // A Last-Event-ID of this log that is ahead of this coordinator (issued by another
+        // coordinator on the same database): catch up with the change log first, so the
+        // stream resumes instead of starting over.
+        if let Some(last) = last_event_id {
+            if last > self.read().registry.last_event_id() {
+                if let Err(e) = self.catch_up() {
+                    tracing::debug!(error = %e, "catching up before a resume failed");
+                }
+            }
+        }
         let (sub, initial, rx, permit) = {
             let core = self.read();
             let reg = &core.registry;
@@ -1075,6 +1151,7 @@ impl Coordinator {
             .status(StatusCode::OK)
             .header(header::CONTENT_TYPE, "text/event-stream")
             .header(header::CACHE_CONTROL, "no-cache")
+            .header(EVENT_LOG_HEADER, self.event_log.as_str())
             .body(ChannelBody::new(body_rx).boxed())
             .map_err(|e| ApiError::Internal(e.to_string()))
     }
@@ -1102,7 +1179,9 @@ impl Coordinator {
                 stored,
             )
             .map_err(ApiError::from)?;
-        core.registry.set_policy(Arc::new(policy), revision);
+        core.after_commit(&self.metrics, |reg| {
+            reg.set_policy(Arc::new(policy), revision)
+        });
         Metrics::inc(&self.metrics.policy_changes);
         audit(who, "policy.replace", &format!("revision {revision}"));
         Ok(PolicyResponse {
@@ -1161,6 +1240,7 @@ impl Coordinator {
                 },
             )
             .map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         Metrics::inc(&self.metrics.tokens_minted);
         let token_id = tokens::id_of(&hash);
         audit(who, "token.mint", &format!("token {token_id}"));
@@ -1183,21 +1263,32 @@ impl Coordinator {
     ) -> Result<MoveAppResponse, ApiError> {
         let app_ula = ula::app_ula(&app);
         let now = self.clock.now_ms();
-        let from = self
-            .write()
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let mut touched: Vec<String> = core
             .registry
-            .move_app(app_ula, &req.to, MAX_HOSTED_APPS, now)
-            .map_err(|e| match e {
-                MoveError::NoPeer => ApiError::NotFound(format!("no peer {:?}", req.to)),
-                MoveError::MayNotHost => ApiError::Forbidden(format!(
-                    "the policy does not let peer {:?} host apps",
-                    req.to
-                )),
-                MoveError::TooManyApps => ApiError::Conflict(format!(
-                    "peer {:?} hosts {MAX_HOSTED_APPS} apps already",
-                    req.to
-                )),
-            })?;
+            .app_holder(&app_ula)
+            .map(|p| p.id.clone())
+            .into_iter()
+            .collect();
+        touched.push(req.to.clone());
+        touched.dedup();
+        // The old holder's row (releasing the app) and the new one's: one transaction.
+        let from = core.member_change(&self.metrics, Vec::new(), &touched, |reg| {
+            reg.move_app(app_ula, &req.to, MAX_HOSTED_APPS, now)
+                .map_err(|e| match e {
+                    MoveError::NoPeer => ApiError::NotFound(format!("no peer {:?}", req.to)),
+                    MoveError::MayNotHost => ApiError::Forbidden(format!(
+                        "the policy does not let peer {:?} host apps",
+                        req.to
+                    )),
+                    MoveError::TooManyApps => ApiError::Conflict(format!(
+                        "peer {:?} hosts {MAX_HOSTED_APPS} apps already",
+                        req.to
+                    )),
+                })
+        })?;
+        drop(guard);
         Metrics::inc(&self.metrics.app_moves);
         tracing::info!(%app, %app_ula, from = ?from, to = %req.to, admin, "app moved");
         audit(admin, "app.move", &format!("app {app} to {}", req.to));
@@ -1237,6 +1328,7 @@ impl Coordinator {
             }
         };
         core.store.delete_token(&hash).map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         audit(who, "token.delete", &format!("token {token_id}"));
         Ok(info)
     }
@@ -1330,12 +1422,13 @@ impl Coordinator {
         }
         let key_since = now_ms / 1000;
         record.set_key(Some(new_b64.clone()), key_since);
-        core.store
-            .put_identity(&cn, record)
-            .map_err(ApiError::from)?;
-        // Registered: one upsert with the new key. Not registered: the next registration
-        // brings the new key.
-        core.registry.rotate_key(&id, new, now_ms);
+        let pre = core.store.admit_changes(&cn, record, None)?;
+        // Registered: one upsert with the new key, committed with the identity. Not
+        // registered: the next registration brings the new key.
+        core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
+            reg.rotate_key(&id, new, now_ms);
+            Ok(())
+        })?;
         let ula = ula::identity_ula(&cn);
         Metrics::inc(&self.metrics.key_rotations);
         tracing::info!(identity = %cn, peer_id = %id, "key rotated");
@@ -1368,17 +1461,17 @@ impl Coordinator {
     fn revoke_identity(&self, who: &str, cn: &str) -> Result<IdentityResponse, ApiError> {
         crate::ca::validate_name(cn).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let at = self.clock.now_ms() / 1000;
-        let mut core = self.write();
+        let mut guard = self.write();
+        let core = &mut *guard;
         let mut record = core.store.identity(cn).cloned().unwrap_or_default();
+        let id = ula::identity_peer_id(cn);
+        let mut changes = Vec::new();
         if record.revoked_at.is_none() {
             record.revoked_at = Some(at);
-            core.store
-                .put_identity(cn, record.clone())
-                .map_err(ApiError::from)?;
+            changes = core.store.admit_changes(cn, record.clone(), None)?;
             Metrics::inc(&self.metrics.revocations);
         }
-        let id = ula::identity_peer_id(cn);
-        core.registry.remove(&id, "revoked");
+        core.remove_member(&self.metrics, changes, &id, "revoked")?;
         audit(who, "identity.revoke", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1399,6 +1492,7 @@ impl Coordinator {
         core.store
             .put_identity(cn, record.clone())
             .map_err(ApiError::from)?;
+        core.after_commit(&self.metrics, |_| {});
         audit(who, "identity.readmit", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1415,11 +1509,9 @@ impl Coordinator {
             .ok_or_else(|| ApiError::NotFound(format!("identity {cn:?} has no key admitted")))?;
         let since = record.key_since;
         record.set_key(None, since);
-        core.store
-            .put_identity(cn, record.clone())
-            .map_err(ApiError::from)?;
-        core.registry
-            .remove(&ula::identity_peer_id(cn), "key_cleared");
+        let id = ula::identity_peer_id(cn);
+        let changes = core.store.admit_changes(cn, record.clone(), None)?;
+        core.remove_member(&self.metrics, changes, &id, "key_cleared")?;
         audit(who, "identity.clear_key", cn);
         Ok(identity_response(cn, &record))
     }
@@ -1448,10 +1540,9 @@ impl Coordinator {
                 self.readmit_identity(who, &cn)?;
             }
             (None, Some(key)) => {
-                self.write()
-                    .store
-                    .unrevoke_key(&key)
-                    .map_err(ApiError::from)?;
+                let mut core = self.write();
+                core.store.unrevoke_key(&key).map_err(ApiError::from)?;
+                core.after_commit(&self.metrics, |_| {});
                 audit(who, "key.readmit", &key);
             }
             (None, None) => {
@@ -1661,6 +1752,7 @@ fn known_path(p: &str) -> bool {
             | PATH_TOKENS
             | PATH_REVOCATIONS
             | PATH_ROTATE_KEY
+            | PATH_LEAVE
             | PATH_RELAY_TOKEN
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/revocations/")

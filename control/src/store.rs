@@ -1,9 +1,10 @@
 //! The durable state of the coordinator: join tokens (hashes only), one record per
 //! identity (its admitted WireGuard key, retired keys, granted tags and name, revocation)
 //! and the current policy, kept in memory for reads and written through to a database
-//! ([`crate::storage`]: SQLite under `--state-dir` by default, or PostgreSQL). Rosters are
-//! not stored: addresses are derived from identities and peers re-register after a
-//! restart.
+//! ([`crate::storage`]: SQLite under `--state-dir` by default, or PostgreSQL). Members
+//! (the roster) are stored too, but kept in memory by the registry, not here: the store
+//! hands the ones read at open to the coordinator ([`Store::take_members`]) and writes the
+//! member changes it is given ([`crate::roster`]).
 //!
 //! Invariants:
 //! * A change is committed to the database before it is applied in memory, and the
@@ -91,6 +92,9 @@ pub enum StoreError {
     #[error("state store: {0}")]
     Storage(#[from] StorageError),
 }
+
+/// Change-log entries of other coordinators: `(id, changes)`, oldest first.
+pub type LogEntries = Vec<(i64, Vec<Change>)>;
 
 /// A minted join token, keyed by the SHA-256 of its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -242,6 +246,13 @@ pub struct Store {
     policy: Option<StoredPolicy>,
     /// The newest change-log entry applied (engines with a change log).
     last_change: i64,
+    /// Other coordinators' entries read while committing (those before this process's
+    /// own entry), for the caller to act on before its own change: `(id, changes)`.
+    remote: Vec<(i64, Vec<Change>)>,
+    /// The change-log id of this process's last commit, until taken.
+    last_own: Option<i64>,
+    /// Members as read at open, until taken.
+    members: Vec<crate::members::MemberRow>,
 }
 
 impl Store {
@@ -255,6 +266,9 @@ impl Store {
             revoked_keys: BTreeMap::new(),
             policy: None,
             last_change: 0,
+            remote: Vec::new(),
+            last_own: None,
+            members: Vec::new(),
         }
     }
 
@@ -289,10 +303,34 @@ impl Store {
     }
 
     /// Applies the change-log entries committed since the last call (or since open) and
-    /// returns those other coordinators made, oldest first, for the caller to act on
-    /// (rosters, policy). Without a change log (SQLite, memory): nothing. Call it under
-    /// the same lock as the writes, so no own write interleaves.
-    pub fn catch_up(&mut self) -> Result<Vec<Change>, StoreError> {
+    /// returns those other coordinators made, oldest first, with their ids, for the caller
+    /// to act on (rosters, policy); entries read during a commit of this process come
+    /// first. Without a change log (SQLite, memory): nothing. Call it under the same lock
+    /// as the writes, so no own write interleaves.
+    pub fn catch_up(&mut self) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
+        let mut out = self.take_remote();
+        out.extend(self.read_log(None, usize::MAX)?);
+        Ok(out)
+    }
+
+    /// As [`Store::catch_up`], reading at most about `max` entries (whole batches); the
+    /// flag says whether more may follow.
+    pub fn catch_up_some(&mut self, max: usize) -> Result<(LogEntries, bool), StoreError> {
+        let mut out = self.take_remote();
+        let before = self.last_change;
+        out.extend(self.read_log(None, max)?);
+        let more =
+            self.has_change_log() && usize::try_from(self.last_change - before).unwrap_or(0) >= max;
+        Ok((out, more))
+    }
+
+    /// Reads and applies the change-log entries after the last applied one (and before
+    /// `before`; stopping once `max` were read), returning the others' entries.
+    fn read_log(
+        &mut self,
+        before: Option<i64>,
+        max: usize,
+    ) -> Result<Vec<(i64, Vec<Change>)>, StoreError> {
         let Some(origin) = self
             .engine
             .as_ref()
@@ -301,24 +339,26 @@ impl Store {
         else {
             return Ok(Vec::new());
         };
-        const BATCH: usize = 1000;
+        let batch = max.clamp(1, 1000);
         let mut applied = Vec::new();
+        let mut read = 0usize;
         while let Some(engine) = self.engine.as_mut() {
-            let entries = storage::changes_after(engine.as_mut(), self.last_change, BATCH)?;
+            let entries = storage::changes_after(engine.as_mut(), self.last_change, before, batch)?;
             let n = entries.len();
+            read += n;
             for (id, from, changes) in entries {
                 // Our own entries are applied again too (in log order that converges on
                 // the database's state, and covers a commit whose answer was lost), but
                 // only the others' are returned.
-                for c in changes {
+                for c in &changes {
                     self.apply_change(c.clone());
-                    if from != origin {
-                        applied.push(c);
-                    }
+                }
+                if from != origin {
+                    applied.push((id, changes));
                 }
                 self.last_change = id;
             }
-            if n < BATCH {
+            if n < batch || read >= max {
                 break;
             }
         }
@@ -348,7 +388,105 @@ impl Store {
         }
         store.revoked_keys = s.revoked_keys.into_iter().collect();
         store.policy = s.policy;
+        store.members = s.members;
         store
+    }
+
+    /// The members read at open (once; later calls return nothing).
+    pub fn take_members(&mut self) -> Vec<crate::members::MemberRow> {
+        std::mem::take(&mut self.members)
+    }
+
+    /// Whether a database backs this store (members are then written to it).
+    pub fn is_durable(&self) -> bool {
+        self.engine.is_some()
+    }
+
+    /// The name of the database's event log (a `meta` row created once by whichever
+    /// coordinator starts first) when it has a change log; `None` otherwise.
+    pub fn shared_event_log(&mut self) -> Result<Option<String>, StoreError> {
+        if !self.has_change_log() {
+            return Ok(None);
+        }
+        let Some(engine) = self.engine.as_mut() else {
+            return Ok(None);
+        };
+        let fresh = uuid::Uuid::new_v4().simple().to_string();
+        Ok(Some(storage::meta_get_or_init(
+            engine.as_mut(),
+            storage::META_EVENT_LOG,
+            &fresh,
+        )?))
+    }
+
+    /// Whether the database has a change log other coordinators follow (PostgreSQL).
+    pub fn has_change_log(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(|e| e.change_log_origin().is_some())
+    }
+
+    /// The newest change-log entry applied (0 without a change log).
+    pub fn last_change(&self) -> i64 {
+        self.last_change
+    }
+
+    /// The change-log id of this process's last commit since the last call (`None`
+    /// without a change log).
+    pub fn take_last_own(&mut self) -> Option<i64> {
+        self.last_own.take()
+    }
+
+    /// Other coordinators' entries read while committing, oldest first, for the caller
+    /// to act on before its own change.
+    pub fn take_remote(&mut self) -> Vec<(i64, Vec<Change>)> {
+        std::mem::take(&mut self.remote)
+    }
+
+    /// Writes member changes (and anything else) in one transaction; see
+    /// [`Store::take_last_own`] for its change-log id.
+    pub fn commit_changes(&mut self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.commit(changes)
+    }
+
+    /// Writes the coarsened `last_seen` of these members (no change-log entry).
+    pub fn touch(&mut self, peer_ids: &[String], secs: u64) -> Result<(), StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(storage::touch(e.as_mut(), peer_ids, secs)?),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether this process runs member expiry now (see [`Engine::expiry_lock`]).
+    pub fn expiry_lock(&mut self) -> Result<bool, StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(e.expiry_lock()?),
+            None => Ok(true),
+        }
+    }
+
+    /// Deletes change-log entries older than `before_secs` or beyond the newest
+    /// `keep_rows` (the newest entry is always kept). Without a change log: nothing.
+    pub fn prune_change_log(&mut self, before_secs: u64, keep_rows: u64) -> Result<(), StoreError> {
+        match self.engine.as_mut() {
+            Some(e) if e.change_log_origin().is_some() => Ok(storage::prune_change_log(
+                e.as_mut(),
+                before_secs,
+                keep_rows,
+            )?),
+            _ => Ok(()),
+        }
+    }
+
+    /// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
+    pub fn members_seen_before(
+        &mut self,
+        before_secs: u64,
+    ) -> Result<Vec<(String, u64, bool)>, StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(storage::members_seen_before(e.as_mut(), before_secs)?),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Every durable fact of this store, as database changes (what an import writes).
@@ -433,6 +571,22 @@ impl Store {
             .collect();
         changes.extend(spend.and_then(|h| self.token_use(h)));
         self.commit(changes)
+    }
+
+    /// The changes [`Store::admit`] would commit, to commit with others in one
+    /// transaction ([`Store::commit_changes`]).
+    pub fn admit_changes(
+        &self,
+        identity: &str,
+        record: IdentityRecord,
+        spend: Option<&str>,
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut changes: Vec<Change> = self
+            .identity_change(identity, record)?
+            .into_iter()
+            .collect();
+        changes.extend(spend.and_then(|h| self.token_use(h)));
+        Ok(changes)
     }
 
     /// Every token, by hash.
@@ -566,7 +720,21 @@ impl Store {
             return Ok(());
         }
         if let Some(engine) = self.engine.as_mut() {
-            storage::commit(engine.as_mut(), &changes)?;
+            if let Some(id) = storage::commit(engine.as_mut(), &changes)? {
+                // Other coordinators' entries committed before ours are applied first, so
+                // memory follows the log's order; the caller acts on them before its own
+                // change (their events get their own, lower ids).
+                // The change is durable whatever happens here: a failed read leaves those
+                // entries to the next catch-up.
+                match self.read_log(Some(id), usize::MAX) {
+                    Ok(remote) => {
+                        self.remote.extend(remote);
+                        self.last_change = self.last_change.max(id);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reading the change log after a commit"),
+                }
+                self.last_own = Some(id);
+            }
         }
         for c in changes {
             self.apply_change(c);
@@ -591,7 +759,12 @@ impl Store {
                 self.revoked_keys.remove(&key);
             }
             Change::Policy(p) | Change::ReplacePolicy(p, _) => self.policy = Some(p),
-            Change::Meta(..) => {}
+            // Members live in the registry; the coordinator applies them there.
+            Change::Meta(..)
+            | Change::Member(_)
+            | Change::RemoveMember(..)
+            | Change::StaleMember(..)
+            | Change::ExpireMember(..) => {}
         }
     }
 

@@ -823,9 +823,9 @@ fn change_log_entries_round_trip_and_become_statements() {
     assert!(storage::commit(&mut Recorder::default(), &huge).is_err());
 }
 
-/// A coordinator whose PostgreSQL goes away keeps answering reads and heartbeats, refuses
-/// writes with 503 `unavailable` (nothing changes), and takes writes again once the
-/// database is back.
+/// A coordinator whose PostgreSQL goes away keeps answering reads and unchanged
+/// heartbeats, refuses writes (a heartbeat that changes the member is one) with 503
+/// `unavailable` (nothing changes), and takes writes again once the database is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_without_its_database_serves_reads_and_refuses_writes_with_503() {
     use common::Harness;
@@ -847,8 +847,13 @@ async fn a_coordinator_without_its_database_serves_reads_and_refuses_writes_with
     assert_eq!(v, before, "the refused token was not kept");
     let (st, v) = h.admin().get("/v1/policy").await;
     assert_eq!(st, 200, "{v}");
+    let (st, v) = n1
+        .heartbeat(json!({"endpoints": ["127.0.0.1:51820"]}))
+        .await;
+    assert_eq!(st, 200, "unchanged heartbeats need no database: {v}");
+    // A heartbeat that changes the member is a write.
     let (st, v) = n1.heartbeat(json!({"endpoints": []})).await;
-    assert_eq!(st, 200, "heartbeats need no database: {v}");
+    assert_eq!((st, v["code"].as_str()), (503, Some("unavailable")), "{v}");
     let start = tokio::task::spawn_blocking(move || {
         pg.start_server().unwrap();
         pg

@@ -4,7 +4,8 @@
 //! * `up --config FILE` — a TUN and the WireGuard engine from a wg-quick file, in the
 //!   foreground; SIGINT/SIGTERM remove the interface and exit 0.
 //! * `join` — the same engine driven by the coordinator's live roster.
-//! * `status` / `peers` / `app add|remove` — ask the running joiner over its local socket.
+//! * `status` / `peers` / `app add|remove` / `rotate-key` / `leave` — ask the running
+//!   joiner over its local socket.
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
@@ -22,6 +23,7 @@ use tabbify_dataplane::core::table::Table;
 use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
+use tabbify_dataplane::join::metrics;
 use tabbify_dataplane::join::{dns, JoinOptions, TlsFiles};
 use tabbify_dataplane::policy::{self, Family};
 
@@ -96,6 +98,30 @@ enum Cmd {
     RotateKey {
         #[command(flatten)]
         target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leave the mesh: the running joiner deregisters (every peer drops this node at once)
+    /// and exits. Its key stays admitted, so `join` brings it back without a token. With
+    /// --coordinator and the TLS files, the node deregisters directly (no joiner needs to
+    /// run: a node that died or was stopped).
+    Leave {
+        #[command(flatten)]
+        target: Target,
+        /// Deregister directly at this coordinator (repeat: tried in order until one
+        /// removes the node) instead of asking the running joiner.
+        #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+        coordinator: Vec<String>,
+        /// The node's client certificate (its identity is the one that leaves).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// Its private key.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// The mesh CA certificate.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -200,9 +226,16 @@ struct JoinArgs {
     /// A tag to ask for (repeat, or comma-separate). The join token decides the tags granted.
     #[arg(long = "tag", value_delimiter = ',')]
     tags: Vec<String>,
-    /// The coordinator, https://HOST:PORT (there is no default).
-    #[arg(long, env = "TABBIFY_MESH_COORDINATOR")]
-    coordinator: Option<String>,
+    /// A coordinator, https://HOST:PORT (there is no default). Repeat (or comma-separate)
+    /// for several: the joiner uses one at a time, in this order, and moves to the next
+    /// when one fails. A host name that resolves to several addresses counts as several.
+    #[arg(long, env = "TABBIFY_MESH_COORDINATOR", value_delimiter = ',')]
+    coordinator: Vec<String>,
+    /// An ephemeral node (CI runners, short-lived containers): the coordinator removes it
+    /// as soon as it misses its heartbeats, and it leaves the mesh when stopped with
+    /// SIGINT/SIGTERM.
+    #[arg(long)]
+    ephemeral: bool,
     /// This node's client certificate (from `tabbify-mesh-ca issue-peer`).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
@@ -257,6 +290,10 @@ struct JoinArgs {
     /// Plaintext HTTP to a loopback coordinator (development only; needs TABBIFY_ALLOW_INSECURE=1).
     #[arg(long)]
     insecure_no_mtls: bool,
+    /// Serve Prometheus metrics at http://IP:PORT/metrics, or `off` [default: 127.0.0.1:9587;
+    /// the default only warns if taken, an address given here must bind].
+    #[arg(long, value_name = "IP:PORT|off")]
+    metrics_bind: Option<String>,
     /// Mesh DNS: serve `<name>.<domain>` on [fd5a:1f00::53]:53 and 127.0.0.153:53 and point
     /// the host's resolver there through systemd-resolved, resolvconf or /etc/resolv.conf
     /// (`auto` picks the first present); `off` runs no stub and leaves the host alone.
@@ -280,6 +317,7 @@ enum DnsArg {
 }
 
 fn main() -> ExitCode {
+    tabbify_api::cli::install();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
@@ -295,6 +333,19 @@ fn main() -> ExitCode {
         Cmd::Peers { target, json } => peers(&target, json),
         Cmd::App { cmd } => app(cmd),
         Cmd::RotateKey { target, json } => rotate_key(&target, json),
+        Cmd::Leave {
+            target,
+            coordinator,
+            tls_cert,
+            tls_key,
+            tls_ca,
+            json,
+        } => match (tls_cert, tls_key, tls_ca) {
+            (Some(cert), Some(key), Some(ca)) if !coordinator.is_empty() => {
+                leave_directly(&coordinator, &TlsFiles { cert, key, ca }, json)
+            }
+            _ => leave(&target, json),
+        },
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -433,11 +484,17 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
 }
 
 fn join(a: JoinArgs) -> anyhow::Result<()> {
-    let Some(coordinator) = a.coordinator else {
+    let coordinators: Vec<String> = a
+        .coordinator
+        .iter()
+        .map(|c| c.trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .collect();
+    if coordinators.is_empty() {
         bail!(
-            "no coordinator given: pass --coordinator https://HOST:PORT or set TABBIFY_MESH_COORDINATOR (there is no built-in address)"
+            "no coordinator given: pass --coordinator https://HOST:PORT (repeat for several) or set TABBIFY_MESH_COORDINATOR (there is no built-in address)"
         );
-    };
+    }
     if a.tags.iter().any(|t| t.trim().is_empty()) {
         bail!("--tag: empty tag");
     }
@@ -445,6 +502,13 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         bail!("--interface `{}` must be 1-15 bytes", a.interface);
     }
     check_mtu("--mtu", a.mtu)?;
+    let metrics = match &a.metrics_bind {
+        None => metrics::MetricsBind::default(),
+        Some(s) => metrics::MetricsBind {
+            addr: metrics::parse_bind(s).map_err(anyhow::Error::msg)?,
+            explicit: true,
+        },
+    };
     let tls = if a.insecure_no_mtls {
         if std::env::var("TABBIFY_ALLOW_INSECURE").as_deref() != Ok("1") {
             bail!("--insecure-no-mtls is for loopback development only and needs TABBIFY_ALLOW_INSECURE=1");
@@ -469,7 +533,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
     tabbify_dataplane::join::run(JoinOptions {
         name: a.name,
         tags: a.tags.into_iter().map(|t| t.trim().to_owned()).collect(),
-        coordinator,
+        coordinators,
+        ephemeral: a.ephemeral,
         tls,
         join_token,
         interface: a.interface,
@@ -496,6 +561,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
             },
             domain: a.dns_domain,
         },
+        metrics,
     })
 }
 
@@ -532,6 +598,58 @@ fn rotate_key(t: &Target, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn leave(t: &Target, json: bool) -> anyhow::Result<()> {
+    let v = control::call(&t.path(), &Request::Leave)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let r: tabbify_api::LeaveResponse = serde_json::from_value(v).context("the joiner's answer")?;
+    println!(
+        "left the mesh: peer {} removed; the joiner exits",
+        r.peer_id
+    );
+    Ok(())
+}
+
+/// `leave --coordinator … --tls-*`: `POST /v1/mesh/leave` as the certificate's identity,
+/// at each coordinator in turn until one removes it.
+fn leave_directly(coordinators: &[String], tls: &TlsFiles, json: bool) -> anyhow::Result<()> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
+    };
+    let (cert, key, ca) = (
+        read(&tls.cert, "--tls-cert")?,
+        read(&tls.key, "--tls-key")?,
+        read(&tls.ca, "--tls-ca")?,
+    );
+    let cfg = tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let mut errors = Vec::new();
+    for url in coordinators {
+        let client = tabbify_dataplane::join::client::Client::new(url, Some(cfg.clone()), None)?;
+        let r = rt.block_on(client.post::<_, tabbify_api::LeaveResponse>(
+            tabbify_api::PATH_LEAVE,
+            &tabbify_api::LeaveRequest {},
+        ));
+        match r {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r)?);
+                } else {
+                    println!("left the mesh: peer {} removed by {url}", r.peer_id);
+                }
+                return Ok(());
+            }
+            Err(e) => errors.push(format!("{url}: {e}")),
+        }
+    }
+    bail!("no coordinator removed this node: {}", errors.join("; "))
+}
+
 fn status(t: &Target, json: bool) -> anyhow::Result<()> {
     let v = control::call(&t.path(), &Request::Status)?;
     if json {
@@ -548,8 +666,12 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
     println!("ula:         {}", s.ula);
     println!("public key:  {}", s.public_key);
     println!(
-        "coordinator: {} ({}{})",
+        "coordinator: {}{} ({}{})",
         s.coordinator.url,
+        s.coordinator
+            .address
+            .map(|a| format!(" at {a}"))
+            .unwrap_or_default(),
         if s.registered {
             "registered"
         } else {
@@ -560,6 +682,16 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             None => String::new(),
         }
     );
+    if s.coordinator.targets.len() > 1 {
+        for c in &s.coordinator.targets {
+            println!(
+                "  {} {}{}",
+                if c.in_use { "*" } else { "-" },
+                c.url,
+                c.address.map(|a| format!(" at {a}")).unwrap_or_default()
+            );
+        }
+    }
     println!(
         "nat: {}{}",
         s.nat.describe(),
@@ -587,6 +719,12 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             ),
         },
     }
+    println!(
+        "metrics:     {}",
+        s.metrics
+            .as_deref()
+            .map_or("off".to_owned(), |a| format!("http://{a}/metrics"))
+    );
     match &s.home_relay {
         Some(h) => println!("home relay:  {h}"),
         None if s.relays.is_empty() => println!("home relay:  none (no relays known)"),

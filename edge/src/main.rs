@@ -123,7 +123,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is out of range"))
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    tabbify_api::cli::install();
+    tabbify_api::cli::finish("tabbify-node", start())
+}
+
+fn start() -> Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let key = match std::env::var("TABBIFY_NODE_KEY") {

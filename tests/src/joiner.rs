@@ -58,6 +58,12 @@ pub struct JoinSpec {
     pub dns: Option<String>,
     /// `--dns-domain DOMAIN`.
     pub dns_domain: Option<String>,
+    /// More `--coordinator` URLs, tried after the one the joiner is started with (issue 14).
+    pub more_coordinators: Vec<String>,
+    /// `--ephemeral` (issue 14).
+    pub ephemeral: bool,
+    /// More `join` arguments, appended as given (e.g. `--metrics-bind off`).
+    pub extra_args: Vec<String>,
 }
 
 impl JoinSpec {
@@ -75,6 +81,9 @@ impl JoinSpec {
             force_relay: false,
             dns: None,
             dns_domain: None,
+            more_coordinators: Vec::new(),
+            ephemeral: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -170,6 +179,13 @@ impl Joiner {
         if let Some(domain) = &spec.dns_domain {
             command.args(["--dns-domain", domain]);
         }
+        for url in &spec.more_coordinators {
+            command.args(["--coordinator", url]);
+        }
+        if spec.ephemeral {
+            command.arg("--ephemeral");
+        }
+        command.args(&spec.extra_args);
         // The token and coordinator come from flags only: nothing inherited may override.
         command
             .env_remove("MESH_JOIN_TOKEN")

@@ -17,6 +17,7 @@
 //! | `GET /v1/policy` (admin) | → [`PolicyResponse`] |
 //! | `PUT /v1/policy` (admin) | [`PolicyDocument`] → [`PolicyResponse`] |
 //! | `POST /v1/mesh/rotate-key` | [`RotateKeyRequest`] → [`RotateKeyResponse`] |
+//! | `POST /v1/mesh/leave` | [`LeaveRequest`] (`{}`) → [`LeaveResponse`] (the caller leaves the mesh at once) |
 //! | `POST /v1/relay/token` | [`RelayTokenRequest`] → [`RelayTokenResponse`] (a relay admission for the caller's key) |
 //! | `DELETE /v1/identities/{cn}` (admin) | → [`IdentityResponse`] (revokes the identity) |
 //! | `POST /v1/identities/{cn}/readmit` (admin) | → [`IdentityResponse`] |
@@ -42,6 +43,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+pub mod cli;
 pub mod dns;
 pub mod local;
 #[cfg(feature = "tls")]
@@ -71,6 +73,14 @@ pub const PATH_TOKENS: &str = "/v1/tokens";
 pub const PATH_REVOCATIONS: &str = "/v1/revocations";
 /// Route of [`RotateKeyRequest`].
 pub const PATH_ROTATE_KEY: &str = "/v1/mesh/rotate-key";
+/// Route of [`LeaveRequest`].
+pub const PATH_LEAVE: &str = "/v1/mesh/leave";
+/// Header naming the event log a roster stream's ids belong to: the coordinator sends it
+/// with every stream, and a joiner resuming with `Last-Event-ID` sends back the one its id
+/// came from. A coordinator replays only ids of its own log (a restarted coordinator, or
+/// another one with its own log, answers with a snapshot); coordinators sharing one log
+/// (one database) name it alike, so a joiner resumes on any of them.
+pub const EVENT_LOG_HEADER: &str = "x-tabbify-event-log";
 /// Route of [`RelayTokenRequest`].
 pub const PATH_RELAY_TOKEN: &str = "/v1/relay/token";
 /// Prefix of the identity lifecycle routes (admin): `DELETE {prefix}{cn}`,
@@ -111,6 +121,27 @@ pub struct RegisterRequest {
     /// identity (re-registration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_token: Option<String>,
+    /// An ephemeral member (`join --ephemeral`): removed from every roster as soon as it
+    /// misses its heartbeats (no stale window), and it leaves when it stops cleanly.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ephemeral: bool,
+}
+
+/// `POST /v1/mesh/leave`: the caller (its certificate's identity, never a peer id in the
+/// body) leaves the mesh: it is removed from every roster at once (a `peer_remove` with
+/// reason `left`) and its streams close. Its key stays admitted, so it may register again.
+/// The body is `{}`; any field is refused (400), so a member cannot name another one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveRequest {}
+
+/// The answer to [`LeaveRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaveResponse {
+    /// The caller's peer id.
+    pub peer_id: String,
+    /// It was removed.
+    pub left: bool,
 }
 
 /// The answer to [`RegisterRequest`].

@@ -30,6 +30,9 @@ pub enum Request {
     /// Rotate the node's WireGuard key now; answered with [`KeyRotated`] once the
     /// coordinator accepted the new key and the data plane uses it.
     RotateKey,
+    /// Leave the mesh: the joiner deregisters (`POST /v1/mesh/leave`), answers with
+    /// [`crate::LeaveResponse`] and exits.
+    Leave,
 }
 
 /// The answer to [`Request::RotateKey`].
@@ -48,12 +51,30 @@ pub struct KeyRotated {
 /// The coordinator connection as `status` shows it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CoordinatorStatus {
-    /// The URL.
+    /// The URL of the coordinator in use.
     pub url: String,
+    /// The address in use, when its host name resolved to several (each a target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// Every coordinator target, in the order tried (`--coordinator` order).
+    #[serde(default)]
+    pub targets: Vec<CoordinatorTarget>,
     /// The SSE stream is open.
     pub connected: bool,
     /// The id of the last roster event applied.
     pub last_event_id: Option<u64>,
+}
+
+/// One coordinator target (a `--coordinator` URL, or one address of its host name).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CoordinatorTarget {
+    /// The URL.
+    pub url: String,
+    /// The address, when the host name resolved to several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
+    /// The joiner talks to this one now.
+    pub in_use: bool,
 }
 
 /// An app hosted here.
@@ -184,6 +205,9 @@ pub struct Status {
     /// addresses no peer holds.
     #[serde(default)]
     pub unreachable_sent: u64,
+    /// Where Prometheus metrics are served (`--metrics-bind`), null when off or not bound.
+    #[serde(default)]
+    pub metrics: Option<String>,
     /// The mesh DNS stub; `null` when it is off (`--dns off`).
     #[serde(default)]
     pub dns: Option<DnsStatus>,

@@ -1,12 +1,13 @@
 //! Fuzz the coordinator's JSON request bodies through the path its routes use.
 //!
 //! 1. Every request type the coordinator parses (`RegisterRequest`, `HeartbeatRequest`,
-//!    `TokenRequest`, `MoveAppRequest`, `RelayTokenRequest`, and the auth service's `AuthValidateResponse`) goes
+//!    `TokenRequest`, `MoveAppRequest`, `RelayTokenRequest`, `LeaveRequest`, and the auth service's `AuthValidateResponse`) goes
 //!    through `server::parse_json`: it parses or is refused with 400 `invalid_json`, never a
 //!    panic, and a parsed value serializes back to JSON that parses to the same value.
 //! 2. The same bytes are the body of every POST route of an in-process coordinator
 //!    (`Coordinator::handle`, plaintext with the identity header, a registered peer and an
-//!    admin): each answer is a status, and every error status carries the JSON error body.
+//!    admin; `leave` as an identity that is no member, so the peer stays for the other
+//!    routes): each answer is a status, and every error status carries the JSON error body.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -18,8 +19,8 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tabbify_api::{
-    AuthValidateResponse, ErrorBody, HeartbeatRequest, MoveAppRequest, PolicyDocument,
-    RegisterRequest, RelayTokenRequest, TokenRequest,
+    AuthValidateResponse, ErrorBody, HeartbeatRequest, LeaveRequest, MoveAppRequest,
+    PolicyDocument, RegisterRequest, RelayTokenRequest, TokenRequest,
 };
 use tabbify_control::clock::ManualClock;
 use tabbify_control::limits::RateConfig;
@@ -125,12 +126,14 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<MoveAppRequest>(data);
     round_trip::<RelayTokenRequest>(data);
     round_trip::<AuthValidateResponse>(data);
+    round_trip::<LeaveRequest>(data);
 
     let w = world();
     let routes = [
         (PEER, "/v1/mesh/register".to_owned()),
         (PEER, "/v1/mesh/heartbeat".to_owned()),
         (PEER, "/v1/relay/token".to_owned()),
+        ("fuzz-stranger", "/v1/mesh/leave".to_owned()),
         (ADMIN, "/v1/tokens".to_owned()),
         (
             ADMIN,

@@ -100,7 +100,12 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    tabbify_api::cli::install();
+    tabbify_api::cli::finish("tabbify-mesh-ca", run())
+}
+
+fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Init {
             out,

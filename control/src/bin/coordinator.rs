@@ -3,7 +3,7 @@
 //! ```text
 //! tabbify-mesh-coordinator --bind ADDR --tls-cert F --tls-key F --tls-ca F --policy-file F
 //!     [--auth-url URL] [--auth-ca F] [--admin NAME]... [--state-dir DIR]
-//!     [--database postgres://…]
+//!     [--database postgres://… [--change-log-keep-secs N] [--change-log-keep-rows N]]
 //!     [--heartbeat-secs N] [--stale-after SECS] [--max-streams-per-identity N]
 //!     [--max-connections N] [--max-connections-per-ip N] [--heartbeat-burst N]
 //!     [--heartbeat-per-sec R] [--tls-handshake-secs N] [--stun-bind ADDR|off]...
@@ -77,6 +77,13 @@ struct Cli {
     /// Keep that state in PostgreSQL instead (`postgres://user@host/db`).
     #[arg(long, env = "TABBIFY_DATABASE_URL", hide_env_values = true)]
     database: Option<String>,
+    /// PostgreSQL: change-log entries are pruned once older than this many seconds
+    /// (a `Last-Event-ID` from before the pruned horizon gets a snapshot).
+    #[arg(long, default_value_t = 86_400)]
+    change_log_keep_secs: u64,
+    /// PostgreSQL: at most this many change-log entries are kept.
+    #[arg(long, default_value_t = 100_000)]
+    change_log_keep_rows: u64,
     /// Heartbeat interval handed to peers; three missed ones make a peer stale.
     #[arg(long, default_value_t = 10)]
     heartbeat_secs: u64,
@@ -141,7 +148,12 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    tabbify_api::cli::install();
+    tabbify_api::cli::finish("tabbify-mesh-coordinator", run())
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -178,6 +190,10 @@ fn main() -> anyhow::Result<()> {
     }
     config.stale_after = Duration::from_secs(cli.stale_after);
     config.dns_domain = cli.dns_domain.clone();
+    config.change_log_keep = (
+        Duration::from_secs(cli.change_log_keep_secs),
+        cli.change_log_keep_rows,
+    );
     config.max_streams_per_identity = cli.max_streams_per_identity;
     config.max_connections = cli.max_connections;
     config.max_connections_per_ip = cli.max_connections_per_ip;

@@ -85,6 +85,31 @@ pub const MIGRATIONS: &[Migration] = &[
             at BIGINT NOT NULL
         )"],
     },
+    Migration {
+        version: 3,
+        name: "members: the roster every coordinator serves, and the apps they hold",
+        engine: None,
+        statements: &[
+            // A member's key must be bound to its identity (current or retired: keys are
+            // never unbound), whatever a coordinator's memory says.
+            "CREATE UNIQUE INDEX identity_keys_key_identity ON identity_keys (key, identity)",
+            "CREATE TABLE members (
+            peer_id TEXT PRIMARY KEY,
+            identity TEXT NOT NULL UNIQUE,
+            key TEXT NOT NULL UNIQUE,
+            body TEXT NOT NULL,
+            last_seen BIGINT NOT NULL,
+            stale BIGINT NOT NULL,
+            FOREIGN KEY (key, identity) REFERENCES identity_keys (key, identity)
+        )",
+            // One holder per app.
+            "CREATE TABLE member_apps (
+            app TEXT PRIMARY KEY,
+            peer_id TEXT NOT NULL REFERENCES members (peer_id) ON DELETE CASCADE
+        )",
+            "CREATE INDEX member_apps_by_peer ON member_apps (peer_id)",
+        ],
+    },
 ];
 
 /// The newest schema version this coordinator knows.

@@ -4,8 +4,8 @@
 //!
 //! What it owns: the rows behind [`crate::store::Store`] — join tokens (hashes only),
 //! identities with every key they hold or held, keys revoked by pre-identity logs, the
-//! policy in force, and a few facts about the database itself (`meta`: when a `state.log`
-//! was imported). The schema is in [`migrate`]; every statement the coordinator runs is
+//! policy in force, the members with the apps they hold ([`crate::members`]), and a few
+//! facts about the database itself (`meta`: when a `state.log` was imported). The schema is in [`migrate`]; every statement the coordinator runs is
 //! built here, once, in the SQL both engines speak, so the engines only bind values and
 //! run transactions.
 //!
@@ -34,12 +34,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::members::MemberRow;
 use crate::store::{IdentityRecord, RevokedKey, StoredPolicy, TokenRecord};
 
 /// Name of the SQLite database file inside `--state-dir`.
 pub const SQLITE_FILE: &str = "state.db";
 /// The environment variable naming the database when `--database` is absent.
 pub const DATABASE_URL_ENV: &str = "TABBIFY_DATABASE_URL";
+/// The `meta` row naming the database's event log (`x-tabbify-event-log`).
+pub const META_EVENT_LOG: &str = "event_log";
 /// The `meta` row recording that a `state.log` was imported (value: Unix seconds).
 pub const META_LOG_IMPORTED: &str = "state_log_imported";
 
@@ -164,7 +167,8 @@ pub enum Change {
     /// Insert or replace a token.
     Token(String, TokenRecord),
     /// Count one use of a token: the token as it is after the use, written only if the
-    /// stored count is one less (so two coordinators cannot spend the same last use).
+    /// stored count is one less (so two coordinators cannot spend the same last use); an
+    /// unlimited token's count is incremented instead.
     SpendToken(String, TokenRecord),
     /// Delete a token.
     DeleteToken(String),
@@ -183,6 +187,19 @@ pub enum Change {
     ReplacePolicy(StoredPolicy, Option<u64>),
     /// Set a `meta` row.
     Meta(String, String),
+    /// Insert or replace a member (a registration, a heartbeat that changed it, a key
+    /// rotation, an app move) with the apps it holds. Refused ([`StorageError::Conflict`])
+    /// when another member holds one of the apps or the peer id belongs to another
+    /// identity; refused by the foreign key when the key is not bound to the identity.
+    Member(MemberRow),
+    /// Remove a member (revoked, key cleared, replaced, left), with the reason its
+    /// `peer_remove` event carries.
+    RemoveMember(String, String),
+    /// Mark a member stale if the database last saw it before these Unix seconds and it
+    /// is not stale yet (the expiry runner's decision; refused when a heartbeat won).
+    StaleMember(String, u64),
+    /// Remove a member the database last saw before these Unix seconds (expired).
+    ExpireMember(String, u64),
 }
 
 /// Everything durable, as read at start.
@@ -198,6 +215,8 @@ pub struct Snapshot {
     pub policy: Option<StoredPolicy>,
     /// `meta` rows.
     pub meta: BTreeMap<String, String>,
+    /// Members (the roster), by peer id.
+    pub members: Vec<MemberRow>,
 }
 
 /// A storage engine: runs transactions of [`Statement`]s and answers queries. Built
@@ -208,9 +227,25 @@ pub trait Engine: Send + fmt::Debug {
     /// Runs `statements` in one transaction; returns once it is durable. On error nothing
     /// of it is applied.
     fn transaction(&mut self, statements: &[Statement]) -> Result<(), StorageError>;
+    /// As [`Engine::transaction`], and returns the value (first column of the first row)
+    /// of the last statement when its SQL has a `RETURNING` clause (engines with a change
+    /// log: the new entry's id).
+    fn transaction_returning(
+        &mut self,
+        statements: &[Statement],
+    ) -> Result<Option<i64>, StorageError> {
+        self.transaction(statements).map(|()| None)
+    }
     /// Runs a query without parameters and returns its rows; each column is read as the
     /// type `columns` names (`Value::Int`/`Value::Text`, NULL as `NullInt`/`NullText`).
     fn query(&mut self, sql: &str, columns: &[Value]) -> Result<Vec<Vec<Value>>, StorageError>;
+    /// Whether this process is the one that runs member expiry now. PostgreSQL: it holds
+    /// (or just took) a session advisory lock on its connection, released when the
+    /// connection ends, so exactly one coordinator on the database holds it at a time.
+    /// Engines of one process (SQLite): always.
+    fn expiry_lock(&mut self) -> Result<bool, StorageError> {
+        Ok(true)
+    }
     /// This process's name in the change log, if the engine keeps one (PostgreSQL: several
     /// coordinators share the database and follow each other's changes through it).
     fn change_log_origin(&self) -> Option<&str> {
@@ -231,8 +266,9 @@ pub const CHANGE_CHANNEL: &str = "tabbify_changes";
 /// Writes `changes` in one transaction. With a change log, the same transaction appends
 /// them to it (under a transaction-level advisory lock, so log ids are assigned in commit
 /// order and a follower reading "after id N" never skips a later-committing lower id) and
-/// notifies [`CHANGE_CHANNEL`] at commit.
-pub fn commit(engine: &mut dyn Engine, changes: &[Change]) -> Result<(), StorageError> {
+/// notifies [`CHANGE_CHANNEL`] at commit. Returns the change-log id of the entry (`None`
+/// without a change log).
+pub fn commit(engine: &mut dyn Engine, changes: &[Change]) -> Result<Option<i64>, StorageError> {
     let name = engine.name();
     let mut statements = Vec::new();
     let origin = engine.change_log_origin().map(str::to_owned);
@@ -251,19 +287,110 @@ pub fn commit(engine: &mut dyn Engine, changes: &[Change]) -> Result<(), Storage
             engine: name,
             message: format!("change log entry: {e}"),
         })?;
-        statements.push(Statement {
-            must_change: false,
-            sql: "INSERT INTO change_log (origin, body, at) \
-                  VALUES (?1, ?2, CAST(EXTRACT(EPOCH FROM now()) AS BIGINT))",
-            params: vec![Value::Text(origin), Value::Text(body)],
-        });
+        // Notifications are delivered at commit, so the order within it does not matter;
+        // the insert goes last for its RETURNING id.
         statements.push(Statement {
             must_change: false,
             sql: "SELECT pg_notify('tabbify_changes', '')",
             params: vec![],
         });
+        statements.push(Statement {
+            must_change: false,
+            sql: "INSERT INTO change_log (origin, body, at) \
+                  VALUES (?1, ?2, CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)) RETURNING id",
+            params: vec![Value::Text(origin), Value::Text(body)],
+        });
+        return engine.transaction_returning(&statements);
     }
+    engine.transaction(&statements).map(|()| None)
+}
+
+/// Writes `last_seen = secs` for the members `peer_ids` whose stored value is older, in one
+/// transaction and outside the change log (liveness is not an event; see
+/// [`crate::members`]).
+pub fn touch(engine: &mut dyn Engine, peer_ids: &[String], secs: u64) -> Result<(), StorageError> {
+    if peer_ids.is_empty() {
+        return Ok(());
+    }
+    let secs = i64::try_from(secs).map_err(|_| StorageError::Engine {
+        engine: engine.name(),
+        message: format!("{secs} does not fit a 64-bit signed column"),
+    })?;
+    let statements: Vec<Statement> = peer_ids
+        .iter()
+        .map(|id| Statement {
+            must_change: false,
+            sql: "UPDATE members SET last_seen = ?2 WHERE peer_id = ?1 AND last_seen < ?2",
+            params: vec![Value::Text(id.clone()), Value::Int(secs)],
+        })
+        .collect();
     engine.transaction(&statements)
+}
+
+/// Deletes change-log entries older than `keep_secs` (by the database's clock) or older
+/// than the newest `keep_rows`; the newest entry always stays (it is where a starting
+/// coordinator's event ids continue from). A follower that was away longer than that gets
+/// snapshots, never a wrong replay: streams resume only from what a coordinator saw
+/// itself.
+pub fn prune_change_log(
+    engine: &mut dyn Engine,
+    keep_secs: u64,
+    keep_rows: u64,
+) -> Result<(), StorageError> {
+    let int = |v: u64| Value::Int(i64::try_from(v).unwrap_or(i64::MAX));
+    engine.transaction(&[Statement {
+        must_change: false,
+        sql: "DELETE FROM change_log WHERE id < (SELECT MAX(id) FROM change_log) \
+              AND (at < CAST(EXTRACT(EPOCH FROM now()) AS BIGINT) - ?1 \
+              OR id <= (SELECT MAX(id) FROM change_log) - ?2)",
+        params: vec![int(keep_secs), int(keep_rows)],
+    }])
+}
+
+/// The value of `meta` row `name`, set to `value` first if it is absent (the first
+/// writer wins; everyone reads the same value). `name` is a constant of this module.
+pub fn meta_get_or_init(
+    engine: &mut dyn Engine,
+    name: &'static str,
+    value: &str,
+) -> Result<String, StorageError> {
+    engine.transaction(&[Statement {
+        must_change: false,
+        sql: "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
+        params: vec![Value::Text(name.into()), Value::Text(value.into())],
+    }])?;
+    let rows = engine.query(
+        &format!("SELECT value FROM meta WHERE name = '{name}'"),
+        &[Value::Text(String::new())],
+    )?;
+    match rows.first().and_then(|r| r.first()) {
+        Some(Value::Text(v)) => Ok(v.clone()),
+        _ => Err(StorageError::Corrupt {
+            engine: engine.name(),
+            message: format!("meta row {name} is missing after it was written"),
+        }),
+    }
+}
+
+/// Members the database last saw before `before_secs`: `(peer_id, last_seen, stale)`.
+pub fn members_seen_before(
+    engine: &mut dyn Engine,
+    before_secs: u64,
+) -> Result<Vec<(String, u64, bool)>, StorageError> {
+    let before = i64::try_from(before_secs).unwrap_or(i64::MAX);
+    let rows = engine.query(
+        &format!("SELECT peer_id, last_seen, stale FROM members WHERE last_seen < {before}"),
+        &[Value::Text(String::new()), Value::Int(0), Value::Int(0)],
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| match &r[..] {
+            [Value::Text(id), Value::Int(seen), Value::Int(stale)] => {
+                Some((id.clone(), u64::try_from(*seen).unwrap_or(0), *stale != 0))
+            }
+            _ => None,
+        })
+        .collect())
 }
 
 /// The newest change-log id (0 when empty or without a change log).
@@ -281,17 +408,20 @@ pub fn last_change_id(engine: &mut dyn Engine) -> Result<i64, StorageError> {
     })
 }
 
-/// Change-log entries after id `after`, oldest first, at most `limit`: `(id, origin,
-/// changes)`.
+/// Change-log entries after id `after` and before `before` (`None`: no bound), oldest
+/// first, at most `limit`: `(id, origin, changes)`.
 pub fn changes_after(
     engine: &mut dyn Engine,
     after: i64,
+    before: Option<i64>,
     limit: usize,
 ) -> Result<Vec<(i64, String, Vec<Change>)>, StorageError> {
     let name = engine.name();
+    let before = before.unwrap_or(i64::MAX);
     let rows = engine.query(
         &format!(
-            "SELECT id, origin, body FROM change_log WHERE id > {after} ORDER BY id LIMIT {limit}"
+            "SELECT id, origin, body FROM change_log WHERE id > {after} AND id < {before} \
+             ORDER BY id LIMIT {limit}"
         ),
         &[
             Value::Int(0),
@@ -444,11 +574,27 @@ pub fn load(engine: &mut dyn Engine) -> Result<Snapshot, StorageError> {
                 .map_err(|e| corrupt(format!("policy document: {e}")))?,
         });
     }
-    let rows = engine.query("SELECT name, value FROM meta", &[t.clone(), t])?;
+    let rows = engine.query("SELECT name, value FROM meta", &[t.clone(), t.clone()])?;
     for r in rows {
         if let [Value::Text(n), Value::Text(v)] = &r[..] {
             snap.meta.insert(n.clone(), v.clone());
         }
+    }
+    let rows = engine.query(
+        "SELECT peer_id, body, last_seen, stale FROM members ORDER BY peer_id",
+        &[t.clone(), t, i.clone(), i],
+    )?;
+    for r in rows {
+        let [Value::Text(id), Value::Text(body), last_seen, Value::Int(stale)] = &r[..] else {
+            return Err(corrupt("members: unexpected row".into()));
+        };
+        let last_seen = uint(last_seen).ok_or_else(|| corrupt(format!("member {id}")))?;
+        let row = MemberRow::from_body(body, last_seen, *stale != 0)
+            .map_err(|e| corrupt(format!("member {id}: {e}")))?;
+        if row.peer_id != *id {
+            return Err(corrupt(format!("member {id}: body names {}", row.peer_id)));
+        }
+        snap.members.push(row);
     }
     Ok(snap)
 }
@@ -487,6 +633,14 @@ fn statements_for(
                 opt(&t.identity),
                 int(t.created_at)?,
             ],
+        }),
+        // An unlimited token has no last use to protect: count the use without a
+        // compare-and-set, so members registering through several coordinators at once
+        // with one fleet token do not conflict.
+        Change::SpendToken(hash, t) if t.max_uses == 0 => out.push(Statement {
+            must_change: true,
+            sql: "UPDATE tokens SET uses = uses + 1 WHERE hash = ?1 AND max_uses = 0",
+            params: vec![Value::Text(hash.clone())],
         }),
         Change::SpendToken(hash, t) => out.push(Statement {
             must_change: true,
@@ -616,6 +770,70 @@ fn statements_for(
                   ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             params: vec![Value::Text(name.clone()), Value::Text(value.clone())],
         }),
+        Change::Member(m) => {
+            // A peer id held by another identity (a truncated-hash collision) is not
+            // overwritten: the upsert changes no row and the transaction fails.
+            out.push(Statement {
+                must_change: true,
+                sql: "INSERT INTO members (peer_id, identity, key, body, last_seen, stale) \
+                      VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+                      ON CONFLICT (peer_id) DO UPDATE SET key = excluded.key, \
+                      body = excluded.body, last_seen = excluded.last_seen, \
+                      stale = excluded.stale WHERE members.identity = excluded.identity",
+                params: vec![
+                    Value::Text(m.peer_id.clone()),
+                    Value::Text(m.identity.clone()),
+                    Value::Text(m.key.clone()),
+                    Value::Text(m.body()),
+                    int(m.last_seen)?,
+                    Value::Int(i64::from(m.stale)),
+                ],
+            });
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_apps WHERE peer_id = ?1",
+                params: vec![Value::Text(m.peer_id.clone())],
+            });
+            // An app another member holds: no row inserted, the transaction fails.
+            for app in &m.hosted_app_ulas {
+                out.push(Statement {
+                    must_change: true,
+                    sql: "INSERT INTO member_apps (app, peer_id) VALUES (?1, ?2) \
+                          ON CONFLICT (app) DO NOTHING",
+                    params: vec![Value::Text(app.to_string()), Value::Text(m.peer_id.clone())],
+                });
+            }
+        }
+        Change::RemoveMember(peer_id, _) => {
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_apps WHERE peer_id = ?1",
+                params: vec![Value::Text(peer_id.clone())],
+            });
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM members WHERE peer_id = ?1",
+                params: vec![Value::Text(peer_id.clone())],
+            });
+        }
+        Change::StaleMember(peer_id, before) => out.push(Statement {
+            must_change: true,
+            sql: "UPDATE members SET stale = 1 WHERE peer_id = ?1 AND stale = 0 AND last_seen < ?2",
+            params: vec![Value::Text(peer_id.clone()), int(*before)?],
+        }),
+        Change::ExpireMember(peer_id, before) => {
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_apps WHERE peer_id = ?1 AND peer_id IN \
+                      (SELECT peer_id FROM members WHERE last_seen < ?2)",
+                params: vec![Value::Text(peer_id.clone()), int(*before)?],
+            });
+            out.push(Statement {
+                must_change: true,
+                sql: "DELETE FROM members WHERE peer_id = ?1 AND last_seen < ?2",
+                params: vec![Value::Text(peer_id.clone()), int(*before)?],
+            });
+        }
     }
     Ok(())
 }

@@ -37,10 +37,16 @@ const ENGINE: &str = "postgres";
 /// integer).
 pub const MIGRATION_LOCK: i64 = 0x0074_6162_6269_6679;
 
+/// The advisory lock (two-int form: "tabb", 1) whose holder runs member expiry.
+const EXPIRY_LOCK_SQL: &str = "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks \
+     WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND classid = 1952539234 \
+     AND objid = 1 AND objsubid = 2 AND granted) THEN 1 \
+     ELSE CAST(pg_try_advisory_lock(1952539234, 1) AS INT) END";
+
 type Reply<T> = SyncSender<Result<T, StorageError>>;
 
 enum Request {
-    Transaction(Vec<Statement>, Reply<()>),
+    Transaction(Vec<Statement>, Reply<Option<i64>>),
     Query(String, Vec<Value>, Reply<Vec<Vec<Value>>>),
 }
 
@@ -154,6 +160,13 @@ impl Engine for Postgres {
     }
 
     fn transaction(&mut self, statements: &[Statement]) -> Result<(), StorageError> {
+        self.transaction_returning(statements).map(drop)
+    }
+
+    fn transaction_returning(
+        &mut self,
+        statements: &[Statement],
+    ) -> Result<Option<i64>, StorageError> {
         let statements = statements.to_vec();
         self.call(|r| Request::Transaction(statements, r))
     }
@@ -165,6 +178,16 @@ impl Engine for Postgres {
 
     fn change_log_origin(&self) -> Option<&str> {
         Some(&self.origin)
+    }
+
+    fn expiry_lock(&mut self) -> Result<bool, StorageError> {
+        // Taken once per connection (the check keeps the lock's count at one); a new
+        // connection after a break must win it again.
+        let rows = self.query(EXPIRY_LOCK_SQL, &[Value::Int(0)])?;
+        Ok(matches!(
+            rows.first().and_then(|r| r.first()),
+            Some(Value::Int(1))
+        ))
     }
 
     fn watch(&self, on_change: Box<dyn Fn() + Send>) -> Result<bool, StorageError> {
@@ -283,7 +306,7 @@ impl Conn {
         unlocked.map(drop)
     }
 
-    fn transaction(&mut self, statements: &[Statement]) -> Result<(), StorageError> {
+    fn transaction(&mut self, statements: &[Statement]) -> Result<Option<i64>, StorageError> {
         // Prepare outside the transaction (a prepared statement outlives it).
         for s in statements.iter().filter(|s| !s.params.is_empty()) {
             if !self.prepared.contains_key(s.sql) {
@@ -292,7 +315,8 @@ impl Conn {
             }
         }
         let mut tx = self.client.transaction().map_err(|e| err(&e))?;
-        for s in statements {
+        let mut returned = None;
+        for (i, s) in statements.iter().enumerate() {
             if s.params.is_empty() {
                 tx.batch_execute(s.sql).map_err(|e| err(&e))?;
                 continue;
@@ -311,6 +335,11 @@ impl Conn {
                 .collect();
             let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|b| b.as_ref()).collect();
             let stmt = &self.prepared[s.sql];
+            if i + 1 == statements.len() && s.sql.contains("RETURNING") {
+                let row = tx.query_one(stmt, &refs).map_err(|e| err(&e))?;
+                returned = Some(row.try_get::<_, i64>(0).map_err(|e| err(&e))?);
+                continue;
+            }
             let n = tx.execute(stmt, &refs).map_err(|e| err(&e))?;
             if s.must_change && n == 0 {
                 return Err(StorageError::Conflict {
@@ -320,7 +349,8 @@ impl Conn {
             }
         }
         // Dropped without commit (an error above) = rolled back.
-        tx.commit().map_err(|e| err(&e))
+        tx.commit().map_err(|e| err(&e))?;
+        Ok(returned)
     }
 
     fn query(&mut self, sql: &str, columns: &[Value]) -> Result<Vec<Vec<Value>>, StorageError> {
@@ -365,7 +395,7 @@ impl Engine for Conn {
     }
 
     fn transaction(&mut self, statements: &[Statement]) -> Result<(), StorageError> {
-        Conn::transaction(self, statements)
+        Conn::transaction(self, statements).map(drop)
     }
 
     fn query(&mut self, sql: &str, columns: &[Value]) -> Result<Vec<Vec<Value>>, StorageError> {

@@ -353,18 +353,25 @@ impl Client {
     pub async fn stream(&self, last_event_id: Option<u64>) -> EventStream {
         let id = last_event_id.map(|i| i.to_string());
         let headers: Vec<(&str, &str)> = id.iter().map(|i| ("last-event-id", i.as_str())).collect();
+        self.stream_with(&headers).await.1
+    }
+
+    /// Opens the roster stream with these request headers; returns the response headers.
+    pub async fn stream_with(&self, headers: &[(&str, &str)]) -> (hyper::HeaderMap, EventStream) {
         let resp = self
-            .send("GET", "/v1/mesh/peers/stream", None, &headers)
+            .send("GET", "/v1/mesh/peers/stream", None, headers)
             .await
             .unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["content-type"], "text/event-stream");
-        EventStream {
+        let head = resp.headers().clone();
+        let stream = EventStream {
             body: resp.into_body(),
             decoder: SseDecoder::new(),
             pending: Default::default(),
             comments: 0,
-        }
+        };
+        (head, stream)
     }
 }
 

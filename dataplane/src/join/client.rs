@@ -34,6 +34,9 @@ use tokio_rustls::TlsConnector;
 
 /// How long a connect (TCP + TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a connect may take when there are other coordinators to move to: short, so a
+/// dead one (no RST: its host is gone) is left well within one heartbeat interval.
+pub const FAILOVER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a JSON request may take, end to end.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle time before the first TCP keepalive probe on a control connection.
@@ -91,6 +94,10 @@ impl ClientError {
 pub struct Client {
     host: String,
     port: u16,
+    /// Connect here instead of resolving `host` (one address of a name that resolves to
+    /// several); TLS still names `host`.
+    addr: Option<std::net::SocketAddr>,
+    connect_timeout: Duration,
     authority: String,
     tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
     identity: Option<String>,
@@ -164,6 +171,8 @@ impl Client {
         Ok(Self {
             host,
             port,
+            addr: None,
+            connect_timeout: CONNECT_TIMEOUT,
             authority,
             tls,
             identity,
@@ -176,15 +185,42 @@ impl Client {
         &self.url
     }
 
+    /// The host and port of the URL (to resolve into several targets).
+    pub fn host_port(&self) -> (&str, u16) {
+        (&self.host, self.port)
+    }
+
+    /// The same coordinator reached at `addr` (one address of its host name); the TLS
+    /// server name stays the URL's host.
+    pub fn at(&self, addr: std::net::SocketAddr) -> Self {
+        Self {
+            addr: Some(addr),
+            ..self.clone()
+        }
+    }
+
+    /// The fixed address, when this client is one address of a name.
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        self.addr
+    }
+
+    /// Sets how long a connect may take ([`FAILOVER_CONNECT_TIMEOUT`] with several
+    /// coordinators).
+    pub fn set_connect_timeout(&mut self, t: Duration) {
+        self.connect_timeout = t;
+    }
+
     async fn send(
         &self,
         req: Request<Full<Bytes>>,
     ) -> Result<http::Response<Incoming>, ClientError> {
         let t = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
         let connect = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
-                .await
-                .map_err(|e| t(&e))?;
+            let tcp = match self.addr {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect((self.host.as_str(), self.port)).await,
+            }
+            .map_err(|e| t(&e))?;
             let _ = tcp.set_nodelay(true);
             set_keepalive(&tcp);
             match &self.tls {
@@ -198,7 +234,7 @@ impl Client {
                 None => handshake(tcp).await,
             }
         };
-        let mut sender = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let mut sender = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| t(&"connect timed out"))??;
         sender.send_request(req).await.map_err(|e| t(&e))
@@ -255,21 +291,25 @@ impl Client {
     }
 
     /// Opens the SSE roster stream at `path`, resuming after event `last_event_id` when
-    /// given (`Last-Event-ID`: the coordinator replays what came after it, or sends a
-    /// snapshot when it no longer holds those events).
+    /// given (`Last-Event-ID`, with the event log the id came from: the coordinator replays
+    /// what came after it, or sends a snapshot when it no longer holds those events or
+    /// keeps another log).
     pub async fn stream(
         &self,
         path: &str,
-        last_event_id: Option<u64>,
+        last_event_id: Option<(u64, Option<&str>)>,
     ) -> Result<EventStream, ClientError> {
         let mut req = self.request(Method::GET, path, Bytes::new())?;
         req.headers_mut().insert(
             http::header::ACCEPT,
             http::HeaderValue::from_static("text/event-stream"),
         );
-        if let Some(id) = last_event_id {
+        if let Some((id, log)) = last_event_id {
             req.headers_mut()
                 .insert("last-event-id", http::HeaderValue::from(id));
+            if let Some(v) = log.and_then(|l| http::HeaderValue::from_str(l).ok()) {
+                req.headers_mut().insert(tabbify_api::EVENT_LOG_HEADER, v);
+            }
         }
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(req))
             .await
@@ -284,7 +324,13 @@ impl Client {
                 .unwrap_or_default();
             return Err(status_error(status, &bytes));
         }
+        let event_log = resp
+            .headers()
+            .get(tabbify_api::EVENT_LOG_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         Ok(EventStream {
+            event_log,
             body: resp.into_body(),
             decoder: SseDecoder::new(),
             pending: std::collections::VecDeque::new(),
@@ -349,6 +395,8 @@ fn status_error(status: StatusCode, body: &[u8]) -> ClientError {
 /// every wake-up. Instead it records when bytes last arrived ([`EventStream::take_activity`])
 /// and the machine keeps the idle deadline.
 pub struct EventStream {
+    /// The event log its ids belong to (the coordinator's [`tabbify_api::EVENT_LOG_HEADER`]).
+    event_log: Option<String>,
     body: Incoming,
     decoder: SseDecoder,
     pending: std::collections::VecDeque<(Option<u64>, SseEvent)>,
@@ -397,6 +445,11 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// The event log this stream's ids belong to, as the coordinator named it.
+    pub fn event_log(&self) -> Option<&str> {
+        self.event_log.as_deref()
     }
 
     /// When bytes last arrived (an event or a keepalive comment), once: for
@@ -468,10 +521,16 @@ mod tests {
             let (port, head) = sse_server().await;
             let client =
                 Client::new(&format!("http://127.0.0.1:{port}"), None, Some("x".into())).unwrap();
-            let mut stream = client.stream("/v1/mesh/peers/stream", last).await.unwrap();
+            let mut stream = client
+                .stream("/v1/mesh/peers/stream", last.map(|id| (id, Some("log-1"))))
+                .await
+                .unwrap();
             let head = head.await.unwrap();
             match last {
-                Some(id) => assert!(head.contains(&format!("last-event-id: {id}\r\n")), "{head}"),
+                Some(id) => {
+                    assert!(head.contains(&format!("last-event-id: {id}\r\n")), "{head}");
+                    assert!(head.contains("x-tabbify-event-log: log-1\r\n"), "{head}");
+                }
                 None => assert!(!head.contains("last-event-id"), "{head}"),
             }
             assert!(stream.take_activity().is_none());

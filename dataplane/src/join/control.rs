@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! → {"cmd":"status"} | {"cmd":"peers"} | {"cmd":"app_add","uuid":"…"} | {"cmd":"app_remove","uuid":"…"}
+//!   | {"cmd":"rotate_key"} | {"cmd":"leave"}
 //! ← {"ok":true,"result":…} | {"ok":false,"error":"…"}
 //! ```
 //!
@@ -18,7 +19,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-pub use tabbify_api::local::{CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
+pub use tabbify_api::local::{
+    CoordinatorStatus, CoordinatorTarget, HostedApp, PeerStatus, Request, Status,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 /// Where the control socket of `interface` lives by default.

@@ -10,19 +10,22 @@
 //!   loopback bridge when UDP does not bind, LOOKUPs); [`logic::paths`] decides which.
 //! * [`dns`] — the mesh DNS stub (names from the roster) and the host resolver settings.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
-//!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps).
+//!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
+//!   (Prometheus text on `--metrics-bind`).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
 //!   only peers that changed, so a roster event never resets another peer's session;
 //! * a coordinator outage never touches the table: established tunnels keep working, and
-//!   the machine re-registers with backoff (0.5 s doubling to the heartbeat interval);
+//!   the machine moves to the next coordinator at once, or re-registers with backoff
+//!   (0.5 s doubling to the heartbeat interval) once every coordinator failed in a row;
 //! * the node key never leaves the state directory; only its public half is sent.
 
 pub mod client;
 pub mod control;
 pub mod dns;
 pub mod logic;
+pub mod metrics;
 pub mod relay;
 pub mod shell;
 pub mod state_dir;
@@ -55,8 +58,12 @@ pub struct JoinOptions {
     pub name: String,
     /// Tags asked for.
     pub tags: Vec<String>,
-    /// Coordinator URL.
-    pub coordinator: String,
+    /// Coordinator URLs, in the order to try them (at least one). A host name that
+    /// resolves to several addresses counts as several coordinators.
+    pub coordinators: Vec<String>,
+    /// An ephemeral member: the coordinator drops it as soon as it goes stale, and it
+    /// leaves the mesh when it stops cleanly (SIGINT/SIGTERM).
+    pub ephemeral: bool,
     /// mTLS files; `None` = plaintext (`--insecure-no-mtls`).
     pub tls: Option<TlsFiles>,
     /// Join token.
@@ -91,6 +98,8 @@ pub struct JoinOptions {
     pub key_max_age: std::time::Duration,
     /// Mesh DNS (`--dns`, `--dns-domain`).
     pub dns: dns::Options,
+    /// Where to serve Prometheus metrics (`--metrics-bind`).
+    pub metrics: metrics::MetricsBind,
 }
 
 /// Longest join token file read (a token is a few dozen characters).

@@ -47,7 +47,9 @@ use crate::interface::{Interface, InterfaceSpec};
 use crate::sys::{addr_watch, ifaddrs, link};
 
 use super::client::{Client, ClientError, EventStream};
-use super::control::{self, CoordinatorStatus, HostedApp, PeerStatus, Request, Status};
+use super::control::{
+    self, CoordinatorStatus, CoordinatorTarget, HostedApp, PeerStatus, Request, Status,
+};
 use super::logic::{self, roster, Action, Machine};
 use super::state_dir::StateDir;
 use super::JoinOptions;
@@ -56,6 +58,67 @@ use tabbify_api::local::RelayStatus;
 
 /// A handshake that completed within this long means a live (direct) session.
 const LIVE_SESSION: Duration = Duration::from_secs(180);
+
+/// How long an ephemeral node that is stopping tries to leave before it exits anyway.
+const EPHEMERAL_LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The coordinator targets: each URL, and for a host name each address it resolves to
+/// (all with the URL's host as TLS server name). A name that does not resolve now stays
+/// one target, resolved at each connect. Duplicates are dropped.
+async fn coordinator_targets(
+    urls: &[String],
+    tls: Option<Arc<rustls::ClientConfig>>,
+    identity: Option<String>,
+) -> anyhow::Result<Vec<Client>> {
+    let mut out: Vec<Client> = Vec::new();
+    for url in urls {
+        let client = Client::new(url, tls.clone(), identity.clone())?;
+        let (host, port) = client.host_port();
+        let host = host.to_owned();
+        if host.parse::<IpAddr>().is_ok() {
+            out.push(client);
+            continue;
+        }
+        let looked: std::io::Result<Vec<SocketAddr>> =
+            match tokio::net::lookup_host((host.as_str(), port)).await {
+                Ok(addrs) => Ok(addrs.collect()),
+                Err(e) => Err(e),
+            };
+        match looked {
+            Ok(mut addrs) => {
+                addrs.dedup();
+                if addrs.len() > 1 {
+                    tracing::info!(%url, ?addrs, "the coordinator's name resolves to several addresses: each is a coordinator");
+                    out.extend(addrs.into_iter().map(|a| client.at(a)));
+                } else {
+                    out.push(client);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "cannot resolve the coordinator now; it is resolved again at each connect");
+                out.push(client);
+            }
+        }
+    }
+    out.dedup_by(|a, b| a.url() == b.url() && a.addr() == b.addr());
+    if out.is_empty() {
+        bail!("no coordinator given");
+    }
+    if out.len() > 1 {
+        for c in &mut out {
+            c.set_connect_timeout(super::client::FAILOVER_CONNECT_TIMEOUT);
+        }
+    }
+    Ok(out)
+}
+
+/// A target for logs and `status`: its URL, and its address when it is one of several.
+fn describe_target(c: &Client) -> String {
+    match c.addr() {
+        Some(a) => format!("{} ({a})", c.url()),
+        None => c.url().to_owned(),
+    }
+}
 
 /// The running joiner.
 pub struct Joiner {
@@ -68,7 +131,8 @@ pub struct Joiner {
     table: Arc<Table>,
     /// The engine's drop counters (for `status`).
     counters: Arc<DropCounters>,
-    client: Client,
+    /// The coordinator targets, in the order tried; the machine says which is in use.
+    targets: Vec<Client>,
     state: StateDir,
     /// The node's public key in use (replaced by a rotation).
     public_key: Mutex<[u8; 32]>,
@@ -77,6 +141,8 @@ pub struct Joiner {
     machine: Mutex<Machine>,
     /// Wakes [`Joiner::drive`] when the machine has new actions (an app change).
     wake: Notify,
+    /// The event log of the last roster stream (its ids mean something only there).
+    event_log: Mutex<Option<String>>,
     /// The STUN probe (`logic::nat`), driven by [`Joiner::run_probe`].
     probe: Mutex<logic::nat::Probe>,
     /// Wakes [`Joiner::run_probe`] when the server list changed or a re-probe is due.
@@ -95,6 +161,8 @@ pub struct Joiner {
     paths_wake: Notify,
     /// The mesh DNS stub (`None` with `--dns off`).
     dns: Option<Arc<super::dns::Service>>,
+    /// Where metrics are served (`None`: off or not bound).
+    metrics_addr: Option<SocketAddr>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -129,7 +197,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     // others is refused.
     let identity = member;
     let header_identity = opts.tls.is_none().then(|| opts.name.clone());
-    let client = Client::new(&opts.coordinator, tls.clone(), header_identity)?;
+    let targets = coordinator_targets(&opts.coordinators, tls.clone(), header_identity).await?;
     let state = StateDir::open(&opts.state_dir)?;
     // Before anything else: undo host DNS settings a crashed run left.
     super::dns::Service::recover(&opts.state_dir)?;
@@ -147,6 +215,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let peer_id = tabbify_api::ula::identity_peer_id(&identity);
     let apps = state.apps()?;
     let server = control::Server::bind(&opts.control_socket)?;
+    let metrics_listener = super::metrics::bind(opts.metrics).await?;
+    let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(key.0),
@@ -223,6 +293,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         apps,
         key_max_age: opts.key_max_age,
         rotate_at: Instant::now() + opts.key_max_age.saturating_sub(key_age),
+        coordinators: targets.len(),
     });
     let joiner = Arc::new(Joiner {
         machine: Mutex::new(machine),
@@ -232,12 +303,13 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         handshaker,
         table,
         counters: iface.counters(),
-        client,
+        targets,
         state,
         public_key: Mutex::new(public_key),
         peer_id,
         ula,
         wake: Notify::new(),
+        event_log: Mutex::new(None),
         probe: Mutex::new(logic::nat::Probe::new(Vec::new())),
         probe_wake: Notify::new(),
         stun_extra,
@@ -247,13 +319,21 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         measured: Mutex::new(Vec::new()),
         paths_wake: Notify::new(),
         dns,
+        metrics_addr,
     });
-    tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, coordinator = %joiner.client.url(), "joining");
+    let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
+    tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, ?coordinators, ephemeral = joiner.opts.ephemeral, "joining");
 
     let serve = server.serve(joiner.clone());
     let drive = joiner.clone().drive();
     let probe = joiner.clone().run_probe(stun_rx, probe_sender);
     let paths = joiner.clone().run_paths(relay_rx);
+    let metrics = {
+        let j = joiner.clone();
+        super::metrics::serve_opt(metrics_listener, move || {
+            super::metrics::render(&j.status(), unix_now())
+        })
+    };
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -262,13 +342,23 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
-    let result = tokio::select! {
-        stop = stopped => stop.into_result(),
-        _ = serve => Ok(()),
-        r = drive => r,
-        _ = probe => Ok(()),
-        _ = paths => Ok(()),
+    let (result, clean_stop) = tokio::select! {
+        stop = stopped => (stop.into_result(), true),
+        _ = serve => (Ok(()), false),
+        r = drive => (r, false),
+        _ = probe => (Ok(()), false),
+        _ = paths => (Ok(()), false),
+        _ = metrics => (Ok(()), false),
     };
+    // An ephemeral node that is stopped (SIGINT/SIGTERM) leaves the mesh, so its peers
+    // drop it now instead of at the coordinator's expiry.
+    if clean_stop && joiner.opts.ephemeral && joiner.lock().begin_leave().is_ok() {
+        match tokio::time::timeout(EPHEMERAL_LEAVE_TIMEOUT, joiner.leave()).await {
+            Ok(Ok(_)) => tracing::info!("ephemeral node stopped: left the mesh"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ephemeral node stopped without leaving"),
+            Err(_) => tracing::warn!("ephemeral node stopped: the leave request timed out"),
+        }
+    }
     drop(server);
     if let Some(dns) = &joiner.dns {
         dns.stop();
@@ -297,6 +387,10 @@ impl Joiner {
                 let action = self.lock().poll_action();
                 let Some(action) = action else { break };
                 if let Action::Exit(exit) = action {
+                    if exit == logic::Exit::Left {
+                        tracing::info!("left the mesh; exiting");
+                        return Ok(());
+                    }
                     bail!("{exit}");
                 }
                 self.apply(action, &mut stream).await;
@@ -384,11 +478,23 @@ impl Joiner {
                 // Resume after the roster the machine holds (from the registration that
                 // preceded this, or the stream before it).
                 let last_event_id = self.lock().roster().last_event_id;
+                let log = self
+                    .event_log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let r = self
-                    .client
-                    .stream(api::PATH_PEERS_STREAM, last_event_id)
+                    .client()
+                    .stream(
+                        api::PATH_PEERS_STREAM,
+                        last_event_id.map(|id| (id, log.as_deref())),
+                    )
                     .await;
-                let r = r.map(|s| *stream = Some(s));
+                let r = r.map(|s| {
+                    *self.event_log.lock().unwrap_or_else(|p| p.into_inner()) =
+                        s.event_log().map(str::to_owned);
+                    *stream = Some(s);
+                });
                 self.lock().handle_stream_opened(Instant::now(), r);
             }
             Action::CloseStream => *stream = None,
@@ -463,6 +569,45 @@ impl Joiner {
         }
     }
 
+    /// The coordinator in use.
+    fn client(&self) -> Client {
+        let i = self.lock().coordinator();
+        self.targets[i.min(self.targets.len() - 1)].clone()
+    }
+
+    /// Deregisters (`POST /v1/mesh/leave`): at the coordinator in use, then at the others
+    /// until one removes us. The machine's session was ended by `begin_leave`.
+    async fn leave(&self) -> Result<api::LeaveResponse, String> {
+        let first = self.lock().coordinator();
+        let n = self.targets.len();
+        let mut last = String::from("no coordinator");
+        for i in (0..n).map(|k| (first + k) % n) {
+            let target = &self.targets[i];
+            match target
+                .post::<_, api::LeaveResponse>(api::PATH_LEAVE, &api::LeaveRequest {})
+                .await
+            {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    tracing::warn!(coordinator = %describe_target(target), error = %e, "leave");
+                    last = e.to_string();
+                }
+            }
+        }
+        Err(format!("no coordinator removed us (last: {last})"))
+    }
+
+    /// `tabbify-mesh leave`: deregister, answer, then exit.
+    async fn leave_now(&self) -> Result<serde_json::Value, String> {
+        self.lock().begin_leave()?;
+        self.wake.notify_one();
+        let r = self.leave().await;
+        self.lock()
+            .handle_left(Instant::now(), r.as_ref().map(|_| ()).map_err(Clone::clone));
+        self.wake.notify_one();
+        serde_json::to_value(r?).map_err(|e| e.to_string())
+    }
+
     fn public_key(&self) -> [u8; 32] {
         *self.public_key.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -482,7 +627,7 @@ impl Joiner {
             new_public_key: b64(&new_public),
         };
         match self
-            .client
+            .client()
             .post::<_, RotateKeyResponse>(api::PATH_ROTATE_KEY, &req)
             .await
         {
@@ -964,8 +1109,9 @@ impl Joiner {
             } else {
                 None
             },
+            ephemeral: self.opts.ephemeral,
         };
-        self.client.post(api::PATH_REGISTER, &req).await
+        self.client().post(api::PATH_REGISTER, &req).await
     }
 
     /// Sends a heartbeat; also says whether it carried STUN mapped endpoints.
@@ -999,7 +1145,7 @@ impl Joiner {
             home_relay,
             paths: api::PathCounts { direct, relay },
         };
-        (self.client.post(api::PATH_HEARTBEAT, &req).await, mapped)
+        (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
 
     fn status(&self) -> Status {
@@ -1071,6 +1217,7 @@ impl Joiner {
             });
         }
         let connected = m.session().is_connected();
+        let in_use = m.coordinator().min(self.targets.len() - 1);
         let home_relay = paths.home().map(str::to_owned);
         let relays = paths
             .relays()
@@ -1098,7 +1245,18 @@ impl Joiner {
             driver: self.info.driver.to_string(),
             registered: connected,
             coordinator: CoordinatorStatus {
-                url: self.client.url().to_owned(),
+                url: self.targets[in_use].url().to_owned(),
+                address: self.targets[in_use].addr(),
+                targets: self
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| CoordinatorTarget {
+                        url: c.url().to_owned(),
+                        address: c.addr(),
+                        in_use: i == in_use,
+                    })
+                    .collect(),
                 connected,
                 last_event_id: m.roster().last_event_id,
             },
@@ -1131,6 +1289,7 @@ impl Joiner {
                 .collect(),
             unreachable_sent: self.counters.unreachable_sent(),
             dns: self.dns.as_ref().map(|d| d.status()),
+            metrics: self.metrics_addr.map(|a| a.to_string()),
         }
     }
 
@@ -1378,6 +1537,14 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// Unix time in seconds (metrics' `now`).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Time since the peer's last completed handshake.
 fn handshake_age(peer: &crate::core::peer::Peer) -> Option<Duration> {
     peer.lock().tunn.time_since_last_handshake()
@@ -1392,6 +1559,7 @@ impl control::Handler for Joiner {
             Request::AppAdd { uuid } => self.app_change(uuid, true),
             Request::AppRemove { uuid } => self.app_change(uuid, false),
             Request::RotateKey => self.rotate_now().await,
+            Request::Leave => self.leave_now().await,
         }
     }
 }

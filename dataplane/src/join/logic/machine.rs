@@ -23,6 +23,12 @@
 //! * losing the coordinator emits no table action: established tunnels keep working while
 //!   the machine re-registers with backoff (0.5 s doubling, capped at the heartbeat
 //!   interval, reset once a stream opens);
+//! * with several coordinators ([`super::failover`]) a failed request or stream moves to
+//!   the next one at once (backoff only once all failed in a row); an admitted node first
+//!   heartbeats there ([`Session::Resuming`]) and registers only if that coordinator
+//!   answers 404 (it does not know us), then reopens the stream with `Last-Event-ID`;
+//! * `leave` ([`Machine::begin_leave`]) ends the session before the request goes out, so
+//!   the stream the coordinator closes on our removal is not mistaken for an outage;
 //! * every input that depends on time takes `now`; the machine never reads a clock and
 //!   performs no I/O (it logs through `tracing`, as quinn-proto does);
 //! * at most one key rotation is in flight: [`Action::RotateKey`] (when the node key
@@ -37,6 +43,7 @@ use std::time::{Duration, Instant};
 use tabbify_api::{self as api, HeartbeatResponse, RegisterResponse, SseEvent};
 use uuid::Uuid;
 
+use super::failover::{Failover, Next};
 use super::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
 use super::session::{Grace, Session};
 use crate::core::filter::PortFilter;
@@ -88,6 +95,9 @@ pub struct Config {
     pub key_max_age: Duration,
     /// When the node key reaches `key_max_age` (from its age in the state directory).
     pub rotate_at: Instant,
+    /// How many coordinator targets there are (`--coordinator`, each address of a name
+    /// that resolves to several counting once); at least one.
+    pub coordinators: usize,
 }
 
 /// What the coordinator granted at the last registration.
@@ -129,6 +139,8 @@ pub enum Exit {
     Revoked(String),
     /// The coordinator refused the first registration (its message).
     Refused(String),
+    /// This node left the mesh (`tabbify-mesh leave`): the coordinator removed it.
+    Left,
 }
 
 impl fmt::Display for Exit {
@@ -136,6 +148,7 @@ impl fmt::Display for Exit {
         match self {
             Exit::Revoked(e) => write!(f, "this node was revoked by the coordinator: {e}"),
             Exit::Refused(e) => write!(f, "registration refused: {e}"),
+            Exit::Left => write!(f, "left the mesh"),
         }
     }
 }
@@ -143,14 +156,14 @@ impl fmt::Display for Exit {
 /// One thing for the shell to do, in the order given.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// `POST /v1/mesh/register`, with the join token when `with_token`; answer with
-    /// [`Machine::handle_registered`].
+    /// `POST /v1/mesh/register` to the current coordinator ([`Machine::coordinator`]),
+    /// with the join token when `with_token`; answer with [`Machine::handle_registered`].
     Register {
         /// Send the join token.
         with_token: bool,
     },
-    /// `POST /v1/mesh/heartbeat` advertising these app ULAs; answer with
-    /// [`Machine::handle_heartbeat`].
+    /// `POST /v1/mesh/heartbeat` advertising these app ULAs, to the current coordinator;
+    /// answer with [`Machine::handle_heartbeat`].
     Heartbeat {
         /// The hosted app ULAs to advertise.
         hosted_app_ulas: Vec<Ipv6Addr>,
@@ -258,12 +271,15 @@ pub struct Machine {
     /// An underlay change waits for the address set to settle until then
     /// ([`UNDERLAY_SETTLE`] after the last change).
     underlay_settle_until: Option<Instant>,
+    /// Which coordinator is in use.
+    failover: Failover,
     actions: VecDeque<Action>,
 }
 
 impl Machine {
     /// A machine about to register for the first time (queues [`Action::Register`]).
     pub fn new(config: Config) -> Self {
+        let coordinators = config.coordinators;
         let mut m = Self {
             roster: Roster::new(&config.peer_id),
             me: SelfView {
@@ -286,6 +302,7 @@ impl Machine {
             rotating: false,
             stream_idle_until: None,
             underlay_settle_until: None,
+            failover: Failover::new(coordinators),
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -380,9 +397,10 @@ impl Machine {
 
     /// The answer to [`Action::Heartbeat`].
     pub fn handle_heartbeat(&mut self, now: Instant, r: Result<HeartbeatResponse, ClientError>) {
-        let opening = match self.session {
-            Session::Opening { .. } => true,
-            Session::Connected { .. } => false,
+        let (opening, resuming) = match self.session {
+            Session::Opening { .. } => (true, false),
+            Session::Resuming => (true, true),
+            Session::Connected { .. } => (false, false),
             _ => return,
         };
         let resp = match r {
@@ -414,6 +432,19 @@ impl Machine {
                     .push_back(Action::Heartbeat { hosted_app_ulas });
                 return;
             }
+            // A coordinator we moved to does not know us: register with it (no backoff).
+            Err(ClientError::Status { status, .. })
+                if resuming && status == http::StatusCode::NOT_FOUND =>
+            {
+                tracing::info!(
+                    coordinator = self.failover.current(),
+                    "this coordinator does not know us: registering"
+                );
+                self.session = Session::Registering { with_token: false };
+                self.actions
+                    .push_back(Action::Register { with_token: false });
+                return;
+            }
             // Before the stream is open, any failure ends the attempt.
             Err(e) if opening => return self.lose_session(now, Err(e)),
             // The coordinator forgot us (restart, expiry): register again.
@@ -424,6 +455,10 @@ impl Machine {
                         "the coordinator no longer knows us".into(),
                     )),
                 );
+            }
+            // With another coordinator to go to, a failed request moves there at once.
+            Err(e) if e.is_transient() && self.failover.several() => {
+                return self.lose_session(now, Err(e));
             }
             Err(e) if e.is_transient() => {
                 // The stream notices a dead coordinator; a lost heartbeat is not fatal.
@@ -439,6 +474,10 @@ impl Machine {
         self.me.reflexive = Some(resp.reflexive_endpoint);
         if changed {
             self.reconcile(now);
+        }
+        if resuming {
+            // It knows us: no registration, and the stream resumes after our last event.
+            self.session = Session::Opening { grace: None };
         }
         if opening {
             self.actions.push_back(Action::OpenStream);
@@ -461,6 +500,7 @@ impl Machine {
         };
         self.stream_idle_until = Some(now + STREAM_IDLE_TIMEOUT);
         self.backoff = INITIAL_BACKOFF;
+        self.failover.connected();
         if std::mem::take(&mut self.heartbeat_pending) {
             self.push_heartbeat();
         }
@@ -540,7 +580,9 @@ impl Machine {
             Session::Disconnected { retry_at } => *retry_at = now,
             // A request in flight may have left from the old address: heartbeat again
             // once the stream is open.
-            Session::Registering { .. } | Session::Opening { .. } => self.heartbeat_pending = true,
+            Session::Registering { .. } | Session::Opening { .. } | Session::Resuming => {
+                self.heartbeat_pending = true
+            }
             Session::Ended => {}
         }
     }
@@ -568,8 +610,17 @@ impl Machine {
                 ))),
             );
         }
-        let (mut grace_over, mut heartbeat) = (false, false);
+        let (mut grace_over, mut heartbeat, mut resume) = (false, false, false);
         match &mut self.session {
+            // An admitted node with several coordinators heartbeats first: the one it
+            // moved to may know it already (a shared database), and then neither a
+            // registration nor a full roster is needed.
+            Session::Disconnected { retry_at }
+                if now >= *retry_at && self.grant.is_some() && self.failover.several() =>
+            {
+                self.session = Session::Resuming;
+                resume = true;
+            }
             Session::Disconnected { retry_at } if now >= *retry_at => {
                 let with_token = self.grant.is_none();
                 self.session = Session::Registering { with_token };
@@ -593,7 +644,7 @@ impl Machine {
         if grace_over {
             self.reconcile(now);
         }
-        if heartbeat {
+        if heartbeat || resume {
             self.push_heartbeat();
         }
         if self.session.is_connected() && !self.rotating && now >= self.rotate_at {
@@ -631,6 +682,43 @@ impl Machine {
                 self.rotate_at = now + ROTATION_RETRY.min(self.config.key_max_age);
             }
         }
+    }
+
+    /// `tabbify-mesh leave` (or an ephemeral node stopping): the session ends now, so the
+    /// stream the coordinator closes when it removes us is not taken for an outage and
+    /// nothing registers again. `Err` (for the user) when there is nothing to leave. The
+    /// caller sends the request and reports with [`Machine::handle_left`].
+    pub fn begin_leave(&mut self) -> Result<(), String> {
+        if self.grant.is_none() {
+            return Err("not registered with the coordinator yet; nothing to leave".into());
+        }
+        if self.session == Session::Ended {
+            return Err("the joiner is stopping already".into());
+        }
+        self.session = Session::Ended;
+        self.stream_idle_until = None;
+        self.actions.push_back(Action::CloseStream);
+        Ok(())
+    }
+
+    /// How the leave request ended: on `Ok` the joiner exits ([`Exit::Left`]); on `Err`
+    /// (no coordinator reached) it stays in the mesh and registers again at once.
+    pub fn handle_left(&mut self, now: Instant, r: Result<(), String>) {
+        if self.session != Session::Ended {
+            return;
+        }
+        match r {
+            Ok(()) => self.actions.push_back(Action::Exit(Exit::Left)),
+            Err(e) => {
+                tracing::warn!(error = %e, "leave failed; staying in the mesh");
+                self.session = Session::Disconnected { retry_at: now };
+            }
+        }
+    }
+
+    /// The coordinator target in use (an index into the shell's list).
+    pub fn coordinator(&self) -> usize {
+        self.failover.current()
     }
 
     /// Whether an app may be added now: `Err` is the message for the user.
@@ -723,7 +811,7 @@ impl Machine {
         match r {
             Ok(()) => tracing::warn!("coordinator closed the roster stream; reconnecting"),
             Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, retry_in = ?self.backoff, "coordinator");
+                tracing::warn!(coordinator = self.failover.current(), error = %e, "coordinator");
             }
             Err(e) => {
                 if e.code() == Some("revoked") {
@@ -739,14 +827,32 @@ impl Machine {
                         .push_back(Action::Exit(Exit::Refused(e.to_string())));
                     return;
                 }
-                tracing::error!(error = %e, retry_in = ?self.backoff, "coordinator refused us; retrying");
+                tracing::error!(coordinator = self.failover.current(), error = %e, "coordinator refused us; retrying");
             }
         }
-        self.session = Session::Disconnected {
-            retry_at: now + self.backoff,
+        self.retry_elsewhere(now);
+    }
+
+    /// Disconnected: the next coordinator is tried at once, or, once every one failed in
+    /// a row (always, with one coordinator), after the backoff.
+    fn retry_elsewhere(&mut self, now: Instant) {
+        let retry_at = match self.failover.failed() {
+            Next::Now => {
+                tracing::info!(
+                    coordinator = self.failover.current(),
+                    "moving to the next coordinator"
+                );
+                now
+            }
+            Next::Backoff => {
+                tracing::info!(retry_in = ?self.backoff, "trying the coordinator again after the backoff");
+                let at = now + self.backoff;
+                let cap = self.heartbeat.max(Duration::from_secs(1));
+                self.backoff = (self.backoff * 2).min(cap);
+                at
+            }
         };
-        let cap = self.heartbeat.max(Duration::from_secs(1));
-        self.backoff = (self.backoff * 2).min(cap);
+        self.session = Session::Disconnected { retry_at };
     }
 
     /// A registration answer that names another ULA or peer id than our identity derives:
@@ -765,12 +871,8 @@ impl Machine {
             self.actions.push_back(Action::Exit(Exit::Refused(reason)));
             return;
         }
-        tracing::error!(%reason, retry_in = ?self.backoff, "registration answer refused; retrying");
-        self.session = Session::Disconnected {
-            retry_at: now + self.backoff,
-        };
-        let cap = self.heartbeat.max(Duration::from_secs(1));
-        self.backoff = (self.backoff * 2).min(cap);
+        tracing::error!(%reason, "registration answer refused; retrying");
+        self.retry_elsewhere(now);
     }
 
     fn apps_changed(&mut self) {
@@ -1044,6 +1146,7 @@ mod tests {
             apps,
             key_max_age: Duration::from_secs(90 * 86_400),
             rotate_at: Instant::now() + Duration::from_secs(90 * 86_400),
+            coordinators: 1,
         }
     }
 
@@ -1152,6 +1255,193 @@ mod tests {
                 | Action::ClearPeers
                 | Action::Routes { .. }
         )
+    }
+
+    /// A machine told of `n` coordinator targets.
+    fn with_coordinators(n: usize) -> Machine {
+        let mut cfg = config(true, vec![]);
+        cfg.coordinators = n;
+        Machine::new(cfg)
+    }
+
+    fn tls_refused() -> ClientError {
+        ClientError::Transport("TLS: invalid peer certificate: UnknownIssuer".into())
+    }
+
+    /// Issue 14: the coordinator in use dies (its stream breaks); the joiner moves to the
+    /// next one at once, heartbeats there first, and, known there, reopens the stream with
+    /// the last event id it applied; the table is never touched, and a snapshot of the
+    /// same roster afterwards changes nothing.
+    #[test]
+    fn a_dead_coordinator_is_left_at_once_for_one_that_knows_us_without_touching_the_table() {
+        let t = Instant::now();
+        let mut m = with_coordinators(2);
+        connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
+        m.handle_event(t, Some(41), SseEvent::PeerUpsert(entry("a", 1)));
+        drain(&mut m);
+        assert_eq!(m.coordinator(), 0);
+        let died = t + 3 * SEC;
+        m.handle_stream_closed(died, Err(unreachable()));
+        assert_eq!(drain(&mut m), vec![Action::CloseStream]);
+        assert_eq!(m.coordinator(), 1);
+        assert_eq!(
+            m.poll_timeout(),
+            Some(died),
+            "no backoff on the first failover"
+        );
+        m.handle_timeout(died);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Heartbeat {
+                hosted_app_ulas: vec![]
+            }],
+            "an admitted node heartbeats first, it does not register"
+        );
+        assert_eq!(m.session(), &Session::Resuming);
+        m.handle_heartbeat(died + 10 * MS, Ok(beat("203.0.113.9:51820")));
+        assert_eq!(drain(&mut m), vec![Action::OpenStream]);
+        assert_eq!(m.roster().last_event_id, Some(41), "resumes after event 41");
+        m.handle_stream_opened(died + 20 * MS, Ok(()));
+        assert!(m.session().is_connected());
+        assert_eq!(drain(&mut m), vec![]);
+        // The new coordinator chose a snapshot: the same peers, so nothing changes.
+        let snap = RosterSnapshot {
+            policy_revision: 1,
+            peers: vec![entry("b", 2), entry("a", 1)],
+        };
+        m.handle_event(died + 30 * MS, Some(7), SseEvent::Snapshot(snap));
+        assert_eq!(drain(&mut m), vec![]);
+    }
+
+    /// Issue 14: the coordinator moved to does not know us (its own state): 404 to the
+    /// heartbeat, so we register there, without the spent token; the fresh stream starts
+    /// with a snapshot (no event id of the other coordinator), and grace keeps the peers
+    /// that have not re-registered there yet.
+    #[test]
+    fn a_coordinator_that_does_not_know_us_gets_a_registration_and_grace_keeps_our_peers() {
+        let t = Instant::now();
+        let mut m = with_coordinators(2);
+        connect(&mut m, t, vec![entry("a", 1), entry("b", 2)]);
+        m.handle_event(t, Some(41), SseEvent::PeerUpsert(entry("a", 1)));
+        drain(&mut m);
+        m.handle_stream_closed(t, Ok(()));
+        drain(&mut m);
+        m.handle_timeout(t);
+        drain(&mut m);
+        m.handle_heartbeat(t, Err(refused(StatusCode::NOT_FOUND, "not_registered")));
+        assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
+        assert_eq!(
+            m.coordinator(),
+            1,
+            "registers with the new one, no failover"
+        );
+        m.handle_registered(t, Ok(registered(vec![entry("a", 1)])));
+        let a = drain(&mut m);
+        assert!(!a.iter().any(is_table_action), "{a:?}");
+        assert_eq!(m.roster().last_event_id, None);
+        m.handle_heartbeat(t, Ok(beat("203.0.113.9:51820")));
+        assert_eq!(drain(&mut m), vec![Action::OpenStream]);
+        m.handle_stream_opened(t, Ok(()));
+        assert!(m.session().is_connected());
+    }
+
+    #[test]
+    fn once_every_coordinator_failed_in_a_row_the_machine_backs_off() {
+        let t = Instant::now();
+        let mut m = with_coordinators(2);
+        connect(&mut m, t, vec![]);
+        m.handle_stream_closed(t, Err(unreachable()));
+        drain(&mut m);
+        m.handle_timeout(t);
+        drain(&mut m);
+        // The second one is down too.
+        m.handle_heartbeat(t + SEC, Err(unreachable()));
+        assert_eq!(drain(&mut m), vec![Action::CloseStream]);
+        assert_eq!(m.coordinator(), 0, "round robin: the first is tried again");
+        assert_eq!(m.poll_timeout(), Some(t + SEC + INITIAL_BACKOFF));
+        m.handle_timeout(t + SEC + INITIAL_BACKOFF);
+        drain(&mut m);
+        m.handle_heartbeat(t + 2 * SEC, Ok(beat("203.0.113.9:51820")));
+        drain(&mut m);
+        m.handle_stream_opened(t + 2 * SEC, Ok(()));
+        // A stream opened: a new round, the next failure moves on at once again.
+        m.handle_stream_closed(t + 3 * SEC, Ok(()));
+        drain(&mut m);
+        assert_eq!((m.coordinator(), m.poll_timeout()), (1, Some(t + 3 * SEC)));
+    }
+
+    #[test]
+    fn a_failed_heartbeat_moves_on_only_when_there_is_another_coordinator() {
+        let t = Instant::now();
+        let mut one = with_coordinators(1);
+        connect(&mut one, t, vec![]);
+        one.handle_heartbeat(t + 10 * SEC, Err(unreachable()));
+        assert_eq!(drain(&mut one), vec![]);
+        assert!(one.session().is_connected(), "the stream decides");
+        let mut two = with_coordinators(2);
+        connect(&mut two, t, vec![]);
+        two.handle_heartbeat(t + 10 * SEC, Err(refused(StatusCode::BAD_GATEWAY, "")));
+        assert_eq!(drain(&mut two), vec![Action::CloseStream]);
+        assert_eq!(
+            (two.coordinator(), two.poll_timeout()),
+            (1, Some(t + 10 * SEC))
+        );
+    }
+
+    /// Attacker: a coordinator in the list that presents a certificate from another CA is
+    /// refused by TLS, and the joiner moves on to the next one at once, also before its
+    /// first admission (the refusal is no reason to exit).
+    #[test]
+    fn a_coordinator_with_a_foreign_certificate_is_skipped_at_once() {
+        let t = Instant::now();
+        let mut m = with_coordinators(2);
+        assert_eq!(drain(&mut m), vec![Action::Register { with_token: true }]);
+        m.handle_registered(t, Err(tls_refused()));
+        assert_eq!(drain(&mut m), vec![Action::CloseStream]);
+        assert_eq!((m.coordinator(), m.poll_timeout()), (1, Some(t)));
+        m.handle_timeout(t);
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Register { with_token: true }],
+            "not admitted yet: it registers, with the token"
+        );
+        m.handle_registered(t, Ok(registered(vec![])));
+        drain(&mut m);
+        assert!(m.grant().is_some());
+    }
+
+    /// `tabbify-mesh leave`: the session ends first, so the stream the coordinator closes
+    /// on our removal registers nothing; success exits, failure stays in the mesh.
+    #[test]
+    fn leaving_ends_the_session_and_exits_once_the_coordinator_removed_us() {
+        let t = Instant::now();
+        let mut m = with_coordinators(2);
+        assert!(
+            m.begin_leave().is_err(),
+            "nothing to leave before admission"
+        );
+        connect(&mut m, t, vec![entry("a", 1)]);
+        assert!(m.begin_leave().is_ok());
+        assert!(m.begin_leave().is_err(), "once");
+        assert_eq!(drain(&mut m), vec![Action::CloseStream]);
+        m.handle_stream_closed(t, Ok(()));
+        m.handle_timeout(t + 60 * SEC);
+        assert_eq!(drain(&mut m), vec![], "no failover, no registration");
+        m.handle_left(t, Ok(()));
+        assert_eq!(drain(&mut m), vec![Action::Exit(Exit::Left)]);
+
+        let mut m = with_coordinators(1);
+        connect(&mut m, t, vec![entry("a", 1)]);
+        m.begin_leave().unwrap();
+        drain(&mut m);
+        m.handle_left(t, Err("unreachable".into()));
+        assert_eq!(
+            m.poll_timeout(),
+            Some(t),
+            "stays, and registers again at once"
+        );
+        m.handle_timeout(t);
+        assert_eq!(drain(&mut m), vec![Action::Register { with_token: false }]);
     }
 
     #[test]

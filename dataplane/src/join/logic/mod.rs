@@ -7,6 +7,7 @@
 //! * [`paths`] — path selection per peer (direct or relay, why, which relay) and the
 //!   relays the joiner may use.
 //! * [`session`] — where the joiner stands with the coordinator: one enum.
+//! * [`failover`] — which of several coordinators is in use, and when to move on.
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
 //!   ticks in (each with `now`); table, route, handshake and coordinator requests out.
 //!
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod failover;
 pub mod machine;
 pub mod nat;
 pub mod paths;

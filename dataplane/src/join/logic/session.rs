@@ -4,11 +4,15 @@
 //!              ┌──────── refused before any admission, or revoked ───────▶ Ended
 //!              │
 //! Registering ─┴─ok─▶ Opening ─heartbeat ok, stream open─▶ Connected
-//!      ▲                 │                                    │
-//!      │                 └──── any failure ───┐   ┌── stream ends, heartbeat 404,
-//!      │                                      ▼   ▼   refusal, transient open failure
-//!      └──────────── retry_at reached ──── Disconnected
+//!      ▲   ▲             │  ▲                                 │
+//!      │   └─404─ Resuming ─┘ok   ┌── any failure ──┐   ┌── stream ends, heartbeat 404,
+//!      │            ▲             ▼                 ▼   ▼   refusal, transient failure
+//!      │            └── admitted, several ── Disconnected
+//!      └──────────── retry_at reached ────────────┘
 //! ```
+//!
+//! `retry_at` is now when another coordinator is left to try, else after the backoff
+//! ([`super::failover`]). `leave` goes to `Ended` from any state.
 //!
 //! `status` reports `registered` and `coordinator.connected` as [`Session::is_connected`]:
 //! both are true exactly while the roster stream is open.
@@ -30,6 +34,10 @@ pub enum Session {
         /// Missing peers kept after a re-registration.
         grace: Option<Grace>,
     },
+    /// An admitted node moved to another coordinator: a heartbeat is out to it. `Ok`: it
+    /// knows us (a shared database), so the stream is opened with `Last-Event-ID`; 404:
+    /// it does not, so we register with it.
+    Resuming,
     /// The roster stream is open; heartbeats go out every `period` from `next_heartbeat`.
     Connected {
         /// Missing peers kept after a re-registration.
@@ -45,7 +53,7 @@ pub enum Session {
         /// When to register again.
         retry_at: Instant,
     },
-    /// Revoked, or refused before ever being admitted: the joiner exits.
+    /// Revoked, refused before ever being admitted, or leaving: the joiner exits.
     Ended,
 }
 

@@ -1,0 +1,585 @@
+//! Members and the event log in the database (issue 14, slice 2): two coordinators in one
+//! process on one PostgreSQL (started by the test; Debian `postgresql`), and one
+//! coordinator restarted on its SQLite database.
+//!
+//! What is checked: a member registered on one coordinator is in the other's rosters and
+//! streams; a heartbeat that changes it on the other reaches the first's streams; a
+//! `Last-Event-ID` from one resumes on the other without a snapshot; an unchanged
+//! heartbeat writes nothing; expiry with two coordinators is one event; a database outage
+//! refuses writes (503) and serves reads, and the streams catch up with events when it
+//! returns; an SQLite coordinator restarts with its members. The attacker: a member with a
+//! valid certificate racing a coordinator that has not caught up cannot take an app or a
+//! key bound through the other coordinator — the database refuses.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+#[path = "../../tests/src/postgres.rs"]
+mod postgres;
+
+use std::time::{Duration, Instant};
+
+use common::{key_for, register_body, EventStream, Harness, Pki};
+use serde_json::json;
+use tabbify_control::api::SseEvent;
+use tabbify_control::storage::Database;
+
+fn pg() -> postgres::Postgres {
+    postgres::Postgres::start().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Two coordinators on one database, each following the other.
+struct Pair {
+    a: Harness,
+    b: Harness,
+    _follow: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn pair(db: &Database, tweak: fn(&mut tabbify_control::server::Config)) -> Pair {
+    let pki = Pki::new();
+    let a = Harness::start_with_pki(pki.clone(), |c| {
+        c.database = Some(db.clone());
+        tweak(c);
+    })
+    .await;
+    let b = Harness::start_with_pki(pki, |c| {
+        c.database = Some(db.clone());
+        tweak(c);
+    })
+    .await;
+    let follow = vec![
+        tabbify_control::follow::spawn(&a.coord).unwrap().unwrap(),
+        tabbify_control::follow::spawn(&b.coord).unwrap().unwrap(),
+    ];
+    Pair {
+        a,
+        b,
+        _follow: follow,
+    }
+}
+
+/// The next event on `s` that `pick` accepts (others are skipped), within 1 s.
+async fn within_1s<T>(s: &mut EventStream, pick: impl Fn(u64, &SseEvent) -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        let left = Duration::from_secs(1).saturating_sub(started.elapsed());
+        let frame = s
+            .try_next(left)
+            .await
+            .unwrap_or_else(|| panic!("no matching event within 1 s"))
+            .expect("stream ended");
+        let id: u64 = frame.id.as_deref().unwrap().parse().unwrap();
+        let ev = SseEvent::parse(&frame.event, &frame.data).unwrap();
+        if let Some(v) = pick(id, &ev) {
+            return v;
+        }
+    }
+}
+
+fn count(pg: &postgres::Postgres, db: &str, sql: &str) -> u64 {
+    pg.psql(db, sql).unwrap().trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_shared_through_postgres_and_streams_resume_on_any_coordinator() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("roster").unwrap());
+    let Pair { a, b, .. } = pair(&db, |_| {}).await;
+
+    // Supervisors see nodes; one streams from each coordinator.
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let s2 = b.join("s2", &["supervisor"]).await;
+    let mut on_a = s1.client.stream(None).await;
+    let mut on_b = s2.client.stream(None).await;
+    assert!(matches!(on_a.next_event().await.1, SseEvent::Snapshot(_)));
+    assert!(matches!(on_b.next_event().await.1, SseEvent::Snapshot(_)));
+
+    // Registered on A: in B's stream and B's roster.
+    let n1 = a.join("n1", &["node"]).await;
+    let id_b = within_1s(&mut on_b, |id, e| match e {
+        SseEvent::PeerUpsert(p) if p.peer_id == n1.id => Some(id),
+        _ => None,
+    })
+    .await;
+    let (st, v) = s2.client.get("/v1/mesh/peers").await;
+    assert_eq!(st, 200, "{v}");
+    assert!(common::ids(&v["peers"]).contains(&n1.id), "{v}");
+    // The same event has the same id on A (the change-log id).
+    let id_a = within_1s(&mut on_a, |id, e| match e {
+        SseEvent::PeerUpsert(p) if p.peer_id == n1.id => Some(id),
+        _ => None,
+    })
+    .await;
+    assert_eq!(id_a, id_b, "event ids come from the database");
+
+    // n1's heartbeat on B (it was never registered there) changes its endpoints: A's
+    // stream gets the upsert.
+    let n1_on_b = b.client("n1");
+    let (st, v) = n1_on_b
+        .post(
+            "/v1/mesh/heartbeat",
+            json!({"peer_id": n1.id, "endpoints": ["127.0.0.1:40000"]}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let last_on_a = within_1s(&mut on_a, |id, e| match e {
+        SseEvent::PeerUpsert(p) if p.peer_id == n1.id => {
+            assert_eq!(p.endpoints[0].port(), 40000);
+            Some(id)
+        }
+        _ => None,
+    })
+    .await;
+
+    // An unchanged heartbeat writes no row: the change log does not grow and the stored
+    // member (including last_seen) stays as it was.
+    let log_before = count(&pg, "roster", "SELECT count(*) FROM change_log");
+    let member_before = pg
+        .psql(
+            "roster",
+            "SELECT body || last_seen || stale FROM members ORDER BY peer_id",
+        )
+        .unwrap();
+    for _ in 0..3 {
+        let (st, v) = n1_on_b
+            .post(
+                "/v1/mesh/heartbeat",
+                json!({"peer_id": n1.id, "endpoints": ["127.0.0.1:40000"]}),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+        b.clock.advance_ms(1_000);
+    }
+    b.coord.sweep();
+    assert_eq!(
+        count(&pg, "roster", "SELECT count(*) FROM change_log"),
+        log_before
+    );
+    assert_eq!(
+        pg.psql(
+            "roster",
+            "SELECT body || last_seen || stale FROM members ORDER BY peer_id"
+        )
+        .unwrap(),
+        member_before
+    );
+
+    // More happens while s1 is away: n2 joins on B.
+    drop(on_a);
+    let n2 = b.join("n2", &["node"]).await;
+    // s1 resumes on B with the id it last saw on A: the missed events, no snapshot.
+    // With the event log A named (the database's, so B's too).
+    let (head_a, _) = s1.client.stream_with(&[]).await;
+    let log = head_a[tabbify_control::api::EVENT_LOG_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let last = last_on_a.to_string();
+    let (head_b, mut resumed) = b
+        .client("s1")
+        .stream_with(&[
+            ("last-event-id", &last),
+            (tabbify_control::api::EVENT_LOG_HEADER, &log),
+        ])
+        .await;
+    assert_eq!(
+        head_b[tabbify_control::api::EVENT_LOG_HEADER]
+            .to_str()
+            .unwrap(),
+        log,
+        "one event log per database"
+    );
+    let (id, ev) = resumed.next_event().await;
+    match ev {
+        SseEvent::PeerUpsert(p) => assert_eq!(p.peer_id, n2.id),
+        other => panic!("expected the missed upsert, got {other:?}"),
+    }
+    assert!(id > last_on_a);
+    assert_eq!(resumed.comments, 1, "the `: resumed` comment");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_with_two_coordinators_is_one_event_on_every_stream() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("expiry").unwrap());
+    let Pair { a, b, .. } = pair(&db, |c| {
+        c.heartbeat_interval = Duration::from_secs(1);
+        c.stale_after = Duration::from_secs(10);
+    })
+    .await;
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let s2 = b.join("s2", &["supervisor"]).await;
+    let n1 = a.join("n1", &["node"]).await;
+    let mut on_a = s1.client.stream(None).await;
+    let mut on_b = s2.client.stream(None).await;
+    on_a.next_event().await;
+    on_b.next_event().await;
+    let (mut stale, mut removed) = (0, 0);
+    // 30 s in 2 s steps: the supervisors keep heartbeating (unchanged), n1 does not.
+    for _ in 0..15 {
+        a.clock.advance_ms(2_000);
+        b.clock.advance_ms(2_000);
+        assert_eq!(
+            s1.heartbeat(json!({"endpoints": ["127.0.0.1:51820"]}))
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            s2.heartbeat(json!({"endpoints": ["127.0.0.1:51820"]}))
+                .await
+                .0,
+            200
+        );
+        for c in [&a.coord, &b.coord] {
+            let out = c.sweep();
+            assert!(!out.stale.contains(&s1.id) && !out.stale.contains(&s2.id));
+            stale += out.stale.len();
+            removed += out.removed.len();
+        }
+    }
+    assert_eq!((stale, removed), (1, 1), "one coordinator ran each expiry");
+    for s in [&mut on_a, &mut on_b] {
+        let mut events = Vec::new();
+        while let Some(Some(f)) = s.try_next(Duration::from_millis(1500)).await {
+            events.push(SseEvent::parse(&f.event, &f.data).unwrap());
+        }
+        let marks = events
+            .iter()
+            .filter(|e| matches!(e, SseEvent::PeerUpsert(p) if p.peer_id == n1.id && p.stale))
+            .count();
+        let removals = events
+            .iter()
+            .filter(|e| matches!(e, SseEvent::PeerRemove(r) if r.peer_id == n1.id && r.reason == "expired"))
+            .count();
+        assert_eq!((marks, removals), (1, 1), "{events:?}");
+    }
+    assert_eq!(count(&pg, "expiry", "SELECT count(*) FROM members"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_database_a_coordinator_serves_reads_and_catches_up_with_events() {
+    let mut pg = pg();
+    let db = Database::Postgres(pg.create_database("outage2").unwrap());
+    let Pair { a, b, .. } = pair(&db, |_| {}).await;
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let n1 = a.join("n1", &["node"]).await;
+    let token = b.token(&["node"]).await;
+    let mut on_a = s1.client.stream(None).await;
+    assert!(matches!(on_a.next_event().await.1, SseEvent::Snapshot(_)));
+    let stop = tokio::task::spawn_blocking(move || {
+        pg.stop().unwrap();
+        pg
+    });
+    let mut pg = stop.await.unwrap();
+    // Reads and unchanged heartbeats are answered from memory; writes are refused.
+    assert_eq!(s1.roster_ids().await, vec![n1.id.clone()]);
+    let (st, v) = n1
+        .heartbeat(json!({"endpoints": ["127.0.0.1:51820"]}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = n1
+        .heartbeat(json!({"endpoints": ["127.0.0.1:41000"]}))
+        .await;
+    assert_eq!((st, v["code"].as_str()), (503, Some("unavailable")), "{v}");
+    let (st, v) = a
+        .admin()
+        .post("/v1/tokens", json!({"tags": ["node"]}))
+        .await;
+    assert_eq!((st, v["code"].as_str()), (503, Some("unavailable")), "{v}");
+    // The refused heartbeat changed nothing anyone sees.
+    let (_, v) = s1.client.get("/v1/mesh/peers").await;
+    assert_eq!(v["peers"][0]["endpoints"], json!(["127.0.0.1:51820"]));
+    let start = tokio::task::spawn_blocking(move || {
+        pg.start_server().unwrap();
+        pg
+    });
+    let _pg = start.await.unwrap();
+    // Once it is back, a member joins on B; A's stream gets it as an event (a catch-up,
+    // not a resync).
+    let n2 = b.client("n2");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, v) = n2
+            .post(
+                "/v1/mesh/register",
+                register_body("n2", &key_for("n2"), &["node"], &token),
+            )
+            .await;
+        if st == 200 {
+            break;
+        }
+        assert_eq!(st, 503, "{v}");
+        assert!(Instant::now() < deadline, "writes not back: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    loop {
+        let f = on_a
+            .try_next(Duration::from_secs(5))
+            .await
+            .expect("no event after the outage")
+            .expect("stream ended");
+        match SseEvent::parse(&f.event, &f.data).unwrap() {
+            SseEvent::PeerUpsert(p) if p.identity == "n2" => break,
+            SseEvent::Snapshot(_) | SseEvent::Policy(_) => panic!("a resync after the outage"),
+            _ => {}
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sqlite_coordinator_restarts_with_its_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let state = dir.path().to_owned();
+    let (n1_id, n2_id) = {
+        let h = Harness::start_with_pki(pki.clone(), |c| c.state_dir = Some(state.clone())).await;
+        let n1 = h.join("n1", &["supervisor"]).await;
+        let n2 = h.join("n2", &["node"]).await;
+        let (st, _) = n2
+            .heartbeat(json!({"endpoints": ["127.0.0.1:42000"]}))
+            .await;
+        assert_eq!(st, 200);
+        // A revoked member and one whose key was cleared leave the stored roster too.
+        h.join("n3", &["node"]).await;
+        h.join("n4", &["node"]).await;
+        assert_eq!(h.admin().delete("/v1/identities/n3").await.0, 200);
+        assert_eq!(h.admin().delete("/v1/identities/n4/key").await.0, 200);
+        (n1.id, n2.id)
+    };
+    let h = Harness::start_with_pki(pki, |c| c.state_dir = Some(state.clone())).await;
+    // Nobody registered again: the roster came from the database.
+    let n1 = h.client("n1");
+    let (st, v) = n1.get("/v1/mesh/peers").await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(common::ids(&v["peers"]), vec![n2_id.clone()]);
+    assert_eq!(v["peers"][0]["endpoints"], json!(["127.0.0.1:42000"]));
+    let (st, v) = n1
+        .post(
+            "/v1/mesh/heartbeat",
+            json!({"peer_id": n1_id, "endpoints": ["127.0.0.1:51820"]}),
+        )
+        .await;
+    assert_eq!(st, 200, "a known member's heartbeat after the restart: {v}");
+    // A Last-Event-ID from before the restart gets a snapshot, never a wrong replay.
+    let mut s = n1.stream(Some(3)).await;
+    assert!(matches!(s.next_event().await.1, SseEvent::Snapshot(_)));
+}
+
+/// The attacker: a member with a valid certificate uses a coordinator that has not
+/// caught up (no follower, no commit since) to claim an app, or register a key, that the
+/// other coordinator bound. The database refuses both; nothing changes anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_coordinator_cannot_hand_over_an_app_or_key_bound_on_the_other() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("steal").unwrap());
+    let pki = Pki::new();
+    let a = Harness::start_with_pki(pki.clone(), |c| c.database = Some(db.clone())).await;
+    let b = Harness::start_with_pki(pki, |c| c.database = Some(db.clone())).await;
+    // B does not follow the change log. Mallory joins on B, and gets a token there, before
+    // the victim does anything.
+    let mallory = b.join("mallory", &["supervisor"]).await;
+    let token = b.token(&["node"]).await;
+    // The victim, on A, hosts an app.
+    let victim = a.join("victim", &["supervisor"]).await;
+    let app = tabbify_control::ula::app_ula(&uuid::Uuid::from_u128(7));
+    let (st, v) = victim
+        .heartbeat(json!({"endpoints": ["127.0.0.1:51820"], "hosted_app_ulas": [app]}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // Mallory claims the app through B, which believes it free.
+    let (st, v) = mallory
+        .heartbeat(json!({"endpoints": ["127.0.0.1:51820"], "hosted_app_ulas": [app]}))
+        .await;
+    assert_eq!((st, v["code"].as_str()), (409, Some("conflict")), "{v}");
+    // And registers the victim's key under another identity through B.
+    let (st, v) = b
+        .client("mallory2")
+        .post(
+            "/v1/mesh/register",
+            register_body("mallory2", &victim.key, &["node"], &token),
+        )
+        .await;
+    assert_eq!(st, 409, "{v}");
+    let holder = pg.psql("steal", "SELECT peer_id FROM member_apps").unwrap();
+    assert_eq!(holder.trim(), victim.id);
+    let owner = pg
+        .psql(
+            "steal",
+            &format!(
+                "SELECT identity FROM identity_keys WHERE key = '{}'",
+                common::b64(&victim.key)
+            ),
+        )
+        .unwrap();
+    assert_eq!(owner.trim(), "victim");
+    assert_eq!(count(&pg, "steal", "SELECT count(*) FROM members"), 2);
+    // A fresh coordinator reads the truth: the app is the victim's.
+    let c = Harness::start_with_pki(a.pki.clone(), |c| c.database = Some(db.clone())).await;
+    let ops = c.join("ops1", &["ops"]).await;
+    let (_, v) = ops.client.get("/v1/mesh/peers").await;
+    let entry = v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == victim.id.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(entry["hosted_app_ulas"], json!([app]));
+}
+
+/// The change log is pruned by the expiry-lock holder (here: to the newest 3 entries),
+/// the newest entry always stays, and a `Last-Event-ID` from before the pruned horizon on
+/// a coordinator that never saw those events gets a snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_is_pruned_and_an_old_event_id_gets_a_snapshot() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("prune").unwrap());
+    let Pair { a, .. } = pair(&db, |c| c.change_log_keep = (Duration::from_secs(3600), 3)).await;
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let mut stream = s1.client.stream(None).await;
+    let (first, _) = stream.next_event().await;
+    for i in 0..4 {
+        a.join(&format!("n{i}"), &["node"]).await;
+    }
+    assert!(count(&pg, "prune", "SELECT count(*) FROM change_log") > 3);
+    let newest = count(&pg, "prune", "SELECT max(id) FROM change_log");
+    a.coord.sweep();
+    assert_eq!(count(&pg, "prune", "SELECT count(*) FROM change_log"), 3);
+    assert_eq!(
+        count(&pg, "prune", "SELECT max(id) FROM change_log"),
+        newest
+    );
+    // A coordinator started now continues the ids and cannot replay what was pruned.
+    let c = Harness::start_with_pki(a.pki.clone(), |c| c.database = Some(db.clone())).await;
+    let mut s = c.client("s1").stream(Some(first)).await;
+    match s.next_event().await {
+        (id, SseEvent::Snapshot(p)) => {
+            assert_eq!(id, newest);
+            assert_eq!(p.peers.len(), 4);
+        }
+        other => panic!("expected a snapshot, got {other:?}"),
+    }
+}
+
+/// The `change_log` fuzz target's member logic on its seeds (the fuzz crate is built by
+/// scripts/test-fuzz.sh with nightly; this runs the same steps on stable): hostile rows
+/// (a forged peer id, a claim on an app, removals of unknown members) go into a roster
+/// without a panic, and a valid row is served.
+#[test]
+fn member_rows_from_the_change_log_seed_go_into_a_roster_without_a_panic() {
+    use tabbify_control::members::MemberRow;
+    use tabbify_control::policy::Policy;
+    use tabbify_control::registry::{Limits, Registry};
+    use tabbify_control::storage::Change;
+    let seed = include_str!("../fuzz/corpus/change_log/member.json");
+    let mut changes: Vec<Change> = serde_json::from_str(seed).unwrap();
+    let Change::Member(forged) = changes[0].clone() else {
+        panic!("the seed starts with a member row")
+    };
+    let valid = MemberRow {
+        peer_id: tabbify_control::ula::identity_peer_id("n1"),
+        ..forged
+    };
+    changes.push(Change::Member(valid.clone()));
+    let body = valid.body();
+    assert_eq!(MemberRow::from_body(&body, 1, false).unwrap().body(), body);
+    assert!(MemberRow::from_body("{\"peer_id\":1}", 1, false).is_err());
+    let policy = Policy::compile(common::policy()).unwrap();
+    let mut roster = Registry::new(std::sync::Arc::new(policy), 1, Limits::default());
+    roster.set_coalescing(false);
+    for c in &changes {
+        match c {
+            Change::Member(row) => {
+                roster.apply_member(row);
+            }
+            Change::RemoveMember(id, reason) => {
+                roster.remove(id, reason);
+            }
+            Change::StaleMember(id, _) => roster.mark_stale(id),
+            _ => {}
+        }
+    }
+    assert_eq!(roster.len(), 1);
+    assert!(roster.peer("forged").is_none());
+    // A node may not host apps under the test policy: the claim is dropped.
+    assert!(roster
+        .peer(&valid.peer_id)
+        .unwrap()
+        .hosted_app_ulas
+        .is_empty());
+}
+
+/// An unlimited (fleet) token spent through two coordinators at once is counted twice,
+/// never a conflict; a single-use one still cannot be spent twice.
+#[test]
+fn an_unlimited_token_spent_through_two_coordinators_does_not_conflict() {
+    use tabbify_control::store::{IdentityRecord, Store, TokenRecord};
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("fleet").unwrap());
+    let token = |max_uses| TokenRecord {
+        tags: vec!["node".into()],
+        name: None,
+        expires_at: u64::from(u32::MAX),
+        max_uses,
+        uses: 0,
+        identity: None,
+        created_at: 1,
+    };
+    let ident = |key: &str| IdentityRecord {
+        key: Some(key.into()),
+        display_name: key.into(),
+        ..IdentityRecord::default()
+    };
+    let mut a = Store::open_database(&db, None, 1).unwrap();
+    a.put_token("fleet".into(), token(0)).unwrap();
+    a.put_token("once".into(), token(1)).unwrap();
+    let mut b = Store::open_database(&db, None, 1).unwrap();
+    a.admit("m1", ident("K1"), Some("fleet")).unwrap();
+    // B has not caught up: its view of the fleet token is one use behind.
+    b.admit("m2", ident("K2"), Some("fleet")).unwrap();
+    assert_eq!(
+        count(&pg, "fleet", "SELECT uses FROM tokens WHERE hash = 'fleet'"),
+        2
+    );
+    a.admit("m3", ident("K3"), Some("once")).unwrap();
+    assert!(b.admit("m4", ident("K4"), Some("once")).is_err());
+}
+
+/// A coordinator that was behind by more entries than the stream broadcast holds (1,024)
+/// catches up in chunks: its streams get every missed event, no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backlog_reaches_the_streams_as_events_not_snapshots() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("backlog").unwrap());
+    let pki = Pki::new();
+    let a = Harness::start_with_pki(pki.clone(), |c| c.database = Some(db.clone())).await;
+    let b = Harness::start_with_pki(pki, |c| c.database = Some(db.clone())).await;
+    let n1 = a.join("n1", &["node"]).await;
+    let s1 = b.join("s1", &["supervisor"]).await;
+    let mut stream = s1.client.stream(None).await;
+    assert!(matches!(stream.next_event().await.1, SseEvent::Snapshot(_)));
+    // B does not follow the log: A's 1,300 changes pile up.
+    let n = 1300u16;
+    for i in 0..n {
+        a.clock.advance_ms(1_000);
+        let (st, v) = n1
+            .heartbeat(json!({"endpoints": [format!("127.0.0.1:{}", 20_000 + i)]}))
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let coord = b.coord.clone();
+    let applied = tokio::task::spawn_blocking(move || coord.catch_up().unwrap())
+        .await
+        .unwrap();
+    assert!(applied >= usize::from(n), "{applied}");
+    let mut last_port = 0;
+    while last_port != 20_000 + n - 1 {
+        match stream.next_event().await.1 {
+            SseEvent::PeerUpsert(p) if p.peer_id == n1.id => last_port = p.endpoints[0].port(),
+            SseEvent::Snapshot(_) | SseEvent::Policy(_) => panic!("resynced instead of caught up"),
+            _ => {}
+        }
+    }
+}
