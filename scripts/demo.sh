@@ -249,6 +249,7 @@ JSON
   echo "  ip netns exec $PREFIX-sup1 dig AAAA sup2.mesh @fd5a:1f00::53 +short   # mesh DNS"
   echo "  ip netns exec $PREFIX-sup1 getent ahosts $APP_UUID.app.mesh"
   echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh status -i tmd-sup1"
+  echo "  ip netns exec $PREFIX-sup1 curl -s http://127.0.0.1:9587/metrics | grep peer_rx   # joiner metrics"
   echo "  ip netns exec $PREFIX-sup1 wg show tmd-sup1"
   echo "Paths (direct between the LAN hosts; sup3, behind the symmetric NAT, through the relay, with the reason):"
   echo "  ip netns exec $PREFIX-sup3 ping -c3 $ula1"
