@@ -59,6 +59,7 @@ down() {
   for h in "${MEMBERS[@]}"; do stop_pid "$STATE/$h.pid"; done
   stop_pid "$STATE/coordinator.pid"
   for ns in pub nat "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
+  for ns in "${MEMBERS[@]}"; do rm -rf "/etc/netns/$PREFIX-$ns"; done
   ip link del tdemo-host 2>/dev/null || true
   rm -rf "$STATE"
   echo "demo: down"
@@ -195,11 +196,15 @@ JSON
       -d "{\"tags\": [\"${TAG[$h]}\"], \"name\": \"$h\", \"ttl_secs\": 600, \"max_uses\": 1}" |
       python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
     (umask 077 && printf '%s\n' "$token" >"$STATE/$h/token")
+    # Mesh DNS (--dns file) edits the namespace's own resolv.conf, never this machine's:
+    # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+    mkdir -p "/etc/netns/$PREFIX-$h"
+    grep -v '^#' /etc/resolv.conf >"/etc/netns/$PREFIX-$h/resolv.conf" || true
     ip netns exec "$PREFIX-$h" "$BIN/tabbify-mesh" join \
       --name "$h" --tag "${TAG[$h]}" --coordinator "https://$COORD:8443" \
       --join-token-file "$STATE/$h/token" \
       --tls-cert "$STATE/$h/cert.pem" --tls-key "$STATE/$h/key.pem" --tls-ca "$STATE/ca/ca.pem" \
-      --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 >"$STATE/$h.log" 2>&1 &
+      --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 --dns file >"$STATE/$h.log" 2>&1 &
     echo $! > "$STATE/$h.pid"
   done
   for h in "${MEMBERS[@]}"; do
@@ -241,7 +246,10 @@ JSON
   echo "  ip netns exec $PREFIX-sup1 ping -c3 $ula2"
   echo "  ip netns exec $PREFIX-node ping -c1 -W1 $ula1        # refused by the data-plane filter"
   echo "  ip netns exec $PREFIX-node curl http://[$app_ula]:8730/echo"
+  echo "  ip netns exec $PREFIX-sup1 dig AAAA sup2.mesh @fd5a:1f00::53 +short   # mesh DNS"
+  echo "  ip netns exec $PREFIX-sup1 getent ahosts $APP_UUID.app.mesh"
   echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh status -i tmd-sup1"
+  echo "  ip netns exec $PREFIX-sup1 curl -s http://127.0.0.1:9587/metrics | grep peer_rx   # joiner metrics"
   echo "  ip netns exec $PREFIX-sup1 wg show tmd-sup1"
   echo "Paths (direct between the LAN hosts; sup3, behind the symmetric NAT, through the relay, with the reason):"
   echo "  ip netns exec $PREFIX-sup3 ping -c3 $ula1"

@@ -17,6 +17,8 @@ have wrk           || need_apt+=(wrk)
 have ethtool       || need_apt+=(ethtool)
 have curl          || need_apt+=(curl)
 have turnserver    || need_apt+=(coturn)   # a standard STUN server for the joiner's --stun test
+have dig           || need_apt+=(bind9-dnsutils)  # mesh DNS test (issue 15)
+have dnsmasq       || need_apt+=(dnsmasq-base)    # the mesh DNS test's upstream resolver
 # PostgreSQL server binaries (initdb, pg_ctl): the coordinator's PostgreSQL engine tests start
 # a throwaway cluster from /usr/lib/postgresql/*/bin (tests/src/postgres.rs).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)

@@ -214,7 +214,9 @@ pub fn document() -> Value {
                     "heartbeat_interval_secs": {"type": "integer"},
                     "roster": {"type": "array", "items": {"$ref": "#/components/schemas/RosterEntry"}},
                     "stun_servers": addrs,
-                    "relays": relays
+                    "relays": relays,
+                    "dns_domain": {"type": "string", "default": "mesh",
+                        "description": "the mesh DNS domain (--dns-domain): members are <name>.<domain>, apps <uuid>.app.<domain>"}
                 }},
             "RelayInfo": {"type": "object", "required": ["url"], "properties": {"url": relay_url}},
             "PathCounts": {"type": "object", "required": ["direct", "relay"],

@@ -152,6 +152,9 @@ pub struct Config {
     /// Signs relay tokens (`POST /v1/relay/token`); see [`crate::relay_tokens`]. `None`:
     /// the route answers 404.
     pub relay_token_key: Option<Arc<tabbify_api::relay_token::SigningKey>>,
+    /// The mesh DNS domain sent in register answers (`--dns-domain`, normalized by
+    /// [`tabbify_api::dns::normalize_domain`]).
+    pub dns_domain: String,
 }
 
 impl Config {
@@ -190,6 +193,7 @@ impl Config {
             relay_token_key: tabbify_api::relay_token::SigningKey::generate()
                 .ok()
                 .map(|(k, _)| Arc::new(k)),
+            dns_domain: tabbify_api::dns::DEFAULT_DOMAIN.to_owned(),
         }
     }
 }
@@ -877,6 +881,7 @@ impl Coordinator {
             roster,
             stun_servers: self.stun_servers(conn),
             relays,
+            dns_domain: self.config.dns_domain.clone(),
         })
     }
 

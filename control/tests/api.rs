@@ -107,6 +107,22 @@ async fn register_returns_identity_roster_and_reflexive_endpoint() {
     assert_eq!(s.registration["may_host_apps"], true);
 }
 
+/// Issue 15: the register answer names the mesh DNS domain (default `mesh`).
+#[tokio::test]
+async fn register_answer_carries_the_dns_domain() {
+    let h = Harness::start().await;
+    let s = h.join("s1", &["supervisor"]).await;
+    assert_eq!(s.registration["dns_domain"], "mesh");
+    let h = Harness::start_with(|c| c.dns_domain = "corp.internal".into()).await;
+    let s = h.join("s1", &["supervisor"]).await;
+    assert_eq!(s.registration["dns_domain"], "corp.internal");
+    // An older coordinator's answer has no field: it reads as `mesh`.
+    let mut old = s.registration.clone();
+    old.as_object_mut().unwrap().remove("dns_domain");
+    let r: tabbify_api::RegisterResponse = serde_json::from_value(old).unwrap();
+    assert_eq!(r.dns_domain, "mesh");
+}
+
 #[tokio::test]
 async fn heartbeat_updates_endpoints_and_hosted_apps() {
     let h = Harness::start().await;

@@ -356,6 +356,16 @@ async fn plaintext_needs_the_flag_the_environment_and_loopback() {
     .unwrap();
     assert!(err.contains("--tls-cert"), "{err}");
 
+    // A bad mesh DNS domain is refused naming the flag (issue 15).
+    for bad in [".", "", "a..b", "*.mesh"] {
+        let mut args = base("127.0.0.1:0");
+        args.extend(["--dns-domain".into(), bad.into()]);
+        let err = start(&args, &[("TABBIFY_ALLOW_INSECURE", "1")])
+            .err()
+            .unwrap();
+        assert!(err.contains("--dns-domain"), "{bad}: {err}");
+    }
+
     let coord = start(&base("127.0.0.1:0"), &[("TABBIFY_ALLOW_INSECURE", "1")]).unwrap();
     let c = Client::plain(coord.addr, None);
     let (st, v) = c.get("/health").await;

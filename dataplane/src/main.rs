@@ -24,7 +24,7 @@ use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::metrics;
-use tabbify_dataplane::join::{JoinOptions, TlsFiles};
+use tabbify_dataplane::join::{dns, JoinOptions, TlsFiles};
 use tabbify_dataplane::policy::{self, Family};
 
 #[derive(Parser)]
@@ -294,6 +294,26 @@ struct JoinArgs {
     /// the default only warns if taken, an address given here must bind].
     #[arg(long, value_name = "IP:PORT|off")]
     metrics_bind: Option<String>,
+    /// Mesh DNS: serve `<name>.<domain>` on [fd5a:1f00::53]:53 and 127.0.0.153:53 and point
+    /// the host's resolver there through systemd-resolved, resolvconf or /etc/resolv.conf
+    /// (`auto` picks the first present); `off` runs no stub and leaves the host alone.
+    #[arg(long, value_enum, default_value = "auto")]
+    dns: DnsArg,
+    /// Accept this mesh DNS domain from the coordinator besides `mesh` and names under
+    /// `internal`, `test` or `home.arpa` (a coordinator cannot claim a public domain alone).
+    #[arg(long, value_name = "DOMAIN",
+          value_parser = |s: &str| tabbify_api::dns::normalize_domain(s).map_err(|e| e.to_string()))]
+    dns_domain: Option<String>,
+}
+
+/// `--dns`.
+#[derive(Clone, Copy, ValueEnum)]
+enum DnsArg {
+    Auto,
+    Off,
+    Resolved,
+    Resolvconf,
+    File,
 }
 
 fn main() -> ExitCode {
@@ -531,6 +551,16 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         force_relay: a.force_relay,
         control_socket,
         key_max_age: a.key_max_age,
+        dns: dns::Options {
+            mode: match a.dns {
+                DnsArg::Auto => dns::Mode::Auto,
+                DnsArg::Off => dns::Mode::Off,
+                DnsArg::Resolved => dns::Mode::Resolved,
+                DnsArg::Resolvconf => dns::Mode::Resolvconf,
+                DnsArg::File => dns::Mode::File,
+            },
+            domain: a.dns_domain,
+        },
         metrics,
     })
 }
@@ -672,6 +702,23 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             format!(", mapped as {}", m.join(", "))
         }
     );
+    match &s.dns {
+        None => println!("dns:         off"),
+        Some(d) => match (&d.domain, &d.refused) {
+            (Some(dom), _) => println!(
+                "dns:         <name>.{dom} and <uuid>.app.{dom} served on {} and {} (host resolver: {})",
+                d.address, d.address_v4, d.host
+            ),
+            (None, Some(why)) => println!(
+                "dns:         no mesh names ({why}); {} and {} only forward",
+                d.address, d.address_v4
+            ),
+            (None, None) => println!(
+                "dns:         listening on {} and {}, waiting for the coordinator's domain",
+                d.address, d.address_v4
+            ),
+        },
+    }
     println!(
         "metrics:     {}",
         s.metrics

@@ -175,6 +175,11 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Appends `args` to the command line of the next (re)start.
+    pub fn add_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+    }
+
     /// Starts the coordinator again with the same arguments and state directory.
     pub fn restart(&mut self) -> Result<()> {
         self.launch()

@@ -52,6 +52,12 @@ pub struct JoinSpec {
     pub relays: Vec<String>,
     /// `--force-relay`: every peer over the relay.
     pub force_relay: bool,
+    /// `--dns MODE` (issue 15). `None` runs `--dns off`: a joiner may touch a resolver
+    /// configuration only in a namespace given its own (`Netns::private_resolv_conf`),
+    /// never this machine's `/etc/resolv.conf`.
+    pub dns: Option<String>,
+    /// `--dns-domain DOMAIN`.
+    pub dns_domain: Option<String>,
     /// More `--coordinator` URLs, tried after the one the joiner is started with (issue 14).
     pub more_coordinators: Vec<String>,
     /// `--ephemeral` (issue 14).
@@ -73,6 +79,8 @@ impl JoinSpec {
             stun: Vec::new(),
             relays: Vec::new(),
             force_relay: false,
+            dns: None,
+            dns_domain: None,
             more_coordinators: Vec::new(),
             ephemeral: false,
             extra_args: Vec::new(),
@@ -153,6 +161,23 @@ impl Joiner {
         }
         if spec.force_relay {
             command.arg("--force-relay");
+        }
+        match spec.dns.as_deref() {
+            None | Some("off") => {
+                command.args(["--dns", "off"]);
+            }
+            Some(mode) => {
+                ensure!(
+                    netns.has_private_resolv_conf(),
+                    "--dns {mode} in namespace {} without a resolv.conf of its own would edit \
+                     this machine's /etc/resolv.conf: call Netns::private_resolv_conf first",
+                    netns.name()
+                );
+                command.args(["--dns", mode]);
+            }
+        }
+        if let Some(domain) = &spec.dns_domain {
+            command.args(["--dns-domain", domain]);
         }
         for url in &spec.more_coordinators {
             command.args(["--coordinator", url]);

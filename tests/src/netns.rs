@@ -137,6 +137,23 @@ impl Netns {
             .with_context(|| format!("writing {value} to {path}"))
     }
 
+    /// Gives the namespace its own `/etc/resolv.conf` holding `content`: `ip netns exec`
+    /// bind-mounts `/etc/netns/<name>/resolv.conf` over `/etc/resolv.conf` for every
+    /// command it runs, so programs inside read and edit this copy, never the machine's.
+    /// Removed with the namespace. Returns the file's path as seen from outside.
+    pub fn private_resolv_conf(&self, content: &str) -> Result<std::path::PathBuf> {
+        let dir = etc_netns(self.name());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Whether [`Netns::private_resolv_conf`] gave the namespace its own resolv.conf.
+    pub fn has_private_resolv_conf(&self) -> bool {
+        etc_netns(self.name()).join("resolv.conf").is_file()
+    }
+
     /// Starts `program args…` inside the namespace; see [`Process`].
     pub fn spawn(&self, label: &str, program: &str, args: &[&str]) -> Result<Process> {
         let mut command = self.command(program);
@@ -194,6 +211,15 @@ fn remove_namespace(name: &str) {
         ),
         Err(error) => eprintln!("harness: deleting namespace {name} failed: {error}"),
     }
+    // Only our own namespaces' names reach here (they carry PREFIX).
+    if name.starts_with(PREFIX) {
+        let _ = std::fs::remove_dir_all(etc_netns(name));
+    }
+}
+
+/// `/etc/netns/<name>`: files `ip netns exec` bind-mounts over `/etc` inside `name`.
+fn etc_netns(name: &str) -> std::path::PathBuf {
+    Path::new("/etc/netns").join(name)
 }
 
 /// Deletes namespaces of this harness whose creating process is gone.

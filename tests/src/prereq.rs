@@ -36,6 +36,12 @@ pub enum Tool {
     Curl,
     /// `turnserver`, a standard STUN server (Debian `coturn`).
     Coturn,
+    /// `dig` (Debian `bind9-dnsutils`).
+    Dig,
+    /// `dnsmasq`, a small standard DNS server (Debian `dnsmasq-base`).
+    Dnsmasq,
+    /// `getent` (Debian `libc-bin`).
+    Getent,
 }
 
 impl Tool {
@@ -54,6 +60,9 @@ impl Tool {
             Tool::Ethtool => &["ethtool"],
             Tool::Curl => &["curl"],
             Tool::Coturn => &["turnserver"],
+            Tool::Dig => &["dig"],
+            Tool::Dnsmasq => &["dnsmasq"],
+            Tool::Getent => &["getent"],
         }
     }
 
@@ -78,6 +87,9 @@ impl Tool {
             Tool::Ethtool => "apt-get install --no-install-recommends ethtool",
             Tool::Curl => "apt-get install --no-install-recommends curl",
             Tool::Coturn => "apt-get install --no-install-recommends coturn",
+            Tool::Dig => "apt-get install --no-install-recommends bind9-dnsutils",
+            Tool::Dnsmasq => "apt-get install --no-install-recommends dnsmasq-base",
+            Tool::Getent => "apt-get install --no-install-recommends libc-bin",
         }
     }
 }

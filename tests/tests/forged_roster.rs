@@ -119,6 +119,7 @@ async fn serve(
                         roster: forged_roster(),
                         stun_servers: vec![],
                         relays: vec![],
+                        dns_domain: "mesh".into(),
                     })
                     .expect("the answer serializes"),
                 ),

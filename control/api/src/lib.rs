@@ -44,6 +44,7 @@ use std::net::{Ipv6Addr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 pub mod cli;
+pub mod dns;
 pub mod local;
 #[cfg(feature = "tls")]
 pub mod relay_token;
@@ -171,6 +172,14 @@ pub struct RegisterResponse {
     /// `--relay-url`). Empty when it runs none or is older.
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
+    /// The mesh DNS domain (`--dns-domain`): members are `<name>.<domain>`, apps
+    /// `<uuid>.app.<domain>` ([`dns`]). `"mesh"` when the coordinator is older.
+    #[serde(default = "default_dns_domain")]
+    pub dns_domain: String,
+}
+
+fn default_dns_domain() -> String {
+    dns::DEFAULT_DOMAIN.to_owned()
 }
 
 /// One relay a coordinator advertises.

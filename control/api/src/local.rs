@@ -208,6 +208,54 @@ pub struct Status {
     /// Where Prometheus metrics are served (`--metrics-bind`), null when off or not bound.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// The mesh DNS stub; `null` when it is off (`--dns off`).
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The joiner's mesh DNS stub as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsStatus {
+    /// The IPv6 service address the stub listens on (UDP and TCP port 53).
+    pub address: Ipv6Addr,
+    /// The IPv4 service address for IPv4-only resolvers (loopback; UDP and TCP port 53).
+    pub address_v4: std::net::Ipv4Addr,
+    /// The domain answered (`<name>.<domain>`, `<uuid>.app.<domain>`); `null` until the
+    /// coordinator's domain was accepted, or when it was refused (see `refused`).
+    pub domain: Option<String>,
+    /// Why the coordinator's domain was refused, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// How the host sends mesh names here: `resolved`, `resolvconf`, `file`, or `none`
+    /// (not yet, or nothing to do).
+    pub host: String,
+    /// The upstream resolvers other names are forwarded to.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Display-name labels several members share: they resolve for nobody.
+    #[serde(default)]
+    pub contested: Vec<String>,
+    /// What the stub did since start.
+    #[serde(default)]
+    pub counters: DnsCounters,
+}
+
+/// The DNS stub's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DnsCounters {
+    /// Address (or SOA) answers from the mesh zone.
+    pub answered: u64,
+    /// NOERROR answers without data (e.g. `A` on a member name).
+    pub nodata: u64,
+    /// NXDOMAIN answers for unknown mesh names.
+    pub nxdomain: u64,
+    /// Queries forwarded upstream.
+    pub forwarded: u64,
+    /// Forwards no upstream answered (SERVFAIL sent).
+    pub upstream_failed: u64,
+    /// Malformed or unsupported queries.
+    pub malformed: u64,
+    /// Dropped: responses sent to the stub, or over its limits.
+    pub dropped: u64,
 }
 
 /// One relay as `status` shows it.

@@ -133,6 +133,12 @@ struct Cli {
     /// Another relay to advertise (`https://HOST:PORT`, repeatable), after the own one.
     #[arg(long = "relay-url", value_name = "URL")]
     relay_urls: Vec<String>,
+    /// The mesh DNS domain sent to members: they serve `<name>.DOMAIN` and
+    /// `<uuid>.app.DOMAIN`. A joiner takes a domain other than `mesh` or one under
+    /// `internal`, `home.arpa` or `test` only if started with the same `--dns-domain`.
+    #[arg(long, value_name = "DOMAIN", default_value = tabbify_api::dns::DEFAULT_DOMAIN,
+          value_parser = |s: &str| tabbify_api::dns::normalize_domain(s).map_err(|e| e.to_string()))]
+    dns_domain: String,
     /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
     #[arg(long)]
     insecure_no_mtls: bool,
@@ -183,6 +189,7 @@ fn run() -> anyhow::Result<()> {
         bail!("--heartbeat-per-sec must be a positive number");
     }
     config.stale_after = Duration::from_secs(cli.stale_after);
+    config.dns_domain = cli.dns_domain.clone();
     config.change_log_keep = (
         Duration::from_secs(cli.change_log_keep_secs),
         cli.change_log_keep_rows,

@@ -219,6 +219,7 @@ fuzz_target!(|data: &[u8]| {
             roster: vec![],
             stun_servers: vec![],
             relays: vec![],
+            dns_domain: tabbify_api::dns::DEFAULT_DOMAIN.to_owned(),
         }),
     );
     model.apply(&mut m);

@@ -8,6 +8,7 @@
 //!   applies its actions to the table, routes, handshaker and coordinator client.
 //! * [`relay`] — the relay sessions (TLS stream, UDP BIND from the WireGuard socket, the
 //!   loopback bridge when UDP does not bind, LOOKUPs); [`logic::paths`] decides which.
+//! * [`dns`] — the mesh DNS stub (names from the roster) and the host resolver settings.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
 //!   (Prometheus text on `--metrics-bind`).
@@ -22,6 +23,7 @@
 
 pub mod client;
 pub mod control;
+pub mod dns;
 pub mod logic;
 pub mod metrics;
 pub mod relay;
@@ -94,6 +96,8 @@ pub struct JoinOptions {
     pub control_socket: PathBuf,
     /// Rotate the node key once it is this old (`--key-max-age`, default 90 days).
     pub key_max_age: std::time::Duration,
+    /// Mesh DNS (`--dns`, `--dns-domain`).
+    pub dns: dns::Options,
     /// Where to serve Prometheus metrics (`--metrics-bind`).
     pub metrics: metrics::MetricsBind,
 }

@@ -160,6 +160,8 @@ pub struct Joiner {
     measured: Mutex<Vec<(String, Option<Duration>)>>,
     /// Wakes [`Joiner::run_paths`].
     paths_wake: Notify,
+    /// The mesh DNS stub (`None` with `--dns off`).
+    dns: Option<Arc<super::dns::Service>>,
     /// Where metrics are served (`None`: off or not bound).
     metrics_addr: Option<SocketAddr>,
 }
@@ -198,6 +200,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let header_identity = opts.tls.is_none().then(|| opts.name.clone());
     let targets = coordinator_targets(&opts.coordinators, tls.clone(), header_identity).await?;
     let state = StateDir::open(&opts.state_dir)?;
+    // Before anything else: undo host DNS settings a crashed run left.
+    super::dns::Service::recover(&opts.state_dir)?;
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
     let key_age = Duration::from_secs(
@@ -248,6 +252,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let handshaker = iface
         .handshaker()
         .context("a handshake socket for the control task")?;
+    let dns = super::dns::Service::start(opts.dns.clone(), &opts.interface, opts.state_dir.clone())
+        .await?;
 
     let mut stun_extra = Vec::new();
     for server in &opts.stun {
@@ -313,6 +319,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         advertised_relays: Mutex::new(Vec::new()),
         measured: Mutex::new(Vec::new()),
         paths_wake: Notify::new(),
+        dns,
         metrics_addr,
     });
     let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
@@ -354,6 +361,9 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         }
     }
     drop(server);
+    if let Some(dns) = &joiner.dns {
+        dns.stop();
+    }
     iface.shut_down();
     result
 }
@@ -386,6 +396,7 @@ impl Joiner {
                 }
                 self.apply(action, &mut stream).await;
             }
+            self.refresh_dns();
             let deadline = self.lock().poll_timeout();
             let woke = tokio::select! {
                 ev = next_event(&mut stream) => Woke::Stream(Box::new(ev)),
@@ -435,6 +446,9 @@ impl Joiner {
                 if let Ok(resp) = &r {
                     self.stun_servers(&resp.stun_servers, resp.reflexive_endpoint);
                     self.advertised(&resp.relays);
+                    if let Some(dns) = &self.dns {
+                        dns.offer_domain(&resp.dns_domain);
+                    }
                 }
                 self.lock().handle_registered(Instant::now(), r);
             }
@@ -1290,8 +1304,35 @@ impl Joiner {
                 .chain(self.relays.counters.nonzero())
                 .collect(),
             unreachable_sent: self.counters.unreachable_sent(),
+            dns: self.dns.as_ref().map(|d| d.status()),
             metrics: self.metrics_addr.map(|a| a.to_string()),
         }
+    }
+
+    /// The roster's names and app ULAs into the DNS stub (it swaps its zone only when they
+    /// changed).
+    fn refresh_dns(&self) {
+        let Some(dns) = &self.dns else { return };
+        let (members, apps) = {
+            let m = self.lock();
+            let me = super::dns::Member {
+                display_name: m.display_name().to_owned(),
+                peer_id: self.peer_id.clone(),
+                ula: self.ula,
+            };
+            let mut apps: Vec<Ipv6Addr> = m.apps().iter().map(tabbify_api::ula::app_ula).collect();
+            let mut members = vec![me];
+            for e in m.roster().entries() {
+                members.push(super::dns::Member {
+                    display_name: e.display_name.clone(),
+                    peer_id: e.peer_id.clone(),
+                    ula: e.ula,
+                });
+                apps.extend(e.hosted_app_ulas.iter().copied());
+            }
+            (members, apps)
+        };
+        dns.update(members, apps);
     }
 
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
@@ -1573,5 +1614,8 @@ mod tests {
         assert!(!l.contains(IpAddr::V6(other)));
         assert!(!l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&theirs))));
         assert!(!l.contains("192.168.1.1".parse().unwrap()));
+        // The DNS stub's address is on the TUN but not local to the engine: a packet a
+        // peer sends to it through the tunnel is dropped (the stub serves this host only).
+        assert!(!l.contains(IpAddr::V6(crate::join::dns::SERVICE_V6)));
     }
 }

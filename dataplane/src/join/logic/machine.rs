@@ -1162,6 +1162,7 @@ mod tests {
             roster,
             stun_servers: vec![],
             relays: vec![],
+            dns_domain: "mesh".into(),
         }
     }
 
