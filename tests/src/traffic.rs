@@ -12,6 +12,12 @@ use crate::netns::Netns;
 use crate::process::Process;
 use crate::wait;
 
+/// Where the transfer receivers listen: below Linux's ephemeral range (32768–60999 by
+/// default), so a listener never collides with the local port of a connection already in
+/// the namespace (a full test run once lost `ours_uring_initiates_to_boringtun` to
+/// "Address already in use" with the old 20000–60000).
+const LISTEN_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
 /// The summary of one `ping` run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PingStats {
@@ -128,7 +134,7 @@ pub fn tcp_transfer(
     timeout: Duration,
 ) -> Result<Transfer> {
     let mut rng = rand::thread_rng();
-    let port: u16 = rng.gen_range(20_000..60_000);
+    let port: u16 = rng.gen_range(LISTEN_PORTS);
     let seed: u64 = rng.gen();
     let mut receiver = Process::spawn(to.clone(), &format!("xfer-recv-{port}"), {
         let mut command = to.command(xfer);
@@ -207,7 +213,7 @@ pub fn udp_transfer(
     to_addr: IpAddr,
     count: u32,
 ) -> Result<UdpReport> {
-    let port: u16 = rand::thread_rng().gen_range(20_000..60_000);
+    let port: u16 = rand::thread_rng().gen_range(LISTEN_PORTS);
     let mut receiver = Process::spawn(to.clone(), &format!("udp-recv-{port}"), {
         let mut command = to.command(xfer);
         command.args(["udp-recv", &port.to_string(), &count.to_string()]);
