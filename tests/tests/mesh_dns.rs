@@ -163,6 +163,18 @@ fn mesh_names_resolve_from_the_roster_and_the_host_is_restored() -> Result<()> {
     expect_aaaa(&ns1, "sup1.mesh", ula1)?;
     expect_aaaa(&ns1, "SUP2.mesh.", ula2)?;
     expect_aaaa(&ns1, &format!("{app}.app.mesh"), app_ula)?;
+
+    // The stub's address on the TUN is never a source for mesh traffic: sup2's ULA shares
+    // more leading bits with fd5a:1f00::53 than with sup1's own ULA, so without the address
+    // being deprecated the kernel picked it (RFC 6724 rule 8) and sup2 dropped every packet
+    // (source not allowed) — the demo's sup1 could not ping sup2.
+    let route = ns1.run("ip", &["-6", "route", "get", &ula2.to_string()])?;
+    ensure!(
+        route.contains(&format!("src {ula1}")),
+        "the route to sup2 does not use sup1's ULA as source: {route}"
+    );
+    tabbify_tests::traffic::wait_ping(&ns1, ula2.into(), SETTLE)
+        .context("sup1 pings sup2 with the stub's address on its TUN")?;
     let a = dig(&ns1, STUB, "A", "sup1.mesh", false)?;
     ensure!(
         a.status == "NOERROR" && a.answers.is_empty(),

@@ -49,6 +49,41 @@ pub fn add_address(name: &str, addr: &IpNet) -> io::Result<()> {
     }
 }
 
+/// Adds a *service* address (a local /128 that programs bind to, like the mesh DNS stub's)
+/// as deprecated (`preferred_lft 0`): the kernel still delivers to it and sockets still bind
+/// it, but source address selection never picks it for outgoing traffic (RFC 6724 rule 3,
+/// avoid deprecated addresses), so packets to peers keep the member's own ULA as source.
+/// Without this, a service address in the peer prefix wins rule 8 (longest matching prefix)
+/// for every peer whose ULA shares more leading bits with it, and those peers drop our
+/// packets (source not allowed).
+pub fn add_service_address(name: &str, addr: &IpNet) -> io::Result<()> {
+    let a = addr.to_string();
+    if addr.addr().is_ipv6() {
+        ip(&[
+            "-6",
+            "addr",
+            "replace",
+            &a,
+            "dev",
+            name,
+            "nodad",
+            "preferred_lft",
+            "0",
+        ])
+    } else {
+        ip(&[
+            "-4",
+            "addr",
+            "replace",
+            &a,
+            "dev",
+            name,
+            "preferred_lft",
+            "0",
+        ])
+    }
+}
+
 /// Removes an interface address.
 pub fn del_address(name: &str, addr: &IpNet) -> io::Result<()> {
     ip(&["addr", "del", &addr.to_string(), "dev", name])

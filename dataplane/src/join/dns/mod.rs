@@ -146,7 +146,7 @@ impl Service {
                 host::RESOLV_CONF
             );
         }
-        link::add_address(link, &IpNet::host(IpAddr::V6(SERVICE_V6)))
+        link::add_service_address(link, &IpNet::host(IpAddr::V6(SERVICE_V6)))
             .with_context(|| format!("adding the DNS service address {SERVICE_V6} to {link}"))?;
         let shared = Arc::new(server::Shared::new(upstreams));
         let mut tasks = Vec::new();
