@@ -386,23 +386,7 @@ impl Registry {
                 }
             }
         }
-        let class_changed = old.as_ref().is_some_and(|o| o.class != class);
-        if let Some(o) = &old {
-            if class_changed {
-                let leaving: Vec<ClassId> = self
-                    .vis
-                    .viewers_of(o.class)
-                    .filter(|v| !self.vis.visible(*v, class))
-                    .collect();
-                if let Some(m) = self.members.get_mut(o.class as usize) {
-                    m.remove(&id);
-                }
-                self.emit_remove(&id, "policy", &leaving, SubjectAction::Skip);
-            }
-        }
-        self.by_identity.insert(rec.identity.clone(), id.clone());
-        self.by_ula.insert(rec.ula, id.clone());
-        self.member_set(class).insert(id.clone());
+        let class_changed = self.index(&rec, old.as_ref());
         let punch = old
             .as_ref()
             .is_none_or(|o| o.reflexive != rec.reflexive || o.mapped != rec.mapped);
@@ -608,27 +592,7 @@ impl Registry {
             ephemeral: new.ephemeral,
             class,
         };
-        let class_changed = old.as_ref().is_some_and(|o| o.class != class);
-        if let Some(o) = &old {
-            if o.identity != rec.identity {
-                self.by_identity.remove(&o.identity);
-            }
-            if class_changed {
-                // Peers that saw it under the old class but not the new one must drop it.
-                let leaving: Vec<ClassId> = self
-                    .vis
-                    .viewers_of(o.class)
-                    .filter(|v| !self.vis.visible(*v, class))
-                    .collect();
-                if let Some(m) = self.members.get_mut(o.class as usize) {
-                    m.remove(&id);
-                }
-                self.emit_remove(&id, "policy", &leaving, SubjectAction::Skip);
-            }
-        }
-        self.by_identity.insert(rec.identity.clone(), id.clone());
-        self.by_ula.insert(rec.ula, id.clone());
-        self.member_set(class).insert(id.clone());
+        let class_changed = self.index(&rec, old.as_ref());
         let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
         let unchanged = old.as_ref()
             == Some(&PeerRecord {
@@ -970,6 +934,35 @@ impl Registry {
             frames,
             classes: Arc::new(classes),
         });
+    }
+
+    /// Files `rec` in the lookup maps and its class's member set; when `old` was in another
+    /// class, the viewers that saw it there but cannot see it now get its removal (reason
+    /// `policy`). Returns whether the class changed.
+    fn index(&mut self, rec: &PeerRecord, old: Option<&PeerRecord>) -> bool {
+        let (id, class) = (&rec.id, rec.class);
+        let class_changed = old.is_some_and(|o| o.class != class);
+        if let Some(o) = old {
+            if o.identity != rec.identity {
+                self.by_identity.remove(&o.identity);
+            }
+            if class_changed {
+                // Peers that saw it under the old class but not the new one must drop it.
+                let leaving: Vec<ClassId> = self
+                    .vis
+                    .viewers_of(o.class)
+                    .filter(|v| !self.vis.visible(*v, class))
+                    .collect();
+                if let Some(m) = self.members.get_mut(o.class as usize) {
+                    m.remove(id);
+                }
+                self.emit_remove(id, "policy", &leaving, SubjectAction::Skip);
+            }
+        }
+        self.by_identity.insert(rec.identity.clone(), id.clone());
+        self.by_ula.insert(rec.ula, id.clone());
+        self.member_set(class).insert(id.clone());
+        class_changed
     }
 
     fn member_set(&mut self, class: ClassId) -> &mut BTreeSet<String> {
