@@ -1220,4 +1220,127 @@ mod tests {
         r.end_entry();
         assert_eq!(rx.try_recv().unwrap().id, 108);
     }
+    /// After a policy change, every stream's `policy` frame holds exactly the roster a
+    /// direct evaluation of the policy gives for its peer, pair by pair (random policies
+    /// with ports, protocols, denies, groups of `*`, named peers; random tag sets, tags
+    /// the new policy dropped): the class-based recompute changes no answer and no order.
+    #[test]
+    fn policy_frames_agree_with_a_naive_roster_on_random_policies() {
+        use crate::policy::Principal;
+        use crate::ports::port_rules;
+        use crate::sse::{Step, Subscriber};
+        let seed = std::cell::Cell::new(0x0dd1_5ca1_ab1e_f00du64);
+        let rnd = |n: u64| {
+            let mut x = seed.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            seed.set(x);
+            x % n
+        };
+        let names = ["a", "b", "c", "d", "e", "f", "gone"];
+        for _ in 0..60 {
+            let sel = |with_ports: bool| -> String {
+                let base = match rnd(9) {
+                    0 => "*".to_string(),
+                    1 => format!("peer:n{}", rnd(16)),
+                    2 => "group:g".to_string(),
+                    _ => format!("tag:{}", names[rnd(6) as usize]),
+                };
+                if !with_ports || rnd(2) == 0 {
+                    return base;
+                }
+                let p = rnd(40);
+                let item = match rnd(3) {
+                    0 => format!("tcp:{p}-{}", p + rnd(20)),
+                    1 => format!("udp:{p}"),
+                    _ => format!("{p}-{}", p + rnd(20)),
+                };
+                format!("{base}:{item}")
+            };
+            let rules = |n: u64| -> Vec<crate::api::PolicyRule> {
+                (0..n)
+                    .map(|_| crate::api::PolicyRule {
+                        src: (0..rnd(2) + 1).map(|_| sel(false)).collect(),
+                        dst: (0..rnd(3) + 1).map(|_| sel(true)).collect(),
+                    })
+                    .collect()
+            };
+            let doc = crate::api::PolicyDocument {
+                tags: names[..6].iter().map(|t| t.to_string()).collect(),
+                groups: [(
+                    "g".to_string(),
+                    vec![format!("tag:{}", names[rnd(6) as usize]), "peer:n1".into()],
+                )]
+                .into(),
+                app_hosts: vec![sel(false)],
+                allow: rules(rnd(8) + 1),
+                deny: rules(rnd(4)),
+            };
+            let new = Arc::new(Policy::compile(doc).unwrap());
+            // Peers join under a policy that knows one more tag (dropped by the new one).
+            let old: crate::api::PolicyDocument = serde_json::from_value(serde_json::json!({
+                "tags": names,
+                "allow": [{"src": ["*"], "dst": ["*"]}]
+            }))
+            .unwrap();
+            let mut r = Registry::new(
+                Arc::new(Policy::compile(old).unwrap()),
+                1,
+                Limits::default(),
+            );
+            r.set_coalescing(false);
+            let n = rnd(16) + 2;
+            for i in 0..n {
+                let mut p = peer(&format!("n{i}"), 1000 + i as u16);
+                p.tags = names
+                    .iter()
+                    .filter(|_| rnd(3) == 0)
+                    .map(|t| t.to_string())
+                    .collect();
+                r.upsert(p, 1);
+            }
+            let mut rx = r.subscribe();
+            r.set_policy(new.clone(), 2);
+            let d = rx.try_recv().unwrap();
+            let all: Vec<PeerRecord> = r.peers().cloned().collect();
+            for me in &all {
+                let mut want = Vec::new();
+                let km = new.known_tag_ids(&me.tags);
+                let pm = Principal {
+                    identity: &me.identity,
+                    tags: &km,
+                };
+                for q in all.iter().filter(|q| q.id != me.id) {
+                    let kq = new.known_tag_ids(&q.tags);
+                    let pq = Principal {
+                        identity: &q.identity,
+                        tags: &kq,
+                    };
+                    let (out, inb) = (new.allowed_ports(pm, pq), new.allowed_ports(pq, pm));
+                    if !out.is_empty() || !inb.is_empty() {
+                        want.push(entry(q, port_rules(&out, &inb)));
+                    }
+                }
+                want.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let mut sub = Subscriber {
+                    peer_id: me.id.clone(),
+                    class: 0,
+                    last_id: 0,
+                };
+                let Step::Send(frame) = sub.step(&d) else {
+                    panic!("no policy frame for {}", me.id);
+                };
+                let text = std::str::from_utf8(&frame).unwrap();
+                let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                let got: RosterSnapshot = serde_json::from_str(data).unwrap();
+                assert_eq!(got.policy_revision, 2);
+                assert_eq!(got.peers, want, "roster of {}", me.identity);
+                // The snapshot route agrees with the policy frame.
+                assert_eq!(r.roster(&me.id), want);
+                let host = new.may_host_apps(pm);
+                assert_eq!(r.visibility().may_host_apps(me.class), host);
+            }
+        }
+    }
 }
