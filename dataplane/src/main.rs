@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use tabbify_dataplane::config::{self, Config, Key};
 use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::table::Table;
 use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
+use tabbify_dataplane::join::config_file as join_file;
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::metrics;
 use tabbify_dataplane::join::{dns, JoinOptions, TlsFiles};
@@ -249,6 +250,11 @@ impl Target {
 
 #[derive(clap::Args)]
 struct JoinArgs {
+    /// A TOML file with these flags as keys (`listen-port = 51821`, `tag = ["web"]`,
+    /// `ephemeral = true`); flags given here override it [default: /etc/tabbify/join.toml
+    /// if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The display name to ask for.
     #[arg(long)]
     name: String,
@@ -351,7 +357,13 @@ enum DnsArg {
 
 fn main() -> ExitCode {
     tabbify_api::cli::install();
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("tabbify-mesh: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
         Cmd::Pubkey => pubkey(),
@@ -403,11 +415,76 @@ fn main() -> ExitCode {
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`pubkey | head -c0`): quiet, as a print would be.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tabbify-mesh: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the error is a write to a stdout whose reader went away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The command line, with `join`'s config file (`--config`, or the default path when it
+/// exists) merged in by `join::config_file`: its keys become arguments before the command
+/// line's, skipped for the flags the command line or the environment gave.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    // A required flag may come from the file: look past its absence in this first pass
+    // (the merged command line below is checked in full).
+    let matches = match cmd.clone().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::MissingRequiredArgument => cmd
+            .clone()
+            .ignore_errors(true)
+            .try_get_matches_from(&argv)
+            .unwrap_or_else(|e| e.exit()),
+        Err(e) => e.exit(),
+    };
+    let Some(("join", jm)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+    };
+    let path = match jm.get_one::<PathBuf>("config") {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from(join_file::DEFAULT_PATH);
+            if !p.exists() {
+                return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+            }
+            p
+        }
+    };
+    let join_cmd = cmd
+        .find_subcommand_mut("join")
+        .context("the join subcommand")?;
+    join_cmd.build();
+    let given = |id: &str| {
+        matches!(
+            jm.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let file = join_file::load(join_cmd, &path, given)?;
+    // No global flags: argv[1] is `join`; the file's arguments go right after it.
+    let at = argv
+        .iter()
+        .position(|a| a == "join")
+        .context("`join` in the arguments")?;
+    let merged: Vec<_> = argv[..=at]
+        .iter()
+        .cloned()
+        .chain(file)
+        .chain(argv[at + 1..].iter().cloned())
+        .collect();
+    Ok(Cli::try_parse_from(merged).unwrap_or_else(|e| e.exit()))
 }
 
 fn genkey() -> anyhow::Result<()> {

@@ -23,6 +23,7 @@
 //! * the node key never leaves the state directory; only its public half is sent.
 
 pub mod client;
+pub mod config_file;
 pub mod control;
 pub mod dns;
 pub mod logic;
