@@ -1313,6 +1313,24 @@ impl Registry {
         true
     }
 
+    /// Gives peer `id` a mesh IPv4 if it has none (a member stored before IPv4s existed,
+    /// seen again at its heartbeat) and announces it. Returns whether it changed.
+    pub fn ensure_ipv4(&mut self, id: &str, now_ms: u64) -> bool {
+        if self.peers.get(id).is_none_or(|p| p.ipv4.is_some()) {
+            return false;
+        }
+        let Some(a) = self.allocate_ipv4(id) else {
+            return false;
+        };
+        if let Some(p) = self.peers.get_mut(id) {
+            p.ipv4 = Some(a);
+        }
+        self.ipv4s.insert(a, id.to_owned());
+        self.emit_upsert(id, SubjectAction::Skip);
+        self.emitted(id, now_ms);
+        true
+    }
+
     /// Records (`approve`) or withdraws an admin approval of `prefix` of peer `id`.
     /// `None` when the peer does not advertise it; otherwise whether anything changed.
     pub fn set_route_approval(

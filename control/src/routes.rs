@@ -458,6 +458,44 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_member_without_an_ipv4_gets_one_and_keeps_it() {
+        use crate::registry::{Limits, NewPeer, Registry};
+        use base64::Engine;
+        let mut r = Registry::new(std::sync::Arc::new(policy()), 1, Limits::default());
+        let new = |name: &str| NewPeer {
+            key: *blake3::hash(name.as_bytes()).as_bytes(),
+            identity: name.into(),
+            display_name: name.into(),
+            tags: vec!["user".into()],
+            endpoints: vec![],
+            wg_listen_port: 51820,
+            reflexive: "192.0.2.1:51820".parse().unwrap(),
+            ephemeral: false,
+        };
+        let a = r.upsert(new("a"), 1).clone();
+        let a4 = a.ipv4.unwrap();
+        assert!(is_mesh_ipv4(a4));
+        // Registering again keeps the address.
+        assert_eq!(r.upsert(new("a"), 2).ipv4, Some(a4));
+        // A member row from before IPv4s: none until its heartbeat asks for one.
+        let mut row = crate::members::MemberRow::of(&a);
+        row.identity = "b".into();
+        row.peer_id = crate::ula::identity_peer_id("b");
+        row.key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
+        row.ipv4 = None;
+        assert!(r.load_member(&row));
+        assert_eq!(r.peer(&row.peer_id).unwrap().ipv4, None);
+        assert!(r.ensure_ipv4(&row.peer_id, 3));
+        let b4 = r.peer(&row.peer_id).unwrap().ipv4.unwrap();
+        assert_ne!(a4, b4);
+        assert_eq!(r.peer_by_ipv4(b4).unwrap().id, row.peer_id);
+        assert!(!r.ensure_ipv4(&row.peer_id, 4), "kept");
+        // A stored row holding an address outside the mesh space is not believed.
+        row.ipv4 = Some("10.0.0.1".parse().unwrap());
+        assert_eq!(row.to_peer(0).unwrap().ipv4, None);
+    }
+
+    #[test]
     fn ipv4_candidates_stay_in_the_mesh_space_and_skip_taken_ones() {
         for i in 0..2000 {
             let id = format!("peer{i}");

@@ -987,6 +987,7 @@ impl Coordinator {
                 now_ms,
             ) {
                 Ok(r) => {
+                    reg.ensure_ipv4(&id, now_ms);
                     reg.set_advertisement(&id, advertised, exit_node, now_ms);
                     Ok(r)
                 }

@@ -200,16 +200,16 @@ async fn routes_are_approved_by_policy_or_admin_and_used_as_the_policy_allows() 
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["routes"][0]["state"], "approved");
     assert_eq!(v["routes"][0]["approved_by"], "admin");
-    let e = upsert_of(&mut user_stream, &router.id, Duration::from_secs(2)).await;
+    let e = upsert_of(&mut user_stream, &router.id, common::WAIT).await;
     assert_eq!(e.routes, strs(&["10.1.0.0/16", "192.168.7.0/24"]));
-    let e = upsert_of(&mut router_stream, &user.id, Duration::from_secs(2)).await;
+    let e = upsert_of(&mut router_stream, &user.id, common::WAIT).await;
     assert_eq!(e.may_use, strs(&["10.1.0.0/16", "192.168.7.0/24"]));
 
     // Withdrawn: pending again, the user loses the route.
     let (st, v) = h.admin().delete(&path).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["routes"][0]["state"], "pending");
-    let e = upsert_of(&mut user_stream, &router.id, Duration::from_secs(2)).await;
+    let e = upsert_of(&mut user_stream, &router.id, common::WAIT).await;
     assert_eq!(e.routes, strs(&["10.1.0.0/16"]));
 
     // The approval is forgotten with the advertisement: approve, stop advertising, come back.
@@ -277,14 +277,11 @@ async fn an_exit_node_is_offered_only_to_members_allowed_the_internet() {
     assert!(!entry_for(&user, &exit.id).await.exit_node);
     let started = Instant::now();
     loop {
-        let e = upsert_of(&mut exit_stream, &user.id, Duration::from_secs(2)).await;
+        let e = upsert_of(&mut exit_stream, &user.id, common::WAIT).await;
         if e.may_use.is_empty() {
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "may_use kept: {e:?}"
-        );
+        assert!(started.elapsed() < common::WAIT, "may_use kept: {e:?}");
     }
 }
 
@@ -391,6 +388,20 @@ async fn an_approval_on_one_coordinator_reaches_a_stream_on_another() {
         tabbify_control::follow::spawn(&b.coord).unwrap().unwrap(),
     ];
     put_policy(&a, routes_policy()).await;
+    // B follows A's policy through the change log.
+    let (_, want) = a.admin().get("/v1/policy").await;
+    let started = Instant::now();
+    loop {
+        let (_, got) = b.admin().get("/v1/policy").await;
+        if got["revision"] == want["revision"] {
+            break;
+        }
+        assert!(
+            started.elapsed() < common::WAIT,
+            "B never got the policy: {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let router = join_with(
         &a,
         "router1",
@@ -420,8 +431,15 @@ async fn an_approval_on_one_coordinator_reaches_a_stream_on_another() {
         .post(&format!("/v1/routes/{id}/approve"), json!({}))
         .await;
     assert_eq!(st, 200, "{v}");
-    let e = upsert_of(&mut on_b, &router.id, Duration::from_secs(2)).await;
-    assert_eq!(e.routes, strs(&["192.168.7.0/24"]));
+    // (An earlier upsert of the router, from its registration, may come first.)
+    let started = Instant::now();
+    loop {
+        let e = upsert_of(&mut on_b, &router.id, common::WAIT).await;
+        if e.routes == strs(&["192.168.7.0/24"]) {
+            break;
+        }
+        assert!(started.elapsed() < common::WAIT, "no approved route: {e:?}");
+    }
     // B lists it approved too.
     let (_, v) = b.admin().get("/v1/routes").await;
     assert_eq!(v["routes"][0]["approved_by"], "admin", "{v}");
