@@ -296,5 +296,60 @@ pub fn document() -> Value {
         json!({"type": "object", "additionalProperties": false, "properties": {}});
     schemas["LeaveResponse"] = json!({"type": "object", "required": ["peer_id", "left"],
         "properties": {"peer_id": {"type": "string"}, "left": {"type": "boolean"}}});
+    routes(&mut doc);
     doc
+}
+
+/// Subnet routes, exit nodes and the mesh IPv4 (`crate::routes`).
+fn routes(doc: &mut Value) {
+    let prefixes = json!({"type": "array", "items": {"type": "string",
+        "description": "a canonical IP prefix, host bits zero: 10.1.0.0/16, fd00:1::/64"}});
+    let advertise = json!({"type": "array", "maxItems": 64, "items": {"type": "string"},
+        "description": "prefixes this member routes to (canonical, host bits zero); mesh space (fd5a:1f00::/24, 100.64.0.0/10), loopback, link-local, multicast and default routes are refused (400)"});
+    let exit = json!({"type": "boolean", "default": false,
+        "description": "offer this member as an exit node (0.0.0.0/0 and ::/0)"});
+    let state = json!({"type": "string", "enum": ["approved", "pending"]});
+    let route_id = json!({"name": "id", "in": "path", "required": true,
+        "description": "a route id from GET /v1/routes", "schema": {"type": "string"}});
+    let paths = &mut doc["paths"];
+    paths["/v1/routes"] = json!({"get": {"operationId": "listRoutes",
+        "description": "Admin: every route advertisement with its state and who approved it.",
+        "responses": ok("RoutesResponse")}});
+    paths["/v1/routes/{id}/approve"] = json!({
+        "post": {"operationId": "approveRoute",
+            "description": "Admin: approve the advertisement (durable; reaches every coordinator's streams). 404 for an unknown id.",
+            "parameters": [route_id.clone()], "responses": ok("RoutesResponse")},
+        "delete": {"operationId": "withdrawRouteApproval",
+            "description": "Admin: withdraw an admin approval (the policy's own approval stays).",
+            "parameters": [route_id], "responses": ok("RoutesResponse")}
+    });
+    let schemas = &mut doc["components"]["schemas"];
+    for req in ["RegisterRequest", "HeartbeatRequest"] {
+        schemas[req]["properties"]["advertise_routes"] = advertise.clone();
+        schemas[req]["properties"]["advertise_exit_node"] = exit.clone();
+    }
+    schemas["RegisterResponse"]["properties"]["ipv4"] = json!({"type": "string",
+        "description": "the member's mesh IPv4 in 100.64.0.0/10; absent from older coordinators"});
+    schemas["RegisterResponse"]["properties"]["routes"] = json!({"type": "array",
+        "items": {"$ref": "#/components/schemas/RouteState"}});
+    let entry = &mut schemas["RosterEntry"]["properties"];
+    entry["ipv4"] = json!({"type": "string", "description": "the peer's mesh IPv4"});
+    entry["routes"] = prefixes.clone();
+    entry["exit_node"] = json!({"type": "boolean", "default": false,
+        "description": "an approved exit node the viewer may use"});
+    entry["may_use"] = prefixes;
+    schemas["PolicyDocument"]["properties"]["routes"] = json!({"type": "object",
+        "additionalProperties": {"type": "array", "items": {"type": "string"}},
+        "description": "prefix -> selectors whose advertisements of it (or of a prefix inside it) are approved"});
+    schemas["RouteState"] = json!({"type": "object", "required": ["prefix", "state"],
+        "properties": {"prefix": {"type": "string"}, "exit_node": {"type": "boolean"},
+                       "state": state.clone()}});
+    schemas["RouteInfo"] = json!({"type": "object",
+        "required": ["id", "peer_id", "display_name", "prefix", "state", "approved_by"],
+        "properties": {"id": {"type": "string"}, "peer_id": {"type": "string"},
+                       "display_name": {"type": "string"}, "prefix": {"type": "string"},
+                       "exit_node": {"type": "boolean"}, "state": state,
+                       "approved_by": {"type": "string", "enum": ["policy", "admin"], "nullable": true}}});
+    schemas["RoutesResponse"] = json!({"type": "object", "required": ["routes"],
+        "properties": {"routes": {"type": "array", "items": {"$ref": "#/components/schemas/RouteInfo"}}}});
 }

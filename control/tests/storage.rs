@@ -206,6 +206,63 @@ fn database_refuses_a_second_owner(db: &Database) {
     assert_eq!(s.owner_of_key("KEY"), Some("owner"));
 }
 
+/// The attacker: a member row claiming a mesh IPv4 another member holds (a coordinator
+/// that allocated it without seeing the other's commit) is refused by the database
+/// (`member_ipv4.ipv4` is a primary key); a removed member frees its address.
+fn database_refuses_a_shared_ipv4(db: &Database) {
+    use tabbify_control::members::MemberRow;
+    let key = |n: u8| base64_key(n);
+    let row = |name: &str, n: u8, ipv4: &str| MemberRow {
+        peer_id: tabbify_control::ula::identity_peer_id(name),
+        identity: name.into(),
+        key: key(n),
+        display_name: name.into(),
+        tags: vec![],
+        endpoints: vec![],
+        wg_listen_port: 51820,
+        reflexive: "192.0.2.1:51820".parse().unwrap(),
+        hosted_app_ulas: vec![],
+        mapped: vec![],
+        nat: Default::default(),
+        home_relay: None,
+        last_seen: 10,
+        stale: false,
+        ephemeral: false,
+        ipv4: Some(ipv4.parse().unwrap()),
+        ads: Default::default(),
+    };
+    let mut s = Store::open_database(db, None, 1).unwrap();
+    s.put_identity("v4a", ident(&key(1), &[])).unwrap();
+    s.put_identity("v4b", ident(&key(2), &[])).unwrap();
+    s.commit_changes(vec![storage::Change::Member(row("v4a", 1, "100.64.1.1"))])
+        .unwrap();
+    let e = s
+        .commit_changes(vec![storage::Change::Member(row("v4b", 2, "100.64.1.1"))])
+        .unwrap_err();
+    assert!(
+        format!("{e}").contains("conflict") || format!("{e:?}").contains("Conflict"),
+        "{e:?}"
+    );
+    s.commit_changes(vec![storage::Change::Member(row("v4b", 2, "100.64.1.2"))])
+        .unwrap();
+    // Moving b onto a's address still fails; once a is removed it succeeds.
+    assert!(s
+        .commit_changes(vec![storage::Change::Member(row("v4b", 2, "100.64.1.1"))])
+        .is_err());
+    s.commit_changes(vec![storage::Change::RemoveMember(
+        tabbify_control::ula::identity_peer_id("v4a"),
+        "left".into(),
+    )])
+    .unwrap();
+    s.commit_changes(vec![storage::Change::Member(row("v4b", 2, "100.64.1.1"))])
+        .unwrap();
+}
+
+fn base64_key(n: u8) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([n; 32])
+}
+
 fn pg() -> postgres::Postgres {
     postgres::Postgres::start().unwrap_or_else(|e| panic!("{e}"))
 }
@@ -217,6 +274,8 @@ fn store_semantics_on_sqlite() {
     store_semantics(&|| Store::open(&path, 1).unwrap());
     let dir = tempfile::tempdir().unwrap();
     database_refuses_a_second_owner(&Database::Sqlite(dir.path().to_owned()));
+    let dir = tempfile::tempdir().unwrap();
+    database_refuses_a_shared_ipv4(&Database::Sqlite(dir.path().to_owned()));
 }
 
 #[test]
@@ -228,6 +287,8 @@ fn store_semantics_on_postgres() {
     pg.create_database("tamper").unwrap();
     let db = Database::Postgres(pg.socket_url("tamper"));
     database_refuses_a_second_owner(&db);
+    let db = Database::Postgres(pg.create_database("ipv4").unwrap());
+    database_refuses_a_shared_ipv4(&db);
 }
 
 /// Coordinators starting together against one empty database: the migrations run once

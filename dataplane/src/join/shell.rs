@@ -1144,6 +1144,8 @@ impl Joiner {
                 None
             },
             ephemeral: self.opts.ephemeral,
+            advertise_routes: Vec::new(),
+            advertise_exit_node: false,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1178,6 +1180,8 @@ impl Joiner {
             nat,
             home_relay,
             paths: api::PathCounts { direct, relay },
+            advertise_routes: Vec::new(),
+            advertise_exit_node: false,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
