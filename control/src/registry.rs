@@ -1148,6 +1148,10 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,
+        ipv4: None,
+        routes: vec![],
+        exit_node: false,
+        may_use: vec![],
     }
 }
 

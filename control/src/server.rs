@@ -882,6 +882,8 @@ impl Coordinator {
             stun_servers: self.stun_servers(conn),
             relays,
             dns_domain: self.config.dns_domain.clone(),
+            ipv4: None,
+            routes: Vec::new(),
         })
     }
 

@@ -62,6 +62,10 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
             ..Default::default()
         },
         stale: false,
+        ipv4: None,
+        routes: vec![],
+        exit_node: false,
+        may_use: vec![],
     }
 }
 
@@ -120,6 +124,8 @@ async fn serve(
                         stun_servers: vec![],
                         relays: vec![],
                         dns_domain: "mesh".into(),
+                        ipv4: None,
+                        routes: vec![],
                     })
                     .expect("the answer serializes"),
                 ),

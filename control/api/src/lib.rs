@@ -29,6 +29,9 @@
 //! | `GET /v1/tokens` (admin) | → `Vec<`[`TokenInfo`]`>` (no secrets) |
 //! | `DELETE /v1/tokens/{token_id}` (admin) | → [`TokenInfo`] (the deleted token) |
 //! | `POST /v1/apps/{uuid}/move` (admin) | [`MoveAppRequest`] → [`MoveAppResponse`] |
+//! | `GET /v1/routes` (admin) | → [`RoutesResponse`] (every route advertisement) |
+//! | `POST /v1/routes/{id}/approve` (admin) | → [`RoutesResponse`] (the route, approved) |
+//! | `DELETE /v1/routes/{id}/approve` (admin) | → [`RoutesResponse`] (the admin approval withdrawn) |
 //! | `GET /health` | → [`Health`] |
 //! | `GET /metrics` | → Prometheus text |
 //! | `GET /openapi.json` | → OpenAPI 3 document |
@@ -39,7 +42,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +51,7 @@ pub mod dns;
 pub mod local;
 #[cfg(feature = "tls")]
 pub mod relay_token;
+pub mod route;
 pub mod sse;
 pub mod stun;
 pub mod stun_limit;
@@ -75,6 +79,11 @@ pub const PATH_REVOCATIONS: &str = "/v1/revocations";
 pub const PATH_ROTATE_KEY: &str = "/v1/mesh/rotate-key";
 /// Route of [`LeaveRequest`].
 pub const PATH_LEAVE: &str = "/v1/mesh/leave";
+/// Route listing every route advertisement (admin, [`RoutesResponse`]);
+/// `POST|DELETE {PATH_ROUTES}/{id}/approve` approves or withdraws an admin approval.
+pub const PATH_ROUTES: &str = "/v1/routes";
+/// The most prefixes one member may advertise in `advertise_routes`.
+pub const MAX_ADVERTISED_ROUTES: usize = 64;
 /// Header naming the event log a roster stream's ids belong to: the coordinator sends it
 /// with every stream, and a joiner resuming with `Last-Event-ID` sends back the one its id
 /// came from. A coordinator replays only ids of its own log (a restarted coordinator, or
@@ -125,6 +134,15 @@ pub struct RegisterRequest {
     /// misses its heartbeats (no stale window), and it leaves when it stops cleanly.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ephemeral: bool,
+    /// Prefixes this member routes to (subnet router), canonical (host bits zero):
+    /// `"10.1.0.0/16"`, `"fd00:1::/64"`; at most [`MAX_ADVERTISED_ROUTES`]. Mesh prefixes,
+    /// `100.64.0.0/10`, loopback, link-local, multicast and the default routes are refused
+    /// (400). The policy's `routes` approves them, or an admin does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_routes: Vec<String>,
+    /// This member offers itself as an exit node (`0.0.0.0/0` and `::/0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub advertise_exit_node: bool,
 }
 
 /// `POST /v1/mesh/leave`: the caller (its certificate's identity, never a peer id in the
@@ -176,6 +194,76 @@ pub struct RegisterResponse {
     /// `<uuid>.app.<domain>` ([`dns`]). `"mesh"` when the coordinator is older.
     #[serde(default = "default_dns_domain")]
     pub dns_domain: String,
+    /// The peer's mesh IPv4 address in `100.64.0.0/10`, stable for its peer id and unique
+    /// in the mesh. `None`: the coordinator is older (use IPv6 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Addr>,
+    /// The state of each of this peer's own advertisements (informational).
+    #[serde(default)]
+    pub routes: Vec<RouteState>,
+}
+
+/// Whether an advertised route is in force.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteApproval {
+    /// Approved (by the policy's `routes` or by an admin): members the policy allows may
+    /// use it.
+    Approved,
+    /// Waiting for an admin (`POST /v1/routes/{id}/approve`) or a policy change.
+    #[default]
+    Pending,
+}
+
+/// Who approved a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovedBy {
+    /// The policy's `routes` section.
+    Policy,
+    /// An admin, through `POST /v1/routes/{id}/approve`.
+    Admin,
+}
+
+/// One of a member's own advertisements, as [`RegisterResponse::routes`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteState {
+    /// The prefix (`"10.1.0.0/16"`; `"0.0.0.0/0"` and `"::/0"` for an exit node).
+    pub prefix: String,
+    /// Part of an exit node advertisement.
+    #[serde(default)]
+    pub exit_node: bool,
+    /// Whether it is in force.
+    pub state: RouteApproval,
+}
+
+/// One advertisement, as `GET /v1/routes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteInfo {
+    /// Stable id: hex of the first 8 bytes of blake3(peer_id ‖ `"\0"` ‖ prefix).
+    pub id: String,
+    /// The advertising member.
+    pub peer_id: String,
+    /// Its display name.
+    pub display_name: String,
+    /// The prefix.
+    pub prefix: String,
+    /// Part of an exit node advertisement.
+    #[serde(default)]
+    pub exit_node: bool,
+    /// Whether it is in force.
+    pub state: RouteApproval,
+    /// Who approved it; `None` while pending.
+    #[serde(default)]
+    pub approved_by: Option<ApprovedBy>,
+}
+
+/// `GET /v1/routes` (admin), and the answer of `POST|DELETE /v1/routes/{id}/approve`
+/// (then holding the one route concerned).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesResponse {
+    /// Every advertisement, sorted by peer id then prefix.
+    pub routes: Vec<RouteInfo>,
 }
 
 fn default_dns_domain() -> String {
@@ -218,6 +306,13 @@ pub struct HeartbeatRequest {
     /// How many of this node's peers it reaches directly and how many through a relay.
     #[serde(default)]
     pub paths: PathCounts,
+    /// The prefixes this node advertises, as in [`RegisterRequest::advertise_routes`]: the
+    /// full list every time (the coordinator writes only on change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertise_routes: Vec<String>,
+    /// As in [`RegisterRequest::advertise_exit_node`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub advertise_exit_node: bool,
 }
 
 /// `POST /v1/relay/token`: a short-lived relay admission for the caller (a registered
@@ -417,6 +512,23 @@ pub struct RosterEntry {
     /// it is removed (`expired`) only after the coordinator's `--stale-after`.
     #[serde(default)]
     pub stale: bool,
+    /// The peer's mesh IPv4 address (`100.64.0.0/10`); put its /32 in the peer's allowed
+    /// IPs. `None` from an older coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Addr>,
+    /// The peer's approved routes the viewer may send to through it (the policy's allow
+    /// rules with a prefix destination, intersected with the route). Exit prefixes
+    /// (`0.0.0.0/0`, `::/0`) are included when the viewer may use the peer as an exit node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<String>,
+    /// The peer is an approved exit node the viewer may use.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit_node: bool,
+    /// The prefixes of the **viewer's own** approved routes this peer may use through the
+    /// viewer: the viewer's data plane admits a packet from the peer to a routed
+    /// destination only inside these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_use: Vec<String>,
 }
 
 /// `GET /v1/mesh/peers`: the caller's visible roster.
@@ -495,6 +607,11 @@ pub struct PolicyDocument {
     /// Deny rules; they win over allow rules.
     #[serde(default)]
     pub deny: Vec<PolicyRule>,
+    /// Route auto-approval: a prefix (`"10.1.0.0/16"`, `"0.0.0.0/0"`, `"::/0"`) → the
+    /// selectors of members whose advertisement of that prefix, or of any prefix inside
+    /// it, is approved without an admin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub routes: BTreeMap<String, Vec<String>>,
 }
 
 /// One allow or deny rule.
@@ -761,6 +878,10 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             stale: false,
+            ipv4: None,
+            routes: vec![],
+            exit_node: false,
+            may_use: vec![],
         }
     }
 

@@ -80,6 +80,10 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
             ..Default::default()
         },
         stale: false,
+        ipv4: None,
+        routes: vec![],
+        exit_node: false,
+        may_use: vec![],
     };
     let apps = b.next()?;
     e.stale = apps & 0x40 != 0;
@@ -220,6 +224,8 @@ fuzz_target!(|data: &[u8]| {
             stun_servers: vec![],
             relays: vec![],
             dns_domain: tabbify_api::dns::DEFAULT_DOMAIN.to_owned(),
+            ipv4: None,
+            routes: vec![],
         }),
     );
     model.apply(&mut m);

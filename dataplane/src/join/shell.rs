@@ -1126,6 +1126,8 @@ impl Joiner {
                 None
             },
             ephemeral: self.opts.ephemeral,
+            advertise_routes: Vec::new(),
+            advertise_exit_node: false,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1160,6 +1162,8 @@ impl Joiner {
             nat,
             home_relay,
             paths: api::PathCounts { direct, relay },
+            advertise_routes: Vec::new(),
+            advertise_exit_node: false,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }

@@ -1133,6 +1133,10 @@ mod tests {
                 ..Default::default()
             },
             stale: false,
+            ipv4: None,
+            routes: vec![],
+            exit_node: false,
+            may_use: vec![],
         }
     }
 
@@ -1163,6 +1167,8 @@ mod tests {
             stun_servers: vec![],
             relays: vec![],
             dns_domain: "mesh".into(),
+            ipv4: None,
+            routes: vec![],
         }
     }
 

@@ -660,6 +660,10 @@ mod tests {
                 ..Default::default()
             },
             stale: false,
+            ipv4: None,
+            routes: vec![],
+            exit_node: false,
+            may_use: vec![],
         }
     }
 
