@@ -304,6 +304,8 @@ struct JoinArgs {
     #[arg(long, value_name = "DOMAIN",
           value_parser = |s: &str| tabbify_api::dns::normalize_domain(s).map_err(|e| e.to_string()))]
     dns_domain: Option<String>,
+    #[command(flatten)]
+    routes: tabbify_dataplane::join::route_flags::RouteFlags,
 }
 
 /// `--dns`.
@@ -562,6 +564,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
             domain: a.dns_domain,
         },
         metrics,
+        routes: a.routes.settings().map_err(anyhow::Error::msg)?,
+        snat: a.routes.snat,
     })
 }
 
