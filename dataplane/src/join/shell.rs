@@ -166,6 +166,8 @@ pub struct Joiner {
     metrics_addr: Option<SocketAddr>,
     /// Our mesh IPv4 (from the registration; on the TUN as a /32).
     ipv4: Mutex<Option<Ipv4Addr>>,
+    /// Our advertisements' state, from the last registration.
+    advertised_routes: Mutex<Vec<api::RouteState>>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -357,6 +359,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         dns,
         metrics_addr,
         ipv4: Mutex::new(None),
+        advertised_routes: Mutex::new(Vec::new()),
     });
     let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, ?coordinators, ephemeral = joiner.opts.ephemeral, "joining");
@@ -495,6 +498,12 @@ impl Joiner {
                     for r in &resp.routes {
                         tracing::info!(prefix = %r.prefix, exit_node = r.exit_node, state = ?r.state, "advertised route");
                     }
+                    resp.routes.clone_into(
+                        &mut self
+                            .advertised_routes
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
                 }
                 self.lock().handle_registered(Instant::now(), r);
             }
@@ -635,6 +644,43 @@ impl Joiner {
             }
             // `drive` returns on it before applying anything.
             Action::Exit(_) => {}
+        }
+    }
+
+    /// `status`'s routes section.
+    fn routes_status(&self, m: &Machine) -> tabbify_api::local::RoutesStatus {
+        let plan = m.route_plan();
+        let id_of = |k: &[u8; 32]| {
+            let b = base64::engine::general_purpose::STANDARD.encode(k);
+            m.roster()
+                .entries()
+                .find(|e| e.public_key == b)
+                .map(|e| e.peer_id.clone())
+        };
+        let mut installed = Vec::new();
+        for (key, nets) in &plan.allowed {
+            let Some(id) = id_of(key) else { continue };
+            for n in nets {
+                let mesh_ip = n.prefix_len() == 32 && logic::routes::mesh_v4().contains(n.addr());
+                if !mesh_ip && plan.kernel.contains(n) {
+                    installed.push((n.to_string(), id.clone()));
+                }
+            }
+        }
+        tabbify_api::local::RoutesStatus {
+            ipv4: *self.ipv4.lock().unwrap_or_else(|p| p.into_inner()),
+            advertised: self
+                .advertised_routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            exit_node: match &m.route_settings().exit_node {
+                logic::routes::ExitChoice::Off => None,
+                logic::routes::ExitChoice::Peer(p) => Some(p.clone()),
+            },
+            exit_node_in_use: plan.exit.as_ref().and_then(id_of),
+            installed,
+            refused: plan.refused.clone(),
         }
     }
 
@@ -1460,6 +1506,7 @@ impl Joiner {
             unreachable_sent: self.counters.unreachable_sent(),
             dns: self.dns.as_ref().map(|d| d.status()),
             metrics: self.metrics_addr.map(|a| a.to_string()),
+            routes: self.routes_status(&m),
         }
     }
 
