@@ -28,6 +28,7 @@ pub mod registry;
 pub mod relay_tokens;
 pub mod relays;
 pub mod roster;
+pub mod routes;
 pub mod server;
 pub mod sse;
 pub mod storage;

@@ -20,7 +20,7 @@
 //!   never into the change log: an unchanged heartbeat costs no write. Staleness judged
 //!   from the database adds that slack ([`stale_slack_ms`]).
 
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -67,6 +67,15 @@ pub struct MemberRow {
     /// Registered as ephemeral: removed, not marked stale, when it misses its heartbeats.
     #[serde(default)]
     pub ephemeral: bool,
+    /// The mesh IPv4 address (unique: `member_ipv4.ipv4` is a primary key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4: Option<Ipv4Addr>,
+    /// Advertised routes and their admin approvals.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::routes::Advertisement::is_empty_all"
+    )]
+    pub ads: crate::routes::Advertisement,
 }
 
 impl MemberRow {
@@ -88,6 +97,8 @@ impl MemberRow {
             last_seen: p.last_seen_ms / 1000,
             stale: p.stale,
             ephemeral: p.ephemeral,
+            ipv4: p.ipv4,
+            ads: p.ads.clone(),
         }
     }
 
@@ -123,6 +134,8 @@ impl MemberRow {
             stale: self.stale,
             ephemeral: self.ephemeral,
             class,
+            ipv4: self.ipv4.filter(|a| crate::routes::is_mesh_ipv4(*a)),
+            ads: self.ads.clone(),
         })
     }
 
@@ -186,6 +199,12 @@ mod tests {
             last_seen: 1_700_000_000,
             stale: true,
             ephemeral: true,
+            ipv4: Some("100.64.1.2".parse().unwrap()),
+            ads: crate::routes::Advertisement {
+                routes: vec!["10.1.0.0/16".parse().unwrap()],
+                exit_node: true,
+                admin_approved: vec!["10.1.0.0/16".parse().unwrap()],
+            },
         };
         let back = MemberRow::from_body(&row.body(), row.last_seen, row.stale).unwrap();
         assert_eq!(back, row);

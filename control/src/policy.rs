@@ -9,9 +9,16 @@
 //! separate selector list. Compilation rejects unknown tags and groups, groups inside
 //! groups, malformed selectors and port specs, so a compiled [`Policy`] is always
 //! consistent. Per-pair answers for many peers come from [`crate::visibility`].
+//!
+//! Routes: a `dst` that is an IP prefix (`10.1.0.0/16`, `::/0`, or `autogroup:internet`
+//! for both default routes) is not a peer selector: it goes to the rule's
+//! [`RouteRule`] and names advertised subnet routes, never a member (visibility and port
+//! rules ignore it; [`crate::routes`] evaluates it). The `routes` section compiles to
+//! the auto-approval list ([`Policy::route_auto`]).
 
 use std::collections::{HashMap, HashSet};
 
+use crate::api::route::{Prefix, DEFAULT_V4, DEFAULT_V6};
 use crate::api::PolicyDocument;
 use crate::ca::validate_name;
 use crate::ports::ProtoPorts;
@@ -44,6 +51,15 @@ pub struct Rule {
     pub dst: Vec<(Selector, ProtoPorts)>,
 }
 
+/// A rule's prefix destinations: `src` may use approved routes inside or around `dst`.
+#[derive(Debug, Clone)]
+pub struct RouteRule {
+    /// Who sends.
+    pub src: Vec<Selector>,
+    /// The prefixes (all traffic).
+    pub dst: Vec<Prefix>,
+}
+
 /// A peer as the policy sees it: its identity and its tags.
 #[derive(Debug, Clone, Copy)]
 pub struct Principal<'a> {
@@ -62,7 +78,13 @@ pub struct Policy {
     allow: Vec<Rule>,
     deny: Vec<Rule>,
     app_hosts: Vec<Selector>,
+    route_allow: Vec<RouteRule>,
+    route_deny: Vec<RouteRule>,
+    route_auto: Vec<(Prefix, Vec<Selector>)>,
 }
+
+/// The most entries the policy's `routes` section may hold.
+pub const MAX_ROUTE_KEYS: usize = 4096;
 
 /// The most tags a policy may define.
 pub const MAX_TAGS: usize = 4096;
@@ -104,17 +126,40 @@ impl Policy {
             }
         }
         let mut compile_rules = |rules: &[crate::api::PolicyRule], kind: &str| {
-            rules
-                .iter()
-                .enumerate()
-                .map(|(i, r)| {
-                    c.rule(r)
-                        .map_err(|e| PolicyError(format!("{kind} rule {i}: {}", e.0)))
-                })
-                .collect::<Result<Vec<_>, _>>()
+            let mut out = Vec::new();
+            let mut routes = Vec::new();
+            for (i, r) in rules.iter().enumerate() {
+                let (rule, route) = c
+                    .rule(r)
+                    .map_err(|e| PolicyError(format!("{kind} rule {i}: {}", e.0)))?;
+                out.push(rule);
+                if !route.dst.is_empty() {
+                    routes.push(route);
+                }
+            }
+            Ok::<_, PolicyError>((out, routes))
         };
-        let allow = compile_rules(&doc.allow, "allow")?;
-        let deny = compile_rules(&doc.deny, "deny")?;
+        let (allow, route_allow) = compile_rules(&doc.allow, "allow")?;
+        let (deny, route_deny) = compile_rules(&doc.deny, "deny")?;
+        if doc.routes.len() > MAX_ROUTE_KEYS {
+            return Err(PolicyError(format!(
+                "more than {MAX_ROUTE_KEYS} entries in \"routes\""
+            )));
+        }
+        let mut route_auto = Vec::new();
+        for (prefix, sels) in &doc.routes {
+            let p: Prefix = prefix
+                .parse()
+                .map_err(|e: crate::api::route::PrefixError| PolicyError(format!("routes: {e}")))?;
+            let mut out = Vec::new();
+            for s in sels {
+                out.extend(
+                    c.selector(s)
+                        .map_err(|e| PolicyError(format!("routes {prefix:?}: {}", e.0)))?,
+                );
+            }
+            route_auto.push((p, out));
+        }
         let mut app_hosts = Vec::new();
         for s in &doc.app_hosts {
             app_hosts.extend(c.selector(s)?);
@@ -127,7 +172,26 @@ impl Policy {
             allow,
             deny,
             app_hosts,
+            route_allow,
+            route_deny,
+            route_auto,
         })
+    }
+
+    /// The allow rules' prefix destinations.
+    pub fn route_allow(&self) -> &[RouteRule] {
+        &self.route_allow
+    }
+
+    /// The deny rules' prefix destinations.
+    pub fn route_deny(&self) -> &[RouteRule] {
+        &self.route_deny
+    }
+
+    /// The `routes` section: a prefix and who gets its advertisements (and those of any
+    /// prefix inside it) approved.
+    pub fn route_auto(&self) -> &[(Prefix, Vec<Selector>)] {
+        &self.route_auto
     }
 
     /// The document this policy was compiled from.
@@ -223,7 +287,7 @@ struct Compiler<'a> {
 }
 
 impl Compiler<'_> {
-    fn rule(&mut self, r: &crate::api::PolicyRule) -> Result<Rule, PolicyError> {
+    fn rule(&mut self, r: &crate::api::PolicyRule) -> Result<(Rule, RouteRule), PolicyError> {
         if r.src.is_empty() || r.dst.is_empty() {
             return Err(PolicyError("src and dst must not be empty".into()));
         }
@@ -232,13 +296,26 @@ impl Compiler<'_> {
             src.extend(self.selector(s)?);
         }
         let mut dst = Vec::new();
+        let mut prefixes = Vec::new();
         for d in &r.dst {
+            if let Some(ps) = route_destination(d)? {
+                prefixes.extend(ps);
+                continue;
+            }
             let (sel, ports) = split_ports(d)?;
             for s in self.selector(sel)? {
                 dst.push((s, ports.clone()));
             }
         }
-        Ok(Rule { src, dst })
+        prefixes.sort();
+        prefixes.dedup();
+        Ok((
+            Rule {
+                src: src.clone(),
+                dst,
+            },
+            RouteRule { src, dst: prefixes },
+        ))
     }
 
     /// Resolves one selector (a group expands to its members).
@@ -277,6 +354,43 @@ impl Compiler<'_> {
             "bad selector {s:?}: use tag:NAME, group:NAME, peer:NAME or *"
         )))
     }
+}
+
+/// A prefix destination (`10.1.0.0/16`, `fd00:1::/64`, `::/0`, `autogroup:internet`),
+/// or `None` for a selector destination. The `/LEN` digits end the prefix, so IPv6 needs
+/// no brackets. A `:PORTS` suffix is refused in this version: a route carries all traffic.
+pub fn route_destination(d: &str) -> Result<Option<Vec<Prefix>>, PolicyError> {
+    if d == "autogroup:internet" {
+        return Ok(Some(vec![DEFAULT_V4, DEFAULT_V6]));
+    }
+    if d == "*"
+        || d.starts_with("*:")
+        || d.starts_with("tag:")
+        || d.starts_with("group:")
+        || d.starts_with("peer:")
+        || d.starts_with("autogroup:")
+        || !d.contains('/')
+    {
+        return Ok(None);
+    }
+    let bad = |e: String| PolicyError(format!("destination {d:?}: {e}"));
+    let slash = d.find('/').unwrap_or(d.len());
+    let digits = d[slash + 1..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    let end = slash + 1 + digits;
+    let prefix: Prefix = d[..end]
+        .parse()
+        .map_err(|e: crate::api::route::PrefixError| bad(e.0))?;
+    if end != d.len() {
+        return Err(bad(
+            "ports on a prefix destination are not supported yet: a route carries all traffic \
+             (write the prefix alone)"
+                .into(),
+        ));
+    }
+    Ok(Some(vec![prefix]))
 }
 
 /// Splits `tag:x:80,443` (or `tag:x:tcp:22,udp:53`) into (`tag:x`, ports); no suffix means
@@ -331,7 +445,62 @@ mod tests {
                 rule(&["peer:boss"], &["*:22"]),
             ],
             deny: vec![rule(&["tag:ops"], &["tag:worker:22"])],
+            routes: Default::default(),
         }
+    }
+
+    #[test]
+    fn prefix_destinations_are_routes_not_selectors() {
+        let mut d = doc();
+        d.allow.push(rule(
+            &["tag:node"],
+            &[
+                "10.1.0.0/16",
+                "fd00:1::/64",
+                "autogroup:internet",
+                "tag:ops:22",
+            ],
+        ));
+        d.deny.push(rule(&["tag:node"], &["10.1.5.0/24"]));
+        d.routes = [("10.0.0.0/8".to_string(), vec!["tag:ops".to_string()])].into();
+        let p = Policy::compile(d).unwrap();
+        assert_eq!(p.route_allow().len(), 1);
+        let r = &p.route_allow()[0];
+        assert_eq!(r.dst.len(), 4, "{:?}", r.dst);
+        assert_eq!(p.route_deny().len(), 1);
+        assert_eq!(p.route_auto().len(), 1);
+        // The rule's selector destination still counts for the ACL.
+        let t = |names: &[&str]| {
+            p.tag_ids(&names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        let (node, ops) = (t(&["node"]), t(&["ops"]));
+        let pr = |identity, tags| Principal { identity, tags };
+        assert!(p
+            .allowed_ports(pr("n", &node), pr("o", &ops))
+            .tcp
+            .contains(22));
+        // Bad prefixes and ports on a prefix are refused, naming the destination.
+        for (dst, want) in [
+            ("10.1.0.1/16", "host bits"),
+            ("10.1.0.0/16:22", "ports on a prefix"),
+            ("fd00:1::/64:tcp:443", "ports on a prefix"),
+            ("10.1.0.0/40", "too long"),
+        ] {
+            let mut d = doc();
+            d.allow.push(rule(&["tag:node"], &[dst]));
+            let e = Policy::compile(d).unwrap_err();
+            assert!(
+                e.0.contains(want) && e.0.contains("allow rule 3"),
+                "{dst}: {e}"
+            );
+        }
+        let mut d = doc();
+        d.routes = [("10.1.0.1/16".to_string(), vec!["tag:ops".to_string()])].into();
+        assert!(Policy::compile(d).unwrap_err().0.contains("routes"));
+        let mut d = doc();
+        d.routes = [("10.1.0.0/16".to_string(), vec!["tag:nope".to_string()])].into();
+        assert!(Policy::compile(d).unwrap_err().0.contains("unknown tag"));
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! increase.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -80,6 +80,10 @@ pub struct PeerRecord {
     pub ephemeral: bool,
     /// Visibility class under the current policy.
     pub class: ClassId,
+    /// The mesh IPv4 address ([`crate::routes`]), kept for the identity's peer id.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Advertised routes and their admin approvals ([`crate::routes::Advertisement`]).
+    pub ads: crate::routes::Advertisement,
 }
 
 impl PeerRecord {
@@ -219,6 +223,11 @@ pub struct Registry {
     /// Heartbeat-driven upserts wait for their window ([`EVENT_WINDOW_MS`]); off when
     /// every change is a database commit (its event goes out with the commit's id).
     coalesce: bool,
+    /// Mesh IPv4 → the peer that was given it. May hold addresses of peers since removed
+    /// or changed: an entry counts only while that peer still holds the address.
+    ipv4s: HashMap<Ipv4Addr, String>,
+    /// Peers that advertised routes at some point (checked against `ads` on use).
+    routers: BTreeSet<String>,
 }
 
 impl Registry {
@@ -245,6 +254,8 @@ impl Registry {
                 tx,
             },
             coalesce: true,
+            ipv4s: HashMap::new(),
+            routers: BTreeSet::new(),
         }
     }
 
@@ -324,6 +335,7 @@ impl Registry {
             }
         }
         if let Some(r) = record {
+            self.note_routes(&r);
             self.by_identity.insert(r.identity.clone(), id.to_owned());
             self.by_ula.insert(r.ula, id.to_owned());
             self.member_set(r.class).insert(id.to_owned());
@@ -387,6 +399,8 @@ impl Registry {
             }
         }
         let class_changed = self.index(&rec, old.as_ref());
+        // Its own routes changed: its streams get a snapshot (their `may_use` lists).
+        let routes_changed = old.as_ref().is_some_and(|o| o.ads != rec.ads);
         let punch = old
             .as_ref()
             .is_none_or(|o| o.reflexive != rec.reflexive || o.mapped != rec.mapped);
@@ -399,7 +413,7 @@ impl Registry {
         });
         self.peers.insert(id.clone(), rec);
         if !unchanged {
-            let action = if class_changed {
+            let action = if class_changed || routes_changed {
                 SubjectAction::Resync
             } else {
                 SubjectAction::Skip
@@ -537,7 +551,9 @@ impl Registry {
                     continue;
                 }
                 if let Some(p) = self.peers.get(id) {
-                    out.push(entry(p, rules.clone()));
+                    let mut e = entry(p, rules.clone());
+                    self.decorate(&mut e, v, p, true);
+                    out.push(e);
                 }
             }
         }
@@ -591,6 +607,11 @@ impl Registry {
             stale: false,
             ephemeral: new.ephemeral,
             class,
+            ipv4: old
+                .as_ref()
+                .and_then(|o| o.ipv4)
+                .or_else(|| self.allocate_ipv4(&id)),
+            ads: old.as_ref().map(|o| o.ads.clone()).unwrap_or_default(),
         };
         let class_changed = self.index(&rec, old.as_ref());
         let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
@@ -914,6 +935,17 @@ impl Registry {
                     let Some(p) = self.peers.get(pid) else {
                         continue;
                     };
+                    if !p.ads.is_empty() {
+                        // Its routes depend on the viewer class: not shared.
+                        let rules = self.vis.port_rules(c, target).cloned().unwrap_or_default();
+                        let mut e = entry(p, rules);
+                        if let Some(v) = self.representative(c) {
+                            self.decorate(&mut e, v, p, false);
+                        }
+                        let text = serde_json::to_string(&e).unwrap_or_default();
+                        entries.push((Arc::from(pid.as_str()), Arc::from(text)));
+                        continue;
+                    }
                     let e = json.entry((pid.as_str(), rid)).or_insert_with(|| {
                         let rules = self.vis.port_rules(c, target).cloned().unwrap_or_default();
                         let text = serde_json::to_string(&entry(p, rules)).unwrap_or_default();
@@ -934,6 +966,7 @@ impl Registry {
             frames,
             classes: Arc::new(classes),
         });
+        self.resync_routers();
     }
 
     /// Files `rec` in the lookup maps and its class's member set; when `old` was in another
@@ -962,6 +995,7 @@ impl Registry {
         self.by_identity.insert(rec.identity.clone(), id.clone());
         self.by_ula.insert(rec.ula, id.clone());
         self.member_set(class).insert(id.clone());
+        self.note_routes(rec);
         class_changed
     }
 
@@ -985,6 +1019,21 @@ impl Registry {
         let mut frames: Vec<Option<Bytes>> = vec![None; self.vis.len()];
         let mut by_rules: HashMap<RulesId, Bytes> = HashMap::new();
         for viewer in self.vis.viewers_of(p.class) {
+            if !p.ads.is_empty() {
+                // Its routes depend on the viewer class: one frame per class.
+                let rules = self
+                    .vis
+                    .port_rules(viewer, p.class)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut e = entry(p, rules);
+                if let Some(v) = self.representative(viewer) {
+                    self.decorate(&mut e, v, p, false);
+                }
+                frames[viewer as usize] =
+                    Some(Bytes::from(SseEvent::PeerUpsert(e).to_frame(event_id)));
+                continue;
+            }
             let rid = self.vis.rules_id(viewer, p.class);
             let frame = by_rules.entry(rid).or_insert_with(|| {
                 let rules = self
@@ -996,11 +1045,18 @@ impl Registry {
             });
             frames[viewer as usize] = Some(frame.clone());
         }
-        Some(Payload::ByClass {
+        let by_class = Payload::ByClass {
             subject: id.to_owned(),
             frames,
             action,
-        })
+        };
+        // Routers that see it get their own entry after the class one (its `may_use`).
+        let personal = self.router_frames(p, event_id);
+        if personal.is_empty() {
+            Some(by_class)
+        } else {
+            Some(Payload::Batch(vec![by_class, Payload::Targeted(personal)]))
+        }
     }
 
     fn emit_remove(&mut self, id: &str, reason: &str, viewers: &[ClassId], action: SubjectAction) {
@@ -1089,6 +1145,249 @@ impl Registry {
     }
 }
 
+/// Routes and the mesh IPv4 ([`crate::routes`]): the registry's part.
+impl Registry {
+    /// Files `rec`'s IPv4 and, if it advertises routes, its id among the routers.
+    fn note_routes(&mut self, rec: &PeerRecord) {
+        if let Some(a) = rec.ipv4 {
+            self.ipv4s.insert(a, rec.id.clone());
+        }
+        if !rec.ads.is_empty() {
+            self.routers.insert(rec.id.clone());
+        }
+    }
+
+    /// Whether a peer other than `id` holds `a`.
+    fn ipv4_taken(&self, a: Ipv4Addr, id: &str) -> bool {
+        self.ipv4s
+            .get(&a)
+            .is_some_and(|h| h != id && self.peers.get(h).is_some_and(|p| p.ipv4 == Some(a)))
+    }
+
+    /// The first of `id`'s IPv4 candidates no other peer holds.
+    fn allocate_ipv4(&self, id: &str) -> Option<Ipv4Addr> {
+        crate::routes::allocate_ipv4(id, |a| self.ipv4_taken(a, id))
+    }
+
+    /// The peer holding mesh IPv4 `a`, if any.
+    pub fn peer_by_ipv4(&self, a: Ipv4Addr) -> Option<&PeerRecord> {
+        let id = self.ipv4s.get(&a)?;
+        self.peers.get(id).filter(|p| p.ipv4 == Some(a))
+    }
+
+    /// One member of class `c` (every member of a class matches the same selectors).
+    fn representative(&self, c: ClassId) -> Option<&PeerRecord> {
+        self.members
+            .get(c as usize)?
+            .iter()
+            .find_map(|id| self.peers.get(id))
+    }
+
+    /// `p`'s approved routes under the policy in force.
+    pub fn approved_routes(&self, p: &PeerRecord) -> Vec<(crate::api::route::Prefix, bool)> {
+        if p.ads.is_empty() {
+            return Vec::new();
+        }
+        let policy = self.vis.policy();
+        let tags = policy.known_tag_ids(&p.tags);
+        let who = crate::policy::Principal {
+            identity: &p.identity,
+            tags: &tags,
+        };
+        crate::routes::approved(policy, who, &p.ads)
+    }
+
+    /// Fills `e` (`viewer`'s entry for `target`): `routes`/`exit_node` always, `may_use`
+    /// only for a `personal` entry (it depends on the viewer's own routes).
+    fn decorate(
+        &self,
+        e: &mut RosterEntry,
+        viewer: &PeerRecord,
+        target: &PeerRecord,
+        personal: bool,
+    ) {
+        let target_routes = self.approved_routes(target);
+        let viewer_routes = if personal {
+            self.approved_routes(viewer)
+        } else {
+            Vec::new()
+        };
+        if target_routes.is_empty() && viewer_routes.is_empty() {
+            return;
+        }
+        let policy = self.vis.policy();
+        let (vt, tt) = (
+            policy.known_tag_ids(&viewer.tags),
+            policy.known_tag_ids(&target.tags),
+        );
+        crate::routes::decorate(
+            policy,
+            e,
+            crate::policy::Principal {
+                identity: &viewer.identity,
+                tags: &vt,
+            },
+            crate::policy::Principal {
+                identity: &target.identity,
+                tags: &tt,
+            },
+            &target_routes,
+            &viewer_routes,
+        );
+    }
+
+    /// The routers with approved routes that see `p`.
+    fn live_routers(&self) -> Vec<&PeerRecord> {
+        self.routers
+            .iter()
+            .filter_map(|id| self.peers.get(id))
+            .filter(|r| !r.ads.is_empty())
+            .collect()
+    }
+
+    /// Each router that sees `p` (and has approved routes): its own upsert of `p`, with
+    /// the `may_use` list only it gets.
+    fn router_frames(&self, p: &PeerRecord, event_id: u64) -> Vec<(String, Bytes)> {
+        let mut out = Vec::new();
+        for r in self.live_routers() {
+            if r.id == p.id || self.approved_routes(r).is_empty() {
+                continue;
+            }
+            let Some(rules) = self.vis.port_rules(r.class, p.class) else {
+                continue;
+            };
+            let mut e = entry(p, rules.clone());
+            self.decorate(&mut e, r, p, true);
+            out.push((
+                r.id.clone(),
+                Bytes::from(SseEvent::PeerUpsert(e).to_frame(event_id)),
+            ));
+        }
+        out
+    }
+
+    /// After a policy change: every router with approved routes gets a fresh snapshot
+    /// (its `may_use` lists), since class rosters carry none.
+    fn resync_routers(&mut self) {
+        let ids: Vec<String> = self
+            .live_routers()
+            .into_iter()
+            .filter(|r| !self.approved_routes(r).is_empty())
+            .map(|r| r.id.clone())
+            .collect();
+        for id in ids {
+            let frames = vec![None; self.vis.len()];
+            self.push(Payload::ByClass {
+                subject: id,
+                frames,
+                action: SubjectAction::Resync,
+            });
+        }
+    }
+
+    /// Replaces what peer `id` advertises (validated by the caller), forgetting admin
+    /// approvals of prefixes it no longer advertises; announces a change (the peer's own
+    /// streams get a snapshot). Returns whether anything changed; `false` for an unknown
+    /// peer.
+    pub fn set_advertisement(
+        &mut self,
+        id: &str,
+        routes: Vec<crate::api::route::Prefix>,
+        exit_node: bool,
+        now_ms: u64,
+    ) -> bool {
+        let Some(p) = self.peers.get_mut(id) else {
+            return false;
+        };
+        let mut ads = p.ads.clone();
+        ads.replace(routes, exit_node);
+        if ads == p.ads {
+            return false;
+        }
+        p.ads = ads;
+        if !p.ads.is_empty() {
+            self.routers.insert(id.to_owned());
+        }
+        self.emit_upsert(id, SubjectAction::Resync);
+        self.emitted(id, now_ms);
+        true
+    }
+
+    /// Records (`approve`) or withdraws an admin approval of `prefix` of peer `id`.
+    /// `None` when the peer does not advertise it; otherwise whether anything changed.
+    pub fn set_route_approval(
+        &mut self,
+        id: &str,
+        prefix: crate::api::route::Prefix,
+        approve: bool,
+        now_ms: u64,
+    ) -> Option<bool> {
+        let p = self.peers.get_mut(id)?;
+        if !p.ads.advertises(&prefix) {
+            return None;
+        }
+        let had = p.ads.admin_approved.contains(&prefix);
+        if had == approve {
+            return Some(false);
+        }
+        if approve {
+            p.ads.admin_approved.push(prefix);
+            p.ads.admin_approved.sort();
+        } else {
+            p.ads.admin_approved.retain(|x| *x != prefix);
+        }
+        self.emit_upsert(id, SubjectAction::Resync);
+        self.emitted(id, now_ms);
+        Some(true)
+    }
+
+    /// Every advertisement, sorted by peer id then prefix (`GET /v1/routes`).
+    pub fn route_infos(&self) -> Vec<crate::api::RouteInfo> {
+        let policy = self.vis.policy();
+        let mut out = Vec::new();
+        for p in self.live_routers() {
+            let tags = policy.known_tag_ids(&p.tags);
+            let who = crate::policy::Principal {
+                identity: &p.identity,
+                tags: &tags,
+            };
+            out.extend(crate::routes::infos(
+                policy,
+                &p.id,
+                &p.display_name,
+                who,
+                &p.ads,
+            ));
+        }
+        out
+    }
+
+    /// The advertisement with route id `route_id`: (peer id, prefix).
+    pub fn find_route(&self, route_id: &str) -> Option<(String, crate::api::route::Prefix)> {
+        self.live_routers().into_iter().find_map(|p| {
+            p.ads
+                .prefixes()
+                .into_iter()
+                .find(|(prefix, _)| crate::routes::route_id(&p.id, prefix) == route_id)
+                .map(|(prefix, _)| (p.id.clone(), prefix))
+        })
+    }
+
+    /// Peer `id`'s own advertisements and their state (`RegisterResponse::routes`).
+    pub fn own_route_states(&self, id: &str) -> Vec<crate::api::RouteState> {
+        let Some(p) = self.peers.get(id) else {
+            return Vec::new();
+        };
+        let policy = self.vis.policy();
+        let tags = policy.known_tag_ids(&p.tags);
+        let who = crate::policy::Principal {
+            identity: &p.identity,
+            tags: &tags,
+        };
+        crate::routes::own_states(policy, who, &p.ads)
+    }
+}
+
 /// (peer id, serialized roster entry), shared between class rosters.
 pub type SharedEntry = (Arc<str>, Arc<str>);
 
@@ -1148,7 +1447,7 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         ports: rules,
         stale: p.stale,
-        ipv4: None,
+        ipv4: p.ipv4,
         routes: vec![],
         exit_node: false,
         may_use: vec![],

@@ -653,6 +653,26 @@ impl Coordinator {
                 let body: MoveAppRequest = self.read_json(req).await?;
                 ok(&self.move_app(&who, uuid, body)?)
             }
+            (Method::GET, PATH_ROUTES) => {
+                self.admin(conn, identity.as_deref())?;
+                ok(&RoutesResponse {
+                    routes: self.read().registry.route_infos(),
+                })
+            }
+            (method, p) if p.starts_with("/v1/routes/") => {
+                let who = self.admin(conn, identity.as_deref())?;
+                let rest = &p["/v1/routes/".len()..];
+                match (method, rest.split_once('/')) {
+                    (Method::POST, Some((id, "approve"))) => {
+                        ok(&self.approve_route(&who, id, true)?)
+                    }
+                    (Method::DELETE, Some((id, "approve"))) => {
+                        ok(&self.approve_route(&who, id, false)?)
+                    }
+                    (_, Some((_, "approve"))) => Err(ApiError::MethodNotAllowed),
+                    _ => Err(ApiError::NotFound(format!("no route {p}"))),
+                }
+            }
             (Method::DELETE, p) if p.starts_with("/v1/revocations/") => {
                 let who = self.admin(conn, identity.as_deref())?;
                 ok(&self.readmit_peer(&who, &p["/v1/revocations/".len()..])?)
@@ -752,6 +772,10 @@ impl Coordinator {
             return Err(ApiError::BadRequest("wg_listen_port must not be 0".into()));
         }
         check_endpoints(&req.endpoints)?;
+        let advertised =
+            crate::routes::parse_advertisement(&req.advertise_routes, req.advertise_exit_node)
+                .map_err(ApiError::BadRequest)?;
+        let exit_node = req.advertise_exit_node;
         if req.tags.len() > MAX_TAGS_PER_PEER {
             return Err(ApiError::BadRequest(format!(
                 "more than {MAX_TAGS_PER_PEER} tags"
@@ -860,7 +884,8 @@ impl Coordinator {
         };
         // The admission and the member row: one transaction, before the answer.
         core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
-            reg.upsert(new_peer, now_ms);
+            let id = reg.upsert(new_peer, now_ms).id.clone();
+            reg.set_advertisement(&id, advertised, exit_node, now_ms);
             Ok(())
         })?;
         let class = core
@@ -869,6 +894,8 @@ impl Coordinator {
             .map(|p| p.class)
             .ok_or(ApiError::NotRegistered)?;
         let roster = core.registry.roster(&id);
+        let ipv4 = core.registry.peer(&id).and_then(|p| p.ipv4);
+        let routes = core.registry.own_route_states(&id);
         Metrics::inc(&self.metrics.registrations);
         Ok(RegisterResponse {
             peer_id: id,
@@ -882,8 +909,8 @@ impl Coordinator {
             stun_servers: self.stun_servers(conn),
             relays,
             dns_domain: self.config.dns_domain.clone(),
-            ipv4: None,
-            routes: Vec::new(),
+            ipv4,
+            routes,
         })
     }
 
@@ -916,6 +943,10 @@ impl Coordinator {
                 )));
             }
         }
+        let advertised =
+            crate::routes::parse_advertisement(&req.advertise_routes, req.advertise_exit_node)
+                .map_err(ApiError::BadRequest)?;
+        let exit_node = req.advertise_exit_node;
         let mut apps: Vec<Ipv6Addr> = req.hosted_app_ulas;
         apps.sort_unstable();
         apps.dedup();
@@ -955,7 +986,10 @@ impl Coordinator {
                 source,
                 now_ms,
             ) {
-                Ok(r) => Ok(r),
+                Ok(r) => {
+                    reg.set_advertisement(&id, advertised, exit_node, now_ms);
+                    Ok(r)
+                }
                 Err(HeartbeatError::NotRegistered) => Err(ApiError::NotRegistered),
                 Err(HeartbeatError::AppTaken {
                     app,
@@ -1301,6 +1335,54 @@ impl Coordinator {
             from,
             to: req.to,
         })
+    }
+
+    /// `POST|DELETE /v1/routes/{id}/approve`: records or withdraws an admin approval,
+    /// durably (the member's row), announced like any member change.
+    fn approve_route(
+        &self,
+        admin: &str,
+        route_id: &str,
+        approve: bool,
+    ) -> Result<RoutesResponse, ApiError> {
+        let now = self.clock.now_ms();
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let (peer_id, prefix) = core
+            .registry
+            .find_route(route_id)
+            .ok_or_else(|| ApiError::NotFound(format!("no route advertisement {route_id:?}")))?;
+        core.member_change(
+            &self.metrics,
+            Vec::new(),
+            std::slice::from_ref(&peer_id),
+            |reg| {
+                reg.set_route_approval(&peer_id, prefix, approve, now)
+                    .map(|_| ())
+                    .ok_or_else(|| {
+                        ApiError::NotFound(format!("no route advertisement {route_id:?}"))
+                    })
+            },
+        )?;
+        let routes: Vec<RouteInfo> = core
+            .registry
+            .route_infos()
+            .into_iter()
+            .filter(|r| r.id == route_id)
+            .collect();
+        drop(guard);
+        let action = if approve {
+            "route.approve"
+        } else {
+            "route.withdraw"
+        };
+        tracing::info!(route_id, %prefix, peer_id = %peer_id, admin, action, "route approval changed");
+        audit(
+            admin,
+            action,
+            &format!("route {route_id} ({prefix} of {peer_id})"),
+        );
+        Ok(RoutesResponse { routes })
     }
 
     fn list_tokens(&self) -> Vec<TokenInfo> {
@@ -1758,7 +1840,9 @@ fn known_path(p: &str) -> bool {
             | PATH_ROTATE_KEY
             | PATH_LEAVE
             | PATH_RELAY_TOKEN
+            | PATH_ROUTES
     ) || p.starts_with("/v1/mesh/peers/")
+        || p.starts_with("/v1/routes/")
         || p.starts_with("/v1/revocations/")
         || p.starts_with("/v1/tokens/")
         || p.starts_with("/v1/apps/")

@@ -110,6 +110,15 @@ pub const MIGRATIONS: &[Migration] = &[
             "CREATE INDEX member_apps_by_peer ON member_apps (peer_id)",
         ],
     },
+    Migration {
+        version: 4,
+        name: "member_ipv4: one mesh IPv4 per member, one member per mesh IPv4",
+        engine: None,
+        statements: &["CREATE TABLE member_ipv4 (
+            ipv4 TEXT PRIMARY KEY,
+            peer_id TEXT NOT NULL UNIQUE REFERENCES members (peer_id) ON DELETE CASCADE
+        )"],
+    },
 ];
 
 /// The newest schema version this coordinator knows.

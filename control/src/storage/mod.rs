@@ -794,6 +794,20 @@ fn statements_for(
                 sql: "DELETE FROM member_apps WHERE peer_id = ?1",
                 params: vec![Value::Text(m.peer_id.clone())],
             });
+            // A mesh IPv4 another member holds: no row inserted, the transaction fails.
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_ipv4 WHERE peer_id = ?1",
+                params: vec![Value::Text(m.peer_id.clone())],
+            });
+            if let Some(a) = m.ipv4 {
+                out.push(Statement {
+                    must_change: true,
+                    sql: "INSERT INTO member_ipv4 (ipv4, peer_id) VALUES (?1, ?2) \
+                          ON CONFLICT (ipv4) DO NOTHING",
+                    params: vec![Value::Text(a.to_string()), Value::Text(m.peer_id.clone())],
+                });
+            }
             // An app another member holds: no row inserted, the transaction fails.
             for app in &m.hosted_app_ulas {
                 out.push(Statement {
@@ -812,6 +826,11 @@ fn statements_for(
             });
             out.push(Statement {
                 must_change: false,
+                sql: "DELETE FROM member_ipv4 WHERE peer_id = ?1",
+                params: vec![Value::Text(peer_id.clone())],
+            });
+            out.push(Statement {
+                must_change: false,
                 sql: "DELETE FROM members WHERE peer_id = ?1",
                 params: vec![Value::Text(peer_id.clone())],
             });
@@ -825,6 +844,12 @@ fn statements_for(
             out.push(Statement {
                 must_change: false,
                 sql: "DELETE FROM member_apps WHERE peer_id = ?1 AND peer_id IN \
+                      (SELECT peer_id FROM members WHERE last_seen < ?2)",
+                params: vec![Value::Text(peer_id.clone()), int(*before)?],
+            });
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_ipv4 WHERE peer_id = ?1 AND peer_id IN \
                       (SELECT peer_id FROM members WHERE last_seen < ?2)",
                 params: vec![Value::Text(peer_id.clone()), int(*before)?],
             });

@@ -1,0 +1,479 @@
+//! Subnet routes and exit nodes on the coordinator: what a member advertises, whether an
+//! advertisement is approved, which routes a viewer may use, and the mesh IPv4 address.
+//!
+//! What it owns:
+//! * [`Advertisement`]: a member's advertised prefixes, whether it offers itself as an
+//!   exit node, and the prefixes an admin approved. Stored with the member (its row in
+//!   [`crate::members`], so it is durable and reaches every coordinator through the change
+//!   log like any member change). [`parse_advertisement`] validates a request's fields
+//!   (canonical prefixes, at most [`MAX_ADVERTISED_ROUTES`], no mesh, loopback,
+//!   link-local, multicast or default prefix: [`crate::api::route::check_advertised`]).
+//! * Approval ([`approval`]): the policy's `routes` section approves an advertisement of
+//!   a prefix inside one of its keys by a member one of the key's selectors names;
+//!   otherwise an admin approval ([`Advertisement::admin_approved`]) does; otherwise it
+//!   is pending.
+//! * Use ([`usable`]): a viewer may use an approved route R when an allow rule whose
+//!   `src` names it has a prefix destination containing R (all of R), or inside R (that
+//!   part only), minus the prefix destinations of deny rules naming it. The default
+//!   routes of an exit node are usable only through a destination that is exactly that
+//!   default route (`0.0.0.0/0`, `::/0`, `autogroup:internet`). Routes carry all traffic
+//!   in this version (ports on a prefix destination are refused by the policy compiler).
+//! * The roster fields ([`decorate`]): `routes`/`exit_node` (what the viewer may send
+//!   through the peer) and `may_use` (what the peer may send through the viewer).
+//! * The mesh IPv4 ([`ipv4_candidate`]): the `n`-th candidate for a peer id, from
+//!   blake3, in `100.64.0.0/10`, never the first or last address of the /10 nor
+//!   `100.100.100.100`. The registry picks the first candidate no other member holds; the
+//!   database's unique `member_ipv4.ipv4` refuses a duplicate that two coordinators
+//!   allocated at once (the registration fails with 409 and is retried).
+//!
+//! Invariants: only validated prefixes enter an [`Advertisement`]; `admin_approved` is a
+//! subset of what is advertised (an approval is forgotten with its advertisement).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::route::{check_advertised, Prefix, DEFAULT_V4, DEFAULT_V6};
+use crate::api::{
+    ApprovedBy, RosterEntry, RouteApproval, RouteInfo, RouteState, MAX_ADVERTISED_ROUTES,
+};
+use crate::policy::{matches, Policy, Principal, RouteRule};
+
+/// A member's route advertisement.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advertisement {
+    /// Advertised subnet prefixes (never a default route), sorted, deduplicated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<Prefix>,
+    /// Offers itself as an exit node (`0.0.0.0/0` and `::/0`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exit_node: bool,
+    /// Prefixes an admin approved (`POST /v1/routes/{id}/approve`), each advertised.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_approved: Vec<Prefix>,
+}
+
+impl Advertisement {
+    /// Whether nothing is advertised.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty() && !self.exit_node
+    }
+
+    /// Whether there is nothing to store (nothing advertised, nothing approved).
+    pub fn is_empty_all(&self) -> bool {
+        self.is_empty() && self.admin_approved.is_empty()
+    }
+
+    /// Every advertised prefix with whether it belongs to the exit node offer.
+    pub fn prefixes(&self) -> Vec<(Prefix, bool)> {
+        let mut out: Vec<(Prefix, bool)> = self.routes.iter().map(|p| (*p, false)).collect();
+        if self.exit_node {
+            out.push((DEFAULT_V4, true));
+            out.push((DEFAULT_V6, true));
+        }
+        out
+    }
+
+    /// Whether `p` is advertised.
+    pub fn advertises(&self, p: &Prefix) -> bool {
+        if p.is_default() {
+            self.exit_node
+        } else {
+            self.routes.contains(p)
+        }
+    }
+
+    /// Replaces what is advertised, forgetting admin approvals of prefixes no longer in it.
+    pub fn replace(&mut self, routes: Vec<Prefix>, exit_node: bool) {
+        self.routes = routes;
+        self.exit_node = exit_node;
+        let keep: Vec<Prefix> = self
+            .admin_approved
+            .iter()
+            .copied()
+            .filter(|p| self.advertises(p))
+            .collect();
+        self.admin_approved = keep;
+    }
+}
+
+/// Validates a request's `advertise_routes` and `advertise_exit_node`; the error names
+/// the field and the prefix.
+pub fn parse_advertisement(routes: &[String], exit_node: bool) -> Result<Vec<Prefix>, String> {
+    if routes.len() > MAX_ADVERTISED_ROUTES {
+        return Err(format!(
+            "advertise_routes: more than {MAX_ADVERTISED_ROUTES} prefixes"
+        ));
+    }
+    let mut out = Vec::with_capacity(routes.len());
+    for r in routes {
+        let p: Prefix = r.parse().map_err(|e| format!("advertise_routes: {e}"))?;
+        check_advertised(&p).map_err(|e| format!("advertise_routes: {e}"))?;
+        out.push(p);
+    }
+    out.sort();
+    out.dedup();
+    let _ = exit_node;
+    Ok(out)
+}
+
+/// The stable id of a route: hex of the first 8 bytes of blake3(peer_id ‖ "\0" ‖ prefix).
+pub fn route_id(peer_id: &str, prefix: &Prefix) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(peer_id.as_bytes());
+    h.update(b"\0");
+    h.update(prefix.to_string().as_bytes());
+    hex::encode(&h.finalize().as_bytes()[..8])
+}
+
+/// Who approved `prefix` of a member (`p` as the policy sees it), or `None`: pending.
+pub fn approval(
+    policy: &Policy,
+    p: Principal<'_>,
+    ads: &Advertisement,
+    prefix: &Prefix,
+) -> Option<ApprovedBy> {
+    let by_policy = policy.route_auto().iter().any(|(key, sels)| {
+        // A default route is approved only by that default route's key.
+        let covers = if prefix.is_default() {
+            key == prefix
+        } else {
+            key.contains(prefix)
+        };
+        covers && sels.iter().any(|s| matches(s, p))
+    });
+    if by_policy {
+        Some(ApprovedBy::Policy)
+    } else if ads.admin_approved.contains(prefix) {
+        Some(ApprovedBy::Admin)
+    } else {
+        None
+    }
+}
+
+/// The member's approved prefixes, with whether each is an exit route.
+pub fn approved(policy: &Policy, p: Principal<'_>, ads: &Advertisement) -> Vec<(Prefix, bool)> {
+    if ads.is_empty() {
+        return Vec::new();
+    }
+    ads.prefixes()
+        .into_iter()
+        .filter(|(prefix, _)| approval(policy, p, ads, prefix).is_some())
+        .collect()
+}
+
+fn rules_for<'a>(
+    rules: &'a [RouteRule],
+    viewer: Principal<'a>,
+) -> impl Iterator<Item = &'a Prefix> + 'a {
+    rules
+        .iter()
+        .filter(move |r| r.src.iter().any(|s| matches(s, viewer)))
+        .flat_map(|r| r.dst.iter())
+}
+
+/// The parts of the approved route `route` that `viewer` may send to (empty: none).
+pub fn usable(policy: &Policy, viewer: Principal<'_>, route: &Prefix, exit: bool) -> Vec<Prefix> {
+    let mut out: Vec<Prefix> = Vec::new();
+    for d in rules_for(policy.route_allow(), viewer) {
+        let part = if exit {
+            (d == route).then_some(*route)
+        } else {
+            d.intersect(route)
+        };
+        if let Some(part) = part {
+            out.push(part);
+        }
+    }
+    if out.is_empty() {
+        return out;
+    }
+    // Drop parts inside other parts.
+    out.sort_by_key(|p| (p.is_ipv4(), p.prefix_len()));
+    let mut kept: Vec<Prefix> = Vec::new();
+    for p in out {
+        if !kept.iter().any(|k| k.contains(&p)) {
+            kept.push(p);
+        }
+    }
+    for d in rules_for(policy.route_deny(), viewer) {
+        kept = kept.iter().flat_map(|k| k.subtract(d)).collect();
+    }
+    kept.sort();
+    kept
+}
+
+/// What `viewer` may send through a member whose approved routes are `routes`: the
+/// prefixes (text) and whether it may use the member as an exit node.
+pub fn offered(
+    policy: &Policy,
+    viewer: Principal<'_>,
+    routes: &[(Prefix, bool)],
+) -> (Vec<String>, bool) {
+    let mut out = Vec::new();
+    let mut exit_node = false;
+    for (r, exit) in routes {
+        let parts = usable(policy, viewer, r, *exit);
+        if *exit && !parts.is_empty() {
+            exit_node = true;
+        }
+        out.extend(parts);
+    }
+    out.sort();
+    out.dedup();
+    (out.iter().map(ToString::to_string).collect(), exit_node)
+}
+
+/// Fills `e` (the viewer's entry for a peer): `routes`/`exit_node` from the peer's
+/// approved routes `target_routes` as the viewer may use them, and `may_use` from the
+/// viewer's own approved routes `viewer_routes` as the peer may use them.
+pub fn decorate(
+    policy: &Policy,
+    e: &mut RosterEntry,
+    viewer: Principal<'_>,
+    target: Principal<'_>,
+    target_routes: &[(Prefix, bool)],
+    viewer_routes: &[(Prefix, bool)],
+) {
+    if !target_routes.is_empty() {
+        let (routes, exit) = offered(policy, viewer, target_routes);
+        e.routes = routes;
+        e.exit_node = exit;
+    }
+    if !viewer_routes.is_empty() {
+        e.may_use = offered(policy, target, viewer_routes).0;
+    }
+}
+
+/// A member's own advertisements and their state (`RegisterResponse::routes`).
+pub fn own_states(policy: &Policy, p: Principal<'_>, ads: &Advertisement) -> Vec<RouteState> {
+    ads.prefixes()
+        .into_iter()
+        .map(|(prefix, exit_node)| RouteState {
+            prefix: prefix.to_string(),
+            exit_node,
+            state: match approval(policy, p, ads, &prefix) {
+                Some(_) => RouteApproval::Approved,
+                None => RouteApproval::Pending,
+            },
+        })
+        .collect()
+}
+
+/// The `GET /v1/routes` entries of one member.
+pub fn infos(
+    policy: &Policy,
+    peer_id: &str,
+    display_name: &str,
+    p: Principal<'_>,
+    ads: &Advertisement,
+) -> Vec<RouteInfo> {
+    ads.prefixes()
+        .into_iter()
+        .map(|(prefix, exit_node)| {
+            let by = approval(policy, p, ads, &prefix);
+            RouteInfo {
+                id: route_id(peer_id, &prefix),
+                peer_id: peer_id.to_owned(),
+                display_name: display_name.to_owned(),
+                prefix: prefix.to_string(),
+                exit_node,
+                state: if by.is_some() {
+                    RouteApproval::Approved
+                } else {
+                    RouteApproval::Pending
+                },
+                approved_by: by,
+            }
+        })
+        .collect()
+}
+
+/// The `n`-th mesh IPv4 candidate of `peer_id` (see the module docs), `None` for the
+/// excluded addresses (the caller moves on to the next `n`).
+pub fn ipv4_candidate(peer_id: &str, n: u32) -> Option<Ipv4Addr> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"tabbify mesh ipv4\0");
+    h.update(peer_id.as_bytes());
+    h.update(&n.to_le_bytes());
+    let b = h.finalize();
+    let bytes = b.as_bytes();
+    let host = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) & 0x003f_ffff;
+    let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) | host);
+    let excluded = host == 0 || host == 0x003f_ffff || addr == Ipv4Addr::new(100, 100, 100, 100);
+    (!excluded).then_some(addr)
+}
+
+/// How many candidates [`allocate_ipv4`] tries before giving up.
+pub const IPV4_CANDIDATES: u32 = 64;
+
+/// The first candidate for `peer_id` that `taken` says is free.
+pub fn allocate_ipv4(peer_id: &str, taken: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+    (0..IPV4_CANDIDATES)
+        .filter_map(|n| ipv4_candidate(peer_id, n))
+        .find(|a| !taken(*a))
+}
+
+/// Whether `a` is a valid mesh IPv4 (what a stored row may hold).
+pub fn is_mesh_ipv4(a: Ipv4Addr) -> bool {
+    crate::api::route::MESH_V4.contains_addr(IpAddr::V4(a))
+        && a != Ipv4Addr::new(100, 64, 0, 0)
+        && a != Ipv4Addr::new(100, 127, 255, 255)
+        && a != Ipv4Addr::new(100, 100, 100, 100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{PolicyDocument, PolicyRule};
+
+    fn pfx(s: &str) -> Prefix {
+        s.parse().unwrap()
+    }
+
+    fn policy() -> Policy {
+        let rule = |src: &str, dst: &[&str]| PolicyRule {
+            src: vec![src.into()],
+            dst: dst.iter().map(|d| d.to_string()).collect(),
+        };
+        Policy::compile(PolicyDocument {
+            tags: ["router", "exit", "user", "guest", "ops"]
+                .map(String::from)
+                .to_vec(),
+            allow: vec![
+                rule("tag:user", &["tag:router:22", "10.1.0.0/16", "0.0.0.0/0"]),
+                rule("tag:guest", &["10.1.2.0/24"]),
+                rule("tag:ops", &["10.0.0.0/8", "autogroup:internet"]),
+            ],
+            deny: vec![rule("tag:ops", &["10.1.5.0/24"])],
+            routes: [
+                ("10.0.0.0/8".to_string(), vec!["tag:router".to_string()]),
+                ("0.0.0.0/0".to_string(), vec!["tag:exit".to_string()]),
+                ("::/0".to_string(), vec!["tag:exit".to_string()]),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn who<'a>(p: &Policy, name: &'a str, tags: &'a mut Vec<u16>, t: &[&str]) -> Principal<'a> {
+        *tags = p.known_tag_ids(&t.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        Principal {
+            identity: name,
+            tags: tags.as_slice(),
+        }
+    }
+
+    #[test]
+    fn policy_approves_inside_its_keys_and_only_for_its_selectors() {
+        let p = policy();
+        let mut t = Vec::new();
+        let router = who(&p, "r", &mut t, &["router"]);
+        let ads = Advertisement {
+            routes: vec![pfx("10.1.0.0/16"), pfx("192.168.0.0/24")],
+            exit_node: true,
+            admin_approved: vec![],
+        };
+        let got = approved(&p, router, &ads);
+        // Inside 10.0.0.0/8: approved; 192.168 and the exit offer: pending.
+        assert_eq!(got, vec![(pfx("10.1.0.0/16"), false)]);
+        let mut t2 = Vec::new();
+        let exit = who(&p, "e", &mut t2, &["exit"]);
+        // A default-route key approves the exit offer and, as any key, every prefix
+        // inside it: here every IPv4 subnet (documented in control/README.md).
+        let got = approved(&p, exit, &ads);
+        assert_eq!(got.len(), 4, "{got:?}");
+        let mut t3 = Vec::new();
+        let user = who(&p, "u", &mut t3, &["user"]);
+        assert!(approved(&p, user, &ads).is_empty());
+        // An admin approval counts; it is forgotten with the advertisement.
+        let mut ads2 = ads.clone();
+        ads2.admin_approved = vec![pfx("192.168.0.0/24")];
+        assert_eq!(
+            approval(&p, router, &ads2, &pfx("192.168.0.0/24")),
+            Some(ApprovedBy::Admin)
+        );
+        ads2.replace(vec![pfx("10.1.0.0/16")], false);
+        assert!(ads2.admin_approved.is_empty());
+    }
+
+    #[test]
+    fn use_is_the_intersection_minus_denies() {
+        let p = policy();
+        let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let user = who(&p, "u", &mut a, &["user"]);
+        let guest = who(&p, "g", &mut b, &["guest"]);
+        let ops = who(&p, "o", &mut c, &["ops"]);
+        let router = who(&p, "r", &mut d, &["router"]);
+        let lan = pfx("10.1.0.0/16");
+        assert_eq!(usable(&p, user, &lan, false), vec![lan]);
+        // A rule inside the route: only that part.
+        assert_eq!(usable(&p, guest, &lan, false), vec![pfx("10.1.2.0/24")]);
+        // A rule around the route, minus the deny: 8 prefixes, none holding 10.1.5.0/24.
+        let o = usable(&p, ops, &lan, false);
+        assert_eq!(o.len(), 8);
+        assert!(o.iter().all(|x| !x.overlaps(&pfx("10.1.5.0/24"))));
+        // No rule: nothing.
+        assert!(usable(&p, router, &lan, false).is_empty());
+        // 0.0.0.0/0 in a rule contains the LAN, and uses the exit's IPv4 default only.
+        assert_eq!(usable(&p, user, &DEFAULT_V4, true), vec![DEFAULT_V4]);
+        assert!(usable(&p, user, &DEFAULT_V6, true).is_empty());
+        // A LAN rule never makes an exit node usable.
+        assert!(usable(&p, guest, &DEFAULT_V4, true).is_empty());
+        assert_eq!(usable(&p, ops, &DEFAULT_V6, true), vec![DEFAULT_V6]);
+        let (routes, exit) = offered(&p, user, &[(lan, false), (DEFAULT_V4, true)]);
+        assert_eq!(
+            routes,
+            vec!["0.0.0.0/0".to_string(), "10.1.0.0/16".to_string()]
+        );
+        assert!(exit);
+    }
+
+    #[test]
+    fn attacker_advertisements_are_refused() {
+        let other_ula = crate::ula::identity_ula("victim");
+        for bad in [
+            "fd5a:1f00::/32".to_string(),
+            "fd5a:1f02::/32".to_string(),
+            format!("{other_ula}/128"),
+            "100.64.0.0/10".to_string(),
+            "100.64.1.2/32".to_string(),
+            "0.0.0.0/0".to_string(),
+            "::/0".to_string(),
+            "127.0.0.0/8".to_string(),
+            "10.1.0.1/16".to_string(),
+        ] {
+            let e = parse_advertisement(std::slice::from_ref(&bad), false).unwrap_err();
+            assert!(e.starts_with("advertise_routes"), "{bad}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_ADVERTISED_ROUTES)
+            .map(|i| format!("10.{}.0.0/16", i % 256))
+            .collect();
+        assert!(parse_advertisement(&many, false).is_err());
+        assert_eq!(
+            parse_advertisement(&["10.1.0.0/16".into(), "10.1.0.0/16".into()], true).unwrap(),
+            vec![pfx("10.1.0.0/16")]
+        );
+    }
+
+    #[test]
+    fn ipv4_candidates_stay_in_the_mesh_space_and_skip_taken_ones() {
+        for i in 0..2000 {
+            let id = format!("peer{i}");
+            let a = allocate_ipv4(&id, |_| false).unwrap();
+            assert!(is_mesh_ipv4(a), "{a}");
+            assert_eq!(Some(a), allocate_ipv4(&id, |_| false), "stable");
+            // The first candidate taken by someone else: the next one.
+            let b = allocate_ipv4(&id, |x| x == a).unwrap();
+            assert_ne!(a, b);
+            assert!(is_mesh_ipv4(b));
+        }
+        assert!(allocate_ipv4("x", |_| true).is_none());
+        assert_eq!(route_id("p", &pfx("10.1.0.0/16")).len(), 16);
+        assert_ne!(
+            route_id("p", &pfx("10.1.0.0/16")),
+            route_id("q", &pfx("10.1.0.0/16"))
+        );
+    }
+}
