@@ -208,7 +208,15 @@ fn remove_rules(fam: Family, mark: u32) -> anyhow::Result<()> {
 /// run's rules. Errors are logged; a host without `ip` has nothing to remove.
 pub fn remove_stale(mark: u32) {
     for fam in [Family::V4, Family::V6] {
+        // A killed process's TUN (and the table-M route through it) can outlive the
+        // process by a moment while the kernel tears it down: wait a little for that.
+        let mut waited = 0;
+        while table_in_use(fam, mark) && waited < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            waited += 1;
+        }
         if table_in_use(fam, mark) {
+            tracing::warn!(family = fam.flag(), fwmark = format_args!("{mark:#x}"), "routing table {mark} is in use by another interface: its policy rules are left alone");
             continue;
         }
         let stale = rules(fam)

@@ -13,6 +13,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::json;
 use tabbify_tests::joiner::Joiner;
 use tabbify_tests::pinger::{unix_now, Pinger};
+use tabbify_tests::pki::Issued;
 use tabbify_tests::prereq::{require, Tool};
 use tabbify_tests::traffic::{ping, tcp_transfer, wait_ping};
 use tabbify_tests::{JoinSpec, Netns, Testbed, VethOptions, VethPair};
@@ -38,6 +39,33 @@ fn spec(name: &str, tag: &str, args: &[&str]) -> JoinSpec {
     s.extra_args = args.iter().map(|a| a.to_string()).collect();
     s.extra_args.extend(["--metrics-bind".into(), "off".into()]);
     s
+}
+
+/// Starts a joiner with a fresh certificate (kept for its restarts) and join token.
+fn first_start(
+    bed: &Testbed,
+    netns: &Netns,
+    name: &str,
+    tag: &str,
+    args: &[&str],
+) -> Result<(Issued, Joiner)> {
+    let cert = bed.pki.issue_peer(name)?;
+    let mut s = spec(name, tag, args);
+    s.join_token = Some(bed.token_for(&s)?);
+    let j = Joiner::start(netns, &bed.coordinator.url(), &cert, s)?;
+    Ok((cert, j))
+}
+
+/// Starts the joiner `name` again (its key is admitted: no token).
+fn restart(
+    bed: &Testbed,
+    netns: &Netns,
+    cert: &Issued,
+    name: &str,
+    tag: &str,
+    args: &[&str],
+) -> Result<Joiner> {
+    Joiner::start(netns, &bed.coordinator.url(), cert, spec(name, tag, args))
 }
 
 /// Whether `ping` from `netns` to `addr` gets no reply at all (2 tries).
@@ -91,9 +119,12 @@ fn a_lan_behind_a_router_is_reachable_only_by_members_the_policy_allows() -> Res
     let prefix = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
     let lan_host = pair.b.v4.to_string();
 
-    let mut router = bed.join(
+    let (router_cert, mut router) = first_start(
+        &bed,
         &router_ns,
-        spec("router1", "router", &["--advertise-routes", &prefix]),
+        "router1",
+        "router",
+        &["--advertise-routes", &prefix],
     )?;
     ensure!(sysctl(&router_ns, "/proc/sys/net/ipv4/ip_forward")? == "1");
     ensure!(
@@ -187,16 +218,20 @@ fn a_lan_behind_a_router_is_reachable_only_by_members_the_policy_allows() -> Res
     router.process().signal(9)?;
     router.process().wait_exit(Duration::from_secs(10))?;
     ensure!(has_table(&router_ns), "a SIGKILL cannot clean up");
-    let router = bed.join(&router_ns, spec("router1", "router", &[]))?;
+    let router = restart(&bed, &router_ns, &router_cert, "router1", "router", &[])?;
     ensure!(
         !has_table(&router_ns),
         "the restart deleted the stale table"
     );
     ensure!(sysctl(&router_ns, "/proc/sys/net/ipv4/ip_forward")? == "0");
     router.stop()?;
-    let router = bed.join(
+    let router = restart(
+        &bed,
         &router_ns,
-        spec("router1", "router", &["--advertise-routes", &prefix]),
+        &router_cert,
+        "router1",
+        "router",
+        &["--advertise-routes", &prefix],
     )?;
     ensure!(has_table(&router_ns));
     router.stop()?;
@@ -229,7 +264,8 @@ fn an_exit_node_carries_the_internet_while_the_mesh_stays_direct() -> Result<()>
         unreachable(&user_ns, INTERNET)?,
         "the user has no route to the internet host of its own"
     );
-    let mut user = bed.join(&user_ns, spec("user2", "user", &["--exit-node", "exit1"]))?;
+    let (user_cert, mut user) =
+        first_start(&bed, &user_ns, "user2", "user", &["--exit-node", "exit1"])?;
     wait_ping(&user_ns, INTERNET.parse()?, SETTLE).with_context(|| {
         format!(
             "user2 through exit1; exit log:\n{}\nuser log:\n{}",
@@ -264,7 +300,7 @@ fn an_exit_node_carries_the_internet_while_the_mesh_stays_direct() -> Result<()>
     user.process().signal(9)?;
     user.process().wait_exit(Duration::from_secs(10))?;
     ensure!(user_ns.ip(&["-4", "rule", "show"])?.contains(EXIT_MARK));
-    let user = bed.join(&user_ns, spec("user2", "user", &[]))?;
+    let user = restart(&bed, &user_ns, &user_cert, "user2", "user", &[])?;
     for fam in ["-4", "-6"] {
         let rules = user_ns.ip(&[fam, "rule", "show"])?;
         ensure!(!rules.contains(EXIT_MARK), "stale rules ({fam}): {rules}");
