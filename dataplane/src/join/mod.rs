@@ -13,7 +13,8 @@
 //! * [`dns`] — the mesh DNS stub (names from the roster) and the host resolver settings.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
-//!   (Prometheus text on `--metrics-bind`).
+//!   (Prometheus text on `--metrics-bind`), [`speedtest`] (the responder on the mesh ULA
+//!   and the `speedtest` command's client).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
@@ -32,6 +33,7 @@ pub mod relay;
 pub mod route_flags;
 pub mod router;
 pub mod shell;
+pub mod speedtest;
 pub mod state_dir;
 
 use std::net::SocketAddr;
@@ -109,6 +111,8 @@ pub struct JoinOptions {
     pub routes: logic::routes::Settings,
     /// Masquerade forwarded traffic (`--snat`).
     pub snat: bool,
+    /// The speedtest responder's port on the mesh ULA (`--speedtest-bind`); `None` = off.
+    pub speedtest: Option<u16>,
 }
 
 /// Longest join token file read (a token is a few dozen characters).
