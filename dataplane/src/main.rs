@@ -343,6 +343,8 @@ struct JoinArgs {
     #[arg(long, value_name = "DOMAIN",
           value_parser = |s: &str| tabbify_api::dns::normalize_domain(s).map_err(|e| e.to_string()))]
     dns_domain: Option<String>,
+    #[command(flatten)]
+    routes: tabbify_dataplane::join::route_flags::RouteFlags,
 }
 
 /// `--dns`.
@@ -695,6 +697,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
             domain: a.dns_domain,
         },
         metrics,
+        routes: a.routes.settings().map_err(anyhow::Error::msg)?,
+        snat: a.routes.snat,
         speedtest,
     })
 }
@@ -987,6 +991,7 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
             ),
         },
     }
+    print_routes(&s.routes);
     println!(
         "metrics:     {}",
         s.metrics
@@ -1117,4 +1122,28 @@ fn app(cmd: AppCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `status`'s routes lines (issue 15); nothing when no route feature is in use.
+fn print_routes(r: &tabbify_api::local::RoutesStatus) {
+    if let Some(v4) = r.ipv4 {
+        println!("mesh IPv4:   {v4}");
+    }
+    for a in &r.advertised {
+        let what = if a.exit_node { " (exit node)" } else { "" };
+        println!("advertises:  {}{what}: {:?}", a.prefix, a.state);
+    }
+    match (&r.exit_node, &r.exit_node_in_use) {
+        (Some(want), Some(id)) => println!("exit node:   {want} ({id})"),
+        (Some(want), None) => println!(
+            "exit node:   {want}: not in the roster as an exit node this member may use; internet traffic is refused"
+        ),
+        (None, _) => {}
+    }
+    for (prefix, via) in &r.installed {
+        println!("route:       {prefix} via {via}");
+    }
+    for (peer, why) in &r.refused {
+        println!("refused:     route from {peer}: {why}");
+    }
 }

@@ -202,6 +202,49 @@ fn remove_rules(fam: Family, mark: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Removes what a killed process left for `mark` (its rules in both families, the connmark
+/// table; the table-M routes went with its TUN), when no interface uses table `mark` now.
+/// For the joiner's `--exit-node`, at every start: a run without it must not keep a dead
+/// run's rules. Errors are logged; a host without `ip` has nothing to remove.
+pub fn remove_stale(mark: u32) {
+    for fam in [Family::V4, Family::V6] {
+        // A killed process's TUN (and the table-M route through it) can outlive the
+        // process by a moment while the kernel tears it down: wait a little for that.
+        let mut waited = 0;
+        while table_in_use(fam, mark) && waited < 20 {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            waited += 1;
+        }
+        if table_in_use(fam, mark) {
+            tracing::warn!(family = fam.flag(), fwmark = format_args!("{mark:#x}"), "routing table {mark} is in use by another interface: its policy rules are left alone");
+            continue;
+        }
+        let stale = rules(fam)
+            .map(|r| {
+                r.iter().any(|r| {
+                    is_our_mark_rule(r)
+                        && r.get("table").and_then(|t| t.as_str()) == Some(&mark.to_string())
+                })
+            })
+            .unwrap_or(false);
+        if stale {
+            match remove_rules(fam, mark) {
+                Ok(()) => {
+                    tracing::info!(
+                        family = fam.flag(),
+                        fwmark = format_args!("{mark:#x}"),
+                        "policy rules left by an earlier run removed"
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(family = fam.flag(), error = %e, "stale policy rules not removed")
+                }
+            }
+        }
+    }
+    remove_connmark(mark);
+}
+
 impl PolicyRoutes {
     /// Installs the policy for `families` on `ifname` (which must exist and be up), after
     /// removing stale rules of `mark` left by a run that could not clean up. The engine's

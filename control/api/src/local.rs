@@ -211,6 +211,32 @@ pub struct Status {
     /// The mesh DNS stub; `null` when it is off (`--dns off`).
     #[serde(default)]
     pub dns: Option<DnsStatus>,
+    /// Subnet routes and exit node (issue 15).
+    #[serde(default)]
+    pub routes: RoutesStatus,
+}
+
+/// The joiner's routes as `status` shows them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoutesStatus {
+    /// Our mesh IPv4 (`100.64.0.0/10`), once the coordinator gave one.
+    #[serde(default)]
+    pub ipv4: Option<std::net::Ipv4Addr>,
+    /// Our advertisements and their state, from the last registration.
+    #[serde(default)]
+    pub advertised: Vec<crate::RouteState>,
+    /// `--exit-node` as given (`null`: off).
+    #[serde(default)]
+    pub exit_node: Option<String>,
+    /// The peer id of the exit node in use (`null`: none, or not in the roster).
+    #[serde(default)]
+    pub exit_node_in_use: Option<String>,
+    /// The routed prefixes installed, each with the peer id carrying it.
+    #[serde(default)]
+    pub installed: Vec<(String, String)>,
+    /// Offers from the roster that were refused, as (peer id, why).
+    #[serde(default)]
+    pub refused: Vec<(String, String)>,
 }
 
 /// The joiner's mesh DNS stub as `status` shows it.

@@ -304,6 +304,62 @@ fn a_peer_cannot_route_through_the_receiver() {
     assert_eq!(b.counters.total(), 4);
 }
 
+/// Issue 15, the attacker at a subnet router: B routes 192.168.7.0/24 for a peer that
+/// `may_use` it, not for A. A, with a valid session, crafts packets into that LAN: B drops
+/// every one under `destination_not_granted`; once A is granted the /24 (a policy change),
+/// the same packets pass.
+#[test]
+fn a_subnet_router_admits_its_lan_only_from_peers_granted_it() {
+    let (mut a, mut b) = pair(false);
+    handshake(
+        &mut a,
+        &mut b,
+        &ipv4_udp([10, 0, 0, 1], [10, 0, 0, 2], b"ok"),
+    );
+    let ka = PublicKey::from(&StaticSecret::from([1u8; 32])).to_bytes();
+    let someone_else = [9u8; 32];
+    let lan: IpNet = "192.168.7.0/24".parse().unwrap();
+    let own = || LocalNets::new(["10.0.0.2".parse::<IpAddr>().unwrap()], []);
+    b.table.set_local(own().with_grants([(someone_else, lan)]));
+    // A's own table routes the LAN to B (the attacker controls its side).
+    let kb = PublicKey::from(&StaticSecret::from([2u8; 32])).to_bytes();
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: kb,
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec!["10.0.0.2/32".parse().unwrap(), lan],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    let snap = a.table.load_full();
+    for last in [1u8, 10, 254] {
+        a.pipe
+            .on_tun(
+                &snap,
+                &mut ipv4_udp([10, 0, 0, 1], [192, 168, 7, last], b"in"),
+            )
+            .unwrap();
+    }
+    let mut sink = Collect::default();
+    deliver(&mut a, &mut b, &mut sink);
+    assert!(sink.0.is_empty(), "nothing reached the LAN");
+    assert_eq!(b.counters.get(DropReason::DestinationNotGranted), 3);
+    assert_eq!(b.counters.get(DropReason::DestinationNotLocal), 0);
+    // Granted: the same packet passes, on the same session.
+    b.table
+        .set_local(own().with_grants([(someone_else, lan), (ka, lan)]));
+    a.pipe
+        .on_tun(
+            &snap,
+            &mut ipv4_udp([10, 0, 0, 1], [192, 168, 7, 10], b"in"),
+        )
+        .unwrap();
+    deliver(&mut a, &mut b, &mut sink);
+    assert_eq!(sink.0.len(), 1);
+    assert_eq!(b.counters.get(DropReason::DestinationNotGranted), 3);
+}
+
 /// A table nobody gave its addresses delivers nothing (fails closed).
 #[test]
 fn a_receiver_without_local_addresses_delivers_nothing() {

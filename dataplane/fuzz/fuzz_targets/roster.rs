@@ -206,6 +206,7 @@ fuzz_target!(|data: &[u8]| {
         key_max_age: Duration::from_secs(90 * 86_400),
         rotate_at: t + Duration::from_secs(90 * 86_400),
         coordinators: 1,
+        routes: Default::default(),
     });
     let mut model = Model::default();
     model.apply(&mut m);

@@ -102,6 +102,8 @@ pub struct Client {
     tls: Option<(TlsConnector, rustls::pki_types::ServerName<'static>)>,
     identity: Option<String>,
     url: String,
+    /// `SO_MARK` on every connection (`--exit-node`: keeps the coordinator off the tunnel).
+    fwmark: Option<u32>,
 }
 
 /// A coordinator URL that cannot be used.
@@ -177,7 +179,14 @@ impl Client {
             tls,
             identity,
             url: url.to_owned(),
+            fwmark: None,
         })
+    }
+
+    /// Marks every connection with `SO_MARK` `mark` (policy routing keeps marked traffic
+    /// off the tunnel: `crate::policy`).
+    pub fn set_fwmark(&mut self, mark: Option<u32>) {
+        self.fwmark = mark;
     }
 
     /// The URL as given.
@@ -216,9 +225,10 @@ impl Client {
     ) -> Result<http::Response<Incoming>, ClientError> {
         let t = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
         let connect = async {
-            let tcp = match self.addr {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect((self.host.as_str(), self.port)).await,
+            let tcp = match (self.addr, self.fwmark) {
+                (Some(addr), None) => TcpStream::connect(addr).await,
+                (None, None) => TcpStream::connect((self.host.as_str(), self.port)).await,
+                (addr, Some(mark)) => connect_marked(addr, &self.host, self.port, mark).await,
             }
             .map_err(|e| t(&e))?;
             let _ = tcp.set_nodelay(true);
@@ -341,6 +351,34 @@ impl Client {
 
 /// Turns on TCP keepalive with the constants above. A failure is logged, not fatal: the
 /// machine's stream idle deadline still bounds a dead stream.
+/// Connects with `SO_MARK` set before the SYN: to `addr`, or to each address of `host`
+/// in turn.
+async fn connect_marked(
+    addr: Option<std::net::SocketAddr>,
+    host: &str,
+    port: u16,
+    mark: u32,
+) -> std::io::Result<TcpStream> {
+    let addrs: Vec<std::net::SocketAddr> = match addr {
+        Some(a) => vec![a],
+        None => tokio::net::lookup_host((host, port)).await?.collect(),
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+        match sock.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 fn set_keepalive(tcp: &TcpStream) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(TCP_KEEPALIVE_IDLE)

@@ -8,6 +8,8 @@
 //!   applies its actions to the table, routes, handshaker and coordinator client.
 //! * [`relay`] — the relay sessions (TLS stream, UDP BIND from the WireGuard socket, the
 //!   loopback bridge when UDP does not bind, LOOKUPs); [`logic::paths`] decides which.
+//! * [`router`] — a subnet router's or exit node's host changes (forwarding, masquerade),
+//!   undone on exit and after a crash; [`route_flags`] — the route flags of `join`.
 //! * [`dns`] — the mesh DNS stub (names from the roster) and the host resolver settings.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
@@ -29,6 +31,8 @@ pub mod dns;
 pub mod logic;
 pub mod metrics;
 pub mod relay;
+pub mod route_flags;
+pub mod router;
 pub mod shell;
 pub mod speedtest;
 pub mod state_dir;
@@ -103,6 +107,11 @@ pub struct JoinOptions {
     pub dns: dns::Options,
     /// Where to serve Prometheus metrics (`--metrics-bind`).
     pub metrics: metrics::MetricsBind,
+    /// Subnet routes and exit node (`--advertise-routes`, `--advertise-exit-node`,
+    /// `--exit-node`, `--accept-routes`).
+    pub routes: logic::routes::Settings,
+    /// Masquerade forwarded traffic (`--snat`).
+    pub snat: bool,
     /// The speedtest responder's port on the mesh ULA (`--speedtest-bind`); `None` = off.
     pub speedtest: Option<u16>,
 }

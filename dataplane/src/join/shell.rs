@@ -22,7 +22,7 @@
 //! The machine lives behind a mutex shared with the control socket (`status`, `app`);
 //! critical sections are short and never span an await.
 
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -164,6 +164,10 @@ pub struct Joiner {
     dns: Option<Arc<super::dns::Service>>,
     /// Where metrics are served (`None`: off or not bound).
     metrics_addr: Option<SocketAddr>,
+    /// Our mesh IPv4 (from the registration; on the TUN as a /32).
+    ipv4: Mutex<Option<Ipv4Addr>>,
+    /// Our advertisements' state, from the last registration.
+    advertised_routes: Mutex<Vec<api::RouteState>>,
 }
 
 /// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
@@ -198,10 +202,20 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     // others is refused.
     let identity = member;
     let header_identity = opts.tls.is_none().then(|| opts.name.clone());
-    let targets = coordinator_targets(&opts.coordinators, tls.clone(), header_identity).await?;
+    let mut targets = coordinator_targets(&opts.coordinators, tls.clone(), header_identity).await?;
+    if opts.routes.exit_node != logic::routes::ExitChoice::Off {
+        for t in &mut targets {
+            t.set_fwmark(Some(EXIT_MARK));
+        }
+    }
     let state = StateDir::open(&opts.state_dir)?;
     // Before anything else: undo host DNS settings a crashed run left.
     super::dns::Service::recover(&opts.state_dir)?;
+    // …and the router's forwarding and masquerade, and the exit node's policy rules.
+    for line in super::router::recover(&opts.state_dir) {
+        tracing::info!("left by an earlier run: {line}");
+    }
+    crate::policy::remove_stale(EXIT_MARK);
     let key = state.node_key()?;
     let public_key = crate::config::public_key(&key).0;
     let key_age = Duration::from_secs(
@@ -219,6 +233,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let metrics_listener = super::metrics::bind(opts.metrics).await?;
     let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
 
+    let uses_exit = opts.routes.exit_node != logic::routes::ExitChoice::Off;
     let table = Arc::new(Table::new(
         boringtun::x25519::StaticSecret::from(key.0),
         opts.listen_port,
@@ -236,7 +251,9 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
                 offloads: opts.offloads,
                 listen_port: opts.listen_port,
                 pin: opts.pin,
-                fwmark: None,
+                // With an exit node, the engine's datagrams carry the mark that keeps
+                // them (and the coordinator and relay connections) off the tunnel.
+                fwmark: uses_exit.then_some(EXIT_MARK),
             },
             mtu: opts.mtu,
             addresses,
@@ -245,10 +262,29 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             covering_routes: mesh_prefixes(),
             routes: Vec::new(),
             routed: Vec::new(),
-            default_route: Vec::new(),
+            // `--exit-node`: both default routes into the TUN by policy routing from the
+            // start; until the exit node is in the roster the engine answers unreachable.
+            default_route: if uses_exit {
+                vec![crate::policy::Family::V4, crate::policy::Family::V6]
+            } else {
+                Vec::new()
+            },
         },
         table.clone(),
     )?;
+    let mut router = if opts.routes.is_router() {
+        Some(super::router::Router::start(
+            &opts.state_dir,
+            &super::router::RouterSpec {
+                interface: opts.interface.clone(),
+                routes: opts.routes.advertised.clone(),
+                exit_node: opts.routes.advertise_exit_node,
+                snat: opts.snat,
+            },
+        )?)
+    } else {
+        None
+    };
     let handshaker = iface
         .handshaker()
         .context("a handshake socket for the control task")?;
@@ -301,6 +337,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         key_max_age: opts.key_max_age,
         rotate_at: Instant::now() + opts.key_max_age.saturating_sub(key_age),
         coordinators: targets.len(),
+        routes: opts.routes.clone(),
     });
     let joiner = Arc::new(Joiner {
         machine: Mutex::new(machine),
@@ -327,6 +364,8 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         paths_wake: Notify::new(),
         dns,
         metrics_addr,
+        ipv4: Mutex::new(None),
+        advertised_routes: Mutex::new(Vec::new()),
     });
     let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, ?coordinators, ephemeral = joiner.opts.ephemeral, "joining");
@@ -383,6 +422,9 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         dns.stop();
     }
     iface.shut_down();
+    if let Some(r) = router.as_mut() {
+        r.stop();
+    }
     result
 }
 
@@ -401,6 +443,8 @@ impl Joiner {
         // Netlink also reports address flag and lifetime updates (DAD completing, every
         // router advertisement refreshing an IPv6 lifetime): only a changed set counts.
         let mut underlay_addrs = self.underlay_addrs();
+        self.lock()
+            .set_underlay(Instant::now(), underlay_addrs.clone());
         loop {
             loop {
                 let action = self.lock().poll_action();
@@ -442,6 +486,7 @@ impl Joiner {
                     if addrs != underlay_addrs {
                         tracing::info!(from = ?underlay_addrs, to = ?addrs, "underlay addresses changed");
                         underlay_addrs = addrs;
+                        self.lock().set_underlay(now, underlay_addrs.clone());
                         // The mapping belonged to the old network: drop it, probe again now.
                         self.probe().underlay_changed(self.endpoints(), now);
                         self.probe_wake.notify_one();
@@ -467,6 +512,16 @@ impl Joiner {
                     if let Some(dns) = &self.dns {
                         dns.offer_domain(&resp.dns_domain);
                     }
+                    self.set_ipv4(resp.ipv4);
+                    for r in &resp.routes {
+                        tracing::info!(prefix = %r.prefix, exit_node = r.exit_node, state = ?r.state, "advertised route");
+                    }
+                    resp.routes.clone_into(
+                        &mut self
+                            .advertised_routes
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()),
+                    );
                 }
                 self.lock().handle_registered(Instant::now(), r);
             }
@@ -598,8 +653,146 @@ impl Joiner {
                 self.lock().handle_rotated(Instant::now(), r);
             }
             Action::ClearPeers => self.table.clear_peers(),
+            Action::Grants => {
+                let m = self.lock();
+                for (key, prefix) in m.grants() {
+                    tracing::debug!(peer = %base64::engine::general_purpose::STANDARD.encode(key), %prefix, "may route through us");
+                }
+                self.refresh_local(&m);
+            }
             // `drive` returns on it before applying anything.
             Action::Exit(_) => {}
+        }
+    }
+
+    /// `status`'s routes section.
+    fn routes_status(&self, m: &Machine) -> tabbify_api::local::RoutesStatus {
+        let plan = m.route_plan();
+        let id_of = |k: &[u8; 32]| {
+            let b = base64::engine::general_purpose::STANDARD.encode(k);
+            m.roster()
+                .entries()
+                .find(|e| e.public_key == b)
+                .map(|e| e.peer_id.clone())
+        };
+        let mut installed = Vec::new();
+        for (key, nets) in &plan.allowed {
+            let Some(id) = id_of(key) else { continue };
+            for n in nets {
+                let mesh_ip = n.prefix_len() == 32 && logic::routes::mesh_v4().contains(n.addr());
+                if !mesh_ip && plan.kernel.contains(n) {
+                    installed.push((n.to_string(), id.clone()));
+                }
+            }
+        }
+        tabbify_api::local::RoutesStatus {
+            ipv4: *self.ipv4.lock().unwrap_or_else(|p| p.into_inner()),
+            advertised: self
+                .advertised_routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            exit_node: match &m.route_settings().exit_node {
+                logic::routes::ExitChoice::Off => None,
+                logic::routes::ExitChoice::Peer(p) => Some(p.clone()),
+            },
+            exit_node_in_use: plan.exit.as_ref().and_then(id_of),
+            installed,
+            refused: plan.refused.clone(),
+        }
+    }
+
+    /// The table's local set from our addresses and the machine's grants.
+    fn refresh_local(&self, m: &Machine) {
+        let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
+        self.table
+            .set_local(local_nets(self.ula, ipv4, m.apps(), m.grants()));
+    }
+
+    /// Our mesh IPv4 from a registration: on the TUN as a /32 with the mesh's IPv4 space
+    /// routed into the TUN (fail closed, as the ULA prefixes), and local to the engine. An
+    /// address outside `100.64.0.0/10` is refused.
+    fn set_ipv4(&self, ipv4: Option<Ipv4Addr>) {
+        let Some(v4) = ipv4 else { return };
+        let mesh = logic::routes::mesh_v4();
+        if !mesh.contains(IpAddr::V4(v4)) {
+            tracing::warn!(ipv4 = %v4, "the coordinator's IPv4 for us lies outside 100.64.0.0/10: refused");
+            return;
+        }
+        let mut cur = self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == Some(v4) {
+            return;
+        }
+        let iface = &self.opts.interface;
+        if let Some(old) = *cur {
+            let _ = link::del_address(iface, &IpNet::host(IpAddr::V4(old)));
+        }
+        if let Err(e) = link::add_address(iface, &IpNet::host(IpAddr::V4(v4))) {
+            tracing::error!(ipv4 = %v4, error = %e, "mesh IPv4 not added to the TUN");
+            return;
+        }
+        if let Err(e) = link::add_route(iface, &mesh) {
+            tracing::warn!(error = %e, "100.64.0.0/10 not routed into the TUN");
+        }
+        *cur = Some(v4);
+        drop(cur);
+        tracing::info!(ipv4 = %v4, "mesh IPv4");
+        let m = self.lock();
+        self.refresh_local(&m);
+    }
+
+    /// Route failover (`logic::routes`): probes the peers that share a prefix every
+    /// `PROBE_EVERY` (a ping inside the session, answered by the peer), reads when the
+    /// engine last heard from each, and hands the live set to the machine; a change of
+    /// primary wakes the drive loop to apply it.
+    fn keep_route_liveness(
+        &self,
+        now: Instant,
+        liveness: &mut logic::routes::Liveness,
+        probed: &mut std::collections::HashMap<[u8; 32], Instant>,
+    ) {
+        let contested = self.lock().route_contested();
+        if contested.is_empty() && probed.is_empty() {
+            return;
+        }
+        let snap = self.table.load_full();
+        let now_ns = engine_path::mono_ns();
+        for key in &contested {
+            let Some(peer) = snap.by_key(key) else {
+                continue;
+            };
+            let due = probed
+                .get(key)
+                .is_none_or(|t| now.saturating_duration_since(*t) >= logic::routes::PROBE_EVERY);
+            if due {
+                let endpoint = peer.lock().endpoint;
+                if let Some(ep) = endpoint {
+                    if let Err(e) = self.handshaker.probe_direct(peer, ep) {
+                        tracing::debug!(error = %e, "route liveness probe not sent");
+                    }
+                }
+                probed.insert(*key, now);
+            }
+            let rx = peer
+                .stats
+                .last_direct_rx_ns
+                .load(Ordering::Relaxed)
+                .max(peer.stats.last_relay_rx_ns.load(Ordering::Relaxed));
+            let at = (rx != 0)
+                .then(|| now.checked_sub(Duration::from_nanos(now_ns.saturating_sub(rx))))
+                .flatten();
+            liveness.observe(*key, at);
+        }
+        probed.retain(|k, _| contested.contains(k));
+        liveness.retain(&contested);
+        let live = liveness.live(now);
+        let mut m = self.lock();
+        let before = m.route_plan().allowed.clone();
+        m.handle_liveness(now, live);
+        let changed = m.route_plan().allowed != before;
+        drop(m);
+        if changed {
+            self.wake.notify_one();
         }
     }
 
@@ -758,8 +951,11 @@ impl Joiner {
         let mut next_measure = Instant::now();
         let mut initiate_when_routed: std::collections::HashSet<[u8; 32]> =
             std::collections::HashSet::new();
+        let mut liveness = logic::routes::Liveness::default();
+        let mut probed = std::collections::HashMap::new();
         loop {
             let now = Instant::now();
+            self.keep_route_liveness(now, &mut liveness, &mut probed);
             // Latency to every relay (in the background), then the home relay.
             let relays: Vec<logic::paths::RelayUrl> = self.paths().relays().to_vec();
             let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
@@ -1144,8 +1340,8 @@ impl Joiner {
                 None
             },
             ephemeral: self.opts.ephemeral,
-            advertise_routes: Vec::new(),
-            advertise_exit_node: false,
+            advertise_routes: self.opts.routes.advertise_strings(),
+            advertise_exit_node: self.opts.routes.advertise_exit_node,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1180,8 +1376,8 @@ impl Joiner {
             nat,
             home_relay,
             paths: api::PathCounts { direct, relay },
-            advertise_routes: Vec::new(),
-            advertise_exit_node: false,
+            advertise_routes: self.opts.routes.advertise_strings(),
+            advertise_exit_node: self.opts.routes.advertise_exit_node,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
@@ -1328,6 +1524,7 @@ impl Joiner {
             unreachable_sent: self.counters.unreachable_sent(),
             dns: self.dns.as_ref().map(|d| d.status()),
             metrics: self.metrics_addr.map(|a| a.to_string()),
+            routes: self.routes_status(&m),
         }
     }
 
@@ -1372,7 +1569,7 @@ impl Joiner {
             }
         }
         // Decrypted packets are delivered only to our ULA and the apps hosted now.
-        self.table.set_local(local_nets(self.ula, m.apps()));
+        self.refresh_local(&m);
         self.state
             .set_apps(m.apps())
             .map_err(|e| format!("{e:#}"))?;
@@ -1411,10 +1608,24 @@ pub fn mesh_prefixes() -> Vec<IpNet> {
     .collect()
 }
 
-/// The destinations this joiner accepts from peers: its ULA and its hosted apps' ULAs.
-fn local_nets(ula: Ipv6Addr, apps: &[Uuid]) -> LocalNets {
-    let addrs = std::iter::once(ula).chain(apps.iter().map(tabbify_api::ula::app_ula));
-    LocalNets::new(addrs.map(IpAddr::V6), [])
+/// The fwmark (and policy routing table) of `--exit-node`: the engine's sockets and the
+/// coordinator connections carry it, so they skip the tunnel (`crate::policy`). Distinct
+/// from `up`'s default so both can run in one namespace.
+pub const EXIT_MARK: u32 = 0x7462;
+
+/// The destinations this joiner accepts from peers: its ULA, its mesh IPv4, its hosted
+/// apps' ULAs, and the prefixes it routes for the peers granted them.
+fn local_nets(
+    ula: Ipv6Addr,
+    ipv4: Option<Ipv4Addr>,
+    apps: &[Uuid],
+    grants: &[([u8; 32], IpNet)],
+) -> LocalNets {
+    let addrs = std::iter::once(ula)
+        .chain(apps.iter().map(tabbify_api::ula::app_ula))
+        .map(IpAddr::V6)
+        .chain(ipv4.map(IpAddr::V4));
+    LocalNets::new(addrs, []).with_grants(grants.iter().copied())
 }
 
 /// What [`EventStream::next`] yields: an event with its id, the end, or a failure.
@@ -1630,7 +1841,7 @@ mod tests {
         let other = tabbify_api::ula::peer_ula(&[2u8; 32]);
         let mine = Uuid::from_u128(1);
         let theirs = Uuid::from_u128(2);
-        let l = local_nets(me, &[mine]);
+        let l = local_nets(me, None, &[mine], &[]);
         assert!(l.contains(IpAddr::V6(me)));
         assert!(l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&mine))));
         assert!(!l.contains(IpAddr::V6(other)));

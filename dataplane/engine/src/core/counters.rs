@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use boringtun::noise::errors::WireGuardError;
 
 /// How many [`DropReason`]s there are.
-const REASONS: usize = 24;
+const REASONS: usize = 25;
 
 /// Why a packet was dropped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,9 @@ pub enum DropReason {
     /// A decrypted packet (from an allowed source) for an address that is neither this
     /// node's nor a prefix it routes: a peer trying to route through us (see `core::local`).
     DestinationNotLocal,
+    /// A decrypted packet (from an allowed source) for a prefix this node routes, from a
+    /// peer the policy does not let use that route (`may_use`, see `core::local`).
+    DestinationNotGranted,
     /// A TUN read for a destination no peer covers (counted as [`DropReason::NoRoute`])
     /// whose ICMP unreachable answer the rate limit held back (see `core::icmp`).
     UnreachableLimited,
@@ -92,6 +95,7 @@ impl DropReason {
         Self::FilteredOut,
         Self::FilteredIn,
         Self::DestinationNotLocal,
+        Self::DestinationNotGranted,
         Self::UnreachableLimited,
         Self::CtFull,
         Self::CtInvalid,
@@ -121,6 +125,7 @@ impl DropReason {
             Self::FilteredOut => "filtered_out",
             Self::FilteredIn => "filtered_in",
             Self::DestinationNotLocal => "destination_not_local",
+            Self::DestinationNotGranted => "destination_not_granted",
             Self::UnreachableLimited => "unreachable_rate_limited",
             Self::CtFull => "ct_full",
             Self::CtInvalid => "ct_invalid_state",

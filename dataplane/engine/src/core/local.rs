@@ -8,16 +8,28 @@
 //! destination is
 //! * one of this node's addresses: its peer ULA and hosted app ULAs (`join`), or the
 //!   interface `Address` entries (`up`), each matched exactly; or
-//! * inside a prefix this node explicitly routes ([`LocalNets::routed`]: empty unless a
-//!   subnet-router feature fills it).
+//! * inside a prefix this node explicitly routes for every peer ([`LocalNets::routed`]:
+//!   `up`'s configuration; empty for `join`); or
+//! * inside a prefix this node routes for *that sending peer* ([`LocalNets::with_grants`]:
+//!   a subnet router or exit node of `join`, where the coordinator's `may_use` says which
+//!   peer may use which of its routes). A member the policy does not allow cannot reach
+//!   the LAN behind the router even with a valid session and a crafted packet: its packet
+//!   is dropped under [`crate::core::counters::DropReason::DestinationNotGranted`].
 //!
 //! Anything else is dropped and counted ([`crate::core::counters::DropReason::DestinationNotLocal`]).
 //! An empty set accepts nothing: a table nobody told its addresses fails closed.
 //!
+//! Grants and longest-prefix match: a peer granted `10.1.0.0/16` must not lose
+//! `10.1.5.0/24` because another peer was granted that narrower prefix. So every granted
+//! prefix stores the set of peers granted it *or any prefix containing it*; the longest
+//! match then answers for every peer at once.
+//!
 //! Cost on the hot path: one binary search over a sorted array of a few integers; the
-//! routed-prefix trie is consulted only when it is not empty.
+//! routed-prefix tries are consulted only when they are not empty, and a grant's peer set
+//! is a binary search over a few sorted keys.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::core::net::IpNet;
 use crate::core::route::RouteTable;
@@ -30,8 +42,23 @@ pub struct LocalNets {
     v4: Vec<u32>,
     /// Own IPv6 addresses, host-order, sorted, unique.
     v6: Vec<u128>,
-    /// Prefixes routed through this node on purpose (subnet router); usually empty.
+    /// Prefixes routed through this node on purpose for every peer (`up`); usually empty.
     routed: RouteTable<()>,
+    /// Prefixes routed through this node for some peers (subnet router, exit node): the
+    /// value indexes `granted`.
+    grants: RouteTable<u32>,
+    /// For each granted prefix, the public keys (sorted, unique) of the peers granted it
+    /// or a prefix containing it.
+    granted: Arc<[Box<[[u8; 32]]>]>,
+}
+
+/// Why [`LocalNets::admits`] refused a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Neither an address of this node nor inside any prefix it routes.
+    NotLocal,
+    /// Inside a prefix this node routes, but not for the sending peer.
+    NotGranted,
 }
 
 impl LocalNets {
@@ -54,7 +81,84 @@ impl LocalNets {
         v6.sort_unstable();
         v6.dedup();
         let routed = routed.into_iter().map(|n| (n.network(), ())).collect();
-        Self { v4, v6, routed }
+        Self {
+            v4,
+            v6,
+            routed,
+            grants: RouteTable::new(),
+            granted: Arc::from(Vec::new()),
+        }
+    }
+
+    /// This set plus per-peer grants: `(peer public key, prefix)` pairs, each letting that
+    /// peer send to the prefix through us. A prefix granted to nobody is not routed.
+    pub fn with_grants(mut self, grants: impl IntoIterator<Item = ([u8; 32], IpNet)>) -> Self {
+        let mut pairs: Vec<([u8; 32], IpNet)> =
+            grants.into_iter().map(|(k, n)| (k, n.network())).collect();
+        pairs.sort_unstable_by(|a, b| {
+            (a.1.addr(), a.1.prefix_len(), a.0).cmp(&(b.1.addr(), b.1.prefix_len(), b.0))
+        });
+        pairs.dedup();
+        let mut prefixes: Vec<IpNet> = pairs.iter().map(|(_, n)| *n).collect();
+        prefixes.dedup();
+        let mut table = RouteTable::new();
+        let mut sets: Vec<Box<[[u8; 32]]>> = Vec::with_capacity(prefixes.len());
+        for p in prefixes {
+            // Peers granted `p` or anything containing it (same family, shorter or equal
+            // length, covering p's network address).
+            let mut keys: Vec<[u8; 32]> = pairs
+                .iter()
+                .filter(|(_, g)| {
+                    g.addr().is_ipv4() == p.addr().is_ipv4()
+                        && g.prefix_len() <= p.prefix_len()
+                        && g.contains(p.addr())
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let Ok(i) = u32::try_from(sets.len()) else {
+                break;
+            };
+            sets.push(keys.into_boxed_slice());
+            table.insert(p, i);
+        }
+        self.grants = table;
+        self.granted = Arc::from(sets);
+        self
+    }
+
+    /// Whether a decrypted packet for `dst` from the peer with public key `peer` may be
+    /// delivered here, and if not, why.
+    #[inline]
+    pub fn admits(&self, peer: &[u8; 32], dst: IpAddr) -> Result<(), Refused> {
+        if self.contains(dst) {
+            return Ok(());
+        }
+        if self.grants.is_empty() {
+            return Err(Refused::NotLocal);
+        }
+        match self.grants.lookup(dst) {
+            None => Err(Refused::NotLocal),
+            Some(i) => match self.granted.get(i as usize) {
+                Some(keys) if keys.binary_search(peer).is_ok() => Ok(()),
+                _ => Err(Refused::NotGranted),
+            },
+        }
+    }
+
+    /// The prefixes routed for some peers, each with the peers granted it (directly or
+    /// through a containing prefix).
+    pub fn grants(&self) -> impl Iterator<Item = (IpNet, &[[u8; 32]])> + '_ {
+        self.grants.iter().map(|(n, i)| {
+            (
+                n,
+                self.granted
+                    .get(i as usize)
+                    .map(|k| &k[..])
+                    .unwrap_or_default(),
+            )
+        })
     }
 
     /// Whether a decrypted packet for `dst` may be delivered here.
@@ -93,7 +197,7 @@ impl LocalNets {
 
     /// Whether nothing is accepted.
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty() && self.routed.is_empty()
+        self.v4.is_empty() && self.v6.is_empty() && self.routed.is_empty() && self.grants.is_empty()
     }
 }
 
@@ -151,5 +255,48 @@ mod tests {
         assert!(!l.contains(ip("192.168.8.1")));
         assert!(!l.contains(ip("fd00:8::1")));
         assert_eq!(l.routed().count(), 2);
+    }
+
+    /// Issue 15, the attacker at the router: a member with a valid session but no grant
+    /// for the LAN crafts packets to it (and to a sub-prefix someone else was granted, and
+    /// through the exit route); only the granted peers' packets pass.
+    #[test]
+    fn a_routed_prefix_admits_only_the_peers_granted_it() {
+        let (alice, bob, mallory) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let me = ip("fd5a:1f00::1");
+        let l = LocalNets::new([me], []).with_grants([
+            (alice, net("10.1.0.0/16")),
+            (bob, net("10.1.5.0/24")),
+            (bob, net("fd00:1::/64")),
+            (alice, net("0.0.0.0/0")),
+        ]);
+        // Own addresses: every peer.
+        assert_eq!(l.admits(&mallory, me), Ok(()));
+        // alice's /16 includes the /24 bob was granted: longest match must not lose her.
+        assert_eq!(l.admits(&alice, ip("10.1.5.9")), Ok(()));
+        assert_eq!(l.admits(&alice, ip("10.1.200.1")), Ok(()));
+        assert_eq!(l.admits(&bob, ip("10.1.5.9")), Ok(()));
+        // bob has only the /24 of that LAN.
+        assert_eq!(l.admits(&bob, ip("10.1.6.1")), Err(Refused::NotGranted));
+        assert_eq!(l.admits(&bob, ip("fd00:1::7")), Ok(()));
+        assert_eq!(l.admits(&alice, ip("fd00:1::7")), Err(Refused::NotGranted));
+        // The exit route: alice anywhere on IPv4, nobody else.
+        assert_eq!(l.admits(&alice, ip("198.51.100.1")), Ok(()));
+        assert_eq!(l.admits(&bob, ip("198.51.100.1")), Err(Refused::NotGranted));
+        // mallory: nothing routed, whatever she crafts.
+        for d in ["10.1.5.9", "10.1.0.1", "fd00:1::7", "198.51.100.1"] {
+            assert_eq!(l.admits(&mallory, ip(d)), Err(Refused::NotGranted), "{d}");
+        }
+        // No IPv6 exit granted: an IPv6 destination outside every prefix is not local.
+        assert_eq!(l.admits(&alice, ip("2001:db8::1")), Err(Refused::NotLocal));
+        // Grants do not widen `contains` (the per-peer question is `admits`).
+        assert!(!l.contains(ip("10.1.5.9")));
+        let g: Vec<(String, usize)> = l.grants().map(|(n, k)| (n.to_string(), k.len())).collect();
+        assert!(g.contains(&("10.1.5.0/24".to_owned(), 2)), "{g:?}");
+        assert!(g.contains(&("10.1.0.0/16".to_owned(), 1)), "{g:?}");
+        assert!(!LocalNets::default()
+            .with_grants([(alice, net("10.0.0.0/8"))])
+            .is_empty());
     }
 }

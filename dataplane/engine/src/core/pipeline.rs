@@ -51,6 +51,7 @@ use crate::core::counters::{DropCounters, DropReason};
 use crate::core::demux::{self, ControlQueue};
 use crate::core::filter::Deny;
 use crate::core::icmp::{self, IcmpLimiter};
+use crate::core::local::Refused;
 use crate::core::path::{self, PathKind, RelayRoute, Target};
 use crate::core::peer::{Peer, PeerState};
 use crate::core::table::Snapshot;
@@ -795,10 +796,14 @@ fn deliver(
         counters.add(DropReason::SourceNotAllowed);
         return false;
     };
-    match wire::peek_dst(pkt) {
-        Some(dst) if snap.is_local(dst) => {}
-        Some(_) => {
+    match wire::peek_dst(pkt).map(|dst| snap.admits_destination(peer, dst)) {
+        Some(Ok(())) => {}
+        Some(Err(Refused::NotLocal)) => {
             counters.add(DropReason::DestinationNotLocal);
+            return true;
+        }
+        Some(Err(Refused::NotGranted)) => {
+            counters.add(DropReason::DestinationNotGranted);
             return true;
         }
         None => {

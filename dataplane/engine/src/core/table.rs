@@ -148,6 +148,17 @@ impl Snapshot {
         self.local.contains(dst)
     }
 
+    /// The receive side's destination check for a packet from `peer`: one of our addresses,
+    /// a prefix routed for everyone, or a prefix routed for that peer (`core::local`).
+    #[inline]
+    pub fn admits_destination(
+        &self,
+        peer: &Peer,
+        dst: IpAddr,
+    ) -> Result<(), crate::core::local::Refused> {
+        self.local.admits(&peer.public_key, dst)
+    }
+
     /// Every (prefix, peer position) route, for `wg show` and tests.
     pub fn routes(&self) -> &RouteTable<u32> {
         &self.routes

@@ -37,7 +37,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use tabbify_api::{self as api, HeartbeatResponse, RegisterResponse, SseEvent};
@@ -98,6 +98,8 @@ pub struct Config {
     /// How many coordinator targets there are (`--coordinator`, each address of a name
     /// that resolves to several counting once); at least one.
     pub coordinators: usize,
+    /// Subnet routes and exit node flags (`super::routes`).
+    pub routes: super::routes::Settings,
 }
 
 /// What the coordinator granted at the last registration.
@@ -223,6 +225,9 @@ pub enum Action {
     RotateKey,
     /// Remove every table peer (revocation).
     ClearPeers,
+    /// The peers allowed to route through us changed ([`Machine::grants`]): rebuild the
+    /// table's local set.
+    Grants,
     /// Stop the joiner with this reason (the last action).
     Exit(Exit),
 }
@@ -273,6 +278,12 @@ pub struct Machine {
     underlay_settle_until: Option<Instant>,
     /// Which coordinator is in use.
     failover: Failover,
+    /// Peers the data plane heard from lately (`routes::Liveness`), for route failover.
+    live: BTreeSet<[u8; 32]>,
+    /// Our underlay addresses: a peer's route containing one is refused.
+    underlay: Vec<IpAddr>,
+    /// The route plan last applied.
+    plan: super::routes::Plan,
     actions: VecDeque<Action>,
 }
 
@@ -303,6 +314,9 @@ impl Machine {
             stream_idle_until: None,
             underlay_settle_until: None,
             failover: Failover::new(coordinators),
+            live: BTreeSet::new(),
+            underlay: Vec::new(),
+            plan: super::routes::Plan::default(),
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -716,6 +730,56 @@ impl Machine {
         }
     }
 
+    /// The data plane's liveness of the peers that share a prefix ([`Machine::route_contested`]):
+    /// the peers heard from within `routes::DEAD_AFTER`. A change of primary reconciles.
+    pub fn handle_liveness(&mut self, now: Instant, live: BTreeSet<[u8; 32]>) {
+        if live == self.live {
+            return;
+        }
+        self.live = live;
+        self.reconcile(now);
+    }
+
+    /// Our underlay addresses changed (a peer's route may not contain one).
+    pub fn set_underlay(&mut self, now: Instant, mut addrs: Vec<IpAddr>) {
+        addrs.sort();
+        if addrs == self.underlay {
+            return;
+        }
+        self.underlay = addrs;
+        self.reconcile(now);
+    }
+
+    /// The peers whose liveness decides a route's primary (they share a prefix).
+    pub fn route_contested(&self) -> BTreeSet<[u8; 32]> {
+        self.plan.contested(&self.offers())
+    }
+
+    /// The route plan in force.
+    pub fn route_plan(&self) -> &super::routes::Plan {
+        &self.plan
+    }
+
+    /// The (peer, prefix) pairs allowed to route through us, for the table's local set.
+    pub fn grants(&self) -> &[([u8; 32], IpNet)] {
+        &self.plan.grants
+    }
+
+    /// The route flags.
+    pub fn route_settings(&self) -> &super::routes::Settings {
+        &self.config.routes
+    }
+
+    fn offers(&self) -> Vec<super::routes::Offer> {
+        self.roster
+            .entries()
+            .filter_map(|e| {
+                let key = roster::decode_key(&e.public_key)?;
+                Some(super::routes::Offer::of(e, key))
+            })
+            .collect()
+    }
+
     /// The coordinator target in use (an index into the shell's list).
     pub fn coordinator(&self) -> usize {
         self.failover.current()
@@ -899,7 +963,48 @@ impl Machine {
 
     /// Makes the table and the kernel routes match the roster; touches only what changed.
     fn reconcile(&mut self, now: Instant) {
-        let desired = self.roster.desired(&self.me);
+        let mut desired = self.roster.desired(&self.me);
+        // Routes (issue 15): mesh IPv4s, subnet routes with their primaries, the exit node.
+        let offers = self.offers();
+        let live = &self.live;
+        let plan = super::routes::plan(
+            &offers,
+            &self.config.routes,
+            &self.underlay,
+            &|k: &[u8; 32]| live.contains(k),
+        );
+        for (key, extra) in &plan.allowed {
+            if let Some(d) = desired.get_mut(key) {
+                for n in extra {
+                    if !d.allowed_ips.contains(n) {
+                        d.allowed_ips.push(*n);
+                    }
+                }
+            }
+        }
+        for (peer, why) in plan
+            .refused
+            .iter()
+            .filter(|r| !self.plan.refused.contains(r))
+        {
+            tracing::warn!(%peer, reason = %why, "a route offered by the roster is refused");
+        }
+        if plan.shared != self.plan.shared {
+            for (prefix, peers) in &plan.shared {
+                tracing::info!(%prefix, primary = ?peers.first(), candidates = ?peers, "route primary");
+            }
+        }
+        if plan.exit != self.plan.exit {
+            let name = plan
+                .exit
+                .and_then(|k| offers.iter().find(|o| o.key == k))
+                .map(|o| o.peer_id.clone());
+            tracing::info!(exit_node = ?name, "exit node");
+        }
+        if plan.grants != self.plan.grants {
+            self.actions.push_back(Action::Grants);
+        }
+        self.plan = plan;
         let grace = self.session.grace();
         let mut next = desired.clone();
         let mut fresh = Vec::new();
@@ -990,9 +1095,16 @@ impl Machine {
                 fresh.push(*key);
             }
         }
+        // The exit prefixes go through the policy table (`crate::policy`), never the main
+        // one: they would capture the underlay.
+        let exit: BTreeSet<IpNet> = [super::routes::default_v4(), super::routes::default_v6()]
+            .iter()
+            .flat_map(super::routes::exit_prefixes)
+            .collect();
         let wanted: BTreeSet<IpNet> = next
             .values()
             .flat_map(|d| d.allowed_ips.iter().copied())
+            .filter(|n| !exit.contains(n))
             .collect();
         let add: Vec<IpNet> = wanted.difference(&self.routes).copied().collect();
         let del: Vec<IpNet> = self.routes.difference(&wanted).copied().collect();
@@ -1151,6 +1263,7 @@ mod tests {
             key_max_age: Duration::from_secs(90 * 86_400),
             rotate_at: Instant::now() + Duration::from_secs(90 * 86_400),
             coordinators: 1,
+            routes: super::super::routes::Settings::default(),
         }
     }
 
@@ -1260,6 +1373,7 @@ mod tests {
                 | Action::RemovePeer { .. }
                 | Action::ClearPeers
                 | Action::Routes { .. }
+                | Action::Grants
         )
     }
 
@@ -1575,6 +1689,73 @@ mod tests {
         assert!(m.session().is_connected());
         assert_eq!(m.display_name(), "granted");
         assert_eq!(m.tags(), ["supervisor".to_owned()]);
+    }
+
+    /// Issue 15: two routers offer one LAN; the lowest peer id carries it; when its path
+    /// dies (liveness), the prefix moves to the other in one reconcile, the kernel route
+    /// stays, and it moves back when the first answers again. A peer's mesh IPv4 is in its
+    /// AllowedIPs and routed; an exit route from a peer we did not choose is not.
+    #[test]
+    fn a_shared_route_fails_over_on_liveness_and_back() {
+        let t = Instant::now();
+        let lan: IpNet = "10.1.0.0/16".parse().unwrap();
+        let mut a = entry("a", 1);
+        a.routes = vec![lan.to_string()];
+        a.ipv4 = Some("100.64.0.1".parse().unwrap());
+        let mut b = entry("b", 2);
+        b.routes = vec![lan.to_string(), "0.0.0.0/0".into()];
+        b.exit_node = true;
+        let (first, second) = if pid("a") < pid("b") { (1, 2) } else { (2, 1) };
+        let mut m = Machine::new(config(true, vec![]));
+        let acts = connect(&mut m, t, vec![a, b]);
+        let allowed = |acts: &[Action], k: u8| -> Option<Vec<IpNet>> {
+            acts.iter().rev().find_map(|x| match x {
+                Action::UpsertPeer { config, .. } if config.public_key == key(k) => {
+                    Some(config.allowed_ips.clone())
+                }
+                _ => None,
+            })
+        };
+        assert!(allowed(&acts, first).unwrap().contains(&lan), "{acts:?}");
+        assert!(!allowed(&acts, second).unwrap().contains(&lan));
+        assert!(allowed(&acts, 1).unwrap().contains(&host("100.64.0.1")));
+        let routes = all_routes(&acts);
+        assert!(routes.contains(&lan) && routes.contains(&host("100.64.0.1")));
+        assert!(
+            routes.iter().all(|r| r.prefix_len() > 1),
+            "no default route: {routes:?}"
+        );
+        assert_eq!(m.route_contested(), BTreeSet::from([key(1), key(2)]));
+        // The first router's path dies: only the second is live.
+        m.handle_liveness(t, BTreeSet::from([key(second)]));
+        let acts = drain(&mut m);
+        assert!(allowed(&acts, second).unwrap().contains(&lan), "{acts:?}");
+        assert!(!allowed(&acts, first).unwrap().contains(&lan));
+        assert!(
+            all_routes(&acts).is_empty(),
+            "the kernel route stays: {acts:?}"
+        );
+        // The same liveness again changes nothing; both live: back to the first.
+        m.handle_liveness(t, BTreeSet::from([key(second)]));
+        assert!(drain(&mut m).is_empty());
+        m.handle_liveness(t, BTreeSet::from([key(1), key(2)]));
+        let acts = drain(&mut m);
+        assert!(allowed(&acts, first).unwrap().contains(&lan), "{acts:?}");
+    }
+
+    /// Issue 15: a peer granted our route (`may_use`) gets a `Grants` action; the grant is
+    /// clipped to what we advertise.
+    #[test]
+    fn may_use_inside_our_routes_becomes_a_grant() {
+        let t = Instant::now();
+        let mut cfg = config(true, vec![]);
+        cfg.routes.advertised = vec!["10.7.0.0/16".parse().unwrap()];
+        let mut a = entry("a", 1);
+        a.may_use = vec!["10.7.0.0/16".into(), "10.8.0.0/16".into()];
+        let mut m = Machine::new(cfg);
+        let acts = connect(&mut m, t, vec![a]);
+        assert!(acts.contains(&Action::Grants), "{acts:?}");
+        assert_eq!(m.grants(), [(key(1), "10.7.0.0/16".parse().unwrap())]);
     }
 
     #[test]

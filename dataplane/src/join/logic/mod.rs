@@ -6,6 +6,8 @@
 //!   the mapped endpoints and the NAT class.
 //! * [`paths`] — path selection per peer (direct or relay, why, which relay) and the
 //!   relays the joiner may use.
+//! * [`routes`] — subnet routes and exit nodes: which peer carries which prefix (with
+//!   failover on data-plane liveness), kernel routes, and who may route through us.
 //! * [`session`] — where the joiner stands with the coordinator: one enum.
 //! * [`failover`] — which of several coordinators is in use, and when to move on.
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
@@ -22,6 +24,7 @@ pub mod machine;
 pub mod nat;
 pub mod paths;
 pub mod roster;
+pub mod routes;
 pub mod session;
 
 pub use machine::{Action, Config, Exit, Machine};

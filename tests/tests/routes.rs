@@ -1,0 +1,388 @@
+//! Issue 15, item 2: subnet routers and exit nodes, end to end in namespaces.
+//!
+//! | test | setup | checked |
+//! |---|---|---|
+//! | `a_lan_behind_a_router_is_reachable_only_by_members_the_policy_allows` | coordinator LAN; `router1` (`--advertise-routes` its LAN's /24, auto-approved by the policy's `routes`) with a LAN namespace behind it by veth; `user1` allowed the prefix; `other1` allowed only the router's ULA | `user1`: ping and a TCP transfer (checksummed) to the LAN host; `other1`: no route; the attacker `other1` forces the route (`wg set … allowed-ips`, `ip route`) and pings: nothing reaches the LAN host (nftables counter there), the router counts `destination_not_granted`; the router's `inet tabbify` table and `ip_forward=1` exist while it runs, survive a SIGKILL, and are gone (forwarding back to 0) after the restart and a SIGTERM |
+//! | `an_exit_node_carries_the_internet_while_the_mesh_stays_direct` | `exit1` (`--advertise-exit-node`) with an "internet" namespace behind it holding 198.51.100.1; `user2 --exit-node exit1` | the user reaches 198.51.100.1 (it has no other route there); its path to `exit1` stays direct on the LAN address, mesh pings to `exit1`'s ULA answer, the coordinator stays connected; the policy rules (fwmark 0x7462) exist while it runs, survive a SIGKILL, and are gone after a restart without `--exit-node` |
+//! | `two_routers_for_one_prefix_fail_over_when_the_primary_dies` | `r1` and `r2` both advertise 10.99.0.0/24 (one LAN host behind both); `user3` pings it every 50 ms | SIGKILL the primary (the one carrying the traffic): pings resume through the other (measured and printed; asserted only that they resume) |
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
+use tabbify_tests::joiner::Joiner;
+use tabbify_tests::pinger::{unix_now, Pinger};
+use tabbify_tests::pki::Issued;
+use tabbify_tests::prereq::{require, Tool};
+use tabbify_tests::traffic::{ping, tcp_transfer, wait_ping};
+use tabbify_tests::{JoinSpec, Netns, Testbed, VethOptions, VethPair};
+
+/// Rosters settling, routes installed (liveness only).
+const SETTLE: Duration = Duration::from_secs(30);
+/// The internet host behind the exit node.
+const INTERNET: &str = "198.51.100.1";
+/// The fwmark of `join --exit-node`.
+const EXIT_MARK: &str = "0x7462";
+
+fn prerequisites() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Ping, Tool::Nft, Tool::Wg])?;
+    tabbify_tests::bins::tabbify_mesh()?;
+    tabbify_tests::bins::tabbify_mesh_ca()?;
+    tabbify_tests::bins::tabbify_mesh_coordinator()?;
+    tabbify_tests::bins::tabbify_xfer()?;
+    Ok(())
+}
+
+fn spec(name: &str, tag: &str, args: &[&str]) -> JoinSpec {
+    let mut s = JoinSpec::new(name, &[tag], None);
+    s.extra_args = args.iter().map(|a| a.to_string()).collect();
+    s.extra_args.extend(["--metrics-bind".into(), "off".into()]);
+    s
+}
+
+/// Starts a joiner with a fresh certificate (kept for its restarts) and join token.
+fn first_start(
+    bed: &Testbed,
+    netns: &Netns,
+    name: &str,
+    tag: &str,
+    args: &[&str],
+) -> Result<(Issued, Joiner)> {
+    let cert = bed.pki.issue_peer(name)?;
+    let mut s = spec(name, tag, args);
+    s.join_token = Some(bed.token_for(&s)?);
+    let j = Joiner::start(netns, &bed.coordinator.url(), &cert, s)?;
+    Ok((cert, j))
+}
+
+/// Starts the joiner `name` again (its key is admitted: no token).
+fn restart(
+    bed: &Testbed,
+    netns: &Netns,
+    cert: &Issued,
+    name: &str,
+    tag: &str,
+    args: &[&str],
+) -> Result<Joiner> {
+    Joiner::start(netns, &bed.coordinator.url(), cert, spec(name, tag, args))
+}
+
+/// Whether `ping` from `netns` to `addr` gets no reply at all (2 tries).
+fn unreachable(netns: &Netns, addr: &str) -> Result<bool> {
+    let out = netns
+        .command("ping")
+        .args(["-n", "-c", "2", "-i", "0.2", "-W", "1", addr])
+        .output()
+        .context("running ping")?;
+    Ok(!out.status.success())
+}
+
+fn sysctl(netns: &Netns, path: &str) -> Result<String> {
+    Ok(netns.run("cat", &[path])?.trim().to_owned())
+}
+
+fn has_table(netns: &Netns) -> bool {
+    netns
+        .command("nft")
+        .args(["list", "table", "inet", "tabbify"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn peer_key(j: &Joiner, name: &str) -> Result<(String, String)> {
+    let p = j
+        .peers()?
+        .into_iter()
+        .find(|p| p.name == name)
+        .with_context(|| format!("{} does not list {name}", j.name()))?;
+    Ok((p.public_key, p.ula.to_string()))
+}
+
+#[test]
+fn a_lan_behind_a_router_is_reachable_only_by_members_the_policy_allows() -> Result<()> {
+    prerequisites()?;
+    let policy = json!({
+        "tags": ["router", "user", "other"],
+        "routes": {"10.77.0.0/16": ["tag:router"]},
+        "allow": [
+            {"src": ["tag:user"], "dst": ["tag:router", "10.77.0.0/16"]},
+            {"src": ["tag:other"], "dst": ["tag:router"]},
+            {"src": ["tag:router"], "dst": ["tag:user", "tag:other"]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let (router_ns, _) = bed.host()?;
+    let lan_ns = Netns::with_label("routes-joiner-lan")?;
+    let pair = VethPair::connect(&router_ns, &lan_ns, &VethOptions::default())?;
+    let o = pair.b.v4.octets();
+    let prefix = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let lan_host = pair.b.v4.to_string();
+
+    let (router_cert, mut router) = first_start(
+        &bed,
+        &router_ns,
+        "router1",
+        "router",
+        &["--advertise-routes", &prefix],
+    )?;
+    ensure!(sysctl(&router_ns, "/proc/sys/net/ipv4/ip_forward")? == "1");
+    ensure!(
+        has_table(&router_ns),
+        "the masquerade table exists while routing"
+    );
+    let (user_ns, _) = bed.host()?;
+    let user = bed.join(&user_ns, spec("user1", "user", &[]))?;
+    let (other_ns, _) = bed.host()?;
+    let mut other = bed.join(&other_ns, spec("other1", "other", &[]))?;
+
+    // The allowed member: ping and TCP.
+    wait_ping(&user_ns, lan_host.parse()?, SETTLE).with_context(|| {
+        format!(
+            "user1 reaching the LAN; router log:\n{}\nuser log:\n{}",
+            router.logs(),
+            user.logs()
+        )
+    })?;
+    let stats = ping(&user_ns, lan_host.parse()?, 5, "0.2")?;
+    ensure!(stats.received == 5, "{stats:?}");
+    let xfer = tabbify_tests::bins::tabbify_xfer()?;
+    tcp_transfer(
+        &xfer,
+        &user_ns,
+        &lan_ns,
+        lan_host.parse()?,
+        1 << 20,
+        Duration::from_secs(30),
+    )?;
+
+    // The member the policy does not allow has no route.
+    other.wait_peer_names(&["router1"], SETTLE).ok();
+    ensure!(
+        unreachable(&other_ns, &lan_host)?,
+        "other1 must not reach the LAN"
+    );
+
+    // The attacker forces it: the router's peer entry takes the LAN, the kernel routes it.
+    lan_ns.run("nft", &["add", "table", "inet", "probe"])?;
+    lan_ns.run(
+        "nft",
+        &["add chain inet probe in { type filter hook prerouting priority -300; }"],
+    )?;
+    lan_ns.run(
+        "nft",
+        &["add rule inet probe in icmp type echo-request counter"],
+    )?;
+    let (router_key, router_ula) = peer_key(&other, "router1")?;
+    let allowed = format!("{router_ula}/128,{prefix}");
+    other_ns.run(
+        "wg",
+        &[
+            "set",
+            other.ifname(),
+            "peer",
+            &router_key,
+            "allowed-ips",
+            &allowed,
+        ],
+    )?;
+    other_ns.ip(&["route", "replace", &prefix, "dev", other.ifname()])?;
+    let drops_before = router
+        .status()?
+        .drops
+        .get("destination_not_granted")
+        .copied()
+        .unwrap_or(0);
+    let crafted = ping(&other_ns, lan_host.parse()?, 5, "0.2")?;
+    ensure!(
+        crafted.received == 0,
+        "the crafted pings were answered: {crafted:?}"
+    );
+    let counter = lan_ns.run("nft", &["list", "chain", "inet", "probe", "in"])?;
+    ensure!(
+        counter.contains("packets 0 "),
+        "echo requests reached the LAN host:\n{counter}"
+    );
+    let drops = router
+        .status()?
+        .drops
+        .get("destination_not_granted")
+        .copied()
+        .unwrap_or(0);
+    ensure!(
+        drops >= drops_before + 5,
+        "the router counted {drops} destination_not_granted (before {drops_before})"
+    );
+
+    // Crash: the table and forwarding stay; the next start cleans them, a stop restores.
+    router.process().signal(9)?;
+    router.process().wait_exit(Duration::from_secs(10))?;
+    ensure!(has_table(&router_ns), "a SIGKILL cannot clean up");
+    let router = restart(&bed, &router_ns, &router_cert, "router1", "router", &[])?;
+    ensure!(
+        !has_table(&router_ns),
+        "the restart deleted the stale table"
+    );
+    ensure!(sysctl(&router_ns, "/proc/sys/net/ipv4/ip_forward")? == "0");
+    router.stop()?;
+    let router = restart(
+        &bed,
+        &router_ns,
+        &router_cert,
+        "router1",
+        "router",
+        &["--advertise-routes", &prefix],
+    )?;
+    ensure!(has_table(&router_ns));
+    router.stop()?;
+    ensure!(!has_table(&router_ns), "a stop deletes the table");
+    ensure!(sysctl(&router_ns, "/proc/sys/net/ipv4/ip_forward")? == "0");
+    Ok(())
+}
+
+#[test]
+fn an_exit_node_carries_the_internet_while_the_mesh_stays_direct() -> Result<()> {
+    prerequisites()?;
+    let policy = json!({
+        "tags": ["exit", "user"],
+        "routes": {"0.0.0.0/0": ["tag:exit"], "::/0": ["tag:exit"]},
+        "allow": [
+            {"src": ["tag:user"], "dst": ["tag:exit", "0.0.0.0/0", "::/0"]},
+            {"src": ["tag:exit"], "dst": ["tag:user"]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let (exit_ns, exit_port) = bed.host()?;
+    let inet_ns = Netns::with_label("routes-joiner-inet")?;
+    let pair = VethPair::connect(&exit_ns, &inet_ns, &VethOptions::default())?;
+    inet_ns.ip(&["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"])?;
+    exit_ns.ip(&["route", "add", "default", "via", &pair.b.v4.to_string()])?;
+    let exit = bed.join(&exit_ns, spec("exit1", "exit", &["--advertise-exit-node"]))?;
+
+    let (user_ns, _) = bed.host()?;
+    ensure!(
+        unreachable(&user_ns, INTERNET)?,
+        "the user has no route to the internet host of its own"
+    );
+    let (user_cert, mut user) =
+        first_start(&bed, &user_ns, "user2", "user", &["--exit-node", "exit1"])?;
+    wait_ping(&user_ns, INTERNET.parse()?, SETTLE).with_context(|| {
+        format!(
+            "user2 through exit1; exit log:\n{}\nuser log:\n{}",
+            exit.logs(),
+            user.logs()
+        )
+    })?;
+    let stats = ping(&user_ns, INTERNET.parse()?, 5, "0.2")?;
+    ensure!(stats.received == 5, "{stats:?}");
+    // The mesh and the underlay stay direct.
+    let (_, exit_ula) = peer_key(&user, "exit1")?;
+    let mesh = ping(&user_ns, exit_ula.parse()?, 3, "0.2")?;
+    ensure!(mesh.received == 3, "mesh ping: {mesh:?}");
+    let status = user.status()?;
+    let p = status
+        .peers
+        .iter()
+        .find(|p| p.name == "exit1")
+        .context("exit1 in status")?;
+    ensure!(p.path == "direct", "path to the exit node: {}", p.path);
+    ensure!(
+        p.endpoint.map(|e| e.ip()) == Some(IpAddr::V4(exit_port.addr)),
+        "the exit node is reached on its LAN address, not through itself: {:?}",
+        p.endpoint
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(user.status()?.registered, "the coordinator stays reachable");
+    let rules = user_ns.ip(&["-4", "rule", "show"])?;
+    ensure!(rules.contains(EXIT_MARK), "policy rules: {rules}");
+
+    // Crash, then a start without --exit-node removes the rules.
+    user.process().signal(9)?;
+    user.process().wait_exit(Duration::from_secs(10))?;
+    ensure!(user_ns.ip(&["-4", "rule", "show"])?.contains(EXIT_MARK));
+    let user = restart(&bed, &user_ns, &user_cert, "user2", "user", &[])?;
+    for fam in ["-4", "-6"] {
+        let rules = user_ns.ip(&[fam, "rule", "show"])?;
+        ensure!(!rules.contains(EXIT_MARK), "stale rules ({fam}): {rules}");
+    }
+    ensure!(
+        unreachable(&user_ns, INTERNET)?,
+        "no exit node, no internet"
+    );
+    user.stop()?;
+    Ok(())
+}
+
+#[test]
+fn two_routers_for_one_prefix_fail_over_when_the_primary_dies() -> Result<()> {
+    prerequisites()?;
+    let policy = json!({
+        "tags": ["router", "user"],
+        "routes": {"10.99.0.0/16": ["tag:router"]},
+        "allow": [
+            {"src": ["tag:user"], "dst": ["tag:router", "10.99.0.0/24"]},
+            {"src": ["tag:router"], "dst": ["tag:user"]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let lan_ns = Netns::with_label("routes-joiner-lan2")?;
+    lan_ns.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"])?;
+    let mut routers = Vec::new();
+    for name in ["r1", "r2"] {
+        let (ns, _) = bed.host()?;
+        let pair = VethPair::connect(&ns, &lan_ns, &VethOptions::default())?;
+        ns.ip(&[
+            "route",
+            "add",
+            "10.99.0.0/24",
+            "via",
+            &pair.b.v4.to_string(),
+        ])?;
+        routers.push(bed.join(
+            &ns,
+            spec(name, "router", &["--advertise-routes", "10.99.0.0/24"]),
+        )?);
+    }
+    let (user_ns, _) = bed.host()?;
+    let user = bed.join(&user_ns, spec("user3", "user", &[]))?;
+    wait_ping(&user_ns, "10.99.0.1".parse()?, SETTLE)
+        .with_context(|| format!("user3 log:\n{}", user.logs()))?;
+
+    // The primary is the one the traffic goes through.
+    let tx = |name: &str| -> Result<u64> {
+        Ok(user
+            .peers()?
+            .iter()
+            .find(|p| p.name == name)
+            .map_or(0, |p| p.tx_bytes))
+    };
+    let before = (tx("r1")?, tx("r2")?);
+    let stats = ping(&user_ns, "10.99.0.1".parse()?, 20, "0.05")?;
+    ensure!(stats.received == 20, "{stats:?}");
+    let after = (tx("r1")?, tx("r2")?);
+    let primary = if after.0 - before.0 > after.1 - before.1 {
+        0
+    } else {
+        1
+    };
+
+    let mut pinger = Pinger::start(&user_ns, "10.99.0.1".parse()?, "0.05")?;
+    pinger.wait_reply_after(unix_now(), Duration::from_secs(5))?;
+    let killed_at = unix_now();
+    routers[primary].process().signal(9)?;
+    pinger
+        .wait_reply_after(killed_at, SETTLE)
+        .with_context(|| format!("no failover; user3 log:\n{}", user.logs()))?;
+    let resumed = pinger
+        .answered_sends()
+        .into_iter()
+        .filter(|&s| s > killed_at)
+        .fold(f64::INFINITY, f64::min);
+    println!(
+        "failover: traffic to 10.99.0.0/24 resumed through r{} {:.3} s after SIGKILL of r{}",
+        2 - primary,
+        resumed - killed_at,
+        primary + 1
+    );
+    Ok(())
+}
