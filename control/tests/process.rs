@@ -197,9 +197,12 @@ async fn mtls_accepts_only_current_certs_from_the_mesh_ca() {
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["status"], "ok");
 
-    // No certificate.
+    // No certificate: the open routes answer (a load balancer's health check), every
+    // other route is 401.
     let anon = s.pki.client_with(None).at(addr);
-    assert!(anon.call("GET", "/health", None).await.is_err());
+    assert_eq!(anon.get("/health").await.0, 200);
+    let (st, v) = anon.get("/v1/mesh/peers").await;
+    assert_eq!((st, v["code"].as_str()), (401, Some("unauthorized")), "{v}");
 
     // A certificate from another CA, with the same name.
     let other = Ca::generate("other-ca", Validity::days_from_now(10)).unwrap();
