@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub use tabbify_api as api;
+pub mod admin_client;
 pub mod auth;
 pub mod ca;
 pub mod clock;

@@ -2,6 +2,7 @@
 //! member with a valid certificate, a browser holding a replayed, expired or logged-out
 //! login, and a cross-site request without the CSRF token. Also the policy tester and the
 //! admin stream.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
