@@ -165,11 +165,23 @@ def browse(origin, port, ca, work, admin, members):
         page.on("pageerror", lambda e: errors.append(str(e)))
 
         # Log in through the link; the link is single use.
+        started = time.monotonic()
         page.goto(url)
         expect(page).to_have_url(origin + "/ui/")
         expect(page.locator("#session")).to_contain_text("Signed in as admin")
         expect(page.locator("#live")).to_contain_text("Live")
         expect(page.locator("#member-count")).to_have_text(f"({len(members)})")
+        loaded = time.monotonic() - started
+        # The table holds one page of rows, however many members there are.
+        rows = page.locator("#member-rows tr").count()
+        assert rows == min(len(members), 50), rows
+        render_ms = page.evaluate("""() => {
+            const t = performance.now();
+            for (let i = 0; i < 20; i++) renderMembers();
+            return (performance.now() - t) / 20;
+        }""")
+        print(f"test-ui: {len(members)} members loaded in {loaded:.2f} s (login to table); "
+              f"one table render {render_ms:.1f} ms")
         page.screenshot(path=str(ART / "01-members.png"), full_page=True)
         other = browser.new_context(ignore_https_errors=True).new_page()
         resp = other.goto(url)

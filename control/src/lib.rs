@@ -8,7 +8,8 @@
 //! changes on a shared database) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
 //! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`relays`] (the relays advertised, the in-process
 //! relay's URL), [`relay_tokens`] (relay admissions the coordinator signs), [`paths`] (path metrics), [`ca`]
-//! (certificates), [`sessions`] (dashboard login links and browser sessions) and [`ui`] (the
+//! (certificates), [`sessions`] (dashboard login links and browser sessions), [`admin_client`]
+//! (the binary's admin subcommands' HTTPS client) and [`ui`] (the
 //! dashboard's built-in assets and its admin views).
 #![forbid(unsafe_code)]
 
