@@ -190,12 +190,15 @@ def browse(origin, port, ca, work, admin, members):
 
         # Every member, page by page.
         seen = set()
+        shown = 1
         while True:
+            expect(page.locator("#page")).to_contain_text(f"Page {shown} of")
             seen.update(page.locator("#member-rows tr").evaluate_all(
                 "rows => rows.map(r => r.dataset.peer)"))
             if page.locator("#next").is_disabled():
                 break
-            page.locator("#next").click()
+            page.locator("#next").press("Enter")  # the keyboard pages too
+            shown += 1
         missing = set(members.values()) - seen
         assert not missing, f"members not shown: {missing}"
         page.locator("#filter").fill(members["s0"])
