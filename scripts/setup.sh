@@ -59,6 +59,13 @@ if [ "${TABBIFY_SETUP_PERF:-0}" = 1 ]; then
   fi
 fi
 
+# The .deb packages (scripts/test-packages.sh, packaging/README.md): cargo-deb, pinned.
+if [ "${TABBIFY_SETUP_PACKAGES:-0}" = 1 ] &&
+  ! cargo deb --version 2>/dev/null | grep -q '3\.8\.0'; then
+  echo "setup: installing cargo-deb 3.8.0 from crates.io"
+  cargo install cargo-deb --locked --version 3.8.0
+fi
+
 if [ "${TABBIFY_SETUP_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1; then
   echo "setup: installing cargo-fuzz"
   cargo install cargo-fuzz --locked

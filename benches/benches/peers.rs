@@ -1,10 +1,11 @@
 //! Table publication with many peers (issue 17, Deliver 4): the cost of one change to the
 //! engine's peer/route table when 1,000 or 10,000 peers are configured.
 //!
-//! Every writer (config, UAPI `wg set`, the coordinator roster) builds a whole new
-//! [`Snapshot`] from the old one and publishes it (`core::table`): the peer list is
-//! cloned, the route table and the key and index maps are rebuilt. So one change costs in
-//! proportion to the number of peers, and this bench says how much:
+//! Every writer (config, UAPI `wg set`, the coordinator roster) publishes a new snapshot
+//! built from the old one (`core::table`): the flat parts are copied (a pointer per peer
+//! entry, the route trie's node arrays, the key map and the index list) and only the
+//! change is applied (the changed peer's prefixes in the trie; a removal renumbers
+//! positions). This bench says what one change costs as the table grows:
 //! * `set_allowed_ips`: one peer's AllowedIPs replaced (a roster update moving an address);
 //! * `upsert_endpoint`: an existing peer upserted with a new endpoint (keeps its session);
 //! * `add_remove`: a new peer added and removed again (two publications, one new `Tunn`).

@@ -1,7 +1,8 @@
 //! Scale benchmark of the coordinator (reports; never fails CI).
 //!
 //! `cargo bench -p tabbify-control --bench scale` (options: `-- --peers N --subscribers N
-//! [--postgres] [--coordinators K] [--heartbeat-secs S] [--steady-secs N]`).
+//! [--postgres] [--coordinators K] [--heartbeat-secs S] [--steady-secs N]
+//! [--only recompute]`; the last runs step 4 alone).
 //!
 //! With `--postgres` (implied by `--coordinators` above 1) the bench starts a throwaway
 //! PostgreSQL cluster (`tests/src/postgres.rs`; Debian's `postgresql` package) and K
@@ -64,6 +65,20 @@ fn main() -> anyhow::Result<()> {
     let coordinators = opt("--coordinators", 1).max(1);
     let heartbeat_secs = opt("--heartbeat-secs", 3600);
     let steady_secs = opt("--steady-secs", 0);
+    // `--only recompute`: just the in-process policy recompute (no coordinator, no streams).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    match only {
+        None => {}
+        Some("recompute") => {
+            in_process(peers);
+            return Ok(());
+        }
+        Some(other) => bail!("--only {other:?}: the only part is `recompute`"),
+    }
     let pg = if coordinators > 1 || args.iter().any(|a| a == "--postgres") {
         Some(postgres::Postgres::start().map_err(anyhow::Error::msg)?)
     } else {

@@ -893,47 +893,87 @@ impl Registry {
             classes.insert(id, class);
         }
         let id = self.log.next_id;
-        // An entry's JSON depends only on the peer and the pair's port rules, so it is
-        // serialized once per (peer, rules) and shared by every class roster holding it.
-        let mut json: HashMap<(&str, RulesId), SharedEntry> = HashMap::new();
-        let mut frames = vec![None; self.vis.len()];
-        for (c, slot) in frames.iter_mut().enumerate() {
+        let frames = self.policy_frames(id, revision);
+        self.log.epoch_start = id;
+        self.push(Payload::Policy {
+            frames,
+            classes: Arc::new(classes),
+        });
+    }
+
+    /// Every class's roster for a `policy` event (see [`PolicyFrame`]). An entry's JSON
+    /// depends only on the peer and the pair's port rules, so the entries are serialized
+    /// into one table in groups of (target class, rules): a group is built the first time
+    /// a viewer class needs it and shared by every class that sees that target with those
+    /// rules. A class's roster is then a list of table indices, put in peer-id order by
+    /// each peer's rank in the sorted id list: no string hashing or comparing per entry.
+    fn policy_frames(&self, id: u64, revision: u64) -> Vec<Option<Arc<PolicyFrame>>> {
+        let mut sorted: Vec<&str> = self.peers.keys().map(String::as_str).collect();
+        sorted.sort_unstable();
+        let rank: HashMap<&str, u32> = sorted
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
+        let mut table: Vec<SharedEntry> = Vec::new();
+        let mut table_rank: Vec<u32> = Vec::new();
+        // Per target class: (rules id, first table index, count) of its groups.
+        let mut groups: Vec<Vec<(RulesId, u32, u32)>> = vec![Vec::new(); self.vis.len()];
+        let mut rosters: Vec<Option<Vec<u32>>> = vec![None; self.vis.len()];
+        for (c, slot) in rosters.iter_mut().enumerate() {
             let c = c as ClassId;
             if self.members.get(c as usize).is_none_or(|m| m.is_empty()) {
                 continue;
             }
             // The class's members see the same roster, each minus itself (dropped when
             // the frame is written for a stream).
-            let mut entries = Vec::new();
-            for target in self.vis.visible_from(c) {
-                let rid = self.vis.rules_id(c, target);
-                let Some(ids) = self.members.get(target as usize) else {
+            let mut keyed: Vec<u64> = Vec::new();
+            for (target, rid) in self.vis.row(c) {
+                let Some(ids) = self.members.get(*target as usize).filter(|m| !m.is_empty()) else {
                     continue;
                 };
-                for pid in ids {
-                    let Some(p) = self.peers.get(pid) else {
-                        continue;
-                    };
-                    let e = json.entry((pid.as_str(), rid)).or_insert_with(|| {
-                        let rules = self.vis.port_rules(c, target).cloned().unwrap_or_default();
-                        let text = serde_json::to_string(&entry(p, rules)).unwrap_or_default();
-                        (Arc::from(pid.as_str()), Arc::from(text))
-                    });
-                    entries.push(e.clone());
-                }
+                let group = &mut groups[*target as usize];
+                let (first, count) = match group.iter().find(|(r, _, _)| r == rid) {
+                    Some(&(_, first, count)) => (first, count),
+                    None => {
+                        let rules = self.vis.port_rules(c, *target).cloned().unwrap_or_default();
+                        let first = table.len() as u32;
+                        for pid in ids {
+                            let Some(p) = self.peers.get(pid) else {
+                                continue;
+                            };
+                            let text =
+                                serde_json::to_string(&entry(p, rules.clone())).unwrap_or_default();
+                            table.push((Arc::from(pid.as_str()), Arc::from(text)));
+                            table_rank.push(rank.get(pid.as_str()).copied().unwrap_or(u32::MAX));
+                        }
+                        let count = table.len() as u32 - first;
+                        group.push((*rid, first, count));
+                        (first, count)
+                    }
+                };
+                keyed.extend(
+                    (first..first + count)
+                        .map(|i| (u64::from(table_rank[i as usize]) << 32) | u64::from(i)),
+                );
             }
-            entries.sort_by(|a, b| a.0.cmp(&b.0));
-            *slot = Some(Arc::new(PolicyFrame {
-                id,
-                revision,
-                entries,
-            }));
+            keyed.sort_unstable();
+            *slot = Some(keyed.into_iter().map(|k| k as u32).collect());
         }
-        self.log.epoch_start = id;
-        self.push(Payload::Policy {
-            frames,
-            classes: Arc::new(classes),
-        });
+        let table: Arc<[SharedEntry]> = table.into();
+        rosters
+            .into_iter()
+            .map(|r| {
+                r.map(|entries| {
+                    Arc::new(PolicyFrame {
+                        id,
+                        revision,
+                        table: table.clone(),
+                        entries,
+                    })
+                })
+            })
+            .collect()
     }
 
     /// Files `rec` in the lookup maps and its class's member set; when `old` was in another
@@ -1093,21 +1133,29 @@ impl Registry {
 pub type SharedEntry = (Arc<str>, Arc<str>);
 
 /// A class's roster after a policy change, including the members of the class itself,
-/// with each entry serialized once; each stream leaves out its own entry.
+/// with each entry serialized once (in a table shared by every class's frame); each stream
+/// leaves out its own entry.
 #[derive(Debug)]
 pub struct PolicyFrame {
     /// Event id.
     pub id: u64,
     /// Policy revision.
     pub revision: u64,
-    /// (peer id, entry JSON), sorted by peer id.
-    pub entries: Vec<SharedEntry>,
+    /// Every serialized (peer id, entry JSON) of the policy event, for all classes.
+    pub table: Arc<[SharedEntry]>,
+    /// This class's roster: indices into `table`, sorted by peer id.
+    pub entries: Vec<u32>,
 }
 
 impl PolicyFrame {
     /// The `policy` frame for the stream of peer `me`.
     pub fn frame_for(&self, me: &str) -> Bytes {
-        let len: usize = self.entries.iter().map(|(_, j)| j.len() + 1).sum();
+        let entries = || {
+            self.entries
+                .iter()
+                .filter_map(|i| self.table.get(*i as usize))
+        };
+        let len: usize = entries().map(|(_, j)| j.len() + 1).sum();
         let mut out = String::with_capacity(len + 96);
         out.push_str(&format!(
             "id: {}\nevent: {}\ndata: {{\"policy_revision\":{},\"peers\":[",
@@ -1116,7 +1164,7 @@ impl PolicyFrame {
             self.revision
         ));
         let mut first = true;
-        for (pid, json) in &self.entries {
+        for (pid, json) in entries() {
             if &**pid == me {
                 continue;
             }
@@ -1219,5 +1267,128 @@ mod tests {
         r.remove(&crate::ula::identity_peer_id("b"), "left");
         r.end_entry();
         assert_eq!(rx.try_recv().unwrap().id, 108);
+    }
+    /// After a policy change, every stream's `policy` frame holds exactly the roster a
+    /// direct evaluation of the policy gives for its peer, pair by pair (random policies
+    /// with ports, protocols, denies, groups of `*`, named peers; random tag sets, tags
+    /// the new policy dropped): the class-based recompute changes no answer and no order.
+    #[test]
+    fn policy_frames_agree_with_a_naive_roster_on_random_policies() {
+        use crate::policy::Principal;
+        use crate::ports::port_rules;
+        use crate::sse::{Step, Subscriber};
+        let seed = std::cell::Cell::new(0x0dd1_5ca1_ab1e_f00du64);
+        let rnd = |n: u64| {
+            let mut x = seed.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            seed.set(x);
+            x % n
+        };
+        let names = ["a", "b", "c", "d", "e", "f", "gone"];
+        for _ in 0..60 {
+            let sel = |with_ports: bool| -> String {
+                let base = match rnd(9) {
+                    0 => "*".to_string(),
+                    1 => format!("peer:n{}", rnd(16)),
+                    2 => "group:g".to_string(),
+                    _ => format!("tag:{}", names[rnd(6) as usize]),
+                };
+                if !with_ports || rnd(2) == 0 {
+                    return base;
+                }
+                let p = rnd(40);
+                let item = match rnd(3) {
+                    0 => format!("tcp:{p}-{}", p + rnd(20)),
+                    1 => format!("udp:{p}"),
+                    _ => format!("{p}-{}", p + rnd(20)),
+                };
+                format!("{base}:{item}")
+            };
+            let rules = |n: u64| -> Vec<crate::api::PolicyRule> {
+                (0..n)
+                    .map(|_| crate::api::PolicyRule {
+                        src: (0..rnd(2) + 1).map(|_| sel(false)).collect(),
+                        dst: (0..rnd(3) + 1).map(|_| sel(true)).collect(),
+                    })
+                    .collect()
+            };
+            let doc = crate::api::PolicyDocument {
+                tags: names[..6].iter().map(|t| t.to_string()).collect(),
+                groups: [(
+                    "g".to_string(),
+                    vec![format!("tag:{}", names[rnd(6) as usize]), "peer:n1".into()],
+                )]
+                .into(),
+                app_hosts: vec![sel(false)],
+                allow: rules(rnd(8) + 1),
+                deny: rules(rnd(4)),
+            };
+            let new = Arc::new(Policy::compile(doc).unwrap());
+            // Peers join under a policy that knows one more tag (dropped by the new one).
+            let old: crate::api::PolicyDocument = serde_json::from_value(serde_json::json!({
+                "tags": names,
+                "allow": [{"src": ["*"], "dst": ["*"]}]
+            }))
+            .unwrap();
+            let mut r = Registry::new(
+                Arc::new(Policy::compile(old).unwrap()),
+                1,
+                Limits::default(),
+            );
+            r.set_coalescing(false);
+            let n = rnd(16) + 2;
+            for i in 0..n {
+                let mut p = peer(&format!("n{i}"), 1000 + i as u16);
+                p.tags = names
+                    .iter()
+                    .filter(|_| rnd(3) == 0)
+                    .map(|t| t.to_string())
+                    .collect();
+                r.upsert(p, 1);
+            }
+            let mut rx = r.subscribe();
+            r.set_policy(new.clone(), 2);
+            let d = rx.try_recv().unwrap();
+            let all: Vec<PeerRecord> = r.peers().cloned().collect();
+            for me in &all {
+                let mut want = Vec::new();
+                let km = new.known_tag_ids(&me.tags);
+                let pm = Principal {
+                    identity: &me.identity,
+                    tags: &km,
+                };
+                for q in all.iter().filter(|q| q.id != me.id) {
+                    let kq = new.known_tag_ids(&q.tags);
+                    let pq = Principal {
+                        identity: &q.identity,
+                        tags: &kq,
+                    };
+                    let (out, inb) = (new.allowed_ports(pm, pq), new.allowed_ports(pq, pm));
+                    if !out.is_empty() || !inb.is_empty() {
+                        want.push(entry(q, port_rules(&out, &inb)));
+                    }
+                }
+                want.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let mut sub = Subscriber {
+                    peer_id: me.id.clone(),
+                    class: 0,
+                    last_id: 0,
+                };
+                let Step::Send(frame) = sub.step(&d) else {
+                    panic!("no policy frame for {}", me.id);
+                };
+                let text = std::str::from_utf8(&frame).unwrap();
+                let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                let got: RosterSnapshot = serde_json::from_str(data).unwrap();
+                assert_eq!(got.policy_revision, 2);
+                assert_eq!(got.peers, want, "roster of {}", me.identity);
+                // The snapshot route agrees with the policy frame.
+                assert_eq!(r.roster(&me.id), want);
+                let host = new.may_host_apps(pm);
+                assert_eq!(r.visibility().may_host_apps(me.class), host);
+            }
+        }
     }
 }

@@ -26,6 +26,10 @@
 //!   committed, conditional change (a heartbeat that won the race makes it change no row,
 //!   and nothing is announced), and so one event on every coordinator. The same
 //!   coordinator prunes the change log ([`crate::server::Config::change_log_keep`]).
+//!   That is the rule with a change log (PostgreSQL, where several coordinators share the
+//!   members). A coordinator alone on its database (SQLite) judges from its exact
+//!   in-memory last heartbeat instead (stale at three missed intervals, as without a
+//!   database); only members loaded at start and not heard from since get the slack.
 //!
 //! Without a database (memory) none of this runs: the registry is used as before, with
 //! its coalescing window and local expiry.
@@ -52,6 +56,10 @@ pub struct Core {
     pub db_seen: HashMap<String, u64>,
     /// When this coordinator last pruned the change log (ms since the epoch).
     pub last_prune_ms: u64,
+    /// When this coordinator started (ms since the epoch): a member last seen before it
+    /// was loaded from the database and has not been heard from since, so its `last_seen`
+    /// is the coarsened stored one.
+    pub started_ms: u64,
 }
 
 /// How often the expiry-lock holder prunes the change log.
@@ -95,6 +103,7 @@ impl Core {
                 store,
                 db_seen,
                 last_prune_ms: 0,
+                started_ms: now_ms,
             };
             let metrics = Metrics::default();
             for (id, changes) in &remote {
@@ -113,6 +122,7 @@ impl Core {
             store,
             db_seen,
             last_prune_ms: 0,
+            started_ms: now_ms,
         }
     }
 
@@ -347,30 +357,15 @@ impl Core {
         let timeout = t
             .heartbeat_interval_ms
             .saturating_mul(u64::from(crate::api::MISSED_HEARTBEATS_TO_EXPIRE));
-        let judged = t
-            .now_ms
-            .saturating_sub(timeout + members::stale_slack_ms(t.heartbeat_interval_ms));
-        let stale_before = judged / 1000;
-        let remove_before = judged.saturating_sub(t.stale_after_ms) / 1000;
-        let candidates = match self.store.members_seen_before(stale_before) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading members for expiry failed");
-                return out;
+        let decisions = if self.store.has_change_log() {
+            match self.coarse_expiry(t, timeout) {
+                Some(d) => d,
+                None => return out,
             }
+        } else {
+            self.exact_expiry(t, timeout)
         };
-        for (id, seen, stale) in candidates {
-            // An ephemeral member has no stale window.
-            let ephemeral = self.registry.peer(&id).is_some_and(|p| p.ephemeral);
-            let (change, removed) = if ephemeral {
-                (Change::ExpireMember(id.clone(), stale_before), true)
-            } else if seen < remove_before {
-                (Change::ExpireMember(id.clone(), remove_before), true)
-            } else if !stale {
-                (Change::StaleMember(id.clone(), stale_before), false)
-            } else {
-                continue;
-            };
+        for (id, change, removed) in decisions {
             // Conditional on last_seen: a heartbeat committed meanwhile wins (no row
             // changes, the transaction fails, nothing is announced).
             if let Err(e) = self.store.commit_changes(vec![change]) {
@@ -391,6 +386,77 @@ impl Core {
                 out.stale.push(id);
             }
         }
+        out
+    }
+    /// Expiry judged from the database's coarsened `last_seen` (several coordinators on
+    /// one database: only the stored value is common to all of them), with
+    /// [`members::stale_slack_ms`] of slack; each change is conditional on the stored value
+    /// so a heartbeat committed by another coordinator meanwhile wins. `None` when the
+    /// database cannot be read.
+    fn coarse_expiry(&mut self, t: Timing, timeout: u64) -> Option<Vec<(String, Change, bool)>> {
+        let judged = t
+            .now_ms
+            .saturating_sub(timeout + members::stale_slack_ms(t.heartbeat_interval_ms));
+        let stale_before = judged / 1000;
+        let remove_before = judged.saturating_sub(t.stale_after_ms) / 1000;
+        let candidates = match self.store.members_seen_before(stale_before) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading members for expiry failed");
+                return None;
+            }
+        };
+        let mut out = Vec::new();
+        for (id, seen, stale) in candidates {
+            // An ephemeral member has no stale window.
+            let ephemeral = self.registry.peer(&id).is_some_and(|p| p.ephemeral);
+            let (change, removed) = if ephemeral {
+                (Change::ExpireMember(id.clone(), stale_before), true)
+            } else if seen < remove_before {
+                (Change::ExpireMember(id.clone(), remove_before), true)
+            } else if !stale {
+                (Change::StaleMember(id.clone(), stale_before), false)
+            } else {
+                continue;
+            };
+            out.push((id, change, removed));
+        }
+        Some(out)
+    }
+
+    /// Expiry of a coordinator alone on its database (SQLite, one coordinator per file):
+    /// judged from the exact in-memory last heartbeat, stale after `timeout` (three
+    /// intervals) as without a database. A member loaded at start and not heard from
+    /// since only has the coarsened stored `last_seen`, so it gets the coarsened slack
+    /// until its first heartbeat here. No other writer exists and the caller holds the
+    /// coordinator's lock, so memory decides: the stored `last_seen` condition is lifted.
+    fn exact_expiry(&self, t: Timing, timeout: u64) -> Vec<(String, Change, bool)> {
+        const ANY_LAST_SEEN: u64 = i64::MAX as u64;
+        let slack = members::stale_slack_ms(t.heartbeat_interval_ms);
+        let mut out: Vec<(String, Change, bool)> = self
+            .registry
+            .peers()
+            .filter_map(|p| {
+                let grace = if p.last_seen_ms < self.started_ms {
+                    slack
+                } else {
+                    0
+                };
+                let stale_at = p.last_seen_ms.saturating_add(timeout).saturating_add(grace);
+                if t.now_ms <= stale_at {
+                    return None;
+                }
+                let id = p.id.clone();
+                if p.ephemeral || t.now_ms > stale_at.saturating_add(t.stale_after_ms) {
+                    Some((id.clone(), Change::ExpireMember(id, ANY_LAST_SEEN), true))
+                } else if !p.stale {
+                    Some((id.clone(), Change::StaleMember(id, ANY_LAST_SEEN), false))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 }

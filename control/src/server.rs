@@ -1505,16 +1505,52 @@ impl Coordinator {
     }
 
     fn put_policy(&self, who: &str, doc: PolicyDocument) -> Result<PolicyResponse, ApiError> {
+        self.replace_policy(who, doc, None)
+    }
+
+    /// `systemctl reload` (SIGHUP): the policy file was re-read; `file_hash` is the BLAKE3 of
+    /// its bytes. A file whose hash is the one the policy in force came from is no change
+    /// (`Ok(None)`: a policy set through the API since then stays). Otherwise the file's
+    /// policy replaces the one in force as `PUT /v1/policy` would (a new revision on every
+    /// roster stream, no stream dropped) and is remembered as coming from this file.
+    /// An invalid policy is refused and the one in force stays.
+    pub fn reload_policy_file(
+        &self,
+        doc: PolicyDocument,
+        file_hash: String,
+    ) -> Result<Option<u64>, ApiError> {
+        let from = self
+            .read()
+            .store
+            .policy()
+            .map(|p| p.file_hash.clone())
+            .unwrap_or_else(|| self.config.policy_file_hash.clone());
+        if from == file_hash {
+            return Ok(None);
+        }
+        self.replace_policy("policy-file (reload)", doc, Some(file_hash))
+            .map(|r| Some(r.revision))
+    }
+
+    /// Replaces the policy; `file_hash` = it comes from the policy file with that hash
+    /// (`None`: from the API, the stored file hash stays).
+    fn replace_policy(
+        &self,
+        who: &str,
+        doc: PolicyDocument,
+        file_hash: Option<String>,
+    ) -> Result<PolicyResponse, ApiError> {
         let policy =
             Policy::compile(doc.clone()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut core = self.write();
         let revision = core.registry.revision() + 1;
         let stored = core.store.policy().map(|p| p.revision);
-        let file_hash = core
-            .store
-            .policy()
-            .map(|p| p.file_hash.clone())
-            .unwrap_or_else(|| self.config.policy_file_hash.clone());
+        let file_hash = file_hash.unwrap_or_else(|| {
+            core.store
+                .policy()
+                .map(|p| p.file_hash.clone())
+                .unwrap_or_else(|| self.config.policy_file_hash.clone())
+        });
         // Compare-and-set on the stored revision: another coordinator on the same database
         // that changed the policy meanwhile wins, and this request is a 409 to retry.
         core.store
@@ -1945,6 +1981,40 @@ pub async fn serve(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    serve_with(
+        coord,
+        listener,
+        tls.map(|a| TlsSource::new(a.config().clone())),
+    )
+    .await
+}
+
+/// The TLS configuration each new connection is accepted with. [`TlsSource::replace`]
+/// (the binary's SIGHUP: a rotated certificate, key or CA) swaps it for the connections
+/// accepted afterwards; connections already open keep the one they were accepted with, so
+/// no stream drops.
+#[derive(Clone, Debug)]
+pub struct TlsSource(Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>);
+
+impl TlsSource {
+    /// A source serving `cfg` until replaced.
+    pub fn new(cfg: Arc<rustls::ServerConfig>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(cfg)))
+    }
+
+    /// New connections get `cfg` from now on.
+    pub fn replace(&self, cfg: Arc<rustls::ServerConfig>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cfg;
+    }
+
+    /// An acceptor with the configuration in force.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// [`serve`] with a [`TlsSource`] the caller can replace while serving.
+pub async fn serve_with(coord: Arc<Coordinator>, listener: TcpListener, tls: Option<TlsSource>) {
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(c) => c,
@@ -1990,7 +2060,7 @@ pub async fn serve(
             }
         };
         let coord = coord.clone();
-        let tls = tls.clone();
+        let tls = tls.as_ref().map(TlsSource::acceptor);
         tokio::spawn(async move {
             let refusing = refusal.is_some();
             match tls {

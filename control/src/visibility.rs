@@ -38,6 +38,10 @@ struct Class {
     dst_allow: Vec<(u32, ProtoPorts)>,
     dst_deny: Vec<(u32, ProtoPorts)>,
     may_host_apps: bool,
+    /// What another class may open on this one, by which of `dst_allow` and `dst_deny`
+    /// it matches (bit k = entry k): (allow mask, deny mask, id in `Visibility::sets`).
+    /// A receiver sees few distinct masks, so a linear scan beats hashing.
+    memo: Vec<(u64, u64, u32)>,
 }
 
 /// The per-policy class table and the sparse class × class visibility rows.
@@ -57,9 +61,13 @@ pub struct Visibility {
     stamp: u32,
     rules: Vec<PortRules>,
     rules_index: HashMap<PortRules, RulesId>,
-    /// The answer per (outbound, inbound) port sets, so a pair whose sets were seen before
-    /// skips building its roster form (`port_rules` splits and allocates per protocol).
-    ports_index: HashMap<(ProtoPorts, ProtoPorts), RulesId>,
+    /// Distinct port sets one class may open on another; id 0 is the empty set. A pair
+    /// is computed as ids ([`Class::memo`]), so the common case allocates nothing.
+    sets: Vec<ProtoPorts>,
+    sets_index: HashMap<ProtoPorts, u32>,
+    /// The answer per (outbound set id, inbound set id), so a pair whose sets were seen
+    /// before skips building its roster form (`port_rules` splits and allocates).
+    pair_index: HashMap<(u32, u32), RulesId>,
 }
 
 impl Visibility {
@@ -77,7 +85,9 @@ impl Visibility {
             stamp: 0,
             rules: Vec::new(),
             rules_index: HashMap::new(),
-            ports_index: HashMap::new(),
+            sets: vec![ProtoPorts::empty()],
+            sets_index: HashMap::from([(ProtoPorts::empty(), 0)]),
+            pair_index: HashMap::new(),
         }
     }
 
@@ -157,6 +167,11 @@ impl Visibility {
         self.visible_from(target)
     }
 
+    /// Every class `viewer` sees with the pair's rules id, sorted by class.
+    pub fn row(&self, viewer: ClassId) -> &[(ClassId, RulesId)] {
+        self.rows.get(viewer as usize).map_or(&[], Vec::as_slice)
+    }
+
     /// Every class `viewer` sees.
     pub fn visible_from(&self, viewer: ClassId) -> impl Iterator<Item = ClassId> + '_ {
         self.rows
@@ -196,6 +211,7 @@ impl Visibility {
             dst_allow: dst(self.policy.allow_rules()),
             dst_deny: dst(self.policy.deny_rules()),
             may_host_apps: self.policy.may_host_apps(p),
+            memo: Vec::new(),
         }
     }
 
@@ -220,17 +236,56 @@ impl Visibility {
         allowed
     }
 
-    fn pair(&mut self, viewer: ClassId, target: ClassId) -> RulesId {
-        let outbound = self.ports(viewer, target);
-        let inbound = self.ports(target, viewer);
-        if outbound.is_empty() && inbound.is_empty() {
+    /// The id in `sets` of the ports `a` may open on `b`. The answer depends only on which
+    /// of `b`'s receiving rules `a` sends under, so it is remembered per (`b`, those
+    /// rules) and computed once.
+    fn ports_id(&mut self, a: ClassId, b: ClassId) -> u32 {
+        let (ca, cb) = (&self.classes[a as usize], &self.classes[b as usize]);
+        if cb.dst_allow.len() > 64 || cb.dst_deny.len() > 64 {
+            let p = self.ports(a, b);
+            return self.intern(p);
+        }
+        let has = |bits: &[u64], i: u32| bits[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        let mask = |entries: &[(u32, ProtoPorts)], bits: &[u64]| {
+            entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (i, _))| has(bits, *i))
+                .fold(0u64, |m, (k, _)| m | (1 << k))
+        };
+        let allow = mask(&cb.dst_allow, &ca.src_allow);
+        if allow == 0 {
             return 0;
         }
-        let key = (outbound, inbound);
-        if let Some(id) = self.ports_index.get(&key) {
+        let deny = mask(&cb.dst_deny, &ca.src_deny);
+        if let Some(&(_, _, id)) = cb.memo.iter().find(|(m, d, _)| *m == allow && *d == deny) {
+            return id;
+        }
+        let p = self.ports(a, b);
+        let id = self.intern(p);
+        self.classes[b as usize].memo.push((allow, deny, id));
+        id
+    }
+
+    fn intern(&mut self, p: ProtoPorts) -> u32 {
+        if let Some(id) = self.sets_index.get(&p) {
             return *id;
         }
-        let rules = port_rules(&key.0, &key.1);
+        let id = u32::try_from(self.sets.len()).unwrap_or(u32::MAX);
+        self.sets.push(p.clone());
+        self.sets_index.insert(p, id);
+        id
+    }
+
+    /// The rules id of a pair whose outbound and inbound port sets are `out` and `inb`.
+    fn pair_of(&mut self, out: u32, inb: u32) -> RulesId {
+        if out == 0 && inb == 0 {
+            return 0;
+        }
+        if let Some(id) = self.pair_index.get(&(out, inb)) {
+            return *id;
+        }
+        let rules = port_rules(&self.sets[out as usize], &self.sets[inb as usize]);
         let id = match self.rules_index.get(&rules) {
             Some(id) => *id,
             None => {
@@ -240,7 +295,7 @@ impl Visibility {
                 id
             }
         };
-        self.ports_index.insert(key, id);
+        self.pair_index.insert((out, inb), id);
         id
     }
 
@@ -283,14 +338,15 @@ impl Visibility {
         let mut row = Vec::new();
         self.rows.push(Vec::new());
         for t in candidates {
-            let id = self.pair(new, t);
+            let (out, inb) = (self.ports_id(new, t), self.ports_id(t, new));
+            let id = self.pair_of(out, inb);
             if id == 0 {
                 continue;
             }
             row.push((t, id));
             if t != new {
                 // `new` is the largest id so far: pushing keeps the other row sorted.
-                let back = self.pair(t, new);
+                let back = self.pair_of(inb, out);
                 self.rows[t as usize].push((new, back));
             }
         }

@@ -583,3 +583,125 @@ async fn a_long_backlog_reaches_the_streams_as_events_not_snapshots() {
         }
     }
 }
+
+/// n1's `stale` flag as `viewer` sees it in its roster (`None`: not in the roster).
+async fn stale_in_roster(viewer: &common::Peer, n1: &str) -> Option<bool> {
+    let (st, v) = viewer.client.get("/v1/mesh/peers").await;
+    assert_eq!(st, 200, "{v}");
+    v["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == n1)
+        .map(|p| p["stale"].as_bool().unwrap_or(false))
+}
+
+/// A coordinator alone on its SQLite database judges liveness from the exact last
+/// heartbeat in its memory: stale at three missed intervals (30 s at 10 s heartbeats), not
+/// at the coarsened 66 s a shared database needs. A member loaded at a restart and not
+/// heard from since has only the coarsened stored `last_seen`, so it gets the slack until
+/// its first heartbeat, and is exact again from then on. The attacker: a member with a
+/// valid certificate heartbeating another member's peer id is refused (403) and does not
+/// keep it fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sqlite_coordinator_judges_staleness_from_the_exact_last_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new();
+    let state = dir.path().to_owned();
+    let t0 = 1_700_000_000_000u64;
+    let tweak = |c: &mut tabbify_control::server::Config| {
+        c.state_dir = Some(state.clone());
+        c.heartbeat_interval = Duration::from_secs(10);
+    };
+    let hb = json!({"endpoints": ["127.0.0.1:51820"]});
+    let n1_id = {
+        let h = Harness::start_at(pki.clone(), t0, tweak).await;
+        let s1 = h.join("s1", &["supervisor"]).await;
+        let n1 = h.join("n1", &["node"]).await;
+        let mallory = h.join("mallory", &["node"]).await;
+        for _ in 0..3 {
+            h.clock.advance_ms(9_500);
+            assert_eq!(s1.heartbeat(hb.clone()).await.0, 200);
+            assert_eq!(mallory.heartbeat(hb.clone()).await.0, 200);
+            let (st, v) = mallory
+                .client
+                .post(
+                    "/v1/mesh/heartbeat",
+                    json!({"peer_id": n1.id, "endpoints": ["127.0.0.1:51820"]}),
+                )
+                .await;
+            assert_eq!(st, 403, "another member's peer id: {v}");
+            let out = h.coord.sweep();
+            assert!(out.stale.is_empty(), "28.5 s at most: {out:?}");
+        }
+        // 30.5 s since n1's registration: three intervals missed.
+        h.clock.advance_ms(2_000);
+        let out = h.coord.sweep();
+        assert_eq!(out.stale, vec![n1.id.clone()], "exact, not 66 s");
+        assert_eq!(stale_in_roster(&s1, &n1.id).await, Some(true));
+        n1.id
+    };
+    // Restarted 40 s after t0. s1 heartbeated at 28.5 s, but the database holds t0 (the
+    // coarsened write is due only every 30 s): judged by that alone it would be stale at
+    // once. Loaded and not heard from since: the coarsened slack applies.
+    let h = Harness::start_at(pki, t0 + 40_000, tweak).await;
+    let s1 = common::Peer {
+        name: "s1".into(),
+        id: tabbify_control::ula::identity_peer_id("s1"),
+        key: key_for("s1"),
+        client: h.client("s1"),
+        registration: json!({}),
+    };
+    let out = h.coord.sweep();
+    assert!(!out.stale.contains(&s1.id), "{out:?}");
+    assert_eq!(
+        stale_in_roster(&s1, &n1_id).await,
+        Some(true),
+        "n1 stayed stale"
+    );
+    // Heard from at 45 s: exact from then on (stale after 75 s, not at the loaded 66 s).
+    h.clock.advance_ms(5_000);
+    assert_eq!(s1.heartbeat(hb.clone()).await.0, 200);
+    h.clock.advance_ms(25_000);
+    assert!(!h.coord.sweep().stale.contains(&s1.id), "70 s");
+    h.clock.advance_ms(5_500);
+    assert!(h.coord.sweep().stale.contains(&s1.id), "75.5 s");
+}
+
+/// Several coordinators on PostgreSQL keep the coarsened rule: a member is stale once
+/// the database has not seen it for three intervals plus 3.5 intervals plus a second (66 s
+/// at 10 s heartbeats), whichever coordinator judges, and not at 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinators_sharing_postgres_judge_staleness_from_the_coarsened_last_seen() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("coarse").unwrap());
+    let Pair { a, b, .. } = pair(&db, |c| c.heartbeat_interval = Duration::from_secs(10)).await;
+    let s1 = a.join("s1", &["supervisor"]).await;
+    let n1 = b.join("n1", &["node"]).await;
+    let hb = json!({"endpoints": ["127.0.0.1:51820"]});
+    let mut stale = Vec::new();
+    // 66.5 s in 0.5 s .. 9.5 s steps; s1 heartbeats, n1 does not.
+    let mut at = 0u64;
+    for step in [9_500u64, 9_500, 9_500, 2_000, 9_500, 9_500, 9_500, 7_500] {
+        at += step;
+        a.clock.advance_ms(step);
+        b.clock.advance_ms(step);
+        assert_eq!(s1.heartbeat(hb.clone()).await.0, 200);
+        for c in [&a.coord, &b.coord] {
+            stale.extend(c.sweep().stale);
+        }
+        assert!(stale.is_empty(), "at {at} ms: {stale:?}");
+    }
+    assert_eq!(at, 66_500);
+    a.clock.advance_ms(1_000);
+    b.clock.advance_ms(1_000);
+    for c in [&a.coord, &b.coord] {
+        stale.extend(c.sweep().stale);
+    }
+    assert_eq!(stale, vec![n1.id.clone()], "stale at 67.5 s, once");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for c in [&a, &b] {
+        c.coord.catch_up().unwrap();
+    }
+    assert_eq!(stale_in_roster(&s1, &n1.id).await, Some(true));
+}

@@ -6,6 +6,8 @@
 //! * `join` — the same engine driven by the coordinator's live roster.
 //! * `status` / `peers` / `app add|remove` / `rotate-key` / `leave` — ask the running
 //!   joiner over its local socket.
+//! * `speedtest PEER` — throughput and RTT to a peer's responder over the mesh
+//!   (`join::speedtest`), with the path the running joiner reports for it.
 #![forbid(unsafe_code)]
 
 use std::io::{IsTerminal, Read, Write};
@@ -15,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use tabbify_dataplane::config::{self, Config, Key};
 use tabbify_dataplane::core::peer::PeerConfig;
 use tabbify_dataplane::core::table::Table;
 use tabbify_dataplane::driver::{DriverKind, EngineOptions};
 use tabbify_dataplane::interface::{Interface, InterfaceSpec};
+use tabbify_dataplane::join::config_file as join_file;
 use tabbify_dataplane::join::control::{self, PeerStatus, Request, Status};
 use tabbify_dataplane::join::metrics;
 use tabbify_dataplane::join::{dns, JoinOptions, TlsFiles};
@@ -96,6 +99,33 @@ enum Cmd {
     /// Rotate the running joiner's WireGuard key now (the coordinator must accept it; the
     /// node keeps its identity, address, tags and apps, and its peers re-handshake).
     RotateKey {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure throughput and RTT to a peer over the mesh path in use (no iperf3 needed):
+    /// the peer's joiner answers on [its ULA]:8731 unless it runs with
+    /// `--speedtest-bind off`, and the policy must allow that port (`tag:x:tcp:8731`).
+    Speedtest {
+        /// The peer: its name, peer id or ULA.
+        peer: String,
+        /// How long each direction runs: N followed by s or ms (at most 30s).
+        #[arg(long, default_value = "5s", value_parser = parse_test_duration)]
+        duration: Duration,
+        /// Only the peer → this node direction (default: this node → the peer, then back).
+        #[arg(long, conflicts_with = "send_only")]
+        reverse: bool,
+        /// Only this node → the peer.
+        #[arg(long)]
+        send_only: bool,
+        /// The responder's port on the peer.
+        #[arg(long, default_value_t = tabbify_dataplane::join::speedtest::DEFAULT_PORT)]
+        port: u16,
+        /// RTT samples before the first transfer.
+        #[arg(long, default_value_t = 10)]
+        pings: u16,
         #[command(flatten)]
         target: Target,
         /// Print JSON.
@@ -220,6 +250,11 @@ impl Target {
 
 #[derive(clap::Args)]
 struct JoinArgs {
+    /// A TOML file with these flags as keys (`listen-port = 51821`, `tag = ["web"]`,
+    /// `ephemeral = true`); flags given here override it [default: /etc/tabbify/join.toml
+    /// if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The display name to ask for.
     #[arg(long)]
     name: String,
@@ -294,6 +329,10 @@ struct JoinArgs {
     /// the default only warns if taken, an address given here must bind].
     #[arg(long, value_name = "IP:PORT|off")]
     metrics_bind: Option<String>,
+    /// The speedtest responder (`tabbify-mesh speedtest`): a TCP port bound on this node's
+    /// mesh ULA only (at most 2 tests at once, 30 s each), or `off`.
+    #[arg(long, value_name = "PORT|off", default_value = "8731")]
+    speedtest_bind: String,
     /// Mesh DNS: serve `<name>.<domain>` on [fd5a:1f00::53]:53 and 127.0.0.153:53 and point
     /// the host's resolver there through systemd-resolved, resolvconf or /etc/resolv.conf
     /// (`auto` picks the first present); `off` runs no stub and leaves the host alone.
@@ -318,7 +357,13 @@ enum DnsArg {
 
 fn main() -> ExitCode {
     tabbify_api::cli::install();
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("tabbify-mesh: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let r = match cli.cmd {
         Cmd::Genkey => genkey(),
         Cmd::Pubkey => pubkey(),
@@ -333,6 +378,27 @@ fn main() -> ExitCode {
         Cmd::Peers { target, json } => peers(&target, json),
         Cmd::App { cmd } => app(cmd),
         Cmd::RotateKey { target, json } => rotate_key(&target, json),
+        Cmd::Speedtest {
+            peer,
+            duration,
+            reverse,
+            send_only,
+            port,
+            pings,
+            target,
+            json,
+        } => speedtest(
+            &target,
+            &peer,
+            SpeedtestPlan {
+                duration,
+                send: !reverse,
+                receive: !send_only,
+                port,
+                pings,
+            },
+            json,
+        ),
         Cmd::Leave {
             target,
             coordinator,
@@ -349,11 +415,76 @@ fn main() -> ExitCode {
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
+        // A reader that stopped early (`pubkey | head -c0`): quiet, as a print would be.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tabbify-mesh: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether the error is a write to a stdout whose reader went away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The command line, with `join`'s config file (`--config`, or the default path when it
+/// exists) merged in by `join::config_file`: its keys become arguments before the command
+/// line's, skipped for the flags the command line or the environment gave.
+fn parse_cli() -> anyhow::Result<Cli> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cmd = Cli::command();
+    // A required flag may come from the file: look past its absence in this first pass
+    // (the merged command line below is checked in full).
+    let matches = match cmd.clone().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) if e.kind() == clap::error::ErrorKind::MissingRequiredArgument => cmd
+            .clone()
+            .ignore_errors(true)
+            .try_get_matches_from(&argv)
+            .unwrap_or_else(|e| e.exit()),
+        Err(e) => e.exit(),
+    };
+    let Some(("join", jm)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+    };
+    let path = match jm.get_one::<PathBuf>("config") {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from(join_file::DEFAULT_PATH);
+            if !p.exists() {
+                return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+            }
+            p
+        }
+    };
+    let join_cmd = cmd
+        .find_subcommand_mut("join")
+        .context("the join subcommand")?;
+    join_cmd.build();
+    let given = |id: &str| {
+        matches!(
+            jm.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        )
+    };
+    let file = join_file::load(join_cmd, &path, given)?;
+    // No global flags: argv[1] is `join`; the file's arguments go right after it.
+    let at = argv
+        .iter()
+        .position(|a| a == "join")
+        .context("`join` in the arguments")?;
+    let merged: Vec<_> = argv[..=at]
+        .iter()
+        .cloned()
+        .chain(file)
+        .chain(argv[at + 1..].iter().cloned())
+        .collect();
+    Ok(Cli::try_parse_from(merged).unwrap_or_else(|e| e.exit()))
 }
 
 fn genkey() -> anyhow::Result<()> {
@@ -502,6 +633,8 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         bail!("--interface `{}` must be 1-15 bytes", a.interface);
     }
     check_mtu("--mtu", a.mtu)?;
+    let speedtest = tabbify_dataplane::join::speedtest::parse_bind(&a.speedtest_bind)
+        .map_err(anyhow::Error::msg)?;
     let metrics = match &a.metrics_bind {
         None => metrics::MetricsBind::default(),
         Some(s) => metrics::MetricsBind {
@@ -562,6 +695,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
             domain: a.dns_domain,
         },
         metrics,
+        speedtest,
     })
 }
 
@@ -583,6 +717,140 @@ fn parse_age(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?}: must be between 1m and 3650d"));
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// `--duration`: `5s`, `500ms` (100 ms to 30 s).
+fn parse_test_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?}: expected N followed by s or ms, e.g. 5s");
+    let d = if let Some(ms) = s.strip_suffix("ms") {
+        Duration::from_millis(ms.parse().map_err(|_| bad())?)
+    } else if let Some(secs) = s.strip_suffix('s') {
+        Duration::from_secs(secs.parse().map_err(|_| bad())?)
+    } else {
+        return Err(bad());
+    };
+    let max = tabbify_dataplane::join::speedtest::MAX_DURATION;
+    if d < Duration::from_millis(100) || d > max {
+        return Err(format!(
+            "{s:?}: must be between 100ms and {}s",
+            max.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+/// What `speedtest` runs.
+struct SpeedtestPlan {
+    duration: Duration,
+    send: bool,
+    receive: bool,
+    port: u16,
+    pings: u16,
+}
+
+/// `speedtest --json`.
+#[derive(serde::Serialize)]
+struct SpeedtestReport {
+    peer: String,
+    peer_id: String,
+    ula: std::net::Ipv6Addr,
+    responder: std::net::SocketAddr,
+    /// `"direct"` or `"relay"`, from the running joiner after the test.
+    path: String,
+    /// The relay's URL when relayed.
+    relay: Option<String>,
+    /// The path in words, as `peers` prints it.
+    path_words: String,
+    /// The path before the test, when it differs (a path change during the test).
+    path_before: Option<String>,
+    send: Option<tabbify_dataplane::join::speedtest::Throughput>,
+    receive: Option<tabbify_dataplane::join::speedtest::Throughput>,
+    rtt: tabbify_dataplane::join::speedtest::Rtt,
+}
+
+fn speedtest(t: &Target, who: &str, plan: SpeedtestPlan, json: bool) -> anyhow::Result<()> {
+    use tabbify_dataplane::join::speedtest::{self as st, Direction};
+    let find = || -> anyhow::Result<PeerStatus> {
+        let v = control::call(&t.path(), &Request::Peers)?;
+        let peers: Vec<PeerStatus> = serde_json::from_value(v).context("the joiner's peers")?;
+        let ula: Option<std::net::Ipv6Addr> = who.parse().ok();
+        peers
+            .into_iter()
+            .find(|p| p.name == who || p.peer_id == who || Some(p.ula) == ula)
+            .with_context(|| {
+                format!("no peer {who:?} in this node's roster (by name, peer id or ULA; see `tabbify-mesh peers`)")
+            })
+    };
+    let before = find()?;
+    let addr = std::net::SocketAddr::new(std::net::IpAddr::V6(before.ula), plan.port);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting a runtime")?;
+    let mut rtt = st::Rtt::default();
+    let (mut send, mut receive) = (None, None);
+    let mut pings = plan.pings;
+    for (dir, wanted) in [
+        (Direction::Send, plan.send),
+        (Direction::Receive, plan.receive),
+    ] {
+        if !wanted {
+            continue;
+        }
+        let m = rt.block_on(st::run_test(addr, dir, plan.duration, pings))?;
+        if pings > 0 {
+            rtt = m.rtt;
+            pings = 0;
+        }
+        match dir {
+            Direction::Send => send = Some(m.throughput),
+            Direction::Receive => receive = Some(m.throughput),
+        }
+    }
+    let after = find()?;
+    let words = path_words(&after);
+    let words_before = path_words(&before);
+    let report = SpeedtestReport {
+        peer: after.name.clone(),
+        peer_id: after.peer_id.clone(),
+        ula: after.ula,
+        responder: addr,
+        path: after.path.clone(),
+        relay: after.relay.clone(),
+        path_before: (words_before != words).then_some(words_before),
+        path_words: words,
+        send,
+        receive,
+        rtt,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!("speedtest to {} ({}) at {}", report.peer, report.ula, addr);
+    println!("path:     {}", report.path_words);
+    if let Some(b) = &report.path_before {
+        println!("          (was {b} before the test)");
+    }
+    let line = |label: &str, t: &st::Throughput| {
+        println!(
+            "{label} {:.3} Gbit/s ({} bytes in {:.2} s)",
+            t.gbit_s, t.bytes, t.seconds
+        );
+    };
+    if let Some(s) = &report.send {
+        line("send:    ", s);
+    }
+    if let Some(r) = &report.receive {
+        line("receive: ", r);
+    }
+    if report.rtt.samples > 0 {
+        println!(
+            "rtt:      min {:.3} ms, avg {:.3} ms ({} samples over TCP)",
+            report.rtt.min_ms, report.rtt.avg_ms, report.rtt.samples
+        );
+    }
+    Ok(())
 }
 
 fn rotate_key(t: &Target, json: bool) -> anyhow::Result<()> {

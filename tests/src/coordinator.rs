@@ -159,6 +159,19 @@ impl Coordinator {
         self.process.as_ref().map(Process::pid)
     }
 
+    /// The policy file (`--policy-file`).
+    pub fn policy_file(&self) -> PathBuf {
+        self.dir.path().join("policy.json")
+    }
+
+    /// Sends `signal` to the running process (SIGHUP: `systemctl reload`).
+    pub fn signal(&mut self, signal: libc::c_int) -> Result<()> {
+        self.process
+            .as_mut()
+            .context("no coordinator is running")?
+            .signal(signal)
+    }
+
     /// The state directory (`--state-dir`).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")

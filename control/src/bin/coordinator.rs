@@ -19,6 +19,9 @@
 //! certificate, key and CA, admitting members by mTLS or by the relay tokens this
 //! coordinator signs.
 //!
+//! SIGHUP (`systemctl reload`) re-reads the policy file and the TLS certificate, key and CA
+//! without dropping a connection or stream (`reload`); SIGINT/SIGTERM stop it.
+//!
 //! Admin subcommands, talking to a running coordinator with an admin certificate
 //! (`tabbify-mesh-ca issue-admin`):
 //!
@@ -156,6 +159,52 @@ struct Cli {
     /// Serve plaintext HTTP (needs TABBIFY_ALLOW_INSECURE=1 and a loopback --bind).
     #[arg(long)]
     insecure_no_mtls: bool,
+}
+
+/// SIGHUP (`systemctl reload`): re-reads the policy file and the TLS certificate, key and
+/// CA. Each part is applied on its own: an unreadable or invalid part is logged and the one
+/// in force stays. Open connections and SSE streams are untouched; a new policy reaches
+/// them as a policy event, new TLS files apply to connections accepted afterwards. The
+/// other flags need a restart (logged).
+fn reload(cli: &Cli, coordinator: &Coordinator, tls: Option<&server::TlsSource>) {
+    tracing::info!(
+        "SIGHUP: reloading the policy file and the TLS files (other flags need a restart)"
+    );
+    let policy = std::fs::read(&cli.policy_file)
+        .with_context(|| format!("reading {}", cli.policy_file.display()))
+        .and_then(|bytes| {
+            let doc: PolicyDocument = serde_json::from_slice(&bytes)
+                .with_context(|| format!("parsing policy file {}", cli.policy_file.display()))?;
+            coordinator
+                .reload_policy_file(doc, blake3::hash(&bytes).to_hex().to_string())
+                .map_err(|e| anyhow::anyhow!("policy file {}: {e}", cli.policy_file.display()))
+        });
+    match policy {
+        Ok(Some(revision)) => {
+            tracing::info!(revision, file = %cli.policy_file.display(), "reload: policy file applied")
+        }
+        Ok(None) => {
+            tracing::info!(file = %cli.policy_file.display(), "reload: policy file unchanged")
+        }
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload: policy kept as it was"),
+    }
+    let (Some(source), Some(cert), Some(key), Some(ca)) =
+        (tls, &cli.tls_cert, &cli.tls_key, &cli.tls_ca)
+    else {
+        return;
+    };
+    let fresh =
+        (|| tls::server_config(&read(cert)?, &read(key)?, &read(ca)?).context("TLS set-up"))();
+    match fresh {
+        Ok(cfg) => {
+            source.replace(cfg);
+            tracing::info!(cert = %cert.display(), "reload: TLS certificate, key and CA applied to new connections");
+        }
+        Err(e) => tracing::error!(error = %format!("{e:#}"), "reload: TLS files kept as they were"),
+    }
+    if cli.relay {
+        tracing::warn!("reload: the in-process relay keeps its TLS files until a restart");
+    }
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<String> {
@@ -462,12 +511,18 @@ fn run() -> anyhow::Result<()> {
         tracing::info!(%local, mtls = tls_config.is_some(), stun = ?coordinator.config().stun_addrs, "coordinator started");
         let _sweeper = coordinator.spawn_sweeper();
         let _follower = tabbify_control::follow::spawn(&coordinator)?;
-        let acceptor = tls_config.map(server::acceptor);
+        let tls_source = tls_config.map(server::TlsSource::new);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = server::serve(coordinator, listener, acceptor) => {}
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let serving = server::serve_with(coordinator.clone(), listener, tls_source.clone());
+        tokio::pin!(serving);
+        loop {
+            tokio::select! {
+                _ = &mut serving => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => reload(&cli, &coordinator, tls_source.as_ref()),
+            }
         }
         tracing::info!("coordinator stopping");
         anyhow::Ok(())

@@ -121,9 +121,14 @@ impl Harness {
 
     /// A coordinator with the given PKI (several coordinators of one mesh share it).
     pub async fn start_with_pki(pki: Pki, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_at(pki, 1_700_000_000_000, tweak).await
+    }
+
+    /// A coordinator whose manual clock starts at `now_ms` (a restart some time later).
+    pub async fn start_at(pki: Pki, now_ms: u64, tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::new(policy(), "test".into());
         tweak(&mut config);
-        let clock = ManualClock::new(1_700_000_000_000);
+        let clock = ManualClock::new(now_ms);
         let coord = Coordinator::new(config, Arc::new(clock.clone())).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

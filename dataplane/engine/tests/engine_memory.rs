@@ -1340,3 +1340,104 @@ fn forged_relay_frames_change_nothing_and_are_counted() {
     let total = b.counters.total();
     assert_eq!(total, 2 + 4 + 31, "every forgery counted once");
 }
+
+/// Issue 17, "handshake rate limit counted twice": every valid initiation counts once
+/// against the device's limiter of [`HANDSHAKE_RATE_LIMIT`] a second. Members with valid
+/// keys (the attacker here: each a configured peer, each from its own address) flood the
+/// responder with initiations inside one limiter period: exactly the limit gets handshake
+/// responses and no cookie; every initiation past it gets a cookie reply instead (and is
+/// counted as rate limited), before any Diffie-Hellman.
+///
+/// No clock is involved: the limiter's count is reset only by `reset_count`, which the
+/// driver's timer thread calls once a second and this test never does, so the whole
+/// flood falls in one period whatever the machine's speed.
+#[test]
+fn handshake_rate_limit_counts_each_initiation_once() {
+    use boringtun::noise::{Tunn, TunnResult};
+    use tabbify_engine::core::table::HANDSHAKE_RATE_LIMIT;
+
+    let limit = HANDSHAKE_RATE_LIMIT as usize;
+    let over = 7;
+    let responder_key = StaticSecret::from([3u8; 32]);
+    let responder_pub = PublicKey::from(&responder_key);
+    let table = Arc::new(Table::new(responder_key, 51820));
+    table.set_local(LocalNets::new(["10.9.0.1".parse::<IpAddr>().unwrap()], []));
+    let mut initiators = Vec::new();
+    for i in 0..limit + over {
+        let mut secret = [0u8; 32];
+        secret[1..9].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+        secret[31] = 0x41;
+        let secret = StaticSecret::from(secret);
+        let host = u32::try_from(i).unwrap() + 2;
+        table
+            .upsert_peer(PeerConfig {
+                public_key: PublicKey::from(&secret).to_bytes(),
+                preshared_key: None,
+                endpoint: None,
+                allowed_ips: vec![
+                    IpNet::new(IpAddr::V4(Ipv4Addr::from(0x0a0a_0000 | host)), 32).unwrap(),
+                ],
+                persistent_keepalive: None,
+            })
+            .unwrap();
+        let tunn = Tunn::new(secret, responder_pub, None, None, host, None);
+        let src = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0xc633_6400 | host)), 40000);
+        initiators.push((tunn, src));
+    }
+    let counters = Arc::new(DropCounters::default());
+    let mut pipe = Pipeline::new(counters.clone(), false, true, 16);
+    let snap = table.load_full();
+    let (mut responses, mut cookies) = (Vec::new(), Vec::new());
+    let mut buf = vec![0u8; 256];
+    for (i, (tunn, src)) in initiators.iter_mut().enumerate() {
+        let init = match tunn.encapsulate(&[], &mut buf) {
+            TunnResult::WriteToNetwork(p) => p.to_vec(),
+            _ => panic!("initiator {i} produced no initiation"),
+        };
+        assert_eq!(init[0], 1, "a handshake initiation");
+        pipe.on_udp(&snap, *src, &init, None, &mut Collect::default())
+            .unwrap();
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        pipe.tx.drain(|j, s| {
+            out.push((s.dst, s.buf[..s.len].to_vec()));
+            done.push(j);
+        });
+        for j in done {
+            pipe.tx.complete(j);
+        }
+        assert_eq!(out.len(), 1, "initiation {i}: exactly one answer");
+        let (dst, answer) = &out[0];
+        assert_eq!(dst, src, "answered to the sender");
+        match answer[0] {
+            2 => responses.push(i),
+            3 => cookies.push(i),
+            t => panic!("initiation {i}: answer of type {t}"),
+        }
+    }
+    assert_eq!(
+        responses,
+        (0..limit).collect::<Vec<_>>(),
+        "every initiation up to the limit is answered with a handshake response"
+    );
+    assert_eq!(
+        cookies,
+        (limit..limit + over).collect::<Vec<_>>(),
+        "every initiation past the limit gets a cookie reply"
+    );
+    assert_eq!(counters.get(DropReason::RateLimited), over as u64);
+
+    // Once the period is over (the timer thread's reset), initiations are answered again.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    snap.limiter.reset_count();
+    let (tunn, src) = &mut initiators[limit];
+    let init = match tunn.format_handshake_initiation(&mut buf, true) {
+        TunnResult::WriteToNetwork(p) => p.to_vec(),
+        _ => panic!("no retransmitted initiation"),
+    };
+    pipe.on_udp(&snap, *src, &init, None, &mut Collect::default())
+        .unwrap();
+    let mut types = Vec::new();
+    pipe.tx.drain(|_, s| types.push(s.buf[0]));
+    assert_eq!(types, vec![2], "answered after the limiter's reset");
+}

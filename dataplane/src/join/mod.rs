@@ -11,7 +11,8 @@
 //! * [`dns`] — the mesh DNS stub (names from the roster) and the host resolver settings.
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
-//!   (Prometheus text on `--metrics-bind`).
+//!   (Prometheus text on `--metrics-bind`), [`speedtest`] (the responder on the mesh ULA
+//!   and the `speedtest` command's client).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
@@ -22,12 +23,14 @@
 //! * the node key never leaves the state directory; only its public half is sent.
 
 pub mod client;
+pub mod config_file;
 pub mod control;
 pub mod dns;
 pub mod logic;
 pub mod metrics;
 pub mod relay;
 pub mod shell;
+pub mod speedtest;
 pub mod state_dir;
 
 use std::net::SocketAddr;
@@ -100,6 +103,8 @@ pub struct JoinOptions {
     pub dns: dns::Options,
     /// Where to serve Prometheus metrics (`--metrics-bind`).
     pub metrics: metrics::MetricsBind,
+    /// The speedtest responder's port on the mesh ULA (`--speedtest-bind`); `None` = off.
+    pub speedtest: Option<u16>,
 }
 
 /// Longest join token file read (a token is a few dozen characters).

@@ -252,6 +252,12 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     let handshaker = iface
         .handshaker()
         .context("a handshake socket for the control task")?;
+    // On the ULA only (the TUN has it now, without DAD): reachable only over the mesh,
+    // where the policy and the packet filter decide who may test.
+    let speedtest_listener = match opts.speedtest {
+        Some(port) => Some(super::speedtest::bind(ula, port).await?),
+        None => None,
+    };
     let dns = super::dns::Service::start(opts.dns.clone(), &opts.interface, opts.state_dir.clone())
         .await?;
 
@@ -335,6 +341,17 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             super::metrics::render(&j.status(), unix_now())
         })
     };
+    let speedtest = async move {
+        match speedtest_listener {
+            Some(l) => {
+                if let Ok(a) = l.local_addr() {
+                    tracing::info!(addr = %a, "speedtest responder listening");
+                }
+                super::speedtest::serve(l, super::speedtest::Limits::default()).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     let stopped = async {
         loop {
             if let Some(stop) = iface.stop_reason() {
@@ -350,6 +367,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         _ = probe => (Ok(()), false),
         _ = paths => (Ok(()), false),
         _ = metrics => (Ok(()), false),
+        _ = speedtest => (Ok(()), false),
     };
     // An ephemeral node that is stopped (SIGINT/SIGTERM) leaves the mesh, so its peers
     // drop it now instead of at the coordinator's expiry.

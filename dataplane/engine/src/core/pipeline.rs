@@ -479,12 +479,15 @@ impl Pipeline {
     ) -> Result<(), Full> {
         use wire::MessageType as T;
         let mut resp_index = None;
-        let peer = match ty {
-            T::HandshakeInit => {
-                // MAC1 and load check before the expensive Diffie-Hellman (whitepaper §5.3).
+        // MAC1 and the device's load check, once per initiation or response and before any
+        // Diffie-Hellman (whitepaper §5.3): over the limit, a message without a valid MAC2
+        // gets a cookie reply. The peer's `Tunn` checks MAC1 again but never counts it
+        // (`core::table`'s MAC1 checker), so the limit is exactly `HANDSHAKE_RATE_LIMIT`.
+        let packet = match ty {
+            T::HandshakeInit | T::HandshakeResp => {
                 let mut cookie = [0u8; 64];
-                let packet = match snap.limiter.verify_packet(Some(src.ip()), d, &mut cookie) {
-                    Ok(p) => p,
+                match snap.limiter.verify_packet(Some(src.ip()), d, &mut cookie) {
+                    Ok(p) => Some(p),
                     Err(TunnResult::WriteToNetwork(c)) => {
                         self.drop(DropReason::RateLimited);
                         return push_reply(&mut self.tx, src, via, c);
@@ -497,8 +500,13 @@ impl Pipeline {
                         self.drop(DropReason::Protocol);
                         return Ok(());
                     }
-                };
-                let Packet::HandshakeInit(init) = packet else {
+                }
+            }
+            T::CookieReply | T::Data => None,
+        };
+        let peer = match ty {
+            T::HandshakeInit => {
+                let Some(Packet::HandshakeInit(init)) = packet else {
                     self.drop(DropReason::MalformedOuter);
                     return Ok(());
                 };

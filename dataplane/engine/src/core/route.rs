@@ -133,6 +133,14 @@ impl<V: Copy> RouteTable<V> {
         before - self.len()
     }
 
+    /// Replaces every stored value `v` by `f(v)`, keeping every prefix and the trie's
+    /// shape (the lookup shortcut's values included): one pass over the flat node arrays,
+    /// no allocation. The table's writers use it to renumber peer positions.
+    pub fn map_values(&mut self, mut f: impl FnMut(V) -> V) {
+        self.v4.map_values(&mut f);
+        self.v6.map_values(&mut f);
+    }
+
     /// Removes everything.
     pub fn clear(&mut self) {
         *self = Self::new();
@@ -594,6 +602,15 @@ impl<K: Bits, V: Copy> Trie<K, V> {
         Some(old)
     }
 
+    fn map_values(&mut self, f: &mut impl FnMut(V) -> V) {
+        for n in &mut self.nodes {
+            n.value = n.value.map(&mut *f);
+        }
+        for e in &mut self.top {
+            e.best = e.best.map(&mut *f);
+        }
+    }
+
     fn iter(&self) -> TrieIter<'_, K, V> {
         let mut stack = Vec::with_capacity(64);
         if self.root != NIL {
@@ -893,6 +910,32 @@ mod tests {
             None => RouteTable::new(),
             Some((bits, min)) => RouteTable::with_top(bits, min),
         }
+    }
+
+    /// `map_values` renumbers every value, the lookup shortcut's included, and keeps
+    /// every prefix (the table's writers renumber peer positions with it).
+    #[test]
+    fn map_values_renumbers_trie_and_shortcut() {
+        let mut t = RouteTable::with_top(8, 4);
+        for i in 0..8u32 {
+            t.insert(
+                IpNet::new(IpAddr::V4(Ipv4Addr::from(i << 24)), 8).unwrap(),
+                i + 10,
+            );
+        }
+        t.insert(n("0.0.0.0/0"), 5);
+        t.insert(n("fd5a::/16"), 6);
+        assert_eq!(t.v4.top.len(), 256);
+        let before: Vec<_> = t.iter().map(|(p, _)| p).collect();
+        t.map_values(|v| v * 2);
+        assert_eq!(t.iter().map(|(p, _)| p).collect::<Vec<_>>(), before);
+        assert_eq!(t.lookup(a("3.1.1.1")), Some(26));
+        assert_eq!(
+            t.lookup(a("200.0.0.1")),
+            Some(10),
+            "the shortcut's best value too"
+        );
+        assert_eq!(t.lookup(a("fd5a::1")), Some(12));
     }
 
     #[test]

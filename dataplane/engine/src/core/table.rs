@@ -7,6 +7,19 @@
 //! next batch. Peers are `Arc`s shared between snapshots, so a change to one peer never
 //! resets another peer's session.
 //!
+//! Publication cost: a writer copies the current snapshot's flat parts (a pointer per
+//! peer entry — entries are `Arc<PeerEntry>`, shared until changed —, the route trie's node
+//! arrays, the key map and the index list) and applies only the change: the changed
+//! peer's prefixes are removed from and inserted into the copied trie, and only entries
+//! whose AllowedIPs change are copied. Nothing is rebuilt from every peer, so one change
+//! costs a few flat copies at any table size (`benches/benches/peers.rs`, issue 17).
+//!
+//! Prefix ownership (WireGuard's "last claimer wins", made deterministic): a prefix
+//! claimed by several peers belongs to the one latest in the peer order (the order peers
+//! were added), and is dropped from every earlier claimer's AllowedIPs. Each entry's
+//! `allowed_ips` is exactly the prefixes routed to it. The incremental writers keep this
+//! as a whole-table rebuild would; the tests check them against one.
+//!
 //! Lookups a snapshot answers:
 //! * inner destination → peer (longest-prefix match over every peer's AllowedIPs),
 //! * WireGuard receiver index → peer (`receiver_index >> 8` is the peer's 24-bit index),
@@ -39,6 +52,18 @@ use crate::core::route::RouteTable;
 /// Handshake messages per second before the device answers with cookies (WireGuard §5.3).
 pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
+/// The MAC1 checker every peer's `Tunn` gets: a boringtun [`RateLimiter`] for our key that
+/// never reports load. `Tunn::decapsulate` runs its limiter's `verify_packet` on every
+/// handshake message, and boringtun offers no public way to hand it a packet already
+/// verified (`handle_verified_packet` is `pub(crate)`), so if the `Tunn`s shared the
+/// device limiter each message would count twice and cookies would start at half
+/// [`HANDSHAKE_RATE_LIMIT`]. Instead the pipeline counts each handshake message once
+/// against [`Snapshot::limiter`] (before the Diffie-Hellman), and the `Tunn` checks MAC1
+/// again with this one, whose count never reaches its limit (`u64::MAX`: 2^64 messages).
+fn mac_checker(public_key: &PublicKey) -> Arc<RateLimiter> {
+    Arc::new(RateLimiter::new(public_key, u64::MAX))
+}
+
 /// A peer in a snapshot, with the prefixes routed to it.
 #[derive(Clone, Debug)]
 pub struct PeerEntry {
@@ -56,12 +81,18 @@ pub struct Snapshot {
     pub private_key: StaticSecret,
     /// Its public key.
     pub public_key: PublicKey,
-    /// Device-wide handshake rate limiter (reset about once a second by the timer thread).
+    /// Device-wide handshake rate limiter (reset about once a second by the timer thread):
+    /// the pipeline counts every handshake initiation and response against it exactly
+    /// once, before any Diffie-Hellman.
     pub limiter: Arc<RateLimiter>,
+    /// The MAC1 checker given to every peer's `Tunn` (never under load; see
+    /// `mac_checker`).
+    tunn_limiter: Arc<RateLimiter>,
     /// The UDP listen port.
     pub listen_port: u16,
-    /// Peers; positions are what `routes` maps to.
-    pub peers: Vec<PeerEntry>,
+    /// Peers; positions are what `routes` maps to. Entries are shared between snapshots
+    /// until a writer changes one.
+    pub peers: Vec<Arc<PeerEntry>>,
     /// The destinations decrypted packets may have (this node's addresses, routed prefixes).
     pub local: Arc<LocalNets>,
     routes: RouteTable<u32>,
@@ -80,7 +111,7 @@ impl Snapshot {
     #[inline]
     pub fn route_entry(&self, dst: IpAddr) -> Option<&PeerEntry> {
         let pos = self.routes.lookup(dst)?;
-        self.peers.get(pos as usize)
+        self.peers.get(pos as usize).map(|e| &**e)
     }
 
     /// The peer whose session index matches a received `receiver_index`.
@@ -147,6 +178,7 @@ impl Table {
             private_key,
             public_key,
             limiter,
+            tunn_limiter: mac_checker(&public_key),
             listen_port,
             peers: Vec::new(),
             local: Arc::new(LocalNets::default()),
@@ -223,48 +255,66 @@ impl Table {
         filter: Option<Option<Arc<PortFilter>>>,
     ) -> Result<Arc<Peer>, TableError> {
         self.write(|cur| {
-            let mut peers = cur.peers.clone();
             let allowed: Vec<IpNet> = cfg.allowed_ips.iter().map(|n| n.network()).collect();
             let existing = cur.by_key.get(&cfg.public_key).map(|p| *p as usize);
-            let peer = match existing {
-                Some(pos)
-                    if peers[pos].peer.config.preshared_key == cfg.preshared_key
-                        && peers[pos].peer.config.persistent_keepalive
-                            == cfg.persistent_keepalive =>
-                {
-                    let p = peers[pos].peer.clone();
+            let keeps_session = existing.is_some_and(|pos| {
+                let c = &cur.peers[pos].peer.config;
+                c.preshared_key == cfg.preshared_key
+                    && c.persistent_keepalive == cfg.persistent_keepalive
+            });
+            let mut next = derive(cur);
+            let (pos, peer) = match existing {
+                Some(pos) if keeps_session => {
+                    let p = cur.peers[pos].peer.clone();
                     if let Some(ep) = cfg.endpoint {
                         p.lock().endpoint = Some(ep);
                     }
-                    peers[pos].allowed_ips = allowed;
                     if let Some(f) = filter {
-                        peers[pos].filter = f;
+                        Arc::make_mut(&mut next.peers[pos]).filter = f;
                     }
-                    p
+                    (pos, p)
                 }
                 _ => {
                     let index = match self.alloc_index(&cur.by_index) {
                         Ok(i) => i,
                         Err(e) => return (None, Err(e)),
                     };
-                    let p = Peer::new(&cur.private_key, cfg, index, cur.limiter.clone());
+                    let key = cfg.public_key;
+                    let p = Peer::new(&cur.private_key, cfg, index, cur.tunn_limiter.clone());
                     let filter = match filter {
                         Some(f) => f,
-                        None => existing.and_then(|pos| peers[pos].filter.clone()),
+                        None => existing.and_then(|pos| cur.peers[pos].filter.clone()),
                     };
-                    let entry = PeerEntry {
-                        peer: p.clone(),
-                        allowed_ips: allowed,
-                        filter,
+                    let pos = match existing {
+                        // A fresh session in the same place: same prefixes, new index.
+                        Some(pos) => {
+                            let old = &cur.peers[pos];
+                            next.by_index.retain(|(i, _)| *i != old.peer.index);
+                            next.peers[pos] = Arc::new(PeerEntry {
+                                peer: p.clone(),
+                                allowed_ips: old.allowed_ips.clone(),
+                                filter,
+                            });
+                            pos
+                        }
+                        None => {
+                            next.peers.push(Arc::new(PeerEntry {
+                                peer: p.clone(),
+                                allowed_ips: Vec::new(),
+                                filter,
+                            }));
+                            let pos = next.peers.len() - 1;
+                            next.by_key.insert(key, pos as u32);
+                            pos
+                        }
                     };
-                    match existing {
-                        Some(pos) => peers[pos] = entry,
-                        None => peers.push(entry),
-                    }
-                    p
+                    let at = next.by_index.partition_point(|(i, _)| *i < index);
+                    next.by_index.insert(at, (index, pos as u32));
+                    (pos, p)
                 }
             };
-            (Some(rebuild(cur, peers)), Ok(peer))
+            assign(&mut next, pos, &allowed);
+            (Some(next), Ok(peer))
         })
     }
 
@@ -274,18 +324,21 @@ impl Table {
             let Some(&pos) = cur.by_key.get(key) else {
                 return (None, false);
             };
-            let mut peers = cur.peers.clone();
-            let entry = &mut peers[pos as usize];
-            if replace {
-                entry.allowed_ips.clear();
-            }
+            let pos = pos as usize;
+            let mut wanted = if replace {
+                Vec::new()
+            } else {
+                cur.peers[pos].allowed_ips.clone()
+            };
             for n in ips {
                 let n = n.network();
-                if !entry.allowed_ips.contains(&n) {
-                    entry.allowed_ips.push(n);
+                if !wanted.contains(&n) {
+                    wanted.push(n);
                 }
             }
-            (Some(rebuild(cur, peers)), true)
+            let mut next = derive(cur);
+            assign(&mut next, pos, &wanted);
+            (Some(next), true)
         })
     }
 
@@ -295,9 +348,9 @@ impl Table {
             let Some(&pos) = cur.by_key.get(key) else {
                 return (None, false);
             };
-            let mut peers = cur.peers.clone();
-            peers.remove(pos as usize);
-            (Some(rebuild(cur, peers)), true)
+            let mut next = derive(cur);
+            remove_at(&mut next, pos as usize);
+            (Some(next), true)
         })
     }
 
@@ -311,7 +364,7 @@ impl Table {
     pub fn set_local(&self, local: LocalNets) {
         let local = Arc::new(local);
         self.write(|cur| {
-            let mut next = rebuild(cur, cur.peers.clone());
+            let mut next = derive(cur);
             next.local = local;
             (Some(next), ())
         })
@@ -320,7 +373,7 @@ impl Table {
     /// Sets the listen port recorded in snapshots (the sockets are the driver's business).
     pub fn set_listen_port(&self, port: u16) {
         self.write(|cur| {
-            let mut next = rebuild(cur, cur.peers.clone());
+            let mut next = derive(cur);
             next.listen_port = port;
             (Some(next), ())
         })
@@ -331,23 +384,112 @@ impl Table {
         self.write(|cur| {
             let public_key = PublicKey::from(&private_key);
             let limiter = Arc::new(RateLimiter::new(&public_key, HANDSHAKE_RATE_LIMIT));
+            let tunn_limiter = mac_checker(&public_key);
             for e in &cur.peers {
                 e.peer.lock().tunn.set_static_private(
                     private_key.clone(),
                     public_key,
-                    Some(limiter.clone()),
+                    Some(tunn_limiter.clone()),
                 );
             }
-            let mut next = rebuild(cur, cur.peers.clone());
+            let mut next = derive(cur);
             next.private_key = private_key;
             next.public_key = public_key;
             next.limiter = limiter;
+            next.tunn_limiter = tunn_limiter;
             (Some(next), ())
         })
     }
 }
 
-fn rebuild(cur: &Snapshot, peers: Vec<PeerEntry>) -> Snapshot {
+/// The next snapshot's starting point: `cur`'s parts copied flat (entry pointers, trie
+/// node arrays, key map, index list); no peer entry is copied.
+fn derive(cur: &Snapshot) -> Snapshot {
+    Snapshot {
+        private_key: cur.private_key.clone(),
+        public_key: cur.public_key,
+        limiter: cur.limiter.clone(),
+        tunn_limiter: cur.tunn_limiter.clone(),
+        listen_port: cur.listen_port,
+        peers: cur.peers.clone(),
+        local: cur.local.clone(),
+        routes: cur.routes.clone(),
+        by_index: cur.by_index.clone(),
+        by_key: cur.by_key.clone(),
+    }
+}
+
+/// Gives the peer at `pos` the AllowedIPs `wanted` (normalized), under the ownership rule
+/// of the module docs: a prefix a later peer holds is not taken (and not listed); a prefix
+/// an earlier peer holds moves here and leaves that peer's list; prefixes no longer wanted
+/// leave the trie. Touches only the trie paths of those prefixes and the entries whose
+/// lists change.
+fn assign(next: &mut Snapshot, pos: usize, wanted: &[IpNet]) {
+    let me = pos as u32;
+    let mut sorted: Vec<IpNet> = wanted.iter().map(|n| n.network()).collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    for n in &next.peers[pos].allowed_ips {
+        if sorted.binary_search(n).is_err() && next.routes.lookup_exact(n) == Some(me) {
+            next.routes.remove(*n);
+        }
+    }
+    let mut kept: Vec<IpNet> = Vec::with_capacity(sorted.len());
+    let mut seen = vec![false; sorted.len()];
+    for n in wanted {
+        let n = n.network();
+        match sorted.binary_search(&n) {
+            Ok(i) if !seen[i] => seen[i] = true,
+            _ => continue,
+        }
+        match next.routes.lookup_exact(&n) {
+            Some(q) if q == me => {}
+            Some(q) if q > me => continue,
+            Some(q) => {
+                next.routes.insert(n, me);
+                if let Some(e) = next.peers.get_mut(q as usize) {
+                    Arc::make_mut(e).allowed_ips.retain(|x| *x != n);
+                }
+            }
+            None => {
+                next.routes.insert(n, me);
+            }
+        }
+        kept.push(n);
+    }
+    if next.peers[pos].allowed_ips != kept {
+        Arc::make_mut(&mut next.peers[pos]).allowed_ips = kept;
+    }
+}
+
+/// Removes the peer at `pos` with its prefixes; later peers move down one place (their
+/// positions in the trie, the key map and the index list with them).
+fn remove_at(next: &mut Snapshot, pos: usize) {
+    let me = pos as u32;
+    let e = next.peers.remove(pos);
+    for n in &e.allowed_ips {
+        if next.routes.lookup_exact(n) == Some(me) {
+            next.routes.remove(*n);
+        }
+    }
+    next.by_key.remove(&e.peer.public_key);
+    next.by_index.retain(|(_, p)| *p != me);
+    if pos < next.peers.len() {
+        let down = |v: u32| if v > me { v - 1 } else { v };
+        next.routes.map_values(down);
+        for v in next.by_key.values_mut() {
+            *v = down(*v);
+        }
+        for (_, v) in &mut next.by_index {
+            *v = down(*v);
+        }
+    }
+}
+
+/// A snapshot built from scratch from `peers` (their lists in order, the ownership rule
+/// applied): for clearing the table, and the reference the incremental writers are
+/// tested against.
+fn rebuild(cur: &Snapshot, peers: Vec<Arc<PeerEntry>>) -> Snapshot {
     let mut routes = RouteTable::new();
     let mut by_index = Vec::with_capacity(peers.len());
     let mut by_key = HashMap::with_capacity(peers.len());
@@ -363,14 +505,21 @@ fn rebuild(cur: &Snapshot, peers: Vec<PeerEntry>) -> Snapshot {
     // A prefix moved to a later peer must leave the earlier one's list too.
     let mut peers = peers;
     for (pos, e) in peers.iter_mut().enumerate() {
-        e.allowed_ips
-            .retain(|n| routes.lookup_exact(n) == Some(pos as u32));
+        if e.allowed_ips
+            .iter()
+            .any(|n| routes.lookup_exact(n) != Some(pos as u32))
+        {
+            Arc::make_mut(e)
+                .allowed_ips
+                .retain(|n| routes.lookup_exact(n) == Some(pos as u32));
+        }
     }
     by_index.sort_unstable();
     Snapshot {
         private_key: cur.private_key.clone(),
         public_key: cur.public_key,
         limiter: cur.limiter.clone(),
+        tunn_limiter: cur.tunn_limiter.clone(),
         listen_port: cur.listen_port,
         peers,
         local: cur.local.clone(),
@@ -388,6 +537,7 @@ fn rand_start() -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
     use std::sync::atomic::AtomicBool;
 
     use super::*;
@@ -495,6 +645,159 @@ mod tests {
         let snap = t.load();
         assert!(snap.is_local(me));
         assert!(!snap.is_local("fd5a:1f00:9:9:9::1".parse().unwrap()));
+    }
+
+    /// Everything a snapshot answers, in comparable form: per position the peer's key,
+    /// index, AllowedIPs and filter pointer; every route; both maps.
+    #[allow(clippy::type_complexity)]
+    fn view(
+        s: &Snapshot,
+    ) -> (
+        Vec<([u8; 32], u32, Vec<IpNet>, Option<usize>)>,
+        Vec<(IpNet, u32)>,
+        Vec<(u32, u32)>,
+        Vec<([u8; 32], u32)>,
+    ) {
+        let peers = s
+            .peers
+            .iter()
+            .map(|e| {
+                (
+                    e.peer.public_key,
+                    e.peer.index,
+                    e.allowed_ips.clone(),
+                    e.filter.as_ref().map(|f| Arc::as_ptr(f) as usize),
+                )
+            })
+            .collect();
+        let mut keys: Vec<([u8; 32], u32)> = s.by_key.iter().map(|(k, v)| (*k, *v)).collect();
+        keys.sort_unstable();
+        (peers, s.routes.iter().collect(), s.by_index.clone(), keys)
+    }
+
+    /// Issue 17 (table publication at 10,000 peers): the incremental writers publish
+    /// exactly what a whole-table rebuild from the same peer lists would, under random
+    /// upserts (new peers, endpoint-only changes, fresh sessions), AllowedIPs changes
+    /// (replace and add) and removals, with prefixes that overlap between peers so that
+    /// claims move prefixes both ways — the case where a member claims another's address
+    /// (the ownership rule must not depend on which writer ran).
+    #[test]
+    fn incremental_writers_match_a_full_rebuild() {
+        // A deterministic xorshift: no dependency, the same sequence every run.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        // A small pool, so that claims collide often.
+        let pool: Vec<IpNet> = [
+            "10.0.0.1/32",
+            "10.0.0.2/32",
+            "10.0.0.0/24",
+            "10.0.0.0/8",
+            "10.0.1.0/24",
+            "0.0.0.0/0",
+            "fd5a:1f00:1::1/128",
+            "fd5a:1f00:2::1/128",
+            "fd5a:1f00::/32",
+            "::/0",
+            "10.0.0.1/32",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        let nets = |rnd: &mut dyn FnMut(u64) -> u64| -> Vec<IpNet> {
+            (0..rnd(4))
+                .map(|_| pool[rnd(pool.len() as u64) as usize])
+                .collect()
+        };
+        for step in 0..3000 {
+            let key = rnd(12) as u8 + 1;
+            match rnd(6) {
+                0 | 1 => {
+                    let mut c = cfg(key, "10.9.9.9/32");
+                    c.allowed_ips = nets(&mut rnd);
+                    c.endpoint = Some(SocketAddr::from(([192, 0, 2, 1], step as u16)));
+                    if rnd(4) == 0 {
+                        c.persistent_keepalive = Some(rnd(3) as u16);
+                    }
+                    if rnd(3) == 0 {
+                        t.upsert_peer_with_filter(c, Some(web())).unwrap();
+                    } else {
+                        t.upsert_peer(c).unwrap();
+                    }
+                }
+                2 | 3 => {
+                    let n = nets(&mut rnd);
+                    t.set_allowed_ips(&[key; 32], &n, rnd(2) == 0);
+                }
+                4 => {
+                    t.remove_peer(&[key; 32]);
+                }
+                _ => {
+                    if rnd(20) == 0 {
+                        t.clear_peers();
+                    } else {
+                        t.set_listen_port(step as u16);
+                    }
+                }
+            }
+            let snap = t.load_full();
+            let reference = rebuild(&snap, snap.peers.clone());
+            assert_eq!(view(&snap), view(&reference), "step {step}");
+            for (pos, e) in snap.peers.iter().enumerate() {
+                for n in &e.allowed_ips {
+                    assert_eq!(snap.routes.lookup_exact(n), Some(pos as u32), "step {step}");
+                }
+            }
+            assert_eq!(
+                snap.routes.len(),
+                snap.peers
+                    .iter()
+                    .map(|e| e.allowed_ips.len())
+                    .sum::<usize>(),
+                "step {step}: every route is some peer's, once"
+            );
+        }
+    }
+
+    /// A publication shares every entry it does not change with the previous snapshot:
+    /// one peer's change copies pointers, not peers.
+    #[test]
+    fn a_change_copies_only_the_changed_entry() {
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        for i in 1..=50u8 {
+            t.upsert_peer(cfg(i, &format!("10.0.0.{i}/32"))).unwrap();
+        }
+        let before = t.load_full();
+        assert!(t.set_allowed_ips(&[7; 32], &["10.7.0.0/16".parse().unwrap()], false));
+        let after = t.load_full();
+        let shared = before
+            .peers
+            .iter()
+            .zip(after.peers.iter())
+            .filter(|(a, b)| Arc::ptr_eq(a, b))
+            .count();
+        assert_eq!(shared, 49, "only peer 7's entry is new");
+        assert!(Arc::ptr_eq(&before.peers[6].peer, &after.peers[6].peer));
+        assert!(t.remove_peer(&[3; 32]));
+        let removed = t.load_full();
+        assert_eq!(removed.peers.len(), 49);
+        assert!(Arc::ptr_eq(&removed.peers[2], &after.peers[3]));
+        assert_eq!(
+            removed
+                .route("10.0.0.50".parse().unwrap())
+                .map(|p| p.public_key),
+            Some([50; 32]),
+            "positions renumbered after a removal"
+        );
+        assert_eq!(
+            removed.by_key(&[50; 32]).map(|p| p.public_key),
+            Some([50; 32])
+        );
     }
 
     #[test]
