@@ -71,6 +71,24 @@ if [ "${TABBIFY_SETUP_FUZZ:-0}" = 1 ] && ! cargo fuzz --version >/dev/null 2>&1;
   cargo install cargo-fuzz --locked
 fi
 
+# The dashboard's browser test (scripts/test-ui.sh): Debian's chromium, and Playwright plus
+# axe-core (pinned) in a venv under target/ (Playwright drives /usr/bin/chromium; it never
+# downloads a browser).
+if [ "${TABBIFY_SETUP_UI:-0}" = 1 ]; then
+  if ! have chromium; then
+    echo "setup: installing chromium"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium || {
+      apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+  fi
+  ui_venv="$(dirname "$0")/../target/ui-venv"
+  if ! "$ui_venv/bin/python" -c 'import playwright, axe_playwright_python' 2>/dev/null; then
+    echo "setup: installing playwright 1.65.2 and axe-playwright-python 0.1.8 into target/ui-venv"
+    python3 -m venv "$ui_venv"
+    "$ui_venv/bin/pip" install --quiet playwright==1.65.2 axe-playwright-python==0.1.8
+  fi
+fi
+
 if [ "${TABBIFY_SETUP_SCHEMATHESIS:-0}" = 1 ] && ! have st; then
   echo "setup: installing schemathesis"
   pip install --quiet schemathesis

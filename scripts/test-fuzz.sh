@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Bounded fuzz runs of every cargo-fuzz target of every crate that owns parsers
 # (dataplane/fuzz: packets, offloads, filter, configs, the joiner's roster and path selection;
-# control/fuzz: SSE, policy, state log, change-log entries, control-socket requests, STUN
+# control/fuzz: SSE, policy, state log, change-log entries, control-socket requests, dashboard
+# session cookies, CSRF tokens and login links, STUN
 # messages, relay tokens and URLs, the coordinator's JSON request
 # bodies and identity routes; edge/fuzz: response codec, routes file; relay/fuzz: the relay
 # protocol): build each project once, then run

@@ -3,7 +3,7 @@
 # in-memory, network-namespace end-to-end, bounded fuzz runs). Needs root for namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TABBIFY_SETUP_FUZZ=1 TABBIFY_SETUP_SCHEMATHESIS=1 TABBIFY_SETUP_PACKAGES=1 scripts/setup.sh
+TABBIFY_SETUP_FUZZ=1 TABBIFY_SETUP_SCHEMATHESIS=1 TABBIFY_SETUP_PACKAGES=1 TABBIFY_SETUP_UI=1 scripts/setup.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

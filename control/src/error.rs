@@ -36,6 +36,12 @@ pub enum ApiError {
     /// The caller is known but not allowed to do this (403).
     #[error("{0}")]
     Forbidden(String),
+    /// A dashboard session's state-changing request without its CSRF token, or with
+    /// another (403).
+    #[error(
+        "missing or wrong x-csrf-token for this dashboard session (GET /v1/admin/session gives it)"
+    )]
+    Csrf,
     /// The join token is bound to another identity (403).
     #[error("join token is bound to another identity")]
     TokenIdentity,
@@ -131,6 +137,7 @@ impl ApiError {
             ApiError::TokenUsed
             | ApiError::TokenIdentity
             | ApiError::Forbidden(_)
+            | ApiError::Csrf
             | ApiError::Revoked => StatusCode::FORBIDDEN,
             ApiError::NotRegistered | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -160,6 +167,7 @@ impl ApiError {
             ApiError::TokenExpired => "token_expired",
             ApiError::TokenUsed => "token_used",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::Csrf => "csrf",
             ApiError::TokenIdentity => "token_identity",
             ApiError::Revoked => "revoked",
             ApiError::KeyTaken => "key_taken",

@@ -8,10 +8,13 @@
 //! changes on a shared database) and [`tokens`] (durable state), [`limits`] (caps and rate limits per member and source),
 //! [`server`] (HTTP, TLS, routing), [`stun`] (the STUN server on UDP), [`relays`] (the relays advertised, the in-process
 //! relay's URL), [`relay_tokens`] (relay admissions the coordinator signs), [`paths`] (path metrics), [`ca`]
-//! (certificates).
+//! (certificates), [`sessions`] (dashboard login links and browser sessions), [`admin_client`]
+//! (the binary's admin subcommands' HTTPS client) and [`ui`] (the
+//! dashboard's built-in assets and its admin views).
 #![forbid(unsafe_code)]
 
 pub use tabbify_api as api;
+pub mod admin_client;
 pub mod auth;
 pub mod ca;
 pub mod clock;
@@ -30,11 +33,13 @@ pub mod relays;
 pub mod roster;
 pub mod routes;
 pub mod server;
+pub mod sessions;
 pub mod sse;
 pub mod storage;
 pub mod store;
 pub mod stun;
 pub mod tls;
 pub mod tokens;
+pub mod ui;
 pub use tabbify_api::ula;
 pub mod visibility;

@@ -69,6 +69,12 @@ pub struct Metrics {
     pub stun_rate_limited: AtomicU64,
     /// Relay tokens minted.
     pub relay_tokens: AtomicU64,
+    /// Dashboard logins (login links spent).
+    pub logins: AtomicU64,
+    /// Login links refused (unknown, used or expired).
+    pub login_refusals: AtomicU64,
+    /// Dashboard-session requests refused for a missing or wrong CSRF token.
+    pub csrf_refusals: AtomicU64,
 }
 
 /// Gauges read from the live state at render time.
@@ -134,6 +140,24 @@ impl Metrics {
             "gauge",
             "Open SSE streams.",
             c(&self.streams_open),
+        );
+        line(
+            "dashboard_logins_total",
+            "counter",
+            "Dashboard login links spent.",
+            c(&self.logins),
+        );
+        line(
+            "dashboard_login_refusals_total",
+            "counter",
+            "Dashboard login links refused (unknown, used or expired).",
+            c(&self.login_refusals),
+        );
+        line(
+            "dashboard_csrf_refusals_total",
+            "counter",
+            "Dashboard-session changes refused for a missing or wrong CSRF token.",
+            c(&self.csrf_refusals),
         );
         line(
             "registrations_total",

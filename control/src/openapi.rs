@@ -2,8 +2,45 @@
 //! in [`crate::api`] (the `api` module stays free of schema-generation dependencies).
 //! Identity is the client certificate's CN (mutual TLS); without mTLS (loopback
 //! development) it is the `x-tabbify-identity` header.
+//!
+//! Also the offline Swagger UI at `/swagger-ui`: the edge's vendored copy of
+//! `swagger-ui-dist` (`edge/assets/swagger-ui/`, Apache-2.0, license alongside) compiled
+//! into this binary too, so one copy serves both programs and the page needs no network
+//! beyond the coordinator.
 
 use serde_json::{json, Value};
+
+static SWAGGER_JS: &[u8] = include_bytes!("../../edge/assets/swagger-ui/swagger-ui-bundle.js");
+static SWAGGER_CSS: &[u8] = include_bytes!("../../edge/assets/swagger-ui/swagger-ui.css");
+const SWAGGER_INDEX: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>tabbify-mesh-coordinator API</title>
+<link rel="stylesheet" href="/swagger-ui/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/swagger-ui/swagger-ui-bundle.js"></script>
+<script src="/swagger-ui/init.js"></script>
+</body>
+</html>
+"##;
+const SWAGGER_INIT: &str =
+    "window.ui = SwaggerUIBundle({ url: \"/openapi.json\", dom_id: \"#swagger-ui\", deepLinking: true });\n";
+
+/// The Swagger UI asset at `path` (under `/swagger-ui`) and its content type, or `None`.
+pub fn swagger_ui(path: &str) -> Option<(&'static str, &'static [u8])> {
+    match path {
+        "/swagger-ui" | "/swagger-ui/" | "/swagger-ui/index.html" => {
+            Some(("text/html; charset=utf-8", SWAGGER_INDEX.as_bytes()))
+        }
+        "/swagger-ui/init.js" => Some(("text/javascript", SWAGGER_INIT.as_bytes())),
+        "/swagger-ui/swagger-ui-bundle.js" => Some(("text/javascript", SWAGGER_JS)),
+        "/swagger-ui/swagger-ui.css" => Some(("text/css", SWAGGER_CSS)),
+        _ => None,
+    }
+}
 
 fn error_responses() -> Value {
     json!({
@@ -297,6 +334,7 @@ pub fn document() -> Value {
     schemas["LeaveResponse"] = json!({"type": "object", "required": ["peer_id", "left"],
         "properties": {"peer_id": {"type": "string"}, "left": {"type": "boolean"}}});
     routes(&mut doc);
+    dashboard(&mut doc);
     doc
 }
 
@@ -352,4 +390,93 @@ fn routes(doc: &mut Value) {
                        "approved_by": {"type": "string", "enum": ["policy", "admin"], "nullable": true}}});
     schemas["RoutesResponse"] = json!({"type": "object", "required": ["routes"],
         "properties": {"routes": {"type": "array", "items": {"$ref": "#/components/schemas/RouteInfo"}}}});
+}
+
+/// The dashboard's routes: the policy tester, login links, the session, the admin views
+/// and stream, and the open pages.
+fn dashboard(doc: &mut Value) {
+    let html = |what: &str| {
+        json!({"200": {"description": what, "content": {"text/html": {"schema": {"type": "string"}}}},
+               "default": error_responses()["default"].clone()})
+    };
+    let paths = &mut doc["paths"];
+    paths["/v1/policy/test"] = json!({"post": {"operationId": "testPolicy",
+        "description": "Admin: may member `src` open `proto`/`port` on member `dst` under the policy in force, and which rule decides (the same evaluation as the rosters and the data-plane filters). Members are named by peer id, identity, display name or ULA; an unknown one is 404, an ambiguous name 409.",
+        "requestBody": body("PolicyTestRequest"), "responses": ok("PolicyTestResponse")}});
+    paths["/v1/admin/login-links"] = json!({"post": {"operationId": "mintLoginLink",
+        "description": "Admin certificate only (a dashboard session is 403): a one-time login link for the dashboard, valid ttl_secs (default 600, at most 3600). Opening it once sets the session cookie.",
+        "requestBody": body("LoginLinkRequest"), "responses": ok("LoginLinkResponse")}});
+    paths["/v1/admin/session"] = json!({
+        "get": {"operationId": "getSession",
+            "description": "The dashboard session of the request's cookie, with its CSRF token; 404 without a session.",
+            "responses": ok("AdminSession")},
+        "delete": {"operationId": "logout",
+            "description": "Ends the dashboard session (needs x-csrf-token); its cookie is refused from then on. 404 without a session.",
+            "responses": ok("AdminSession")}});
+    paths["/v1/admin/members"] = json!({"get": {"operationId": "adminMembers",
+        "description": "Admin: every member with tags, ULA, NAT class, path counts, last seen and staleness.",
+        "responses": ok("AdminMembersResponse")}});
+    paths["/v1/admin/reach"] = json!({"get": {"operationId": "adminReach",
+        "description": "Admin: who may reach whom under the policy, per class of members the policy treats alike.",
+        "responses": ok("ReachResponse")}});
+    paths["/v1/admin/stream"] = json!({"get": {"operationId": "adminStream",
+        "description": "Admin: server-sent events `member` (an AdminMember that changed), `member_remove` ({peer_id}), `policy` ({revision}) and `resync` (refetch /v1/admin/members), each with the event id; keepalive comments.",
+        "responses": {"200": {"description": "Server-sent events",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                      "default": error_responses()["default"].clone()}}});
+    paths["/ui/"] = json!({"get": {"operationId": "dashboard",
+        "description": "The dashboard (open; its data needs an admin session).", "responses": html("HTML")}});
+    paths["/ui/login"] = json!({"get": {"operationId": "login",
+        "description": "Spends a login link: 303 to /ui/ with the session cookie (Secure, HttpOnly, SameSite=Strict); a used, expired or unknown link is 401.",
+        "parameters": [{"name": "link", "in": "query", "required": true, "schema": {"type": "string"}}],
+        "responses": {"303": {"description": "Logged in; redirect to /ui/"},
+                      "default": error_responses()["default"].clone()}}});
+    paths["/swagger-ui"] = json!({"get": {"operationId": "swaggerUi",
+        "description": "Interactive API explorer (offline, open).", "responses": html("HTML")}});
+    let strings = json!({"type": "array", "items": {"type": "string"}});
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["PolicyTestRequest"] = json!({"type": "object", "additionalProperties": false,
+        "required": ["src", "dst", "proto", "port"],
+        "properties": {"src": {"type": "string"}, "dst": {"type": "string"},
+                       "proto": {"type": "string", "enum": ["tcp", "udp"]},
+                       "port": {"type": "integer", "minimum": 0, "maximum": 65535}}});
+    schemas["PolicyTestResponse"] = json!({"type": "object",
+        "required": ["allowed", "rule", "reason", "src_peer_id", "dst_peer_id", "policy_revision"],
+        "properties": {"allowed": {"type": "boolean"},
+                       "rule": {"nullable": true, "allOf": [{"$ref": "#/components/schemas/RuleRef"}]},
+                       "reason": {"type": "string"}, "src_peer_id": {"type": "string"},
+                       "dst_peer_id": {"type": "string"}, "policy_revision": {"type": "integer"}}});
+    schemas["RuleRef"] = json!({"type": "object", "required": ["kind", "index", "rule"],
+        "properties": {"kind": {"type": "string", "enum": ["allow", "deny"]},
+                       "index": {"type": "integer"},
+                       "rule": {"$ref": "#/components/schemas/PolicyRule"}}});
+    schemas["LoginLinkRequest"] = json!({"type": "object", "additionalProperties": false,
+        "properties": {"ttl_secs": {"type": "integer", "minimum": 1, "maximum": 3600, "nullable": true}}});
+    schemas["LoginLinkResponse"] = json!({"type": "object", "required": ["path", "link", "expires_at"],
+        "properties": {"path": {"type": "string"}, "link": {"type": "string"},
+                       "expires_at": {"type": "integer"}}});
+    schemas["AdminSession"] = json!({"type": "object", "required": ["admin", "csrf_token", "expires_at"],
+        "properties": {"admin": {"type": "string"}, "csrf_token": {"type": "string"},
+                       "expires_at": {"type": "integer"}}});
+    schemas["AdminMember"] = json!({"type": "object",
+        "required": ["peer_id", "identity", "display_name", "ula", "tags", "nat", "paths",
+                     "endpoints", "hosted_app_ulas", "last_seen_ms", "stale"],
+        "properties": {"peer_id": {"type": "string"}, "identity": {"type": "string"},
+                       "display_name": {"type": "string"}, "ula": {"type": "string"},
+                       "tags": strings.clone(), "nat": {"type": "string"},
+                       "paths": {"$ref": "#/components/schemas/PathCounts"},
+                       "home_relay": {"type": "string"},
+                       "endpoints": strings.clone(), "hosted_app_ulas": strings.clone(),
+                       "last_seen_ms": {"type": "integer"}, "stale": {"type": "boolean"}}});
+    schemas["AdminMembersResponse"] = json!({"type": "object",
+        "required": ["event_id", "policy_revision", "members"],
+        "properties": {"event_id": {"type": "integer"}, "policy_revision": {"type": "integer"},
+                       "members": {"type": "array", "items": {"$ref": "#/components/schemas/AdminMember"}}}});
+    schemas["ReachResponse"] = json!({"type": "object", "required": ["policy_revision", "classes", "edges"],
+        "properties": {"policy_revision": {"type": "integer"},
+            "classes": {"type": "array", "items": {"type": "object", "required": ["id", "label", "members"],
+                "properties": {"id": {"type": "integer"}, "label": {"type": "string"}, "members": strings}}},
+            "edges": {"type": "array", "items": {"type": "object", "required": ["from", "to", "ports"],
+                "properties": {"from": {"type": "integer"}, "to": {"type": "integer"},
+                               "ports": {"type": "string"}}}}}});
 }

@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use crate::api::route::{Prefix, DEFAULT_V4, DEFAULT_V6};
 use crate::api::PolicyDocument;
 use crate::ca::validate_name;
-use crate::ports::ProtoPorts;
+use crate::ports::{Proto, ProtoPorts};
 
 /// Why a policy document was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -247,6 +247,26 @@ impl Policy {
         self.app_hosts.iter().any(|s| matches(s, p))
     }
 
+    /// Why `a` may or may not open `port` of `proto` on `b`: the first allow rule that
+    /// admits it and the first deny rule that refuses it, by their index in the document.
+    /// Uses the same rules and [`matches`] as [`Policy::allowed_ports`], so the verdict is
+    /// `allowed` exactly when `allowed_ports(a, b)` contains the port.
+    pub fn decide(&self, a: Principal<'_>, b: Principal<'_>, proto: Proto, port: u16) -> Verdict {
+        let first = |rules: &[Rule]| {
+            rules.iter().position(|r| {
+                r.src.iter().any(|s| matches(s, a))
+                    && r.dst
+                        .iter()
+                        .any(|(s, ports)| matches(s, b) && ports.contains(proto, port))
+            })
+        };
+        match (first(&self.allow), first(&self.deny)) {
+            (None, _) => Verdict::NoRule,
+            (Some(allow), None) => Verdict::Allowed { allow },
+            (Some(allow), Some(deny)) => Verdict::Denied { allow, deny },
+        }
+    }
+
     /// The ports `a` may open on `b` (allow minus deny); empty when none.
     pub fn allowed_ports(&self, a: Principal<'_>, b: Principal<'_>) -> ProtoPorts {
         let mut allowed = collect(&self.allow, a, b);
@@ -254,6 +274,32 @@ impl Policy {
             allowed.subtract(&collect(&self.deny, a, b));
         }
         allowed
+    }
+}
+
+/// The answer of [`Policy::decide`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Allowed by `allow` rule (index into the document's `allow`), and no deny rule.
+    Allowed {
+        /// Index of the first allow rule that admits the traffic.
+        allow: usize,
+    },
+    /// An allow rule admits it but a deny rule refuses it (deny wins).
+    Denied {
+        /// Index of the first allow rule that admits the traffic.
+        allow: usize,
+        /// Index of the first deny rule that refuses it.
+        deny: usize,
+    },
+    /// No allow rule admits it (default deny).
+    NoRule,
+}
+
+impl Verdict {
+    /// Whether the traffic is allowed.
+    pub fn allowed(&self) -> bool {
+        matches!(self, Verdict::Allowed { .. })
     }
 }
 
@@ -537,6 +583,73 @@ mod tests {
         assert!(p.names_peer("boss"));
         assert!(p.may_host_apps(pr("s", &sup)));
         assert!(!p.may_host_apps(pr("n", &node)));
+    }
+
+    /// The tester's verdict is the enforced answer: for every pair of principals, both
+    /// protocols and a spread of ports, `decide` allows exactly what `allowed_ports` holds,
+    /// and names the rule that decided.
+    #[test]
+    fn decide_agrees_with_allowed_ports_and_names_the_rule() {
+        let mut d = doc();
+        d.allow
+            .push(rule(&["tag:node"], &["tag:worker:udp:53,tcp:1000-1010"]));
+        d.deny.push(rule(&["*"], &["tag:worker:tcp:1005"]));
+        let p = Policy::compile(d).unwrap();
+        let ids: Vec<(String, Vec<TagId>)> = [
+            ("n", vec!["node"]),
+            ("s", vec!["supervisor"]),
+            ("w", vec!["worker"]),
+            ("o", vec!["ops"]),
+            ("boss", vec![]),
+            ("nw", vec!["node", "worker"]),
+        ]
+        .into_iter()
+        .map(|(i, t)| {
+            let t: Vec<String> = t.into_iter().map(String::from).collect();
+            (i.to_owned(), p.tag_ids(&t).unwrap())
+        })
+        .collect();
+        for (ia, ta) in &ids {
+            for (ib, tb) in &ids {
+                let a = Principal {
+                    identity: ia,
+                    tags: ta,
+                };
+                let b = Principal {
+                    identity: ib,
+                    tags: tb,
+                };
+                let ports = p.allowed_ports(a, b);
+                for proto in [Proto::Tcp, Proto::Udp] {
+                    for port in [0, 1, 21, 22, 23, 53, 999, 1000, 1005, 1010, 8730, 65535] {
+                        let v = p.decide(a, b, proto, port);
+                        assert_eq!(
+                            v.allowed(),
+                            ports.contains(proto, port),
+                            "{ia} -> {ib} {proto:?}:{port} {v:?}"
+                        );
+                    }
+                }
+            }
+        }
+        let pr = |identity, tags| Principal { identity, tags };
+        let (n, s, w, o) = (&ids[0].1, &ids[1].1, &ids[2].1, &ids[3].1);
+        assert_eq!(
+            p.decide(pr("n", n), pr("s", s), Proto::Tcp, 8730),
+            Verdict::Allowed { allow: 0 }
+        );
+        assert_eq!(
+            p.decide(pr("o", o), pr("w", w), Proto::Tcp, 22),
+            Verdict::Denied { allow: 1, deny: 0 }
+        );
+        assert_eq!(
+            p.decide(pr("n", n), pr("w", w), Proto::Tcp, 1005),
+            Verdict::Denied { allow: 3, deny: 1 }
+        );
+        assert_eq!(
+            p.decide(pr("s", s), pr("n", n), Proto::Udp, 53),
+            Verdict::NoRule
+        );
     }
 
     #[test]

@@ -7,6 +7,16 @@
 
 use crate::api::{PortRange, PortRules};
 
+/// A transport protocol the policy's port rules name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
 /// The TCP and the UDP ports a rule covers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ProtoPorts {
@@ -35,6 +45,14 @@ impl ProtoPorts {
         Self {
             tcp: p.clone(),
             udp: p,
+        }
+    }
+
+    /// Whether `port` of `proto` is in.
+    pub fn contains(&self, proto: Proto, port: u16) -> bool {
+        match proto {
+            Proto::Tcp => self.tcp.contains(port),
+            Proto::Udp => self.udp.contains(port),
         }
     }
 

@@ -2,11 +2,18 @@
 //! accept loop (plain TCP or mTLS, HTTP/1.1 via hyper).
 //!
 //! Request pipeline: accept → connection caps (overall and per source IP) → TLS handshake
-//! within [`Config::tls_handshake_timeout`] (client certificate verified against the mesh
-//! CA; its CN becomes the connection's identity) → hyper HTTP/1.1 with a header read
-//! timeout → [`Coordinator::handle`] routes, reads at most
+//! within [`Config::tls_handshake_timeout`] (a client certificate, if presented, verified
+//! against the mesh CA; its CN becomes the connection's identity) → hyper HTTP/1.1 with a
+//! header read timeout → [`Coordinator::handle`] routes, reads at most
 //! [`MAX_BODY_BYTES`](crate::api::MAX_BODY_BYTES) of JSON within a timeout, and maps every
 //! failure through [`ApiError`] once.
+//!
+//! Who may call what: the open routes (`/health`, `/openapi.json`, `/swagger-ui`, the
+//! dashboard's assets under `/ui` and its login link `/ui/login`) need nothing; every other
+//! route needs a client certificate of the mesh CA (401 without one), or a dashboard
+//! session cookie ([`crate::sessions`]), which reaches the admin routes only (403
+//! elsewhere) and must carry its CSRF token in `x-csrf-token` on every method but `GET`
+//! (403 `csrf` without it). A session cannot mint login links (an admin certificate must).
 //!
 //! Caps (see [`crate::limits`]): a connection over a cap is not served. Up to
 //! [`MAX_REFUSALS_IN_FLIGHT`] such connections at a time get their first request answered
@@ -50,6 +57,7 @@ use crate::limits::{ConnLimits, ConnRefusal, RateConfig, RateLimiter, StreamLimi
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::Policy;
 use crate::registry::{HeartbeatError, Limits, MoveError, NewPeer, Registry};
+use crate::sessions::Sessions;
 use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
 use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
 use crate::{tokens, ula};
@@ -240,6 +248,8 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
+    /// Dashboard login links and sessions (this process only; see [`crate::sessions`]).
+    sessions: std::sync::Mutex<Sessions>,
     /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): the database's
     /// (a `meta` row) when its change log numbers the events, else random per start.
     event_log: String,
@@ -292,6 +302,7 @@ impl Coordinator {
             conns: ConnLimits::new(config.max_connections, config.max_connections_per_ip),
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
+            sessions: std::sync::Mutex::default(),
             event_log,
             config,
             clock,
@@ -529,16 +540,105 @@ impl Coordinator {
     {
         let path = req.uri().path().to_owned();
         let method = req.method().clone();
-        let identity = self.identity(conn, req.headers());
+        if let Some(r) = self.open_route(&method, &path, req.uri())? {
+            return Ok(r);
+        }
+        // A certificate's identity wins; without one, a dashboard session (admin routes
+        // only, CSRF token on changes); without either, 401 (with mTLS).
+        let session_conn;
+        let mut session_id = None;
+        let (conn, identity) = match self.identity(conn, req.headers()) {
+            Some(i) => (conn, Some(i)),
+            None => match self.session(req.headers()) {
+                Some((id, s)) => {
+                    if !session_route(&method, &path) {
+                        return Err(ApiError::Forbidden(
+                            "a dashboard session reaches the admin routes only".into(),
+                        ));
+                    }
+                    if method != Method::GET {
+                        let sent = req
+                            .headers()
+                            .get(crate::sessions::CSRF_HEADER)
+                            .map(|v| v.as_bytes());
+                        if !sent.is_some_and(|v| ct_eq(v, s.csrf.as_bytes())) {
+                            Metrics::inc(&self.metrics.csrf_refusals);
+                            return Err(ApiError::Csrf);
+                        }
+                    }
+                    session_conn = ConnInfo {
+                        identity: Some(s.admin.clone()),
+                        admin_role: true,
+                        ..conn.clone()
+                    };
+                    session_id = Some(id);
+                    (&session_conn, Some(s.admin))
+                }
+                None if self.config.insecure => (conn, None),
+                None => {
+                    return Err(ApiError::Unauthorized(
+                        "this route needs a client certificate signed by the mesh CA, or a \
+                         dashboard session (tabbify-mesh-coordinator admin-login)"
+                            .into(),
+                    ))
+                }
+            },
+        };
         let ok = |v: &dyn erased::Json| Ok(v.respond(StatusCode::OK));
         match (method.clone(), path.as_str()) {
-            (Method::GET, "/health") => {
-                let core = self.read();
-                ok(&Health {
-                    status: "ok".into(),
-                    peers: core.registry.len() as u64,
-                    policy_revision: core.registry.revision(),
-                })
+            (Method::POST, PATH_LOGIN_LINKS) => {
+                if session_id.is_some() {
+                    return Err(ApiError::Forbidden(
+                        "a dashboard session cannot mint login links: use an admin certificate"
+                            .into(),
+                    ));
+                }
+                let who = self.admin(conn, identity.as_deref())?;
+                let body: LoginLinkRequest = self.read_json(req).await?;
+                ok(&self.mint_login_link(&who, body)?)
+            }
+            (Method::GET | Method::DELETE, PATH_ADMIN_SESSION) => {
+                let no_session =
+                    || ApiError::NotFound("this request carries no dashboard session".into());
+                let id = session_id.ok_or_else(no_session)?;
+                let now = self.clock.now_ms();
+                let s = self
+                    .sessions()
+                    .get(&id, now)
+                    .cloned()
+                    .ok_or_else(no_session)?;
+                let view = AdminSession {
+                    admin: s.admin.clone(),
+                    csrf_token: s.csrf,
+                    expires_at: s.expires_ms / 1000,
+                };
+                if method == Method::GET {
+                    return ok(&view);
+                }
+                self.sessions().logout(&id);
+                audit(&s.admin, "dashboard.logout", "session");
+                let mut r = json_response(StatusCode::OK, &view);
+                if let Ok(v) = header::HeaderValue::from_str(&crate::sessions::clear_cookie()) {
+                    r.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                Ok(r)
+            }
+            (Method::GET, PATH_ADMIN_MEMBERS) => {
+                self.admin(conn, identity.as_deref())?;
+                ok(&self.admin_members())
+            }
+            (Method::GET, PATH_ADMIN_REACH) => {
+                self.admin(conn, identity.as_deref())?;
+                ok(&crate::ui::reach(&self.read().registry))
+            }
+            (Method::GET, PATH_ADMIN_STREAM) => {
+                let who = self.admin(conn, identity.as_deref())?;
+                self.admin_stream(&who)
+            }
+            (Method::POST, PATH_POLICY_TEST) => {
+                self.admin(conn, identity.as_deref())?;
+                let body: PolicyTestRequest = self.read_json(req).await?;
+                ok(&self.policy_test(body)?)
             }
             (Method::GET, "/metrics") => {
                 let text = {
@@ -553,9 +653,6 @@ impl Coordinator {
                     }) + &crate::paths::PathGauges::of(core.registry.peers()).render()
                 };
                 Ok(text_response("text/plain; version=0.0.4", text))
-            }
-            (Method::GET, "/openapi.json") => {
-                Ok(json_response(StatusCode::OK, &crate::openapi::document()))
             }
             (Method::POST, PATH_REGISTER) => {
                 let relays = self.config.relays.advertised(req.headers());
@@ -680,6 +777,255 @@ impl Coordinator {
             (_, p) if known_path(p) => Err(ApiError::MethodNotAllowed),
             (_, p) => Err(ApiError::NotFound(format!("no route {p}"))),
         }
+    }
+
+    /// The routes that need no credential: `/health`, `/openapi.json`, Swagger UI, the
+    /// dashboard's assets and its login link. `None` for every other path.
+    fn open_route(
+        &self,
+        method: &Method,
+        path: &str,
+        uri: &http::Uri,
+    ) -> Result<Option<Response<ResponseBody>>, ApiError> {
+        let open = matches!(path, "/health" | "/openapi.json" | "/swagger-ui" | "/ui")
+            || path.starts_with("/swagger-ui/")
+            || path.starts_with("/ui/");
+        if !open {
+            return Ok(None);
+        }
+        if *method != Method::GET {
+            return Err(ApiError::MethodNotAllowed);
+        }
+        let not_found = || ApiError::NotFound(format!("no route {path}"));
+        Ok(Some(match path {
+            "/health" => {
+                let core = self.read();
+                json_response(
+                    StatusCode::OK,
+                    &Health {
+                        status: "ok".into(),
+                        peers: core.registry.len() as u64,
+                        policy_revision: core.registry.revision(),
+                    },
+                )
+            }
+            "/openapi.json" => json_response(StatusCode::OK, &crate::openapi::document()),
+            "/ui/login" => self.login(uri)?,
+            p if p.starts_with("/swagger-ui") => {
+                let (ct, body) = crate::openapi::swagger_ui(p).ok_or_else(not_found)?;
+                let mut r = Response::new(Full::new(Bytes::from_static(body)).boxed());
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+                r
+            }
+            p => {
+                let (ct, body) = crate::ui::asset(p).ok_or_else(not_found)?;
+                let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())).boxed());
+                r.headers_mut()
+                    .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+                page_headers(r.headers_mut());
+                r
+            }
+        }))
+    }
+
+    /// `GET /ui/login?link=…`: spends a login link and answers 303 to `/ui/` with the
+    /// session cookie; a used, expired or unknown link is 401 and sets nothing.
+    fn login(&self, uri: &http::Uri) -> Result<Response<ResponseBody>, ApiError> {
+        let link = uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("link=")))
+            .filter(|l| !l.is_empty())
+            .ok_or_else(|| {
+                ApiError::BadRequest(
+                    "missing ?link=: mint one with tabbify-mesh-coordinator admin-login".into(),
+                )
+            })?;
+        let now = self.clock.now_ms();
+        let redeemed = self.sessions().redeem(link, now);
+        let (id, session) = redeemed.map_err(|e| {
+            Metrics::inc(&self.metrics.login_refusals);
+            ApiError::Unauthorized(e.to_string())
+        })?;
+        Metrics::inc(&self.metrics.logins);
+        audit(&session.admin, "dashboard.login", "session");
+        let cookie = header::HeaderValue::from_str(&crate::sessions::set_cookie(&id))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut r = Response::new(Full::new(Bytes::new()).boxed());
+        *r.status_mut() = StatusCode::SEE_OTHER;
+        let h = r.headers_mut();
+        h.insert(header::LOCATION, header::HeaderValue::from_static("/ui/"));
+        h.insert(header::SET_COOKIE, cookie);
+        page_headers(h);
+        Ok(r)
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live dashboard session named by the request's cookie, with its id.
+    fn session(&self, headers: &HeaderMap) -> Option<(String, crate::sessions::Session)> {
+        let now = self.clock.now_ms();
+        let sessions = self.sessions();
+        headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .filter_map(|v| crate::sessions::cookie_value(v, crate::sessions::COOKIE))
+            .find_map(|id| Some((id.to_owned(), sessions.get(id, now)?.clone())))
+    }
+
+    /// `POST /v1/admin/login-links`.
+    fn mint_login_link(
+        &self,
+        who: &str,
+        req: LoginLinkRequest,
+    ) -> Result<LoginLinkResponse, ApiError> {
+        use crate::sessions::{DEFAULT_LINK_TTL_SECS, MAX_LINK_TTL_SECS};
+        let ttl = req.ttl_secs.unwrap_or(DEFAULT_LINK_TTL_SECS);
+        if ttl == 0 || ttl > MAX_LINK_TTL_SECS {
+            return Err(ApiError::BadRequest(format!(
+                "ttl_secs must be 1..={MAX_LINK_TTL_SECS}"
+            )));
+        }
+        let (link, expires_ms) = self.sessions().mint_link(who, ttl, self.clock.now_ms());
+        audit(
+            who,
+            "dashboard.login_link",
+            &format!("expires {}", expires_ms / 1000),
+        );
+        Ok(LoginLinkResponse {
+            path: format!("/ui/login?link={link}"),
+            link,
+            expires_at: expires_ms / 1000,
+        })
+    }
+
+    /// `GET /v1/admin/members`.
+    fn admin_members(&self) -> AdminMembersResponse {
+        let core = self.read();
+        let mut members: Vec<AdminMember> =
+            core.registry.peers().map(crate::ui::admin_member).collect();
+        members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        AdminMembersResponse {
+            event_id: core.registry.last_event_id(),
+            policy_revision: core.registry.revision(),
+            members,
+        }
+    }
+
+    /// `POST /v1/policy/test`: the policy in force decides, through
+    /// [`Policy::decide`](crate::policy::Policy::decide), for the members' tags as the
+    /// registry holds them.
+    fn policy_test(&self, req: PolicyTestRequest) -> Result<PolicyTestResponse, ApiError> {
+        use crate::policy::{Principal, Verdict};
+        use crate::ports::Proto;
+        let proto = match req.proto.to_ascii_lowercase().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "proto {other:?}: use tcp or udp"
+                )))
+            }
+        };
+        let core = self.read();
+        let reg = &core.registry;
+        let src = find_member(reg, &req.src)?;
+        let dst = find_member(reg, &req.dst)?;
+        let policy = reg.policy();
+        let (st, dt) = (
+            policy.known_tag_ids(&src.tags),
+            policy.known_tag_ids(&dst.tags),
+        );
+        let verdict = policy.decide(
+            Principal {
+                identity: &src.identity,
+                tags: &st,
+            },
+            Principal {
+                identity: &dst.identity,
+                tags: &dt,
+            },
+            proto,
+            req.port,
+        );
+        let doc = policy.document();
+        let what = format!(
+            "{} -> {} on {}:{}",
+            src.display_name,
+            dst.display_name,
+            req.proto.to_ascii_lowercase(),
+            req.port
+        );
+        let rule_ref = |kind: &str, index: usize, rules: &[PolicyRule]| {
+            rules.get(index).map(|r| RuleRef {
+                kind: kind.to_owned(),
+                index,
+                rule: r.clone(),
+            })
+        };
+        let (rule, reason) = match verdict {
+            Verdict::Allowed { allow } => (
+                rule_ref("allow", allow, &doc.allow),
+                format!("{what}: allowed by allow rule {allow}"),
+            ),
+            Verdict::Denied { allow, deny } => (
+                rule_ref("deny", deny, &doc.deny),
+                format!(
+                    "{what}: refused by deny rule {deny} (allow rule {allow} admits it, but deny wins)"
+                ),
+            ),
+            Verdict::NoRule => (
+                None,
+                format!("{what}: no allow rule admits it (default deny)"),
+            ),
+        };
+        Ok(PolicyTestResponse {
+            allowed: verdict.allowed(),
+            rule,
+            reason,
+            src_peer_id: src.id.clone(),
+            dst_peer_id: dst.id.clone(),
+            policy_revision: reg.revision(),
+        })
+    }
+
+    /// `GET /v1/admin/stream`: every member change as the admin sees it, coalesced per
+    /// batch of dispatches (a burst of changes to one member is one frame), from the same
+    /// broadcast the roster streams read. Counted against the admin's stream cap.
+    fn admin_stream(self: &Arc<Self>, who: &str) -> Result<Response<ResponseBody>, ApiError> {
+        let key = format!("admin-stream:{who}");
+        let permit = self.streams.acquire(&key).ok_or_else(|| {
+            Metrics::inc(&self.metrics.streams_refused);
+            ApiError::TooManyStreams(format!(
+                "{who:?} holds {} admin streams already (the maximum)",
+                self.streams.max()
+            ))
+        })?;
+        let (rx, last) = {
+            let core = self.read();
+            (core.registry.subscribe(), core.registry.last_event_id())
+        };
+        let (tx, body_rx) = mpsc::channel(64);
+        let weak = Arc::downgrade(self);
+        let cfg = self.config.stream;
+        tokio::spawn(async move {
+            run_admin_stream(weak, rx, tx, last, cfg).await;
+            drop(permit);
+        });
+        let mut r = Response::new(ChannelBody::new(body_rx).boxed());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(
+            header::CACHE_CONTROL,
+            header::HeaderValue::from_static("no-cache"),
+        );
+        Ok(r)
     }
 
     fn identity(&self, conn: &ConnInfo, headers: &HeaderMap) -> Option<String> {
@@ -1895,6 +2241,195 @@ where
     }
 }
 
+/// The member a policy test names: by peer id, identity, ULA or display name (a name
+/// several members carry is ambiguous: 409).
+fn find_member<'a>(
+    reg: &'a Registry,
+    name: &str,
+) -> Result<&'a crate::registry::PeerRecord, ApiError> {
+    let name = name.trim();
+    if let Some(p) = reg.peer(name).or_else(|| reg.peer_by_identity(name)) {
+        return Ok(p);
+    }
+    if let Ok(ip) = name.parse::<Ipv6Addr>() {
+        if let Some(p) = reg.peer_by_ula(&ip) {
+            return Ok(p);
+        }
+    }
+    let mut named = reg.peers().filter(|p| p.display_name == name);
+    match (named.next(), named.next()) {
+        (Some(p), None) => Ok(p),
+        (Some(_), Some(_)) => Err(ApiError::Conflict(format!(
+            "several members are named {name:?}: use a peer id, identity or ULA"
+        ))),
+        (None, _) => Err(ApiError::NotFound(format!(
+            "no member {name:?} (a peer id, identity, name or ULA of a registered member)"
+        ))),
+    }
+}
+
+/// The routes a dashboard session may use: the admin routes (but not minting login
+/// links) and its own session.
+fn session_route(method: &Method, p: &str) -> bool {
+    matches!(
+        p,
+        PATH_POLICY
+            | PATH_POLICY_TEST
+            | PATH_TOKENS
+            | PATH_REVOCATIONS
+            | PATH_ADMIN_SESSION
+            | PATH_ADMIN_MEMBERS
+            | PATH_ADMIN_REACH
+            | PATH_ADMIN_STREAM
+    ) || p.starts_with("/v1/tokens/")
+        || p.starts_with("/v1/revocations/")
+        || p.starts_with(PATH_IDENTITIES_PREFIX)
+        || p.starts_with("/v1/apps/")
+        || (*method == Method::DELETE && p.starts_with("/v1/mesh/peers/"))
+}
+
+/// Byte equality in time independent of where the inputs differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Headers of the dashboard's pages: the CSP, no sniffing, no referrer (a login link in
+/// the address bar never leaks), no caching of the login answer.
+fn page_headers(h: &mut HeaderMap) {
+    h.insert(
+        "content-security-policy",
+        header::HeaderValue::from_static(crate::ui::CSP),
+    );
+    h.insert(
+        "x-content-type-options",
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        "referrer-policy",
+        header::HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+}
+
+/// The admin stream's task: waits for a dispatch, takes every one queued behind it,
+/// and writes one frame per member that changed (its current record, or its removal), a
+/// `policy` frame for a policy change and `resync` when it fell behind the broadcast.
+/// Keepalive comments between; ends when the client stops reading for the write timeout,
+/// the channel closes or the coordinator goes away.
+async fn run_admin_stream(
+    weak: std::sync::Weak<Coordinator>,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<sse::Dispatch>>,
+    tx: mpsc::Sender<Bytes>,
+    mut last: u64,
+    cfg: StreamConfig,
+) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let send = |b: Bytes| {
+        let tx = tx.clone();
+        async move {
+            matches!(
+                tokio::time::timeout(cfg.write_timeout, tx.send(b)).await,
+                Ok(Ok(()))
+            )
+        }
+    };
+    if !send(Bytes::from(format!(
+        ": admin stream after event {last}\n\n"
+    )))
+    .await
+    {
+        return;
+    }
+    let mut tick = tokio::time::interval(cfg.keepalive.max(Duration::from_millis(10)));
+    tick.tick().await;
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => r,
+            _ = tick.tick() => {
+                if !send(Bytes::from_static(b": keepalive\n\n")).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut subjects = BTreeSet::new();
+        let mut policy = false;
+        let mut resync = false;
+        let mut take = |d: &sse::Dispatch, last: &mut u64| {
+            if d.id > *last {
+                *last = d.id;
+                collect_subjects(&d.payload, &mut subjects, &mut policy);
+            }
+        };
+        match first {
+            Ok(d) => take(&d, &mut last),
+            Err(RecvError::Lagged(_)) => resync = true,
+            Err(RecvError::Closed) => return,
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(d) => take(&d, &mut last),
+                Err(TryRecvError::Lagged(_)) => resync = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            }
+        }
+        let Some(c) = weak.upgrade() else { return };
+        let mut out = Vec::new();
+        {
+            let core = c.read();
+            let reg = &core.registry;
+            let mut frame = |event: &str, data: &serde_json::Value| {
+                out.extend_from_slice(
+                    format!("id: {last}\nevent: {event}\ndata: {data}\n\n").as_bytes(),
+                );
+            };
+            if resync {
+                frame(
+                    "resync",
+                    &serde_json::json!({ "event_id": reg.last_event_id() }),
+                );
+            } else {
+                if policy {
+                    frame("policy", &serde_json::json!({ "revision": reg.revision() }));
+                }
+                for id in &subjects {
+                    match reg.peer(id) {
+                        Some(p) => frame(
+                            "member",
+                            &serde_json::to_value(crate::ui::admin_member(p)).unwrap_or_default(),
+                        ),
+                        None => frame("member_remove", &serde_json::json!({ "peer_id": id })),
+                    }
+                }
+            }
+        }
+        drop(c);
+        if !out.is_empty() && !send(Bytes::from(out)).await {
+            return;
+        }
+    }
+}
+
+/// The members a dispatch is about, and whether it changes the policy.
+fn collect_subjects(p: &sse::Payload, subjects: &mut BTreeSet<String>, policy: &mut bool) {
+    match p {
+        sse::Payload::ByClass { subject, .. } => {
+            subjects.insert(subject.clone());
+        }
+        sse::Payload::Batch(parts) => {
+            for part in parts {
+                collect_subjects(part, subjects, policy);
+            }
+        }
+        sse::Payload::Policy { .. } => *policy = true,
+        sse::Payload::Targeted(_) => {}
+    }
+}
+
 fn known_path(p: &str) -> bool {
     matches!(
         p,
@@ -1912,6 +2447,12 @@ fn known_path(p: &str) -> bool {
             | PATH_LEAVE
             | PATH_RELAY_TOKEN
             | PATH_ROUTES
+            | PATH_POLICY_TEST
+            | PATH_LOGIN_LINKS
+            | PATH_ADMIN_SESSION
+            | PATH_ADMIN_MEMBERS
+            | PATH_ADMIN_REACH
+            | PATH_ADMIN_STREAM
     ) || p.starts_with("/v1/mesh/peers/")
         || p.starts_with("/v1/routes/")
         || p.starts_with("/v1/revocations/")

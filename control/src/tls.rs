@@ -10,8 +10,12 @@ use rustls::ServerConfig;
 pub use tabbify_api::tls::{certs, client_config, key, provider, roots, TlsError};
 pub use tabbify_api::ADMIN_ROLE_URI;
 
-/// The coordinator's server config: serves `cert_pem`/`key_pem` and requires a client
-/// certificate signed by `ca_pem`.
+/// The coordinator's server config: serves `cert_pem`/`key_pem` and verifies a client
+/// certificate against `ca_pem`. The certificate is optional at the TLS layer, so a load
+/// balancer's health check and a browser reach the open routes (`/health`,
+/// `/openapi.json`, `/swagger-ui`, `/ui`); every other route refuses a connection without
+/// one (401, [`crate::server`]). A certificate that is presented must verify, or the
+/// handshake fails.
 pub fn server_config(
     cert_pem: &str,
     key_pem: &str,
@@ -20,6 +24,7 @@ pub fn server_config(
     let provider = provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca_pem)?), provider.clone())
+            .allow_unauthenticated()
             .build()?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

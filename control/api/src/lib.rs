@@ -100,6 +100,18 @@ pub const PATH_IDENTITIES_PREFIX: &str = "/v1/identities/";
 pub const ADMIN_ROLE_URI: &str = "urn:tabbify:role:admin";
 /// Prefix of the admin app handover route: `POST {PATH_APPS}/{uuid}/move` with [`MoveAppRequest`].
 pub const PATH_APPS: &str = "/v1/apps";
+/// Route of [`PolicyTestRequest`] (admin): may A reach B on a port, and by which rule.
+pub const PATH_POLICY_TEST: &str = "/v1/policy/test";
+/// Route minting a dashboard login link (admin certificate only): [`LoginLinkRequest`].
+pub const PATH_LOGIN_LINKS: &str = "/v1/admin/login-links";
+/// Route of the dashboard session ([`AdminSession`]); `DELETE` logs out.
+pub const PATH_ADMIN_SESSION: &str = "/v1/admin/session";
+/// Route of every member as an admin sees it ([`AdminMembersResponse`]).
+pub const PATH_ADMIN_MEMBERS: &str = "/v1/admin/members";
+/// Route of who may reach whom under the policy ([`ReachResponse`]).
+pub const PATH_ADMIN_REACH: &str = "/v1/admin/reach";
+/// Route of the admin event stream (SSE: `member`, `member_remove`, `policy`, `resync`).
+pub const PATH_ADMIN_STREAM: &str = "/v1/admin/stream";
 /// Path the coordinator calls on `--auth-url` to validate a join token.
 pub const PATH_AUTH_VALIDATE: &str = "/v1/join-tokens/validate";
 /// The largest request body the coordinator accepts, in bytes.
@@ -826,6 +838,155 @@ pub struct MoveAppResponse {
     pub from: Option<String>,
     /// The peer that holds it now.
     pub to: String,
+}
+
+/// `POST /v1/policy/test`: may `src` open `proto`/`port` on `dst`?
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyTestRequest {
+    /// The sender: a registered member's peer id, identity, display name or ULA.
+    pub src: String,
+    /// The receiver, named the same ways.
+    pub dst: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// Destination port.
+    pub port: u16,
+}
+
+/// A policy rule named by its list and index in the document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    /// `allow` or `deny`.
+    pub kind: String,
+    /// Index in the document's `allow` or `deny` list.
+    pub index: usize,
+    /// The rule as written.
+    pub rule: PolicyRule,
+}
+
+/// The answer to [`PolicyTestRequest`], from the policy in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTestResponse {
+    /// Whether the traffic is allowed.
+    pub allowed: bool,
+    /// The rule that decided: the allow rule that admits it, or the deny rule that
+    /// refuses it; `null` when no allow rule matches (default deny).
+    pub rule: Option<RuleRef>,
+    /// A sentence saying why.
+    pub reason: String,
+    /// The sender's peer id.
+    pub src_peer_id: String,
+    /// The receiver's peer id.
+    pub dst_peer_id: String,
+    /// Policy revision the answer was computed under.
+    pub policy_revision: u64,
+}
+
+/// `POST /v1/admin/login-links`: a one-time dashboard login link.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginLinkRequest {
+    /// Lifetime of the link in seconds (default 600, at most 3600).
+    #[serde(default)]
+    pub ttl_secs: Option<u64>,
+}
+
+/// The answer to [`LoginLinkRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoginLinkResponse {
+    /// The path to open (append it to the coordinator's `https://HOST:PORT`): `/ui/login?link=…`.
+    pub path: String,
+    /// The secret alone (`tml_…`), shown once.
+    pub link: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+/// `GET /v1/admin/session`: the dashboard session of the cookie.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminSession {
+    /// The admin identity that minted the login link.
+    pub admin: String,
+    /// The token to send in `x-csrf-token` with every state-changing request.
+    pub csrf_token: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+/// A member as an admin sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminMember {
+    /// Peer id.
+    pub peer_id: String,
+    /// Identity (certificate CN).
+    pub identity: String,
+    /// Display name.
+    pub display_name: String,
+    /// ULA.
+    pub ula: Ipv6Addr,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// NAT class from its last heartbeat.
+    pub nat: NatClass,
+    /// Direct and relayed path counts from its last heartbeat.
+    pub paths: PathCounts,
+    /// Its home relay, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_relay: Option<String>,
+    /// Reported endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Announced app ULAs.
+    pub hosted_app_ulas: Vec<Ipv6Addr>,
+    /// Last register or heartbeat, ms since the epoch.
+    pub last_seen_ms: u64,
+    /// Missed its heartbeats.
+    pub stale: bool,
+}
+
+/// `GET /v1/admin/members`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminMembersResponse {
+    /// Newest event id reflected (the admin stream continues after it).
+    pub event_id: u64,
+    /// Policy revision in force.
+    pub policy_revision: u64,
+    /// Every member, by peer id.
+    pub members: Vec<AdminMember>,
+}
+
+/// A group of members the policy treats alike (same identity-independent tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachClass {
+    /// Class index (stable within one answer).
+    pub id: u32,
+    /// The tags its members carry that the policy knows (or the identity, for a member a
+    /// `peer:` selector names).
+    pub label: String,
+    /// Its members' peer ids.
+    pub members: Vec<String>,
+}
+
+/// One edge of [`ReachResponse`]: members of `from` may open `ports` on members of `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachEdge {
+    /// Sender class.
+    pub from: u32,
+    /// Receiver class.
+    pub to: u32,
+    /// The ports, in the policy's syntax (`tcp:22,udp:53,8730`; `*` for all).
+    pub ports: String,
+}
+
+/// `GET /v1/admin/reach`: who may reach whom, per class of members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReachResponse {
+    /// Policy revision in force.
+    pub policy_revision: u64,
+    /// Classes with at least one member.
+    pub classes: Vec<ReachClass>,
+    /// Allowed directions between them.
+    pub edges: Vec<ReachEdge>,
 }
 
 /// `GET /health`.

@@ -1,7 +1,8 @@
 //! Fuzz the coordinator's JSON request bodies through the path its routes use.
 //!
 //! 1. Every request type the coordinator parses (`RegisterRequest`, `HeartbeatRequest`,
-//!    `TokenRequest`, `MoveAppRequest`, `RelayTokenRequest`, `LeaveRequest`, and the auth service's `AuthValidateResponse`) goes
+//!    `TokenRequest`, `MoveAppRequest`, `RelayTokenRequest`, `LeaveRequest`, `PolicyTestRequest`,
+//!    `LoginLinkRequest`, and the auth service's `AuthValidateResponse`) goes
 //!    through `server::parse_json`: it parses or is refused with 400 `invalid_json`, never a
 //!    panic, and a parsed value serializes back to JSON that parses to the same value.
 //! 2. The same bytes are the body of every POST route of an in-process coordinator
@@ -19,8 +20,9 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tabbify_api::{
-    AuthValidateResponse, ErrorBody, HeartbeatRequest, LeaveRequest, MoveAppRequest,
-    PolicyDocument, RegisterRequest, RelayTokenRequest, TokenRequest,
+    AuthValidateResponse, ErrorBody, HeartbeatRequest, LeaveRequest, LoginLinkRequest,
+    MoveAppRequest, PolicyDocument, PolicyTestRequest, RegisterRequest, RelayTokenRequest,
+    TokenRequest,
 };
 use tabbify_control::clock::ManualClock;
 use tabbify_control::limits::RateConfig;
@@ -127,6 +129,8 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<RelayTokenRequest>(data);
     round_trip::<AuthValidateResponse>(data);
     round_trip::<LeaveRequest>(data);
+    round_trip::<PolicyTestRequest>(data);
+    round_trip::<LoginLinkRequest>(data);
 
     let w = world();
     let routes = [
@@ -135,6 +139,8 @@ fuzz_target!(|data: &[u8]| {
         (PEER, "/v1/relay/token".to_owned()),
         ("fuzz-stranger", "/v1/mesh/leave".to_owned()),
         (ADMIN, "/v1/tokens".to_owned()),
+        (ADMIN, "/v1/policy/test".to_owned()),
+        (ADMIN, "/v1/admin/login-links".to_owned()),
         (
             ADMIN,
             "/v1/apps/00000000-0000-0000-0000-000000000001/move".to_owned(),

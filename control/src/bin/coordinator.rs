@@ -22,6 +22,17 @@
 //! SIGHUP (`systemctl reload`) re-reads the policy file and the TLS certificate, key and CA
 //! without dropping a connection or stream (`reload`); SIGINT/SIGTERM stop it.
 //!
+//! Admin subcommands, talking to a running coordinator with an admin certificate
+//! (`tabbify-mesh-ca issue-admin`):
+//!
+//! ```text
+//! tabbify-mesh-coordinator admin-login --coordinator https://HOST:PORT --tls-cert F --tls-key F --tls-ca F [--ttl 10m]
+//! tabbify-mesh-coordinator policy test --coordinator URL --tls-cert F --tls-key F --tls-ca F SRC DST PROTO:PORT [--json]
+//! ```
+//!
+//! `admin-login` prints a one-time dashboard login URL; `policy test` asks
+//! `POST /v1/policy/test` whether SRC may open PROTO:PORT on DST and which rule decides.
+//!
 //! Prints `listening on ADDR` on stdout once it accepts connections (its STUN server, if
 //! any, answers by then), after `relay on ADDR` when it runs the relay.
 
@@ -43,7 +54,10 @@ use tabbify_control::{relays, tls};
 #[derive(Parser)]
 #[command(
     name = "tabbify-mesh-coordinator",
-    about = "The Tabbify mesh control plane"
+    about = "The Tabbify mesh control plane",
+    after_help = "Admin subcommands (against a running coordinator, with an admin certificate):\n  \
+                  tabbify-mesh-coordinator admin-login --help\n  \
+                  tabbify-mesh-coordinator policy test --help"
 )]
 struct Cli {
     /// Address to listen on, e.g. 0.0.0.0:8443 or 127.0.0.1:0.
@@ -199,7 +213,152 @@ fn read(path: &PathBuf) -> anyhow::Result<String> {
 
 fn main() -> std::process::ExitCode {
     tabbify_api::cli::install();
-    tabbify_api::cli::finish("tabbify-mesh-coordinator", run())
+    let sub = std::env::args().nth(1);
+    let result = match sub.as_deref() {
+        Some("admin-login") => admin_login(AdminLogin::parse_from(std::env::args().skip(1))),
+        Some("policy") => policy_cmd(PolicyCli::parse_from(std::env::args().skip(1))),
+        _ => run(),
+    };
+    tabbify_api::cli::finish("tabbify-mesh-coordinator", result)
+}
+
+/// How an admin subcommand reaches the running coordinator.
+#[derive(clap::Args)]
+struct Conn {
+    /// The coordinator, `https://HOST:PORT` (HOST must be in its certificate).
+    #[arg(long, env = "TABBIFY_COORDINATOR")]
+    coordinator: String,
+    /// The admin certificate (PEM), from `tabbify-mesh-ca issue-admin`.
+    #[arg(long)]
+    tls_cert: PathBuf,
+    /// Its private key (PEM).
+    #[arg(long)]
+    tls_key: PathBuf,
+    /// The mesh CA (PEM).
+    #[arg(long)]
+    tls_ca: PathBuf,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<tabbify_control::admin_client::AdminClient> {
+        let tls = tls::client_config(
+            &read(&self.tls_ca)?,
+            Some((&read(&self.tls_cert)?, &read(&self.tls_key)?)),
+        )
+        .context("TLS set-up")?;
+        tabbify_control::admin_client::AdminClient::new(&self.coordinator, tls)
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+/// `admin-login`: prints a one-time login URL for the dashboard.
+#[derive(Parser)]
+#[command(name = "tabbify-mesh-coordinator admin-login")]
+struct AdminLogin {
+    #[command(flatten)]
+    conn: Conn,
+    /// How long the link may wait to be opened (600, 90s, 10m, 1h; at most 1h). The
+    /// session it opens lasts 8 hours.
+    #[arg(long, default_value = "10m", value_parser = tabbify_control::admin_client::parse_duration_secs)]
+    ttl: u64,
+}
+
+/// `policy`: questions about the policy in force.
+#[derive(Parser)]
+#[command(name = "tabbify-mesh-coordinator policy")]
+struct PolicyCli {
+    #[command(subcommand)]
+    cmd: PolicyCmd,
+}
+
+#[derive(clap::Subcommand)]
+enum PolicyCmd {
+    /// May SRC open PROTO:PORT on DST, and by which rule? (Members by name, identity,
+    /// peer id or ULA.)
+    Test {
+        #[command(flatten)]
+        conn: Conn,
+        /// The sender.
+        src: String,
+        /// The receiver.
+        dst: String,
+        /// `tcp:8730`, `udp:53`, or a bare port (tcp).
+        port: String,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn admin_login(cli: AdminLogin) -> anyhow::Result<()> {
+    let client = cli.conn.client()?;
+    let body = serde_json::json!({ "ttl_secs": cli.ttl });
+    let (status, v) = tokio::runtime::Runtime::new()?.block_on(client.call(
+        "POST",
+        tabbify_control::api::PATH_LOGIN_LINKS,
+        Some(&body),
+    ))?;
+    if status != 200 {
+        bail!("the coordinator answered {status}: {}", error_text(&v));
+    }
+    let path = v["path"].as_str().context("answer without a path")?;
+    println!("{}{path}", client.origin());
+    eprintln!(
+        "Open this link once within {} s (until Unix time {}); it signs the browser in as this admin.",
+        cli.ttl, v["expires_at"]
+    );
+    Ok(())
+}
+
+fn policy_cmd(cli: PolicyCli) -> anyhow::Result<()> {
+    let PolicyCmd::Test {
+        conn,
+        src,
+        dst,
+        port,
+        json,
+    } = cli.cmd;
+    let (proto, port) = match port.split_once(':') {
+        Some((p, n)) => (p.to_owned(), n),
+        None => ("tcp".to_owned(), port.as_str()),
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("port {port:?} is not 0-65535"))?;
+    let client = conn.client()?;
+    let body = serde_json::json!({ "src": src, "dst": dst, "proto": proto, "port": port });
+    let (status, v) = tokio::runtime::Runtime::new()?.block_on(client.call(
+        "POST",
+        tabbify_control::api::PATH_POLICY_TEST,
+        Some(&body),
+    ))?;
+    if status != 200 {
+        bail!("the coordinator answered {status}: {}", error_text(&v));
+    }
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "{}: {}",
+            if v["allowed"] == true {
+                "allowed"
+            } else {
+                "refused"
+            },
+            v["reason"].as_str().unwrap_or_default()
+        );
+        if !v["rule"].is_null() {
+            println!("rule: {}", v["rule"]["rule"]);
+        }
+    }
+    Ok(())
+}
+
+fn error_text(v: &serde_json::Value) -> String {
+    v["error"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| v.to_string())
 }
 
 fn run() -> anyhow::Result<()> {
