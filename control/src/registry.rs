@@ -1653,6 +1653,7 @@ mod tests {
                 app_hosts: vec![sel(false)],
                 allow: rules(rnd(8) + 1),
                 deny: rules(rnd(4)),
+                routes: Default::default(),
             };
             let new = Arc::new(Policy::compile(doc).unwrap());
             // Peers join under a policy that knows one more tag (dropped by the new one).
