@@ -104,8 +104,8 @@ fn nft_table(mark: u32) -> String {
     format!("tabbify-{mark}")
 }
 
-/// Runs `nft -f -` with `script`.
-fn nft(script: &str) -> anyhow::Result<()> {
+/// Runs `nft -f -` with `script` (also the router's masquerade, `join::router`).
+pub(crate) fn nft(script: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut child = Command::new("nft")
         .args(["-f", "-"])

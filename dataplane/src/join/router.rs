@@ -117,27 +117,10 @@ pub fn nft_script(spec: &RouterSpec) -> String {
     )
 }
 
-/// Runs `nft -f -` with `script`.
+/// Runs `nft -f -` with `script` (the one runner `crate::policy` has).
 fn nft(script: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running `nft` for the masquerade of routed traffic (install nftables, or run with --snat false)")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(script.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "`nft` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    crate::policy::nft(script)
+        .context("the masquerade of routed traffic (install nftables, or run with --snat false)")
 }
 
 /// Deletes our table if it exists (`destroy` needs nftables ≥ 1.0.8; older ones `delete`,
