@@ -343,8 +343,20 @@ struct JoinArgs {
     #[arg(long, value_name = "DOMAIN",
           value_parser = |s: &str| tabbify_api::dns::normalize_domain(s).map_err(|e| e.to_string()))]
     dns_domain: Option<String>,
+    /// What to log: a level (`error` … `trace`) or per-module directives
+    /// (`info,tabbify_dataplane::join=debug`). `systemctl reload` applies a change.
+    #[arg(long, env = "TABBIFY_LOG", value_name = "FILTER", default_value = "info",
+          value_parser = parse_log_level)]
+    log_level: String,
     #[command(flatten)]
     routes: tabbify_dataplane::join::route_flags::RouteFlags,
+}
+
+/// `--log-level`: checked as `tracing_subscriber::EnvFilter` reads it.
+fn parse_log_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?}: {e} (e.g. info, debug, or info,tabbify_dataplane=debug)"))
 }
 
 /// `--dns`.
@@ -438,7 +450,15 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// exists) merged in by `join::config_file`: its keys become arguments before the command
 /// line's, skipped for the flags the command line or the environment gave.
 fn parse_cli() -> anyhow::Result<Cli> {
-    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    parse_argv(std::env::args_os().collect(), |e| e.exit())
+}
+
+/// [`parse_cli`] over `argv`; a clap error goes to `fail` (at start: print and exit; on a
+/// reload: an error to log).
+fn parse_argv(
+    argv: Vec<std::ffi::OsString>,
+    fail: impl Fn(clap::Error) -> anyhow::Error,
+) -> anyhow::Result<Cli> {
     let mut cmd = Cli::command();
     // A required flag may come from the file: look past its absence in this first pass
     // (the merged command line below is checked in full).
@@ -448,18 +468,18 @@ fn parse_cli() -> anyhow::Result<Cli> {
             .clone()
             .ignore_errors(true)
             .try_get_matches_from(&argv)
-            .unwrap_or_else(|e| e.exit()),
-        Err(e) => e.exit(),
+            .map_err(&fail)?,
+        Err(e) => return Err(fail(e)),
     };
     let Some(("join", jm)) = matches.subcommand() else {
-        return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+        return Cli::from_arg_matches(&matches).map_err(fail);
     };
     let path = match jm.get_one::<PathBuf>("config") {
         Some(p) => p.clone(),
         None => {
             let p = PathBuf::from(join_file::DEFAULT_PATH);
             if !p.exists() {
-                return Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()));
+                return Cli::from_arg_matches(&matches).map_err(fail);
             }
             p
         }
@@ -486,7 +506,7 @@ fn parse_cli() -> anyhow::Result<Cli> {
         .chain(file)
         .chain(argv[at + 1..].iter().cloned())
         .collect();
-    Ok(Cli::try_parse_from(merged).unwrap_or_else(|e| e.exit()))
+    Cli::try_parse_from(merged).map_err(fail)
 }
 
 fn genkey() -> anyhow::Result<()> {
@@ -617,6 +637,52 @@ fn up(path: PathBuf, interface: Option<String>, engine: &EngineArgs) -> anyhow::
 }
 
 fn join(a: JoinArgs) -> anyhow::Result<()> {
+    let opts = join_options(a)?;
+    let set_log_level = init_tracing_reloadable(&opts.log_level);
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let hooks = tabbify_dataplane::join::reload::Hooks {
+        // The same parse as at start: the command line and environment of this process,
+        // the config file as it is now.
+        reread: Box::new(move || {
+            let cli = parse_argv(argv.clone(), |e| {
+                let text = e.to_string();
+                anyhow::anyhow!("{}", text.lines().next().unwrap_or("invalid arguments"))
+            })?;
+            match cli.cmd {
+                Cmd::Join(a) => join_options(*a),
+                _ => bail!("the command line is no longer `join`"),
+            }
+        }),
+        set_log_level,
+    };
+    tabbify_dataplane::join::run(opts, hooks)
+}
+
+/// Logging for `join`: the filter can be replaced later (a reload's `--log-level`).
+fn init_tracing_reloadable(level: &str) -> tabbify_dataplane::join::reload::SetLogLevel {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(
+                    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+                ),
+        )
+        .init();
+    Box::new(move |level: &str| {
+        let f = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    })
+}
+
+/// `join`'s arguments, checked, as the joiner's options.
+fn join_options(a: JoinArgs) -> anyhow::Result<JoinOptions> {
     let coordinators: Vec<String> = a
         .coordinator
         .iter()
@@ -661,11 +727,10 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         Some(path) => Some(tabbify_dataplane::join::read_join_token_file(path)?),
         None => a.join_token.filter(|t| !t.is_empty()),
     };
-    init_tracing();
     let control_socket = a
         .control_socket
         .unwrap_or_else(|| control::default_path(&a.interface));
-    tabbify_dataplane::join::run(JoinOptions {
+    Ok(JoinOptions {
         name: a.name,
         tags: a.tags.into_iter().map(|t| t.trim().to_owned()).collect(),
         coordinators,
@@ -700,6 +765,7 @@ fn join(a: JoinArgs) -> anyhow::Result<()> {
         routes: a.routes.settings().map_err(anyhow::Error::msg)?,
         snat: a.routes.snat,
         speedtest,
+        log_level: a.log_level,
     })
 }
 

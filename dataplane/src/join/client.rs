@@ -189,6 +189,14 @@ impl Client {
         self.fwmark = mark;
     }
 
+    /// Replaces the TLS client configuration (a reload's new certificates); the server name
+    /// stays. A plaintext client stays plaintext.
+    pub fn set_tls(&mut self, cfg: Arc<rustls::ClientConfig>) {
+        if let Some((connector, _)) = &mut self.tls {
+            *connector = TlsConnector::from(cfg);
+        }
+    }
+
     /// The URL as given.
     pub fn url(&self) -> &str {
         &self.url

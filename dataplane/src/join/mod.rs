@@ -14,7 +14,7 @@
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
 //!   (Prometheus text on `--metrics-bind`), [`speedtest`] (the responder on the mesh ULA
-//!   and the `speedtest` command's client).
+//!   and the `speedtest` command's client), [`reload`] (what SIGHUP re-reads and applies).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
@@ -31,6 +31,7 @@ pub mod dns;
 pub mod logic;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 pub mod route_flags;
 pub mod router;
 pub mod shell;
@@ -114,6 +115,9 @@ pub struct JoinOptions {
     pub snat: bool,
     /// The speedtest responder's port on the mesh ULA (`--speedtest-bind`); `None` = off.
     pub speedtest: Option<u16>,
+    /// The log filter (`--log-level`, `TABBIFY_LOG`), as `tracing_subscriber::EnvFilter`
+    /// reads it.
+    pub log_level: String,
 }
 
 /// Longest join token file read (a token is a few dozen characters).

@@ -168,32 +168,46 @@ pub struct Joiner {
     ipv4: Mutex<Option<Ipv4Addr>>,
     /// Our advertisements' state, from the last registration.
     advertised_routes: Mutex<Vec<api::RouteState>>,
+    /// The member's identity (its certificate's CN): a reloaded certificate must keep it.
+    identity: String,
+    /// The TLS configuration the last reload loaded (`None`: the start's).
+    tls_reloaded: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// The subnet router (`None`: this node routes for nobody).
+    router: Mutex<Option<super::router::Router>>,
 }
 
-/// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err).
-pub fn run(opts: JoinOptions) -> anyhow::Result<()> {
+/// Runs the joiner until SIGINT/SIGTERM (Ok) or a permanent refusal (Err); SIGHUP re-reads
+/// the configuration through `hooks` (see [`super::reload`]).
+pub fn run(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    rt.block_on(run_async(opts))
+    rt.block_on(run_async(opts, hooks))
 }
 
-async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
+/// Loads the TLS files: the client configuration and the certificate's CN.
+fn load_tls(f: &super::TlsFiles) -> anyhow::Result<(Arc<rustls::ClientConfig>, String)> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
+    };
+    let cert = read(&f.cert, "--tls-cert")?;
+    let key = read(&f.key, "--tls-key")?;
+    let ca = read(&f.ca, "--tls-ca")?;
+    let cn = certificate_cn(&cert).with_context(|| format!("--tls-cert {}", f.cert.display()))?;
+    let cfg = tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+    Ok((cfg, cn))
+}
+
+async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Result<()> {
+    // Before anything that takes a while: SIGHUP's default action would end the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     // The member's identity is its certificate's CN (the coordinator reads the same CN);
     // without mTLS (loopback development) it is the name it registers with.
     let (tls, member) = match &opts.tls {
         Some(f) => {
-            let read = |p: &PathBuf, what: &str| {
-                std::fs::read_to_string(p).with_context(|| format!("{what} {}", p.display()))
-            };
-            let cert = read(&f.cert, "--tls-cert")?;
-            let key = read(&f.key, "--tls-key")?;
-            let ca = read(&f.ca, "--tls-ca")?;
-            let cn = certificate_cn(&cert)
-                .with_context(|| format!("--tls-cert {}", f.cert.display()))?;
-            let cfg =
-                tabbify_api::tls::client_config(&ca, Some((&cert, &key))).context("TLS files")?;
+            let (cfg, cn) = load_tls(f)?;
             (Some(cfg), cn)
         }
         None => (None, opts.name.clone()),
@@ -201,6 +215,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
     // Our ULA and peer id derive from the identity, so a registration answer naming
     // others is refused.
     let identity = member;
+    let options_at_start = opts.clone();
     let header_identity = opts.tls.is_none().then(|| opts.name.clone());
     let mut targets = coordinator_targets(&opts.coordinators, tls.clone(), header_identity).await?;
     if opts.routes.exit_node != logic::routes::ExitChoice::Off {
@@ -272,7 +287,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         },
         table.clone(),
     )?;
-    let mut router = if opts.routes.is_router() {
+    let router = if opts.routes.is_router() {
         Some(super::router::Router::start(
             &opts.state_dir,
             &super::router::RouterSpec {
@@ -366,6 +381,9 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         metrics_addr,
         ipv4: Mutex::new(None),
         advertised_routes: Mutex::new(Vec::new()),
+        identity: identity.clone(),
+        tls_reloaded: Mutex::new(None),
+        router: Mutex::new(router),
     });
     let coordinators: Vec<String> = joiner.targets.iter().map(describe_target).collect();
     tracing::info!(%identity, peer_id = %joiner.peer_id, ula = %joiner.ula, ?coordinators, ephemeral = joiner.opts.ephemeral, "joining");
@@ -399,7 +417,18 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
+    let reload = {
+        let j = joiner.clone();
+        async move {
+            let mut in_force = options_at_start;
+            while hangup.recv().await.is_some() {
+                j.reload(&mut in_force, &hooks, Instant::now());
+            }
+            std::future::pending::<()>().await
+        }
+    };
     let (result, clean_stop) = tokio::select! {
+        _ = reload => (Ok(()), false),
         stop = stopped => (stop.into_result(), true),
         _ = serve => (Ok(()), false),
         r = drive => (r, false),
@@ -422,7 +451,12 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         dns.stop();
     }
     iface.shut_down();
-    if let Some(r) = router.as_mut() {
+    if let Some(r) = joiner
+        .router
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+    {
         r.stop();
     }
     result
@@ -796,10 +830,116 @@ impl Joiner {
         }
     }
 
+    /// SIGHUP: re-reads the configuration and applies what [`super::reload::plan`] allows.
+    /// `in_force` is what runs now; it is updated with what was applied.
+    fn reload(&self, in_force: &mut JoinOptions, hooks: &super::reload::Hooks, now: Instant) {
+        let new = match (hooks.reread)() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("reload refused, every setting kept: {e:#}");
+                return;
+            }
+        };
+        let plan = super::reload::plan(in_force, &new);
+        for field in &plan.restart {
+            tracing::warn!("reload: needs a restart: {field} (the running value is kept)");
+        }
+        let mut applied = Vec::new();
+        if plan.tls {
+            if let Some(files) = &new.tls {
+                match load_tls(files) {
+                    Ok((_, cn)) if cn != self.identity => tracing::error!(
+                        "reload: --tls-cert {}: the certificate is for {cn:?}, not {:?} (a new identity needs a restart); the old certificates are kept",
+                        files.cert.display(),
+                        self.identity
+                    ),
+                    Ok((cfg, _)) => {
+                        *self.tls_reloaded.lock().unwrap_or_else(|p| p.into_inner()) = Some(cfg);
+                        in_force.tls = Some(files.clone());
+                        applied.push("tls-cert, tls-key, tls-ca (the next coordinator connection uses them)");
+                    }
+                    Err(e) => tracing::error!(
+                        "reload: {e:#}; the old certificates are kept"
+                    ),
+                }
+            }
+        }
+        if let Some(level) = &plan.log_level {
+            match (hooks.set_log_level)(level) {
+                Ok(()) => {
+                    in_force.log_level.clone_from(level);
+                    applied.push("log-level");
+                }
+                Err(e) => {
+                    tracing::error!("reload: --log-level {level:?}: {e}; the old level is kept")
+                }
+            }
+        }
+        if let Some(routes) = plan.routes {
+            match self.apply_routes(&routes, now) {
+                Ok(()) => {
+                    in_force.routes = routes;
+                    applied.push("advertise-routes, advertise-exit-node, exit-node, accept-routes (the coordinator learns them at the next heartbeat)");
+                }
+                Err(e) => tracing::error!("reload: the route flags: {e:#}; the old ones are kept"),
+            }
+        }
+        tracing::info!(applied = ?applied, needs_restart = ?plan.restart, "configuration reloaded");
+    }
+
+    /// New route flags: the router (forwarding, masquerade) redone when what it routes
+    /// changed, then the machine's plan; the next heartbeat carries the advertisement.
+    fn apply_routes(&self, routes: &logic::routes::Settings, now: Instant) -> anyhow::Result<()> {
+        let old = self.lock().route_settings().clone();
+        let spec = |s: &logic::routes::Settings| {
+            s.is_router().then(|| super::router::RouterSpec {
+                interface: self.opts.interface.clone(),
+                routes: s.advertised.clone(),
+                exit_node: s.advertise_exit_node,
+                snat: self.opts.snat,
+            })
+        };
+        let (was, will) = (spec(&old), spec(routes));
+        if was != will {
+            let mut router = self.router.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(r) = router.as_mut() {
+                r.stop();
+            }
+            *router = None;
+            if let Some(s) = &will {
+                match super::router::Router::start(&self.opts.state_dir, s) {
+                    Ok(r) => *router = Some(r),
+                    Err(e) => {
+                        // Put back what ran before.
+                        if let Some(w) = &was {
+                            *router = super::router::Router::start(&self.opts.state_dir, w).ok();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        self.lock().set_route_settings(now, routes.clone());
+        self.wake.notify_one();
+        Ok(())
+    }
+
     /// The coordinator in use.
     fn client(&self) -> Client {
         let i = self.lock().coordinator();
-        self.targets[i.min(self.targets.len() - 1)].clone()
+        let mut c = self.targets[i.min(self.targets.len() - 1)].clone();
+        if let Some(cfg) = self.reloaded_tls() {
+            c.set_tls(cfg);
+        }
+        c
+    }
+
+    /// The TLS configuration a reload loaded (`None`: the one of the start is in use).
+    fn reloaded_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.tls_reloaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Deregisters (`POST /v1/mesh/leave`): at the coordinator in use, then at the others
@@ -809,7 +949,11 @@ impl Joiner {
         let n = self.targets.len();
         let mut last = String::from("no coordinator");
         for i in (0..n).map(|k| (first + k) % n) {
-            let target = &self.targets[i];
+            let mut target = self.targets[i].clone();
+            if let Some(cfg) = self.reloaded_tls() {
+                target.set_tls(cfg);
+            }
+            let target = &target;
             match target
                 .post::<_, api::LeaveResponse>(api::PATH_LEAVE, &api::LeaveRequest {})
                 .await
@@ -1328,6 +1472,8 @@ impl Joiner {
                 Err(e) => tracing::warn!(error = %e, "the pending key rotation is not settled yet"),
             }
         }
+        // The route flags in force (a reload may have changed them).
+        let routes = self.lock().route_settings().clone();
         let req = RegisterRequest {
             name: self.opts.name.clone(),
             public_key: base64::engine::general_purpose::STANDARD.encode(self.public_key()),
@@ -1340,8 +1486,8 @@ impl Joiner {
                 None
             },
             ephemeral: self.opts.ephemeral,
-            advertise_routes: self.opts.routes.advertise_strings(),
-            advertise_exit_node: self.opts.routes.advertise_exit_node,
+            advertise_routes: routes.advertise_strings(),
+            advertise_exit_node: routes.advertise_exit_node,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1368,6 +1514,7 @@ impl Joiner {
                 .unwrap_or_else(|p| p.into_inner())
                 .contains(h)
         });
+        let routes = self.lock().route_settings().clone();
         let req = HeartbeatRequest {
             peer_id: self.peer_id.clone(),
             endpoints: self.endpoints(),
@@ -1376,8 +1523,8 @@ impl Joiner {
             nat,
             home_relay,
             paths: api::PathCounts { direct, relay },
-            advertise_routes: self.opts.routes.advertise_strings(),
-            advertise_exit_node: self.opts.routes.advertise_exit_node,
+            advertise_routes: routes.advertise_strings(),
+            advertise_exit_node: routes.advertise_exit_node,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }

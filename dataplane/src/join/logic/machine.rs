@@ -770,6 +770,16 @@ impl Machine {
         &self.config.routes
     }
 
+    /// New route flags (a reload): the plan is redone at once; the coordinator learns the
+    /// advertisement at the next heartbeat.
+    pub fn set_route_settings(&mut self, now: Instant, routes: super::routes::Settings) {
+        if routes == self.config.routes {
+            return;
+        }
+        self.config.routes = routes;
+        self.reconcile(now);
+    }
+
     fn offers(&self) -> Vec<super::routes::Offer> {
         self.roster
             .entries()
