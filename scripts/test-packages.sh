@@ -151,9 +151,11 @@ grep -q '^DynamicUser=yes' "$unitdir/tabbify-node.service" || fail "edge: Dynami
 grep -q '^User=tabbify-coordinator' "$unitdir/tabbify-mesh-coordinator.service" || fail "coordinator: user"
 grep -q '^User=tabbify-relay' "$unitdir/tabbify-mesh-relay.service" || fail "relay: user"
 # Reload only where SIGHUP is handled (elsewhere it would kill the service).
-grep -q '^ExecReload=/bin/kill -HUP $MAINPID' "$unitdir/tabbify-mesh-coordinator.service" ||
-  fail "coordinator: ExecReload"
-for unit in tabbify-mesh tabbify-node tabbify-mesh-relay; do
+for unit in tabbify-mesh-coordinator tabbify-mesh; do
+  grep -q '^ExecReload=/bin/kill -HUP $MAINPID' "$unitdir/$unit.service" ||
+    fail "$unit: ExecReload"
+done
+for unit in tabbify-node tabbify-mesh-relay; do
   if grep -q '^ExecReload=' "$unitdir/$unit.service"; then
     fail "$unit: ExecReload, but the program does not handle SIGHUP"
   fi
