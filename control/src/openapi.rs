@@ -366,6 +366,21 @@ fn routes(doc: &mut Value) {
         schemas[req]["properties"]["advertise_routes"] = advertise.clone();
         schemas[req]["properties"]["advertise_exit_node"] = exit.clone();
     }
+    schemas["HeartbeatRequest"]["properties"]["traffic"] =
+        json!({"$ref": "#/components/schemas/TrafficReport"});
+    schemas["TrafficReport"] = json!({"type": "object", "required": ["rx_bytes", "tx_bytes"],
+        "description": "the member's own claims about its traffic; kept in memory, shown as reported by the member",
+        "properties": {"rx_bytes": {"type": "integer", "minimum": 0, "description": "since the joiner started"},
+                       "tx_bytes": {"type": "integer", "minimum": 0, "description": "since the joiner started"},
+                       "peers": {"type": "array", "maxItems": tabbify_api::MAX_TRAFFIC_PEERS,
+                                 "description": "the busiest first; more than maxItems: 400 naming traffic.peers; ids the reporter may not see are dropped",
+                                 "items": {"$ref": "#/components/schemas/PeerTraffic"}}}});
+    schemas["PeerTraffic"] = json!({"type": "object", "required": ["peer_id", "rx_bytes", "tx_bytes", "path"],
+        "properties": {"peer_id": {"type": "string"},
+                       "rx_bytes": {"type": "integer", "minimum": 0}, "tx_bytes": {"type": "integer", "minimum": 0},
+                       "last_handshake_secs": {"type": "integer", "minimum": 0, "nullable": true,
+                                               "description": "age of the last handshake; absent: never"},
+                       "path": {"type": "string", "enum": ["direct", "relay", "none"]}}});
     schemas["RegisterResponse"]["properties"]["ipv4"] = json!({"type": "string",
         "description": "the member's mesh IPv4 in 100.64.0.0/10; absent from older coordinators"});
     schemas["RegisterResponse"]["properties"]["routes"] = json!({"type": "array",

@@ -14,7 +14,8 @@
 //! * [`client`] (HTTPS/SSE to the coordinator), [`control`] (the local socket for
 //!   `status`/`peers`/`app`), [`state_dir`] (node key, hosted apps), [`metrics`]
 //!   (Prometheus text on `--metrics-bind`), [`speedtest`] (the responder on the mesh ULA
-//!   and the `speedtest` command's client), [`reload`] (what SIGHUP re-reads and applies).
+//!   and the `speedtest` command's client), [`reload`] (what SIGHUP re-reads and applies), [`traffic`] (the
+//!   heartbeat's report of this member's traffic).
 //!
 //! Invariants:
 //! * the table changes only by applying the machine's actions, and the machine touches
@@ -37,6 +38,7 @@ pub mod router;
 pub mod shell;
 pub mod speedtest;
 pub mod state_dir;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;

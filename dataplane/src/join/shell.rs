@@ -1525,6 +1525,8 @@ impl Joiner {
             paths: api::PathCounts { direct, relay },
             advertise_routes: routes.advertise_strings(),
             advertise_exit_node: routes.advertise_exit_node,
+            // Our own account of our traffic (the dashboard labels it as reported by us).
+            traffic: Some(super::traffic::report(&self.status().peers, unix_now())),
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
