@@ -133,6 +133,11 @@ impl Interface {
         &self.engine.info
     }
 
+    /// The engine's per-worker batch-size histograms.
+    pub fn batches(&self) -> Arc<crate::core::batchstats::BatchStats> {
+        self.engine.shared.batches.clone()
+    }
+
     /// The engine's drop counters.
     pub fn counters(&self) -> Arc<crate::core::counters::DropCounters> {
         self.engine.shared.counters.clone()

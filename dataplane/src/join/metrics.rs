@@ -3,7 +3,8 @@
 //! runtime.
 //!
 //! This module owns the address syntax ([`parse_bind`]), the text exposition
-//! ([`render`], sans IO: a [`Status`] and `now` in, text out) and the listener
+//! ([`render`], sans IO: a [`Status`] and `now` in, text out; [`render_batches`]: the
+//! engine workers' batch-size histograms) and the listener
 //! ([`serve`]). It reads what the joiner already keeps for `status` (the per-peer byte
 //! counters and handshake time, the engine's drop counters); it adds no per-packet work.
 //!
@@ -36,6 +37,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 
 use super::control::Status;
+use crate::core::batchstats::{BatchOp, Histogram, BUCKET_BOUNDS};
 use crate::core::counters::DropReason;
 
 /// The default `--metrics-bind`.
@@ -360,6 +362,41 @@ pub fn render(s: &Status, now_unix: u64) -> String {
     o
 }
 
+/// Appends the workers' batch sizes as one Prometheus histogram,
+/// `tabbify_mesh_batch_packets{worker,op}` (`op` = `tun_read`, `udp_recv`, `udp_send`;
+/// buckets `le` = the powers of two of `core::batchstats::BUCKET_BOUNDS`, then `+Inf`).
+/// Every worker and op is present, zeros included.
+pub fn render_batches(o: &mut String, workers: &[[Histogram; 3]]) {
+    head(
+        o,
+        "tabbify_mesh_batch_packets",
+        "histogram",
+        "Packets per batch, by worker and op: TUN reads and UDP receives per turn, UDP datagrams per send flush.",
+    );
+    for (w, ops) in workers.iter().enumerate() {
+        for (op, h) in BatchOp::ALL.iter().zip(ops) {
+            let labels = format!("worker=\"{w}\",op=\"{}\"", op.name());
+            let mut cumulative = 0;
+            for (bound, n) in BUCKET_BOUNDS.iter().zip(h.counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    o,
+                    "tabbify_mesh_batch_packets_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "tabbify_mesh_batch_packets_bucket{{{labels},le=\"+Inf\"}} {cumulative}"
+            );
+            let _ = writeln!(o, "tabbify_mesh_batch_packets_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(
+                o,
+                "tabbify_mesh_batch_packets_count{{{labels}}} {cumulative}"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +498,31 @@ mod tests {
         // A long name is cut, so a name cannot inflate every scrape without bound.
         let t = render(&status(&"a".repeat(10_000)), 1030);
         assert!(!t.contains(&"a".repeat(MAX_LABEL_CHARS + 1)));
+    }
+
+    #[test]
+    fn the_batch_histograms_are_cumulative_per_worker_and_op() {
+        let stats = crate::core::batchstats::BatchStats::new(2);
+        stats.worker(0).record(BatchOp::TunRead, 1);
+        stats.worker(0).record(BatchOp::TunRead, 3);
+        stats.worker(1).record(BatchOp::UdpSend, 64);
+        let mut t = String::new();
+        render_batches(&mut t, &stats.snapshot());
+        assert_eq!(well_formed(&t), 2 * 3 * (BUCKET_BOUNDS.len() + 3));
+        for want in [
+            "# TYPE tabbify_mesh_batch_packets histogram",
+            "tabbify_mesh_batch_packets_bucket{worker=\"0\",op=\"tun_read\",le=\"1\"} 1",
+            "tabbify_mesh_batch_packets_bucket{worker=\"0\",op=\"tun_read\",le=\"2\"} 1",
+            "tabbify_mesh_batch_packets_bucket{worker=\"0\",op=\"tun_read\",le=\"4\"} 2",
+            "tabbify_mesh_batch_packets_bucket{worker=\"0\",op=\"tun_read\",le=\"+Inf\"} 2",
+            "tabbify_mesh_batch_packets_sum{worker=\"0\",op=\"tun_read\"} 4",
+            "tabbify_mesh_batch_packets_count{worker=\"1\",op=\"udp_send\"} 1",
+            "tabbify_mesh_batch_packets_bucket{worker=\"1\",op=\"udp_send\",le=\"32\"} 0",
+            "tabbify_mesh_batch_packets_bucket{worker=\"1\",op=\"udp_send\",le=\"64\"} 1",
+            "tabbify_mesh_batch_packets_count{worker=\"1\",op=\"udp_recv\"} 0",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in\n{t}");
+        }
     }
 
     #[test]

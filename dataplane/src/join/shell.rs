@@ -132,6 +132,8 @@ pub struct Joiner {
     table: Arc<Table>,
     /// The engine's drop counters (for `status`).
     counters: Arc<DropCounters>,
+    /// The engine's per-worker batch-size histograms (for the metrics).
+    batches: Arc<crate::core::batchstats::BatchStats>,
     /// The coordinator targets, in the order tried; the machine says which is in use.
     targets: Vec<Client>,
     state: StateDir,
@@ -362,6 +364,7 @@ async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Re
         handshaker,
         table,
         counters: iface.counters(),
+        batches: iface.batches(),
         targets,
         state,
         public_key: Mutex::new(public_key),
@@ -395,7 +398,9 @@ async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Re
     let metrics = {
         let j = joiner.clone();
         super::metrics::serve_opt(metrics_listener, move || {
-            super::metrics::render(&j.status(), unix_now())
+            let mut text = super::metrics::render(&j.status(), unix_now());
+            super::metrics::render_batches(&mut text, &j.batches.snapshot());
+            text
         })
     };
     let speedtest = async move {

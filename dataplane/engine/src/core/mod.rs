@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod batchstats;
 pub mod conntrack;
 pub mod counters;
 pub mod demux;

@@ -6,7 +6,8 @@
 //! mio is edge-triggered: a readable fd is drained to `EAGAIN`. Reads are taken in batches
 //! of [`BATCH`]; after each batch the encrypted datagrams go out as GSO `sendmsg` calls and
 //! decrypted packets (and the ICMP answers to TUN reads no peer covers) as TUN `write`
-//! calls, synchronously, so every buffer is free again before the next batch.
+//! calls, synchronously, so every buffer is free again before the next batch. Each batch's
+//! size goes into the worker's own histogram (`core::batchstats`).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+use crate::core::batchstats::{BatchOp, WorkerBatches};
 use crate::core::counters::DropReason;
 use crate::core::pipeline::Pipeline;
 use crate::core::rxsink::RxSink;
@@ -30,7 +32,11 @@ const UDP: Token = Token(1);
 
 /// Runs one worker until the device stops.
 pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
-    let WorkerSpec { tun, udp: sock, .. } = spec;
+    let WorkerSpec {
+        id, tun, udp: sock, ..
+    } = spec;
+    let batches = shared.batches.clone();
+    let mine = batches.worker(id);
     let mut poll = Poll::new()?;
     let tun_fd = tun.as_raw_fd();
     let udp_fd = sock.as_raw_fd();
@@ -71,11 +77,13 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         pipe.set_now(shared.now_secs());
         pipe.set_now_ns(crate::core::path::mono_ns());
         if tun_ready {
+            let mut reads = 0;
             for _ in 0..BATCH {
                 match fd::read(tun_fd, &mut rbuf) {
                     Ok(n) => {
+                        reads += 1;
                         if pipe.on_tun(&snap, &mut rbuf[..n]).is_err() {
-                            flush_tx(&mut pipe, udp_fd, &shared);
+                            flush_tx(&mut pipe, udp_fd, &shared, mine);
                             let _ = pipe.on_tun(&snap, &mut rbuf[..n]);
                         }
                     }
@@ -87,14 +95,17 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
                     Err(e) => return Err(e),
                 }
             }
-            flush_tx(&mut pipe, udp_fd, &shared);
+            mine.record(BatchOp::TunRead, reads);
+            flush_tx(&mut pipe, udp_fd, &shared, mine);
         }
         if udp_ready {
+            let mut recvs = 0;
             for _ in 0..BATCH {
                 match udp::recv(udp_fd, &mut rbuf) {
                     Ok((n, Some(src), seg)) => {
+                        recvs += 1;
                         if pipe.on_udp(&snap, src, &rbuf[..n], seg, &mut out).is_err() {
-                            flush_tx(&mut pipe, udp_fd, &shared);
+                            flush_tx(&mut pipe, udp_fd, &shared, mine);
                         }
                     }
                     Ok((_, None, _)) => shared.counters.add(DropReason::MalformedOuter),
@@ -107,7 +118,8 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
                     Err(_) => shared.counters.add(DropReason::Io),
                 }
             }
-            flush_tx(&mut pipe, udp_fd, &shared);
+            mine.record(BatchOp::UdpRecv, recvs);
+            flush_tx(&mut pipe, udp_fd, &shared, mine);
         }
         if pipe.has_replies() {
             pipe.drain_replies(&mut out);
@@ -125,14 +137,17 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
     Ok(())
 }
 
-fn flush_tx(pipe: &mut Pipeline, udp_fd: i32, shared: &Shared) {
+fn flush_tx(pipe: &mut Pipeline, udp_fd: i32, shared: &Shared, mine: &WorkerBatches) {
     let counters = &shared.counters;
     let gso = shared.udp.gso;
     let ipv6 = shared.udp.ipv6;
+    let mut datagrams = 0;
     pipe.tx.send_all(|slot| {
+        datagrams += slot.segments.max(1);
         let seg = (gso && slot.segments > 1).then_some(slot.segment as u16);
         if udp::send(udp_fd, &slot.buf[..slot.len], slot.dst, seg, ipv6).is_err() {
             counters.add(DropReason::Io);
         }
     });
+    mine.record(BatchOp::UdpSend, datagrams);
 }

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use boringtun::noise::TunnResult;
 
+use crate::core::batchstats::BatchStats;
 use crate::core::counters::DropCounters;
 use crate::core::demux::ControlQueue;
 use crate::core::path;
@@ -54,6 +55,8 @@ pub struct Shared {
     pub table: Arc<Table>,
     /// Drop counters.
     pub counters: Arc<DropCounters>,
+    /// Per-worker batch-size histograms (each worker writes its own cells).
+    pub batches: Arc<BatchStats>,
     /// Set to stop every thread.
     pub stop: Arc<AtomicBool>,
     /// TUN reads/writes carry a virtio header.
@@ -189,6 +192,7 @@ impl Engine {
         let shared = Shared {
             table: table.clone(),
             counters: Arc::new(DropCounters::default()),
+            batches: Arc::new(BatchStats::new(threads)),
             stop: Arc::new(AtomicBool::new(false)),
             vnet: tun_offloads.vnet_hdr,
             uso: tun_offloads.vnet_hdr && tun_offloads.uso,

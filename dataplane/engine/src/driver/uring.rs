@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use io_uring::types::{BufRingEntry, CancelBuilder, Fixed, RecvMsgOut};
 use io_uring::{cqueue, opcode, types, IoUring};
 
+use crate::core::batchstats::BatchOp;
 use crate::core::counters::DropReason;
 use crate::core::pipeline::Pipeline;
 use crate::core::rxsink::RxSink;
@@ -320,6 +321,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
     tun_ring.register(&ring)?;
     udp_ring.register(&ring)?;
     let mut w = Worker {
+        id: spec.id,
         ring,
         tun_fd: spec.tun.as_raw_fd(),
         tun_ring,
@@ -346,6 +348,8 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
 
 /// The ring and what the kernel may be using.
 struct Worker {
+    /// The worker number (its cells in `Shared::batches`).
+    id: usize,
     ring: IoUring,
     tun_fd: i32,
     tun_ring: BufRing,
@@ -417,15 +421,18 @@ impl Worker {
             pipe.tick(Instant::now());
             pipe.set_now(shared.now_secs());
             pipe.set_now_ns(crate::core::path::mono_ns());
+            let (mut reads, mut recvs) = (0, 0);
             for &(data, res, flags) in &cqes {
                 match Op::decode(data) {
                     Some(Op::TunRead) => {
+                        reads += usize::from(res > 0);
                         if !cqueue::more(flags) {
                             self.tun_armed = false;
                         }
                         self.on_tun_read(shared, pipe, sends, &snap, res, flags)?;
                     }
                     Some(Op::UdpRecv) => {
+                        recvs += usize::from(res > 0);
                         if !cqueue::more(flags) {
                             self.udp_armed = false;
                         }
@@ -434,6 +441,9 @@ impl Worker {
                     _ => {}
                 }
             }
+            let mine = shared.batches.worker(self.id);
+            mine.record(BatchOp::TunRead, reads);
+            mine.record(BatchOp::UdpRecv, recvs);
             self.tun_ring.publish();
             self.udp_ring.publish();
             self.push_sends(shared, pipe, sends)?;
@@ -560,7 +570,9 @@ impl Worker {
         let mut push_err = None;
         let ring = &mut self.ring;
         let in_flight = &mut self.sends_in_flight;
+        let mut datagrams = 0;
         pipe.tx.drain(|i, slot| {
+            datagrams += slot.segments.max(1);
             let m = &mut sends[i];
             let Some((addr, alen)) = RawAddr::new(slot.dst, ipv6) else {
                 // Not sent: its slot must still come back, so complete it with a no-op.
@@ -599,6 +611,10 @@ impl Worker {
                 Err(err) => push_err = Some(err),
             }
         });
+        shared
+            .batches
+            .worker(self.id)
+            .record(BatchOp::UdpSend, datagrams);
         match push_err {
             Some(e) => Err(e),
             None => Ok(()),
