@@ -206,7 +206,7 @@ function describeNode(model, n) {
   parts.push(out.length ? "may reach " + out.map((e) => label(e.to) + " on " + Array.from(e.ports).join(",")).join("; ") : "may reach no other class");
   parts.push(inn.length ? "reached by " + inn.map((e) => label(e.from)).join(", ") : "reached by no other class");
   if (self) parts.push("members reach each other on " + Array.from(self.ports).join(","));
-  return parts.join(". ") + ".";
+  return parts.join("; ") + ".";
 }
 
 function drawReachGraph(r) {
@@ -224,7 +224,7 @@ function drawReachGraph(r) {
   });
   const root = svg("svg", { viewBox: "0 0 " + size + " " + size, width: "100%", class: "graph", role: "group", "aria-labelledby": "reach-graph-label" });
   const defs = svg("defs");
-  const marker = svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 7, markerHeight: 7, orient: "auto-start-reverse" });
+  const marker = svg("marker", { id: "arrow", viewBox: "0 0 10 10", refX: 10, refY: 5, markerWidth: 9, markerHeight: 9, markerUnits: "userSpaceOnUse", orient: "auto-start-reverse" });
   marker.append(svg("path", { d: "M 0 0 L 10 5 L 0 10 z", class: "arrowhead" }));
   defs.append(marker);
   root.append(defs);
