@@ -25,8 +25,10 @@ mod crypto;
 mod iperf;
 mod multicore;
 mod peers;
+mod profile;
 mod relayed;
 mod report;
+mod udpload;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -42,7 +44,7 @@ use tabbify_tests::tunnel::MTU;
 use tabbify_tests::wg::{Driver, Implementation, OursOptions, PortRules};
 use tabbify_tests::{Inner, Netns, Tunnel, TunnelSpec, VethOptions, VethPair};
 
-use crate::iperf::{measure, Metric, Server};
+use crate::iperf::{measure_between, Metric, Server};
 use crate::relayed::{RelayBed, RelayMode};
 use crate::report::{ImplResult, Kind, RoundResult, Run};
 
@@ -127,6 +129,15 @@ enum Bench {
     /// Multi-core scaling (issue 17, Deliver 5): several tunnel pairs at once, ours at
     /// several `--threads` (see `multicore`).
     MultiCore(multicore::Args),
+    /// Flame graphs of both daemons during TCP 1 stream and UDP (`perf record` with the
+    /// DWARF unwinder, rendered with inferno) into `--out`.
+    Profile(profile::Args),
+    /// Internal: the UDP GSO sender of the suite's UDP test, run inside a namespace.
+    #[command(hide = true)]
+    UdpBlast(udpload::BlastArgs),
+    /// Internal: the UDP receiver of the suite's UDP test, run inside a namespace.
+    #[command(hide = true)]
+    UdpSink(udpload::SinkArgs),
     /// Internal: the handshake initiators of `peers`, run inside a namespace.
     #[command(hide = true)]
     HandshakeFlood(peers::FloodArgs),
@@ -180,6 +191,9 @@ fn main() -> Result<()> {
             )
         }
         Some(Bench::HandshakeFlood(flood)) => return peers::flood(flood),
+        Some(Bench::Profile(profile)) => return run_profile(&args, profile),
+        Some(Bench::UdpBlast(blast)) => return udpload::blast(blast),
+        Some(Bench::UdpSink(sink)) => return udpload::sink(sink),
     }
     let contenders = contenders(&args)?;
     if args.list {
@@ -310,6 +324,113 @@ fn main() -> Result<()> {
     if let Some(readme) = &args.update_readme {
         update_readme(readme, &run, &table, plotted.then_some(png_path.as_path()))?;
         println!("updated {}", readme.display());
+    }
+    Ok(())
+}
+
+/// `tabbify-perf profile`: per implementation, a fresh tunnel per test (TCP 1 stream and
+/// UDP), both daemons sampled with `perf record` for the test's whole duration, one SVG
+/// per implementation and test in `--out`.
+fn run_profile(args: &Args, prof: &profile::Args) -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Wg, Tool::Iperf3, Tool::Ping])?;
+    if on_path("perf").is_none() {
+        bail!("perf not on PATH (install linux-perf, Debian's package of perf)");
+    }
+    let run = match &prof.run {
+        Some(run) => run.clone(),
+        None => utc_now()?.replace(':', "-"),
+    };
+    let all = contenders(args)?;
+    let mut chosen = Vec::new();
+    for name in &prof.impls {
+        let contender = all
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("unknown implementation {name:?} (see --list)"))?;
+        if let Some(reason) = &contender.unavailable {
+            bail!("{name}: {reason}");
+        }
+        if contender.implementation.is_none() || contender.relay.is_some() {
+            bail!("{name}: only a tunnel on the veth has daemons to profile");
+        }
+        chosen.push(contender);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let left = Netns::new()?;
+    let right = Netns::new()?;
+    let veth = VethPair::connect(
+        &left,
+        &right,
+        &VethOptions {
+            rps: args.veth_rps == "on",
+            ..VethOptions::default()
+        },
+    )?;
+    let scratch = left.workdir().join("profile");
+    std::fs::create_dir_all(&scratch)?;
+    for contender in chosen {
+        let Some(implementation) = &contender.implementation else {
+            continue;
+        };
+        for (metric, test) in [(Metric::Tcp1, "tcp1"), (Metric::Udp, "udp")] {
+            eprintln!("perf: profiling {} during {test}", contender.name);
+            let tunnel = start_tunnel(implementation, contender.tracked, &veth)?;
+            let server_addr = tunnel.right_inner[0];
+            let server = Server::start(&veth.b.netns)?;
+            let recorders = [
+                profile::Recorder::start(
+                    tunnel.left.process().pid(),
+                    "client",
+                    &scratch,
+                    prof.freq,
+                )?,
+                profile::Recorder::start(
+                    tunnel.right.process().pid(),
+                    "server",
+                    &scratch,
+                    prof.freq,
+                )?,
+            ];
+            let sample = measure_between(
+                &veth.a.netns,
+                &veth.b.netns,
+                server_addr,
+                metric,
+                args.duration,
+            );
+            let recordings = recorders
+                .into_iter()
+                .map(profile::Recorder::stop)
+                .collect::<Result<Vec<_>>>()?;
+            drop(server);
+            tunnel.stop()?;
+            let sample = sample?;
+            let svg = args
+                .out
+                .join(format!("{run}-{}-{test}.svg", contender.name));
+            let title = format!(
+                "{} · {test} · {:.2} {} · {} s · {run}",
+                implementation.label(),
+                sample.value,
+                if metric == Metric::Ping {
+                    "ms"
+                } else {
+                    "Gbit/s"
+                },
+                args.duration
+            );
+            let samples = profile::render(&recordings, &title, &svg)?;
+            for (_, data) in &recordings {
+                let _ = std::fs::remove_file(data);
+            }
+            println!(
+                "{}: {test} {:.2} Gbit/s, {samples} samples → {}",
+                contender.name,
+                sample.value,
+                svg.display()
+            );
+        }
     }
     Ok(())
 }
@@ -659,7 +780,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let cpu_before = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
-        let outcome = measure(&veth.a.netns, server_addr, metric, duration);
+        let outcome = measure_between(&veth.a.netns, &veth.b.netns, server_addr, metric, duration);
         let cpu_after = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
         match outcome {
             Ok(sample) => {
@@ -736,7 +857,7 @@ fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) 
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let before = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
-        let outcome = measure(&bed.client, bed.server_addr, metric, duration);
+        let outcome = measure_between(&bed.client, &bed.server, bed.server_addr, metric, duration);
         let after = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
         match outcome {
             Ok(sample) => {
