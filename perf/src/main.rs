@@ -425,9 +425,10 @@ fn run_profile(args: &Args, prof: &profile::Args) -> Result<()> {
                 let _ = std::fs::remove_file(data);
             }
             println!(
-                "{}: {test} {:.2} Gbit/s, {samples} samples → {}",
+                "{}: {test} {:.2} Gbit/s, {:.2} s of daemon CPU sampled → {}",
                 contender.name,
                 sample.value,
+                samples as f64 / 1e9,
                 svg.display()
             );
         }

@@ -134,7 +134,7 @@ fn collapse(side: &str, data: &Path) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Renders the recordings into one flame graph at `svg`; returns the number of samples.
+/// Renders the recordings into one flame graph at `svg`; returns the CPU nanoseconds sampled.
 pub fn render(recordings: &[(&'static str, PathBuf)], title: &str, svg: &Path) -> Result<u64> {
     let mut lines = Vec::new();
     for (side, data) in recordings {
@@ -151,10 +151,11 @@ pub fn render(recordings: &[(&'static str, PathBuf)], title: &str, svg: &Path) -
     let mut options = FlameOptions::default();
     options.title = title.to_owned();
     options.subtitle = Some(
-        "left: client (sending) daemon, right: server (receiving) daemon; width = CPU samples"
+        "left: client (sending) daemon, right: server (receiving) daemon; width = CPU time"
             .to_owned(),
     );
-    options.count_name = "samples".to_owned();
+    // perf script gives each cpu-clock sample its period, so counts are CPU nanoseconds.
+    options.count_name = "ns of CPU".to_owned();
     let file = std::fs::File::create(svg).with_context(|| format!("creating {}", svg.display()))?;
     flamegraph::from_lines(
         &mut options,
