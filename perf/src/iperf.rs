@@ -103,16 +103,19 @@ impl Server {
     }
 }
 
-/// Runs `metric` from `client` to `server_addr` (in `server`) for `duration`.
+/// Runs `metric` from `client` to `server_addr` (in `server`) for `duration`;
+/// `udp_offer_gbps` paces the GSO UDP sender (0: unpaced).
 pub fn measure_between(
     client: &Netns,
     server: &Netns,
     server_addr: IpAddr,
     metric: Metric,
     duration: u32,
+    udp_offer_gbps: f64,
 ) -> Result<Sample> {
     if metric == Metric::Udp {
-        let outcome = crate::udpload::measure(client, server, server_addr, duration)?;
+        let outcome =
+            crate::udpload::measure(client, server, server_addr, duration, udp_offer_gbps)?;
         eprintln!(
             "perf:   udp: offered {:.2} Gbit/s (GSO {}, {} calls, {} refused), delivered {:.2}, \
              {} GRO super-packets received, {} duplicates",

@@ -109,6 +109,11 @@ struct Args {
     /// "no-RPS rig", where the single-queue veth receiver runs on one CPU).
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     veth_rps: String,
+    /// Payload Gbit/s the UDP test's GSO sender offers at most (0: unpaced, as fast as
+    /// the kernel takes datagrams; an unpaced sender spends a core copying datagrams the
+    /// TUN's queue then drops, which on a 2-core machine is taken from the daemons).
+    #[arg(long, default_value_t = 0.0, global = true)]
+    udp_offer_gbps: f64,
     /// Seconds the crypto bound (ChaCha20-Poly1305 seal + open through boringtun, one
     /// core) is measured for at the start of a run; 0 skips it.
     #[arg(long, default_value_t = 3)]
@@ -250,7 +255,8 @@ fn main() -> Result<()> {
             let index = (offset + position) % contenders.len();
             let contender = &contenders[index];
             eprintln!("perf: round {round}/{}: {}", args.rounds, contender.name);
-            let (mut result, startup_log) = run_turn(contender, &veth, args.duration);
+            let (mut result, startup_log) =
+                run_turn(contender, &veth, args.duration, args.udp_offer_gbps);
             result.round = round;
             result.position = position;
             for (key, error) in &result.errors {
@@ -398,6 +404,7 @@ fn run_profile(args: &Args, prof: &profile::Args) -> Result<()> {
                 server_addr,
                 metric,
                 args.duration,
+                args.udp_offer_gbps,
             );
             let recordings = recorders
                 .into_iter()
@@ -724,7 +731,12 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
 }
 
 /// One implementation's turn in a round. Never fails: errors are recorded in the result.
-fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResult, Vec<String>) {
+fn run_turn(
+    contender: &Contender,
+    veth: &VethPair,
+    duration: u32,
+    udp_offer: f64,
+) -> (RoundResult, Vec<String>) {
     let mut result = RoundResult::default();
     let mut startup_log = Vec::new();
     if let Some(reason) = &contender.unavailable {
@@ -735,7 +747,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
         return (result, startup_log);
     }
     if let Some(mode) = contender.relay {
-        return run_relay_turn(mode, duration);
+        return run_relay_turn(mode, duration, udp_offer);
     }
     let tunnel = match &contender.implementation {
         None => None,
@@ -781,7 +793,14 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let cpu_before = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
-        let outcome = measure_between(&veth.a.netns, &veth.b.netns, server_addr, metric, duration);
+        let outcome = measure_between(
+            &veth.a.netns,
+            &veth.b.netns,
+            server_addr,
+            metric,
+            duration,
+            udp_offer,
+        );
         let cpu_after = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
         match outcome {
             Ok(sample) => {
@@ -821,7 +840,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
 /// A relayed case's turn (see `relayed`): a fresh LAN, coordinator, relay and two joiners
 /// pinned to the relay; the same metrics; the joiners' CPU in `cpu_s` and the relay's in
 /// `relay_cpu_s`. Never fails: errors are recorded in the result.
-fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) {
+fn run_relay_turn(mode: RelayMode, duration: u32, udp_offer: f64) -> (RoundResult, Vec<String>) {
     let mut result = RoundResult::default();
     let fail = |result: &mut RoundResult, what: &str, error: anyhow::Error| {
         result.errors.insert(what.to_owned(), format!("{error:#}"));
@@ -858,7 +877,14 @@ fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) 
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let before = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
-        let outcome = measure_between(&bed.client, &bed.server, bed.server_addr, metric, duration);
+        let outcome = measure_between(
+            &bed.client,
+            &bed.server,
+            bed.server_addr,
+            metric,
+            duration,
+            udp_offer,
+        );
         let after = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
         match outcome {
             Ok(sample) => {

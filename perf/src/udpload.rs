@@ -59,6 +59,9 @@ pub struct BlastArgs {
     /// Do not try UDP GSO (single datagrams in `sendmmsg` batches only).
     #[arg(long)]
     pub no_gso: bool,
+    /// Payload Gbit/s to offer at most (0: as fast as the kernel takes them).
+    #[arg(long, default_value_t = 0.0)]
+    pub offer_gbps: f64,
 }
 
 /// `udp-sink`: the receiver.
@@ -241,12 +244,21 @@ pub fn blast(args: &BlastArgs) -> Result<()> {
         args.to,
         Duration::from_secs(u64::from(args.seconds)),
         !args.no_gso,
+        args.offer_gbps,
     )?;
     println!("{RESULT_TAG}{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
-fn send_for(to: SocketAddr, duration: Duration, try_gso: bool) -> Result<BlastResult> {
+/// Sends for `duration`; with `offer_gbps` > 0 paced to that payload rate (a batch, then a
+/// sleep while ahead of the rate), so a sender that outruns the tunnel does not also burn
+/// the CPU the tunnel's daemons need on datagrams the TUN's queue drops anyway.
+fn send_for(
+    to: SocketAddr,
+    duration: Duration,
+    try_gso: bool,
+    offer_gbps: f64,
+) -> Result<BlastResult> {
     let fd = udp_socket(&to)?;
     let (addr, addr_len) = sockaddr(&to);
     // SAFETY: addr/addr_len describe a valid sockaddr for this family.
@@ -261,7 +273,15 @@ fn send_for(to: SocketAddr, duration: Duration, try_gso: bool) -> Result<BlastRe
     let mut buf = vec![0u8; BATCH * SEGMENTS * PAYLOAD];
     let mut seq: u64 = 0;
     let start = Instant::now();
+    let bytes_per_sec = offer_gbps * 1e9 / 8.0;
     while start.elapsed() < duration {
+        if bytes_per_sec > 0.0 {
+            let due =
+                Duration::from_secs_f64(result.datagrams as f64 * PAYLOAD as f64 / bytes_per_sec);
+            if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                std::thread::sleep(ahead);
+            }
+        }
         for datagram in buf.chunks_mut(PAYLOAD) {
             datagram[..8].copy_from_slice(&seq.to_le_bytes());
             seq += 1;
@@ -445,6 +465,7 @@ pub fn measure(
     server: &Netns,
     server_addr: IpAddr,
     seconds: u32,
+    offer_gbps: f64,
 ) -> Result<Outcome> {
     let exe = std::env::current_exe().context("finding this executable")?;
     let exe = exe.to_str().context("non-UTF-8 executable path")?;
@@ -457,10 +478,19 @@ pub fn measure(
     )?;
     sink.wait_for_log("udp-sink listening", Duration::from_secs(10))?;
     let secs = seconds.to_string();
+    let offer = offer_gbps.to_string();
     let mut blaster = client.spawn(
         "udp-blast",
         exe,
-        &["udp-blast", "--to", &bind, "--seconds", &secs],
+        &[
+            "udp-blast",
+            "--to",
+            &bind,
+            "--seconds",
+            &secs,
+            "--offer-gbps",
+            &offer,
+        ],
     )?;
     let status = blaster.wait_exit(Duration::from_secs(u64::from(seconds) + 20))?;
     if !status.success() {
