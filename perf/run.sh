@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The perf suite in one command: builds our data plane (release) and the runner, then runs
-# iperf3 TCP 1/4 streams, UDP unlimited and ping between two network namespaces through
+# iperf3 TCP 1/4 streams, UDP (its own GSO sender, and iperf3) and ping between two network namespaces through
 # ours (io_uring and epoll drivers), boringtun-cli 0.7.1 (--threads 1 and default),
 # wireguard-go (Debian's, and v0.0.20250522 with offloads), gotatun-cli 0.10.2 and the bare
 # veth, with each one's Gbit/s per daemon core against the crypto bound. Needs root and
