@@ -384,18 +384,24 @@ fn run_profile(args: &Args, prof: &profile::Args) -> Result<()> {
             let tunnel = start_tunnel(implementation, contender.tracked, &veth)?;
             let server_addr = tunnel.right_inner[0];
             let server = Server::start(&veth.b.netns)?;
+            let call_graph = profile::call_graph_for(matches!(
+                implementation,
+                Implementation::WireguardGo | Implementation::WireguardGoOffload { .. }
+            ));
             let recorders = [
                 profile::Recorder::start(
                     tunnel.left.process().pid(),
                     "client",
                     &scratch,
                     prof.freq,
+                    call_graph,
                 )?,
                 profile::Recorder::start(
                     tunnel.right.process().pid(),
                     "server",
                     &scratch,
                     prof.freq,
+                    call_graph,
                 )?,
             ];
             let sample = measure_between(

@@ -33,6 +33,18 @@ pub struct Args {
     pub run: Option<String>,
 }
 
+/// The unwinder for a daemon: Go keeps frame pointers (and its frames do not unwind well
+/// with DWARF), the Rust daemons are built without them, so DWARF with 16 KiB of user
+/// stack per sample (enough for the engine's workers, no deep recursion; a 10 s profile
+/// stays in tens of MB).
+pub fn call_graph_for(go: bool) -> &'static str {
+    if go {
+        "fp"
+    } else {
+        "dwarf,16384"
+    }
+}
+
 /// One `perf record -p PID` running.
 pub struct Recorder {
     child: Child,
@@ -41,15 +53,20 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Starts sampling `pid` (all its threads) into `dir/<side>.data`.
-    pub fn start(pid: u32, side: &'static str, dir: &Path, freq: u32) -> Result<Recorder> {
+    /// Starts sampling `pid` (all its threads) into `dir/<side>.data`, unwinding with
+    /// `call_graph` ([`call_graph_for`]).
+    pub fn start(
+        pid: u32,
+        side: &'static str,
+        dir: &Path,
+        freq: u32,
+        call_graph: &str,
+    ) -> Result<Recorder> {
         let data = dir.join(format!("{side}.data"));
         let child = Command::new("perf")
             .args(["record", "-q", "-e", "cpu-clock", "-F"])
             .arg(freq.to_string())
-            // 16 KiB of user stack per sample is enough for the engine's workers (no deep
-            // recursion) and keeps a 10 s profile in tens of MB.
-            .args(["--call-graph", "dwarf,16384", "-p"])
+            .args(["--call-graph", call_graph, "-p"])
             .arg(pid.to_string())
             .arg("-o")
             .arg(&data)
