@@ -7,13 +7,15 @@
 //! bound ([`crypto`]), and every ratio names the best stock implementation it is taken
 //! against. Subcommands run the benchmarks of ours alone: `peers` (1,000 peers, see
 //! [`peers`]), `multi-core` (several tunnel pairs at once, see [`multicore`]) and
-//! `crypto-bound`.
+//! `crypto-bound`; `profile` renders flame graphs of both daemons of any implementation
+//! (see [`profile`]).
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
 //! implementation always runs first. Each turn brings up a fresh tunnel (the same
 //! implementation on both ends, IPv4 inner and outer, MTU 1420), runs TCP 1 stream, TCP 4
-//! streams, UDP unlimited and ping, and tears the tunnel down. A failing implementation
+//! streams, UDP from the GSO sender (see [`udpload`]) and from iperf3, and ping, and
+//! tears the tunnel down. A failing implementation
 //! is recorded with its error and shown as FAILED in the table, never dropped.
 //!
 //! Output: a table of medians and ratios on stdout, one JSON file per run and a PNG plot
@@ -134,8 +136,8 @@ enum Bench {
     /// Multi-core scaling (issue 17, Deliver 5): several tunnel pairs at once, ours at
     /// several `--threads` (see `multicore`).
     MultiCore(multicore::Args),
-    /// Flame graphs of both daemons during TCP 1 stream and UDP (`perf record` with the
-    /// DWARF unwinder, rendered with inferno) into `--out`.
+    /// Flame graphs of both daemons during TCP 1 stream and UDP (`perf record`, DWARF
+    /// unwinder, frame pointers for wireguard-go; rendered with inferno) into `--out`.
     Profile(profile::Args),
     /// Internal: the UDP GSO sender of the suite's UDP test, run inside a namespace.
     #[command(hide = true)]
