@@ -8,7 +8,7 @@
 # as not available).
 #
 #   perf/run.sh [--rounds N] [--duration S] [--only a,b] [--ours-threads N] [--offloads on|off]
-#               [--wireguard-go-offload-bin PATH]
+#               [--wireguard-go-offload-bin PATH] [--udp-offer-gbps G]
 #
 # Writes perf/results/<timestamp>.json and .png and refreshes the results in perf/README.md.
 set -euo pipefail
