@@ -429,13 +429,13 @@ fn dashboard(doc: &mut Value) {
             "description": "Ends the dashboard session (needs x-csrf-token); its cookie is refused from then on. 404 without a session.",
             "responses": ok("AdminSession")}});
     paths["/v1/admin/members"] = json!({"get": {"operationId": "adminMembers",
-        "description": "Admin: every member with tags, ULA, NAT class, path counts, last seen and staleness.",
+        "description": "Admin: every member with tags, ULA, NAT class, path counts, last seen, staleness and its latest traffic report (reported by the member).",
         "responses": ok("AdminMembersResponse")}});
     paths["/v1/admin/reach"] = json!({"get": {"operationId": "adminReach",
         "description": "Admin: who may reach whom under the policy, per class of members the policy treats alike.",
         "responses": ok("ReachResponse")}});
     paths["/v1/admin/stream"] = json!({"get": {"operationId": "adminStream",
-        "description": "Admin: server-sent events `member` (an AdminMember that changed), `member_remove` ({peer_id}), `policy` ({revision}) and `resync` (refetch /v1/admin/members), each with the event id; keepalive comments.",
+        "description": "Admin: server-sent events `member` (an AdminMember that changed), `member_remove` ({peer_id}), `traffic` (a TrafficEvent: a member's new traffic report, at most one per member per half heartbeat interval), `policy` ({revision}) and `resync` (refetch /v1/admin/members), each with the event id; keepalive comments.",
         "responses": {"200": {"description": "Server-sent events",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                       "default": error_responses()["default"].clone()}}});
@@ -482,7 +482,16 @@ fn dashboard(doc: &mut Value) {
                        "paths": {"$ref": "#/components/schemas/PathCounts"},
                        "home_relay": {"type": "string"},
                        "endpoints": strings.clone(), "hosted_app_ulas": strings.clone(),
-                       "last_seen_ms": {"type": "integer"}, "stale": {"type": "boolean"}}});
+                       "last_seen_ms": {"type": "integer"}, "stale": {"type": "boolean"},
+                       "traffic": {"$ref": "#/components/schemas/ReportedTraffic"}}});
+    schemas["ReportedTraffic"] = json!({"type": "object",
+        "description": "a member's latest TrafficReport as this coordinator holds it (memory only): the member's own claims",
+        "allOf": [{"$ref": "#/components/schemas/TrafficReport"}],
+        "required": ["reported_ms"],
+        "properties": {"reported_ms": {"type": "integer", "description": "when it arrived, ms since the epoch; handshake ages are as of then"}}});
+    schemas["TrafficEvent"] = json!({"type": "object", "required": ["peer_id", "traffic"],
+        "properties": {"peer_id": {"type": "string"},
+                       "traffic": {"$ref": "#/components/schemas/ReportedTraffic"}}});
     schemas["AdminMembersResponse"] = json!({"type": "object",
         "required": ["event_id", "policy_revision", "members"],
         "properties": {"event_id": {"type": "integer"}, "policy_revision": {"type": "integer"},

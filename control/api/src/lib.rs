@@ -1004,6 +1004,29 @@ pub struct AdminMember {
     pub last_seen_ms: u64,
     /// Missed its heartbeats.
     pub stale: bool,
+    /// The latest traffic report it sent with a heartbeat to this coordinator (its own
+    /// claims, kept in memory only). `None`: none reported since this coordinator started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<ReportedTraffic>,
+}
+
+/// A member's latest [`TrafficReport`] as a coordinator holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedTraffic {
+    /// When the coordinator received it, ms since the epoch (handshake ages are as of then).
+    pub reported_ms: u64,
+    /// The report, with peer ids the reporter may not see dropped.
+    #[serde(flatten)]
+    pub report: TrafficReport,
+}
+
+/// Data of the admin stream's `traffic` event: a member's new traffic report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficEvent {
+    /// The reporting member.
+    pub peer_id: String,
+    /// Its report.
+    pub traffic: ReportedTraffic,
 }
 
 /// `GET /v1/admin/members`.
