@@ -38,18 +38,28 @@ pub fn report(peers: &[PeerStatus], now_unix: u64) -> TrafficReport {
                 rx_bytes: p.rx_bytes,
                 tx_bytes: p.tx_bytes,
                 last_handshake_secs: p.latest_handshake.map(|t| now_unix.saturating_sub(t)),
-                path: path(p),
+                path: path(p, now_unix),
             })
             .collect(),
     }
 }
 
-/// `status`'s path as the API spells it: relayed, direct to a known endpoint, or none.
-fn path(p: &PeerStatus) -> PeerPath {
-    match (p.path.as_str(), p.endpoint) {
-        ("relay", _) => PeerPath::Relay,
-        (_, Some(_)) => PeerPath::Direct,
-        (_, None) => PeerPath::None,
+/// A session older than this is not a path (WireGuard rejects it after 180 s).
+const SESSION_LIFETIME_SECS: u64 = 180;
+
+/// The path traffic to the peer takes now: direct or relayed only with a live session (a
+/// handshake in the last 3 minutes, as `status`'s `direct` means it), else none — a peer
+/// whose endpoint is known but that never answered is not "direct".
+fn path(p: &PeerStatus, now_unix: u64) -> PeerPath {
+    let live = p
+        .latest_handshake
+        .is_some_and(|t| now_unix.saturating_sub(t) < SESSION_LIFETIME_SECS);
+    if p.direct {
+        PeerPath::Direct
+    } else if live && p.path == "relay" {
+        PeerPath::Relay
+    } else {
+        PeerPath::None
     }
 }
 
@@ -58,10 +68,13 @@ mod tests {
     use super::*;
 
     fn peer(id: &str, rx: u64, tx: u64, path: &str, endpoint: bool, hs: Option<u64>) -> PeerStatus {
+        // `status` calls a peer direct when its session is live and its path direct.
+        let direct =
+            path == "direct" && endpoint && hs.is_some_and(|t| t + SESSION_LIFETIME_SECS > 1000);
         serde_json::from_value(serde_json::json!({
             "peer_id": id, "name": id, "ula": "fd7a::2", "tags": [], "public_key": "k",
             "endpoint": endpoint.then_some("192.0.2.1:51820"), "path": path,
-            "latest_handshake": hs, "rx_bytes": rx, "tx_bytes": tx, "direct": false,
+            "latest_handshake": hs, "rx_bytes": rx, "tx_bytes": tx, "direct": direct,
             "app_ulas": [], "ports": {"outbound": [], "inbound": []}
         }))
         .expect("a peer status")
@@ -75,19 +88,25 @@ mod tests {
                 peer("busy", 500, 700, "relay", true, Some(900)),
                 peer("mid", 100, 0, "direct", true, Some(990)),
                 peer("lost", 0, 0, "direct", false, Some(2000)),
+                peer("stale-relay", 0, 0, "relay", true, Some(100)),
             ],
             1000,
         );
         assert_eq!((r.rx_bytes, r.tx_bytes), (601, 701));
         let ids: Vec<&str> = r.peers.iter().map(|p| p.peer_id.as_str()).collect();
-        assert_eq!(ids, ["busy", "mid", "quiet", "lost"]);
+        assert_eq!(ids, ["busy", "mid", "quiet", "lost", "stale-relay"]);
         assert_eq!(r.peers[0].path, PeerPath::Relay);
         assert_eq!(r.peers[0].last_handshake_secs, Some(100));
         assert_eq!(r.peers[1].path, PeerPath::Direct);
+        // An endpoint without a handshake is no path (API members with made-up endpoints
+        // showed as "direct" before).
+        assert_eq!(r.peers[2].path, PeerPath::None);
         assert_eq!(r.peers[2].last_handshake_secs, None);
         assert_eq!(r.peers[3].path, PeerPath::None);
         // A handshake "in the future" (the clock stepped back) is age 0.
         assert_eq!(r.peers[3].last_handshake_secs, Some(0));
+        // A relayed peer whose session expired is no path either.
+        assert_eq!(r.peers[4].path, PeerPath::None);
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["peers"][0]["path"], "relay");
     }
