@@ -179,6 +179,9 @@ fn values(arg: &clap::Arg, v: &DeValue<'_>) -> Result<Vec<String>, String> {
     match (arg.get_action(), v) {
         (ArgAction::SetTrue, DeValue::Boolean(b)) => return Ok(vec![b.to_string()]),
         (ArgAction::SetTrue, _) => return Err("expected true or false".into()),
+        // A flag whose value is `true|false` (`--snat`, `--accept-routes`): a TOML boolean
+        // is that value. Any other flag refuses one (`name = true` is a mistake, not "true").
+        (ArgAction::Set, DeValue::Boolean(b)) if takes_bool(arg) => return Ok(vec![b.to_string()]),
         (_, DeValue::Boolean(_)) => {
             return Err("expected a value, not true/false (this flag takes a value)".into())
         }
@@ -194,6 +197,15 @@ fn values(arg: &clap::Arg, v: &DeValue<'_>) -> Result<Vec<String>, String> {
         }
         v => scalar(v).map(|s| vec![s]),
     }
+}
+
+/// The flag's value is exactly `true` or `false` (clap's bool value parser).
+fn takes_bool(arg: &clap::Arg) -> bool {
+    let values = arg.get_possible_values();
+    !values.is_empty()
+        && values
+            .iter()
+            .all(|v| matches!(v.get_name(), "true" | "false"))
 }
 
 /// A string, integer or float as the command line would spell it.
@@ -244,6 +256,11 @@ mod tests {
                     .value_parser(["uring", "epoll"]),
             )
             .arg(
+                Arg::new("snat")
+                    .long("snat")
+                    .value_parser(clap::value_parser!(bool)),
+            )
+            .arg(
                 Arg::new("config")
                     .long("config")
                     .value_parser(clap::value_parser!(PathBuf)),
@@ -276,6 +293,9 @@ mod tests {
             ]
         );
         assert!(args("ephemeral = false").expect("valid").is_empty());
+        // A flag whose value is true|false takes a TOML boolean (and the string still works).
+        assert_eq!(args("snat = false").expect("valid"), ["--snat=false"]);
+        assert_eq!(args("snat = \"true\"").expect("valid"), ["--snat=true"]);
         assert_eq!(args("tag = \"one\"").expect("valid"), ["--tag=one"]);
     }
 
