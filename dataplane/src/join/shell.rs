@@ -1532,12 +1532,14 @@ impl Joiner {
     /// changed).
     fn refresh_dns(&self) {
         let Some(dns) = &self.dns else { return };
-        let (members, apps) = {
+        let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
+        let (members, apps, local) = {
             let m = self.lock();
             let me = super::dns::Member {
                 display_name: m.display_name().to_owned(),
                 peer_id: self.peer_id.clone(),
                 ula: self.ula,
+                ipv4,
             };
             let mut apps: Vec<Ipv6Addr> = m.apps().iter().map(tabbify_api::ula::app_ula).collect();
             let mut members = vec![me];
@@ -1546,12 +1548,13 @@ impl Joiner {
                     display_name: e.display_name.clone(),
                     peer_id: e.peer_id.clone(),
                     ula: e.ula,
+                    ipv4: e.ipv4,
                 });
                 apps.extend(e.hosted_app_ulas.iter().copied());
             }
-            (members, apps)
+            (members, apps, m.apps().to_vec())
         };
-        dns.update(members, apps);
+        dns.update(members, apps, local);
     }
 
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {
