@@ -317,6 +317,10 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         iface.handshaker().context("a socket for relay BINDs")?,
         opts.listen_port,
         iface.ipv6(),
+        // With an exit node, the relay streams (and the latency probes) carry the mark
+        // that keeps them off the tunnel, like the engine's datagrams and STUN (sent from
+        // the engine's socket, which already carries it).
+        uses_exit.then_some(EXIT_MARK),
     );
     let mut paths = logic::paths::Paths::new(opts.force_relay);
     if let Some(refused) = paths
@@ -966,6 +970,7 @@ impl Joiner {
                 measured_for = urls;
                 let me = self.clone();
                 let ipv6 = self.ipv6;
+                let fwmark = self.relays.fwmark();
                 let any_before = self.measured().iter().any(|(_, d)| d.is_some());
                 next_measure = now
                     + if any_before {
@@ -974,7 +979,7 @@ impl Joiner {
                         Duration::from_secs(10)
                     };
                 tokio::spawn(async move {
-                    let m = super::relay::measure(&relays, ipv6).await;
+                    let m = super::relay::measure(&relays, ipv6, fwmark).await;
                     tracing::debug!(measured = ?m, "relay latency");
                     *me.measured.lock().unwrap_or_else(|p| p.into_inner()) = m;
                     me.paths_wake.notify_one();
