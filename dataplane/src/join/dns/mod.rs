@@ -2,8 +2,9 @@
 //! it holds, forwards every other name to the host's own resolvers, and points the host's
 //! resolver at itself for the domain.
 //!
-//! * [`zone`] — sans IO: the names the roster implies and the answer to one query
-//!   (hickory-proto messages).
+//! * [`zone`] — sans IO: the names the roster implies (forward, and PTR in the reverse
+//!   zones of the mesh's own address space) and the answer to one query (hickory-proto
+//!   messages).
 //! * [`server`] — the UDP and TCP loops on the service addresses and the forwarding.
 //! * [`host`] — systemd-resolved, resolvconf or a managed `/etc/resolv.conf`, restored on
 //!   exit and, after a crash, on the next start.
