@@ -1383,6 +1383,7 @@ impl Joiner {
             paths: api::PathCounts { direct, relay },
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
+            traffic: None,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
