@@ -235,6 +235,7 @@ async fn relay_tokens_admit_the_callers_key_only() {
         tls: tabbify_api::tls::client_config(h.pki.ca.cert_pem(), None).unwrap(),
         proxy: None,
         stream_only: true,
+        fwmark: None,
     };
     let c = RelayClient::connect_with_token(&anon, &n_secret, Some(token))
         .await
@@ -388,6 +389,7 @@ async fn the_binary_runs_the_relay_in_process_and_advertises_it() {
         .unwrap(),
         proxy: None,
         stream_only: false,
+        fwmark: None,
     };
     let session = RelayClient::connect(&cfg, &secret).await.unwrap();
     assert_eq!(session.lookup(&public).await.unwrap(), Some(session.handle));

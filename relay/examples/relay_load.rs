@@ -64,6 +64,7 @@ async fn main() -> Result<()> {
         tls: tabbify_api::tls::client_config(&ca, Some((&cert, &key)))?,
         proxy: None,
         stream_only: stream,
+        fwmark: None,
     };
     let secret = StaticSecret::random_from_rng(OsRng);
     let public = PublicKey::from(&secret).to_bytes();

@@ -86,6 +86,10 @@ pub struct Config {
     pub proxy: Option<String>,
     /// Ask the relay to deliver to this session over the stream only (no UDP).
     pub stream_only: bool,
+    /// `SO_MARK` on the TCP connection (to the relay or the proxy), set before the SYN: a
+    /// member whose default route goes into its tunnel (an exit node) marks it so policy
+    /// routing keeps it on the underlay, like the WireGuard socket's datagrams.
+    pub fwmark: Option<u32>,
 }
 
 /// The `HTTPS_PROXY` (or `https_proxy`) setting, if any.
@@ -213,13 +217,35 @@ fn strip_scheme(p: &str) -> &str {
     p.trim_end_matches('/')
 }
 
+/// Connects to `addr` (`host:port`, each address in turn), with `SO_MARK` `mark` set
+/// before the SYN when given.
+pub async fn connect_marked(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream> {
+    let Some(mark) = mark else {
+        return TcpStream::connect(addr).await;
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in tokio::net::lookup_host(addr).await? {
+        let sock = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket2::SockRef::from(&sock).set_mark(mark)?;
+        match sock.connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 async fn connect_tcp(cfg: &Config) -> Result<TcpStream, ClientError> {
     let Some(proxy) = cfg.proxy.as_deref() else {
-        let s = TcpStream::connect(&cfg.server).await?;
+        let s = connect_marked(&cfg.server, cfg.fwmark).await?;
         s.set_nodelay(true)?;
         return Ok(s);
     };
-    let mut s = TcpStream::connect(strip_scheme(proxy)).await?;
+    let mut s = connect_marked(strip_scheme(proxy), cfg.fwmark).await?;
     s.set_nodelay(true)?;
     let req = format!("CONNECT {0} HTTP/1.1\r\nhost: {0}\r\n\r\n", cfg.server);
     s.write_all(req.as_bytes()).await?;

@@ -259,6 +259,7 @@ impl Setup {
             .unwrap(),
             proxy: None,
             stream_only: false,
+            fwmark: None,
         }
     }
 

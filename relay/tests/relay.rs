@@ -71,6 +71,7 @@ fn cfg_with(
         tls,
         proxy: None,
         stream_only,
+        fwmark: None,
     }
 }
 

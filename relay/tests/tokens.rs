@@ -56,6 +56,7 @@ fn anon(s: &Setup) -> client::Config {
         tls: tabbify_api::tls::client_config(s.ca.cert_pem(), None).unwrap(),
         proxy: None,
         stream_only: false,
+        fwmark: None,
     }
 }
 

@@ -64,6 +64,8 @@ pub struct JoinSpec {
     pub ephemeral: bool,
     /// More `join` arguments, appended as given (e.g. `--metrics-bind off`).
     pub extra_args: Vec<String>,
+    /// Environment variables set for the joiner (e.g. a `PATH` without a tool).
+    pub env: Vec<(String, String)>,
 }
 
 impl JoinSpec {
@@ -84,6 +86,7 @@ impl JoinSpec {
             more_coordinators: Vec::new(),
             ephemeral: false,
             extra_args: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -186,6 +189,7 @@ impl Joiner {
             command.arg("--ephemeral");
         }
         command.args(&spec.extra_args);
+        command.envs(spec.env.iter().map(|(k, v)| (k, v)));
         // The token and coordinator come from flags only: nothing inherited may override.
         command
             .env_remove("MESH_JOIN_TOKEN")

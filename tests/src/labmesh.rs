@@ -62,16 +62,28 @@ impl LabMesh {
         heartbeat_secs: u64,
         relay_urls: Vec<String>,
     ) -> Result<LabMesh> {
+        let policy = json!({
+            "tags": [TAG],
+            "allow": [{"src": [format!("tag:{TAG}")], "dst": [format!("tag:{TAG}")]}],
+        });
+        Self::start_with_policy(lab, heartbeat_secs, relay_urls, policy)
+    }
+
+    /// As [`LabMesh::start_advertising`], with `policy` (members still get [`TAG`] from
+    /// [`LabMesh::spec`], so the policy should name it).
+    pub fn start_with_policy(
+        lab: &NatLab,
+        heartbeat_secs: u64,
+        relay_urls: Vec<String>,
+        policy: serde_json::Value,
+    ) -> Result<LabMesh> {
         let pki = Pki::new(&[IpAddr::V4(HUB), IpAddr::V4(RELAY)])?;
         let coordinator = Coordinator::start(
             &lab.internet,
             &pki,
             CoordinatorSpec {
                 bind: SocketAddr::new(HUB.into(), COORDINATOR_PORT),
-                policy: json!({
-                    "tags": [TAG],
-                    "allow": [{"src": [format!("tag:{TAG}")], "dst": [format!("tag:{TAG}")]}],
-                }),
+                policy,
                 admin: ADMIN.to_owned(),
                 heartbeat_secs,
                 relay: false,

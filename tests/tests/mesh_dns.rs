@@ -5,6 +5,7 @@
 //! |---|---|---|
 //! | setup | coordinator on a LAN; `dnsmasq` in its own namespace answering `outside.example`; `sup1` and `sup2` (supervisors) each in a namespace whose private resolv.conf names dnsmasq; `sup2` hosts an app | both joiners run `--dns file` |
 //! | names | from `sup1`: `dig AAAA sup1.mesh @fd5a:1f00::53`, `sup2.mesh`, `<uuid>.app.mesh`, over UDP and TCP, IPv6 and the IPv4 service address; `getent ahosts sup1.mesh` through the managed resolv.conf | the right ULAs; `A` → NOERROR without answers; unknown → NXDOMAIN |
+//! | reverse | `dig -x` at the stub for sup2's ULA and mesh IPv4, sup2's app ULA (from sup2 and from sup1), an unknown mesh ULA, an outside address; `getent hosts <sup2's ULA>` | `sup2.mesh.`; `<uuid>.app.mesh.` on the app's host, NOERROR without an answer elsewhere; NXDOMAIN; forwarded to dnsmasq |
 //! | forward | `dig A outside.example` at the stub | dnsmasq's answer, UDP and TCP |
 //! | status | `status --json` / `status` | `dns.address`, `dns.domain`, the words |
 //! | late joiner | `late1` joins; from the moment `sup1` lists it in `peers` | `late1.mesh` resolves within 1 s |
@@ -81,6 +82,37 @@ fn dig(netns: &Netns, server: &str, qtype: &str, name: &str, tcp: bool) -> Resul
     Ok(Dig { status, answers })
 }
 
+/// `dig -x ADDR @STUB`: the status and the PTR targets.
+fn dig_ptr(netns: &Netns, addr: &str) -> Result<Dig> {
+    let at = format!("@{STUB}");
+    let args = [
+        "+time=2",
+        "+tries=1",
+        "+noall",
+        "+comments",
+        "+answer",
+        &at,
+        "-x",
+        addr,
+    ];
+    let out = netns.run("dig", &args)?;
+    let status = out
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .with_context(|| format!("dig {args:?} printed no status:\n{out}"))?
+        .to_owned();
+    let answers = out
+        .lines()
+        .filter(|l| !l.starts_with(';'))
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 5 && w[3] == "PTR").then(|| w[4].to_owned())
+        })
+        .collect();
+    Ok(Dig { status, answers })
+}
+
 fn expect_aaaa(netns: &Netns, name: &str, want: Ipv6Addr) -> Result<()> {
     for (server, tcp) in [(STUB, false), (STUB, true), (STUB_V4, false)] {
         let d = dig(netns, server, "AAAA", name, tcp)?;
@@ -135,6 +167,7 @@ fn mesh_names_resolve_from_the_roster_and_the_host_is_restored() -> Result<()> {
             "--bind-interfaces",
             &format!("--listen-address={upstream}"),
             &format!("--address=/outside.example/{OUTSIDE_A}"),
+            "--ptr-record=7.113.0.203.in-addr.arpa,outside.example",
         ],
     )?;
 
@@ -187,6 +220,47 @@ fn mesh_names_resolve_from_the_roster_and_the_host_is_restored() -> Result<()> {
     let unlisted = format!("{}.app.mesh", uuid::Uuid::from_u128(7));
     let nx = dig(&ns1, STUB, "AAAA", &unlisted, false)?;
     ensure!(nx.status == "NXDOMAIN", "{unlisted}: {}", nx.status);
+
+    // Reverse lookups of mesh addresses come from the roster too.
+    let p = dig_ptr(&ns1, &ula2.to_string())?;
+    ensure!(
+        p.status == "NOERROR" && p.answers == ["sup2.mesh."],
+        "PTR of sup2's ULA: {} {:?}",
+        p.status,
+        p.answers
+    );
+    let v4 = sup2
+        .status()?
+        .routes
+        .ipv4
+        .context("sup2 has no mesh IPv4")?;
+    let p = dig_ptr(&ns1, &v4.to_string())?;
+    ensure!(p.answers == ["sup2.mesh."], "PTR of {v4}: {:?}", p.answers);
+    let p = dig_ptr(&ns2, &app_ula.to_string())?;
+    ensure!(
+        p.answers == [format!("{app}.app.mesh.")],
+        "PTR of the app's ULA on its host: {} {:?}",
+        p.status,
+        p.answers
+    );
+    let p = dig_ptr(&ns1, &app_ula.to_string())?;
+    ensure!(
+        p.status == "NOERROR" && p.answers.is_empty(),
+        "PTR of a remote app's ULA: {} {:?}",
+        p.status,
+        p.answers
+    );
+    let p = dig_ptr(&ns1, "fd5a:1f00:1:2:3::1")?;
+    ensure!(p.status == "NXDOMAIN", "unknown mesh ULA: {}", p.status);
+    let p = dig_ptr(&ns1, OUTSIDE_A)?;
+    ensure!(
+        p.answers == ["outside.example."],
+        "an outside address is forwarded to dnsmasq: {} {:?}",
+        p.status,
+        p.answers
+    );
+    let hosts = ns1.run("getent", &["hosts", &ula2.to_string()])?;
+    ensure!(hosts.contains("sup2.mesh"), "getent hosts {ula2}: {hosts}");
 
     // Everything else goes to the host's own resolver.
     for tcp in [false, true] {

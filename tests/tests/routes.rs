@@ -4,6 +4,8 @@
 //! |---|---|---|
 //! | `a_lan_behind_a_router_is_reachable_only_by_members_the_policy_allows` | coordinator LAN; `router1` (`--advertise-routes` its LAN's /24, auto-approved by the policy's `routes`) with a LAN namespace behind it by veth; `user1` allowed the prefix; `other1` allowed only the router's ULA | `user1`: ping and a TCP transfer (checksummed) to the LAN host; `other1`: no route; the attacker `other1` forces the route (`wg set … allowed-ips`, `ip route`) and pings: nothing reaches the LAN host (nftables counter there), the router counts `destination_not_granted`; the router's `inet tabbify` table and `ip_forward=1` exist while it runs, survive a SIGKILL, and are gone (forwarding back to 0) after the restart and a SIGTERM |
 //! | `an_exit_node_carries_the_internet_while_the_mesh_stays_direct` | `exit1` (`--advertise-exit-node`) with an "internet" namespace behind it holding 198.51.100.1; `user2 --exit-node exit1` | the user reaches 198.51.100.1 (it has no other route there); its path to `exit1` stays direct on the LAN address, mesh pings to `exit1`'s ULA answer, the coordinator stays connected; the policy rules (fwmark 0x7462) exist while it runs, survive a SIGKILL, and are gone after a restart without `--exit-node` |
+//! | `an_ipv6_prefix_is_routed_with_and_without_snat` | `router6` advertises its LAN's IPv6 /64 (`fd77:…`, approved by the policy's `fd77::/16`); `user6` allowed it | `user6` pings the LAN host's IPv6 address; with `--snat true` (default) the LAN host sees the router's address as source; restarted with `--snat false` (no `inet tabbify` table) and the LAN given a route back to the mesh, the LAN host sees `user6`'s ULA; started with a `PATH` without `nft` and `--snat true`, the router exits with an error naming nftables and `--snat false`, and leaves forwarding as it was |
+//! | `an_exit_node_user_keeps_its_relay_path` | NAT lab: `rx-user` behind a router that drops all UDP (only TCP to the relay's 443 and the coordinator pass), `rx-exit1` (`--advertise-exit-node`) with a public address and an "internet" namespace behind it holding 198.51.100.1; a real relay; `rx-user --exit-node rx-exit1 --relay …` | the user's relay session comes up over TLS (its TCP connection to the relay leaves from the underlay address: it carries the exit fwmark, so it does not follow the default route into the tunnel), its path to `rx-exit1` is `relay`, and through it the user pings 198.51.100.1 and `rx-exit1`'s ULA |
 //! | `two_routers_for_one_prefix_fail_over_when_the_primary_dies` | `r1` and `r2` both advertise 10.99.0.0/24 (one LAN host behind both); `user3` pings it every 50 ms | SIGKILL the primary (the one carrying the traffic): pings resume through the other (measured and printed; asserted only that they resume) |
 
 use std::net::IpAddr;
@@ -310,6 +312,259 @@ fn an_exit_node_carries_the_internet_while_the_mesh_stays_direct() -> Result<()>
         "no exit node, no internet"
     );
     user.stop()?;
+    Ok(())
+}
+
+/// An nftables counter in `netns` (table `inet probe`) of ICMPv6 echo requests from `src`;
+/// returns its chain name.
+fn count_echo_from(netns: &Netns, chain: &str, src: &str) -> Result<()> {
+    let _ = netns.run("nft", &["add", "table", "inet", "probe"]);
+    netns.run(
+        "nft",
+        &[&format!(
+            "add chain inet probe {chain} {{ type filter hook prerouting priority -300; }}"
+        )],
+    )?;
+    netns.run(
+        "nft",
+        &[&format!(
+            "add rule inet probe {chain} ip6 saddr {src} icmpv6 type echo-request counter"
+        )],
+    )?;
+    Ok(())
+}
+
+/// The packets the counter of [`count_echo_from`] saw.
+fn echo_count(netns: &Netns, chain: &str) -> Result<u64> {
+    let out = netns.run("nft", &["list", "chain", "inet", "probe", chain])?;
+    out.split("packets ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no counter in:\n{out}"))
+}
+
+/// A directory of links to every program on this `PATH` but `nft`: a host without nftables.
+fn path_without_nft(dir: &std::path::Path) -> Result<String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for d in std::env::split_paths(&path).chain(["/usr/sbin".into(), "/sbin".into()]) {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let link = dir.join(&name);
+            if name != "nft" && !link.exists() {
+                std::os::unix::fs::symlink(e.path(), link)?;
+            }
+        }
+    }
+    ensure!(dir.join("ip").exists() && !dir.join("nft").exists());
+    dir.to_str()
+        .map(str::to_owned)
+        .context("non-UTF-8 temp dir")
+}
+
+#[test]
+fn an_ipv6_prefix_is_routed_with_and_without_snat() -> Result<()> {
+    prerequisites()?;
+    let policy = json!({
+        "tags": ["router", "user"],
+        "routes": {"fd77::/16": ["tag:router"]},
+        "allow": [
+            {"src": ["tag:user"], "dst": ["tag:router", "fd77::/16"]},
+            {"src": ["tag:router"], "dst": ["tag:user"]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let (router_ns, _) = bed.host()?;
+    let lan_ns = Netns::with_label("routes-joiner-lan6")?;
+    let pair = VethPair::connect(&router_ns, &lan_ns, &VethOptions::default())?;
+    let seg = pair.b.v6.segments();
+    let prefix = format!("{:x}:{:x}:{:x}:{:x}::/64", seg[0], seg[1], seg[2], seg[3]);
+    let lan_host = IpAddr::V6(pair.b.v6);
+    let forwarding = "/proc/sys/net/ipv6/conf/all/forwarding";
+    let forwarding_before = sysctl(&router_ns, forwarding)?;
+
+    let (router_cert, router) = first_start(
+        &bed,
+        &router_ns,
+        "router6",
+        "router",
+        &["--advertise-routes", &prefix],
+    )?;
+    ensure!(sysctl(&router_ns, forwarding)? == "1");
+    let (user_ns, _) = bed.host()?;
+    let user = bed.join(&user_ns, spec("user6", "user", &[]))?;
+    let user_ula = user.status()?.ula.to_string();
+
+    // Masqueraded: the LAN host sees the router.
+    count_echo_from(&lan_ns, "from_router", &pair.a.v6.to_string())?;
+    count_echo_from(&lan_ns, "from_user", &user_ula)?;
+    wait_ping(&user_ns, lan_host, SETTLE).with_context(|| {
+        format!(
+            "user6 reaching {lan_host}; router log:\n{}\nuser log:\n{}",
+            router.logs(),
+            user.logs()
+        )
+    })?;
+    let stats = ping(&user_ns, lan_host, 5, "0.2")?;
+    ensure!(stats.received == 5, "{stats:?}");
+    ensure!(echo_count(&lan_ns, "from_router")? >= 5);
+    ensure!(echo_count(&lan_ns, "from_user")? == 0, "not masqueraded");
+    router.stop()?;
+
+    // --snat false: no masquerade; with a route back, the LAN host sees the member.
+    let router = restart(
+        &bed,
+        &router_ns,
+        &router_cert,
+        "router6",
+        "router",
+        &["--advertise-routes", &prefix, "--snat", "false"],
+    )?;
+    ensure!(
+        !has_table(&router_ns),
+        "--snat false installs no masquerade"
+    );
+    lan_ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd5a:1f00::/32",
+        "via",
+        &pair.a.v6.to_string(),
+    ])?;
+    wait_ping(&user_ns, lan_host, SETTLE)
+        .with_context(|| format!("--snat false; router log:\n{}", router.logs()))?;
+    let stats = ping(&user_ns, lan_host, 5, "0.2")?;
+    ensure!(stats.received == 5, "{stats:?}");
+    ensure!(
+        echo_count(&lan_ns, "from_user")? >= 5,
+        "the LAN host sees the member's ULA"
+    );
+    router.stop()?;
+    ensure!(sysctl(&router_ns, forwarding)? == forwarding_before);
+
+    // No nft on the PATH with --snat true: a clear error, nothing changed.
+    let bin = tempfile::tempdir()?;
+    let mut s = spec("router6", "router", &["--advertise-routes", &prefix]);
+    s.env = vec![("PATH".into(), path_without_nft(bin.path())?)];
+    let mut nonft = Joiner::spawn(&router_ns, &bed.coordinator.url(), &router_cert, s)?;
+    let status = nonft.process().wait_exit(SETTLE)?;
+    let log = nonft.logs();
+    ensure!(!status.success(), "started without nft:\n{log}");
+    ensure!(
+        log.contains("install nftables") && log.contains("--snat false"),
+        "the error names what to install:\n{log}"
+    );
+    ensure!(sysctl(&router_ns, forwarding)? == forwarding_before);
+    ensure!(!has_table(&router_ns));
+    Ok(())
+}
+
+/// Issue 15 (exit node): the relay connection is marked like the WireGuard socket. The user
+/// can reach the exit node only through the relay's TLS stream (its router drops all UDP);
+/// without the mark its TCP connection to the relay would follow the exit default route
+/// into the tunnel, whose only path is that relay session: it could never come up.
+#[test]
+fn an_exit_node_user_keeps_its_relay_path() -> Result<()> {
+    use tabbify_tests::labmesh::{relay_url, LabMesh, TAG};
+    use tabbify_tests::natlab::RELAY;
+    use tabbify_tests::{NatLab, RouterKind, Side};
+
+    prerequisites()?;
+    let lab = NatLab::new("rx-exit", RouterKind::UdpBlocked, RouterKind::None)?;
+    let node = format!("tag:{TAG}");
+    let policy = json!({
+        "tags": [TAG],
+        "routes": {"0.0.0.0/0": [node], "::/0": [node]},
+        "allow": [{"src": [node], "dst": [node, "0.0.0.0/0", "::/0"]}],
+    });
+    let mesh = LabMesh::start_with_policy(&lab, 5, Vec::new(), policy)?;
+    let _relay = mesh.start_relay(&lab)?;
+
+    // The internet behind the exit node: reachable from nowhere else.
+    let exit_ns = &lab.member(Side::Right).netns;
+    let inet_ns = Netns::with_label("rx-exit-inet")?;
+    let pair = VethPair::connect(exit_ns, &inet_ns, &VethOptions::default())?;
+    inet_ns.ip(&["addr", "add", &format!("{INTERNET}/32"), "dev", "lo"])?;
+    exit_ns.ip(&[
+        "route",
+        "add",
+        &format!("{INTERNET}/32"),
+        "via",
+        &pair.b.v4.to_string(),
+    ])?;
+    let user_ns = &lab.member(Side::Left).netns;
+    ensure!(
+        unreachable(user_ns, INTERNET)?,
+        "the user has no route to the internet host of its own"
+    );
+
+    let mut exit_spec = mesh.spec("rx-exit1")?;
+    exit_spec.relays = vec![relay_url()];
+    exit_spec.extra_args = vec!["--advertise-exit-node".into()];
+    let exit = mesh.join(exit_ns, exit_spec)?;
+    let mut user_spec = mesh.spec("rx-user")?;
+    user_spec.relays = vec![relay_url()];
+    user_spec.extra_args = vec!["--exit-node".into(), "rx-exit1".into()];
+    let mut user = mesh.join(user_ns, user_spec)?;
+
+    user.wait_status("to hold its relay session", SETTLE, |s| {
+        s.relays.iter().any(|r| r.session)
+    })
+    .with_context(|| {
+        format!(
+            "user log:
+{}",
+            user.logs()
+        )
+    })?;
+    wait_ping(user_ns, INTERNET.parse()?, SETTLE).with_context(|| {
+        format!(
+            "the user through the exit node over the relay; exit log:
+{}
+user log:
+{}",
+            exit.logs(),
+            user.logs()
+        )
+    })?;
+    let stats = ping(user_ns, INTERNET.parse()?, 5, "0.2")?;
+    ensure!(stats.received == 5, "{stats:?}");
+    let (_, exit_ula) = peer_key(&user, "rx-exit1")?;
+    let mesh_ping = ping(user_ns, exit_ula.parse()?, 3, "0.2")?;
+    ensure!(mesh_ping.received == 3, "mesh ping: {mesh_ping:?}");
+    let p = user
+        .status()?
+        .peers
+        .into_iter()
+        .find(|p| p.name == "rx-exit1")
+        .context("rx-exit1 in status")?;
+    ensure!(
+        p.path == "relay",
+        "UDP is blocked: the path must be the relay, is {}",
+        p.path
+    );
+    // The relay connection leaves from the underlay address, not the tunnel's.
+    let conns = user_ns.run(
+        "ss",
+        &[
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            &format!("{RELAY}:443"),
+        ],
+    )?;
+    let underlay = format!("{}:", lab.member(Side::Left).addr);
+    ensure!(
+        conns.lines().any(|l| l.contains(&underlay)),
+        "no relay connection from {underlay}:
+{conns}"
+    );
+    ensure!(user.status()?.registered, "the coordinator stays reachable");
     Ok(())
 }
 

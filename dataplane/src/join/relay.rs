@@ -209,6 +209,8 @@ pub struct RelaySessions {
     sender: Handshaker,
     engine: SocketAddr,
     ipv6: bool,
+    /// `SO_MARK` on the relay TCP connections (`--exit-node`).
+    fwmark: Option<u32>,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     /// (relay url, peer key) → handle.
     handles: Mutex<HashMap<(String, [u8; 32]), Cached>>,
@@ -225,13 +227,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl RelaySessions {
     /// Sessions use `tls` (the mesh CA and our certificate; `None` = no relays: the
     /// relay admits members by mesh mTLS only), prove `key`, BIND through `sender` and
-    /// deliver stream frames to the engine's `listen_port` on loopback.
+    /// deliver stream frames to the engine's `listen_port` on loopback; their TCP
+    /// connections carry `SO_MARK` `fwmark` when given.
     pub fn new(
         tls: Option<Arc<rustls::ClientConfig>>,
         key: [u8; 32],
         sender: Handshaker,
         listen_port: u16,
         ipv6: bool,
+        fwmark: Option<u32>,
     ) -> Arc<Self> {
         let lo = if ipv6 {
             IpAddr::V6(Ipv6Addr::LOCALHOST)
@@ -244,11 +248,17 @@ impl RelaySessions {
             sender,
             engine: SocketAddr::new(lo, listen_port),
             ipv6,
+            fwmark,
             sessions: Mutex::default(),
             handles: Mutex::default(),
             inflight: Mutex::default(),
             counters: RelayCounters::default(),
         })
+    }
+
+    /// The mark on the relay connections.
+    pub fn fwmark(&self) -> Option<u32> {
+        self.fwmark
     }
 
     /// Whether relays can be used at all (mesh mTLS configured).
@@ -448,6 +458,7 @@ impl RelaySessions {
             tls,
             proxy: client::proxy_from_env(),
             stream_only: false,
+            fwmark: self.fwmark,
         };
         let key = *lock(&self.key);
         let mut c = RelayClient::connect(&cfg, &key)
@@ -673,8 +684,13 @@ fn bridge_accepts(src: SocketAddr, engine: SocketAddr, frame: &[u8]) -> bool {
 
 /// The latency to each relay: TCP connect time (`None`: unreachable or refused). Behind
 /// an HTTP proxy (`HTTPS_PROXY`) the relays cannot be reached directly: each counts as
-/// equally fast (the first in the list becomes home).
-pub async fn measure(relays: &[RelayUrl], ipv6: bool) -> Vec<(String, Option<Duration>)> {
+/// equally fast (the first in the list becomes home). The probes carry `SO_MARK` `fwmark`
+/// when given, like the sessions.
+pub async fn measure(
+    relays: &[RelayUrl],
+    ipv6: bool,
+    fwmark: Option<u32>,
+) -> Vec<(String, Option<Duration>)> {
     if client::proxy_from_env().is_some() {
         return relays
             .iter()
@@ -686,7 +702,8 @@ pub async fn measure(relays: &[RelayUrl], ipv6: bool) -> Vec<(String, Option<Dur
         let d = async {
             let addr = RelaySessions::resolve(r, ipv6).await.ok()?;
             let t = Instant::now();
-            let s = tokio::time::timeout(MEASURE_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            let addr = addr.to_string();
+            let s = tokio::time::timeout(MEASURE_TIMEOUT, client::connect_marked(&addr, fwmark))
                 .await
                 .ok()?
                 .ok()?;

@@ -334,6 +334,10 @@ async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Re
         iface.handshaker().context("a socket for relay BINDs")?,
         opts.listen_port,
         iface.ipv6(),
+        // With an exit node, the relay streams (and the latency probes) carry the mark
+        // that keeps them off the tunnel, like the engine's datagrams and STUN (sent from
+        // the engine's socket, which already carries it).
+        uses_exit.then_some(EXIT_MARK),
     );
     let mut paths = logic::paths::Paths::new(opts.force_relay);
     if let Some(refused) = paths
@@ -1115,6 +1119,7 @@ impl Joiner {
                 measured_for = urls;
                 let me = self.clone();
                 let ipv6 = self.ipv6;
+                let fwmark = self.relays.fwmark();
                 let any_before = self.measured().iter().any(|(_, d)| d.is_some());
                 next_measure = now
                     + if any_before {
@@ -1123,7 +1128,7 @@ impl Joiner {
                         Duration::from_secs(10)
                     };
                 tokio::spawn(async move {
-                    let m = super::relay::measure(&relays, ipv6).await;
+                    let m = super::relay::measure(&relays, ipv6, fwmark).await;
                     tracing::debug!(measured = ?m, "relay latency");
                     *me.measured.lock().unwrap_or_else(|p| p.into_inner()) = m;
                     me.paths_wake.notify_one();
@@ -1686,12 +1691,14 @@ impl Joiner {
     /// changed).
     fn refresh_dns(&self) {
         let Some(dns) = &self.dns else { return };
-        let (members, apps) = {
+        let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
+        let (members, apps, local) = {
             let m = self.lock();
             let me = super::dns::Member {
                 display_name: m.display_name().to_owned(),
                 peer_id: self.peer_id.clone(),
                 ula: self.ula,
+                ipv4,
             };
             let mut apps: Vec<Ipv6Addr> = m.apps().iter().map(tabbify_api::ula::app_ula).collect();
             let mut members = vec![me];
@@ -1700,12 +1707,13 @@ impl Joiner {
                     display_name: e.display_name.clone(),
                     peer_id: e.peer_id.clone(),
                     ula: e.ula,
+                    ipv4: e.ipv4,
                 });
                 apps.extend(e.hosted_app_ulas.iter().copied());
             }
-            (members, apps)
+            (members, apps, m.apps().to_vec())
         };
-        dns.update(members, apps);
+        dns.update(members, apps, local);
     }
 
     fn app_change(&self, uuid: Uuid, add: bool) -> Result<serde_json::Value, String> {

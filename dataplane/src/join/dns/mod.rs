@@ -2,8 +2,9 @@
 //! it holds, forwards every other name to the host's own resolvers, and points the host's
 //! resolver at itself for the domain.
 //!
-//! * [`zone`] — sans IO: the names the roster implies and the answer to one query
-//!   (hickory-proto messages).
+//! * [`zone`] — sans IO: the names the roster implies (forward, and PTR in the reverse
+//!   zones of the mesh's own address space) and the answer to one query (hickory-proto
+//!   messages).
 //! * [`server`] — the UDP and TCP loops on the service addresses and the forwarding.
 //! * [`host`] — systemd-resolved, resolvconf or a managed `/etc/resolv.conf`, restored on
 //!   exit and, after a crash, on the next start.
@@ -107,6 +108,7 @@ struct Inner {
     applied: Option<host::Applied>,
     members: Vec<Member>,
     apps: Vec<Ipv6Addr>,
+    local_apps: Vec<uuid::Uuid>,
 }
 
 /// The running stub.
@@ -178,6 +180,7 @@ impl Service {
                 applied: None,
                 members: Vec::new(),
                 apps: Vec::new(),
+                local_apps: Vec::new(),
             }),
             tasks,
         })))
@@ -233,16 +236,24 @@ impl Service {
         self.rebuild(&inner);
     }
 
-    /// The members (ourselves included) and app ULAs visible now.
-    pub fn update(&self, mut members: Vec<Member>, mut apps: Vec<Ipv6Addr>) {
+    /// The members (ourselves included), the app ULAs visible now and the apps hosted
+    /// here (by uuid: PTR answers name them).
+    pub fn update(
+        &self,
+        mut members: Vec<Member>,
+        mut apps: Vec<Ipv6Addr>,
+        mut local_apps: Vec<uuid::Uuid>,
+    ) {
         members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         apps.sort();
+        local_apps.sort();
         let mut inner = self.lock();
-        if inner.members == members && inner.apps == apps {
+        if inner.members == members && inner.apps == apps && inner.local_apps == local_apps {
             return;
         }
         inner.members = members;
         inner.apps = apps;
+        inner.local_apps = local_apps;
         self.rebuild(&inner);
     }
 
@@ -251,7 +262,8 @@ impl Service {
             inner.domain.as_deref(),
             inner.members.iter().cloned(),
             inner.apps.iter().copied(),
-        );
+        )
+        .with_local_apps(inner.local_apps.iter().copied());
         if *self.shared.zone() != zone {
             self.shared.set_zone(zone);
         }

@@ -4,6 +4,16 @@
 //! names `<label>.<domain>` from display names ([`tabbify_api::dns::member_label`]) and app
 //! names `<uuid>.app.<domain>` for the app ULAs visible in the roster or hosted here.
 //!
+//! Reverse lookups (PTR) for the mesh's own address space are answered from the same
+//! roster: the reverse zones `0.0.f.1.a.5.d.f.ip6.arpa` (member ULAs, `fd5a:1f00::/32`),
+//! `2.0.f.1.a.5.d.f.ip6.arpa` (app ULAs, `fd5a:1f02::/32`) and `<64..127>.100.in-addr.arpa`
+//! (member IPv4s, `100.64.0.0/10`). A member address names its member (the same
+//! uncontested label the forward zone answers), an app ULA hosted here names
+//! `<uuid>.app.<domain>`; an app ULA hosted elsewhere is NOERROR without an answer (the
+//! roster carries app ULAs, never their uuids, and a ULA cannot be turned back into one);
+//! any other address in those spaces is NXDOMAIN. Reverse names outside them (the rest of
+//! `ip6.arpa` and `in-addr.arpa`) are forwarded like any other name.
+//!
 //! Invariants:
 //! * a name is bound to at most one address, and only through the roster entry that holds
 //!   it: a label two members share (case folded) belongs to neither, so a member with a
@@ -18,10 +28,10 @@
 //!   response (QR set) is dropped, so two stubs cannot ping-pong.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{AAAA, SOA};
+use hickory_proto::rr::rdata::{AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use tabbify_api::dns::{member_label, APP_LABEL};
@@ -45,6 +55,8 @@ pub struct Member {
     pub peer_id: String,
     /// Its ULA.
     pub ula: Ipv6Addr,
+    /// Its mesh IPv4 (`100.64.0.0/10`), if the coordinator gave it one (only for PTR).
+    pub ipv4: Option<Ipv4Addr>,
 }
 
 /// The names this joiner answers for.
@@ -59,6 +71,10 @@ pub struct Zone {
     contested: BTreeSet<String>,
     /// App ULAs visible from here.
     apps: BTreeSet<Ipv6Addr>,
+    /// Member address (ULA or mesh IPv4) → its label, for uncontested labels (PTR).
+    reverse: BTreeMap<IpAddr, String>,
+    /// App ULA → uuid, for the apps hosted here (the only uuids this joiner knows).
+    app_names: BTreeMap<Ipv6Addr, uuid::Uuid>,
 }
 
 /// What to do with one datagram or TCP message.
@@ -114,11 +130,26 @@ impl Zone {
                 .collect(),
             ..Zone::default()
         };
+        let mut claims: BTreeMap<IpAddr, BTreeSet<String>> = BTreeMap::new();
         for (label, holders) in by_label {
             // One member with two roster views (it cannot happen, ULAs are unique) would
             // still be one holder.
             let ulas: BTreeSet<Ipv6Addr> = holders.iter().map(|m| m.ula).collect();
             if ulas.len() == 1 {
+                for m in &holders {
+                    if tabbify_api::ula::is_peer_ula(&m.ula) {
+                        claims
+                            .entry(IpAddr::V6(m.ula))
+                            .or_default()
+                            .insert(label.clone());
+                    }
+                    if let Some(v4) = m.ipv4.filter(|a| in_mesh_v4(*a)) {
+                        claims
+                            .entry(IpAddr::V4(v4))
+                            .or_default()
+                            .insert(label.clone());
+                    }
+                }
                 zone.members.insert(label, holders[0].ula);
             } else {
                 let ids: Vec<&str> = holders.iter().map(|m| m.peer_id.as_str()).collect();
@@ -126,7 +157,29 @@ impl Zone {
                 zone.contested.insert(label);
             }
         }
+        // An address two names claim (a forged roster) names neither, in any order.
+        zone.reverse = claims
+            .into_iter()
+            .filter_map(|(addr, labels)| {
+                let mut it = labels.into_iter();
+                match (it.next(), it.next()) {
+                    (Some(l), None) => Some((addr, l)),
+                    _ => None,
+                }
+            })
+            .collect();
         zone
+    }
+
+    /// Names the apps hosted here (`<uuid>.app.<domain>` in PTR answers for their ULAs);
+    /// their ULAs are added to the visible apps.
+    pub fn with_local_apps(mut self, apps: impl IntoIterator<Item = uuid::Uuid>) -> Self {
+        for uuid in apps {
+            let ula = tabbify_api::ula::app_ula(&uuid);
+            self.apps.insert(ula);
+            self.app_names.insert(ula, uuid);
+        }
+        self
     }
 
     /// The domain served, if any.
@@ -167,7 +220,11 @@ impl Zone {
                 Outcome::Malformed,
             );
         };
-        let Some(relative) = self.relative(q.name()) else {
+        let (apex, lookup) = if let Some(relative) = self.relative(q.name()) {
+            (self.apex(), self.lookup(&relative))
+        } else if let Some((apex, rev)) = self.reverse(q.name()) {
+            (apex, self.lookup_reverse(rev))
+        } else {
             return (
                 Verdict::Forward {
                     id: msg.metadata.id,
@@ -181,9 +238,16 @@ impl Zone {
                 Outcome::Malformed,
             );
         }
-        let lookup = self.lookup(&relative);
         let mut answer = self.response(&msg, udp);
         let outcome = match lookup {
+            Lookup::Ptr(target) if q.query_type() == RecordType::PTR => {
+                answer.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    TTL,
+                    RData::PTR(PTR(target)),
+                ));
+                Outcome::Answered
+            }
             Lookup::Address(ula) if q.query_type() == RecordType::AAAA => {
                 answer.add_answer(Record::from_rdata(
                     q.name().clone(),
@@ -193,16 +257,16 @@ impl Zone {
                 Outcome::Answered
             }
             Lookup::Apex if q.query_type() == RecordType::SOA => {
-                answer.add_answer(self.soa());
+                answer.add_answer(self.soa(apex));
                 Outcome::Answered
             }
-            Lookup::Address(_) | Lookup::Apex | Lookup::Empty => {
-                answer.add_authority(self.soa());
+            Lookup::Address(_) | Lookup::Ptr(_) | Lookup::Apex | Lookup::Empty => {
+                answer.add_authority(self.soa(apex));
                 Outcome::NoData
             }
             Lookup::None => {
                 answer.metadata.response_code = ResponseCode::NXDomain;
-                answer.add_authority(self.soa());
+                answer.add_authority(self.soa(apex));
                 Outcome::NxDomain
             }
         };
@@ -238,10 +302,60 @@ impl Zone {
         }
     }
 
-    fn soa(&self) -> Record {
-        let apex = self.apex();
+    /// The reverse zone `name` lies in (its apex) and the address or part of one it
+    /// names; `None` when it is not in the mesh's reverse zones (or no domain is served:
+    /// PTR targets need one).
+    fn reverse(&self, name: &Name) -> Option<(Name, Reverse)> {
+        self.domain.as_ref()?;
+        let labels: Vec<Vec<u8>> = name.iter().map(|l| l.to_ascii_lowercase()).collect();
+        let (suffix, rest) = labels.split_last_chunk::<2>().map(|(r, s)| (s, r))?;
+        // Most significant label first.
+        let parts: Vec<&[u8]> = rest.iter().rev().map(Vec::as_slice).collect();
+        match suffix {
+            [a, b] if a == b"ip6" && b == b"arpa" => reverse_v6(&parts),
+            [a, b] if a == b"in-addr" && b == b"arpa" => reverse_v4(&parts),
+            _ => None,
+        }
+    }
+
+    fn lookup_reverse(&self, rev: Reverse) -> Lookup {
+        let addr = match rev {
+            Reverse::Address(a) => a,
+            Reverse::Partial => return Lookup::Empty,
+            Reverse::Invalid => return Lookup::None,
+        };
+        if let Some(label) = self.reverse.get(&addr) {
+            return self
+                .fqdn(&[label.as_bytes()])
+                .map_or(Lookup::None, Lookup::Ptr);
+        }
+        let IpAddr::V6(v6) = addr else {
+            return Lookup::None;
+        };
+        if let Some(uuid) = self.app_names.get(&v6) {
+            let uuid = uuid.hyphenated().to_string();
+            return self
+                .fqdn(&[uuid.as_bytes(), APP_LABEL.as_bytes()])
+                .map_or(Lookup::None, Lookup::Ptr);
+        }
+        if self.apps.contains(&v6) {
+            // In use, but its uuid is known only to its host.
+            return Lookup::Empty;
+        }
+        Lookup::None
+    }
+
+    /// `labels` under the domain, fully qualified.
+    fn fqdn(&self, labels: &[&[u8]]) -> Option<Name> {
+        Name::from_labels(labels.iter().copied())
+            .ok()?
+            .append_domain(&self.apex())
+            .ok()
+    }
+
+    fn soa(&self, apex: Name) -> Record {
         let rname = Name::from_ascii("hostmaster")
-            .and_then(|n| n.append_domain(&apex))
+            .and_then(|n| n.append_domain(&self.apex()))
             .unwrap_or_else(|_| apex.clone());
         Record::from_rdata(
             apex.clone(),
@@ -290,12 +404,125 @@ impl Zone {
 enum Lookup {
     /// The name holds this address.
     Address(Ipv6Addr),
+    /// The reverse name of a mesh address names this.
+    Ptr(Name),
     /// The domain itself.
     Apex,
     /// A name that exists without an address (`app.<domain>`).
     Empty,
     /// No such name.
     None,
+}
+
+/// Where a name in the mesh's reverse zones points.
+#[derive(Debug, PartialEq, Eq)]
+enum Reverse {
+    /// A whole address.
+    Address(IpAddr),
+    /// A prefix of one (an empty non-terminal: NOERROR, no data).
+    Partial,
+    /// Labels that are no address (NXDOMAIN).
+    Invalid,
+}
+
+/// `100.64.0.0/10`, the mesh's IPv4 space.
+fn in_mesh_v4(a: Ipv4Addr) -> bool {
+    let o = a.octets();
+    o[0] == 100 && (64..128).contains(&o[1])
+}
+
+/// The nibbles of the mesh's reverse zones: `fd5a:1f00::/32` and `fd5a:1f02::/32`.
+const V6_ZONES: [[u8; 8]; 2] = [
+    [0xf, 0xd, 0x5, 0xa, 0x1, 0xf, 0x0, 0x0],
+    [0xf, 0xd, 0x5, 0xa, 0x1, 0xf, 0x0, 0x2],
+];
+
+fn nibble(label: &[u8]) -> Option<u8> {
+    match label {
+        [c] => char::from(*c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok()),
+        _ => None,
+    }
+}
+
+/// An `ip6.arpa` name's labels (most significant first): in a mesh reverse zone?
+fn reverse_v6(parts: &[&[u8]]) -> Option<(Name, Reverse)> {
+    let zone: Vec<u8> = parts
+        .iter()
+        .take(8)
+        .map(|l| nibble(l))
+        .collect::<Option<_>>()?;
+    if !V6_ZONES.iter().any(|z| z[..] == zone[..]) {
+        return None;
+    }
+    let apex = arpa_name(zone.iter().rev().map(|n| format!("{n:x}")), "ip6")?;
+    let rest: Option<Vec<u8>> = parts[8..].iter().map(|l| nibble(l)).collect();
+    let rev = match rest {
+        Some(_) if parts.len() < 32 => Reverse::Partial,
+        Some(_) if parts.len() == 32 => {
+            let mut octets = [0u8; 16];
+            for (i, pair) in parts.chunks(2).enumerate() {
+                let hi = nibble(pair[0]).unwrap_or(0);
+                let lo = nibble(pair[1]).unwrap_or(0);
+                octets[i] = hi << 4 | lo;
+            }
+            Reverse::Address(IpAddr::V6(Ipv6Addr::from(octets)))
+        }
+        _ => Reverse::Invalid,
+    };
+    Some((apex, rev))
+}
+
+fn octet(label: &[u8]) -> Option<u8> {
+    let s = std::str::from_utf8(label).ok()?;
+    let v: u8 = s.parse().ok()?;
+    // One spelling per octet: no leading zeros, no sign.
+    (v.to_string() == s).then_some(v)
+}
+
+/// An `in-addr.arpa` name's labels (most significant first): in `100.64.0.0/10`?
+fn reverse_v4(parts: &[&[u8]]) -> Option<(Name, Reverse)> {
+    let (a, b) = (octet(parts.first()?)?, octet(parts.get(1)?)?);
+    if !in_mesh_v4(Ipv4Addr::new(a, b, 0, 0)) {
+        return None;
+    }
+    let apex = arpa_name([b.to_string(), a.to_string()].into_iter(), "in-addr")?;
+    let rest: Option<Vec<u8>> = parts[2..].iter().map(|l| octet(l)).collect();
+    let rev = match rest {
+        Some(r) if r.len() < 2 => Reverse::Partial,
+        Some(r) if r.len() == 2 => Reverse::Address(IpAddr::V4(Ipv4Addr::new(a, b, r[0], r[1]))),
+        _ => Reverse::Invalid,
+    };
+    Some((apex, rev))
+}
+
+/// `<labels>.<kind>.arpa.` (labels least significant first).
+fn arpa_name(labels: impl Iterator<Item = String>, kind: &str) -> Option<Name> {
+    let mut all: Vec<String> = labels.collect();
+    all.push(kind.to_owned());
+    all.push("arpa".to_owned());
+    let mut n = Name::from_labels(all.iter().map(String::as_bytes)).ok()?;
+    n.set_fqdn(true);
+    Some(n)
+}
+
+/// The reverse name of `addr` (`…ip6.arpa.` / `…in-addr.arpa.`), for tests and the fuzz
+/// corpus.
+pub fn reverse_name(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(a) => {
+            let mut s = String::new();
+            for b in a.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+            }
+            s + "ip6.arpa."
+        }
+    }
 }
 
 /// The largest answer `msg` may get back.
@@ -347,6 +574,7 @@ mod tests {
             display_name: name.into(),
             peer_id: tabbify_api::ula::identity_peer_id(name),
             ula: tabbify_api::ula::identity_ula(name),
+            ipv4: None,
         }
     }
 
@@ -516,5 +744,198 @@ mod tests {
             panic!()
         };
         assert_eq!(z.handle(&resp, true), (Verdict::Drop, Outcome::Dropped));
+    }
+}
+
+#[cfg(test)]
+mod ptr_tests {
+    use super::*;
+
+    fn member(name: &str, v4: Option<&str>) -> Member {
+        Member {
+            display_name: name.into(),
+            peer_id: tabbify_api::ula::identity_peer_id(name),
+            ula: tabbify_api::ula::identity_ula(name),
+            ipv4: v4.map(|a| a.parse().unwrap()),
+        }
+    }
+
+    fn local_app() -> uuid::Uuid {
+        "67e55044-10b1-426f-9247-bb680e5fe0c8".parse().unwrap()
+    }
+
+    fn remote_app() -> Ipv6Addr {
+        tabbify_api::ula::app_ula(&uuid::Uuid::from_u128(42))
+    }
+
+    fn zone() -> Zone {
+        Zone::new(
+            Some("mesh"),
+            [member("sup1", Some("100.64.0.7")), member("Web", None)],
+            [remote_app()],
+        )
+        .with_local_apps([local_app()])
+    }
+
+    fn ptr(zone: &Zone, addr: IpAddr) -> (Verdict, Outcome) {
+        zone.handle(&query(5, &reverse_name(addr), RecordType::PTR), true)
+    }
+
+    fn answer(v: Verdict) -> Message {
+        match v {
+            Verdict::Answer(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn targets(m: &Message) -> Vec<String> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(p) => Some(p.0.to_ascii()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn member_and_app_addresses_name_their_owner() {
+        let z = zone();
+        let ula = IpAddr::V6(tabbify_api::ula::identity_ula("sup1"));
+        for addr in [ula, "100.64.0.7".parse().unwrap()] {
+            let (v, o) = ptr(&z, addr);
+            assert_eq!(o, Outcome::Answered, "{addr}");
+            let m = answer(v);
+            assert_eq!(targets(&m), ["sup1.mesh."], "{addr}");
+            assert!(m.metadata.authoritative);
+            assert_eq!(m.answers[0].ttl, TTL);
+        }
+        // The label is the forward zone's (lowercase).
+        let web = IpAddr::V6(tabbify_api::ula::identity_ula("Web"));
+        assert_eq!(targets(&answer(ptr(&z, web).0)), ["web.mesh."]);
+        let app = IpAddr::V6(tabbify_api::ula::app_ula(&local_app()));
+        assert_eq!(
+            targets(&answer(ptr(&z, app).0)),
+            [format!("{}.app.mesh.", local_app())]
+        );
+        // Upper-case nibbles are the same name.
+        let upper = reverse_name(ula).to_ascii_uppercase();
+        let (v, o) = z.handle(&query(5, &upper, RecordType::PTR), true);
+        assert_eq!(o, Outcome::Answered);
+        assert_eq!(targets(&answer(v)), ["sup1.mesh."]);
+        // A forward lookup of the PTR target gives the address back.
+        let (v, _) = z.handle(&query(5, "sup1.mesh", RecordType::AAAA), true);
+        assert!(matches!(&answer(v).answers[0].data, RData::AAAA(a) if IpAddr::V6(a.0) == ula));
+    }
+
+    #[test]
+    fn unknown_mesh_addresses_are_nxdomain_and_other_reverse_names_are_forwarded() {
+        let z = zone();
+        for addr in [
+            "fd5a:1f00:1:2:3::1",
+            "fd5a:1f00::53",
+            "fd5a:1f02:9:9:9::1",
+            "100.64.0.8",
+            "100.127.255.255",
+        ] {
+            let addr: IpAddr = addr.parse().unwrap();
+            let (v, o) = ptr(&z, addr);
+            assert_eq!(o, Outcome::NxDomain, "{addr}");
+            let m = answer(v);
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+            // The SOA is the reverse zone's, with the short negative TTL.
+            let soa = &m.authorities[0];
+            assert!(soa.name.to_ascii().ends_with(".arpa."), "{}", soa.name);
+            let RData::SOA(s) = &soa.data else { panic!() };
+            assert_eq!(s.minimum, NEGATIVE_TTL);
+        }
+        // A remote app's ULA is in use, but only its host knows the uuid.
+        let (v, o) = ptr(&z, IpAddr::V6(remote_app()));
+        assert_eq!(o, Outcome::NoData);
+        assert_eq!(answer(v).metadata.response_code, ResponseCode::NoError);
+        for addr in [
+            "10.0.0.1",
+            "100.63.255.255",
+            "100.128.0.1",
+            "2001:db8::1",
+            "fd5a:1f01::1",
+            "fd00::1",
+        ] {
+            let addr: IpAddr = addr.parse().unwrap();
+            assert_eq!(
+                ptr(&z, addr),
+                (Verdict::Forward { id: 5 }, Outcome::Forwarded),
+                "{addr}"
+            );
+        }
+        // Parts of the zones: the apex and empty non-terminals exist; nonsense does not.
+        for (name, want) in [
+            ("0.0.f.1.a.5.d.f.ip6.arpa", Outcome::NoData),
+            ("1.0.0.f.1.a.5.d.f.ip6.arpa", Outcome::NoData),
+            ("64.100.in-addr.arpa", Outcome::NoData),
+            ("0.64.100.in-addr.arpa", Outcome::NoData),
+            ("x.0.0.f.1.a.5.d.f.ip6.arpa", Outcome::NxDomain),
+            ("10.0.0.f.1.a.5.d.f.ip6.arpa", Outcome::NxDomain),
+            ("07.0.64.100.in-addr.arpa", Outcome::NxDomain),
+            ("1.7.0.64.100.in-addr.arpa", Outcome::NxDomain),
+            ("256.0.64.100.in-addr.arpa", Outcome::NxDomain),
+        ] {
+            let (_, o) = z.handle(&query(5, name, RecordType::PTR), true);
+            assert_eq!(o, want, "{name}");
+        }
+        for name in [
+            "f.ip6.arpa",
+            "100.in-addr.arpa",
+            "ip6.arpa",
+            "arpa",
+            "in-addr.arpa",
+        ] {
+            let (_, o) = z.handle(&query(5, name, RecordType::PTR), true);
+            assert_eq!(o, Outcome::Forwarded, "{name}");
+        }
+        // Other types on a member's reverse name: NOERROR, no data.
+        let ula = IpAddr::V6(tabbify_api::ula::identity_ula("sup1"));
+        let q = query(5, &reverse_name(ula), RecordType::AAAA);
+        assert_eq!(z.handle(&q, true).1, Outcome::NoData);
+        // No domain accepted: nothing answered from the zone, reverse names included.
+        let none = Zone::new(None, [member("sup1", Some("100.64.0.7"))], []);
+        assert_eq!(ptr(&none, ula).1, Outcome::Forwarded);
+    }
+
+    /// Attacker: members claiming a name or an address another member holds.
+    #[test]
+    fn a_contested_name_or_address_names_nobody() {
+        // Two members with one label: neither address names anyone.
+        let z = Zone::new(
+            Some("mesh"),
+            [
+                member("sup1", Some("100.64.0.7")),
+                member("SUP1", Some("100.64.0.9")),
+            ],
+            [],
+        );
+        for addr in [
+            IpAddr::V6(tabbify_api::ula::identity_ula("sup1")),
+            IpAddr::V6(tabbify_api::ula::identity_ula("SUP1")),
+            "100.64.0.7".parse().unwrap(),
+            "100.64.0.9".parse().unwrap(),
+        ] {
+            assert_eq!(ptr(&z, addr).1, Outcome::NxDomain, "{addr}");
+        }
+        // Two members claiming one IPv4 (a forged roster): it names neither, in either
+        // order; their ULAs still name them.
+        for order in [["web", "evil"], ["evil", "web"]] {
+            let z = Zone::new(
+                Some("mesh"),
+                order.map(|n| member(n, Some("100.64.0.7"))),
+                [],
+            );
+            assert_eq!(ptr(&z, "100.64.0.7".parse().unwrap()).1, Outcome::NxDomain);
+            let web = IpAddr::V6(tabbify_api::ula::identity_ula("web"));
+            assert_eq!(targets(&answer(ptr(&z, web).0)), ["web.mesh."]);
+        }
+        // An IPv4 outside 100.64.0.0/10 in the roster names nothing (and stays forwarded).
+        let z = Zone::new(Some("mesh"), [member("web", Some("10.0.0.7"))], []);
+        assert_eq!(ptr(&z, "10.0.0.7".parse().unwrap()).1, Outcome::Forwarded);
     }
 }
