@@ -1380,6 +1380,7 @@ impl Joiner {
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
             concentrator: false,
+            traffic: None,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
