@@ -1498,6 +1498,7 @@ impl Joiner {
             ephemeral: self.opts.ephemeral,
             advertise_routes: routes.advertise_strings(),
             advertise_exit_node: routes.advertise_exit_node,
+            concentrator: false,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1537,6 +1538,7 @@ impl Joiner {
             advertise_exit_node: routes.advertise_exit_node,
             // Our own account of our traffic (the dashboard labels it as reported by us).
             traffic: Some(super::traffic::report(&self.status().peers, unix_now())),
+            concentrator: false,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
