@@ -24,6 +24,15 @@
 //! prefix stores the set of peers granted it *or any prefix containing it*; the longest
 //! match then answers for every peer at once.
 //!
+//! A concentrator (issue 15) also knows the addresses of the stock WireGuard clients it
+//! serves ([`LocalNets::with_served`]). Traffic it forwards between such a client and
+//! another peer (one end a served client, the other end not this node) is checked here by
+//! address only — the client's grants say which members it may send to, each member's
+//! grants which clients it may reach —, and [`LocalNets::forwarded_for_client`] tells the
+//! pipeline to skip the concentrator's own port rules for it: those rules are between the
+//! concentrator and each peer, not between the client and the member. The member end
+//! applies the client's own rules in both directions (`core::behind`).
+//!
 //! Cost on the hot path: one binary search over a sorted array of a few integers; the
 //! routed-prefix tries are consulted only when they are not empty, and a grant's peer set
 //! is a binary search over a few sorted keys.
@@ -50,6 +59,10 @@ pub struct LocalNets {
     /// For each granted prefix, the public keys (sorted, unique) of the peers granted it
     /// or a prefix containing it.
     granted: Arc<[Box<[[u8; 32]]>]>,
+    /// Addresses of the stock WireGuard clients this node serves as a concentrator,
+    /// IPv4 (host order) and IPv6, sorted, unique; usually empty.
+    served_v4: Vec<u32>,
+    served_v6: Vec<u128>,
 }
 
 /// Why [`LocalNets::admits`] refused a destination.
@@ -87,7 +100,67 @@ impl LocalNets {
             routed,
             grants: RouteTable::new(),
             granted: Arc::from(Vec::new()),
+            served_v4: Vec::new(),
+            served_v6: Vec::new(),
         }
+    }
+
+    /// This set plus the addresses of the clients this node serves as a concentrator (see
+    /// the module docs). They are not local: a packet reaches a client only through a grant.
+    pub fn with_served(mut self, clients: impl IntoIterator<Item = IpAddr>) -> Self {
+        for a in clients {
+            match a {
+                IpAddr::V4(a) => self.served_v4.push(u32::from(a)),
+                IpAddr::V6(a) => self.served_v6.push(u128::from(a)),
+            }
+        }
+        self.served_v4.sort_unstable();
+        self.served_v4.dedup();
+        self.served_v6.sort_unstable();
+        self.served_v6.dedup();
+        self
+    }
+
+    /// Whether `a` is one of this node's own addresses (exactly; not a routed prefix).
+    #[inline]
+    pub fn is_own(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.v4.binary_search(&u32::from(a)).is_ok(),
+            IpAddr::V6(a) => self.v6.binary_search(&u128::from(a)).is_ok(),
+        }
+    }
+
+    /// Whether `a` is a client this node serves.
+    #[inline]
+    pub fn is_served(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.served_v4.binary_search(&u32::from(a)).is_ok(),
+            IpAddr::V6(a) => self.served_v6.binary_search(&u128::from(a)).is_ok(),
+        }
+    }
+
+    /// Whether a packet from `src` to `dst` is traffic this concentrator forwards for a
+    /// client it serves: one end a served client, the other not this node. Such a packet
+    /// is not checked against this node's own port rules (module docs). One branch when
+    /// this node serves nobody.
+    #[inline]
+    pub fn forwarded_for_client(&self, src: IpAddr, dst: IpAddr) -> bool {
+        if self.served_v4.is_empty() && self.served_v6.is_empty() {
+            return false;
+        }
+        (self.is_served(src) && !self.is_own(dst)) || (self.is_served(dst) && !self.is_own(src))
+    }
+
+    /// The clients this node serves, IPv4 first.
+    pub fn served(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.served_v4
+            .iter()
+            .map(|&a| IpAddr::from(std::net::Ipv4Addr::from(a)))
+            .chain(
+                self.served_v6
+                    .iter()
+                    .map(|&a| IpAddr::from(std::net::Ipv6Addr::from(a))),
+            )
     }
 
     /// This set plus per-peer grants: `(peer public key, prefix)` pairs, each letting that
@@ -298,5 +371,25 @@ mod tests {
         assert!(!LocalNets::default()
             .with_grants([(alice, net("10.0.0.0/8"))])
             .is_empty());
+    }
+
+    /// Issue 15: what a concentrator forwards for its clients, told apart from its own
+    /// traffic; a node serving nobody forwards nothing for anyone.
+    #[test]
+    fn forwarded_for_client_needs_one_end_served_and_the_other_not_ours() {
+        let (me, k, p) = (ip("fd5a:1f00::1"), ip("fd5a:1f00::9"), ip("fd5a:1f00::5"));
+        let l = LocalNets::new([me, ip("100.64.0.1")], []).with_served([k, ip("100.64.0.9"), k]);
+        assert!(l.forwarded_for_client(k, p));
+        assert!(l.forwarded_for_client(p, k));
+        assert!(l.forwarded_for_client(ip("100.64.0.9"), ip("100.64.0.5")));
+        assert!(!l.forwarded_for_client(k, me), "to us: our rules");
+        assert!(!l.forwarded_for_client(me, k), "from us: our rules");
+        assert!(!l.forwarded_for_client(p, me));
+        assert!(!l.forwarded_for_client(p, ip("fd5a:1f00::6")));
+        assert!(!l.contains(k), "a served client is not local");
+        assert!(l.is_served(k) && !l.is_served(p) && l.is_own(me) && !l.is_own(k));
+        assert_eq!(l.served().count(), 2);
+        let plain = LocalNets::new([me], []);
+        assert!(!plain.forwarded_for_client(k, p));
     }
 }

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batch;
+pub mod behind;
 pub mod conntrack;
 pub mod counters;
 pub mod demux;
