@@ -1525,6 +1525,8 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        via: None,
+        client: false,
     }
 }
 

@@ -66,6 +66,8 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        via: None,
+        client: false,
     }
 }
 

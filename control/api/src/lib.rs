@@ -32,6 +32,9 @@
 //! | `GET /v1/routes` (admin) | → [`RoutesResponse`] (every route advertisement) |
 //! | `POST /v1/routes/{id}/approve` (admin) | → [`RoutesResponse`] (the route, approved) |
 //! | `DELETE /v1/routes/{id}/approve` (admin) | → [`RoutesResponse`] (the admin approval withdrawn) |
+//! | `POST /v1/clients` (admin) | [`ClientCreateRequest`] → [`ClientCreateResponse`] (201; the private key only here) |
+//! | `GET /v1/clients` (admin) | → [`ClientsResponse`] (no secrets) |
+//! | `DELETE /v1/clients/{id}` (admin) | → [`ClientInfo`] (the revoked client) |
 //! | `GET /health` | → [`Health`] |
 //! | `GET /metrics` | → Prometheus text |
 //! | `GET /openapi.json` | → OpenAPI 3 document |
@@ -82,6 +85,21 @@ pub const PATH_LEAVE: &str = "/v1/mesh/leave";
 /// Route listing every route advertisement (admin, [`RoutesResponse`]);
 /// `POST|DELETE {PATH_ROUTES}/{id}/approve` approves or withdraws an admin approval.
 pub const PATH_ROUTES: &str = "/v1/routes";
+/// Route of the stock WireGuard clients (admin): `POST` mints one ([`ClientCreateRequest`]),
+/// `GET` lists them ([`ClientsResponse`]), `DELETE {PATH_CLIENTS}/{id}` revokes one.
+pub const PATH_CLIENTS: &str = "/v1/clients";
+/// Every client's identity is this prefix followed by a UUID v4 chosen at mint
+/// (`client/0b6f…`). No member certificate CN may contain `/`, so no member can ever hold
+/// a client's identity (and so its peer id or ULA).
+pub const CLIENT_IDENTITY_PREFIX: &str = "client/";
+/// The most tags a client may carry.
+pub const MAX_CLIENT_TAGS: usize = 16;
+/// The prefixes a client's wg-quick file routes to its concentrator: the peer ULAs, the app
+/// ULAs and the mesh IPv4 range.
+pub const CLIENT_ALLOWED_IPS: &str = "fd5a:1f00::/32, fd5a:1f02::/32, 100.64.0.0/10";
+/// The mesh DNS stub's service address on every member (a concentrator's clients use it
+/// through their tunnel).
+pub const DNS_SERVICE_ADDR: Ipv6Addr = Ipv6Addr::new(0xfd5a, 0x1f00, 0, 0, 0, 0, 0, 0x53);
 /// The most prefixes one member may advertise in `advertise_routes`.
 pub const MAX_ADVERTISED_ROUTES: usize = 64;
 /// Header naming the event log a roster stream's ids belong to: the coordinator sends it
@@ -155,6 +173,10 @@ pub struct RegisterRequest {
     /// This member offers itself as an exit node (`0.0.0.0/0` and `::/0`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub advertise_exit_node: bool,
+    /// This member serves stock WireGuard clients (`join --concentrator`): the clients minted
+    /// for it appear in its roster with [`RosterEntry::client`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concentrator: bool,
 }
 
 /// `POST /v1/mesh/leave`: the caller (its certificate's identity, never a peer id in the
@@ -325,6 +347,9 @@ pub struct HeartbeatRequest {
     /// As in [`RegisterRequest::advertise_exit_node`].
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub advertise_exit_node: bool,
+    /// As in [`RegisterRequest::concentrator`]: the current value every time.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concentrator: bool,
 }
 
 /// `POST /v1/relay/token`: a short-lived relay admission for the caller (a registered
@@ -539,8 +564,23 @@ pub struct RosterEntry {
     /// The prefixes of the **viewer's own** approved routes this peer may use through the
     /// viewer: the viewer's data plane admits a packet from the peer to a routed
     /// destination only inside these.
+    ///
+    /// In a concentrator's roster also: on a [`client`](Self::client) entry, the addresses
+    /// that client may send to through the concentrator (each visible member's ULA /128 and
+    /// IPv4 /32 and its hosted app ULAs /128); on a member entry, the /128 and /32 of each of
+    /// the concentrator's clients this member may reach through it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub may_use: Vec<String>,
+    /// This entry is a stock WireGuard client reached through the concentrator with this
+    /// peer id (which is in the same roster): no endpoints, `public_key` is the client's key
+    /// (informational), `ports` are the rules between the viewer and the client itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// Only in a concentrator's own roster: this entry is a client it serves. Configure it
+    /// as a WireGuard peer with no endpoint (it dials in), allowed IPs its ULA /128 and IPv4
+    /// /32.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client: bool,
 }
 
 /// `GET /v1/mesh/peers`: the caller's visible roster.
@@ -989,6 +1029,69 @@ pub struct ReachResponse {
     pub edges: Vec<ReachEdge>,
 }
 
+/// `POST /v1/clients` (admin): mint a stock WireGuard client. The coordinator generates its
+/// key pair, stores only the public key and returns the private key once, inside
+/// [`ClientCreateResponse::config`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCreateRequest {
+    /// Display name, as a member's (and not another member's or client's: 409).
+    pub name: String,
+    /// Tags, as a member's (without `tag:`), at most [`MAX_CLIENT_TAGS`]; the policy applies
+    /// to the client by them.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The concentrator: a member's peer id or display name; it must have registered with
+    /// `concentrator: true`. Absent: the only live concentrator (none or several: 400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concentrator: Option<String>,
+    /// `host:port` written into the file as the peer's `Endpoint`. Absent: the
+    /// concentrator's reflexive endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+}
+
+/// A stock WireGuard client (no secrets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// Its peer id (`ula::identity_peer_id(identity)`), the id of `DELETE /v1/clients/{id}`.
+    pub id: String,
+    /// Its identity: [`CLIENT_IDENTITY_PREFIX`] + a UUID v4.
+    pub identity: String,
+    /// Display name.
+    pub display_name: String,
+    /// Tags (without `tag:`).
+    pub tags: Vec<String>,
+    /// Its ULA (`ula::identity_ula(identity)`).
+    pub ula: Ipv6Addr,
+    /// Its mesh IPv4 address (`100.64.0.0/10`), unique among members and clients.
+    pub ipv4: Ipv4Addr,
+    /// Its WireGuard public key, standard base64.
+    pub public_key: String,
+    /// The peer id of the concentrator that serves it.
+    pub concentrator: String,
+    /// When it was minted, Unix seconds.
+    pub created_at: u64,
+}
+
+/// The answer to [`ClientCreateRequest`] (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientCreateResponse {
+    /// The client.
+    pub client: ClientInfo,
+    /// The wg-quick file, private key included (shown only here).
+    pub config: String,
+    /// A PNG of the QR code of `config`, standard base64.
+    pub qr_png: String,
+}
+
+/// `GET /v1/clients` (admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientsResponse {
+    /// Every client, sorted by display name.
+    pub clients: Vec<ClientInfo>,
+}
+
 /// `GET /health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -1043,7 +1146,55 @@ pub(crate) mod tests {
             routes: vec![],
             exit_node: false,
             may_use: vec![],
+            via: None,
+            client: false,
         }
+    }
+
+    #[test]
+    fn client_types_round_trip() {
+        let req: ClientCreateRequest =
+            serde_json::from_str(r#"{"name":"phone1","tags":["phone"]}"#).unwrap();
+        assert_eq!(req.concentrator, None);
+        assert_eq!(req.endpoint, None);
+        assert!(serde_json::from_str::<ClientCreateRequest>(r#"{"name":"a","key":"x"}"#).is_err());
+        let info = ClientInfo {
+            id: ula::identity_peer_id("client/4a2c"),
+            identity: "client/4a2c".into(),
+            display_name: "phone1".into(),
+            tags: vec!["phone".into()],
+            ula: ula::identity_ula("client/4a2c"),
+            ipv4: "100.64.0.9".parse().unwrap(),
+            public_key: "AAAA".into(),
+            concentrator: "00aa".into(),
+            created_at: 7,
+        };
+        let resp = ClientCreateResponse {
+            client: info.clone(),
+            config: "[Interface]\n".into(),
+            qr_png: "iVBO".into(),
+        };
+        let back: ClientCreateResponse =
+            serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
+        assert_eq!(back, resp);
+        let list = ClientsResponse {
+            clients: vec![info],
+        };
+        let back: ClientsResponse =
+            serde_json::from_str(&serde_json::to_string(&list).unwrap()).unwrap();
+        assert_eq!(back, list);
+        // The roster flags: absent on ordinary entries (old joiners see the same JSON),
+        // round-tripped when set.
+        let plain = serde_json::to_value(entry()).unwrap();
+        assert!(plain.get("via").is_none() && plain.get("client").is_none());
+        let mut e = entry();
+        e.via = Some("00bb".into());
+        e.client = true;
+        let back: RosterEntry = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        let hb: HeartbeatRequest = serde_json::from_str(r#"{"peer_id":"x"}"#).unwrap();
+        assert!(!hb.concentrator);
+        assert_eq!(DNS_SERVICE_ADDR.to_string(), "fd5a:1f00::53");
     }
 
     #[test]

@@ -84,6 +84,8 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        via: None,
+        client: false,
     };
     let apps = b.next()?;
     e.stale = apps & 0x40 != 0;

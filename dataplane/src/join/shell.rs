@@ -1342,6 +1342,7 @@ impl Joiner {
             ephemeral: self.opts.ephemeral,
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
+            concentrator: false,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1378,6 +1379,7 @@ impl Joiner {
             paths: api::PathCounts { direct, relay },
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
+            concentrator: false,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }

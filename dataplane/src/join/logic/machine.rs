@@ -1249,6 +1249,8 @@ mod tests {
             routes: vec![],
             exit_node: false,
             may_use: vec![],
+            via: None,
+            client: false,
         }
     }
 
