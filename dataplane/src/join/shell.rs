@@ -38,7 +38,9 @@ use tabbify_api::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::core::behind::Behind;
 use crate::core::counters::DropCounters;
+use crate::core::filter::PortFilter;
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
@@ -272,7 +274,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
         },
         table.clone(),
     )?;
-    let mut router = if opts.routes.is_router() {
+    let mut router = if opts.routes.is_router() || opts.routes.concentrator {
         Some(super::router::Router::start(
             &opts.state_dir,
             &super::router::RouterSpec {
@@ -280,6 +282,7 @@ async fn run_async(opts: JoinOptions) -> anyhow::Result<()> {
                 routes: opts.routes.advertised.clone(),
                 exit_node: opts.routes.advertise_exit_node,
                 snat: opts.snat,
+                concentrator: opts.routes.concentrator,
             },
         )?)
     } else {
@@ -575,6 +578,7 @@ impl Joiner {
             Action::UpsertPeer {
                 config,
                 filter,
+                behind,
                 new,
                 label,
             } => {
@@ -590,7 +594,20 @@ impl Joiner {
                     config.endpoint = None;
                 }
                 let endpoint = config.endpoint;
-                match self.table.upsert_peer_with_filter(config, Some(filter)) {
+                // Clients behind a concentrator: each with its own rules (`core::behind`),
+                // published with the AllowedIPs that route them here.
+                let behind = (!behind.is_empty()).then(|| {
+                    Behind::new(behind.iter().map(|c| {
+                        (
+                            c.addrs.clone(),
+                            PortFilter::from_rules(&c.outbound, &c.inbound),
+                        )
+                    }))
+                });
+                match self
+                    .table
+                    .upsert_peer_with_filters(config, Some(filter), behind)
+                {
                     Ok(_) if new => {
                         tracing::info!(peer = %label.name, peer_id = %label.peer_id, ula = %label.ula, ?endpoint, "peer added");
                     }
@@ -705,8 +722,10 @@ impl Joiner {
     /// The table's local set from our addresses and the machine's grants.
     fn refresh_local(&self, m: &Machine) {
         let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
-        self.table
-            .set_local(local_nets(self.ula, ipv4, m.apps(), m.grants()));
+        self.table.set_local(
+            local_nets(self.ula, ipv4, m.apps(), m.grants())
+                .with_served(m.client_plan().served_addrs()),
+        );
     }
 
     /// Our mesh IPv4 from a registration: on the TUN as a /32 with the mesh's IPv4 space
@@ -1342,7 +1361,7 @@ impl Joiner {
             ephemeral: self.opts.ephemeral,
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
-            concentrator: false,
+            concentrator: self.opts.routes.concentrator,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1379,7 +1398,7 @@ impl Joiner {
             paths: api::PathCounts { direct, relay },
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
-            concentrator: false,
+            concentrator: self.opts.routes.concentrator,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
@@ -1527,6 +1546,13 @@ impl Joiner {
             dns: self.dns.as_ref().map(|d| d.status()),
             metrics: self.metrics_addr.map(|a| a.to_string()),
             routes: self.routes_status(&m),
+            concentrator: self.opts.routes.concentrator.then(|| {
+                let c = m.client_plan();
+                tabbify_api::local::ConcentratorStatus {
+                    serving: c.served.values().map(|s| s.peer_id.clone()).collect(),
+                    refused: c.refused.clone(),
+                }
+            }),
         }
     }
 
