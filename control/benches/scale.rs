@@ -679,6 +679,7 @@ fn in_process(peers: usize) {
                     wg_listen_port: 51820,
                     reflexive: "127.0.0.1:51820".parse().expect("addr"),
                     ephemeral: false,
+                    concentrator: false,
                 },
                 0,
             );

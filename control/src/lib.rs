@@ -17,6 +17,7 @@ pub use tabbify_api as api;
 pub mod admin_client;
 pub mod auth;
 pub mod ca;
+pub mod clients;
 pub mod clock;
 pub mod error;
 pub mod follow;

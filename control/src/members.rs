@@ -76,6 +76,9 @@ pub struct MemberRow {
         skip_serializing_if = "crate::routes::Advertisement::is_empty_all"
     )]
     pub ads: crate::routes::Advertisement,
+    /// Serves stock WireGuard clients (`join --concentrator`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub concentrator: bool,
 }
 
 impl MemberRow {
@@ -99,6 +102,7 @@ impl MemberRow {
             ephemeral: p.ephemeral,
             ipv4: p.ipv4,
             ads: p.ads.clone(),
+            concentrator: p.concentrator,
         }
     }
 
@@ -136,6 +140,7 @@ impl MemberRow {
             class,
             ipv4: self.ipv4.filter(|a| crate::routes::is_mesh_ipv4(*a)),
             ads: self.ads.clone(),
+            concentrator: self.concentrator,
         })
     }
 
@@ -205,6 +210,7 @@ mod tests {
                 exit_node: true,
                 admin_approved: vec!["10.1.0.0/16".parse().unwrap()],
             },
+            concentrator: true,
         };
         let back = MemberRow::from_body(&row.body(), row.last_seen, row.stale).unwrap();
         assert_eq!(back, row);

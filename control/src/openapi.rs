@@ -334,8 +334,65 @@ pub fn document() -> Value {
     schemas["LeaveResponse"] = json!({"type": "object", "required": ["peer_id", "left"],
         "properties": {"peer_id": {"type": "string"}, "left": {"type": "boolean"}}});
     routes(&mut doc);
+    clients(&mut doc);
     dashboard(&mut doc);
     doc
+}
+
+/// Stock WireGuard clients through a concentrator (`crate::clients`).
+fn clients(doc: &mut Value) {
+    let id = json!({"name": "id", "in": "path", "required": true,
+        "description": "a client's peer id (or its display name)", "schema": {"type": "string"}});
+    let mut created = error_responses();
+    created["201"] = json!({"description": "Created",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ClientCreateResponse"}}}});
+    let paths = &mut doc["paths"];
+    paths["/v1/clients"] = json!({
+        "post": {"operationId": "createClient",
+            "description": "Admin: mint a stock WireGuard client served by a concentrator (a member registered with concentrator: true). The coordinator generates the key pair and keeps only the public key: the private key is in `config` (the wg-quick file) and `qr_png` only. 400 naming the field (name, tags, concentrator, endpoint); 409 when the name is a member's or client's already.",
+            "requestBody": body("ClientCreateRequest"), "responses": created},
+        "get": {"operationId": "listClients",
+            "description": "Admin: every client (no secrets), by display name.",
+            "responses": ok("ClientsResponse")}
+    });
+    paths["/v1/clients/{id}"] = json!({
+        "delete": {"operationId": "revokeClient",
+            "description": "Admin: revoke the client: it leaves every roster (peer_remove, reason revoked) and its concentrator drops its key. 404 for an unknown client.",
+            "parameters": [id], "responses": ok("ClientInfo")}
+    });
+    let schemas = &mut doc["components"]["schemas"];
+    let flag = json!({"type": "boolean", "default": false,
+        "description": "this member serves stock WireGuard clients (join --concentrator)"});
+    for req in ["RegisterRequest", "HeartbeatRequest"] {
+        schemas[req]["properties"]["concentrator"] = flag.clone();
+    }
+    let entry = &mut schemas["RosterEntry"]["properties"];
+    entry["via"] = json!({"type": "string",
+        "description": "the entry is a client reached through the concentrator with this peer id"});
+    entry["client"] = json!({"type": "boolean", "default": false,
+        "description": "in a concentrator's own roster: a client it serves (a WireGuard peer without endpoint)"});
+    let tag =
+        json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9._-]+$"});
+    schemas["ClientCreateRequest"] = json!({"type": "object", "additionalProperties": false,
+        "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9._-]+$"},
+            "tags": {"type": "array", "maxItems": 16, "items": tag},
+            "concentrator": {"type": "string", "description": "peer id or display name; absent: the only concentrator"},
+            "endpoint": {"type": "string", "description": "HOST:PORT for the file; absent: the concentrator's reflexive endpoint"},
+            "dns": {"type": "boolean", "default": true, "description": "write the DNS line (the concentrator's mesh DNS stub)"}}});
+    schemas["ClientInfo"] = json!({"type": "object",
+        "required": ["id", "identity", "display_name", "tags", "ula", "ipv4", "public_key", "concentrator", "created_at"],
+        "properties": {"id": {"type": "string"}, "identity": {"type": "string"},
+            "display_name": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}},
+            "ula": {"type": "string"}, "ipv4": {"type": "string"}, "public_key": {"type": "string"},
+            "concentrator": {"type": "string"}, "created_at": {"type": "integer", "minimum": 0}}});
+    schemas["ClientCreateResponse"] = json!({"type": "object", "required": ["client", "config", "qr_png"],
+        "properties": {"client": {"$ref": "#/components/schemas/ClientInfo"},
+            "config": {"type": "string", "description": "the wg-quick file, private key included (shown once)"},
+            "qr_png": {"type": "string", "description": "standard base64 of a PNG of the QR code of config"}}});
+    schemas["ClientsResponse"] = json!({"type": "object", "required": ["clients"],
+        "properties": {"clients": {"type": "array", "items": {"$ref": "#/components/schemas/ClientInfo"}}}});
 }
 
 /// Subnet routes, exit nodes and the mesh IPv4 (`crate::routes`).

@@ -34,6 +34,7 @@ use bytes::Bytes;
 use tokio::sync::broadcast;
 
 use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, RosterSnapshot, SseEvent};
+use crate::clients::ClientRow;
 use crate::members::MemberRow;
 use crate::policy::Policy;
 use crate::sse::{Dispatch, Payload, SubjectAction};
@@ -84,6 +85,8 @@ pub struct PeerRecord {
     pub ipv4: Option<Ipv4Addr>,
     /// Advertised routes and their admin approvals ([`crate::routes::Advertisement`]).
     pub ads: crate::routes::Advertisement,
+    /// Registered (or heartbeated) with `concentrator: true`: serves its clients.
+    pub concentrator: bool,
 }
 
 impl PeerRecord {
@@ -119,6 +122,8 @@ pub struct NewPeer {
     pub reflexive: SocketAddr,
     /// An ephemeral member (`RegisterRequest::ephemeral`): no stale window.
     pub ephemeral: bool,
+    /// Serves stock WireGuard clients (`RegisterRequest::concentrator`).
+    pub concentrator: bool,
 }
 
 /// Bounded history of dispatches plus the broadcast channel they go out on.
@@ -228,6 +233,8 @@ pub struct Registry {
     ipv4s: HashMap<Ipv4Addr, String>,
     /// Peers that advertised routes at some point (checked against `ads` on use).
     routers: BTreeSet<String>,
+    /// Stock WireGuard clients by peer id, with their class under the policy in force.
+    clients: std::collections::BTreeMap<String, (ClientRow, ClassId)>,
 }
 
 impl Registry {
@@ -256,6 +263,7 @@ impl Registry {
             coalesce: true,
             ipv4s: HashMap::new(),
             routers: BTreeSet::new(),
+            clients: std::collections::BTreeMap::new(),
         }
     }
 
@@ -398,6 +406,7 @@ impl Registry {
                 }
             }
         }
+        let audience = self.client_audience_if(old.as_ref(), &rec);
         let class_changed = self.index(&rec, old.as_ref());
         // Its own routes changed: its streams get a snapshot (their `may_use` lists).
         let routes_changed = old.as_ref().is_some_and(|o| o.ads != rec.ads);
@@ -422,6 +431,9 @@ impl Registry {
         }
         if punch {
             self.hole_punch(&id);
+        }
+        if let Some(before) = audience {
+            self.resync_client_audience(before);
         }
         true
     }
@@ -557,6 +569,7 @@ impl Registry {
                 }
             }
         }
+        self.add_client_entries(v, &mut out);
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         out
     }
@@ -612,7 +625,9 @@ impl Registry {
                 .and_then(|o| o.ipv4)
                 .or_else(|| self.allocate_ipv4(&id)),
             ads: old.as_ref().map(|o| o.ads.clone()).unwrap_or_default(),
+            concentrator: new.concentrator,
         };
+        let audience = self.client_audience_if(old.as_ref(), &rec);
         let class_changed = self.index(&rec, old.as_ref());
         let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
         let unchanged = old.as_ref()
@@ -632,6 +647,9 @@ impl Registry {
         }
         if reflexive_changed {
             self.hole_punch(&id);
+        }
+        if let Some(before) = audience {
+            self.resync_client_audience(before);
         }
         &self.peers[&id]
     }
@@ -835,6 +853,15 @@ impl Registry {
 
     /// Removes a peer and tells everyone who saw it (its own streams close).
     pub fn remove(&mut self, id: &str, reason: &str) -> Option<PeerRecord> {
+        if !self.peers.contains_key(id) {
+            return None;
+        }
+        let client_removals = self.client_removals(id, reason);
+        let audience = self
+            .peers
+            .get(id)
+            .filter(|p| p.concentrator)
+            .map(|_| self.client_audience());
         let rec = self.peers.remove(id)?;
         if self.by_identity.get(&rec.identity).map(String::as_str) == Some(id) {
             self.by_identity.remove(&rec.identity);
@@ -854,6 +881,13 @@ impl Registry {
         }
         let viewers: Vec<ClassId> = self.vis.viewers_of(rec.class).collect();
         self.emit_remove(id, reason, &viewers, SubjectAction::Close);
+        if !client_removals.is_empty() {
+            self.push(Payload::Targeted(client_removals));
+        }
+        if let Some(mut before) = audience {
+            before.remove(id);
+            self.resync_client_audience(before);
+        }
         Some(rec)
     }
 
@@ -889,7 +923,18 @@ impl Registry {
     /// Puts a new policy in force: reclassifies every peer and resyncs every stream with
     /// one `policy` event carrying each class's new roster.
     pub fn set_policy(&mut self, policy: Arc<Policy>, revision: u64) {
+        let audience = self.client_audience();
         self.vis = Visibility::new(policy);
+        let ids: Vec<String> = self.clients.keys().cloned().collect();
+        for id in ids {
+            if let Some((row, _)) = self.clients.get(&id) {
+                let (identity, tags) = (row.identity.clone(), row.tags.clone());
+                let class = self.vis.class_of(&identity, &tags);
+                if let Some(c) = self.clients.get_mut(&id) {
+                    c.1 = class;
+                }
+            }
+        }
         self.revision = revision;
         self.members.clear();
         let mut classes = HashMap::with_capacity(self.peers.len());
@@ -921,6 +966,7 @@ impl Registry {
             classes: Arc::new(classes),
         });
         self.resync_routers();
+        self.resync_client_audience(audience);
     }
 
     /// Every class's roster for a `policy` event (see [`PolicyFrame`]). An entry's JSON
@@ -1098,8 +1144,10 @@ impl Registry {
             frames,
             action,
         };
-        // Routers that see it get their own entry after the class one (its `may_use`).
-        let personal = self.router_frames(p, event_id);
+        // Routers that see it get their own entry after the class one (its `may_use`), and
+        // so do concentrators and the viewers of a concentrator's clients.
+        let mut personal = self.router_frames(p, event_id);
+        personal.extend(self.client_frames(p, event_id));
         if personal.is_empty() {
             Some(by_class)
         } else {
@@ -1207,9 +1255,11 @@ impl Registry {
 
     /// Whether a peer other than `id` holds `a`.
     fn ipv4_taken(&self, a: Ipv4Addr, id: &str) -> bool {
-        self.ipv4s
-            .get(&a)
-            .is_some_and(|h| h != id && self.peers.get(h).is_some_and(|p| p.ipv4 == Some(a)))
+        self.ipv4s.get(&a).is_some_and(|h| {
+            h != id
+                && (self.peers.get(h).is_some_and(|p| p.ipv4 == Some(a))
+                    || self.clients.get(h).is_some_and(|(c, _)| c.ipv4 == a))
+        })
     }
 
     /// The first of `id`'s IPv4 candidates no other peer holds.
@@ -1454,6 +1504,413 @@ impl Registry {
     }
 }
 
+/// Stock WireGuard clients ([`crate::clients`]): the registry's part.
+///
+/// A client K served by concentrator C is in rosters only while C is registered with
+/// `concentrator: true`. A member V ≠ C the policy lets see K gets K's entry with `via = C`
+/// (and C's entry, with empty ports when the policy alone would not show C to V); C gets
+/// K with `client: true` and `may_use` (the member addresses K may send to through C),
+/// plus every member K sees, each with the /128 and /32 of the clients that member may
+/// reach in its `may_use`. Changes that move these (a mint, a revocation, C coming,
+/// going or changing class, a policy change) resync the streams of every member whose
+/// roster holds client entries before or after; upserts of members reach concentrators
+/// and the viewers of a concentrator's clients as personal entries, like routers'.
+impl Registry {
+    /// Loads a stored client without any event (at start). `false` for a row no
+    /// coordinator writes.
+    pub fn load_client(&mut self, row: ClientRow) -> bool {
+        if !row.is_sound() {
+            return false;
+        }
+        let class = self.vis.class_of(&row.identity, &row.tags);
+        self.ipv4s.insert(row.ipv4, row.peer_id.clone());
+        self.clients.insert(row.peer_id.clone(), (row, class));
+        true
+    }
+
+    /// Puts a committed client in force and resyncs the rosters it changes.
+    pub fn add_client(&mut self, row: ClientRow) -> bool {
+        let before = self.client_audience();
+        if !self.load_client(row) {
+            return false;
+        }
+        self.resync_client_audience(before);
+        true
+    }
+
+    /// Removes client `id` (revoked): every roster that held it gets its `peer_remove`
+    /// (reason `revoked`), then the rosters it changed otherwise are resynced.
+    pub fn remove_client(&mut self, id: &str) -> Option<ClientRow> {
+        let (row, class) = self.clients.get(id).cloned()?;
+        let before = self.client_audience();
+        let mut holders = Vec::new();
+        if self.live_concentrator(&row.concentrator).is_some() {
+            holders.push(row.concentrator.clone());
+            for v in self.vis.viewers_of(class) {
+                for m in self.members.get(v as usize).into_iter().flatten() {
+                    if *m != row.concentrator {
+                        holders.push(m.clone());
+                    }
+                }
+            }
+        }
+        self.clients.remove(id);
+        if self.ipv4s.get(&row.ipv4).map(String::as_str) == Some(id) {
+            self.ipv4s.remove(&row.ipv4);
+        }
+        let frame = Bytes::from(
+            SseEvent::PeerRemove(PeerRemove {
+                peer_id: id.to_owned(),
+                reason: "revoked".into(),
+            })
+            .to_frame(self.log.next_id),
+        );
+        let targets: Vec<(String, Bytes)> =
+            holders.into_iter().map(|h| (h, frame.clone())).collect();
+        if !targets.is_empty() {
+            self.push(Payload::Targeted(targets));
+        }
+        self.resync_client_audience(before);
+        Some(row)
+    }
+
+    /// A client by peer id.
+    pub fn client(&self, id: &str) -> Option<&ClientRow> {
+        self.clients.get(id).map(|(c, _)| c)
+    }
+
+    /// Every client, by peer id.
+    pub fn clients(&self) -> impl Iterator<Item = &ClientRow> {
+        self.clients.values().map(|(c, _)| c)
+    }
+
+    /// The peer or client holding mesh IPv4 `a`, by id.
+    pub fn ipv4_holder(&self, a: Ipv4Addr) -> Option<&str> {
+        self.ipv4s
+            .get(&a)
+            .filter(|h| {
+                self.peers.get(*h).is_some_and(|p| p.ipv4 == Some(a))
+                    || self.clients.get(*h).is_some_and(|(c, _)| c.ipv4 == a)
+            })
+            .map(String::as_str)
+    }
+
+    /// A free mesh IPv4 for client `id` (the members' allocator and uniqueness).
+    pub fn allocate_client_ipv4(&self, id: &str) -> Option<Ipv4Addr> {
+        self.allocate_ipv4(id)
+    }
+
+    /// Sets whether member `id` serves clients (its heartbeat's `concentrator`); a change
+    /// is announced like other member changes. Returns whether it changed.
+    pub fn set_concentrator(&mut self, id: &str, on: bool, now_ms: u64) -> bool {
+        let Some(old) = self.peers.get(id).cloned() else {
+            return false;
+        };
+        if old.concentrator == on {
+            return false;
+        }
+        let rec = PeerRecord {
+            concentrator: on,
+            ..old.clone()
+        };
+        let audience = self.client_audience_if(Some(&old), &rec);
+        self.peers.insert(id.to_owned(), rec);
+        self.emit_upsert(id, SubjectAction::Resync);
+        self.emitted(id, now_ms);
+        if let Some(before) = audience {
+            self.resync_client_audience(before);
+        }
+        true
+    }
+
+    /// Member `id` if it is registered as a concentrator.
+    fn live_concentrator(&self, id: &str) -> Option<&PeerRecord> {
+        self.peers.get(id).filter(|p| p.concentrator)
+    }
+
+    /// The clients of concentrator `c` (present or not).
+    fn served<'a>(&'a self, c: &'a str) -> impl Iterator<Item = &'a (ClientRow, ClassId)> + 'a {
+        self.clients
+            .values()
+            .filter(move |(k, _)| k.concentrator == c)
+    }
+
+    /// Every member whose roster holds client entries: each live concentrator with
+    /// clients, and each member that sees a client of one.
+    fn client_audience(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        let mut classes = BTreeSet::new();
+        for (k, kc) in self.clients.values() {
+            if self.live_concentrator(&k.concentrator).is_some() {
+                out.insert(k.concentrator.clone());
+                classes.insert(*kc);
+            }
+        }
+        for kc in classes {
+            for v in self.vis.viewers_of(kc) {
+                out.extend(self.members.get(v as usize).into_iter().flatten().cloned());
+            }
+        }
+        out
+    }
+
+    /// Before `rec` replaces `old`: the client audience, when the change can move client
+    /// entries (a concentrator appearing, leaving the role or changing class; any member
+    /// changing class while some concentrator serves clients).
+    fn client_audience_if(
+        &self,
+        old: Option<&PeerRecord>,
+        rec: &PeerRecord,
+    ) -> Option<BTreeSet<String>> {
+        if self.clients.is_empty() {
+            return None;
+        }
+        let class_changed = old.is_some_and(|o| o.class != rec.class);
+        let role_changed = old.map_or(rec.concentrator, |o| o.concentrator != rec.concentrator);
+        let serves = self.served(&rec.id).next().is_some();
+        let any_active = self
+            .clients
+            .values()
+            .any(|(k, _)| self.live_concentrator(&k.concentrator).is_some());
+        ((serves && (role_changed || class_changed)) || (class_changed && any_active))
+            .then(|| self.client_audience())
+    }
+
+    /// Resyncs the streams of every member in `before` or in the audience now.
+    fn resync_client_audience(&mut self, mut before: BTreeSet<String>) {
+        before.extend(self.client_audience());
+        let parts: Vec<Payload> = before
+            .into_iter()
+            .filter(|id| self.peers.contains_key(id))
+            .map(|id| Payload::ByClass {
+                subject: id,
+                frames: vec![None; self.vis.len()],
+                action: SubjectAction::Resync,
+            })
+            .collect();
+        match parts.len() {
+            0 => {}
+            1 => self.push(parts.into_iter().next().unwrap_or(Payload::Batch(vec![]))),
+            _ => self.push(Payload::Batch(parts)),
+        }
+    }
+
+    /// `/128` and `/32` of a client, for `may_use`.
+    fn client_prefixes(k: &ClientRow) -> [String; 2] {
+        [format!("{}/128", k.ula()), format!("{}/32", k.ipv4)]
+    }
+
+    /// Concentrator `c`'s entry for member `p`: the class entry if its class sees `p`,
+    /// else an empty-ports one if a client of `c` sees `p`; `may_use` gains the addresses
+    /// of `c`'s clients that `p` may reach (either way: replies pass through `c` too).
+    fn concentrator_entry(&self, c: &PeerRecord, p: &PeerRecord) -> Option<RosterEntry> {
+        if c.id == p.id {
+            return None;
+        }
+        let rules = self.vis.port_rules(c.class, p.class);
+        let reach: Vec<&ClientRow> = self
+            .served(&c.id)
+            .filter(|(_, kc)| self.vis.visible(p.class, *kc))
+            .map(|(k, _)| k)
+            .collect();
+        if rules.is_none() && reach.is_empty() {
+            return None;
+        }
+        let mut e = entry(p, rules.cloned().unwrap_or_default());
+        if rules.is_some() {
+            self.decorate(&mut e, c, p, true);
+        }
+        for k in reach {
+            e.may_use.extend(Self::client_prefixes(k));
+        }
+        Some(e)
+    }
+
+    /// Adds to `out` (viewer `v`'s roster so far) what clients put there.
+    fn add_client_entries(&self, v: &PeerRecord, out: &mut Vec<RosterEntry>) {
+        if self.clients.is_empty() {
+            return;
+        }
+        let mut at: HashMap<String, usize> = out
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.peer_id.clone(), i))
+            .collect();
+        if v.concentrator && self.served(&v.id).next().is_some() {
+            // Its clients, each with what it may send to through v.
+            for (k, kc) in self.served(&v.id) {
+                let rules = self
+                    .vis
+                    .port_rules(v.class, *kc)
+                    .cloned()
+                    .unwrap_or_default();
+                let mut e = client_entry(k, rules, true);
+                for class in self.vis.visible_from(*kc) {
+                    for pid in self.members.get(class as usize).into_iter().flatten() {
+                        let Some(p) = self.peers.get(pid).filter(|p| p.id != v.id) else {
+                            continue;
+                        };
+                        e.may_use.push(format!("{}/128", p.ula));
+                        if let Some(a) = p.ipv4 {
+                            e.may_use.push(format!("{a}/32"));
+                        }
+                        e.may_use
+                            .extend(p.hosted_app_ulas.iter().map(|a| format!("{a}/128")));
+                    }
+                }
+                e.may_use.sort();
+                e.may_use.dedup();
+                out.push(e);
+            }
+            // Every member its clients see, with their client addresses in `may_use`.
+            let mut seen = BTreeSet::new();
+            for (_, kc) in self.served(&v.id) {
+                for class in self.vis.visible_from(*kc) {
+                    seen.extend(self.members.get(class as usize).into_iter().flatten());
+                }
+            }
+            for pid in seen {
+                let Some(p) = self.peers.get(pid).filter(|p| p.id != v.id) else {
+                    continue;
+                };
+                let Some(e) = self.concentrator_entry(v, p) else {
+                    continue;
+                };
+                match at.get(pid) {
+                    Some(i) => out[*i] = e,
+                    None => {
+                        at.insert(pid.clone(), out.len());
+                        out.push(e);
+                    }
+                }
+            }
+        }
+        // Clients of other concentrators that v may see, and their concentrators.
+        for (k, kc) in self.clients.values() {
+            if k.concentrator == v.id {
+                continue;
+            }
+            let Some(c) = self.live_concentrator(&k.concentrator) else {
+                continue;
+            };
+            let Some(rules) = self.vis.port_rules(v.class, *kc) else {
+                continue;
+            };
+            out.push(client_entry(k, rules.clone(), false));
+            if !at.contains_key(&c.id) {
+                at.insert(c.id.clone(), out.len());
+                out.push(entry(c, PortRules::default()));
+            }
+        }
+    }
+
+    /// Personal upserts of `p` for client rosters: each live concentrator with clients
+    /// gets its own entry for `p` (its `may_use`); when `p` is a concentrator, each viewer
+    /// of its clients that does not see `p` by class gets `p` with empty ports.
+    fn client_frames(&self, p: &PeerRecord, event_id: u64) -> Vec<(String, Bytes)> {
+        let mut out = Vec::new();
+        if self.clients.is_empty() {
+            return out;
+        }
+        let concentrators: BTreeSet<&str> = self
+            .clients
+            .values()
+            .map(|(k, _)| k.concentrator.as_str())
+            .filter(|c| *c != p.id)
+            .collect();
+        for cid in concentrators {
+            let Some(c) = self.live_concentrator(cid) else {
+                continue;
+            };
+            if let Some(e) = self.concentrator_entry(c, p) {
+                out.push((
+                    c.id.clone(),
+                    Bytes::from(SseEvent::PeerUpsert(e).to_frame(event_id)),
+                ));
+            }
+        }
+        if p.concentrator {
+            let mut viewers = BTreeSet::new();
+            for (_, kc) in self.served(&p.id) {
+                for v in self.vis.viewers_of(*kc) {
+                    if !self.vis.visible(v, p.class) {
+                        viewers.extend(self.members.get(v as usize).into_iter().flatten());
+                    }
+                }
+            }
+            if !viewers.is_empty() {
+                let frame = Bytes::from(
+                    SseEvent::PeerUpsert(entry(p, PortRules::default())).to_frame(event_id),
+                );
+                for v in viewers {
+                    if *v != p.id {
+                        out.push((v.clone(), frame.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Before member `id` is removed: the `peer_remove`s only client rosters need (the
+    /// class viewers get theirs from the removal itself), with the id the next dispatch
+    /// gets. For a concentrator: each viewer of its clients loses those clients and the
+    /// concentrator; for another member: each concentrator whose clients alone made it
+    /// see `id` loses it.
+    fn client_removals(&self, id: &str, reason: &str) -> Vec<(String, Bytes)> {
+        let Some(p) = self.peers.get(id) else {
+            return Vec::new();
+        };
+        if self.clients.is_empty() {
+            return Vec::new();
+        }
+        // The class removal goes out first, so these frames carry the id after it unless
+        // both are part of one entry.
+        let next = if self.log.entry.is_some() {
+            self.log.next_id
+        } else {
+            self.log.next_id + 1
+        };
+        let frame = |pid: &str, why: &str| {
+            Bytes::from(
+                SseEvent::PeerRemove(PeerRemove {
+                    peer_id: pid.to_owned(),
+                    reason: why.to_owned(),
+                })
+                .to_frame(next),
+            )
+        };
+        let mut out = Vec::new();
+        if p.concentrator {
+            for (k, kc) in self.served(id) {
+                for v in self.vis.viewers_of(*kc) {
+                    for m in self.members.get(v as usize).into_iter().flatten() {
+                        if m != id {
+                            out.push((m.clone(), frame(&k.peer_id, reason)));
+                            if !self.vis.visible(v, p.class) {
+                                out.push((m.clone(), frame(id, reason)));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (k, _) in self.clients.values() {
+            let Some(c) = self.live_concentrator(&k.concentrator) else {
+                continue;
+            };
+            if c.id != id
+                && !self.vis.visible(c.class, p.class)
+                && self.concentrator_entry(c, p).is_some()
+                && !out.iter().any(|(t, _)| *t == c.id)
+            {
+                out.push((c.id.clone(), frame(id, reason)));
+            }
+        }
+        out
+    }
+}
+
 /// (peer id, serialized roster entry), shared between class rosters.
 pub type SharedEntry = (Arc<str>, Arc<str>);
 
@@ -1530,6 +1987,34 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
     }
 }
 
+/// The roster entry of client `c` with the viewer-relative `rules`: no endpoints (the
+/// unspecified `0.0.0.0:0` as reflexive endpoint), `via` its concentrator unless `served`
+/// (then `client: true`, the concentrator's own roster).
+pub fn client_entry(c: &ClientRow, rules: PortRules, served: bool) -> RosterEntry {
+    RosterEntry {
+        peer_id: c.peer_id.clone(),
+        identity: c.identity.clone(),
+        ula: c.ula(),
+        display_name: c.display_name.clone(),
+        tags: c.tags.clone(),
+        public_key: c.public_key.clone(),
+        endpoints: vec![],
+        reflexive_endpoint: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        mapped_endpoints: vec![],
+        nat: crate::api::NatClass::Unknown,
+        home_relay: None,
+        hosted_app_ulas: vec![],
+        ports: rules,
+        stale: false,
+        ipv4: Some(c.ipv4),
+        routes: vec![],
+        exit_node: false,
+        may_use: vec![],
+        via: (!served).then(|| c.concentrator.clone()),
+        client: served,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1557,6 +2042,7 @@ mod tests {
             wg_listen_port: port,
             reflexive: SocketAddr::from(([10, 0, 0, 1], port)),
             ephemeral: false,
+            concentrator: false,
         }
     }
 

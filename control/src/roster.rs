@@ -94,6 +94,12 @@ impl Core {
                 }
                 db_seen.insert(row.peer_id.clone(), row.last_seen);
             }
+            for row in store.take_clients() {
+                let id = row.peer_id.clone();
+                if !registry.load_client(row) {
+                    tracing::warn!(peer_id = %id, "ignoring a stored client no coordinator writes");
+                }
+            }
             // Commits made while starting (the policy, token pruning) and what was read
             // with them are in the store already; the roster starts after them.
             let remote = store.take_remote();
@@ -184,6 +190,12 @@ impl Core {
                     self.registry.remove(pid, reason);
                     self.db_seen.remove(pid);
                 }
+                Change::Client(row) => {
+                    self.registry.add_client(row.clone());
+                }
+                Change::RemoveClient(pid) => {
+                    self.registry.remove_client(pid);
+                }
                 Change::StaleMember(pid, _) => self.registry.mark_stale(pid),
                 Change::ExpireMember(pid, _) => {
                     self.registry.remove(pid, "expired");
@@ -232,6 +244,25 @@ impl Core {
             reg.remove(id, reason);
         });
         self.db_seen.remove(id);
+        Ok(())
+    }
+
+    /// A client change (mint, revocation): committed first (one transaction, and one
+    /// change-log entry every coordinator sharing the database applies), then put in
+    /// force on the registry, its events under the commit's id. Without a database the
+    /// registry changes at once.
+    pub fn client_change(&mut self, metrics: &Metrics, change: Change) -> Result<(), ApiError> {
+        let apply = |reg: &mut Registry, c: &Change| match c {
+            Change::Client(row) => {
+                reg.add_client(row.clone());
+            }
+            Change::RemoveClient(id) => {
+                reg.remove_client(id);
+            }
+            _ => {}
+        };
+        self.store.commit_changes(vec![change.clone()])?;
+        self.after_commit(metrics, |reg| apply(reg, &change));
         Ok(())
     }
 

@@ -471,6 +471,7 @@ mod tests {
             wg_listen_port: 51820,
             reflexive: "192.0.2.1:51820".parse().unwrap(),
             ephemeral: false,
+            concentrator: false,
         };
         let a = r.upsert(new("a"), 1).clone();
         let a4 = a.ipv4.unwrap();

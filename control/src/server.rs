@@ -750,6 +750,26 @@ impl Coordinator {
                 let body: MoveAppRequest = self.read_json(req).await?;
                 ok(&self.move_app(&who, uuid, body)?)
             }
+            (Method::POST, PATH_CLIENTS) => {
+                let who = self.admin(conn, identity.as_deref())?;
+                let body: ClientCreateRequest = self.read_json(req).await?;
+                Ok(json_response(
+                    StatusCode::CREATED,
+                    &self.create_client(&who, body)?,
+                ))
+            }
+            (Method::GET, PATH_CLIENTS) => {
+                self.admin(conn, identity.as_deref())?;
+                let core = self.read();
+                let mut clients: Vec<ClientInfo> =
+                    core.registry.clients().map(|c| c.info()).collect();
+                clients.sort_by(|a, b| a.display_name.cmp(&b.display_name));
+                ok(&ClientsResponse { clients })
+            }
+            (Method::DELETE, p) if p.starts_with("/v1/clients/") => {
+                let who = self.admin(conn, identity.as_deref())?;
+                ok(&self.revoke_client(&who, &p["/v1/clients/".len()..])?)
+            }
             (Method::GET, PATH_ROUTES) => {
                 self.admin(conn, identity.as_deref())?;
                 ok(&RoutesResponse {
@@ -1132,6 +1152,12 @@ impl Coordinator {
             None if self.config.insecure => req.name.clone(),
             None => return Err(ApiError::Unauthorized("no client identity".into())),
         };
+        if !crate::clients::is_member_identity(&identity) {
+            return Err(ApiError::Forbidden(format!(
+                "identity {identity:?} contains '/': member identities never do (client \
+                 identities are {CLIENT_IDENTITY_PREFIX}<uuid>)"
+            )));
+        }
         self.check_rate(&identity)?;
         {
             let core = self.read();
@@ -1227,6 +1253,7 @@ impl Coordinator {
             wg_listen_port: req.wg_listen_port,
             reflexive,
             ephemeral: req.ephemeral,
+            concentrator: req.concentrator,
         };
         // The admission and the member row: one transaction, before the answer.
         core.member_change(&self.metrics, pre, std::slice::from_ref(&id), |reg| {
@@ -1258,6 +1285,150 @@ impl Coordinator {
             ipv4,
             routes,
         })
+    }
+
+    /// `POST /v1/clients`: mints a stock WireGuard client (see [`crate::clients`]).
+    fn create_client(
+        &self,
+        who: &str,
+        req: ClientCreateRequest,
+    ) -> Result<ClientCreateResponse, ApiError> {
+        crate::clients::check_name(&req.name).map_err(ApiError::BadRequest)?;
+        if req.tags.len() > MAX_CLIENT_TAGS {
+            return Err(ApiError::BadRequest(format!(
+                "tags: more than {MAX_CLIENT_TAGS} tags"
+            )));
+        }
+        if let Some(t) = req
+            .tags
+            .iter()
+            .find(|t| crate::ca::validate_name(t).is_err())
+        {
+            return Err(ApiError::BadRequest(format!(
+                "tags: {t:?} is not a tag (1-64 of A-Z a-z 0-9 . _ -, without `tag:`)"
+            )));
+        }
+        if let Some(e) = &req.endpoint {
+            crate::clients::check_endpoint(e).map_err(ApiError::BadRequest)?;
+        }
+        let now_ms = self.clock.now_ms();
+        let mut guard = self.write();
+        let core = &mut *guard;
+        core.registry
+            .policy()
+            .tag_ids(&req.tags)
+            .map_err(|e| ApiError::BadRequest(format!("tags: {}", e.0)))?;
+        let reg = &core.registry;
+        // The concentrator: named (peer id or display name), or the only one there is.
+        let conc = match &req.concentrator {
+            Some(n) => {
+                let p = reg
+                    .peer(n)
+                    .or_else(|| reg.peers().find(|p| p.display_name == *n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!("concentrator: no member {n:?} is registered"))
+                    })?;
+                if !p.concentrator {
+                    return Err(ApiError::BadRequest(format!(
+                        "concentrator: member {n:?} did not register as a concentrator \
+                         (join --concentrator)"
+                    )));
+                }
+                p
+            }
+            None => {
+                let mut all = reg.peers().filter(|p| p.concentrator && !p.stale);
+                match (all.next(), all.next()) {
+                    (Some(p), None) => p,
+                    (None, _) => {
+                        return Err(ApiError::BadRequest(
+                            "concentrator: no live member registered as a concentrator \
+                             (join --concentrator)"
+                                .into(),
+                        ))
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(ApiError::BadRequest(
+                            "concentrator: several members are concentrators; name one".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        if reg.peers().any(|p| p.display_name == req.name)
+            || reg.clients().any(|c| c.display_name == req.name)
+        {
+            return Err(ApiError::Conflict(format!(
+                "name: {:?} is the display name of a member or client already",
+                req.name
+            )));
+        }
+        let identity = crate::clients::new_identity();
+        let peer_id = ula::identity_peer_id(&identity);
+        let ula = ula::identity_ula(&identity);
+        if reg.peer(&peer_id).is_some()
+            || reg.peer_by_ula(&ula).is_some()
+            || reg.client(&peer_id).is_some()
+        {
+            return Err(ApiError::Conflict(
+                "the new client's peer id or ULA collides; try again".into(),
+            ));
+        }
+        let ipv4 = reg
+            .allocate_client_ipv4(&peer_id)
+            .ok_or_else(|| ApiError::Conflict("no free mesh IPv4 address".into()))?;
+        let (private_key, public_key) = crate::clients::new_key_pair();
+        let endpoint = req
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| conc.reflexive.to_string());
+        let row = crate::clients::ClientRow {
+            peer_id: peer_id.clone(),
+            identity,
+            display_name: req.name.clone(),
+            tags: req.tags.clone(),
+            ipv4,
+            public_key,
+            concentrator: conc.id.clone(),
+            created_at: now_ms / 1000,
+        };
+        let config = crate::clients::render_wg_quick(&crate::clients::WgQuick {
+            client: &row,
+            private_key: &private_key,
+            concentrator_key: &conc.key_b64,
+            endpoint: &endpoint,
+            dns_domain: req
+                .dns
+                .unwrap_or(true)
+                .then_some(self.config.dns_domain.as_str()),
+        });
+        let png = crate::clients::qr_png(&config).map_err(ApiError::Internal)?;
+        let info = row.info();
+        core.client_change(&self.metrics, crate::storage::Change::Client(row))?;
+        tracing::info!(admin = who, client = %peer_id, name = %req.name, concentrator = %info.concentrator, "client minted");
+        Ok(ClientCreateResponse {
+            client: info,
+            config,
+            qr_png: base64::engine::general_purpose::STANDARD.encode(png),
+        })
+    }
+
+    /// `DELETE /v1/clients/{id}`: revokes a client (by peer id or display name).
+    fn revoke_client(&self, who: &str, id: &str) -> Result<ClientInfo, ApiError> {
+        let mut guard = self.write();
+        let core = &mut *guard;
+        let row = core
+            .registry
+            .client(id)
+            .or_else(|| core.registry.clients().find(|c| c.display_name == id))
+            .cloned()
+            .ok_or_else(|| ApiError::NotFound(format!("no client {id:?}")))?;
+        core.client_change(
+            &self.metrics,
+            crate::storage::Change::RemoveClient(row.peer_id.clone()),
+        )?;
+        tracing::info!(admin = who, client = %row.peer_id, "client revoked");
+        Ok(row.info())
     }
 
     fn heartbeat(
@@ -1335,6 +1506,7 @@ impl Coordinator {
                 Ok(r) => {
                     reg.ensure_ipv4(&id, now_ms);
                     reg.set_advertisement(&id, advertised, exit_node, now_ms);
+                    reg.set_concentrator(&id, req.concentrator, now_ms);
                     Ok(r)
                 }
                 Err(HeartbeatError::NotRegistered) => Err(ApiError::NotRegistered),
@@ -2281,7 +2453,9 @@ fn session_route(method: &Method, p: &str) -> bool {
             | PATH_ADMIN_MEMBERS
             | PATH_ADMIN_REACH
             | PATH_ADMIN_STREAM
+            | PATH_CLIENTS
     ) || p.starts_with("/v1/tokens/")
+        || p.starts_with("/v1/clients/")
         || p.starts_with("/v1/revocations/")
         || p.starts_with(PATH_IDENTITIES_PREFIX)
         || p.starts_with("/v1/apps/")
@@ -2453,7 +2627,9 @@ fn known_path(p: &str) -> bool {
             | PATH_ADMIN_MEMBERS
             | PATH_ADMIN_REACH
             | PATH_ADMIN_STREAM
+            | PATH_CLIENTS
     ) || p.starts_with("/v1/mesh/peers/")
+        || p.starts_with("/v1/clients/")
         || p.starts_with("/v1/routes/")
         || p.starts_with("/v1/revocations/")
         || p.starts_with("/v1/tokens/")

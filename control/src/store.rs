@@ -253,6 +253,8 @@ pub struct Store {
     last_own: Option<i64>,
     /// Members as read at open, until taken.
     members: Vec<crate::members::MemberRow>,
+    /// Clients as read at open, until taken.
+    clients: Vec<crate::clients::ClientRow>,
 }
 
 impl Store {
@@ -269,6 +271,7 @@ impl Store {
             remote: Vec::new(),
             last_own: None,
             members: Vec::new(),
+            clients: Vec::new(),
         }
     }
 
@@ -389,7 +392,13 @@ impl Store {
         store.revoked_keys = s.revoked_keys.into_iter().collect();
         store.policy = s.policy;
         store.members = s.members;
+        store.clients = s.clients;
         store
+    }
+
+    /// The clients read at open (once; later calls return nothing).
+    pub fn take_clients(&mut self) -> Vec<crate::clients::ClientRow> {
+        std::mem::take(&mut self.clients)
     }
 
     /// The members read at open (once; later calls return nothing).
@@ -764,7 +773,9 @@ impl Store {
             | Change::Member(_)
             | Change::RemoveMember(..)
             | Change::StaleMember(..)
-            | Change::ExpireMember(..) => {}
+            | Change::ExpireMember(..)
+            | Change::Client(_)
+            | Change::RemoveClient(_) => {}
         }
     }
 

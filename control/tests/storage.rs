@@ -230,6 +230,7 @@ fn database_refuses_a_shared_ipv4(db: &Database) {
         ephemeral: false,
         ipv4: Some(ipv4.parse().unwrap()),
         ads: Default::default(),
+        concentrator: false,
     };
     let mut s = Store::open_database(db, None, 1).unwrap();
     s.put_identity("v4a", ident(&key(1), &[])).unwrap();

@@ -1049,6 +1049,10 @@ pub struct ClientCreateRequest {
     /// concentrator's reflexive endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
+    /// Write the `DNS` line (the concentrator's mesh DNS stub and the mesh domain) into
+    /// the file; default `true`. `false` when the concentrator runs with `--dns off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<bool>,
 }
 
 /// A stock WireGuard client (no secrets).

@@ -28,7 +28,14 @@
 //! ```text
 //! tabbify-mesh-coordinator admin-login --coordinator https://HOST:PORT --tls-cert F --tls-key F --tls-ca F [--ttl 10m]
 //! tabbify-mesh-coordinator policy test --coordinator URL --tls-cert F --tls-key F --tls-ca F SRC DST PROTO:PORT [--json]
+//! tabbify-mesh-coordinator client add NAME --tag T... [--concentrator NAME|PEER_ID] [--endpoint HOST:PORT] [--no-dns] [--out DIR] (+ connection options)
+//! tabbify-mesh-coordinator client list [--json] (+ connection options)
+//! tabbify-mesh-coordinator client revoke ID|NAME (+ connection options)
 //! ```
+//!
+//! `client add` mints a stock WireGuard client (`POST /v1/clients`): it writes `NAME.conf`
+//! (the wg-quick file with the private key, mode 0600) and `NAME.png` (its QR code) into
+//! `--out` and prints the QR code to the terminal.
 //!
 //! `admin-login` prints a one-time dashboard login URL; `policy test` asks
 //! `POST /v1/policy/test` whether SRC may open PROTO:PORT on DST and which rule decides.
@@ -57,7 +64,8 @@ use tabbify_control::{relays, tls};
     about = "The Tabbify mesh control plane",
     after_help = "Admin subcommands (against a running coordinator, with an admin certificate):\n  \
                   tabbify-mesh-coordinator admin-login --help\n  \
-                  tabbify-mesh-coordinator policy test --help"
+                  tabbify-mesh-coordinator policy test --help\n  \
+                  tabbify-mesh-coordinator client --help"
 )]
 struct Cli {
     /// Address to listen on, e.g. 0.0.0.0:8443 or 127.0.0.1:0.
@@ -217,6 +225,7 @@ fn main() -> std::process::ExitCode {
     let result = match sub.as_deref() {
         Some("admin-login") => admin_login(AdminLogin::parse_from(std::env::args().skip(1))),
         Some("policy") => policy_cmd(PolicyCli::parse_from(std::env::args().skip(1))),
+        Some("client") => client_cmd(ClientCli::parse_from(std::env::args().skip(1))),
         _ => run(),
     };
     tabbify_api::cli::finish("tabbify-mesh-coordinator", result)
@@ -288,6 +297,163 @@ enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `client`: stock WireGuard clients served by a concentrator.
+#[derive(Parser)]
+#[command(name = "tabbify-mesh-coordinator client")]
+struct ClientCli {
+    #[command(subcommand)]
+    cmd: ClientCmd,
+}
+
+#[derive(clap::Subcommand)]
+enum ClientCmd {
+    /// Mint a client: writes NAME.conf (wg-quick, mode 0600) and NAME.png (its QR code)
+    /// and prints the QR code.
+    Add {
+        #[command(flatten)]
+        conn: Conn,
+        /// Its display name.
+        name: String,
+        /// A tag the policy applies to it (repeat for several).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// The concentrator (display name or peer id); default: the only one.
+        #[arg(long)]
+        concentrator: Option<String>,
+        /// HOST:PORT of the concentrator for the file; default: its reflexive endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Leave the DNS line out (the concentrator runs with --dns off).
+        #[arg(long)]
+        no_dns: bool,
+        /// Where to write the files.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// List the clients (no secrets).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a client (peer id or display name): its concentrator drops it.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        /// The client's peer id or display name.
+        id: String,
+    },
+}
+
+fn client_cmd(cli: ClientCli) -> anyhow::Result<()> {
+    use base64::Engine;
+    let rt = tokio::runtime::Runtime::new()?;
+    match cli.cmd {
+        ClientCmd::Add {
+            conn,
+            name,
+            tags,
+            concentrator,
+            endpoint,
+            no_dns,
+            out,
+        } => {
+            let client = conn.client()?;
+            let body = serde_json::to_value(tabbify_control::api::ClientCreateRequest {
+                name: name.clone(),
+                tags,
+                concentrator,
+                endpoint,
+                dns: no_dns.then_some(false),
+            })?;
+            let (status, v) =
+                rt.block_on(client.call("POST", tabbify_control::api::PATH_CLIENTS, Some(&body)))?;
+            if status != 201 {
+                bail!("the coordinator answered {status}: {}", error_text(&v));
+            }
+            let resp: tabbify_control::api::ClientCreateResponse =
+                serde_json::from_value(v).context("reading the answer")?;
+            let png = base64::engine::general_purpose::STANDARD
+                .decode(&resp.qr_png)
+                .context("qr_png is not base64")?;
+            let conf_path = out.join(format!("{name}.conf"));
+            let png_path = out.join(format!("{name}.png"));
+            write_private(&conf_path, resp.config.as_bytes())?;
+            std::fs::write(&png_path, png)
+                .with_context(|| format!("writing {}", png_path.display()))?;
+            let qr =
+                tabbify_control::clients::qr_terminal(&resp.config).map_err(anyhow::Error::msg)?;
+            print!("{qr}");
+            println!(
+                "client {} ({}) ula {} ipv4 {} via {}",
+                resp.client.display_name,
+                resp.client.id,
+                resp.client.ula,
+                resp.client.ipv4,
+                resp.client.concentrator
+            );
+            println!("wrote {} and {}", conf_path.display(), png_path.display());
+        }
+        ClientCmd::List { conn, json } => {
+            let client = conn.client()?;
+            let (status, v) =
+                rt.block_on(client.call("GET", tabbify_control::api::PATH_CLIENTS, None))?;
+            if status != 200 {
+                bail!("the coordinator answered {status}: {}", error_text(&v));
+            }
+            if json {
+                println!("{v}");
+            } else {
+                let list: tabbify_control::api::ClientsResponse =
+                    serde_json::from_value(v).context("reading the answer")?;
+                for c in list.clients {
+                    println!(
+                        "{}\t{}\t{}\t{}\ttags={}\tvia={}",
+                        c.id,
+                        c.display_name,
+                        c.ula,
+                        c.ipv4,
+                        c.tags.join(","),
+                        c.concentrator
+                    );
+                }
+            }
+        }
+        ClientCmd::Revoke { conn, id } => {
+            let client = conn.client()?;
+            let (status, v) = rt.block_on(client.call(
+                "DELETE",
+                &format!("{}/{id}", tabbify_control::api::PATH_CLIENTS),
+                None,
+            ))?;
+            if status != 200 {
+                bail!("the coordinator answered {status}: {}", error_text(&v));
+            }
+            println!("revoked client {} ({})", v["display_name"], v["id"]);
+        }
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a new or truncated file readable by its owner only (the file holds a
+/// private key).
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn admin_login(cli: AdminLogin) -> anyhow::Result<()> {

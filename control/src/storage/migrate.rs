@@ -119,6 +119,30 @@ pub const MIGRATIONS: &[Migration] = &[
             peer_id TEXT NOT NULL UNIQUE REFERENCES members (peer_id) ON DELETE CASCADE
         )"],
     },
+    Migration {
+        version: 5,
+        name: "clients: stock WireGuard clients; member_ipv4 holds clients' addresses too",
+        engine: None,
+        statements: &[
+            "CREATE TABLE clients (
+            peer_id TEXT PRIMARY KEY,
+            identity TEXT NOT NULL UNIQUE,
+            display_name TEXT NOT NULL UNIQUE,
+            key TEXT NOT NULL UNIQUE,
+            body TEXT NOT NULL
+        )",
+            // The uniqueness table of mesh IPv4s, rebuilt without the foreign key onto
+            // members: a client's address is in it too (rows are deleted explicitly with
+            // their member or client).
+            "CREATE TABLE mesh_ipv4_new (
+            ipv4 TEXT PRIMARY KEY,
+            peer_id TEXT NOT NULL UNIQUE
+        )",
+            "INSERT INTO mesh_ipv4_new (ipv4, peer_id) SELECT ipv4, peer_id FROM member_ipv4",
+            "DROP TABLE member_ipv4",
+            "ALTER TABLE mesh_ipv4_new RENAME TO member_ipv4",
+        ],
+    },
 ];
 
 /// The newest schema version this coordinator knows.

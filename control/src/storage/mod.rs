@@ -200,6 +200,12 @@ pub enum Change {
     StaleMember(String, u64),
     /// Remove a member the database last saw before these Unix seconds (expired).
     ExpireMember(String, u64),
+    /// Insert a stock WireGuard client (minted) with its mesh IPv4; refused
+    /// ([`StorageError::Conflict`]) when its address, peer id, identity, display name or
+    /// key is taken.
+    Client(crate::clients::ClientRow),
+    /// Remove a client (revoked) and free its address.
+    RemoveClient(String),
 }
 
 /// Everything durable, as read at start.
@@ -217,6 +223,8 @@ pub struct Snapshot {
     pub meta: BTreeMap<String, String>,
     /// Members (the roster), by peer id.
     pub members: Vec<MemberRow>,
+    /// Stock WireGuard clients, by peer id.
+    pub clients: Vec<crate::clients::ClientRow>,
 }
 
 /// A storage engine: runs transactions of [`Statement`]s and answers queries. Built
@@ -596,6 +604,21 @@ pub fn load(engine: &mut dyn Engine) -> Result<Snapshot, StorageError> {
         }
         snap.members.push(row);
     }
+    let rows = engine.query(
+        "SELECT peer_id, body FROM clients ORDER BY peer_id",
+        &[Value::Text(String::new()), Value::Text(String::new())],
+    )?;
+    for r in rows {
+        let [Value::Text(id), Value::Text(body)] = &r[..] else {
+            return Err(corrupt("clients: unexpected row".into()));
+        };
+        let row: crate::clients::ClientRow =
+            serde_json::from_str(body).map_err(|e| corrupt(format!("client {id}: {e}")))?;
+        if row.peer_id != *id {
+            return Err(corrupt(format!("client {id}: body names {}", row.peer_id)));
+        }
+        snap.clients.push(row);
+    }
     Ok(snap)
 }
 
@@ -832,6 +855,45 @@ fn statements_for(
             out.push(Statement {
                 must_change: false,
                 sql: "DELETE FROM members WHERE peer_id = ?1",
+                params: vec![Value::Text(peer_id.clone())],
+            });
+        }
+        Change::Client(c) => {
+            out.push(Statement {
+                must_change: true,
+                sql: "INSERT INTO clients (peer_id, identity, display_name, key, body) \
+                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+                params: vec![
+                    Value::Text(c.peer_id.clone()),
+                    Value::Text(c.identity.clone()),
+                    Value::Text(c.display_name.clone()),
+                    Value::Text(c.public_key.clone()),
+                    Value::Text(serde_json::to_string(c).map_err(|e| StorageError::Engine {
+                        engine,
+                        message: format!("client row: {e}"),
+                    })?),
+                ],
+            });
+            // An address a member or another client holds: no row, the transaction fails.
+            out.push(Statement {
+                must_change: true,
+                sql: "INSERT INTO member_ipv4 (ipv4, peer_id) VALUES (?1, ?2) \
+                      ON CONFLICT DO NOTHING",
+                params: vec![
+                    Value::Text(c.ipv4.to_string()),
+                    Value::Text(c.peer_id.clone()),
+                ],
+            });
+        }
+        Change::RemoveClient(peer_id) => {
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM member_ipv4 WHERE peer_id = ?1",
+                params: vec![Value::Text(peer_id.clone())],
+            });
+            out.push(Statement {
+                must_change: false,
+                sql: "DELETE FROM clients WHERE peer_id = ?1",
                 params: vec![Value::Text(peer_id.clone())],
             });
         }
