@@ -5,11 +5,11 @@
 //!
 //! | step | what | checked |
 //! |---|---|---|
-//! | setup | a coordinator; `srv1` (tag `server`) serving TCP on its ULA `:8730` and `:8731`; `hid1` (tag `hidden`) serving `:8730`; `conc1` (`join --concentrator`); policy: `phone → server:8730` only | `conc1`'s `status --json` says it is a concentrator |
+//! | setup | a coordinator; `srv1` (tag `server`) serving TCP on its ULA `:8730` and `:8740`; `hid1` (tag `hidden`) serving `:8730`; `conc1` (`join --concentrator`); policy: `phone → server:8730` only | `conc1`'s `status --json` says it is a concentrator |
 //! | mint | `POST /v1/clients` `{"name": "phone1", "tags": ["phone"]}` (the only concentrator is chosen) | 201 with a wg-quick file |
 //! | client | a namespace running the Debian `wireguard-go`, configured from that file (parsed; `wg setconf` and `ip`, as `tabbify_tests::wg` does for stock implementations) | a handshake with `conc1`; `conc1` serves 1 client |
 //! | allowed | the client connects to `srv1`'s `[ula]:8730` through `conc1` | the server's line arrives, and the server saw the client's own ULA (no masquerade) |
-//! | refused port | the client connects to `srv1`'s `:8731` | no connection (dropped by the filter of the client's rules) |
+//! | refused port | the client connects to `srv1`'s `:8740` | no connection (dropped by the filter of the client's rules) |
 //! | hidden member | the client connects to `hid1:8730` and pings it | nothing |
 //! | revoke | `DELETE /v1/clients/{id}` | within 10 s the client no longer connects to `srv1:8730`; `conc1` serves 0 clients |
 //!
@@ -29,7 +29,7 @@ use tabbify_tests::{JoinSpec, Netns, Testbed};
 
 const SETTLE: Duration = Duration::from_secs(30);
 const ALLOWED: u16 = 8730;
-const NOT_ALLOWED: u16 = 8731;
+const NOT_ALLOWED: u16 = 8740;
 /// How long a connection attempt that should fail is given.
 const REFUSED_WAIT: Duration = Duration::from_secs(3);
 
