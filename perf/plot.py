@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 METRICS = [
     ("median", "tcp1_gbps", "TCP 1 stream (Gbit/s)"),
     ("median", "tcp4_gbps", "TCP 4 streams (Gbit/s)"),
-    ("median", "udp_delivered_gbps", "UDP delivered (Gbit/s)"),
+    ("median", "udp_delivered_gbps", "UDP delivered, GSO sender (Gbit/s)"),
     ("median", "ping_avg_ms", "idle ping RTT (ms, lower is better)"),
     ("median_gbps_per_core", "tcp1_gbps", "Gbit/s per daemon core, TCP 1"),
     ("median_gbps_per_core", "udp_delivered_gbps", "Gbit/s per daemon core, UDP"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The perf suite in one command: builds our data plane (release) and the runner, then runs
-# iperf3 TCP 1/4 streams, UDP unlimited and ping between two network namespaces through
+# iperf3 TCP 1/4 streams, UDP (its own GSO sender, and iperf3) and ping between two network namespaces through
 # ours (io_uring and epoll drivers), boringtun-cli 0.7.1 (--threads 1 and default),
 # wireguard-go (Debian's, and v0.0.20250522 with offloads), gotatun-cli 0.10.2 and the bare
 # veth, with each one's Gbit/s per daemon core against the crypto bound. Needs root and
@@ -8,7 +8,7 @@
 # as not available).
 #
 #   perf/run.sh [--rounds N] [--duration S] [--only a,b] [--ours-threads N] [--offloads on|off]
-#               [--wireguard-go-offload-bin PATH]
+#               [--wireguard-go-offload-bin PATH] [--udp-offer-gbps G]
 #
 # Writes perf/results/<timestamp>.json and .png and refreshes the results in perf/README.md.
 set -euo pipefail

@@ -47,6 +47,11 @@ fi
 # gotatun as "not available". wireguard-go v0.0.20250522 (wireguard-go-offload) comes from
 # the Go module proxy where it is reachable; elsewhere it is given by path, see perf/README.md.
 if [ "${TABBIFY_SETUP_PERF:-0}" = 1 ]; then
+  # `tabbify-perf profile` records both daemons with perf (Debian's linux-perf).
+  if ! have perf; then
+    echo "setup: installing linux-perf (tabbify-perf profile)"
+    apt-get install -y --no-install-recommends linux-perf
+  fi
   if ! have gotatun || ! gotatun --version 2>/dev/null | grep -q '0\.10\.2'; then
     echo "setup: installing gotatun-cli 0.10.2 from crates.io"
     cargo install gotatun-cli --version 0.10.2 --locked

@@ -37,7 +37,10 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-total=0
+# Build every project first, then run the targets FUZZ_JOBS at a time (default: one per
+# core): each run is one single-threaded libFuzzer process, started directly from the build
+# directory so the runs do not queue on cargo's build-directory lock.
+runs=()
 for project in "${projects[@]}"; do
   cd "$root/$project"
   targets=$(cargo +nightly fuzz list)
@@ -48,21 +51,64 @@ for project in "${projects[@]}"; do
   echo "test-fuzz: building $(echo "$targets" | wc -w) targets of $project"
   cargo +nightly fuzz build -s "$sanitizer"
   for t in $targets; do
-    seeds="corpus/$t"
-    mkdir -p "$work/$t"
-    args=("$work/$t")
-    [ -d "$seeds" ] && args+=("$seeds")
-    echo "test-fuzz: $project $t for ${seconds}s"
-    # -max_len: room for a 64 KiB super-packet plus its vnet header.
-    if ! cargo +nightly fuzz run -s "$sanitizer" "$t" "${args[@]}" -- \
-        -max_total_time="$seconds" -max_len=65600 -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 >"$work/$t.log" 2>&1; then
-      tail -n 60 "$work/$t.log" >&2
-      echo "test-fuzz: FAIL: target $t crashed; reproducer under $project/artifacts/$t/" >&2
-      exit 1
-    fi
-    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$work/$t.log" | sed "s/^/test-fuzz: $t /" || true
-    total=$((total + 1))
+    runs+=("$project $t")
   done
 done
-echo "test-fuzz: all $total targets ran ${seconds}s without a crash"
+
+bin_dir="$CARGO_TARGET_DIR/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
+jobs="${FUZZ_JOBS:-$(nproc)}"
+
+# One target: its committed seeds plus a fresh directory for new inputs. Exit status 0 = no
+# crash; the log is kept in $work for the report.
+run_one() {
+  local project=$1 t=$2
+  local seeds="$root/$project/corpus/$t"
+  mkdir -p "$work/$t"
+  local args=("$work/$t")
+  [ -d "$seeds" ] && args+=("$seeds")
+  # -max_len: room for a 64 KiB super-packet plus its vnet header.
+  (cd "$root/$project" &&
+    "$bin_dir/$t" "${args[@]}" -artifact_prefix="$root/$project/artifacts/$t/" \
+      -max_total_time="$seconds" -max_len=65600 -timeout=10 -rss_limit_mb=2048 \
+      -print_final_stats=1) >"$work/$t.log" 2>&1
+}
+
+total=0
+failed=()
+declare -A running=()
+# report PID STATUS: count a finished run, or print its log when it crashed.
+report() {
+  local pid=$1 status=$2 project t
+  read -r project t <<<"${running[$pid]}"
+  unset "running[$pid]"
+  if [ "$status" = 0 ]; then
+    grep -E "^stat::number_of_executed_units|^stat::new_units_added" "$work/$t.log" | sed "s/^/test-fuzz: $t /" || true
+    total=$((total + 1))
+  else
+    tail -n 60 "$work/$t.log" >&2
+    echo "test-fuzz: FAIL: target $t crashed; reproducer under $project/artifacts/$t/" >&2
+    failed+=("$t")
+  fi
+}
+for run in "${runs[@]}"; do
+  read -r project t <<<"$run"
+  while [ "${#running[@]}" -ge "$jobs" ]; do
+    status=0
+    wait -n -p done_pid "${!running[@]}" || status=$?
+    report "$done_pid" "$status"
+  done
+  mkdir -p "$root/$project/artifacts/$t"
+  echo "test-fuzz: $project $t for ${seconds}s"
+  run_one "$project" "$t" &
+  running[$!]="$project $t"
+done
+for pid in "${!running[@]}"; do
+  status=0
+  wait "$pid" || status=$?
+  report "$pid" "$status"
+done
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "test-fuzz: FAIL: ${#failed[@]} target(s) crashed: ${failed[*]}" >&2
+  exit 1
+fi
+echo "test-fuzz: all $total targets ran ${seconds}s without a crash ($jobs at a time)"

@@ -24,15 +24,24 @@ pub enum Metric {
     Tcp1,
     /// iperf3 TCP, four parallel streams.
     Tcp4,
-    /// iperf3 UDP at unlimited rate (`-b 0`), rate delivered to the receiver.
+    /// UDP from the suite's own GSO sender (`udpload`), rate delivered to the receiver.
     Udp,
+    /// iperf3 UDP at unlimited rate (`-b 0`), rate delivered to the receiver: kept next to
+    /// [`Metric::Udp`] for comparison with earlier runs (iperf3 offers less).
+    UdpIperf,
     /// Idle round-trip time, 20 pings 50 ms apart.
     Ping,
 }
 
 impl Metric {
     /// Every metric, in run order.
-    pub const ALL: [Metric; 4] = [Metric::Tcp1, Metric::Tcp4, Metric::Udp, Metric::Ping];
+    pub const ALL: [Metric; 5] = [
+        Metric::Tcp1,
+        Metric::Tcp4,
+        Metric::Udp,
+        Metric::UdpIperf,
+        Metric::Ping,
+    ];
 
     /// Key used in the JSON file and the table.
     pub fn key(self) -> &'static str {
@@ -40,6 +49,7 @@ impl Metric {
             Metric::Tcp1 => "tcp1_gbps",
             Metric::Tcp4 => "tcp4_gbps",
             Metric::Udp => "udp_delivered_gbps",
+            Metric::UdpIperf => "udp_iperf3_gbps",
             Metric::Ping => "ping_avg_ms",
         }
     }
@@ -49,7 +59,8 @@ impl Metric {
         match self {
             Metric::Tcp1 => "TCP 1 stream (Gbit/s)",
             Metric::Tcp4 => "TCP 4 streams (Gbit/s)",
-            Metric::Udp => "UDP delivered (Gbit/s)",
+            Metric::Udp => "UDP delivered, GSO sender (Gbit/s)",
+            Metric::UdpIperf => "UDP delivered, iperf3 (Gbit/s)",
             Metric::Ping => "ping avg (ms)",
         }
     }
@@ -92,13 +103,49 @@ impl Server {
     }
 }
 
-/// Runs `metric` from `client` to `server_addr` for `duration`.
+/// Runs `metric` from `client` to `server_addr` (in `server`) for `duration`;
+/// `udp_offer_gbps` paces the GSO UDP sender (0: unpaced).
+pub fn measure_between(
+    client: &Netns,
+    server: &Netns,
+    server_addr: IpAddr,
+    metric: Metric,
+    duration: u32,
+    udp_offer_gbps: f64,
+) -> Result<Sample> {
+    if metric == Metric::Udp {
+        let outcome =
+            crate::udpload::measure(client, server, server_addr, duration, udp_offer_gbps)?;
+        eprintln!(
+            "perf:   udp: offered {:.2} Gbit/s (GSO {}, {} calls, {} refused), delivered {:.2}, \
+             {} GRO super-packets received, {} duplicates",
+            outcome.offered_gbps,
+            if outcome.blast.gso { "on" } else { "off" },
+            outcome.blast.calls,
+            outcome.blast.refused,
+            outcome.delivered_gbps,
+            outcome.sink.coalesced,
+            outcome.sink.duplicates
+        );
+        return Ok(Sample {
+            value: outcome.delivered_gbps,
+            lost: Some(outcome.lost),
+        });
+    }
+    measure(client, server_addr, metric, duration)
+}
+
+/// Runs `metric` from `client` to `server_addr` for `duration` with iperf3 or ping
+/// ([`Metric::Udp`] needs the server's namespace: [`measure_between`]).
 pub fn measure(
     client: &Netns,
     server_addr: IpAddr,
     metric: Metric,
     duration: u32,
 ) -> Result<Sample> {
+    if metric == Metric::Udp {
+        bail!("the GSO UDP sender runs through measure_between");
+    }
     if metric == Metric::Ping {
         let stats = ping(client, server_addr, 20, "0.05")?;
         let avg = stats
@@ -120,8 +167,10 @@ pub fn measure(
     ];
     match metric {
         Metric::Tcp4 => args.extend(["-P", "4"].map(str::to_owned)),
-        Metric::Udp => args.extend(["-u", "-b", "0", "-l", UDP_PAYLOAD].map(str::to_owned)),
-        Metric::Tcp1 | Metric::Ping => {}
+        Metric::UdpIperf => {
+            args.extend(["-u", "-b", "0", "-l", UDP_PAYLOAD].map(str::to_owned));
+        }
+        Metric::Tcp1 | Metric::Udp | Metric::Ping => {}
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut process = client.spawn(&format!("iperf3-{}", metric.key()), "iperf3", &args)?;
@@ -151,7 +200,7 @@ fn sample(json: &Value, metric: Metric) -> Result<Sample> {
         .and_then(Value::as_f64)
         .context("end.sum_received.bits_per_second")?;
     let lost = match metric {
-        Metric::Udp => received.get("lost_packets").and_then(Value::as_u64),
+        Metric::Udp | Metric::UdpIperf => received.get("lost_packets").and_then(Value::as_u64),
         _ => end
             .get("sum_sent")
             .and_then(|sent| sent.get("retransmits"))
@@ -172,7 +221,7 @@ mod tests {
         let udp = r#"noise {"end":{"sum_sent":{"bits_per_second":8.0e8},
             "sum_received":{"bits_per_second":3.4e8,"lost_packets":93711}}} "#;
         let json = parse_json(udp).unwrap();
-        let s = sample(&json, Metric::Udp).unwrap();
+        let s = sample(&json, Metric::UdpIperf).unwrap();
         assert!((s.value - 0.34).abs() < 1e-9);
         assert_eq!(s.lost, Some(93711));
         let tcp = r#"{"end":{"sum_sent":{"bits_per_second":1.2e9,"retransmits":7},

@@ -7,13 +7,15 @@
 //! bound ([`crypto`]), and every ratio names the best stock implementation it is taken
 //! against. Subcommands run the benchmarks of ours alone: `peers` (1,000 peers, see
 //! [`peers`]), `multi-core` (several tunnel pairs at once, see [`multicore`]) and
-//! `crypto-bound`.
+//! `crypto-bound`; `profile` renders flame graphs of both daemons of any implementation
+//! (see [`profile`]).
 //!
 //! The namespaces and the veth (RPS on) are built once. Every round runs every
 //! implementation once, round-robin, starting one place later each round so no
 //! implementation always runs first. Each turn brings up a fresh tunnel (the same
 //! implementation on both ends, IPv4 inner and outer, MTU 1420), runs TCP 1 stream, TCP 4
-//! streams, UDP unlimited and ping, and tears the tunnel down. A failing implementation
+//! streams, UDP from the GSO sender (see [`udpload`]) and from iperf3, and ping, and
+//! tears the tunnel down. A failing implementation
 //! is recorded with its error and shown as FAILED in the table, never dropped.
 //!
 //! Output: a table of medians and ratios on stdout, one JSON file per run and a PNG plot
@@ -25,8 +27,10 @@ mod crypto;
 mod iperf;
 mod multicore;
 mod peers;
+mod profile;
 mod relayed;
 mod report;
+mod udpload;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -42,7 +46,7 @@ use tabbify_tests::tunnel::MTU;
 use tabbify_tests::wg::{Driver, Implementation, OursOptions, PortRules};
 use tabbify_tests::{Inner, Netns, Tunnel, TunnelSpec, VethOptions, VethPair};
 
-use crate::iperf::{measure, Metric, Server};
+use crate::iperf::{measure_between, Metric, Server};
 use crate::relayed::{RelayBed, RelayMode};
 use crate::report::{ImplResult, Kind, RoundResult, Run};
 
@@ -107,6 +111,11 @@ struct Args {
     /// "no-RPS rig", where the single-queue veth receiver runs on one CPU).
     #[arg(long, value_parser = ["on", "off"], default_value = "on")]
     veth_rps: String,
+    /// Payload Gbit/s the UDP test's GSO sender offers at most (0: unpaced, as fast as
+    /// the kernel takes datagrams; an unpaced sender spends a core copying datagrams the
+    /// TUN's queue then drops, which on a 2-core machine is taken from the daemons).
+    #[arg(long, default_value_t = 0.0, global = true)]
+    udp_offer_gbps: f64,
     /// Seconds the crypto bound (ChaCha20-Poly1305 seal + open through boringtun, one
     /// core) is measured for at the start of a run; 0 skips it.
     #[arg(long, default_value_t = 3)]
@@ -127,6 +136,15 @@ enum Bench {
     /// Multi-core scaling (issue 17, Deliver 5): several tunnel pairs at once, ours at
     /// several `--threads` (see `multicore`).
     MultiCore(multicore::Args),
+    /// Flame graphs of both daemons during TCP 1 stream and UDP (`perf record`, DWARF
+    /// unwinder, frame pointers for wireguard-go; rendered with inferno) into `--out`.
+    Profile(profile::Args),
+    /// Internal: the UDP GSO sender of the suite's UDP test, run inside a namespace.
+    #[command(hide = true)]
+    UdpBlast(udpload::BlastArgs),
+    /// Internal: the UDP receiver of the suite's UDP test, run inside a namespace.
+    #[command(hide = true)]
+    UdpSink(udpload::SinkArgs),
     /// Internal: the handshake initiators of `peers`, run inside a namespace.
     #[command(hide = true)]
     HandshakeFlood(peers::FloodArgs),
@@ -180,6 +198,9 @@ fn main() -> Result<()> {
             )
         }
         Some(Bench::HandshakeFlood(flood)) => return peers::flood(flood),
+        Some(Bench::Profile(profile)) => return run_profile(&args, profile),
+        Some(Bench::UdpBlast(blast)) => return udpload::blast(blast),
+        Some(Bench::UdpSink(sink)) => return udpload::sink(sink),
     }
     let contenders = contenders(&args)?;
     if args.list {
@@ -236,7 +257,8 @@ fn main() -> Result<()> {
             let index = (offset + position) % contenders.len();
             let contender = &contenders[index];
             eprintln!("perf: round {round}/{}: {}", args.rounds, contender.name);
-            let (mut result, startup_log) = run_turn(contender, &veth, args.duration);
+            let (mut result, startup_log) =
+                run_turn(contender, &veth, args.duration, args.udp_offer_gbps);
             result.round = round;
             result.position = position;
             for (key, error) in &result.errors {
@@ -310,6 +332,121 @@ fn main() -> Result<()> {
     if let Some(readme) = &args.update_readme {
         update_readme(readme, &run, &table, plotted.then_some(png_path.as_path()))?;
         println!("updated {}", readme.display());
+    }
+    Ok(())
+}
+
+/// `tabbify-perf profile`: per implementation, a fresh tunnel per test (TCP 1 stream and
+/// UDP), both daemons sampled with `perf record` for the test's whole duration, one SVG
+/// per implementation and test in `--out`.
+fn run_profile(args: &Args, prof: &profile::Args) -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Wg, Tool::Iperf3, Tool::Ping])?;
+    if on_path("perf").is_none() {
+        bail!("perf not on PATH (install linux-perf, Debian's package of perf)");
+    }
+    let run = match &prof.run {
+        Some(run) => run.clone(),
+        None => utc_now()?.replace(':', "-"),
+    };
+    let all = contenders(args)?;
+    let mut chosen = Vec::new();
+    for name in &prof.impls {
+        let contender = all
+            .iter()
+            .find(|c| c.name == name)
+            .with_context(|| format!("unknown implementation {name:?} (see --list)"))?;
+        if let Some(reason) = &contender.unavailable {
+            bail!("{name}: {reason}");
+        }
+        if contender.implementation.is_none() || contender.relay.is_some() {
+            bail!("{name}: only a tunnel on the veth has daemons to profile");
+        }
+        chosen.push(contender);
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let left = Netns::new()?;
+    let right = Netns::new()?;
+    let veth = VethPair::connect(
+        &left,
+        &right,
+        &VethOptions {
+            rps: args.veth_rps == "on",
+            ..VethOptions::default()
+        },
+    )?;
+    let scratch = left.workdir().join("profile");
+    std::fs::create_dir_all(&scratch)?;
+    for contender in chosen {
+        let Some(implementation) = &contender.implementation else {
+            continue;
+        };
+        for (metric, test) in [(Metric::Tcp1, "tcp1"), (Metric::Udp, "udp")] {
+            eprintln!("perf: profiling {} during {test}", contender.name);
+            let tunnel = start_tunnel(implementation, contender.tracked, &veth)?;
+            let server_addr = tunnel.right_inner[0];
+            let server = Server::start(&veth.b.netns)?;
+            let call_graph = profile::call_graph_for(matches!(
+                implementation,
+                Implementation::WireguardGo | Implementation::WireguardGoOffload { .. }
+            ));
+            let recorders = [
+                profile::Recorder::start(
+                    tunnel.left.process().pid(),
+                    "client",
+                    &scratch,
+                    prof.freq,
+                    call_graph,
+                )?,
+                profile::Recorder::start(
+                    tunnel.right.process().pid(),
+                    "server",
+                    &scratch,
+                    prof.freq,
+                    call_graph,
+                )?,
+            ];
+            let sample = measure_between(
+                &veth.a.netns,
+                &veth.b.netns,
+                server_addr,
+                metric,
+                args.duration,
+                args.udp_offer_gbps,
+            );
+            let recordings = recorders
+                .into_iter()
+                .map(profile::Recorder::stop)
+                .collect::<Result<Vec<_>>>()?;
+            drop(server);
+            tunnel.stop()?;
+            let sample = sample?;
+            let svg = args
+                .out
+                .join(format!("{run}-{}-{test}.svg", contender.name));
+            let title = format!(
+                "{} · {test} · {:.2} {} · {} s · {run}",
+                implementation.label(),
+                sample.value,
+                if metric == Metric::Ping {
+                    "ms"
+                } else {
+                    "Gbit/s"
+                },
+                args.duration
+            );
+            let samples = profile::render(&recordings, &title, &svg)?;
+            for (_, data) in &recordings {
+                let _ = std::fs::remove_file(data);
+            }
+            println!(
+                "{}: {test} {:.2} Gbit/s, {:.2} s of daemon CPU sampled → {}",
+                contender.name,
+                sample.value,
+                samples as f64 / 1e9,
+                svg.display()
+            );
+        }
     }
     Ok(())
 }
@@ -602,7 +739,12 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
 }
 
 /// One implementation's turn in a round. Never fails: errors are recorded in the result.
-fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResult, Vec<String>) {
+fn run_turn(
+    contender: &Contender,
+    veth: &VethPair,
+    duration: u32,
+    udp_offer: f64,
+) -> (RoundResult, Vec<String>) {
     let mut result = RoundResult::default();
     let mut startup_log = Vec::new();
     if let Some(reason) = &contender.unavailable {
@@ -613,7 +755,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
         return (result, startup_log);
     }
     if let Some(mode) = contender.relay {
-        return run_relay_turn(mode, duration);
+        return run_relay_turn(mode, duration, udp_offer);
     }
     let tunnel = match &contender.implementation {
         None => None,
@@ -659,7 +801,14 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let cpu_before = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
-        let outcome = measure(&veth.a.netns, server_addr, metric, duration);
+        let outcome = measure_between(
+            &veth.a.netns,
+            &veth.b.netns,
+            server_addr,
+            metric,
+            duration,
+            udp_offer,
+        );
         let cpu_after = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
         match outcome {
             Ok(sample) => {
@@ -699,7 +848,7 @@ fn run_turn(contender: &Contender, veth: &VethPair, duration: u32) -> (RoundResu
 /// A relayed case's turn (see `relayed`): a fresh LAN, coordinator, relay and two joiners
 /// pinned to the relay; the same metrics; the joiners' CPU in `cpu_s` and the relay's in
 /// `relay_cpu_s`. Never fails: errors are recorded in the result.
-fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) {
+fn run_relay_turn(mode: RelayMode, duration: u32, udp_offer: f64) -> (RoundResult, Vec<String>) {
     let mut result = RoundResult::default();
     let fail = |result: &mut RoundResult, what: &str, error: anyhow::Error| {
         result.errors.insert(what.to_owned(), format!("{error:#}"));
@@ -736,7 +885,14 @@ fn run_relay_turn(mode: RelayMode, duration: u32) -> (RoundResult, Vec<String>) 
     for metric in Metric::ALL {
         let key = metric.key().to_owned();
         let before = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
-        let outcome = measure(&bed.client, bed.server_addr, metric, duration);
+        let outcome = measure_between(
+            &bed.client,
+            &bed.server,
+            bed.server_addr,
+            metric,
+            duration,
+            udp_offer,
+        );
         let after = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
         match outcome {
             Ok(sample) => {
