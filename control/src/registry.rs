@@ -1539,17 +1539,19 @@ impl Registry {
     }
 
     /// Removes client `id` (revoked): every roster that held it gets its `peer_remove`
-    /// (reason `revoked`), then the rosters it changed otherwise are resynced.
+    /// (reason `revoked`), and a viewer that held the concentrator only for this client
+    /// loses it too; the concentrator's own streams are resynced (its members' `may_use`).
     pub fn remove_client(&mut self, id: &str) -> Option<ClientRow> {
         let (row, class) = self.clients.get(id).cloned()?;
-        let before = self.client_audience();
-        let mut holders = Vec::new();
-        if self.live_concentrator(&row.concentrator).is_some() {
-            holders.push(row.concentrator.clone());
+        let conc = self
+            .live_concentrator(&row.concentrator)
+            .map(|c| c.id.clone());
+        let mut holders = BTreeSet::new();
+        if let Some(c) = &conc {
             for v in self.vis.viewers_of(class) {
                 for m in self.members.get(v as usize).into_iter().flatten() {
-                    if *m != row.concentrator {
-                        holders.push(m.clone());
+                    if m != c {
+                        holders.insert(m.clone());
                     }
                 }
             }
@@ -1558,19 +1560,31 @@ impl Registry {
         if self.ipv4s.get(&row.ipv4).map(String::as_str) == Some(id) {
             self.ipv4s.remove(&row.ipv4);
         }
-        let frame = Bytes::from(
-            SseEvent::PeerRemove(PeerRemove {
-                peer_id: id.to_owned(),
-                reason: "revoked".into(),
-            })
-            .to_frame(self.log.next_id),
-        );
-        let targets: Vec<(String, Bytes)> =
-            holders.into_iter().map(|h| (h, frame.clone())).collect();
-        if !targets.is_empty() {
-            self.push(Payload::Targeted(targets));
+        let Some(c) = conc else {
+            return Some(row);
+        };
+        let frame = |pid: &str, why: &str| {
+            Bytes::from(
+                SseEvent::PeerRemove(PeerRemove {
+                    peer_id: pid.to_owned(),
+                    reason: why.to_owned(),
+                })
+                .to_frame(self.log.next_id),
+            )
+        };
+        let mut targets = vec![(c.clone(), frame(id, "revoked"))];
+        for v in holders {
+            targets.push((v.clone(), frame(id, "revoked")));
+            if !self.roster(&v).iter().any(|e| e.peer_id == c) {
+                targets.push((v, frame(&c, "policy")));
+            }
         }
-        self.resync_client_audience(before);
+        self.push(Payload::Targeted(targets));
+        self.push(Payload::ByClass {
+            subject: c,
+            frames: vec![None; self.vis.len()],
+            action: SubjectAction::Resync,
+        });
         Some(row)
     }
 
