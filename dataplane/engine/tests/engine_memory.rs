@@ -1671,3 +1671,59 @@ fn a_concentrator_forwards_for_its_client_by_grant_not_by_its_own_rules() {
     assert_eq!(sink_a.0, vec![from_k]);
     assert_eq!(a.counters.total(), 0);
 }
+
+/// Issue 15, the attacker is a member the client may reach (so it holds only a reply
+/// grant at the concentrator B): with a valid session it opens a TCP connection and sends
+/// UDP to the client: B drops both. Once the client opens a flow to it (forwarded out by
+/// B, tracked), its answers on that flow pass, and nothing else does.
+#[test]
+fn a_member_with_a_reply_grant_cannot_open_a_flow_to_the_client() {
+    let (mut a, mut b) = pair(false);
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: key(2),
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.0.0.9/32".parse().unwrap(),
+            ],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    b.table.set_local(
+        LocalNets::new([IpAddr::from(IP_B)], [])
+            .with_reply_grants([(key(1), IpNet::host(IpAddr::from(IP_K)))])
+            .with_served([IpAddr::from(IP_K)]),
+    );
+    let hello = udp4(IP_A, IP_B, 4000, 5000, b"to B itself");
+    assert_eq!(handshake(&mut a, &mut b, &hello).0, vec![hello]);
+    // A opens towards K: refused at B.
+    send_all(
+        &mut a,
+        &[
+            tcp4(IP_A, IP_K, 40000, 22, SYN),
+            udp4(IP_A, IP_K, 4000, 53, b"x"),
+        ],
+    );
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert!(sink_b.0.is_empty(), "{:?}", sink_b.0);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 2);
+    // K opens towards A (B's kernel hands the forwarded SYN to B's TUN side).
+    let syn = tcp4(IP_K, IP_A, 50000, 8730, SYN);
+    send_all(&mut b, std::slice::from_ref(&syn));
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![syn]);
+    // A's answer on that flow passes B; a new connection from A still does not.
+    let answer = tcp4(IP_A, IP_K, 8730, 50000, SYN | ACK);
+    send_all(
+        &mut a,
+        &[answer.clone(), tcp4(IP_A, IP_K, 8730, 50001, SYN)],
+    );
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![answer]);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
+}

@@ -220,7 +220,7 @@ impl Model {
                 }
             }
         }
-        for (_, n) in m.grants() {
+        for (_, n) in m.grants().iter().chain(&m.client_plan().reply_grants) {
             let host = n.prefix_len() == if n.addr().is_ipv4() { 32 } else { 128 };
             assert!(host && in_mesh(n), "grant outside the mesh hosts: {n:?}");
         }

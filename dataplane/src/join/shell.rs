@@ -724,7 +724,8 @@ impl Joiner {
         let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
         self.table.set_local(
             local_nets(self.ula, ipv4, m.apps(), m.grants())
-                .with_served(m.client_plan().served_addrs()),
+                .with_served(m.client_plan().served_addrs())
+                .with_reply_grants(m.client_plan().reply_grants.iter().copied()),
         );
     }
 

@@ -228,9 +228,11 @@ impl Pipeline {
         // The filter of the destination: a client's behind its concentrator (`core::behind`),
         // else the peer's; none for traffic a concentrator forwards for its client
         // (`core::local`). Both extra checks are one branch when unused.
-        let filter = entry.filter_for(dst).filter(|_| {
-            !wire::peek_src(pkt).is_some_and(|src| snap.local.forwarded_for_client(src, dst))
-        });
+        let forwarded = wire::peek_src(pkt).and_then(|src| snap.local.forward_filter_out(src, dst));
+        let filter = match forwarded {
+            Some(f) => f,
+            None => entry.filter_for(dst),
+        };
         let mut st = peer.lock();
         // Once per super-packet: every segment shares the first one's ports.
         if let Some(f) = filter {
@@ -805,8 +807,14 @@ fn deliver(
         return false;
     };
     let dst = wire::peek_dst(pkt);
+    let mut reply_only = false;
     match dst.map(|dst| snap.admits_destination(peer, dst)) {
         Some(Ok(())) => {}
+        // A concentrator's client answered by a member it may reach (`core::local`): only
+        // inside a flow the client opened, checked below with the reply filter.
+        Some(Err(_)) if dst.is_some_and(|d| snap.local.admits_reply(&peer.public_key, d)) => {
+            reply_only = true;
+        }
         Some(Err(Refused::NotLocal)) => {
             counters.add(DropReason::DestinationNotLocal);
             return true;
@@ -822,9 +830,13 @@ fn deliver(
     }
     // The source's filter (a client's behind its concentrator, `core::behind`), none for
     // traffic a concentrator forwards for its client (`core::local`).
-    let filter = entry
-        .filter_for(src)
-        .filter(|_| !dst.is_some_and(|dst| snap.local.forwarded_for_client(src, dst)));
+    let filter = if reply_only {
+        snap.local.reply_filter()
+    } else {
+        entry
+            .filter_for(src)
+            .filter(|_| !dst.is_some_and(|dst| snap.local.forwarded_for_client(src, dst)))
+    };
     if let Some(f) = filter {
         if let Err(d) = f.check(Dir::In, pkt, flows.0, flows.1) {
             counters.add(deny_reason(d, Dir::In));

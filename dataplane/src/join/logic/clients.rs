@@ -11,8 +11,9 @@
 //! * its concentrator C, with `client: true`: C makes K a WireGuard peer with no endpoint
 //!   (K dials in), AllowedIPs K's ULA /128 and mesh IPv4 /32, K's own port rules; K may
 //!   send through C to the addresses of its `may_use`, and each member P to K when P's
-//!   `may_use` names K's address, or when K's `may_use` names P's (the replies of K's own
-//!   connections: the policy's rule is checked by P, which applies K's rules both ways);
+//!   `may_use` names K's address; a member named in K's `may_use` but not granted K gets
+//!   a reply grant: it may answer inside flows K opened, never open one (the engine tracks
+//!   K's flows at C, `core::local`). P applies K's rules both ways;
 //! * every member V that the policy lets see K, with `via = C`: K is no peer of V; K's
 //!   addresses are added to C's AllowedIPs on V, with K's rules behind C's entry
 //!   (`core::behind`), so V holds K to what the policy gives K's tags, not C's.
@@ -83,6 +84,9 @@ pub struct ClientPlan {
     pub behind: BTreeMap<[u8; 32], Vec<Carried>>,
     /// (peer, host address) pairs: that peer may send to that address through us.
     pub grants: Vec<([u8; 32], IpNet)>,
+    /// (member, served client address) pairs: that member may send to the client only
+    /// inside a flow the client opened (the client may reach it, not the other way).
+    pub reply_grants: Vec<([u8; 32], IpNet)>,
     /// Public keys of entries that must not become ordinary peers (clients seen through
     /// a carrier, refused client entries).
     pub not_peers: BTreeSet<[u8; 32]>,
@@ -264,7 +268,7 @@ pub fn plan<'a>(
             };
             p.grants.push((k, host(a)));
             for own in &addrs {
-                p.grants.push((*member, host(*own)));
+                p.reply_grants.push((*member, host(*own)));
             }
         }
     }
@@ -277,6 +281,11 @@ pub fn plan<'a>(
     }
     p.grants.sort();
     p.grants.dedup();
+    // A member granted the client outright needs no reply grant.
+    let full: BTreeSet<([u8; 32], IpNet)> = p.grants.iter().copied().collect();
+    p.reply_grants.retain(|g| !full.contains(g));
+    p.reply_grants.sort();
+    p.reply_grants.dedup();
     p
 }
 
@@ -369,7 +378,11 @@ mod tests {
             "100.64.0.2/32".into(),
         ];
         let kula = k.ula;
-        p.may_use = vec![format!("{kula}/128"), "10.1.0.0/16".into()];
+        p.may_use = vec![
+            format!("{kula}/128"),
+            "100.64.0.9/32".into(),
+            "10.1.0.0/16".into(),
+        ];
         let plan = plan([&p, &q, &k], "me", true);
         assert_eq!(plan.served.len(), 1);
         let s = &plan.served[&[9; 32]];
@@ -382,12 +395,22 @@ mod tests {
         assert!(g(9, IpAddr::V6(p.ula)) && g(9, IpAddr::V6(app)));
         assert!(g(9, "100.64.0.2".parse().unwrap()));
         assert!(g(2, IpAddr::V6(kula)) && g(2, "100.64.0.9".parse().unwrap()));
+        assert!(plan.reply_grants.is_empty(), "p is granted outright");
         assert!(
             !plan.grants.iter().any(|(k, _)| *k == [3; 32]),
             "Q: nothing"
         );
         assert!(!g(9, IpAddr::V6(q.ula)));
         assert_eq!(plan.served_addrs().count(), 2);
+        // p without its own may_use: only a reply grant back to k.
+        let mut p2 = p.clone();
+        p2.may_use.clear();
+        let plan = super::plan([&p2, &q, &k], "me", true);
+        assert!(!plan.grants.iter().any(|(k, _)| *k == [2; 32]));
+        assert!(plan
+            .reply_grants
+            .contains(&([2; 32], IpNet::host(IpAddr::V6(kula)))));
+        assert_eq!(plan.reply_grants.len(), 2);
     }
 
     /// The attacker is the coordinator, talking to a member that is no concentrator: it

@@ -1065,7 +1065,8 @@ impl Machine {
         grants.sort();
         grants.dedup();
         let served_changed = clients.served.keys().ne(self.clients.served.keys())
-            || clients.served_addrs().ne(self.clients.served_addrs());
+            || clients.served_addrs().ne(self.clients.served_addrs())
+            || clients.reply_grants != self.clients.reply_grants;
         if grants != self.grants || served_changed {
             self.actions.push_back(Action::Grants);
         }
@@ -1802,7 +1803,10 @@ mod tests {
         assert!(m
             .grants()
             .contains(&(key(9), IpNet::host(IpAddr::V6(p.ula)))));
-        assert!(m.grants().contains(&(key(1), host("100.64.1.9"))));
+        assert!(m
+            .client_plan()
+            .reply_grants
+            .contains(&(key(1), host("100.64.1.9"))));
         assert_eq!(m.client_plan().served_addrs().count(), 2);
         // Revoked: the client's peer goes (the session and keys with it).
         let rm = PeerRemove {
@@ -1813,7 +1817,7 @@ mod tests {
         let acts = drain(&mut m);
         assert_eq!(removals(&acts), vec![key(9)], "{acts:?}");
         assert!(acts.contains(&Action::Grants));
-        assert!(m.grants().is_empty());
+        assert!(m.grants().is_empty() && m.client_plan().reply_grants.is_empty());
     }
 
     /// Issue 15, a member: a client behind concentrator C is no peer; its addresses join
