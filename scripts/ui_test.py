@@ -1,25 +1,32 @@
 #!/usr/bin/env python3
 """Browser test of the coordinator's dashboard (issue 16, Deliver 6).
 
-Starts a real coordinator (mTLS, certificates from tabbify-mesh-ca) on a loopback
-ephemeral port, registers members through the API with their own peer certificates,
-then drives Debian's chromium headless with Playwright (launched from /usr/bin/chromium;
-no browser is downloaded):
+Starts a real coordinator (mTLS, certificates from tabbify-mesh-ca) on an ephemeral port
+of a veth this test adds, registers members through the API with their own peer
+certificates, starts two REAL joiners (`tabbify-mesh join`) in network namespaces the test
+creates on a bridge next to it (removed on exit, whatever happens; needs root and `ip`),
+pings between them over the mesh, then drives Debian's chromium headless with Playwright
+(launched from /usr/bin/chromium; no browser is downloaded):
 
   * logs in through the link `tabbify-mesh-coordinator admin-login` prints;
   * sees every member (paging through the table);
+  * sees the real joiners' traffic, handshake and path columns filled from their
+    heartbeats' traffic reports ("reported by the member"), and the reach graph, from the
+    keyboard;
   * runs the policy tester (allowed, and refused by default deny), from the keyboard;
   * mints a join token and revokes it;
   * revokes a member from the page and another through the API, and sees both disappear
     live (SSE, no reload);
   * checks accessibility with axe-core (no serious or critical violation).
 
-Screenshots and the axe report go to target/ui-artifacts/. The coordinator is stopped
-by its PID on exit, whatever happens.
+Screenshots and the axe report go to target/ui-artifacts/. The coordinator and the
+joiners are stopped by their PIDs on exit, whatever happens.
 """
 
 import base64
 import http.client
+import re
+import shutil
 import json
 import os
 import secrets
@@ -32,6 +39,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBERS = int(os.environ.get("TABBIFY_UI_MEMBERS", "60"))
+# Namespaces and links of this test (unique names: other tests may run alongside).
+NS_PREFIX = "tui-ops-ui"
+LAN_NS = f"{NS_PREFIX}-lan"
+JOINERS = {"j1": "10.216.16.11", "j2": "10.216.16.12"}
+HOST_IP = "10.216.16.254"
 
 
 def fail(msg):
@@ -49,6 +61,12 @@ try:
 except ImportError:
     fail("the Python package axe-playwright-python is missing: run scripts/setup.sh with "
          "TABBIFY_SETUP_UI=1 (or pip install axe-playwright-python==0.1.8 in target/ui-venv)")
+
+if os.geteuid() != 0:
+    fail("the real joiners run in network namespaces: run as root (the test creates and removes "
+         f"{LAN_NS} and {NS_PREFIX}-j1/j2)")
+if not shutil.which("ip"):
+    fail("`ip` is missing: install the Debian package iproute2")
 
 CHROMIUM = os.environ.get("TABBIFY_CHROMIUM", "/usr/bin/chromium")
 if not os.access(CHROMIUM, os.X_OK):
@@ -73,16 +91,114 @@ def run(*args):
     return out.stdout
 
 
+def lan_down():
+    """Removes this test's namespaces (their veths go with them). Idempotent."""
+    for ns in [LAN_NS] + [f"{NS_PREFIX}-{j}" for j in JOINERS]:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    subprocess.run(["ip", "link", "del", "toui-host"], capture_output=True)
+
+
+def lan_up():
+    """A bridge in its own namespace, one namespace per joiner on it, and a veth from this
+    machine (HOST_IP, where the coordinator listens)."""
+    lan_down()
+    run("ip", "netns", "add", LAN_NS)
+    run("ip", "-n", LAN_NS, "link", "set", "lo", "up")
+    run("ip", "-n", LAN_NS, "link", "add", "toui-br", "type", "bridge")
+    run("ip", "-n", LAN_NS, "link", "set", "toui-br", "up")
+    for j, addr in JOINERS.items():
+        ns = f"{NS_PREFIX}-{j}"
+        run("ip", "netns", "add", ns)
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "link", "add", f"toui-{j}", "type", "veth", "peer", "name", f"toui-{j}-b")
+        run("ip", "link", "set", f"toui-{j}", "netns", ns)
+        run("ip", "link", "set", f"toui-{j}-b", "netns", LAN_NS)
+        run("ip", "-n", LAN_NS, "link", "set", f"toui-{j}-b", "master", "toui-br", "up")
+        run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", f"toui-{j}")
+        run("ip", "-n", ns, "link", "set", f"toui-{j}", "up")
+    run("ip", "link", "add", "toui-host", "type", "veth", "peer", "name", "toui-host-b")
+    run("ip", "link", "set", "toui-host-b", "netns", LAN_NS)
+    run("ip", "-n", LAN_NS, "link", "set", "toui-host-b", "master", "toui-br", "up")
+    run("ip", "addr", "add", f"{HOST_IP}/24", "dev", "toui-host")
+    run("ip", "link", "set", "toui-host", "up")
+
+
+def start_joiners(admin, origin, ca, work):
+    """`tabbify-mesh join` in each joiner's namespace (tag supervisor: they may reach each
+    other), as scripts/demo.sh starts them; returns the processes."""
+    procs = []
+    for j in JOINERS:
+        run(BIN / "tabbify-mesh-ca", "issue-peer", "--name", j, "--ca-dir", ca, "--out", work / j)
+        st, tok = admin.call("POST", "/v1/tokens", {"tags": ["supervisor"], "name": j})
+        assert st == 200, tok
+        (work / j / "token").write_text(tok["token"] + "\n")
+        procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", f"{NS_PREFIX}-{j}", str(BIN / "tabbify-mesh"), "join",
+             "--name", j, "--tag", "supervisor", "--coordinator", origin,
+             "--join-token-file", str(work / j / "token"),
+             "--tls-cert", str(work / j / "cert.pem"), "--tls-key", str(work / j / "key.pem"),
+             "--tls-ca", str(ca / "ca.pem"), "--interface", f"toui-{j}-wg",
+             "--state-dir", str(work / j / "state"), "--threads", "1", "--dns", "off",
+             "--metrics-bind", "off", "--speedtest-bind", "off"],
+            stdout=subprocess.DEVNULL, stderr=open(work / f"{j}.log", "w"),
+            env={**os.environ, "RUST_LOG": "info"}))
+    return procs
+
+
+def status(work, j):
+    out = subprocess.run(["ip", "netns", "exec", f"{NS_PREFIX}-{j}", str(BIN / "tabbify-mesh"),
+                          "status", "-i", f"toui-{j}-wg", "--json"],
+                         capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        return {}
+
+
+def joined(admin, work):
+    """Waits (up to 60 s) until every joiner registered; returns {name: peer_id}."""
+    deadline = time.monotonic() + 60
+    while True:
+        st, v = admin.call("GET", "/v1/admin/members")
+        assert st == 200, v
+        found = {m["display_name"]: m["peer_id"] for m in v["members"]
+                 if m["display_name"] in JOINERS}
+        if len(found) == len(JOINERS):
+            return found
+        if time.monotonic() > deadline:
+            logs = {j: (work / f"{j}.log").read_text()[-2000:] for j in JOINERS}
+            fail(f"the real joiners did not register within 60 s (registered: {found}); logs: {logs}")
+        time.sleep(0.5)
+
+
+def ping_over_the_mesh(work):
+    """j1 pings j2's ULA through the mesh until it answers (the first handshake), so both
+    have traffic and a direct path to report."""
+    ula = None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ula = ula or status(work, "j2").get("ula")
+        if ula:
+            r = subprocess.run(["ip", "netns", "exec", f"{NS_PREFIX}-j1", "ping", "-c", "3",
+                                "-i", "0.2", "-W", "1", ula], capture_output=True, text=True)
+            if r.returncode == 0:
+                return
+        time.sleep(0.5)
+    fail(f"j1 could not ping j2 ({ula}) over the mesh within 60 s; "
+         f"j1: {(work / 'j1.log').read_text()[-2000:]}")
+
+
 class Api:
     """HTTPS with a client certificate, trusting only the mesh CA."""
 
     def __init__(self, port, ca, who):
         self.port = port
+        self.host = HOST_IP
         self.ctx = ssl.create_default_context(cafile=str(ca / "ca.pem"))
         self.ctx.load_cert_chain(str(who / "cert.pem"), str(who / "key.pem"))
 
     def call(self, method, path, body=None):
-        c = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=10)
+        c = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=10)
         headers = {"content-type": "application/json"} if body is not None else {}
         c.request(method, path, None if body is None else json.dumps(body), headers)
         r = c.getresponse()
@@ -97,17 +213,20 @@ def main():
     ca = work / "ca"
     run(BIN / "tabbify-mesh-ca", "init", "--out", ca)
     run(BIN / "tabbify-mesh-ca", "issue-coordinator", "--name", "coordinator", "--san",
-        "127.0.0.1", "--ca-dir", ca, "--out", work / "coord")
+        HOST_IP, "--ca-dir", ca, "--out", work / "coord")
     run(BIN / "tabbify-mesh-ca", "issue-admin", "--name", "admin", "--ca-dir", ca,
         "--out", work / "admin")
     (work / "policy.json").write_text(json.dumps({
         "tags": ["node", "supervisor"],
         "app_hosts": ["tag:supervisor"],
-        "allow": [{"src": ["tag:node"], "dst": ["tag:supervisor:8730"]}],
+        "allow": [{"src": ["tag:node"], "dst": ["tag:supervisor:8730"]},
+                  {"src": ["tag:supervisor"], "dst": ["tag:supervisor"]}],
         "deny": [],
     }))
+    lan_up()
+    joiners = []
     proc = subprocess.Popen(
-        [str(BIN / "tabbify-mesh-coordinator"), "--bind", "127.0.0.1:0",
+        [str(BIN / "tabbify-mesh-coordinator"), "--bind", f"{HOST_IP}:0",
          "--tls-cert", str(work / "coord/cert.pem"), "--tls-key", str(work / "coord/key.pem"),
          "--tls-ca", str(ca / "ca.pem"), "--policy-file", str(work / "policy.json"),
          "--state-dir", str(work / "state"), "--stun-bind", "off"],
@@ -118,14 +237,22 @@ def main():
         if not line.startswith("listening on "):
             fail(f"coordinator did not start: {(work / 'coordinator.log').read_text()}")
         port = int(line.rsplit(":", 1)[1])
-        origin = f"https://127.0.0.1:{port}"
-        print(f"test-ui: coordinator on {origin}, {MEMBERS} members")
+        origin = f"https://{HOST_IP}:{port}"
+        print(f"test-ui: coordinator on {origin}, {MEMBERS} members + {len(JOINERS)} real joiners")
         admin = Api(port, ca, work / "admin")
+        joiners += start_joiners(admin, origin, ca, work)
         members = register(admin, port, ca, work)
-        browse(origin, port, ca, work, admin, members)
+        real = joined(admin, work)
+        members.update(real)
+        ping_over_the_mesh(work)
+        browse(origin, port, ca, work, admin, members, real)
     finally:
+        for j in joiners:
+            j.kill()
+            j.wait()
         proc.kill()
         proc.wait()
+        lan_down()
     print(f"test-ui: PASS (screenshots and the axe report in {ART})")
 
 
@@ -148,7 +275,7 @@ def register(admin, port, ca, work):
     return members
 
 
-def browse(origin, port, ca, work, admin, members):
+def browse(origin, port, ca, work, admin, members, real):
     url = run(BIN / "tabbify-mesh-coordinator", "admin-login", "--coordinator", origin,
               "--tls-cert", work / "admin/cert.pem", "--tls-key", work / "admin/key.pem",
               "--tls-ca", ca / "ca.pem", "--ttl", "2m").strip()
@@ -205,9 +332,35 @@ def browse(origin, port, ca, work, admin, members):
         expect(page.locator("#member-rows tr")).to_have_count(1)
         page.locator("#filter").fill("")
 
-        # Who may reach whom.
+        # Who may reach whom: the table, and the graph from the keyboard.
         expect(page.locator("#reach-rows")).to_contain_text("tag:node")
         expect(page.locator("#reach-rows")).to_contain_text("8730")
+        nodes = page.locator("#reach-graph svg g.node")
+        expect(nodes).to_have_count(2)
+        nodes.first.focus()
+        expect(page.locator("#reach-detail")).to_contain_text("may reach")
+        page.keyboard.press("ArrowRight")
+        expect(nodes.nth(1)).to_be_focused()
+        expect(page.locator("#reach-detail")).to_contain_text("tag:supervisor")
+        page.locator("#reach").screenshot(path=str(ART / "06-reach-graph.png"))
+        # At 1,000 members with a `peer:` selector each (1,000 classes), nodes merge by tags.
+        big = page.evaluate("""() => {
+            const classes = [], edges = [];
+            for (let i = 0; i < 1000; i++) {
+                const tag = i % 2 ? "tag:node" : "tag:supervisor";
+                classes.push({ id: i, label: tag + " peer:m" + i, members: ["p" + i] });
+                if (i > 0) edges.push({ from: i, to: i - 1, ports: "22" });
+            }
+            const r = { policy_revision: 1, classes, edges };
+            const t = performance.now();
+            drawReachGraph(r);
+            const ms = performance.now() - t;
+            return { ms, nodes: document.querySelectorAll("#reach-graph svg g.node").length };
+        }""")
+        assert big["nodes"] == 2, big
+        print(f"test-ui: reach graph of 1,000 classes drawn as {big['nodes']} nodes in {big['ms']:.1f} ms")
+        page.evaluate("loadReach()")
+        expect(nodes).to_have_count(2)
 
         # The policy tester, from the keyboard.
         page.locator("#t-src").focus()
@@ -255,6 +408,38 @@ def browse(origin, port, ca, work, admin, members):
         expect(page.locator("#member-count")).to_have_text(f"({len(members) - 2})")
         expect(page.locator(f'#member-rows tr[data-peer="{gone}"]')).to_have_count(0)
         page.screenshot(path=str(ART / "04-member-revoked.png"), full_page=True)
+
+        # A member's report arrives live (SSE, no reload): n3 (an API member) sends one.
+        page.locator("#filter").fill("n3")
+        n3_row = page.locator(f'#member-rows tr[data-peer="{members["n3"]}"]')
+        expect(n3_row.locator(".traffic-rxtx")).to_have_text("not reported")
+        st, v = Api(port, ca, work / "n3").call("POST", "/v1/mesh/heartbeat", {
+            "peer_id": members["n3"], "endpoints": ["127.0.0.1:20003"],
+            "traffic": {"rx_bytes": 3 * 1024 * 1024, "tx_bytes": 2048, "peers": [
+                {"peer_id": members["s0"], "rx_bytes": 3 * 1024 * 1024, "tx_bytes": 2048,
+                 "last_handshake_secs": 5, "path": "relay"}]}})
+        assert st == 200, v
+        expect(n3_row.locator(".traffic-rxtx")).to_have_text("3.0 MiB / 2.0 KiB")
+        expect(n3_row.locator(".traffic-path")).to_have_text("0 direct, 1 relay, 0 none")
+
+        # The real joiners' columns, from their heartbeats' traffic reports (live: the
+        # next heartbeat after the ping fills them without a reload).
+        started = time.monotonic()
+        for name, peer in real.items():
+            page.locator("#filter").fill(name)
+            row = page.locator(f'#member-rows tr[data-peer="{peer}"]')
+            expect(row).to_have_count(1)
+            expect(row.locator(".traffic-rxtx")).not_to_have_text("not reported", timeout=40_000)
+            expect(row.locator(".traffic-path")).to_have_text(re.compile(r"[1-9][0-9]* direct"),
+                                                              timeout=40_000)
+            expect(row.locator(".traffic-handshake")).to_have_text(re.compile(r"ago$"))
+            print(f"test-ui: {name}: {row.locator('.traffic-rxtx').inner_text()}, handshake "
+                  f"{row.locator('.traffic-handshake').inner_text()}, "
+                  f"{row.locator('.traffic-path').inner_text()}")
+        print(f"test-ui: real joiners' traffic shown after {time.monotonic() - started:.1f} s")
+        page.locator("#filter").fill("j")
+        page.screenshot(path=str(ART / "05-real-joiners-traffic.png"), full_page=True)
+        page.locator("#filter").fill("")
 
         # Accessibility: no serious or critical violation.
         results = Axe().run(page)

@@ -2,7 +2,7 @@
 //! app, reached through a **concentrator** member (`join --concentrator`).
 //!
 //! What it owns: the durable form of a client ([`ClientRow`], the `clients` table of
-//! migration 5), the checks of a mint request ([`check_name`], [`check_endpoint`]), the
+//! migration 6), the checks of a mint request ([`check_name`], [`check_endpoint`]), the
 //! client's key pair ([`new_key_pair`]), its identity ([`new_identity`]), and what the
 //! operator gets back: the wg-quick file ([`render_wg_quick`]) and its QR code as a PNG
 //! ([`qr_png`]) and as terminal text ([`qr_terminal`]). How clients appear in rosters is the

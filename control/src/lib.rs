@@ -41,6 +41,7 @@ pub mod store;
 pub mod stun;
 pub mod tls;
 pub mod tokens;
+pub mod traffic;
 pub mod ui;
 pub use tabbify_api::ula;
 pub mod visibility;

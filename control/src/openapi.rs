@@ -423,6 +423,21 @@ fn routes(doc: &mut Value) {
         schemas[req]["properties"]["advertise_routes"] = advertise.clone();
         schemas[req]["properties"]["advertise_exit_node"] = exit.clone();
     }
+    schemas["HeartbeatRequest"]["properties"]["traffic"] =
+        json!({"$ref": "#/components/schemas/TrafficReport"});
+    schemas["TrafficReport"] = json!({"type": "object", "required": ["rx_bytes", "tx_bytes"],
+        "description": "the member's own claims about its traffic; kept in memory, shown as reported by the member",
+        "properties": {"rx_bytes": {"type": "integer", "minimum": 0, "description": "since the joiner started"},
+                       "tx_bytes": {"type": "integer", "minimum": 0, "description": "since the joiner started"},
+                       "peers": {"type": "array", "maxItems": tabbify_api::MAX_TRAFFIC_PEERS,
+                                 "description": "the busiest first; more than maxItems: 400 naming traffic.peers; ids the reporter may not see are dropped",
+                                 "items": {"$ref": "#/components/schemas/PeerTraffic"}}}});
+    schemas["PeerTraffic"] = json!({"type": "object", "required": ["peer_id", "rx_bytes", "tx_bytes", "path"],
+        "properties": {"peer_id": {"type": "string"},
+                       "rx_bytes": {"type": "integer", "minimum": 0}, "tx_bytes": {"type": "integer", "minimum": 0},
+                       "last_handshake_secs": {"type": "integer", "minimum": 0, "nullable": true,
+                                               "description": "age of the last handshake; absent: never"},
+                       "path": {"type": "string", "enum": ["direct", "relay", "none"]}}});
     schemas["RegisterResponse"]["properties"]["ipv4"] = json!({"type": "string",
         "description": "the member's mesh IPv4 in 100.64.0.0/10; absent from older coordinators"});
     schemas["RegisterResponse"]["properties"]["routes"] = json!({"type": "array",
@@ -471,13 +486,13 @@ fn dashboard(doc: &mut Value) {
             "description": "Ends the dashboard session (needs x-csrf-token); its cookie is refused from then on. 404 without a session.",
             "responses": ok("AdminSession")}});
     paths["/v1/admin/members"] = json!({"get": {"operationId": "adminMembers",
-        "description": "Admin: every member with tags, ULA, NAT class, path counts, last seen and staleness.",
+        "description": "Admin: every member with tags, ULA, NAT class, path counts, last seen, staleness and its latest traffic report (reported by the member).",
         "responses": ok("AdminMembersResponse")}});
     paths["/v1/admin/reach"] = json!({"get": {"operationId": "adminReach",
         "description": "Admin: who may reach whom under the policy, per class of members the policy treats alike.",
         "responses": ok("ReachResponse")}});
     paths["/v1/admin/stream"] = json!({"get": {"operationId": "adminStream",
-        "description": "Admin: server-sent events `member` (an AdminMember that changed), `member_remove` ({peer_id}), `policy` ({revision}) and `resync` (refetch /v1/admin/members), each with the event id; keepalive comments.",
+        "description": "Admin: server-sent events `member` (an AdminMember that changed), `member_remove` ({peer_id}), `traffic` (a TrafficEvent: a member's new traffic report, at most one per member per half heartbeat interval), `policy` ({revision}) and `resync` (refetch /v1/admin/members), each with the event id; keepalive comments.",
         "responses": {"200": {"description": "Server-sent events",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                       "default": error_responses()["default"].clone()}}});
@@ -524,7 +539,16 @@ fn dashboard(doc: &mut Value) {
                        "paths": {"$ref": "#/components/schemas/PathCounts"},
                        "home_relay": {"type": "string"},
                        "endpoints": strings.clone(), "hosted_app_ulas": strings.clone(),
-                       "last_seen_ms": {"type": "integer"}, "stale": {"type": "boolean"}}});
+                       "last_seen_ms": {"type": "integer"}, "stale": {"type": "boolean"},
+                       "traffic": {"$ref": "#/components/schemas/ReportedTraffic"}}});
+    schemas["ReportedTraffic"] = json!({"type": "object",
+        "description": "a member's latest TrafficReport as this coordinator holds it (memory only): the member's own claims",
+        "allOf": [{"$ref": "#/components/schemas/TrafficReport"}],
+        "required": ["reported_ms"],
+        "properties": {"reported_ms": {"type": "integer", "description": "when it arrived, ms since the epoch; handshake ages are as of then"}}});
+    schemas["TrafficEvent"] = json!({"type": "object", "required": ["peer_id", "traffic"],
+        "properties": {"peer_id": {"type": "string"},
+                       "traffic": {"$ref": "#/components/schemas/ReportedTraffic"}}});
     schemas["AdminMembersResponse"] = json!({"type": "object",
         "required": ["event_id", "policy_revision", "members"],
         "properties": {"event_id": {"type": "integer"}, "policy_revision": {"type": "integer"},

@@ -1716,20 +1716,31 @@ impl Registry {
 
     /// Concentrator `c`'s entry for member `p`: the class entry if its class sees `p`,
     /// else an empty-ports one if a client of `c` sees `p`; `may_use` gains the addresses
-    /// of `c`'s clients that `p` may reach (either way: replies pass through `c` too).
+    /// of `c`'s clients that `p` may open a connection or flow to.
     fn concentrator_entry(&self, c: &PeerRecord, p: &PeerRecord) -> Option<RosterEntry> {
         if c.id == p.id {
             return None;
         }
         let rules = self.vis.port_rules(c.class, p.class);
-        let reach: Vec<&ClientRow> = self
+        let seen = self
             .served(&c.id)
-            .filter(|(_, kc)| self.vis.visible(p.class, *kc))
-            .map(|(k, _)| k)
-            .collect();
-        if rules.is_none() && reach.is_empty() {
+            .any(|(_, kc)| self.vis.visible(p.class, *kc));
+        if rules.is_none() && !seen {
             return None;
         }
+        // Only clients `p` may open something on: the concentrator admits p → K by
+        // address (the stock client filters nothing), replies to K's own flows aside.
+        let reach: Vec<&ClientRow> = self
+            .served(&c.id)
+            .filter(|(_, kc)| {
+                self.vis.port_rules(p.class, *kc).is_some_and(|r| {
+                    !(r.outbound.is_empty()
+                        && r.outbound_tcp.is_empty()
+                        && r.outbound_udp.is_empty())
+                })
+            })
+            .map(|(k, _)| k)
+            .collect();
         let mut e = entry(p, rules.cloned().unwrap_or_default());
         if rules.is_some() {
             self.decorate(&mut e, c, p, true);

@@ -57,9 +57,9 @@ use crate::limits::{ConnLimits, ConnRefusal, RateConfig, RateLimiter, StreamLimi
 use crate::metrics::{Gauges, Metrics};
 use crate::policy::Policy;
 use crate::registry::{HeartbeatError, Limits, MoveError, NewPeer, Registry};
-use crate::sessions::Sessions;
 use crate::sse::{self, ChannelBody, Resync, StreamConfig, Subscriber};
 use crate::store::{IdentityRecord, Store, StoredPolicy, TokenRecord};
+use crate::traffic::Traffic;
 use crate::{tokens, ula};
 
 /// Change-log entries applied per step of a catch-up (well under the stream broadcast
@@ -248,8 +248,17 @@ pub struct Coordinator {
     conns: ConnLimits,
     streams: StreamLimits,
     refusals: Arc<std::sync::atomic::AtomicUsize>,
-    /// Dashboard login links and sessions (this process only; see [`crate::sessions`]).
-    sessions: std::sync::Mutex<Sessions>,
+    /// Dashboard login links and sessions when there is no database (this process only);
+    /// with one they live in it ([`crate::sessions`]).
+    sessions: std::sync::Mutex<crate::sessions::Memory>,
+    /// Whether sessions live in the database (shared by its coordinators, kept over
+    /// restarts).
+    sessions_in_db: bool,
+    /// The latest traffic report of each member (memory only, see [`crate::traffic`]).
+    traffic: std::sync::Mutex<Traffic>,
+    /// The members whose traffic report the admin streams should send (one id per
+    /// update, at most one per member per heartbeat interval).
+    traffic_tx: tokio::sync::broadcast::Sender<String>,
     /// The name of this coordinator's event log ([`EVENT_LOG_HEADER`]): the database's
     /// (a `meta` row) when its change log numbers the events, else random per start.
     event_log: String,
@@ -295,6 +304,7 @@ impl Coordinator {
             Some(name) => name,
             None => uuid::Uuid::new_v4().simple().to_string(),
         };
+        let sessions_in_db = store.is_durable();
         let core = Core::new(registry, store, clock.now_ms());
         Ok(Arc::new(Self {
             core: RwLock::new(core),
@@ -303,6 +313,9 @@ impl Coordinator {
             streams: StreamLimits::new(config.max_streams_per_identity),
             refusals: Arc::default(),
             sessions: std::sync::Mutex::default(),
+            sessions_in_db,
+            traffic: std::sync::Mutex::default(),
+            traffic_tx: tokio::sync::broadcast::channel(TRAFFIC_CHANNEL).0,
             event_log,
             config,
             clock,
@@ -324,6 +337,10 @@ impl Coordinator {
         // A panic while holding the lock leaves consistent data (every update is applied
         // before the next await point), so a poisoned lock is still usable.
         self.core.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn traffic(&self) -> std::sync::MutexGuard<'_, Traffic> {
+        self.traffic.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Core> {
@@ -549,7 +566,7 @@ impl Coordinator {
         let mut session_id = None;
         let (conn, identity) = match self.identity(conn, req.headers()) {
             Some(i) => (conn, Some(i)),
-            None => match self.session(req.headers()) {
+            None => match self.session(req.headers())? {
                 Some((id, s)) => {
                     if !session_route(&method, &path) {
                         return Err(ApiError::Forbidden(
@@ -603,9 +620,7 @@ impl Coordinator {
                 let id = session_id.ok_or_else(no_session)?;
                 let now = self.clock.now_ms();
                 let s = self
-                    .sessions()
-                    .get(&id, now)
-                    .cloned()
+                    .with_sessions(|b| crate::sessions::get(b, &id, now))?
                     .ok_or_else(no_session)?;
                 let view = AdminSession {
                     admin: s.admin.clone(),
@@ -615,7 +630,7 @@ impl Coordinator {
                 if method == Method::GET {
                     return ok(&view);
                 }
-                self.sessions().logout(&id);
+                self.with_sessions(|b| crate::sessions::logout(b, &id))?;
                 audit(&s.admin, "dashboard.logout", "session");
                 let mut r = json_response(StatusCode::OK, &view);
                 if let Ok(v) = header::HeaderValue::from_str(&crate::sessions::clear_cookie()) {
@@ -862,10 +877,13 @@ impl Coordinator {
                 )
             })?;
         let now = self.clock.now_ms();
-        let redeemed = self.sessions().redeem(link, now);
+        let redeemed = self.with_sessions(|b| crate::sessions::redeem(b, link, now));
         let (id, session) = redeemed.map_err(|e| {
             Metrics::inc(&self.metrics.login_refusals);
-            ApiError::Unauthorized(e.to_string())
+            match e {
+                crate::sessions::LinkError::Store(e) => ApiError::from(e),
+                e => ApiError::Unauthorized(e.to_string()),
+            }
         })?;
         Metrics::inc(&self.metrics.logins);
         audit(&session.admin, "dashboard.login", "session");
@@ -880,20 +898,45 @@ impl Coordinator {
         Ok(r)
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on where sessions live: the database (under the core's lock, which owns
+    /// the connection) or this process's memory.
+    fn with_sessions<T>(&self, f: impl FnOnce(&mut dyn crate::sessions::Backend) -> T) -> T {
+        if self.sessions_in_db {
+            let mut core = self.write();
+            f(&mut core.store)
+        } else {
+            let mut mem = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut *mem)
+        }
     }
 
-    /// The live dashboard session named by the request's cookie, with its id.
-    fn session(&self, headers: &HeaderMap) -> Option<(String, crate::sessions::Session)> {
+    /// The live dashboard session named by the request's cookie, with its id. A cookie
+    /// of the wrong shape is never looked up; a database that fails is 503.
+    fn session(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<(String, crate::sessions::Session)>, ApiError> {
         let now = self.clock.now_ms();
-        let sessions = self.sessions();
-        headers
+        let ids: Vec<&str> = headers
             .get_all(header::COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| crate::sessions::cookie_value(v, crate::sessions::COOKIE))
-            .find_map(|id| Some((id.to_owned(), sessions.get(id, now)?.clone())))
+            .filter(|id| crate::sessions::plausible_id(id))
+            .take(4)
+            .collect();
+        if ids.is_empty() {
+            return Ok(None);
+        }
+        self.with_sessions(|b| {
+            for id in ids {
+                if let Some(s) = crate::sessions::get(b, id, now)? {
+                    return Ok(Some((id.to_owned(), s)));
+                }
+            }
+            Ok(None)
+        })
+        .map_err(|e: crate::store::StoreError| ApiError::from(e))
     }
 
     /// `POST /v1/admin/login-links`.
@@ -909,7 +952,9 @@ impl Coordinator {
                 "ttl_secs must be 1..={MAX_LINK_TTL_SECS}"
             )));
         }
-        let (link, expires_ms) = self.sessions().mint_link(who, ttl, self.clock.now_ms());
+        let now = self.clock.now_ms();
+        let (link, expires_ms) =
+            self.with_sessions(|b| crate::sessions::mint_link(b, who, ttl, now))?;
         audit(
             who,
             "dashboard.login_link",
@@ -925,8 +970,13 @@ impl Coordinator {
     /// `GET /v1/admin/members`.
     fn admin_members(&self) -> AdminMembersResponse {
         let core = self.read();
-        let mut members: Vec<AdminMember> =
-            core.registry.peers().map(crate::ui::admin_member).collect();
+        let traffic = self.traffic();
+        let mut members: Vec<AdminMember> = core
+            .registry
+            .peers()
+            .map(|p| crate::ui::admin_member(p, traffic.get(&p.id)))
+            .collect();
+        drop(traffic);
         members.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         AdminMembersResponse {
             event_id: core.registry.last_event_id(),
@@ -1028,11 +1078,12 @@ impl Coordinator {
             let core = self.read();
             (core.registry.subscribe(), core.registry.last_event_id())
         };
+        let traffic_rx = self.traffic_tx.subscribe();
         let (tx, body_rx) = mpsc::channel(64);
         let weak = Arc::downgrade(self);
         let cfg = self.config.stream;
         tokio::spawn(async move {
-            run_admin_stream(weak, rx, tx, last, cfg).await;
+            run_admin_stream(weak, (rx, traffic_rx), tx, last, cfg).await;
             drop(permit);
         });
         let mut r = Response::new(ChannelBody::new(body_rx).boxed());
@@ -1443,6 +1494,9 @@ impl Coordinator {
             None => self.check_rate(&format!("peer:{}", req.peer_id))?,
         }
         check_endpoints(&req.endpoints)?;
+        if let Some(t) = &req.traffic {
+            crate::traffic::validate(t).map_err(ApiError::BadRequest)?;
+        }
         if req.hosted_app_ulas.len() > MAX_HOSTED_APPS {
             return Err(ApiError::BadRequest(format!(
                 "more than {MAX_HOSTED_APPS} hosted apps"
@@ -1488,6 +1542,7 @@ impl Coordinator {
             canonical_ip(conn.remote.ip()),
         )?;
         let source = canonical_ip(conn.remote.ip());
+        let traffic = req.traffic;
         // A heartbeat that changes the member is committed before the answer (503 while
         // the database is unreachable, the liveness kept); an unchanged one writes nothing.
         let reflexive = core.member_change(
@@ -1525,6 +1580,24 @@ impl Coordinator {
             },
         )?;
         Metrics::inc(&self.metrics.heartbeats);
+        if let Some(report) = traffic {
+            // Memory only: the report never reaches the database.
+            let reg = &core.registry;
+            let vis = reg.visibility();
+            let visible = |p: &str| reg.peer(p).is_some_and(|t| vis.visible(class, t.class));
+            let gap = self.config.heartbeat_interval.as_millis() as u64 / 2;
+            let mut held = self.traffic();
+            let due = held.record(&id, report, visible, now_ms, gap);
+            if held.len() > reg.len() {
+                held.retain(|m| reg.peer(m).is_some());
+            }
+            drop(held);
+            if due {
+                // No admin stream listening is not an error.
+                let _ = self.traffic_tx.send(id.clone());
+            }
+        }
+        drop(core);
         Ok(HeartbeatResponse {
             heartbeat_interval_secs: self.config.heartbeat_interval.as_secs().max(1),
             reflexive_endpoint: reflexive,
@@ -2488,14 +2561,22 @@ fn page_headers(h: &mut HeaderMap) {
     );
 }
 
-/// The admin stream's task: waits for a dispatch, takes every one queued behind it,
-/// and writes one frame per member that changed (its current record, or its removal), a
+/// How many traffic updates the admin streams' broadcast holds before a slow stream skips
+/// some (a skipped update is only a late one: the next heartbeat's report replaces it).
+const TRAFFIC_CHANNEL: usize = 4096;
+
+/// The admin stream's task: waits for a dispatch or a traffic update, takes every one
+/// queued behind it, and writes one frame per member that changed (its current record, or
+/// its removal), a `traffic` frame ([`TrafficEvent`]) per member whose report is due, a
 /// `policy` frame for a policy change and `resync` when it fell behind the broadcast.
 /// Keepalive comments between; ends when the client stops reading for the write timeout,
 /// the channel closes or the coordinator goes away.
 async fn run_admin_stream(
     weak: std::sync::Weak<Coordinator>,
-    mut rx: tokio::sync::broadcast::Receiver<Arc<sse::Dispatch>>,
+    (mut rx, mut traffic_rx): (
+        tokio::sync::broadcast::Receiver<Arc<sse::Dispatch>>,
+        tokio::sync::broadcast::Receiver<String>,
+    ),
     tx: mpsc::Sender<Bytes>,
     mut last: u64,
     cfg: StreamConfig,
@@ -2520,16 +2601,8 @@ async fn run_admin_stream(
     let mut tick = tokio::time::interval(cfg.keepalive.max(Duration::from_millis(10)));
     tick.tick().await;
     loop {
-        let first = tokio::select! {
-            r = rx.recv() => r,
-            _ = tick.tick() => {
-                if !send(Bytes::from_static(b": keepalive\n\n")).await {
-                    return;
-                }
-                continue;
-            }
-        };
         let mut subjects = BTreeSet::new();
+        let mut traffic = BTreeSet::new();
         let mut policy = false;
         let mut resync = false;
         let mut take = |d: &sse::Dispatch, last: &mut u64| {
@@ -2538,10 +2611,26 @@ async fn run_admin_stream(
                 collect_subjects(&d.payload, &mut subjects, &mut policy);
             }
         };
-        match first {
-            Ok(d) => take(&d, &mut last),
-            Err(RecvError::Lagged(_)) => resync = true,
-            Err(RecvError::Closed) => return,
+        tokio::select! {
+            r = rx.recv() => match r {
+                Ok(d) => take(&d, &mut last),
+                Err(RecvError::Lagged(_)) => resync = true,
+                Err(RecvError::Closed) => return,
+            },
+            r = traffic_rx.recv() => match r {
+                Ok(id) => {
+                    traffic.insert(id);
+                }
+                // Skipped updates are late ones; the next heartbeats bring them.
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+            _ = tick.tick() => {
+                if !send(Bytes::from_static(b": keepalive\n\n")).await {
+                    return;
+                }
+                continue;
+            }
         }
         loop {
             match rx.try_recv() {
@@ -2551,10 +2640,21 @@ async fn run_admin_stream(
                 Err(TryRecvError::Closed) => return,
             }
         }
+        loop {
+            match traffic_rx.try_recv() {
+                Ok(id) => {
+                    traffic.insert(id);
+                }
+                Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            }
+        }
         let Some(c) = weak.upgrade() else { return };
         let mut out = Vec::new();
         {
             let core = c.read();
+            let reports = c.traffic();
             let reg = &core.registry;
             let mut frame = |event: &str, data: &serde_json::Value| {
                 out.extend_from_slice(
@@ -2574,10 +2674,24 @@ async fn run_admin_stream(
                     match reg.peer(id) {
                         Some(p) => frame(
                             "member",
-                            &serde_json::to_value(crate::ui::admin_member(p)).unwrap_or_default(),
+                            &serde_json::to_value(crate::ui::admin_member(p, reports.get(id)))
+                                .unwrap_or_default(),
                         ),
                         None => frame("member_remove", &serde_json::json!({ "peer_id": id })),
                     }
+                }
+            }
+            // A member frame above carries the report already; resync refetches it.
+            for id in traffic.difference(&subjects) {
+                if resync || reg.peer(id).is_none() {
+                    continue;
+                }
+                if let Some(t) = reports.get(id) {
+                    let ev = TrafficEvent {
+                        peer_id: id.clone(),
+                        traffic: t.clone(),
+                    };
+                    frame("traffic", &serde_json::to_value(ev).unwrap_or_default());
                 }
             }
         }

@@ -17,15 +17,20 @@
 //! * At most [`MAX_LINKS`] unredeemed links and [`MAX_SESSIONS`] sessions are held;
 //!   expired ones are swept first, then the oldest are dropped, so memory is bounded.
 //!
-//! Sessions live in this coordinator's memory: a coordinator of an active-active pair on
-//! one PostgreSQL database does not accept a session another opened, and a restart logs
-//! every browser out (see `control/README.md`, "Dashboard").
+//! Where they are kept is a [`Backend`]: the coordinator's database when it has one
+//! (`crate::store::Store`, tables `dashboard_links` and `dashboard_sessions`), so every
+//! coordinator on one PostgreSQL database accepts a session any of them opened, a restart
+//! logs nobody out, and a link is spent once across all of them (the delete is the
+//! compare-and-set); [`Memory`] (this process only) for a coordinator without a database.
+//! Expired links and sessions are purged whenever a link is minted or redeemed.
 
 use std::collections::HashMap;
 
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+
+use crate::store::StoreError;
 
 /// Prefix of a login link's secret.
 pub const LINK_PREFIX: &str = "tml_";
@@ -51,8 +56,9 @@ pub fn secret() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn hash(secret: &str) -> [u8; 32] {
-    Sha256::digest(secret.as_bytes()).into()
+/// The SHA-256 of a secret, lowercase hex: the only form in which a secret is kept.
+pub fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// An open session.
@@ -66,14 +72,8 @@ pub struct Session {
     pub expires_ms: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Link {
-    admin: String,
-    expires_ms: u64,
-}
-
-/// Why a login link was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a login link was refused, or a session operation failed.
+#[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Unknown: never minted, already used, or forgotten.
     #[error("this login link is not valid or was used already; mint a new one")]
@@ -81,84 +81,164 @@ pub enum LinkError {
     /// Minted but expired.
     #[error("this login link has expired; mint a new one")]
     Expired,
+    /// The database holding sessions failed; nothing changed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Login links and sessions.
+impl PartialEq for LinkError {
+    fn eq(&self, other: &Self) -> bool {
+        matches!(
+            (self, other),
+            (Self::Unknown, Self::Unknown) | (Self::Expired, Self::Expired)
+        )
+    }
+}
+
+/// Where links and sessions are kept. Keys are [`hash`]es of the secrets.
+pub trait Backend {
+    /// Records a link.
+    fn put_link(&mut self, hash: &str, admin: &str, expires_ms: u64) -> Result<(), StoreError>;
+    /// Removes a link and returns `(admin, expires_ms)`; `None` if absent or taken by
+    /// someone else first.
+    fn take_link(&mut self, hash: &str) -> Result<Option<(String, u64)>, StoreError>;
+    /// Records a session.
+    fn put_session(&mut self, hash: &str, session: &Session) -> Result<(), StoreError>;
+    /// The session with this hash, expired or not.
+    fn session(&mut self, hash: &str) -> Result<Option<Session>, StoreError>;
+    /// Removes a session; `true` if it existed.
+    fn delete_session(&mut self, hash: &str) -> Result<bool, StoreError>;
+    /// Forgets expired links and sessions, then the soonest-expiring beyond
+    /// [`MAX_LINKS`] and [`MAX_SESSIONS`].
+    fn sweep(&mut self, now_ms: u64) -> Result<(), StoreError>;
+    /// `(unredeemed links, sessions)` held.
+    fn counts(&mut self) -> Result<(usize, usize), StoreError>;
+}
+
+/// Records a login link for `admin` valid for `ttl_secs`; returns its secret (`tml_…`)
+/// and its expiry (ms).
+pub fn mint_link(
+    b: &mut dyn Backend,
+    admin: &str,
+    ttl_secs: u64,
+    now_ms: u64,
+) -> Result<(String, u64), StoreError> {
+    let token = format!("{LINK_PREFIX}{}", secret());
+    let expires_ms = now_ms + ttl_secs * 1000;
+    b.put_link(&hash(&token), admin, expires_ms)?;
+    // Expired ones go, then over the cap the soonest-expiring.
+    b.sweep(now_ms)?;
+    Ok((token, expires_ms))
+}
+
+/// Spends a login link: opens a session and returns its id (the cookie value) and the
+/// session. The link is removed first, whatever the outcome.
+pub fn redeem(
+    b: &mut dyn Backend,
+    token: &str,
+    now_ms: u64,
+) -> Result<(String, Session), LinkError> {
+    let (admin, expires_ms) = b.take_link(&hash(token))?.ok_or(LinkError::Unknown)?;
+    if now_ms >= expires_ms {
+        return Err(LinkError::Expired);
+    }
+    let id = secret();
+    let session = Session {
+        admin,
+        csrf: secret(),
+        expires_ms: now_ms + SESSION_TTL_SECS * 1000,
+    };
+    b.put_session(&hash(&id), &session)?;
+    b.sweep(now_ms)?;
+    Ok((id, session))
+}
+
+/// The live session with this id, if any.
+pub fn get(b: &mut dyn Backend, id: &str, now_ms: u64) -> Result<Option<Session>, StoreError> {
+    Ok(b.session(&hash(id))?.filter(|s| now_ms < s.expires_ms))
+}
+
+/// Ends a session; `true` if it existed.
+pub fn logout(b: &mut dyn Backend, id: &str) -> Result<bool, StoreError> {
+    b.delete_session(&hash(id))
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    admin: String,
+    expires_ms: u64,
+}
+
+/// Links and sessions in this process's memory (a coordinator without a database).
 #[derive(Debug, Default)]
-pub struct Sessions {
-    links: HashMap<[u8; 32], Link>,
-    sessions: HashMap<[u8; 32], Session>,
+pub struct Memory {
+    links: HashMap<String, Link>,
+    sessions: HashMap<String, Session>,
 }
 
-impl Sessions {
-    /// Records a login link for `admin` valid for `ttl_secs`; returns its secret
-    /// (`tml_…`) and its expiry (ms).
-    pub fn mint_link(&mut self, admin: &str, ttl_secs: u64, now_ms: u64) -> (String, u64) {
-        self.sweep(now_ms);
-        if self.links.len() >= MAX_LINKS {
-            evict_oldest(&mut self.links, |l| l.expires_ms);
-        }
-        let token = format!("{LINK_PREFIX}{}", secret());
-        let expires_ms = now_ms + ttl_secs * 1000;
+impl Backend for Memory {
+    fn put_link(&mut self, hash: &str, admin: &str, expires_ms: u64) -> Result<(), StoreError> {
         self.links.insert(
-            hash(&token),
+            hash.to_owned(),
             Link {
                 admin: admin.to_owned(),
                 expires_ms,
             },
         );
-        (token, expires_ms)
+        Ok(())
     }
 
-    /// Spends a login link: opens a session and returns its id (the cookie value) and the
-    /// session. The link is removed whatever the outcome.
-    pub fn redeem(&mut self, token: &str, now_ms: u64) -> Result<(String, Session), LinkError> {
-        let link = self.links.remove(&hash(token)).ok_or(LinkError::Unknown)?;
-        if now_ms >= link.expires_ms {
-            return Err(LinkError::Expired);
-        }
-        self.sweep(now_ms);
-        if self.sessions.len() >= MAX_SESSIONS {
-            evict_oldest(&mut self.sessions, |s| s.expires_ms);
-        }
-        let id = secret();
-        let session = Session {
-            admin: link.admin,
-            csrf: secret(),
-            expires_ms: now_ms + SESSION_TTL_SECS * 1000,
-        };
-        self.sessions.insert(hash(&id), session.clone());
-        Ok((id, session))
+    fn take_link(&mut self, hash: &str) -> Result<Option<(String, u64)>, StoreError> {
+        Ok(self.links.remove(hash).map(|l| (l.admin, l.expires_ms)))
     }
 
-    /// The live session with this id, if any.
-    pub fn get(&self, id: &str, now_ms: u64) -> Option<&Session> {
-        self.sessions
-            .get(&hash(id))
-            .filter(|s| now_ms < s.expires_ms)
+    fn put_session(&mut self, hash: &str, session: &Session) -> Result<(), StoreError> {
+        self.sessions.insert(hash.to_owned(), session.clone());
+        Ok(())
     }
 
-    /// Ends a session; `true` if it existed.
-    pub fn logout(&mut self, id: &str) -> bool {
-        self.sessions.remove(&hash(id)).is_some()
+    fn session(&mut self, hash: &str) -> Result<Option<Session>, StoreError> {
+        Ok(self.sessions.get(hash).cloned())
     }
 
-    /// Forgets expired links and sessions.
-    pub fn sweep(&mut self, now_ms: u64) {
+    fn delete_session(&mut self, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.sessions.remove(hash).is_some())
+    }
+
+    fn sweep(&mut self, now_ms: u64) -> Result<(), StoreError> {
         self.links.retain(|_, l| now_ms < l.expires_ms);
         self.sessions.retain(|_, s| now_ms < s.expires_ms);
+        while self.links.len() > MAX_LINKS {
+            evict_oldest(&mut self.links, |l| l.expires_ms);
+        }
+        while self.sessions.len() > MAX_SESSIONS {
+            evict_oldest(&mut self.sessions, |s| s.expires_ms);
+        }
+        Ok(())
     }
 
-    /// (unredeemed links, sessions) held.
-    pub fn counts(&self) -> (usize, usize) {
-        (self.links.len(), self.sessions.len())
+    fn counts(&mut self) -> Result<(usize, usize), StoreError> {
+        Ok((self.links.len(), self.sessions.len()))
     }
 }
 
-fn evict_oldest<V>(map: &mut HashMap<[u8; 32], V>, expiry: impl Fn(&V) -> u64) {
-    if let Some(k) = map.iter().min_by_key(|(_, v)| expiry(v)).map(|(k, _)| *k) {
+fn evict_oldest<V>(map: &mut HashMap<String, V>, expiry: impl Fn(&V) -> u64) {
+    if let Some(k) = map
+        .iter()
+        .min_by_key(|(k, v)| (expiry(v), (*k).clone()))
+        .map(|(k, _)| k.clone())
+    {
         map.remove(&k);
     }
+}
+
+/// Whether `id` has the shape of a session id (43 base64url characters): anything else
+/// is refused without a lookup.
+pub fn plausible_id(id: &str) -> bool {
+    id.len() == 43
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The value of cookie `name` in a `Cookie` header's value (`a=1; b=2`).
@@ -184,41 +264,99 @@ pub fn clear_cookie() -> String {
 mod tests {
     use super::*;
 
+    /// Each backend the coordinator uses: memory, and the SQLite database (PostgreSQL
+    /// runs the same statements; `control/tests/dashboard.rs` drives it with two
+    /// coordinators).
+    fn backends(dir: &std::path::Path) -> Vec<(&'static str, Box<dyn Backend>)> {
+        vec![
+            ("memory", Box::new(Memory::default())),
+            (
+                "sqlite",
+                Box::new(crate::store::Store::open(dir, 1).expect("sqlite store")),
+            ),
+        ]
+    }
+
     #[test]
     fn a_link_opens_one_session_once_and_expires() {
-        let mut s = Sessions::default();
-        let (link, exp) = s.mint_link("admin", 60, 1_000);
-        assert_eq!(exp, 61_000);
-        assert!(link.starts_with(LINK_PREFIX));
-        let (id, sess) = s.redeem(&link, 2_000).unwrap();
-        assert_eq!(sess.admin, "admin");
-        assert_eq!(s.get(&id, 3_000), Some(&sess));
-        assert_eq!(s.redeem(&link, 2_001), Err(LinkError::Unknown));
-        let (late, _) = s.mint_link("admin", 60, 1_000);
-        assert_eq!(s.redeem(&late, 61_000), Err(LinkError::Expired));
-        assert_eq!(s.redeem(&late, 1_001), Err(LinkError::Unknown));
-        assert!(s.get(&id, 2_000 + SESSION_TTL_SECS * 1000).is_none());
-        assert!(s.logout(&id));
-        assert!(s.get(&id, 3_000).is_none());
-        assert!(s.get("guess", 3_000).is_none());
+        let dir = tempfile::tempdir().unwrap();
+        for (name, mut b) in backends(dir.path()) {
+            let s = b.as_mut();
+            let (link, exp) = mint_link(s, "admin", 60, 1_000).unwrap();
+            assert_eq!(exp, 61_000);
+            assert!(link.starts_with(LINK_PREFIX));
+            let (id, sess) = redeem(s, &link, 2_000).unwrap();
+            assert_eq!(sess.admin, "admin");
+            assert_eq!(get(s, &id, 3_000).unwrap(), Some(sess.clone()), "{name}");
+            assert_eq!(redeem(s, &link, 2_001).unwrap_err(), LinkError::Unknown);
+            let (late, _) = mint_link(s, "admin", 60, 1_000).unwrap();
+            assert_eq!(redeem(s, &late, 61_000).unwrap_err(), LinkError::Expired);
+            assert_eq!(redeem(s, &late, 1_001).unwrap_err(), LinkError::Unknown);
+            assert!(get(s, &id, 2_000 + SESSION_TTL_SECS * 1000)
+                .unwrap()
+                .is_none());
+            assert!(logout(s, &id).unwrap());
+            assert!(!logout(s, &id).unwrap());
+            assert!(get(s, &id, 3_000).unwrap().is_none(), "{name}");
+            assert!(get(s, "guess", 3_000).unwrap().is_none());
+            // Expired sessions are purged, not just refused.
+            let (l, _) = mint_link(s, "admin", 60, 10_000).unwrap();
+            redeem(s, &l, 10_000).unwrap();
+            assert_eq!(s.counts().unwrap(), (0, 1), "{name}");
+            mint_link(s, "admin", 60, 10_000 + SESSION_TTL_SECS * 1000).unwrap();
+            assert_eq!(s.counts().unwrap(), (1, 0), "{name}");
+        }
     }
 
     #[test]
     fn sessions_have_distinct_secrets_and_bounded_counts() {
-        let mut s = Sessions::default();
-        let mut ids = std::collections::HashSet::new();
-        for i in 0..(MAX_SESSIONS + 10) {
-            let (l, _) = s.mint_link("a", 60, i as u64);
-            let (id, sess) = s.redeem(&l, i as u64).unwrap();
-            assert_ne!(id, sess.csrf);
-            assert_eq!(id.len(), 43);
-            assert!(ids.insert(id));
+        // Memory only: on SQLite 1,000 fsynced logins take most of a minute; the database's
+        // cap is the same statement at a smaller scale below.
+        {
+            let mut m = Memory::default();
+            let (name, s) = ("memory", &mut m as &mut dyn Backend);
+            let mut ids = std::collections::HashSet::new();
+            for i in 0..(MAX_SESSIONS + 10) {
+                let (l, _) = mint_link(s, "a", 60, i as u64).unwrap();
+                let (id, sess) = redeem(s, &l, i as u64).unwrap();
+                assert_ne!(id, sess.csrf);
+                assert_eq!(id.len(), 43);
+                assert!(ids.insert(id));
+            }
+            assert_eq!(s.counts().unwrap().1, MAX_SESSIONS, "{name}");
+            for i in 0..(MAX_LINKS + 10) {
+                mint_link(s, "a", 60, i as u64).unwrap();
+            }
+            assert_eq!(s.counts().unwrap().0, MAX_LINKS, "{name}");
         }
-        assert_eq!(s.counts().1, MAX_SESSIONS);
-        for i in 0..(MAX_LINKS + 10) {
-            s.mint_link("a", 60, i as u64);
+    }
+
+    #[test]
+    fn the_database_keeps_the_latest_expiring_rows_up_to_the_cap() {
+        use crate::storage::{dashboard, Database};
+        let dir = tempfile::tempdir().unwrap();
+        let mut e = Database::Sqlite(dir.path().to_owned()).open(1).unwrap();
+        let e = e.as_mut();
+        for i in 0..6u64 {
+            let h = hash(&i.to_string());
+            dashboard::put_link(e, &h, "a", 1_000 + i).unwrap();
+            dashboard::put_session(e, &h, "a", "c", 2_000 + i).unwrap();
         }
-        assert_eq!(s.counts().0, MAX_LINKS);
+        dashboard::sweep(e, 1_001, 3, 2).unwrap();
+        assert_eq!(dashboard::counts(e).unwrap(), (3, 2));
+        assert!(dashboard::take_link(e, &hash("5")).unwrap().is_some());
+        assert!(
+            dashboard::take_link(e, &hash("1")).unwrap().is_none(),
+            "expired"
+        );
+        assert!(
+            dashboard::take_link(e, &hash("2")).unwrap().is_none(),
+            "over the cap"
+        );
+        assert!(dashboard::session(e, &hash("5")).unwrap().is_some());
+        assert!(dashboard::session(e, &hash("3")).unwrap().is_none());
+        // A hash that is not one is refused before any SQL sees it.
+        assert!(dashboard::session(e, "x' OR '1'='1").is_err());
     }
 
     #[test]

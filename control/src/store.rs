@@ -466,6 +466,15 @@ impl Store {
         }
     }
 
+    fn dashboard_engine(&mut self) -> Result<&mut (dyn Engine + Sync), StoreError> {
+        match self.engine.as_mut() {
+            Some(e) => Ok(e.as_mut()),
+            None => Err(StoreError::Storage(storage::StorageError::Config(
+                "dashboard sessions need a database; this store is in memory".into(),
+            ))),
+        }
+    }
+
     /// Whether this process runs member expiry now (see [`Engine::expiry_lock`]).
     pub fn expiry_lock(&mut self) -> Result<bool, StoreError> {
         match self.engine.as_mut() {
@@ -912,6 +921,69 @@ fn import_log(
         .and_then(|d| d.sync_all())
         .map_err(io(dir))?;
     Ok(wrote)
+}
+
+/// Dashboard links and sessions in the database ([`storage::dashboard`]), for every
+/// coordinator on it. A store without a database refuses (the coordinator keeps them in
+/// memory then: [`crate::sessions::Memory`]).
+impl crate::sessions::Backend for Store {
+    fn put_link(&mut self, hash: &str, admin: &str, expires_ms: u64) -> Result<(), StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::put_link(e, hash, admin, expires_ms)?)
+    }
+
+    fn take_link(&mut self, hash: &str) -> Result<Option<(String, u64)>, StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::take_link(e, hash)?)
+    }
+
+    fn put_session(
+        &mut self,
+        hash: &str,
+        session: &crate::sessions::Session,
+    ) -> Result<(), StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::put_session(
+            e,
+            hash,
+            &session.admin,
+            &session.csrf,
+            session.expires_ms,
+        )?)
+    }
+
+    fn session(&mut self, hash: &str) -> Result<Option<crate::sessions::Session>, StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(
+            storage::dashboard::session(e, hash)?.map(|(admin, csrf, expires_ms)| {
+                crate::sessions::Session {
+                    admin,
+                    csrf,
+                    expires_ms,
+                }
+            }),
+        )
+    }
+
+    fn delete_session(&mut self, hash: &str) -> Result<bool, StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::delete_session(e, hash)?)
+    }
+
+    fn sweep(&mut self, now_ms: u64) -> Result<(), StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::sweep(
+            e,
+            now_ms,
+            crate::sessions::MAX_LINKS,
+            crate::sessions::MAX_SESSIONS,
+        )?)
+    }
+
+    fn counts(&mut self) -> Result<(usize, usize), StoreError> {
+        let e = self.dashboard_engine()?;
+        Ok(storage::dashboard::counts(e)?)
+    }
 }
 
 #[cfg(test)]

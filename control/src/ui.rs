@@ -8,7 +8,9 @@
 //! session ([`crate::sessions`]). The page runs under [`CSP`]: scripts and styles from
 //! this origin only, no inline script, no framing.
 
-use crate::api::{AdminMember, PortRange, PortRules, ReachClass, ReachEdge, ReachResponse};
+use crate::api::{
+    AdminMember, PortRange, PortRules, ReachClass, ReachEdge, ReachResponse, ReportedTraffic,
+};
 use crate::registry::{PeerRecord, Registry};
 
 /// The Content-Security-Policy of the dashboard's pages.
@@ -28,8 +30,8 @@ pub fn asset(path: &str) -> Option<(&'static str, &'static str)> {
     }
 }
 
-/// A member as the dashboard shows it.
-pub fn admin_member(p: &PeerRecord) -> AdminMember {
+/// A member as the dashboard shows it, with its latest traffic report if any.
+pub fn admin_member(p: &PeerRecord, traffic: Option<&ReportedTraffic>) -> AdminMember {
     AdminMember {
         peer_id: p.id.clone(),
         identity: p.identity.clone(),
@@ -43,6 +45,7 @@ pub fn admin_member(p: &PeerRecord) -> AdminMember {
         hosted_app_ulas: p.hosted_app_ulas.clone(),
         last_seen_ms: p.last_seen_ms,
         stale: p.stale,
+        traffic: traffic.cloned(),
     }
 }
 
@@ -148,6 +151,8 @@ mod tests {
             asset("/ui/app.js").unwrap().1,
             asset("/ui/app.css").unwrap().1,
         ] {
+            // The SVG namespace is a name, never fetched.
+            let text = text.replace("\"http://www.w3.org/2000/svg\"", "");
             assert!(!text.contains("http://") && !text.contains("https://"));
             assert!(!text.contains(" style=\""), "inline styles break the CSP");
         }

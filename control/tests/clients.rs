@@ -33,6 +33,7 @@ fn clients_policy() -> Value {
         "app_hosts": ["tag:sup"],
         "allow": [
             {"src": ["tag:phone"], "dst": ["tag:sup:8730"]},
+            {"src": ["tag:sup"], "dst": ["tag:phone:22"]},
             {"src": ["tag:other"], "dst": ["tag:other:1"]}
         ]
     })
@@ -209,7 +210,7 @@ async fn a_minted_client_is_in_the_rosters_the_policy_gives_it_and_leaves_them_w
     assert_eq!(ke.via.as_deref(), Some(conc.id.as_str()));
     assert!(!ke.client);
     assert!(ke.ports.allows_inbound(8730) && !ke.ports.allows_inbound(22));
-    assert!(ke.ports.outbound.is_empty() && ke.ports.outbound_tcp.is_empty());
+    assert!(ke.ports.allows_outbound(22) && !ke.ports.allows_outbound(8730));
     assert_eq!(ke.ipv4, Some(k.ipv4));
     let ce = find(&r, &conc.id).expect("sup needs the concentrator's tunnel");
     assert!(ce.ports.is_empty(), "{ce:?}");
@@ -252,6 +253,7 @@ async fn a_minted_client_is_in_the_rosters_the_policy_gives_it_and_leaves_them_w
     // out of the concentrator's.
     let mut doc = clients_policy();
     doc["allow"][0]["dst"] = json!(["tag:other:1"]);
+    doc["allow"][1]["dst"] = json!(["tag:other:1"]);
     put_policy(&h, doc).await;
     assert!(find(&roster(&sup).await, &k.id).is_none());
     let r = roster(&conc).await;
@@ -261,6 +263,10 @@ async fn a_minted_client_is_in_the_rosters_the_policy_gives_it_and_leaves_them_w
     want.sort();
     assert_eq!(find(&r, &k.id).unwrap().may_use, want);
     assert!(find(&roster(&other).await, &k.id).is_some());
+    // `other` may not open anything on the client: the concentrator admits nothing from
+    // it to the client (its entry there has no client address in `may_use`).
+    let oe = find(&r, &other.id).expect("the client sees other");
+    assert!(oe.may_use.is_empty(), "{oe:?}");
     put_policy(&h, clients_policy()).await;
     assert!(find(&roster(&sup).await, &k.id).is_some());
 

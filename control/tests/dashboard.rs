@@ -493,3 +493,118 @@ async fn the_admin_stream_shows_members_arrive_and_leave_live() {
     assert_eq!(v["members"].as_array().unwrap().len(), 0);
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+/// Traffic reports, played by a member with a valid certificate: an oversized report is
+/// refused naming the field; peers outside its roster (and itself) are dropped before the
+/// dashboard sees them; a member heartbeating in a loop gets at most one dashboard update
+/// per heartbeat interval, while the members list always has its latest report.
+#[tokio::test]
+async fn traffic_reports_reach_the_dashboard_filtered_and_throttled() {
+    let h = Harness::start().await;
+    let anon = h.pki.client_with(None).at(h.addr);
+    let (cookie, _csrf) = login(&h).await;
+    let resp = anon
+        .send("GET", "/v1/admin/stream", None, &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut dec = SseDecoder::new();
+    let mut pending = Default::default();
+    let sup = h.join("sup", &["supervisor"]).await;
+    let iso = h.join("iso", &["isolated"]).await;
+    let n1 = h.join("n1", &["node"]).await;
+    for _ in 0..3 {
+        let f = next_admin_frame(&mut body, &mut dec, &mut pending).await;
+        assert_eq!(f.event, "member", "{}", f.data);
+    }
+    let peer = |id: &str, rx: u64| {
+        json!({"peer_id": id, "rx_bytes": rx, "tx_bytes": rx + 1,
+               "last_handshake_secs": 4, "path": "direct"})
+    };
+    // More than MAX_TRAFFIC_PEERS entries: 400 naming the field, nothing kept.
+    let many: Vec<Value> = (0..=tabbify_control::api::MAX_TRAFFIC_PEERS)
+        .map(|i| peer(&format!("p{i}"), 1))
+        .collect();
+    let (st, v) = n1
+        .heartbeat(json!({"traffic": {"rx_bytes": 1, "tx_bytes": 1, "peers": many}}))
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("traffic.peers"),
+        "{v}"
+    );
+    // A report naming a visible peer, an invisible one, itself and an unknown id (with
+    // the registered endpoint: the member itself does not change).
+    let report = |rx: u64| {
+        json!({"endpoints": ["127.0.0.1:51820"],
+               "traffic": {"rx_bytes": rx, "tx_bytes": 2 * rx, "peers": [
+            peer(&iso.id, 666), peer(&n1.id, 777), peer("not-a-member", 888), peer(&sup.id, rx)
+        ]}})
+    };
+    assert_eq!(n1.heartbeat(report(100)).await.0, 200);
+    let f = next_admin_frame(&mut body, &mut dec, &mut pending).await;
+    assert_eq!(f.event, "traffic", "{}", f.data);
+    let ev: tabbify_control::api::TrafficEvent = serde_json::from_str(&f.data).unwrap();
+    assert_eq!(ev.peer_id, n1.id);
+    assert_eq!(ev.traffic.report.rx_bytes, 100);
+    let kept: Vec<&str> = ev
+        .traffic
+        .report
+        .peers
+        .iter()
+        .map(|p| p.peer_id.as_str())
+        .collect();
+    assert_eq!(kept, [sup.id.as_str()], "only peers in n1's roster");
+    assert_eq!(ev.traffic.report.peers[0].last_handshake_secs, Some(4));
+    // Heartbeats in a loop within one interval (under the rate limit): the latest
+    // report is held…
+    for rx in 101..106 {
+        assert_eq!(n1.heartbeat(report(rx)).await.0, 200);
+    }
+    let (_, _, v) = call_with(
+        &anon,
+        "GET",
+        "/v1/admin/members",
+        None,
+        &[("cookie", &cookie)],
+    )
+    .await;
+    let m = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["peer_id"] == n1.id.as_str())
+        .unwrap();
+    assert_eq!(m["traffic"]["rx_bytes"], 105, "{m}");
+    assert_eq!(m["traffic"]["peers"].as_array().unwrap().len(), 1, "{m}");
+    let others = v["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["peer_id"] != n1.id.as_str());
+    for o in others {
+        assert!(o.get("traffic").is_none(), "no report, no traffic: {o}");
+    }
+    // …and the next frame after the interval carries it; a member change that follows
+    // comes next (the storm queued no further traffic frames).
+    h.clock.advance_ms(10_000);
+    assert_eq!(n1.heartbeat(report(120)).await.0, 200);
+    let f = next_admin_frame(&mut body, &mut dec, &mut pending).await;
+    assert_eq!(f.event, "traffic", "{}", f.data);
+    let ev: tabbify_control::api::TrafficEvent = serde_json::from_str(&f.data).unwrap();
+    assert_eq!(ev.traffic.report.rx_bytes, 120);
+    let n2 = h.join("n2", &["node"]).await;
+    let f = next_admin_frame(&mut body, &mut dec, &mut pending).await;
+    assert_eq!(f.event, "member", "{}", f.data);
+    assert!(f.data.contains(&n2.id));
+    // The member frame of a reporting member carries its report.
+    let (st, _) = n1
+        .heartbeat(json!({"endpoints": ["127.0.0.1:41000"]}))
+        .await;
+    assert_eq!(st, 200);
+    let f = next_admin_frame(&mut body, &mut dec, &mut pending).await;
+    assert_eq!(f.event, "member", "{}", f.data);
+    let m: Value = serde_json::from_str(&f.data).unwrap();
+    assert_eq!(m["traffic"]["rx_bytes"], 120, "{m}");
+}

@@ -131,7 +131,8 @@ async fn members_are_shared_through_postgres_and_streams_resume_on_any_coordinat
     .await;
 
     // An unchanged heartbeat writes no row: the change log does not grow and the stored
-    // member (including last_seen) stays as it was.
+    // member (including last_seen) stays as it was. Its traffic report (new figures each
+    // time) is held in memory only: no row either.
     let log_before = count(&pg, "roster", "SELECT count(*) FROM change_log");
     let member_before = pg
         .psql(
@@ -139,11 +140,12 @@ async fn members_are_shared_through_postgres_and_streams_resume_on_any_coordinat
             "SELECT body || last_seen || stale FROM members ORDER BY peer_id",
         )
         .unwrap();
-    for _ in 0..3 {
+    for i in 0..3u64 {
         let (st, v) = n1_on_b
             .post(
                 "/v1/mesh/heartbeat",
-                json!({"peer_id": n1.id, "endpoints": ["127.0.0.1:40000"]}),
+                json!({"peer_id": n1.id, "endpoints": ["127.0.0.1:40000"],
+                       "traffic": {"rx_bytes": 1000 * i, "tx_bytes": 2000 * i, "peers": []}}),
             )
             .await;
         assert_eq!(st, 200, "{v}");
@@ -704,4 +706,126 @@ async fn coordinators_sharing_postgres_judge_staleness_from_the_coarsened_last_s
         c.coord.catch_up().unwrap();
     }
     assert_eq!(stale_in_roster(&s1, &n1.id).await, Some(true));
+}
+
+/// `(status, set-cookie, body)` of a request without a client certificate to `h`.
+async fn browser(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let anon = h.pki.client_with(None).at(h.addr);
+    let body = (method != "GET" && method != "DELETE").then(|| bytes::Bytes::from("{}"));
+    let resp = anon.send(method, path, body, headers).await.unwrap();
+    let status = resp.status().as_u16();
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, cookie, v)
+}
+
+/// Dashboard sessions live in the database: a link minted on A opens a session on B
+/// (behind a load balancer), which A accepts; the link is spent for both; a logout on A
+/// ends the session on B; a restarted coordinator keeps its sessions. The attacker: a
+/// browser replaying a spent link on the other coordinator, and one sending another
+/// session's CSRF token there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_sessions_are_shared_by_coordinators_on_one_postgres_and_survive_restarts() {
+    let pg = pg();
+    let db = Database::Postgres(pg.create_database("sessions").unwrap());
+    let Pair { a, b, .. } = pair(&db, |_| {}).await;
+    let link = |h: &Harness| {
+        let admin = h.admin();
+        async move {
+            let (st, v) = admin.post("/v1/admin/login-links", json!({})).await;
+            assert_eq!(st, 200, "{v}");
+            v["path"].as_str().unwrap().to_owned()
+        }
+    };
+    let path = link(&a).await;
+    let (st, cookie, _) = browser(&b, "GET", &path, &[]).await;
+    assert_eq!(st, 303, "a link minted on A is redeemed on B");
+    let cookie = cookie.unwrap();
+    // Spent once for every coordinator.
+    assert_eq!(browser(&a, "GET", &path, &[]).await.0, 401);
+    assert_eq!(browser(&b, "GET", &path, &[]).await.0, 401);
+    let (st, _, on_b) = browser(&b, "GET", "/v1/admin/session", &[("cookie", &cookie)]).await;
+    assert_eq!(st, 200, "{on_b}");
+    let (st, _, on_a) = browser(&a, "GET", "/v1/admin/session", &[("cookie", &cookie)]).await;
+    assert_eq!(st, 200, "A accepts B's session: {on_a}");
+    assert_eq!(on_a["csrf_token"], on_b["csrf_token"]);
+    let csrf = on_a["csrf_token"].as_str().unwrap().to_owned();
+    // A change through A with the session's token works; another session's token is
+    // refused on either.
+    let (st, other, _) = browser(&a, "GET", &link(&b).await, &[]).await;
+    assert_eq!(st, 303);
+    let other = other.unwrap();
+    let (_, _, o) = browser(&a, "GET", "/v1/admin/session", &[("cookie", &other)]).await;
+    let other_csrf = o["csrf_token"].as_str().unwrap().to_owned();
+    assert_ne!(other_csrf, csrf);
+    for h in [&a, &b] {
+        let (st, _, v) = browser(
+            h,
+            "POST",
+            "/v1/tokens",
+            &[("cookie", &cookie), ("x-csrf-token", &other_csrf)],
+        )
+        .await;
+        assert_eq!((st, v["code"].as_str()), (403, Some("csrf")), "{v}");
+    }
+    let (st, _, v) = browser(
+        &b,
+        "POST",
+        "/v1/tokens",
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    // Only hashes are stored.
+    let stored = pg
+        .psql("sessions", "SELECT hash || admin FROM dashboard_sessions")
+        .unwrap();
+    let id = cookie.split_once('=').unwrap().1;
+    assert!(
+        !stored.contains(id),
+        "the session id itself is never stored"
+    );
+    assert_eq!(
+        count(&pg, "sessions", "SELECT count(*) FROM dashboard_sessions"),
+        2
+    );
+    // A restart of B keeps the sessions.
+    drop(b);
+    let b2 = Harness::start_with_pki(a.pki.clone(), |c| c.database = Some(db.clone())).await;
+    let (st, _, _) = browser(&b2, "GET", "/v1/admin/session", &[("cookie", &cookie)]).await;
+    assert_eq!(st, 200, "still logged in after a restart");
+    // A logout on A ends the session on B too.
+    let (st, _, _) = browser(
+        &a,
+        "DELETE",
+        "/v1/admin/session",
+        &[("cookie", &cookie), ("x-csrf-token", &csrf)],
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, _, v) = browser(&b2, "GET", "/v1/admin/members", &[("cookie", &cookie)]).await;
+    assert_eq!((st, v["code"].as_str()), (401, Some("unauthorized")), "{v}");
+    // Expired sessions are purged: 8 h later, the next login removes the other one.
+    a.clock
+        .advance_ms(tabbify_control::sessions::SESSION_TTL_SECS * 1000);
+    let (st, _, _) = browser(&a, "GET", "/v1/admin/session", &[("cookie", &other)]).await;
+    assert_eq!(st, 401, "expired");
+    let (st, fresh, _) = browser(&a, "GET", &link(&a).await, &[]).await;
+    assert_eq!(st, 303);
+    assert!(fresh.is_some());
+    assert_eq!(
+        count(&pg, "sessions", "SELECT count(*) FROM dashboard_sessions"),
+        1,
+        "the expired session was purged"
+    );
 }

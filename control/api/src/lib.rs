@@ -350,6 +350,68 @@ pub struct HeartbeatRequest {
     /// As in [`RegisterRequest::concentrator`]: the current value every time.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub concentrator: bool,
+    /// What this node measured of its own traffic (the dashboard shows it, labelled as
+    /// reported by the member). The coordinator keeps only the latest report per member,
+    /// in memory (never a database write per heartbeat). `None`: not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficReport>,
+}
+
+/// The most peers one [`TrafficReport`] may list (more: `400` naming `traffic.peers`).
+pub const MAX_TRAFFIC_PEERS: usize = 256;
+
+/// A member's own account of its traffic, sent with its heartbeat. These are claims of the
+/// member, not measurements of the coordinator.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficReport {
+    /// Bytes received from all peers since the joiner started.
+    pub rx_bytes: u64,
+    /// Bytes sent to all peers since the joiner started.
+    pub tx_bytes: u64,
+    /// Per peer, the busiest first; at most [`MAX_TRAFFIC_PEERS`]. Peer ids the reporter
+    /// may not see are dropped by the coordinator.
+    #[serde(default)]
+    pub peers: Vec<PeerTraffic>,
+}
+
+/// One peer's traffic as the reporting member sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerTraffic {
+    /// The peer's id.
+    pub peer_id: String,
+    /// Bytes received from the peer since the joiner started.
+    pub rx_bytes: u64,
+    /// Bytes sent to the peer since the joiner started.
+    pub tx_bytes: u64,
+    /// Seconds since the last completed handshake with the peer; `None`: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handshake_secs: Option<u64>,
+    /// How traffic to the peer goes now.
+    pub path: PeerPath,
+}
+
+/// The path a member's traffic to one peer takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerPath {
+    /// Straight to a UDP endpoint of the peer.
+    Direct,
+    /// Through a relay.
+    Relay,
+    /// No working path (no endpoint known and no relay).
+    #[default]
+    None,
+}
+
+impl PeerPath {
+    /// The path as the wire spells it (`"direct"`, `"relay"`, `"none"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relay => "relay",
+            Self::None => "none",
+        }
+    }
 }
 
 /// `POST /v1/relay/token`: a short-lived relay admission for the caller (a registered
@@ -982,6 +1044,29 @@ pub struct AdminMember {
     pub last_seen_ms: u64,
     /// Missed its heartbeats.
     pub stale: bool,
+    /// The latest traffic report it sent with a heartbeat to this coordinator (its own
+    /// claims, kept in memory only). `None`: none reported since this coordinator started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<ReportedTraffic>,
+}
+
+/// A member's latest [`TrafficReport`] as a coordinator holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportedTraffic {
+    /// When the coordinator received it, ms since the epoch (handshake ages are as of then).
+    pub reported_ms: u64,
+    /// The report, with peer ids the reporter may not see dropped.
+    #[serde(flatten)]
+    pub report: TrafficReport,
+}
+
+/// Data of the admin stream's `traffic` event: a member's new traffic report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficEvent {
+    /// The reporting member.
+    pub peer_id: String,
+    /// Its report.
+    pub traffic: ReportedTraffic,
 }
 
 /// `GET /v1/admin/members`.

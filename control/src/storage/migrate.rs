@@ -121,6 +121,27 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 5,
+        name: "dashboard sessions and login links, shared by every coordinator on the database",
+        engine: None,
+        statements: &[
+            // Secrets are kept only as SHA-256 (hex); expiries in ms since the epoch.
+            "CREATE TABLE dashboard_links (
+            hash TEXT PRIMARY KEY,
+            admin TEXT NOT NULL,
+            expires_ms BIGINT NOT NULL
+        )",
+            "CREATE TABLE dashboard_sessions (
+            hash TEXT PRIMARY KEY,
+            admin TEXT NOT NULL,
+            csrf TEXT NOT NULL,
+            expires_ms BIGINT NOT NULL
+        )",
+            "CREATE INDEX dashboard_links_by_expiry ON dashboard_links (expires_ms)",
+            "CREATE INDEX dashboard_sessions_by_expiry ON dashboard_sessions (expires_ms)",
+        ],
+    },
+    Migration {
+        version: 6,
         name: "clients: stock WireGuard clients; member_ipv4 holds clients' addresses too",
         engine: None,
         statements: &[

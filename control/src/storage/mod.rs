@@ -335,6 +335,186 @@ pub fn touch(engine: &mut dyn Engine, peer_ids: &[String], secs: u64) -> Result<
     engine.transaction(&statements)
 }
 
+/// Dashboard login links and sessions ([`crate::sessions`]) in the database, so every
+/// coordinator on it accepts them and a restart keeps them. Not events: written outside the
+/// change log. Keys are SHA-256 hashes of the secrets in lowercase hex (checked here, so
+/// they can be spelled into a query), expiries ms since the epoch.
+pub mod dashboard {
+    use super::{Engine, Statement, StorageError, Value};
+
+    fn int(engine: &dyn Engine, v: u64) -> Result<Value, StorageError> {
+        i64::try_from(v)
+            .map(Value::Int)
+            .map_err(|_| StorageError::Engine {
+                engine: engine.name(),
+                message: format!("{v} does not fit a 64-bit signed column"),
+            })
+    }
+
+    fn check_hash(engine: &dyn Engine, hash: &str) -> Result<(), StorageError> {
+        if hash.len() == 64 && hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            Ok(())
+        } else {
+            Err(StorageError::Engine {
+                engine: engine.name(),
+                message: "a dashboard secret's hash must be 64 lowercase hex digits".into(),
+            })
+        }
+    }
+
+    /// Deletes expired links and sessions, then the soonest-expiring beyond `max_links`
+    /// and `max_sessions`.
+    pub fn sweep(
+        engine: &mut dyn Engine,
+        now_ms: u64,
+        max_links: usize,
+        max_sessions: usize,
+    ) -> Result<(), StorageError> {
+        let now = int(engine, now_ms)?;
+        let cap = |n: usize| Value::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        engine.transaction(&[
+            Statement {
+                must_change: false,
+                sql: "DELETE FROM dashboard_links WHERE expires_ms <= ?1",
+                params: vec![now.clone()],
+            },
+            Statement {
+                must_change: false,
+                sql: "DELETE FROM dashboard_sessions WHERE expires_ms <= ?1",
+                params: vec![now],
+            },
+            Statement {
+                must_change: false,
+                sql: "DELETE FROM dashboard_links WHERE hash NOT IN \
+                      (SELECT hash FROM dashboard_links ORDER BY expires_ms DESC, hash LIMIT ?1)",
+                params: vec![cap(max_links)],
+            },
+            Statement {
+                must_change: false,
+                sql: "DELETE FROM dashboard_sessions WHERE hash NOT IN \
+                      (SELECT hash FROM dashboard_sessions ORDER BY expires_ms DESC, hash LIMIT ?1)",
+                params: vec![cap(max_sessions)],
+            },
+        ])
+    }
+
+    /// Records a login link.
+    pub fn put_link(
+        engine: &mut dyn Engine,
+        hash: &str,
+        admin: &str,
+        expires_ms: u64,
+    ) -> Result<(), StorageError> {
+        check_hash(engine, hash)?;
+        let exp = int(engine, expires_ms)?;
+        engine.transaction(&[Statement {
+            must_change: false,
+            sql: "INSERT INTO dashboard_links (hash, admin, expires_ms) VALUES (?1, ?2, ?3)",
+            params: vec![Value::Text(hash.into()), Value::Text(admin.into()), exp],
+        }])
+    }
+
+    /// Removes a login link and returns `(admin, expires_ms)`; `None` when it is absent or
+    /// another coordinator removed it first (the delete is the compare-and-set: of two
+    /// coordinators redeeming one link at once, one gets it).
+    pub fn take_link(
+        engine: &mut dyn Engine,
+        hash: &str,
+    ) -> Result<Option<(String, u64)>, StorageError> {
+        check_hash(engine, hash)?;
+        let rows = engine.query(
+            &format!("SELECT admin, expires_ms FROM dashboard_links WHERE hash = '{hash}'"),
+            &[Value::Text(String::new()), Value::Int(0)],
+        )?;
+        let Some([Value::Text(admin), Value::Int(exp)]) = rows.first().map(Vec::as_slice) else {
+            return Ok(None);
+        };
+        let taken = engine.transaction(&[Statement {
+            must_change: true,
+            sql: "DELETE FROM dashboard_links WHERE hash = ?1",
+            params: vec![Value::Text(hash.into())],
+        }]);
+        match taken {
+            Ok(()) => Ok(Some((admin.clone(), u64::try_from(*exp).unwrap_or(0)))),
+            Err(StorageError::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records a session.
+    pub fn put_session(
+        engine: &mut dyn Engine,
+        hash: &str,
+        admin: &str,
+        csrf: &str,
+        expires_ms: u64,
+    ) -> Result<(), StorageError> {
+        check_hash(engine, hash)?;
+        let exp = int(engine, expires_ms)?;
+        engine.transaction(&[Statement {
+            must_change: false,
+            sql: "INSERT INTO dashboard_sessions (hash, admin, csrf, expires_ms) \
+                  VALUES (?1, ?2, ?3, ?4)",
+            params: vec![
+                Value::Text(hash.into()),
+                Value::Text(admin.into()),
+                Value::Text(csrf.into()),
+                exp,
+            ],
+        }])
+    }
+
+    /// The session with this hash: `(admin, csrf, expires_ms)`, expired or not.
+    pub fn session(
+        engine: &mut dyn Engine,
+        hash: &str,
+    ) -> Result<Option<(String, String, u64)>, StorageError> {
+        check_hash(engine, hash)?;
+        let rows = engine.query(
+            &format!(
+                "SELECT admin, csrf, expires_ms FROM dashboard_sessions WHERE hash = '{hash}'"
+            ),
+            &[
+                Value::Text(String::new()),
+                Value::Text(String::new()),
+                Value::Int(0),
+            ],
+        )?;
+        Ok(match rows.first().map(Vec::as_slice) {
+            Some([Value::Text(a), Value::Text(c), Value::Int(e)]) => {
+                Some((a.clone(), c.clone(), u64::try_from(*e).unwrap_or(0)))
+            }
+            _ => None,
+        })
+    }
+
+    /// Deletes a session; `true` if it existed.
+    pub fn delete_session(engine: &mut dyn Engine, hash: &str) -> Result<bool, StorageError> {
+        check_hash(engine, hash)?;
+        match engine.transaction(&[Statement {
+            must_change: true,
+            sql: "DELETE FROM dashboard_sessions WHERE hash = ?1",
+            params: vec![Value::Text(hash.into())],
+        }]) {
+            Ok(()) => Ok(true),
+            Err(StorageError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `(links, sessions)` held.
+    pub fn counts(engine: &mut dyn Engine) -> Result<(usize, usize), StorageError> {
+        let mut n = [0usize; 2];
+        for (i, table) in ["dashboard_links", "dashboard_sessions"].iter().enumerate() {
+            let rows = engine.query(&format!("SELECT COUNT(*) FROM {table}"), &[Value::Int(0)])?;
+            if let Some(Value::Int(c)) = rows.first().and_then(|r| r.first()) {
+                n[i] = usize::try_from(*c).unwrap_or(0);
+            }
+        }
+        Ok((n[0], n[1]))
+    }
+}
+
 /// Deletes change-log entries older than `keep_secs` (by the database's clock) or older
 /// than the newest `keep_rows`; the newest entry always stays (it is where a starting
 /// coordinator's event ids continue from). A follower that was away longer than that gets

@@ -1400,6 +1400,7 @@ impl Joiner {
             advertise_routes: self.opts.routes.advertise_strings(),
             advertise_exit_node: self.opts.routes.advertise_exit_node,
             concentrator: self.opts.routes.concentrator,
+            traffic: None,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
