@@ -1058,6 +1058,16 @@ fn status(t: &Target, json: bool) -> anyhow::Result<()> {
         },
     }
     print_routes(&s.routes);
+    if let Some(c) = &s.concentrator {
+        let n = c.serving.len();
+        println!(
+            "concentrator: serving {n} client{}",
+            if n == 1 { "" } else { "s" }
+        );
+        for (peer, why) in &c.refused {
+            println!("refused:     client entry {peer}: {why}");
+        }
+    }
     println!(
         "metrics:     {}",
         s.metrics

@@ -214,6 +214,21 @@ pub struct Status {
     /// Subnet routes and exit node (issue 15).
     #[serde(default)]
     pub routes: RoutesStatus,
+    /// Stock WireGuard clients served (`join --concentrator`, issue 15); `null` when this
+    /// member is no concentrator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concentrator: Option<ConcentratorStatus>,
+}
+
+/// A concentrator's clients as `status` shows them ("concentrator: serving N clients").
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConcentratorStatus {
+    /// The peer ids of the clients served (each a WireGuard peer of this node).
+    #[serde(default)]
+    pub serving: Vec<String>,
+    /// Client entries of the roster that were refused, as (peer id, why).
+    #[serde(default)]
+    pub refused: Vec<(String, String)>,
 }
 
 /// The joiner's routes as `status` shows them.

@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use boringtun::x25519::{PublicKey, StaticSecret};
+use tabbify_engine::core::behind::Behind;
 use tabbify_engine::core::counters::{DropCounters, DropReason};
 use tabbify_engine::core::demux::{ControlQueue, Kind};
 use tabbify_engine::core::filter::PortFilter;
@@ -1496,4 +1497,233 @@ fn handshake_rate_limit_counts_each_initiation_once() {
     let mut types = Vec::new();
     pipe.tx.drain(|_, s| types.push(s.buf[0]));
     assert_eq!(types, vec![2], "answered after the limiter's reset");
+}
+
+/// The address of the stock WireGuard client behind B in the concentrator tests.
+const IP_K: [u8; 4] = [10, 0, 0, 9];
+/// Another client of B that A is not granted.
+const IP_K2: [u8; 4] = [10, 0, 0, 8];
+
+fn key(n: u8) -> [u8; 32] {
+    PublicKey::from(&StaticSecret::from([n; 32])).to_bytes()
+}
+
+/// Issue 15, the member side: B is a concentrator with client K behind it. A (a member)
+/// holds B's entry with B's own rules (everything) and K's rules behind it (K may open
+/// 8730 on A; A may open nothing on K). The attacker is K, or B forwarding for it: a packet
+/// from K is checked against K's rules on receive, a packet to K against K's rules on
+/// send, never against B's generous ones; B's own traffic still gets B's rules.
+#[test]
+fn a_client_behind_a_concentrator_gets_its_own_rules_both_ways() {
+    let (mut a, mut b) = pair(false);
+    let all = PortFilter::from_ranges(&[(0, 65535)], &[(0, 65535)]);
+    let client = PortFilter::from_ranges(&[], &[(8730, 8730)]);
+    a.table
+        .upsert_peer_with_filters(
+            PeerConfig {
+                public_key: key(2),
+                preshared_key: None,
+                endpoint: Some(EP_B.parse().unwrap()),
+                allowed_ips: vec![
+                    "10.0.0.2/32".parse().unwrap(),
+                    "10.0.0.9/32".parse().unwrap(),
+                ],
+                persistent_keepalive: None,
+            },
+            Some(all),
+            Some(Behind::new([(
+                vec![IpAddr::from(IP_K), "fd5a:1f00:9::9".parse().unwrap()],
+                client,
+            )])),
+        )
+        .unwrap();
+    let ok = udp4(IP_A, IP_B, 4000, 22, b"to the concentrator itself");
+    assert_eq!(handshake(&mut a, &mut b, &ok).0, vec![ok]);
+
+    // Send side on A: to B anything, to K nothing (A may open no port on K).
+    let to_b = tcp4(IP_A, IP_B, 40000, 22, SYN);
+    send_all(
+        &mut a,
+        &[
+            to_b.clone(),
+            tcp4(IP_A, IP_K, 40000, 22, SYN),
+            tcp4(IP_A, IP_K, 40000, 8730, SYN),
+            udp4(IP_A, IP_K, 4000, 53, b"x"),
+        ],
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 3);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![to_b]);
+
+    // Receive side on A: B forwards K's packets (B itself filters nothing towards A). K may
+    // open 8730 on A and nothing else, though B may open anything.
+    let k_ok = tcp4(IP_K, IP_A, 50000, 8730, SYN);
+    let from_b = tcp4(IP_B, IP_A, 50000, 22, SYN);
+    send_all(
+        &mut b,
+        &[
+            tcp4(IP_K, IP_A, 50000, 22, SYN),
+            k_ok.clone(),
+            udp4(IP_K, IP_A, 4000, 5000, b"no"),
+            ping4(IP_K, IP_A),
+            from_b.clone(),
+        ],
+    );
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![k_ok, from_b]);
+    assert_eq!(a.counters.get(DropReason::FilteredIn), 3);
+    // A's reply on K's flow passes A's send side under K's rules.
+    let reply = tcp4(IP_A, IP_K, 8730, 50000, SYN | ACK);
+    send_all(&mut a, std::slice::from_ref(&reply));
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 3);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(
+        sink_b.0.len(),
+        0,
+        "B does not admit K's address: it serves nobody here"
+    );
+    assert_eq!(b.counters.get(DropReason::DestinationNotLocal), 1);
+
+    // Without the behind set (upsert_peer_with_filter), K's address falls back to B's rules.
+    a.table
+        .upsert_peer_with_filter(
+            PeerConfig {
+                public_key: key(2),
+                preshared_key: None,
+                endpoint: Some(EP_B.parse().unwrap()),
+                allowed_ips: vec![
+                    "10.0.0.2/32".parse().unwrap(),
+                    "10.0.0.9/32".parse().unwrap(),
+                ],
+                persistent_keepalive: None,
+            },
+            Some(PortFilter::from_ranges(&[(0, 65535)], &[(0, 65535)])),
+        )
+        .unwrap();
+    let snap = a.table.load_full();
+    let e = snap.route_entry(IpAddr::from(IP_K)).unwrap();
+    assert!(e.behind.is_none());
+}
+
+/// Issue 15, the concentrator side: B serves clients K and K2; A is a member granted K
+/// only, and B's own rules with A open nothing. A's packets to K pass B by the grant alone
+/// (B's rules are about B, not K); to K2 they are refused (not granted); to B itself B's
+/// rules apply. B forwarding K's traffic to A (as its kernel hands it back through the
+/// TUN) is not held to B's rules either, while B's own packets to A are.
+#[test]
+fn a_concentrator_forwards_for_its_client_by_grant_not_by_its_own_rules() {
+    let (mut a, mut b) = pair(false);
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: key(2),
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.0.0.9/32".parse().unwrap(),
+                "10.0.0.8/32".parse().unwrap(),
+            ],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    let host = |a: [u8; 4]| IpNet::host(IpAddr::from(a));
+    b.table.set_local(
+        LocalNets::new([IpAddr::from(IP_B)], [])
+            .with_grants([(key(1), host(IP_K))])
+            .with_served([IpAddr::from(IP_K), IpAddr::from(IP_K2)]),
+    );
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[])));
+    let ok = udp4(IP_A, IP_K, 4000, 8730, b"to the client");
+    assert_eq!(handshake(&mut a, &mut b, &ok).0, vec![ok.clone()]);
+    assert_eq!(b.counters.total(), 0);
+
+    let syn_k = tcp4(IP_A, IP_K, 40000, 22, SYN);
+    send_all(
+        &mut a,
+        &[
+            syn_k.clone(),
+            tcp4(IP_A, IP_K2, 40000, 22, SYN),
+            tcp4(IP_A, IP_B, 40000, 22, SYN),
+        ],
+    );
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![syn_k]);
+    assert_eq!(
+        b.counters.get(DropReason::DestinationNotLocal),
+        1,
+        "K2: nobody granted it"
+    );
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 1);
+
+    // B's send side: K's traffic to A is forwarded; B's own is held to B's rules.
+    let from_k = tcp4(IP_K, IP_A, 50000, 8730, SYN);
+    send_all(
+        &mut b,
+        &[from_k.clone(), tcp4(IP_B, IP_A, 50000, 8730, SYN)],
+    );
+    assert_eq!(b.counters.get(DropReason::FilteredOut), 1);
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![from_k]);
+    assert_eq!(a.counters.total(), 0);
+}
+
+/// Issue 15, the attacker is a member the client may reach (so it holds only a reply
+/// grant at the concentrator B): with a valid session it opens a TCP connection and sends
+/// UDP to the client: B drops both. Once the client opens a flow to it (forwarded out by
+/// B, tracked), its answers on that flow pass, and nothing else does.
+#[test]
+fn a_member_with_a_reply_grant_cannot_open_a_flow_to_the_client() {
+    let (mut a, mut b) = pair(false);
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: key(2),
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.0.0.9/32".parse().unwrap(),
+            ],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    b.table.set_local(
+        LocalNets::new([IpAddr::from(IP_B)], [])
+            .with_reply_grants([(key(1), IpNet::host(IpAddr::from(IP_K)))])
+            .with_served([IpAddr::from(IP_K)]),
+    );
+    let hello = udp4(IP_A, IP_B, 4000, 5000, b"to B itself");
+    assert_eq!(handshake(&mut a, &mut b, &hello).0, vec![hello]);
+    // A opens towards K: refused at B.
+    send_all(
+        &mut a,
+        &[
+            tcp4(IP_A, IP_K, 40000, 22, SYN),
+            udp4(IP_A, IP_K, 4000, 53, b"x"),
+        ],
+    );
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert!(sink_b.0.is_empty(), "{:?}", sink_b.0);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 2);
+    // K opens towards A (B's kernel hands the forwarded SYN to B's TUN side).
+    let syn = tcp4(IP_K, IP_A, 50000, 8730, SYN);
+    send_all(&mut b, std::slice::from_ref(&syn));
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![syn]);
+    // A's answer on that flow passes B; a new connection from A still does not.
+    let answer = tcp4(IP_A, IP_K, 8730, 50000, SYN | ACK);
+    send_all(
+        &mut a,
+        &[answer.clone(), tcp4(IP_A, IP_K, 8730, 50001, SYN)],
+    );
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![answer]);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
 }

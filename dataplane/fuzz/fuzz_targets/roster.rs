@@ -7,7 +7,11 @@
 //! * the table the actions build (a model: public key → AllowedIPs) gives every prefix to
 //!   at most one peer, and the kernel routes are exactly the union of its AllowedIPs;
 //! * every accepted roster entry passes the per-entry checks, and no two share a ULA, a key
-//!   or an app ULA.
+//!   or an app ULA;
+//! * stock WireGuard clients (issue 15: `client/…` identities, `client`/`via` flags, forged
+//!   on members too, `may_use` with junk): a table peer is a member, or a client this node
+//!   serves only when it runs with `--concentrator`; every grant is a host address in the
+//!   mesh (`fd5a:1f00::/24`, `100.64.0.0/10`).
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,7 +26,15 @@ use tabbify_api::{
 use tabbify_dataplane::core::net::IpNet;
 use tabbify_dataplane::join::logic::{roster, Action, Config, Machine};
 
-const IDS: [&str; 6] = ["me", "a", "b", "c", "d", "e"];
+const IDS: [&str; 8] = ["me", "a", "b", "c", "d", "e", "client/x", "client/y"];
+const MAY_USE: [&str; 6] = [
+    "fd5a:1f02::1",
+    "10.0.0.0/8",
+    "100.64.0.7/32",
+    "fd5a:1f00::/32",
+    "junk",
+    "0.0.0.0/0",
+];
 const APPS: [&str; 6] = [
     "fd5a:1f02::1",
     "fd5a:1f02::2",
@@ -87,6 +99,18 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         via: None,
         client: false,
     };
+    let cflags = b.next()?;
+    e.client = cflags & 1 != 0;
+    if cflags & 2 != 0 {
+        e.via = Some(ula::identity_peer_id(IDS[usize::from(cflags >> 5) % IDS.len()]));
+    }
+    if cflags & 4 != 0 {
+        e.ipv4 = Some(std::net::Ipv4Addr::new(100, 64, 0, cflags >> 3));
+    }
+    if cflags & 8 != 0 {
+        e.may_use.push(ula::identity_ula(IDS[usize::from(cflags >> 4) % IDS.len()]).to_string());
+        e.may_use.push(MAY_USE[usize::from(cflags >> 5) % MAY_USE.len()].into());
+    }
     let apps = b.next()?;
     e.stale = apps & 0x40 != 0;
     for (i, a) in APPS.iter().enumerate() {
@@ -132,7 +156,8 @@ fn event(b: &mut Bytes<'_>) -> Option<SseEvent> {
 fn in_mesh(n: &IpNet) -> bool {
     match n.addr() {
         IpAddr::V6(a) => ula::is_peer_ula(&a) || ula::is_app_ula(&a),
-        IpAddr::V4(_) => false,
+        // Mesh IPv4 /32s (peers' and clients').
+        IpAddr::V4(a) => n.prefix_len() == 32 && a.octets()[0] == 100 && a.octets()[1] & 0xc0 == 64,
     }
 }
 
@@ -177,7 +202,28 @@ impl Model {
         }
     }
 
-    fn check(&self, m: &Machine) {
+    fn check(&self, m: &Machine, concentrator: bool) {
+        use tabbify_dataplane::join::logic::clients::is_client_identity;
+        for key in self.table.keys() {
+            let b = {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(key)
+            };
+            for e in m.roster().entries().filter(|e| e.public_key == b) {
+                if is_client_identity(&e.identity) {
+                    assert!(
+                        concentrator && e.client && e.via.is_none(),
+                        "a client as a table peer: {e:?}"
+                    );
+                } else {
+                    assert!(!e.client && e.via.is_none(), "a flagged member as a peer: {e:?}");
+                }
+            }
+        }
+        for (_, n) in m.grants().iter().chain(&m.client_plan().reply_grants) {
+            let host = n.prefix_len() == if n.addr().is_ipv4() { 32 } else { 128 };
+            assert!(host && in_mesh(n), "grant outside the mesh hosts: {n:?}");
+        }
         let union: BTreeSet<IpNet> = self.table.values().flatten().copied().collect();
         assert_eq!(union, self.routes, "kernel routes differ from the table");
         let (mut ulas, mut keys, mut apps) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
@@ -208,8 +254,12 @@ fuzz_target!(|data: &[u8]| {
         key_max_age: Duration::from_secs(90 * 86_400),
         rotate_at: t + Duration::from_secs(90 * 86_400),
         coordinators: 1,
-        routes: Default::default(),
+        routes: tabbify_dataplane::join::logic::routes::Settings {
+            concentrator: mode & 2 != 0,
+            ..Default::default()
+        },
     });
+    let concentrator = mode & 2 != 0;
     let mut model = Model::default();
     model.apply(&mut m);
     let reflexive: SocketAddr = "203.0.113.9:51820".parse().unwrap();
@@ -248,7 +298,7 @@ fuzz_target!(|data: &[u8]| {
         while let Some(ev) = event(&mut b) {
             m.handle_event(t, None, ev);
             model.apply(&mut m);
-            model.check(&m);
+            model.check(&m, concentrator);
         }
     } else {
         let mut dec = SseDecoder::with_limit(1 << 16);
@@ -259,7 +309,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(ev) = SseEvent::parse(&f.event, &f.data) {
                 m.handle_event(t, f.id.and_then(|s| s.parse().ok()), ev);
                 model.apply(&mut m);
-                model.check(&m);
+                model.check(&m, concentrator);
             }
         }
     }

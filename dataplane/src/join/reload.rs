@@ -88,14 +88,17 @@ pub fn plan(old: &JoinOptions, new: &JoinOptions) -> Plan {
     let exit_toggled =
         (old.routes.exit_node == ExitChoice::Off) != (new.routes.exit_node == ExitChoice::Off);
     differs(exit_toggled, "exit-node");
-    let routes = if exit_toggled {
+    // Serving clients is registered with the coordinator at start: a restart changes it.
+    differs(
+        old.routes.concentrator != new.routes.concentrator,
+        "concentrator",
+    );
+    let mut routes = new.routes.clone();
+    routes.concentrator = old.routes.concentrator;
+    if exit_toggled {
         // The rest of the route flags still apply; the exit node stays as it is.
-        let mut r = new.routes.clone();
-        r.exit_node = old.routes.exit_node.clone();
-        r
-    } else {
-        new.routes.clone()
-    };
+        routes.exit_node = old.routes.exit_node.clone();
+    }
     Plan {
         tls: new.tls.is_some() && old.tls.is_some(),
         routes: (routes != old.routes).then_some(routes),
@@ -211,5 +214,11 @@ mod tests {
             "exit node left as it was"
         );
         assert!(!routes.accept_routes);
+        // Serving clients is not switched by a reload either.
+        let mut hub = new.clone();
+        hub.routes.concentrator = true;
+        let p = plan(&opts(), &hub);
+        assert!(p.restart.contains(&"concentrator"), "{:?}", p.restart);
+        assert!(p.routes.is_none_or(|r| !r.concentrator));
     }
 }

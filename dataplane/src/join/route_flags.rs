@@ -29,6 +29,12 @@ pub struct RouteFlags {
     /// Install the routes other members offer (and this node may use).
     #[arg(long, value_name = "true|false", default_value_t = true, action = ArgAction::Set)]
     pub accept_routes: bool,
+    /// Serve stock WireGuard clients (phones, laptops with the WireGuard app) minted for
+    /// this member with `tabbify-mesh-coordinator client add`: they dial in on this node's
+    /// port, and this host forwards (IP forwarding on, no masquerade) between them and the
+    /// members the policy lets them reach.
+    #[arg(long)]
+    pub concentrator: bool,
 }
 
 impl RouteFlags {
@@ -39,6 +45,7 @@ impl RouteFlags {
             advertise_exit_node: self.advertise_exit_node,
             exit_node: ExitChoice::parse(&self.exit_node)?,
             accept_routes: self.accept_routes,
+            concentrator: self.concentrator,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! What a subnet router or exit node changes on its host (issue 15): IP forwarding and the
-//! masquerade of forwarded mesh traffic.
+//! What a subnet router, exit node or concentrator changes on its host (issue 15): IP
+//! forwarding and the masquerade of forwarded mesh traffic.
 //!
 //! ```text
 //! start (every join):  recover()  — a record left by a killed run: sysctls put back,
@@ -19,8 +19,25 @@
 //!         iifname "TUN" oifname != "TUN" ip6 daddr { ROUTES } masquerade
 //!         iifname "TUN" oifname != "TUN" masquerade          (an exit node: everything)
 //!     }
+//!     chain output {                                          (a concentrator)
+//!         type filter hook output priority filter; policy accept;
+//!         oifname "TUN" icmp type redirect drop
+//!         oifname "TUN" icmpv6 type nd-redirect drop
+//!     }
 //! }
 //! ```
+//!
+//! A concentrator (`--concentrator`) forwards between its stock WireGuard clients and the
+//! mesh through the kernel: a client's packet leaves the engine on the TUN and the kernel
+//! routes it back into the TUN towards the member (the engine admits it only by the
+//! client's grants, `core::local`). That needs forwarding on for both families and nothing
+//! else: client traffic goes TUN to TUN, which the masquerade (`oifname != TUN`) never
+//! matches, so members see the client's own address and apply its rules. A same-interface
+//! forward makes the kernel send ICMP redirects to the client; the `output` chain drops
+//! them (they would tell a stock client nothing useful). A host whose own firewall drops
+//! forwarded packets (a `forward` hook with policy drop, as Docker installs) would drop the
+//! clients' traffic: [`forward_blocked`] finds that and the start logs a warning naming
+//! the chain (this module never edits other tables).
 //!
 //! Why the `nft` binary (`nft -f -`, one atomic transaction per script) and not netlink:
 //! the rules are written once at start, not per packet; the project already drives
@@ -74,15 +91,22 @@ pub struct RouterSpec {
     pub exit_node: bool,
     /// `--snat` (default true).
     pub snat: bool,
+    /// `--concentrator`: forward between stock WireGuard clients and the mesh.
+    pub concentrator: bool,
 }
 
 impl RouterSpec {
     fn v4(&self) -> bool {
-        self.exit_node || self.routes.iter().any(|r| r.addr().is_ipv4())
+        self.concentrator || self.exit_node || self.routes.iter().any(|r| r.addr().is_ipv4())
     }
 
     fn v6(&self) -> bool {
-        self.exit_node || self.routes.iter().any(|r| r.addr().is_ipv6())
+        self.concentrator || self.exit_node || self.routes.iter().any(|r| r.addr().is_ipv6())
+    }
+
+    /// Whether anything is masqueraded.
+    fn masquerades(&self) -> bool {
+        self.snat && (self.exit_node || !self.routes.is_empty())
     }
 }
 
@@ -97,7 +121,9 @@ pub fn nft_script(spec: &RouterSpec) -> String {
             .map(|r| r.network().to_string())
             .collect()
     };
-    if spec.exit_node {
+    if !spec.masquerades() {
+        // No masquerade (a concentrator only, or --snat false).
+    } else if spec.exit_node {
         rules.push_str(&format!(
             "\t\tiifname \"{i}\" oifname != \"{i}\" masquerade\n"
         ));
@@ -112,9 +138,18 @@ pub fn nft_script(spec: &RouterSpec) -> String {
             }
         }
     }
-    format!(
-        "table inet {NFT_TABLE} {{\n\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{rules}\t}}\n}}\n"
-    )
+    let mut chains = String::new();
+    if spec.masquerades() {
+        chains.push_str(&format!(
+            "\tchain postrouting {{\n\t\ttype nat hook postrouting priority srcnat; policy accept;\n{rules}\t}}\n"
+        ));
+    }
+    if spec.concentrator {
+        chains.push_str(&format!(
+            "\tchain output {{\n\t\ttype filter hook output priority filter; policy accept;\n\t\toifname \"{i}\" icmp type redirect drop\n\t\toifname \"{i}\" icmpv6 type nd-redirect drop\n\t}}\n"
+        ));
+    }
+    format!("table inet {NFT_TABLE} {{\n{chains}}}\n")
 }
 
 /// Runs `nft -f -` with `script` (the one runner `crate::policy` has).
@@ -192,6 +227,36 @@ pub fn recover(state_dir: &Path) -> Vec<String> {
     done
 }
 
+/// A `forward` base chain of another table whose policy is drop, as `family table/chain`
+/// (from `nft list ruleset`), if there is one: forwarded traffic may be dropped there.
+pub fn forward_blocked() -> Option<String> {
+    let out = Command::new("nft")
+        .args(["list", "ruleset"])
+        .output()
+        .ok()?;
+    forward_drop_chain(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// [`forward_blocked`]'s parser over `nft list ruleset` text: the first chain of a table
+/// other than ours with `hook forward` and `policy drop`.
+fn forward_drop_chain(ruleset: &str) -> Option<String> {
+    let mut table = String::new();
+    let mut chain = String::new();
+    for line in ruleset.lines().map(str::trim) {
+        if let Some(t) = line.strip_prefix("table ") {
+            table = t.trim_end_matches('{').trim().to_owned();
+        } else if let Some(c) = line.strip_prefix("chain ") {
+            chain = c.trim_end_matches('{').trim().to_owned();
+        } else if line.contains("hook forward")
+            && line.contains("policy drop")
+            && table != format!("inet {NFT_TABLE}")
+        {
+            return Some(format!("{table}/{chain}"));
+        }
+    }
+    None
+}
+
 fn which_nft() -> bool {
     Command::new("nft")
         .arg("--version")
@@ -212,8 +277,19 @@ impl Router {
     /// Turns forwarding on (recording the values before) and, with `snat`, installs the
     /// masquerade. A failure undoes what was done.
     pub fn start(state_dir: &Path, spec: &RouterSpec) -> anyhow::Result<Self> {
-        if spec.snat && !which_nft() {
+        let have_nft = which_nft();
+        if spec.masquerades() && !have_nft {
             bail!("advertising routes with --snat true needs the `nft` binary: install nftables, or run with --snat false (then the LAN needs a route back to the mesh)");
+        }
+        // A concentrator without nft still forwards; only the redirects are not dropped.
+        let table = spec.masquerades() || (spec.concentrator && have_nft);
+        if spec.concentrator && !have_nft {
+            tracing::warn!("no `nft` binary: the kernel's ICMP redirects to stock WireGuard clients are not dropped (install nftables)");
+        }
+        if spec.concentrator {
+            if let Some(chain) = forward_blocked() {
+                tracing::warn!(%chain, "this host's firewall drops forwarded packets by default: the concentrator's clients reach nobody until it accepts traffic in and out of {}", spec.interface);
+            }
         }
         let mut record = Record::default();
         if spec.v4() {
@@ -222,7 +298,7 @@ impl Router {
         if spec.v6() {
             record.ipv6_forward = read_sysctl(FORWARD_V6).ok();
         }
-        record.nft_table = spec.snat;
+        record.nft_table = table;
         write_record(state_dir, &record)?;
         // From here on, an error drops `me`, which undoes what was done.
         let me = Router {
@@ -235,11 +311,11 @@ impl Router {
         if record.ipv6_forward.is_some() {
             std::fs::write(FORWARD_V6, "1").with_context(|| format!("setting {FORWARD_V6}"))?;
         }
-        if spec.snat {
+        if table {
             delete_table();
             nft(&nft_script(spec)).context("installing the masquerade")?;
         }
-        tracing::info!(interface = %spec.interface, routes = ?spec.routes, exit_node = spec.exit_node, snat = spec.snat, "routing for the mesh: forwarding on");
+        tracing::info!(interface = %spec.interface, routes = ?spec.routes, exit_node = spec.exit_node, snat = spec.snat, concentrator = spec.concentrator, "routing for the mesh: forwarding on");
         Ok(me)
     }
 
@@ -273,6 +349,7 @@ mod tests {
             ],
             exit_node: false,
             snat: true,
+            concentrator: false,
         };
         let s = nft_script(&spec);
         assert!(s.starts_with("table inet tabbify {"), "{s}");
@@ -310,5 +387,56 @@ mod tests {
         std::fs::write(record_path(d.path()), b"{not json").unwrap();
         let _ = recover(d.path());
         assert!(!record_path(d.path()).exists());
+    }
+
+    /// A concentrator forwards TUN to TUN without masquerading (members must see the
+    /// client's own address) and drops the redirects such a forward provokes; with routes
+    /// too, only the routes are masqueraded.
+    #[test]
+    fn a_concentrator_forwards_both_families_and_masquerades_nothing_of_its_own() {
+        let spec = RouterSpec {
+            interface: "tbr0".into(),
+            routes: vec![],
+            exit_node: false,
+            snat: true,
+            concentrator: true,
+        };
+        assert!(spec.v4() && spec.v6() && !spec.masquerades());
+        let s = nft_script(&spec);
+        assert!(
+            !s.contains("masquerade") && !s.contains("postrouting"),
+            "{s}"
+        );
+        assert!(
+            s.contains("oifname \"tbr0\" icmp type redirect drop"),
+            "{s}"
+        );
+        assert!(
+            s.contains("oifname \"tbr0\" icmpv6 type nd-redirect drop"),
+            "{s}"
+        );
+        let both = RouterSpec {
+            routes: vec!["10.1.0.0/16".parse().unwrap()],
+            ..spec
+        };
+        let s = nft_script(&both);
+        assert!(
+            s.contains("ip daddr { 10.1.0.0/16 } masquerade") && s.contains("chain output"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn a_forward_chain_with_policy_drop_is_found_in_other_tables_only() {
+        let docker = "table ip filter {\n\tchain FORWARD {\n\t\ttype filter hook forward priority filter; policy drop;\n\t}\n}\n";
+        assert_eq!(
+            forward_drop_chain(docker).as_deref(),
+            Some("ip filter/FORWARD")
+        );
+        let open = "table inet fw {\n\tchain fwd {\n\t\ttype filter hook forward priority filter; policy accept;\n\t}\n}\n";
+        assert_eq!(forward_drop_chain(open), None);
+        let ours = "table inet tabbify {\n\tchain f {\n\t\ttype filter hook forward priority 0; policy drop;\n\t}\n}\n";
+        assert_eq!(forward_drop_chain(ours), None);
+        assert_eq!(forward_drop_chain(""), None);
     }
 }

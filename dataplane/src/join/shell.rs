@@ -38,7 +38,9 @@ use tabbify_api::{
 use tokio::sync::Notify;
 use uuid::Uuid;
 
+use crate::core::behind::Behind;
 use crate::core::counters::DropCounters;
+use crate::core::filter::PortFilter;
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
@@ -289,7 +291,7 @@ async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Re
         },
         table.clone(),
     )?;
-    let router = if opts.routes.is_router() {
+    let router = if opts.routes.is_router() || opts.routes.concentrator {
         Some(super::router::Router::start(
             &opts.state_dir,
             &super::router::RouterSpec {
@@ -297,6 +299,7 @@ async fn run_async(opts: JoinOptions, hooks: super::reload::Hooks) -> anyhow::Re
                 routes: opts.routes.advertised.clone(),
                 exit_node: opts.routes.advertise_exit_node,
                 snat: opts.snat,
+                concentrator: opts.routes.concentrator,
             },
         )?)
     } else {
@@ -618,6 +621,7 @@ impl Joiner {
             Action::UpsertPeer {
                 config,
                 filter,
+                behind,
                 new,
                 label,
             } => {
@@ -633,7 +637,20 @@ impl Joiner {
                     config.endpoint = None;
                 }
                 let endpoint = config.endpoint;
-                match self.table.upsert_peer_with_filter(config, Some(filter)) {
+                // Clients behind a concentrator: each with its own rules (`core::behind`),
+                // published with the AllowedIPs that route them here.
+                let behind = (!behind.is_empty()).then(|| {
+                    Behind::new(behind.iter().map(|c| {
+                        (
+                            c.addrs.clone(),
+                            PortFilter::from_rules(&c.outbound, &c.inbound),
+                        )
+                    }))
+                });
+                match self
+                    .table
+                    .upsert_peer_with_filters(config, Some(filter), behind)
+                {
                     Ok(_) if new => {
                         tracing::info!(peer = %label.name, peer_id = %label.peer_id, ula = %label.ula, ?endpoint, "peer added");
                     }
@@ -748,8 +765,11 @@ impl Joiner {
     /// The table's local set from our addresses and the machine's grants.
     fn refresh_local(&self, m: &Machine) {
         let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
-        self.table
-            .set_local(local_nets(self.ula, ipv4, m.apps(), m.grants()));
+        self.table.set_local(
+            local_nets(self.ula, ipv4, m.apps(), m.grants())
+                .with_served(m.client_plan().served_addrs())
+                .with_reply_grants(m.client_plan().reply_grants.iter().copied()),
+        );
     }
 
     /// Our mesh IPv4 from a registration: on the TUN as a /32 with the mesh's IPv4 space
@@ -901,11 +921,12 @@ impl Joiner {
     fn apply_routes(&self, routes: &logic::routes::Settings, now: Instant) -> anyhow::Result<()> {
         let old = self.lock().route_settings().clone();
         let spec = |s: &logic::routes::Settings| {
-            s.is_router().then(|| super::router::RouterSpec {
+            (s.is_router() || s.concentrator).then(|| super::router::RouterSpec {
                 interface: self.opts.interface.clone(),
                 routes: s.advertised.clone(),
                 exit_node: s.advertise_exit_node,
                 snat: self.opts.snat,
+                concentrator: s.concentrator,
             })
         };
         let (was, will) = (spec(&old), spec(routes));
@@ -1498,7 +1519,7 @@ impl Joiner {
             ephemeral: self.opts.ephemeral,
             advertise_routes: routes.advertise_strings(),
             advertise_exit_node: routes.advertise_exit_node,
-            concentrator: false,
+            concentrator: self.opts.routes.concentrator,
         };
         self.client().post(api::PATH_REGISTER, &req).await
     }
@@ -1538,7 +1559,7 @@ impl Joiner {
             advertise_exit_node: routes.advertise_exit_node,
             // Our own account of our traffic (the dashboard labels it as reported by us).
             traffic: Some(super::traffic::report(&self.status().peers, unix_now())),
-            concentrator: false,
+            concentrator: self.opts.routes.concentrator,
         };
         (self.client().post(api::PATH_HEARTBEAT, &req).await, mapped)
     }
@@ -1686,6 +1707,13 @@ impl Joiner {
             dns: self.dns.as_ref().map(|d| d.status()),
             metrics: self.metrics_addr.map(|a| a.to_string()),
             routes: self.routes_status(&m),
+            concentrator: self.opts.routes.concentrator.then(|| {
+                let c = m.client_plan();
+                tabbify_api::local::ConcentratorStatus {
+                    serving: c.served.values().map(|s| s.peer_id.clone()).collect(),
+                    refused: c.refused.clone(),
+                }
+            }),
         }
     }
 

@@ -24,6 +24,22 @@
 //! prefix stores the set of peers granted it *or any prefix containing it*; the longest
 //! match then answers for every peer at once.
 //!
+//! A concentrator (issue 15) also knows the addresses of the stock WireGuard clients it
+//! serves ([`LocalNets::with_served`]). Traffic it forwards between such a client and
+//! another peer (one end a served client, the other end not this node) is checked here by
+//! address only — the client's grants say which members it may send to, each member's
+//! grants which clients it may reach —, and [`LocalNets::forwarded_for_client`] tells the
+//! pipeline to skip the concentrator's own port rules for it: those rules are between the
+//! concentrator and each peer, not between the client and the member. The member end
+//! applies the client's own rules in both directions (`core::behind`).
+//!
+//! A member the client may reach but which the policy does not let reach the client gets
+//! only a *reply grant* ([`LocalNets::with_reply_grants`]): its packets to the client pass
+//! only inside a flow the client opened. The concentrator tracks the client's flows towards
+//! a peer in that peer's flow table under [`LocalNets::reply_filter`] (everything may be
+//! opened from the client's side, nothing from the peer's), so a member with a valid
+//! session cannot open a connection to a stock client (which has no filter of its own).
+//!
 //! Cost on the hot path: one binary search over a sorted array of a few integers; the
 //! routed-prefix tries are consulted only when they are not empty, and a grant's peer set
 //! is a binary search over a few sorted keys.
@@ -31,6 +47,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::core::filter::PortFilter;
 use crate::core::net::IpNet;
 use crate::core::route::RouteTable;
 
@@ -50,6 +67,17 @@ pub struct LocalNets {
     /// For each granted prefix, the public keys (sorted, unique) of the peers granted it
     /// or a prefix containing it.
     granted: Arc<[Box<[[u8; 32]]>]>,
+    /// Addresses of the stock WireGuard clients this node serves as a concentrator,
+    /// IPv4 (host order) and IPv6, sorted, unique; usually empty.
+    served_v4: Vec<u32>,
+    served_v6: Vec<u128>,
+    /// Served-client addresses some peers may send to only as replies (the client opened
+    /// the flow): like `grants`, indexing `reply_granted`.
+    reply_grants: RouteTable<u32>,
+    reply_granted: Arc<[Box<[[u8; 32]]>]>,
+    /// The filter of forwarded client traffic towards reply-only peers: everything may be
+    /// opened from the client's side, nothing from the peer's (set with the served set).
+    reply_filter: Option<Arc<PortFilter>>,
 }
 
 /// Why [`LocalNets::admits`] refused a destination.
@@ -87,44 +115,128 @@ impl LocalNets {
             routed,
             grants: RouteTable::new(),
             granted: Arc::from(Vec::new()),
+            served_v4: Vec::new(),
+            served_v6: Vec::new(),
+            reply_grants: RouteTable::new(),
+            reply_granted: Arc::from(Vec::new()),
+            reply_filter: None,
         }
+    }
+
+    /// This set plus the addresses of the clients this node serves as a concentrator (see
+    /// the module docs). They are not local: a packet reaches a client only through a grant.
+    pub fn with_served(mut self, clients: impl IntoIterator<Item = IpAddr>) -> Self {
+        for a in clients {
+            match a {
+                IpAddr::V4(a) => self.served_v4.push(u32::from(a)),
+                IpAddr::V6(a) => self.served_v6.push(u128::from(a)),
+            }
+        }
+        self.served_v4.sort_unstable();
+        self.served_v4.dedup();
+        self.served_v6.sort_unstable();
+        self.served_v6.dedup();
+        self.reply_filter = Some(Arc::new(PortFilter::from_ranges(&[(0, 65535)], &[])));
+        self
+    }
+
+    /// This set plus reply-only grants: `(peer, served client address)` pairs, each letting
+    /// that peer send to the client only inside a flow the client opened (a member the
+    /// client may reach, which the policy does not let reach the client).
+    pub fn with_reply_grants(
+        mut self,
+        grants: impl IntoIterator<Item = ([u8; 32], IpNet)>,
+    ) -> Self {
+        let (table, sets) = build_grants(grants);
+        self.reply_grants = table;
+        self.reply_granted = sets;
+        self
+    }
+
+    /// Whether `peer` may send to `dst` as a reply inside a flow a served client opened.
+    #[inline]
+    pub fn admits_reply(&self, peer: &[u8; 32], dst: IpAddr) -> bool {
+        !self.reply_grants.is_empty()
+            && self.reply_grants.lookup(dst).is_some_and(|i| {
+                self.reply_granted
+                    .get(i as usize)
+                    .is_some_and(|keys| keys.binary_search(peer).is_ok())
+            })
+    }
+
+    /// The filter for forwarded client traffic with reply-only peers (module docs).
+    #[inline]
+    pub fn reply_filter(&self) -> Option<&PortFilter> {
+        self.reply_filter.as_deref()
+    }
+
+    /// On the send side, the filter for a packet this concentrator forwards for a client:
+    /// `None` when the packet is not forwarded client traffic (use the peer's own), else
+    /// `Some(f)`: a client's packet towards a peer is tracked under the reply filter (so
+    /// the peer's answers pass), a peer's packet towards a client was admitted on receive
+    /// (`Some(None)`).
+    #[inline]
+    pub fn forward_filter_out(&self, src: IpAddr, dst: IpAddr) -> Option<Option<&PortFilter>> {
+        if self.served_v4.is_empty() && self.served_v6.is_empty() {
+            return None;
+        }
+        if self.is_served(src) && !self.is_own(dst) {
+            Some(self.reply_filter())
+        } else if self.is_served(dst) && !self.is_own(src) {
+            Some(None)
+        } else {
+            None
+        }
+    }
+
+    /// Whether `a` is one of this node's own addresses (exactly; not a routed prefix).
+    #[inline]
+    pub fn is_own(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.v4.binary_search(&u32::from(a)).is_ok(),
+            IpAddr::V6(a) => self.v6.binary_search(&u128::from(a)).is_ok(),
+        }
+    }
+
+    /// Whether `a` is a client this node serves.
+    #[inline]
+    pub fn is_served(&self, a: IpAddr) -> bool {
+        match a {
+            IpAddr::V4(a) => self.served_v4.binary_search(&u32::from(a)).is_ok(),
+            IpAddr::V6(a) => self.served_v6.binary_search(&u128::from(a)).is_ok(),
+        }
+    }
+
+    /// Whether a packet from `src` to `dst` is traffic this concentrator forwards for a
+    /// client it serves: one end a served client, the other not this node. Such a packet
+    /// is not checked against this node's own port rules (module docs). One branch when
+    /// this node serves nobody.
+    #[inline]
+    pub fn forwarded_for_client(&self, src: IpAddr, dst: IpAddr) -> bool {
+        if self.served_v4.is_empty() && self.served_v6.is_empty() {
+            return false;
+        }
+        (self.is_served(src) && !self.is_own(dst)) || (self.is_served(dst) && !self.is_own(src))
+    }
+
+    /// The clients this node serves, IPv4 first.
+    pub fn served(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.served_v4
+            .iter()
+            .map(|&a| IpAddr::from(std::net::Ipv4Addr::from(a)))
+            .chain(
+                self.served_v6
+                    .iter()
+                    .map(|&a| IpAddr::from(std::net::Ipv6Addr::from(a))),
+            )
     }
 
     /// This set plus per-peer grants: `(peer public key, prefix)` pairs, each letting that
     /// peer send to the prefix through us. A prefix granted to nobody is not routed.
     pub fn with_grants(mut self, grants: impl IntoIterator<Item = ([u8; 32], IpNet)>) -> Self {
-        let mut pairs: Vec<([u8; 32], IpNet)> =
-            grants.into_iter().map(|(k, n)| (k, n.network())).collect();
-        pairs.sort_unstable_by(|a, b| {
-            (a.1.addr(), a.1.prefix_len(), a.0).cmp(&(b.1.addr(), b.1.prefix_len(), b.0))
-        });
-        pairs.dedup();
-        let mut prefixes: Vec<IpNet> = pairs.iter().map(|(_, n)| *n).collect();
-        prefixes.dedup();
-        let mut table = RouteTable::new();
-        let mut sets: Vec<Box<[[u8; 32]]>> = Vec::with_capacity(prefixes.len());
-        for p in prefixes {
-            // Peers granted `p` or anything containing it (same family, shorter or equal
-            // length, covering p's network address).
-            let mut keys: Vec<[u8; 32]> = pairs
-                .iter()
-                .filter(|(_, g)| {
-                    g.addr().is_ipv4() == p.addr().is_ipv4()
-                        && g.prefix_len() <= p.prefix_len()
-                        && g.contains(p.addr())
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let Ok(i) = u32::try_from(sets.len()) else {
-                break;
-            };
-            sets.push(keys.into_boxed_slice());
-            table.insert(p, i);
-        }
+        let (table, sets) = build_grants(grants);
         self.grants = table;
-        self.granted = Arc::from(sets);
+        self.granted = sets;
         self
     }
 
@@ -197,8 +309,52 @@ impl LocalNets {
 
     /// Whether nothing is accepted.
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty() && self.routed.is_empty() && self.grants.is_empty()
+        self.v4.is_empty()
+            && self.v6.is_empty()
+            && self.routed.is_empty()
+            && self.grants.is_empty()
+            && self.reply_grants.is_empty()
     }
+}
+
+/// The grant table of `(peer, prefix)` pairs: every granted prefix with the peers granted it
+/// or a prefix containing it (module docs).
+#[allow(clippy::type_complexity)]
+fn build_grants(
+    grants: impl IntoIterator<Item = ([u8; 32], IpNet)>,
+) -> (RouteTable<u32>, Arc<[Box<[[u8; 32]]>]>) {
+    let mut pairs: Vec<([u8; 32], IpNet)> =
+        grants.into_iter().map(|(k, n)| (k, n.network())).collect();
+
+    pairs.sort_unstable_by(|a, b| {
+        (a.1.addr(), a.1.prefix_len(), a.0).cmp(&(b.1.addr(), b.1.prefix_len(), b.0))
+    });
+    pairs.dedup();
+    let mut prefixes: Vec<IpNet> = pairs.iter().map(|(_, n)| *n).collect();
+    prefixes.dedup();
+    let mut table = RouteTable::new();
+    let mut sets: Vec<Box<[[u8; 32]]>> = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
+        // Peers granted `p` or anything containing it (same family, shorter or equal
+        // length, covering p's network address).
+        let mut keys: Vec<[u8; 32]> = pairs
+            .iter()
+            .filter(|(_, g)| {
+                g.addr().is_ipv4() == p.addr().is_ipv4()
+                    && g.prefix_len() <= p.prefix_len()
+                    && g.contains(p.addr())
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let Ok(i) = u32::try_from(sets.len()) else {
+            break;
+        };
+        sets.push(keys.into_boxed_slice());
+        table.insert(p, i);
+    }
+    (table, Arc::from(sets))
 }
 
 #[cfg(test)]
@@ -298,5 +454,25 @@ mod tests {
         assert!(!LocalNets::default()
             .with_grants([(alice, net("10.0.0.0/8"))])
             .is_empty());
+    }
+
+    /// Issue 15: what a concentrator forwards for its clients, told apart from its own
+    /// traffic; a node serving nobody forwards nothing for anyone.
+    #[test]
+    fn forwarded_for_client_needs_one_end_served_and_the_other_not_ours() {
+        let (me, k, p) = (ip("fd5a:1f00::1"), ip("fd5a:1f00::9"), ip("fd5a:1f00::5"));
+        let l = LocalNets::new([me, ip("100.64.0.1")], []).with_served([k, ip("100.64.0.9"), k]);
+        assert!(l.forwarded_for_client(k, p));
+        assert!(l.forwarded_for_client(p, k));
+        assert!(l.forwarded_for_client(ip("100.64.0.9"), ip("100.64.0.5")));
+        assert!(!l.forwarded_for_client(k, me), "to us: our rules");
+        assert!(!l.forwarded_for_client(me, k), "from us: our rules");
+        assert!(!l.forwarded_for_client(p, me));
+        assert!(!l.forwarded_for_client(p, ip("fd5a:1f00::6")));
+        assert!(!l.contains(k), "a served client is not local");
+        assert!(l.is_served(k) && !l.is_served(p) && l.is_own(me) && !l.is_own(k));
+        assert_eq!(l.served().count(), 2);
+        let plain = LocalNets::new([me], []);
+        assert!(!plain.forwarded_for_client(k, p));
     }
 }

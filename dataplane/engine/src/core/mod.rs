@@ -9,6 +9,7 @@
 
 pub mod batch;
 pub mod batchstats;
+pub mod behind;
 pub mod conntrack;
 pub mod counters;
 pub mod demux;

@@ -5,7 +5,8 @@
 //!           ─▶ route lookup (inner dst → peer + filter, once per super-packet;
 //!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
 //!           ─▶ lock peer once ─▶ packet filter (port rules + the peer's flow table,
-//!              first segment's headers)
+//!              first segment's headers; the destination's own rules when it is a client
+//!              behind the peer, `core::behind`)
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its
 //!              destination (the direct endpoint, or the relay with the 4-byte header
 //!              rewritten in the slot: `core::path`, resolved once per super-packet)
@@ -19,7 +20,8 @@
 //!           (`core::path::Probe`) is answered or matched here and never reaches the TUN,
 //!           and only a direct answer to our own probe upgrades a relayed path
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
-//!              (per decrypted packet, with the peer's flow table under the lock already held)
+//!              (per decrypted packet, with the peer's flow table under the lock already held;
+//!              the source's own rules when it is a client behind the peer)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
 //!           ─▶ driver: one TUN write per (coalesced) packet
 //! ```
@@ -223,9 +225,17 @@ impl Pipeline {
             return Ok(());
         };
         let peer = &entry.peer;
+        // The filter of the destination: a client's behind its concentrator (`core::behind`),
+        // else the peer's; none for traffic a concentrator forwards for its client
+        // (`core::local`). Both extra checks are one branch when unused.
+        let forwarded = wire::peek_src(pkt).and_then(|src| snap.local.forward_filter_out(src, dst));
+        let filter = match forwarded {
+            Some(f) => f,
+            None => entry.filter_for(dst),
+        };
         let mut st = peer.lock();
         // Once per super-packet: every segment shares the first one's ports.
-        if let Some(f) = &entry.filter {
+        if let Some(f) = filter {
             if let Err(d) = f.check(Dir::Out, pkt, &mut st.flows, self.now) {
                 drop(st);
                 self.drop(deny_reason(d, Dir::Out));
@@ -796,8 +806,15 @@ fn deliver(
         counters.add(DropReason::SourceNotAllowed);
         return false;
     };
-    match wire::peek_dst(pkt).map(|dst| snap.admits_destination(peer, dst)) {
+    let dst = wire::peek_dst(pkt);
+    let mut reply_only = false;
+    match dst.map(|dst| snap.admits_destination(peer, dst)) {
         Some(Ok(())) => {}
+        // A concentrator's client answered by a member it may reach (`core::local`): only
+        // inside a flow the client opened, checked below with the reply filter.
+        Some(Err(_)) if dst.is_some_and(|d| snap.local.admits_reply(&peer.public_key, d)) => {
+            reply_only = true;
+        }
         Some(Err(Refused::NotLocal)) => {
             counters.add(DropReason::DestinationNotLocal);
             return true;
@@ -811,7 +828,16 @@ fn deliver(
             return true;
         }
     }
-    if let Some(f) = &entry.filter {
+    // The source's filter (a client's behind its concentrator, `core::behind`), none for
+    // traffic a concentrator forwards for its client (`core::local`).
+    let filter = if reply_only {
+        snap.local.reply_filter()
+    } else {
+        entry
+            .filter_for(src)
+            .filter(|_| !dst.is_some_and(|dst| snap.local.forwarded_for_client(src, dst)))
+    };
+    if let Some(f) = filter {
         if let Err(d) = f.check(Dir::In, pkt, flows.0, flows.1) {
             counters.add(deny_reason(d, Dir::In));
             return true;

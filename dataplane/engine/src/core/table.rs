@@ -43,6 +43,7 @@ use arc_swap::ArcSwap;
 use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::x25519::{PublicKey, StaticSecret};
 
+use crate::core::behind::Behind;
 use crate::core::filter::PortFilter;
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
@@ -73,6 +74,25 @@ pub struct PeerEntry {
     pub allowed_ips: Vec<IpNet>,
     /// The port rules enforced on traffic to and from the peer; `None` passes everything.
     pub filter: Option<Arc<PortFilter>>,
+    /// Addresses behind the peer with their own rules (`core::behind`: clients of a
+    /// concentrator); `None` for an ordinary peer.
+    pub behind: Option<Arc<Behind>>,
+}
+
+impl PeerEntry {
+    /// The filter for a packet whose remote address (destination on send, source on
+    /// receive) is `remote`: that address's own if it is behind the peer, else the peer's.
+    /// One branch for a peer with nothing behind it.
+    #[inline]
+    pub fn filter_for(&self, remote: IpAddr) -> Option<&PortFilter> {
+        match &self.behind {
+            None => self.filter.as_deref(),
+            Some(b) => match b.get(remote) {
+                Some(f) => Some(f),
+                None => self.filter.as_deref(),
+            },
+        }
+    }
 }
 
 /// One immutable view of the device: keys, peers and routes.
@@ -256,14 +276,29 @@ impl Table {
         cfg: PeerConfig,
         filter: Option<PortFilter>,
     ) -> Result<Arc<Peer>, TableError> {
-        self.upsert(cfg, Some(filter.map(Arc::new)))
+        self.upsert(cfg, Some((filter.map(Arc::new), None)))
     }
 
-    /// `filter`: `None` keeps an existing peer's filter, `Some(f)` sets it.
+    /// [`Table::upsert_peer_with_filter`] that also sets the addresses behind the peer with
+    /// their own filters (`core::behind`; `None` or an empty set: nothing behind), in the
+    /// same published snapshot as the AllowedIPs that route those addresses to the peer:
+    /// no snapshot routes a client's address to its concentrator without the client's rules.
+    pub fn upsert_peer_with_filters(
+        &self,
+        cfg: PeerConfig,
+        filter: Option<PortFilter>,
+        behind: Option<Behind>,
+    ) -> Result<Arc<Peer>, TableError> {
+        let behind = behind.filter(|b| !b.is_empty()).map(Arc::new);
+        self.upsert(cfg, Some((filter.map(Arc::new), behind)))
+    }
+
+    /// `rules`: `None` keeps an existing peer's filters, `Some((filter, behind))` sets them.
+    #[allow(clippy::type_complexity)]
     fn upsert(
         &self,
         cfg: PeerConfig,
-        filter: Option<Option<Arc<PortFilter>>>,
+        rules: Option<(Option<Arc<PortFilter>>, Option<Arc<Behind>>)>,
     ) -> Result<Arc<Peer>, TableError> {
         self.write(|cur| {
             let allowed: Vec<IpNet> = cfg.allowed_ips.iter().map(|n| n.network()).collect();
@@ -280,8 +315,10 @@ impl Table {
                     if let Some(ep) = cfg.endpoint {
                         p.lock().endpoint = Some(ep);
                     }
-                    if let Some(f) = filter {
-                        Arc::make_mut(&mut next.peers[pos]).filter = f;
+                    if let Some((f, b)) = rules {
+                        let e = Arc::make_mut(&mut next.peers[pos]);
+                        e.filter = f;
+                        e.behind = b;
                     }
                     (pos, p)
                 }
@@ -292,9 +329,13 @@ impl Table {
                     };
                     let key = cfg.public_key;
                     let p = Peer::new(&cur.private_key, cfg, index, cur.tunn_limiter.clone());
-                    let filter = match filter {
-                        Some(f) => f,
-                        None => existing.and_then(|pos| cur.peers[pos].filter.clone()),
+                    let (filter, behind) = match rules {
+                        Some(r) => r,
+                        None => existing
+                            .map(|pos| {
+                                (cur.peers[pos].filter.clone(), cur.peers[pos].behind.clone())
+                            })
+                            .unwrap_or_default(),
                     };
                     let pos = match existing {
                         // A fresh session in the same place: same prefixes, new index.
@@ -305,6 +346,7 @@ impl Table {
                                 peer: p.clone(),
                                 allowed_ips: old.allowed_ips.clone(),
                                 filter,
+                                behind,
                             });
                             pos
                         }
@@ -313,6 +355,7 @@ impl Table {
                                 peer: p.clone(),
                                 allowed_ips: Vec::new(),
                                 filter,
+                                behind,
                             }));
                             let pos = next.peers.len() - 1;
                             next.by_key.insert(key, pos as u32);

@@ -180,6 +180,8 @@ pub enum Action {
         config: PeerConfig,
         /// Its port rules.
         filter: PortFilter,
+        /// Stock WireGuard clients behind it with their own rules (`super::clients`).
+        behind: Vec<super::clients::Carried>,
         /// It was not in the table before.
         new: bool,
         /// For the log.
@@ -284,6 +286,10 @@ pub struct Machine {
     underlay: Vec<IpAddr>,
     /// The route plan last applied.
     plan: super::routes::Plan,
+    /// The client plan last applied (`super::clients`).
+    clients: super::clients::ClientPlan,
+    /// Route grants and client grants together, for the table's local set.
+    grants: Vec<([u8; 32], IpNet)>,
     actions: VecDeque<Action>,
 }
 
@@ -317,6 +323,8 @@ impl Machine {
             live: BTreeSet::new(),
             underlay: Vec::new(),
             plan: super::routes::Plan::default(),
+            clients: super::clients::ClientPlan::default(),
+            grants: Vec::new(),
             actions: VecDeque::new(),
         };
         m.actions.push_back(Action::Register { with_token: true });
@@ -760,9 +768,15 @@ impl Machine {
         &self.plan
     }
 
-    /// The (peer, prefix) pairs allowed to route through us, for the table's local set.
+    /// The (peer, prefix) pairs allowed to route through us, for the table's local set:
+    /// the route grants and the client grants of a concentrator.
     pub fn grants(&self) -> &[([u8; 32], IpNet)] {
-        &self.plan.grants
+        &self.grants
+    }
+
+    /// The client plan in force (`super::clients`).
+    pub fn client_plan(&self) -> &super::clients::ClientPlan {
+        &self.clients
     }
 
     /// The route flags.
@@ -783,6 +797,10 @@ impl Machine {
     fn offers(&self) -> Vec<super::routes::Offer> {
         self.roster
             .entries()
+            // Clients offer no routes (and their IPv4 goes with the client plan).
+            .filter(|e| {
+                !e.client && e.via.is_none() && !super::clients::is_client_identity(&e.identity)
+            })
             .filter_map(|e| {
                 let key = roster::decode_key(&e.public_key)?;
                 Some(super::routes::Offer::of(e, key))
@@ -1011,9 +1029,59 @@ impl Machine {
                 .map(|o| o.peer_id.clone());
             tracing::info!(exit_node = ?name, "exit node");
         }
-        if plan.grants != self.plan.grants {
+        // Clients (issue 15): never ordinary peers; the ones we serve get their IPv4 and
+        // no endpoint, the ones behind a carrier go into its AllowedIPs with their rules.
+        let clients = super::clients::plan(
+            self.roster.entries(),
+            &self.me.peer_id,
+            self.config.routes.concentrator,
+        );
+        for key in &clients.not_peers {
+            desired.remove(key);
+        }
+        for (key, s) in &clients.served {
+            if let Some(d) = desired.get_mut(key) {
+                d.endpoint = None;
+                for a in &s.addrs {
+                    let n = IpNet::host(*a);
+                    if !d.allowed_ips.contains(&n) {
+                        d.allowed_ips.push(n);
+                    }
+                }
+            }
+        }
+        for (key, carried) in &clients.behind {
+            if let Some(d) = desired.get_mut(key) {
+                for n in carried
+                    .iter()
+                    .flat_map(|c| c.addrs.iter().map(|a| IpNet::host(*a)))
+                {
+                    if !d.allowed_ips.contains(&n) {
+                        d.allowed_ips.push(n);
+                    }
+                }
+                d.behind = carried.clone();
+            }
+        }
+        for (peer, why) in clients
+            .refused
+            .iter()
+            .filter(|r| !self.clients.refused.contains(r))
+        {
+            tracing::warn!(%peer, reason = %why, "a client entry of the roster is refused");
+        }
+        let mut grants = plan.grants.clone();
+        grants.extend(clients.grants.iter().copied());
+        grants.sort();
+        grants.dedup();
+        let served_changed = clients.served.keys().ne(self.clients.served.keys())
+            || clients.served_addrs().ne(self.clients.served_addrs())
+            || clients.reply_grants != self.clients.reply_grants;
+        if grants != self.grants || served_changed {
             self.actions.push_back(Action::Grants);
         }
+        self.grants = grants;
+        self.clients = clients;
         self.plan = plan;
         let grace = self.session.grace();
         let mut next = desired.clone();
@@ -1069,6 +1137,7 @@ impl Machine {
                         persistent_keepalive: Some(KEEPALIVE_SECS),
                     },
                     filter: PortFilter::from_rules(&before.outbound, &before.inbound),
+                    behind: before.behind.clone(),
                     new: false,
                     label: PeerLabel::of(before),
                 });
@@ -1098,10 +1167,12 @@ impl Machine {
             self.actions.push_back(Action::UpsertPeer {
                 config,
                 filter: PortFilter::from_rules(&d.outbound, &d.inbound),
+                behind: d.behind.clone(),
                 new: before.is_none(),
                 label: PeerLabel::of(d),
             });
-            if before.is_none() {
+            // A client we serve has no endpoint: it dials in.
+            if before.is_none() && !self.clients.served.contains_key(key) {
                 fresh.push(*key);
             }
         }
@@ -1703,6 +1774,108 @@ mod tests {
         assert_eq!(m.tags(), ["supervisor".to_owned()]);
     }
 
+    /// A stock WireGuard client's entry (issue 15): a `client/` identity, no endpoints.
+    fn client_entry(id: &str, n: u8) -> RosterEntry {
+        let mut e = entry(&format!("client/{id}"), n);
+        e.endpoints = vec![];
+        e.reflexive_endpoint = "0.0.0.0:0".parse().unwrap();
+        e.ipv4 = Some(std::net::Ipv4Addr::new(100, 64, 1, n));
+        e
+    }
+
+    /// Issue 15, the concentrator: a served client becomes a peer with its ULA and IPv4,
+    /// no endpoint and no initiation (it dials in); the member it may use gets a grant back
+    /// to it, and the grants and served addresses reach the table (`Grants`).
+    #[test]
+    fn a_concentrator_makes_its_clients_peers_without_endpoints_and_grants_them() {
+        let t = Instant::now();
+        let p = entry("p", 1);
+        let mut k = client_entry("k", 9);
+        k.client = true;
+        k.may_use = vec![format!("{}/128", p.ula)];
+        let mut cfg = config(true, vec![]);
+        cfg.routes.concentrator = true;
+        let mut m = Machine::new(cfg);
+        let acts = connect(&mut m, t, vec![p.clone(), k.clone()]);
+        let up = acts
+            .iter()
+            .find_map(|a| match a {
+                Action::UpsertPeer { config, .. } if config.public_key == key(9) => Some(config),
+                _ => None,
+            })
+            .expect("the client is a peer");
+        assert_eq!(up.endpoint, None);
+        assert!(up.allowed_ips.contains(&IpNet::host(IpAddr::V6(k.ula))));
+        assert!(up.allowed_ips.contains(&host("100.64.1.9")));
+        assert!(!acts.contains(&Action::Initiate { public_key: key(9) }));
+        assert!(acts.contains(&Action::Initiate { public_key: key(1) }));
+        assert!(acts.contains(&Action::Grants), "{acts:?}");
+        assert!(m
+            .grants()
+            .contains(&(key(9), IpNet::host(IpAddr::V6(p.ula)))));
+        assert!(m
+            .client_plan()
+            .reply_grants
+            .contains(&(key(1), host("100.64.1.9"))));
+        assert_eq!(m.client_plan().served_addrs().count(), 2);
+        // Revoked: the client's peer goes (the session and keys with it).
+        let rm = PeerRemove {
+            peer_id: k.peer_id.clone(),
+            reason: "revoked".into(),
+        };
+        m.handle_event(t, None, SseEvent::PeerRemove(rm));
+        let acts = drain(&mut m);
+        assert_eq!(removals(&acts), vec![key(9)], "{acts:?}");
+        assert!(acts.contains(&Action::Grants));
+        assert!(m.grants().is_empty() && m.client_plan().reply_grants.is_empty());
+    }
+
+    /// Issue 15, a member: a client behind concentrator C is no peer; its addresses join
+    /// C's AllowedIPs with its own rules behind C. The same roster given to a member that
+    /// is no concentrator as `client: true` is refused: no peer, no grant.
+    #[test]
+    fn a_member_carries_a_client_behind_its_concentrator_and_refuses_to_serve_one() {
+        let t = Instant::now();
+        let c = entry("c", 1);
+        let mut k = client_entry("k", 9);
+        k.via = Some(c.peer_id.clone());
+        k.ports = PortRules {
+            outbound: vec![],
+            inbound: vec![PortRange {
+                first: 22,
+                last: 22,
+            }],
+            ..Default::default()
+        };
+        let mut m = Machine::new(config(true, vec![]));
+        let acts = connect(&mut m, t, vec![c.clone(), k.clone()]);
+        assert_eq!(upserts(&acts), vec![(key(1), true)], "{acts:?}");
+        let Some(Action::UpsertPeer {
+            config: up, behind, ..
+        }) = acts.iter().find(|a| matches!(a, Action::UpsertPeer { .. }))
+        else {
+            panic!("{acts:?}")
+        };
+        assert!(up.allowed_ips.contains(&IpNet::host(IpAddr::V6(k.ula))));
+        assert!(up.allowed_ips.contains(&host("100.64.1.9")));
+        assert_eq!(behind.len(), 1);
+        assert_eq!(
+            behind[0].inbound,
+            vec![(crate::core::filter::Proto::Both, 22, 22)]
+        );
+        assert!(behind[0].outbound.is_empty());
+        assert!(all_routes(&acts).contains(&host("100.64.1.9")));
+        // Not a concentrator: a client to serve is refused.
+        let mut m = Machine::new(config(true, vec![]));
+        let mut served = client_entry("k", 9);
+        served.client = true;
+        served.may_use = vec![format!("{}/128", c.ula)];
+        let acts = connect(&mut m, t, vec![c, served]);
+        assert_eq!(upserts(&acts), vec![(key(1), true)], "{acts:?}");
+        assert!(m.grants().is_empty());
+        assert_eq!(m.client_plan().refused.len(), 1);
+    }
+
     /// Issue 15: two routers offer one LAN; the lowest peer id carries it; when its path
     /// dies (liveness), the prefix moves to the other in one reconcile, the kernel route
     /// stays, and it moves back when the first answers again. A peer's mesh IPv4 is in its
@@ -1890,6 +2063,7 @@ mod tests {
             filter,
             new,
             label,
+            ..
         }) = a.get(1)
         else {
             panic!("{a:?}")

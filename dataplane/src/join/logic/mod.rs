@@ -8,6 +8,9 @@
 //!   relays the joiner may use.
 //! * [`routes`] — subnet routes and exit nodes: which peer carries which prefix (with
 //!   failover on data-plane liveness), kernel routes, and who may route through us.
+//! * [`clients`] — stock WireGuard clients: the ones this node serves as a concentrator,
+//!   the ones behind other members (with their own port rules), and the grants between
+//!   them and the mesh.
 //! * [`session`] — where the joiner stands with the coordinator: one enum.
 //! * [`failover`] — which of several coordinators is in use, and when to move on.
 //! * [`machine`] — the state machine: coordinator answers, roster events, app changes and
@@ -19,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod clients;
 pub mod failover;
 pub mod machine;
 pub mod nat;

@@ -11,7 +11,9 @@
 //! * a hosted app ULA lies outside `fd5a:1f02::/32`,
 //! * an endpoint or its reflexive endpoint is not a usable unicast address
 //!   ([`usable_endpoint`]: unspecified, multicast, broadcast, port 0 and the mesh's own
-//!   prefixes are refused; loopback and private addresses are allowed).
+//!   prefixes are refused; loopback and private addresses are allowed) — except on a
+//!   stock WireGuard client's entry (`client`/`via`, issue 15), whose endpoints are never
+//!   used ([`super::clients`] checks those entries).
 //!
 //! A refused upsert is not applied (the peer keeps its last good entry); a refused entry of a
 //! snapshot is left out. Hole punches towards an unusable address are dropped.
@@ -49,7 +51,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use base64::Engine as _;
 use tabbify_api::local::RosterRefusals;
 use tabbify_api::ula;
-use tabbify_api::{PortRange, RosterEntry, SseEvent};
+use tabbify_api::{PortRange, PortRules, RosterEntry, SseEvent};
 
 use crate::core::filter::Proto;
 use crate::core::net::IpNet;
@@ -90,6 +92,9 @@ pub struct Desired {
     pub outbound: Vec<(Proto, u16, u16)>,
     /// Ports on us the peer may open.
     pub inbound: Vec<(Proto, u16, u16)>,
+    /// Stock WireGuard clients behind this peer (a concentrator), with their own rules
+    /// (`super::clients`; filled in by the machine, empty here).
+    pub behind: Vec<super::clients::Carried>,
 }
 
 /// What an event did.
@@ -383,6 +388,7 @@ impl Roster {
                         &e.ports.outbound_udp,
                     ),
                     inbound: rules(&e.ports.inbound, &e.ports.inbound_tcp, &e.ports.inbound_udp),
+                    behind: Vec::new(),
                 },
             );
         }
@@ -545,6 +551,13 @@ pub fn check_entry(e: &RosterEntry) -> Result<[u8; 32], Refusal> {
     if let Some(extra) = e.mapped_endpoints.get(tabbify_api::MAX_MAPPED_ENDPOINTS) {
         return Err(Refusal::Endpoint(*extra));
     }
+    // A client (issue 15) is never sent to at an address from the roster (one we serve
+    // dials in; one behind a concentrator is no peer): its endpoints are not used, so
+    // `reflexive_endpoint` may be unspecified (`0.0.0.0:0`). `super::clients` refuses the
+    // flags on a member's identity, so a member cannot dodge this check with them.
+    if (e.client || e.via.is_some()) && super::clients::is_client_identity(&e.identity) {
+        return Ok(key);
+    }
     let eps = e
         .endpoints
         .iter()
@@ -580,6 +593,15 @@ pub fn usable_endpoint(ep: &SocketAddr) -> bool {
 }
 
 /// The filter's rules from a roster direction: ports for both protocols, TCP only, UDP only.
+/// An entry's port rules as (outbound, inbound), each as (protocol, first, last).
+#[allow(clippy::type_complexity)]
+pub fn port_rules(p: &PortRules) -> (Vec<(Proto, u16, u16)>, Vec<(Proto, u16, u16)>) {
+    (
+        rules(&p.outbound, &p.outbound_tcp, &p.outbound_udp),
+        rules(&p.inbound, &p.inbound_tcp, &p.inbound_udp),
+    )
+}
+
 fn rules(both: &[PortRange], tcp: &[PortRange], udp: &[PortRange]) -> Vec<(Proto, u16, u16)> {
     let tag = |p: Proto, v: &[PortRange]| {
         v.iter()

@@ -215,6 +215,8 @@ pub struct Settings {
     pub exit_node: ExitChoice,
     /// `--accept-routes` (default true): install the routes peers offer.
     pub accept_routes: bool,
+    /// `--concentrator`: serve stock WireGuard clients (`super::clients`).
+    pub concentrator: bool,
 }
 
 impl Default for Settings {
@@ -224,6 +226,7 @@ impl Default for Settings {
             advertise_exit_node: false,
             exit_node: ExitChoice::Off,
             accept_routes: true,
+            concentrator: false,
         }
     }
 }

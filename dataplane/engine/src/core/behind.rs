@@ -1,0 +1,137 @@
+//! `Behind`: addresses reached *through* a peer that carry their own port rules (issue 15,
+//! stock WireGuard clients behind a concentrator).
+//!
+//! A stock WireGuard client K talks only to its concentrator C; every other member V reaches
+//! K through C, so K's ULA /128 and mesh IPv4 /32 are in C's AllowedIPs on V. The policy
+//! between V and K is not the policy between V and C, so C's peer entry on V carries, beside
+//! its own [`PortFilter`], one filter per address behind it. The pipeline picks the filter by
+//! the packet's *remote* address — the destination on send, the source on receive — with
+//! [`crate::core::table::PeerEntry::filter_for`]: a packet to or from K is checked against
+//! K's rules, in both directions; anything else against C's.
+//!
+//! Invariants: addresses are hosts, matched exactly (a client has a /128 and a /32, never a
+//! prefix); each appears once (a later duplicate is ignored, so nobody can shadow an earlier
+//! entry); a peer without addresses behind it has no `Behind` at all (`Option::None` on the
+//! entry), so its cost on the hot path is one branch. The flows of a client's traffic live
+//! in the carrying peer's flow table (the 5-tuple keys hold the client's address, so they
+//! never mix with the carrier's own flows).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::core::filter::PortFilter;
+
+/// The addresses behind one peer, each with its filter. Immutable once built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Behind {
+    /// IPv4 hosts, sorted, unique, with the index of their filter.
+    v4: Vec<(u32, u32)>,
+    /// IPv6 hosts, sorted, unique, with the index of their filter.
+    v6: Vec<(u128, u32)>,
+    filters: Vec<Arc<PortFilter>>,
+}
+
+impl Behind {
+    /// From `(addresses, filter)` groups: every address of a group gets that group's
+    /// filter. An address listed twice keeps its first group's filter.
+    pub fn new(groups: impl IntoIterator<Item = (Vec<IpAddr>, PortFilter)>) -> Self {
+        let mut b = Behind::default();
+        for (addrs, filter) in groups {
+            let Ok(i) = u32::try_from(b.filters.len()) else {
+                break;
+            };
+            let mut used = false;
+            for a in addrs {
+                let fresh = match a {
+                    IpAddr::V4(a) => {
+                        let a = u32::from(a);
+                        !b.v4.iter().any(|(x, _)| *x == a) && {
+                            b.v4.push((a, i));
+                            true
+                        }
+                    }
+                    IpAddr::V6(a) => {
+                        let a = u128::from(a);
+                        !b.v6.iter().any(|(x, _)| *x == a) && {
+                            b.v6.push((a, i));
+                            true
+                        }
+                    }
+                };
+                used |= fresh;
+            }
+            if used {
+                b.filters.push(Arc::new(filter));
+            }
+        }
+        b.v4.sort_unstable();
+        b.v6.sort_unstable();
+        b
+    }
+
+    /// The filter of `addr` if it is behind this peer.
+    #[inline]
+    pub fn get(&self, addr: IpAddr) -> Option<&Arc<PortFilter>> {
+        let i = match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                let p = self.v4.binary_search_by_key(&a, |(x, _)| *x).ok()?;
+                self.v4[p].1
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                let p = self.v6.binary_search_by_key(&a, |(x, _)| *x).ok()?;
+                self.v6[p].1
+            }
+        };
+        self.filters.get(i as usize)
+    }
+
+    /// Whether no address is behind the peer.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+
+    /// The addresses behind the peer, IPv4 first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.v4
+            .iter()
+            .map(|(a, _)| IpAddr::from(std::net::Ipv4Addr::from(*a)))
+            .chain(
+                self.v6
+                    .iter()
+                    .map(|(a, _)| IpAddr::from(std::net::Ipv6Addr::from(*a))),
+            )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn each_address_gets_its_group_filter_and_the_first_claim_wins() {
+        let web = PortFilter::from_ranges(&[(8730, 8730)], &[]);
+        let none = PortFilter::from_ranges(&[], &[]);
+        let b = Behind::new([
+            (vec![ip("fd5a:1f00:1::1"), ip("100.64.0.9")], web.clone()),
+            // Tries to take the first client's /128 with an open filter: ignored.
+            (
+                vec![ip("fd5a:1f00:2::1"), ip("fd5a:1f00:1::1")],
+                none.clone(),
+            ),
+        ]);
+        assert_eq!(b.get(ip("fd5a:1f00:1::1")).map(|f| &**f), Some(&web));
+        assert_eq!(b.get(ip("100.64.0.9")).map(|f| &**f), Some(&web));
+        assert_eq!(b.get(ip("fd5a:1f00:2::1")).map(|f| &**f), Some(&none));
+        assert!(b.get(ip("fd5a:1f00:1::2")).is_none());
+        assert!(b.get(ip("100.64.0.10")).is_none());
+        assert_eq!(b.addresses().count(), 3);
+        assert!(!b.is_empty());
+        assert!(Behind::new([(vec![], web)]).is_empty());
+    }
+}
