@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
             ExitChoice::Off
         },
         accept_routes: flags & 4 == 0,
+        concentrator: flags & 8 != 0,
     };
     let live_mask = next().unwrap_or(0);
     let mut offers = Vec::new();
