@@ -319,10 +319,21 @@ pub fn plan(
     // Candidates per prefix.
     let mut by_prefix: BTreeMap<IpNet, Vec<&Offer>> = BTreeMap::new();
     let mut exit: Option<&Offer> = None;
+    // A mesh IPv4 is one member's: one that the roster gives to several peers (only a
+    // malicious or broken coordinator does) goes to none of them.
+    let mut claims: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for v4 in offers.iter().filter_map(|o| o.ipv4) {
+        *claims.entry(v4).or_default() += 1;
+    }
     for o in offers {
         if let Some(v4) = o.ipv4 {
             let host = IpNet::host(IpAddr::V4(v4));
-            if mesh_v4().contains(IpAddr::V4(v4)) {
+            if claims.get(&v4).copied().unwrap_or(0) > 1 {
+                p.refused.push((
+                    o.peer_id.clone(),
+                    format!("IPv4 {v4} given to several peers"),
+                ));
+            } else if mesh_v4().contains(IpAddr::V4(v4)) {
                 p.allowed.entry(o.key).or_default().push(host);
                 p.kernel.insert(host);
             } else {
@@ -552,6 +563,34 @@ mod tests {
         // Only the /24 inside our /16: not the /8, not the default route (we are no exit).
         assert_eq!(p.grants, vec![([9; 32], n("10.1.2.0/24"))]);
         assert_eq!(p.refused.len(), 4, "{:?}", p.refused);
+    }
+
+    /// The attacker is the coordinator: it gives one mesh IPv4 to two members (found by the
+    /// roster fuzz target). Neither gets it; the others keep theirs.
+    #[test]
+    fn a_mesh_ipv4_given_to_two_peers_goes_to_neither() {
+        let (mut a, mut b, mut c) = (
+            offer("p-a", 1, &[]),
+            offer("p-b", 2, &[]),
+            offer("p-c", 3, &[]),
+        );
+        a.ipv4 = Some(Ipv4Addr::new(100, 64, 0, 7));
+        b.ipv4 = Some(Ipv4Addr::new(100, 64, 0, 7));
+        c.ipv4 = Some(Ipv4Addr::new(100, 64, 0, 8));
+        let p = plan(&[a, b, c], &Settings::default(), &[], &|_| true);
+        assert!(
+            p.allowed.get(&[1; 32]).is_none_or(|v| v.is_empty()),
+            "{:?}",
+            p.allowed
+        );
+        assert!(
+            p.allowed.get(&[2; 32]).is_none_or(|v| v.is_empty()),
+            "{:?}",
+            p.allowed
+        );
+        assert_eq!(p.allowed[&[3; 32]], vec![n("100.64.0.8/32")]);
+        assert_eq!(p.kernel, BTreeSet::from([n("100.64.0.8/32")]));
+        assert_eq!(p.refused.len(), 2, "{:?}", p.refused);
     }
 
     #[test]
