@@ -20,6 +20,14 @@
 //! [`EVENT_WINDOW_MS`]; a change inside the window is applied at once (reads see it) and
 //! announced once when the window ends, by [`Registry::flush`] driven by the caller's clock.
 //!
+//! Route-only visibility: two members no ordinary rule connects hold each other when one
+//! may use an approved route of the other (`Registry::route_peers`): the user gets the
+//! router with empty port rules and `routes`, the router the user with empty port rules
+//! and `may_use`. Class rosters (snapshots, `policy` frames, upserts by class) carry the
+//! user's side per viewer class; the router's side goes out as the routers' personal
+//! entries. A change that ends such a pair sends `peer_remove` to the side that loses the
+//! other and no longer sees it in any other way.
+//!
 //! Invariants: `by_identity`, `by_ula`, `members` and `apps` always agree with `peers` (an
 //! app is in `apps` exactly when one peer's `hosted_app_ulas` lists it, under that peer's
 //! id); every peer's `class` is a class of the current `vis` table; event ids strictly
