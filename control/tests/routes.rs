@@ -9,6 +9,10 @@
 //! stream on another coordinator (PostgreSQL). The attacker: a member with a valid
 //! certificate advertising mesh space (`fd5a:1f00::/32`, another member's ULA /128),
 //! `100.64.0.0/10`, or `0.0.0.0/0` in `advertise_routes` gets a 400 naming the field.
+//! Route-only visibility: a prefix rule alone shows the router to its users (empty ports,
+//! `routes`) and them to the router (empty ports, `may_use`); withdrawals, rule removals,
+//! tag changes and revocations take the entries away with `peer_remove`; a member no rule
+//! names gets no router and no router gets it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -616,4 +620,71 @@ async fn a_prefix_rule_alone_shows_the_router_with_empty_ports() {
     .await;
     assert!(roster(&laptop).await.is_empty());
     assert!(roster(&router).await.is_empty());
+}
+
+/// A route-only pair ends with the member: a laptop re-joining with a tag no rule names
+/// leaves the router's roster (`peer_remove`) and gets no router; back as a laptop it is
+/// an upsert again (empty ports, `may_use`); a revoked laptop leaves it too (`revoked`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_only_pair_ends_when_the_member_changes_or_is_revoked() {
+    let h = Harness::start().await;
+    put_policy(
+        &h,
+        json!({
+            "tags": ["router", "laptop", "other"],
+            "allow": [{"src": ["tag:laptop"], "dst": ["10.1.0.0/16"]}],
+            "routes": {"10.0.0.0/8": ["tag:router"]}
+        }),
+    )
+    .await;
+    let router = join_with(
+        &h,
+        "router1",
+        &["router"],
+        json!({"advertise_routes": ["10.1.0.0/16"]}),
+    )
+    .await;
+    let laptop = join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let laptop2 = join_with(&h, "laptop2", &["laptop"], json!({})).await;
+    let mut r_stream = router.client.stream(None).await;
+    let (_, first) = r_stream.next_event().await;
+    assert_eq!(holds(&first, &laptop.id), Some(true));
+
+    // laptop1 comes back as "other": the router loses it, it loses the router.
+    let mut l_stream = laptop.client.stream(None).await;
+    l_stream.next_event().await;
+    let again = join_with(&h, "laptop1", &["other"], json!({})).await;
+    event_until(&mut r_stream, "removal of laptop1", |ev| {
+        removes(ev, &laptop.id)
+    })
+    .await;
+    assert!(roster(&again).await.is_empty());
+    assert_eq!(
+        roster(&router)
+            .await
+            .into_iter()
+            .map(|e| e.peer_id)
+            .collect::<Vec<_>>(),
+        vec![laptop2.id.clone()]
+    );
+    // And as a laptop again: an upsert with the route it may use, no ports.
+    join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let e = upsert_of(&mut r_stream, &laptop.id, common::WAIT).await;
+    assert_eq!(e.may_use, strs(&["10.1.0.0/16"]));
+    assert!(no_ports(&e), "{e:?}");
+
+    // Revoked: the router gets its removal at once.
+    let (st, v) = h
+        .admin()
+        .delete(&format!("/v1/mesh/peers/{}", laptop2.id))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    event_until(&mut r_stream, "revocation of laptop2", |ev| {
+        matches!(ev, SseEvent::PeerRemove(r) if r.peer_id == laptop2.id && r.reason == "revoked")
+    })
+    .await;
+    assert!(!roster(&router)
+        .await
+        .iter()
+        .any(|e| e.peer_id == laptop2.id));
 }
