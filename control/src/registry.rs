@@ -20,6 +20,14 @@
 //! [`EVENT_WINDOW_MS`]; a change inside the window is applied at once (reads see it) and
 //! announced once when the window ends, by [`Registry::flush`] driven by the caller's clock.
 //!
+//! Route-only visibility: two members no ordinary rule connects hold each other when one
+//! may use an approved route of the other (`Registry::route_peers`): the user gets the
+//! router with empty port rules and `routes`, the router the user with empty port rules
+//! and `may_use`. Class rosters (snapshots, `policy` frames, upserts by class) carry the
+//! user's side per viewer class; the router's side goes out as the routers' personal
+//! entries. A change that ends such a pair sends `peer_remove` to the side that loses the
+//! other and no longer sees it in any other way.
+//!
 //! Invariants: `by_identity`, `by_ula`, `members` and `apps` always agree with `peers` (an
 //! app is in `apps` exactly when one peer's `hosted_app_ulas` lists it, under that peer's
 //! id); every peer's `class` is a class of the current `vis` table; event ids strictly
@@ -407,6 +415,7 @@ impl Registry {
             }
         }
         let audience = self.client_audience_if(old.as_ref(), &rec);
+        let route_before = self.route_holders(&id);
         let class_changed = self.index(&rec, old.as_ref());
         // Its own routes changed: its streams get a snapshot (their `may_use` lists).
         let routes_changed = old.as_ref().is_some_and(|o| o.ads != rec.ads);
@@ -429,6 +438,7 @@ impl Registry {
             };
             self.emit_upsert(&id, action);
         }
+        self.drop_route_holders(&id, route_before, "policy");
         if punch {
             self.hole_punch(&id);
         }
@@ -569,6 +579,12 @@ impl Registry {
                 }
             }
         }
+        // Peers held through a route only: empty ports, the routes and `may_use`.
+        for p in self.route_peers(v) {
+            let mut e = entry(p, PortRules::default());
+            self.decorate(&mut e, v, p, true);
+            out.push(e);
+        }
         self.add_client_entries(v, &mut out);
         out.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         out
@@ -628,6 +644,7 @@ impl Registry {
             concentrator: new.concentrator,
         };
         let audience = self.client_audience_if(old.as_ref(), &rec);
+        let route_before = self.route_holders(&id);
         let class_changed = self.index(&rec, old.as_ref());
         let reflexive_changed = old.as_ref().is_none_or(|o| o.reflexive != rec.reflexive);
         let unchanged = old.as_ref()
@@ -645,6 +662,7 @@ impl Registry {
             self.emit_upsert(&id, action);
             self.emitted(&id, now_ms);
         }
+        self.drop_route_holders(&id, route_before, "policy");
         if reflexive_changed {
             self.hole_punch(&id);
         }
@@ -857,6 +875,7 @@ impl Registry {
             return None;
         }
         let client_removals = self.client_removals(id, reason);
+        let route_holders = self.route_holders(id);
         let audience = self
             .peers
             .get(id)
@@ -884,6 +903,7 @@ impl Registry {
         if !client_removals.is_empty() {
             self.push(Payload::Targeted(client_removals));
         }
+        self.drop_route_holders(id, route_holders, reason);
         if let Some(mut before) = audience {
             before.remove(id);
             self.resync_client_audience(before);
@@ -1044,6 +1064,22 @@ impl Registry {
                     keyed.push((u64::from(table_rank[i as usize]) << 32) | u64::from(i));
                 }
             }
+            // Routers the class does not see by an ordinary rule but whose routes it may
+            // use: empty ports, the routes (per viewer class, like routers above).
+            if let Some(v) = self.representative(c) {
+                for p in routers.values().flatten() {
+                    if self.vis.visible(c, p.class) || !self.uses_routes_of(v, p) {
+                        continue;
+                    }
+                    let mut e = entry(p, PortRules::default());
+                    self.decorate(&mut e, v, p, false);
+                    let text = serde_json::to_string(&e).unwrap_or_default();
+                    let i = table.len() as u32;
+                    table.push((Arc::from(p.id.as_str()), Arc::from(text)));
+                    table_rank.push(rank.get(p.id.as_str()).copied().unwrap_or(u32::MAX));
+                    keyed.push((u64::from(table_rank[i as usize]) << 32) | u64::from(i));
+                }
+            }
             keyed.sort_unstable();
             *slot = Some(keyed.into_iter().map(|k| k as u32).collect());
         }
@@ -1139,6 +1175,23 @@ impl Registry {
             });
             frames[viewer as usize] = Some(frame.clone());
         }
+        // Classes that see it through its routes only: empty ports, the routes.
+        if !p.ads.is_empty() {
+            for c in 0..self.vis.len() as ClassId {
+                if self.vis.visible(c, p.class) {
+                    continue;
+                }
+                let Some(v) = self.representative(c) else {
+                    continue;
+                };
+                if !self.uses_routes_of(v, p) {
+                    continue;
+                }
+                let mut e = entry(p, PortRules::default());
+                self.decorate(&mut e, v, p, false);
+                frames[c as usize] = Some(Bytes::from(SseEvent::PeerUpsert(e).to_frame(event_id)));
+            }
+        }
         let by_class = Payload::ByClass {
             subject: id.to_owned(),
             frames,
@@ -1212,6 +1265,13 @@ impl Registry {
                     targets.push((p.id.clone(), frame(q)));
                     targets.push((q.id.clone(), frame(p)));
                 }
+            }
+        }
+        // Peers held through a route only talk to it directly too.
+        for q in self.route_peers(p) {
+            if q.looks_nated() {
+                targets.push((p.id.clone(), frame(q)));
+                targets.push((q.id.clone(), frame(p)));
             }
         }
         if !targets.is_empty() {
@@ -1343,6 +1403,114 @@ impl Registry {
             .collect()
     }
 
+    /// Whether `v` may use some approved route of `p` (by the allow rules naming it).
+    fn uses_routes_of(&self, v: &PeerRecord, p: &PeerRecord) -> bool {
+        let routes = self.approved_routes(p);
+        if routes.is_empty() {
+            return false;
+        }
+        let policy = self.vis.policy();
+        let tags = policy.known_tag_ids(&v.tags);
+        let who = crate::policy::Principal {
+            identity: &v.identity,
+            tags: &tags,
+        };
+        routes
+            .iter()
+            .any(|(r, exit)| !crate::routes::usable(policy, who, r, *exit).is_empty())
+    }
+
+    /// Whether `a` and `b` hold each other through a route only: no ordinary rule shows
+    /// one to the other, but one may use an approved route of the other. Symmetric.
+    fn route_linked(&self, a: &PeerRecord, b: &PeerRecord) -> bool {
+        a.id != b.id
+            && !self.vis.visible(a.class, b.class)
+            && (self.uses_routes_of(a, b) || self.uses_routes_of(b, a))
+    }
+
+    /// Every peer `p` holds (and that holds `p`) through a route only, by peer id: the
+    /// routers whose routes `p` may use and, when `p` has approved routes, the members
+    /// that may use them (decided once per class).
+    fn route_peers(&self, p: &PeerRecord) -> Vec<&PeerRecord> {
+        let mut out: std::collections::BTreeMap<&str, &PeerRecord> = Default::default();
+        for r in self.live_routers() {
+            if self.route_linked(p, r) {
+                out.insert(r.id.as_str(), r);
+            }
+        }
+        if !self.approved_routes(p).is_empty() {
+            for c in 0..self.vis.len() as ClassId {
+                if self.vis.visible(c, p.class) {
+                    continue;
+                }
+                let Some(v) = self.representative(c) else {
+                    continue;
+                };
+                if !self.uses_routes_of(v, p) {
+                    continue;
+                }
+                for id in self.members.get(c as usize).into_iter().flatten() {
+                    if let Some(q) = self.peers.get(id).filter(|q| q.id != p.id) {
+                        out.insert(q.id.as_str(), q);
+                    }
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// The ids of the peers that hold peer `id` through a route only.
+    fn route_holders(&self, id: &str) -> BTreeSet<String> {
+        self.peers
+            .get(id)
+            .map(|p| {
+                self.route_peers(p)
+                    .into_iter()
+                    .map(|q| q.id.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// After a change of peer `id` (or its removal): every peer in `before` (its route
+    /// holders before the change) that no longer holds it in any way gets its
+    /// `peer_remove` (reason `reason`).
+    fn drop_route_holders(&mut self, id: &str, before: BTreeSet<String>, reason: &str) {
+        if before.is_empty() {
+            return;
+        }
+        let after = self.route_holders(id);
+        let target = self.peers.get(id);
+        let losing: Vec<String> = before
+            .into_iter()
+            .filter(|q| !after.contains(q))
+            .filter(|q| {
+                let Some(v) = self.peers.get(q) else {
+                    return false;
+                };
+                let Some(t) = target else {
+                    return true;
+                };
+                // Still seen by an ordinary rule, or (rarely) as a concentrator entry.
+                !self.vis.visible(v.class, t.class)
+                    && (self.clients.is_empty() || !self.roster(q).iter().any(|e| e.peer_id == id))
+            })
+            .collect();
+        if losing.is_empty() {
+            return;
+        }
+        let frame = Bytes::from(
+            SseEvent::PeerRemove(PeerRemove {
+                peer_id: id.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .to_frame(self.log.next_id),
+        );
+        self.push(Payload::Targeted(
+            losing.into_iter().map(|q| (q, frame.clone())).collect(),
+        ));
+    }
+
     /// Each router that sees `p` (and has approved routes): its own upsert of `p`, with
     /// the `may_use` list only it gets.
     fn router_frames(&self, p: &PeerRecord, event_id: u64) -> Vec<(String, Bytes)> {
@@ -1351,10 +1519,12 @@ impl Registry {
             if r.id == p.id || self.approved_routes(r).is_empty() {
                 continue;
             }
-            let Some(rules) = self.vis.port_rules(r.class, p.class) else {
-                continue;
+            let rules = match self.vis.port_rules(r.class, p.class) {
+                Some(rules) => rules.clone(),
+                None if self.route_linked(r, p) => PortRules::default(),
+                None => continue,
             };
-            let mut e = entry(p, rules.clone());
+            let mut e = entry(p, rules);
             self.decorate(&mut e, r, p, true);
             out.push((
                 r.id.clone(),
@@ -1394,6 +1564,7 @@ impl Registry {
         exit_node: bool,
         now_ms: u64,
     ) -> bool {
+        let before = self.route_holders(id);
         let Some(p) = self.peers.get_mut(id) else {
             return false;
         };
@@ -1408,6 +1579,7 @@ impl Registry {
         }
         self.emit_upsert(id, SubjectAction::Resync);
         self.emitted(id, now_ms);
+        self.drop_route_holders(id, before, "policy");
         true
     }
 
@@ -1438,6 +1610,7 @@ impl Registry {
         approve: bool,
         now_ms: u64,
     ) -> Option<bool> {
+        let before = self.route_holders(id);
         let p = self.peers.get_mut(id)?;
         if !p.ads.advertises(&prefix) {
             return None;
@@ -1454,6 +1627,7 @@ impl Registry {
         }
         self.emit_upsert(id, SubjectAction::Resync);
         self.emitted(id, now_ms);
+        self.drop_route_holders(id, before, "policy");
         Some(true)
     }
 
@@ -1742,9 +1916,8 @@ impl Registry {
             .map(|(k, _)| k)
             .collect();
         let mut e = entry(p, rules.cloned().unwrap_or_default());
-        if rules.is_some() {
-            self.decorate(&mut e, c, p, true);
-        }
+        // Routes and `may_use` also when `c` holds `p` through a route only.
+        self.decorate(&mut e, c, p, true);
         for k in reach {
             e.may_use.extend(Self::client_prefixes(k));
         }

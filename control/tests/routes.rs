@@ -9,6 +9,10 @@
 //! stream on another coordinator (PostgreSQL). The attacker: a member with a valid
 //! certificate advertising mesh space (`fd5a:1f00::/32`, another member's ULA /128),
 //! `100.64.0.0/10`, or `0.0.0.0/0` in `advertise_routes` gets a 400 naming the field.
+//! Route-only visibility: a prefix rule alone shows the router to its users (empty ports,
+//! `routes`) and them to the router (empty ports, `may_use`); withdrawals, rule removals,
+//! tag changes and revocations take the entries away with `peer_remove`; a member no rule
+//! names gets no router and no router gets it.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -443,4 +447,244 @@ async fn an_approval_on_one_coordinator_reaches_a_stream_on_another() {
     // B lists it approved too.
     let (_, v) = b.admin().get("/v1/routes").await;
     assert_eq!(v["routes"][0]["approved_by"], "admin", "{v}");
+}
+
+/// Reads `s` until an event satisfies `pred` (within `common::WAIT`), and returns it.
+async fn event_until(
+    s: &mut EventStream,
+    what: &str,
+    pred: impl Fn(&SseEvent) -> bool,
+) -> SseEvent {
+    let started = Instant::now();
+    loop {
+        let left = common::WAIT.saturating_sub(started.elapsed());
+        let frame = s
+            .try_next(left)
+            .await
+            .unwrap_or_else(|| panic!("no {what} in time"))
+            .expect("stream ended");
+        let ev = SseEvent::parse(&frame.event, &frame.data).unwrap();
+        if pred(&ev) {
+            return ev;
+        }
+    }
+}
+
+fn holds(ev: &SseEvent, id: &str) -> Option<bool> {
+    match ev {
+        SseEvent::Snapshot(s) | SseEvent::Policy(s) => {
+            Some(s.peers.iter().any(|p| p.peer_id == id))
+        }
+        _ => None,
+    }
+}
+
+fn removes(ev: &SseEvent, id: &str) -> bool {
+    matches!(ev, SseEvent::PeerRemove(r) if r.peer_id == id)
+}
+
+fn no_ports(e: &RosterEntry) -> bool {
+    e.ports == Default::default()
+}
+
+/// Route-only visibility: a policy whose only rule for laptops is a prefix destination
+/// shows them the approved router (empty ports: nothing to the router itself, only the
+/// route), and the router them (with `may_use`); withdrawing the approval or the rule
+/// takes both away again. The attacker: a member no rule names sees no router, no router
+/// sees it, and its own pending advertisement shows it to nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_rule_alone_shows_the_router_with_empty_ports() {
+    let h = Harness::start().await;
+    let doc = json!({
+        "tags": ["router", "laptop", "other"],
+        "allow": [{"src": ["tag:laptop"], "dst": ["10.1.0.0/16", "192.168.7.0/24"]}],
+        "routes": {"10.0.0.0/8": ["tag:router"]}
+    });
+    put_policy(&h, doc.clone()).await;
+    let router = join_with(
+        &h,
+        "router1",
+        &["router"],
+        json!({"advertise_routes": ["10.1.0.0/16"]}),
+    )
+    .await;
+    let router2 = join_with(
+        &h,
+        "router2",
+        &["router"],
+        json!({"advertise_routes": ["192.168.7.0/24"]}),
+    )
+    .await;
+    let laptop = join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let mallory = join_with(
+        &h,
+        "mallory",
+        &["other"],
+        json!({"advertise_routes": ["10.9.0.0/16"]}),
+    )
+    .await;
+
+    // The laptop gets router1 with its route and no ports; router2's route is pending.
+    let e = entry_for(&laptop, &router.id).await;
+    assert_eq!(e.routes, strs(&["10.1.0.0/16"]));
+    assert!(no_ports(&e), "{e:?}");
+    assert!(e.may_use.is_empty());
+    let ids = |r: Vec<RosterEntry>| r.into_iter().map(|e| e.peer_id).collect::<Vec<_>>();
+    assert_eq!(ids(roster(&laptop).await), vec![router.id.clone()]);
+    // The router gets the laptop with what it may send through it, and nothing else.
+    let e = entry_for(&router, &laptop.id).await;
+    assert_eq!(e.may_use, strs(&["10.1.0.0/16"]));
+    assert!(no_ports(&e) && e.routes.is_empty(), "{e:?}");
+    assert_eq!(ids(roster(&router).await), vec![laptop.id.clone()]);
+    // The attacker: nobody, and nobody sees her.
+    assert!(roster(&mallory).await.is_empty());
+    assert!(roster(&router2).await.is_empty());
+    for p in [&router, &laptop, &router2] {
+        assert!(!ids(roster(p).await).contains(&mallory.id));
+    }
+
+    // An admin approval of router2's route shows it to the laptop (an upsert) and the
+    // laptop to router2 (its stream is resynced).
+    let mut laptop_stream = laptop.client.stream(None).await;
+    let mut r2_stream = router2.client.stream(None).await;
+    let mut r1_stream = router.client.stream(None).await;
+    for s in [&mut laptop_stream, &mut r2_stream, &mut r1_stream] {
+        assert!(matches!(s.next_event().await.1, SseEvent::Snapshot(_)));
+    }
+    let (_, v) = h.admin().get("/v1/routes").await;
+    let rid = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["peer_id"] == router2.id.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/routes/{rid}/approve");
+    let (st, v) = h.admin().post(&path, json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let e = upsert_of(&mut laptop_stream, &router2.id, common::WAIT).await;
+    assert_eq!(e.routes, strs(&["192.168.7.0/24"]));
+    assert!(no_ports(&e), "{e:?}");
+    let e = upsert_of(&mut r2_stream, &laptop.id, common::WAIT).await;
+    assert_eq!(e.may_use, strs(&["192.168.7.0/24"]));
+    assert!(no_ports(&e), "{e:?}");
+    // Still nothing for the attacker.
+    assert!(roster(&mallory).await.is_empty());
+
+    // Withdrawn: the laptop gets router2's removal, router2 a roster without the laptop.
+    let (st, v) = h.admin().delete(&path).await;
+    assert_eq!(st, 200, "{v}");
+    event_until(&mut laptop_stream, "removal of router2", |ev| {
+        removes(ev, &router2.id)
+    })
+    .await;
+    event_until(&mut r2_stream, "snapshot without the laptop", |ev| {
+        holds(ev, &laptop.id) == Some(false) || removes(ev, &laptop.id)
+    })
+    .await;
+    assert!(!ids(roster(&laptop).await).contains(&router2.id));
+    assert!(roster(&router2).await.is_empty());
+
+    // The rule goes: the laptop's roster loses router1, and router1's the laptop.
+    let mut doc2 = doc.clone();
+    doc2["allow"][0]["dst"] = json!(["192.168.7.0/24"]);
+    put_policy(&h, doc2).await;
+    event_until(&mut laptop_stream, "roster without router1", |ev| {
+        holds(ev, &router.id) == Some(false) || removes(ev, &router.id)
+    })
+    .await;
+    event_until(&mut r1_stream, "roster without the laptop", |ev| {
+        holds(ev, &laptop.id) == Some(false) || removes(ev, &laptop.id)
+    })
+    .await;
+    assert!(roster(&laptop).await.is_empty());
+    assert!(roster(&router).await.is_empty());
+
+    // The rule comes back, then the router stops advertising: a peer_remove each way.
+    put_policy(&h, doc).await;
+    event_until(&mut laptop_stream, "roster with router1", |ev| {
+        holds(ev, &router.id) == Some(true)
+    })
+    .await;
+    assert_eq!(
+        entry_for(&router, &laptop.id).await.may_use,
+        strs(&["10.1.0.0/16"])
+    );
+    let (st, v) = router.heartbeat(json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    event_until(&mut laptop_stream, "removal of router1", |ev| {
+        removes(ev, &router.id)
+    })
+    .await;
+    assert!(roster(&laptop).await.is_empty());
+    assert!(roster(&router).await.is_empty());
+}
+
+/// A route-only pair ends with the member: a laptop re-joining with a tag no rule names
+/// leaves the router's roster (`peer_remove`) and gets no router; back as a laptop it is
+/// an upsert again (empty ports, `may_use`); a revoked laptop leaves it too (`revoked`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_only_pair_ends_when_the_member_changes_or_is_revoked() {
+    let h = Harness::start().await;
+    put_policy(
+        &h,
+        json!({
+            "tags": ["router", "laptop", "other"],
+            "allow": [{"src": ["tag:laptop"], "dst": ["10.1.0.0/16"]}],
+            "routes": {"10.0.0.0/8": ["tag:router"]}
+        }),
+    )
+    .await;
+    let router = join_with(
+        &h,
+        "router1",
+        &["router"],
+        json!({"advertise_routes": ["10.1.0.0/16"]}),
+    )
+    .await;
+    let laptop = join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let laptop2 = join_with(&h, "laptop2", &["laptop"], json!({})).await;
+    let mut r_stream = router.client.stream(None).await;
+    let (_, first) = r_stream.next_event().await;
+    assert_eq!(holds(&first, &laptop.id), Some(true));
+
+    // laptop1 comes back as "other": the router loses it, it loses the router.
+    let mut l_stream = laptop.client.stream(None).await;
+    l_stream.next_event().await;
+    let again = join_with(&h, "laptop1", &["other"], json!({})).await;
+    event_until(&mut r_stream, "removal of laptop1", |ev| {
+        removes(ev, &laptop.id)
+    })
+    .await;
+    assert!(roster(&again).await.is_empty());
+    assert_eq!(
+        roster(&router)
+            .await
+            .into_iter()
+            .map(|e| e.peer_id)
+            .collect::<Vec<_>>(),
+        vec![laptop2.id.clone()]
+    );
+    // And as a laptop again: an upsert with the route it may use, no ports.
+    join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let e = upsert_of(&mut r_stream, &laptop.id, common::WAIT).await;
+    assert_eq!(e.may_use, strs(&["10.1.0.0/16"]));
+    assert!(no_ports(&e), "{e:?}");
+
+    // Revoked: the router gets its removal at once.
+    let (st, v) = h
+        .admin()
+        .delete(&format!("/v1/mesh/peers/{}", laptop2.id))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    event_until(&mut r_stream, "revocation of laptop2", |ev| {
+        matches!(ev, SseEvent::PeerRemove(r) if r.peer_id == laptop2.id && r.reason == "revoked")
+    })
+    .await;
+    assert!(!roster(&router)
+        .await
+        .iter()
+        .any(|e| e.peer_id == laptop2.id));
 }
