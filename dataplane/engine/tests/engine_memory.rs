@@ -1727,3 +1727,149 @@ fn a_member_with_a_reply_grant_cannot_open_a_flow_to_the_client() {
     assert_eq!(sink_b.0, vec![answer]);
     assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
 }
+
+/// The LAN behind B in the routed-traffic tests.
+const LAN: [u8; 4] = [192, 168, 7, 10];
+
+/// A's entry for B as a subnet router: B's own /32 plus `lan`, A's rules with B (A may
+/// open port 22 on B, nothing else), and `lan` routed through B (`core::behind`).
+fn router_entry(a: &Node, lan: IpNet) {
+    a.table
+        .upsert_peer_with_filters(
+            PeerConfig {
+                public_key: key(2),
+                preshared_key: None,
+                endpoint: Some(EP_B.parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap(), lan],
+                persistent_keepalive: None,
+            },
+            Some(PortFilter::from_ranges(&[(22, 22)], &[])),
+            Some(Behind::new([]).with_routed([lan])),
+        )
+        .unwrap();
+}
+
+/// Issue 15, routed traffic: A may use B's route 192.168.7.0/24 and its ULA rule with B is
+/// `tag:router:22` only. Routes carry all traffic: A reaches LAN port 80 through B (A's
+/// routed filter, B's grant and route filter, not the member↔router rules), and the LAN
+/// host's answers come back; A still reaches B itself only on 22. The attacker is the LAN
+/// (or B): a LAN host opening a flow to A is dropped at B, and when B is malicious and
+/// forwards it anyway, at A. A member without the grant is still refused at B.
+#[test]
+fn routed_traffic_is_not_held_to_the_member_router_port_rules() {
+    let (mut a, mut b) = pair(false);
+    let lan: IpNet = "192.168.7.0/24".parse().unwrap();
+    router_entry(&a, lan);
+    let own = || LocalNets::new([IpAddr::from(IP_B)], []);
+    b.table.set_local(own().with_grants([(key(1), lan)]));
+    // B's rules with A: A may open 22 on B, B nothing on A.
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[(22, 22)])));
+    let ssh = tcp4(IP_A, IP_B, 40000, 22, SYN);
+    assert_eq!(handshake(&mut a, &mut b, &ssh).0, vec![ssh]);
+
+    // A → LAN:80 and LAN UDP pass both ends; A → B:80 is refused at A.
+    let web = tcp4(IP_A, LAN, 40001, 80, SYN);
+    let dns = udp4(IP_A, LAN, 4000, 53, b"q");
+    send_all(
+        &mut a,
+        &[web.clone(), dns.clone(), tcp4(IP_A, IP_B, 40002, 80, SYN)],
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredOut), 1);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![web, dns]);
+    assert_eq!(b.counters.total(), 0);
+
+    // The LAN host answers (B's kernel hands the answers to B's TUN side): they pass.
+    let answer = tcp4(LAN, IP_A, 80, 40001, SYN | ACK);
+    let dns_answer = udp4(LAN, IP_A, 53, 4000, b"a");
+    // The LAN host opens its own flows to A: B refuses them (replies only).
+    send_all(
+        &mut b,
+        &[
+            answer.clone(),
+            dns_answer.clone(),
+            tcp4(LAN, IP_A, 50000, 22, SYN),
+            udp4(LAN, IP_A, 5000, 4000, b"x"),
+        ],
+    );
+    assert_eq!(b.counters.get(DropReason::FilteredOut), 2);
+    assert_eq!(b.counters.get(DropReason::CtInvalid), 0);
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![answer, dns_answer]);
+    assert_eq!(a.counters.total(), 1, "only A's own refusal so far");
+
+    // B turns malicious: no grants (so no route filter) and no rules for A; it forwards
+    // LAN-opened flows to A. A drops them: the routed filter admits replies only.
+    b.table.set_local(own());
+    set_filter(&b, 1, None);
+    send_all(
+        &mut b,
+        &[
+            tcp4(LAN, IP_A, 50001, 22, SYN),
+            udp4(LAN, IP_A, 5001, 4000, b"x"),
+            ping4(LAN, IP_A),
+        ],
+    );
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert!(sink_a.0.is_empty(), "{:?}", sink_a.0);
+    assert_eq!(a.counters.get(DropReason::FilteredIn), 3);
+
+    // A member without the grant (here A, once the grant goes to someone else) is refused
+    // at B whatever its routed filter lets out.
+    b.table.set_local(own().with_grants([([9u8; 32], lan)]));
+    send_all(&mut a, &[tcp4(IP_A, LAN, 40003, 80, SYN)]);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert!(sink_b.0.is_empty());
+    assert_eq!(b.counters.get(DropReason::DestinationNotGranted), 1);
+}
+
+/// Route-only visibility: A's rules with B are empty (A may open nothing on B); the route
+/// still carries everything to the LAN, and B itself stays closed. For an exit node's
+/// default route, B's own address inside `0.0.0.0/0` keeps B's rules.
+#[test]
+fn route_only_visibility_reaches_the_lan_and_not_the_router() {
+    let (mut a, mut b) = pair(false);
+    let default: IpNet = "0.0.0.0/0".parse().unwrap();
+    a.table
+        .upsert_peer_with_filters(
+            PeerConfig {
+                public_key: key(2),
+                preshared_key: None,
+                endpoint: Some(EP_B.parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap(), default],
+                persistent_keepalive: None,
+            },
+            Some(PortFilter::from_ranges(&[], &[])),
+            Some(Behind::new([]).with_routed([default])),
+        )
+        .unwrap();
+    b.table
+        .set_local(LocalNets::new([IpAddr::from(IP_B)], []).with_grants([(key(1), default)]));
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[])));
+    let out = udp4(IP_A, [198, 51, 100, 7], 4000, 443, b"to the internet");
+    assert_eq!(handshake(&mut a, &mut b, &out).0, vec![out]);
+    send_all(
+        &mut a,
+        &[
+            tcp4(IP_A, IP_B, 40000, 22, SYN),
+            udp4(IP_A, IP_B, 4000, 53, b"x"),
+        ],
+    );
+    assert_eq!(
+        a.counters.get(DropReason::FilteredOut),
+        2,
+        "B itself: B's rules"
+    );
+    // B's own packets to A are held to B's rules, not the route filter.
+    send_all(&mut b, &[tcp4(IP_B, IP_A, 50000, 22, SYN)]);
+    assert_eq!(b.counters.get(DropReason::FilteredOut), 1);
+    let answer = udp4([198, 51, 100, 7], IP_A, 443, 4000, b"back");
+    send_all(&mut b, std::slice::from_ref(&answer));
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![answer]);
+}

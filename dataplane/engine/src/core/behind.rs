@@ -15,11 +15,25 @@
 //! entry), so its cost on the hot path is one branch. The flows of a client's traffic live
 //! in the carrying peer's flow table (the 5-tuple keys hold the client's address, so they
 //! never mix with the carrier's own flows).
+//!
+//! Routed prefixes (issue 15, subnet routers and exit nodes): a router P's entry on a
+//! member V also lists the prefixes P carries for V ([`Behind::with_routed`]: what the
+//! joiner adds to P's AllowedIPs from the roster's `routes`, beyond P's own addresses).
+//! Routes carry all traffic (who may use a route is the router's `may_use` grant check,
+//! `core::local`), so the member↔router port rules do not apply to an address inside them:
+//! such a packet gets the *routed filter* instead — V may open anything towards the LAN
+//! (outbound all, tracked) and nothing from the LAN may open a flow into V (inbound
+//! nothing: only replies of V's tracked flows and ICMP errors related to them pass). An
+//! address behind the peer (a client, exact) and the peer's own host addresses (an exact
+//! /32 or /128 in its AllowedIPs that is not itself a routed prefix, e.g. P's ULA inside
+//! an exit node's `::/0`) keep their rules; see
+//! [`crate::core::table::PeerEntry::filter_for`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::core::filter::PortFilter;
+use crate::core::net::IpNet;
 
 /// The addresses behind one peer, each with its filter. Immutable once built.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,6 +43,10 @@ pub struct Behind {
     /// IPv6 hosts, sorted, unique, with the index of their filter.
     v6: Vec<(u128, u32)>,
     filters: Vec<Arc<PortFilter>>,
+    /// Prefixes routed through the peer (normalized, sorted, unique): a handful, scanned.
+    routed: Vec<IpNet>,
+    /// The routed filter (outbound all, inbound nothing); set iff `routed` is not empty.
+    routed_filter: Option<Arc<PortFilter>>,
 }
 
 impl Behind {
@@ -87,9 +105,44 @@ impl Behind {
         self.filters.get(i as usize)
     }
 
-    /// Whether no address is behind the peer.
+    /// This set plus the prefixes routed through the peer (module docs): an address inside
+    /// one of them that is neither behind the peer nor one of its own host addresses gets
+    /// the routed filter. An empty list changes nothing.
+    pub fn with_routed(mut self, prefixes: impl IntoIterator<Item = IpNet>) -> Self {
+        self.routed
+            .extend(prefixes.into_iter().map(|n| n.network()));
+        self.routed.sort_unstable();
+        self.routed.dedup();
+        if !self.routed.is_empty() {
+            self.routed_filter = Some(Arc::new(PortFilter::from_ranges(&[(0, 65535)], &[])));
+        }
+        self
+    }
+
+    /// The routed filter if `addr` is inside a prefix routed through the peer.
+    #[inline]
+    pub fn routed(&self, addr: IpAddr) -> Option<&Arc<PortFilter>> {
+        if self.routed.iter().any(|n| n.contains(addr)) {
+            self.routed_filter.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// Whether `net` is exactly one of the routed prefixes.
+    #[inline]
+    pub fn is_routed_prefix(&self, net: &IpNet) -> bool {
+        self.routed.binary_search(net).is_ok()
+    }
+
+    /// The prefixes routed through the peer.
+    pub fn routed_prefixes(&self) -> &[IpNet] {
+        &self.routed
+    }
+
+    /// Whether no address is behind the peer and no prefix is routed through it.
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty()
+        self.v4.is_empty() && self.v6.is_empty() && self.routed.is_empty()
     }
 
     /// The addresses behind the peer, IPv4 first.
@@ -133,5 +186,23 @@ mod tests {
         assert_eq!(b.addresses().count(), 3);
         assert!(!b.is_empty());
         assert!(Behind::new([(vec![], web)]).is_empty());
+    }
+
+    #[test]
+    fn routed_prefixes_get_the_routed_filter_and_clients_keep_theirs() {
+        let web = PortFilter::from_ranges(&[(8730, 8730)], &[]);
+        let lan: IpNet = "10.1.0.0/16".parse().unwrap();
+        let b = Behind::new([(vec![ip("10.1.0.9")], web.clone())])
+            .with_routed(["10.1.2.3/16".parse().unwrap(), lan]);
+        assert_eq!(b.routed_prefixes(), &[lan], "normalized and deduplicated");
+        let routed = b.routed(ip("10.1.200.1")).unwrap();
+        assert!(routed.all_traffic(crate::core::conntrack::Dir::Out));
+        assert!(!routed.allows_in(&[]));
+        assert!(b.routed(ip("10.2.0.1")).is_none());
+        // A client inside the prefix keeps its own rules (the table checks `get` first).
+        assert_eq!(b.get(ip("10.1.0.9")).map(|f| &**f), Some(&web));
+        assert!(b.is_routed_prefix(&lan));
+        assert!(!Behind::new([]).with_routed([lan]).is_empty());
+        assert!(Behind::new([]).with_routed([]).is_empty());
     }
 }

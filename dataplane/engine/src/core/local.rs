@@ -40,6 +40,15 @@
 //! opened from the client's side, nothing from the peer's), so a member with a valid
 //! session cannot open a connection to a stock client (which has no filter of its own).
 //!
+//! Routed traffic (a subnet router or exit node, issue 15): routes carry all traffic, and
+//! the grant decides who may use them, so a packet admitted *by a grant* (its destination
+//! inside a granted prefix, not one of this node's addresses) is not checked against this
+//! node's port rules for the sending peer. It is tracked in that peer's flow table under
+//! [`LocalNets::route_filter`] (the peer may open anything there, we open nothing), and on
+//! the send side a packet whose source is inside a granted prefix (a LAN host's answer,
+//! [`LocalNets::route_filter_out`]) passes only as a reply of such a flow: the LAN cannot
+//! open a connection to a member through this node.
+//!
 //! Cost on the hot path: one binary search over a sorted array of a few integers; the
 //! routed-prefix tries are consulted only when they are not empty, and a grant's peer set
 //! is a binary search over a few sorted keys.
@@ -78,6 +87,9 @@ pub struct LocalNets {
     /// The filter of forwarded client traffic towards reply-only peers: everything may be
     /// opened from the client's side, nothing from the peer's (set with the served set).
     reply_filter: Option<Arc<PortFilter>>,
+    /// The filter of routed traffic with a granted peer: the peer may open anything
+    /// towards a granted prefix, nothing may be opened from it (set with the grants).
+    route_filter: Option<Arc<PortFilter>>,
 }
 
 /// Why [`LocalNets::admits`] refused a destination.
@@ -120,6 +132,7 @@ impl LocalNets {
             reply_grants: RouteTable::new(),
             reply_granted: Arc::from(Vec::new()),
             reply_filter: None,
+            route_filter: None,
         }
     }
 
@@ -237,7 +250,42 @@ impl LocalNets {
         let (table, sets) = build_grants(grants);
         self.grants = table;
         self.granted = sets;
+        self.route_filter = (!self.grants.is_empty())
+            .then(|| Arc::new(PortFilter::from_ranges(&[], &[(0, 65535)])));
         self
+    }
+
+    /// On receive, after [`LocalNets::admits`] accepted `dst`: the route filter if `dst`
+    /// was admitted by a grant (inside a granted prefix, not one of our addresses nor a
+    /// prefix routed for everyone nor a served client), else `None` (the peer's own rules
+    /// apply). One branch
+    /// when nothing is granted.
+    #[inline]
+    pub fn route_filter_in(&self, dst: IpAddr) -> Option<&PortFilter> {
+        if self.grants.is_empty()
+            || self.contains(dst)
+            || self.is_served(dst)
+            || self.grants.lookup(dst).is_none()
+        {
+            return None;
+        }
+        self.route_filter.as_deref()
+    }
+
+    /// On send: the route filter if `src` is inside a granted prefix and not one of our
+    /// addresses nor a served client (a LAN host's packet going back to a member), else
+    /// `None`. One branch
+    /// when nothing is granted.
+    #[inline]
+    pub fn route_filter_out(&self, src: IpAddr) -> Option<&PortFilter> {
+        if self.grants.is_empty()
+            || self.contains(src)
+            || self.is_served(src)
+            || self.grants.lookup(src).is_none()
+        {
+            return None;
+        }
+        self.route_filter.as_deref()
     }
 
     /// Whether a decrypted packet for `dst` from the peer with public key `peer` may be

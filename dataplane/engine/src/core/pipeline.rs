@@ -6,7 +6,9 @@
 //!              no peer: dropped, ICMP unreachable queued for the TUN, rate limited)
 //!           ─▶ lock peer once ─▶ packet filter (port rules + the peer's flow table,
 //!              first segment's headers; the destination's own rules when it is a client
-//!              behind the peer, `core::behind`)
+//!              behind the peer, the routed filter when it is inside a prefix routed
+//!              through the peer, `core::behind`; replies only for a LAN host's packet
+//!              leaving a subnet router, `core::local`)
 //!           ─▶ Tunn::encapsulate each segment straight into the TxBatch slot of its
 //!              destination (the direct endpoint, or the relay with the 4-byte header
 //!              rewritten in the slot: `core::path`, resolved once per super-packet)
@@ -21,7 +23,10 @@
 //!           and only a direct answer to our own probe upgrades a relayed path
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
 //!              (per decrypted packet, with the peer's flow table under the lock already held;
-//!              the source's own rules when it is a client behind the peer)
+//!              the source's own rules when it is a client behind the peer; the routed
+//!              filter, replies only, when it is inside a prefix routed through the peer;
+//!              the route filter, not our rules for the peer, for a destination admitted by
+//!              a route grant)
 //!           ─▶ TUN sink (GRO coalescer or plain batch)
 //!           ─▶ driver: one TUN write per (coalesced) packet
 //! ```
@@ -228,10 +233,17 @@ impl Pipeline {
         // The filter of the destination: a client's behind its concentrator (`core::behind`),
         // else the peer's; none for traffic a concentrator forwards for its client
         // (`core::local`). Both extra checks are one branch when unused.
-        let forwarded = wire::peek_src(pkt).and_then(|src| snap.local.forward_filter_out(src, dst));
+        // A LAN host's packet leaving a subnet router towards a member passes only as a
+        // reply of the member's routed flow (`core::local`); a member's packet into a route
+        // gets the routed filter from the router's entry (`core::behind`).
+        let src = wire::peek_src(pkt);
+        let forwarded = src.and_then(|src| snap.local.forward_filter_out(src, dst));
         let filter = match forwarded {
             Some(f) => f,
-            None => entry.filter_for(dst),
+            None => match src.and_then(|src| snap.local.route_filter_out(src)) {
+                Some(f) => Some(f),
+                None => entry.filter_for(dst),
+            },
         };
         let mut st = peer.lock();
         // Once per super-packet: every segment shares the first one's ports.
@@ -830,8 +842,17 @@ fn deliver(
     }
     // The source's filter (a client's behind its concentrator, `core::behind`), none for
     // traffic a concentrator forwards for its client (`core::local`).
+    let routed = if reply_only {
+        None
+    } else {
+        dst.and_then(|dst| snap.local.route_filter_in(dst))
+    };
     let filter = if reply_only {
         snap.local.reply_filter()
+    } else if routed.is_some() {
+        // Admitted by a route grant: the route filter, not the router's rules for the
+        // peer (`core::local`).
+        routed
     } else {
         entry
             .filter_for(src)

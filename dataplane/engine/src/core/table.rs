@@ -74,24 +74,38 @@ pub struct PeerEntry {
     pub allowed_ips: Vec<IpNet>,
     /// The port rules enforced on traffic to and from the peer; `None` passes everything.
     pub filter: Option<Arc<PortFilter>>,
-    /// Addresses behind the peer with their own rules (`core::behind`: clients of a
-    /// concentrator); `None` for an ordinary peer.
+    /// Addresses behind the peer with their own rules and prefixes routed through it
+    /// (`core::behind`: clients of a concentrator, a subnet router's or exit node's
+    /// routes); `None` for an ordinary peer.
     pub behind: Option<Arc<Behind>>,
 }
 
 impl PeerEntry {
     /// The filter for a packet whose remote address (destination on send, source on
-    /// receive) is `remote`: that address's own if it is behind the peer, else the peer's.
-    /// One branch for a peer with nothing behind it.
+    /// receive) is `remote`: that address's own if it is behind the peer, the routed
+    /// filter if it is inside a prefix routed through the peer (and not one of the peer's
+    /// own host addresses), else the peer's. One branch for a peer with nothing behind it
+    /// and no routes.
     #[inline]
     pub fn filter_for(&self, remote: IpAddr) -> Option<&PortFilter> {
         match &self.behind {
             None => self.filter.as_deref(),
             Some(b) => match b.get(remote) {
                 Some(f) => Some(f),
-                None => self.filter.as_deref(),
+                None => match b.routed(remote) {
+                    Some(f) if !self.is_own_host(b, remote) => Some(f),
+                    _ => self.filter.as_deref(),
+                },
             },
         }
+    }
+
+    /// Whether `remote` is one of the peer's own host addresses: an exact /32 or /128 in
+    /// its AllowedIPs that is not itself a routed prefix (`core::behind`).
+    #[cold]
+    fn is_own_host(&self, b: &Behind, remote: IpAddr) -> bool {
+        let host = IpNet::host(remote);
+        !b.is_routed_prefix(&host) && self.allowed_ips.contains(&host)
     }
 }
 
