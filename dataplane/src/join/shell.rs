@@ -622,6 +622,7 @@ impl Joiner {
                 config,
                 filter,
                 behind,
+                routed,
                 new,
                 label,
             } => {
@@ -638,18 +639,20 @@ impl Joiner {
                 }
                 let endpoint = config.endpoint;
                 // Clients behind a concentrator: each with its own rules (`core::behind`),
-                // published with the AllowedIPs that route them here.
-                let behind = (!behind.is_empty()).then(|| {
+                // and the prefixes routed through the peer (the routed filter), published
+                // with the AllowedIPs that route them here.
+                let behind = (!behind.is_empty() || !routed.is_empty()).then(|| {
                     Behind::new(behind.iter().map(|c| {
                         (
                             c.addrs.clone(),
                             PortFilter::from_rules(&c.outbound, &c.inbound),
                         )
                     }))
+                    .with_routed(routed.iter().copied())
                 });
                 match self
                     .table
-                    .upsert_peer_with_filters(config, Some(filter), behind)
+                    .upsert_peer_with_filters(config, Some(*filter), behind)
                 {
                     Ok(_) if new => {
                         tracing::info!(peer = %label.name, peer_id = %label.peer_id, ula = %label.ula, ?endpoint, "peer added");

@@ -178,10 +178,12 @@ pub enum Action {
     UpsertPeer {
         /// The peer as the table should have it.
         config: PeerConfig,
-        /// Its port rules.
-        filter: PortFilter,
+        /// Its port rules (boxed: the largest part of the largest action).
+        filter: Box<PortFilter>,
         /// Stock WireGuard clients behind it with their own rules (`super::clients`).
         behind: Vec<super::clients::Carried>,
+        /// Prefixes routed through it (`super::routes`): all traffic, replies only back.
+        routed: Vec<IpNet>,
         /// It was not in the table before.
         new: bool,
         /// For the log.
@@ -1007,6 +1009,14 @@ impl Machine {
                     if !d.allowed_ips.contains(n) {
                         d.allowed_ips.push(*n);
                     }
+                    // Everything but the peer's mesh IPv4 is a route: the engine's routed
+                    // filter, not the member↔router port rules (`core::behind`). Nothing in
+                    // the mesh's own spaces is ever treated as routed.
+                    let mesh = super::routes::covers(&super::routes::mesh_v4(), n)
+                        || super::routes::covers(&super::routes::mesh_v6(), n);
+                    if !mesh && !d.routed.contains(n) {
+                        d.routed.push(*n);
+                    }
                 }
             }
         }
@@ -1136,8 +1146,14 @@ impl Machine {
                         allowed_ips: kept,
                         persistent_keepalive: Some(KEEPALIVE_SECS),
                     },
-                    filter: PortFilter::from_rules(&before.outbound, &before.inbound),
+                    filter: Box::new(PortFilter::from_rules(&before.outbound, &before.inbound)),
                     behind: before.behind.clone(),
+                    routed: before
+                        .routed
+                        .iter()
+                        .filter(|n| d.allowed_ips.contains(n))
+                        .copied()
+                        .collect(),
                     new: false,
                     label: PeerLabel::of(before),
                 });
@@ -1166,8 +1182,9 @@ impl Machine {
             };
             self.actions.push_back(Action::UpsertPeer {
                 config,
-                filter: PortFilter::from_rules(&d.outbound, &d.inbound),
+                filter: Box::new(PortFilter::from_rules(&d.outbound, &d.inbound)),
                 behind: d.behind.clone(),
+                routed: d.routed.clone(),
                 new: before.is_none(),
                 label: PeerLabel::of(d),
             });
@@ -1928,6 +1945,37 @@ mod tests {
         assert!(allowed(&acts, first).unwrap().contains(&lan), "{acts:?}");
     }
 
+    /// Issue 15, routed traffic: the router's LAN prefix goes to the engine as routed (the
+    /// routed filter, not the member↔router port rules), its mesh IPv4 does not (it keeps
+    /// the port rules); when the route fails over, the routed set moves with it.
+    #[test]
+    fn a_routers_prefixes_are_routed_and_its_mesh_ipv4_is_not() {
+        let t = Instant::now();
+        let lan: IpNet = "10.1.0.0/16".parse().unwrap();
+        let mut a = entry("a", 1);
+        a.routes = vec![lan.to_string()];
+        a.ipv4 = Some("100.64.0.1".parse().unwrap());
+        let mut b = entry("b", 2);
+        b.routes = vec![lan.to_string()];
+        let (first, second) = if pid("a") < pid("b") { (1, 2) } else { (2, 1) };
+        let mut m = Machine::new(config(true, vec![]));
+        let acts = connect(&mut m, t, vec![a, b]);
+        let routed = |acts: &[Action], k: u8| -> Option<Vec<IpNet>> {
+            acts.iter().rev().find_map(|x| match x {
+                Action::UpsertPeer { config, routed, .. } if config.public_key == key(k) => {
+                    Some(routed.clone())
+                }
+                _ => None,
+            })
+        };
+        assert_eq!(routed(&acts, first).unwrap(), vec![lan], "{acts:?}");
+        assert!(routed(&acts, second).unwrap().is_empty());
+        m.handle_liveness(t, BTreeSet::from([key(second)]));
+        let acts = drain(&mut m);
+        assert_eq!(routed(&acts, second).unwrap(), vec![lan], "{acts:?}");
+        assert!(routed(&acts, first).unwrap().is_empty());
+    }
+
     /// Issue 15: a peer granted our route (`may_use`) gets a `Grants` action; the grant is
     /// clipped to what we advertise.
     #[test]
@@ -2080,7 +2128,7 @@ mod tests {
             }
         );
         assert_eq!(
-            filter,
+            &**filter,
             &PortFilter::from_ranges(&[(0, 65535)], &[(8730, 8730)])
         );
         assert_eq!(label.peer_id, pid("a"));

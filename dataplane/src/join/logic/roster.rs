@@ -95,6 +95,10 @@ pub struct Desired {
     /// Stock WireGuard clients behind this peer (a concentrator), with their own rules
     /// (`super::clients`; filled in by the machine, empty here).
     pub behind: Vec<super::clients::Carried>,
+    /// Prefixes routed through this peer (a subnet router's or exit node's, beyond its own
+    /// addresses; filled in by the machine from `super::routes`, empty here): they get the
+    /// engine's routed filter, not the port rules above (`core::behind`).
+    pub routed: Vec<IpNet>,
 }
 
 /// What an event did.
@@ -389,6 +393,7 @@ impl Roster {
                     ),
                     inbound: rules(&e.ports.inbound, &e.ports.inbound_tcp, &e.ports.inbound_udp),
                     behind: Vec::new(),
+                    routed: Vec::new(),
                 },
             );
         }
