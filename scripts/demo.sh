@@ -34,10 +34,12 @@ cd "$(dirname "$0")/.."
 STATE=/run/tabbify-demo
 PREFIX=tabbify-demo
 HOSTS=(sup1 sup2 node)
-declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21 [sup3]=10.99.1.2)
+declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21 [sup3]=10.99.1.2 [phone]=10.99.0.41)
 declare -A TAG=([sup1]=supervisor [sup2]=supervisor [node]=node [sup3]=supervisor)
 # Every joiner: the LAN hosts, then sup3 behind the symmetric NAT.
 MEMBERS=(sup1 sup2 node sup3)
+# sup2 is also the concentrator of stock WireGuard clients (the demo's "phone").
+declare -A EXTRA=([sup2]=--concentrator)
 COORD=10.99.0.1
 NAT_WAN=10.99.0.31
 WG_PORT=51820
@@ -54,11 +56,15 @@ stop_pid() {
 }
 
 down() {
-  # Edge and app first, then joiners (they remove their interfaces), then the coordinator.
+  # The phone's stock WireGuard (wg-quick's wireguard-go exits with its interface), the
+  # edge and the app, then joiners (they remove their interfaces), then the coordinator.
+  if [ -e "$STATE/phone/phone.conf" ]; then
+    ip netns exec "$PREFIX-phone" wg-quick down "$STATE/phone/phone.conf" >/dev/null 2>&1 || true
+  fi
   for f in "$STATE"/edge.pid "$STATE"/app.pid; do stop_pid "$f"; done
   for h in "${MEMBERS[@]}"; do stop_pid "$STATE/$h.pid"; done
   stop_pid "$STATE/coordinator.pid"
-  for ns in pub nat "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
+  for ns in pub nat phone "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
   for ns in "${MEMBERS[@]}"; do rm -rf "/etc/netns/$PREFIX-$ns"; done
   ip link del tdemo-host 2>/dev/null || true
   rm -rf "$STATE"
@@ -115,6 +121,7 @@ up() {
 table inet tdemo_fw {
   chain input {
     type filter hook input priority filter; policy accept;
+    ip saddr ${ADDR[phone]} udp dport $WG_PORT accept  # the phone dials in to its concentrator
     udp dport $WG_PORT ct state new drop
   }
 }
@@ -169,11 +176,12 @@ NFT
   done
   cat > "$STATE/policy.json" <<'JSON'
 {
-  "tags": ["supervisor", "node"],
+  "tags": ["supervisor", "node", "phone"],
   "app_hosts": ["tag:supervisor"],
   "allow": [
     {"src": ["tag:supervisor"], "dst": ["tag:supervisor"]},
-    {"src": ["tag:node"], "dst": ["tag:supervisor:8730"]}
+    {"src": ["tag:node"], "dst": ["tag:supervisor:8730"]},
+    {"src": ["tag:phone"], "dst": ["tag:supervisor:8730"]}
   ]
 }
 JSON
@@ -204,7 +212,8 @@ JSON
       --name "$h" --tag "${TAG[$h]}" --coordinator "https://$COORD:8443" \
       --join-token-file "$STATE/$h/token" \
       --tls-cert "$STATE/$h/cert.pem" --tls-key "$STATE/$h/key.pem" --tls-ca "$STATE/ca/ca.pem" \
-      --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 --dns file >"$STATE/$h.log" 2>&1 &
+      --interface "tmd-$h" --state-dir "$STATE/$h/state" --threads 1 --dns file \
+      ${EXTRA[$h]:-} >"$STATE/$h.log" 2>&1 &
     echo $! > "$STATE/$h.pid"
   done
   for h in "${MEMBERS[@]}"; do
@@ -231,6 +240,22 @@ JSON
   # what it sends from ports they never sent to).
   wait_for "sup3's relayed path to sup1" 150 sh -c \
     "ip netns exec $PREFIX-sup3 $BIN/tabbify-mesh peers -i tmd-sup3 --json | python3 -c 'import json,sys; sys.exit(0 if any(p[\"name\"] == \"sup1\" and p[\"path\"] == \"relay\" for p in json.load(sys.stdin)) else 1)'"
+  # A phone: the stock WireGuard app, played by wg-quick (wireguard-go without the kernel
+  # module) in its own namespace on the LAN, from a file the coordinator mints.
+  local certs="--coordinator https://$COORD:8443 --tls-cert $STATE/admin/cert.pem --tls-key $STATE/admin/key.pem --tls-ca $STATE/ca/ca.pem"
+  ip netns add "$PREFIX-phone"
+  ip -n "$PREFIX-phone" link set lo up
+  ip link add tdemo-phone type veth peer name tdemo-phone-br
+  ip link set tdemo-phone netns "$PREFIX-phone"
+  ip link set tdemo-phone-br netns "$PREFIX-pub"
+  ip -n "$PREFIX-pub" link set tdemo-phone-br master tdemo-br up
+  ip -n "$PREFIX-phone" addr add "${ADDR[phone]}/24" dev tdemo-phone
+  ip -n "$PREFIX-phone" link set tdemo-phone up
+  mkdir -p "$STATE/phone"
+  # shellcheck disable=SC2086
+  "$BIN/tabbify-mesh-coordinator" client add phone --tag phone --concentrator sup2 \
+    --endpoint "${ADDR[sup2]}:$WG_PORT" --no-dns --out "$STATE/phone" $certs >"$STATE/phone/qr.txt"
+  ip netns exec "$PREFIX-phone" wg-quick up "$STATE/phone/phone.conf" >"$STATE/phone.log" 2>&1
   local ula1 ula2 ula3
   ula3=$(ip netns exec "$PREFIX-sup3" "$BIN/tabbify-mesh" status -i tmd-sup3 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
   ula1=$(ip netns exec "$PREFIX-sup1" "$BIN/tabbify-mesh" status -i tmd-sup1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["ula"])')
@@ -252,11 +277,16 @@ JSON
   echo "  ip netns exec $PREFIX-sup1 curl -s http://127.0.0.1:9587/metrics | grep peer_rx   # joiner metrics"
   echo "  ip netns exec $PREFIX-sup1 wg show tmd-sup1"
   echo "  ip netns exec $PREFIX-sup1 $BIN/tabbify-mesh speedtest sup2 -i tmd-sup1 --duration 2s   # over the mesh, no iperf3"
-  local certs="--coordinator https://$COORD:8443 --tls-cert $STATE/admin/cert.pem --tls-key $STATE/admin/key.pem --tls-ca $STATE/ca/ca.pem"
   echo "The coordinator, as the admin:"
   echo "  $BIN/tabbify-mesh-coordinator policy test node sup1 tcp:22 $certs   # which rule decides"
   echo "  $BIN/tabbify-mesh-coordinator admin-login $certs   # a one-time dashboard link (the CA is the demo's own: accept it in the browser)"
   echo "  curl -s --cacert $STATE/ca/ca.pem https://$COORD:8443/health   # no client certificate needed"
+  echo "A phone with the stock WireGuard app (wg-quick here), minted by the coordinator, through concentrator sup2:"
+  echo "  cat $STATE/phone/qr.txt; cat $STATE/phone/phone.conf   # scan it, or use the file"
+  echo "  ip netns exec $PREFIX-phone curl http://[$app_ula]:8730/echo   # its tag may reach supervisors' 8730"
+  echo "  ip netns exec $PREFIX-phone ping -c1 -W1 $ula1        # and nothing else"
+  echo "  $BIN/tabbify-mesh-coordinator client list $certs"
+  echo "  $BIN/tabbify-mesh-coordinator client revoke phone $certs   # cut within a second"
   echo "Paths (direct between the LAN hosts; sup3, behind the symmetric NAT, through the relay, with the reason):"
   echo "  ip netns exec $PREFIX-sup3 ping -c3 $ula1"
   echo "  ip netns exec $PREFIX-sup3 $BIN/tabbify-mesh peers -i tmd-sup3"
