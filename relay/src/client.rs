@@ -220,11 +220,21 @@ fn strip_scheme(p: &str) -> &str {
 /// Connects to `addr` (`host:port`, each address in turn), with `SO_MARK` `mark` set
 /// before the SYN when given.
 pub async fn connect_marked(addr: &str, mark: Option<u32>) -> std::io::Result<TcpStream> {
-    let Some(mark) = mark else {
-        return TcpStream::connect(addr).await;
-    };
+    match mark {
+        None => TcpStream::connect(addr).await,
+        Some(mark) => connect_marked_to(tokio::net::lookup_host(addr).await?, mark).await,
+    }
+}
+
+/// Connects to each of `addrs` in turn with `SO_MARK` `mark` set before the SYN (so an
+/// exit node's policy routing leaves the connection on the underlay); the first that
+/// answers wins, else the last error.
+pub async fn connect_marked_to(
+    addrs: impl IntoIterator<Item = std::net::SocketAddr>,
+    mark: u32,
+) -> std::io::Result<TcpStream> {
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    for a in tokio::net::lookup_host(addr).await? {
+    for a in addrs {
         let sock = if a.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
         } else {

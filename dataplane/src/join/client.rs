@@ -357,8 +357,6 @@ impl Client {
     }
 }
 
-/// Turns on TCP keepalive with the constants above. A failure is logged, not fatal: the
-/// machine's stream idle deadline still bounds a dead stream.
 /// Connects with `SO_MARK` set before the SYN: to `addr`, or to each address of `host`
 /// in turn.
 async fn connect_marked(
@@ -371,22 +369,11 @@ async fn connect_marked(
         Some(a) => vec![a],
         None => tokio::net::lookup_host((host, port)).await?.collect(),
     };
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    for a in addrs {
-        let sock = if a.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket2::SockRef::from(&sock).set_mark(mark)?;
-        match sock.connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    tabbify_relay::client::connect_marked_to(addrs, mark).await
 }
 
+/// Turns on TCP keepalive with the constants above. A failure is logged, not fatal: the
+/// machine's stream idle deadline still bounds a dead stream.
 fn set_keepalive(tcp: &TcpStream) {
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(TCP_KEEPALIVE_IDLE)
