@@ -388,7 +388,9 @@ impl Joiner {
                 }
                 // With private mounts the socket is in the namespace's own /run.
                 let there = if self.netns().has_private_mounts() {
-                    self.netns().run("test", &["-e", path_str(&socket)?]).is_ok()
+                    self.netns()
+                        .run("test", &["-e", path_str(&socket)?])
+                        .is_ok()
                 } else {
                     socket.exists()
                 };

@@ -47,9 +47,11 @@ pub(crate) fn start_holder(
     let log = dir.join("holder.log");
     let mut lowers = String::new();
     for tree in usr_overlays {
-        if !tree.join("bin").is_dir() && !tree.join("lib").is_dir() && !tree.join("sbin").is_dir()
-        {
-            bail!("{} is not a /usr tree (no bin, lib or sbin)", tree.display());
+        if !tree.join("bin").is_dir() && !tree.join("lib").is_dir() && !tree.join("sbin").is_dir() {
+            bail!(
+                "{} is not a /usr tree (no bin, lib or sbin)",
+                tree.display()
+            );
         }
         lowers.push_str(&format!("{}:", shell_path(tree)?));
     }

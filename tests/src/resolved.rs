@@ -63,7 +63,8 @@ impl Resolved {
         let config = netns.workdir().join("system-bus.conf");
         std::fs::write(&config, BUS_CONFIG)
             .with_context(|| format!("writing {}", config.display()))?;
-        netns.run("mkdir", &["-p", "/run/dbus"])?;
+        // The directories the packages own (resolved creates /run/systemd/resolve itself).
+        netns.run("mkdir", &["-p", "/run/dbus", "/run/systemd"])?;
         let bus = netns.spawn(
             "dbus-daemon",
             "dbus-daemon",
@@ -82,11 +83,7 @@ impl Resolved {
         })
         .with_context(|| format!("dbus-daemon: {}", bus.logs()))?;
         netns.run("sh", &["-c", ADD_USER])?;
-        let daemon = netns.spawn(
-            "systemd-resolved",
-            "/usr/lib/systemd/systemd-resolved",
-            &[],
-        )?;
+        let daemon = netns.spawn("systemd-resolved", "/usr/lib/systemd/systemd-resolved", &[])?;
         let resolved = Resolved {
             netns: netns.clone(),
             _bus: bus,
