@@ -6,12 +6,15 @@
 //!
 //! | test | what | checked |
 //! |---|---|---|
+//! | resolved | the package installed, resolved not running; `--dns auto` | `auto` takes the file, not the package's `resolvconf` (a link to resolvectl); `getent` resolves `sup2.mesh` through it; restored on stop |
 //! | resolved | `--dns off` | the TUN gets no DNS server or domain from us; the underlay link's settings stay as the test set them |
 //! | resolved | `--dns resolved` | the TUN link has the stub's addresses, `~mesh`, no default route; `dig @127.0.0.53` and `resolvectl query` answer `sup2.mesh` from the TUN link; `outside.example` is answered, not from the TUN link; the underlay link untouched |
-//! | resolved | SIGKILL, restart with `--dns auto` | resolved dropped the dead link (no `~mesh` anywhere, `sup2.mesh` not answered); `auto` picks resolved and the new link resolves; after a clean stop no `~mesh` is left |
+//! | resolved | SIGKILL, restart with `--dns auto` | resolved dropped the dead link (no `~mesh` anywhere, `sup2.mesh` not answered); `auto` picks resolved and the new link resolves |
+//! | resolved | the coordinator claims `example.com` | refused: the live TUN link has no DNS server or domain left (`resolvectl revert`); after a clean stop no `~mesh` anywhere |
 //! | resolvconf | `--dns off` | records and resolv.conf unchanged |
 //! | resolvconf | `--dns resolvconf` | a record for the TUN naming the stub; the generated resolv.conf names the stub; `getent ahosts` resolves `sup2.mesh` and `outside.example` through it |
-//! | resolvconf | SIGKILL, restart with `--dns auto` | the stale record stays after the kill; the restart deletes it and `auto` picks resolvconf (one record, the new TUN's); a clean stop leaves the underlay's record alone and resolv.conf as before |
+//! | resolvconf | SIGKILL, restart with `--dns auto` | the stale record stays after the kill; the restart deletes it before reading the upstreams (the stub's are dnsmasq, not itself) and `auto` picks resolvconf (one record, the new TUN's) |
+//! | resolvconf | the coordinator claims `example.com` | refused: the record is deleted, the underlay's stays, resolv.conf as before the joiner |
 
 use std::net::Ipv6Addr;
 use std::time::Duration;
@@ -89,8 +92,7 @@ fn spec(name: &str, dns: &str) -> JoinSpec {
 
 /// The `dns.host` field of `status --json` (`None` when there is no stub).
 fn dns_host(joiner: &Joiner) -> Result<Option<String>> {
-    let v: serde_json::Value =
-        serde_json::from_str(&joiner.local_command(&["status", "--json"])?)?;
+    let v: serde_json::Value = serde_json::from_str(&joiner.local_command(&["status", "--json"])?)?;
     Ok(v["dns"]["host"].as_str().map(str::to_owned))
 }
 
@@ -108,11 +110,29 @@ fn wait_dns_host(joiner: &mut Joiner, want: &str) -> Result<()> {
     Ok(())
 }
 
+/// The coordinator restarts claiming a public domain; waits until `joiner` refuses it.
+fn refuse_domain(bed: &mut Testbed, joiner: &mut Joiner) -> Result<()> {
+    bed.coordinator.kill()?;
+    bed.coordinator.add_args(&["--dns-domain", "example.com"]);
+    bed.coordinator.restart()?;
+    joiner.wait_status("to refuse example.com", SETTLE, |s| {
+        s.dns.as_ref().is_some_and(|d| d.refused.is_some())
+    })?;
+    Ok(())
+}
+
 /// `dig +short`-like: the status and the AAAA/A answers of `qtype name` at `server`.
 fn dig(netns: &Netns, server: &str, qtype: &str, name: &str) -> Result<(String, Vec<String>)> {
     let at = format!("@{server}");
     let args = [
-        "+time=2", "+tries=1", "+noall", "+comments", "+answer", &at, qtype, name,
+        "+time=2",
+        "+tries=1",
+        "+noall",
+        "+comments",
+        "+answer",
+        &at,
+        qtype,
+        name,
     ];
     let out = netns.run("dig", &args)?;
     let status = out
@@ -161,14 +181,37 @@ fn query(resolved: &Resolved, name: &str) -> Result<String> {
 fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link() -> Result<()> {
     let usr = prerequisites(resolved::PACKAGE)?;
     let before = host_files();
-    let (bed, upstream, _dnsmasq) = bed_with_upstream()?;
+    let (mut bed, upstream, _dnsmasq) = bed_with_upstream()?;
     let (ns2, _) = bed.host()?;
     let _sup2 = bed.join(&ns2, spec("sup2", "off"))?;
     let ula2: Ipv6Addr = tabbify_api::ula::identity_ula("sup2");
 
     let (ns1, port1) = bed.host()?;
     ns1.private_resolv_conf(&format!("nameserver {upstream}\n"))?;
+    let original = format!("nameserver {upstream}\n");
     ns1.private_mounts(&[&usr])?;
+
+    // The package is installed but resolved does not run: `auto` must not take the
+    // package's `resolvconf` (a link to resolvectl, useless without resolved) but the file.
+    let cert1 = bed.pki.issue_peer("sup1")?;
+    let mut first = spec("sup1", "auto");
+    first.join_token = Some(bed.token_for(&first)?);
+    let mut sup1 = Joiner::start(&ns1, &bed.coordinator.url(), &cert1, first)?;
+    wait_dns_host(&mut sup1, "file")?;
+    let conf = ns1.run("cat", &["/etc/resolv.conf"])?;
+    ensure!(
+        conf.starts_with("# BEGIN tabbify-mesh") && conf.ends_with(&original),
+        "auto without resolved running:\n{conf}"
+    );
+    sup1.wait_peer_names(&["sup2"], SETTLE)?;
+    wait::until("getent ahosts sup2.mesh through the file", SETTLE, || {
+        let out = ns1.run("getent", &["ahosts", "sup2.mesh"])?;
+        ensure!(out.contains(&ula2.to_string()), "{out}");
+        Ok(Some(()))
+    })?;
+    sup1.stop()?;
+    ensure!(ns1.run("cat", &["/etc/resolv.conf"])? == original);
+
     let resolved = Resolved::start(&ns1)?;
     // The underlay link's own settings, as a DHCP client would have set them: no joiner
     // mode may touch them.
@@ -182,10 +225,7 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     );
 
     // --dns off: resolved is left alone.
-    let cert1 = bed.pki.issue_peer("sup1")?;
-    let mut off = spec("sup1", "off");
-    off.join_token = Some(bed.token_for(&off)?);
-    let mut sup1 = Joiner::start(&ns1, &bed.coordinator.url(), &cert1, off)?;
+    let mut sup1 = Joiner::start(&ns1, &bed.coordinator.url(), &cert1, spec("sup1", "off"))?;
     sup1.wait_peer_names(&["sup2"], SETTLE)?;
     ensure!(dns_host(&sup1)?.is_none(), "--dns off runs a stub");
     ensure!(
@@ -201,7 +241,12 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     sup1.stop()?;
 
     // --dns resolved: per-link server and routing domain on the TUN.
-    let mut sup1 = Joiner::start(&ns1, &bed.coordinator.url(), &cert1, spec("sup1", "resolved"))?;
+    let mut sup1 = Joiner::start(
+        &ns1,
+        &bed.coordinator.url(),
+        &cert1,
+        spec("sup1", "resolved"),
+    )?;
     wait_dns_host(&mut sup1, "resolved")?;
     let link = sup1.ifname().to_owned();
     let (servers, domains) = link_config(&resolved, &link)?;
@@ -226,6 +271,7 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     })
     .with_context(|| format!("resolved's log:\n{}", resolved.logs()))?;
     let q = query(&resolved, "sup2.mesh")?;
+    eprintln!("resolvectl query sup2.mesh:\n{q}");
     ensure!(
         q.contains(&ula2.to_string()) && q.contains(&format!("link: {link}")),
         "resolvectl query sup2.mesh is not answered over {link}:\n{q}"
@@ -236,6 +282,7 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
         "outside.example through resolved: {status} {answers:?}"
     );
     let q = query(&resolved, "outside.example")?;
+    eprintln!("resolvectl query outside.example:\n{q}");
     ensure!(
         q.contains(OUTSIDE_A) && !q.contains(&link),
         "outside.example went to the mesh link:\n{q}"
@@ -277,6 +324,15 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
         "{}",
         resolved.resolvectl(&["domain"])?
     );
+
+    // A refused domain takes the settings back while the link stays (`resolvectl revert`).
+    refuse_domain(&mut bed, &mut sup1)?;
+    ensure!(ns1.has_link(&link), "{link} went away");
+    ensure!(
+        link_config(&resolved, &link)? == (String::new(), String::new()),
+        "{link} after the refusal: {:?}",
+        link_config(&resolved, &link)?
+    );
     sup1.stop()?;
     ensure!(
         !resolved.resolvectl(&["domain"])?.contains("~mesh"),
@@ -310,7 +366,7 @@ fn resolv_conf(ns: &Netns) -> Result<String> {
 fn resolvconf_gets_a_record_for_the_stub_and_a_stale_one_is_removed() -> Result<()> {
     let usr = prerequisites(OPENRESOLV)?;
     let before = host_files();
-    let (bed, upstream, _dnsmasq) = bed_with_upstream()?;
+    let (mut bed, upstream, _dnsmasq) = bed_with_upstream()?;
     let (ns2, _) = bed.host()?;
     let _sup2 = bed.join(&ns2, spec("sup2", "off"))?;
     let ula2: Ipv6Addr = tabbify_api::ula::identity_ula("sup2");
@@ -365,6 +421,7 @@ fn resolvconf_gets_a_record_for_the_stub_and_a_stale_one_is_removed() -> Result<
         "the record for {link}:\n{record}"
     );
     let conf = resolv_conf(&ns1)?;
+    eprintln!("resolvconf's resolv.conf with the joiner:\n{conf}");
     let first = conf
         .lines()
         .find(|l| l.starts_with("nameserver"))
@@ -380,7 +437,10 @@ fn resolvconf_gets_a_record_for_the_stub_and_a_stale_one_is_removed() -> Result<
         Ok(Some(()))
     })?;
     let out = ns1.run("getent", &["ahosts", "outside.example"])?;
-    ensure!(out.contains(OUTSIDE_A), "getent ahosts outside.example: {out}");
+    ensure!(
+        out.contains(OUTSIDE_A),
+        "getent ahosts outside.example: {out}"
+    );
 
     // SIGKILL leaves the record; the next start deletes it before anything else.
     sup1.process().signal(libc::SIGKILL)?;
@@ -410,6 +470,15 @@ fn resolvconf_gets_a_record_for_the_stub_and_a_stale_one_is_removed() -> Result<
         ensure!(out.contains(&ula2.to_string()), "{out}");
         Ok(Some(()))
     })?;
+
+    // A refused domain deletes the record while the joiner runs on.
+    refuse_domain(&mut bed, &mut sup1)?;
+    ensure!(
+        records(&ns1)? == base_records && resolv_conf(&ns1)? == base_conf,
+        "after the refusal: {:?}\n{}",
+        records(&ns1)?,
+        resolv_conf(&ns1)?
+    );
     sup1.stop()?;
     ensure!(
         records(&ns1)? == base_records,
