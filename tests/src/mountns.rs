@@ -55,16 +55,23 @@ pub(crate) fn start_holder(
         }
         lowers.push_str(&format!("{}:", shell_path(tree)?));
     }
+    // The namespace's resolv.conf is under /etc: it is bound to a spot outside /etc before
+    // the overlay hides it (through the overlay, writes would go to a copy in the upper
+    // layer, not to the file the test reads).
+    let keep = dir.join("resolv.conf");
+    std::fs::write(&keep, "").with_context(|| format!("creating {}", keep.display()))?;
     let mut script = format!(
         "set -e\n\
          mount -t tmpfs -o mode=0755 tabbify-run /run\n\
-         mount -t overlay tabbify-etc -o lowerdir=/etc,upperdir={},workdir={} /etc\n\
+         mount --bind {resolv} {keep}\n\
+         mount -t overlay tabbify-etc -o lowerdir=/etc,upperdir={upper},workdir={work} /etc\n\
          rm -f /etc/resolv.conf\n\
          touch /etc/resolv.conf\n\
-         mount --bind {} /etc/resolv.conf\n",
-        shell_path(&upper)?,
-        shell_path(&work)?,
-        shell_path(resolv_conf)?,
+         mount --bind {keep} /etc/resolv.conf\n",
+        resolv = shell_path(resolv_conf)?,
+        keep = shell_path(&keep)?,
+        upper = shell_path(&upper)?,
+        work = shell_path(&work)?,
     );
     if !lowers.is_empty() {
         script.push_str(&format!(

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | resolved | the package installed, resolved not running; `--dns auto` | `auto` takes the file, not the package's `resolvconf` (a link to resolvectl); `getent` resolves `sup2.mesh` through it; restored on stop |
 //! | resolved | `--dns off` | the TUN gets no DNS server or domain from us; the underlay link's settings stay as the test set them |
-//! | resolved | `--dns resolved` | the TUN link has the stub's addresses, `~mesh`, no default route; `dig @127.0.0.53` and `resolvectl query` answer `sup2.mesh` from the TUN link; `outside.example` is answered, not from the TUN link; the underlay link untouched |
+//! | resolved | `--dns resolved` | the TUN link has the stub's IPv6 address, `~mesh`, no default route; nothing of ours in resolved's global servers; `dig @127.0.0.53`, `resolvectl query` and `getent ahosts` (libc through stub-resolv.conf) answer `sup2.mesh` from the TUN link; `outside.example` is answered over the underlay link, not the TUN; the underlay link untouched |
 //! | resolved | SIGKILL, restart with `--dns auto` | resolved dropped the dead link (no `~mesh` anywhere, `sup2.mesh` not answered); `auto` picks resolved and the new link resolves |
 //! | resolved | the coordinator claims `example.com` | refused: the live TUN link has no DNS server or domain left (`resolvectl revert`); after a clean stop no `~mesh` anywhere |
 //! | resolvconf | `--dns off` | records and resolv.conf unchanged |
@@ -35,6 +35,8 @@ const STUB_V4: &str = "127.0.0.153";
 const OUTSIDE_A: &str = "203.0.113.7";
 /// resolved's stub listener.
 const RESOLVED_STUB: &str = "127.0.0.53";
+/// What resolved's stub-resolv.conf says.
+const RESOLVED_STUB_CONF: &str = "nameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n";
 /// Rosters settling, resolved noticing links (liveness only).
 const SETTLE: Duration = Duration::from_secs(30);
 /// The Debian package that provides resolvconf here.
@@ -187,7 +189,7 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     let ula2: Ipv6Addr = tabbify_api::ula::identity_ula("sup2");
 
     let (ns1, port1) = bed.host()?;
-    ns1.private_resolv_conf(&format!("nameserver {upstream}\n"))?;
+    let resolv_conf = ns1.private_resolv_conf(&format!("nameserver {upstream}\n"))?;
     let original = format!("nameserver {upstream}\n");
     ns1.private_mounts(&[&usr])?;
 
@@ -217,10 +219,14 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     // mode may touch them.
     let underlay = port1.ifname.as_str();
     resolved.resolvectl(&["dns", underlay, &upstream])?;
-    resolved.resolvectl(&["domain", underlay, "~corp.test"])?;
+    resolved.resolvectl(&["domain", underlay, "corp.test"])?;
     let underlay_config = link_config(&resolved, underlay)?;
+    // As on a host that runs resolved: libc asks resolved's stub (stub-resolv.conf), and
+    // the upstream is the underlay link's.
+    std::fs::write(&resolv_conf, RESOLVED_STUB_CONF)
+        .with_context(|| format!("writing {}", resolv_conf.display()))?;
     ensure!(
-        underlay_config == (upstream.clone(), "~corp.test".to_owned()),
+        underlay_config == (upstream.clone(), "corp.test".to_owned()),
         "underlay link: {underlay_config:?}"
     );
 
@@ -250,8 +256,19 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     wait_dns_host(&mut sup1, "resolved")?;
     let link = sup1.ifname().to_owned();
     let (servers, domains) = link_config(&resolved, &link)?;
+    // Nothing of ours in resolved's global list (which gets every name): resolved puts a
+    // link's loopback servers there, so the link must not name 127.0.0.153.
+    let global = resolved.resolvectl(&["dns"])?;
+    let global = global
+        .lines()
+        .find(|l| l.starts_with("Global"))
+        .unwrap_or("");
     ensure!(
-        servers.split_whitespace().collect::<Vec<_>>() == [STUB, STUB_V4] && domains == "~mesh",
+        !global.contains(STUB_V4) && !global.contains(STUB),
+        "the stub is among resolved's global servers: {global}"
+    );
+    ensure!(
+        servers == STUB && domains == "~mesh",
         "resolvectl on {link}: dns {servers:?}, domain {domains:?}"
     );
     let status = resolved.resolvectl(&["status", &link])?;
@@ -270,6 +287,17 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
         Ok(Some(()))
     })
     .with_context(|| format!("resolved's log:\n{}", resolved.logs()))?;
+    // libc through resolved: forward and reverse.
+    let out = ns1.run("getent", &["ahosts", "sup2.mesh"])?;
+    ensure!(
+        out.contains(&ula2.to_string()),
+        "getent ahosts sup2.mesh: {out}"
+    );
+    let out = ns1.run("getent", &["ahosts", "outside.example"])?;
+    ensure!(
+        out.contains(OUTSIDE_A),
+        "getent ahosts outside.example: {out}"
+    );
     let q = query(&resolved, "sup2.mesh")?;
     eprintln!("resolvectl query sup2.mesh:\n{q}");
     ensure!(
@@ -284,8 +312,8 @@ fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link()
     let q = query(&resolved, "outside.example")?;
     eprintln!("resolvectl query outside.example:\n{q}");
     ensure!(
-        q.contains(OUTSIDE_A) && !q.contains(&link),
-        "outside.example went to the mesh link:\n{q}"
+        q.contains(OUTSIDE_A) && q.contains(&format!("link: {underlay}")) && !q.contains(&link),
+        "outside.example is not answered over {underlay} alone:\n{q}"
     );
 
     // SIGKILL: the TUN goes with the process, and resolved with it forgets the link's

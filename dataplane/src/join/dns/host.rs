@@ -1,8 +1,10 @@
 //! Pointing the host's resolver at the stub for the mesh domain, and undoing it.
 //!
-//! * `resolved` (systemd-resolved runs): per-link DNS server and a `~<domain>` routing
-//!   domain on the TUN, the link kept out of the default route, through `resolvectl`;
-//!   resolved forgets a link's settings when the link goes, so a crash leaves nothing.
+//! * `resolved` (systemd-resolved runs): per-link DNS server (the stub's IPv6 address,
+//!   which is on the TUN; never the loopback IPv4 one, which resolved would make global)
+//!   and a `~<domain>` routing domain on the TUN, the link kept out of the default route,
+//!   through `resolvectl`; resolved forgets a link's settings when the link goes, so a
+//!   crash leaves nothing.
 //! * `resolvconf` (installed, resolved not running): a record for the TUN
 //!   (`resolvconf -a IFACE`), removed with `resolvconf -d IFACE`. `auto` takes only a
 //!   resolvconf of its own (openresolv, Debian's resolvconf), never the `resolvconf` link to
@@ -174,12 +176,16 @@ pub fn apply(
         .with_context(|| format!("creating {}", dns_dir(state_dir).display()))?;
     match mode {
         Mode::Resolved => {
-            run(
-                "resolvectl",
-                &["dns", link, &v6.to_string(), &v4.to_string()],
-                None,
-            )?;
-            run("resolvectl", &["domain", link, &format!("~{domain}")], None)?;
+            // The IPv6 service address only: resolved moves a link's DNS server on a
+            // loopback address (127.0.0.153) into its global list, where it would get every
+            // name, not only the mesh's (seen with systemd 252 in tests/tests/host_dns.rs).
+            let set = run("resolvectl", &["dns", link, &v6.to_string()], None)
+                .and_then(|()| run("resolvectl", &["domain", link, &format!("~{domain}")], None));
+            if let Err(e) = set {
+                // Half-applied settings are not left behind.
+                let _ = run("resolvectl", &["revert", link], None);
+                return Err(e);
+            }
             // Only names under the domain come here; everything else keeps its route.
             let _ = run("resolvectl", &["default-route", link, "false"], None);
             Ok(Some(Applied::Resolved {
