@@ -2,9 +2,10 @@
 //!
 //! * `resolved` (systemd-resolved runs): per-link DNS server (the stub's IPv6 address,
 //!   which is on the TUN; never the loopback IPv4 one, which resolved would make global)
-//!   and a `~<domain>` routing domain on the TUN, the link kept out of the default route,
-//!   through `resolvectl`; resolved forgets a link's settings when the link goes, so a
-//!   crash leaves nothing.
+//!   and routing domains `~<domain>` and `~<each mesh reverse zone>` (PTR answers for
+//!   mesh addresses, [`super::zone::reverse_zones`]) on the TUN, the link kept out of the
+//!   default route, through `resolvectl`; resolved forgets a link's settings when the link
+//!   goes, so a crash leaves nothing.
 //! * `resolvconf` (installed, resolved not running): a record for the TUN
 //!   (`resolvconf -a IFACE`), removed with `resolvconf -d IFACE`. `auto` takes only a
 //!   resolvconf of its own (openresolv, Debian's resolvconf), never the `resolvconf` link to
@@ -179,8 +180,13 @@ pub fn apply(
             // The IPv6 service address only: resolved moves a link's DNS server on a
             // loopback address (127.0.0.153) into its global list, where it would get every
             // name, not only the mesh's (seen with systemd 252 in tests/tests/host_dns.rs).
+            // Routing domains: the mesh domain and the mesh's reverse zones (PTR answers).
+            let mut domains = vec![format!("~{domain}")];
+            domains.extend(super::zone::reverse_zones().iter().map(|z| format!("~{z}")));
+            let mut args = vec!["domain", link];
+            args.extend(domains.iter().map(String::as_str));
             let set = run("resolvectl", &["dns", link, &v6.to_string()], None)
-                .and_then(|()| run("resolvectl", &["domain", link, &format!("~{domain}")], None));
+                .and_then(|()| run("resolvectl", &args, None));
             if let Err(e) = set {
                 // Half-applied settings are not left behind.
                 let _ = run("resolvectl", &["revert", link], None);
