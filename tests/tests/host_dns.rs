@@ -42,15 +42,18 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// The Debian package that provides resolvconf here.
 const OPENRESOLV: &str = "openresolv";
 
-fn prerequisites(package: &str) -> Result<std::path::PathBuf> {
-    require(&[
+/// The tools, binaries and the unpacked `package` a test needs (`more` besides the common
+/// ones); returns the package's `/usr` tree.
+fn prerequisites(package: &str, more: &[Tool]) -> Result<std::path::PathBuf> {
+    let mut tools = vec![
         Tool::Iproute2,
         Tool::Dig,
         Tool::Dnsmasq,
         Tool::Getent,
-        Tool::DbusDaemon,
         Tool::UtilLinux,
-    ])?;
+    ];
+    tools.extend_from_slice(more);
+    require(&tools)?;
     tabbify_tests::bins::tabbify_mesh()?;
     tabbify_tests::bins::tabbify_mesh_ca()?;
     tabbify_tests::bins::tabbify_mesh_coordinator()?;
@@ -181,7 +184,7 @@ fn query(resolved: &Resolved, name: &str) -> Result<String> {
 
 #[test]
 fn systemd_resolved_routes_the_mesh_domain_to_the_stub_and_forgets_a_dead_link() -> Result<()> {
-    let usr = prerequisites(resolved::PACKAGE)?;
+    let usr = prerequisites(resolved::PACKAGE, &[Tool::DbusDaemon])?;
     let before = host_files();
     let (mut bed, upstream, _dnsmasq) = bed_with_upstream()?;
     let (ns2, _) = bed.host()?;
@@ -411,7 +414,7 @@ fn resolv_conf(ns: &Netns) -> Result<String> {
 
 #[test]
 fn resolvconf_gets_a_record_for_the_stub_and_a_stale_one_is_removed() -> Result<()> {
-    let usr = prerequisites(OPENRESOLV)?;
+    let usr = prerequisites(OPENRESOLV, &[])?;
     let before = host_files();
     let (mut bed, upstream, _dnsmasq) = bed_with_upstream()?;
     let (ns2, _) = bed.host()?;
