@@ -51,7 +51,7 @@ unpack_deb() { # unpack_deb DIR PACKAGE...: apt-get download + dpkg-deb -x into 
   echo "setup: unpacking $* into $dir (downloaded, not installed)"
   rm -rf "$dir.tmp"
   local dl; dl="$(mktemp -d)"
-  chmod 0755 "$dl" # apt's _apt user downloads into it
+  chown _apt "$dl" 2>/dev/null || true # apt downloads as _apt when it can write there
   (cd "$dl" && apt-get download -q "$@" 2>/dev/null) ||
     { apt-get update -q && (cd "$dl" && apt-get download -q "$@"); }
   mkdir -p "$dir.tmp"
