@@ -19,6 +19,8 @@ have curl          || need_apt+=(curl)
 have turnserver    || need_apt+=(coturn)   # a standard STUN server for the joiner's --stun test
 have dig           || need_apt+=(bind9-dnsutils)  # mesh DNS test (issue 15)
 have dnsmasq       || need_apt+=(dnsmasq-base)    # the mesh DNS test's upstream resolver
+have dbus-daemon   || need_apt+=(dbus-daemon)     # a private system bus for the confined systemd-resolved
+{ have unshare && have nsenter; } || need_apt+=(util-linux)  # private mount namespaces (host DNS tests)
 # PostgreSQL server binaries (initdb, pg_ctl): the coordinator's PostgreSQL engine tests start
 # a throwaway cluster from /usr/lib/postgresql/*/bin (tests/src/postgres.rs).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
@@ -36,6 +38,36 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need_apt[@]}"
 fi
+
+# The host DNS tests (tests/tests/host_dns.rs) run Debian's systemd-resolved and openresolv
+# confined to a test namespace. Installing either package would take over this machine's
+# /etc/resolv.conf, so they are only downloaded and unpacked under target/host-dns/ (merged-/usr
+# layout; the tests lay <package>/usr over /usr in a private mount namespace). systemd-resolved
+# comes with the libsystemd-shared of its own version.
+host_dns="$(cd "$(dirname "$0")/.." && pwd)/target/host-dns"
+unpack_deb() { # unpack_deb DIR PACKAGE...: apt-get download + dpkg-deb -x into DIR/usr
+  local dir="$host_dns/$1"; shift
+  [ -d "$dir/usr" ] && return 0
+  echo "setup: unpacking $* into $dir (downloaded, not installed)"
+  rm -rf "$dir.tmp"
+  local dl; dl="$(mktemp -d)"
+  chown _apt "$dl" 2>/dev/null || true # apt downloads as _apt when it can write there
+  (cd "$dl" && apt-get download -q "$@" 2>/dev/null) ||
+    { apt-get update -q && (cd "$dl" && apt-get download -q "$@"); }
+  mkdir -p "$dir.tmp"
+  for deb in "$dl"/*.deb; do dpkg-deb -x "$deb" "$dir.tmp"; done
+  for d in bin sbin lib lib64; do
+    if [ -d "$dir.tmp/$d" ] && [ ! -L "$dir.tmp/$d" ]; then
+      mkdir -p "$dir.tmp/usr/$d"
+      cp -a "$dir.tmp/$d/." "$dir.tmp/usr/$d/"
+      rm -rf "${dir:?}.tmp/$d"
+    fi
+  done
+  rm -rf "$dl" "$dir"
+  mv "$dir.tmp" "$dir"
+}
+unpack_deb systemd-resolved systemd-resolved libsystemd-shared
+unpack_deb openresolv openresolv
 
 if ! have boringtun-cli || ! boringtun-cli --version 2>/dev/null | grep -q '0\.7\.1'; then
   echo "setup: installing boringtun-cli 0.7.1 from crates.io"

@@ -386,7 +386,15 @@ impl Joiner {
                 if self.netns().has_link(&self.ifname) {
                     bail!("interface {} is still there", self.ifname);
                 }
-                if socket.exists() {
+                // With private mounts the socket is in the namespace's own /run.
+                let there = if self.netns().has_private_mounts() {
+                    self.netns()
+                        .run("test", &["-e", path_str(&socket)?])
+                        .is_ok()
+                } else {
+                    socket.exists()
+                };
+                if there {
                     bail!("control socket {} is still there", socket.display());
                 }
                 Ok(Some(()))

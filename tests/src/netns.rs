@@ -7,6 +7,10 @@
 //! deleted, also while unwinding from a panic. Namespaces left behind by a test process that
 //! was killed outright (so never ran its destructors) are swept, by the same rule, the first
 //! time a later test process creates a namespace: their owner PID is no longer alive.
+//!
+//! A namespace may also get private mounts ([`Netns::private_mounts`], see
+//! [`crate::mountns`]): from then on every command of the namespace runs in one shared
+//! mount namespace (entered with `nsenter`), where host resolver programs run confined.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -32,6 +36,8 @@ struct Inner {
     name: String,
     /// PIDs of live processes spawned inside, killed on drop if still there.
     pids: Mutex<BTreeSet<u32>>,
+    /// The process holding the private mount namespace ([`Netns::private_mounts`]).
+    mounts: Mutex<Option<std::process::Child>>,
     /// Logs and config files of this namespace's processes.
     workdir: tempfile::TempDir,
 }
@@ -76,6 +82,7 @@ impl Netns {
             inner: Arc::new(Inner {
                 name,
                 pids: Mutex::new(BTreeSet::new()),
+                mounts: Mutex::new(None),
                 workdir,
             }),
         };
@@ -93,13 +100,49 @@ impl Netns {
         self.inner.workdir.path()
     }
 
-    /// A command that runs `program` inside the namespace (`ip netns exec NAME program`).
+    /// A command that runs `program` inside the namespace (`ip netns exec NAME program`),
+    /// or, once the namespace has private mounts, inside those too (`nsenter --target
+    /// HOLDER --mount --net program`).
     ///
-    /// `ip netns exec` execs the program, so the spawned child's PID is the program's own.
+    /// Both exec the program, so the spawned child's PID is the program's own.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        if let Some(holder) = lock(&self.inner.mounts).as_ref().map(|c| c.id()) {
+            let mut command = Command::new("nsenter");
+            command
+                .args(["--target", &holder.to_string(), "--mount", "--net", "--"])
+                .arg(program);
+            return command;
+        }
         let mut command = Command::new("ip");
         command.args(["netns", "exec", self.name()]).arg(program);
         command
+    }
+
+    /// Gives the namespace private mounts: a fresh `/run`, a copy-on-write `/etc` (its
+    /// `resolv.conf` the one of [`Netns::private_resolv_conf`], which must exist), and
+    /// `/usr` with the trees in `usr_overlays` laid over it; every later command of the
+    /// namespace runs there. See [`crate::mountns`]. Once per namespace.
+    pub fn private_mounts(&self, usr_overlays: &[&Path]) -> Result<()> {
+        let mut mounts = lock(&self.inner.mounts);
+        if mounts.is_some() {
+            bail!("namespace {} already has private mounts", self.name());
+        }
+        let resolv_conf = etc_netns(self.name()).join("resolv.conf");
+        if !resolv_conf.is_file() {
+            bail!(
+                "namespace {}: private mounts need a resolv.conf of its own first \
+                 (Netns::private_resolv_conf)",
+                self.name()
+            );
+        }
+        let holder = crate::mountns::start_holder(self, &resolv_conf, usr_overlays)?;
+        *mounts = Some(holder);
+        Ok(())
+    }
+
+    /// Whether [`Netns::private_mounts`] gave the namespace private mounts.
+    pub fn has_private_mounts(&self) -> bool {
+        lock(&self.inner.mounts).is_some()
     }
 
     /// Runs `program args…` inside the namespace to completion; returns its stdout.
@@ -181,6 +224,11 @@ impl Drop for Inner {
         let tracked: Vec<u32> = lock(&self.pids).iter().copied().collect();
         for pid in tracked {
             crate::process::kill(pid, libc::SIGKILL);
+        }
+        // The holder of the private mounts is our own unreaped child: kill and reap it.
+        if let Some(mut holder) = lock(&self.mounts).take() {
+            let _ = holder.kill();
+            let _ = holder.wait();
         }
         remove_namespace(&self.name);
     }

@@ -42,6 +42,11 @@ pub enum Tool {
     Dnsmasq,
     /// `getent` (Debian `libc-bin`).
     Getent,
+    /// `dbus-daemon`, a private system bus for a confined systemd-resolved (Debian
+    /// `dbus-daemon`).
+    DbusDaemon,
+    /// `unshare` and `nsenter` (Debian `util-linux`), for private mount namespaces.
+    UtilLinux,
 }
 
 impl Tool {
@@ -63,6 +68,8 @@ impl Tool {
             Tool::Dig => &["dig"],
             Tool::Dnsmasq => &["dnsmasq"],
             Tool::Getent => &["getent"],
+            Tool::DbusDaemon => &["dbus-daemon"],
+            Tool::UtilLinux => &["unshare", "nsenter"],
         }
     }
 
@@ -90,6 +97,8 @@ impl Tool {
             Tool::Dig => "apt-get install --no-install-recommends bind9-dnsutils",
             Tool::Dnsmasq => "apt-get install --no-install-recommends dnsmasq-base",
             Tool::Getent => "apt-get install --no-install-recommends libc-bin",
+            Tool::DbusDaemon => "apt-get install --no-install-recommends dbus-daemon",
+            Tool::UtilLinux => "apt-get install --no-install-recommends util-linux",
         }
     }
 }

@@ -1,10 +1,15 @@
 //! Pointing the host's resolver at the stub for the mesh domain, and undoing it.
 //!
-//! * `resolved` (systemd-resolved runs): per-link DNS server and a `~<domain>` routing
-//!   domain on the TUN, the link kept out of the default route, through `resolvectl`;
-//!   resolved forgets a link's settings when the link goes, so a crash leaves nothing.
+//! * `resolved` (systemd-resolved runs): per-link DNS server (the stub's IPv6 address,
+//!   which is on the TUN; never the loopback IPv4 one, which resolved would make global)
+//!   and routing domains `~<domain>` and `~<each mesh reverse zone>` (PTR answers for
+//!   mesh addresses, [`super::zone::reverse_zones`]) on the TUN, the link kept out of the
+//!   default route, through `resolvectl`; resolved forgets a link's settings when the link
+//!   goes, so a crash leaves nothing.
 //! * `resolvconf` (installed, resolved not running): a record for the TUN
-//!   (`resolvconf -a IFACE`), removed with `resolvconf -d IFACE`.
+//!   (`resolvconf -a IFACE`), removed with `resolvconf -d IFACE`. `auto` takes only a
+//!   resolvconf of its own (openresolv, Debian's resolvconf), never the `resolvconf` link to
+//!   `resolvectl` that systemd-resolved's package installs: that one needs resolved running.
 //! * `file`: a marked block at the top of `/etc/resolv.conf` naming the stub first, the
 //!   original content kept below it. The original is saved in the state directory
 //!   (`dns/resolv.conf.orig`, fsynced) before the file is touched and written back on exit.
@@ -15,6 +20,10 @@
 //! a process that did not exit cleanly is written back, a resolvconf record left behind is
 //! deleted. Only then are the upstream resolvers read ([`upstreams`]), so they are always
 //! the host's own, never the stub.
+//!
+//! Every mode runs against the real programs in the end-to-end tests: `file` in
+//! `tests/tests/mesh_dns.rs`; Debian's systemd-resolved (with its own bus) and openresolv,
+//! confined to a test namespace, in `tests/tests/host_dns.rs`.
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -160,7 +169,7 @@ pub fn apply(
     let mode = match mode {
         Mode::Off => return Ok(None),
         Mode::Auto if resolved_runs() => Mode::Resolved,
-        Mode::Auto if has_program("resolvconf") => Mode::Resolvconf,
+        Mode::Auto if standalone_resolvconf() => Mode::Resolvconf,
         Mode::Auto => Mode::File,
         m => m,
     };
@@ -168,12 +177,21 @@ pub fn apply(
         .with_context(|| format!("creating {}", dns_dir(state_dir).display()))?;
     match mode {
         Mode::Resolved => {
-            run(
-                "resolvectl",
-                &["dns", link, &v6.to_string(), &v4.to_string()],
-                None,
-            )?;
-            run("resolvectl", &["domain", link, &format!("~{domain}")], None)?;
+            // The IPv6 service address only: resolved moves a link's DNS server on a
+            // loopback address (127.0.0.153) into its global list, where it would get every
+            // name, not only the mesh's (seen with systemd 252 in tests/tests/host_dns.rs).
+            // Routing domains: the mesh domain and the mesh's reverse zones (PTR answers).
+            let mut domains = vec![format!("~{domain}")];
+            domains.extend(super::zone::reverse_zones().iter().map(|z| format!("~{z}")));
+            let mut args = vec!["domain", link];
+            args.extend(domains.iter().map(String::as_str));
+            let set = run("resolvectl", &["dns", link, &v6.to_string()], None)
+                .and_then(|()| run("resolvectl", &args, None));
+            if let Err(e) = set {
+                // Half-applied settings are not left behind.
+                let _ = run("resolvectl", &["revert", link], None);
+                return Err(e);
+            }
             // Only names under the domain come here; everything else keeps its route.
             let _ = run("resolvectl", &["default-route", link, "false"], None);
             Ok(Some(Applied::Resolved {
@@ -265,13 +283,34 @@ fn resolved_runs() -> bool {
     Path::new(RESOLVED_SOCKET).exists() && has_program("resolvectl")
 }
 
-/// Whether `program` is an executable on `PATH` (or the sbin directories, which root's
-/// `PATH` may lack).
+/// Whether a `resolvconf` of its own is installed (openresolv or Debian's resolvconf).
+/// systemd-resolved's package installs `resolvconf` as a link to `resolvectl`, which only
+/// works while resolved runs: with resolved stopped, `auto` must not pick it (it would
+/// fail and leave the host without mesh names) but fall through to the file.
+fn standalone_resolvconf() -> bool {
+    find_program("resolvconf").is_some_and(|path| !is_resolvectl(&path))
+}
+
+/// Whether `path` is, through any links, systemd's `resolvectl`.
+fn is_resolvectl(path: &Path) -> bool {
+    std::fs::canonicalize(path)
+        .ok()
+        .and_then(|real| real.file_name().map(|n| n == "resolvectl"))
+        .unwrap_or(false)
+}
+
+/// Whether `program` is an executable on `PATH` (or the sbin directories).
 fn has_program(program: &str) -> bool {
+    find_program(program).is_some()
+}
+
+/// Where `program` is on `PATH` (or the sbin directories, which root's `PATH` may lack).
+fn find_program(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
-        .any(|d| d.join(program).is_file())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<()> {
@@ -320,6 +359,21 @@ mod tests {
                 "[2001:db8::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    #[test]
+    fn resolvectl_behind_a_resolvconf_link_is_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolvectl = dir.path().join("resolvectl");
+        let openresolv = dir.path().join("resolvconf-script");
+        std::fs::write(&resolvectl, "").unwrap();
+        std::fs::write(&openresolv, "").unwrap();
+        let link = dir.path().join("resolvconf");
+        std::os::unix::fs::symlink(&resolvectl, &link).unwrap();
+        assert!(is_resolvectl(&link));
+        assert!(is_resolvectl(&resolvectl));
+        assert!(!is_resolvectl(&openresolv));
+        assert!(!is_resolvectl(&dir.path().join("missing")));
     }
 
     #[test]

@@ -437,6 +437,20 @@ const V6_ZONES: [[u8; 8]; 2] = [
     [0xf, 0xd, 0x5, 0xa, 0x1, 0xf, 0x0, 0x2],
 ];
 
+/// The apexes of the mesh's reverse zones (`0.0.f.1.a.5.d.f.ip6.arpa`,
+/// `2.0.f.1.a.5.d.f.ip6.arpa`, `64.100.in-addr.arpa` … `127.100.in-addr.arpa`), without the
+/// final dot: what a resolver that routes by domain (systemd-resolved) must send here for
+/// PTR answers about mesh addresses.
+pub fn reverse_zones() -> Vec<String> {
+    let v6 = V6_ZONES.iter().map(|zone| {
+        let mut labels: Vec<String> = zone.iter().rev().map(|n| format!("{n:x}")).collect();
+        labels.push("ip6.arpa".to_owned());
+        labels.join(".")
+    });
+    let v4 = (64..128u8).map(|b| format!("{b}.100.in-addr.arpa"));
+    v6.chain(v4).collect()
+}
+
 fn nibble(label: &[u8]) -> Option<u8> {
     match label {
         [c] => char::from(*c)
@@ -937,5 +951,35 @@ mod ptr_tests {
         // An IPv4 outside 100.64.0.0/10 in the roster names nothing (and stays forwarded).
         let z = Zone::new(Some("mesh"), [member("web", Some("10.0.0.7"))], []);
         assert_eq!(ptr(&z, "10.0.0.7".parse().unwrap()).1, Outcome::Forwarded);
+    }
+
+    #[test]
+    fn the_reverse_zones_are_the_mesh_prefixes() {
+        let zones = reverse_zones();
+        assert_eq!(zones.len(), 2 + 64);
+        assert_eq!(zones[0], "0.0.f.1.a.5.d.f.ip6.arpa");
+        assert_eq!(zones[1], "2.0.f.1.a.5.d.f.ip6.arpa");
+        assert_eq!(zones[2], "64.100.in-addr.arpa");
+        assert_eq!(zones[65], "127.100.in-addr.arpa");
+        // Every member, app and IPv4 address's reverse name falls in one of them.
+        for addr in [
+            "fd5a:1f00:1:2:3::1",
+            "fd5a:1f02::9",
+            "100.64.0.1",
+            "100.127.255.254",
+        ] {
+            let name = reverse_name(addr.parse().unwrap());
+            assert!(
+                zones.iter().any(|z| name.ends_with(&format!(".{z}."))),
+                "{name}"
+            );
+        }
+        for addr in ["fd5a:1f01::1", "100.128.0.1", "100.63.0.1"] {
+            let name = reverse_name(addr.parse().unwrap());
+            assert!(
+                !zones.iter().any(|z| name.ends_with(&format!(".{z}."))),
+                "{name}"
+            );
+        }
     }
 }
