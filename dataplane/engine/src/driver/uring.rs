@@ -24,15 +24,17 @@
 //!
 //! Waiting: a worker with operations in flight waits in `io_uring_enter`. An idle one (no
 //! send, write or early-reaped completion outstanding: only the two multishot receives
-//! armed) first runs its deferred task work without waiting and, when that yields nothing,
-//! sleeps in an epoll set over its TUN queue and UDP socket ([`IdleWait`]), then runs the
-//! task work the wake-up queued. The reason is the wake-up itself: the TUN and the socket
-//! wake their waiters as *synchronous* wake-ups, which epoll passes on, so the scheduler
-//! may run the worker on the waking CPU (the one that just moved the packet); io_uring's
-//! deferred task work wakes its task with a plain wake-up, which sends the worker to its
-//! previous CPU, typically idle and halted, so every lone packet paid for waking that
-//! CPU (an IPI and, in a VM, the host rescheduling the vCPU). Under load the worker is
-//! never idle between turns and the epoll set is never waited on.
+//! armed) first runs its deferred task work without waiting (when any is announced) and,
+//! when that yields nothing, sleeps in an epoll set over its TUN queue and UDP socket
+//! ([`IdleWait`]), then runs the task work the wake-up queued. The reason is the wake-up
+//! itself: the TUN and the socket wake their waiters with a *synchronous* wake-up, which
+//! epoll passes on to the sleeping worker (a hint that the waker is about to sleep, so the
+//! worker may run on its CPU);
+//! io_uring's deferred task work wakes its task with a plain wake-up from the poll
+//! callback. Measured (perf/README.md, "Idle latency"), idle pings through workers that
+//! slept in io_uring had many more long outliers than through workers that slept in epoll;
+//! sleeping in epoll costs one more syscall per wake-up. Under load a worker is rarely idle
+//! between turns, so it seldom waits on the epoll set.
 
 use std::alloc::{self, Layout};
 use std::io;
@@ -321,13 +323,16 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         RxSink::with_default_sizes(shared.vnet, shared.uso),
     ];
     // Declared after every buffer it may use, so it is closed before they are freed.
-    let ring = match IoUring::builder()
+    // `TASKRUN_FLAG`: the kernel raises `IORING_SQ_TASKRUN` while task work waits, so an
+    // idle worker sees without a syscall whether it must enter before it sleeps.
+    let (ring, taskrun_flag) = match IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .build(RING_ENTRIES)
     {
-        Ok(r) => r,
-        Err(_) => IoUring::new(RING_ENTRIES)?,
+        Ok(r) => (r, true),
+        Err(_) => (IoUring::new(RING_ENTRIES)?, false),
     };
     ring.submitter()
         .register_files(&[spec.tun.as_raw_fd(), spec.udp.as_raw_fd()])?;
@@ -354,6 +359,7 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         writes_in_flight: [0; 2],
         deferred: Vec::with_capacity(RING_ENTRIES as usize * 2),
         idle,
+        taskrun_flag,
     };
     let r = w.run(&shared, &mut pipe, &mut sends, &mut outs);
     if !w.shutdown(&mut pipe) {
@@ -385,6 +391,8 @@ struct Worker {
     deferred: Vec<(u64, i32, u32)>,
     /// Where an idle worker sleeps (see the module docs); `None`: in io_uring.
     idle: Option<IdleWait>,
+    /// The ring announces waiting task work (`IORING_SQ_TASKRUN`).
+    taskrun_flag: bool,
 }
 
 impl Worker {
@@ -495,14 +503,21 @@ impl Worker {
         }
     }
 
-    /// The idle wait (module docs): submit and run the deferred task work without waiting;
-    /// if no completion came of it, sleep in the epoll set until the TUN queue or the socket
-    /// is readable (or [`IDLE_TIMEOUT`], so the stop flag is seen), then run the task work
-    /// the wake-up queued. A packet that arrives between the first enter and the epoll wait
-    /// is not missed: its wake-up marks the fd ready in the epoll set, so the wait returns at
-    /// once. A wake-up whose packet was already taken costs one empty turn.
+    /// The idle wait (module docs): submit what is queued and run the deferred task work
+    /// without waiting (skipped when nothing is queued and the ring announces no task
+    /// work); if no completion came of it, sleep in the epoll set until the TUN queue or the
+    /// socket is readable (or [`IDLE_TIMEOUT`], so the stop flag is seen), then run the task
+    /// work the wake-up queued. A packet that arrives after that check is not missed: its
+    /// wake-up marks the fd ready in the epoll set, so the wait returns at once. A wake-up
+    /// whose packet was already taken costs one empty turn.
     fn wait_idle(&mut self) -> io::Result<()> {
-        self.run_task_work()?;
+        let queued = {
+            let sq = self.ring.submission();
+            !sq.is_empty() || !self.taskrun_flag || sq.taskrun()
+        };
+        if queued {
+            self.run_task_work()?;
+        }
         if !self.ring.completion().is_empty() {
             return Ok(());
         }
