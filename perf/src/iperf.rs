@@ -43,6 +43,17 @@ impl Metric {
         Metric::Ping,
     ];
 
+    /// The name `--tests` takes.
+    pub fn test_name(self) -> &'static str {
+        match self {
+            Metric::Tcp1 => "tcp1",
+            Metric::Tcp4 => "tcp4",
+            Metric::Udp => "udp",
+            Metric::UdpIperf => "udp-iperf3",
+            Metric::Ping => "ping",
+        }
+    }
+
     /// Key used in the JSON file and the table.
     pub fn key(self) -> &'static str {
         match self {

@@ -91,6 +91,11 @@ struct Args {
     /// Only these implementations (comma-separated names; see --list).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Only these tests, in the suite's order (comma-separated: `tcp1`, `tcp4`, `udp`,
+    /// `udp-iperf3`, `ping`; default: all). A test left out reads "not run" in the table
+    /// and is absent from the JSON rounds, e.g. `--tests ping` for a quick latency A/B.
+    #[arg(long, value_delimiter = ',', value_parser = ["tcp1", "tcp4", "udp", "udp-iperf3", "ping"])]
+    tests: Vec<String>,
     /// List implementation names and exit.
     #[arg(long)]
     list: bool,
@@ -250,6 +255,7 @@ fn main() -> Result<()> {
         },
     )?;
 
+    let metrics = selected_metrics(&args.tests);
     let mut results: Vec<ImplResult> = contenders.iter().map(|c| new_result(c, &args)).collect();
     for round in 1..=args.rounds {
         let offset = (round as usize - 1) % contenders.len();
@@ -258,7 +264,7 @@ fn main() -> Result<()> {
             let contender = &contenders[index];
             eprintln!("perf: round {round}/{}: {}", args.rounds, contender.name);
             let (mut result, startup_log) =
-                run_turn(contender, &veth, args.duration, args.udp_offer_gbps);
+                run_turn(contender, &veth, &metrics, args.duration, args.udp_offer_gbps);
             result.round = round;
             result.position = position;
             for (key, error) in &result.errors {
@@ -738,10 +744,19 @@ fn new_result(contender: &Contender, args: &Args) -> ImplResult {
     }
 }
 
+/// The metrics `--tests` selects, in the suite's order (every one when it names none).
+fn selected_metrics(tests: &[String]) -> Vec<Metric> {
+    Metric::ALL
+        .into_iter()
+        .filter(|m| tests.is_empty() || tests.iter().any(|t| t == m.test_name()))
+        .collect()
+}
+
 /// One implementation's turn in a round. Never fails: errors are recorded in the result.
 fn run_turn(
     contender: &Contender,
     veth: &VethPair,
+    metrics: &[Metric],
     duration: u32,
     udp_offer: f64,
 ) -> (RoundResult, Vec<String>) {
@@ -749,13 +764,13 @@ fn run_turn(
     let mut startup_log = Vec::new();
     if let Some(reason) = &contender.unavailable {
         result.errors.insert("setup".to_owned(), reason.clone());
-        for metric in Metric::ALL {
+        for &metric in metrics {
             result.values.insert(metric.key().to_owned(), None);
         }
         return (result, startup_log);
     }
     if let Some(mode) = contender.relay {
-        return run_relay_turn(mode, duration, udp_offer);
+        return run_relay_turn(mode, metrics, duration, udp_offer);
     }
     let tunnel = match &contender.implementation {
         None => None,
@@ -778,7 +793,7 @@ fn run_turn(
                 result
                     .errors
                     .insert("setup".to_owned(), format!("{error:#}"));
-                for metric in Metric::ALL {
+                for &metric in metrics {
                     result.values.insert(metric.key().to_owned(), None);
                 }
                 return (result, startup_log);
@@ -798,7 +813,7 @@ fn run_turn(
             return (result, startup_log);
         }
     };
-    for metric in Metric::ALL {
+    for &metric in metrics {
         let key = metric.key().to_owned();
         let cpu_before = tunnel.as_ref().and_then(|t| daemon_cpu(t).ok());
         let outcome = measure_between(
@@ -848,11 +863,16 @@ fn run_turn(
 /// A relayed case's turn (see `relayed`): a fresh LAN, coordinator, relay and two joiners
 /// pinned to the relay; the same metrics; the joiners' CPU in `cpu_s` and the relay's in
 /// `relay_cpu_s`. Never fails: errors are recorded in the result.
-fn run_relay_turn(mode: RelayMode, duration: u32, udp_offer: f64) -> (RoundResult, Vec<String>) {
+fn run_relay_turn(
+    mode: RelayMode,
+    metrics: &[Metric],
+    duration: u32,
+    udp_offer: f64,
+) -> (RoundResult, Vec<String>) {
     let mut result = RoundResult::default();
     let fail = |result: &mut RoundResult, what: &str, error: anyhow::Error| {
         result.errors.insert(what.to_owned(), format!("{error:#}"));
-        for metric in Metric::ALL {
+        for &metric in metrics {
             result.values.entry(metric.key().to_owned()).or_insert(None);
         }
     };
@@ -882,7 +902,7 @@ fn run_relay_turn(mode: RelayMode, duration: u32, udp_offer: f64) -> (RoundResul
             return (result, startup_log);
         }
     };
-    for metric in Metric::ALL {
+    for &metric in metrics {
         let key = metric.key().to_owned();
         let before = (bed.joiners_cpu().ok(), bed.relay_cpu().ok());
         let outcome = measure_between(

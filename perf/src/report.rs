@@ -367,6 +367,15 @@ pub fn markdown(run: &Run) -> String {
                 None if not_available && !implementation.rounds.is_empty() => {
                     "not available (below)".to_owned()
                 }
+                // Left out by `--tests`: no round has the key at all.
+                None if !implementation.rounds.is_empty()
+                    && implementation
+                        .rounds
+                        .iter()
+                        .all(|r| !r.values.contains_key(key)) =>
+                {
+                    "not run".to_owned()
+                }
                 None => "FAILED (below)".to_owned(),
             };
             let _ = write!(out, " {cell} |");
@@ -685,6 +694,40 @@ mod tests {
             table.contains("TCP 1 stream (Gbit/s) n/a;"),
             "no stock figure, no ratio: {table}"
         );
+    }
+
+    #[test]
+    fn tests_left_out_read_not_run() {
+        // `implementation` fills only tcp1 and ping, as `--tests tcp1,ping` would.
+        let impls = vec![implementation(
+            "ours",
+            Kind::Ours,
+            &[Some(2.0)],
+            &[Some(0.3)],
+        )];
+        let run = Run {
+            timestamp: String::new(),
+            command: String::new(),
+            kernel: String::new(),
+            cpu_model: String::new(),
+            cores: 2,
+            mtu: 1420,
+            udp_payload: 1392,
+            rounds: 1,
+            duration_s: 10,
+            veth_rps: true,
+            load_average: [None, None],
+            crypto_bound_gbps: None,
+            ratios: ratios(&impls, None),
+            best_stock: best_stock_names(&impls),
+            implementations: impls,
+        };
+        let table = markdown(&run);
+        assert!(
+            table.contains("| ours | 2.00 | not run | not run | not run | 0.300 |"),
+            "{table}"
+        );
+        assert!(!table.contains("FAILED"), "{table}");
     }
 
     #[test]
