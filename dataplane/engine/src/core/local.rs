@@ -105,11 +105,14 @@ pub struct LocalNets {
     reply_filter: Option<Arc<PortFilter>>,
     /// The filters of forwarded traffic between a granted member and a served client, by
     /// (member public key, client address), sorted, unique (module docs); usually empty.
-    client_rules: Arc<[(([u8; 32], IpAddr), Arc<PortFilter>)]>,
+    client_rules: Arc<[(ClientPair, Arc<PortFilter>)]>,
     /// The filter of routed traffic with a granted peer: the peer may open anything
     /// towards a granted prefix, nothing may be opened from it (set with the grants).
     route_filter: Option<Arc<PortFilter>>,
 }
+
+/// A (member public key, served client address) pair: the key of the client rules.
+type ClientPair = ([u8; 32], IpAddr);
 
 /// Why [`LocalNets::admits`] refused a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,13 +168,13 @@ impl LocalNets {
         mut self,
         rules: impl IntoIterator<Item = ([u8; 32], IpAddr, R)>,
     ) -> Self {
-        let mut v: Vec<(([u8; 32], IpAddr), Arc<PortFilter>)> = Vec::new();
+        let mut v: Vec<(ClientPair, Arc<PortFilter>)> = Vec::new();
         for (peer, client, r) in rules {
             let f = PortFilter::from_rules(&[(Proto::Both, 0, 65535)], r.as_ref());
             v.push(((peer, client), Arc::new(f)));
         }
         // Stable: the first of a duplicated pair stays first and is kept.
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|a| a.0);
         v.dedup_by(|a, b| a.0 == b.0);
         self.client_rules = Arc::from(v);
         self

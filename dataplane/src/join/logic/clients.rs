@@ -300,7 +300,7 @@ pub fn plan<'a>(
             }
         }
     }
-    p.client_rules.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    p.client_rules.sort_by_key(|r| (r.0, r.1));
     p.client_rules.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
     p.grants.sort();
     p.grants.dedup();
