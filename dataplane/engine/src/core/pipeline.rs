@@ -231,8 +231,10 @@ impl Pipeline {
         };
         let peer = &entry.peer;
         // The filter of the destination: a client's behind its concentrator (`core::behind`),
-        // else the peer's; none for traffic a concentrator forwards for its client
-        // (`core::local`). Both extra checks are one branch when unused.
+        // else the peer's; for traffic a concentrator forwards for its client (`core::local`)
+        // the rules between the member and the client (a client's packet to a member), none
+        // (a member's packet to a client, checked on receive). Both extra checks are one
+        // branch when unused.
         // A LAN host's packet leaving a subnet router towards a member passes only as a
         // reply of the member's routed flow (`core::local`); a member's packet into a route
         // gets the routed filter from the router's entry (`core::behind`).
