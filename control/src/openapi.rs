@@ -367,10 +367,16 @@ fn clients(doc: &mut Value) {
         schemas[req]["properties"]["concentrator"] = flag.clone();
     }
     let entry = &mut schemas["RosterEntry"]["properties"];
+    let ports = entry["ports"].clone();
     entry["via"] = json!({"type": "string",
         "description": "the entry is a client reached through the concentrator with this peer id"});
     entry["client"] = json!({"type": "boolean", "default": false,
         "description": "in a concentrator's own roster: a client it serves (a WireGuard peer without endpoint)"});
+    entry["client_ports"] = json!({"type": "array",
+        "description": "in a concentrator's roster, on a member entry: the port rules between the member and each client its may_use names (outbound: ports on the client the member may open); absent from older coordinators, then the concentrator gives the member only reply grants",
+        "items": {"type": "object", "required": ["client", "ports"],
+            "properties": {"client": {"type": "string"},
+                           "ports": ports}}});
     let tag =
         json!({"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9._-]+$"});
     schemas["ClientCreateRequest"] = json!({"type": "object", "additionalProperties": false,

@@ -41,7 +41,9 @@ use base64::Engine;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
-use crate::api::{HolePunch, PeerRemove, PortRules, RosterEntry, RosterSnapshot, SseEvent};
+use crate::api::{
+    ClientPorts, HolePunch, PeerRemove, PortRules, RosterEntry, RosterSnapshot, SseEvent,
+};
 use crate::clients::ClientRow;
 use crate::members::MemberRow;
 use crate::policy::Policy;
@@ -1685,7 +1687,8 @@ impl Registry {
 /// (and C's entry, with empty ports when the policy alone would not show C to V); C gets
 /// K with `client: true` and `may_use` (the member addresses K may send to through C),
 /// plus every member K sees, each with the /128 and /32 of the clients that member may
-/// reach in its `may_use`. Changes that move these (a mint, a revocation, C coming,
+/// reach in its `may_use` and the port rules between it and each of them in its
+/// `client_ports`. Changes that move these (a mint, a revocation, C coming,
 /// going or changing class, a policy change) resync the streams of every member whose
 /// roster holds client entries before or after; upserts of members reach concentrators
 /// and the viewers of a concentrator's clients as personal entries, like routers'.
@@ -1904,22 +1907,27 @@ impl Registry {
         }
         // Only clients `p` may open something on: the concentrator admits p → K by
         // address (the stock client filters nothing), replies to K's own flows aside.
-        let reach: Vec<&ClientRow> = self
+        // Each with the rules between `p` and the client (`client_ports`), which the
+        // concentrator enforces on what it forwards from `p` to the client.
+        let reach: Vec<(&ClientRow, &PortRules)> = self
             .served(&c.id)
-            .filter(|(_, kc)| {
-                self.vis.port_rules(p.class, *kc).is_some_and(|r| {
-                    !(r.outbound.is_empty()
-                        && r.outbound_tcp.is_empty()
-                        && r.outbound_udp.is_empty())
-                })
+            .filter_map(|(k, kc)| {
+                let r = self.vis.port_rules(p.class, *kc)?;
+                let opens = !(r.outbound.is_empty()
+                    && r.outbound_tcp.is_empty()
+                    && r.outbound_udp.is_empty());
+                opens.then_some((k, r))
             })
-            .map(|(k, _)| k)
             .collect();
         let mut e = entry(p, rules.cloned().unwrap_or_default());
         // Routes and `may_use` also when `c` holds `p` through a route only.
         self.decorate(&mut e, c, p, true);
-        for k in reach {
+        for (k, r) in reach {
             e.may_use.extend(Self::client_prefixes(k));
+            e.client_ports.push(ClientPorts {
+                client: k.peer_id.clone(),
+                ports: r.clone(),
+            });
         }
         Some(e)
     }
@@ -2182,6 +2190,7 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         may_use: vec![],
         via: None,
         client: false,
+        client_ports: vec![],
     }
 }
 
@@ -2210,6 +2219,7 @@ pub fn client_entry(c: &ClientRow, rules: PortRules, served: bool) -> RosterEntr
         may_use: vec![],
         via: (!served).then(|| c.concentrator.clone()),
         client: served,
+        client_ports: vec![],
     }
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use common::{key_for, register_body, Client, EventStream, Harness, Peer, Pki};
 use serde_json::{json, Value};
-use tabbify_control::api::{ClientCreateResponse, RosterEntry, SseEvent};
+use tabbify_control::api::{ClientCreateResponse, PortRules, RosterEntry, SseEvent};
 use tabbify_control::storage::Database;
 
 fn clients_policy() -> Value {
@@ -520,4 +520,107 @@ async fn a_client_minted_on_one_coordinator_reaches_a_stream_on_another() {
     assert_eq!(removal_of(&mut on_b, &c.client.id).await, "revoked");
     let (_, v) = b.admin().get("/v1/clients").await;
     assert_eq!(v["clients"], json!([]));
+}
+
+/// The rules a member entry carries for client `k` (`client_ports`).
+fn client_ports_of<'a>(e: &'a RosterEntry, k: &str) -> Option<&'a PortRules> {
+    e.client_ports
+        .iter()
+        .find(|c| c.client == k)
+        .map(|c| &c.ports)
+}
+
+/// Issue 15, the concentrator enforces member → client ports: its roster's member entries
+/// carry, per client the member may reach, the rules between them (`client_ports`), from
+/// the policy's evaluation between the member's and the client's tags; a member that may
+/// open nothing on a client gets no rules (and no grant) for it; a policy change moves
+/// them; a member's own roster never carries rules for another concentrator's clients.
+async fn the_concentrator_gets_member_client_port_rules(h: &Harness) {
+    put_policy(
+        h,
+        json!({
+            "tags": ["conc", "phone", "tablet", "sup", "other"],
+            "app_hosts": ["tag:sup"],
+            "allow": [
+                {"src": ["tag:phone", "tag:tablet"], "dst": ["tag:sup:8730"]},
+                {"src": ["tag:sup"], "dst": ["tag:phone:22", "tag:tablet:tcp:443,udp:53"]},
+                {"src": ["tag:phone"], "dst": ["tag:other:1"]}
+            ]
+        }),
+    )
+    .await;
+    let conc = join_with(h, "conc1", &["conc"], json!({"concentrator": true})).await;
+    let sup = join_with(h, "sup1", &["sup"], json!({})).await;
+    let other = join_with(h, "other1", &["other"], json!({})).await;
+    let phone = mint(h, json!({"name": "phone1", "tags": ["phone"]})).await;
+    let tablet = mint(h, json!({"name": "tablet1", "tags": ["tablet"]})).await;
+    let (pk, tk) = (&phone.client.id, &tablet.client.id);
+
+    let r = roster(&conc).await;
+    let se = find(&r, &sup.id).expect("the clients see sup");
+    assert_eq!(se.client_ports.len(), 2, "{se:?}");
+    let p = client_ports_of(se, pk).expect("sup may open 22 on the phone");
+    assert!(p.allows_outbound(22) && !p.allows_outbound(8730) && !p.allows_outbound(23));
+    assert!(p.allows_inbound(8730) && !p.allows_inbound(22));
+    let t = client_ports_of(se, tk).expect("sup may open tcp:443, udp:53 on the tablet");
+    assert!(t.outbound.is_empty() && t.allows_outbound(443) && t.allows_outbound(53));
+    assert!(!t.allows_outbound(22), "{t:?}");
+    assert_eq!(t.outbound_tcp.len(), 1, "{t:?}");
+    assert_eq!(t.outbound_udp.len(), 1, "{t:?}");
+    // Same rules as the client's entry in sup's own roster.
+    let own = roster(&sup).await;
+    assert_eq!(&find(&own, pk).unwrap().ports, p);
+    assert_eq!(&find(&own, tk).unwrap().ports, t);
+    // `other` may reach nothing on a client: neither grant nor rules (reply grants only).
+    let oe = find(&r, &other.id).expect("the phone sees other");
+    assert!(
+        oe.may_use.is_empty() && oe.client_ports.is_empty(),
+        "{oe:?}"
+    );
+    // Nobody else's roster carries client rules: they are the concentrator's.
+    for v in [&sup, &other] {
+        assert!(roster(v).await.iter().all(|e| e.client_ports.is_empty()));
+    }
+
+    // The policy moves the rules: sup may open 2222 on the phone instead of 22, and
+    // nothing on the tablet any more.
+    put_policy(
+        h,
+        json!({
+            "tags": ["conc", "phone", "tablet", "sup", "other"],
+            "app_hosts": ["tag:sup"],
+            "allow": [
+                {"src": ["tag:phone", "tag:tablet"], "dst": ["tag:sup:8730"]},
+                {"src": ["tag:sup"], "dst": ["tag:phone:2222"]}
+            ]
+        }),
+    )
+    .await;
+    let r = roster(&conc).await;
+    let se = find(&r, &sup.id).unwrap();
+    let p = client_ports_of(se, pk).expect("still the phone");
+    assert!(p.allows_outbound(2222) && !p.allows_outbound(22), "{p:?}");
+    assert!(client_ports_of(se, tk).is_none(), "{se:?}");
+    assert_eq!(se.may_use, client_addrs(&phone));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concentrator_gets_member_client_port_rules_in_memory() {
+    the_concentrator_gets_member_client_port_rules(&Harness::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concentrator_gets_member_client_port_rules_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().to_owned();
+    let h = Harness::start_with(|c| c.state_dir = Some(state)).await;
+    the_concentrator_gets_member_client_port_rules(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concentrator_gets_member_client_port_rules_on_postgres() {
+    let pg = postgres::Postgres::start().unwrap_or_else(|e| panic!("{e}"));
+    let db = Database::Postgres(pg.create_database("client_ports").unwrap());
+    let h = Harness::start_with(|c| c.database = Some(db)).await;
+    the_concentrator_gets_member_client_port_rules(&h).await;
 }

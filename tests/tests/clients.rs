@@ -307,3 +307,178 @@ fn a_stock_wireguard_client_reaches_only_what_its_tags_allow_and_is_cut_on_revoc
     }
     result
 }
+
+/// Ports on the client in the bypass test: the policy lets `sup` open the first only.
+const CLIENT_ALLOWED: u16 = 8722;
+const CLIENT_FORBIDDEN: u16 = 8723;
+
+/// Issue 15, the attacker is a member with a valid certificate that bypasses its own
+/// filter: the concentrator enforces the member → client ports itself.
+///
+/// | step | what | checked |
+/// |---|---|---|
+/// | setup | a coordinator; `conc1` (`join --concentrator`); `sup1` (tag `sup`); policy `sup → phone:8722`, `phone → sup:8730`; a stock `wireguard-go` client (tag `phone`) serving TCP on `:8722` and `:8723` | the client handshakes with `conc1` |
+/// | honest member | `sup1`'s joiner connects to the client's `:8722` and `:8723` | `:8722` answers, `:8723` does not (either end's filter) |
+/// | bypass | `sup1`'s joiner is killed (SIGKILL: it stays registered, as a patched joiner would) and `sup1`'s node key runs in a stock `wireguard-go` in `sup1`'s namespace, its only peer `conc1` with AllowedIPs the client's ULA: a data plane that filters nothing | `:8722` answers through `conc1`; `:8723` does not — only `conc1` stands between them |
+#[test]
+fn a_member_that_bypasses_its_filter_reaches_only_the_client_ports_it_may_open() -> Result<()> {
+    require(&[Tool::Iproute2, Tool::Wg, Tool::WireguardGo])?;
+    tabbify_tests::bins::tabbify_mesh()?;
+    tabbify_tests::bins::tabbify_mesh_ca()?;
+    tabbify_tests::bins::tabbify_mesh_coordinator()?;
+    let policy = json!({
+        "tags": ["concentrator", "phone", "sup"],
+        "allow": [
+            {"src": ["tag:sup"], "dst": [format!("tag:phone:{CLIENT_ALLOWED}")]},
+            {"src": ["tag:phone"], "dst": [format!("tag:sup:{ALLOWED}")]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let (sup_ns, _) = bed.host()?;
+    let (conc_ns, conc_port) = bed.host()?;
+    let (client_ns, _) = bed.host()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = serve(
+        &client_ns,
+        &[CLIENT_ALLOWED, CLIENT_FORBIDDEN],
+        stop.clone(),
+    );
+    let result = (|| -> Result<()> {
+        let mut sup = bed.join(&sup_ns, JoinSpec::new("sup1", &["sup"], None))?;
+        let mut conc_spec = JoinSpec::new("conc1", &["concentrator"], None);
+        conc_spec.extra_args = vec!["--concentrator".into()];
+        let mut conc = bed.join(&conc_ns, conc_spec)?;
+        let minted = bed.admin.request(
+            "POST",
+            "/v1/clients",
+            Some(&json!({"name": "phone1", "tags": ["phone"]})),
+        )?;
+        ensure!(minted.status == 201, "minting: {minted:?}");
+        let public = minted.body["client"]["public_key"]
+            .as_str()
+            .context("client.public_key")?
+            .to_owned();
+        let q = parse_wg_quick(minted.body["config"].as_str().context("config")?)?;
+        let client_ula: Ipv6Addr = q
+            .addresses
+            .iter()
+            .find_map(|a| a.split('/').next()?.parse().ok())
+            .context("an IPv6 Address in the file")?;
+        let client_wg = WgPeer::start(
+            &client_ns,
+            &Implementation::WireguardGo,
+            &InterfaceConfig {
+                keypair: Keypair {
+                    private: q.private_key.clone(),
+                    public,
+                },
+                listen_port: 0,
+                addresses: q.addresses.clone(),
+                mtu: 1280,
+            },
+            &[WgPeerConfig {
+                public_key: q.peer_key.clone(),
+                allowed_ips: q.allowed_ips.clone(),
+                endpoint: Some(q.endpoint),
+                persistent_keepalive: q.keepalive.or(Some(1)),
+                ..WgPeerConfig::default()
+            }],
+        )?;
+        conc.wait_status("to serve phone1", SETTLE, |s| {
+            s.concentrator
+                .as_ref()
+                .is_some_and(|c| c.serving.len() == 1)
+        })?;
+        client_wg.wait_handshake(&q.peer_key, SETTLE)?;
+        let allowed = SocketAddr::new(IpAddr::V6(client_ula), CLIENT_ALLOWED);
+        let forbidden = SocketAddr::new(IpAddr::V6(client_ula), CLIENT_FORBIDDEN);
+        let reach = |what: &str, conc: &tabbify_tests::joiner::Joiner| -> Result<String> {
+            let t0 = Instant::now();
+            loop {
+                if let Some(l) = probe(&sup_ns, allowed, REFUSED_WAIT)? {
+                    return Ok(l);
+                }
+                if t0.elapsed() > SETTLE {
+                    bail!(
+                        "{what} never reached the client's :{CLIENT_ALLOWED}\nconc1 log:\n{}",
+                        conc.logs()
+                    );
+                }
+            }
+        };
+
+        // The honest member: its own filter and the concentrator's agree.
+        let sup_status = sup.status()?;
+        let line = reach("sup1's joiner", &conc)?;
+        ensure!(
+            line == format!("port {CLIENT_ALLOWED} from {}", sup_status.ula),
+            "the client saw {line:?}, want sup1's ULA"
+        );
+        ensure!(
+            probe(&sup_ns, forbidden, REFUSED_WAIT)?.is_none(),
+            "sup1's joiner reached the client's :{CLIENT_FORBIDDEN}"
+        );
+
+        // The bypass: sup1's key in a data plane that filters nothing. SIGKILL, so the
+        // coordinator keeps sup1 registered (no leave) and conc1 keeps its session rules.
+        let key = std::fs::read_to_string(sup.state_dir().join("node.key"))
+            .context("sup1's node key")?
+            .trim()
+            .to_owned();
+        sup.process().signal(libc::SIGKILL)?;
+        sup.process().wait_exit(Duration::from_secs(10))?;
+        let conc_status = conc.status()?;
+        let raw = WgPeer::start(
+            &sup_ns,
+            &Implementation::WireguardGo,
+            &InterfaceConfig {
+                keypair: Keypair {
+                    private: key,
+                    public: sup_status.public_key.clone(),
+                },
+                // Any port: the concentrator answers where the handshake came from (the
+                // killed joiner's io_uring socket may still hold its port a moment).
+                listen_port: 0,
+                addresses: vec![format!("{}/128", sup_status.ula)],
+                mtu: 1280,
+            },
+            &[WgPeerConfig {
+                public_key: conc_status.public_key.clone(),
+                allowed_ips: vec![format!("{client_ula}/128")],
+                endpoint: Some(SocketAddr::new(
+                    IpAddr::V4(conc_port.addr),
+                    conc_status.listen_port,
+                )),
+                persistent_keepalive: Some(1),
+                ..WgPeerConfig::default()
+            }],
+        )?;
+        let line = reach("sup1's unfiltered wireguard-go", &conc)?;
+        ensure!(
+            line == format!("port {CLIENT_ALLOWED} from {}", sup_status.ula),
+            "the client saw {line:?}, want sup1's ULA"
+        );
+        raw.wait_handshake(&conc_status.public_key, SETTLE)?;
+        ensure!(
+            probe(&sup_ns, forbidden, REFUSED_WAIT)?.is_none(),
+            "a member bypassing its own filter reached the client's :{CLIENT_FORBIDDEN} \
+             through conc1\nconc1 log:\n{}",
+            conc.logs()
+        );
+        // And again once the flow to the allowed port is known to work (not a slow start).
+        ensure!(
+            probe(&sup_ns, allowed, REFUSED_WAIT)?.is_some(),
+            "the allowed port stopped answering"
+        );
+        ensure!(
+            probe(&sup_ns, forbidden, REFUSED_WAIT)?.is_none(),
+            "the forbidden port answered on a second try"
+        );
+        drop(raw);
+        drop(client_wg);
+        Ok(())
+    })();
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    result
+}

@@ -68,6 +68,7 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         may_use: vec![],
         via: None,
         client: false,
+        client_ports: vec![],
     }
 }
 

@@ -643,6 +643,28 @@ pub struct RosterEntry {
     /// /32.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub client: bool,
+    /// Only in a concentrator's roster, on a member entry: the port rules between this
+    /// member and each client of the concentrator that its `may_use` names, from the
+    /// member's side ([`ClientPorts`]). The concentrator holds the member to them on
+    /// traffic it forwards to the client (the stock client filters nothing).
+    ///
+    /// Absent from older coordinators. A concentrator fails closed: a client address in
+    /// `may_use` without an entry here for that client gets only a reply grant (the member
+    /// may answer inside flows the client opened, never open one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_ports: Vec<ClientPorts>,
+}
+
+/// The port rules between a member and one client of the concentrator whose roster holds
+/// them ([`RosterEntry::client_ports`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientPorts {
+    /// The client's peer id (a `client: true` entry of the same roster).
+    pub client: String,
+    /// The rules as the member sees the client: `outbound` = ports on the client the
+    /// member may open, `inbound` = ports on the member the client may open (the same
+    /// evaluation as `ports` of the client's entry in the member's own roster).
+    pub ports: PortRules,
 }
 
 /// `GET /v1/mesh/peers`: the caller's visible roster.
@@ -1237,6 +1259,7 @@ pub(crate) mod tests {
             may_use: vec![],
             via: None,
             client: false,
+            client_ports: vec![],
         }
     }
 

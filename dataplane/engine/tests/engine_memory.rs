@@ -15,7 +15,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use tabbify_engine::core::behind::Behind;
 use tabbify_engine::core::counters::{DropCounters, DropReason};
 use tabbify_engine::core::demux::{ControlQueue, Kind};
-use tabbify_engine::core::filter::PortFilter;
+use tabbify_engine::core::filter::{PortFilter, Proto};
 use tabbify_engine::core::local::LocalNets;
 use tabbify_engine::core::net::IpNet;
 use tabbify_engine::core::offload::testkit::SuperPacket;
@@ -1609,9 +1609,9 @@ fn a_client_behind_a_concentrator_gets_its_own_rules_both_ways() {
 }
 
 /// Issue 15, the concentrator side: B serves clients K and K2; A is a member granted K
-/// only, and B's own rules with A open nothing. A's packets to K pass B by the grant alone
-/// (B's rules are about B, not K); to K2 they are refused (not granted); to B itself B's
-/// rules apply. B forwarding K's traffic to A (as its kernel hands it back through the
+/// only (with the A↔K rules: A may open 8730 and 22 on K), and B's own rules with A open
+/// nothing. A's packets to K pass B by the grant and the A↔K rules (B's rules are about B,
+/// not K); to K2 they are refused (not granted); to B itself B's rules apply. B forwarding K's traffic to A (as its kernel hands it back through the
 /// TUN) is not held to B's rules either, while B's own packets to A are.
 #[test]
 fn a_concentrator_forwards_for_its_client_by_grant_not_by_its_own_rules() {
@@ -1633,7 +1633,12 @@ fn a_concentrator_forwards_for_its_client_by_grant_not_by_its_own_rules() {
     b.table.set_local(
         LocalNets::new([IpAddr::from(IP_B)], [])
             .with_grants([(key(1), host(IP_K))])
-            .with_served([IpAddr::from(IP_K), IpAddr::from(IP_K2)]),
+            .with_served([IpAddr::from(IP_K), IpAddr::from(IP_K2)])
+            .with_client_rules([(
+                key(1),
+                IpAddr::from(IP_K),
+                [(Proto::Both, 8730, 8730), (Proto::Both, 22, 22)],
+            )]),
     );
     set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[])));
     let ok = udp4(IP_A, IP_K, 4000, 8730, b"to the client");
@@ -1726,6 +1731,87 @@ fn a_member_with_a_reply_grant_cannot_open_a_flow_to_the_client() {
     deliver(&mut a, &mut b, &mut sink_b);
     assert_eq!(sink_b.0, vec![answer]);
     assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
+}
+
+/// Issue 15, the attacker is a member A with a valid session that bypasses its own filter
+/// (A's engine here has no rules for B at all): the policy lets it open TCP 22 on client K
+/// only. Concentrator B passes its SYN to K:22 and drops (counted `filtered_in`) its SYN to
+/// K:80, UDP to K:22 and K:53 and a ping to K; a bare ACK to a port with no flow is an
+/// invalid state. K's answers on the allowed flow pass B back to A, and so do the flows K
+/// opens itself (its grant's business; A filters them). When the coordinator withdraws
+/// the rule, B ends the flow: A's next segment on it is dropped.
+#[test]
+fn a_member_bypassing_its_filter_reaches_only_the_client_ports_it_may_open() {
+    let (mut a, mut b) = pair(false);
+    a.table
+        .upsert_peer(PeerConfig {
+            public_key: key(2),
+            preshared_key: None,
+            endpoint: Some(EP_B.parse().unwrap()),
+            allowed_ips: vec![
+                "10.0.0.2/32".parse().unwrap(),
+                "10.0.0.9/32".parse().unwrap(),
+            ],
+            persistent_keepalive: None,
+        })
+        .unwrap();
+    let granted = || {
+        LocalNets::new([IpAddr::from(IP_B)], [])
+            .with_grants([(key(1), IpNet::host(IpAddr::from(IP_K)))])
+            .with_served([IpAddr::from(IP_K)])
+    };
+    b.table.set_local(granted().with_client_rules([(
+        key(1),
+        IpAddr::from(IP_K),
+        [(Proto::Tcp, 22, 22)],
+    )]));
+    let hello = udp4(IP_A, IP_B, 4000, 5000, b"to B itself");
+    assert_eq!(handshake(&mut a, &mut b, &hello).0, vec![hello]);
+
+    let ssh = tcp4(IP_A, IP_K, 40000, 22, SYN);
+    send_all(
+        &mut a,
+        &[
+            ssh.clone(),
+            tcp4(IP_A, IP_K, 40001, 80, SYN),
+            udp4(IP_A, IP_K, 4000, 22, b"x"),
+            udp4(IP_A, IP_K, 4000, 53, b"x"),
+            ping4(IP_A, IP_K),
+            tcp4(IP_A, IP_K, 40002, 80, ACK),
+        ],
+    );
+    assert_eq!(a.counters.total(), 0, "A filters nothing");
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![ssh]);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 4);
+    assert_eq!(b.counters.get(DropReason::CtInvalid), 1);
+
+    // K answers (B's kernel hands the forwarded answer to B's TUN side), and K opens a
+    // flow of its own to A: both pass B and reach A.
+    let answer = tcp4(IP_K, IP_A, 22, 40000, SYN | ACK);
+    let own = udp4(IP_K, IP_A, 5353, 8730, b"k's own");
+    send_all(&mut b, &[answer.clone(), own.clone()]);
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![answer, own]);
+    // A's next segment on its flow and its reply on K's flow pass B.
+    let ack = tcp4(IP_A, IP_K, 40000, 22, ACK);
+    let reply = udp4(IP_A, IP_K, 8730, 5353, b"reply");
+    send_all(&mut a, &[ack.clone(), reply.clone()]);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![ack.clone(), reply]);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 4);
+
+    // The rule is withdrawn (a roster without `client_ports` for A: fail closed, the
+    // grant alone opens nothing): A's flow to K:22 ends at B.
+    b.table.set_local(granted());
+    send_all(&mut a, &[ack, tcp4(IP_A, IP_K, 40003, 22, SYN)]);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert!(sink_b.0.is_empty(), "{:?}", sink_b.0);
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 6);
 }
 
 /// The LAN behind B in the routed-traffic tests.

@@ -11,7 +11,9 @@
 //! * stock WireGuard clients (issue 15: `client/…` identities, `client`/`via` flags, forged
 //!   on members too, `may_use` with junk): a table peer is a member, or a client this node
 //!   serves only when it runs with `--concentrator`; every grant is a host address in the
-//!   mesh (`fd5a:1f00::/24`, `100.64.0.0/10`).
+//!   mesh (`fd5a:1f00::/24`, `100.64.0.0/10`); `client_ports` forged on any entry, for
+//!   any id: a member granted a served client always has rules for it (else only a reply
+//!   grant), and rules exist only with such a grant.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -20,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use tabbify_api::{
-    ula, HeartbeatResponse, HolePunch, PeerRemove, PortRange, PortRules, RegisterResponse,
-    RosterEntry, RosterSnapshot, SseDecoder, SseEvent,
+    ula, ClientPorts, HeartbeatResponse, HolePunch, PeerRemove, PortRange, PortRules,
+    RegisterResponse, RosterEntry, RosterSnapshot, SseDecoder, SseEvent,
 };
 use tabbify_dataplane::core::net::IpNet;
 use tabbify_dataplane::join::logic::{roster, Action, Config, Machine};
@@ -98,6 +100,7 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         may_use: vec![],
         via: None,
         client: false,
+        client_ports: vec![],
     };
     let cflags = b.next()?;
     e.client = cflags & 1 != 0;
@@ -110,6 +113,19 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
     if cflags & 8 != 0 {
         e.may_use.push(ula::identity_ula(IDS[usize::from(cflags >> 4) % IDS.len()]).to_string());
         e.may_use.push(MAY_USE[usize::from(cflags >> 5) % MAY_USE.len()].into());
+    }
+    if cflags & 0x10 != 0 {
+        // Rules for a client (or a member, or nobody: forged), on any entry.
+        e.client_ports.push(ClientPorts {
+            client: ula::identity_peer_id(IDS[usize::from(cflags >> 2) % IDS.len()]),
+            ports: PortRules {
+                outbound: vec![PortRange {
+                    first: u16::from(flags),
+                    last: u16::from(cflags),
+                }],
+                ..Default::default()
+            },
+        });
     }
     let apps = b.next()?;
     e.stale = apps & 0x40 != 0;
@@ -218,6 +234,22 @@ impl Model {
                 } else {
                     assert!(!e.client && e.via.is_none(), "a flagged member as a peer: {e:?}");
                 }
+            }
+        }
+        // A member's grant to a served client always comes with its rules, and rules only
+        // with such a grant (fail closed: `client_ports` absent means reply grant only).
+        let plan = m.client_plan();
+        let served: BTreeSet<IpAddr> = plan.served_addrs().collect();
+        for (k, a, _) in &plan.client_rules {
+            assert!(served.contains(a), "rules for an address nobody is served at: {a}");
+            assert!(plan.grants.contains(&(*k, IpNet::host(*a))), "rules without a grant: {a}");
+        }
+        for (k, n) in &plan.grants {
+            if served.contains(&n.addr()) && !plan.served.contains_key(k) {
+                assert!(
+                    plan.client_rules.iter().any(|(rk, ra, _)| rk == k && *ra == n.addr()),
+                    "a member granted client address {n:?} without rules"
+                );
             }
         }
         for (_, n) in m.grants().iter().chain(&m.client_plan().reply_grants) {

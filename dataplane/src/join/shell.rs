@@ -771,7 +771,13 @@ impl Joiner {
         self.table.set_local(
             local_nets(self.ula, ipv4, m.apps(), m.grants())
                 .with_served(m.client_plan().served_addrs())
-                .with_reply_grants(m.client_plan().reply_grants.iter().copied()),
+                .with_reply_grants(m.client_plan().reply_grants.iter().copied())
+                .with_client_rules(
+                    m.client_plan()
+                        .client_rules
+                        .iter()
+                        .map(|(k, a, r)| (*k, *a, r.as_slice())),
+                ),
         );
     }
 

@@ -27,11 +27,27 @@
 //! A concentrator (issue 15) also knows the addresses of the stock WireGuard clients it
 //! serves ([`LocalNets::with_served`]). Traffic it forwards between such a client and
 //! another peer (one end a served client, the other end not this node) is checked here by
-//! address only — the client's grants say which members it may send to, each member's
+//! address — the client's grants say which members it may send to, each member's
 //! grants which clients it may reach —, and [`LocalNets::forwarded_for_client`] tells the
 //! pipeline to skip the concentrator's own port rules for it: those rules are between the
 //! concentrator and each peer, not between the client and the member. The member end
 //! applies the client's own rules in both directions (`core::behind`).
+//!
+//! The member end is not trusted for its own direction, though: a member with a valid
+//! session that bypasses its own filter (a patched joiner, a raw socket) would reach any
+//! port of a client it may open only some port on, and the stock client filters nothing.
+//! So a granted member also has the rules between it and each client it may reach
+//! ([`LocalNets::with_client_rules`]: one [`PortFilter`] per (member, client address),
+//! inbound = the ports on the client the member may open, outbound = everything, since
+//! what the client may send is its own grant's business and the member filters it). The
+//! concentrator checks the member's packets to the client against that filter and tracks
+//! the flows in the member's flow table, and tracks the client's packets to the member
+//! under the same filter, so a flow opened either way carries its replies
+//! ([`LocalNets::forward_filter_in`], [`LocalNets::forward_filter_out`]). A forwarded
+//! packet between a member and a client for which the pair has no rules gets the reply
+//! filter below (fail closed: a grant without rules opens nothing). The pair is found by a
+//! binary search over the sorted (member key, client address) pairs, only for packets
+//! with a served client at one end.
 //!
 //! A member the client may reach but which the policy does not let reach the client gets
 //! only a *reply grant* ([`LocalNets::with_reply_grants`]): its packets to the client pass
@@ -56,7 +72,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::filter::PortFilter;
+use crate::core::filter::{PortFilter, Proto};
 use crate::core::net::IpNet;
 use crate::core::route::RouteTable;
 
@@ -87,10 +103,16 @@ pub struct LocalNets {
     /// The filter of forwarded client traffic towards reply-only peers: everything may be
     /// opened from the client's side, nothing from the peer's (set with the served set).
     reply_filter: Option<Arc<PortFilter>>,
+    /// The filters of forwarded traffic between a granted member and a served client, by
+    /// (member public key, client address), sorted, unique (module docs); usually empty.
+    client_rules: Arc<[(ClientPair, Arc<PortFilter>)]>,
     /// The filter of routed traffic with a granted peer: the peer may open anything
     /// towards a granted prefix, nothing may be opened from it (set with the grants).
     route_filter: Option<Arc<PortFilter>>,
 }
+
+/// A (member public key, served client address) pair: the key of the client rules.
+type ClientPair = ([u8; 32], IpAddr);
 
 /// Why [`LocalNets::admits`] refused a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -133,6 +155,67 @@ impl LocalNets {
             reply_granted: Arc::from(Vec::new()),
             reply_filter: None,
             route_filter: None,
+            client_rules: Arc::from(Vec::new()),
+        }
+    }
+
+    /// This set plus the rules between granted members and served clients: `(member
+    /// public key, client address, rules)`, the rules being `(protocol, first, last)` port
+    /// ranges on the client the member may open. The concentrator holds the member to them
+    /// on what it forwards to the client (module docs); a pair listed twice keeps its
+    /// first rules.
+    pub fn with_client_rules<R: AsRef<[(Proto, u16, u16)]>>(
+        mut self,
+        rules: impl IntoIterator<Item = ([u8; 32], IpAddr, R)>,
+    ) -> Self {
+        let mut v: Vec<(ClientPair, Arc<PortFilter>)> = Vec::new();
+        for (peer, client, r) in rules {
+            let f = PortFilter::from_rules(&[(Proto::Both, 0, 65535)], r.as_ref());
+            v.push(((peer, client), Arc::new(f)));
+        }
+        // Stable: the first of a duplicated pair stays first and is kept.
+        v.sort_by_key(|a| a.0);
+        v.dedup_by(|a, b| a.0 == b.0);
+        self.client_rules = Arc::from(v);
+        self
+    }
+
+    /// The filter of forwarded traffic between `peer` and the served client at `client`:
+    /// the pair's rules, else the reply filter (fail closed, module docs).
+    #[inline]
+    pub fn client_filter(&self, peer: &[u8; 32], client: IpAddr) -> Option<&PortFilter> {
+        if !self.client_rules.is_empty() {
+            if let Ok(i) = self
+                .client_rules
+                .binary_search_by(|((k, a), _)| (k, a).cmp(&(peer, &client)))
+            {
+                return self.client_rules.get(i).map(|(_, f)| &**f);
+            }
+        }
+        self.reply_filter()
+    }
+
+    /// On receive from `peer`, after the destination was admitted: `None` when the packet
+    /// is not forwarded client traffic (the peer's own rules apply), else `Some(f)`: a
+    /// peer's packet towards a served client gets the pair's filter
+    /// ([`LocalNets::client_filter`]), a client's packet towards a peer none (its grant
+    /// decided; the member filters it). One branch when this node serves nobody.
+    #[inline]
+    pub fn forward_filter_in(
+        &self,
+        peer: &[u8; 32],
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Option<Option<&PortFilter>> {
+        if self.served_v4.is_empty() && self.served_v6.is_empty() {
+            return None;
+        }
+        if self.is_served(dst) && !self.is_own(src) {
+            Some(self.client_filter(peer, dst))
+        } else if self.is_served(src) && !self.is_own(dst) {
+            Some(None)
+        } else {
+            None
         }
     }
 
@@ -183,18 +266,24 @@ impl LocalNets {
         self.reply_filter.as_deref()
     }
 
-    /// On the send side, the filter for a packet this concentrator forwards for a client:
-    /// `None` when the packet is not forwarded client traffic (use the peer's own), else
-    /// `Some(f)`: a client's packet towards a peer is tracked under the reply filter (so
-    /// the peer's answers pass), a peer's packet towards a client was admitted on receive
-    /// (`Some(None)`).
+    /// On the send side (to `peer`), the filter for a packet this concentrator forwards
+    /// for a client: `None` when the packet is not forwarded client traffic (use the
+    /// peer's own), else `Some(f)`: a client's packet towards a peer is tracked under the
+    /// pair's filter ([`LocalNets::client_filter`]: the member's rules, else the reply
+    /// filter), so the peer's answers pass; a peer's packet towards a client was admitted
+    /// on receive (`Some(None)`).
     #[inline]
-    pub fn forward_filter_out(&self, src: IpAddr, dst: IpAddr) -> Option<Option<&PortFilter>> {
+    pub fn forward_filter_out(
+        &self,
+        peer: &[u8; 32],
+        src: IpAddr,
+        dst: IpAddr,
+    ) -> Option<Option<&PortFilter>> {
         if self.served_v4.is_empty() && self.served_v6.is_empty() {
             return None;
         }
         if self.is_served(src) && !self.is_own(dst) {
-            Some(self.reply_filter())
+            Some(self.client_filter(peer, src))
         } else if self.is_served(dst) && !self.is_own(src) {
             Some(None)
         } else {
@@ -522,5 +611,56 @@ mod tests {
         assert_eq!(l.served().count(), 2);
         let plain = LocalNets::new([me], []);
         assert!(!plain.forwarded_for_client(k, p));
+    }
+
+    /// Issue 15: each (member, client address) pair gets its own rules; a pair without
+    /// rules (another member, another client, a family the rules do not name) gets the
+    /// reply filter; a duplicated pair keeps its first rules; the client's side of a pair
+    /// may open anything (the member filters it).
+    #[test]
+    fn client_rules_are_chosen_per_member_and_client_and_fail_closed() {
+        use crate::core::conntrack::Dir;
+        let (alice, bob) = ([1u8; 32], [2u8; 32]);
+        let (me, k, k4, k2) = (
+            ip("fd5a:1f00::1"),
+            ip("fd5a:1f00::9"),
+            ip("100.64.0.9"),
+            ip("fd5a:1f00::8"),
+        );
+        let l = LocalNets::new([me], [])
+            .with_served([k, k4, k2])
+            .with_client_rules([
+                (alice, k, vec![(Proto::Tcp, 22, 22)]),
+                (alice, k, vec![(Proto::Both, 0, 65535)]),
+                (bob, k2, vec![(Proto::Udp, 53, 53)]),
+            ]);
+        let a = l.client_filter(&alice, k).unwrap();
+        assert_eq!(
+            a.inbound(Proto::Tcp),
+            vec![(22, 22)],
+            "the first claim wins"
+        );
+        assert!(a.inbound(Proto::Udp).is_empty());
+        assert!(a.all_traffic(Dir::Out));
+        let b = l.client_filter(&bob, k2).unwrap();
+        assert_eq!(b.inbound(Proto::Udp), vec![(53, 53)]);
+        let reply = l.reply_filter().unwrap();
+        for (peer, c) in [(&bob, k), (&alice, k2), (&alice, k4), (&[3u8; 32], k)] {
+            assert_eq!(l.client_filter(peer, c), Some(reply), "{c}");
+        }
+        assert!(!reply.all_traffic(Dir::In) && reply.inbound(Proto::Tcp).is_empty());
+        // On receive: towards a client the pair's filter, from a client none; to or from
+        // us, and with nobody served, the peer's own rules (`None`).
+        let p = ip("fd5a:1f00::5");
+        assert_eq!(l.forward_filter_in(&alice, p, k), Some(Some(a)));
+        assert_eq!(l.forward_filter_in(&alice, k, p), Some(None));
+        assert_eq!(l.forward_filter_in(&alice, me, k), None);
+        assert_eq!(l.forward_filter_in(&alice, k, me), None);
+        assert_eq!(l.forward_filter_out(&alice, k, p), Some(Some(a)));
+        assert_eq!(l.forward_filter_out(&bob, k, p), Some(Some(reply)));
+        assert_eq!(l.forward_filter_out(&alice, p, k), Some(None));
+        let plain = LocalNets::new([me], []);
+        assert_eq!(plain.forward_filter_in(&alice, p, k), None);
+        assert_eq!(plain.forward_filter_out(&alice, k, p), None);
     }
 }

@@ -231,13 +231,18 @@ impl Pipeline {
         };
         let peer = &entry.peer;
         // The filter of the destination: a client's behind its concentrator (`core::behind`),
-        // else the peer's; none for traffic a concentrator forwards for its client
-        // (`core::local`). Both extra checks are one branch when unused.
+        // else the peer's; for traffic a concentrator forwards for its client (`core::local`)
+        // the rules between the member and the client (a client's packet to a member), none
+        // (a member's packet to a client, checked on receive). Both extra checks are one
+        // branch when unused.
         // A LAN host's packet leaving a subnet router towards a member passes only as a
         // reply of the member's routed flow (`core::local`); a member's packet into a route
         // gets the routed filter from the router's entry (`core::behind`).
         let src = wire::peek_src(pkt);
-        let forwarded = src.and_then(|src| snap.local.forward_filter_out(src, dst));
+        let forwarded = src.and_then(|src| {
+            snap.local
+                .forward_filter_out(&entry.peer.public_key, src, dst)
+        });
         let filter = match forwarded {
             Some(f) => f,
             None => match src.and_then(|src| snap.local.route_filter_out(src)) {
@@ -840,8 +845,9 @@ fn deliver(
             return true;
         }
     }
-    // The source's filter (a client's behind its concentrator, `core::behind`), none for
-    // traffic a concentrator forwards for its client (`core::local`).
+    // The source's filter (a client's behind its concentrator, `core::behind`); for
+    // traffic a concentrator forwards for its client (`core::local`), the rules between
+    // the sending member and the client, none from the client.
     let routed = if reply_only {
         None
     } else {
@@ -854,9 +860,10 @@ fn deliver(
         // peer (`core::local`).
         routed
     } else {
-        entry
-            .filter_for(src)
-            .filter(|_| !dst.is_some_and(|dst| snap.local.forwarded_for_client(src, dst)))
+        match dst.and_then(|dst| snap.local.forward_filter_in(&peer.public_key, src, dst)) {
+            Some(f) => f,
+            None => entry.filter_for(src),
+        }
     };
     if let Some(f) = filter {
         if let Err(d) = f.check(Dir::In, pkt, flows.0, flows.1) {

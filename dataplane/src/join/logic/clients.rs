@@ -11,9 +11,12 @@
 //! * its concentrator C, with `client: true`: C makes K a WireGuard peer with no endpoint
 //!   (K dials in), AllowedIPs K's ULA /128 and mesh IPv4 /32, K's own port rules; K may
 //!   send through C to the addresses of its `may_use`, and each member P to K when P's
-//!   `may_use` names K's address; a member named in K's `may_use` but not granted K gets
-//!   a reply grant: it may answer inside flows K opened, never open one (the engine tracks
-//!   K's flows at C, `core::local`). P applies K's rules both ways;
+//!   `may_use` names K's address and P's `client_ports` carries the rules between P and K
+//!   (C holds P to them: the stock client filters nothing, and P may not filter either,
+//!   `core::local`); a member named in K's `may_use` but not granted K, or granted K
+//!   without rules for it (an older coordinator: fail closed), gets a reply grant: it may
+//!   answer inside flows K opened, never open one (the engine tracks K's flows at C,
+//!   `core::local`). P applies K's rules both ways;
 //! * every member V that the policy lets see K, with `via = C`: K is no peer of V; K's
 //!   addresses are added to C's AllowedIPs on V, with K's rules behind C's entry
 //!   (`core::behind`), so V holds K to what the policy gives K's tags, not C's.
@@ -87,6 +90,10 @@ pub struct ClientPlan {
     /// (member, served client address) pairs: that member may send to the client only
     /// inside a flow the client opened (the client may reach it, not the other way).
     pub reply_grants: Vec<([u8; 32], IpNet)>,
+    /// (member, served client address, ports on the client the member may open): the
+    /// rules the concentrator holds a granted member to on what it forwards to the client
+    /// (from the member entry's `client_ports`). Sorted; one per (member, address).
+    pub client_rules: Vec<([u8; 32], IpAddr, Rules)>,
     /// Public keys of entries that must not become ordinary peers (clients seen through
     /// a carrier, refused client entries).
     pub not_peers: BTreeSet<[u8; 32]>,
@@ -272,13 +279,29 @@ pub fn plan<'a>(
             }
         }
     }
+    // A member's grant to a client comes with the rules between them (`client_ports`):
+    // without rules for that client (an older coordinator) it is only a reply grant.
     for (e, key) in members.values() {
         for m in &e.may_use {
-            if let Some(a) = mesh_host(m).filter(|a| served_owner.contains_key(a)) {
-                p.grants.push((*key, host(a)));
+            let Some((a, k)) = mesh_host(m).and_then(|a| Some((a, served_owner.get(&a)?))) else {
+                continue;
+            };
+            let id = p
+                .served
+                .get(k)
+                .map(|s| s.peer_id.as_str())
+                .unwrap_or_default();
+            match e.client_ports.iter().find(|c| c.client == id) {
+                Some(c) => {
+                    p.grants.push((*key, host(a)));
+                    p.client_rules.push((*key, a, port_rules(&c.ports).0));
+                }
+                None => p.reply_grants.push((*key, host(a))),
             }
         }
     }
+    p.client_rules.sort_by_key(|r| (r.0, r.1));
+    p.client_rules.dedup_by(|a, b| (a.0, a.1) == (b.0, b.1));
     p.grants.sort();
     p.grants.dedup();
     // A member granted the client outright needs no reply grant.
@@ -312,7 +335,7 @@ mod tests {
     use super::*;
     use base64::Engine as _;
     use std::net::{Ipv4Addr, Ipv6Addr};
-    use tabbify_api::{ula, PortRange, PortRules};
+    use tabbify_api::{ula, ClientPorts, PortRange, PortRules};
 
     fn b64(k: u8) -> String {
         base64::engine::general_purpose::STANDARD.encode([k; 32])
@@ -383,6 +406,10 @@ mod tests {
             "100.64.0.9/32".into(),
             "10.1.0.0/16".into(),
         ];
+        p.client_ports = vec![ClientPorts {
+            client: k.peer_id.clone(),
+            ports: ports(22, 8730),
+        }];
         let plan = plan([&p, &q, &k], "me", true);
         assert_eq!(plan.served.len(), 1);
         let s = &plan.served[&[9; 32]];
@@ -396,6 +423,19 @@ mod tests {
         assert!(g(9, "100.64.0.2".parse().unwrap()));
         assert!(g(2, IpAddr::V6(kula)) && g(2, "100.64.0.9".parse().unwrap()));
         assert!(plan.reply_grants.is_empty(), "p is granted outright");
+        // With the rules between p and k for each of k's addresses.
+        let rules = vec![(Proto::Both, 22, 22)];
+        assert_eq!(
+            plan.client_rules,
+            vec![
+                (
+                    [2; 32],
+                    IpAddr::V4(Ipv4Addr::new(100, 64, 0, 9)),
+                    rules.clone()
+                ),
+                ([2; 32], IpAddr::V6(kula), rules),
+            ]
+        );
         assert!(
             !plan.grants.iter().any(|(k, _)| *k == [3; 32]),
             "Q: nothing"
@@ -411,6 +451,37 @@ mod tests {
             .reply_grants
             .contains(&([2; 32], IpNet::host(IpAddr::V6(kula)))));
         assert_eq!(plan.reply_grants.len(), 2);
+    }
+
+    /// A member granted a client (its `may_use`) without the rules between them — an
+    /// older coordinator, or rules naming another client — fails closed: only a reply
+    /// grant, no grant and no rules, so it cannot open a flow to the client.
+    #[test]
+    fn a_grant_without_client_ports_is_only_a_reply_grant() {
+        let mut p = member("p", 2, 2);
+        let mut k = client("k", 9, 9);
+        k.client = true;
+        let other = client("other", 10, 10);
+        p.may_use = vec![format!("{}/128", k.ula), "100.64.0.9/32".into()];
+        for cp in [
+            vec![],
+            vec![ClientPorts {
+                client: other.peer_id.clone(),
+                ports: ports(0, 0),
+            }],
+        ] {
+            p.client_ports = cp;
+            let plan = plan([&p, &k], "me", true);
+            assert!(plan.grants.is_empty(), "{:?}", plan.grants);
+            assert!(plan.client_rules.is_empty(), "{:?}", plan.client_rules);
+            assert_eq!(
+                plan.reply_grants,
+                vec![
+                    ([2; 32], IpNet::host("100.64.0.9".parse().unwrap())),
+                    ([2; 32], IpNet::host(IpAddr::V6(k.ula))),
+                ]
+            );
+        }
     }
 
     /// The attacker is the coordinator, talking to a member that is no concentrator: it

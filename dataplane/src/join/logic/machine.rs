@@ -1349,6 +1349,7 @@ mod tests {
             may_use: vec![],
             via: None,
             client: false,
+            client_ports: vec![],
         }
     }
 

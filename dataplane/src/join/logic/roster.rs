@@ -693,6 +693,7 @@ mod tests {
             may_use: vec![],
             via: None,
             client: false,
+            client_ports: vec![],
         }
     }
 
