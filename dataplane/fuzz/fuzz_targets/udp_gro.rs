@@ -26,7 +26,9 @@ fuzz_target!(|data: &[u8]| {
                 check(&mut c, &mut scratch);
                 assert_ne!(c.push(pkt), Err(CoalesceError::Full));
             }
-            Err(CoalesceError::TooLarge) => unreachable!("inputs are at most 65535 bytes"),
+            Err(CoalesceError::TooLarge | CoalesceError::NoLanding) => {
+                unreachable!("inputs are at most 65535 bytes, and push needs no landing")
+            }
         }
         // Interleave finish() with pushes: finished heads must stay closed.
         if pkt.first() == Some(&0xff) {

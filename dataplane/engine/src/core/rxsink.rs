@@ -131,25 +131,66 @@ fn is_udp(pkt: &[u8]) -> bool {
     }
 }
 
+/// [`RxSink`]'s path for a packet the TCP coalescer did not take: the UDP coalescer, else
+/// the compact batch.
+fn push_rest(udp: &mut Option<UdpCoalescer>, plain: &mut TunBatch, pkt: &[u8]) -> bool {
+    if let Some(u) = udp.as_mut() {
+        if is_udp(pkt) {
+            match u.push(pkt) {
+                Ok(UdpPush::Coalesced | UdpPush::Head) => return true,
+                Ok(UdpPush::NotCandidate) | Err(_) => {}
+            }
+        }
+    }
+    plain.push(pkt)
+}
+
 impl TunSink for RxSink {
     fn push(&mut self, pkt: &[u8]) -> bool {
         if let Some(g) = self.gro.as_mut() {
             if is_tcp_data(pkt) {
                 match g.push(pkt) {
                     Ok(_) => return true,
-                    Err(CoalesceError::Full) | Err(CoalesceError::TooLarge) => {}
+                    Err(
+                        CoalesceError::Full | CoalesceError::TooLarge | CoalesceError::NoLanding,
+                    ) => {}
                 }
             }
         }
-        if let Some(u) = self.udp.as_mut() {
-            if is_udp(pkt) {
-                match u.push(pkt) {
-                    Ok(UdpPush::Coalesced | UdpPush::Head) => return true,
-                    Ok(UdpPush::NotCandidate) | Err(_) => {}
-                }
+        push_rest(&mut self.udp, &mut self.plain, pkt)
+    }
+
+    /// Room in the TCP coalescer ([`Coalescer::land`]): a TCP data segment decrypted there
+    /// joins its head (or starts one) without a copy; anything else is copied on as by
+    /// [`RxSink::push`].
+    fn land(&mut self, need: usize) -> Option<&mut [u8]> {
+        self.gro.as_mut()?.land(need)
+    }
+
+    fn commit(&mut self, len: usize) -> bool {
+        let Self { gro, udp, plain } = self;
+        let Some(g) = gro.as_mut() else {
+            return false;
+        };
+        let tcp_data = match g.landed(len) {
+            Some(pkt) => is_tcp_data(pkt),
+            None => {
+                g.abandon();
+                return false;
             }
+        };
+        if tcp_data && g.commit(len).is_ok() {
+            return true;
         }
-        self.plain.push(pkt)
+        let ok = g.landed(len).is_some_and(|pkt| push_rest(udp, plain, pkt));
+        g.abandon();
+        ok
+    }
+
+    fn abandon(&mut self) {
+        if let Some(g) = self.gro.as_mut() {
+            g.abandon();
+        }
     }
 }
 

@@ -187,4 +187,8 @@ pub enum CoalesceError {
     /// The packet is larger than [`MAX_PACKET`].
     #[error("packet larger than 65535 bytes")]
     TooLarge,
+    /// [`Coalescer::commit`] without room handed out by [`Coalescer::land`], or for more
+    /// bytes than it had.
+    #[error("no landing for the packet")]
+    NoLanding,
 }
