@@ -34,6 +34,7 @@
 //!
 //! Nothing here allocates after construction, and no input can make it panic.
 
+mod landing;
 pub mod split;
 pub mod tcp_gro;
 #[cfg(any(test, feature = "testkit"))]

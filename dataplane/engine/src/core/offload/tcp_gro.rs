@@ -8,6 +8,7 @@
 //! [`Coalescer::clear`] comes only after every write of them completed; a flow's packets
 //! keep their order; nothing allocates after construction and no input can make it panic.
 
+use super::landing::{place, Landing, Src, Stash};
 use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
 use super::{super_headers, CoalesceError, Flow, IpFields};
 use crate::core::wire::{ipv4, protocol, tcp, IpPacket, TcpPacket};
@@ -105,33 +106,7 @@ pub struct Coalescer {
     last: Option<usize>,
     /// The room [`Coalescer::land`] handed out, until [`Coalescer::commit`] or
     /// [`Coalescer::abandon`].
-    landing: Option<Landing>,
-    /// The head bytes a landing in a head's tail covers, restored when it ends.
-    stash: [u8; STASH],
-}
-
-/// The most header bytes a head's segments have: IPv6 (40, the longest a head takes) and
-/// TCP with the most options (60).
-const STASH: usize = 40 + 60;
-
-/// Room handed out for the next decrypted packet (see [`Coalescer::land`]).
-#[derive(Debug, Clone, Copy)]
-struct Landing {
-    /// Arena offset of the packet's first byte.
-    at: usize,
-    /// Bytes of room from `at`, within one slot's buffer.
-    room: usize,
-    /// Bytes of the head's tail that the packet's headers cover, saved in the stash (0 in a
-    /// free slot).
-    saved: usize,
-}
-
-/// Where the packet being pushed is: a caller's slice, or a landing in the arena.
-#[derive(Clone, Copy)]
-enum Src<'a> {
-    Outside(&'a [u8]),
-    /// Arena offset and length.
-    Landed(usize, usize),
+    stash: Stash,
 }
 
 impl std::fmt::Debug for Coalescer {
@@ -173,8 +148,7 @@ impl Coalescer {
             .into_boxed_slice(),
             used: 0,
             last: None,
-            landing: None,
-            stash: [0; STASH],
+            stash: Stash::new(),
         }
     }
 
@@ -217,27 +191,15 @@ impl Coalescer {
     pub fn land(&mut self, need: usize) -> Option<&mut [u8]> {
         self.abandon();
         let l = self.tail_landing(need).or_else(|| {
-            (self.used < self.slots.len() && need <= BUF_LEN - VNET_HDR_LEN).then(|| Landing {
-                at: self.used * BUF_LEN + VNET_HDR_LEN,
-                room: BUF_LEN - VNET_HDR_LEN,
-                saved: 0,
-            })
+            (self.used < self.slots.len()).then(|| Landing::fresh(self.used, need))?
         })?;
-        if l.saved > 0 {
-            self.stash[..l.saved].copy_from_slice(&self.arena[l.at..l.at + l.saved]);
-        }
-        self.landing = Some(l);
-        self.arena.get_mut(l.at..l.at + l.room)
+        self.stash.open(&mut self.arena, l)
     }
 
     /// The first `len` bytes of the room [`land`](Self::land) handed out, if it is
     /// still out and that large.
     pub fn landed(&self, len: usize) -> Option<&[u8]> {
-        let l = self.landing?;
-        if len > l.room {
-            return None;
-        }
-        self.arena.get(l.at..l.at + len)
+        self.stash.landed(&self.arena, len)
     }
 
     /// Takes the `len`-byte packet written into the room [`land`](Self::land) handed out,
@@ -246,12 +208,9 @@ impl Coalescer {
     /// [`landed`](Self::landed) (to put it elsewhere) and then [`abandon`](Self::abandon)s
     /// it. [`CoalesceError::NoLanding`] when no room is out or `len` exceeds it.
     pub fn commit(&mut self, len: usize) -> Result<Pushed, CoalesceError> {
-        let Some(l) = self.landing else {
+        let Some(l) = self.stash.out().filter(|l| len <= l.room) else {
             return Err(CoalesceError::NoLanding);
         };
-        if len > l.room {
-            return Err(CoalesceError::NoLanding);
-        }
         if len > MAX_PACKET {
             return Err(CoalesceError::TooLarge);
         }
@@ -265,39 +224,24 @@ impl Coalescer {
     /// Ends the landing [`land`](Self::land) handed out, if any, without taking a packet:
     /// the head bytes it covered are restored.
     pub fn abandon(&mut self) {
-        if let Some(l) = self.landing.take() {
-            self.arena[l.at..l.at + l.saved].copy_from_slice(&self.stash[..l.saved]);
-        }
+        self.stash.abandon(&mut self.arena);
     }
 
-    /// A landing in the tail of the latest head when it is open and a segment joining it
-    /// (same header length) fits: the segment's headers over the head's last bytes (which
-    /// must all be payload, never the head's own headers) and its payload right after.
+    /// A landing in the tail of the latest head, if it is open (see [`Landing::tail`]).
     fn tail_landing(&self, need: usize) -> Option<Landing> {
         let i = self.last?;
         let slot = self.slots.get(i)?;
-        let SlotKind::Head(h) = slot.kind else {
-            return None;
-        };
-        let hdrs = h.l3 + h.l4;
-        let base = i * BUF_LEN;
-        let end = base + slot.len;
-        let at = end.checked_sub(hdrs)?;
-        let ok = h.open
-            && !h.finished
-            && hdrs <= STASH
-            && at >= base + VNET_HDR_LEN + hdrs
-            && at + need <= base + BUF_LEN;
-        ok.then_some(Landing {
-            at,
-            room: base + BUF_LEN - at,
-            saved: hdrs,
-        })
+        match slot.kind {
+            SlotKind::Head(h) if h.open && !h.finished => {
+                Landing::tail(i, slot.len, h.l3 + h.l4, need)
+            }
+            _ => None,
+        }
     }
 
     /// [`push`](Self::push) from wherever the packet is (at most [`MAX_PACKET`] bytes).
     fn push_from(&mut self, src: Src<'_>) -> Result<Pushed, CoalesceError> {
-        let found = candidate(self.bytes(src), self.verify_l4);
+        let found = candidate(src.bytes(&self.arena), self.verify_l4);
         let Some((cand, key_ok)) = found else {
             return self.new_slot(src, None);
         };
@@ -315,25 +259,6 @@ impl Coalescer {
             self.last = Some(self.used - 1);
         }
         r
-    }
-
-    /// The packet's bytes.
-    fn bytes<'a>(&'a self, src: Src<'a>) -> &'a [u8] {
-        match src {
-            Src::Outside(p) => p,
-            Src::Landed(at, len) => self.arena.get(at..at + len).unwrap_or(&[]),
-        }
-    }
-
-    /// Copies `range` of the packet to arena offset `to`: nothing to do when it landed
-    /// there already.
-    fn place(&mut self, src: Src<'_>, range: std::ops::Range<usize>, to: usize) {
-        let n = range.len();
-        match src {
-            Src::Outside(p) => self.arena[to..to + n].copy_from_slice(&p[range]),
-            Src::Landed(at, _) if at + range.start == to => {}
-            Src::Landed(at, _) => self.arena.copy_within(at + range.start..at + range.end, to),
-        }
     }
 
     /// Rewrites each head's headers for the TUN write (once) and yields every buffer,
@@ -357,7 +282,7 @@ impl Coalescer {
     pub fn clear(&mut self) {
         self.used = 0;
         self.last = None;
-        self.landing = None;
+        self.stash.forget();
     }
 
     /// [`finish`](Self::finish), hand every buffer to `write`, then [`clear`](Self::clear):
@@ -382,10 +307,10 @@ impl Coalescer {
             return Err(CoalesceError::Full);
         }
         let i = self.used;
-        let len = self.bytes(src).len();
+        let len = src.bytes(&self.arena).len();
         self.used += 1;
         self.buf_mut(i)[..VNET_HDR_LEN].fill(0);
-        self.place(src, 0..len, i * BUF_LEN + VNET_HDR_LEN);
+        place(&mut self.arena, src, 0..len, i * BUF_LEN + VNET_HDR_LEN);
         let (kind, pushed) = match cand {
             Some(c) => (
                 SlotKind::Head(Head {
@@ -425,7 +350,7 @@ impl Coalescer {
             return false;
         };
         let head = &self.buf(i)[VNET_HDR_LEN..slot.len];
-        let pkt = self.bytes(src);
+        let pkt = src.bytes(&self.arena);
         if !(h.ip == c.ip
             && h.l4 == c.l4
             && h.tcp == c.tcp
@@ -441,7 +366,7 @@ impl Coalescer {
             return false;
         }
         let at = slot.len;
-        self.place(src, payload, i * BUF_LEN + at);
+        place(&mut self.arena, src, payload, i * BUF_LEN + at);
         h.segs += 1;
         h.next_seq = h.next_seq.wrapping_add(c.payload_len as u32);
         if c.payload_len < h.gso_size || c.psh {
