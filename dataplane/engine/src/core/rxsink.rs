@@ -180,15 +180,12 @@ impl TunSink for RxSink {
     fn land(&mut self, need: usize) -> Option<&mut [u8]> {
         self.abandon();
         let udp = self.udp_last && self.udp.is_some() || self.gro.is_none();
-        self.landed_udp = Some(udp);
         let room = if udp {
             self.udp.as_mut()?.land(need)
         } else {
             self.gro.as_mut()?.land(need)
         };
-        if room.is_none() {
-            self.landed_udp = None;
-        }
+        self.landed_udp = room.is_some().then_some(udp);
         room
     }
 
