@@ -13,8 +13,11 @@
 //!
 //! Arguments: `tcp` (1420-byte TCP/IPv4 segments of one flow, coalesced by TCP GRO), `tcp6`
 //! (the same over IPv6), `udp` (1400-byte UDP/IPv4 datagrams of one flow, coalesced by UDP
-//! GRO), and the number of batches (default 200). Without valgrind it prints the wall time
-//! per byte too (noisy on a shared machine: quote the instruction counts).
+//! GRO), the number of batches (default 200), and optionally `push`: the sink then offers
+//! no room to decrypt into, so every packet is decrypted into the pipeline's scratch and
+//! copied into the coalescer (the path before decrypt-in-place), for an A/B in one binary.
+//! Without valgrind it prints the wall time per byte too (noisy on a shared machine: quote
+//! the instruction counts).
 
 use std::hint::black_box;
 use std::net::{IpAddr, SocketAddr};
@@ -97,6 +100,16 @@ impl TunSink for Count {
     }
 }
 
+/// The sink without its room to decrypt into (`TunSink::land` stays `None`): every packet
+/// is copied in by `push`.
+struct PushOnly<'a>(&'a mut RxSink);
+
+impl TunSink for PushOnly<'_> {
+    fn push(&mut self, pkt: &[u8]) -> bool {
+        self.0.push(pkt)
+    }
+}
+
 fn deliver(from: &mut Node, to: &mut Node, sink: &mut impl TunSink) {
     let mut out = Vec::new();
     let mut done = Vec::new();
@@ -176,9 +189,20 @@ fn rx_batch(
     d: &[u8],
     dlen: usize,
     rx: &mut RxSink,
+    push_only: bool,
 ) -> (usize, usize) {
-    pipe.on_udp(snap, from, black_box(d), Some(dlen as u16), rx)
-        .expect("room");
+    if push_only {
+        pipe.on_udp(
+            snap,
+            from,
+            black_box(d),
+            Some(dlen as u16),
+            &mut PushOnly(rx),
+        )
+    } else {
+        pipe.on_udp(snap, from, black_box(d), Some(dlen as u16), rx)
+    }
+    .expect("room");
     let (mut writes, mut written) = (0, 0);
     rx.for_each(|w| {
         writes += 1;
@@ -195,6 +219,7 @@ fn main() {
         .collect();
     let kind = args.first().map_or("tcp", String::as_str);
     let batches: usize = args.get(1).map_or(200, |n| n.parse().expect("a count"));
+    let push_only = args.get(2).is_some_and(|a| a == "push");
     let key_a = [1u8; 32];
     let key_b = [2u8; 32];
     let (ep_a, ep_b) = ("192.0.2.1:51820", "192.0.2.2:51820");
@@ -248,7 +273,7 @@ fn main() {
     let mut written = 0usize;
     let t = Instant::now();
     for d in &encrypted {
-        let (n, bytes) = rx_batch(&mut b.pipe, &b_snap, a.ep, d, dlen, &mut rx);
+        let (n, bytes) = rx_batch(&mut b.pipe, &b_snap, a.ep, d, dlen, &mut rx, push_only);
         writes += n;
         written += bytes;
     }
@@ -256,7 +281,8 @@ fn main() {
     assert_eq!(b.counters.total(), 0, "no drop");
     let inner_bytes: usize = batches * segs.iter().map(Vec::len).sum::<usize>();
     println!(
-        "{kind}: {batches} batches, {inner_bytes} inner bytes, {writes} TUN writes of {written} bytes, {:.3} ns/byte",
+        "{kind}{}: {batches} batches, {inner_bytes} inner bytes, {writes} TUN writes of {written} bytes, {:.3} ns/byte",
+        if push_only { " (push)" } else { "" },
         el.as_nanos() as f64 / inner_bytes as f64
     );
 }
