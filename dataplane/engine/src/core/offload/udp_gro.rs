@@ -617,4 +617,61 @@ mod tests {
             let _ = c.finish().count();
         });
     }
+
+    /// `pkt` written into the room `land` gives (followed by a tag's worth of junk); the
+    /// room's start.
+    fn land_in(c: &mut UdpCoalescer, pkt: &[u8]) -> usize {
+        let room = c.land(pkt.len() + 16).expect("room");
+        room[..pkt.len() + 16].fill(0x5a);
+        room[..pkt.len()].copy_from_slice(pkt);
+        room.as_ptr() as usize
+    }
+
+    #[test]
+    fn landing_joins_in_place_and_gives_back_what_it_does_not_take() {
+        let (a, b) = (udp4(1000, &payload(1, 1200)), udp4(1000, &payload(2, 1200)));
+        let other = udp4(2000, &payload(3, 1200));
+        let short = udp4(1000, &payload(4, 100));
+        let mut c = UdpCoalescer::new(1);
+        let head = land_in(&mut c, &a);
+        assert_eq!(c.commit(a.len()), Ok(UdpPush::Head));
+        assert_eq!(
+            head,
+            c.arena.as_ptr() as usize + VNET_HDR_LEN,
+            "a head starts where it landed"
+        );
+        // The next datagram lands with its headers over the head's last 28 bytes.
+        let at = land_in(&mut c, &b);
+        assert_eq!(at, head + a.len() - 28);
+        assert_eq!(c.commit(b.len()), Ok(UdpPush::Coalesced));
+        // Another flow finds no free slot: refused, still readable, given back whole.
+        land_in(&mut c, &other);
+        assert_eq!(c.commit(other.len()), Err(CoalesceError::Full));
+        assert_eq!(c.landed(other.len()), Some(&other[..]));
+        c.abandon();
+        // Not UDP: not taken, given back.
+        let mut tcp = other.clone();
+        tcp[9] = protocol::TCP;
+        land_in(&mut c, &tcp);
+        assert_eq!(c.commit(tcp.len()), Ok(UdpPush::NotCandidate));
+        c.abandon();
+        // Filtered after decryption: given back.
+        land_in(&mut c, &other);
+        c.abandon();
+        // The last short datagram joins and closes the head: no tail to land in any more.
+        land_in(&mut c, &short);
+        assert_eq!(c.commit(short.len()), Ok(UdpPush::Coalesced));
+        assert!(
+            c.land(100).is_none(),
+            "a closed head and no free slot: no room"
+        );
+        let got: Vec<Vec<u8>> = c.finish().map(<[u8]>::to_vec).collect();
+        let mut want = UdpCoalescer::new(1);
+        for p in [&a, &b, &short] {
+            assert_ne!(want.push(p), Err(CoalesceError::Full));
+        }
+        let want: Vec<Vec<u8>> = want.finish().map(<[u8]>::to_vec).collect();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 1);
+    }
 }
