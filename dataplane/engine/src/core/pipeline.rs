@@ -17,8 +17,10 @@
 //!           receiver index (lock peer once per run of datagrams; a datagram that is not
 //!           WireGuard: a relay frame restored into a scratch buffer and taken on like
 //!           WireGuard, STUN and relay control to the control queue, see `core::demux`,
-//!           junk dropped) ─▶ Tunn::decapsulate ─▶ an authenticated datagram moves the
-//!           direct endpoint or the relay route, by how it came; a direct-path probe
+//!           junk dropped) ─▶ Tunn::decapsulate (into room the TUN sink offers, where
+//!           the packet is written from: no copy when it joins a head) ─▶ an
+//!           authenticated datagram moves the direct endpoint or the relay route, by how
+//!           it came; a direct-path probe
 //!           (`core::path::Probe`) is answered or matched here and never reaches the TUN,
 //!           and only a direct answer to our own probe upgrades a relayed path
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter

@@ -13,6 +13,13 @@
 //! come here, so the coalescer does not re-check TCP checksums the AEAD tag already covers
 //! ([`Coalescer::authenticated`]).
 //!
+//! Decrypting in place: the pipeline asks for room first ([`TunSink::land`]) and boringtun
+//! decrypts into it. The room is in the coalescer the previous packet went to (the UDP one
+//! after a UDP datagram, else the TCP one): at the tail of the latest head, so a
+//! continuing segment or datagram joins without a copy, or at the start of a free slot. A
+//! packet that belongs elsewhere (another head, the compact batch) is copied there from the
+//! room, and the room is given back (see `core::offload::landing`).
+//!
 //! Ownership: [`RxSink::for_each`] yields every buffer for writing; [`RxSink::clear`] only
 //! after all those writes completed.
 
