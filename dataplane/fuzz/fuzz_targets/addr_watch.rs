@@ -13,7 +13,11 @@ fuzz_target!(|data: &[u8]| {
     assert!(parsed.malformed <= 1);
     let mut again = Vec::new();
     for change in &parsed.changes {
-        let kind = if change.added { RTM_NEWADDR } else { RTM_DELADDR };
+        let kind = if change.added {
+            RTM_NEWADDR
+        } else {
+            RTM_DELADDR
+        };
         again.extend_from_slice(&24u32.to_ne_bytes());
         again.extend_from_slice(&kind.to_ne_bytes());
         again.extend_from_slice(&[0; 10]);

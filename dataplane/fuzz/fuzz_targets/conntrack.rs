@@ -27,7 +27,10 @@ fn reverse(p: &[u8]) -> Vec<u8> {
         Some(6) if p.len() >= 40 => (8, 16, 40, p[6]),
         _ => return p,
     };
-    let (a, b) = (p[addr..addr + n].to_vec(), p[addr + n..addr + 2 * n].to_vec());
+    let (a, b) = (
+        p[addr..addr + n].to_vec(),
+        p[addr + n..addr + 2 * n].to_vec(),
+    );
     p[addr..addr + n].copy_from_slice(&b);
     p[addr + n..addr + 2 * n].copy_from_slice(&a);
     if matches!(proto, 6 | 17) && p.len() >= l4 + 4 {

@@ -33,10 +33,17 @@ fuzz_target!(|data: &[u8]| {
     let f = PortFilter::from_ranges(out, inb);
 
     let (fo, fi) = (f.outbound(Proto::Tcp), f.inbound(Proto::Udp));
-    assert_eq!(fo, f.outbound(Proto::Both), "bare ranges cover both protocols");
+    assert_eq!(
+        fo,
+        f.outbound(Proto::Both),
+        "bare ranges cover both protocols"
+    );
     for (norm, raw) in [(&fo[..], out), (&fi[..], inb)] {
         for w in norm.windows(2) {
-            assert!(u32::from(w[0].1) + 1 < u32::from(w[1].0), "sorted, apart: {norm:?}");
+            assert!(
+                u32::from(w[0].1) + 1 < u32::from(w[1].0),
+                "sorted, apart: {norm:?}"
+            );
         }
         for &(a, b) in norm {
             assert!(a <= b);
@@ -55,7 +62,11 @@ fuzz_target!(|data: &[u8]| {
     let (o, i) = (f.allows_out(pkt), f.allows_in(pkt));
     let mirror = PortFilter::from_ranges(inb, out);
     assert_eq!(mirror.allows_in(pkt), o, "allows_in is allows_out mirrored");
-    assert_eq!(mirror.allows_out(pkt), i, "allows_out is allows_in mirrored");
+    assert_eq!(
+        mirror.allows_out(pkt),
+        i,
+        "allows_out is allows_in mirrored"
+    );
 
     let none = PortFilter::from_ranges(&[], &[]);
     assert!(!none.allows_out(pkt) && !none.allows_in(pkt));
@@ -66,6 +77,9 @@ fuzz_target!(|data: &[u8]| {
     assert!(!o || ao, "nothing passes that every-port rules refuse");
     assert!(!i || ai);
     if ao {
-        assert!(IpPacket::new_checked(pkt).is_ok(), "only well-formed IP passes");
+        assert!(
+            IpPacket::new_checked(pkt).is_ok(),
+            "only well-formed IP passes"
+        );
     }
 });

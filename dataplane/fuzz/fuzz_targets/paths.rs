@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use libfuzzer_sys::fuzz_target;
 use tabbify_api::NatClass;
 use tabbify_dataplane::join::logic::paths::{
-    check_relay_url, Observed, Origin, Path, PathAction, PeerFacts, Paths, MAX_SESSIONS,
+    check_relay_url, Observed, Origin, Path, PathAction, Paths, PeerFacts, MAX_SESSIONS,
 };
 
 const URLS: [&str; 10] = [
@@ -129,7 +129,11 @@ fuzz_target!(|data: &[u8]| {
                 let Some(f) = b.next() else { break };
                 let home = if f & 0x80 != 0 { b.url() } else { None };
                 let candidates = (0..f & 3)
-                    .map(|i| format!("198.51.100.{}:51820", k.wrapping_add(i)).parse().unwrap())
+                    .map(|i| {
+                        format!("198.51.100.{}:51820", k.wrapping_add(i))
+                            .parse()
+                            .unwrap()
+                    })
                     .collect();
                 p.upsert_peer(
                     [k % 8; 32],
@@ -147,9 +151,20 @@ fuzz_target!(|data: &[u8]| {
             }
             4 => {
                 let Some(k) = b.next() else { break };
-                let path = if k & 0x80 != 0 { Path::Direct } else { Path::Relay };
+                let path = if k & 0x80 != 0 {
+                    Path::Direct
+                } else {
+                    Path::Relay
+                };
                 let rx = (k & 0x40 != 0).then_some(now);
-                p.observe(&[k % 8; 32], Observed { path, last_direct_rx: rx }, now);
+                p.observe(
+                    &[k % 8; 32],
+                    Observed {
+                        path,
+                        last_direct_rx: rx,
+                    },
+                    now,
+                );
             }
             5 => p.underlay_changed(now),
             6 => {

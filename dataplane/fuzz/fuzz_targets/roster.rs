@@ -82,8 +82,12 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         display_name: id.into(),
         tags: vec![],
         public_key: b64(key),
-        endpoints: vec![ENDPOINTS[usize::from(flags & 7) % ENDPOINTS.len()].parse().ok()?],
-        reflexive_endpoint: ENDPOINTS[usize::from(flags >> 5) % ENDPOINTS.len()].parse().ok()?,
+        endpoints: vec![ENDPOINTS[usize::from(flags & 7) % ENDPOINTS.len()]
+            .parse()
+            .ok()?],
+        reflexive_endpoint: ENDPOINTS[usize::from(flags >> 5) % ENDPOINTS.len()]
+            .parse()
+            .ok()?,
         mapped_endpoints: vec![],
         nat: Default::default(),
         hosted_app_ulas: Vec::new(),
@@ -105,14 +109,18 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
     let cflags = b.next()?;
     e.client = cflags & 1 != 0;
     if cflags & 2 != 0 {
-        e.via = Some(ula::identity_peer_id(IDS[usize::from(cflags >> 5) % IDS.len()]));
+        e.via = Some(ula::identity_peer_id(
+            IDS[usize::from(cflags >> 5) % IDS.len()],
+        ));
     }
     if cflags & 4 != 0 {
         e.ipv4 = Some(std::net::Ipv4Addr::new(100, 64, 0, cflags >> 3));
     }
     if cflags & 8 != 0 {
-        e.may_use.push(ula::identity_ula(IDS[usize::from(cflags >> 4) % IDS.len()]).to_string());
-        e.may_use.push(MAY_USE[usize::from(cflags >> 5) % MAY_USE.len()].into());
+        e.may_use
+            .push(ula::identity_ula(IDS[usize::from(cflags >> 4) % IDS.len()]).to_string());
+        e.may_use
+            .push(MAY_USE[usize::from(cflags >> 5) % MAY_USE.len()].into());
     }
     if cflags & 0x10 != 0 {
         // Rules for a client (or a member, or nobody: forged), on any entry.
@@ -164,7 +172,9 @@ fn event(b: &mut Bytes<'_>) -> Option<SseEvent> {
         _ => SseEvent::HolePunch(HolePunch {
             peer_id: String::new(),
             public_key: b64(b.next()? % 5),
-            endpoint: ENDPOINTS[usize::from(b.next()?) % ENDPOINTS.len()].parse().ok()?,
+            endpoint: ENDPOINTS[usize::from(b.next()?) % ENDPOINTS.len()]
+                .parse()
+                .ok()?,
         }),
     })
 }
@@ -232,7 +242,10 @@ impl Model {
                         "a client as a table peer: {e:?}"
                     );
                 } else {
-                    assert!(!e.client && e.via.is_none(), "a flagged member as a peer: {e:?}");
+                    assert!(
+                        !e.client && e.via.is_none(),
+                        "a flagged member as a peer: {e:?}"
+                    );
                 }
             }
         }

@@ -60,7 +60,10 @@ fuzz_target!(|data: &[u8]| {
         let Some(n) = next() else { break };
         let pick = |b: u8| PREFIXES[usize::from(b) % PREFIXES.len()].to_string();
         let routes = (0..(n % 4)).filter_map(|_| next()).map(pick).collect();
-        let may_use = (0..((n >> 2) % 3)).filter_map(|_| next()).map(pick).collect();
+        let may_use = (0..((n >> 2) % 3))
+            .filter_map(|_| next())
+            .map(pick)
+            .collect();
         offers.push(Offer {
             peer_id: format!("p{k}"),
             name: format!("n{k}"),
@@ -102,7 +105,13 @@ fuzz_target!(|data: &[u8]| {
     assert!(owners.values().all(|&c| c == 1), "{owners:?}");
     for (_, g) in &p.grants {
         let in_route = settings.advertised.iter().any(|a| covers(a, g));
-        assert!(in_route || (settings.advertise_exit_node && exit.contains(g)), "{g}");
-        assert!(!overlaps(g, &mesh_v6()) && (!overlaps(g, &mesh_v4()) || in_route), "{g}");
+        assert!(
+            in_route || (settings.advertise_exit_node && exit.contains(g)),
+            "{g}"
+        );
+        assert!(
+            !overlaps(g, &mesh_v6()) && (!overlaps(g, &mesh_v4()) || in_route),
+            "{g}"
+        );
     }
 });

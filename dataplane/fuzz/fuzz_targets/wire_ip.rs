@@ -15,12 +15,28 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(peek_dst(data), Some(p.dst()));
         assert!(p.total_len() <= data.len());
         assert_eq!(p.header_len() + p.payload().len(), p.total_len());
-        let _ = (p.protocol(), p.packet(), p.pseudo_header_sum(p.payload().len() as u32));
+        let _ = (
+            p.protocol(),
+            p.packet(),
+            p.pseudo_header_sum(p.payload().len() as u32),
+        );
         l4(p.payload(), p.pseudo_header_sum(p.payload().len() as u32));
     }
     if let Ok(p) = Ipv4Packet::new_checked(data) {
-        let _ = (p.tos(), p.ident(), p.flags_frag(), p.dont_frag(), p.more_frags());
-        let _ = (p.frag_offset(), p.is_fragment(), p.ttl(), p.checksum(), p.verify_checksum());
+        let _ = (
+            p.tos(),
+            p.ident(),
+            p.flags_frag(),
+            p.dont_frag(),
+            p.more_frags(),
+        );
+        let _ = (
+            p.frag_offset(),
+            p.is_fragment(),
+            p.ttl(),
+            p.checksum(),
+            p.verify_checksum(),
+        );
         let _ = (p.header(), p.options());
         let r = Ipv4Repr::parse(&p);
         let mut out = [0u8; 20];
@@ -39,9 +55,17 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(p) = Ipv6Packet::new_checked(data) {
-        let _ = (p.traffic_class(), p.flow_label(), p.hop_limit(), p.header(), p.next_header());
+        let _ = (
+            p.traffic_class(),
+            p.flow_label(),
+            p.hop_limit(),
+            p.header(),
+            p.next_header(),
+        );
         let mut out = [0u8; 40];
-        Ipv6Repr::parse(&p).emit(&mut out).expect("a parsed header re-emits");
+        Ipv6Repr::parse(&p)
+            .emit(&mut out)
+            .expect("a parsed header re-emits");
         let mut copy = data.to_vec();
         let mut m = Ipv6Packet::new_checked(&mut copy[..]).expect("same bytes");
         m.set_hop_limit(1);
@@ -56,8 +80,21 @@ fuzz_target!(|data: &[u8]| {
 
 fn l4(data: &[u8], pseudo: u64) {
     if let Ok(t) = TcpPacket::new_checked(data) {
-        let _ = (t.src_port(), t.dst_port(), t.seq(), t.ack(), t.flags(), t.window());
-        let _ = (t.checksum(), t.urgent(), t.header(), t.options(), t.payload());
+        let _ = (
+            t.src_port(),
+            t.dst_port(),
+            t.seq(),
+            t.ack(),
+            t.flags(),
+            t.window(),
+        );
+        let _ = (
+            t.checksum(),
+            t.urgent(),
+            t.header(),
+            t.options(),
+            t.payload(),
+        );
         let _ = t.verify_checksum(pseudo);
         let mut copy = data.to_vec();
         let mut m = TcpPacket::new_checked(&mut copy[..]).expect("same bytes");
@@ -67,7 +104,13 @@ fn l4(data: &[u8], pseudo: u64) {
         assert!(m.verify_checksum(pseudo));
     }
     if let Ok(u) = UdpPacket::new_checked(data) {
-        let _ = (u.src_port(), u.dst_port(), u.len(), u.is_empty(), u.checksum());
+        let _ = (
+            u.src_port(),
+            u.dst_port(),
+            u.len(),
+            u.is_empty(),
+            u.checksum(),
+        );
         let _ = (u.payload(), u.datagram(), u.verify_checksum(pseudo));
         let mut copy = data.to_vec();
         let mut m = UdpPacket::new_checked(&mut copy[..]).expect("same bytes");

@@ -10,9 +10,17 @@ fuzz_target!(|data: &[u8]| {
         Ok(m) => {
             let ty = m.message_type();
             assert_eq!(peek_receiver_index(data), m.receiver_index());
-            assert_eq!(m.receiver_index().is_none(), ty == MessageType::HandshakeInit);
+            assert_eq!(
+                m.receiver_index().is_none(),
+                ty == MessageType::HandshakeInit
+            );
             assert_eq!(m.counter().is_some(), ty == MessageType::Data);
-            let _ = (m.sender_index(), m.encrypted_payload(), m.plaintext_len(), m.macs());
+            let _ = (
+                m.sender_index(),
+                m.encrypted_payload(),
+                m.plaintext_len(),
+                m.macs(),
+            );
             assert_eq!(m.as_bytes(), data);
         }
         Err(_) => assert_eq!(peek_receiver_index(data), None),

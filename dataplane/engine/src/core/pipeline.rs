@@ -17,8 +17,10 @@
 //!           receiver index (lock peer once per run of datagrams; a datagram that is not
 //!           WireGuard: a relay frame restored into a scratch buffer and taken on like
 //!           WireGuard, STUN and relay control to the control queue, see `core::demux`,
-//!           junk dropped) ─▶ Tunn::decapsulate ─▶ an authenticated datagram moves the
-//!           direct endpoint or the relay route, by how it came; a direct-path probe
+//!           junk dropped) ─▶ Tunn::decapsulate (into room the TUN sink offers, where
+//!           the packet is written from: no copy when it joins a head) ─▶ an
+//!           authenticated datagram moves the direct endpoint or the relay route, by how
+//!           it came; a direct-path probe
 //!           (`core::path::Probe`) is answered or matched here and never reaches the TUN,
 //!           and only a direct answer to our own probe upgrades a relayed path
 //!           ─▶ allowed-source check ─▶ local-destination check ─▶ packet filter
@@ -66,9 +68,31 @@ use crate::core::tunbatch::TunBatch;
 use crate::core::{offload, wire};
 
 /// Where decrypted inner packets go (the GRO coalescer or a plain batch).
+///
+/// A sink may offer room to decrypt into ([`TunSink::land`]), where the packet will most
+/// likely be written from, saving the copy [`TunSink::push`] makes. Every `land` that
+/// returned room is followed by exactly one [`TunSink::commit`] or [`TunSink::abandon`]
+/// before any other call.
 pub trait TunSink {
     /// Takes one decrypted IP packet; false if there is no room (the packet is dropped).
     fn push(&mut self, pkt: &[u8]) -> bool;
+
+    /// Room of at least `need` bytes for the next decrypted packet, written from the
+    /// slice's start, or `None` (then decrypt elsewhere and [`TunSink::push`]).
+    fn land(&mut self, need: usize) -> Option<&mut [u8]> {
+        let _ = need;
+        None
+    }
+
+    /// Takes the `len`-byte packet written at the start of the room [`TunSink::land`] gave,
+    /// as [`TunSink::push`] would; false if there is no room for it (dropped).
+    fn commit(&mut self, len: usize) -> bool {
+        let _ = len;
+        false
+    }
+
+    /// Gives back the room [`TunSink::land`] gave, taking nothing.
+    fn abandon(&mut self) {}
 }
 
 /// The largest tunnel MTU the engine accepts (jumbo frames): bounds the size of any inner
@@ -376,44 +400,67 @@ impl Pipeline {
                 continue;
             };
             let mut probe = None;
-            let authed = match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
-                TunnResult::WriteToTunnelV4(p, a) => deliver(
-                    snap,
-                    peer,
-                    IpAddr::V4(a),
-                    p,
-                    (&mut st.flows, now),
-                    sink,
-                    &self.counters,
-                ),
-                TunnResult::WriteToTunnelV6(p, a) => match path::Probe::parse(p) {
-                    None => deliver(
+            // Decrypted straight into the sink's room when it offers some (the coalescer's
+            // head, where the segment is written from: no copy), else into the scratch.
+            let room = sink.land(d.len());
+            let landed = room.is_some();
+            let (authed, write) = {
+                let dst: &mut [u8] = match room {
+                    Some(r) => r,
+                    None => &mut self.dec,
+                };
+                let start = dst.as_ptr();
+                match st.tunn.decapsulate(Some(src.ip()), d, dst) {
+                    TunnResult::WriteToTunnelV4(p, a) => admit(
                         snap,
                         peer,
-                        IpAddr::V6(a),
+                        IpAddr::V4(a),
                         p,
+                        start,
                         (&mut st.flows, now),
-                        sink,
                         &self.counters,
                     ),
-                    Some(pr) => {
-                        probe = Some(pr);
-                        true
+                    TunnResult::WriteToTunnelV6(p, a) => match path::Probe::parse(p) {
+                        None => admit(
+                            snap,
+                            peer,
+                            IpAddr::V6(a),
+                            p,
+                            start,
+                            (&mut st.flows, now),
+                            &self.counters,
+                        ),
+                        Some(pr) => {
+                            probe = Some(pr);
+                            (true, None)
+                        }
+                    },
+                    // A keepalive: authenticated, so it also updates the endpoint.
+                    TunnResult::Done => (true, None),
+                    TunnResult::WriteToNetwork(p) => {
+                        if push_reply(&mut self.tx, src, via, p).is_err() {
+                            result = Err(Full);
+                        }
+                        (false, None)
                     }
-                },
-                // A keepalive: authenticated, so it also updates the endpoint.
-                TunnResult::Done => true,
-                TunnResult::WriteToNetwork(p) => {
-                    if push_reply(&mut self.tx, src, via, p).is_err() {
-                        result = Err(Full);
+                    TunnResult::Err(e) => {
+                        self.counters.add(DropReason::from_wg(&e));
+                        (false, None)
                     }
-                    false
-                }
-                TunnResult::Err(e) => {
-                    self.counters.add(DropReason::from_wg(&e));
-                    false
                 }
             };
+            let taken = match (write, landed) {
+                (Some(n), true) => sink.commit(n),
+                (Some(n), false) => sink.push(&self.dec[..n]),
+                (None, true) => {
+                    sink.abandon();
+                    true
+                }
+                (None, false) => true,
+            };
+            if !taken {
+                self.counters.add(DropReason::NoBuffer);
+            }
             if authed {
                 run.rx += d.len();
                 if via.is_none() {
@@ -808,20 +855,22 @@ fn push_reply(tx: &mut TxBatch, dst: SocketAddr, via: Option<u32>, p: &[u8]) -> 
 /// (`core::local`: a peer may not route through us); then the peer's packet filter with its
 /// flow table (`flows`, and the clock). Returns whether the packet came from the peer's
 /// allowed sources (a packet refused for its destination or by the filter did: it still
-/// counts as received and may move the endpoint).
+/// counts as received and may move the endpoint), and the length of the packet to write
+/// to the TUN if it passed: `pkt` as decrypted at `start`, the start of the buffer given
+/// to boringtun (which writes packets there; one elsewhere is dropped as malformed).
 #[inline]
-fn deliver(
+fn admit(
     snap: &Snapshot,
     peer: &Peer,
     src: IpAddr,
     pkt: &[u8],
+    start: *const u8,
     flows: (&mut FlowTable, u32),
-    sink: &mut impl TunSink,
     counters: &DropCounters,
-) -> bool {
+) -> (bool, Option<usize>) {
     let Some(entry) = snap.source_entry(peer, src) else {
         counters.add(DropReason::SourceNotAllowed);
-        return false;
+        return (false, None);
     };
     let dst = wire::peek_dst(pkt);
     let mut reply_only = false;
@@ -834,15 +883,15 @@ fn deliver(
         }
         Some(Err(Refused::NotLocal)) => {
             counters.add(DropReason::DestinationNotLocal);
-            return true;
+            return (true, None);
         }
         Some(Err(Refused::NotGranted)) => {
             counters.add(DropReason::DestinationNotGranted);
-            return true;
+            return (true, None);
         }
         None => {
             counters.add(DropReason::MalformedDecrypted);
-            return true;
+            return (true, None);
         }
     }
     // The source's filter (a client's behind its concentrator, `core::behind`); for
@@ -868,13 +917,14 @@ fn deliver(
     if let Some(f) = filter {
         if let Err(d) = f.check(Dir::In, pkt, flows.0, flows.1) {
             counters.add(deny_reason(d, Dir::In));
-            return true;
+            return (true, None);
         }
     }
-    if !sink.push(pkt) {
-        counters.add(DropReason::NoBuffer);
+    if !std::ptr::eq(pkt.as_ptr(), start) {
+        counters.add(DropReason::MalformedDecrypted);
+        return (true, None);
     }
-    true
+    (true, Some(pkt.len()))
 }
 
 /// The drop counter for a filter refusal.

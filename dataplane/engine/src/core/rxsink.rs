@@ -13,6 +13,13 @@
 //! come here, so the coalescer does not re-check TCP checksums the AEAD tag already covers
 //! ([`Coalescer::authenticated`]).
 //!
+//! Decrypting in place: the pipeline asks for room first ([`TunSink::land`]) and boringtun
+//! decrypts into it. The room is in the coalescer the previous packet went to (the UDP one
+//! after a UDP datagram, else the TCP one): at the tail of the latest head, so a
+//! continuing segment or datagram joins without a copy, or at the start of a free slot. A
+//! packet that belongs elsewhere (another head, the compact batch) is copied there from the
+//! room, and the room is given back (see `core::offload::landing`).
+//!
 //! Ownership: [`RxSink::for_each`] yields every buffer for writing; [`RxSink::clear`] only
 //! after all those writes completed.
 
@@ -40,6 +47,10 @@ pub struct RxSink {
     gro: Option<Coalescer>,
     udp: Option<UdpCoalescer>,
     plain: TunBatch,
+    /// Whether the latest packet went to the UDP coalescer: the next one lands there too.
+    udp_last: bool,
+    /// Which coalescer the room [`TunSink::land`] handed out is in (`Some(true)`: UDP).
+    landed_udp: Option<bool>,
 }
 
 impl RxSink {
@@ -52,6 +63,8 @@ impl RxSink {
             gro: (vnet && heads > 0).then(|| Coalescer::authenticated(heads)),
             udp: (vnet && uso && udp_heads > 0).then(|| UdpCoalescer::new(udp_heads)),
             plain: TunBatch::new(bytes, vnet),
+            udp_last: false,
+            landed_udp: None,
         }
     }
 
@@ -70,6 +83,7 @@ impl RxSink {
 
     /// Yields every buffer to write, coalesced super-packets first.
     pub fn for_each(&mut self, mut write: impl FnMut(&[u8])) {
+        self.abandon();
         if let Some(g) = self.gro.as_mut() {
             for b in g.finish() {
                 write(b);
@@ -87,6 +101,8 @@ impl RxSink {
 
     /// Forgets every buffer (after their writes completed).
     pub fn clear(&mut self) {
+        self.landed_udp = None;
+        self.udp_last = false;
         if let Some(g) = self.gro.as_mut() {
             g.clear();
         }
@@ -131,25 +147,116 @@ fn is_udp(pkt: &[u8]) -> bool {
     }
 }
 
+/// [`RxSink`]'s path for a packet the TCP coalescer did not take: the UDP coalescer, else
+/// the compact batch.
+fn push_rest(udp: &mut Option<UdpCoalescer>, plain: &mut TunBatch, pkt: &[u8]) -> bool {
+    if let Some(u) = udp.as_mut() {
+        if is_udp(pkt) {
+            match u.push(pkt) {
+                Ok(UdpPush::Coalesced | UdpPush::Head) => return true,
+                Ok(UdpPush::NotCandidate) | Err(_) => {}
+            }
+        }
+    }
+    plain.push(pkt)
+}
+
 impl TunSink for RxSink {
     fn push(&mut self, pkt: &[u8]) -> bool {
+        self.abandon();
         if let Some(g) = self.gro.as_mut() {
             if is_tcp_data(pkt) {
                 match g.push(pkt) {
-                    Ok(_) => return true,
-                    Err(CoalesceError::Full) | Err(CoalesceError::TooLarge) => {}
+                    Ok(_) => {
+                        self.udp_last = false;
+                        return true;
+                    }
+                    Err(
+                        CoalesceError::Full | CoalesceError::TooLarge | CoalesceError::NoLanding,
+                    ) => {}
                 }
             }
         }
-        if let Some(u) = self.udp.as_mut() {
-            if is_udp(pkt) {
-                match u.push(pkt) {
-                    Ok(UdpPush::Coalesced | UdpPush::Head) => return true,
-                    Ok(UdpPush::NotCandidate) | Err(_) => {}
+        self.udp_last = self.udp.is_some() && is_udp(pkt);
+        push_rest(&mut self.udp, &mut self.plain, pkt)
+    }
+
+    /// Room in the coalescer the latest packet went to (the UDP one after a UDP datagram,
+    /// else the TCP one; see [`Coalescer::land`]): a packet decrypted there joins its head
+    /// (or starts one) without a copy; anything else is copied on as by [`RxSink::push`].
+    fn land(&mut self, need: usize) -> Option<&mut [u8]> {
+        self.abandon();
+        let udp = self.udp_last && self.udp.is_some() || self.gro.is_none();
+        let room = if udp {
+            self.udp.as_mut()?.land(need)
+        } else {
+            self.gro.as_mut()?.land(need)
+        };
+        self.landed_udp = room.is_some().then_some(udp);
+        room
+    }
+
+    fn commit(&mut self, len: usize) -> bool {
+        let Self {
+            gro,
+            udp,
+            plain,
+            udp_last,
+            landed_udp,
+        } = self;
+        match (landed_udp.take(), gro.as_mut(), udp.as_mut()) {
+            (Some(false), Some(g), _) => {
+                let Some(pkt) = g.landed(len) else {
+                    g.abandon();
+                    return false;
+                };
+                if is_tcp_data(pkt) && g.commit(len).is_ok() {
+                    *udp_last = false;
+                    return true;
+                }
+                let pkt = g.landed(len).unwrap_or(&[]);
+                *udp_last = udp.is_some() && is_udp(pkt);
+                let ok = push_rest(udp, plain, pkt);
+                g.abandon();
+                ok
+            }
+            (Some(true), g, Some(u)) => {
+                let Some(pkt) = u.landed(len) else {
+                    u.abandon();
+                    return false;
+                };
+                if is_udp(pkt) && matches!(u.commit(len), Ok(UdpPush::Coalesced | UdpPush::Head)) {
+                    *udp_last = true;
+                    return true;
+                }
+                let pkt = u.landed(len).unwrap_or(&[]);
+                *udp_last = false;
+                let taken = match g {
+                    Some(g) if is_tcp_data(pkt) => g.push(pkt).is_ok(),
+                    _ => false,
+                };
+                let ok = taken || plain.push(pkt);
+                u.abandon();
+                ok
+            }
+            _ => false,
+        }
+    }
+
+    fn abandon(&mut self) {
+        match self.landed_udp.take() {
+            Some(false) => {
+                if let Some(g) = self.gro.as_mut() {
+                    g.abandon();
                 }
             }
+            Some(true) => {
+                if let Some(u) = self.udp.as_mut() {
+                    u.abandon();
+                }
+            }
+            None => {}
         }
-        self.plain.push(pkt)
     }
 }
 
@@ -225,5 +332,102 @@ mod tests {
         assert_eq!(n, 10);
         s.clear();
         assert!(s.is_empty());
+    }
+
+    use crate::core::offload::testkit::{payload_bytes, split_all, SuperPacket};
+    use crate::core::wire::tcp as tcpw;
+    use proptest::prelude::*;
+
+    /// A mix of what a receiver sees, v4 or v6: TCP segments of two flows (the last one
+    /// short), UDP datagrams of one flow (the last short), bare ACKs.
+    fn traffic(v6: bool) -> Vec<Vec<u8>> {
+        let (h, t) =
+            SuperPacket::tcp(v6, &payload_bytes(5 * 1000 + 300, 1), 1000, tcpw::ACK).build();
+        let a = split_all(&h, &t).unwrap();
+        let (h2, t2) = SuperPacket {
+            ident: 9,
+            seq: 77,
+            ..SuperPacket::tcp(v6, &payload_bytes(3 * 500, 2), 500, tcpw::ACK | tcpw::PSH)
+        }
+        .build();
+        let b = split_all(&h2, &t2).unwrap();
+        let (hu, u) = SuperPacket::udp(v6, &payload_bytes(6 * 1200 + 10, 3), 1200).build();
+        let u = split_all(&hu, &u).unwrap();
+        let (_, ack) = SuperPacket::tcp(v6, &[], 1000, tcpw::ACK).build();
+        let mut out = Vec::new();
+        out.extend(a);
+        out.extend(b);
+        out.extend(u);
+        out.push(ack);
+        out
+    }
+
+    /// What the sink writes for `pkts` (indices into `all`; a negative index: a packet
+    /// decrypted but then filtered out, so the landing is abandoned), pushing or landing.
+    fn writes(all: &[Vec<u8>], order: &[(usize, bool)], land: bool, heads: usize) -> Vec<Vec<u8>> {
+        let mut s = RxSink::new(true, true, heads, heads, 1 << 16);
+        for &(i, keep) in order {
+            let p = &all[i % all.len()];
+            if !land {
+                if keep {
+                    assert!(s.push(p));
+                }
+                continue;
+            }
+            match s.land(p.len() + 32) {
+                Some(room) => {
+                    room[..p.len() + 32].fill(0x5a);
+                    room[..p.len()].copy_from_slice(p);
+                    if keep {
+                        assert!(s.commit(p.len()));
+                    } else {
+                        s.abandon();
+                    }
+                }
+                None if keep => assert!(s.push(p)),
+                None => {}
+            }
+        }
+        let mut out = Vec::new();
+        s.for_each(|b| out.push(b.to_vec()));
+        s.clear();
+        assert!(s.is_empty());
+        out
+    }
+
+    #[test]
+    fn landing_writes_what_pushing_writes() {
+        for v6 in [false, true] {
+            let all = traffic(v6);
+            let n = all.len();
+            let in_order: Vec<(usize, bool)> = (0..n).map(|i| (i, true)).collect();
+            let interleaved: Vec<(usize, bool)> =
+                (0..n).map(|i| ((i * 7) % n, i % 5 != 3)).collect();
+            for heads in [1, 2, 4] {
+                for order in [&in_order, &interleaved] {
+                    let want = writes(&all, order, false, heads);
+                    assert_eq!(
+                        writes(&all, order, true, heads),
+                        want,
+                        "v6={v6} heads={heads}"
+                    );
+                }
+            }
+            // One TCP and one UDP super-packet, a short UDP datagram's own write... all in
+            // order with room: the two TCP flows, the UDP flow and the ACK.
+            assert_eq!(writes(&all, &in_order, true, 4).len(), 4);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn landing_matches_pushing(
+            v6 in any::<bool>(),
+            order in proptest::collection::vec((0usize..20, any::<bool>()), 0..60),
+            heads in 1usize..4,
+        ) {
+            let all = traffic(v6);
+            prop_assert_eq!(writes(&all, &order, true, heads), writes(&all, &order, false, heads));
+        }
     }
 }

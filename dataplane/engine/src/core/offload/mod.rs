@@ -34,6 +34,7 @@
 //!
 //! Nothing here allocates after construction, and no input can make it panic.
 
+mod landing;
 pub mod split;
 pub mod tcp_gro;
 #[cfg(any(test, feature = "testkit"))]
@@ -187,4 +188,8 @@ pub enum CoalesceError {
     /// The packet is larger than [`MAX_PACKET`].
     #[error("packet larger than 65535 bytes")]
     TooLarge,
+    /// [`Coalescer::commit`] without room handed out by [`Coalescer::land`], or for more
+    /// bytes than it had.
+    #[error("no landing for the packet")]
+    NoLanding,
 }

@@ -8,6 +8,7 @@
 //! [`Coalescer::clear`] comes only after every write of them completed; a flow's packets
 //! keep their order; nothing allocates after construction and no input can make it panic.
 
+use super::landing::{place, Landing, Src, Stash};
 use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
 use super::{super_headers, CoalesceError, Flow, IpFields};
 use crate::core::wire::{ipv4, protocol, tcp, IpPacket, TcpPacket};
@@ -101,6 +102,11 @@ pub struct Coalescer {
     slots: Box<[Slot]>,
     used: usize,
     verify_l4: bool,
+    /// The head the latest packet started or joined: where the next one most likely goes.
+    last: Option<usize>,
+    /// The room [`Coalescer::land`] handed out, until [`Coalescer::commit`] or
+    /// [`Coalescer::abandon`].
+    stash: Stash,
 }
 
 impl std::fmt::Debug for Coalescer {
@@ -141,6 +147,8 @@ impl Coalescer {
             ]
             .into_boxed_slice(),
             used: 0,
+            last: None,
+            stash: Stash::new(),
         }
     }
 
@@ -161,27 +169,104 @@ impl Coalescer {
 
     /// Takes one inner IP packet (copied). See the type docs for when it coalesces.
     pub fn push(&mut self, pkt: &[u8]) -> Result<Pushed, CoalesceError> {
+        self.abandon();
         if pkt.len() > MAX_PACKET {
             return Err(CoalesceError::TooLarge);
         }
-        let Some((cand, key_ok)) = candidate(pkt, self.verify_l4) else {
-            return self.new_slot(pkt, None);
+        self.push_from(Src::Outside(pkt))
+    }
+
+    /// Room in the arena for the next packet, of at least `need` bytes, where it will most
+    /// likely stay: the decrypting caller writes the packet there (its first byte at the
+    /// slice's start) and then calls [`commit`](Self::commit) with its length, or
+    /// [`abandon`](Self::abandon) when there is nothing to take. A segment that continues
+    /// the latest head lands with its headers over the head's last bytes (saved, and
+    /// restored by `commit` or `abandon`) and its payload right where it belongs, so joining
+    /// copies nothing; otherwise it lands at the start of a free slot, where a new head or a
+    /// passthrough packet stays. A packet that ends up elsewhere is copied there, as by
+    /// [`push`](Self::push). `None` when no slot is free (or `need` exceeds a slot).
+    ///
+    /// Until `commit` or `abandon`, the yielded buffers must not be read: any other `&mut`
+    /// call abandons the landing first.
+    pub fn land(&mut self, need: usize) -> Option<&mut [u8]> {
+        self.abandon();
+        let l = self.tail_landing(need).or_else(|| {
+            (self.used < self.slots.len()).then(|| Landing::fresh(self.used, need))?
+        })?;
+        self.stash.open(&mut self.arena, l)
+    }
+
+    /// The first `len` bytes of the room [`land`](Self::land) handed out, if it is
+    /// still out and that large.
+    pub fn landed(&self, len: usize) -> Option<&[u8]> {
+        self.stash.landed(&self.arena, len)
+    }
+
+    /// Takes the `len`-byte packet written into the room [`land`](Self::land) handed out,
+    /// as [`push`](Self::push) would take it. On [`CoalesceError::Full`] (and
+    /// [`CoalesceError::TooLarge`]) the landing stays out: the caller may still read it with
+    /// [`landed`](Self::landed) (to put it elsewhere) and then [`abandon`](Self::abandon)s
+    /// it. [`CoalesceError::NoLanding`] when no room is out or `len` exceeds it.
+    pub fn commit(&mut self, len: usize) -> Result<Pushed, CoalesceError> {
+        let Some(l) = self.stash.out().filter(|l| len <= l.room) else {
+            return Err(CoalesceError::NoLanding);
+        };
+        if len > MAX_PACKET {
+            return Err(CoalesceError::TooLarge);
+        }
+        let r = self.push_from(Src::Landed(l.at, len));
+        if r.is_ok() {
+            self.abandon();
+        }
+        r
+    }
+
+    /// Ends the landing [`land`](Self::land) handed out, if any, without taking a packet:
+    /// the head bytes it covered are restored.
+    pub fn abandon(&mut self) {
+        self.stash.abandon(&mut self.arena);
+    }
+
+    /// A landing in the tail of the latest head, if it is open (see [`Landing::tail`]).
+    fn tail_landing(&self, need: usize) -> Option<Landing> {
+        let i = self.last?;
+        let slot = self.slots.get(i)?;
+        match slot.kind {
+            SlotKind::Head(h) if h.open && !h.finished => {
+                Landing::tail(i, slot.len, h.l3 + h.l4, need)
+            }
+            _ => None,
+        }
+    }
+
+    /// [`push`](Self::push) from wherever the packet is (at most [`MAX_PACKET`] bytes).
+    fn push_from(&mut self, src: Src<'_>) -> Result<Pushed, CoalesceError> {
+        let found = candidate(src.bytes(&self.arena), self.verify_l4);
+        let Some((cand, key_ok)) = found else {
+            return self.new_slot(src, None);
         };
         if let Some(i) = self.find_open_head(&cand.flow) {
-            if key_ok && self.try_append(i, pkt, &cand) {
+            if key_ok && self.try_append(i, src, &cand) {
+                self.last = Some(i);
                 return Ok(Pushed::Coalesced);
             }
             if let SlotKind::Head(h) = &mut self.slots[i].kind {
                 h.open = false;
             }
         }
-        self.new_slot(pkt, key_ok.then_some(cand))
+        let r = self.new_slot(src, key_ok.then_some(cand));
+        if r == Ok(Pushed::Head) {
+            self.last = Some(self.used - 1);
+        }
+        r
     }
 
     /// Rewrites each head's headers for the TUN write (once) and yields every buffer,
     /// `VirtioNetHdr` + IP packet, in the order their first packet arrived. Pushing after
     /// `finish` starts new slots; finished heads take no more segments.
     pub fn finish(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.abandon();
+        self.last = None;
         for i in 0..self.used {
             self.finish_slot(i);
         }
@@ -196,6 +281,8 @@ impl Coalescer {
     /// written out.
     pub fn clear(&mut self) {
         self.used = 0;
+        self.last = None;
+        self.stash.forget();
     }
 
     /// [`finish`](Self::finish), hand every buffer to `write`, then [`clear`](Self::clear):
@@ -215,15 +302,15 @@ impl Coalescer {
         &mut self.arena[i * BUF_LEN..(i + 1) * BUF_LEN]
     }
 
-    fn new_slot(&mut self, pkt: &[u8], cand: Option<Candidate>) -> Result<Pushed, CoalesceError> {
+    fn new_slot(&mut self, src: Src<'_>, cand: Option<Candidate>) -> Result<Pushed, CoalesceError> {
         if self.used == self.slots.len() {
             return Err(CoalesceError::Full);
         }
         let i = self.used;
+        let len = src.bytes(&self.arena).len();
         self.used += 1;
-        let b = self.buf_mut(i);
-        b[..VNET_HDR_LEN].fill(0);
-        b[VNET_HDR_LEN..VNET_HDR_LEN + pkt.len()].copy_from_slice(pkt);
+        self.buf_mut(i)[..VNET_HDR_LEN].fill(0);
+        place(&mut self.arena, src, 0..len, i * BUF_LEN + VNET_HDR_LEN);
         let (kind, pushed) = match cand {
             Some(c) => (
                 SlotKind::Head(Head {
@@ -243,7 +330,7 @@ impl Coalescer {
             None => (SlotKind::Passthrough, Pushed::Passthrough),
         };
         self.slots[i] = Slot {
-            len: VNET_HDR_LEN + pkt.len(),
+            len: VNET_HDR_LEN + len,
             kind,
         };
         Ok(pushed)
@@ -257,12 +344,13 @@ impl Coalescer {
     }
 
     /// Appends `pkt`'s payload to head `i` when every GRO condition holds.
-    fn try_append(&mut self, i: usize, pkt: &[u8], c: &Candidate) -> bool {
+    fn try_append(&mut self, i: usize, src: Src<'_>, c: &Candidate) -> bool {
         let slot = self.slots[i];
         let SlotKind::Head(mut h) = slot.kind else {
             return false;
         };
         let head = &self.buf(i)[VNET_HDR_LEN..slot.len];
+        let pkt = src.bytes(&self.arena);
         if !(h.ip == c.ip
             && h.l4 == c.l4
             && h.tcp == c.tcp
@@ -273,11 +361,12 @@ impl Coalescer {
         {
             return false;
         }
-        let Some(payload) = pkt.get(c.l3 + c.l4..c.l3 + c.l4 + c.payload_len) else {
+        let payload = c.l3 + c.l4..c.l3 + c.l4 + c.payload_len;
+        if payload.end > pkt.len() {
             return false;
-        };
+        }
         let at = slot.len;
-        self.buf_mut(i)[at..at + payload.len()].copy_from_slice(payload);
+        place(&mut self.arena, src, payload, i * BUF_LEN + at);
         h.segs += 1;
         h.next_seq = h.next_seq.wrapping_add(c.payload_len as u32);
         if c.payload_len < h.gso_size || c.psh {
@@ -292,7 +381,7 @@ impl Coalescer {
             }
         }
         self.slots[i] = Slot {
-            len: at + payload.len(),
+            len: at + c.payload_len,
             kind: SlotKind::Head(h),
         };
         true
@@ -656,11 +745,21 @@ mod tests {
 
     #[test]
     fn head_stops_at_64k() {
+        let (pkts, sup) = past_64k();
+        let mut c = Coalescer::new(4);
+        let out = coalesce_all(&mut c, &pkts);
+        assert_eq!(out.len(), 2);
+        assert_eq!(&out[0][VNET_HDR_LEN..], &sup[..]);
+        assert_eq!(&out[1][VNET_HDR_LEN..], &pkts[7][..]);
+    }
+
+    /// Eight in-order 9000-byte IPv6 segments: the eighth would take the packet past 65535
+    /// bytes. Also the super-packet of the first seven.
+    fn past_64k() -> (Vec<Vec<u8>>, Vec<u8>) {
         let (hdr, sup) =
             SuperPacket::tcp(true, &payload_bytes(7 * 9000, 1), 9000, tcp::ACK).build();
         let mut pkts = split_all(&hdr, &sup).unwrap();
         assert_eq!(pkts.len(), 7);
-        // An eighth in-order segment would take the packet past 65535 bytes.
         let mut eighth = pkts[6].clone();
         let seq = 0xffff_f000u32.wrapping_add(7 * 9000);
         eighth[44..48].copy_from_slice(&seq.to_be_bytes());
@@ -670,12 +769,8 @@ mod tests {
         TcpPacket::new_checked(&mut eighth[40..])
             .unwrap()
             .fill_checksum(pseudo);
-        pkts.push(eighth.clone());
-        let mut c = Coalescer::new(4);
-        let out = coalesce_all(&mut c, &pkts);
-        assert_eq!(out.len(), 2);
-        assert_eq!(&out[0][VNET_HDR_LEN..], &sup[..]);
-        assert_eq!(&out[1][VNET_HDR_LEN..], &eighth[..]);
+        pkts.push(eighth);
+        (pkts, sup)
     }
 
     proptest! {
@@ -718,6 +813,240 @@ mod tests {
                 let again = split_all(&hdr, &out[0][VNET_HDR_LEN..]).unwrap();
                 prop_assert_eq!(again, segs);
             }
+        }
+    }
+
+    /// Every buffer [`Coalescer::push`] gives for `pkts` (flushing when full). `None`
+    /// entries are packets a decrypting caller would drop: skipped.
+    fn via_push(cap: usize, pkts: &[Option<Vec<u8>>]) -> Vec<Vec<u8>> {
+        let mut c = Coalescer::new(cap);
+        let mut out = Vec::new();
+        for p in pkts.iter().flatten() {
+            while c.push(p) == Err(CoalesceError::Full) {
+                c.drain(|b| out.push(b.to_vec()));
+            }
+        }
+        c.drain(|b| out.push(b.to_vec()));
+        out
+    }
+
+    /// The same through [`Coalescer::land`] / [`Coalescer::commit`], as the pipeline
+    /// decrypts: the packet written at the room's start followed by junk (boringtun's
+    /// padding and tag); a `None` lands junk and is abandoned. Also returns how many packets
+    /// joined a head without moving (decrypted where they stay).
+    fn via_land(cap: usize, pkts: &[Option<Vec<u8>>]) -> (Vec<Vec<u8>>, usize) {
+        let mut c = Coalescer::new(cap);
+        let mut out = Vec::new();
+        let mut in_place = 0;
+        for p in pkts {
+            let len = p.as_ref().map_or(100, Vec::len);
+            loop {
+                let Some(room) = c.land(len + 32) else {
+                    // No room: the pipeline decrypts into its scratch and pushes.
+                    assert_eq!(c.len(), c.capacity(), "no room only when full");
+                    if let Some(p) = p {
+                        while c.push(p) == Err(CoalesceError::Full) {
+                            c.drain(|b| out.push(b.to_vec()));
+                        }
+                    }
+                    break;
+                };
+                assert!(room.len() >= len + 32);
+                let at = room.as_ptr() as usize;
+                room[..len + 32].fill(0xa5);
+                let Some(p) = p else {
+                    c.abandon();
+                    break;
+                };
+                room[..len].copy_from_slice(p);
+                let before = c.slots[..c.len()].iter().map(|s| s.len).collect::<Vec<_>>();
+                match c.commit(len) {
+                    Ok(Pushed::Coalesced) => {
+                        let hl = len - c_payload(p);
+                        // Joined in place iff the landing's payload is where it was put.
+                        let i = (0..c.len())
+                            .find(|&i| c.slots[i].len != before[i])
+                            .expect("a head grew");
+                        let head_end = c.arena.as_ptr() as usize + i * BUF_LEN + before[i];
+                        in_place += usize::from(at + hl == head_end);
+                        break;
+                    }
+                    Ok(_) => break,
+                    Err(CoalesceError::Full) => {
+                        assert_eq!(
+                            c.landed(len),
+                            Some(&p[..]),
+                            "a refused landing stays readable"
+                        );
+                        c.abandon();
+                        c.drain(|b| out.push(b.to_vec()));
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        c.drain(|b| out.push(b.to_vec()));
+        (out, in_place)
+    }
+
+    /// TCP payload bytes of a candidate segment.
+    fn c_payload(p: &[u8]) -> usize {
+        candidate(p, false).map_or(0, |(c, _)| c.payload_len)
+    }
+
+    /// Segments of two flows (the second from another source address).
+    fn two_flows(v6: bool, len: usize, mss: u16, flags: u8) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (h, a) = SuperPacket::tcp(v6, &payload_bytes(len, 1), mss, flags).build();
+        let (_, mut b) = SuperPacket::tcp(v6, &payload_bytes(len, 2), mss, flags).build();
+        if v6 {
+            b[23] ^= 1;
+        } else {
+            b[15] = 99;
+            Ipv4Packet::new_checked(&mut b[..]).unwrap().fill_checksum();
+        }
+        let sa = split_all(&h, &a).unwrap();
+        // The TCP checksum is not checked by `Coalescer::new` after the address change: redo.
+        let sb = split_all(&h, &b)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut s| {
+                let ip = IpPacket::new_checked(&s[..]).unwrap();
+                let (l3, pseudo) = (
+                    ip.header_len(),
+                    ip.pseudo_header_sum((s.len() - ip.header_len()) as u32),
+                );
+                TcpPacket::new_checked(&mut s[l3..])
+                    .unwrap()
+                    .fill_checksum(pseudo);
+                s
+            })
+            .collect();
+        (sa, sb)
+    }
+
+    fn some(v: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+        v.iter().cloned().map(Some).collect()
+    }
+
+    #[test]
+    fn landing_coalesces_in_place_like_push() {
+        for v6 in [false, true] {
+            // 44 segments, the last one short: all but the first join where they landed.
+            let (a, _) = two_flows(v6, 43 * 1000 + 300, 1000, tcp::ACK | tcp::PSH);
+            assert_eq!(a.len(), 44);
+            let pkts = some(&a);
+            let (out, in_place) = via_land(4, &pkts);
+            assert_eq!(out, via_push(4, &pkts), "v6={v6}");
+            assert_eq!(out.len(), 1);
+            assert_eq!(in_place, 43, "every continuation decrypted where it stays");
+        }
+    }
+
+    #[test]
+    fn landing_handles_what_does_not_join() {
+        for v6 in [false, true] {
+            let (a, b) = two_flows(v6, 6 * 1000, 1000, tcp::ACK);
+            let short_b1 = two_flows(v6, 1500, 1000, tcp::ACK).1[1].clone();
+            let (_, udp) = SuperPacket::udp(v6, &payload_bytes(300, 3), 300).build();
+            let cases: Vec<Vec<Option<Vec<u8>>>> = vec![
+                // Interleaved flows: each lands in the other's tail first.
+                (0..6)
+                    .flat_map(|i| [Some(a[i].clone()), Some(b[i].clone())])
+                    .collect(),
+                // A gap, a reorder and a duplicate.
+                [0, 1, 3, 2, 4, 4, 5]
+                    .iter()
+                    .map(|&i| Some(a[i].clone()))
+                    .collect(),
+                // Not TCP, in the middle of a run.
+                vec![
+                    Some(a[0].clone()),
+                    Some(a[1].clone()),
+                    Some(udp.clone()),
+                    Some(a[2].clone()),
+                ],
+                // Full, the latest head closed by a short segment, another head open: the
+                // next segment of that one still joins it.
+                vec![
+                    Some(a[0].clone()),
+                    Some(b[0].clone()),
+                    Some(short_b1.clone()),
+                    Some(a[1].clone()),
+                ],
+                // Dropped after decryption (filtered): the head's tail is restored.
+                vec![
+                    Some(a[0].clone()),
+                    Some(a[1].clone()),
+                    None,
+                    Some(a[2].clone()),
+                    None,
+                ],
+            ];
+            for (n, pkts) in cases.iter().enumerate() {
+                for cap in [1, 2, 3, 8] {
+                    assert_eq!(
+                        via_land(cap, pkts).0,
+                        via_push(cap, pkts),
+                        "v6={v6} case {n} cap {cap}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn landing_in_a_full_coalescer() {
+        let (a, b) = two_flows(false, 3 * 1000, 1000, tcp::ACK);
+        let mut c = Coalescer::new(1);
+        c.push(&a[0]).unwrap();
+        // The head's tail is offered; the other flow's segment finds no free slot.
+        let room = c.land(b[0].len() + 32).unwrap();
+        room[..b[0].len()].copy_from_slice(&b[0]);
+        assert_eq!(c.commit(b[0].len()), Err(CoalesceError::Full));
+        assert_eq!(c.landed(b[0].len()), Some(&b[0][..]));
+        c.abandon();
+        assert_eq!(c.commit(1), Err(CoalesceError::NoLanding));
+        assert_eq!(c.landed(1), None);
+        // Nothing of the landing is left in the head.
+        assert_eq!(c.push(&a[1]).unwrap(), Pushed::Coalesced);
+        let out: Vec<Vec<u8>> = c.finish().map(<[u8]>::to_vec).collect();
+        assert_eq!(out, via_push(1, &some(&a[..2])));
+        // Finished heads offer no tail, and a full coalescer no room.
+        assert!(c.land(100).is_none());
+        c.clear();
+        assert!(c.land(BUF_LEN).is_none(), "more than a slot holds");
+        // A landing left out is given back by the next push.
+        c.push(&a[0]).unwrap();
+        let room = c.land(1100).unwrap();
+        room.fill(0xee);
+        c.push(&a[1]).unwrap();
+        let out: Vec<Vec<u8>> = c.finish().map(<[u8]>::to_vec).collect();
+        assert_eq!(out, via_push(1, &some(&a[..2])));
+    }
+
+    #[test]
+    fn landing_stops_at_64k() {
+        let pkts = some(&past_64k().0);
+        assert_eq!(via_land(2, &pkts).0, via_push(2, &pkts));
+        assert_eq!(via_land(2, &pkts).0.len(), 2);
+    }
+
+    proptest! {
+        #[test]
+        fn landing_matches_push(
+            v6 in any::<bool>(),
+            order in proptest::collection::vec((0usize..12, any::<bool>(), 0u8..8), 0..40),
+            cap in 1usize..4,
+        ) {
+            let (a, b) = two_flows(v6, 6 * 700 + 100, 700, tcp::ACK);
+            let pkts: Vec<Option<Vec<u8>>> = order
+                .iter()
+                .map(|&(i, flow, drop)| {
+                    let s = if flow { &a } else { &b };
+                    (drop != 0).then(|| s[i % s.len()].clone())
+                })
+                .collect();
+            prop_assert_eq!(via_land(cap, &pkts).0, via_push(cap, &pkts));
         }
     }
 }

@@ -26,6 +26,7 @@
 //!
 //! Nothing here allocates after construction, and no input can make it panic.
 
+use super::landing::{place, Landing, Src, Stash};
 use super::vnet::{flags, gso_type, VirtioNetHdr, BUF_LEN, MAX_PACKET, VNET_HDR_LEN};
 use super::{super_headers, CoalesceError, Flow, IpFields};
 use crate::core::wire::{ipv4, protocol, udp, IpPacket, UdpPacket};
@@ -84,6 +85,11 @@ pub struct UdpCoalescer {
     arena: Box<[u8]>,
     heads: Box<[Head]>,
     used: usize,
+    /// The head the latest datagram started or joined: where the next one most likely goes.
+    last: Option<usize>,
+    /// The room [`UdpCoalescer::land`] handed out, until [`UdpCoalescer::commit`] or
+    /// [`UdpCoalescer::abandon`].
+    stash: Stash,
 }
 
 impl std::fmt::Debug for UdpCoalescer {
@@ -113,6 +119,8 @@ impl UdpCoalescer {
             arena: vec![0u8; capacity * BUF_LEN].into_boxed_slice(),
             heads: vec![Head::UNUSED; capacity].into_boxed_slice(),
             used: 0,
+            last: None,
+            stash: Stash::new(),
         }
     }
 
@@ -128,14 +136,69 @@ impl UdpCoalescer {
 
     /// Takes one inner IP packet (copied) when it is a candidate; see the module docs.
     pub fn push(&mut self, pkt: &[u8]) -> Result<UdpPush, CoalesceError> {
+        self.abandon();
         if pkt.len() > MAX_PACKET {
             return Err(CoalesceError::TooLarge);
         }
-        let Some(c) = candidate(pkt) else {
+        self.push_from(Src::Outside(pkt))
+    }
+
+    /// Room for the next datagram, of at least `need` bytes, where it most likely stays
+    /// (decrypt in place, as [`crate::core::offload::Coalescer::land`]): in the tail of the
+    /// latest head when it is open, its headers over the head's last bytes (saved and
+    /// restored), else at the start of a free slot. `None` when neither has room.
+    pub fn land(&mut self, need: usize) -> Option<&mut [u8]> {
+        self.abandon();
+        let tail = self.last.and_then(|i| {
+            let h = self.heads.get(i)?;
+            (h.open && !h.finished)
+                .then(|| Landing::tail(i, h.len, h.l3 + udp::HEADER_LEN, need))?
+        });
+        let l = tail.or_else(|| {
+            (self.used < self.heads.len()).then(|| Landing::fresh(self.used, need))?
+        })?;
+        self.stash.open(&mut self.arena, l)
+    }
+
+    /// The first `len` bytes of the room [`land`](Self::land) handed out, if it is still
+    /// out and that large.
+    pub fn landed(&self, len: usize) -> Option<&[u8]> {
+        self.stash.landed(&self.arena, len)
+    }
+
+    /// Takes the `len`-byte datagram written into the room [`land`](Self::land) handed out,
+    /// as [`push`](Self::push) would. On anything but `Ok(Coalesced | Head)` the landing
+    /// stays out: the caller may read it with [`landed`](Self::landed) to write it
+    /// elsewhere, then [`abandon`](Self::abandon)s it. [`CoalesceError::NoLanding`] when no
+    /// room is out or `len` exceeds it.
+    pub fn commit(&mut self, len: usize) -> Result<UdpPush, CoalesceError> {
+        let Some(l) = self.stash.out().filter(|l| len <= l.room) else {
+            return Err(CoalesceError::NoLanding);
+        };
+        if len > MAX_PACKET {
+            return Err(CoalesceError::TooLarge);
+        }
+        let r = self.push_from(Src::Landed(l.at, len));
+        if matches!(r, Ok(UdpPush::Coalesced | UdpPush::Head)) {
+            self.abandon();
+        }
+        r
+    }
+
+    /// Ends the landing [`land`](Self::land) handed out, if any, without taking a datagram:
+    /// the head bytes it covered are restored.
+    pub fn abandon(&mut self) {
+        self.stash.abandon(&mut self.arena);
+    }
+
+    /// [`push`](Self::push) from wherever the datagram is (at most [`MAX_PACKET`] bytes).
+    fn push_from(&mut self, src: Src<'_>) -> Result<UdpPush, CoalesceError> {
+        let Some(c) = candidate(src.bytes(&self.arena)) else {
             return Ok(UdpPush::NotCandidate);
         };
         if let Some(i) = self.find_open_head(&c.flow) {
-            if self.try_append(i, pkt, &c) {
+            if self.try_append(i, src, &c) {
+                self.last = Some(i);
                 return Ok(UdpPush::Coalesced);
             }
             self.heads[i].open = false;
@@ -144,12 +207,12 @@ impl UdpCoalescer {
             return Err(CoalesceError::Full);
         }
         let i = self.used;
+        let len = src.bytes(&self.arena).len();
         self.used += 1;
-        let b = &mut self.arena[i * BUF_LEN..(i + 1) * BUF_LEN];
-        b[..VNET_HDR_LEN].fill(0);
-        b[VNET_HDR_LEN..VNET_HDR_LEN + pkt.len()].copy_from_slice(pkt);
+        self.arena[i * BUF_LEN..i * BUF_LEN + VNET_HDR_LEN].fill(0);
+        place(&mut self.arena, src, 0..len, i * BUF_LEN + VNET_HDR_LEN);
         self.heads[i] = Head {
-            len: VNET_HDR_LEN + pkt.len(),
+            len: VNET_HDR_LEN + len,
             flow: c.flow,
             ip: c.ip,
             l3: c.l3,
@@ -158,12 +221,15 @@ impl UdpCoalescer {
             open: true,
             finished: false,
         };
+        self.last = Some(i);
         Ok(UdpPush::Head)
     }
 
     /// Rewrites each multi-datagram head's headers for the TUN write (once) and yields
     /// every buffer, `VirtioNetHdr` + IP packet, in the order their first datagram came.
     pub fn finish(&mut self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.abandon();
+        self.last = None;
         for i in 0..self.used {
             self.finish_head(i);
         }
@@ -178,6 +244,8 @@ impl UdpCoalescer {
     /// written out.
     pub fn clear(&mut self) {
         self.used = 0;
+        self.last = None;
+        self.stash.forget();
     }
 
     /// The latest open head of `flow` (same version, addresses and ports).
@@ -189,7 +257,7 @@ impl UdpCoalescer {
     }
 
     /// Appends `pkt`'s payload to head `i` when every GRO condition holds.
-    fn try_append(&mut self, i: usize, pkt: &[u8], c: &Candidate) -> bool {
+    fn try_append(&mut self, i: usize, src: Src<'_>, c: &Candidate) -> bool {
         let h = self.heads[i];
         if !(h.ip == c.ip
             && h.segs < MAX_SEGMENTS
@@ -199,13 +267,13 @@ impl UdpCoalescer {
             return false;
         }
         let start = c.l3 + udp::HEADER_LEN;
-        let Some(payload) = pkt.get(start..start + c.payload_len) else {
+        if start + c.payload_len > src.bytes(&self.arena).len() {
             return false;
-        };
+        }
         let at = i * BUF_LEN + h.len;
-        self.arena[at..at + payload.len()].copy_from_slice(payload);
+        place(&mut self.arena, src, start..start + c.payload_len, at);
         let head = &mut self.heads[i];
-        head.len += payload.len();
+        head.len += c.payload_len;
         head.segs += 1;
         if c.payload_len < h.gso_size || head.segs == MAX_SEGMENTS {
             head.open = false;
@@ -548,5 +616,62 @@ mod tests {
             }
             let _ = c.finish().count();
         });
+    }
+
+    /// `pkt` written into the room `land` gives (followed by a tag's worth of junk); the
+    /// room's start.
+    fn land_in(c: &mut UdpCoalescer, pkt: &[u8]) -> usize {
+        let room = c.land(pkt.len() + 16).expect("room");
+        room[..pkt.len() + 16].fill(0x5a);
+        room[..pkt.len()].copy_from_slice(pkt);
+        room.as_ptr() as usize
+    }
+
+    #[test]
+    fn landing_joins_in_place_and_gives_back_what_it_does_not_take() {
+        let (a, b) = (udp4(1000, &payload(1, 1200)), udp4(1000, &payload(2, 1200)));
+        let other = udp4(2000, &payload(3, 1200));
+        let short = udp4(1000, &payload(4, 100));
+        let mut c = UdpCoalescer::new(1);
+        let head = land_in(&mut c, &a);
+        assert_eq!(c.commit(a.len()), Ok(UdpPush::Head));
+        assert_eq!(
+            head,
+            c.arena.as_ptr() as usize + VNET_HDR_LEN,
+            "a head starts where it landed"
+        );
+        // The next datagram lands with its headers over the head's last 28 bytes.
+        let at = land_in(&mut c, &b);
+        assert_eq!(at, head + a.len() - 28);
+        assert_eq!(c.commit(b.len()), Ok(UdpPush::Coalesced));
+        // Another flow finds no free slot: refused, still readable, given back whole.
+        land_in(&mut c, &other);
+        assert_eq!(c.commit(other.len()), Err(CoalesceError::Full));
+        assert_eq!(c.landed(other.len()), Some(&other[..]));
+        c.abandon();
+        // Not UDP: not taken, given back.
+        let mut tcp = other.clone();
+        tcp[9] = protocol::TCP;
+        land_in(&mut c, &tcp);
+        assert_eq!(c.commit(tcp.len()), Ok(UdpPush::NotCandidate));
+        c.abandon();
+        // Filtered after decryption: given back.
+        land_in(&mut c, &other);
+        c.abandon();
+        // The last short datagram joins and closes the head: no tail to land in any more.
+        land_in(&mut c, &short);
+        assert_eq!(c.commit(short.len()), Ok(UdpPush::Coalesced));
+        assert!(
+            c.land(100).is_none(),
+            "a closed head and no free slot: no room"
+        );
+        let got: Vec<Vec<u8>> = c.finish().map(<[u8]>::to_vec).collect();
+        let mut want = UdpCoalescer::new(1);
+        for p in [&a, &b, &short] {
+            assert_ne!(want.push(p), Err(CoalesceError::Full));
+        }
+        let want: Vec<Vec<u8>> = want.finish().map(<[u8]>::to_vec).collect();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 1);
     }
 }
