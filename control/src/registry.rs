@@ -2180,6 +2180,8 @@ pub fn entry(p: &PeerRecord, rules: PortRules) -> RosterEntry {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        route_ports: vec![],
+        may_use_ports: vec![],
         via: None,
         client: false,
     }
@@ -2208,6 +2210,8 @@ pub fn client_entry(c: &ClientRow, rules: PortRules, served: bool) -> RosterEntr
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        route_ports: vec![],
+        may_use_ports: vec![],
         via: (!served).then(|| c.concentrator.clone()),
         client: served,
     }
