@@ -94,7 +94,7 @@ mod icmp {
 }
 
 /// Which transport protocols a port rule covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     /// TCP only (`tcp:8730`).
     Tcp,

@@ -135,7 +135,7 @@ impl PeerEntry {
     /// either).
     fn sync_own_hosts(&mut self) {
         let hosts: Box<[IpNet]> = match &self.behind {
-            Some(b) if !b.routed_prefixes().is_empty() => {
+            Some(b) if b.routes_something() => {
                 let mut v: Vec<IpNet> = self
                     .allowed_ips
                     .iter()
