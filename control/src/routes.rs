@@ -579,7 +579,10 @@ mod tests {
         assert_eq!(u[0].0, lan);
         assert!(u[0].1.contains(Proto::Tcp, 443) && !u[0].1.contains(Proto::Udp, 443));
         let o = offered(&p, web, &[(lan, false)]);
-        assert!(o.routes.is_empty(), "a port-limited part is not all traffic");
+        assert!(
+            o.routes.is_empty(),
+            "a port-limited part is not all traffic"
+        );
         assert_eq!(
             o.ports,
             vec![RoutePorts {
@@ -600,12 +603,13 @@ mod tests {
         // The deny with ports: 22 cut inside 10.1.5.0/24 only, 443 kept there.
         let u = usable(&p, denied, &lan, false);
         let at = |s: &str| {
-            u.iter()
-                .filter(|(q, _)| q.contains(&pfx(s)))
-                .fold(ProtoPorts::empty(), |mut acc, (_, pp)| {
+            u.iter().filter(|(q, _)| q.contains(&pfx(s))).fold(
+                ProtoPorts::empty(),
+                |mut acc, (_, pp)| {
                     acc.union_with(pp);
                     acc
-                })
+                },
+            )
         };
         let inside = at("10.1.5.9/32");
         assert!(inside.contains(Proto::Tcp, 443) && !inside.contains(Proto::Tcp, 22));

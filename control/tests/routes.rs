@@ -762,7 +762,12 @@ async fn ports_on_a_prefix_reach_both_ends_outside_the_all_traffic_fields() {
     by_prefix(&e.may_use_ports, "fd00:1::/64");
 
     // Bad input: 400 naming the destination; the policy in force stays.
-    for dst in ["10.1.0.0/16:99999", "10.1.0.0/16:", "0.0.0.0/0:443", "10.1.0.0/16x"] {
+    for dst in [
+        "10.1.0.0/16:99999",
+        "10.1.0.0/16:",
+        "0.0.0.0/0:443",
+        "10.1.0.0/16x",
+    ] {
         let (st, v) = h
             .admin()
             .put(

@@ -792,7 +792,13 @@ fn a_prefix_rule_alone_reaches_the_lan_through_a_concentrating_router() -> Resul
         "via",
         &pair.a.v6.to_string(),
     ])?;
-    lan_ns.ip(&["route", "add", "100.64.0.0/10", "via", &pair.a.v4.to_string()])?;
+    lan_ns.ip(&[
+        "route",
+        "add",
+        "100.64.0.0/10",
+        "via",
+        &pair.a.v4.to_string(),
+    ])?;
     let status = laptop.status()?;
     let laptop_ula = IpAddr::V6(status.ula);
     let laptop_v4 = status.routes.ipv4.context("the laptop's mesh IPv4")?;

@@ -642,19 +642,17 @@ impl Joiner {
                 // Clients behind a concentrator: each with its own rules (`core::behind`),
                 // and the prefixes routed through the peer (the routed filter), published
                 // with the AllowedIPs that route them here.
-                let behind = (!behind.is_empty()
-                    || !routed.is_empty()
-                    || !routed_ports.is_empty())
-                .then(|| {
-                    Behind::new(behind.iter().map(|c| {
-                        (
-                            c.addrs.clone(),
-                            PortFilter::from_rules(&c.outbound, &c.inbound),
-                        )
-                    }))
-                    .with_routed(routed.iter().copied())
-                    .with_routed_ports(routed_ports.iter().cloned())
-                });
+                let behind = (!behind.is_empty() || !routed.is_empty() || !routed_ports.is_empty())
+                    .then(|| {
+                        Behind::new(behind.iter().map(|c| {
+                            (
+                                c.addrs.clone(),
+                                PortFilter::from_rules(&c.outbound, &c.inbound),
+                            )
+                        }))
+                        .with_routed(routed.iter().copied())
+                        .with_routed_ports(routed_ports.iter().cloned())
+                    });
                 match self
                     .table
                     .upsert_peer_with_filters(config, Some(*filter), behind)
@@ -1826,8 +1824,7 @@ fn local_nets(
         .chain(apps.iter().map(tabbify_api::ula::app_ula))
         .map(IpAddr::V6)
         .chain(ipv4.map(IpAddr::V4));
-    LocalNets::new(addrs, [])
-        .with_route_grants(grants.iter().copied(), port_grants.iter().cloned())
+    LocalNets::new(addrs, []).with_route_grants(grants.iter().copied(), port_grants.iter().cloned())
 }
 
 /// What [`EventStream::next`] yields: an event with its id, the end, or a failure.

@@ -187,10 +187,7 @@ impl Behind {
     #[inline]
     pub fn is_routed_prefix(&self, net: &IpNet) -> bool {
         self.routed.binary_search(net).is_ok()
-            || self
-                .limited
-                .binary_search_by(|(n, _)| n.cmp(net))
-                .is_ok()
+            || self.limited.binary_search_by(|(n, _)| n.cmp(net)).is_ok()
     }
 
     /// The all-traffic prefixes routed through the peer.
@@ -276,10 +273,7 @@ mod tests {
         let inner = b.routed(ip("10.1.5.1")).unwrap();
         assert_eq!(inner.outbound(Proto::Tcp), vec![(443, 443)]);
         assert_eq!(inner.outbound(Proto::Udp), vec![(53, 53)]);
-        assert!(b
-            .routed(ip("10.1.7.1"))
-            .unwrap()
-            .all_traffic(Dir::Out));
+        assert!(b.routed(ip("10.1.7.1")).unwrap().all_traffic(Dir::Out));
         assert_eq!(
             b.routed(ip("fd00:1::9")).unwrap().outbound(Proto::Tcp),
             vec![(22, 22)]

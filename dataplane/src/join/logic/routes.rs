@@ -270,7 +270,9 @@ pub struct Offer {
 /// A roster `RoutePorts` as `(prefix text, (protocol, first, last) rules)`.
 fn port_route(r: &tabbify_api::RoutePorts) -> (String, Vec<(Proto, u16, u16)>) {
     let tag = |p: Proto, v: &[tabbify_api::PortRange]| {
-        v.iter().map(move |x| (p, x.first, x.last)).collect::<Vec<_>>()
+        v.iter()
+            .map(move |x| (p, x.first, x.last))
+            .collect::<Vec<_>>()
     };
     let mut rules = tag(Proto::Both, &r.ports);
     rules.extend(tag(Proto::Tcp, &r.tcp));
@@ -471,7 +473,10 @@ pub fn plan(
         };
         p.allowed.entry(primary.key).or_default().push(prefix);
         p.kernel.insert(prefix);
-        let all_traffic = primary.routes.iter().any(|r| r.parse::<IpNet>().ok() == Some(prefix));
+        let all_traffic = primary
+            .routes
+            .iter()
+            .any(|r| r.parse::<IpNet>().ok() == Some(prefix));
         if let (false, Some(rules)) = (all_traffic, limited.get(&(prefix, primary.key))) {
             p.routed_ports
                 .entry(primary.key)
@@ -722,6 +727,48 @@ mod tests {
         assert!(plan(&[user], &Settings::default(), &[], &|_| true)
             .grants
             .is_empty());
+    }
+
+    /// Port-limited routes (`route_ports`, `may_use_ports`): a member routes the prefix
+    /// to its primary with the ports for the engine's routed filter; a router grants it
+    /// with the ports, only inside what it advertises. The malicious coordinator: a
+    /// default route or mesh space in `route_ports`, or a `may_use_ports` outside our
+    /// advertisement, gets nothing.
+    #[test]
+    fn port_limited_routes_reach_the_plan_with_their_ports() {
+        let web = vec![(Proto::Tcp, 443, 443)];
+        let mut r = offer("p-r", 1, &["10.2.0.0/16"]);
+        r.route_ports = vec![
+            ("10.1.0.0/16".into(), web.clone()),
+            ("0.0.0.0/0".into(), web.clone()),
+            ("fd5a:1f00::/32".into(), web.clone()),
+        ];
+        let p = plan(&[r], &Settings::default(), &[], &|_| true);
+        assert!(p.allowed[&[1; 32]].contains(&n("10.1.0.0/16")));
+        assert!(p.kernel.contains(&n("10.1.0.0/16")));
+        assert_eq!(
+            p.routed_ports[&[1; 32]],
+            vec![(n("10.1.0.0/16"), web.clone())],
+            "the all-traffic 10.2.0.0/16 is not port-limited"
+        );
+        assert!(!p.allowed[&[1; 32]].iter().any(|x| x.prefix_len() == 0));
+        assert_eq!(p.refused.len(), 2, "{:?}", p.refused);
+        assert!(p.exit.is_none());
+
+        let mut user = offer("p-user", 5, &[]);
+        user.may_use_ports = vec![
+            ("10.1.0.0/24".into(), web.clone()),
+            ("10.9.0.0/16".into(), web.clone()),
+            ("0.0.0.0/0".into(), web.clone()),
+        ];
+        let settings = Settings {
+            advertised: vec![n("10.1.0.0/16")],
+            advertise_exit_node: true,
+            ..Settings::default()
+        };
+        let p = plan(&[user], &settings, &[], &|_| true);
+        assert_eq!(p.port_grants, vec![([5; 32], n("10.1.0.0/24"), web)]);
+        assert!(p.grants.is_empty());
     }
 
     #[test]
