@@ -571,6 +571,58 @@ mod tests {
             .is_empty());
     }
 
+    /// Port-limited grants: a peer's grants holding a destination add up (the longest
+    /// match answers with the union of the ports of its grants around it), an all-traffic
+    /// grant of the peer wins, and another peer's grant never widens it.
+    #[test]
+    fn port_limited_grants_add_up_per_peer() {
+        let (alice, bob, carol) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let ssh = vec![(Proto::Tcp, 22, 22)];
+        let web = vec![(Proto::Tcp, 443, 443)];
+        let l = LocalNets::new([ip("fd5a:1f00::1")], []).with_route_grants(
+            [(bob, net("10.1.0.0/16")), (carol, net("10.1.7.0/24"))],
+            [
+                (alice, net("10.1.0.0/16"), ssh.clone()),
+                (alice, net("10.1.5.0/24"), web.clone()),
+                (carol, net("10.1.0.0/16"), web.clone()),
+            ],
+        );
+        let inbound = |k: &[u8; 32], d: &str| {
+            let f = l.route_filter_in(k, ip(d)).unwrap();
+            (
+                f.inbound(Proto::Tcp),
+                f.inbound(Proto::Udp),
+                f.outbound(Proto::Tcp),
+            )
+        };
+        assert_eq!(l.admits(&alice, ip("10.1.5.9")), Ok(()));
+        assert_eq!(
+            inbound(&alice, "10.1.5.9"),
+            (vec![(22, 22), (443, 443)], vec![], vec![])
+        );
+        assert_eq!(
+            inbound(&alice, "10.1.6.9"),
+            (vec![(22, 22)], vec![], vec![])
+        );
+        // bob's all-traffic grant is not narrowed by alice's ports on the same LAN.
+        assert_eq!(inbound(&bob, "10.1.5.9").0, vec![(0, 65535)]);
+        // carol: 443 on the LAN, all traffic on her /24.
+        assert_eq!(inbound(&carol, "10.1.6.9").0, vec![(443, 443)]);
+        assert_eq!(inbound(&carol, "10.1.7.9").1, vec![(0, 65535)]);
+        // The way back: the same per-peer filter, nothing may be opened towards the peer.
+        let back = l.route_filter_out(&alice, ip("10.1.6.9")).unwrap();
+        assert!(back.outbound(Proto::Tcp).is_empty() && back.outbound(Proto::Udp).is_empty());
+        assert!(
+            l.route_filter_in(&alice, ip("fd5a:1f00::1")).is_none(),
+            "ours"
+        );
+        // Without port-limited grants: the shared route filter, as before.
+        let plain = LocalNets::new([], []).with_grants([(alice, net("10.1.0.0/16"))]);
+        let f = plain.route_filter_in(&alice, ip("10.1.0.9")).unwrap();
+        assert_eq!(f.inbound(Proto::Tcp), vec![(0, 65535)]);
+    }
+
     /// Issue 15: what a concentrator forwards for its clients, told apart from its own
     /// traffic; a node serving nobody forwards nothing for anyone.
     #[test]
