@@ -357,7 +357,7 @@ impl Compiler<'_> {
                 dst.push((s, ports.clone()));
             }
         }
-        prefixes.sort_by(|a: &(Prefix, ProtoPorts), b| a.0.cmp(&b.0));
+        prefixes.sort_by_key(|a| a.0);
         let mut merged: Vec<(Prefix, ProtoPorts)> = Vec::with_capacity(prefixes.len());
         for (p, ports) in prefixes {
             match merged.last_mut() {

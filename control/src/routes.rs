@@ -230,7 +230,7 @@ pub fn usable(
         out = next;
     }
     // One entry per prefix (the union), then drop parts adding nothing to one around them.
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|a| a.0);
     let mut merged: Vec<(Prefix, ProtoPorts)> = Vec::with_capacity(out.len());
     for (p, ports) in out {
         match merged.last_mut() {
@@ -248,7 +248,7 @@ pub fn usable(
             kept.push((p, ports));
         }
     }
-    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    kept.sort_by_key(|a| a.0);
     kept
 }
 
@@ -297,7 +297,7 @@ pub fn offered(policy: &Policy, viewer: Principal<'_>, routes: &[(Prefix, bool)]
     }
     all.sort();
     all.dedup();
-    limited.sort_by(|a, b| a.0.cmp(&b.0));
+    limited.sort_by_key(|a| a.0);
     let mut ports: Vec<RoutePorts> = Vec::with_capacity(limited.len());
     let mut last: Option<(Prefix, ProtoPorts)> = None;
     for (p, pp) in limited {

@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use crate::core::behind::Behind;
 use crate::core::counters::DropCounters;
-use crate::core::filter::{PortFilter, Proto};
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
@@ -1818,7 +1818,7 @@ fn local_nets(
     ipv4: Option<Ipv4Addr>,
     apps: &[Uuid],
     grants: &[([u8; 32], IpNet)],
-    port_grants: &[([u8; 32], IpNet, Vec<(Proto, u16, u16)>)],
+    port_grants: &[([u8; 32], IpNet, ProtoRanges)],
 ) -> LocalNets {
     let addrs = std::iter::once(ula)
         .chain(apps.iter().map(tabbify_api::ula::app_ula))

@@ -35,7 +35,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::filter::{PortFilter, Proto};
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::net::IpNet;
 
 /// The addresses behind one peer, each with its filter. Immutable once built.
@@ -134,19 +134,19 @@ impl Behind {
     /// twice gets the union.
     pub fn with_routed_ports(
         mut self,
-        prefixes: impl IntoIterator<Item = (IpNet, Vec<(Proto, u16, u16)>)>,
+        prefixes: impl IntoIterator<Item = (IpNet, ProtoRanges)>,
     ) -> Self {
-        let mut given: Vec<(IpNet, Vec<(Proto, u16, u16)>)> = prefixes
+        let mut given: Vec<(IpNet, ProtoRanges)> = prefixes
             .into_iter()
             .map(|(n, r)| (n.network(), r))
             .collect();
-        given.sort_by(|a, b| a.0.cmp(&b.0));
+        given.sort_by_key(|a| a.0);
         let mut nets: Vec<IpNet> = given.iter().map(|(n, _)| *n).collect();
         nets.dedup();
         self.limited = nets
             .into_iter()
             .map(|n| {
-                let rules: Vec<(Proto, u16, u16)> = given
+                let rules: ProtoRanges = given
                     .iter()
                     .filter(|(g, _)| {
                         g.addr().is_ipv4() == n.addr().is_ipv4()
@@ -258,6 +258,7 @@ mod tests {
     #[test]
     fn port_limited_routed_prefixes_open_only_their_ports() {
         use crate::core::conntrack::Dir;
+        use crate::core::filter::Proto;
         let net = |s: &str| -> IpNet { s.parse().unwrap() };
         let b = Behind::new([])
             .with_routed([net("10.1.7.0/24")])

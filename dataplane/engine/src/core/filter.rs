@@ -104,6 +104,9 @@ pub enum Proto {
     Both,
 }
 
+/// `(protocol, first, last)` port rules, as [`PortFilter::from_rules`] takes them.
+pub type ProtoRanges = Vec<(Proto, u16, u16)>;
+
 /// Why [`PortFilter::check`] refused a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Deny {

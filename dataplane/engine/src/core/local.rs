@@ -62,7 +62,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::filter::{PortFilter, Proto};
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::net::IpNet;
 use crate::core::route::RouteTable;
 
@@ -100,8 +100,11 @@ pub struct LocalNets {
     /// it are all port-limited, sorted by key, each with its route filter: the union of
     /// those grants' ports may be opened, nothing from the prefix. A granted peer not
     /// listed here has `route_filter`. Empty when no grant has ports.
-    granted_ports: Arc<[Box<[([u8; 32], Arc<PortFilter>)]>]>,
+    granted_ports: Arc<[PeerFilters]>,
 }
+
+/// Peers (sorted by public key), each with its own filter.
+type PeerFilters = Box<[([u8; 32], Arc<PortFilter>)]>;
 
 /// Why [`LocalNets::admits`] refused a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,10 +273,10 @@ impl LocalNets {
     pub fn with_route_grants(
         mut self,
         all: impl IntoIterator<Item = ([u8; 32], IpNet)>,
-        limited: impl IntoIterator<Item = ([u8; 32], IpNet, Vec<(Proto, u16, u16)>)>,
+        limited: impl IntoIterator<Item = ([u8; 32], IpNet, ProtoRanges)>,
     ) -> Self {
         let all: Vec<([u8; 32], IpNet)> = all.into_iter().collect();
-        let limited: Vec<([u8; 32], IpNet, Vec<(Proto, u16, u16)>)> = limited
+        let limited: Vec<([u8; 32], IpNet, ProtoRanges)> = limited
             .into_iter()
             .map(|(k, n, r)| (k, n.network(), r))
             .collect();
@@ -282,7 +285,7 @@ impl LocalNets {
                 .copied()
                 .chain(limited.iter().map(|(k, n, _)| (*k, *n))),
         );
-        let mut ports: Vec<Box<[([u8; 32], Arc<PortFilter>)]>> = Vec::new();
+        let mut ports: Vec<PeerFilters> = Vec::new();
         if !limited.is_empty() {
             ports = vec![Box::default(); sets.len()];
             for (p, i) in table.iter() {
@@ -299,7 +302,7 @@ impl LocalNets {
                     if all.iter().any(|(ak, g)| ak == k && holds(&g.network())) {
                         continue;
                     }
-                    let rules: Vec<(Proto, u16, u16)> = limited
+                    let rules: ProtoRanges = limited
                         .iter()
                         .filter(|(lk, g, _)| lk == k && holds(g))
                         .flat_map(|(_, _, r)| r.iter().copied())
@@ -576,6 +579,7 @@ mod tests {
     /// grant of the peer wins, and another peer's grant never widens it.
     #[test]
     fn port_limited_grants_add_up_per_peer() {
+        use crate::core::filter::Proto;
         let (alice, bob, carol) = ([1u8; 32], [2u8; 32], [3u8; 32]);
         let net = |s: &str| -> IpNet { s.parse().unwrap() };
         let ssh = vec![(Proto::Tcp, 22, 22)];

@@ -46,7 +46,7 @@ use uuid::Uuid;
 use super::failover::{Failover, Next};
 use super::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
 use super::session::{Grace, Session};
-use crate::core::filter::{PortFilter, Proto};
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::net::IpNet;
 use crate::core::peer::PeerConfig;
 use crate::join::client::ClientError;
@@ -185,7 +185,7 @@ pub enum Action {
         /// Prefixes routed through it (`super::routes`): all traffic, replies only back.
         routed: Vec<IpNet>,
         /// Port-limited prefixes routed through it, with the destination ports we may open.
-        routed_ports: Vec<(IpNet, Vec<(Proto, u16, u16)>)>,
+        routed_ports: Vec<(IpNet, ProtoRanges)>,
         /// It was not in the table before.
         new: bool,
         /// For the log.
@@ -779,7 +779,7 @@ impl Machine {
     }
 
     /// The port-limited (peer, prefix, rules) grants of the route plan in force.
-    pub fn port_grants(&self) -> &[([u8; 32], IpNet, Vec<(Proto, u16, u16)>)] {
+    pub fn port_grants(&self) -> &[([u8; 32], IpNet, ProtoRanges)] {
         &self.plan.port_grants
     }
 

@@ -101,7 +101,7 @@ pub struct Desired {
     pub routed: Vec<IpNet>,
     /// Port-limited prefixes routed through this peer (`route_ports`, filled in by the
     /// machine): the engine's routed filter opens only these destination ports.
-    pub routed_ports: Vec<(IpNet, Vec<(Proto, u16, u16)>)>,
+    pub routed_ports: Vec<(IpNet, crate::core::filter::ProtoRanges)>,
 }
 
 /// What an event did.

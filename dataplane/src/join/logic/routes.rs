@@ -35,7 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use crate::core::filter::Proto;
+use crate::core::filter::{Proto, ProtoRanges};
 use crate::core::net::IpNet;
 
 /// A peer that shares a prefix with others is probed this often.
@@ -262,13 +262,13 @@ pub struct Offer {
     /// Which of our prefixes it may use through us.
     pub may_use: Vec<String>,
     /// Prefixes we may send to through it on some destination ports only.
-    pub route_ports: Vec<(String, Vec<(Proto, u16, u16)>)>,
+    pub route_ports: Vec<(String, ProtoRanges)>,
     /// Which of our prefixes it may use through us on some destination ports only.
-    pub may_use_ports: Vec<(String, Vec<(Proto, u16, u16)>)>,
+    pub may_use_ports: Vec<(String, ProtoRanges)>,
 }
 
 /// A roster `RoutePorts` as `(prefix text, (protocol, first, last) rules)`.
-fn port_route(r: &tabbify_api::RoutePorts) -> (String, Vec<(Proto, u16, u16)>) {
+fn port_route(r: &tabbify_api::RoutePorts) -> (String, ProtoRanges) {
     let tag = |p: Proto, v: &[tabbify_api::PortRange]| {
         v.iter()
             .map(move |x| (p, x.first, x.last))
@@ -312,10 +312,10 @@ pub struct Plan {
     pub grants: Vec<([u8; 32], IpNet)>,
     /// Peers allowed to route through us on some destination ports only: (peer, prefix,
     /// rules), for the engine's destination check and route filter.
-    pub port_grants: Vec<([u8; 32], IpNet, Vec<(Proto, u16, u16)>)>,
+    pub port_grants: Vec<([u8; 32], IpNet, ProtoRanges)>,
     /// Per peer, the port-limited prefixes it is the primary for, with their rules (also
     /// in `allowed` and `kernel`; the engine's routed filter opens only those ports).
-    pub routed_ports: BTreeMap<[u8; 32], Vec<(IpNet, Vec<(Proto, u16, u16)>)>>,
+    pub routed_ports: BTreeMap<[u8; 32], Vec<(IpNet, ProtoRanges)>>,
     /// For every prefix offered by several peers: the peers, primary first.
     pub shared: BTreeMap<IpNet, Vec<String>>,
     /// Offers refused, as (peer id, why).
@@ -346,7 +346,7 @@ pub fn plan(
     let mut by_prefix: BTreeMap<IpNet, Vec<&Offer>> = BTreeMap::new();
     // Port-limited offers: (prefix, peer) → rules. A prefix a peer also offers for all
     // traffic is all traffic from it.
-    let mut limited: BTreeMap<(IpNet, [u8; 32]), Vec<(Proto, u16, u16)>> = BTreeMap::new();
+    let mut limited: BTreeMap<(IpNet, [u8; 32]), ProtoRanges> = BTreeMap::new();
     let mut exit: Option<&Offer> = None;
     // A mesh IPv4 is one member's: one that the roster gives to several peers (only a
     // malicious or broken coordinator does) goes to none of them.
