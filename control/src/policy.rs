@@ -13,7 +13,9 @@
 //! Routes: a `dst` that is an IP prefix (`10.1.0.0/16`, `::/0`, or `autogroup:internet`
 //! for both default routes) is not a peer selector: it goes to the rule's
 //! [`RouteRule`] and names advertised subnet routes, never a member (visibility and port
-//! rules ignore it; [`crate::routes`] evaluates it). The `routes` section compiles to
+//! rules ignore it; [`crate::routes`] evaluates it). It may carry ports like a tag
+//! (`10.1.0.0/16:443`, `fd00:1::/64:tcp:22`): the rule then covers only those destination
+//! ports inside the prefix; a default route takes none. The `routes` section compiles to
 //! the auto-approval list ([`Policy::route_auto`]).
 
 use std::collections::{HashMap, HashSet};
@@ -56,8 +58,10 @@ pub struct Rule {
 pub struct RouteRule {
     /// Who sends.
     pub src: Vec<Selector>,
-    /// The prefixes (all traffic).
-    pub dst: Vec<Prefix>,
+    /// The prefixes, each with the destination ports the rule covers inside it
+    /// ([`ProtoPorts::all`] without a `:PORTS` suffix: all traffic). Sorted by prefix, one
+    /// entry per prefix (a prefix listed twice gets the union of its ports).
+    pub dst: Vec<(Prefix, ProtoPorts)>,
 }
 
 /// A peer as the policy sees it: its identity and its tags.
@@ -353,8 +357,15 @@ impl Compiler<'_> {
                 dst.push((s, ports.clone()));
             }
         }
-        prefixes.sort();
-        prefixes.dedup();
+        prefixes.sort_by_key(|a| a.0);
+        let mut merged: Vec<(Prefix, ProtoPorts)> = Vec::with_capacity(prefixes.len());
+        for (p, ports) in prefixes {
+            match merged.last_mut() {
+                Some((q, qp)) if *q == p => qp.union_with(&ports),
+                _ => merged.push((p, ports)),
+            }
+        }
+        let prefixes = merged;
         Ok((
             Rule {
                 src: src.clone(),
@@ -402,12 +413,17 @@ impl Compiler<'_> {
     }
 }
 
-/// A prefix destination (`10.1.0.0/16`, `fd00:1::/64`, `::/0`, `autogroup:internet`),
-/// or `None` for a selector destination. The `/LEN` digits end the prefix, so IPv6 needs
-/// no brackets. A `:PORTS` suffix is refused in this version: a route carries all traffic.
-pub fn route_destination(d: &str) -> Result<Option<Vec<Prefix>>, PolicyError> {
+/// A prefix destination (`10.1.0.0/16`, `fd00:1::/64`, `::/0`, `autogroup:internet`)
+/// with its ports, or `None` for a selector destination. The `/LEN` digits end the prefix,
+/// so IPv6 needs no brackets: `10.1.0.0/16:443`, `fd00:1::/64:tcp:22,udp:53` take the same
+/// `:PORTS` grammar as a tag (no suffix: all traffic). A default route (`0.0.0.0/0`,
+/// `::/0`) takes no ports: an exit node carries all traffic.
+pub fn route_destination(d: &str) -> Result<Option<Vec<(Prefix, ProtoPorts)>>, PolicyError> {
     if d == "autogroup:internet" {
-        return Ok(Some(vec![DEFAULT_V4, DEFAULT_V6]));
+        return Ok(Some(vec![
+            (DEFAULT_V4, ProtoPorts::all()),
+            (DEFAULT_V6, ProtoPorts::all()),
+        ]));
     }
     if d == "*"
         || d.starts_with("*:")
@@ -429,14 +445,24 @@ pub fn route_destination(d: &str) -> Result<Option<Vec<Prefix>>, PolicyError> {
     let prefix: Prefix = d[..end]
         .parse()
         .map_err(|e: crate::api::route::PrefixError| bad(e.0))?;
-    if end != d.len() {
+    if end == d.len() {
+        return Ok(Some(vec![(prefix, ProtoPorts::all())]));
+    }
+    let Some(spec) = d[end..].strip_prefix(':') else {
+        return Err(bad(format!(
+            "unexpected {:?} after the prefix (write PREFIX or PREFIX:PORTS)",
+            &d[end..]
+        )));
+    };
+    if prefix.is_default() {
         return Err(bad(
-            "ports on a prefix destination are not supported yet: a route carries all traffic \
-             (write the prefix alone)"
+            "ports on a default route are not supported: an exit node carries all traffic \
+             (write the default route alone)"
                 .into(),
         ));
     }
-    Ok(Some(vec![prefix]))
+    let ports = ProtoPorts::parse(spec).map_err(bad)?;
+    Ok(Some(vec![(prefix, ports)]))
 }
 
 /// Splits `tag:x:80,443` (or `tag:x:tcp:22,udp:53`) into (`tag:x`, ports); no suffix means
@@ -526,12 +552,19 @@ mod tests {
             .allowed_ports(pr("n", &node), pr("o", &ops))
             .tcp
             .contains(22));
-        // Bad prefixes and ports on a prefix are refused, naming the destination.
+        // Bad prefixes and bad ports on a prefix are refused, naming the destination.
         for (dst, want) in [
             ("10.1.0.1/16", "host bits"),
-            ("10.1.0.0/16:22", "ports on a prefix"),
-            ("fd00:1::/64:tcp:443", "ports on a prefix"),
             ("10.1.0.0/40", "too long"),
+            ("10.1.0.0/16:", "10.1.0.0/16:"),
+            ("10.1.0.0/16:99999", "not a port"),
+            ("10.1.0.0/16:tcp:", "10.1.0.0/16:tcp:"),
+            ("10.1.0.0/16:icmp:1", "icmp:1"),
+            ("10.1.0.0/16x", "after the prefix"),
+            ("10.1.0.0/16-22", "after the prefix"),
+            ("fd00:1::/64:443-80,", "fd00:1::/64"),
+            ("0.0.0.0/0:443", "default route"),
+            ("::/0:tcp:443", "default route"),
         ] {
             let mut d = doc();
             d.allow.push(rule(&["tag:node"], &[dst]));
@@ -544,9 +577,51 @@ mod tests {
         let mut d = doc();
         d.routes = [("10.1.0.1/16".to_string(), vec!["tag:ops".to_string()])].into();
         assert!(Policy::compile(d).unwrap_err().0.contains("routes"));
+        // Ports on a route in the routes section: not a prefix.
+        let mut d = doc();
+        d.routes = [("10.1.0.0/16:22".to_string(), vec!["tag:ops".to_string()])].into();
+        assert!(Policy::compile(d).unwrap_err().0.contains("routes"));
         let mut d = doc();
         d.routes = [("10.1.0.0/16".to_string(), vec!["tag:nope".to_string()])].into();
         assert!(Policy::compile(d).unwrap_err().0.contains("unknown tag"));
+    }
+
+    /// Ports on a prefix destination: the tag grammar (bare, ranges, `tcp:`/`udp:`), IPv4
+    /// and IPv6 without brackets; a prefix listed twice in a rule gets the union.
+    #[test]
+    fn prefix_destinations_take_ports_like_tags() {
+        let mut d = doc();
+        d.allow.push(rule(
+            &["tag:node"],
+            &[
+                "10.1.0.0/16:443",
+                "10.1.0.0/16:tcp:22,udp:53",
+                "fd00:1::/64:tcp:8000-8010",
+                "10.2.0.0/16:*",
+                "10.3.0.0/16",
+            ],
+        ));
+        let p = Policy::compile(d).unwrap();
+        let r = &p.route_allow()[0];
+        let get = |s: &str| {
+            let want: Prefix = s.parse().unwrap();
+            r.dst
+                .iter()
+                .find(|(q, _)| *q == want)
+                .map(|(_, ports)| ports.clone())
+                .unwrap()
+        };
+        assert_eq!(r.dst.len(), 4, "{:?}", r.dst);
+        let lan = get("10.1.0.0/16");
+        assert!(lan.contains(Proto::Tcp, 443) && lan.contains(Proto::Udp, 443));
+        assert!(lan.contains(Proto::Tcp, 22) && !lan.contains(Proto::Udp, 22));
+        assert!(lan.contains(Proto::Udp, 53) && !lan.contains(Proto::Tcp, 53));
+        assert!(!lan.contains(Proto::Tcp, 80));
+        let v6 = get("fd00:1::/64");
+        assert!(v6.contains(Proto::Tcp, 8005) && !v6.contains(Proto::Udp, 8005));
+        assert!(!v6.contains(Proto::Tcp, 8011));
+        assert_eq!(get("10.2.0.0/16"), ProtoPorts::all());
+        assert_eq!(get("10.3.0.0/16"), ProtoPorts::all());
     }
 
     #[test]

@@ -16,10 +16,14 @@
 //!   `src` names it has a prefix destination containing R (all of R), or inside R (that
 //!   part only), minus the prefix destinations of deny rules naming it. The default
 //!   routes of an exit node are usable only through a destination that is exactly that
-//!   default route (`0.0.0.0/0`, `::/0`, `autogroup:internet`). Routes carry all traffic
-//!   in this version (ports on a prefix destination are refused by the policy compiler).
+//!   default route (`0.0.0.0/0`, `::/0`, `autogroup:internet`). A prefix destination with
+//!   ports (`10.1.0.0/16:443`) makes its part usable on those destination ports only.
 //! * The roster fields ([`decorate`]): `routes`/`exit_node` (what the viewer may send
-//!   through the peer) and `may_use` (what the peer may send through the viewer).
+//!   through the peer) and `may_use` (what the peer may send through the viewer), all
+//!   traffic; `route_ports` / `may_use_ports` the port-limited parts. A port-limited part
+//!   is never in `routes`/`may_use`: a joiner from before the ports fields, router or
+//!   member, then neither installs nor grants it (it loses that access instead of
+//!   getting every port).
 //! * The mesh IPv4 ([`ipv4_candidate`]): the `n`-th candidate for a peer id, from
 //!   blake3, in `100.64.0.0/10`, never the first or last address of the /10 nor
 //!   `100.100.100.100`. The registry picks the first candidate no other member holds; the
@@ -35,9 +39,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::route::{check_advertised, Prefix, DEFAULT_V4, DEFAULT_V6};
 use crate::api::{
-    ApprovedBy, RosterEntry, RouteApproval, RouteInfo, RouteState, MAX_ADVERTISED_ROUTES,
+    ApprovedBy, RosterEntry, RouteApproval, RouteInfo, RoutePorts, RouteState,
+    MAX_ADVERTISED_ROUTES,
 };
 use crate::policy::{matches, Policy, Principal, RouteRule};
+use crate::ports::ProtoPorts;
 
 /// A member's route advertisement.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,63 +171,154 @@ pub fn approved(policy: &Policy, p: Principal<'_>, ads: &Advertisement) -> Vec<(
 fn rules_for<'a>(
     rules: &'a [RouteRule],
     viewer: Principal<'a>,
-) -> impl Iterator<Item = &'a Prefix> + 'a {
+) -> impl Iterator<Item = &'a (Prefix, ProtoPorts)> + 'a {
     rules
         .iter()
         .filter(move |r| r.src.iter().any(|s| matches(s, viewer)))
         .flat_map(|r| r.dst.iter())
 }
 
-/// The parts of the approved route `route` that `viewer` may send to (empty: none).
-pub fn usable(policy: &Policy, viewer: Principal<'_>, route: &Prefix, exit: bool) -> Vec<Prefix> {
-    let mut out: Vec<Prefix> = Vec::new();
-    for d in rules_for(policy.route_allow(), viewer) {
+/// Whether every port of `inner` is in `outer`.
+fn ports_within(inner: &ProtoPorts, outer: &ProtoPorts) -> bool {
+    let mut rest = inner.clone();
+    rest.subtract(outer);
+    rest.is_empty()
+}
+
+/// The parts of the approved route `route` that `viewer` may send to, each with the
+/// destination ports it may open there ([`ProtoPorts::all`]: all traffic); empty: none.
+///
+/// The parts may nest (a port-limited /16 around an all-traffic /24): a destination gets
+/// the union of the ports of every part holding it, which is what both ends compute
+/// (longest match over prefixes whose ports include those of the prefixes around them).
+/// A part inside another with no port the outer one lacks is dropped. A deny rule's
+/// prefix is cut out of every part; with ports, only those ports are cut inside it.
+pub fn usable(
+    policy: &Policy,
+    viewer: Principal<'_>,
+    route: &Prefix,
+    exit: bool,
+) -> Vec<(Prefix, ProtoPorts)> {
+    let mut out: Vec<(Prefix, ProtoPorts)> = Vec::new();
+    for (d, ports) in rules_for(policy.route_allow(), viewer) {
         let part = if exit {
             (d == route).then_some(*route)
         } else {
             d.intersect(route)
         };
         if let Some(part) = part {
-            out.push(part);
+            out.push((part, ports.clone()));
         }
     }
     if out.is_empty() {
         return out;
     }
-    // Drop parts inside other parts.
-    out.sort_by_key(|p| (p.is_ipv4(), p.prefix_len()));
-    let mut kept: Vec<Prefix> = Vec::new();
-    for p in out {
-        if !kept.iter().any(|k| k.contains(&p)) {
-            kept.push(p);
+    for (d, dports) in rules_for(policy.route_deny(), viewer) {
+        let mut next = Vec::with_capacity(out.len());
+        for (k, kp) in out {
+            let Some(inner) = k.intersect(d) else {
+                next.push((k, kp));
+                continue;
+            };
+            next.extend(k.subtract(d).into_iter().map(|piece| (piece, kp.clone())));
+            let mut rest = kp;
+            rest.subtract(dports);
+            if !rest.is_empty() {
+                next.push((inner, rest));
+            }
+        }
+        out = next;
+    }
+    // One entry per prefix (the union), then drop parts adding nothing to one around them.
+    out.sort_by_key(|a| a.0);
+    let mut merged: Vec<(Prefix, ProtoPorts)> = Vec::with_capacity(out.len());
+    for (p, ports) in out {
+        match merged.last_mut() {
+            Some((q, qp)) if *q == p => qp.union_with(&ports),
+            _ => merged.push((p, ports)),
         }
     }
-    for d in rules_for(policy.route_deny(), viewer) {
-        kept = kept.iter().flat_map(|k| k.subtract(d)).collect();
+    merged.sort_by_key(|(p, _)| (p.is_ipv4(), p.prefix_len()));
+    let mut kept: Vec<(Prefix, ProtoPorts)> = Vec::new();
+    for (p, ports) in merged {
+        if !kept
+            .iter()
+            .any(|(k, kp)| k.contains(&p) && ports_within(&ports, kp))
+        {
+            kept.push((p, ports));
+        }
     }
-    kept.sort();
+    kept.sort_by_key(|a| a.0);
     kept
 }
 
+/// The roster's form of a port-limited part.
+pub fn route_ports(prefix: &Prefix, ports: &ProtoPorts) -> RoutePorts {
+    let (both, tcp, udp) = ports.split();
+    RoutePorts {
+        prefix: prefix.to_string(),
+        ports: both.ranges().to_vec(),
+        tcp: tcp.ranges().to_vec(),
+        udp: udp.ranges().to_vec(),
+    }
+}
+
+/// What a viewer may send through a member ([`offered`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offered {
+    /// The all-traffic prefixes (text), for `routes` / `may_use`.
+    pub routes: Vec<String>,
+    /// The member is an exit node the viewer may use.
+    pub exit_node: bool,
+    /// The port-limited prefixes, for `route_ports` / `may_use_ports`.
+    pub ports: Vec<RoutePorts>,
+}
+
 /// What `viewer` may send through a member whose approved routes are `routes`: the
-/// prefixes (text) and whether it may use the member as an exit node.
-pub fn offered(
-    policy: &Policy,
-    viewer: Principal<'_>,
-    routes: &[(Prefix, bool)],
-) -> (Vec<String>, bool) {
-    let mut out = Vec::new();
+/// all-traffic prefixes, whether it may use the member as an exit node, and the
+/// port-limited prefixes (never in the all-traffic list: a joiner that does not know the
+/// ports field gets no route rather than every port).
+pub fn offered(policy: &Policy, viewer: Principal<'_>, routes: &[(Prefix, bool)]) -> Offered {
+    let mut all = Vec::new();
+    let mut limited: Vec<(Prefix, ProtoPorts)> = Vec::new();
     let mut exit_node = false;
     for (r, exit) in routes {
         let parts = usable(policy, viewer, r, *exit);
         if *exit && !parts.is_empty() {
             exit_node = true;
         }
-        out.extend(parts);
+        for (p, ports) in parts {
+            if ports == ProtoPorts::all() {
+                all.push(p);
+            } else {
+                limited.push((p, ports));
+            }
+        }
     }
-    out.sort();
-    out.dedup();
-    (out.iter().map(ToString::to_string).collect(), exit_node)
+    all.sort();
+    all.dedup();
+    limited.sort_by_key(|a| a.0);
+    let mut ports: Vec<RoutePorts> = Vec::with_capacity(limited.len());
+    let mut last: Option<(Prefix, ProtoPorts)> = None;
+    for (p, pp) in limited {
+        match &mut last {
+            Some((q, qp)) if *q == p => qp.union_with(&pp),
+            _ => {
+                if let Some((q, qp)) = last.take() {
+                    ports.push(route_ports(&q, &qp));
+                }
+                last = Some((p, pp));
+            }
+        }
+    }
+    if let Some((q, qp)) = last {
+        ports.push(route_ports(&q, &qp));
+    }
+    Offered {
+        routes: all.iter().map(ToString::to_string).collect(),
+        exit_node,
+        ports,
+    }
 }
 
 /// Fills `e` (the viewer's entry for a peer): `routes`/`exit_node` from the peer's
@@ -236,12 +333,15 @@ pub fn decorate(
     viewer_routes: &[(Prefix, bool)],
 ) {
     if !target_routes.is_empty() {
-        let (routes, exit) = offered(policy, viewer, target_routes);
-        e.routes = routes;
-        e.exit_node = exit;
+        let o = offered(policy, viewer, target_routes);
+        e.routes = o.routes;
+        e.exit_node = o.exit_node;
+        e.route_ports = o.ports;
     }
     if !viewer_routes.is_empty() {
-        e.may_use = offered(policy, target, viewer_routes).0;
+        let o = offered(policy, target, viewer_routes);
+        e.may_use = o.routes;
+        e.may_use_ports = o.ports;
     }
 }
 
@@ -326,6 +426,7 @@ pub fn is_mesh_ipv4(a: Ipv4Addr) -> bool {
 mod tests {
     use super::*;
     use crate::api::{PolicyDocument, PolicyRule};
+    use crate::ports::Proto;
 
     fn pfx(s: &str) -> Prefix {
         s.parse().unwrap()
@@ -398,6 +499,17 @@ mod tests {
         assert!(ads2.admin_approved.is_empty());
     }
 
+    /// The prefixes of all-traffic parts (panics on a port-limited one).
+    fn all(parts: Vec<(Prefix, ProtoPorts)>) -> Vec<Prefix> {
+        parts
+            .into_iter()
+            .map(|(p, ports)| {
+                assert_eq!(ports, ProtoPorts::all(), "{p}");
+                p
+            })
+            .collect()
+    }
+
     #[test]
     fn use_is_the_intersection_minus_denies() {
         let p = policy();
@@ -407,27 +519,103 @@ mod tests {
         let ops = who(&p, "o", &mut c, &["ops"]);
         let router = who(&p, "r", &mut d, &["router"]);
         let lan = pfx("10.1.0.0/16");
-        assert_eq!(usable(&p, user, &lan, false), vec![lan]);
+        assert_eq!(all(usable(&p, user, &lan, false)), vec![lan]);
         // A rule inside the route: only that part.
-        assert_eq!(usable(&p, guest, &lan, false), vec![pfx("10.1.2.0/24")]);
+        assert_eq!(
+            all(usable(&p, guest, &lan, false)),
+            vec![pfx("10.1.2.0/24")]
+        );
         // A rule around the route, minus the deny: 8 prefixes, none holding 10.1.5.0/24.
-        let o = usable(&p, ops, &lan, false);
+        let o = all(usable(&p, ops, &lan, false));
         assert_eq!(o.len(), 8);
         assert!(o.iter().all(|x| !x.overlaps(&pfx("10.1.5.0/24"))));
         // No rule: nothing.
         assert!(usable(&p, router, &lan, false).is_empty());
         // 0.0.0.0/0 in a rule contains the LAN, and uses the exit's IPv4 default only.
-        assert_eq!(usable(&p, user, &DEFAULT_V4, true), vec![DEFAULT_V4]);
+        assert_eq!(all(usable(&p, user, &DEFAULT_V4, true)), vec![DEFAULT_V4]);
         assert!(usable(&p, user, &DEFAULT_V6, true).is_empty());
         // A LAN rule never makes an exit node usable.
         assert!(usable(&p, guest, &DEFAULT_V4, true).is_empty());
-        assert_eq!(usable(&p, ops, &DEFAULT_V6, true), vec![DEFAULT_V6]);
-        let (routes, exit) = offered(&p, user, &[(lan, false), (DEFAULT_V4, true)]);
+        assert_eq!(all(usable(&p, ops, &DEFAULT_V6, true)), vec![DEFAULT_V6]);
+        let o = offered(&p, user, &[(lan, false), (DEFAULT_V4, true)]);
         assert_eq!(
-            routes,
+            o.routes,
             vec!["0.0.0.0/0".to_string(), "10.1.0.0/16".to_string()]
         );
-        assert!(exit);
+        assert!(o.exit_node);
+        assert!(o.ports.is_empty());
+    }
+
+    /// Ports on a prefix destination: the part carries them, never lands in the
+    /// all-traffic list (an older joiner must not get every port), nests under and around
+    /// all-traffic parts, and a deny with ports cuts only those ports.
+    #[test]
+    fn ports_on_a_prefix_limit_the_part_and_stay_out_of_the_all_traffic_list() {
+        let rule = |src: &str, dst: &[&str]| PolicyRule {
+            src: vec![src.into()],
+            dst: dst.iter().map(|d| d.to_string()).collect(),
+        };
+        let p = Policy::compile(PolicyDocument {
+            tags: ["router", "web", "mixed", "denied"]
+                .map(String::from)
+                .to_vec(),
+            allow: vec![
+                rule("tag:web", &["10.1.0.0/16:tcp:443"]),
+                rule("tag:mixed", &["10.0.0.0/8:22", "10.1.7.0/24"]),
+                rule("tag:denied", &["10.1.0.0/16:22,443"]),
+            ],
+            deny: vec![rule("tag:denied", &["10.1.5.0/24:22"])],
+            routes: [("10.0.0.0/8".to_string(), vec!["tag:router".to_string()])].into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        let web = who(&p, "w", &mut a, &["web"]);
+        let mixed = who(&p, "m", &mut b, &["mixed"]);
+        let denied = who(&p, "d", &mut c, &["denied"]);
+        let lan = pfx("10.1.0.0/16");
+        let u = usable(&p, web, &lan, false);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].0, lan);
+        assert!(u[0].1.contains(Proto::Tcp, 443) && !u[0].1.contains(Proto::Udp, 443));
+        let o = offered(&p, web, &[(lan, false)]);
+        assert!(
+            o.routes.is_empty(),
+            "a port-limited part is not all traffic"
+        );
+        assert_eq!(
+            o.ports,
+            vec![RoutePorts {
+                prefix: "10.1.0.0/16".into(),
+                ports: vec![],
+                tcp: vec![crate::api::PortRange {
+                    first: 443,
+                    last: 443
+                }],
+                udp: vec![],
+            }]
+        );
+        // Port 22 on the whole LAN, all traffic on one /24 inside it: both, apart.
+        let o = offered(&p, mixed, &[(lan, false)]);
+        assert_eq!(o.routes, vec!["10.1.7.0/24".to_string()]);
+        assert_eq!(o.ports.len(), 1);
+        assert_eq!(o.ports[0].prefix, "10.1.0.0/16");
+        // The deny with ports: 22 cut inside 10.1.5.0/24 only, 443 kept there.
+        let u = usable(&p, denied, &lan, false);
+        let at = |s: &str| {
+            u.iter().filter(|(q, _)| q.contains(&pfx(s))).fold(
+                ProtoPorts::empty(),
+                |mut acc, (_, pp)| {
+                    acc.union_with(pp);
+                    acc
+                },
+            )
+        };
+        let inside = at("10.1.5.9/32");
+        assert!(inside.contains(Proto::Tcp, 443) && !inside.contains(Proto::Tcp, 22));
+        let outside = at("10.1.6.9/32");
+        assert!(outside.contains(Proto::Tcp, 443) && outside.contains(Proto::Tcp, 22));
+        assert!(u.iter().all(|(_, pp)| *pp != ProtoPorts::all()));
     }
 
     #[test]

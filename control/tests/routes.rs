@@ -688,3 +688,96 @@ async fn a_route_only_pair_ends_when_the_member_changes_or_is_revoked() {
         .iter()
         .any(|e| e.peer_id == laptop2.id));
 }
+
+/// Ports on a prefix destination (`10.1.0.0/16:tcp:443`): the policy is accepted, the
+/// member gets the router with the prefix in `route_ports` (never in `routes`, so a joiner
+/// from before the field installs nothing) and no ports on the router itself; the router
+/// gets the member with the prefix in `may_use_ports` (never in `may_use`: a router from
+/// before the field refuses the traffic rather than opening every port). A prefix the
+/// member may use for all traffic stays in `routes`/`may_use`. Bad ports are a 400 naming
+/// the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_on_a_prefix_reach_both_ends_outside_the_all_traffic_fields() {
+    let h = Harness::start().await;
+    let doc = json!({
+        "tags": ["router", "laptop"],
+        "allow": [{"src": ["tag:laptop"],
+                   "dst": ["10.1.0.0/16:tcp:443,udp:53", "fd00:1::/64:22", "192.168.7.0/24"]}],
+        "routes": {"10.0.0.0/8": ["tag:router"], "192.168.0.0/16": ["tag:router"],
+                   "fd00::/16": ["tag:router"]}
+    });
+    put_policy(&h, doc).await;
+    let router = join_with(
+        &h,
+        "router1",
+        &["router"],
+        json!({"advertise_routes": ["10.1.0.0/16", "192.168.7.0/24", "fd00:1::/64"]}),
+    )
+    .await;
+    let laptop = join_with(&h, "laptop1", &["laptop"], json!({})).await;
+    let range = |p: u16| tabbify_control::api::PortRange { first: p, last: p };
+
+    let e = entry_for(&laptop, &router.id).await;
+    assert!(no_ports(&e), "{e:?}");
+    assert_eq!(e.routes, strs(&["192.168.7.0/24"]));
+    let by_prefix = |v: &[tabbify_control::api::RoutePorts], p: &str| {
+        v.iter()
+            .find(|r| r.prefix == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("{p} not in {v:?}"))
+    };
+    assert_eq!(e.route_ports.len(), 2, "{:?}", e.route_ports);
+    let lan = by_prefix(&e.route_ports, "10.1.0.0/16");
+    assert_eq!(
+        (lan.ports, lan.tcp, lan.udp),
+        (vec![], vec![range(443)], vec![range(53)])
+    );
+    let v6 = by_prefix(&e.route_ports, "fd00:1::/64");
+    assert_eq!(
+        (v6.ports, v6.tcp, v6.udp),
+        (vec![range(22)], vec![], vec![])
+    );
+    // The wire form: additive fields, absent when empty.
+    let (_, raw) = laptop.client.get("/v1/mesh/peers").await;
+    let raw = raw["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer_id"] == router.id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(raw["route_ports"][0]["prefix"], "10.1.0.0/16");
+    assert!(raw.get("may_use_ports").is_none(), "{raw}");
+
+    let e = entry_for(&router, &laptop.id).await;
+    assert!(no_ports(&e) && e.routes.is_empty(), "{e:?}");
+    assert_eq!(e.may_use, strs(&["192.168.7.0/24"]));
+    assert_eq!(e.may_use_ports, {
+        let mut v = e.may_use_ports.clone();
+        v.sort_by(|a, b| a.prefix.cmp(&b.prefix));
+        v
+    });
+    let lan = by_prefix(&e.may_use_ports, "10.1.0.0/16");
+    assert_eq!((lan.tcp, lan.udp), (vec![range(443)], vec![range(53)]));
+    by_prefix(&e.may_use_ports, "fd00:1::/64");
+
+    // Bad input: 400 naming the destination; the policy in force stays.
+    for dst in [
+        "10.1.0.0/16:99999",
+        "10.1.0.0/16:",
+        "0.0.0.0/0:443",
+        "10.1.0.0/16x",
+    ] {
+        let (st, v) = h
+            .admin()
+            .put(
+                "/v1/policy",
+                json!({"tags": ["laptop"], "allow": [{"src": ["tag:laptop"], "dst": [dst]}]}),
+            )
+            .await;
+        assert_eq!(st, 400, "{dst}: {v}");
+        assert!(v.to_string().contains(dst), "{dst}: {v}");
+    }
+    let e = entry_for(&laptop, &router.id).await;
+    assert_eq!(e.route_ports.len(), 2);
+}

@@ -66,6 +66,8 @@ fn entry(identity: &str, n: u8) -> RosterEntry {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        route_ports: vec![],
+        may_use_ports: vec![],
         via: None,
         client: false,
         client_ports: vec![],

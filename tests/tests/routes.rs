@@ -6,6 +6,7 @@
 //! | `an_exit_node_carries_the_internet_while_the_mesh_stays_direct` | `exit1` (`--advertise-exit-node`) with an "internet" namespace behind it holding 198.51.100.1; `user2 --exit-node exit1` | the user reaches 198.51.100.1 (it has no other route there); its path to `exit1` stays direct on the LAN address, mesh pings to `exit1`'s ULA answer, the coordinator stays connected; the policy rules (fwmark 0x7462) exist while it runs, survive a SIGKILL, and are gone after a restart without `--exit-node` |
 //! | `an_ipv6_prefix_is_routed_with_and_without_snat` | `router6` advertises its LAN's IPv6 /64 (`fd77:…`, approved by the policy's `fd77::/16`); `user6` allowed it | `user6` pings the LAN host's IPv6 address; with `--snat true` (default) the LAN host sees the router's address as source; restarted with `--snat false` (no `inet tabbify` table) and the LAN given a route back to the mesh, the LAN host sees `user6`'s ULA; started with a `PATH` without `nft` and `--snat true`, the router exits with an error naming nftables and `--snat false`, and leaves forwarding as it was |
 //! | `an_exit_node_user_keeps_its_relay_path` | NAT lab: `rx-user` behind a router that drops all UDP (only TCP to the relay's 443 and the coordinator pass), `rx-exit1` (`--advertise-exit-node`) with a public address and an "internet" namespace behind it holding 198.51.100.1; a real relay; `rx-user --exit-node rx-exit1 --relay …` | the user's relay session comes up over TLS (its TCP connection to the relay leaves from the underlay address: it carries the exit fwmark, so it does not follow the default route into the tunnel), its path to `rx-exit1` is `relay`, and through it the user pings 198.51.100.1 and `rx-exit1`'s ULA |
+//! | `a_prefix_rule_alone_reaches_the_lan_through_a_concentrating_router` | `rp-router` (`--advertise-routes` its LAN's IPv4 /24 and IPv6 /64, `--concentrator`, serving a minted client `rp-phone1`); `rp-laptop` whose only rule is the two prefixes (nothing to the router's own ports: the coordinator gives it the router with empty ports) | the laptop pings the LAN host on IPv4 and IPv6 and moves a checksummed TCP transfer to it; it can neither ping the router's ULA nor open a TCP connection to a port on it; the LAN host (given routes back to the mesh) can neither ping the laptop's ULA and IPv4 nor open a TCP connection to it, and the router counts those drops; `rp-web`, whose rule is the prefixes with `:tcp:24803`, opens TCP 24803 on the LAN host (IPv4 and IPv6), not 24804, no ping, and its own filter counts the drops |
 //! | `two_routers_for_one_prefix_fail_over_when_the_primary_dies` | `r1` and `r2` both advertise 10.99.0.0/24 (one LAN host behind both); `user3` pings it every 50 ms | SIGKILL the primary (the one carrying the traffic): pings resume through the other (measured and printed; asserted only that they resume) |
 
 use std::net::IpAddr;
@@ -641,3 +642,218 @@ fn two_routers_for_one_prefix_fail_over_when_the_primary_dies() -> Result<()> {
     );
     Ok(())
 }
+
+/// Whether a TCP transfer of a few bytes from `from` to `to_addr:port` (served in `to`)
+/// completes within `within`; a refused or silently dropped connection is `false`.
+fn tcp_reaches(
+    from: &Netns,
+    to: &Netns,
+    to_addr: IpAddr,
+    port: u16,
+    within: Duration,
+) -> Result<bool> {
+    use tabbify_tests::process::Process;
+    let xfer = tabbify_tests::bins::tabbify_xfer()?;
+    let mut receiver = Process::spawn(to.clone(), &format!("rp-recv-{port}"), {
+        let mut c = to.command(&xfer);
+        c.args(["recv", &port.to_string()]);
+        c
+    })?;
+    receiver.wait_for_log("LISTENING", Duration::from_secs(10))?;
+    let target = std::net::SocketAddr::new(to_addr, port);
+    let mut sender = Process::spawn(from.clone(), &format!("rp-send-{port}"), {
+        let mut c = from.command(&xfer);
+        c.args(["send", &target.to_string(), "4096", "7"]);
+        c
+    })?;
+    let sent = matches!(sender.wait_exit(within), Ok(s) if s.success());
+    let received = sent && matches!(receiver.wait_exit(within), Ok(s) if s.success());
+    Ok(sent && received)
+}
+
+fn drop_total(j: &Joiner) -> Result<u64> {
+    Ok(j.status()?.drops.values().sum())
+}
+
+/// The brief's prefix-only member: its only rule is a prefix destination, so the
+/// coordinator gives it the router with empty ports (route-only visibility). Through a
+/// router that is also a concentrator (routed filter and client filters side by side), it
+/// reaches the LAN on IPv4 and IPv6, never the router's own ports; the LAN cannot open
+/// anything towards it.
+#[test]
+fn a_prefix_rule_alone_reaches_the_lan_through_a_concentrating_router() -> Result<()> {
+    prerequisites()?;
+    let policy = json!({
+        "tags": ["router", "laptop", "phone", "web"],
+        "routes": {"10.77.0.0/16": ["tag:router"], "fd77::/16": ["tag:router"]},
+        "allow": [
+            {"src": ["tag:laptop"], "dst": ["10.77.0.0/16", "fd77::/16"]},
+            {"src": ["tag:web"], "dst": [
+                format!("10.77.0.0/16:tcp:{WEB_PORT}"),
+                format!("fd77::/16:tcp:{WEB_PORT}"),
+            ]},
+        ],
+    });
+    let bed = Testbed::start(policy, 1)?;
+    let (router_ns, _) = bed.host()?;
+    let lan_ns = Netns::with_label("rp-prefix-lan")?;
+    let pair = VethPair::connect(&router_ns, &lan_ns, &VethOptions::default())?;
+    let o = pair.b.v4.octets();
+    let prefix4 = format!("{}.{}.{}.0/24", o[0], o[1], o[2]);
+    let seg = pair.b.v6.segments();
+    let prefix6 = format!("{:x}:{:x}:{:x}:{:x}::/64", seg[0], seg[1], seg[2], seg[3]);
+    let (lan4, lan6) = (IpAddr::V4(pair.b.v4), IpAddr::V6(pair.b.v6));
+
+    let routes = format!("{prefix4},{prefix6}");
+    let mut router = bed.join(
+        &router_ns,
+        spec(
+            "rp-router",
+            "router",
+            &["--advertise-routes", &routes, "--concentrator"],
+        ),
+    )?;
+    // A served client: the concentrator's forwarding checks are live beside the grants.
+    let minted = bed.admin.request(
+        "POST",
+        "/v1/clients",
+        Some(&json!({"name": "rp-phone1", "tags": ["phone"]})),
+    )?;
+    ensure!(minted.status == 201, "minting: {minted:?}");
+    router
+        .wait_status("to serve rp-phone1", SETTLE, |s| {
+            s.concentrator
+                .as_ref()
+                .is_some_and(|c| c.serving.len() == 1)
+        })
+        .with_context(|| format!("router log:\n{}", router.logs()))?;
+
+    let (laptop_ns, _) = bed.host()?;
+    let mut laptop = bed.join(&laptop_ns, spec("rp-laptop", "laptop", &[]))?;
+    laptop.wait_peer_names(&["rp-router"], SETTLE)?;
+    let p = laptop
+        .peers()?
+        .into_iter()
+        .find(|p| p.name == "rp-router")
+        .context("rp-router in the laptop's peers")?;
+    ensure!(
+        p.ports.is_empty(),
+        "route-only visibility gives the router no ports: {:?}",
+        p.ports
+    );
+
+    // The LAN, both families: ping and TCP.
+    for lan in [lan4, lan6] {
+        wait_ping(&laptop_ns, lan, SETTLE).with_context(|| {
+            format!(
+                "rp-laptop reaching {lan}; router log:\n{}\nlaptop log:\n{}",
+                router.logs(),
+                laptop.logs()
+            )
+        })?;
+        let stats = ping(&laptop_ns, lan, 5, "0.2")?;
+        ensure!(stats.received == 5, "{lan}: {stats:?}");
+    }
+    let xfer = tabbify_tests::bins::tabbify_xfer()?;
+    for lan in [lan4, lan6] {
+        tcp_transfer(
+            &xfer,
+            &laptop_ns,
+            &lan_ns,
+            lan,
+            1 << 20,
+            Duration::from_secs(30),
+        )?;
+    }
+
+    // The router's own ports: nothing.
+    let router_ula = IpAddr::V6(router.status()?.ula);
+    ensure!(
+        unreachable(&laptop_ns, &router_ula.to_string())?,
+        "the laptop pinged the router's ULA"
+    );
+    ensure!(
+        !tcp_reaches(
+            &laptop_ns,
+            &router_ns,
+            router_ula,
+            24_801,
+            Duration::from_secs(3)
+        )?,
+        "the laptop opened a TCP connection to the router's ULA"
+    );
+
+    // The LAN towards the laptop: nothing opens (the LAN routes the mesh to the router).
+    lan_ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd5a:1f00::/32",
+        "via",
+        &pair.a.v6.to_string(),
+    ])?;
+    lan_ns.ip(&[
+        "route",
+        "add",
+        "100.64.0.0/10",
+        "via",
+        &pair.a.v4.to_string(),
+    ])?;
+    let status = laptop.status()?;
+    let laptop_ula = IpAddr::V6(status.ula);
+    let laptop_v4 = status.routes.ipv4.context("the laptop's mesh IPv4")?;
+    let drops_before = drop_total(&router)?;
+    for target in [laptop_ula, IpAddr::V4(laptop_v4)] {
+        ensure!(
+            unreachable(&lan_ns, &target.to_string())?,
+            "the LAN host pinged the laptop at {target}"
+        );
+        ensure!(
+            !tcp_reaches(&lan_ns, &laptop_ns, target, 24_802, Duration::from_secs(3))?,
+            "the LAN host opened a TCP connection to the laptop at {target}"
+        );
+    }
+    let drops = drop_total(&router)?;
+    ensure!(
+        drops >= drops_before + 4,
+        "the router dropped the LAN's attempts: {drops} drops, {drops_before} before; {:?}",
+        router.status()?.drops
+    );
+    // And the laptop still reaches the LAN afterwards.
+    let stats = ping(&laptop_ns, lan4, 3, "0.2")?;
+    ensure!(stats.received == 3, "{stats:?}");
+
+    // Ports on the prefix: `rp-web` may open only TCP WEB_PORT inside the LAN.
+    let (web_ns, _) = bed.host()?;
+    let mut web = bed.join(&web_ns, spec("rp-web", "web", &[]))?;
+    web.wait_peer_names(&["rp-router"], SETTLE)?;
+    for lan in [lan4, lan6] {
+        let t0 = std::time::Instant::now();
+        while !tcp_reaches(&web_ns, &lan_ns, lan, WEB_PORT, Duration::from_secs(3))? {
+            ensure!(
+                t0.elapsed() < SETTLE,
+                "rp-web never reached {lan}:{WEB_PORT}; router log:\n{}\nweb log:\n{}",
+                router.logs(),
+                web.logs()
+            );
+        }
+        ensure!(
+            !tcp_reaches(&web_ns, &lan_ns, lan, WEB_PORT + 1, Duration::from_secs(3))?,
+            "rp-web opened {lan}:{} (not in its rule)",
+            WEB_PORT + 1
+        );
+        ensure!(
+            unreachable(&web_ns, &lan.to_string())?,
+            "rp-web pinged {lan} (a port-limited route carries no ICMP echo)"
+        );
+    }
+    let drops = web.status()?.drops;
+    ensure!(
+        drops.get("filtered_out").copied().unwrap_or(0) >= 2,
+        "rp-web's own routed filter dropped the other port and the pings: {drops:?}"
+    );
+    Ok(())
+}
+
+/// The TCP port `rp-web` may open inside the LAN (`a_prefix_rule_alone_…`).
+const WEB_PORT: u16 = 24_803;

@@ -571,6 +571,25 @@ impl PortRules {
     }
 }
 
+/// A routed prefix the policy opens only on some destination ports
+/// ([`RosterEntry::route_ports`], [`RosterEntry::may_use_ports`]): flows may be opened to
+/// these ports of hosts inside `prefix`; replies come back, nothing else passes (no ICMP
+/// echo: that needs every port).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutePorts {
+    /// The prefix, canonical (`"10.1.0.0/16"`, `"fd00:1::/64"`); never a default route.
+    pub prefix: String,
+    /// Destination ports of both TCP and UDP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortRange>,
+    /// Destination ports of TCP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcp: Vec<PortRange>,
+    /// Destination ports of UDP only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub udp: Vec<PortRange>,
+}
+
 /// One peer as another peer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RosterEntry {
@@ -633,6 +652,18 @@ pub struct RosterEntry {
     /// the concentrator's clients this member may reach through it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub may_use: Vec<String>,
+    /// Like [`routes`](Self::routes), for the parts the policy opens only on some ports
+    /// (a destination `"10.1.0.0/16:443"`): the viewer may open flows to these ports inside
+    /// each prefix through the peer. A prefix is listed here or in `routes`, never both
+    /// with the same ports: a joiner that ignores this field installs no route for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub route_ports: Vec<RoutePorts>,
+    /// Like [`may_use`](Self::may_use), for the parts of the viewer's own routes this peer
+    /// may use only on some ports: the viewer's data plane admits the peer's flows into
+    /// the prefix only to these ports. Never in `may_use` as well, so a router that ignores
+    /// this field refuses the traffic instead of opening every port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub may_use_ports: Vec<RoutePorts>,
     /// This entry is a stock WireGuard client reached through the concentrator with this
     /// peer id (which is in the same roster): no endpoints, `public_key` is the client's key
     /// (informational), `ports` are the rules between the viewer and the client itself.
@@ -1257,6 +1288,8 @@ pub(crate) mod tests {
             routes: vec![],
             exit_node: false,
             may_use: vec![],
+            route_ports: vec![],
+            may_use_ports: vec![],
             via: None,
             client: false,
             client_ports: vec![],

@@ -1913,6 +1913,80 @@ fn routed_traffic_is_not_held_to_the_member_router_port_rules() {
     assert_eq!(b.counters.get(DropReason::DestinationNotGranted), 1);
 }
 
+/// Ports on a routed prefix (`192.168.7.0/24:tcp:443`): B grants A the LAN on TCP 443
+/// only. The attacker is A, a member with a valid session that bypasses its own routed
+/// filter (its entry for B routes the LAN for all traffic): B still delivers only SYNs to
+/// port 443 and drops the rest (`filtered_in`), UDP and ping included. An honest A with
+/// the port-limited routed filter drops them itself (`filtered_out`). Another peer's
+/// all-traffic grant for the same LAN does not widen A's.
+#[test]
+fn a_port_limited_route_is_enforced_at_the_router_against_a_member_bypassing_its_filter() {
+    use tabbify_engine::core::filter::Proto;
+    let (mut a, mut b) = pair(false);
+    let lan: IpNet = "192.168.7.0/24".parse().unwrap();
+    // A's side, malicious: the LAN routed for all traffic (its own filter opens anything).
+    router_entry(&a, lan);
+    let own = || LocalNets::new([IpAddr::from(IP_B)], []);
+    b.table.set_local(own().with_route_grants(
+        [([9u8; 32], lan)],
+        [(key(1), lan, vec![(Proto::Tcp, 443, 443)])],
+    ));
+    set_filter(&b, 1, Some(PortFilter::from_ranges(&[], &[(22, 22)])));
+    let ssh = tcp4(IP_A, IP_B, 40000, 22, SYN);
+    assert_eq!(handshake(&mut a, &mut b, &ssh).0, vec![ssh]);
+
+    let web = tcp4(IP_A, LAN, 40001, 443, SYN);
+    send_all(
+        &mut a,
+        &[
+            web.clone(),
+            tcp4(IP_A, LAN, 40002, 22, SYN),
+            udp4(IP_A, LAN, 4000, 443, b"q"),
+            ping4(IP_A, LAN),
+        ],
+    );
+    assert_eq!(a.counters.total(), 0, "A filters nothing of its own");
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0, vec![web], "only TCP 443 reaches the LAN");
+    assert_eq!(b.counters.get(DropReason::FilteredIn), 3);
+    // The LAN host's answer to the allowed flow goes back; its own SYN to A does not.
+    let answer = tcp4(LAN, IP_A, 443, 40001, SYN | ACK);
+    send_all(&mut b, &[answer.clone(), tcp4(LAN, IP_A, 50000, 22, SYN)]);
+    assert_eq!(b.counters.get(DropReason::FilteredOut), 1);
+    let mut sink_a = Collect::default();
+    deliver(&mut b, &mut a, &mut sink_a);
+    assert_eq!(sink_a.0, vec![answer]);
+
+    // An honest A: the routed filter of the port-limited prefix drops the rest at A.
+    a.table
+        .upsert_peer_with_filters(
+            PeerConfig {
+                public_key: key(2),
+                preshared_key: None,
+                endpoint: Some(EP_B.parse().unwrap()),
+                allowed_ips: vec!["10.0.0.2/32".parse().unwrap(), lan],
+                persistent_keepalive: None,
+            },
+            Some(PortFilter::from_ranges(&[(22, 22)], &[])),
+            Some(Behind::new([]).with_routed_ports([(lan, vec![(Proto::Tcp, 443, 443)])])),
+        )
+        .unwrap();
+    let before = a.counters.get(DropReason::FilteredOut);
+    send_all(
+        &mut a,
+        &[
+            tcp4(IP_A, LAN, 40003, 443, SYN),
+            tcp4(IP_A, LAN, 40004, 80, SYN),
+            ping4(IP_A, LAN),
+        ],
+    );
+    assert_eq!(a.counters.get(DropReason::FilteredOut), before + 2);
+    let mut sink_b = Collect::default();
+    deliver(&mut a, &mut b, &mut sink_b);
+    assert_eq!(sink_b.0.len(), 1);
+}
+
 /// Route-only visibility: A's rules with B are empty (A may open nothing on B); the route
 /// still carries everything to the LAN, and B itself stays closed. For an exit node's
 /// default route, B's own address inside `0.0.0.0/0` keeps B's rules.

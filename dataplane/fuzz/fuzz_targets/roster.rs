@@ -102,6 +102,8 @@ fn entry(b: &mut Bytes<'_>) -> Option<RosterEntry> {
         routes: vec![],
         exit_node: false,
         may_use: vec![],
+        route_ports: vec![],
+        may_use_ports: vec![],
         via: None,
         client: false,
         client_ports: vec![],

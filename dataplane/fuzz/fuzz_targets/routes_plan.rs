@@ -7,13 +7,15 @@
 //! * every routed prefix (not a /32 mesh IPv4, not an exit prefix) has exactly one peer;
 //! * only the chosen exit node carries exit prefixes, and none covers a mesh address;
 //! * every grant lies inside an advertised route, or is an exit prefix while we advertise
-//!   an exit node.
+//!   an exit node; every port-limited grant lies inside an advertised route;
+//! * every port-limited routed prefix is in its peer's AllowedIPs and the kernel routes.
 #![no_main]
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use libfuzzer_sys::fuzz_target;
+use tabbify_dataplane::core::filter::Proto;
 use tabbify_dataplane::core::net::IpNet;
 use tabbify_dataplane::join::logic::routes::{
     covers, default_v4, default_v6, exit_prefixes, mesh_v4, mesh_v6, overlaps, plan, ExitChoice,
@@ -64,6 +66,16 @@ fuzz_target!(|data: &[u8]| {
             .filter_map(|_| next())
             .map(pick)
             .collect();
+        // Port-limited routes and grants: the same prefixes, TCP 443.
+        let limited = |b: u8| (pick(b), vec![(Proto::Tcp, 443, 443)]);
+        let route_ports = (0..((n >> 4) % 2))
+            .filter_map(|_| next())
+            .map(limited)
+            .collect();
+        let may_use_ports = (0..((n >> 5) % 2))
+            .filter_map(|_| next())
+            .map(limited)
+            .collect();
         offers.push(Offer {
             peer_id: format!("p{k}"),
             name: format!("n{k}"),
@@ -72,6 +84,8 @@ fuzz_target!(|data: &[u8]| {
             routes,
             exit_node: n & 0x40 != 0,
             may_use,
+            route_ports,
+            may_use_ports,
         });
     }
     let underlay: Vec<IpAddr> = vec!["192.168.1.9".parse().unwrap()];
@@ -103,6 +117,14 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     assert!(owners.values().all(|&c| c == 1), "{owners:?}");
+    for (key, limited) in &p.routed_ports {
+        for (n, _) in limited {
+            assert!(p.allowed[key].contains(n) && p.kernel.contains(n), "{n}");
+        }
+    }
+    for (_, g, _) in &p.port_grants {
+        assert!(settings.advertised.iter().any(|a| covers(a, g)), "{g}");
+    }
     for (_, g) in &p.grants {
         let in_route = settings.advertised.iter().any(|a| covers(a, g));
         assert!(

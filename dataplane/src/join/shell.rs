@@ -40,7 +40,7 @@ use uuid::Uuid;
 
 use crate::core::behind::Behind;
 use crate::core::counters::DropCounters;
-use crate::core::filter::PortFilter;
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::local::LocalNets;
 use crate::core::net::IpNet;
 use crate::core::table::Table;
@@ -623,6 +623,7 @@ impl Joiner {
                 filter,
                 behind,
                 routed,
+                routed_ports,
                 new,
                 label,
             } => {
@@ -641,15 +642,17 @@ impl Joiner {
                 // Clients behind a concentrator: each with its own rules (`core::behind`),
                 // and the prefixes routed through the peer (the routed filter), published
                 // with the AllowedIPs that route them here.
-                let behind = (!behind.is_empty() || !routed.is_empty()).then(|| {
-                    Behind::new(behind.iter().map(|c| {
-                        (
-                            c.addrs.clone(),
-                            PortFilter::from_rules(&c.outbound, &c.inbound),
-                        )
-                    }))
-                    .with_routed(routed.iter().copied())
-                });
+                let behind = (!behind.is_empty() || !routed.is_empty() || !routed_ports.is_empty())
+                    .then(|| {
+                        Behind::new(behind.iter().map(|c| {
+                            (
+                                c.addrs.clone(),
+                                PortFilter::from_rules(&c.outbound, &c.inbound),
+                            )
+                        }))
+                        .with_routed(routed.iter().copied())
+                        .with_routed_ports(routed_ports.iter().cloned())
+                    });
                 match self
                     .table
                     .upsert_peer_with_filters(config, Some(*filter), behind)
@@ -769,7 +772,7 @@ impl Joiner {
     fn refresh_local(&self, m: &Machine) {
         let ipv4 = *self.ipv4.lock().unwrap_or_else(|p| p.into_inner());
         self.table.set_local(
-            local_nets(self.ula, ipv4, m.apps(), m.grants())
+            local_nets(self.ula, ipv4, m.apps(), m.grants(), m.port_grants())
                 .with_served(m.client_plan().served_addrs())
                 .with_reply_grants(m.client_plan().reply_grants.iter().copied())
                 .with_client_rules(
@@ -1821,12 +1824,13 @@ fn local_nets(
     ipv4: Option<Ipv4Addr>,
     apps: &[Uuid],
     grants: &[([u8; 32], IpNet)],
+    port_grants: &[([u8; 32], IpNet, ProtoRanges)],
 ) -> LocalNets {
     let addrs = std::iter::once(ula)
         .chain(apps.iter().map(tabbify_api::ula::app_ula))
         .map(IpAddr::V6)
         .chain(ipv4.map(IpAddr::V4));
-    LocalNets::new(addrs, []).with_grants(grants.iter().copied())
+    LocalNets::new(addrs, []).with_route_grants(grants.iter().copied(), port_grants.iter().cloned())
 }
 
 /// What [`EventStream::next`] yields: an event with its id, the end, or a failure.
@@ -2042,7 +2046,7 @@ mod tests {
         let other = tabbify_api::ula::peer_ula(&[2u8; 32]);
         let mine = Uuid::from_u128(1);
         let theirs = Uuid::from_u128(2);
-        let l = local_nets(me, None, &[mine], &[]);
+        let l = local_nets(me, None, &[mine], &[], &[]);
         assert!(l.contains(IpAddr::V6(me)));
         assert!(l.contains(IpAddr::V6(tabbify_api::ula::app_ula(&mine))));
         assert!(!l.contains(IpAddr::V6(other)));

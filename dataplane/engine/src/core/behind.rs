@@ -27,12 +27,15 @@
 //! address behind the peer (a client, exact) and the peer's own host addresses (an exact
 //! /32 or /128 in its AllowedIPs that is not itself a routed prefix, e.g. P's ULA inside
 //! an exit node's `::/0`) keep their rules; see
-//! [`crate::core::table::PeerEntry::filter_for`].
+//! [`crate::core::table::PeerEntry::filter_for`]. A routed prefix the policy opens only on
+//! some ports ([`Behind::with_routed_ports`], `10.1.0.0/16:443`) gets a filter opening
+//! just those (outbound), nothing inbound; the router enforces the same ports on its side
+//! (`core::local`), so a member bypassing this filter is still stopped there.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::filter::PortFilter;
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::net::IpNet;
 
 /// The addresses behind one peer, each with its filter. Immutable once built.
@@ -47,6 +50,10 @@ pub struct Behind {
     routed: Vec<IpNet>,
     /// The routed filter (outbound all, inbound nothing); set iff `routed` is not empty.
     routed_filter: Option<Arc<PortFilter>>,
+    /// Port-limited routed prefixes (normalized, sorted, unique), each with its filter:
+    /// outbound the union of its ports and those of every limited prefix holding it,
+    /// inbound nothing. Consulted only outside `routed`. Usually empty.
+    limited: Vec<(IpNet, Arc<PortFilter>)>,
 }
 
 impl Behind {
@@ -119,30 +126,88 @@ impl Behind {
         self
     }
 
-    /// The routed filter if `addr` is inside a prefix routed through the peer.
+    /// This set plus port-limited routed prefixes: `(prefix, rules)`, the
+    /// `(protocol, first, last)` destination ports this node may open inside the prefix
+    /// through the peer (a policy destination `10.1.0.0/16:443`). An address inside one of
+    /// them (and inside no all-traffic routed prefix) gets a filter opening the union of
+    /// the ports of the limited prefixes holding it, nothing inbound. A prefix listed
+    /// twice gets the union.
+    pub fn with_routed_ports(
+        mut self,
+        prefixes: impl IntoIterator<Item = (IpNet, ProtoRanges)>,
+    ) -> Self {
+        let mut given: Vec<(IpNet, ProtoRanges)> = prefixes
+            .into_iter()
+            .map(|(n, r)| (n.network(), r))
+            .collect();
+        given.sort_by_key(|a| a.0);
+        let mut nets: Vec<IpNet> = given.iter().map(|(n, _)| *n).collect();
+        nets.dedup();
+        self.limited = nets
+            .into_iter()
+            .map(|n| {
+                let rules: ProtoRanges = given
+                    .iter()
+                    .filter(|(g, _)| {
+                        g.addr().is_ipv4() == n.addr().is_ipv4()
+                            && g.prefix_len() <= n.prefix_len()
+                            && g.contains(n.addr())
+                    })
+                    .flat_map(|(_, r)| r.iter().copied())
+                    .collect();
+                (n, Arc::new(PortFilter::from_rules(&rules, &[])))
+            })
+            .collect();
+        self
+    }
+
+    /// The routed filter if `addr` is inside a prefix routed through the peer: the
+    /// all-traffic one, else the filter of the longest port-limited prefix holding it.
     #[inline]
     pub fn routed(&self, addr: IpAddr) -> Option<&Arc<PortFilter>> {
         if self.routed.iter().any(|n| n.contains(addr)) {
             self.routed_filter.as_ref()
-        } else {
+        } else if self.limited.is_empty() {
             None
+        } else {
+            self.limited_for(addr)
         }
     }
 
-    /// Whether `net` is exactly one of the routed prefixes.
+    #[cold]
+    fn limited_for(&self, addr: IpAddr) -> Option<&Arc<PortFilter>> {
+        self.limited
+            .iter()
+            .filter(|(n, _)| n.contains(addr))
+            .max_by_key(|(n, _)| n.prefix_len())
+            .map(|(_, f)| f)
+    }
+
+    /// Whether `net` is exactly one of the routed prefixes (all traffic or port-limited).
     #[inline]
     pub fn is_routed_prefix(&self, net: &IpNet) -> bool {
         self.routed.binary_search(net).is_ok()
+            || self.limited.binary_search_by(|(n, _)| n.cmp(net)).is_ok()
     }
 
-    /// The prefixes routed through the peer.
+    /// The all-traffic prefixes routed through the peer.
     pub fn routed_prefixes(&self) -> &[IpNet] {
         &self.routed
     }
 
+    /// The port-limited prefixes routed through the peer.
+    pub fn limited_prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.limited.iter().map(|(n, _)| *n)
+    }
+
+    /// Whether some prefix (all traffic or port-limited) is routed through the peer.
+    pub fn routes_something(&self) -> bool {
+        !self.routed.is_empty() || !self.limited.is_empty()
+    }
+
     /// Whether no address is behind the peer and no prefix is routed through it.
     pub fn is_empty(&self) -> bool {
-        self.v4.is_empty() && self.v6.is_empty() && self.routed.is_empty()
+        self.v4.is_empty() && self.v6.is_empty() && !self.routes_something()
     }
 
     /// The addresses behind the peer, IPv4 first.
@@ -186,6 +251,40 @@ mod tests {
         assert_eq!(b.addresses().count(), 3);
         assert!(!b.is_empty());
         assert!(Behind::new([(vec![], web)]).is_empty());
+    }
+
+    /// Port-limited routed prefixes: the longest holding one decides, its filter holds the
+    /// ports of the limited prefixes around it; an all-traffic prefix wins over them.
+    #[test]
+    fn port_limited_routed_prefixes_open_only_their_ports() {
+        use crate::core::conntrack::Dir;
+        use crate::core::filter::Proto;
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let b = Behind::new([])
+            .with_routed([net("10.1.7.0/24")])
+            .with_routed_ports([
+                (net("10.1.0.0/16"), vec![(Proto::Tcp, 443, 443)]),
+                (net("10.1.5.0/24"), vec![(Proto::Udp, 53, 53)]),
+                (net("fd00:1::/64"), vec![(Proto::Both, 22, 22)]),
+            ]);
+        let lan = b.routed(ip("10.1.200.1")).unwrap();
+        assert_eq!(lan.outbound(Proto::Tcp), vec![(443, 443)]);
+        assert!(lan.outbound(Proto::Udp).is_empty());
+        assert!(lan.inbound(Proto::Tcp).is_empty() && lan.inbound(Proto::Udp).is_empty());
+        let inner = b.routed(ip("10.1.5.1")).unwrap();
+        assert_eq!(inner.outbound(Proto::Tcp), vec![(443, 443)]);
+        assert_eq!(inner.outbound(Proto::Udp), vec![(53, 53)]);
+        assert!(b.routed(ip("10.1.7.1")).unwrap().all_traffic(Dir::Out));
+        assert_eq!(
+            b.routed(ip("fd00:1::9")).unwrap().outbound(Proto::Tcp),
+            vec![(22, 22)]
+        );
+        assert!(b.routed(ip("10.2.0.1")).is_none());
+        assert!(b.is_routed_prefix(&net("10.1.0.0/16")) && b.is_routed_prefix(&net("10.1.7.0/24")));
+        assert!(!b.is_empty() && b.routes_something());
+        assert!(!Behind::new([])
+            .with_routed_ports([(net("10.1.0.0/16"), vec![])])
+            .is_empty());
     }
 
     #[test]

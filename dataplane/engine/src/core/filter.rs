@@ -94,7 +94,7 @@ mod icmp {
 }
 
 /// Which transport protocols a port rule covers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
     /// TCP only (`tcp:8730`).
     Tcp,
@@ -103,6 +103,9 @@ pub enum Proto {
     /// Both (a bare port or range).
     Both,
 }
+
+/// `(protocol, first, last)` port rules, as [`PortFilter::from_rules`] takes them.
+pub type ProtoRanges = Vec<(Proto, u16, u16)>;
 
 /// Why [`PortFilter::check`] refused a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

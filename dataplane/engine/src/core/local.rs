@@ -65,6 +65,12 @@
 //! [`LocalNets::route_filter_out`]) passes only as a reply of such a flow: the LAN cannot
 //! open a connection to a member through this node.
 //!
+//! A grant may be port-limited ([`LocalNets::with_route_grants`], a policy destination
+//! `10.1.0.0/16:443`): that peer's route filter then lets it open only those destination
+//! ports inside the prefix (the union over its grants holding the destination; all
+//! traffic if one of them is). This is where a member that bypasses its own filter is
+//! stopped: its packet to another port is dropped here and counted (`filtered_in`).
+//!
 //! Cost on the hot path: one binary search over a sorted array of a few integers; the
 //! routed-prefix tries are consulted only when they are not empty, and a grant's peer set
 //! is a binary search over a few sorted keys.
@@ -72,7 +78,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::core::filter::{PortFilter, Proto};
+use crate::core::filter::{PortFilter, Proto, ProtoRanges};
 use crate::core::net::IpNet;
 use crate::core::route::RouteTable;
 
@@ -109,10 +115,18 @@ pub struct LocalNets {
     /// The filter of routed traffic with a granted peer: the peer may open anything
     /// towards a granted prefix, nothing may be opened from it (set with the grants).
     route_filter: Option<Arc<PortFilter>>,
+    /// For each granted prefix (same index as `granted`), the peers whose grants holding
+    /// it are all port-limited, sorted by key, each with its route filter: the union of
+    /// those grants' ports may be opened, nothing from the prefix. A granted peer not
+    /// listed here has `route_filter`. Empty when no grant has ports.
+    granted_ports: Arc<[PeerFilters]>,
 }
 
 /// A (member public key, served client address) pair: the key of the client rules.
 type ClientPair = ([u8; 32], IpAddr);
+
+/// Peers (sorted by public key), each with its own filter.
+type PeerFilters = Box<[([u8; 32], Arc<PortFilter>)]>;
 
 /// Why [`LocalNets::admits`] refused a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +169,7 @@ impl LocalNets {
             reply_granted: Arc::from(Vec::new()),
             reply_filter: None,
             route_filter: None,
+            granted_ports: Arc::from(Vec::new()),
             client_rules: Arc::from(Vec::new()),
         }
     }
@@ -335,46 +350,101 @@ impl LocalNets {
 
     /// This set plus per-peer grants: `(peer public key, prefix)` pairs, each letting that
     /// peer send to the prefix through us. A prefix granted to nobody is not routed.
-    pub fn with_grants(mut self, grants: impl IntoIterator<Item = ([u8; 32], IpNet)>) -> Self {
-        let (table, sets) = build_grants(grants);
+    pub fn with_grants(self, grants: impl IntoIterator<Item = ([u8; 32], IpNet)>) -> Self {
+        self.with_route_grants(grants, [])
+    }
+
+    /// This set plus per-peer grants, all traffic (`all`, as [`LocalNets::with_grants`])
+    /// and port-limited (`limited`: `(peer, prefix, rules)`, the `(protocol, first, last)`
+    /// destination ports the peer may open inside the prefix). A peer's grants add up:
+    /// for a destination, the peer may open the union of the ports of its grants holding
+    /// it (all traffic if one of them is).
+    pub fn with_route_grants(
+        mut self,
+        all: impl IntoIterator<Item = ([u8; 32], IpNet)>,
+        limited: impl IntoIterator<Item = ([u8; 32], IpNet, ProtoRanges)>,
+    ) -> Self {
+        let all: Vec<([u8; 32], IpNet)> = all.into_iter().collect();
+        let limited: Vec<([u8; 32], IpNet, ProtoRanges)> = limited
+            .into_iter()
+            .map(|(k, n, r)| (k, n.network(), r))
+            .collect();
+        let (table, sets) = build_grants(
+            all.iter()
+                .copied()
+                .chain(limited.iter().map(|(k, n, _)| (*k, *n))),
+        );
+        let mut ports: Vec<PeerFilters> = Vec::new();
+        if !limited.is_empty() {
+            ports = vec![Box::default(); sets.len()];
+            for (p, i) in table.iter() {
+                let Some(keys) = sets.get(i as usize) else {
+                    continue;
+                };
+                let holds = |g: &IpNet| {
+                    g.addr().is_ipv4() == p.addr().is_ipv4()
+                        && g.prefix_len() <= p.prefix_len()
+                        && g.contains(p.addr())
+                };
+                let mut out = Vec::new();
+                for k in keys.iter() {
+                    if all.iter().any(|(ak, g)| ak == k && holds(&g.network())) {
+                        continue;
+                    }
+                    let rules: ProtoRanges = limited
+                        .iter()
+                        .filter(|(lk, g, _)| lk == k && holds(g))
+                        .flat_map(|(_, _, r)| r.iter().copied())
+                        .collect();
+                    out.push((*k, Arc::new(PortFilter::from_rules(&[], &rules))));
+                }
+                if let Some(slot) = ports.get_mut(i as usize) {
+                    *slot = out.into_boxed_slice();
+                }
+            }
+        }
         self.grants = table;
         self.granted = sets;
+        self.granted_ports = Arc::from(ports);
         self.route_filter = (!self.grants.is_empty())
             .then(|| Arc::new(PortFilter::from_ranges(&[], &[(0, 65535)])));
         self
     }
 
-    /// On receive, after [`LocalNets::admits`] accepted `dst`: the route filter if `dst`
-    /// was admitted by a grant (inside a granted prefix, not one of our addresses nor a
-    /// prefix routed for everyone nor a served client), else `None` (the peer's own rules
-    /// apply). One branch
-    /// when nothing is granted.
+    /// The route filter of `peer` for the granted prefix with index `i` (module docs).
     #[inline]
-    pub fn route_filter_in(&self, dst: IpAddr) -> Option<&PortFilter> {
-        if self.grants.is_empty()
-            || self.contains(dst)
-            || self.is_served(dst)
-            || self.grants.lookup(dst).is_none()
-        {
-            return None;
+    fn route_filter_of(&self, peer: &[u8; 32], i: u32) -> Option<&PortFilter> {
+        if let Some(set) = self.granted_ports.get(i as usize) {
+            if let Ok(j) = set.binary_search_by(|(k, _)| k.cmp(peer)) {
+                return set.get(j).map(|(_, f)| &**f);
+            }
         }
         self.route_filter.as_deref()
     }
 
-    /// On send: the route filter if `src` is inside a granted prefix and not one of our
-    /// addresses nor a served client (a LAN host's packet going back to a member), else
-    /// `None`. One branch
-    /// when nothing is granted.
+    /// On receive from `peer`, after [`LocalNets::admits`] accepted `dst`: the peer's
+    /// route filter if `dst` was admitted by a grant (inside a granted prefix, not one of
+    /// our addresses nor a prefix routed for everyone nor a served client), else `None`
+    /// (the peer's own rules apply). One branch when nothing is granted.
     #[inline]
-    pub fn route_filter_out(&self, src: IpAddr) -> Option<&PortFilter> {
-        if self.grants.is_empty()
-            || self.contains(src)
-            || self.is_served(src)
-            || self.grants.lookup(src).is_none()
-        {
+    pub fn route_filter_in(&self, peer: &[u8; 32], dst: IpAddr) -> Option<&PortFilter> {
+        if self.grants.is_empty() || self.contains(dst) || self.is_served(dst) {
             return None;
         }
-        self.route_filter.as_deref()
+        let i = self.grants.lookup(dst)?;
+        self.route_filter_of(peer, i)
+    }
+
+    /// On send to `peer`: its route filter if `src` is inside a granted prefix and not one
+    /// of our addresses nor a served client (a LAN host's packet going back to a member),
+    /// else `None`. One branch when nothing is granted.
+    #[inline]
+    pub fn route_filter_out(&self, peer: &[u8; 32], src: IpAddr) -> Option<&PortFilter> {
+        if self.grants.is_empty() || self.contains(src) || self.is_served(src) {
+            return None;
+        }
+        let i = self.grants.lookup(src)?;
+        self.route_filter_of(peer, i)
     }
 
     /// Whether a decrypted packet for `dst` from the peer with public key `peer` may be
@@ -591,6 +661,59 @@ mod tests {
         assert!(!LocalNets::default()
             .with_grants([(alice, net("10.0.0.0/8"))])
             .is_empty());
+    }
+
+    /// Port-limited grants: a peer's grants holding a destination add up (the longest
+    /// match answers with the union of the ports of its grants around it), an all-traffic
+    /// grant of the peer wins, and another peer's grant never widens it.
+    #[test]
+    fn port_limited_grants_add_up_per_peer() {
+        use crate::core::filter::Proto;
+        let (alice, bob, carol) = ([1u8; 32], [2u8; 32], [3u8; 32]);
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let ssh = vec![(Proto::Tcp, 22, 22)];
+        let web = vec![(Proto::Tcp, 443, 443)];
+        let l = LocalNets::new([ip("fd5a:1f00::1")], []).with_route_grants(
+            [(bob, net("10.1.0.0/16")), (carol, net("10.1.7.0/24"))],
+            [
+                (alice, net("10.1.0.0/16"), ssh.clone()),
+                (alice, net("10.1.5.0/24"), web.clone()),
+                (carol, net("10.1.0.0/16"), web.clone()),
+            ],
+        );
+        let inbound = |k: &[u8; 32], d: &str| {
+            let f = l.route_filter_in(k, ip(d)).unwrap();
+            (
+                f.inbound(Proto::Tcp),
+                f.inbound(Proto::Udp),
+                f.outbound(Proto::Tcp),
+            )
+        };
+        assert_eq!(l.admits(&alice, ip("10.1.5.9")), Ok(()));
+        assert_eq!(
+            inbound(&alice, "10.1.5.9"),
+            (vec![(22, 22), (443, 443)], vec![], vec![])
+        );
+        assert_eq!(
+            inbound(&alice, "10.1.6.9"),
+            (vec![(22, 22)], vec![], vec![])
+        );
+        // bob's all-traffic grant is not narrowed by alice's ports on the same LAN.
+        assert_eq!(inbound(&bob, "10.1.5.9").0, vec![(0, 65535)]);
+        // carol: 443 on the LAN, all traffic on her /24.
+        assert_eq!(inbound(&carol, "10.1.6.9").0, vec![(443, 443)]);
+        assert_eq!(inbound(&carol, "10.1.7.9").1, vec![(0, 65535)]);
+        // The way back: the same per-peer filter, nothing may be opened towards the peer.
+        let back = l.route_filter_out(&alice, ip("10.1.6.9")).unwrap();
+        assert!(back.outbound(Proto::Tcp).is_empty() && back.outbound(Proto::Udp).is_empty());
+        assert!(
+            l.route_filter_in(&alice, ip("fd5a:1f00::1")).is_none(),
+            "ours"
+        );
+        // Without port-limited grants: the shared route filter, as before.
+        let plain = LocalNets::new([], []).with_grants([(alice, net("10.1.0.0/16"))]);
+        let f = plain.route_filter_in(&alice, ip("10.1.0.9")).unwrap();
+        assert_eq!(f.inbound(Proto::Tcp), vec![(0, 65535)]);
     }
 
     /// Issue 15: what a concentrator forwards for its clients, told apart from its own

@@ -269,7 +269,7 @@ impl Pipeline {
         });
         let filter = match forwarded {
             Some(f) => f,
-            None => match src.and_then(|src| snap.local.route_filter_out(src)) {
+            None => match src.and_then(|src| snap.local.route_filter_out(&peer.public_key, src)) {
                 Some(f) => Some(f),
                 None => entry.filter_for(dst),
             },
@@ -900,7 +900,7 @@ fn admit(
     let routed = if reply_only {
         None
     } else {
-        dst.and_then(|dst| snap.local.route_filter_in(dst))
+        dst.and_then(|dst| snap.local.route_filter_in(&peer.public_key, dst))
     };
     let filter = if reply_only {
         snap.local.reply_filter()

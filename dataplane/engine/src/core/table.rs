@@ -78,6 +78,11 @@ pub struct PeerEntry {
     /// (`core::behind`: clients of a concentrator, a subnet router's or exit node's
     /// routes); `None` for an ordinary peer.
     pub behind: Option<Arc<Behind>>,
+    /// The peer's own host addresses, derived from `allowed_ips` and `behind` by
+    /// [`PeerEntry::sync_own_hosts`] whenever either changes: the exact /32 and /128
+    /// entries of `allowed_ips` that are not routed prefixes, sorted; empty when nothing is
+    /// routed through the peer (then [`PeerEntry::filter_for`] never asks).
+    own_hosts: Box<[IpNet]>,
 }
 
 impl PeerEntry {
@@ -93,7 +98,7 @@ impl PeerEntry {
             Some(b) => match b.get(remote) {
                 Some(f) => Some(f),
                 None => match b.routed(remote) {
-                    Some(f) if !self.is_own_host(b, remote) => Some(f),
+                    Some(f) if !self.is_own_host(remote) => Some(f),
                     _ => self.filter.as_deref(),
                 },
             },
@@ -101,11 +106,54 @@ impl PeerEntry {
     }
 
     /// Whether `remote` is one of the peer's own host addresses: an exact /32 or /128 in
-    /// its AllowedIPs that is not itself a routed prefix (`core::behind`).
-    #[cold]
-    fn is_own_host(&self, b: &Behind, remote: IpAddr) -> bool {
-        let host = IpNet::host(remote);
-        !b.is_routed_prefix(&host) && self.allowed_ips.contains(&host)
+    /// its AllowedIPs that is not itself a routed prefix (`core::behind`). A binary search
+    /// over the few addresses [`PeerEntry::sync_own_hosts`] derived.
+    #[inline]
+    fn is_own_host(&self, remote: IpAddr) -> bool {
+        !self.own_hosts.is_empty() && self.own_hosts.binary_search(&IpNet::host(remote)).is_ok()
+    }
+
+    /// A new entry, its own host addresses derived.
+    fn new(
+        peer: Arc<Peer>,
+        allowed_ips: Vec<IpNet>,
+        filter: Option<Arc<PortFilter>>,
+        behind: Option<Arc<Behind>>,
+    ) -> Self {
+        let mut e = PeerEntry {
+            peer,
+            allowed_ips,
+            filter,
+            behind,
+            own_hosts: Box::default(),
+        };
+        e.sync_own_hosts();
+        e
+    }
+
+    /// Derives `own_hosts` again from `allowed_ips` and `behind` (call after changing
+    /// either).
+    fn sync_own_hosts(&mut self) {
+        let hosts: Box<[IpNet]> = match &self.behind {
+            Some(b) if b.routes_something() => {
+                let mut v: Vec<IpNet> = self
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| {
+                        n.prefix_len() == if n.addr().is_ipv4() { 32 } else { 128 }
+                            && !b.is_routed_prefix(n)
+                    })
+                    .copied()
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v.into()
+            }
+            _ => Box::default(),
+        };
+        if hosts != self.own_hosts {
+            self.own_hosts = hosts;
+        }
     }
 }
 
@@ -333,6 +381,7 @@ impl Table {
                         let e = Arc::make_mut(&mut next.peers[pos]);
                         e.filter = f;
                         e.behind = b;
+                        e.sync_own_hosts();
                     }
                     (pos, p)
                 }
@@ -356,21 +405,21 @@ impl Table {
                         Some(pos) => {
                             let old = &cur.peers[pos];
                             next.by_index.retain(|(i, _)| *i != old.peer.index);
-                            next.peers[pos] = Arc::new(PeerEntry {
-                                peer: p.clone(),
-                                allowed_ips: old.allowed_ips.clone(),
+                            next.peers[pos] = Arc::new(PeerEntry::new(
+                                p.clone(),
+                                old.allowed_ips.clone(),
                                 filter,
                                 behind,
-                            });
+                            ));
                             pos
                         }
                         None => {
-                            next.peers.push(Arc::new(PeerEntry {
-                                peer: p.clone(),
-                                allowed_ips: Vec::new(),
+                            next.peers.push(Arc::new(PeerEntry::new(
+                                p.clone(),
+                                Vec::new(),
                                 filter,
                                 behind,
-                            }));
+                            )));
                             let pos = next.peers.len() - 1;
                             next.by_key.insert(key, pos as u32);
                             pos
@@ -516,7 +565,9 @@ fn assign(next: &mut Snapshot, pos: usize, wanted: &[IpNet]) {
             Some(q) => {
                 next.routes.insert(n, me);
                 if let Some(e) = next.peers.get_mut(q as usize) {
-                    Arc::make_mut(e).allowed_ips.retain(|x| *x != n);
+                    let e = Arc::make_mut(e);
+                    e.allowed_ips.retain(|x| *x != n);
+                    e.sync_own_hosts();
                 }
             }
             None => {
@@ -526,7 +577,9 @@ fn assign(next: &mut Snapshot, pos: usize, wanted: &[IpNet]) {
         kept.push(n);
     }
     if next.peers[pos].allowed_ips != kept {
-        Arc::make_mut(&mut next.peers[pos]).allowed_ips = kept;
+        let e = Arc::make_mut(&mut next.peers[pos]);
+        e.allowed_ips = kept;
+        e.sync_own_hosts();
     }
 }
 
@@ -577,9 +630,10 @@ fn rebuild(cur: &Snapshot, peers: Vec<Arc<PeerEntry>>) -> Snapshot {
             .iter()
             .any(|n| routes.lookup_exact(n) != Some(pos as u32))
         {
-            Arc::make_mut(e)
-                .allowed_ips
+            let e = Arc::make_mut(e);
+            e.allowed_ips
                 .retain(|n| routes.lookup_exact(n) == Some(pos as u32));
+            e.sync_own_hosts();
         }
     }
     by_index.sort_unstable();
@@ -630,6 +684,43 @@ mod tests {
             .unwrap()
             .filter
             .clone()
+    }
+
+    /// The own host addresses `filter_for` keeps out of the routed filter follow every
+    /// writer: the upsert that sets the routes, another peer taking a host, AllowedIPs
+    /// replaced.
+    #[test]
+    fn own_hosts_follow_allowed_ips_and_routes() {
+        let t = Table::new(StaticSecret::from([9u8; 32]), 1);
+        let lan: IpNet = "10.1.0.0/16".parse().unwrap();
+        let mut c = cfg(1, "10.1.0.1/32");
+        c.allowed_ips.push(lan);
+        c.allowed_ips.push("10.1.0.2/32".parse().unwrap());
+        let behind = Behind::new([]).with_routed([lan]);
+        t.upsert_peer_with_filters(c, Some(web()), Some(behind))
+            .unwrap();
+        let routed = |dst: &str| {
+            let snap = t.load();
+            let e = snap.route_entry(dst.parse().unwrap()).unwrap();
+            e.filter_for(dst.parse().unwrap()) != e.filter.as_deref()
+        };
+        assert!(!routed("10.1.0.1"), "an own host keeps the peer's rules");
+        assert!(!routed("10.1.0.2"));
+        assert!(routed("10.1.0.3"), "the LAN gets the routed filter");
+        // Another peer takes 10.1.0.2/32: no longer an own host of the router.
+        t.upsert_peer(cfg(2, "10.1.0.2/32")).unwrap();
+        let snap = t.load();
+        let router = snap.by_key(&[1; 32]).unwrap();
+        let e = snap
+            .peers
+            .iter()
+            .find(|e| Arc::ptr_eq(&e.peer, router))
+            .unwrap();
+        assert!(e.filter_for("10.1.0.2".parse().unwrap()) != e.filter.as_deref());
+        drop(snap);
+        // Replaced AllowedIPs without the host: 10.1.0.1 is routed now.
+        assert!(t.set_allowed_ips(&[1; 32], &[lan], true));
+        assert!(routed("10.1.0.1"));
     }
 
     #[test]

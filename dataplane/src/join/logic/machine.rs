@@ -46,7 +46,7 @@ use uuid::Uuid;
 use super::failover::{Failover, Next};
 use super::roster::{self, Applied, Desired, Roster, SelfView, KEEPALIVE_SECS};
 use super::session::{Grace, Session};
-use crate::core::filter::PortFilter;
+use crate::core::filter::{PortFilter, ProtoRanges};
 use crate::core::net::IpNet;
 use crate::core::peer::PeerConfig;
 use crate::join::client::ClientError;
@@ -184,6 +184,8 @@ pub enum Action {
         behind: Vec<super::clients::Carried>,
         /// Prefixes routed through it (`super::routes`): all traffic, replies only back.
         routed: Vec<IpNet>,
+        /// Port-limited prefixes routed through it, with the destination ports we may open.
+        routed_ports: Vec<(IpNet, ProtoRanges)>,
         /// It was not in the table before.
         new: bool,
         /// For the log.
@@ -776,6 +778,11 @@ impl Machine {
         &self.grants
     }
 
+    /// The port-limited (peer, prefix, rules) grants of the route plan in force.
+    pub fn port_grants(&self) -> &[([u8; 32], IpNet, ProtoRanges)] {
+        &self.plan.port_grants
+    }
+
     /// The client plan in force (`super::clients`).
     pub fn client_plan(&self) -> &super::clients::ClientPlan {
         &self.clients
@@ -1014,10 +1021,19 @@ impl Machine {
                     // the mesh's own spaces is ever treated as routed.
                     let mesh = super::routes::covers(&super::routes::mesh_v4(), n)
                         || super::routes::covers(&super::routes::mesh_v6(), n);
-                    if !mesh && !d.routed.contains(n) {
+                    let limited = plan
+                        .routed_ports
+                        .get(key)
+                        .is_some_and(|v| v.iter().any(|(p, _)| p == n));
+                    if !mesh && !limited && !d.routed.contains(n) {
                         d.routed.push(*n);
                     }
                 }
+            }
+        }
+        for (key, limited) in &plan.routed_ports {
+            if let Some(d) = desired.get_mut(key) {
+                d.routed_ports = limited.clone();
             }
         }
         for (peer, why) in plan
@@ -1084,10 +1100,11 @@ impl Machine {
         grants.extend(clients.grants.iter().copied());
         grants.sort();
         grants.dedup();
+        let port_grants_changed = plan.port_grants != self.plan.port_grants;
         let served_changed = clients.served.keys().ne(self.clients.served.keys())
             || clients.served_addrs().ne(self.clients.served_addrs())
             || clients.reply_grants != self.clients.reply_grants;
-        if grants != self.grants || served_changed {
+        if grants != self.grants || served_changed || port_grants_changed {
             self.actions.push_back(Action::Grants);
         }
         self.grants = grants;
@@ -1154,6 +1171,12 @@ impl Machine {
                         .filter(|n| d.allowed_ips.contains(n))
                         .copied()
                         .collect(),
+                    routed_ports: before
+                        .routed_ports
+                        .iter()
+                        .filter(|(n, _)| d.allowed_ips.contains(n))
+                        .cloned()
+                        .collect(),
                     new: false,
                     label: PeerLabel::of(before),
                 });
@@ -1185,6 +1208,7 @@ impl Machine {
                 filter: Box::new(PortFilter::from_rules(&d.outbound, &d.inbound)),
                 behind: d.behind.clone(),
                 routed: d.routed.clone(),
+                routed_ports: d.routed_ports.clone(),
                 new: before.is_none(),
                 label: PeerLabel::of(d),
             });
@@ -1347,6 +1371,8 @@ mod tests {
             routes: vec![],
             exit_node: false,
             may_use: vec![],
+            route_ports: vec![],
+            may_use_ports: vec![],
             via: None,
             client: false,
             client_ports: vec![],

@@ -99,6 +99,9 @@ pub struct Desired {
     /// addresses; filled in by the machine from `super::routes`, empty here): they get the
     /// engine's routed filter, not the port rules above (`core::behind`).
     pub routed: Vec<IpNet>,
+    /// Port-limited prefixes routed through this peer (`route_ports`, filled in by the
+    /// machine): the engine's routed filter opens only these destination ports.
+    pub routed_ports: Vec<(IpNet, crate::core::filter::ProtoRanges)>,
 }
 
 /// What an event did.
@@ -394,6 +397,7 @@ impl Roster {
                     inbound: rules(&e.ports.inbound, &e.ports.inbound_tcp, &e.ports.inbound_udp),
                     behind: Vec::new(),
                     routed: Vec::new(),
+                    routed_ports: Vec::new(),
                 },
             );
         }
@@ -691,6 +695,8 @@ mod tests {
             routes: vec![],
             exit_node: false,
             may_use: vec![],
+            route_ports: vec![],
+            may_use_ports: vec![],
             via: None,
             client: false,
             client_ports: vec![],

@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+use crate::core::filter::{Proto, ProtoRanges};
 use crate::core::net::IpNet;
 
 /// A peer that shares a prefix with others is probed this often.
@@ -260,6 +261,23 @@ pub struct Offer {
     pub exit_node: bool,
     /// Which of our prefixes it may use through us.
     pub may_use: Vec<String>,
+    /// Prefixes we may send to through it on some destination ports only.
+    pub route_ports: Vec<(String, ProtoRanges)>,
+    /// Which of our prefixes it may use through us on some destination ports only.
+    pub may_use_ports: Vec<(String, ProtoRanges)>,
+}
+
+/// A roster `RoutePorts` as `(prefix text, (protocol, first, last) rules)`.
+fn port_route(r: &tabbify_api::RoutePorts) -> (String, ProtoRanges) {
+    let tag = |p: Proto, v: &[tabbify_api::PortRange]| {
+        v.iter()
+            .map(move |x| (p, x.first, x.last))
+            .collect::<Vec<_>>()
+    };
+    let mut rules = tag(Proto::Both, &r.ports);
+    rules.extend(tag(Proto::Tcp, &r.tcp));
+    rules.extend(tag(Proto::Udp, &r.udp));
+    (r.prefix.clone(), rules)
 }
 
 impl Offer {
@@ -273,6 +291,8 @@ impl Offer {
             routes: e.routes.clone(),
             exit_node: e.exit_node,
             may_use: e.may_use.clone(),
+            route_ports: e.route_ports.iter().map(port_route).collect(),
+            may_use_ports: e.may_use_ports.iter().map(port_route).collect(),
         }
     }
 }
@@ -290,6 +310,12 @@ pub struct Plan {
     pub exit: Option<[u8; 32]>,
     /// Peers allowed to route through us: (peer, prefix) for the engine's destination check.
     pub grants: Vec<([u8; 32], IpNet)>,
+    /// Peers allowed to route through us on some destination ports only: (peer, prefix,
+    /// rules), for the engine's destination check and route filter.
+    pub port_grants: Vec<([u8; 32], IpNet, ProtoRanges)>,
+    /// Per peer, the port-limited prefixes it is the primary for, with their rules (also
+    /// in `allowed` and `kernel`; the engine's routed filter opens only those ports).
+    pub routed_ports: BTreeMap<[u8; 32], Vec<(IpNet, ProtoRanges)>>,
     /// For every prefix offered by several peers: the peers, primary first.
     pub shared: BTreeMap<IpNet, Vec<String>>,
     /// Offers refused, as (peer id, why).
@@ -318,6 +344,9 @@ pub fn plan(
     let mut p = Plan::default();
     // Candidates per prefix.
     let mut by_prefix: BTreeMap<IpNet, Vec<&Offer>> = BTreeMap::new();
+    // Port-limited offers: (prefix, peer) → rules. A prefix a peer also offers for all
+    // traffic is all traffic from it.
+    let mut limited: BTreeMap<(IpNet, [u8; 32]), ProtoRanges> = BTreeMap::new();
     let mut exit: Option<&Offer> = None;
     // A mesh IPv4 is one member's: one that the roster gives to several peers (only a
     // malicious or broken coordinator does) goes to none of them.
@@ -380,6 +409,44 @@ pub fn plan(
                 by_prefix.entry(n).or_default().push(o);
             }
         }
+        // Port-limited routes: checked like the others, never a default route.
+        for (r, rules) in &o.route_ports {
+            let Ok(n) = r.parse::<IpNet>() else {
+                p.refused
+                    .push((o.peer_id.clone(), format!("route {r:?} is not a prefix")));
+                continue;
+            };
+            if let Err(e) = check_route(&n) {
+                p.refused.push((o.peer_id.clone(), e));
+                continue;
+            }
+            if let Some(a) = underlay.iter().find(|a| n.contains(**a)) {
+                p.refused.push((
+                    o.peer_id.clone(),
+                    format!("{n} contains this node's underlay address {a}"),
+                ));
+                continue;
+            }
+            if settings.accept_routes {
+                let v = by_prefix.entry(n).or_default();
+                if !v.iter().any(|x| x.peer_id == o.peer_id) {
+                    v.push(o);
+                }
+                limited
+                    .entry((n, o.key))
+                    .or_default()
+                    .extend(rules.iter().copied());
+            }
+        }
+        // Port-limited grants: inside what we advertise, never a default route.
+        for (m, rules) in &o.may_use_ports {
+            let Ok(n) = m.parse::<IpNet>() else {
+                continue;
+            };
+            if !is_default(&n) && settings.advertised.iter().any(|a| covers(a, &n)) {
+                p.port_grants.push((o.key, n, rules.clone()));
+            }
+        }
         // Grants: only inside what we advertise.
         for m in &o.may_use {
             let Ok(n) = m.parse::<IpNet>() else {
@@ -406,6 +473,16 @@ pub fn plan(
         };
         p.allowed.entry(primary.key).or_default().push(prefix);
         p.kernel.insert(prefix);
+        let all_traffic = primary
+            .routes
+            .iter()
+            .any(|r| r.parse::<IpNet>().ok() == Some(prefix));
+        if let (false, Some(rules)) = (all_traffic, limited.get(&(prefix, primary.key))) {
+            p.routed_ports
+                .entry(primary.key)
+                .or_default()
+                .push((prefix, rules.clone()));
+        }
         if cands.len() > 1 {
             p.shared
                 .insert(prefix, cands.iter().map(|c| c.peer_id.clone()).collect());
@@ -413,6 +490,8 @@ pub fn plan(
     }
     p.grants.sort();
     p.grants.dedup();
+    p.port_grants.sort();
+    p.port_grants.dedup();
     p
 }
 
@@ -467,6 +546,8 @@ mod tests {
             routes: routes.iter().map(|s| s.to_string()).collect(),
             exit_node: false,
             may_use: vec![],
+            route_ports: vec![],
+            may_use_ports: vec![],
         }
     }
 
@@ -646,6 +727,48 @@ mod tests {
         assert!(plan(&[user], &Settings::default(), &[], &|_| true)
             .grants
             .is_empty());
+    }
+
+    /// Port-limited routes (`route_ports`, `may_use_ports`): a member routes the prefix
+    /// to its primary with the ports for the engine's routed filter; a router grants it
+    /// with the ports, only inside what it advertises. The malicious coordinator: a
+    /// default route or mesh space in `route_ports`, or a `may_use_ports` outside our
+    /// advertisement, gets nothing.
+    #[test]
+    fn port_limited_routes_reach_the_plan_with_their_ports() {
+        let web = vec![(Proto::Tcp, 443, 443)];
+        let mut r = offer("p-r", 1, &["10.2.0.0/16"]);
+        r.route_ports = vec![
+            ("10.1.0.0/16".into(), web.clone()),
+            ("0.0.0.0/0".into(), web.clone()),
+            ("fd5a:1f00::/32".into(), web.clone()),
+        ];
+        let p = plan(&[r], &Settings::default(), &[], &|_| true);
+        assert!(p.allowed[&[1; 32]].contains(&n("10.1.0.0/16")));
+        assert!(p.kernel.contains(&n("10.1.0.0/16")));
+        assert_eq!(
+            p.routed_ports[&[1; 32]],
+            vec![(n("10.1.0.0/16"), web.clone())],
+            "the all-traffic 10.2.0.0/16 is not port-limited"
+        );
+        assert!(!p.allowed[&[1; 32]].iter().any(|x| x.prefix_len() == 0));
+        assert_eq!(p.refused.len(), 2, "{:?}", p.refused);
+        assert!(p.exit.is_none());
+
+        let mut user = offer("p-user", 5, &[]);
+        user.may_use_ports = vec![
+            ("10.1.0.0/24".into(), web.clone()),
+            ("10.9.0.0/16".into(), web.clone()),
+            ("0.0.0.0/0".into(), web.clone()),
+        ];
+        let settings = Settings {
+            advertised: vec![n("10.1.0.0/16")],
+            advertise_exit_node: true,
+            ..Settings::default()
+        };
+        let p = plan(&[user], &settings, &[], &|_| true);
+        assert_eq!(p.port_grants, vec![([5; 32], n("10.1.0.0/24"), web)]);
+        assert!(p.grants.is_empty());
     }
 
     #[test]
