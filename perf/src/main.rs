@@ -263,8 +263,13 @@ fn main() -> Result<()> {
             let index = (offset + position) % contenders.len();
             let contender = &contenders[index];
             eprintln!("perf: round {round}/{}: {}", args.rounds, contender.name);
-            let (mut result, startup_log) =
-                run_turn(contender, &veth, &metrics, args.duration, args.udp_offer_gbps);
+            let (mut result, startup_log) = run_turn(
+                contender,
+                &veth,
+                &metrics,
+                args.duration,
+                args.udp_offer_gbps,
+            );
             result.round = round;
             result.position = position;
             for (key, error) in &result.errors {
