@@ -21,20 +21,6 @@
 //! write batch is refilled only when its in-flight write count is back to zero. On the way
 //! out every operation is cancelled and its completion awaited before any of that memory is
 //! freed (it is leaked instead if the kernel does not answer in time).
-//!
-//! Waiting: a worker with operations in flight waits in `io_uring_enter`. An idle one (no
-//! send, write or early-reaped completion outstanding: only the two multishot receives
-//! armed) first runs its deferred task work without waiting (when any is announced) and,
-//! when that yields nothing, sleeps in an epoll set over its TUN queue and UDP socket
-//! ([`IdleWait`]), then runs the task work the wake-up queued. The reason is the wake-up
-//! itself: the TUN and the socket wake their waiters with a *synchronous* wake-up, which
-//! epoll passes on to the sleeping worker (a hint that the waker is about to sleep, so the
-//! worker may run on its CPU);
-//! io_uring's deferred task work wakes its task with a plain wake-up from the poll
-//! callback. Measured (perf/README.md, "Idle latency"), idle pings through workers that
-//! slept in io_uring had many more long outliers than through workers that slept in epoll;
-//! sleeping in epoll costs one more syscall per wake-up. Under load a worker is rarely idle
-//! between turns, so it seldom waits on the epoll set.
 
 use std::alloc::{self, Layout};
 use std::io;
@@ -51,7 +37,6 @@ use crate::core::counters::DropReason;
 use crate::core::pipeline::Pipeline;
 use crate::core::rxsink::RxSink;
 use crate::driver::{Shared, WorkerSpec};
-use crate::sys::idle::IdleWait;
 use crate::sys::udp::{self, RawAddr};
 
 /// TUN read buffers in the provided-buffer ring (a power of two).
@@ -323,29 +308,18 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         RxSink::with_default_sizes(shared.vnet, shared.uso),
     ];
     // Declared after every buffer it may use, so it is closed before they are freed.
-    // `TASKRUN_FLAG`: the kernel raises `IORING_SQ_TASKRUN` while task work waits, so an
-    // idle worker sees without a syscall whether it must enter before it sleeps.
-    let (ring, taskrun_flag) = match IoUring::builder()
+    let ring = match IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
-        .setup_taskrun_flag()
         .build(RING_ENTRIES)
     {
-        Ok(r) => (r, true),
-        Err(_) => (IoUring::new(RING_ENTRIES)?, false),
+        Ok(r) => r,
+        Err(_) => IoUring::new(RING_ENTRIES)?,
     };
     ring.submitter()
         .register_files(&[spec.tun.as_raw_fd(), spec.udp.as_raw_fd()])?;
     tun_ring.register(&ring)?;
     udp_ring.register(&ring)?;
-    // Without it (epoll refused) an idle worker waits in io_uring as a busy one does.
-    let idle = match IdleWait::new(spec.tun.as_raw_fd(), spec.udp.as_raw_fd()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::debug!(error = %e, "no epoll set for idle waits; waiting in io_uring");
-            None
-        }
-    };
     let mut w = Worker {
         id: spec.id,
         ring,
@@ -358,8 +332,6 @@ pub fn run(spec: WorkerSpec, shared: Shared) -> io::Result<()> {
         sends_in_flight: 0,
         writes_in_flight: [0; 2],
         deferred: Vec::with_capacity(RING_ENTRIES as usize * 2),
-        idle,
-        taskrun_flag,
     };
     let r = w.run(&shared, &mut pipe, &mut sends, &mut outs);
     if !w.shutdown(&mut pipe) {
@@ -389,10 +361,6 @@ struct Worker {
     writes_in_flight: [usize; 2],
     /// Completions reaped early (by [`Worker::flush_sends`]) for the next turn.
     deferred: Vec<(u64, i32, u32)>,
-    /// Where an idle worker sleeps (see the module docs); `None`: in io_uring.
-    idle: Option<IdleWait>,
-    /// The ring announces waiting task work (`IORING_SQ_TASKRUN`).
-    taskrun_flag: bool,
 }
 
 impl Worker {
@@ -408,7 +376,15 @@ impl Worker {
         let mut cqes: Vec<(u64, i32, u32)> = Vec::with_capacity(RING_ENTRIES as usize * 2);
         while !shared.stop.load(Ordering::Relaxed) {
             self.arm()?;
-            self.wait(&ts)?;
+            let want = usize::from(self.deferred.is_empty());
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(want, &args) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
             cqes.clear();
             cqes.append(&mut self.deferred);
             cqes.extend(
@@ -484,64 +460,6 @@ impl Worker {
             }
         }
         Ok(())
-    }
-
-    /// Submits what is queued and waits for this turn's completions: in io_uring while
-    /// anything is in flight (or not at all with early-reaped completions waiting), else
-    /// through [`Worker::wait_idle`].
-    fn wait(&mut self, ts: &types::Timespec) -> io::Result<()> {
-        let busy = self.sends_in_flight > 0 || self.writes_in_flight != [0, 0];
-        if self.deferred.is_empty() && !busy && self.idle.is_some() {
-            return self.wait_idle();
-        }
-        let want = usize::from(self.deferred.is_empty());
-        let args = types::SubmitArgs::new().timespec(ts);
-        match self.ring.submitter().submit_with_args(want, &args) {
-            Ok(_) => Ok(()),
-            Err(e) if tolerated(&e) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The idle wait (module docs): submit what is queued and run the deferred task work
-    /// without waiting (skipped when nothing is queued and the ring announces no task
-    /// work); if no completion came of it, sleep in the epoll set until the TUN queue or the
-    /// socket is readable (or [`IDLE_TIMEOUT`], so the stop flag is seen), then run the task
-    /// work the wake-up queued. A packet that arrives after that check is not missed: its
-    /// wake-up marks the fd ready in the epoll set, so the wait returns at once. A wake-up
-    /// whose packet was already taken costs one empty turn.
-    fn wait_idle(&mut self) -> io::Result<()> {
-        let queued = {
-            let sq = self.ring.submission();
-            !sq.is_empty() || !self.taskrun_flag || sq.taskrun()
-        };
-        if queued {
-            self.run_task_work()?;
-        }
-        if !self.ring.completion().is_empty() {
-            return Ok(());
-        }
-        if let Some(idle) = self.idle.as_mut() {
-            idle.wait(IDLE_TIMEOUT)?;
-        }
-        self.run_task_work()
-    }
-
-    /// `io_uring_enter` with GETEVENTS and no minimum: submits what is queued and runs the
-    /// deferred task work (with `DEFER_TASKRUN`, only such an enter does), without waiting.
-    fn run_task_work(&mut self) -> io::Result<()> {
-        let pending = self.ring.submission().len() as u32;
-        // SAFETY: a plain enter with no argument; every queued entry was pushed through
-        // `push`, whose callers keep what it points to alive until its completion.
-        match unsafe {
-            self.ring
-                .submitter()
-                .enter::<libc::sigset_t>(pending, 0, ENTER_GETEVENTS, None)
-        } {
-            Ok(_) => Ok(()),
-            Err(e) if tolerated(&e) => Ok(()),
-            Err(e) => Err(e),
-        }
     }
 
     /// Re-arms the multishot receives that ended (buffer ring ran dry, an error).
@@ -808,21 +726,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// How long an idle worker sleeps before it looks at the stop flag again.
-const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
-
-/// `IORING_ENTER_GETEVENTS`.
-const ENTER_GETEVENTS: u32 = 1;
-
-/// Errors of an enter that only end the wait early: the timeout, a signal, a full
-/// completion queue (the turn reaps it).
-fn tolerated(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-    )
 }
 
 /// Pushes one entry, submitting first if the submission queue is full.

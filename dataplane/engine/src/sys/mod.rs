@@ -5,7 +5,6 @@
 
 pub mod addr_watch;
 pub mod fd;
-pub mod idle;
 pub mod ifaddrs;
 pub mod link;
 pub mod tun;
