@@ -38,8 +38,9 @@ declare -A ADDR=([sup1]=10.99.0.11 [sup2]=10.99.0.12 [node]=10.99.0.21 [sup3]=10
 declare -A TAG=([sup1]=supervisor [sup2]=supervisor [node]=node [sup3]=supervisor)
 # Every joiner: the LAN hosts, then sup3 behind the symmetric NAT.
 MEMBERS=(sup1 sup2 node sup3)
-# sup2 is also the concentrator of stock WireGuard clients (the demo's "phone").
-declare -A EXTRA=([sup2]=--concentrator)
+# sup2 is also the concentrator of stock WireGuard clients (the demo's "phone") and the
+# subnet router of a LAN (10.98.0.0/24, namespace "lan", a web server on 10.98.0.2:80).
+declare -A EXTRA=([sup2]="--concentrator --advertise-routes 10.98.0.0/24")
 COORD=10.99.0.1
 NAT_WAN=10.99.0.31
 WG_PORT=51820
@@ -61,10 +62,10 @@ down() {
   if [ -e "$STATE/phone/phone.conf" ]; then
     ip netns exec "$PREFIX-phone" wg-quick down "$STATE/phone/phone.conf" >/dev/null 2>&1 || true
   fi
-  for f in "$STATE"/edge.pid "$STATE"/app.pid; do stop_pid "$f"; done
+  for f in "$STATE"/edge.pid "$STATE"/app.pid "$STATE"/lanweb.pid; do stop_pid "$f"; done
   for h in "${MEMBERS[@]}"; do stop_pid "$STATE/$h.pid"; done
   stop_pid "$STATE/coordinator.pid"
-  for ns in pub nat phone "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
+  for ns in pub nat phone lan "${MEMBERS[@]}"; do ip netns del "$PREFIX-$ns" 2>/dev/null || true; done
   for ns in "${MEMBERS[@]}"; do rm -rf "/etc/netns/$PREFIX-$ns"; done
   ip link del tdemo-host 2>/dev/null || true
   rm -rf "$STATE"
@@ -160,6 +161,22 @@ table ip tdemo_nat {
   }
 }
 NFT
+  # A LAN behind sup2 (its subnet router): one host with a web server. sup2 masquerades
+  # (--snat, the default), so the LAN host needs no route back into the mesh.
+  ip netns add "$PREFIX-lan"
+  ip -n "$PREFIX-lan" link set lo up
+  ip link add tdemo-lan type veth peer name tdemo-lan-gw
+  ip link set tdemo-lan netns "$PREFIX-lan"
+  ip link set tdemo-lan-gw netns "$PREFIX-sup2"
+  ip -n "$PREFIX-sup2" addr add 10.98.0.1/24 dev tdemo-lan-gw
+  ip -n "$PREFIX-sup2" link set tdemo-lan-gw up
+  ip -n "$PREFIX-lan" addr add 10.98.0.2/24 dev tdemo-lan
+  ip -n "$PREFIX-lan" link set tdemo-lan up
+  mkdir -p "$STATE/lanweb"
+  echo "hello from 10.98.0.2, a LAN host behind sup2" >"$STATE/lanweb/index.html"
+  ip netns exec "$PREFIX-lan" python3 -m http.server 80 --bind 10.98.0.2 \
+    --directory "$STATE/lanweb" >"$STATE/lanweb.log" 2>&1 &
+  echo $! > "$STATE/lanweb.pid"
   ip link add tdemo-host type veth peer name tdemo-host-br
   ip link set tdemo-host-br netns "$PREFIX-pub"
   ip -n "$PREFIX-pub" link set tdemo-host-br master tdemo-br up
@@ -178,8 +195,10 @@ NFT
 {
   "tags": ["supervisor", "node", "phone"],
   "app_hosts": ["tag:supervisor"],
+  "routes": {"10.98.0.0/24": ["tag:supervisor"]},
   "allow": [
-    {"src": ["tag:supervisor"], "dst": ["tag:supervisor"]},
+    {"src": ["tag:supervisor"], "dst": ["tag:supervisor", "10.98.0.0/24"]},
+    {"src": ["tag:node"], "dst": ["10.98.0.0/24:tcp:80"]},
     {"src": ["tag:node"], "dst": ["tag:supervisor:8730"]},
     {"src": ["tag:phone"], "dst": ["tag:supervisor:8730"]}
   ]
@@ -287,6 +306,11 @@ JSON
   echo "  ip netns exec $PREFIX-phone ping -c1 -W1 $ula1        # and nothing else"
   echo "  $BIN/tabbify-mesh-coordinator client list $certs"
   echo "  $BIN/tabbify-mesh-coordinator client revoke phone $certs   # cut within a second"
+  echo "A subnet router: sup2 advertises 10.98.0.0/24 (approved by the policy's routes); supervisors may use all"
+  echo "of it, the node only tcp:80 (a prefix rule with ports):"
+  echo "  ip netns exec $PREFIX-node curl -s http://10.98.0.2/"
+  echo "  ip netns exec $PREFIX-node ping -c1 -W1 10.98.0.2    # refused: its rule opens tcp:80 only"
+  echo "  ip netns exec $PREFIX-sup1 ping -c2 10.98.0.2"
   echo "Paths (direct between the LAN hosts; sup3, behind the symmetric NAT, through the relay, with the reason):"
   echo "  ip netns exec $PREFIX-sup3 ping -c3 $ula1"
   echo "  ip netns exec $PREFIX-sup3 $BIN/tabbify-mesh peers -i tmd-sup3"
