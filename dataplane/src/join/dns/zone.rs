@@ -548,11 +548,23 @@ fn max_size(msg: &Message, udp: bool) -> usize {
     }
 }
 
-/// The bytes of `r`, truncated (TC set, answers dropped) when over `max`.
+/// The bytes of `r`, truncated (TC set, answers dropped) when over `max`. A message whose
+/// question section alone is over `max` (a query may carry many questions; they are
+/// echoed) goes back as the header alone, TC set: the client retries over TCP.
 fn encode(r: Message, max: usize) -> Verdict {
     match r.to_vec() {
         Ok(b) if b.len() <= max => Verdict::Answer(b),
-        Ok(_) => r.truncate().to_vec().map_or(Verdict::Drop, Verdict::Answer),
+        Ok(_) => {
+            let mut t = r.truncate();
+            match t.to_vec() {
+                Ok(b) if b.len() <= max => Verdict::Answer(b),
+                Ok(_) => {
+                    t.queries.clear();
+                    t.to_vec().map_or(Verdict::Drop, Verdict::Answer)
+                }
+                Err(_) => Verdict::Drop,
+            }
+        }
         Err(_) => Verdict::Drop,
     }
 }
@@ -758,6 +770,37 @@ mod tests {
             panic!()
         };
         assert_eq!(z.handle(&resp, true), (Verdict::Drop, Outcome::Dropped));
+    }
+
+    /// Found by the `dns_query` fuzz target: a query with many long questions got a
+    /// FORMERR echoing them all, over 512 bytes on plain UDP even after truncation.
+    #[test]
+    fn a_udp_answer_fits_512_bytes_whatever_the_question_section() {
+        let z = zone();
+        let mut m = Message::new(9, MessageType::Query, OpCode::Query);
+        for i in 0..8 {
+            // Distinct labels: repeated names would be compressed.
+            let long = format!("{}{i}.{}{i}.mesh", "a".repeat(60), "b".repeat(60));
+            m.add_query(Query::query(
+                Name::from_ascii(&long).unwrap(),
+                RecordType::AAAA,
+            ));
+        }
+        let q = m.to_vec().unwrap();
+        assert!(q.len() > 512);
+        let (Verdict::Answer(b), o) = z.handle(&q, true) else {
+            panic!("no answer")
+        };
+        assert_eq!(o, Outcome::Malformed);
+        assert!(b.len() <= 512, "{} bytes", b.len());
+        let a = Message::from_vec(&b).unwrap();
+        assert_eq!(a.metadata.id, 9);
+        assert!(a.metadata.truncation, "TC set: retry over TCP");
+        // Over TCP the whole FORMERR goes back.
+        let (Verdict::Answer(b), _) = z.handle(&q, false) else {
+            panic!("no answer")
+        };
+        assert_eq!(Message::from_vec(&b).unwrap().queries.len(), 8);
     }
 }
 
