@@ -294,16 +294,8 @@ impl LocalNets {
         src: IpAddr,
         dst: IpAddr,
     ) -> Option<Option<&PortFilter>> {
-        if self.served_v4.is_empty() && self.served_v6.is_empty() {
-            return None;
-        }
-        if self.is_served(src) && !self.is_own(dst) {
-            Some(self.client_filter(peer, src))
-        } else if self.is_served(dst) && !self.is_own(src) {
-            Some(None)
-        } else {
-            None
-        }
+        // The receive-side choice with the ends swapped: the client is the remote end.
+        self.forward_filter_in(peer, dst, src)
     }
 
     /// Whether `a` is one of this node's own addresses (exactly; not a routed prefix).
